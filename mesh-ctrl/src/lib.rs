@@ -1,0 +1,8 @@
+//! mesh-ctrl: the ferrymesh control plane. Config sources feed one model; the config server
+//! streams it to node agents over gRPC.
+#![forbid(unsafe_code)]
+
+pub mod model;
+pub mod server;
+pub mod snapshot;
+pub mod source;

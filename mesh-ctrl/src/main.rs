@@ -1,0 +1,68 @@
+//! mesh-ctrl: serves the mesh model to node agents.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use mesh_ctrl::server::ConfigService;
+use mesh_ctrl::snapshot::Publisher;
+use mesh_ctrl::source::{self, DirSource};
+
+/// ferrymesh control plane.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Directory of Kubernetes-style YAML (local mode); watched for changes.
+    #[arg(long, env = "FERRYMESH_CONFIG_DIR")]
+    config_dir: PathBuf,
+    /// Address of the gRPC config server.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Validate the config directory, print every rejected object and exit (non-zero if any).
+    #[arg(long)]
+    check: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut source = DirSource::new(&args.config_dir);
+    if args.check {
+        let (model, errors) = source.reload();
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        println!("{} namespaces, {} pods, {} rejected", model.namespaces.len(), model.pods.len(), errors.len());
+        std::process::exit(if errors.is_empty() { 0 } else { 1 });
+    }
+    anyhow::ensure!(args.config_dir.is_dir(), "--config-dir {}: not a directory", args.config_dir.display());
+    let (publisher, snapshots) = Publisher::new();
+    let watcher = tokio::spawn(source::watch_dir(source, publisher));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (is another mesh-ctrl running?)", args.listen))?;
+    tracing::info!(listen = %args.listen, dir = %args.config_dir.display(), "mesh-ctrl serving");
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(ConfigService::new(snapshots).into_server())
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
+    tokio::select! {
+        result = server => result.context("config server failed")?,
+        result = watcher => result.context("config watcher panicked")?.context("cannot watch the config directory")?,
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,174 @@
+//! The mesh model: plain domain types built from validated config objects, independent of the
+//! source they came from (local directory now, Kubernetes later). It owns the enrollment
+//! decision (namespace label, pod opt-out) and the conversion to the wire types; it must never
+//! read files or talk to the network.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ferrymesh_api::config as proto;
+
+/// Namespace label that opts a namespace into the mesh (value `enabled`) and pod label that
+/// opts a pod out (value `none`).
+pub const DATAPLANE_MODE_LABEL: &str = "ferrymesh.io/dataplane-mode";
+/// Pod annotation carrying the pod's network namespace path in local mode.
+pub const NETNS_ANNOTATION: &str = "ferrymesh.io/netns";
+
+/// A namespace and the labels that matter to the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    /// Namespace name.
+    pub name: String,
+    /// All labels of the namespace.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Namespace {
+    /// Whether the namespace opted into the mesh.
+    pub fn enrolled(&self) -> bool {
+        self.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("enabled")
+    }
+}
+
+/// A pod as the mesh sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    /// Kubernetes UID (local mode: `metadata.uid`, or `<namespace>/<name>` when absent).
+    pub uid: String,
+    /// Pod name.
+    pub name: String,
+    /// Namespace of the pod.
+    pub namespace: String,
+    /// Node the pod is scheduled on.
+    pub node: String,
+    /// Service account the pod runs as.
+    pub service_account: String,
+    /// Pod IP.
+    pub ip: IpAddr,
+    /// Path of the pod's network namespace.
+    pub netns: String,
+    /// All labels of the pod.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Pod {
+    /// Whether the pod itself opted out of the mesh.
+    pub fn opted_out(&self) -> bool {
+        self.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("none")
+    }
+}
+
+/// Everything the control plane knows, as one consistent value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods by UID.
+    pub pods: BTreeMap<String, Pod>,
+}
+
+impl Model {
+    /// Whether the agent of the pod's node captures its traffic.
+    pub fn captured(&self, pod: &Pod) -> bool {
+        !pod.opted_out() && self.namespaces.get(&pod.namespace).is_some_and(Namespace::enrolled)
+    }
+
+    /// The workloads of the model as agents receive them, keyed by UID.
+    pub fn workloads(&self) -> BTreeMap<String, proto::Workload> {
+        self.pods
+            .values()
+            .map(|pod| {
+                let workload = proto::Workload {
+                    uid: pod.uid.clone(),
+                    name: pod.name.clone(),
+                    namespace: pod.namespace.clone(),
+                    node: pod.node.clone(),
+                    service_account: pod.service_account.clone(),
+                    ip: pod.ip.to_string(),
+                    netns: pod.netns.clone(),
+                    labels: pod.labels.clone().into_iter().collect(),
+                    captured: self.captured(pod),
+                };
+                (pod.uid.clone(), workload)
+            })
+            .collect()
+    }
+}
+
+/// The difference between two sets of workloads, as a delta update.
+pub fn diff(
+    old: &BTreeMap<String, proto::Workload>,
+    new: &BTreeMap<String, proto::Workload>,
+) -> (Vec<proto::Workload>, Vec<String>) {
+    let upserted = new
+        .iter()
+        .filter(|(uid, w)| old.get(*uid) != Some(*w))
+        .map(|(_, w)| w.clone())
+        .collect();
+    let removed = old.keys().filter(|uid| !new.contains_key(*uid)).cloned().collect();
+    (upserted, removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(name: &str, enabled: bool) -> Namespace {
+        let mut labels = BTreeMap::new();
+        if enabled {
+            labels.insert(DATAPLANE_MODE_LABEL.to_string(), "enabled".to_string());
+        }
+        Namespace { name: name.to_string(), labels }
+    }
+
+    fn pod(name: &str, namespace: &str, opt_out: bool) -> Pod {
+        let mut labels = BTreeMap::new();
+        if opt_out {
+            labels.insert(DATAPLANE_MODE_LABEL.to_string(), "none".to_string());
+        }
+        Pod {
+            uid: format!("{namespace}/{name}"),
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            node: "node1".to_string(),
+            service_account: "default".to_string(),
+            ip: "10.244.1.2".parse().unwrap(),
+            netns: "/var/run/netns/x".to_string(),
+            labels,
+        }
+    }
+
+    #[test]
+    fn capture_decision_table() {
+        let mut model = Model::default();
+        model.namespaces.insert("on".into(), ns("on", true));
+        model.namespaces.insert("off".into(), ns("off", false));
+        let cases = [
+            (pod("a", "on", false), true),
+            (pod("b", "on", true), false),
+            (pod("c", "off", false), false),
+            (pod("d", "missing", false), false),
+        ];
+        for (pod, want) in cases {
+            assert_eq!(model.captured(&pod), want, "pod {}/{}", pod.namespace, pod.name);
+        }
+    }
+
+    #[test]
+    fn diff_reports_changes_and_removals() {
+        let mut model = Model::default();
+        model.namespaces.insert("on".into(), ns("on", true));
+        model.pods.insert("on/a".into(), pod("a", "on", false));
+        model.pods.insert("on/b".into(), pod("b", "on", false));
+        let before = model.workloads();
+        model.pods.get_mut("on/a").unwrap().labels.insert(DATAPLANE_MODE_LABEL.into(), "none".into());
+        model.pods.remove("on/b");
+        let after = model.workloads();
+        let (upserted, removed) = diff(&before, &after);
+        assert_eq!(upserted.len(), 1);
+        assert_eq!(upserted[0].uid, "on/a");
+        assert!(!upserted[0].captured);
+        assert_eq!(removed, vec!["on/b".to_string()]);
+        assert_eq!(diff(&after, &after), (vec![], vec![]));
+    }
+}

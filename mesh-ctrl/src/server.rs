@@ -1,0 +1,72 @@
+//! The gRPC config server (port 15012): each agent that calls `Watch` gets the current
+//! snapshot, then a delta for every new version. It only reads snapshots; it never builds them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ferrymesh_api::config::{self as proto, config_server};
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::model::diff;
+use crate::snapshot::Snapshot;
+
+/// Implementation of the `ferrymesh.config.v1.Config` service.
+#[derive(Debug, Clone)]
+pub struct ConfigService {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl ConfigService {
+    /// A service streaming the snapshots of `snapshots`.
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
+        Self { snapshots }
+    }
+
+    /// The tonic server wrapper for this service.
+    pub fn into_server(self) -> config_server::ConfigServer<Self> {
+        config_server::ConfigServer::new(self)
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<proto::ConfigUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl config_server::Config for ConfigService {
+    type WatchStream = UpdateStream;
+
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<UpdateStream>, Status> {
+        let node = request.into_inner().node;
+        if node.is_empty() {
+            return Err(Status::invalid_argument("WatchRequest.node is empty: start the agent with --node-name"));
+        }
+        let mut snapshots = self.snapshots.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            tracing::info!(%node, "agent connected");
+            let mut sent = snapshots.borrow_and_update().clone();
+            let first = proto::ConfigUpdate {
+                version: sent.version,
+                snapshot: true,
+                upserted: sent.workloads.values().cloned().collect(),
+                removed: Vec::new(),
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            while snapshots.changed().await.is_ok() {
+                let current = snapshots.borrow_and_update().clone();
+                let (upserted, removed) = diff(&sent.workloads, &current.workloads);
+                let update = proto::ConfigUpdate { version: current.version, snapshot: false, upserted, removed };
+                sent = current;
+                if tx.send(Ok(update)).await.is_err() {
+                    break;
+                }
+            }
+            tracing::info!(%node, "agent disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

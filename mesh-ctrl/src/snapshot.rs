@@ -1,0 +1,56 @@
+//! Versioned snapshots of the model's workloads: the one value the config server streams.
+//! Sources publish here; the server only reads. The version grows only when the workloads
+//! change, so agents can tell a real update from a reload that changed nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ferrymesh_api::config as proto;
+use tokio::sync::watch;
+
+use crate::model::Model;
+
+/// The workloads agents receive, at one version.
+#[derive(Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Monotonic version, starting at 1 for the first published model.
+    pub version: u64,
+    /// Workloads by UID.
+    pub workloads: BTreeMap<String, proto::Workload>,
+}
+
+/// The single writer of snapshots.
+#[derive(Debug)]
+pub struct Publisher {
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Publisher {
+    /// A publisher and a receiver of its snapshots (version 0, empty, until the first publish).
+    pub fn new() -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        (Self { tx }, rx)
+    }
+
+    /// Publishes `model` as a new version if its workloads differ from the current ones.
+    /// Returns the version now current.
+    pub fn publish(&self, model: &Model) -> u64 {
+        let workloads = model.workloads();
+        let mut version = 0;
+        self.tx.send_if_modified(|current| {
+            if current.version > 0 && current.workloads == workloads {
+                version = current.version;
+                return false;
+            }
+            version = current.version + 1;
+            *current = Arc::new(Snapshot { version, workloads });
+            true
+        });
+        version
+    }
+
+    /// Another receiver of the snapshots.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+}

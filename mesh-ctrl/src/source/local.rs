@@ -1,0 +1,404 @@
+//! Local directory source: Kubernetes-style YAML files (multi-document) in one directory,
+//! validated strictly against the Kubernetes schema and turned into the [`Model`].
+//!
+//! It owns the rule that an invalid object never replaces a good one: an object that fails
+//! validation keeps its last good version, a file that fails to parse keeps all of its last
+//! good objects. It never talks to agents; it only produces models and errors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1 as k8s;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use crate::model::{Model, Namespace, Pod, NETNS_ANNOTATION};
+
+/// A config object that was rejected, named by file, object and field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// File the object came from.
+    pub file: PathBuf,
+    /// `Kind namespace/name` of the object, when it could be identified.
+    pub object: Option<String>,
+    /// Dotted path of the offending field, when there is one.
+    pub field: Option<String>,
+    /// What is wrong and, where possible, how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(object) = &self.object {
+            write!(f, ": {object}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Identity of a config object: kind, namespace (empty for cluster-scoped) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ObjectKey {
+    kind: String,
+    namespace: String,
+    name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+}
+
+#[derive(Clone, Debug)]
+struct Loaded {
+    file: PathBuf,
+    object: Object,
+}
+
+/// The directory source with the last good version of every object.
+#[derive(Debug)]
+pub struct DirSource {
+    dir: PathBuf,
+    good: BTreeMap<ObjectKey, Loaded>,
+}
+
+impl DirSource {
+    /// A source reading `dir`; nothing is read until [`DirSource::reload`].
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), good: BTreeMap::new() }
+    }
+
+    /// The directory this source reads.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the directory again and returns the model of every good object, with the errors of
+    /// everything that was rejected (and kept at its last good version).
+    pub fn reload(&mut self) -> (Model, Vec<ConfigError>) {
+        let mut errors = Vec::new();
+        let files = match yaml_files(&self.dir) {
+            Ok(files) => files,
+            Err(e) => {
+                errors.push(ConfigError {
+                    file: self.dir.clone(),
+                    object: None,
+                    field: None,
+                    message: format!("cannot read the config directory: {e}; keeping the last good config"),
+                });
+                return (self.model(), errors);
+            }
+        };
+        let mut next: BTreeMap<ObjectKey, Loaded> = BTreeMap::new();
+        for file in files {
+            let docs = std::fs::read_to_string(&file)
+                .map_err(|e| file_error(&file, format!("cannot read file: {e}")))
+                .and_then(|text| split_documents(&file, &text));
+            let docs = match docs {
+                Ok(docs) => docs,
+                Err(e) => {
+                    errors.push(e);
+                    self.keep_file(&file, &mut next);
+                    continue;
+                }
+            };
+            for doc in docs {
+                match parse_object(&file, doc) {
+                    Ok((key, object)) => {
+                        if let Some(first) = next.get(&key) {
+                            errors.push(ConfigError {
+                                file: file.clone(),
+                                object: Some(key.to_string()),
+                                field: Some("metadata.name".into()),
+                                message: format!("duplicate of the object in {}; ignored", first.file.display()),
+                            });
+                        } else {
+                            next.insert(key, Loaded { file: file.clone(), object });
+                        }
+                    }
+                    Err((key, e)) => {
+                        errors.push(e);
+                        if let Some(previous) = key.and_then(|k| self.good.get_key_value(&k)) {
+                            next.entry(previous.0.clone()).or_insert_with(|| previous.1.clone());
+                        }
+                    }
+                }
+            }
+        }
+        self.good = next;
+        (self.model(), errors)
+    }
+
+    /// Carries the last good objects of `file` over into `next`.
+    fn keep_file(&self, file: &Path, next: &mut BTreeMap<ObjectKey, Loaded>) {
+        for (key, loaded) in self.good.iter().filter(|(_, l)| l.file == file) {
+            next.entry(key.clone()).or_insert_with(|| loaded.clone());
+        }
+    }
+
+    fn model(&self) -> Model {
+        let mut model = Model::default();
+        for loaded in self.good.values() {
+            match &loaded.object {
+                Object::Namespace(ns) => {
+                    model.namespaces.insert(ns.name.clone(), ns.clone());
+                }
+                Object::Pod(pod) => {
+                    model.pods.insert(pod.uid.clone(), pod.clone());
+                }
+            }
+        }
+        model
+    }
+}
+
+fn file_error(file: &Path, message: String) -> ConfigError {
+    ConfigError { file: file.to_path_buf(), object: None, field: None, message }
+}
+
+/// The `.yaml`/`.yml` files of `dir`, sorted, not recursing.
+fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        if is_yaml && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn split_documents(file: &Path, text: &str) -> Result<Vec<Value>, ConfigError> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = Value::deserialize(doc)
+            .map_err(|e| file_error(file, format!("invalid YAML: {e}")))?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(value, |v, key| v.get(key))?.as_str()
+}
+
+/// Parses one document into a validated object. On error, returns the object's key when the
+/// document said enough to identify it.
+fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), (Option<ObjectKey>, ConfigError)> {
+    let api_version = str_at(&doc, &["apiVersion"]).unwrap_or_default().to_string();
+    let kind = str_at(&doc, &["kind"]).unwrap_or_default().to_string();
+    let name = str_at(&doc, &["metadata", "name"]).map(str::to_string);
+    let namespace = match kind.as_str() {
+        "Namespace" => String::new(),
+        _ => str_at(&doc, &["metadata", "namespace"]).unwrap_or("default").to_string(),
+    };
+    let key = name.map(|name| ObjectKey { kind: kind.clone(), namespace, name });
+    let error = |field: Option<String>, message: String| {
+        let object = key.as_ref().map(ToString::to_string).or_else(|| (!kind.is_empty()).then(|| kind.clone()));
+        (key.clone(), ConfigError { file: file.to_path_buf(), object, field, message })
+    };
+    let Some(key) = key.clone() else {
+        return Err(error(Some("metadata.name".into()), "missing; every object needs a name".into()));
+    };
+    let parsed = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Namespace") => strict::<k8s::Namespace>(doc).map(|ns| Object::Namespace(namespace_from(ns, &key))),
+        ("v1", "Pod") => strict::<k8s::Pod>(doc).and_then(|pod| pod_from(pod, &key).map(Object::Pod)),
+        (_, "") => Err((Some("kind".into()), "missing".into())),
+        _ => Err((
+            Some("kind".into()),
+            format!("{api_version}/{kind} is not supported (supported: v1 Namespace, v1 Pod)"),
+        )),
+    };
+    parsed.map(|object| (key, object)).map_err(|(field, message)| error(field, message))
+}
+
+/// Deserializes `doc` as `T`, rejecting fields the Kubernetes schema does not have.
+fn strict<T: DeserializeOwned>(doc: Value) -> Result<T, (Option<String>, String)> {
+    let mut unknown = Vec::new();
+    let mut record = |path: serde_ignored::Path<'_>| unknown.push(field_path(&path));
+    let de = serde_ignored::Deserializer::new(doc, &mut record);
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = (path != ".").then_some(path);
+        (field, e.into_inner().to_string())
+    })?;
+    match unknown.into_iter().next() {
+        Some(field) => Err((Some(field), "unknown field (not in the Kubernetes schema)".into())),
+        None => Ok(value),
+    }
+}
+
+/// `spec.containers[0].name` form of a serde_ignored path (its own Display marks each
+/// `Option` with `?`, which means nothing to an operator).
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+fn namespace_from(ns: k8s::Namespace, key: &ObjectKey) -> Namespace {
+    Namespace { name: key.name.clone(), labels: ns.metadata.labels.unwrap_or_default() }
+}
+
+fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, String)> {
+    let missing = |field: &str, hint: &str| Err((Some(field.to_string()), format!("missing; {hint}")));
+    let meta = pod.metadata;
+    let spec = pod.spec.unwrap_or_default();
+    let Some(node) = spec.node_name.filter(|n| !n.is_empty()) else {
+        return missing("spec.nodeName", "the pod must be scheduled to a node");
+    };
+    let Some(ip) = pod.status.and_then(|s| s.pod_ip).filter(|ip| !ip.is_empty()) else {
+        return missing("status.podIP", "the mesh addresses pods by IP");
+    };
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|e| (Some("status.podIP".to_string()), format!("{ip:?} is not an IP address: {e}")))?;
+    let annotations = meta.annotations.unwrap_or_default();
+    let Some(netns) = annotations.get(NETNS_ANNOTATION).filter(|n| !n.is_empty()) else {
+        return missing(
+            &format!("metadata.annotations[{NETNS_ANNOTATION}]"),
+            "local mode needs the path of the pod's network namespace",
+        );
+    };
+    Ok(Pod {
+        uid: meta.uid.filter(|u| !u.is_empty()).unwrap_or_else(|| format!("{}/{}", key.namespace, key.name)),
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        node,
+        service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
+        ip,
+        netns: netns.clone(),
+        labels: meta.labels.unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NS_ON: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    ferrymesh.io/dataplane-mode: enabled\n";
+
+    fn pod_yaml(name: &str, ip: &str, extra_spec: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  uid: uid-{name}\n  labels:\n    app: {name}\n  annotations:\n    ferrymesh.io/netns: /var/run/netns/{name}\nspec:\n  nodeName: node1\n  serviceAccountName: sa-{name}\n  containers:\n  - name: app\n    image: app\n{extra_spec}status:\n  podIP: {ip}\n"
+        )
+    }
+
+    fn write(dir: &Path, file: &str, text: &str) {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+
+    #[test]
+    fn reads_namespaces_and_pods_from_multi_document_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "all.yaml", &format!("{NS_ON}---\n{}---\n{}", pod_yaml("web", "10.244.1.2", ""), pod_yaml("db", "10.244.1.3", "")));
+        let mut source = DirSource::new(dir.path());
+        let (model, errors) = source.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        let web = &model.pods["uid-web"];
+        assert_eq!((web.name.as_str(), web.namespace.as_str(), web.node.as_str()), ("web", "shop", "node1"));
+        assert_eq!(web.service_account, "sa-web");
+        assert_eq!(web.ip.to_string(), "10.244.1.2");
+        assert_eq!(web.netns, "/var/run/netns/web");
+        assert!(model.captured(web));
+        assert_eq!(model.pods.len(), 2);
+    }
+
+    /// Each bad input names file, object and field, and the last good object stays.
+    #[test]
+    fn bad_objects_are_named_and_keep_the_last_good_version() {
+        let cases: [(&str, String, &str, Option<&str>); 5] = [
+            ("unknown field", pod_yaml("web", "10.244.1.2", "  hostNetwrk: true\n"), "Pod shop/web", Some("spec.hostNetwrk")),
+            ("missing podIP", pod_yaml("web", "10.244.1.2", "").replace("status:\n  podIP: 10.244.1.2\n", ""), "Pod shop/web", Some("status.podIP")),
+            ("bad podIP", pod_yaml("web", "10.244.1.x", ""), "Pod shop/web", Some("status.podIP")),
+            ("missing nodeName", pod_yaml("web", "10.244.1.2", "").replace("  nodeName: node1\n", ""), "Pod shop/web", Some("spec.nodeName")),
+            ("wrong type", pod_yaml("web", "10.244.1.2", "  containers: 3\n").replace("  containers:\n  - name: app\n    image: app\n", ""), "Pod shop/web", Some("spec.containers")),
+        ];
+        for (what, bad, object, field) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "ns.yaml", NS_ON);
+            write(dir.path(), "web.yaml", &pod_yaml("web", "10.244.1.2", ""));
+            let mut source = DirSource::new(dir.path());
+            let (good, errors) = source.reload();
+            assert!(errors.is_empty(), "{what}: {errors:?}");
+            write(dir.path(), "web.yaml", &bad);
+            let (model, errors) = source.reload();
+            assert_eq!(errors.len(), 1, "{what}: {errors:?}");
+            let e = &errors[0];
+            assert_eq!(e.file, dir.path().join("web.yaml"), "{what}");
+            assert_eq!(e.object.as_deref(), Some(object), "{what}: {e}");
+            assert_eq!(e.field.as_deref(), field, "{what}: {e}");
+            assert_eq!(model, good, "{what}: the last good pod must stay");
+        }
+    }
+
+    #[test]
+    fn invalid_yaml_keeps_every_object_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "all.yaml", &format!("{NS_ON}---\n{}", pod_yaml("web", "10.244.1.2", "")));
+        let mut source = DirSource::new(dir.path());
+        let (good, _) = source.reload();
+        write(dir.path(), "all.yaml", "apiVersion: v1\nkind: [Namespace\n");
+        let (model, errors) = source.reload();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().starts_with(&format!("{}: invalid YAML", dir.path().join("all.yaml").display())), "{}", errors[0]);
+        assert_eq!(model, good);
+    }
+
+    #[test]
+    fn removed_objects_go_away_and_new_bad_objects_never_appear() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "ns.yaml", NS_ON);
+        write(dir.path(), "web.yaml", &pod_yaml("web", "10.244.1.2", ""));
+        let mut source = DirSource::new(dir.path());
+        assert_eq!(source.reload().0.pods.len(), 1);
+        std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
+        write(dir.path(), "db.yaml", &pod_yaml("db", "nope", ""));
+        let (model, errors) = source.reload();
+        assert!(model.pods.is_empty());
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].to_string(), format!("{}: Pod shop/db: field status.podIP: \"nope\" is not an IP address: invalid IP address syntax", dir.path().join("db.yaml").display()));
+    }
+
+    #[test]
+    fn unsupported_kind_and_missing_name_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "x.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  namespace: shop\n");
+        let (_, errors) = DirSource::new(dir.path()).reload();
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 2, "{text:?}");
+        assert_eq!(errors[0].object.as_deref(), Some("Deployment default/d"));
+        assert_eq!(errors[0].field.as_deref(), Some("kind"));
+        assert_eq!(errors[1].object.as_deref(), Some("Pod"));
+        assert_eq!(errors[1].field.as_deref(), Some("metadata.name"));
+    }
+}

@@ -1,0 +1,142 @@
+//! Everything the eBPF programs and the agent must agree on: ports, socket marks, map names,
+//! `#[repr(C)]` map keys and values, and the counter table.
+//!
+//! This crate is `no_std` and holds no logic; it must never grow a second copy of a layout
+//! that lives elsewhere. The `user` feature implements `aya::Pod` for userspace.
+#![no_std]
+#![deny(unsafe_code)]
+
+/// Agent listener inside each enrolled pod netns that receives captured outbound connections.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Agent listener inside each enrolled pod netns that receives steered plaintext inbound.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// HBONE (mTLS tunnel) port of every enrolled pod.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Ports the agent owns inside a pod; never captured, never steered, never proxied to.
+pub const RESERVED_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
+
+/// SO_MARK on every socket the agent dials with; `connect4/6` leave such sockets alone.
+pub const MARK_AGENT: u32 = 0x539;
+/// SO_MARK on the agent's transparent dials to an application inside its own pod. A policy
+/// route in the pod netns (`fwmark MARK_APP_DIAL lookup ROUTE_TABLE_APP_DIAL`) sends the app's
+/// replies back to the agent over `lo`.
+pub const MARK_APP_DIAL: u32 = 0x53a;
+/// Routing table in each enrolled pod netns holding `local default dev lo`.
+pub const ROUTE_TABLE_APP_DIAL: u32 = 0x53a;
+
+/// `lo` has this ifindex in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// 127.0.0.1 in host byte order.
+pub const LOCALHOST_V4: u32 = 0x7f00_0001;
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+/// IPv6 address family.
+pub const AF_INET6: u16 = 10;
+
+/// Names of the maps in the eBPF object, used by the agent to find them.
+pub mod map_names {
+    /// `HashMap<u64 netns cookie, u32 flags>`: the network namespaces whose sockets are captured.
+    pub const ENROLLED: &str = "ENROLLED";
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: original destination of a captured socket.
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    /// `LruHashMap<PortKey, OrigDst>`: original destination keyed the way the agent sees it.
+    pub const ORIG_BY_PORT: &str = "ORIG_BY_PORT";
+    /// `SockHash<u32 pod IPv4 (network order)>`: the agent's 15006 listener of each pod.
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// `PerCpuArray<u64>` indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Capacity of the maps (entries). LRU maps evict the oldest entry when full.
+pub mod map_sizes {
+    /// Enrolled network namespaces per node.
+    pub const ENROLLED: u32 = 4096;
+    /// Captured sockets whose original destination is remembered.
+    pub const ORIG: u32 = 65536;
+    /// Inbound listeners (one per enrolled pod).
+    pub const INBOUND_LISTENERS: u32 = 4096;
+}
+
+/// Original destination of a captured connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// IPv4 address exactly as the kernel holds it (network byte order).
+    pub ip4: u32,
+    /// IPv6 address words exactly as the kernel holds them (network byte order).
+    pub ip6: [u32; 4],
+}
+
+/// Key under which `sockops` files a captured connection once its source port is known:
+/// the agent accepts it as `127.0.0.1:<port>` inside the pod netns with this cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// Network namespace cookie of the client socket.
+    pub netns_cookie: u64,
+    /// Client's local port, host byte order.
+    pub port: u32,
+    /// Always zero: keeps the key free of uninitialised padding.
+    pub pad: u32,
+}
+
+/// Counters kept by the eBPF programs, one slot each in the `COUNTERS` per-CPU array.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Counter {
+    /// connect() of an enrolled pod rewritten to the outbound listener.
+    Captured = 0,
+    /// connect() in an enrolled netns left alone (agent socket, loopback, not TCP).
+    Bypassed = 1,
+    /// Original destination moved from socket cookie to (netns, port) by sockops.
+    OrigFiled = 2,
+    /// getpeername() answered with the original destination.
+    PeerRestored = 3,
+    /// Inbound SYN steered by sk_lookup to the agent's 15006 listener.
+    InboundSteered = 4,
+    /// A map update failed inside a program (map full or similar).
+    MapErrors = 5,
+}
+
+impl Counter {
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; 6] = [
+        Counter::Captured,
+        Counter::Bypassed,
+        Counter::OrigFiled,
+        Counter::PeerRestored,
+        Counter::InboundSteered,
+        Counter::MapErrors,
+    ];
+    /// Number of slots in the `COUNTERS` map.
+    pub const SLOTS: u32 = Self::ALL.len() as u32;
+
+    /// Stable snake_case name, used for metrics and `meshctl status`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Captured => "captured",
+            Counter::Bypassed => "bypassed",
+            Counter::OrigFiled => "orig_filed",
+            Counter::PeerRestored => "peer_restored",
+            Counter::InboundSteered => "inbound_steered",
+            Counter::MapErrors => "map_errors",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+#[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+mod user {
+    // SAFETY: both types are repr(C), Copy, contain only integers and have explicit padding
+    // fields, so every byte pattern is a valid value and no byte is uninitialised.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortKey {}
+}

@@ -1,0 +1,295 @@
+//! ferrymesh eBPF programs.
+//!
+//! Outbound capture: `connect4/6` (cgroup-v2 root) rewrite a TCP connect() of an enrolled pod
+//! to the agent's `127.0.0.1:15001` inside the same netns and remember the original destination
+//! by socket cookie; `sockops` files it again under (netns cookie, client port), the key the
+//! agent can compute on accept; `getpeername4/6` show the app its original peer.
+//!
+//! Inbound capture: `sk_lookup`, attached to each enrolled pod netns, hands a SYN that arrived
+//! from the network to the agent's 15006 listener of that pod.
+//!
+//! Every program acts only on network namespaces in `ENROLLED` (or on sockets it captured) and
+//! leaves the agent's own sockets (`SO_MARK`) alone. Programs never fail a syscall: on any
+//! error they let the connection through unchanged.
+#![no_std]
+#![no_main]
+
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{bpf_sock_addr, sk_action::SK_PASS},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use mesh_common::{
+    AF_INET, Counter, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOCALHOST_V4,
+    LOOPBACK_IFINDEX, MARK_AGENT, MARK_APP_DIAL, OUTBOUND_PORT, OrigDst, PortKey, map_sizes,
+};
+
+/// Return value of cgroup sock_addr programs that lets the syscall proceed.
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+
+#[map]
+static ENROLLED: HashMap<u64, u32> = HashMap::with_max_entries(map_sizes::ENROLLED, 0);
+
+#[map]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(map_sizes::ORIG, 0);
+
+#[map]
+static ORIG_BY_PORT: LruHashMap<PortKey, OrigDst> =
+    LruHashMap::with_max_entries(map_sizes::ORIG, 0);
+
+#[map]
+static INBOUND_LISTENERS: SockHash<u32> =
+    SockHash::with_max_entries(map_sizes::INBOUND_LISTENERS, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Fields of a `bpf_sock_addr` context, read once and unconditionally (the verifier rejects
+/// some conditional ctx reads).
+struct SockAddr {
+    user_ip4: u32,
+    user_ip6: [u32; 4],
+    user_port: u32,
+    sock_type: u32,
+    mark: u32,
+}
+
+#[inline(always)]
+fn read_sock_addr(ctx: &SockAddrContext, v6: bool) -> SockAddr {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `sa` is the kernel-provided context; each field is a valid aligned u32 and `sk`
+    // is a non-null PTR_TO_SOCKET for sock_addr programs.
+    unsafe {
+        let user_ip4 = if v6 { 0 } else { read_volatile(&(*sa).user_ip4) };
+        let user_ip6 = if v6 {
+            [
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ]
+        } else {
+            [0; 4]
+        };
+        let sk = read_volatile(&(*sa).__bindgen_anon_1.sk);
+        SockAddr {
+            user_ip4,
+            user_ip6,
+            user_port: read_volatile(&(*sa).user_port),
+            sock_type: read_volatile(&(*sa).type_),
+            mark: read_volatile(&(*sk).mark),
+        }
+    }
+}
+
+#[inline(always)]
+fn is_enrolled<C: EbpfContext>(ctx: &C) -> bool {
+    // SAFETY: the helper only reads the context it is given.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is only tested for presence.
+    unsafe { ENROLLED.get(&netns) }.is_some()
+}
+
+#[inline(always)]
+fn socket_cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: the helper only reads the context it is given.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// IPv4 address (network order) carried in an IPv4-mapped IPv6 address, if it is one.
+#[inline(always)]
+fn v4_mapped(ip6: &[u32; 4]) -> Option<u32> {
+    (ip6[0] == 0 && ip6[1] == 0 && u32::from_be(ip6[2]) == 0xffff).then_some(ip6[3])
+}
+
+/// Whether a connect() to `ip4`:`port` (network order ip, host order port) is to be captured.
+#[inline(always)]
+fn wants_capture(addr: &SockAddr, ip4: u32, port: u16) -> bool {
+    if addr.sock_type != SOCK_STREAM || addr.mark == MARK_AGENT || addr.mark == MARK_APP_DIAL {
+        return false;
+    }
+    // Loopback stays inside the pod; the agent's own ports are never captured.
+    u32::from_be(ip4) >> 24 != 127 && port != OUTBOUND_PORT && port != INBOUND_PLAINTEXT_PORT
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, false).unwrap_or(ALLOW)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, true).unwrap_or(ALLOW)
+}
+
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
+    let addr = read_sock_addr(ctx, v6);
+    if !is_enrolled(ctx) {
+        return Ok(ALLOW);
+    }
+    // Only IPv4 and IPv4-mapped destinations are captured for now; native IPv6 passes.
+    let ip4 = if v6 {
+        match v4_mapped(&addr.user_ip6) {
+            Some(ip4) => ip4,
+            None => {
+                count(Counter::Bypassed);
+                return Ok(ALLOW);
+            }
+        }
+    } else {
+        addr.user_ip4
+    };
+    let port = u16::from_be(addr.user_port as u16);
+    if !wants_capture(&addr, ip4, port) {
+        count(Counter::Bypassed);
+        return Ok(ALLOW);
+    }
+    let orig = OrigDst { family: AF_INET, port, ip4, ip6: [0; 4] };
+    if ORIG_BY_COOKIE.insert(&socket_cookie(ctx), &orig, 0).is_err() {
+        count(Counter::MapErrors);
+        return Ok(ALLOW);
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: writable ctx fields, written one by one (merged stores are rejected).
+    unsafe {
+        if v6 {
+            write_volatile(&mut (*sa).user_ip6[3], LOCALHOST_V4.to_be());
+        } else {
+            write_volatile(&mut (*sa).user_ip4, LOCALHOST_V4.to_be());
+        }
+        write_volatile(&mut (*sa).user_port, u32::from(OUTBOUND_PORT.to_be()));
+    }
+    count(Counter::Captured);
+    Ok(ALLOW)
+}
+
+#[sock_ops]
+pub fn file_orig_dst(ctx: SockOpsContext) -> u32 {
+    try_file_orig_dst(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_file_orig_dst(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    let local_port = ctx.local_port();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return;
+    }
+    let cookie = socket_cookie(ctx);
+    // SAFETY: the value is copied out before any other map operation.
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+        return;
+    };
+    // SAFETY: the helper only reads the context it is given.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = PortKey { netns_cookie, port: local_port, pad: 0 };
+    if ORIG_BY_PORT.insert(&key, &orig, 0).is_ok() {
+        count(Counter::OrigFiled);
+    } else {
+        count(Counter::MapErrors);
+    }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn restore_peer4(ctx: SockAddrContext) -> i32 {
+    try_restore_peer(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
+    try_restore_peer(&ctx, true);
+    ALLOW
+}
+
+#[inline(always)]
+fn try_restore_peer(ctx: &SockAddrContext, v6: bool) {
+    let addr = read_sock_addr(ctx, v6);
+    let ip4 = if v6 {
+        match v4_mapped(&addr.user_ip6) {
+            Some(ip4) => ip4,
+            None => return,
+        }
+    } else {
+        addr.user_ip4
+    };
+    if u32::from_be(ip4) != LOCALHOST_V4 || u16::from_be(addr.user_port as u16) != OUTBOUND_PORT {
+        return;
+    }
+    // SAFETY: the value is copied out before the context is written.
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&socket_cookie(ctx)) }).copied() else {
+        return;
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: writable ctx fields, written one by one.
+    unsafe {
+        if v6 {
+            write_volatile(&mut (*sa).user_ip6[3], orig.ip4);
+        } else {
+            write_volatile(&mut (*sa).user_ip4, orig.ip4);
+        }
+        write_volatile(&mut (*sa).user_port, u32::from(orig.port.to_be()));
+    }
+    count(Counter::PeerRestored);
+}
+
+#[sk_lookup]
+pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
+    try_steer_inbound(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn try_steer_inbound(ctx: &SkLookupContext) {
+    let lookup = ctx.lookup;
+    // SAFETY: kernel-provided context; each field is a valid aligned u32.
+    let (family, protocol, local_ip4, local_port, ifindex) = unsafe {
+        (
+            read_volatile(&(*lookup).family),
+            read_volatile(&(*lookup).protocol),
+            read_volatile(&(*lookup).local_ip4),
+            read_volatile(&(*lookup).local_port),
+            read_volatile(&(*lookup).ingress_ifindex),
+        )
+    };
+    // Traffic arriving on lo is the pod talking to itself or the agent's own dial to the app.
+    if family != u32::from(AF_INET) || protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
+        return;
+    }
+    let port = local_port as u16;
+    if port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT || port == HBONE_PORT {
+        return;
+    }
+    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, local_ip4, 0).is_ok() {
+        count(Counter::InboundSteered);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
