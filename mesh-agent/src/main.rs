@@ -1,1 +1,108 @@
-fn main(){}
+//! mesh-agent: the ferrymesh node agent.
+#![deny(unsafe_code)]
+
+mod admin;
+mod config;
+mod ebpf;
+mod enroll;
+mod flows;
+#[expect(
+    unsafe_code,
+    reason = "the syscall wrappers live here, each with a SAFETY comment"
+)]
+mod netns;
+mod proxy;
+mod state;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+/// ferrymesh node agent.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Name of the node this agent serves; it enrolls the pods scheduled there.
+    #[arg(long, env = "FERRYMESH_NODE_NAME")]
+    node_name: String,
+    /// mesh-ctrl gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:15012")]
+    ctrl: String,
+    /// Unix socket of the admin API (used by meshctl --agent).
+    #[arg(long, default_value = "/var/run/ferrymesh/agent.sock")]
+    admin_socket: PathBuf,
+    /// Number of recent flows kept for `meshctl flows`.
+    #[arg(long, default_value_t = 4096)]
+    flow_capacity: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let features = ebpf::probe::probe()?;
+    let datapath = ebpf::Datapath::load_and_attach(&features.cgroup2_root)?;
+    for a in datapath.attached() {
+        tracing::info!(
+            program = a.name,
+            prog_id = a.prog_id,
+            link_id = a.link_id,
+            "attached {}",
+            a.attach
+        );
+    }
+    let datapath = Arc::new(Mutex::new(datapath));
+    let state = Arc::new(state::State::default());
+    let flows = Arc::new(flows::FlowTable::new(args.flow_capacity));
+    let ctx = Arc::new(proxy::ProxyContext {
+        node: args.node_name.clone(),
+        state: state.clone(),
+        datapath: datapath.clone(),
+        runner: netns::NetnsRunner::start().context("cannot start the netns thread")?,
+        flows: flows.clone(),
+    });
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (enroller, enrolled) = enroll::Enroller::new(ctx);
+    let enroller = tokio::spawn(enroller.run(shutdown.clone()));
+    let admin = admin::AdminService {
+        node: args.node_name.clone(),
+        state: state.clone(),
+        flows,
+        datapath,
+        enrolled,
+    };
+    let admin = tokio::spawn(admin::serve(
+        args.admin_socket.clone(),
+        admin,
+        shutdown.clone(),
+    ));
+    tokio::spawn(config::run(
+        args.ctrl.clone(),
+        args.node_name.clone(),
+        state,
+    ));
+    tracing::info!(node = %args.node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        result = admin => {
+            result.context("admin server panicked")?.context("admin server failed")?;
+        }
+    }
+    shutdown_tx.send_replace(true);
+    enroller.await.context("enroller panicked")?;
+    // Dropping the datapath (last Arc goes with the runtime) detaches the node-wide programs.
+    Ok(())
+}

@@ -5,8 +5,9 @@
 //! by socket cookie; `sockops` files it again under (netns cookie, client port), the key the
 //! agent can compute on accept; `getpeername4/6` show the app its original peer.
 //!
-//! Inbound capture: `sk_lookup`, attached to each enrolled pod netns, hands a SYN that arrived
-//! from the network to the agent's 15006 listener of that pod.
+//! Inbound capture: `sk_lookup`, attached to each enrolled pod netns, hands a SYN for the pod's
+//! IP to the agent's 15006 listener of that pod, except the agent's own dials to the app
+//! (registered in `APP_DIALS`).
 //!
 //! Every program acts only on network namespaces in `ENROLLED` (or on sockets it captured) and
 //! leaves the agent's own sockets (`SO_MARK`) alone. Programs never fail a syscall: on any
@@ -17,16 +18,16 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{bpf_sock_addr, sk_action::SK_PASS},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    EbpfContext,
 };
 use mesh_common::{
-    AF_INET, Counter, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOCALHOST_V4,
-    LOOPBACK_IFINDEX, MARK_AGENT, MARK_APP_DIAL, OUTBOUND_PORT, OrigDst, PortKey, map_sizes,
+    map_sizes, AppDialKey, Counter, OrigDst, PortKey, AF_INET, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
+    LOCALHOST_V4, MARK_AGENT, MARK_APP_DIAL, OUTBOUND_PORT,
 };
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
@@ -39,8 +40,7 @@ const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 static ENROLLED: HashMap<u64, u32> = HashMap::with_max_entries(map_sizes::ENROLLED, 0);
 
 #[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(map_sizes::ORIG, 0);
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(map_sizes::ORIG, 0);
 
 #[map]
 static ORIG_BY_PORT: LruHashMap<PortKey, OrigDst> =
@@ -49,6 +49,10 @@ static ORIG_BY_PORT: LruHashMap<PortKey, OrigDst> =
 #[map]
 static INBOUND_LISTENERS: SockHash<u32> =
     SockHash::with_max_entries(map_sizes::INBOUND_LISTENERS, 0);
+
+#[map]
+static APP_DIALS: LruHashMap<AppDialKey, u8> =
+    LruHashMap::with_max_entries(map_sizes::APP_DIALS, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);
@@ -77,7 +81,11 @@ fn read_sock_addr(ctx: &SockAddrContext, v6: bool) -> SockAddr {
     // SAFETY: `sa` is the kernel-provided context; each field is a valid aligned u32 and `sk`
     // is a non-null PTR_TO_SOCKET for sock_addr programs.
     unsafe {
-        let user_ip4 = if v6 { 0 } else { read_volatile(&(*sa).user_ip4) };
+        let user_ip4 = if v6 {
+            0
+        } else {
+            read_volatile(&(*sa).user_ip4)
+        };
         let user_ip6 = if v6 {
             [
                 read_volatile(&(*sa).user_ip6[0]),
@@ -162,8 +170,16 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
         count(Counter::Bypassed);
         return Ok(ALLOW);
     }
-    let orig = OrigDst { family: AF_INET, port, ip4, ip6: [0; 4] };
-    if ORIG_BY_COOKIE.insert(&socket_cookie(ctx), &orig, 0).is_err() {
+    let orig = OrigDst {
+        family: AF_INET,
+        port,
+        ip4,
+        ip6: [0; 4],
+    };
+    if ORIG_BY_COOKIE
+        .insert(&socket_cookie(ctx), &orig, 0)
+        .is_err()
+    {
         count(Counter::MapErrors);
         return Ok(ALLOW);
     }
@@ -201,7 +217,11 @@ fn try_file_orig_dst(ctx: &SockOpsContext) {
     };
     // SAFETY: the helper only reads the context it is given.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = PortKey { netns_cookie, port: local_port, pad: 0 };
+    let key = PortKey {
+        netns_cookie,
+        port: local_port,
+        pad: 0,
+    };
     if ORIG_BY_PORT.insert(&key, &orig, 0).is_ok() {
         count(Counter::OrigFiled);
     } else {
@@ -261,25 +281,38 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn try_steer_inbound(ctx: &SkLookupContext) {
     let lookup = ctx.lookup;
-    // SAFETY: kernel-provided context; each field is a valid aligned u32.
-    let (family, protocol, local_ip4, local_port, ifindex) = unsafe {
+    // SAFETY: kernel-provided context; each field is a valid aligned u32 (remote_port a u16).
+    let (family, protocol, local_ip4, local_port, remote_ip4, remote_port) = unsafe {
         (
             read_volatile(&(*lookup).family),
             read_volatile(&(*lookup).protocol),
             read_volatile(&(*lookup).local_ip4),
             read_volatile(&(*lookup).local_port),
-            read_volatile(&(*lookup).ingress_ifindex),
+            read_volatile(&(*lookup).remote_ip4),
+            read_volatile(&(*lookup).remote_port),
         )
     };
-    // Traffic arriving on lo is the pod talking to itself or the agent's own dial to the app.
-    if family != u32::from(AF_INET) || protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
+    if family != u32::from(AF_INET) || protocol != IPPROTO_TCP {
         return;
     }
     let port = local_port as u16;
     if port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT || port == HBONE_PORT {
         return;
     }
-    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, local_ip4, 0).is_ok() {
+    let dial = AppDialKey {
+        client_ip4: remote_ip4,
+        client_port: u32::from(u16::from_be(remote_port)),
+        pod_ip4: local_ip4,
+        app_port: local_port,
+    };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { APP_DIALS.get(&dial) }.is_some() {
+        return;
+    }
+    if INBOUND_LISTENERS
+        .redirect_sk_lookup(ctx, local_ip4, 0)
+        .is_ok()
+    {
         count(Counter::InboundSteered);
     }
 }

@@ -1,1 +1,9 @@
+//! The ferrymesh testbed: the network-namespace topology of DESIGN.md and the helpers that run
+//! the mesh on it. One harness serves the end-to-end tests, `cargo xtask demo` and the
+//! benchmarks. Needs root (network namespaces, eBPF).
+#![deny(unsafe_code)]
 
+pub mod mesh;
+pub mod topology;
+
+pub use topology::{Pod, Topology, TopologySpec};

@@ -46,6 +46,9 @@ pub mod map_names {
     pub const ORIG_BY_PORT: &str = "ORIG_BY_PORT";
     /// `SockHash<u32 pod IPv4 (network order)>`: the agent's 15006 listener of each pod.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// `LruHashMap<AppDialKey, u8>`: the agent's own dials to apps, which sk_lookup must not
+    /// steer back to the agent.
+    pub const APP_DIALS: &str = "APP_DIALS";
     /// `PerCpuArray<u64>` indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
 }
@@ -58,6 +61,8 @@ pub mod map_sizes {
     pub const ORIG: u32 = 65536;
     /// Inbound listeners (one per enrolled pod).
     pub const INBOUND_LISTENERS: u32 = 4096;
+    /// App dials in progress (entries live from bind to connect).
+    pub const APP_DIALS: u32 = 16384;
 }
 
 /// Original destination of a captured connection.
@@ -85,6 +90,22 @@ pub struct PortKey {
     pub port: u32,
     /// Always zero: keeps the key free of uninitialised padding.
     pub pad: u32,
+}
+
+/// A connection the agent is dialling to an app inside its own pod, as sk_lookup sees its SYN.
+/// The kernel reports the pod's eth0, not `lo`, as ingress device of such a locally generated
+/// packet to the pod IP, so the 4-tuple is what tells it apart from a client's SYN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AppDialKey {
+    /// Client IPv4 the agent binds to (network byte order).
+    pub client_ip4: u32,
+    /// Source port the agent's socket got (host byte order).
+    pub client_port: u32,
+    /// Pod IPv4 (network byte order).
+    pub pod_ip4: u32,
+    /// App port (host byte order).
+    pub app_port: u32,
 }
 
 /// Counters kept by the eBPF programs, one slot each in the `COUNTERS` per-CPU array.
@@ -139,4 +160,6 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PortKey {}
+    // SAFETY: as above (four u32, no padding).
+    unsafe impl aya::Pod for super::AppDialKey {}
 }

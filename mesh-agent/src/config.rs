@@ -1,0 +1,79 @@
+//! The config client: streams workloads from mesh-ctrl into the state store, reconnecting
+//! with capped exponential backoff. While mesh-ctrl is away the store keeps the last good
+//! config, so enrolled pods and proxying are unaffected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrymesh_api::config::{config_client::ConfigClient, WatchRequest};
+use tonic::transport::Endpoint;
+
+use crate::state::State;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Why a config stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigClientError {
+    /// `--ctrl` is not a valid URI.
+    #[error("invalid --ctrl address: {0}")]
+    Address(#[from] tonic::transport::Error),
+    /// The stream failed.
+    #[error("config stream from mesh-ctrl failed: {0}")]
+    Stream(#[from] tonic::Status),
+}
+
+/// Streams config from `ctrl` into `state` forever.
+pub async fn run(ctrl: String, node: String, state: Arc<State>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut last_error = String::new();
+    loop {
+        match stream_once(&ctrl, &node, &state).await {
+            Ok(()) => {
+                backoff = BACKOFF_MIN;
+                tracing::warn!(%ctrl, "mesh-ctrl closed the config stream; keeping the last good config");
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if message != last_error {
+                    tracing::warn!(%ctrl, "{message}; keeping the last good config and retrying");
+                    last_error = message;
+                }
+            }
+        }
+        if state.ctrl_status().0 {
+            backoff = BACKOFF_MIN;
+        }
+        state.set_ctrl_connected(false);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn stream_once(ctrl: &str, node: &str, state: &State) -> Result<(), ConfigClientError> {
+    let channel = Endpoint::from_shared(ctrl.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let mut stream = ConfigClient::new(channel)
+        .watch(WatchRequest {
+            node: node.to_string(),
+        })
+        .await?
+        .into_inner();
+    while let Some(update) = stream.message().await? {
+        state.set_ctrl_connected(true);
+        let version = update.version;
+        match state.apply(update) {
+            Ok(()) => tracing::debug!(version, "config applied"),
+            Err(e) => tracing::warn!(
+                version,
+                "rejected config update: {e}; keeping the last good config"
+            ),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Enrollment: makes the set of captured pods of this node match the state store. Enrolling a
+//! pod = listeners inside its netns, its inbound listener in the sk_lookup map, sk_lookup
+//! attached to its netns, its netns cookie in ENROLLED. Unenrolling undoes the eBPF part; the
+//! connections already proxied keep running. No pod restart either way, and a failed
+//! enrollment leaves nothing behind.
+
+mod pod_netns;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::ebpf::{DatapathError, SkLookupAttachment};
+use crate::netns::Netns;
+use crate::proxy::{inbound, outbound, PodContext, ProxyContext};
+use crate::state::Workload;
+
+/// How often enrollments that failed are retried even without a config change.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Why a pod could not be enrolled.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// The netns could not be entered or set up.
+    #[error("{0}")]
+    Netns(#[from] std::io::Error),
+    /// An eBPF map or attachment failed.
+    #[error("{0}")]
+    Datapath(#[from] DatapathError),
+    /// Only IPv4 pods are captured so far.
+    #[error("pod IP {0} is IPv6; only IPv4 pods can be enrolled so far")]
+    Ipv6(IpAddr),
+}
+
+/// A pod the agent captures.
+#[derive(Debug)]
+pub struct EnrolledPod {
+    /// The pod as its accept loops see it.
+    pub pod: Arc<PodContext>,
+    /// The sk_lookup link of the pod's netns.
+    pub sk_lookup: SkLookupAttachment,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Reconciles enrolled pods with the state store.
+#[derive(Debug)]
+pub struct Enroller {
+    ctx: Arc<ProxyContext>,
+    enrolled: HashMap<String, EnrolledPod>,
+    failures: HashMap<String, String>,
+    /// Published after each reconcile: what is enrolled now (for the admin API).
+    published: watch::Sender<Vec<EnrolledSummary>>,
+}
+
+/// What the admin API shows of an enrolled pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrolledSummary {
+    /// Namespace of the pod.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Pod IP.
+    pub ip: IpAddr,
+    /// Netns cookie.
+    pub netns_cookie: u64,
+    /// sk_lookup link id.
+    pub sk_lookup_link_id: u32,
+}
+
+impl Enroller {
+    /// An enroller with nothing enrolled, and a receiver of what it enrolls.
+    pub fn new(ctx: Arc<ProxyContext>) -> (Self, watch::Receiver<Vec<EnrolledSummary>>) {
+        let (published, rx) = watch::channel(Vec::new());
+        (
+            Self {
+                ctx,
+                enrolled: HashMap::new(),
+                failures: HashMap::new(),
+                published,
+            },
+            rx,
+        )
+    }
+
+    /// Reconciles on every state change (and every few seconds while something failed) until
+    /// `shutdown` fires, then unenrolls everything.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = self.ctx.state.subscribe();
+        loop {
+            self.reconcile().await;
+            let retry = async {
+                if self.failures.is_empty() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(RETRY).await
+                }
+            };
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = retry => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        let uids: Vec<String> = self.enrolled.keys().cloned().collect();
+        for uid in uids {
+            self.unenroll(&uid);
+        }
+        self.publish();
+    }
+
+    async fn reconcile(&mut self) {
+        let desired = self.ctx.state.captured_on(&self.ctx.node);
+        let stale: Vec<String> = self
+            .enrolled
+            .iter()
+            .filter(|(uid, e)| {
+                desired
+                    .get(*uid)
+                    .is_none_or(|w| w.ip != e.pod.workload.ip || w.netns != e.pod.workload.netns)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in stale {
+            self.unenroll(&uid);
+        }
+        self.failures.retain(|uid, _| desired.contains_key(uid));
+        for (uid, workload) in desired {
+            if self.enrolled.contains_key(&uid) {
+                continue;
+            }
+            let pod = format!("{}/{}", workload.namespace, workload.name);
+            match self.enroll(workload).await {
+                Ok(enrolled) => {
+                    tracing::info!(%pod, cookie = enrolled.pod.cookie, "pod enrolled");
+                    self.failures.remove(&uid);
+                    self.enrolled.insert(uid, enrolled);
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if self.failures.get(&uid) != Some(&message) {
+                        tracing::warn!(%pod, "cannot enroll pod: {message}");
+                    }
+                    self.failures.insert(uid, message);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let mut summary: Vec<EnrolledSummary> = self
+            .enrolled
+            .values()
+            .map(|e| EnrolledSummary {
+                namespace: e.pod.workload.namespace.clone(),
+                name: e.pod.workload.name.clone(),
+                ip: e.pod.workload.ip,
+                netns_cookie: e.pod.cookie,
+                sk_lookup_link_id: e.sk_lookup.link_id,
+            })
+            .collect();
+        summary.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.published.send_replace(summary);
+    }
+
+    async fn enroll(&self, workload: Arc<Workload>) -> Result<EnrolledPod, EnrollError> {
+        let IpAddr::V4(ip) = workload.ip else {
+            return Err(EnrollError::Ipv6(workload.ip));
+        };
+        let netns = Netns::open(&workload.netns)?;
+        let listeners = self.ctx.runner.run(&netns, pod_netns::setup).await?;
+        let outbound_listener = TcpListener::from_std(listeners.outbound)?;
+        let inbound_listener = TcpListener::from_std(listeners.inbound)?;
+        let cookie = listeners.cookie;
+        let sk_lookup = {
+            let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
+            datapath.add_inbound_listener(ip, &inbound_listener)?;
+            let attached = datapath
+                .attach_sk_lookup(&netns)
+                .and_then(|link| datapath.enroll_netns(cookie).map(|()| link));
+            match attached {
+                Ok(link) => link,
+                Err(e) => {
+                    datapath.remove_inbound_listener(ip);
+                    return Err(e.into());
+                }
+            }
+        };
+        let pod = Arc::new(PodContext {
+            workload,
+            netns,
+            cookie,
+        });
+        let tasks = vec![
+            tokio::spawn(outbound::serve(
+                outbound_listener,
+                pod.clone(),
+                self.ctx.clone(),
+            )),
+            tokio::spawn(inbound::serve(
+                inbound_listener,
+                pod.clone(),
+                self.ctx.clone(),
+            )),
+        ];
+        Ok(EnrolledPod {
+            pod,
+            sk_lookup,
+            tasks,
+        })
+    }
+
+    fn unenroll(&mut self, uid: &str) {
+        let Some(enrolled) = self.enrolled.remove(uid) else {
+            return;
+        };
+        {
+            let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
+            datapath.unenroll_netns(enrolled.pod.cookie);
+            if let IpAddr::V4(ip) = enrolled.pod.workload.ip {
+                datapath.remove_inbound_listener(ip);
+            }
+        }
+        // Aborting the accept loops closes the listeners; relays run on their own tasks and
+        // finish normally.
+        for task in &enrolled.tasks {
+            task.abort();
+        }
+        tracing::info!(pod = %format!("{}/{}", enrolled.pod.workload.namespace, enrolled.pod.workload.name), "pod unenrolled");
+        // Dropping `enrolled.sk_lookup` detaches sk_lookup from the pod netns.
+    }
+}

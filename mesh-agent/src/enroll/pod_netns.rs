@@ -1,0 +1,108 @@
+//! What the agent sets up inside a pod's network namespace, run on the netns thread: the
+//! 15001/15006 listeners, `tcp_fwmark_accept`, and the policy route that returns the app's
+//! replies to the agent's transparent dials. Everything here is idempotent.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+
+use mesh_common::{
+    INBOUND_PLAINTEXT_PORT, LOOPBACK_IFINDEX, MARK_APP_DIAL, OUTBOUND_PORT, ROUTE_TABLE_APP_DIAL,
+};
+use rtnetlink::packet_route::route::{RouteScope, RouteType};
+use rtnetlink::packet_route::rule::RuleAction;
+use rtnetlink::RouteMessageBuilder;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::netns::netns_cookie;
+
+/// Priority of the `fwmark MARK_APP_DIAL` rule: before `main` (32766), after `local` (0).
+const RULE_PRIORITY: u32 = 100;
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Listeners the agent owns inside one pod, and the pod's netns cookie.
+#[derive(Debug)]
+pub struct PodListeners {
+    /// `127.0.0.1:15001`, target of captured outbound connections.
+    pub outbound: TcpListener,
+    /// `127.0.0.1:15006`, target of sk_lookup for inbound plaintext.
+    pub inbound: TcpListener,
+    /// Cookie of the pod's netns.
+    pub cookie: u64,
+}
+
+fn listen(port: u16) -> io::Result<TcpListener> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot bind {addr} in the pod (is the port in use?): {e}"),
+        )
+    })?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Sets up the current netns (call on the netns thread, inside the pod's netns).
+pub fn setup() -> io::Result<PodListeners> {
+    let outbound = listen(OUTBOUND_PORT)?;
+    let inbound = listen(INBOUND_PLAINTEXT_PORT)?;
+    let cookie = netns_cookie(&outbound)?;
+    // /proc/sys/net follows the calling thread's netns.
+    std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1").map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot set net.ipv4.tcp_fwmark_accept in the pod: {e}"),
+        )
+    })?;
+    install_app_dial_route()?;
+    Ok(PodListeners {
+        outbound,
+        inbound,
+        cookie,
+    })
+}
+
+fn ignore_exists(result: Result<(), rtnetlink::Error>, what: &str) -> io::Result<()> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        Err(e) => Err(io::Error::other(format!(
+            "cannot add {what} in the pod: {e}"
+        ))),
+    }
+}
+
+/// `ip rule add fwmark MARK_APP_DIAL lookup ROUTE_TABLE_APP_DIAL` and
+/// `ip route add local default dev lo table ROUTE_TABLE_APP_DIAL`, over netlink.
+fn install_app_dial_route() -> io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    runtime.block_on(async {
+        // The netlink socket is created here, so it belongs to the pod's netns.
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        let rule = handle
+            .rule()
+            .add()
+            .v4()
+            .fw_mark(MARK_APP_DIAL)
+            .table_id(ROUTE_TABLE_APP_DIAL)
+            .priority(RULE_PRIORITY)
+            .action(RuleAction::ToTable)
+            .execute()
+            .await;
+        ignore_exists(rule, "the fwmark rule")?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .output_interface(LOOPBACK_IFINDEX)
+            .table_id(ROUTE_TABLE_APP_DIAL)
+            .build();
+        ignore_exists(handle.route().add(route).execute().await, "the local route")
+    })
+}

@@ -1,0 +1,225 @@
+//! Flow records: one per captured connection, written when it closes, kept in a bounded ring
+//! of recent flows for the admin API. It owns the record shape and its wire conversion; it
+//! never decides verdicts.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferrymesh_api::admin as proto;
+
+use crate::state::State;
+
+/// Which way the connection went, seen from the workload the agent serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// A captured connect() of an enrolled pod.
+    Outbound,
+    /// A connection arriving at an enrolled pod.
+    Inbound,
+}
+
+impl Direction {
+    /// Name used in the flow JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Outcome of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Carried to the destination.
+    Allowed,
+    /// Refused by policy.
+    Denied,
+    /// Failed (dial error, reset, unknown original destination...).
+    Error,
+}
+
+impl Verdict {
+    /// Name used in the flow JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Denied => "denied",
+            Verdict::Error => "error",
+        }
+    }
+}
+
+/// One end of a flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Address and port.
+    pub addr: SocketAddr,
+    /// (pod name, namespace) when the address belongs to a known workload.
+    pub workload: Option<(String, String)>,
+}
+
+impl Endpoint {
+    /// The endpoint at `addr`, named after the workload that owns its IP.
+    pub fn lookup(state: &State, addr: SocketAddr) -> Self {
+        let workload = state
+            .workload_by_ip(addr.ip())
+            .map(|w| (w.name.clone(), w.namespace.clone()));
+        Self { addr, workload }
+    }
+}
+
+/// A finished connection.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// When the connection was accepted.
+    pub start: SystemTime,
+    /// Node of the agent that recorded it.
+    pub node: String,
+    /// Outbound or inbound.
+    pub direction: Direction,
+    /// The client.
+    pub src: Endpoint,
+    /// The original destination.
+    pub dst: Endpoint,
+    /// Bytes from src to dst.
+    pub bytes_sent: u64,
+    /// Bytes from dst to src.
+    pub bytes_received: u64,
+    /// Time from accept to close.
+    pub duration: Duration,
+    /// Outcome.
+    pub verdict: Verdict,
+    /// Why: "closed" for a normal end, else what went wrong.
+    pub reason: String,
+}
+
+fn endpoint_proto(e: &Endpoint) -> proto::Endpoint {
+    let (workload, namespace) = e.workload.clone().unwrap_or_default();
+    proto::Endpoint {
+        ip: e.addr.ip().to_string(),
+        port: u32::from(e.addr.port()),
+        workload,
+        namespace,
+    }
+}
+
+impl From<&Flow> for proto::Flow {
+    fn from(f: &Flow) -> Self {
+        let start_unix_ms = f
+            .start
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        proto::Flow {
+            start_unix_ms,
+            node: f.node.clone(),
+            direction: f.direction.as_str().into(),
+            src: Some(endpoint_proto(&f.src)),
+            dst: Some(endpoint_proto(&f.dst)),
+            bytes_sent: f.bytes_sent,
+            bytes_received: f.bytes_received,
+            duration_ms: f.duration.as_millis() as u64,
+            verdict: f.verdict.as_str().into(),
+            reason: f.reason.clone(),
+        }
+    }
+}
+
+/// Bounded ring of the most recent flows.
+#[derive(Debug)]
+pub struct FlowTable {
+    capacity: usize,
+    ring: Mutex<VecDeque<Flow>>,
+}
+
+impl FlowTable {
+    /// A table keeping the last `capacity` flows.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            ring: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+        }
+    }
+
+    /// Records a finished flow, evicting the oldest when full.
+    pub fn record(&self, flow: Flow) {
+        tracing::debug!(?flow, "flow");
+        let mut ring = self.ring.lock().expect("flow lock");
+        if ring.len() == self.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(flow);
+    }
+
+    /// All flows held, oldest first.
+    pub fn snapshot(&self) -> Vec<Flow> {
+        self.ring
+            .lock()
+            .expect("flow lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Unspecified address used for an endpoint that could not be determined.
+pub const UNKNOWN_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(port: u16) -> Flow {
+        Flow {
+            start: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            node: "n1".into(),
+            direction: Direction::Inbound,
+            src: Endpoint {
+                addr: SocketAddr::from(([10, 0, 0, 1], port)),
+                workload: None,
+            },
+            dst: Endpoint {
+                addr: SocketAddr::from(([10, 0, 0, 2], 80)),
+                workload: Some(("web".into(), "shop".into())),
+            },
+            bytes_sent: 5,
+            bytes_received: 7,
+            duration: Duration::from_millis(12),
+            verdict: Verdict::Allowed,
+            reason: "closed".into(),
+        }
+    }
+
+    #[test]
+    fn ring_keeps_the_newest() {
+        let table = FlowTable::new(2);
+        for port in 1..=3 {
+            table.record(flow(port));
+        }
+        let ports: Vec<u16> = table.snapshot().iter().map(|f| f.src.addr.port()).collect();
+        assert_eq!(ports, vec![2, 3]);
+    }
+
+    #[test]
+    fn wire_form() {
+        let p = proto::Flow::from(&flow(4000));
+        assert_eq!(p.start_unix_ms, 1_700_000_000_123);
+        assert_eq!(p.direction, "inbound");
+        assert_eq!(p.verdict, "allowed");
+        let dst = p.dst.unwrap();
+        assert_eq!(
+            (
+                dst.ip.as_str(),
+                dst.port,
+                dst.workload.as_str(),
+                dst.namespace.as_str()
+            ),
+            ("10.0.0.2", 80, "web", "shop")
+        );
+        assert_eq!(p.src.unwrap().workload, "");
+    }
+}

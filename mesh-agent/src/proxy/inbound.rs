@@ -1,0 +1,55 @@
+//! Inbound plaintext: connections to an enrolled pod steered by sk_lookup to the pod's 15006
+//! listener. The original destination is the accepted socket's local address. The agent
+//! dials the app from inside the pod with the client's IP as source (IP_TRANSPARENT) and
+//! `MARK_APP_DIAL`, so the app sees the real client; the pod's policy route brings the app's
+//! replies back to the agent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use mesh_common::{MARK_APP_DIAL, RESERVED_PORTS};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{accept_loop, relay, reset, Connection, Outcome, PodContext, ProxyContext};
+use crate::flows::{Direction, Endpoint};
+
+/// Serves the pod's inbound plaintext listener until the task is aborted.
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    accept_loop(listener, "inbound", move |stream, peer| {
+        handle(stream, peer, pod.clone(), ctx.clone())
+    })
+    .await
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    let dst = client
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::new(pod.workload.ip, 0));
+    let conn = Connection {
+        direction: Direction::Inbound,
+        start: SystemTime::now(),
+        started: Instant::now(),
+        src: Endpoint::lookup(&ctx.state, peer),
+        dst: pod.endpoint(dst.port()),
+    };
+    if RESERVED_PORTS.contains(&dst.port()) {
+        reset(&client);
+        return ctx.record(
+            conn,
+            Outcome::failed(format!("port {} is reserved for the mesh", dst.port())),
+        );
+    }
+    let _ = client.set_nodelay(true);
+    let outcome = match ctx
+        .dial(&pod.netns, dst, MARK_APP_DIAL, Some(peer.ip()))
+        .await
+    {
+        Ok(app) => relay(client, app).await,
+        Err(e) => {
+            reset(&client);
+            Outcome::failed(format!("connect to the app at {dst} failed: {e}"))
+        }
+    };
+    ctx.record(conn, outcome);
+}

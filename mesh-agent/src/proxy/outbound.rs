@@ -1,0 +1,57 @@
+//! Outbound: connections of an enrolled pod captured by connect4/6 and accepted on the pod's
+//! `127.0.0.1:15001`; the original destination comes from the eBPF map, the upstream is
+//! dialled from the pod's netns (so the source IP stays the pod's) with the agent's mark.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use mesh_common::MARK_AGENT;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{accept_loop, relay, reset, Connection, Outcome, PodContext, ProxyContext};
+use crate::flows::{Direction, Endpoint, UNKNOWN_ADDR};
+
+/// Serves the pod's outbound listener until the task is aborted.
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    accept_loop(listener, "outbound", move |stream, peer| {
+        handle(stream, peer, pod.clone(), ctx.clone())
+    })
+    .await
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    let mut conn = Connection {
+        direction: Direction::Outbound,
+        start: SystemTime::now(),
+        started: Instant::now(),
+        src: pod.endpoint(peer.port()),
+        dst: Endpoint {
+            addr: UNKNOWN_ADDR,
+            workload: None,
+        },
+    };
+    let orig = ctx
+        .datapath
+        .lock()
+        .expect("datapath lock")
+        .take_orig_dst(pod.cookie, peer.port());
+    let Some(orig) = orig else {
+        reset(&client);
+        let reason =
+            "original destination unknown: the connection reached 15001 without being captured"
+                .into();
+        return ctx.record(conn, Outcome::failed(reason));
+    };
+    let dst = SocketAddr::new(Ipv4Addr::from(u32::from_be(orig.ip4)).into(), orig.port);
+    conn.dst = Endpoint::lookup(&ctx.state, dst);
+    let _ = client.set_nodelay(true);
+    let outcome = match ctx.dial(&pod.netns, dst, MARK_AGENT, None).await {
+        Ok(upstream) => relay(client, upstream).await,
+        Err(e) => {
+            reset(&client);
+            Outcome::failed(format!("connect to {dst} failed: {e}"))
+        }
+    };
+    ctx.record(conn, outcome);
+}

@@ -1,0 +1,250 @@
+//! The agent's state store: workloads received from mesh-ctrl as plain domain types, indexed
+//! by UID and by IP, plus the control-plane link status. Protobuf stops at `apply`: the data
+//! path and the enroller read only these types. An update is converted whole before anything
+//! changes, so a bad update is rejected without touching the store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use ferrymesh_api::config as proto;
+use tokio::sync::watch;
+
+/// A workload (pod) of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// Kubernetes UID.
+    pub uid: String,
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Node the pod runs on.
+    pub node: String,
+    /// Service account.
+    pub service_account: String,
+    /// Pod IP.
+    pub ip: IpAddr,
+    /// Path of the pod's network namespace.
+    pub netns: PathBuf,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+    /// Whether its node's agent captures it.
+    pub captured: bool,
+}
+
+/// An update from mesh-ctrl that cannot be applied.
+#[derive(Debug, thiserror::Error)]
+#[error("workload {uid}: field {field}: {message}")]
+pub struct InvalidWorkload {
+    /// UID of the offending workload.
+    pub uid: String,
+    /// Field at fault.
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl TryFrom<proto::Workload> for Workload {
+    type Error = InvalidWorkload;
+
+    fn try_from(w: proto::Workload) -> Result<Self, Self::Error> {
+        let invalid = |field, message: String| InvalidWorkload {
+            uid: w.uid.clone(),
+            field,
+            message,
+        };
+        if w.uid.is_empty() {
+            return Err(invalid("uid", "empty".into()));
+        }
+        let ip =
+            w.ip.parse()
+                .map_err(|e| invalid("ip", format!("{:?}: {e}", w.ip)))?;
+        Ok(Self {
+            ip,
+            uid: w.uid,
+            name: w.name,
+            namespace: w.namespace,
+            node: w.node,
+            service_account: w.service_account,
+            netns: PathBuf::from(w.netns),
+            labels: w.labels.into_iter().collect(),
+            captured: w.captured,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    version: u64,
+    ctrl_connected: bool,
+    by_uid: HashMap<String, Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+}
+
+/// The store. Readers take snapshots; `apply` is the single writer of workloads.
+#[derive(Debug)]
+pub struct State {
+    inner: RwLock<Inner>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::default(),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl State {
+    /// Applies a snapshot or delta from mesh-ctrl. All or nothing.
+    pub fn apply(&self, update: proto::ConfigUpdate) -> Result<(), InvalidWorkload> {
+        let upserted = update
+            .upserted
+            .into_iter()
+            .map(Workload::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        {
+            let mut inner = self.inner.write().expect("state lock");
+            if update.snapshot {
+                inner.by_uid.clear();
+            }
+            for uid in &update.removed {
+                inner.by_uid.remove(uid);
+            }
+            for w in upserted {
+                inner.by_uid.insert(w.uid.clone(), Arc::new(w));
+            }
+            let by_ip = inner.by_uid.values().map(|w| (w.ip, w.clone())).collect();
+            inner.by_ip = by_ip;
+            inner.version = update.version;
+        }
+        self.changed.send_replace(update.version);
+        Ok(())
+    }
+
+    /// Records whether the config stream from mesh-ctrl is up.
+    pub fn set_ctrl_connected(&self, connected: bool) {
+        self.inner.write().expect("state lock").ctrl_connected = connected;
+    }
+
+    /// Whether the config stream from mesh-ctrl is up, and the config version held.
+    pub fn ctrl_status(&self) -> (bool, u64) {
+        let inner = self.inner.read().expect("state lock");
+        (inner.ctrl_connected, inner.version)
+    }
+
+    /// The workload that owns `ip`, if any.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.inner
+            .read()
+            .expect("state lock")
+            .by_ip
+            .get(&ip)
+            .cloned()
+    }
+
+    /// Workloads of `node` that are to be captured, by UID.
+    pub fn captured_on(&self, node: &str) -> HashMap<String, Arc<Workload>> {
+        let inner = self.inner.read().expect("state lock");
+        inner
+            .by_uid
+            .values()
+            .filter(|w| w.captured && w.node == node)
+            .map(|w| (w.uid.clone(), w.clone()))
+            .collect()
+    }
+
+    /// A receiver that changes whenever an update is applied.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(uid: &str, ip: &str, node: &str, captured: bool) -> proto::Workload {
+        proto::Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "ns".into(),
+            node: node.into(),
+            ip: ip.into(),
+            netns: format!("/var/run/netns/{uid}"),
+            captured,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn snapshot_then_delta() {
+        let state = State::default();
+        let snapshot = proto::ConfigUpdate {
+            version: 1,
+            snapshot: true,
+            upserted: vec![
+                workload("a", "10.0.0.1", "n1", true),
+                workload("b", "10.0.0.2", "n2", true),
+            ],
+            removed: vec![],
+        };
+        state.apply(snapshot).unwrap();
+        assert_eq!(
+            state.captured_on("n1").keys().collect::<Vec<_>>(),
+            vec!["a"]
+        );
+        assert_eq!(
+            state
+                .workload_by_ip("10.0.0.2".parse().unwrap())
+                .unwrap()
+                .uid,
+            "b"
+        );
+        let delta = proto::ConfigUpdate {
+            version: 2,
+            snapshot: false,
+            upserted: vec![workload("a", "10.0.0.1", "n1", false)],
+            removed: vec!["b".into()],
+        };
+        state.apply(delta).unwrap();
+        assert!(state.captured_on("n1").is_empty());
+        assert!(state.workload_by_ip("10.0.0.2".parse().unwrap()).is_none());
+        assert_eq!(state.ctrl_status().1, 2);
+    }
+
+    #[test]
+    fn a_bad_update_changes_nothing() {
+        let state = State::default();
+        let good = proto::ConfigUpdate {
+            version: 1,
+            snapshot: true,
+            upserted: vec![workload("a", "10.0.0.1", "n1", true)],
+            removed: vec![],
+        };
+        state.apply(good).unwrap();
+        let bad = proto::ConfigUpdate {
+            version: 2,
+            snapshot: true,
+            upserted: vec![
+                workload("c", "10.0.0.3", "n1", true),
+                workload("d", "not-an-ip", "n1", true),
+            ],
+            removed: vec![],
+        };
+        let e = state.apply(bad).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "workload d: field ip: \"not-an-ip\": invalid IP address syntax"
+        );
+        assert_eq!(
+            state.captured_on("n1").keys().collect::<Vec<_>>(),
+            vec!["a"]
+        );
+        assert_eq!(state.ctrl_status().1, 1);
+    }
+}

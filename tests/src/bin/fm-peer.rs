@@ -1,0 +1,215 @@
+//! fm-peer: the test peer that runs inside topology pods.
+//!
+//! `serve` listens on three ports: an HTTP responder whose body names the client address the
+//! server saw, a sink that answers "<bytes> <sha256>" after the client half-closes, and an
+//! echo. `send` streams a deterministic payload to a sink and checks the answer; `ping` holds
+//! one connection to an echo and checks every round trip.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Parser)]
+#[command(about = "ferrymesh test peer")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve HTTP, sink and echo; prints "ready" once listening.
+    Serve {
+        #[arg(long, default_value_t = 8080)]
+        http: u16,
+        #[arg(long, default_value_t = 9000)]
+        sink: u16,
+        #[arg(long, default_value_t = 9001)]
+        echo: u16,
+    },
+    /// Send `bytes` of payload to a sink, half-close, and check its answer. Prints JSON.
+    Send {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Hold one connection to an echo and do `count` round trips, one every `interval_ms`.
+    Ping {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    let result = match args.cmd {
+        Cmd::Serve { http, sink, echo } => serve(http, sink, echo),
+        Cmd::Send { to, bytes } => send(to, bytes),
+        Cmd::Ping {
+            to,
+            count,
+            interval_ms,
+        } => ping(to, count, Duration::from_millis(interval_ms)),
+    };
+    if let Err(e) = result {
+        eprintln!("fm-peer: {e}");
+        std::process::exit(1);
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn serve(http: u16, sink: u16, echo: u16) -> Result<()> {
+    let listeners = [
+        (
+            TcpListener::bind(("0.0.0.0", http))?,
+            serve_http as fn(TcpStream, SocketAddr) -> Result<()>,
+        ),
+        (TcpListener::bind(("0.0.0.0", sink))?, serve_sink),
+        (TcpListener::bind(("0.0.0.0", echo))?, serve_echo),
+    ];
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut threads = Vec::new();
+    for (listener, handler) in listeners {
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let peer = stream
+                    .peer_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                std::thread::spawn(move || {
+                    if let Err(e) = handler(stream, peer) {
+                        eprintln!("connection from {peer}: {e}");
+                    }
+                });
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn serve_http(stream: TcpStream, peer: SocketAddr) -> Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let body = format!("client {peer}\n");
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
+}
+
+fn serve_sink(mut stream: TcpStream, _peer: SocketAddr) -> Result<()> {
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    writeln!(stream, "{total} {}", hex(&hasher.finalize()))?;
+    stream.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+fn serve_echo(mut stream: TcpStream, _peer: SocketAddr) -> Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.write_all(&buf[..n])?;
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deterministic, incompressible-looking payload: chunk `i` is a xorshift stream seeded by `i`.
+fn fill(chunk: &mut [u8], index: u64) {
+    let mut x = index.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for word in chunk.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
+    }
+}
+
+fn send(to: SocketAddr, bytes: u64) -> Result<()> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    let mut index = 0;
+    while sent < bytes {
+        let n = (bytes - sent).min(buf.len() as u64) as usize;
+        fill(&mut buf[..n], index);
+        stream.write_all(&buf[..n])?;
+        hasher.update(&buf[..n]);
+        sent += n as u64;
+        index += 1;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let want = format!("{bytes} {}", hex(&hasher.finalize()));
+    let matched = answer.trim() == want;
+    println!(
+        "{}",
+        serde_json::json!({"bytes": bytes, "sent_sha256": want, "answer": answer.trim(), "match": matched, "seconds": started.elapsed().as_secs_f64()})
+    );
+    if !matched {
+        return Err(format!("sink answered {:?}, expected {want:?}", answer.trim()).into());
+    }
+    Ok(())
+}
+
+fn ping(to: SocketAddr, count: u32, interval: Duration) -> Result<()> {
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    println!("connected {} -> {to}", stream.local_addr()?);
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    for i in 0..count {
+        let msg = format!("ping {i}\n");
+        writer.write_all(msg.as_bytes())?;
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .map_err(|e| format!("round trip {i}: {e}"))?;
+        if line != msg {
+            return Err(format!("round trip {i}: sent {msg:?}, got {line:?}").into());
+        }
+        std::thread::sleep(interval);
+    }
+    println!("ok {count} round trips");
+    Ok(())
+}

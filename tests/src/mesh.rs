@@ -1,0 +1,357 @@
+//! Running ferrymesh on a [`Topology`]: the local config directory, mesh-ctrl in the fabric
+//! netns, one mesh-agent per node netns, meshctl queries, and fm-peer servers and clients in
+//! pods. Every process is owned by the topology and dies with it.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::topology::{Pod, Topology, FABRIC_IP};
+
+/// Port of the fm-peer HTTP responder.
+pub const HTTP_PORT: u16 = 8080;
+/// Port of the fm-peer checksum sink.
+pub const SINK_PORT: u16 = 9000;
+/// Port of the fm-peer echo.
+pub const ECHO_PORT: u16 = 9001;
+/// Namespace label that opts a namespace in.
+pub const DATAPLANE_MODE: &str = "ferrymesh.io/dataplane-mode";
+
+/// Directory of the project's release binaries: `FERRYMESH_BIN_DIR`, else the directory of
+/// the running executable (or its parent, for test binaries under `deps/`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FERRYMESH_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir
+    }
+}
+
+/// Path of the project binary `name`, checked to exist.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build the workspace first (`cargo xtask build`)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` every 50 ms until it returns true, panicking with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn yaml_labels(labels: &[(&str, &str)], indent: &str) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let mut out = format!("{indent}labels:\n");
+    for (k, v) in labels {
+        out.push_str(&format!("{indent}  {k}: \"{v}\"\n"));
+    }
+    out
+}
+
+impl Topology {
+    /// The config directory mesh-ctrl watches.
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.join("config")
+    }
+
+    /// Writes `file` in the config directory atomically (write, then rename).
+    pub fn write_config_file(&self, file: &str, text: &str) {
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, self.config_dir().join(file)).expect("rename config");
+    }
+
+    /// Writes Namespace `name` with `labels`.
+    pub fn write_namespace(&self, name: &str, labels: &[(&str, &str)]) {
+        let text = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n{}",
+            yaml_labels(labels, "  ")
+        );
+        self.write_config_file(&format!("ns-{name}.yaml"), &text);
+    }
+
+    /// The Pod YAML of `pod` with `labels`.
+    pub fn pod_yaml(&self, pod: &Pod, labels: &[(&str, &str)]) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{netns}\n{labels}  annotations:\n    ferrymesh.io/netns: {path}\nspec:\n  nodeName: node{node}\n  serviceAccountName: {name}\n  containers:\n  - name: app\n    image: fm-peer\nstatus:\n  podIP: {ip}\n",
+            name = pod.name,
+            ns = pod.namespace,
+            netns = pod.netns,
+            labels = yaml_labels(labels, "  "),
+            path = pod.netns_path().display(),
+            node = pod.node,
+            ip = pod.ip,
+        )
+    }
+
+    /// Writes Pod `pod` with `labels`.
+    pub fn write_pod(&self, pod: &Pod, labels: &[(&str, &str)]) {
+        self.write_config_file(
+            &format!("pod-{}-{}.yaml", pod.namespace, pod.name),
+            &self.pod_yaml(pod, labels),
+        );
+    }
+
+    /// Writes every namespace (enrolled when listed in `enrolled`) and every pod (unlabelled).
+    pub fn write_cluster(&self, enrolled: &[&str]) {
+        let mut namespaces: Vec<&str> = self.pods.iter().map(|p| p.namespace.as_str()).collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        for ns in namespaces {
+            let labels: &[(&str, &str)] = if enrolled.contains(&ns) {
+                &[(DATAPLANE_MODE, "enabled")]
+            } else {
+                &[]
+            };
+            self.write_namespace(ns, labels);
+        }
+        for pod in &self.pods {
+            self.write_pod(pod, &[]);
+        }
+    }
+
+    /// Admin socket of the agent of node `node`.
+    pub fn agent_socket(&self, node: u8) -> PathBuf {
+        self.dir.join(format!("agent-node{node}.sock"))
+    }
+
+    /// Starts mesh-ctrl in the fabric netns, serving the config directory.
+    pub fn start_ctrl(&self) {
+        let mut cmd = self.command_in(&self.fabric, bin("mesh-ctrl"));
+        cmd.arg("--config-dir")
+            .arg(self.config_dir())
+            .arg("--listen")
+            .arg(format!("{FABRIC_IP}:15012"));
+        self.spawn("mesh-ctrl", cmd);
+    }
+
+    /// Starts the agent of node `node` in its netns and waits until it serves its admin API
+    /// and holds a config from mesh-ctrl.
+    pub fn start_agent(&self, node: u8) {
+        let name = format!("node{node}");
+        let netns = self.nodes[usize::from(node) - 1].netns.clone();
+        let mut cmd = self.command_in(&netns, bin("mesh-agent"));
+        cmd.args([
+            "--node-name",
+            &name,
+            "--ctrl",
+            &format!("http://{FABRIC_IP}:15012"),
+        ])
+        .arg("--admin-socket")
+        .arg(self.agent_socket(node));
+        let label = format!("agent-{name}");
+        self.spawn(&label, cmd);
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{label} to connect to mesh-ctrl"),
+            || {
+                assert!(
+                    self.is_running(&label),
+                    "{label} exited: {}",
+                    self.log(&label)
+                );
+                self.try_status(node).is_some_and(|s| {
+                    s["ctrl_connected"] == true && s["config_version"].as_u64() > Some(0)
+                })
+            },
+        );
+    }
+
+    /// Starts mesh-ctrl and every agent.
+    pub fn start_mesh(&self) {
+        self.start_ctrl();
+        for node in &self.nodes {
+            self.start_agent(node.index);
+        }
+    }
+
+    /// The log of the process started with `label`.
+    pub fn log(&self, label: &str) -> String {
+        std::fs::read_to_string(self.log_path(label)).unwrap_or_default()
+    }
+
+    /// Runs meshctl with `args` against the agent of `node`.
+    pub fn meshctl(&self, node: u8, args: &[&str]) -> Output {
+        std::process::Command::new(bin("meshctl"))
+            .arg("--agent")
+            .arg(self.agent_socket(node))
+            .args(args)
+            .output()
+            .expect("run meshctl")
+    }
+
+    fn try_status(&self, node: u8) -> Option<Value> {
+        let out = self.meshctl(node, &["status", "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("status JSON"))
+    }
+
+    /// `meshctl status -o json` of the agent of `node`.
+    pub fn status(&self, node: u8) -> Value {
+        let out = self.meshctl(node, &["status", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "meshctl status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// `meshctl flows -o json` of the agent of `node`, one value per flow.
+    pub fn flows(&self, node: u8) -> Vec<Value> {
+        let out = self.meshctl(node, &["flows", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "meshctl flows failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("flow line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// Names (`namespace/name`) of the pods the agent of `node` has enrolled.
+    pub fn enrolled(&self, node: u8) -> Vec<String> {
+        self.status(node)["enrolled"]
+            .as_array()
+            .expect("enrolled array")
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    e["namespace"].as_str().unwrap(),
+                    e["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until the agent of `node` has enrolled exactly `pods` (`namespace/name`, sorted).
+    pub fn wait_enrolled(&self, node: u8, pods: &[&str], timeout: Duration) {
+        wait_until(
+            timeout,
+            &format!("node{node} to enroll exactly {pods:?}"),
+            || self.enrolled(node) == pods,
+        );
+    }
+
+    /// Starts fm-peer servers in `pod` and waits until they listen.
+    pub fn serve(&self, pod: &Pod) {
+        let label = format!("peer-{}-{}", pod.namespace, pod.name);
+        let mut cmd = self.command_in(&pod.netns, bin("fm-peer"));
+        cmd.arg("serve");
+        self.spawn(&label, cmd);
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{label} to listen"),
+            || {
+                assert!(
+                    self.is_running(&label),
+                    "{label} exited: {}",
+                    self.log(&label)
+                );
+                self.log(&label).contains("ready")
+            },
+        );
+    }
+
+    /// `curl` from `from` to the HTTP responder of `to`; returns the body (the client address
+    /// the server saw), panicking when curl fails.
+    pub fn curl(&self, from: &Pod, to: Ipv4Addr) -> String {
+        let url = format!("http://{to}:{HTTP_PORT}/");
+        let out = self.output_in(&from.netns, "curl", &["-sS", "--max-time", "10", &url]);
+        assert!(
+            out.status.success(),
+            "curl {url} from {} failed: {}",
+            from.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8 body")
+    }
+
+    /// Sends `bytes` from `from` to the sink of `to` and checks the checksum the sink computed.
+    pub fn send(&self, from: &Pod, to: Ipv4Addr, bytes: u64) -> Value {
+        let addr = SocketAddr::from((to, SINK_PORT)).to_string();
+        let out = self.output_in(
+            &from.netns,
+            bin("fm-peer"),
+            &["send", "--to", &addr, "--bytes", &bytes.to_string()],
+        );
+        assert!(
+            out.status.success(),
+            "transfer of {bytes} bytes {} -> {addr} failed: {}{}",
+            from.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: Value = serde_json::from_slice(&out.stdout).expect("send JSON");
+        assert_eq!(result["match"], true, "{result}");
+        result
+    }
+
+    /// Starts a long-lived echo client from `from` to `to` doing `count` round trips; returns
+    /// its label for [`Topology::wait_success`].
+    pub fn start_ping(&self, label: &str, from: &Pod, to: Ipv4Addr, count: u32) -> String {
+        let addr = SocketAddr::from((to, ECHO_PORT)).to_string();
+        let mut cmd = self.command_in(&from.netns, bin("fm-peer"));
+        cmd.args([
+            "ping",
+            "--to",
+            &addr,
+            "--count",
+            &count.to_string(),
+            "--interval-ms",
+            "100",
+        ]);
+        self.spawn(label, cmd);
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{label} to connect"),
+            || {
+                assert!(
+                    self.is_running(label) || self.log(label).contains("ok "),
+                    "{label} failed: {}",
+                    self.log(label)
+                );
+                self.log(label).contains("connected")
+            },
+        );
+        label.to_string()
+    }
+
+    /// Waits for the process `label` to end and asserts it succeeded.
+    pub fn wait_success(&self, label: &str, timeout: Duration) {
+        wait_until(timeout, &format!("{label} to finish"), || {
+            !self.is_running(label)
+        });
+        assert!(
+            self.log(label).contains("ok "),
+            "{label} failed: {}",
+            self.log(label)
+        );
+    }
+}

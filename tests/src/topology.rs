@@ -1,0 +1,422 @@
+//! The netns topology of DESIGN.md: a *fabric* netns holding a bridge, one netns per *node*
+//! joined to the bridge by a veth pair, one netns per *pod* joined to its node by a veth pair.
+//!
+//! Address plan: pods 10.244.<node>.<n>/32, nodes 172.18.0.<node>/24, the fabric's bridge
+//! 172.18.0.254 (where mesh-ctrl listens). No namespace has a route to the machine's real
+//! network: nodes have no default route and pods' default route ends at their node.
+//!
+//! Names are unique per topology (process id + counter), so tests run in parallel. Every
+//! namespace and process is removed on drop, which also runs on panic; [`cleanup_all`] removes
+//! what a topology of this process left when the process is interrupted.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+/// Address of the fabric bridge, reachable from every node.
+pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 254);
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+/// Namespaces and pids of every live topology of this process by id, for [`cleanup_all`].
+static LIVE: Mutex<BTreeMap<String, Created>> = Mutex::new(BTreeMap::new());
+
+/// What a topology created, in creation order.
+#[derive(Debug, Default)]
+struct Created {
+    namespaces: Vec<String>,
+    pids: Vec<u32>,
+}
+
+/// A pod to create.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// 1-based node index.
+    pub node: u8,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What to build.
+#[derive(Debug, Clone, Default)]
+pub struct TopologySpec {
+    /// Number of nodes (1..=200).
+    pub nodes: u8,
+    /// Pods, in creation order.
+    pub pods: Vec<PodSpec>,
+}
+
+impl TopologySpec {
+    /// A spec with `nodes` nodes and no pods.
+    pub fn nodes(nodes: u8) -> Self {
+        Self {
+            nodes,
+            pods: Vec::new(),
+        }
+    }
+
+    /// Adds pod `namespace/name` on node `node`.
+    pub fn pod(mut self, namespace: &str, name: &str, node: u8) -> Self {
+        self.pods.push(PodSpec {
+            namespace: namespace.into(),
+            name: name.into(),
+            node,
+            labels: BTreeMap::new(),
+        });
+        self
+    }
+}
+
+/// A node of the topology.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// 1-based index.
+    pub index: u8,
+    /// Kubernetes node name (`node<index>`).
+    pub name: String,
+    /// Network namespace name.
+    pub netns: String,
+    /// Address on the fabric.
+    pub ip: Ipv4Addr,
+}
+
+/// A pod of the topology.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Node index.
+    pub node: u8,
+    /// Network namespace name.
+    pub netns: String,
+    /// Pod IP.
+    pub ip: Ipv4Addr,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Pod {
+    /// `/var/run/netns/<netns>`.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.netns)
+    }
+}
+
+/// A built topology; dropping it removes everything it created.
+#[derive(Debug)]
+pub struct Topology {
+    /// Unique id, the prefix of every name.
+    pub id: String,
+    /// Fabric netns name.
+    pub fabric: String,
+    /// Nodes.
+    pub nodes: Vec<Node>,
+    /// Pods.
+    pub pods: Vec<Pod>,
+    /// Scratch directory for config, sockets and logs.
+    pub dir: PathBuf,
+    children: Mutex<Vec<(String, Child)>>,
+}
+
+/// Runs `cmd`, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ip_batch(netns: &str, commands: &[String]) {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["-n", netns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ip -batch");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(commands.join("\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip -n {netns} -batch failed: {}\ncommands:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        commands.join("\n")
+    );
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) {
+    run(Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{netns}"))
+        .args(["sysctl", "-qw", &format!("{key}={value}")]));
+}
+
+impl Topology {
+    /// Builds the topology of `spec`.
+    pub fn build(spec: &TopologySpec) -> Self {
+        assert!((1..=200).contains(&spec.nodes), "1 to 200 nodes");
+        let id = format!(
+            "fm{}x{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(format!("ferrymesh-{id}"));
+        std::fs::create_dir_all(dir.join("config")).expect("create topology dir");
+        let mut topo = Topology {
+            fabric: format!("{id}-fab"),
+            id: id.clone(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            dir,
+            children: Mutex::new(Vec::new()),
+        };
+        topo.add_netns(&topo.fabric.clone());
+        ip_batch(
+            &topo.fabric,
+            &[
+                "link set lo up".into(),
+                "link add br0 type bridge".into(),
+                format!("addr add {FABRIC_IP}/24 dev br0"),
+                "link set br0 up".into(),
+            ],
+        );
+        for index in 1..=spec.nodes {
+            let node = Node {
+                index,
+                name: format!("node{index}"),
+                netns: format!("{id}-n{index}"),
+                ip: Ipv4Addr::new(172, 18, 0, index),
+            };
+            topo.add_netns(&node.netns);
+            ip_batch(
+                &topo.fabric,
+                &[
+                    format!(
+                        "link add n{index} type veth peer name eth0 netns {}",
+                        node.netns
+                    ),
+                    format!("link set n{index} master br0 up"),
+                ],
+            );
+            let mut cmds = vec![
+                "link set lo up".to_string(),
+                format!("addr add {}/24 dev eth0", node.ip),
+                "link set eth0 up".into(),
+            ];
+            for other in 1..=spec.nodes {
+                if other != index {
+                    cmds.push(format!(
+                        "route add 10.244.{other}.0/24 via 172.18.0.{other}"
+                    ));
+                }
+            }
+            ip_batch(&node.netns, &cmds);
+            sysctl(&node.netns, "net.ipv4.ip_forward", "1");
+            topo.nodes.push(node);
+        }
+        let mut per_node = BTreeMap::<u8, u8>::new();
+        for (i, p) in spec.pods.iter().enumerate() {
+            assert!(
+                (1..=spec.nodes).contains(&p.node),
+                "pod {} on missing node {}",
+                p.name,
+                p.node
+            );
+            let host = per_node.entry(p.node).or_insert(1);
+            *host += 1;
+            let pod = Pod {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                node: p.node,
+                netns: format!("{id}-p{i}"),
+                ip: Ipv4Addr::new(10, 244, p.node, *host),
+                labels: p.labels.clone(),
+            };
+            let node_ns = &topo.nodes[usize::from(p.node) - 1].netns.clone();
+            topo.add_netns(&pod.netns);
+            let gw = Ipv4Addr::new(10, 244, p.node, 1);
+            ip_batch(
+                node_ns,
+                &[
+                    format!("link add p{i} type veth peer name eth0 netns {}", pod.netns),
+                    format!("link set p{i} up"),
+                    format!("addr add {gw}/32 dev p{i}"),
+                    format!("route add {}/32 dev p{i}", pod.ip),
+                ],
+            );
+            ip_batch(
+                &pod.netns,
+                &[
+                    "link set lo up".into(),
+                    format!("addr add {}/32 dev eth0", pod.ip),
+                    "link set eth0 up".into(),
+                    format!("route add {gw} dev eth0"),
+                    format!("route add default via {gw}"),
+                ],
+            );
+            topo.pods.push(pod);
+        }
+        topo
+    }
+
+    fn add_netns(&mut self, name: &str) {
+        // Registered before creation, so an interrupted build is cleaned up too.
+        LIVE.lock()
+            .unwrap()
+            .entry(self.id.clone())
+            .or_default()
+            .namespaces
+            .push(name.to_string());
+        run(Command::new("ip").args(["netns", "add", name]));
+    }
+
+    /// The pod `namespace/name`.
+    pub fn pod(&self, namespace: &str, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+            .unwrap_or_else(|| panic!("no pod {namespace}/{name} in the topology"))
+    }
+
+    /// A command that runs `program` inside network namespace `netns` (only the network
+    /// namespace changes: mounts such as the cgroup2 hierarchy stay visible).
+    pub fn command_in(&self, netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{netns}"))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs a command in `netns` to completion and returns its output (whatever its status).
+    pub fn output_in(
+        &self,
+        netns: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[&str],
+    ) -> Output {
+        let mut cmd = self.command_in(netns, program);
+        cmd.args(args);
+        cmd.output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    }
+
+    /// Starts a long-running process, killed when the topology drops. `label` names it in
+    /// panics and in the log file `<dir>/<label>.log` that receives its stdout and stderr.
+    pub fn spawn(&self, label: &str, mut cmd: Command) -> u32 {
+        let log = std::fs::File::create(self.log_path(label)).expect("create log file");
+        cmd.stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
+        let pid = child.id();
+        self.children
+            .lock()
+            .unwrap()
+            .push((label.to_string(), child));
+        LIVE.lock()
+            .unwrap()
+            .entry(self.id.clone())
+            .or_default()
+            .pids
+            .push(pid);
+        pid
+    }
+
+    /// Path of the log file of the process started with `label`.
+    pub fn log_path(&self, label: &str) -> PathBuf {
+        self.dir.join(format!("{label}.log"))
+    }
+
+    /// Whether the process started with `label` is still running.
+    pub fn is_running(&self, label: &str) -> bool {
+        let mut children = self.children.lock().unwrap();
+        children
+            .iter_mut()
+            .find(|(l, _)| l == label)
+            .is_some_and(|(_, child)| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// Sends `signal` to the process started with `label` and waits for it to exit.
+    pub fn signal_and_wait(&self, label: &str, signal: i32) -> std::process::ExitStatus {
+        let mut children = self.children.lock().unwrap();
+        let (_, child) = children
+            .iter_mut()
+            .find(|(l, _)| l == label)
+            .unwrap_or_else(|| panic!("no process {label}"));
+        let rc = kill(child.id(), signal);
+        assert_eq!(rc, 0, "kill {label}");
+        child.wait().expect("wait")
+    }
+}
+
+#[expect(unsafe_code, reason = "kill(2) has no safe wrapper in std")]
+fn kill(pid: u32, signal: i32) -> i32 {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; callers pass pids
+    // of children they have not reaped yet.
+    unsafe { libc::kill(pid as i32, signal) }
+}
+
+fn teardown(namespaces: &[String], pids: &[u32]) {
+    for &pid in pids {
+        kill(pid, libc::SIGKILL);
+    }
+    // Pods first, then nodes, then the fabric: deleting a netns removes its veth ends.
+    for ns in namespaces.iter().rev() {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, child) in children.iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let created = LIVE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+        if let Some(created) = created {
+            teardown(&created.namespaces, &[]);
+        }
+        if std::env::var_os("FERRYMESH_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Removes every namespace and process of every live topology of this process: for signal
+/// handlers (Ctrl-C in the demo), where destructors do not run.
+pub fn cleanup_all() {
+    let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
+    for created in live.into_values() {
+        teardown(&created.namespaces, &created.pids);
+    }
+}

@@ -1,0 +1,214 @@
+//! End-to-end capture tests on the netns topology with real mesh-ctrl and mesh-agent
+//! processes, real eBPF, curl and fm-peer. Needs root.
+//!
+//! The standard cluster: namespace `shop` enrolled with `a` and `b` on node 1 and `c` on
+//! node 2; namespace `legacy` not enrolled with `x` on node 1 and `y` on node 2.
+
+use std::time::Duration;
+
+use ferrymesh_testbed::mesh::{wait_until, DATAPLANE_MODE, ECHO_PORT, HTTP_PORT, SINK_PORT};
+use ferrymesh_testbed::{Topology, TopologySpec};
+use serde_json::Value;
+
+const MB100: u64 = 100 * 1024 * 1024;
+
+fn cluster() -> Topology {
+    let spec = TopologySpec::nodes(2)
+        .pod("shop", "a", 1)
+        .pod("shop", "b", 1)
+        .pod("shop", "c", 2)
+        .pod("legacy", "x", 1)
+        .pod("legacy", "y", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    for pod in &topo.pods {
+        topo.serve(pod);
+    }
+    topo
+}
+
+/// Flows of `node` matching `direction`, destination ip and port.
+fn flows_to(topo: &Topology, node: u8, direction: &str, ip: &str, port: u16) -> Vec<Value> {
+    topo.flows(node)
+        .into_iter()
+        .filter(|f| f["direction"] == direction && f["dst"]["ip"] == ip && f["dst"]["port"] == port)
+        .collect()
+}
+
+fn counter(topo: &Topology, node: u8, name: &str) -> u64 {
+    topo.status(node)["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name}"))
+}
+
+#[test]
+fn enrolled_pod_reaches_pods_on_the_same_and_the_other_node() {
+    let topo = cluster();
+    let (a, b, c) = (
+        topo.pod("shop", "a"),
+        topo.pod("shop", "b"),
+        topo.pod("shop", "c"),
+    );
+    for (dst, dst_node) in [(b, 1), (c, 2)] {
+        // curl: the app at the destination sees a's real IP, through both agents.
+        let body = topo.curl(a, dst.ip);
+        assert!(
+            body.starts_with(&format!("client {}:", a.ip)),
+            "{} saw {body}",
+            dst.name
+        );
+        // 100 MB, checksummed by the sink after a half-close.
+        topo.send(a, dst.ip, MB100);
+
+        let dst_ip = dst.ip.to_string();
+        let outbound = flows_to(&topo, 1, "outbound", &dst_ip, SINK_PORT);
+        assert_eq!(
+            outbound.len(),
+            1,
+            "one outbound flow to {dst_ip}:{SINK_PORT}: {outbound:?}"
+        );
+        let f = &outbound[0];
+        assert_eq!(f["verdict"], "allowed", "{f}");
+        assert_eq!(f["node"], "node1");
+        assert_eq!(f["src"]["ip"], a.ip.to_string());
+        assert_eq!(
+            (
+                f["src"]["workload"].as_str(),
+                f["src"]["namespace"].as_str()
+            ),
+            (Some("a"), Some("shop"))
+        );
+        assert_eq!(
+            (
+                f["dst"]["workload"].as_str(),
+                f["dst"]["namespace"].as_str()
+            ),
+            (Some(dst.name.as_str()), Some("shop"))
+        );
+        assert_eq!(f["bytes_sent"], MB100, "{f}");
+        assert!(
+            f["bytes_received"].as_u64().unwrap() > 64,
+            "the sink's answer came back: {f}"
+        );
+        for key in ["time", "duration_ms", "reason"] {
+            assert!(!f[key].is_null(), "flow has {key}: {f}");
+        }
+        let http = flows_to(&topo, 1, "outbound", &dst_ip, HTTP_PORT);
+        assert_eq!(http.len(), 1, "{http:?}");
+
+        // The destination agent captured the same connection inbound (dst is enrolled).
+        let inbound = flows_to(&topo, dst_node, "inbound", &dst_ip, SINK_PORT);
+        assert_eq!(inbound.len(), 1, "{inbound:?}");
+        assert_eq!(inbound[0]["src"]["ip"], a.ip.to_string());
+        assert_eq!(inbound[0]["bytes_sent"], MB100);
+    }
+}
+
+#[test]
+fn pods_that_are_not_enrolled_are_not_captured() {
+    let topo = cluster();
+    let (x, y) = (topo.pod("legacy", "x"), topo.pod("legacy", "y"));
+    let captured_before = (counter(&topo, 1, "captured"), counter(&topo, 2, "captured"));
+    let body = topo.curl(x, y.ip);
+    assert!(body.starts_with(&format!("client {}:", x.ip)), "{body}");
+    topo.send(x, y.ip, 1024 * 1024);
+    for node in [1, 2] {
+        assert!(
+            topo.flows(node).is_empty(),
+            "node{node} recorded a flow of an unenrolled pod: {:?}",
+            topo.flows(node)
+        );
+    }
+    assert_eq!(
+        (counter(&topo, 1, "captured"), counter(&topo, 2, "captured")),
+        captured_before
+    );
+}
+
+#[test]
+fn plaintext_from_an_unenrolled_pod_to_an_enrolled_pod_is_captured_inbound() {
+    let topo = cluster();
+    let (x, b) = (topo.pod("legacy", "x"), topo.pod("shop", "b"));
+    let (y, c) = (topo.pod("legacy", "y"), topo.pod("shop", "c"));
+    for (client, server, node) in [(x, b, 1), (x, c, 2), (y, b, 1)] {
+        let body = topo.curl(client, server.ip);
+        assert!(
+            body.starts_with(&format!("client {}:", client.ip)),
+            "{} must see the real client IP: {body}",
+            server.name
+        );
+        let inbound = flows_to(&topo, node, "inbound", &server.ip.to_string(), HTTP_PORT);
+        let from_client: Vec<&Value> = inbound
+            .iter()
+            .filter(|f| f["src"]["ip"] == client.ip.to_string())
+            .collect();
+        assert_eq!(from_client.len(), 1, "{inbound:?}");
+        let f = from_client[0];
+        assert_eq!(f["verdict"], "allowed");
+        assert_eq!(
+            (
+                f["src"]["workload"].as_str(),
+                f["src"]["namespace"].as_str()
+            ),
+            (Some(client.name.as_str()), Some("legacy"))
+        );
+        assert!(f["bytes_received"].as_u64().unwrap() > 0);
+    }
+    // x is not enrolled: nothing outbound was recorded for it.
+    assert!(topo.flows(1).iter().all(|f| f["direction"] != "outbound"));
+}
+
+#[test]
+fn enrolling_and_unenrolling_live_keeps_established_connections() {
+    let topo = cluster();
+    let (x, y) = (topo.pod("legacy", "x"), topo.pod("legacy", "y"));
+    // Established before enrolment, lasting through enrol and unenrol (about 6 s).
+    let before = topo.start_ping("ping-before", x, y.ip, 60);
+
+    topo.write_namespace("legacy", &[(DATAPLANE_MODE, "enabled")]);
+    topo.wait_enrolled(1, &["legacy/x", "shop/a", "shop/b"], Duration::from_secs(1));
+    topo.wait_enrolled(2, &["legacy/y", "shop/c"], Duration::from_secs(1));
+    topo.curl(x, y.ip);
+    wait_until(
+        Duration::from_secs(2),
+        "the new connection of x to be captured",
+        || !flows_to(&topo, 1, "outbound", &y.ip.to_string(), HTTP_PORT).is_empty(),
+    );
+    // Established while enrolled (proxied by both agents), lasting through the unenrolment.
+    let during = topo.start_ping("ping-during", x, y.ip, 30);
+
+    topo.write_pod(x, &[(DATAPLANE_MODE, "none")]);
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(1));
+    let captured = counter(&topo, 1, "captured");
+    let body = topo.curl(x, y.ip);
+    assert!(body.starts_with(&format!("client {}:", x.ip)), "{body}");
+    assert_eq!(
+        counter(&topo, 1, "captured"),
+        captured,
+        "an opted-out pod is not captured"
+    );
+
+    topo.write_namespace("legacy", &[]);
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(1));
+    topo.wait_success(&before, Duration::from_secs(15));
+    topo.wait_success(&during, Duration::from_secs(15));
+    wait_until(
+        Duration::from_secs(2),
+        "the flow of the connection made while enrolled",
+        || !flows_to(&topo, 1, "outbound", &y.ip.to_string(), ECHO_PORT).is_empty(),
+    );
+    let echo = flows_to(&topo, 1, "outbound", &y.ip.to_string(), ECHO_PORT);
+    assert_eq!(
+        echo.len(),
+        1,
+        "only the connection made while enrolled was proxied: {echo:?}"
+    );
+    assert_eq!(
+        echo[0]["bytes_sent"], echo[0]["bytes_received"],
+        "echo: {}",
+        echo[0]
+    );
+}
