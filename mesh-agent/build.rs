@@ -7,9 +7,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=FERRYMESH_EBPF_OBJ");
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| manifest.join("../target"));
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| manifest.join("../target"));
     let object = std::env::var("FERRYMESH_EBPF_OBJ")
         .map(PathBuf::from)
         .unwrap_or_else(|_| target.join("bpfel-unknown-none/release/mesh-ebpf"));

@@ -36,19 +36,11 @@ impl agent_admin_server::AgentAdmin for AdminService {
         &self,
         _: Request<proto::ListFlowsRequest>,
     ) -> Result<Response<proto::ListFlowsResponse>, Status> {
-        let flows = self
-            .flows
-            .snapshot()
-            .iter()
-            .map(proto::Flow::from)
-            .collect();
+        let flows = self.flows.snapshot().iter().map(proto::Flow::from).collect();
         Ok(Response::new(proto::ListFlowsResponse { flows }))
     }
 
-    async fn status(
-        &self,
-        _: Request<proto::StatusRequest>,
-    ) -> Result<Response<proto::StatusResponse>, Status> {
+    async fn status(&self, _: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
         let (ctrl_connected, config_version) = self.state.ctrl_status();
         let enrolled: Vec<EnrolledSummary> = self.enrolled.borrow().clone();
         let (programs, counters) = {
@@ -73,10 +65,7 @@ impl agent_admin_server::AgentAdmin for AdminService {
             let counters = datapath
                 .counters()
                 .into_iter()
-                .map(|(c, value)| proto::Counter {
-                    name: c.name().into(),
-                    value,
-                })
+                .map(|(c, value)| proto::Counter { name: c.name().into(), value })
                 .collect();
             (programs, counters)
         };
@@ -102,11 +91,7 @@ impl agent_admin_server::AgentAdmin for AdminService {
 }
 
 /// Serves `service` on the unix socket at `path` until `shutdown` fires, then removes it.
-pub async fn serve(
-    path: PathBuf,
-    service: AdminService,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+pub async fn serve(path: PathBuf, service: AdminService, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
     let listener = bind(&path)?;
     let result = tonic::transport::Server::builder()
         .add_service(agent_admin_server::AgentAdminServer::new(service))
@@ -127,10 +112,6 @@ fn bind(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    UnixListener::bind(path).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("cannot listen on {}: {e}", path.display()),
-        )
-    })
+    UnixListener::bind(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))
 }

@@ -58,21 +58,13 @@ async fn stream_once(ctrl: &str, node: &str, state: &State) -> Result<(), Config
         .keep_alive_timeout(Duration::from_secs(5))
         .connect()
         .await?;
-    let mut stream = ConfigClient::new(channel)
-        .watch(WatchRequest {
-            node: node.to_string(),
-        })
-        .await?
-        .into_inner();
+    let mut stream = ConfigClient::new(channel).watch(WatchRequest { node: node.to_string() }).await?.into_inner();
     while let Some(update) = stream.message().await? {
         state.set_ctrl_connected(true);
         let version = update.version;
         match state.apply(update) {
             Ok(()) => tracing::debug!(version, "config applied"),
-            Err(e) => tracing::warn!(
-                version,
-                "rejected config update: {e}; keeping the last good config"
-            ),
+            Err(e) => tracing::warn!(version, "rejected config update: {e}; keeping the last good config"),
         }
     }
     Ok(())

@@ -64,9 +64,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// The endpoint at `addr`, named after the workload that owns its IP.
     pub fn lookup(state: &State, addr: SocketAddr) -> Self {
-        let workload = state
-            .workload_by_ip(addr.ip())
-            .map(|w| (w.name.clone(), w.namespace.clone()));
+        let workload = state.workload_by_ip(addr.ip()).map(|w| (w.name.clone(), w.namespace.clone()));
         Self { addr, workload }
     }
 }
@@ -98,21 +96,12 @@ pub struct Flow {
 
 fn endpoint_proto(e: &Endpoint) -> proto::Endpoint {
     let (workload, namespace) = e.workload.clone().unwrap_or_default();
-    proto::Endpoint {
-        ip: e.addr.ip().to_string(),
-        port: u32::from(e.addr.port()),
-        workload,
-        namespace,
-    }
+    proto::Endpoint { ip: e.addr.ip().to_string(), port: u32::from(e.addr.port()), workload, namespace }
 }
 
 impl From<&Flow> for proto::Flow {
     fn from(f: &Flow) -> Self {
-        let start_unix_ms = f
-            .start
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let start_unix_ms = f.start.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
         proto::Flow {
             start_unix_ms,
             node: f.node.clone(),
@@ -138,10 +127,7 @@ pub struct FlowTable {
 impl FlowTable {
     /// A table keeping the last `capacity` flows.
     pub fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            ring: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
-        }
+        Self { capacity, ring: Mutex::new(VecDeque::with_capacity(capacity.min(1024))) }
     }
 
     /// Records a finished flow, evicting the oldest when full.
@@ -156,18 +142,12 @@ impl FlowTable {
 
     /// All flows held, oldest first.
     pub fn snapshot(&self) -> Vec<Flow> {
-        self.ring
-            .lock()
-            .expect("flow lock")
-            .iter()
-            .cloned()
-            .collect()
+        self.ring.lock().expect("flow lock").iter().cloned().collect()
     }
 }
 
 /// Unspecified address used for an endpoint that could not be determined.
-pub const UNKNOWN_ADDR: SocketAddr =
-    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+pub const UNKNOWN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 #[cfg(test)]
 mod tests {
@@ -178,10 +158,7 @@ mod tests {
             start: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             node: "n1".into(),
             direction: Direction::Inbound,
-            src: Endpoint {
-                addr: SocketAddr::from(([10, 0, 0, 1], port)),
-                workload: None,
-            },
+            src: Endpoint { addr: SocketAddr::from(([10, 0, 0, 1], port)), workload: None },
             dst: Endpoint {
                 addr: SocketAddr::from(([10, 0, 0, 2], 80)),
                 workload: Some(("web".into(), "shop".into())),
@@ -212,12 +189,7 @@ mod tests {
         assert_eq!(p.verdict, "allowed");
         let dst = p.dst.unwrap();
         assert_eq!(
-            (
-                dst.ip.as_str(),
-                dst.port,
-                dst.workload.as_str(),
-                dst.namespace.as_str()
-            ),
+            (dst.ip.as_str(), dst.port, dst.workload.as_str(), dst.namespace.as_str()),
             ("10.0.0.2", 80, "web", "shop")
         );
         assert_eq!(p.src.unwrap().workload, "");

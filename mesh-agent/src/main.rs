@@ -6,10 +6,7 @@ mod config;
 mod ebpf;
 mod enroll;
 mod flows;
-#[expect(
-    unsafe_code,
-    reason = "the syscall wrappers live here, each with a SAFETY comment"
-)]
+#[expect(unsafe_code, reason = "the syscall wrappers live here, each with a SAFETY comment")]
 mod netns;
 mod proxy;
 mod state;
@@ -43,22 +40,15 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let features = ebpf::probe::probe()?;
     let datapath = ebpf::Datapath::load_and_attach(&features.cgroup2_root)?;
     for a in datapath.attached() {
-        tracing::info!(
-            program = a.name,
-            prog_id = a.prog_id,
-            link_id = a.link_id,
-            "attached {}",
-            a.attach
-        );
+        tracing::info!(program = a.name, prog_id = a.prog_id, link_id = a.link_id, "attached {}", a.attach);
     }
     let datapath = Arc::new(Mutex::new(datapath));
     let state = Arc::new(state::State::default());
@@ -73,23 +63,9 @@ async fn main() -> anyhow::Result<()> {
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (enroller, enrolled) = enroll::Enroller::new(ctx);
     let enroller = tokio::spawn(enroller.run(shutdown.clone()));
-    let admin = admin::AdminService {
-        node: args.node_name.clone(),
-        state: state.clone(),
-        flows,
-        datapath,
-        enrolled,
-    };
-    let admin = tokio::spawn(admin::serve(
-        args.admin_socket.clone(),
-        admin,
-        shutdown.clone(),
-    ));
-    tokio::spawn(config::run(
-        args.ctrl.clone(),
-        args.node_name.clone(),
-        state,
-    ));
+    let admin = admin::AdminService { node: args.node_name.clone(), state: state.clone(), flows, datapath, enrolled };
+    let admin = tokio::spawn(admin::serve(args.admin_socket.clone(), admin, shutdown.clone()));
+    tokio::spawn(config::run(args.ctrl.clone(), args.node_name.clone(), state));
     tracing::info!(node = %args.node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");
 
     let mut term = signal(SignalKind::terminate())?;

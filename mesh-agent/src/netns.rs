@@ -26,15 +26,9 @@ pub struct Netns {
 impl Netns {
     /// Opens the netns at `path`.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot open network namespace {}: {e}", path.display()),
-            )
-        })?;
-        Ok(Self {
-            file: Arc::new(file),
-        })
+        let file = File::open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot open network namespace {}: {e}", path.display())))?;
+        Ok(Self { file: Arc::new(file) })
     }
 }
 
@@ -54,13 +48,11 @@ impl NetnsRunner {
     /// Starts the thread. It ends when the last runner handle is dropped.
     pub fn start() -> io::Result<Self> {
         let (jobs, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("netns".into())
-            .spawn(move || {
-                for job in rx {
-                    job();
-                }
-            })?;
+        std::thread::Builder::new().name("netns".into()).spawn(move || {
+            for job in rx {
+                job();
+            }
+        })?;
         Ok(Self { jobs })
     }
 
@@ -74,17 +66,12 @@ impl NetnsRunner {
         let netns = netns.clone();
         let job: Job = Box::new(move || {
             let result = nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
-                .map_err(|e| {
-                    io::Error::other(format!("setns into the pod network namespace failed: {e}"))
-                })
+                .map_err(|e| io::Error::other(format!("setns into the pod network namespace failed: {e}")))
                 .and_then(|()| f());
             let _ = tx.send(result);
         });
-        self.jobs
-            .send(job)
-            .map_err(|_| io::Error::other("netns thread is gone"))?;
-        rx.await
-            .map_err(|_| io::Error::other("netns job was dropped"))?
+        self.jobs.send(job).map_err(|_| io::Error::other("netns thread is gone"))?;
+        rx.await.map_err(|_| io::Error::other("netns job was dropped"))?
     }
 }
 
@@ -98,20 +85,11 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a valid, aligned u64 that
     // outlives the call; the fd is borrowed from a live socket.
     let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
     };
     if rc != 0 {
         let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("getsockopt(SO_NETNS_COOKIE): {e} (needs Linux 5.14+)"),
-        ));
+        return Err(io::Error::new(e.kind(), format!("getsockopt(SO_NETNS_COOKIE): {e} (needs Linux 5.14+)")));
     }
     Ok(cookie)
 }
@@ -134,17 +112,9 @@ mod tests {
         let runner = NetnsRunner::start().unwrap();
         let own = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
         let here = netns_cookie(&std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
-        let there = runner
-            .run(&own, || {
-                netns_cookie(&std::net::UdpSocket::bind("127.0.0.1:0")?)
-            })
-            .await
-            .unwrap();
+        let there = runner.run(&own, || netns_cookie(&std::net::UdpSocket::bind("127.0.0.1:0")?)).await.unwrap();
         assert_eq!(here, there);
         let missing = Netns::open(Path::new("/nonexistent/netns")).unwrap_err();
-        assert!(
-            missing.to_string().contains("/nonexistent/netns"),
-            "{missing}"
-        );
+        assert!(missing.to_string().contains("/nonexistent/netns"), "{missing}");
     }
 }

@@ -50,17 +50,11 @@ impl TryFrom<proto::Workload> for Workload {
     type Error = InvalidWorkload;
 
     fn try_from(w: proto::Workload) -> Result<Self, Self::Error> {
-        let invalid = |field, message: String| InvalidWorkload {
-            uid: w.uid.clone(),
-            field,
-            message,
-        };
+        let invalid = |field, message: String| InvalidWorkload { uid: w.uid.clone(), field, message };
         if w.uid.is_empty() {
             return Err(invalid("uid", "empty".into()));
         }
-        let ip =
-            w.ip.parse()
-                .map_err(|e| invalid("ip", format!("{:?}: {e}", w.ip)))?;
+        let ip = w.ip.parse().map_err(|e| invalid("ip", format!("{:?}: {e}", w.ip)))?;
         Ok(Self {
             ip,
             uid: w.uid,
@@ -92,21 +86,14 @@ pub struct State {
 
 impl Default for State {
     fn default() -> Self {
-        Self {
-            inner: RwLock::default(),
-            changed: watch::channel(0).0,
-        }
+        Self { inner: RwLock::default(), changed: watch::channel(0).0 }
     }
 }
 
 impl State {
     /// Applies a snapshot or delta from mesh-ctrl. All or nothing.
     pub fn apply(&self, update: proto::ConfigUpdate) -> Result<(), InvalidWorkload> {
-        let upserted = update
-            .upserted
-            .into_iter()
-            .map(Workload::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
+        let upserted = update.upserted.into_iter().map(Workload::try_from).collect::<Result<Vec<_>, _>>()?;
         {
             let mut inner = self.inner.write().expect("state lock");
             if update.snapshot {
@@ -139,23 +126,13 @@ impl State {
 
     /// The workload that owns `ip`, if any.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.inner
-            .read()
-            .expect("state lock")
-            .by_ip
-            .get(&ip)
-            .cloned()
+        self.inner.read().expect("state lock").by_ip.get(&ip).cloned()
     }
 
     /// Workloads of `node` that are to be captured, by UID.
     pub fn captured_on(&self, node: &str) -> HashMap<String, Arc<Workload>> {
         let inner = self.inner.read().expect("state lock");
-        inner
-            .by_uid
-            .values()
-            .filter(|w| w.captured && w.node == node)
-            .map(|w| (w.uid.clone(), w.clone()))
-            .collect()
+        inner.by_uid.values().filter(|w| w.captured && w.node == node).map(|w| (w.uid.clone(), w.clone())).collect()
     }
 
     /// A receiver that changes whenever an update is applied.
@@ -187,24 +164,12 @@ mod tests {
         let snapshot = proto::ConfigUpdate {
             version: 1,
             snapshot: true,
-            upserted: vec![
-                workload("a", "10.0.0.1", "n1", true),
-                workload("b", "10.0.0.2", "n2", true),
-            ],
+            upserted: vec![workload("a", "10.0.0.1", "n1", true), workload("b", "10.0.0.2", "n2", true)],
             removed: vec![],
         };
         state.apply(snapshot).unwrap();
-        assert_eq!(
-            state.captured_on("n1").keys().collect::<Vec<_>>(),
-            vec!["a"]
-        );
-        assert_eq!(
-            state
-                .workload_by_ip("10.0.0.2".parse().unwrap())
-                .unwrap()
-                .uid,
-            "b"
-        );
+        assert_eq!(state.captured_on("n1").keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(state.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap().uid, "b");
         let delta = proto::ConfigUpdate {
             version: 2,
             snapshot: false,
@@ -230,21 +195,12 @@ mod tests {
         let bad = proto::ConfigUpdate {
             version: 2,
             snapshot: true,
-            upserted: vec![
-                workload("c", "10.0.0.3", "n1", true),
-                workload("d", "not-an-ip", "n1", true),
-            ],
+            upserted: vec![workload("c", "10.0.0.3", "n1", true), workload("d", "not-an-ip", "n1", true)],
             removed: vec![],
         };
         let e = state.apply(bad).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "workload d: field ip: \"not-an-ip\": invalid IP address syntax"
-        );
-        assert_eq!(
-            state.captured_on("n1").keys().collect::<Vec<_>>(),
-            vec!["a"]
-        );
+        assert_eq!(e.to_string(), "workload d: field ip: \"not-an-ip\": invalid IP address syntax");
+        assert_eq!(state.captured_on("n1").keys().collect::<Vec<_>>(), vec!["a"]);
         assert_eq!(state.ctrl_status().1, 1);
     }
 }

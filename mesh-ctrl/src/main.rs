@@ -28,10 +28,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let mut source = DirSource::new(&args.config_dir);
@@ -40,37 +39,20 @@ async fn main() -> anyhow::Result<()> {
         for e in &errors {
             eprintln!("{e}");
         }
-        println!(
-            "{} namespaces, {} pods, {} rejected",
-            model.namespaces.len(),
-            model.pods.len(),
-            errors.len()
-        );
+        println!("{} namespaces, {} pods, {} rejected", model.namespaces.len(), model.pods.len(), errors.len());
         std::process::exit(if errors.is_empty() { 0 } else { 1 });
     }
-    anyhow::ensure!(
-        args.config_dir.is_dir(),
-        "--config-dir {}: not a directory",
-        args.config_dir.display()
-    );
+    anyhow::ensure!(args.config_dir.is_dir(), "--config-dir {}: not a directory", args.config_dir.display());
     let (publisher, snapshots) = Publisher::new();
     let watcher = tokio::spawn(source::watch_dir(source, publisher));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (is another mesh-ctrl running?)",
-                args.listen
-            )
-        })?;
+        .with_context(|| format!("cannot listen on {} (is another mesh-ctrl running?)", args.listen))?;
     tracing::info!(listen = %args.listen, dir = %args.config_dir.display(), "mesh-ctrl serving");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(ConfigService::new(snapshots).into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown_signal(),
-        );
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
     tokio::select! {
         result = server => result.context("config server failed")?,
         result = watcher => result.context("config watcher panicked")?.context("cannot watch the config directory")?,
@@ -79,8 +61,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

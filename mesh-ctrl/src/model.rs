@@ -70,11 +70,7 @@ pub struct Model {
 impl Model {
     /// Whether the agent of the pod's node captures its traffic.
     pub fn captured(&self, pod: &Pod) -> bool {
-        !pod.opted_out()
-            && self
-                .namespaces
-                .get(&pod.namespace)
-                .is_some_and(Namespace::enrolled)
+        !pod.opted_out() && self.namespaces.get(&pod.namespace).is_some_and(Namespace::enrolled)
     }
 
     /// The workloads of the model as agents receive them, keyed by UID.
@@ -104,16 +100,8 @@ pub fn diff(
     old: &BTreeMap<String, proto::Workload>,
     new: &BTreeMap<String, proto::Workload>,
 ) -> (Vec<proto::Workload>, Vec<String>) {
-    let upserted = new
-        .iter()
-        .filter(|(uid, w)| old.get(*uid) != Some(*w))
-        .map(|(_, w)| w.clone())
-        .collect();
-    let removed = old
-        .keys()
-        .filter(|uid| !new.contains_key(*uid))
-        .cloned()
-        .collect();
+    let upserted = new.iter().filter(|(uid, w)| old.get(*uid) != Some(*w)).map(|(_, w)| w.clone()).collect();
+    let removed = old.keys().filter(|uid| !new.contains_key(*uid)).cloned().collect();
     (upserted, removed)
 }
 
@@ -126,10 +114,7 @@ mod tests {
         if enabled {
             labels.insert(DATAPLANE_MODE_LABEL.to_string(), "enabled".to_string());
         }
-        Namespace {
-            name: name.to_string(),
-            labels,
-        }
+        Namespace { name: name.to_string(), labels }
     }
 
     fn pod(name: &str, namespace: &str, opt_out: bool) -> Pod {
@@ -161,13 +146,7 @@ mod tests {
             (pod("d", "missing", false), false),
         ];
         for (pod, want) in cases {
-            assert_eq!(
-                model.captured(&pod),
-                want,
-                "pod {}/{}",
-                pod.namespace,
-                pod.name
-            );
+            assert_eq!(model.captured(&pod), want, "pod {}/{}", pod.namespace, pod.name);
         }
     }
 
@@ -178,12 +157,7 @@ mod tests {
         model.pods.insert("on/a".into(), pod("a", "on", false));
         model.pods.insert("on/b".into(), pod("b", "on", false));
         let before = model.workloads();
-        model
-            .pods
-            .get_mut("on/a")
-            .unwrap()
-            .labels
-            .insert(DATAPLANE_MODE_LABEL.into(), "none".into());
+        model.pods.get_mut("on/a").unwrap().labels.insert(DATAPLANE_MODE_LABEL.into(), "none".into());
         model.pods.remove("on/b");
         let after = model.workloads();
         let (upserted, removed) = diff(&before, &after);

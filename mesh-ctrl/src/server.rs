@@ -37,15 +37,10 @@ type UpdateStream = Pin<Box<dyn Stream<Item = Result<proto::ConfigUpdate, Status
 impl config_server::Config for ConfigService {
     type WatchStream = UpdateStream;
 
-    async fn watch(
-        &self,
-        request: Request<proto::WatchRequest>,
-    ) -> Result<Response<UpdateStream>, Status> {
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<UpdateStream>, Status> {
         let node = request.into_inner().node;
         if node.is_empty() {
-            return Err(Status::invalid_argument(
-                "WatchRequest.node is empty: start the agent with --node-name",
-            ));
+            return Err(Status::invalid_argument("WatchRequest.node is empty: start the agent with --node-name"));
         }
         let mut snapshots = self.snapshots.clone();
         let (tx, rx) = mpsc::channel(16);
@@ -64,12 +59,7 @@ impl config_server::Config for ConfigService {
             while snapshots.changed().await.is_ok() {
                 let current = snapshots.borrow_and_update().clone();
                 let (upserted, removed) = diff(&sent.workloads, &current.workloads);
-                let update = proto::ConfigUpdate {
-                    version: current.version,
-                    snapshot: false,
-                    upserted,
-                    removed,
-                };
+                let update = proto::ConfigUpdate { version: current.version, snapshot: false, upserted, removed };
                 sent = current;
                 if tx.send(Ok(update)).await.is_err() {
                     break;

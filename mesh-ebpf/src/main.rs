@@ -26,8 +26,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use mesh_common::{
-    map_sizes, AppDialKey, Counter, OrigDst, PortKey, AF_INET, HBONE_PORT, INBOUND_PLAINTEXT_PORT,
-    LOCALHOST_V4, MARK_AGENT, MARK_APP_DIAL, OUTBOUND_PORT,
+    map_sizes, AppDialKey, Counter, OrigDst, PortKey, AF_INET, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOCALHOST_V4,
+    MARK_AGENT, MARK_APP_DIAL, OUTBOUND_PORT,
 };
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
@@ -43,16 +43,13 @@ static ENROLLED: HashMap<u64, u32> = HashMap::with_max_entries(map_sizes::ENROLL
 static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(map_sizes::ORIG, 0);
 
 #[map]
-static ORIG_BY_PORT: LruHashMap<PortKey, OrigDst> =
-    LruHashMap::with_max_entries(map_sizes::ORIG, 0);
+static ORIG_BY_PORT: LruHashMap<PortKey, OrigDst> = LruHashMap::with_max_entries(map_sizes::ORIG, 0);
 
 #[map]
-static INBOUND_LISTENERS: SockHash<u32> =
-    SockHash::with_max_entries(map_sizes::INBOUND_LISTENERS, 0);
+static INBOUND_LISTENERS: SockHash<u32> = SockHash::with_max_entries(map_sizes::INBOUND_LISTENERS, 0);
 
 #[map]
-static APP_DIALS: LruHashMap<AppDialKey, u8> =
-    LruHashMap::with_max_entries(map_sizes::APP_DIALS, 0);
+static APP_DIALS: LruHashMap<AppDialKey, u8> = LruHashMap::with_max_entries(map_sizes::APP_DIALS, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);
@@ -81,11 +78,7 @@ fn read_sock_addr(ctx: &SockAddrContext, v6: bool) -> SockAddr {
     // SAFETY: `sa` is the kernel-provided context; each field is a valid aligned u32 and `sk`
     // is a non-null PTR_TO_SOCKET for sock_addr programs.
     unsafe {
-        let user_ip4 = if v6 {
-            0
-        } else {
-            read_volatile(&(*sa).user_ip4)
-        };
+        let user_ip4 = if v6 { 0 } else { read_volatile(&(*sa).user_ip4) };
         let user_ip6 = if v6 {
             [
                 read_volatile(&(*sa).user_ip6[0]),
@@ -112,7 +105,7 @@ fn is_enrolled<C: EbpfContext>(ctx: &C) -> bool {
     // SAFETY: the helper only reads the context it is given.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is only tested for presence.
-    unsafe { ENROLLED.get(&netns) }.is_some()
+    unsafe { ENROLLED.get(netns) }.is_some()
 }
 
 #[inline(always)]
@@ -170,16 +163,8 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
         count(Counter::Bypassed);
         return Ok(ALLOW);
     }
-    let orig = OrigDst {
-        family: AF_INET,
-        port,
-        ip4,
-        ip6: [0; 4],
-    };
-    if ORIG_BY_COOKIE
-        .insert(&socket_cookie(ctx), &orig, 0)
-        .is_err()
-    {
+    let orig = OrigDst { family: AF_INET, port, ip4, ip6: [0; 4] };
+    if ORIG_BY_COOKIE.insert(socket_cookie(ctx), orig, 0).is_err() {
         count(Counter::MapErrors);
         return Ok(ALLOW);
     }
@@ -212,17 +197,13 @@ fn try_file_orig_dst(ctx: &SockOpsContext) {
     }
     let cookie = socket_cookie(ctx);
     // SAFETY: the value is copied out before any other map operation.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
     // SAFETY: the helper only reads the context it is given.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = PortKey {
-        netns_cookie,
-        port: local_port,
-        pad: 0,
-    };
-    if ORIG_BY_PORT.insert(&key, &orig, 0).is_ok() {
+    let key = PortKey { netns_cookie, port: local_port, pad: 0 };
+    if ORIG_BY_PORT.insert(key, orig, 0).is_ok() {
         count(Counter::OrigFiled);
     } else {
         count(Counter::MapErrors);
@@ -256,7 +237,7 @@ fn try_restore_peer(ctx: &SockAddrContext, v6: bool) {
         return;
     }
     // SAFETY: the value is copied out before the context is written.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&socket_cookie(ctx)) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(socket_cookie(ctx)) }).copied() else {
         return;
     };
     let sa = ctx.sock_addr;
@@ -306,13 +287,10 @@ fn try_steer_inbound(ctx: &SkLookupContext) {
         app_port: local_port,
     };
     // SAFETY: the value is only tested for presence.
-    if unsafe { APP_DIALS.get(&dial) }.is_some() {
+    if unsafe { APP_DIALS.get(dial) }.is_some() {
         return;
     }
-    if INBOUND_LISTENERS
-        .redirect_sk_lookup(ctx, local_ip4, 0)
-        .is_ok()
-    {
+    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, local_ip4, 0).is_ok() {
         count(Counter::InboundSteered);
     }
 }

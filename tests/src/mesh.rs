@@ -38,11 +38,7 @@ pub fn bin_dir() -> PathBuf {
 /// Path of the project binary `name`, checked to exist.
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
-    assert!(
-        path.is_file(),
-        "{} not found: build the workspace first (`cargo xtask build`)",
-        path.display()
-    );
+    assert!(path.is_file(), "{} not found: build the workspace first (`cargo xtask build`)", path.display());
     path
 }
 
@@ -50,10 +46,7 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -84,10 +77,7 @@ impl Topology {
 
     /// Writes Namespace `name` with `labels`.
     pub fn write_namespace(&self, name: &str, labels: &[(&str, &str)]) {
-        let text = format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n{}",
-            yaml_labels(labels, "  ")
-        );
+        let text = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n{}", yaml_labels(labels, "  "));
         self.write_config_file(&format!("ns-{name}.yaml"), &text);
     }
 
@@ -107,10 +97,7 @@ impl Topology {
 
     /// Writes Pod `pod` with `labels`.
     pub fn write_pod(&self, pod: &Pod, labels: &[(&str, &str)]) {
-        self.write_config_file(
-            &format!("pod-{}-{}.yaml", pod.namespace, pod.name),
-            &self.pod_yaml(pod, labels),
-        );
+        self.write_config_file(&format!("pod-{}-{}.yaml", pod.namespace, pod.name), &self.pod_yaml(pod, labels));
     }
 
     /// Writes every namespace (enrolled when listed in `enrolled`) and every pod (unlabelled).
@@ -119,11 +106,7 @@ impl Topology {
         namespaces.sort_unstable();
         namespaces.dedup();
         for ns in namespaces {
-            let labels: &[(&str, &str)] = if enrolled.contains(&ns) {
-                &[(DATAPLANE_MODE, "enabled")]
-            } else {
-                &[]
-            };
+            let labels: &[(&str, &str)] = if enrolled.contains(&ns) { &[(DATAPLANE_MODE, "enabled")] } else { &[] };
             self.write_namespace(ns, labels);
         }
         for pod in &self.pods {
@@ -139,10 +122,7 @@ impl Topology {
     /// Starts mesh-ctrl in the fabric netns, serving the config directory.
     pub fn start_ctrl(&self) {
         let mut cmd = self.command_in(&self.fabric, bin("mesh-ctrl"));
-        cmd.arg("--config-dir")
-            .arg(self.config_dir())
-            .arg("--listen")
-            .arg(format!("{FABRIC_IP}:15012"));
+        cmd.arg("--config-dir").arg(self.config_dir()).arg("--listen").arg(format!("{FABRIC_IP}:15012"));
         self.spawn("mesh-ctrl", cmd);
     }
 
@@ -152,30 +132,15 @@ impl Topology {
         let name = format!("node{node}");
         let netns = self.nodes[usize::from(node) - 1].netns.clone();
         let mut cmd = self.command_in(&netns, bin("mesh-agent"));
-        cmd.args([
-            "--node-name",
-            &name,
-            "--ctrl",
-            &format!("http://{FABRIC_IP}:15012"),
-        ])
-        .arg("--admin-socket")
-        .arg(self.agent_socket(node));
+        cmd.args(["--node-name", &name, "--ctrl", &format!("http://{FABRIC_IP}:15012")])
+            .arg("--admin-socket")
+            .arg(self.agent_socket(node));
         let label = format!("agent-{name}");
         self.spawn(&label, cmd);
-        wait_until(
-            Duration::from_secs(20),
-            &format!("{label} to connect to mesh-ctrl"),
-            || {
-                assert!(
-                    self.is_running(&label),
-                    "{label} exited: {}",
-                    self.log(&label)
-                );
-                self.try_status(node).is_some_and(|s| {
-                    s["ctrl_connected"] == true && s["config_version"].as_u64() > Some(0)
-                })
-            },
-        );
+        wait_until(Duration::from_secs(20), &format!("{label} to connect to mesh-ctrl"), || {
+            assert!(self.is_running(&label), "{label} exited: {}", self.log(&label));
+            self.try_status(node).is_some_and(|s| s["ctrl_connected"] == true && s["config_version"].as_u64() > Some(0))
+        });
     }
 
     /// Starts mesh-ctrl and every agent.
@@ -203,30 +168,20 @@ impl Topology {
 
     fn try_status(&self, node: u8) -> Option<Value> {
         let out = self.meshctl(node, &["status", "-o", "json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).expect("status JSON"))
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("status JSON"))
     }
 
     /// `meshctl status -o json` of the agent of `node`.
     pub fn status(&self, node: u8) -> Value {
         let out = self.meshctl(node, &["status", "-o", "json"]);
-        assert!(
-            out.status.success(),
-            "meshctl status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "meshctl status failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
     /// `meshctl flows -o json` of the agent of `node`, one value per flow.
     pub fn flows(&self, node: u8) -> Vec<Value> {
         let out = self.meshctl(node, &["flows", "-o", "json"]);
-        assert!(
-            out.status.success(),
-            "meshctl flows failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "meshctl flows failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout)
             .expect("utf8")
             .lines()
@@ -240,23 +195,13 @@ impl Topology {
             .as_array()
             .expect("enrolled array")
             .iter()
-            .map(|e| {
-                format!(
-                    "{}/{}",
-                    e["namespace"].as_str().unwrap(),
-                    e["name"].as_str().unwrap()
-                )
-            })
+            .map(|e| format!("{}/{}", e["namespace"].as_str().unwrap(), e["name"].as_str().unwrap()))
             .collect()
     }
 
     /// Waits until the agent of `node` has enrolled exactly `pods` (`namespace/name`, sorted).
     pub fn wait_enrolled(&self, node: u8, pods: &[&str], timeout: Duration) {
-        wait_until(
-            timeout,
-            &format!("node{node} to enroll exactly {pods:?}"),
-            || self.enrolled(node) == pods,
-        );
+        wait_until(timeout, &format!("node{node} to enroll exactly {pods:?}"), || self.enrolled(node) == pods);
     }
 
     /// Starts fm-peer servers in `pod` and waits until they listen.
@@ -265,18 +210,10 @@ impl Topology {
         let mut cmd = self.command_in(&pod.netns, bin("fm-peer"));
         cmd.arg("serve");
         self.spawn(&label, cmd);
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{label} to listen"),
-            || {
-                assert!(
-                    self.is_running(&label),
-                    "{label} exited: {}",
-                    self.log(&label)
-                );
-                self.log(&label).contains("ready")
-            },
-        );
+        wait_until(Duration::from_secs(10), &format!("{label} to listen"), || {
+            assert!(self.is_running(&label), "{label} exited: {}", self.log(&label));
+            self.log(&label).contains("ready")
+        });
     }
 
     /// `curl` from `from` to the HTTP responder of `to`; returns the body (the client address
@@ -284,23 +221,14 @@ impl Topology {
     pub fn curl(&self, from: &Pod, to: Ipv4Addr) -> String {
         let url = format!("http://{to}:{HTTP_PORT}/");
         let out = self.output_in(&from.netns, "curl", &["-sS", "--max-time", "10", &url]);
-        assert!(
-            out.status.success(),
-            "curl {url} from {} failed: {}",
-            from.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "curl {url} from {} failed: {}", from.name, String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).expect("utf8 body")
     }
 
     /// Sends `bytes` from `from` to the sink of `to` and checks the checksum the sink computed.
     pub fn send(&self, from: &Pod, to: Ipv4Addr, bytes: u64) -> Value {
         let addr = SocketAddr::from((to, SINK_PORT)).to_string();
-        let out = self.output_in(
-            &from.netns,
-            bin("fm-peer"),
-            &["send", "--to", &addr, "--bytes", &bytes.to_string()],
-        );
+        let out = self.output_in(&from.netns, bin("fm-peer"), &["send", "--to", &addr, "--bytes", &bytes.to_string()]);
         assert!(
             out.status.success(),
             "transfer of {bytes} bytes {} -> {addr} failed: {}{}",
@@ -318,40 +246,18 @@ impl Topology {
     pub fn start_ping(&self, label: &str, from: &Pod, to: Ipv4Addr, count: u32) -> String {
         let addr = SocketAddr::from((to, ECHO_PORT)).to_string();
         let mut cmd = self.command_in(&from.netns, bin("fm-peer"));
-        cmd.args([
-            "ping",
-            "--to",
-            &addr,
-            "--count",
-            &count.to_string(),
-            "--interval-ms",
-            "100",
-        ]);
+        cmd.args(["ping", "--to", &addr, "--count", &count.to_string(), "--interval-ms", "100"]);
         self.spawn(label, cmd);
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{label} to connect"),
-            || {
-                assert!(
-                    self.is_running(label) || self.log(label).contains("ok "),
-                    "{label} failed: {}",
-                    self.log(label)
-                );
-                self.log(label).contains("connected")
-            },
-        );
+        wait_until(Duration::from_secs(10), &format!("{label} to connect"), || {
+            assert!(self.is_running(label) || self.log(label).contains("ok "), "{label} failed: {}", self.log(label));
+            self.log(label).contains("connected")
+        });
         label.to_string()
     }
 
     /// Waits for the process `label` to end and asserts it succeeded.
     pub fn wait_success(&self, label: &str, timeout: Duration) {
-        wait_until(timeout, &format!("{label} to finish"), || {
-            !self.is_running(label)
-        });
-        assert!(
-            self.log(label).contains("ok "),
-            "{label} failed: {}",
-            self.log(label)
-        );
+        wait_until(timeout, &format!("{label} to finish"), || !self.is_running(label));
+        assert!(self.log(label).contains("ok "), "{label} failed: {}", self.log(label));
     }
 }

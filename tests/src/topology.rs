@@ -55,20 +55,12 @@ pub struct TopologySpec {
 impl TopologySpec {
     /// A spec with `nodes` nodes and no pods.
     pub fn nodes(nodes: u8) -> Self {
-        Self {
-            nodes,
-            pods: Vec::new(),
-        }
+        Self { nodes, pods: Vec::new() }
     }
 
     /// Adds pod `namespace/name` on node `node`.
     pub fn pod(mut self, namespace: &str, name: &str, node: u8) -> Self {
-        self.pods.push(PodSpec {
-            namespace: namespace.into(),
-            name: name.into(),
-            node,
-            labels: BTreeMap::new(),
-        });
+        self.pods.push(PodSpec { namespace: namespace.into(), name: name.into(), node, labels: BTreeMap::new() });
         self
     }
 }
@@ -128,9 +120,7 @@ pub struct Topology {
 
 /// Runs `cmd`, panicking with its output when it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}): {}{}",
@@ -150,12 +140,7 @@ fn ip_batch(netns: &str, commands: &[String]) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ip -batch");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(commands.join("\n").as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(commands.join("\n").as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -166,20 +151,18 @@ fn ip_batch(netns: &str, commands: &[String]) {
 }
 
 fn sysctl(netns: &str, key: &str, value: &str) {
-    run(Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{netns}"))
-        .args(["sysctl", "-qw", &format!("{key}={value}")]));
+    run(Command::new("nsenter").arg(format!("--net=/var/run/netns/{netns}")).args([
+        "sysctl",
+        "-qw",
+        &format!("{key}={value}"),
+    ]));
 }
 
 impl Topology {
     /// Builds the topology of `spec`.
     pub fn build(spec: &TopologySpec) -> Self {
         assert!((1..=200).contains(&spec.nodes), "1 to 200 nodes");
-        let id = format!(
-            "fm{}x{}",
-            std::process::id(),
-            NEXT_ID.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = format!("fm{}x{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(format!("ferrymesh-{id}"));
         std::fs::create_dir_all(dir.join("config")).expect("create topology dir");
         let mut topo = Topology {
@@ -211,10 +194,7 @@ impl Topology {
             ip_batch(
                 &topo.fabric,
                 &[
-                    format!(
-                        "link add n{index} type veth peer name eth0 netns {}",
-                        node.netns
-                    ),
+                    format!("link add n{index} type veth peer name eth0 netns {}", node.netns),
                     format!("link set n{index} master br0 up"),
                 ],
             );
@@ -225,9 +205,7 @@ impl Topology {
             ];
             for other in 1..=spec.nodes {
                 if other != index {
-                    cmds.push(format!(
-                        "route add 10.244.{other}.0/24 via 172.18.0.{other}"
-                    ));
+                    cmds.push(format!("route add 10.244.{other}.0/24 via 172.18.0.{other}"));
                 }
             }
             ip_batch(&node.netns, &cmds);
@@ -236,12 +214,7 @@ impl Topology {
         }
         let mut per_node = BTreeMap::<u8, u8>::new();
         for (i, p) in spec.pods.iter().enumerate() {
-            assert!(
-                (1..=spec.nodes).contains(&p.node),
-                "pod {} on missing node {}",
-                p.name,
-                p.node
-            );
+            assert!((1..=spec.nodes).contains(&p.node), "pod {} on missing node {}", p.name, p.node);
             let host = per_node.entry(p.node).or_insert(1);
             *host += 1;
             let pod = Pod {
@@ -281,12 +254,7 @@ impl Topology {
 
     fn add_netns(&mut self, name: &str) {
         // Registered before creation, so an interrupted build is cleaned up too.
-        LIVE.lock()
-            .unwrap()
-            .entry(self.id.clone())
-            .or_default()
-            .namespaces
-            .push(name.to_string());
+        LIVE.lock().unwrap().entry(self.id.clone()).or_default().namespaces.push(name.to_string());
         run(Command::new("ip").args(["netns", "add", name]));
     }
 
@@ -302,46 +270,26 @@ impl Topology {
     /// namespace changes: mounts such as the cgroup2 hierarchy stay visible).
     pub fn command_in(&self, netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{netns}"))
-            .arg("--")
-            .arg(program);
+        cmd.arg(format!("--net=/var/run/netns/{netns}")).arg("--").arg(program);
         cmd
     }
 
     /// Runs a command in `netns` to completion and returns its output (whatever its status).
-    pub fn output_in(
-        &self,
-        netns: &str,
-        program: impl AsRef<std::ffi::OsStr>,
-        args: &[&str],
-    ) -> Output {
+    pub fn output_in(&self, netns: &str, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
         let mut cmd = self.command_in(netns, program);
         cmd.args(args);
-        cmd.output()
-            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+        cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
     }
 
     /// Starts a long-running process, killed when the topology drops. `label` names it in
     /// panics and in the log file `<dir>/<label>.log` that receives its stdout and stderr.
     pub fn spawn(&self, label: &str, mut cmd: Command) -> u32 {
         let log = std::fs::File::create(self.log_path(label)).expect("create log file");
-        cmd.stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null());
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
+        cmd.stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
         let pid = child.id();
-        self.children
-            .lock()
-            .unwrap()
-            .push((label.to_string(), child));
-        LIVE.lock()
-            .unwrap()
-            .entry(self.id.clone())
-            .or_default()
-            .pids
-            .push(pid);
+        self.children.lock().unwrap().push((label.to_string(), child));
+        LIVE.lock().unwrap().entry(self.id.clone()).or_default().pids.push(pid);
         pid
     }
 
@@ -353,19 +301,13 @@ impl Topology {
     /// Whether the process started with `label` is still running.
     pub fn is_running(&self, label: &str) -> bool {
         let mut children = self.children.lock().unwrap();
-        children
-            .iter_mut()
-            .find(|(l, _)| l == label)
-            .is_some_and(|(_, child)| matches!(child.try_wait(), Ok(None)))
+        children.iter_mut().find(|(l, _)| l == label).is_some_and(|(_, child)| matches!(child.try_wait(), Ok(None)))
     }
 
     /// Sends `signal` to the process started with `label` and waits for it to exit.
     pub fn signal_and_wait(&self, label: &str, signal: i32) -> std::process::ExitStatus {
         let mut children = self.children.lock().unwrap();
-        let (_, child) = children
-            .iter_mut()
-            .find(|(l, _)| l == label)
-            .unwrap_or_else(|| panic!("no process {label}"));
+        let (_, child) = children.iter_mut().find(|(l, _)| l == label).unwrap_or_else(|| panic!("no process {label}"));
         let rc = kill(child.id(), signal);
         assert_eq!(rc, 0, "kill {label}");
         child.wait().expect("wait")
@@ -385,10 +327,7 @@ fn teardown(namespaces: &[String], pids: &[u32]) {
     }
     // Pods first, then nodes, then the fabric: deleting a netns removes its veth ends.
     for ns in namespaces.iter().rev() {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", ns])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "delete", ns]).stderr(Stdio::null()).status();
     }
 }
 
@@ -399,10 +338,7 @@ impl Drop for Topology {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let created = LIVE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        let created = LIVE.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
         if let Some(created) = created {
             teardown(&created.namespaces, &[]);
         }

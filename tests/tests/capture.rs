@@ -39,60 +39,34 @@ fn flows_to(topo: &Topology, node: u8, direction: &str, ip: &str, port: u16) -> 
 }
 
 fn counter(topo: &Topology, node: u8, name: &str) -> u64 {
-    topo.status(node)["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("counter {name}"))
+    topo.status(node)["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name}"))
 }
 
 #[test]
 fn enrolled_pod_reaches_pods_on_the_same_and_the_other_node() {
     let topo = cluster();
-    let (a, b, c) = (
-        topo.pod("shop", "a"),
-        topo.pod("shop", "b"),
-        topo.pod("shop", "c"),
-    );
+    let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
     for (dst, dst_node) in [(b, 1), (c, 2)] {
         // curl: the app at the destination sees a's real IP, through both agents.
         let body = topo.curl(a, dst.ip);
-        assert!(
-            body.starts_with(&format!("client {}:", a.ip)),
-            "{} saw {body}",
-            dst.name
-        );
+        assert!(body.starts_with(&format!("client {}:", a.ip)), "{} saw {body}", dst.name);
         // 100 MB, checksummed by the sink after a half-close.
         topo.send(a, dst.ip, MB100);
 
         let dst_ip = dst.ip.to_string();
         let outbound = flows_to(&topo, 1, "outbound", &dst_ip, SINK_PORT);
-        assert_eq!(
-            outbound.len(),
-            1,
-            "one outbound flow to {dst_ip}:{SINK_PORT}: {outbound:?}"
-        );
+        assert_eq!(outbound.len(), 1, "one outbound flow to {dst_ip}:{SINK_PORT}: {outbound:?}");
         let f = &outbound[0];
         assert_eq!(f["verdict"], "allowed", "{f}");
         assert_eq!(f["node"], "node1");
         assert_eq!(f["src"]["ip"], a.ip.to_string());
+        assert_eq!((f["src"]["workload"].as_str(), f["src"]["namespace"].as_str()), (Some("a"), Some("shop")));
         assert_eq!(
-            (
-                f["src"]["workload"].as_str(),
-                f["src"]["namespace"].as_str()
-            ),
-            (Some("a"), Some("shop"))
-        );
-        assert_eq!(
-            (
-                f["dst"]["workload"].as_str(),
-                f["dst"]["namespace"].as_str()
-            ),
+            (f["dst"]["workload"].as_str(), f["dst"]["namespace"].as_str()),
             (Some(dst.name.as_str()), Some("shop"))
         );
         assert_eq!(f["bytes_sent"], MB100, "{f}");
-        assert!(
-            f["bytes_received"].as_u64().unwrap() > 64,
-            "the sink's answer came back: {f}"
-        );
+        assert!(f["bytes_received"].as_u64().unwrap() > 64, "the sink's answer came back: {f}");
         for key in ["time", "duration_ms", "reason"] {
             assert!(!f[key].is_null(), "flow has {key}: {f}");
         }
@@ -116,16 +90,9 @@ fn pods_that_are_not_enrolled_are_not_captured() {
     assert!(body.starts_with(&format!("client {}:", x.ip)), "{body}");
     topo.send(x, y.ip, 1024 * 1024);
     for node in [1, 2] {
-        assert!(
-            topo.flows(node).is_empty(),
-            "node{node} recorded a flow of an unenrolled pod: {:?}",
-            topo.flows(node)
-        );
+        assert!(topo.flows(node).is_empty(), "node{node} recorded a flow of an unenrolled pod: {:?}", topo.flows(node));
     }
-    assert_eq!(
-        (counter(&topo, 1, "captured"), counter(&topo, 2, "captured")),
-        captured_before
-    );
+    assert_eq!((counter(&topo, 1, "captured"), counter(&topo, 2, "captured")), captured_before);
 }
 
 #[test]
@@ -141,18 +108,12 @@ fn plaintext_from_an_unenrolled_pod_to_an_enrolled_pod_is_captured_inbound() {
             server.name
         );
         let inbound = flows_to(&topo, node, "inbound", &server.ip.to_string(), HTTP_PORT);
-        let from_client: Vec<&Value> = inbound
-            .iter()
-            .filter(|f| f["src"]["ip"] == client.ip.to_string())
-            .collect();
+        let from_client: Vec<&Value> = inbound.iter().filter(|f| f["src"]["ip"] == client.ip.to_string()).collect();
         assert_eq!(from_client.len(), 1, "{inbound:?}");
         let f = from_client[0];
         assert_eq!(f["verdict"], "allowed");
         assert_eq!(
-            (
-                f["src"]["workload"].as_str(),
-                f["src"]["namespace"].as_str()
-            ),
+            (f["src"]["workload"].as_str(), f["src"]["namespace"].as_str()),
             (Some(client.name.as_str()), Some("legacy"))
         );
         assert!(f["bytes_received"].as_u64().unwrap() > 0);
@@ -172,11 +133,9 @@ fn enrolling_and_unenrolling_live_keeps_established_connections() {
     topo.wait_enrolled(1, &["legacy/x", "shop/a", "shop/b"], Duration::from_secs(1));
     topo.wait_enrolled(2, &["legacy/y", "shop/c"], Duration::from_secs(1));
     topo.curl(x, y.ip);
-    wait_until(
-        Duration::from_secs(2),
-        "the new connection of x to be captured",
-        || !flows_to(&topo, 1, "outbound", &y.ip.to_string(), HTTP_PORT).is_empty(),
-    );
+    wait_until(Duration::from_secs(2), "the new connection of x to be captured", || {
+        !flows_to(&topo, 1, "outbound", &y.ip.to_string(), HTTP_PORT).is_empty()
+    });
     // Established while enrolled (proxied by both agents), lasting through the unenrolment.
     let during = topo.start_ping("ping-during", x, y.ip, 30);
 
@@ -185,30 +144,16 @@ fn enrolling_and_unenrolling_live_keeps_established_connections() {
     let captured = counter(&topo, 1, "captured");
     let body = topo.curl(x, y.ip);
     assert!(body.starts_with(&format!("client {}:", x.ip)), "{body}");
-    assert_eq!(
-        counter(&topo, 1, "captured"),
-        captured,
-        "an opted-out pod is not captured"
-    );
+    assert_eq!(counter(&topo, 1, "captured"), captured, "an opted-out pod is not captured");
 
     topo.write_namespace("legacy", &[]);
     topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(1));
     topo.wait_success(&before, Duration::from_secs(15));
     topo.wait_success(&during, Duration::from_secs(15));
-    wait_until(
-        Duration::from_secs(2),
-        "the flow of the connection made while enrolled",
-        || !flows_to(&topo, 1, "outbound", &y.ip.to_string(), ECHO_PORT).is_empty(),
-    );
+    wait_until(Duration::from_secs(2), "the flow of the connection made while enrolled", || {
+        !flows_to(&topo, 1, "outbound", &y.ip.to_string(), ECHO_PORT).is_empty()
+    });
     let echo = flows_to(&topo, 1, "outbound", &y.ip.to_string(), ECHO_PORT);
-    assert_eq!(
-        echo.len(),
-        1,
-        "only the connection made while enrolled was proxied: {echo:?}"
-    );
-    assert_eq!(
-        echo[0]["bytes_sent"], echo[0]["bytes_received"],
-        "echo: {}",
-        echo[0]
-    );
+    assert_eq!(echo.len(), 1, "only the connection made while enrolled was proxied: {echo:?}");
+    assert_eq!(echo[0]["bytes_sent"], echo[0]["bytes_received"], "echo: {}", echo[0]);
 }

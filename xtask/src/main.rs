@@ -1,1 +1,242 @@
-fn main() {}
+//! cargo xtask: every step from a fresh machine to a tested build.
+//!
+//! - `setup`: Debian packages, rust-src for the eBPF toolchain, bpf-linker linked against that
+//!   toolchain's own libLLVM. Idempotent and quick when already done.
+//! - `build`: the eBPF object (nightly, bpfel-unknown-none, BTF), then every binary (release).
+//! - `test`: setup, build, fmt check, clippy -D warnings (userspace and eBPF), all tests.
+//! - `demo [--hold]`: setup, build, then a live mesh on a local topology with traffic and flows.
+//! - `clean-netns`: removes network namespaces left by an interrupted test run of this project.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+
+/// Debian packages the tests and the demo use.
+const PACKAGES: &[&str] =
+    &["iproute2", "util-linux", "procps", "curl", "iperf3", "tcpdump", "bpftool", "ca-certificates"];
+const BPF_TARGET: &str = "bpfel-unknown-none";
+const BPF_LINKER_VERSION: &str = "^0.13";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let started = Instant::now();
+    match args.first().map(String::as_str) {
+        Some("setup") => setup().map(drop)?,
+        Some("build") => build(&setup()?)?,
+        Some("test") => test()?,
+        Some("demo") => demo(args.iter().any(|a| a == "--hold"))?,
+        Some("clean-netns") => clean_netns()?,
+        _ => {
+            eprintln!("usage: cargo xtask <setup|build|test|demo [--hold]|clean-netns>");
+            std::process::exit(2);
+        }
+    }
+    eprintln!("xtask: done in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+fn step(what: &str) {
+    eprintln!("\x1b[1mxtask: {what}\x1b[0m");
+}
+
+/// A command run from the workspace root, with the outer cargo's toolchain pins removed so a
+/// nested `cargo +toolchain` means what it says.
+fn cmd(program: impl AsRef<OsStr>) -> Command {
+    let mut c = Command::new(program);
+    c.current_dir(root());
+    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO"] {
+        c.env_remove(var);
+    }
+    c
+}
+
+fn run(c: &mut Command) -> Result<()> {
+    let status = c.status().with_context(|| format!("cannot run {c:?}"))?;
+    ensure!(status.success(), "{c:?} failed: {status}");
+    Ok(())
+}
+
+fn output(c: &mut Command) -> Result<String> {
+    let out = c.output().with_context(|| format!("cannot run {c:?}"))?;
+    ensure!(out.status.success(), "{c:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).map(|s| s.trim() == "0").unwrap_or(false)
+}
+
+/// The toolchain that builds the eBPF crate.
+#[derive(Debug)]
+struct EbpfToolchain {
+    /// `+nightly`, or `+stable` with RUSTC_BOOTSTRAP=1 where no nightly is installed.
+    name: String,
+    bootstrap: bool,
+    bpf_linker: PathBuf,
+}
+
+fn setup() -> Result<EbpfToolchain> {
+    step("setup: Debian packages");
+    setup_packages()?;
+    step("setup: eBPF toolchain");
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    let (name, bootstrap) = if toolchains.lines().any(|l| l.starts_with("nightly")) {
+        ("nightly".to_string(), false)
+    } else {
+        eprintln!("xtask: no nightly toolchain; building eBPF with stable and RUSTC_BOOTSTRAP=1");
+        ("stable".to_string(), true)
+    };
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &name]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &name]))?;
+    }
+    let bpf_linker = setup_bpf_linker(&name)?;
+    Ok(EbpfToolchain { name, bootstrap, bpf_linker })
+}
+
+fn setup_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let status = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !status.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    ensure!(
+        is_root(),
+        "missing Debian packages {missing:?}; run as root or install them: apt-get install {}",
+        missing.join(" ")
+    );
+    eprintln!("xtask: installing {missing:?}");
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// bpf-linker must load the libLLVM of the toolchain that emits the eBPF bitcode. It lives in a
+/// prefix of the project's own, outside the work tree so fresh clones reuse it.
+fn setup_bpf_linker(toolchain: &str) -> Result<PathBuf> {
+    let verbose = output(Command::new("rustc").arg(format!("+{toolchain}")).arg("-vV"))?;
+    let llvm =
+        verbose.lines().find_map(|l| l.strip_prefix("LLVM version: ")).context("rustc -vV shows no LLVM version")?;
+    let major = llvm.split('.').next().unwrap_or_default();
+    let sysroot = output(Command::new("rustc").arg(format!("+{toolchain}")).args(["--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let libllvm = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let home = std::env::var_os("FERRYMESH_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/ferrymesh")
+    });
+    let prefix = home.join(format!("bpf-linker-{toolchain}"));
+    let bin = prefix.join("bin/bpf-linker");
+    let stamp = prefix.join("stamp");
+    let want = format!("{}\n{}\n", libllvm.display(), verbose.trim());
+    let current = std::fs::read_to_string(&stamp).unwrap_or_default();
+    if current == want && Command::new(&bin).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(bin);
+    }
+    eprintln!("xtask: building bpf-linker against {} (LLVM {llvm}); takes about 2 minutes once", libllvm.display());
+    let llvm_prefix = prefix.join("llvm");
+    std::fs::create_dir_all(llvm_prefix.join("lib"))?;
+    let link = llvm_prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)?;
+    run(cmd("cargo")
+        .args(["install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION, "--no-default-features"])
+        .args(["--features", &format!("llvm-{major}")])
+        .arg("--root")
+        .arg(&prefix)
+        .env("LLVM_PREFIX", &llvm_prefix))?;
+    std::fs::write(&stamp, want)?;
+    Ok(bin)
+}
+
+/// `cargo +toolchain` set up for the eBPF target.
+fn ebpf_cargo(tc: &EbpfToolchain, subcommand: &str) -> Command {
+    let mut c = cmd("cargo");
+    c.arg(format!("+{}", tc.name))
+        .arg(subcommand)
+        .args(["-Z", "build-std=core", "--target", BPF_TARGET, "--release", "-p", "mesh-ebpf"])
+        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &tc.bpf_linker)
+        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
+    if tc.bootstrap {
+        c.env("RUSTC_BOOTSTRAP", "1");
+    }
+    c
+}
+
+fn ebpf_object() -> PathBuf {
+    target_dir().join(BPF_TARGET).join("release/mesh-ebpf")
+}
+
+fn build(tc: &EbpfToolchain) -> Result<()> {
+    step("build: eBPF programs");
+    run(&mut ebpf_cargo(tc, "build"))?;
+    step("build: binaries (release)");
+    run(cmd("cargo")
+        .args(["build", "--release", "--workspace", "--exclude", "mesh-ebpf", "--bins"])
+        .env("FERRYMESH_EBPF_OBJ", ebpf_object()))
+}
+
+fn test() -> Result<()> {
+    ensure!(is_root(), "cargo xtask test needs root: the end-to-end tests create network namespaces and load eBPF");
+    let tc = setup()?;
+    build(&tc)?;
+    step("test: rustfmt");
+    run(cmd("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    step("test: clippy (userspace)");
+    run(cmd("cargo")
+        .args(["clippy", "--release", "--workspace", "--exclude", "mesh-ebpf", "--all-targets", "--", "-D", "warnings"])
+        .env("FERRYMESH_EBPF_OBJ", ebpf_object()))?;
+    step("test: clippy (eBPF)");
+    run(ebpf_cargo(&tc, "clippy").args(["--", "-D", "warnings"]))?;
+    step("test: unit and end-to-end tests");
+    run(cmd("cargo")
+        .args(["test", "--release", "--workspace", "--exclude", "mesh-ebpf", "--no-fail-fast"])
+        .env("FERRYMESH_EBPF_OBJ", ebpf_object()))
+}
+
+fn demo(hold: bool) -> Result<()> {
+    ensure!(is_root(), "cargo xtask demo needs root: it creates network namespaces and loads eBPF");
+    build(&setup()?)?;
+    step("demo");
+    let mut c = cmd(target_dir().join("release/fm-demo"));
+    if hold {
+        c.arg("--hold");
+    }
+    run(&mut c)
+}
+
+fn clean_netns() -> Result<()> {
+    let list = output(Command::new("ip").args(["netns", "list"]))?;
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        // Topology names are fm<pid>x<n>-...; only those whose process is gone are removed.
+        let Some(pid) = name.strip_prefix("fm").and_then(|r| r.split('x').next()) else {
+            continue;
+        };
+        if pid.chars().all(|c| c.is_ascii_digit()) && !Path::new("/proc").join(pid).exists() {
+            eprintln!("xtask: removing stale netns {name}");
+            run(Command::new("ip").args(["netns", "delete", name]))?;
+        }
+    }
+    Ok(())
+}

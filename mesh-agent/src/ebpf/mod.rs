@@ -11,9 +11,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
-use aya::programs::{
-    links::FdLink, CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
-};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{map_names, AppDialKey, Counter, OrigDst, PortKey};
 
@@ -27,9 +25,7 @@ pub enum DatapathError {
     #[error("cannot load the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     /// A program is missing from the object (a build mismatch).
-    #[error(
-        "eBPF program {0} is missing from the embedded object; rebuild with `cargo xtask build`"
-    )]
+    #[error("eBPF program {0} is missing from the embedded object; rebuild with `cargo xtask build`")]
     MissingProgram(&'static str),
     /// A map is missing or has the wrong type.
     #[error("eBPF map {name}: {source}")]
@@ -113,9 +109,7 @@ pub struct Datapath {
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Datapath")
-            .field("attached", &self.attached)
-            .finish_non_exhaustive()
+        f.debug_struct("Datapath").field("attached", &self.attached).finish_non_exhaustive()
     }
 }
 
@@ -123,10 +117,9 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(DatapathError::Map {
-        name,
-        source: aya::maps::MapError::InvalidName { name: name.into() },
-    })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } })?;
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
@@ -135,9 +128,7 @@ fn program_error(name: &'static str) -> impl Fn(ProgramError) -> DatapathError {
 }
 
 fn link_id(name: &'static str, link: &FdLink) -> Result<u32> {
-    link.info()
-        .map(|info| info.id())
-        .map_err(|source| DatapathError::Link { name, source })
+    link.info().map(|info| info.id()).map_err(|source| DatapathError::Link { name, source })
 }
 
 impl Datapath {
@@ -145,10 +136,8 @@ impl Datapath {
     /// node-wide ones at `cgroup_root`.
     pub fn load_and_attach(cgroup_root: &Path) -> Result<Self> {
         let mut ebpf = EbpfLoader::new().load(OBJECT)?;
-        let cgroup = File::open(cgroup_root).map_err(|source| DatapathError::Cgroup {
-            path: cgroup_root.to_path_buf(),
-            source,
-        })?;
+        let cgroup = File::open(cgroup_root)
+            .map_err(|source| DatapathError::Cgroup { path: cgroup_root.to_path_buf(), source })?;
         let mut attached = Vec::new();
         for (name, hook) in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -157,9 +146,7 @@ impl Datapath {
                 .try_into()
                 .map_err(program_error(name))?;
             prog.load().map_err(program_error(name))?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(program_error(name))?;
+            let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program_error(name))?;
             let link: FdLink = prog
                 .take_link(id)
                 .map_err(program_error(name))?
@@ -181,9 +168,7 @@ impl Datapath {
             .try_into()
             .map_err(program_error(name))?;
         prog.load().map_err(program_error(name))?;
-        let id = prog
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(program_error(name))?;
+        let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program_error(name))?;
         let link: FdLink = prog
             .take_link(id)
             .map_err(program_error(name))?
@@ -229,12 +214,7 @@ impl Datapath {
 
     /// Starts capturing connect() calls of the netns with `cookie`.
     pub fn enroll_netns(&mut self, cookie: u64) -> Result<()> {
-        self.enrolled
-            .insert(cookie, 1, 0)
-            .map_err(|source| DatapathError::Map {
-                name: map_names::ENROLLED,
-                source,
-            })
+        self.enrolled.insert(cookie, 1, 0).map_err(|source| DatapathError::Map { name: map_names::ENROLLED, source })
     }
 
     /// Stops capturing the netns with `cookie`; a cookie that is not enrolled is fine.
@@ -250,10 +230,7 @@ impl Datapath {
     ) -> Result<()> {
         self.inbound_listeners
             .insert(u32::from(pod_ip).to_be(), listener.as_raw_fd(), 0)
-            .map_err(|source| DatapathError::Map {
-                name: map_names::INBOUND_LISTENERS,
-                source,
-            })
+            .map_err(|source| DatapathError::Map { name: map_names::INBOUND_LISTENERS, source })
     }
 
     /// Removes the pod's inbound listener; a missing entry is fine.
@@ -272,20 +249,13 @@ impl Datapath {
             .map_err(program_error(name))?;
         let id = prog.attach(netns).map_err(program_error(name))?;
         let link: FdLink = prog.take_link(id).map_err(program_error(name))?.into();
-        Ok(SkLookupAttachment {
-            link_id: link_id(name, &link)?,
-            _link: link,
-        })
+        Ok(SkLookupAttachment { link_id: link_id(name, &link)?, _link: link })
     }
 
     /// Takes the original destination of a captured connection, accepted from
     /// `127.0.0.1:<port>` in the netns with `netns_cookie`.
     pub fn take_orig_dst(&mut self, netns_cookie: u64, port: u16) -> Option<OrigDst> {
-        let key = PortKey {
-            netns_cookie,
-            port: u32::from(port),
-            pad: 0,
-        };
+        let key = PortKey { netns_cookie, port: u32::from(port), pad: 0 };
         let orig = self.orig_by_port.get(&key, 0).ok()?;
         let _ = self.orig_by_port.remove(&key);
         Some(orig)
@@ -293,12 +263,7 @@ impl Datapath {
 
     /// Tells sk_lookup to leave the SYN of the agent's dial `key` alone.
     pub fn register_app_dial(&mut self, key: AppDialKey) -> Result<()> {
-        self.app_dials
-            .insert(key, 1, 0)
-            .map_err(|source| DatapathError::Map {
-                name: map_names::APP_DIALS,
-                source,
-            })
+        self.app_dials.insert(key, 1, 0).map_err(|source| DatapathError::Map { name: map_names::APP_DIALS, source })
     }
 
     /// Forgets an app dial once its SYN has been answered (or the dial failed).
@@ -311,11 +276,7 @@ impl Datapath {
         Counter::ALL
             .iter()
             .map(|&c| {
-                let total = self
-                    .counters
-                    .get(&(c as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
+                let total = self.counters.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
                 (c, total)
             })
             .collect()

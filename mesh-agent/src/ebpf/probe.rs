@@ -20,10 +20,7 @@ pub struct MissingFeature {
 }
 
 fn missing(feature: impl Into<String>, hint: impl Into<String>) -> MissingFeature {
-    MissingFeature {
-        feature: feature.into(),
-        hint: hint.into(),
-    }
+    MissingFeature { feature: feature.into(), hint: hint.into() }
 }
 
 /// What the probe found that the agent uses.
@@ -44,59 +41,32 @@ pub fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
 
 /// Checks every feature; the first one missing is the error.
 pub fn probe() -> Result<Features, MissingFeature> {
-    let version = KernelVersion::current()
-        .map_err(|e| missing("kernel version", format!("cannot read it: {e}")))?;
+    let version = KernelVersion::current().map_err(|e| missing("kernel version", format!("cannot read it: {e}")))?;
     if version < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
         return Err(missing(
-            format!(
-                "Linux {}.{}+ (running {version:?})",
-                MIN_KERNEL.0, MIN_KERNEL.1
-            ),
+            format!("Linux {}.{}+ (running {version:?})", MIN_KERNEL.0, MIN_KERNEL.1),
             "netns cookies in sockops and sock_addr programs arrived in 5.15",
         ));
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return Err(missing(
-            "BTF (/sys/kernel/btf/vmlinux)",
-            "a kernel built with CONFIG_DEBUG_INFO_BTF=y",
-        ));
+        return Err(missing("BTF (/sys/kernel/btf/vmlinux)", "a kernel built with CONFIG_DEBUG_INFO_BTF=y"));
     }
-    let mounts = std::fs::read_to_string("/proc/mounts")
-        .map_err(|e| missing("/proc/mounts", e.to_string()))?;
-    let cgroup2_root = cgroup2_mount(&mounts).ok_or_else(|| {
-        missing(
-            "cgroup v2 mount",
-            "mount cgroup2 (e.g. `mount -t cgroup2 none /sys/fs/cgroup`)",
-        )
-    })?;
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
-        .map_err(|e| missing("a loopback socket", e.to_string()))?;
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| missing("/proc/mounts", e.to_string()))?;
+    let cgroup2_root = cgroup2_mount(&mounts)
+        .ok_or_else(|| missing("cgroup v2 mount", "mount cgroup2 (e.g. `mount -t cgroup2 none /sys/fs/cgroup`)"))?;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| missing("a loopback socket", e.to_string()))?;
     crate::netns::netns_cookie(&socket).map_err(|e| missing("SO_NETNS_COOKIE", e.to_string()))?;
     for (program, what) in [
-        (
-            ProgramType::CgroupSockAddr,
-            "BPF_PROG_TYPE_CGROUP_SOCK_ADDR (connect4/6, getpeername4/6)",
-        ),
+        (ProgramType::CgroupSockAddr, "BPF_PROG_TYPE_CGROUP_SOCK_ADDR (connect4/6, getpeername4/6)"),
         (ProgramType::SockOps, "BPF_PROG_TYPE_SOCK_OPS"),
-        (
-            ProgramType::SkLookup,
-            "BPF_PROG_TYPE_SK_LOOKUP (Linux 5.9+)",
-        ),
+        (ProgramType::SkLookup, "BPF_PROG_TYPE_SK_LOOKUP (Linux 5.9+)"),
     ] {
         match aya::sys::is_program_supported(program) {
             Ok(true) => {}
             Ok(false) => {
-                return Err(missing(
-                    what,
-                    "not supported by this kernel; are you root (CAP_BPF, CAP_NET_ADMIN)?",
-                ))
+                return Err(missing(what, "not supported by this kernel; are you root (CAP_BPF, CAP_NET_ADMIN)?"))
             }
-            Err(e) => {
-                return Err(missing(
-                    what,
-                    format!("probe failed: {e}; are you root (CAP_BPF, CAP_NET_ADMIN)?"),
-                ))
-            }
+            Err(e) => return Err(missing(what, format!("probe failed: {e}; are you root (CAP_BPF, CAP_NET_ADMIN)?"))),
         }
     }
     Ok(Features { cgroup2_root })

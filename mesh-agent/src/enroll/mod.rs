@@ -76,15 +76,7 @@ impl Enroller {
     /// An enroller with nothing enrolled, and a receiver of what it enrolls.
     pub fn new(ctx: Arc<ProxyContext>) -> (Self, watch::Receiver<Vec<EnrolledSummary>>) {
         let (published, rx) = watch::channel(Vec::new());
-        (
-            Self {
-                ctx,
-                enrolled: HashMap::new(),
-                failures: HashMap::new(),
-                published,
-            },
-            rx,
-        )
+        (Self { ctx, enrolled: HashMap::new(), failures: HashMap::new(), published }, rx)
     }
 
     /// Reconciles on every state change (and every few seconds while something failed) until
@@ -119,9 +111,7 @@ impl Enroller {
             .enrolled
             .iter()
             .filter(|(uid, e)| {
-                desired
-                    .get(*uid)
-                    .is_none_or(|w| w.ip != e.pod.workload.ip || w.netns != e.pod.workload.netns)
+                desired.get(*uid).is_none_or(|w| w.ip != e.pod.workload.ip || w.netns != e.pod.workload.netns)
             })
             .map(|(uid, _)| uid.clone())
             .collect();
@@ -180,9 +170,8 @@ impl Enroller {
         let sk_lookup = {
             let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
             datapath.add_inbound_listener(ip, &inbound_listener)?;
-            let attached = datapath
-                .attach_sk_lookup(&netns)
-                .and_then(|link| datapath.enroll_netns(cookie).map(|()| link));
+            let attached =
+                datapath.attach_sk_lookup(&netns).and_then(|link| datapath.enroll_netns(cookie).map(|()| link));
             match attached {
                 Ok(link) => link,
                 Err(e) => {
@@ -191,28 +180,12 @@ impl Enroller {
                 }
             }
         };
-        let pod = Arc::new(PodContext {
-            workload,
-            netns,
-            cookie,
-        });
+        let pod = Arc::new(PodContext { workload, netns, cookie });
         let tasks = vec![
-            tokio::spawn(outbound::serve(
-                outbound_listener,
-                pod.clone(),
-                self.ctx.clone(),
-            )),
-            tokio::spawn(inbound::serve(
-                inbound_listener,
-                pod.clone(),
-                self.ctx.clone(),
-            )),
+            tokio::spawn(outbound::serve(outbound_listener, pod.clone(), self.ctx.clone())),
+            tokio::spawn(inbound::serve(inbound_listener, pod.clone(), self.ctx.clone())),
         ];
-        Ok(EnrolledPod {
-            pod,
-            sk_lookup,
-            tasks,
-        })
+        Ok(EnrolledPod { pod, sk_lookup, tasks })
     }
 
     fn unenroll(&mut self, uid: &str) {

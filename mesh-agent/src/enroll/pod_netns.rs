@@ -5,9 +5,7 @@
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
-use mesh_common::{
-    INBOUND_PLAINTEXT_PORT, LOOPBACK_IFINDEX, MARK_APP_DIAL, OUTBOUND_PORT, ROUTE_TABLE_APP_DIAL,
-};
+use mesh_common::{INBOUND_PLAINTEXT_PORT, LOOPBACK_IFINDEX, MARK_APP_DIAL, OUTBOUND_PORT, ROUTE_TABLE_APP_DIAL};
 use rtnetlink::packet_route::route::{RouteScope, RouteType};
 use rtnetlink::packet_route::rule::RuleAction;
 use rtnetlink::RouteMessageBuilder;
@@ -34,12 +32,9 @@ fn listen(port: u16) -> io::Result<TcpListener> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    socket.bind(&addr.into()).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot bind {addr} in the pod (is the port in use?): {e}"),
-        )
-    })?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr} in the pod (is the port in use?): {e}")))?;
     socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
@@ -51,36 +46,24 @@ pub fn setup() -> io::Result<PodListeners> {
     let inbound = listen(INBOUND_PLAINTEXT_PORT)?;
     let cookie = netns_cookie(&outbound)?;
     // /proc/sys/net follows the calling thread's netns.
-    std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1").map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot set net.ipv4.tcp_fwmark_accept in the pod: {e}"),
-        )
-    })?;
+    std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot set net.ipv4.tcp_fwmark_accept in the pod: {e}")))?;
     install_app_dial_route()?;
-    Ok(PodListeners {
-        outbound,
-        inbound,
-        cookie,
-    })
+    Ok(PodListeners { outbound, inbound, cookie })
 }
 
 fn ignore_exists(result: Result<(), rtnetlink::Error>, what: &str) -> io::Result<()> {
     match result {
         Ok(()) => Ok(()),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
-        Err(e) => Err(io::Error::other(format!(
-            "cannot add {what} in the pod: {e}"
-        ))),
+        Err(e) => Err(io::Error::other(format!("cannot add {what} in the pod: {e}"))),
     }
 }
 
 /// `ip rule add fwmark MARK_APP_DIAL lookup ROUTE_TABLE_APP_DIAL` and
 /// `ip route add local default dev lo table ROUTE_TABLE_APP_DIAL`, over netlink.
 fn install_app_dial_route() -> io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     runtime.block_on(async {
         // The netlink socket is created here, so it belongs to the pod's netns.
         let (connection, handle, _) = rtnetlink::new_connection()?;

@@ -16,16 +16,11 @@ use crate::flows::{Direction, Endpoint};
 
 /// Serves the pod's inbound plaintext listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    accept_loop(listener, "inbound", move |stream, peer| {
-        handle(stream, peer, pod.clone(), ctx.clone())
-    })
-    .await
+    accept_loop(listener, "inbound", move |stream, peer| handle(stream, peer, pod.clone(), ctx.clone())).await
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    let dst = client
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::new(pod.workload.ip, 0));
+    let dst = client.local_addr().unwrap_or_else(|_| SocketAddr::new(pod.workload.ip, 0));
     let conn = Connection {
         direction: Direction::Inbound,
         start: SystemTime::now(),
@@ -35,16 +30,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     };
     if RESERVED_PORTS.contains(&dst.port()) {
         reset(&client);
-        return ctx.record(
-            conn,
-            Outcome::failed(format!("port {} is reserved for the mesh", dst.port())),
-        );
+        return ctx.record(conn, Outcome::failed(format!("port {} is reserved for the mesh", dst.port())));
     }
     let _ = client.set_nodelay(true);
-    let outcome = match ctx
-        .dial(&pod.netns, dst, MARK_APP_DIAL, Some(peer.ip()))
-        .await
-    {
+    let outcome = match ctx.dial(&pod.netns, dst, MARK_APP_DIAL, Some(peer.ip())).await {
         Ok(app) => relay(client, app).await,
         Err(e) => {
             reset(&client);

@@ -73,12 +73,7 @@ struct Outcome {
 
 impl Outcome {
     fn failed(reason: String) -> Self {
-        Self {
-            sent: 0,
-            received: 0,
-            verdict: Verdict::Error,
-            reason,
-        }
+        Self { sent: 0, received: 0, verdict: Verdict::Error, reason }
     }
 }
 
@@ -109,18 +104,11 @@ impl ProxyContext {
 
     /// Dials `dst` from inside `netns` with `mark`; with `source`, binds to that (non-local)
     /// address using IP_TRANSPARENT and registers the dial so sk_lookup does not steer it.
-    async fn dial(
-        &self,
-        netns: &Netns,
-        dst: SocketAddr,
-        mark: u32,
-        source: Option<IpAddr>,
-    ) -> io::Result<TcpStream> {
+    async fn dial(&self, netns: &Netns, dst: SocketAddr, mark: u32, source: Option<IpAddr>) -> io::Result<TcpStream> {
         let (socket, bound) = self
             .runner
             .run(netns, move || {
-                let socket =
-                    Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
                 socket.set_mark(mark)?;
                 let mut bound = None;
                 if let Some(ip) = source {
@@ -145,26 +133,15 @@ impl ProxyContext {
             _ => None,
         };
         if let Some(key) = app_dial {
-            self.datapath
-                .lock()
-                .expect("datapath lock")
-                .register_app_dial(key)
-                .map_err(io::Error::other)?;
+            self.datapath.lock().expect("datapath lock").register_app_dial(key).map_err(io::Error::other)?;
         }
         let socket = TcpSocket::from_std_stream(socket.into());
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await;
         if let Some(key) = app_dial {
-            self.datapath
-                .lock()
-                .expect("datapath lock")
-                .unregister_app_dial(&key);
+            self.datapath.lock().expect("datapath lock").unregister_app_dial(&key);
         }
-        let stream = connected.map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {CONNECT_TIMEOUT:?}"),
-            )
-        })??;
+        let stream = connected
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {CONNECT_TIMEOUT:?}")))??;
         stream.set_nodelay(true)?;
         Ok(stream)
     }
@@ -226,21 +203,11 @@ async fn relay(mut client: TcpStream, mut upstream: TcpStream) -> Outcome {
         .await
     };
     match result {
-        Ok(_) => Outcome {
-            sent,
-            received,
-            verdict: Verdict::Allowed,
-            reason: "closed".into(),
-        },
+        Ok(_) => Outcome { sent, received, verdict: Verdict::Allowed, reason: "closed".into() },
         Err(e) => {
             reset(&client);
             reset(&upstream);
-            Outcome {
-                sent,
-                received,
-                verdict: Verdict::Error,
-                reason: format!("connection aborted: {e}"),
-            }
+            Outcome { sent, received, verdict: Verdict::Error, reason: format!("connection aborted: {e}") }
         }
     }
 }

@@ -14,10 +14,7 @@ use crate::flows::{Direction, Endpoint, UNKNOWN_ADDR};
 
 /// Serves the pod's outbound listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    accept_loop(listener, "outbound", move |stream, peer| {
-        handle(stream, peer, pod.clone(), ctx.clone())
-    })
-    .await
+    accept_loop(listener, "outbound", move |stream, peer| handle(stream, peer, pod.clone(), ctx.clone())).await
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
@@ -26,21 +23,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         start: SystemTime::now(),
         started: Instant::now(),
         src: pod.endpoint(peer.port()),
-        dst: Endpoint {
-            addr: UNKNOWN_ADDR,
-            workload: None,
-        },
+        dst: Endpoint { addr: UNKNOWN_ADDR, workload: None },
     };
-    let orig = ctx
-        .datapath
-        .lock()
-        .expect("datapath lock")
-        .take_orig_dst(pod.cookie, peer.port());
+    let orig = ctx.datapath.lock().expect("datapath lock").take_orig_dst(pod.cookie, peer.port());
     let Some(orig) = orig else {
         reset(&client);
-        let reason =
-            "original destination unknown: the connection reached 15001 without being captured"
-                .into();
+        let reason = "original destination unknown: the connection reached 15001 without being captured".into();
         return ctx.record(conn, Outcome::failed(reason));
     };
     let dst = SocketAddr::new(Ipv4Addr::from(u32::from_be(orig.ip4)).into(), orig.port);

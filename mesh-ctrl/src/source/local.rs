@@ -83,10 +83,7 @@ pub struct DirSource {
 impl DirSource {
     /// A source reading `dir`; nothing is read until [`DirSource::reload`].
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self {
-            dir: dir.into(),
-            good: BTreeMap::new(),
-        }
+        Self { dir: dir.into(), good: BTreeMap::new() }
     }
 
     /// The directory this source reads.
@@ -105,9 +102,7 @@ impl DirSource {
                     file: self.dir.clone(),
                     object: None,
                     field: None,
-                    message: format!(
-                        "cannot read the config directory: {e}; keeping the last good config"
-                    ),
+                    message: format!("cannot read the config directory: {e}; keeping the last good config"),
                 });
                 return (self.model(), errors);
             }
@@ -133,26 +128,16 @@ impl DirSource {
                                 file: file.clone(),
                                 object: Some(key.to_string()),
                                 field: Some("metadata.name".into()),
-                                message: format!(
-                                    "duplicate of the object in {}; ignored",
-                                    first.file.display()
-                                ),
+                                message: format!("duplicate of the object in {}; ignored", first.file.display()),
                             });
                         } else {
-                            next.insert(
-                                key,
-                                Loaded {
-                                    file: file.clone(),
-                                    object,
-                                },
-                            );
+                            next.insert(key, Loaded { file: file.clone(), object });
                         }
                     }
-                    Err((key, e)) => {
-                        errors.push(e);
-                        if let Some(previous) = key.and_then(|k| self.good.get_key_value(&k)) {
-                            next.entry(previous.0.clone())
-                                .or_insert_with(|| previous.1.clone());
+                    Err(rejected) => {
+                        errors.push(rejected.error);
+                        if let Some(previous) = rejected.key.and_then(|k| self.good.get_key_value(&k)) {
+                            next.entry(previous.0.clone()).or_insert_with(|| previous.1.clone());
                         }
                     }
                 }
@@ -186,12 +171,7 @@ impl DirSource {
 }
 
 fn file_error(file: &Path, message: String) -> ConfigError {
-    ConfigError {
-        file: file.to_path_buf(),
-        object: None,
-        field: None,
-        message,
-    }
+    ConfigError { file: file.to_path_buf(), object: None, field: None, message }
 }
 
 /// The `.yaml`/`.yml` files of `dir`, sorted, not recursing.
@@ -211,8 +191,7 @@ fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 fn split_documents(file: &Path, text: &str) -> Result<Vec<Value>, ConfigError> {
     let mut docs = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
-        let value =
-            Value::deserialize(doc).map_err(|e| file_error(file, format!("invalid YAML: {e}")))?;
+        let value = Value::deserialize(doc).map_err(|e| file_error(file, format!("invalid YAML: {e}")))?;
         if !value.is_null() {
             docs.push(value);
         }
@@ -224,65 +203,41 @@ fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(value, |v, key| v.get(key))?.as_str()
 }
 
-/// Parses one document into a validated object. On error, returns the object's key when the
-/// document said enough to identify it.
-fn parse_object(
-    file: &Path,
-    doc: Value,
-) -> Result<(ObjectKey, Object), (Option<ObjectKey>, ConfigError)> {
-    let api_version = str_at(&doc, &["apiVersion"])
-        .unwrap_or_default()
-        .to_string();
+/// A document that was rejected, with the key of the object it meant when it said enough to
+/// identify it.
+#[derive(Debug)]
+struct Rejected {
+    key: Option<ObjectKey>,
+    error: ConfigError,
+}
+
+/// Parses one document into a validated object.
+fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Rejected>> {
+    let api_version = str_at(&doc, &["apiVersion"]).unwrap_or_default().to_string();
     let kind = str_at(&doc, &["kind"]).unwrap_or_default().to_string();
     let name = str_at(&doc, &["metadata", "name"]).map(str::to_string);
     let namespace = match kind.as_str() {
         "Namespace" => String::new(),
-        _ => str_at(&doc, &["metadata", "namespace"])
-            .unwrap_or("default")
-            .to_string(),
+        _ => str_at(&doc, &["metadata", "namespace"]).unwrap_or("default").to_string(),
     };
-    let key = name.map(|name| ObjectKey {
-        kind: kind.clone(),
-        namespace,
-        name,
-    });
+    let key = name.map(|name| ObjectKey { kind: kind.clone(), namespace, name });
     let error = |field: Option<String>, message: String| {
-        let object = key
-            .as_ref()
-            .map(ToString::to_string)
-            .or_else(|| (!kind.is_empty()).then(|| kind.clone()));
-        (
-            key.clone(),
-            ConfigError {
-                file: file.to_path_buf(),
-                object,
-                field,
-                message,
-            },
-        )
+        let object = key.as_ref().map(ToString::to_string).or_else(|| (!kind.is_empty()).then(|| kind.clone()));
+        Box::new(Rejected { key: key.clone(), error: ConfigError { file: file.to_path_buf(), object, field, message } })
     };
     let Some(key) = key.clone() else {
-        return Err(error(
-            Some("metadata.name".into()),
-            "missing; every object needs a name".into(),
-        ));
+        return Err(error(Some("metadata.name".into()), "missing; every object needs a name".into()));
     };
     let parsed = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => {
-            strict::<k8s::Namespace>(doc).map(|ns| Object::Namespace(namespace_from(ns, &key)))
-        }
-        ("v1", "Pod") => {
-            strict::<k8s::Pod>(doc).and_then(|pod| pod_from(pod, &key).map(Object::Pod))
-        }
+        ("v1", "Namespace") => strict::<k8s::Namespace>(doc).map(|ns| Object::Namespace(namespace_from(ns, &key))),
+        ("v1", "Pod") => strict::<k8s::Pod>(doc).and_then(|pod| pod_from(pod, &key).map(Object::Pod)),
         (_, "") => Err((Some("kind".into()), "missing".into())),
         _ => Err((
             Some("kind".into()),
             format!("{api_version}/{kind} is not supported (supported: v1 Namespace, v1 Pod)"),
         )),
     };
-    parsed
-        .map(|object| (key, object))
-        .map_err(|(field, message)| error(field, message))
+    parsed.map(|object| (key, object)).map_err(|(field, message)| error(field, message))
 }
 
 /// Deserializes `doc` as `T`, rejecting fields the Kubernetes schema does not have.
@@ -296,10 +251,7 @@ fn strict<T: DeserializeOwned>(doc: Value) -> Result<T, (Option<String>, String)
         (field, e.into_inner().to_string())
     })?;
     match unknown.into_iter().next() {
-        Some(field) => Err((
-            Some(field),
-            "unknown field (not in the Kubernetes schema)".into(),
-        )),
+        Some(field) => Err((Some(field), "unknown field (not in the Kubernetes schema)".into())),
         None => Ok(value),
     }
 }
@@ -315,40 +267,26 @@ fn field_path(path: &serde_ignored::Path<'_>) -> String {
             p if p.is_empty() => key.clone(),
             p => format!("{p}.{key}"),
         },
-        Path::Some { parent }
-        | Path::NewtypeStruct { parent }
-        | Path::NewtypeVariant { parent } => field_path(parent),
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
     }
 }
 
 fn namespace_from(ns: k8s::Namespace, key: &ObjectKey) -> Namespace {
-    Namespace {
-        name: key.name.clone(),
-        labels: ns.metadata.labels.unwrap_or_default(),
-    }
+    Namespace { name: key.name.clone(), labels: ns.metadata.labels.unwrap_or_default() }
 }
 
 fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, String)> {
-    let missing =
-        |field: &str, hint: &str| Err((Some(field.to_string()), format!("missing; {hint}")));
+    let missing = |field: &str, hint: &str| Err((Some(field.to_string()), format!("missing; {hint}")));
     let meta = pod.metadata;
     let spec = pod.spec.unwrap_or_default();
     let Some(node) = spec.node_name.filter(|n| !n.is_empty()) else {
         return missing("spec.nodeName", "the pod must be scheduled to a node");
     };
-    let Some(ip) = pod
-        .status
-        .and_then(|s| s.pod_ip)
-        .filter(|ip| !ip.is_empty())
-    else {
+    let Some(ip) = pod.status.and_then(|s| s.pod_ip).filter(|ip| !ip.is_empty()) else {
         return missing("status.podIP", "the mesh addresses pods by IP");
     };
-    let ip: IpAddr = ip.parse().map_err(|e| {
-        (
-            Some("status.podIP".to_string()),
-            format!("{ip:?} is not an IP address: {e}"),
-        )
-    })?;
+    let ip: IpAddr =
+        ip.parse().map_err(|e| (Some("status.podIP".to_string()), format!("{ip:?} is not an IP address: {e}")))?;
     let annotations = meta.annotations.unwrap_or_default();
     let Some(netns) = annotations.get(NETNS_ANNOTATION).filter(|n| !n.is_empty()) else {
         return missing(
@@ -357,16 +295,11 @@ fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, Stri
         );
     };
     Ok(Pod {
-        uid: meta
-            .uid
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| format!("{}/{}", key.namespace, key.name)),
+        uid: meta.uid.filter(|u| !u.is_empty()).unwrap_or_else(|| format!("{}/{}", key.namespace, key.name)),
         name: key.name.clone(),
         namespace: key.namespace.clone(),
         node,
-        service_account: spec
-            .service_account_name
-            .unwrap_or_else(|| "default".into()),
+        service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
         ip,
         netns: netns.clone(),
         labels: meta.labels.unwrap_or_default(),
@@ -395,20 +328,13 @@ mod tests {
         write(
             dir.path(),
             "all.yaml",
-            &format!(
-                "{NS_ON}---\n{}---\n{}",
-                pod_yaml("web", "10.244.1.2", ""),
-                pod_yaml("db", "10.244.1.3", "")
-            ),
+            &format!("{NS_ON}---\n{}---\n{}", pod_yaml("web", "10.244.1.2", ""), pod_yaml("db", "10.244.1.3", "")),
         );
         let mut source = DirSource::new(dir.path());
         let (model, errors) = source.reload();
         assert!(errors.is_empty(), "{errors:?}");
         let web = &model.pods["uid-web"];
-        assert_eq!(
-            (web.name.as_str(), web.namespace.as_str(), web.node.as_str()),
-            ("web", "shop", "node1")
-        );
+        assert_eq!((web.name.as_str(), web.namespace.as_str(), web.node.as_str()), ("web", "shop", "node1"));
         assert_eq!(web.service_account, "sa-web");
         assert_eq!(web.ip.to_string(), "10.244.1.2");
         assert_eq!(web.netns, "/var/run/netns/web");
@@ -432,12 +358,7 @@ mod tests {
                 "Pod shop/web",
                 Some("status.podIP"),
             ),
-            (
-                "bad podIP",
-                pod_yaml("web", "10.244.1.x", ""),
-                "Pod shop/web",
-                Some("status.podIP"),
-            ),
+            ("bad podIP", pod_yaml("web", "10.244.1.x", ""), "Pod shop/web", Some("status.podIP")),
             (
                 "missing nodeName",
                 pod_yaml("web", "10.244.1.2", "").replace("  nodeName: node1\n", ""),
@@ -473,21 +394,14 @@ mod tests {
     #[test]
     fn invalid_yaml_keeps_every_object_of_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        write(
-            dir.path(),
-            "all.yaml",
-            &format!("{NS_ON}---\n{}", pod_yaml("web", "10.244.1.2", "")),
-        );
+        write(dir.path(), "all.yaml", &format!("{NS_ON}---\n{}", pod_yaml("web", "10.244.1.2", "")));
         let mut source = DirSource::new(dir.path());
         let (good, _) = source.reload();
         write(dir.path(), "all.yaml", "apiVersion: v1\nkind: [Namespace\n");
         let (model, errors) = source.reload();
         assert_eq!(errors.len(), 1);
         assert!(
-            errors[0].to_string().starts_with(&format!(
-                "{}: invalid YAML",
-                dir.path().join("all.yaml").display()
-            )),
+            errors[0].to_string().starts_with(&format!("{}: invalid YAML", dir.path().join("all.yaml").display())),
             "{}",
             errors[0]
         );
@@ -506,7 +420,13 @@ mod tests {
         let (model, errors) = source.reload();
         assert!(model.pods.is_empty());
         assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].to_string(), format!("{}: Pod shop/db: field status.podIP: \"nope\" is not an IP address: invalid IP address syntax", dir.path().join("db.yaml").display()));
+        assert_eq!(
+            errors[0].to_string(),
+            format!(
+                "{}: Pod shop/db: field status.podIP: \"nope\" is not an IP address: invalid IP address syntax",
+                dir.path().join("db.yaml").display()
+            )
+        );
     }
 
     #[test]

@@ -38,12 +38,7 @@ pub async fn watch_dir(mut source: DirSource, publisher: Publisher) -> notify::R
                     tracing::warn!("rejected config: {message}");
                 }
             }
-            tracing::info!(
-                version,
-                pods = model.pods.len(),
-                rejected = messages.len(),
-                "config loaded"
-            );
+            tracing::info!(version, pods = model.pods.len(), rejected = messages.len(), "config loaded");
             last = (version, messages);
         }
         tokio::select! {

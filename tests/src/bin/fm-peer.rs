@@ -53,11 +53,7 @@ fn main() {
     let result = match args.cmd {
         Cmd::Serve { http, sink, echo } => serve(http, sink, echo),
         Cmd::Send { to, bytes } => send(to, bytes),
-        Cmd::Ping {
-            to,
-            count,
-            interval_ms,
-        } => ping(to, count, Duration::from_millis(interval_ms)),
+        Cmd::Ping { to, count, interval_ms } => ping(to, count, Duration::from_millis(interval_ms)),
     };
     if let Err(e) = result {
         eprintln!("fm-peer: {e}");
@@ -69,10 +65,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>
 
 fn serve(http: u16, sink: u16, echo: u16) -> Result<()> {
     let listeners = [
-        (
-            TcpListener::bind(("0.0.0.0", http))?,
-            serve_http as fn(TcpStream, SocketAddr) -> Result<()>,
-        ),
+        (TcpListener::bind(("0.0.0.0", http))?, serve_http as fn(TcpStream, SocketAddr) -> Result<()>),
         (TcpListener::bind(("0.0.0.0", sink))?, serve_sink),
         (TcpListener::bind(("0.0.0.0", echo))?, serve_echo),
     ];
@@ -82,9 +75,7 @@ fn serve(http: u16, sink: u16, echo: u16) -> Result<()> {
     for (listener, handler) in listeners {
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let peer = stream
-                    .peer_addr()
-                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                 std::thread::spawn(move || {
                     if let Err(e) = handler(stream, peer) {
                         eprintln!("connection from {peer}: {e}");
@@ -110,11 +101,7 @@ fn serve_http(stream: TcpStream, peer: SocketAddr) -> Result<()> {
     }
     let body = format!("client {peer}\n");
     let mut stream = stream;
-    write!(
-        stream,
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
+    write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
     Ok(())
 }
 
@@ -202,9 +189,7 @@ fn ping(to: SocketAddr, count: u32, interval: Duration) -> Result<()> {
         let msg = format!("ping {i}\n");
         writer.write_all(msg.as_bytes())?;
         let mut line = String::new();
-        reader
-            .read_line(&mut line)
-            .map_err(|e| format!("round trip {i}: {e}"))?;
+        reader.read_line(&mut line).map_err(|e| format!("round trip {i}: {e}"))?;
         if line != msg {
             return Err(format!("round trip {i}: sent {msg:?}, got {line:?}").into());
         }

@@ -24,23 +24,14 @@ pub enum AgentError {
 
 /// A client of the agent at `path`.
 pub async fn connect(path: &Path) -> Result<AgentAdminClient<Channel>, AgentError> {
-    let unreachable = |reason: String| AgentError::Unreachable {
-        path: path.display().to_string(),
-        reason,
-    };
+    let unreachable = |reason: String| AgentError::Unreachable { path: path.display().to_string(), reason };
     // Fail fast with the OS's own words when the socket is missing or dead.
-    tokio::net::UnixStream::connect(path)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    tokio::net::UnixStream::connect(path).await.map_err(|e| unreachable(e.to_string()))?;
     let socket: PathBuf = path.to_path_buf();
     let channel = Endpoint::from_static("http://agent.local")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
         }))
         .await
         .map_err(|e| unreachable(e.to_string()))?;

@@ -36,12 +36,7 @@ pub struct FlowJson {
 
 fn endpoint(e: Option<proto::Endpoint>) -> EndpointJson {
     let e = e.unwrap_or_default();
-    EndpointJson {
-        ip: e.ip,
-        port: e.port,
-        workload: e.workload,
-        namespace: e.namespace,
-    }
+    EndpointJson { ip: e.ip, port: e.port, workload: e.workload, namespace: e.namespace }
 }
 
 impl From<proto::Flow> for FlowJson {
@@ -73,12 +68,7 @@ fn name(e: &EndpointJson) -> String {
 
 /// Prints the flows of the agent at `agent`.
 pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
-    let flows = connect(agent)
-        .await?
-        .list_flows(ListFlowsRequest {})
-        .await?
-        .into_inner()
-        .flows;
+    let flows = connect(agent).await?.list_flows(ListFlowsRequest {}).await?.into_inner().flows;
     let flows: Vec<FlowJson> = flows.into_iter().map(FlowJson::from).collect();
     match output {
         Output::Json => {
@@ -101,18 +91,7 @@ pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
                     ]
                 })
                 .collect();
-            print_table(
-                &[
-                    "TIME",
-                    "DIR",
-                    "SOURCE",
-                    "DESTINATION",
-                    "SENT/RECV",
-                    "VERDICT",
-                    "REASON",
-                ],
-                &rows,
-            );
+            print_table(&["TIME", "DIR", "SOURCE", "DESTINATION", "SENT/RECV", "VERDICT", "REASON"], &rows);
         }
     }
     Ok(())
@@ -127,11 +106,7 @@ pub fn print_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.to_vec());

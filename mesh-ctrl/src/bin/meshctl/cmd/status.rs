@@ -10,11 +10,7 @@ use crate::Output;
 
 /// Prints the status of the agent at `agent`.
 pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
-    let s = connect(agent)
-        .await?
-        .status(StatusRequest {})
-        .await?
-        .into_inner();
+    let s = connect(agent).await?.status(StatusRequest {}).await?.into_inner();
     match output {
         Output::Json => {
             let json = serde_json::json!({
@@ -33,46 +29,25 @@ pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
             println!("{json}");
         }
         Output::Table => {
-            let ctrl = if s.ctrl_connected {
-                "connected"
-            } else {
-                "NOT CONNECTED (serving the last good config)"
-            };
+            let ctrl = if s.ctrl_connected { "connected" } else { "NOT CONNECTED (serving the last good config)" };
             println!("node:    {}", s.node);
             println!("mesh-ctrl: {ctrl}, config version {}", s.config_version);
             println!("\nenrolled pods: {}", s.enrolled.len());
             let pods: Vec<[String; 3]> = s
                 .enrolled
                 .iter()
-                .map(|e| {
-                    [
-                        format!("{}/{}", e.namespace, e.name),
-                        e.ip.clone(),
-                        e.netns_cookie.to_string(),
-                    ]
-                })
+                .map(|e| [format!("{}/{}", e.namespace, e.name), e.ip.clone(), e.netns_cookie.to_string()])
                 .collect();
             print_table(&["POD", "IP", "NETNS COOKIE"], &pods);
             println!("\neBPF programs:");
             let programs: Vec<[String; 4]> = s
                 .programs
                 .iter()
-                .map(|p| {
-                    [
-                        p.name.clone(),
-                        p.id.to_string(),
-                        format!("{:?}", p.link_ids),
-                        p.attach.clone(),
-                    ]
-                })
+                .map(|p| [p.name.clone(), p.id.to_string(), format!("{:?}", p.link_ids), p.attach.clone()])
                 .collect();
             print_table(&["PROGRAM", "ID", "LINKS", "ATTACHED TO"], &programs);
             println!("\ncounters:");
-            let counters: Vec<[String; 2]> = s
-                .counters
-                .iter()
-                .map(|c| [c.name.clone(), c.value.to_string()])
-                .collect();
+            let counters: Vec<[String; 2]> = s.counters.iter().map(|c| [c.name.clone(), c.value.to_string()]).collect();
             print_table(&["COUNTER", "VALUE"], &counters);
         }
     }

@@ -1,0 +1,138 @@
+//! End-to-end lifecycle tests: agent exit leaves nothing attached, and bad config is rejected
+//! by name while the last good config keeps being served. Needs root.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ferrymesh_testbed::mesh::{bin, wait_until, DATAPLANE_MODE, HTTP_PORT};
+use ferrymesh_testbed::{Topology, TopologySpec};
+use serde_json::Value;
+
+fn cluster() -> Topology {
+    let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "b", 1).pod("shop", "c", 2).pod("legacy", "x", 1);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    for pod in &topo.pods {
+        topo.serve(pod);
+    }
+    topo
+}
+
+/// Kernel ids of every bpf link and program that exists now (BPF_*_GET_NEXT_ID listings).
+fn kernel_ids() -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let links = aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect();
+    let programs = aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect();
+    (links, programs)
+}
+
+/// Link and program ids an agent reports holding.
+fn agent_ids(status: &Value) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let programs = status["programs"].as_array().expect("programs");
+    let links = programs
+        .iter()
+        .flat_map(|p| p["link_ids"].as_array().expect("link_ids").iter().map(|id| id.as_u64().unwrap() as u32))
+        .collect();
+    let ids = programs.iter().map(|p| p["id"].as_u64().unwrap() as u32).collect();
+    (links, ids)
+}
+
+#[test]
+fn agent_exit_leaves_no_attachment_and_traffic_flows_directly() {
+    let topo = cluster();
+    for (node, signal, name) in [(1u8, libc::SIGTERM, "SIGTERM"), (2, libc::SIGKILL, "SIGKILL")] {
+        let (links, programs) = agent_ids(&topo.status(node));
+        // 5 cgroup links plus one sk_lookup link per enrolled pod; 6 programs.
+        let enrolled = if node == 1 { 2 } else { 1 };
+        assert_eq!(links.len(), 5 + enrolled, "node{node} links {links:?}");
+        assert_eq!(programs.len(), 6, "node{node} programs {programs:?}");
+        let (live_links, live_programs) = kernel_ids();
+        assert!(
+            links.is_subset(&live_links) && programs.is_subset(&live_programs),
+            "the kernel lists the agent's links and programs"
+        );
+
+        let status = topo.signal_and_wait(&format!("agent-node{node}"), signal);
+        if signal == libc::SIGTERM {
+            assert!(status.success(), "agent exits cleanly on SIGTERM: {status}");
+        }
+        wait_until(
+            Duration::from_secs(5),
+            &format!("the kernel to drop the links of the agent killed by {name}"),
+            || {
+                let (live_links, live_programs) = kernel_ids();
+                live_links.is_disjoint(&links) && live_programs.is_disjoint(&programs)
+            },
+        );
+    }
+    assert!(!std::path::Path::new("/sys/fs/bpf/ferrymesh").exists(), "nothing is pinned");
+    assert!(!topo.agent_socket(1).exists(), "the admin socket is removed on SIGTERM");
+
+    // No agent anywhere: pods talk directly and servers see the real client.
+    let (a, b, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    for (from, to) in [(a, b), (a, c), (x, c)] {
+        let body = topo.curl(from, to.ip);
+        assert!(body.starts_with(&format!("client {}:", from.ip)), "{} -> {}: {body}", from.name, to.name);
+    }
+    topo.send(a, c.ip, 10 * 1024 * 1024);
+}
+
+fn ctrl_log_has(topo: &Topology, text: &str) -> bool {
+    topo.log("mesh-ctrl").contains(text)
+}
+
+#[test]
+fn invalid_config_is_rejected_by_name_and_the_last_good_config_keeps_serving() {
+    let topo = cluster();
+    let (a, c) = (topo.pod("shop", "a"), topo.pod("shop", "c"));
+    let version = topo.status(1)["config_version"].as_u64().unwrap();
+    let good = topo.pod_yaml(a, &[]);
+    let file = topo.config_dir().join("pod-shop-a.yaml");
+    let file = file.display();
+    let cases = [
+        ("invalid YAML", "apiVersion: v1\nkind: Pod\nmetadata: [a\n".to_string(), format!("{file}: invalid YAML")),
+        (
+            "unknown field",
+            good.replace("  nodeName:", "  hostNetwrk: true\n  nodeName:"),
+            format!("{file}: Pod shop/a: field spec.hostNetwrk: unknown field"),
+        ),
+        (
+            "missing podIP",
+            good.replace(&format!("status:\n  podIP: {}\n", a.ip), ""),
+            format!("{file}: Pod shop/a: field status.podIP: missing"),
+        ),
+    ];
+    for (what, text, message) in cases {
+        topo.write_config_file("pod-shop-a.yaml", &text);
+        wait_until(Duration::from_secs(5), &format!("mesh-ctrl to reject the {what}"), || {
+            ctrl_log_has(&topo, &message)
+        });
+
+        let check = std::process::Command::new(bin("mesh-ctrl"))
+            .arg("--check")
+            .arg("--config-dir")
+            .arg(topo.config_dir())
+            .output()
+            .unwrap();
+        assert_eq!(check.status.code(), Some(1), "{what}: --check fails");
+        assert!(
+            String::from_utf8_lossy(&check.stderr).contains(&message),
+            "{what}: --check names it: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+
+        // The last good config is still served: same version, a still enrolled and captured.
+        assert_eq!(topo.status(1)["config_version"].as_u64().unwrap(), version, "{what}: no new version");
+        assert_eq!(topo.enrolled(1), ["shop/a", "shop/b"], "{what}");
+        let before = topo.flows(1).len();
+        topo.curl(a, c.ip);
+        wait_until(Duration::from_secs(2), &format!("{what}: a's connection to be captured"), || {
+            topo.flows(1).iter().skip(before).any(|f| f["direction"] == "outbound" && f["dst"]["port"] == HTTP_PORT)
+        });
+    }
+    // A good change still lands, within a second.
+    topo.write_pod(a, &[(DATAPLANE_MODE, "none")]);
+    topo.wait_enrolled(1, &["shop/b"], Duration::from_secs(1));
+}
