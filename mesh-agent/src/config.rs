@@ -18,7 +18,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub enum ConfigClientError {
     /// `--ctrl` is not a valid URI.
     #[error("invalid --ctrl address: {0}")]
-    Address(#[from] tonic::transport::Error),
+    Address(String),
+    /// mesh-ctrl could not be reached.
+    #[error("cannot reach mesh-ctrl: {0} (is it running, and is port 15012 reachable from this node?)")]
+    Connect(String),
     /// The stream failed.
     #[error("config stream from mesh-ctrl failed: {0}")]
     Stream(#[from] tonic::Status),
@@ -52,12 +55,14 @@ pub async fn run(ctrl: String, node: String, state: Arc<State>) {
 }
 
 async fn stream_once(ctrl: &str, node: &str, state: &State) -> Result<(), ConfigClientError> {
-    let channel = Endpoint::from_shared(ctrl.to_string())?
+    let channel = Endpoint::from_shared(ctrl.to_string())
+        .map_err(|e| ConfigClientError::Address(error_chain(&e)))?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .connect()
-        .await?;
+        .await
+        .map_err(|e| ConfigClientError::Connect(error_chain(&e)))?;
     let mut stream = ConfigClient::new(channel).watch(WatchRequest { node: node.to_string() }).await?.into_inner();
     while let Some(update) = stream.message().await? {
         state.set_ctrl_connected(true);
@@ -68,4 +73,33 @@ async fn stream_once(ctrl: &str, node: &str, state: &State) -> Result<(), Config
         }
     }
     Ok(())
+}
+
+/// `error: cause: cause...`, since tonic's transport errors say only "transport error" at the top.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unreachable_ctrl_and_bad_address_are_told_apart() {
+        let state = State::default();
+        let e = stream_once("http://127.0.0.1:1", "n1", &state).await.unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("cannot reach mesh-ctrl: transport error: "), "{text}");
+        assert!(text.contains("Connection refused"), "{text}");
+        let e = stream_once("not a uri", "n1", &state).await.unwrap_err();
+        assert!(e.to_string().starts_with("invalid --ctrl address:"), "{e}");
+        assert!(!state.ctrl_status().0);
+    }
 }

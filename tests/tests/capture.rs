@@ -138,6 +138,9 @@ fn enrolling_and_unenrolling_live_keeps_established_connections() {
     });
     // Established while enrolled (proxied by both agents), lasting through the unenrolment.
     let during = topo.start_ping("ping-during", x, y.ip, 30);
+    let peer = format!("-> {}:{ECHO_PORT}", y.ip);
+    assert!(topo.log(&during).contains(&peer), "getpeername() shows the original peer: {}", topo.log(&during));
+    assert!(counter(&topo, 1, "peer_restored") > 0);
 
     topo.write_pod(x, &[(DATAPLANE_MODE, "none")]);
     topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(1));

@@ -149,17 +149,22 @@ fn setup_bpf_linker(toolchain: &str) -> Result<PathBuf> {
     let prefix = home.join(format!("bpf-linker-{toolchain}"));
     let bin = prefix.join("bin/bpf-linker");
     let stamp = prefix.join("stamp");
+    // The build links against lib/libLLVM.so; the binary then asks for the library by its
+    // soname (the file name) through a RUNPATH of lib/, so both names point at it.
+    let llvm_prefix = prefix.join("llvm");
+    std::fs::create_dir_all(llvm_prefix.join("lib"))?;
+    let soname = libllvm.file_name().context("libLLVM file name")?;
+    for name in [OsStr::new("libLLVM.so"), soname] {
+        let link = llvm_prefix.join("lib").join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)?;
+    }
     let want = format!("{}\n{}\n", libllvm.display(), verbose.trim());
     let current = std::fs::read_to_string(&stamp).unwrap_or_default();
     if current == want && Command::new(&bin).arg("--version").output().is_ok_and(|o| o.status.success()) {
         return Ok(bin);
     }
     eprintln!("xtask: building bpf-linker against {} (LLVM {llvm}); takes about 2 minutes once", libllvm.display());
-    let llvm_prefix = prefix.join("llvm");
-    std::fs::create_dir_all(llvm_prefix.join("lib"))?;
-    let link = llvm_prefix.join("lib/libLLVM.so");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&libllvm, &link)?;
     run(cmd("cargo")
         .args(["install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION, "--no-default-features"])
         .args(["--features", &format!("llvm-{major}")])

@@ -131,6 +131,53 @@ fn link_id(name: &'static str, link: &FdLink) -> Result<u32> {
     link.info().map(|info| info.id()).map_err(|source| DatapathError::Link { name, source })
 }
 
+/// Program `name` of the object, as type `T`, loaded into the kernel (verified).
+fn loaded<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    T: LoadProgram + 'a,
+{
+    let prog: &mut T =
+        ebpf.program_mut(name).ok_or(DatapathError::MissingProgram(name))?.try_into().map_err(program_error(name))?;
+    prog.load_program().map_err(program_error(name))?;
+    Ok(prog)
+}
+
+/// `load()` of the program types used here (aya has no common trait for it).
+trait LoadProgram {
+    fn load_program(&mut self) -> std::result::Result<(), ProgramError>;
+}
+
+impl LoadProgram for CgroupSockAddr {
+    fn load_program(&mut self) -> std::result::Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl LoadProgram for SockOps {
+    fn load_program(&mut self) -> std::result::Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl LoadProgram for SkLookup {
+    fn load_program(&mut self) -> std::result::Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+impl Attached {
+    fn new(
+        name: &'static str,
+        prog_id: u32,
+        attach: String,
+        link: std::result::Result<FdLink, aya::programs::links::LinkError>,
+    ) -> Result<Self> {
+        let link = link.map_err(|source| DatapathError::Link { name, source })?;
+        Ok(Self { name, prog_id, attach, link_id: link_id(name, &link)?, _link: link })
+    }
+}
+
 impl Datapath {
     /// Loads every program (reporting the verifier log of any that fails) and attaches the
     /// node-wide ones at `cgroup_root`.
@@ -138,58 +185,21 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new().load(OBJECT)?;
         let cgroup = File::open(cgroup_root)
             .map_err(|source| DatapathError::Cgroup { path: cgroup_root.to_path_buf(), source })?;
+        let at = |hook: &str| format!("cgroup {} ({hook})", cgroup_root.display());
         let mut attached = Vec::new();
         for (name, hook) in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?
-                .try_into()
-                .map_err(program_error(name))?;
-            prog.load().map_err(program_error(name))?;
+            let prog: &mut CgroupSockAddr = loaded(&mut ebpf, name)?;
             let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program_error(name))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(program_error(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Link { name, source })?;
-            let prog_id = prog.info().map_err(program_error(name))?.id();
-            attached.push(Attached {
-                name,
-                prog_id,
-                attach: format!("cgroup {} ({hook})", cgroup_root.display()),
-                link_id: link_id(name, &link)?,
-                _link: link,
-            });
+            let link = prog.take_link(id).map_err(program_error(name))?.try_into();
+            attached.push(Attached::new(name, prog.info().map_err(program_error(name))?.id(), at(hook), link)?);
         }
         let name = SOCK_OPS_PROGRAM;
-        let prog: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(program_error(name))?;
-        prog.load().map_err(program_error(name))?;
+        let prog: &mut SockOps = loaded(&mut ebpf, name)?;
         let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program_error(name))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(program_error(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Link { name, source })?;
-        let prog_id = prog.info().map_err(program_error(name))?.id();
-        attached.push(Attached {
-            name,
-            prog_id,
-            attach: format!("cgroup {} (sock_ops)", cgroup_root.display()),
-            link_id: link_id(name, &link)?,
-            _link: link,
-        });
-        let name = SK_LOOKUP_PROGRAM;
-        let prog: &mut SkLookup = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(program_error(name))?;
-        prog.load().map_err(program_error(name))?;
-        let sk_lookup_prog_id = prog.info().map_err(program_error(name))?.id();
+        let link = prog.take_link(id).map_err(program_error(name))?.try_into();
+        attached.push(Attached::new(name, prog.info().map_err(program_error(name))?.id(), at("sock_ops"), link)?);
+        let prog: &mut SkLookup = loaded(&mut ebpf, SK_LOOKUP_PROGRAM)?;
+        let sk_lookup_prog_id = prog.info().map_err(program_error(SK_LOOKUP_PROGRAM))?.id();
         Ok(Self {
             enrolled: take_map(&mut ebpf, map_names::ENROLLED)?,
             orig_by_port: take_map(&mut ebpf, map_names::ORIG_BY_PORT)?,

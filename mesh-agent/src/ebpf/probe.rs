@@ -39,15 +39,21 @@ pub fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
     })
 }
 
-/// Checks every feature; the first one missing is the error.
-pub fn probe() -> Result<Features, MissingFeature> {
-    let version = KernelVersion::current().map_err(|e| missing("kernel version", format!("cannot read it: {e}")))?;
+/// Checks the kernel version against [`MIN_KERNEL`].
+pub fn check_kernel(version: KernelVersion) -> Result<(), MissingFeature> {
     if version < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
         return Err(missing(
             format!("Linux {}.{}+ (running {version:?})", MIN_KERNEL.0, MIN_KERNEL.1),
             "netns cookies in sockops and sock_addr programs arrived in 5.15",
         ));
     }
+    Ok(())
+}
+
+/// Checks every feature; the first one missing is the error.
+pub fn probe() -> Result<Features, MissingFeature> {
+    let version = KernelVersion::current().map_err(|e| missing("kernel version", format!("cannot read it: {e}")))?;
+    check_kernel(version)?;
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(missing("BTF (/sys/kernel/btf/vmlinux)", "a kernel built with CONFIG_DEBUG_INFO_BTF=y"));
     }
@@ -90,6 +96,14 @@ mod tests {
         for (mounts, want) in cases {
             assert_eq!(cgroup2_mount(mounts), want.map(PathBuf::from), "{mounts}");
         }
+    }
+
+    #[test]
+    fn an_old_kernel_is_named_in_the_error() {
+        let e = check_kernel(KernelVersion::new(5, 10, 0)).unwrap_err();
+        assert!(e.to_string().starts_with("kernel feature missing: Linux 5.15+"), "{e}");
+        assert!(check_kernel(KernelVersion::new(5, 15, 0)).is_ok());
+        assert!(check_kernel(KernelVersion::new(6, 18, 44)).is_ok());
     }
 
     #[test]

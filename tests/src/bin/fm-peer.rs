@@ -182,7 +182,8 @@ fn send(to: SocketAddr, bytes: u64) -> Result<()> {
 fn ping(to: SocketAddr, count: u32, interval: Duration) -> Result<()> {
     let stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    println!("connected {} -> {to}", stream.local_addr()?);
+    // peer_addr() is getpeername(): under capture it must still name `to`, not the agent.
+    println!("connected {} -> {}", stream.local_addr()?, stream.peer_addr()?);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     for i in 0..count {
