@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::ebpf::Datapath;
 use crate::enroll::EnrolledSummary;
 use crate::flows::FlowTable;
+use crate::identity::IdentityManager;
 use crate::state::State;
 
 /// Implementation of `ferrymesh.admin.v1.AgentAdmin`.
@@ -28,6 +29,8 @@ pub struct AdminService {
     pub datapath: Arc<Mutex<Datapath>>,
     /// Enrolled pods as the enroller publishes them.
     pub enrolled: watch::Receiver<Vec<EnrolledSummary>>,
+    /// Certificates held.
+    pub identities: Arc<IdentityManager>,
 }
 
 #[tonic::async_trait]
@@ -79,7 +82,21 @@ impl agent_admin_server::AgentAdmin for AdminService {
                 sk_lookup_link_id: e.sk_lookup_link_id,
             })
             .collect();
+        let unix_ms =
+            |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let certs = self
+            .identities
+            .all()
+            .iter()
+            .map(|c| proto::Cert {
+                identity: c.spiffe_id.clone(),
+                serial: c.serial.clone(),
+                not_after_unix_ms: unix_ms(c.not_after),
+                rotate_at_unix_ms: unix_ms(c.rotate_at),
+            })
+            .collect();
         Ok(Response::new(proto::StatusResponse {
+            certs,
             node: self.node.clone(),
             ctrl_connected,
             config_version,

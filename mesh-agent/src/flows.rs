@@ -59,13 +59,15 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// (pod name, namespace) when the address belongs to a known workload.
     pub workload: Option<(String, String)>,
+    /// SPIFFE ID: our own side's, and the peer's only when mTLS proved it.
+    pub identity: Option<String>,
 }
 
 impl Endpoint {
     /// The endpoint at `addr`, named after the workload that owns its IP.
     pub fn lookup(state: &State, addr: SocketAddr) -> Self {
         let workload = state.workload_by_ip(addr.ip()).map(|w| (w.name.clone(), w.namespace.clone()));
-        Self { addr, workload }
+        Self { addr, workload, identity: None }
     }
 }
 
@@ -92,11 +94,21 @@ pub struct Flow {
     pub verdict: Verdict,
     /// Why: "closed" for a normal end, else what went wrong.
     pub reason: String,
+    /// Whether the connection was carried over mutual TLS (HBONE).
+    pub mtls: bool,
+    /// Serial of the certificate the peer presented (inbound mTLS only).
+    pub peer_cert_serial: String,
 }
 
 fn endpoint_proto(e: &Endpoint) -> proto::Endpoint {
     let (workload, namespace) = e.workload.clone().unwrap_or_default();
-    proto::Endpoint { ip: e.addr.ip().to_string(), port: u32::from(e.addr.port()), workload, namespace }
+    proto::Endpoint {
+        ip: e.addr.ip().to_string(),
+        port: u32::from(e.addr.port()),
+        workload,
+        namespace,
+        identity: e.identity.clone().unwrap_or_default(),
+    }
 }
 
 impl From<&Flow> for proto::Flow {
@@ -113,6 +125,8 @@ impl From<&Flow> for proto::Flow {
             duration_ms: f.duration.as_millis() as u64,
             verdict: f.verdict.as_str().into(),
             reason: f.reason.clone(),
+            mtls: f.mtls,
+            peer_cert_serial: f.peer_cert_serial.clone(),
         }
     }
 }
@@ -158,16 +172,19 @@ mod tests {
             start: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             node: "n1".into(),
             direction: Direction::Inbound,
-            src: Endpoint { addr: SocketAddr::from(([10, 0, 0, 1], port)), workload: None },
+            src: Endpoint { addr: SocketAddr::from(([10, 0, 0, 1], port)), workload: None, identity: None },
             dst: Endpoint {
                 addr: SocketAddr::from(([10, 0, 0, 2], 80)),
                 workload: Some(("web".into(), "shop".into())),
+                identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
             },
             bytes_sent: 5,
             bytes_received: 7,
             duration: Duration::from_millis(12),
             verdict: Verdict::Allowed,
             reason: "closed".into(),
+            mtls: true,
+            peer_cert_serial: "0a".into(),
         }
     }
 
@@ -192,6 +209,8 @@ mod tests {
             (dst.ip.as_str(), dst.port, dst.workload.as_str(), dst.namespace.as_str()),
             ("10.0.0.2", 80, "web", "shop")
         );
+        assert_eq!(dst.identity, "spiffe://cluster.local/ns/shop/sa/web");
         assert_eq!(p.src.unwrap().workload, "");
+        assert!(p.mtls);
     }
 }

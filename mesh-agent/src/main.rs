@@ -6,10 +6,12 @@ mod config;
 mod ebpf;
 mod enroll;
 mod flows;
+mod identity;
 #[expect(unsafe_code, reason = "the syscall wrappers live here, each with a SAFETY comment")]
 mod netns;
 mod proxy;
 mod state;
+mod tls;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,10 @@ struct Args {
     /// Unix socket of the admin API (used by meshctl --agent).
     #[arg(long, default_value = "/var/run/ferrymesh/agent.sock")]
     admin_socket: PathBuf,
+    /// File holding this node's bootstrap token (its entry in mesh-ctrl --node-tokens). Without
+    /// it the agent obtains no certificates and carries traffic as plain TCP.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Number of recent flows kept for `meshctl flows`.
     #[arg(long, default_value_t = 4096)]
     flow_capacity: usize,
@@ -53,17 +59,39 @@ async fn main() -> anyhow::Result<()> {
     let datapath = Arc::new(Mutex::new(datapath));
     let state = Arc::new(state::State::default());
     let flows = Arc::new(flows::FlowTable::new(args.flow_capacity));
+    let token = match &args.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --token-file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => {
+            tracing::warn!("no --token-file: no certificates, traffic between meshed pods is plain TCP");
+            None
+        }
+    };
+    let identities = Arc::new(identity::IdentityManager::new(args.ctrl.clone(), token, state.trust_domain()));
     let ctx = Arc::new(proxy::ProxyContext {
         node: args.node_name.clone(),
         state: state.clone(),
         datapath: datapath.clone(),
         runner: netns::NetnsRunner::start().context("cannot start the netns thread")?,
         flows: flows.clone(),
+        identities: identities.clone(),
+        pool: proxy::hbone::Pool::default(),
     });
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (enroller, enrolled) = enroll::Enroller::new(ctx);
     let enroller = tokio::spawn(enroller.run(shutdown.clone()));
-    let admin = admin::AdminService { node: args.node_name.clone(), state: state.clone(), flows, datapath, enrolled };
+    let admin = admin::AdminService {
+        node: args.node_name.clone(),
+        state: state.clone(),
+        flows,
+        datapath,
+        enrolled,
+        identities,
+    };
     let admin = tokio::spawn(admin::serve(args.admin_socket.clone(), admin, shutdown.clone()));
     tokio::spawn(config::run(args.ctrl.clone(), args.node_name.clone(), state));
     tracing::info!(node = %args.node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");

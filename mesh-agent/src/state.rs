@@ -82,11 +82,12 @@ struct Inner {
 pub struct State {
     inner: RwLock<Inner>,
     changed: watch::Sender<u64>,
+    trust_domain: watch::Sender<String>,
 }
 
 impl Default for State {
     fn default() -> Self {
-        Self { inner: RwLock::default(), changed: watch::channel(0).0 }
+        Self { inner: RwLock::default(), changed: watch::channel(0).0, trust_domain: watch::channel(String::new()).0 }
     }
 }
 
@@ -109,8 +110,20 @@ impl State {
             inner.by_ip = by_ip;
             inner.version = update.version;
         }
+        if !update.trust_domain.is_empty() {
+            self.trust_domain.send_if_modified(|td| {
+                let changed = *td != update.trust_domain;
+                td.clone_from(&update.trust_domain);
+                changed
+            });
+        }
         self.changed.send_replace(update.version);
         Ok(())
+    }
+
+    /// The mesh's trust domain as mesh-ctrl announces it (empty until the first update).
+    pub fn trust_domain(&self) -> watch::Receiver<String> {
+        self.trust_domain.subscribe()
     }
 
     /// Records whether the config stream from mesh-ctrl is up.
@@ -166,6 +179,7 @@ mod tests {
             snapshot: true,
             upserted: vec![workload("a", "10.0.0.1", "n1", true), workload("b", "10.0.0.2", "n2", true)],
             removed: vec![],
+            trust_domain: "example.org".into(),
         };
         state.apply(snapshot).unwrap();
         assert_eq!(state.captured_on("n1").keys().collect::<Vec<_>>(), vec!["a"]);
@@ -175,11 +189,13 @@ mod tests {
             snapshot: false,
             upserted: vec![workload("a", "10.0.0.1", "n1", false)],
             removed: vec!["b".into()],
+            trust_domain: "example.org".into(),
         };
         state.apply(delta).unwrap();
         assert!(state.captured_on("n1").is_empty());
         assert!(state.workload_by_ip("10.0.0.2".parse().unwrap()).is_none());
         assert_eq!(state.ctrl_status().1, 2);
+        assert_eq!(*state.trust_domain().borrow(), "example.org");
     }
 
     #[test]
@@ -189,14 +205,14 @@ mod tests {
             version: 1,
             snapshot: true,
             upserted: vec![workload("a", "10.0.0.1", "n1", true)],
-            removed: vec![],
+            ..Default::default()
         };
         state.apply(good).unwrap();
         let bad = proto::ConfigUpdate {
             version: 2,
             snapshot: true,
             upserted: vec![workload("c", "10.0.0.3", "n1", true), workload("d", "not-an-ip", "n1", true)],
-            removed: vec![],
+            ..Default::default()
         };
         let e = state.apply(bad).unwrap_err();
         assert_eq!(e.to_string(), "workload d: field ip: \"not-an-ip\": invalid IP address syntax");

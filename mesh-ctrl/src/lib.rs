@@ -2,6 +2,8 @@
 //! streams it to node agents over gRPC.
 #![forbid(unsafe_code)]
 
+pub mod ca;
+pub mod certs;
 pub mod model;
 pub mod server;
 pub mod snapshot;

@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use std::sync::Arc;
+
+use mesh_ctrl::ca::Ca;
+use mesh_ctrl::certs::{CertificateService, NodeTokens};
 use mesh_ctrl::server::ConfigService;
 use mesh_ctrl::snapshot::Publisher;
 use mesh_ctrl::source::{self, DirSource};
@@ -23,6 +27,20 @@ struct Args {
     /// Validate the config directory, print every rejected object and exit (non-zero if any).
     #[arg(long)]
     check: bool,
+    /// Directory of the mesh CA (generated on first start, or the operator's ca-cert.pem and
+    /// ca-key.pem).
+    #[arg(long, default_value = "/var/lib/ferrymesh/ca")]
+    ca_dir: PathBuf,
+    /// Trust domain of SPIFFE identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime of workload certificates (e.g. 24h, 10s).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
+    /// YAML map of node name to bootstrap token; an agent proves its node with its token.
+    /// Without it no certificate is issued.
+    #[arg(long)]
+    node_tokens: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -43,7 +61,16 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(if errors.is_empty() { 0 } else { 1 });
     }
     anyhow::ensure!(args.config_dir.is_dir(), "--config-dir {}: not a directory", args.config_dir.display());
+    let ca = Arc::new(Ca::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)?);
+    let tokens = match &args.node_tokens {
+        Some(path) => NodeTokens::load(path).map_err(anyhow::Error::msg)?,
+        None => {
+            tracing::warn!("no --node-tokens: certificates are disabled, so is mTLS between agents");
+            NodeTokens::default()
+        }
+    };
     let (publisher, snapshots) = Publisher::new();
+    let certificates = CertificateService::new(ca, tokens, args.trust_domain.clone(), snapshots.clone());
     let watcher = tokio::spawn(source::watch_dir(source, publisher));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -51,7 +78,8 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, dir = %args.config_dir.display(), "mesh-ctrl serving");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(ConfigService::new(snapshots).into_server())
+        .add_service(ConfigService::new(snapshots, args.trust_domain.clone()).into_server())
+        .add_service(certificates.into_server())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
     tokio::select! {
         result = server => result.context("config server failed")?,

@@ -17,12 +17,13 @@ use crate::snapshot::Snapshot;
 #[derive(Debug, Clone)]
 pub struct ConfigService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    trust_domain: String,
 }
 
 impl ConfigService {
-    /// A service streaming the snapshots of `snapshots`.
-    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
-        Self { snapshots }
+    /// A service streaming the snapshots of `snapshots` for a mesh with `trust_domain`.
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, trust_domain: String) -> Self {
+        Self { snapshots, trust_domain }
     }
 
     /// The tonic server wrapper for this service.
@@ -43,6 +44,7 @@ impl config_server::Config for ConfigService {
             return Err(Status::invalid_argument("WatchRequest.node is empty: start the agent with --node-name"));
         }
         let mut snapshots = self.snapshots.clone();
+        let trust_domain = self.trust_domain.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             tracing::info!(%node, "agent connected");
@@ -52,6 +54,7 @@ impl config_server::Config for ConfigService {
                 snapshot: true,
                 upserted: sent.workloads.values().cloned().collect(),
                 removed: Vec::new(),
+                trust_domain: trust_domain.clone(),
             };
             if tx.send(Ok(first)).await.is_err() {
                 return;
@@ -59,7 +62,13 @@ impl config_server::Config for ConfigService {
             while snapshots.changed().await.is_ok() {
                 let current = snapshots.borrow_and_update().clone();
                 let (upserted, removed) = diff(&sent.workloads, &current.workloads);
-                let update = proto::ConfigUpdate { version: current.version, snapshot: false, upserted, removed };
+                let update = proto::ConfigUpdate {
+                    version: current.version,
+                    snapshot: false,
+                    upserted,
+                    removed,
+                    trust_domain: trust_domain.clone(),
+                };
                 sent = current;
                 if tx.send(Ok(update)).await.is_err() {
                     break;

@@ -119,10 +119,30 @@ impl Topology {
         self.dir.join(format!("agent-node{node}.sock"))
     }
 
-    /// Starts mesh-ctrl in the fabric netns, serving the config directory.
-    pub fn start_ctrl(&self) {
+    /// The CA directory of mesh-ctrl.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    /// The bootstrap token file of the agent of `node`.
+    pub fn token_file(&self, node: u8) -> PathBuf {
+        self.dir.join(format!("node{node}.token"))
+    }
+
+    /// Starts mesh-ctrl in the fabric netns, serving the config directory, with a CA in
+    /// [`Topology::ca_dir`] and one bootstrap token per node; `extra` is appended.
+    pub fn start_ctrl(&self, extra: &[&str]) {
+        let mut tokens = String::new();
+        for node in &self.nodes {
+            let token = format!("token-{}-{}-{}", self.id, node.name, std::process::id());
+            std::fs::write(self.token_file(node.index), &token).expect("write token");
+            tokens.push_str(&format!("{}: {token}\n", node.name));
+        }
+        let tokens_file = self.dir.join("node-tokens.yaml");
+        std::fs::write(&tokens_file, tokens).expect("write node tokens");
         let mut cmd = self.command_in(&self.fabric, bin("mesh-ctrl"));
         cmd.arg("--config-dir").arg(self.config_dir()).arg("--listen").arg(format!("{FABRIC_IP}:15012"));
+        cmd.arg("--ca-dir").arg(self.ca_dir()).arg("--node-tokens").arg(tokens_file).args(extra);
         self.spawn("mesh-ctrl", cmd);
     }
 
@@ -134,7 +154,9 @@ impl Topology {
         let mut cmd = self.command_in(&netns, bin("mesh-agent"));
         cmd.args(["--node-name", &name, "--ctrl", &format!("http://{FABRIC_IP}:15012")])
             .arg("--admin-socket")
-            .arg(self.agent_socket(node));
+            .arg(self.agent_socket(node))
+            .arg("--token-file")
+            .arg(self.token_file(node));
         let label = format!("agent-{name}");
         self.spawn(&label, cmd);
         wait_until(Duration::from_secs(20), &format!("{label} to connect to mesh-ctrl"), || {
@@ -145,7 +167,12 @@ impl Topology {
 
     /// Starts mesh-ctrl and every agent.
     pub fn start_mesh(&self) {
-        self.start_ctrl();
+        self.start_mesh_with(&[]);
+    }
+
+    /// Starts mesh-ctrl with `ctrl_args` appended, and every agent.
+    pub fn start_mesh_with(&self, ctrl_args: &[&str]) {
+        self.start_ctrl(ctrl_args);
         for node in &self.nodes {
             self.start_agent(node.index);
         }
@@ -227,8 +254,17 @@ impl Topology {
 
     /// Sends `bytes` from `from` to the sink of `to` and checks the checksum the sink computed.
     pub fn send(&self, from: &Pod, to: Ipv4Addr, bytes: u64) -> Value {
+        self.send_with(from, to, bytes, &[])
+    }
+
+    /// [`Topology::send`] with extra fm-peer arguments (e.g. `--marker TEXT`).
+    pub fn send_with(&self, from: &Pod, to: Ipv4Addr, bytes: u64, extra: &[&str]) -> Value {
         let addr = SocketAddr::from((to, SINK_PORT)).to_string();
-        let out = self.output_in(&from.netns, bin("fm-peer"), &["send", "--to", &addr, "--bytes", &bytes.to_string()]);
+        let mut args = vec!["send", "--to", &addr, "--bytes"];
+        let bytes_text = bytes.to_string();
+        args.push(&bytes_text);
+        args.extend_from_slice(extra);
+        let out = self.output_in(&from.netns, bin("fm-peer"), &args);
         assert!(
             out.status.success(),
             "transfer of {bytes} bytes {} -> {addr} failed: {}{}",

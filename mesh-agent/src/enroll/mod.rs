@@ -1,5 +1,5 @@
 //! Enrollment: makes the set of captured pods of this node match the state store. Enrolling a
-//! pod = listeners inside its netns, its inbound listener in the sk_lookup map, sk_lookup
+//! pod = its certificate, listeners inside its netns (15001, 15006, 15008), its inbound listener in the sk_lookup map, sk_lookup
 //! attached to its netns, its netns cookie in ENROLLED. Unenrolling undoes the eBPF part; the
 //! connections already proxied keep running. No pod restart either way, and a failed
 //! enrollment leaves nothing behind.
@@ -16,12 +16,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::ebpf::{DatapathError, SkLookupAttachment};
+use crate::identity::{Identity, IdentityError};
 use crate::netns::Netns;
+use crate::proxy::hbone::{self, PodCertResolver};
 use crate::proxy::{inbound, outbound, PodContext, ProxyContext};
 use crate::state::Workload;
+use crate::tls;
 
 /// How often enrollments that failed are retried even without a config change.
 const RETRY: Duration = Duration::from_secs(2);
+/// How long enrollment waits for the pod's first certificate.
+const CERT_WAIT: Duration = Duration::from_secs(3);
 
 /// Why a pod could not be enrolled.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +40,12 @@ pub enum EnrollError {
     /// Only IPv4 pods are captured so far.
     #[error("pod IP {0} is IPv6; only IPv4 pods can be enrolled so far")]
     Ipv6(IpAddr),
+    /// The pod's certificate could not be obtained.
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    /// The pod's TLS configuration could not be built.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 /// A pod the agent captures.
@@ -119,6 +130,11 @@ impl Enroller {
             self.unenroll(&uid);
         }
         self.failures.retain(|uid, _| desired.contains_key(uid));
+        let identities: Vec<Identity> = desired
+            .values()
+            .map(|w| Identity { namespace: w.namespace.clone(), service_account: w.service_account.clone() })
+            .collect();
+        self.ctx.identities.retain(&identities);
         for (uid, workload) in desired {
             if self.enrolled.contains_key(&uid) {
                 continue;
@@ -162,10 +178,22 @@ impl Enroller {
         let IpAddr::V4(ip) = workload.ip else {
             return Err(EnrollError::Ipv6(workload.ip));
         };
+        let identity =
+            Identity { namespace: workload.namespace.clone(), service_account: workload.service_account.clone() };
+        // The pod's certificate first: its 15008 listener must present it from the start.
+        let tls = if self.ctx.identities.enabled() {
+            let cert = self.ctx.identities.cert(&identity, CERT_WAIT).await?;
+            let resolver =
+                Arc::new(PodCertResolver { identities: self.ctx.identities.clone(), identity: identity.clone() });
+            Some(Arc::new(tls::server_config(resolver, cert.roots.clone(), &self.ctx.identities.trust_domain())?))
+        } else {
+            None
+        };
         let netns = Netns::open(&workload.netns)?;
         let listeners = self.ctx.runner.run(&netns, pod_netns::setup).await?;
         let outbound_listener = TcpListener::from_std(listeners.outbound)?;
         let inbound_listener = TcpListener::from_std(listeners.inbound)?;
+        let hbone_listener = TcpListener::from_std(listeners.hbone)?;
         let cookie = listeners.cookie;
         let sk_lookup = {
             let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
@@ -180,11 +208,14 @@ impl Enroller {
                 }
             }
         };
-        let pod = Arc::new(PodContext { workload, netns, cookie });
-        let tasks = vec![
+        let pod = Arc::new(PodContext { workload, netns, cookie, identity });
+        let mut tasks = vec![
             tokio::spawn(outbound::serve(outbound_listener, pod.clone(), self.ctx.clone())),
             tokio::spawn(inbound::serve(inbound_listener, pod.clone(), self.ctx.clone())),
         ];
+        if let Some(tls) = tls {
+            tasks.push(tokio::spawn(hbone::serve(hbone_listener, tls, pod.clone(), self.ctx.clone())));
+        }
         Ok(EnrolledPod { pod, sk_lookup, tasks })
     }
 

@@ -1,11 +1,13 @@
 //! What the agent sets up inside a pod's network namespace, run on the netns thread: the
-//! 15001/15006 listeners, `tcp_fwmark_accept`, and the policy route that returns the app's
+//! 15001/15006/15008 listeners, `tcp_fwmark_accept`, and the policy route that returns the app's
 //! replies to the agent's transparent dials. Everything here is idempotent.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
-use mesh_common::{INBOUND_PLAINTEXT_PORT, LOOPBACK_IFINDEX, MARK_APP_DIAL, OUTBOUND_PORT, ROUTE_TABLE_APP_DIAL};
+use mesh_common::{
+    HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOOPBACK_IFINDEX, MARK_APP_DIAL, OUTBOUND_PORT, ROUTE_TABLE_APP_DIAL,
+};
 use rtnetlink::packet_route::route::{RouteScope, RouteType};
 use rtnetlink::packet_route::rule::RuleAction;
 use rtnetlink::RouteMessageBuilder;
@@ -24,12 +26,14 @@ pub struct PodListeners {
     pub outbound: TcpListener,
     /// `127.0.0.1:15006`, target of sk_lookup for inbound plaintext.
     pub inbound: TcpListener,
+    /// `0.0.0.0:15008`, HBONE.
+    pub hbone: TcpListener,
     /// Cookie of the pod's netns.
     pub cookie: u64,
 }
 
-fn listen(port: u16) -> io::Result<TcpListener> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+fn listen(ip: Ipv4Addr, port: u16) -> io::Result<TcpListener> {
+    let addr = SocketAddr::from((ip, port));
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket
@@ -42,14 +46,15 @@ fn listen(port: u16) -> io::Result<TcpListener> {
 
 /// Sets up the current netns (call on the netns thread, inside the pod's netns).
 pub fn setup() -> io::Result<PodListeners> {
-    let outbound = listen(OUTBOUND_PORT)?;
-    let inbound = listen(INBOUND_PLAINTEXT_PORT)?;
+    let outbound = listen(Ipv4Addr::LOCALHOST, OUTBOUND_PORT)?;
+    let inbound = listen(Ipv4Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT)?;
+    let hbone = listen(Ipv4Addr::UNSPECIFIED, HBONE_PORT)?;
     let cookie = netns_cookie(&outbound)?;
     // /proc/sys/net follows the calling thread's netns.
     std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
         .map_err(|e| io::Error::new(e.kind(), format!("cannot set net.ipv4.tcp_fwmark_accept in the pod: {e}")))?;
     install_app_dial_route()?;
-    Ok(PodListeners { outbound, inbound, cookie })
+    Ok(PodListeners { outbound, inbound, hbone, cookie })
 }
 
 fn ignore_exists(result: Result<(), rtnetlink::Error>, what: &str) -> io::Result<()> {

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
 use mesh_common::{MARK_APP_DIAL, RESERVED_PORTS};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,13 +20,11 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let dst = client.local_addr().unwrap_or_else(|_| SocketAddr::new(pod.workload.ip, 0));
-    let conn = Connection {
-        direction: Direction::Inbound,
-        start: SystemTime::now(),
-        started: Instant::now(),
-        src: Endpoint::lookup(&ctx.state, peer),
-        dst: pod.endpoint(dst.port()),
-    };
+    let conn = Connection::new(
+        Direction::Inbound,
+        Endpoint::lookup(&ctx.state, peer),
+        pod.endpoint(dst.port(), &ctx.identities),
+    );
     if RESERVED_PORTS.contains(&dst.port()) {
         reset(&client);
         return ctx.record(conn, Outcome::failed(format!("port {} is reserved for the mesh", dst.port())));

@@ -3,6 +3,7 @@
 //! Plain TCP for now; the proxy never touches eBPF maps except to take an original
 //! destination through [`crate::ebpf::Datapath`].
 
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 
@@ -18,13 +19,14 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::ebpf::Datapath;
 use crate::flows::{Direction, Endpoint, Flow, FlowTable, Verdict};
+use crate::identity::{Identity, IdentityManager};
 use crate::netns::{Netns, NetnsRunner};
 use crate::state::{State, Workload};
 
 /// How long a dial may take before the client is reset.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Relay buffer per direction.
-const RELAY_BUFFER: usize = 64 * 1024;
+pub(crate) const RELAY_BUFFER: usize = 64 * 1024;
 
 /// What every connection handler needs, shared by all pods of the node.
 #[derive(Debug)]
@@ -39,6 +41,10 @@ pub struct ProxyContext {
     pub runner: NetnsRunner,
     /// Where finished flows go.
     pub flows: Arc<FlowTable>,
+    /// Workload certificates.
+    pub identities: Arc<IdentityManager>,
+    /// Pooled HBONE connections.
+    pub pool: hbone::Pool,
 }
 
 /// One enrolled pod, as its accept loops see it.
@@ -50,14 +56,17 @@ pub struct PodContext {
     pub netns: Netns,
     /// Its netns cookie.
     pub cookie: u64,
+    /// Its identity.
+    pub identity: Identity,
 }
 
 impl PodContext {
-    /// The pod as a flow endpoint on `port`.
-    fn endpoint(&self, port: u16) -> Endpoint {
+    /// The pod as a flow endpoint on `port`, with its identity when certificates are on.
+    fn endpoint(&self, port: u16, identities: &IdentityManager) -> Endpoint {
         Endpoint {
             addr: SocketAddr::new(self.workload.ip, port),
             workload: Some((self.workload.name.clone(), self.workload.namespace.clone())),
+            identity: identities.enabled().then(|| self.identity.spiffe_id(&identities.trust_domain())),
         }
     }
 }
@@ -77,13 +86,30 @@ impl Outcome {
     }
 }
 
-/// A connection in progress: when it started and between whom.
+/// A connection in progress: when it started, between whom, and how it is carried.
 struct Connection {
     direction: Direction,
     start: SystemTime,
     started: Instant,
     src: Endpoint,
     dst: Endpoint,
+    mtls: bool,
+    peer_cert_serial: String,
+}
+
+impl Connection {
+    /// A connection starting now.
+    fn new(direction: Direction, src: Endpoint, dst: Endpoint) -> Self {
+        Self {
+            direction,
+            start: SystemTime::now(),
+            started: Instant::now(),
+            src,
+            dst,
+            mtls: false,
+            peer_cert_serial: String::new(),
+        }
+    }
 }
 
 impl ProxyContext {
@@ -99,6 +125,8 @@ impl ProxyContext {
             duration: conn.started.elapsed(),
             verdict: outcome.verdict,
             reason: outcome.reason,
+            mtls: conn.mtls,
+            peer_cert_serial: conn.peer_cert_serial,
         });
     }
 

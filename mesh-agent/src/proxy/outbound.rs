@@ -4,13 +4,13 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
 use mesh_common::MARK_AGENT;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{accept_loop, relay, reset, Connection, Outcome, PodContext, ProxyContext};
+use super::{accept_loop, hbone, relay, reset, Connection, Outcome, PodContext, ProxyContext};
 use crate::flows::{Direction, Endpoint, UNKNOWN_ADDR};
+use crate::identity::Identity;
 
 /// Serves the pod's outbound listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
@@ -18,13 +18,8 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    let mut conn = Connection {
-        direction: Direction::Outbound,
-        start: SystemTime::now(),
-        started: Instant::now(),
-        src: pod.endpoint(peer.port()),
-        dst: Endpoint { addr: UNKNOWN_ADDR, workload: None },
-    };
+    let unknown = Endpoint { addr: UNKNOWN_ADDR, workload: None, identity: None };
+    let mut conn = Connection::new(Direction::Outbound, pod.endpoint(peer.port(), &ctx.identities), unknown);
     let orig = ctx.datapath.lock().expect("datapath lock").take_orig_dst(pod.cookie, peer.port());
     let Some(orig) = orig else {
         reset(&client);
@@ -34,11 +29,24 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     let dst = SocketAddr::new(Ipv4Addr::from(u32::from_be(orig.ip4)).into(), orig.port);
     conn.dst = Endpoint::lookup(&ctx.state, dst);
     let _ = client.set_nodelay(true);
-    let outcome = match ctx.dial(&pod.netns, dst, MARK_AGENT, None).await {
-        Ok(upstream) => relay(client, upstream).await,
-        Err(e) => {
-            reset(&client);
-            Outcome::failed(format!("connect to {dst} failed: {e}"))
+    // A destination whose own agent captures it is meshed: HBONE to its 15008, expecting its
+    // identity. Anything else is passed through as plain TCP.
+    let meshed = ctx.state.workload_by_ip(dst.ip()).filter(|w| w.captured && ctx.identities.enabled());
+    let outcome = if let Some(workload) = meshed {
+        let dst_id =
+            Identity { namespace: workload.namespace.clone(), service_account: workload.service_account.clone() }
+                .spiffe_id(&ctx.identities.trust_domain());
+        conn.dst.identity = Some(dst_id.clone());
+        conn.mtls = true;
+        hbone::outbound(client, &pod, &ctx, dst, &dst_id).await
+    } else {
+        conn.src.identity = None;
+        match ctx.dial(&pod.netns, dst, MARK_AGENT, None).await {
+            Ok(upstream) => relay(client, upstream).await,
+            Err(e) => {
+                reset(&client);
+                Outcome::failed(format!("connect to {dst} failed: {e}"))
+            }
         }
     };
     ctx.record(conn, outcome);

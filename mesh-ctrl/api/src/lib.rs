@@ -10,3 +10,8 @@ pub mod config {
 pub mod admin {
     tonic::include_proto!("ferrymesh.admin.v1");
 }
+
+/// Workload certificates from the mesh CA.
+pub mod ca {
+    tonic::include_proto!("ferrymesh.ca.v1");
+}

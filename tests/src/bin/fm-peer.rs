@@ -36,6 +36,9 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long)]
         bytes: u64,
+        /// Payload is this text repeated instead of pseudo-random bytes (for wire captures).
+        #[arg(long)]
+        marker: Option<String>,
     },
     /// Hold one connection to an echo and do `count` round trips, one every `interval_ms`.
     Ping {
@@ -52,7 +55,7 @@ fn main() {
     let args = Args::parse();
     let result = match args.cmd {
         Cmd::Serve { http, sink, echo } => serve(http, sink, echo),
-        Cmd::Send { to, bytes } => send(to, bytes),
+        Cmd::Send { to, bytes, marker } => send(to, bytes, marker.as_deref()),
         Cmd::Ping { to, count, interval_ms } => ping(to, count, Duration::from_millis(interval_ms)),
     };
     if let Err(e) = result {
@@ -148,7 +151,7 @@ fn fill(chunk: &mut [u8], index: u64) {
     }
 }
 
-fn send(to: SocketAddr, bytes: u64) -> Result<()> {
+fn send(to: SocketAddr, bytes: u64, marker: Option<&str>) -> Result<()> {
     let started = Instant::now();
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -158,7 +161,10 @@ fn send(to: SocketAddr, bytes: u64) -> Result<()> {
     let mut index = 0;
     while sent < bytes {
         let n = (bytes - sent).min(buf.len() as u64) as usize;
-        fill(&mut buf[..n], index);
+        match marker {
+            Some(m) => buf[..n].iter_mut().zip(m.bytes().cycle()).for_each(|(b, m)| *b = m),
+            None => fill(&mut buf[..n], index),
+        }
         stream.write_all(&buf[..n])?;
         hasher.update(&buf[..n]);
         sent += n as u64;

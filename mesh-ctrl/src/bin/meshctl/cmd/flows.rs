@@ -17,6 +17,7 @@ pub struct EndpointJson {
     port: u32,
     workload: String,
     namespace: String,
+    identity: String,
 }
 
 /// A flow in the JSON output.
@@ -32,11 +33,13 @@ pub struct FlowJson {
     duration_ms: u64,
     verdict: String,
     reason: String,
+    mtls: bool,
+    peer_cert_serial: String,
 }
 
 fn endpoint(e: Option<proto::Endpoint>) -> EndpointJson {
     let e = e.unwrap_or_default();
-    EndpointJson { ip: e.ip, port: e.port, workload: e.workload, namespace: e.namespace }
+    EndpointJson { ip: e.ip, port: e.port, workload: e.workload, namespace: e.namespace, identity: e.identity }
 }
 
 impl From<proto::Flow> for FlowJson {
@@ -53,6 +56,8 @@ impl From<proto::Flow> for FlowJson {
             duration_ms: f.duration_ms,
             verdict: f.verdict,
             reason: f.reason,
+            mtls: f.mtls,
+            peer_cert_serial: f.peer_cert_serial,
         }
     }
 }
@@ -77,7 +82,7 @@ pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
             }
         }
         Output::Table => {
-            let rows: Vec<[String; 7]> = flows
+            let rows: Vec<[String; 8]> = flows
                 .iter()
                 .map(|f| {
                     [
@@ -86,12 +91,13 @@ pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
                         name(&f.src),
                         name(&f.dst),
                         format!("{}/{}", f.bytes_sent, f.bytes_received),
+                        if f.mtls { "mTLS".into() } else { "plain".into() },
                         f.verdict.clone(),
                         f.reason.clone(),
                     ]
                 })
                 .collect();
-            print_table(&["TIME", "DIR", "SOURCE", "DESTINATION", "SENT/RECV", "VERDICT", "REASON"], &rows);
+            print_table(&["TIME", "DIR", "SOURCE", "DESTINATION", "SENT/RECV", "SECURITY", "VERDICT", "REASON"], &rows);
         }
     }
     Ok(())

@@ -24,6 +24,10 @@ pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
                 "programs": s.programs.iter().map(|p| serde_json::json!({
                     "name": p.name, "id": p.id, "attach": p.attach, "link_ids": p.link_ids,
                 })).collect::<Vec<_>>(),
+                "certs": s.certs.iter().map(|c| serde_json::json!({
+                    "identity": c.identity, "serial": c.serial,
+                    "not_after_unix_ms": c.not_after_unix_ms, "rotate_at_unix_ms": c.rotate_at_unix_ms,
+                })).collect::<Vec<_>>(),
                 "counters": s.counters.iter().map(|c| (c.name.clone(), c.value.into())).collect::<serde_json::Map<_, _>>(),
             });
             println!("{json}");
@@ -46,6 +50,17 @@ pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
                 .map(|p| [p.name.clone(), p.id.to_string(), format!("{:?}", p.link_ids), p.attach.clone()])
                 .collect();
             print_table(&["PROGRAM", "ID", "LINKS", "ATTACHED TO"], &programs);
+            println!("\ncertificates:");
+            let certs: Vec<[String; 3]> = s
+                .certs
+                .iter()
+                .map(|c| {
+                    let not_after =
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.not_after_unix_ms.max(0) as u64);
+                    [c.identity.clone(), c.serial.clone(), humantime::format_rfc3339_seconds(not_after).to_string()]
+                })
+                .collect();
+            print_table(&["IDENTITY", "SERIAL", "NOT AFTER"], &certs);
             println!("\ncounters:");
             let counters: Vec<[String; 2]> = s.counters.iter().map(|c| [c.name.clone(), c.value.to_string()]).collect();
             print_table(&["COUNTER", "VALUE"], &counters);

@@ -1,0 +1,312 @@
+//! Identity manager: one certificate per SPIFFE identity of the enrolled pods, from the mesh
+//! CA. The key is generated here and never leaves the agent; only a CSR goes to mesh-ctrl.
+//! Each identity has a task that renews at half-life (with jitter) and, when renewal fails,
+//! keeps the valid certificate and retries with backoff until it expires.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use ferrymesh_api::ca::{certificates_client::CertificatesClient, CreateCertificateRequest};
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Endpoint;
+
+/// A workload identity: namespace and service account.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+}
+
+impl Identity {
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
+    }
+}
+
+/// A certificate and key for one identity, ready for rustls.
+#[derive(Debug)]
+pub struct WorkloadCert {
+    /// Whose it is.
+    pub identity: Identity,
+    /// The SPIFFE ID in its URI SAN.
+    pub spiffe_id: String,
+    /// Chain and signing key.
+    pub key: Arc<CertifiedKey>,
+    /// Trust bundle that came with it.
+    pub roots: Arc<RootCertStore>,
+    /// Leaf serial, hex.
+    pub serial: String,
+    /// Leaf expiry.
+    pub not_after: SystemTime,
+    /// When the manager will renew it.
+    pub rotate_at: SystemTime,
+}
+
+impl WorkloadCert {
+    /// Whether the certificate is still valid now.
+    pub fn valid(&self) -> bool {
+        SystemTime::now() < self.not_after
+    }
+}
+
+/// Why a certificate could not be obtained.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IdentityError {
+    /// mesh-ctrl could not be reached or refused.
+    #[error("certificate for {id}: {message}")]
+    Fetch {
+        /// SPIFFE ID asked for.
+        id: String,
+        /// Why.
+        message: String,
+    },
+    /// No certificate arrived in time.
+    #[error("no certificate for {0} yet")]
+    NotReady(String),
+    /// The agent runs without --token-file.
+    #[error("certificates are disabled: start the agent with --token-file")]
+    Disabled,
+}
+
+/// The current certificate of an identity, as its renewal task publishes it.
+type CertReceiver = watch::Receiver<Option<Arc<WorkloadCert>>>;
+/// The last renewal error of an identity, cleared on success.
+type LastError = Arc<Mutex<Option<String>>>;
+
+struct Tracked {
+    cert: CertReceiver,
+    last_error: LastError,
+    task: JoinHandle<()>,
+}
+
+/// Obtains and renews certificates.
+pub struct IdentityManager {
+    ctrl: String,
+    token: Option<String>,
+    trust_domain: watch::Receiver<String>,
+    tracked: Mutex<HashMap<Identity, Tracked>>,
+}
+
+impl std::fmt::Debug for IdentityManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityManager").field("ctrl", &self.ctrl).field("enabled", &self.token.is_some()).finish()
+    }
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl IdentityManager {
+    /// A manager asking `ctrl` with node token `token` (None: disabled), for identities in the
+    /// trust domain `trust_domain` announces.
+    pub fn new(ctrl: String, token: Option<String>, trust_domain: watch::Receiver<String>) -> Self {
+        Self { ctrl, token, trust_domain, tracked: Mutex::new(HashMap::new()) }
+    }
+
+    /// Whether certificates (and so HBONE) are enabled.
+    pub fn enabled(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// The trust domain of the mesh.
+    pub fn trust_domain(&self) -> String {
+        self.trust_domain.borrow().clone()
+    }
+
+    /// Starts keeping a certificate for `id` (idempotent) and returns its receiver.
+    fn track(&self, id: &Identity) -> (CertReceiver, LastError) {
+        let mut tracked = self.tracked.lock().expect("identity lock");
+        let entry = tracked.entry(id.clone()).or_insert_with(|| {
+            let (tx, rx) = watch::channel(None);
+            let last_error = Arc::new(Mutex::new(None));
+            let task = tokio::spawn(keep_renewed(
+                id.clone(),
+                self.ctrl.clone(),
+                self.token.clone().unwrap_or_default(),
+                self.trust_domain.clone(),
+                tx,
+                last_error.clone(),
+            ));
+            Tracked { cert: rx, last_error, task }
+        });
+        (entry.cert.clone(), entry.last_error.clone())
+    }
+
+    /// The valid certificate of `id`, waiting up to `timeout` for the first one.
+    pub async fn cert(&self, id: &Identity, timeout: Duration) -> Result<Arc<WorkloadCert>, IdentityError> {
+        if !self.enabled() {
+            return Err(IdentityError::Disabled);
+        }
+        let (mut rx, last_error) = self.track(id);
+        let cert = match tokio::time::timeout(timeout, rx.wait_for(|c| c.as_ref().is_some_and(|c| c.valid()))).await {
+            Ok(Ok(cert)) => cert.clone(),
+            _ => None,
+        };
+        match cert {
+            Some(cert) => Ok(cert),
+            None => {
+                let id = id.spiffe_id(&self.trust_domain());
+                match last_error.lock().expect("identity lock").clone() {
+                    Some(message) => Err(IdentityError::Fetch { id, message }),
+                    None => Err(IdentityError::NotReady(id)),
+                }
+            }
+        }
+    }
+
+    /// The valid certificate of `id` now, if any (never waits).
+    pub fn current(&self, id: &Identity) -> Option<Arc<WorkloadCert>> {
+        let tracked = self.tracked.lock().expect("identity lock");
+        tracked.get(id).and_then(|t| t.cert.borrow().clone()).filter(|c| c.valid())
+    }
+
+    /// Stops renewing identities not in `keep`.
+    pub fn retain(&self, keep: &[Identity]) {
+        self.tracked.lock().expect("identity lock").retain(|id, t| {
+            let kept = keep.contains(id);
+            if !kept {
+                t.task.abort();
+            }
+            kept
+        });
+    }
+
+    /// Every certificate held, for status.
+    pub fn all(&self) -> Vec<Arc<WorkloadCert>> {
+        let tracked = self.tracked.lock().expect("identity lock");
+        let mut all: Vec<_> = tracked.values().filter_map(|t| t.cert.borrow().clone()).collect();
+        all.sort_by(|a, b| a.identity.cmp(&b.identity));
+        all
+    }
+}
+
+async fn keep_renewed(
+    id: Identity,
+    ctrl: String,
+    token: String,
+    mut trust_domain: watch::Receiver<String>,
+    tx: watch::Sender<Option<Arc<WorkloadCert>>>,
+    last_error: LastError,
+) {
+    // Certificates need the trust domain, which arrives with the first config update.
+    let _ = trust_domain.wait_for(|td| !td.is_empty()).await;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let td = trust_domain.borrow().clone();
+        let wait = match fetch(&id, &td, &ctrl, &token).await {
+            Ok(cert) => {
+                tracing::info!(identity = %cert.spiffe_id, serial = %cert.serial, "certificate issued");
+                let wait = cert.rotate_at.duration_since(SystemTime::now()).unwrap_or_default();
+                tx.send_replace(Some(Arc::new(cert)));
+                *last_error.lock().expect("identity lock") = None;
+                backoff = BACKOFF_MIN;
+                wait
+            }
+            Err(message) => {
+                tracing::warn!(identity = %id.spiffe_id(&td), "{message}; retrying in {backoff:?}");
+                *last_error.lock().expect("identity lock") = Some(message);
+                let wait = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                wait
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// When to renew a certificate issued at `issued` that expires at `not_after`: at half its
+/// remaining life, moved by up to ±10% so many certificates do not renew at once.
+pub fn rotate_at(issued: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = not_after.duration_since(issued).unwrap_or_default();
+    let jitter = rand::random_range(0.9..1.1);
+    issued + life.mul_f64(0.5 * jitter)
+}
+
+async fn fetch(id: &Identity, trust_domain: &str, ctrl: &str, token: &str) -> Result<WorkloadCert, String> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| format!("cannot generate a key: {e}"))?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| format!("cannot make a CSR: {e}"))?;
+    let channel = Endpoint::from_shared(ctrl.to_string())
+        .map_err(|e| format!("invalid --ctrl: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach mesh-ctrl at {ctrl}: {e}"))?;
+    let mut request = tonic::Request::new(CreateCertificateRequest {
+        csr_pem: csr,
+        namespace: id.namespace.clone(),
+        service_account: id.service_account.clone(),
+    });
+    let bearer =
+        format!("Bearer {token}").parse().map_err(|_| "the node token is not valid header text".to_string())?;
+    request.metadata_mut().insert("authorization", bearer);
+    let issued = SystemTime::now();
+    let response = CertificatesClient::new(channel)
+        .create_certificate(request)
+        .await
+        .map_err(|s| format!("mesh-ctrl refused: {}", s.message()))?
+        .into_inner();
+    let chain: Vec<CertificateDer<'static>> = response
+        .cert_chain_pem
+        .iter()
+        .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad certificate from mesh-ctrl: {e}"))?;
+    let want = id.spiffe_id(trust_domain);
+    if response.spiffe_id != want {
+        return Err(format!("mesh-ctrl issued {} instead of {want}", response.spiffe_id));
+    }
+    let leaf = chain.first().ok_or("mesh-ctrl sent an empty chain")?;
+    let (serial, not_after) = crate::tls::serial_and_expiry(leaf)?;
+    let mut roots = RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(response.roots_pem.as_bytes()) {
+        let root = root.map_err(|e| format!("bad trust bundle from mesh-ctrl: {e}"))?;
+        roots.add(root).map_err(|e| format!("bad trust bundle from mesh-ctrl: {e}"))?;
+    }
+    let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| format!("key encoding: {e}"))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| format!("key: {e}"))?;
+    Ok(WorkloadCert {
+        identity: id.clone(),
+        spiffe_id: response.spiffe_id,
+        key: Arc::new(CertifiedKey::new(chain, signing)),
+        roots: Arc::new(roots),
+        serial,
+        not_after,
+        rotate_at: rotate_at(issued, not_after),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_is_at_half_life_with_jitter() {
+        let issued = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let not_after = issued + Duration::from_secs(100);
+        for _ in 0..200 {
+            let at = rotate_at(issued, not_after).duration_since(issued).unwrap();
+            assert!(at >= Duration::from_secs(45) && at <= Duration::from_secs(55), "{at:?}");
+        }
+        assert_eq!(rotate_at(not_after, issued), not_after, "an already expired cert renews now");
+    }
+
+    #[test]
+    fn spiffe_ids() {
+        let id = Identity { namespace: "shop".into(), service_account: "web".into() };
+        assert_eq!(id.spiffe_id("cluster.local"), "spiffe://cluster.local/ns/shop/sa/web");
+    }
+}

@@ -1,0 +1,413 @@
+//! HBONE: TCP carried in HTTP/2 CONNECT streams over mutual TLS (port 15008), wire-compatible
+//! with Istio's ztunnel. The server side terminates mTLS in the destination pod's netns and
+//! dials the app with the client's IP; the client side pools one HTTP/2 connection per
+//! (source identity and certificate, destination identity, destination IP).
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use mesh_common::{HBONE_PORT, MARK_AGENT, MARK_APP_DIAL, RESERVED_PORTS};
+use rustls::pki_types::ServerName;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::{accept_loop, reset, Connection, Outcome, PodContext, ProxyContext, RELAY_BUFFER};
+use crate::flows::{Direction, Endpoint, Verdict};
+use crate::identity::{Identity, IdentityManager, WorkloadCert};
+use crate::tls;
+
+/// HTTP/2 stream window.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 connection window.
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// HTTP/2 max frame size.
+const MAX_FRAME: u32 = 1024 * 1024;
+/// Streams per HTTP/2 connection.
+const MAX_STREAMS: u32 = 100;
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The certificate a pod's 15008 listener presents: the current one of its identity, looked
+/// up at each handshake so renewals apply to new connections.
+#[derive(Debug)]
+pub struct PodCertResolver {
+    /// Where certificates live.
+    pub identities: Arc<IdentityManager>,
+    /// The pod's identity.
+    pub identity: Identity,
+}
+
+impl ResolvesServerCert for PodCertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.identities.current(&self.identity).map(|c| c.key.clone())
+    }
+}
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if let Some(reason) = e.reason() {
+        io::Error::new(io::ErrorKind::ConnectionReset, format!("HBONE stream reset ({reason})"))
+    } else {
+        io::Error::other(format!("HBONE: {e}"))
+    }
+}
+
+/// Copies TCP bytes into an HTTP/2 stream, honouring flow control; EOF ends the stream.
+async fn tcp_to_h2(from: &mut OwnedReadHalf, to: &mut SendStream<Bytes>, count: &mut u64) -> io::Result<()> {
+    let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+    loop {
+        buf.reserve(RELAY_BUFFER);
+        if from.read_buf(&mut buf).await? == 0 {
+            return to.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            to.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| to.poll_capacity(cx)).await {
+                Some(granted) => granted.map_err(h2_io)?,
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer")),
+            };
+            let chunk = data.split_to(granted.min(data.len()));
+            *count += chunk.len() as u64;
+            to.send_data(chunk, false).map_err(h2_io)?;
+        }
+    }
+}
+
+/// Copies an HTTP/2 stream into TCP, releasing flow-control capacity; the stream's end
+/// half-closes the TCP side.
+async fn h2_to_tcp(from: &mut RecvStream, to: &mut OwnedWriteHalf, count: &mut u64) -> io::Result<()> {
+    while let Some(chunk) = from.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        to.write_all(&chunk).await?;
+        *count += chunk.len() as u64;
+        let _ = from.flow_control().release_capacity(chunk.len());
+    }
+    to.shutdown().await
+}
+
+/// Relays between a TCP connection and an HTTP/2 stream until both directions end. Returns
+/// (bytes TCP -> stream, bytes stream -> TCP, error); an error resets both sides.
+async fn relay(tcp: TcpStream, mut recv: RecvStream, mut send: SendStream<Bytes>) -> (u64, u64, Option<io::Error>) {
+    let (mut up, mut down) = (0, 0);
+    let (mut read, mut write) = tcp.into_split();
+    let result = futures::future::try_join(
+        tcp_to_h2(&mut read, &mut send, &mut up),
+        h2_to_tcp(&mut recv, &mut write, &mut down),
+    )
+    .await;
+    match result {
+        Ok(_) => (up, down, None),
+        Err(e) => {
+            send.send_reset(h2::Reason::CANCEL);
+            if let Ok(tcp) = read.reunite(write) {
+                reset(&tcp);
+            }
+            (up, down, Some(e))
+        }
+    }
+}
+
+fn outcome(sent: u64, received: u64, error: Option<io::Error>) -> Outcome {
+    match error {
+        None => Outcome { sent, received, verdict: Verdict::Allowed, reason: "closed".into() },
+        Some(e) => Outcome { sent, received, verdict: Verdict::Error, reason: format!("connection aborted: {e}") },
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Server side.
+
+/// Serves a pod's 15008 listener until the task is aborted.
+pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    accept_loop(listener, "hbone", move |stream, peer| {
+        serve_connection(stream, peer, tls.clone(), pod.clone(), ctx.clone())
+    })
+    .await
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<ServerConfig>,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) {
+    let local = tcp.local_addr().unwrap_or_else(|_| SocketAddr::new(pod.workload.ip, HBONE_PORT));
+    let failed = |reason: String| {
+        let conn = Connection::new(
+            Direction::Inbound,
+            Endpoint::lookup(&ctx.state, peer),
+            pod.endpoint(HBONE_PORT, &ctx.identities),
+        );
+        ctx.record(conn, Outcome::failed(reason));
+    };
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return failed(format!("TLS handshake failed: {}", tls::describe(&e))),
+        Err(_) => return failed(format!("TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")),
+    };
+    let (_, session) = stream.get_ref();
+    if session.alpn_protocol() != Some(tls::ALPN_H2) {
+        return failed("the client did not negotiate ALPN h2".into());
+    }
+    let peer_cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
+    let peer_id = tls::spiffe_id_of(&peer_cert).ok();
+    let peer_serial = tls::serial_and_expiry(&peer_cert).map(|(s, _)| s).unwrap_or_default();
+    let mut connection = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .handshake::<_, Bytes>(stream)
+        .await
+    {
+        Ok(connection) => connection,
+        Err(e) => return failed(format!("HTTP/2 handshake failed: {e}")),
+    };
+    while let Some(accepted) = connection.accept().await {
+        let Ok((request, respond)) = accepted else { break };
+        let peer = PeerInfo { addr: peer, local, identity: peer_id.clone(), serial: peer_serial.clone() };
+        tokio::spawn(serve_stream(request, respond, peer, pod.clone(), ctx.clone()));
+    }
+}
+
+/// The authenticated client of an HBONE connection.
+#[derive(Debug, Clone)]
+struct PeerInfo {
+    addr: SocketAddr,
+    local: SocketAddr,
+    identity: Option<String>,
+    serial: String,
+}
+
+fn respond_status(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) -> Option<SendStream<Bytes>> {
+    let response = Response::builder().status(status).body(()).expect("static response");
+    respond.send_response(response, status != StatusCode::OK).ok()
+}
+
+async fn serve_stream(
+    request: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: PeerInfo,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) {
+    let target = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let mut src = Endpoint::lookup(&ctx.state, peer.addr);
+    src.identity = peer.identity.clone();
+    let mut conn =
+        Connection::new(Direction::Inbound, src, pod.endpoint(target.map_or(0, |t| t.port()), &ctx.identities));
+    conn.mtls = true;
+    conn.peer_cert_serial = peer.serial.clone();
+    let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: String| {
+        respond_status(respond, status);
+        Outcome::failed(format!("{} {reason}", status.as_u16()))
+    };
+    let outcome = if request.method() != Method::CONNECT {
+        refuse(
+            &mut respond,
+            StatusCode::BAD_REQUEST,
+            format!("HBONE request method {} is not CONNECT", request.method()),
+        )
+    } else if let Some(target) = target.filter(|t| t.ip() != peer.local.ip() || RESERVED_PORTS.contains(&t.port())) {
+        if target.ip() != peer.local.ip() {
+            let reason = format!(
+                "CONNECT authority {target} is not the address the connection arrived on ({})",
+                peer.local.ip()
+            );
+            refuse(&mut respond, StatusCode::BAD_REQUEST, reason)
+        } else {
+            refuse(
+                &mut respond,
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("port {} is reserved for the mesh", target.port()),
+            )
+        }
+    } else if let Some(target) = target {
+        match ctx.dial(&pod.netns, target, MARK_APP_DIAL, Some(peer.addr.ip())).await {
+            Err(e) => refuse(
+                &mut respond,
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("connect to the app at {target} failed: {e}"),
+            ),
+            Ok(app) => match respond_status(&mut respond, StatusCode::OK) {
+                None => Outcome::failed("the client went away before the CONNECT was answered".into()),
+                Some(send) => {
+                    let (to_client, to_app, error) = relay(app, request.into_body(), send).await;
+                    outcome(to_app, to_client, error)
+                }
+            },
+        }
+    } else {
+        refuse(&mut respond, StatusCode::BAD_REQUEST, "CONNECT without an ip:port authority".into())
+    };
+    ctx.record(conn, outcome);
+}
+
+// ---------------------------------------------------------------------------------------
+// Client side.
+
+/// Key of a pooled HBONE connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    src: String,
+    /// A renewed source certificate opens new connections.
+    src_serial: String,
+    dst: String,
+    dst_ip: IpAddr,
+}
+
+/// Pooled HTTP/2 connections to other pods' 15008.
+#[derive(Debug, Default)]
+pub struct Pool {
+    connections: Mutex<HashMap<PoolKey, h2::client::SendRequest<Bytes>>>,
+}
+
+/// Why an HBONE stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    /// The TCP connection to 15008 failed.
+    #[error("connect to {0}:15008 failed: {1} (is port 15008 allowed by a NetworkPolicy?)")]
+    Connect(IpAddr, io::Error),
+    /// The TLS handshake failed (untrusted CA, wrong identity, expired certificate...).
+    #[error("mTLS handshake with {0} failed: {1}")]
+    Tls(IpAddr, String),
+    /// HTTP/2 failed.
+    #[error("HTTP/2 to {0}: {1}")]
+    Http2(IpAddr, h2::Error),
+    /// The destination agent answered the CONNECT with an error status.
+    #[error("destination refused the tunnel: HTTP {0}")]
+    Refused(u16),
+}
+
+impl ProxyContext {
+    async fn hbone_sender(
+        &self,
+        pod: &PodContext,
+        cert: &WorkloadCert,
+        dst_ip: IpAddr,
+        dst_id: &str,
+    ) -> Result<h2::client::SendRequest<Bytes>, HboneError> {
+        let key =
+            PoolKey { src: cert.spiffe_id.clone(), src_serial: cert.serial.clone(), dst: dst_id.to_string(), dst_ip };
+        let pooled = self.pool.connections.lock().expect("pool lock").get(&key).cloned();
+        if let Some(sender) = pooled {
+            if let Ok(ready) = sender.ready().await {
+                return Ok(ready);
+            }
+        }
+        let tcp = self
+            .dial(&pod.netns, SocketAddr::new(dst_ip, HBONE_PORT), MARK_AGENT, None)
+            .await
+            .map_err(|e| HboneError::Connect(dst_ip, e))?;
+        let config =
+            tls::client_config(cert, dst_id.to_string()).map_err(|e| HboneError::Tls(dst_ip, e.to_string()))?;
+        let stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(dst_ip.into()), tcp),
+        )
+        .await
+        .map_err(|_| HboneError::Tls(dst_ip, format!("no handshake within {HANDSHAKE_TIMEOUT:?}")))?
+        .map_err(|e| HboneError::Tls(dst_ip, tls::describe(&e)))?;
+        if stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+            return Err(HboneError::Tls(dst_ip, "the server did not negotiate ALPN h2".into()));
+        }
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(MAX_STREAMS)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|e| HboneError::Http2(dst_ip, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("HBONE connection to {dst_ip} ended: {e}");
+            }
+        });
+        let mut pool = self.pool.connections.lock().expect("pool lock");
+        // Connections of an older certificate of the same identity drain and are dropped.
+        pool.retain(|k, _| {
+            !(k.src == key.src && k.dst == key.dst && k.dst_ip == key.dst_ip && k.src_serial != key.src_serial)
+        });
+        pool.insert(key, sender.clone());
+        Ok(sender)
+    }
+
+    /// Opens an HBONE stream from `pod` (with `cert`) to `dst`, whose identity must be `dst_id`.
+    async fn hbone_open(
+        &self,
+        pod: &PodContext,
+        cert: &WorkloadCert,
+        dst: SocketAddr,
+        dst_id: &str,
+    ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
+        let mut sender = self.hbone_sender(pod, cert, dst.ip(), dst_id).await?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(dst.to_string())
+            .header("forwarded", format!("for=\"{}\"", pod.workload.ip))
+            .header(
+                "baggage",
+                format!("k8s.namespace.name={},k8s.pod.name={}", pod.workload.namespace, pod.workload.name),
+            )
+            .header("traceparent", traceparent())
+            .body(())
+            .expect("CONNECT request");
+        let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::Http2(dst.ip(), e))?;
+        let response = response.await.map_err(|e| HboneError::Http2(dst.ip(), e))?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused(response.status().as_u16()));
+        }
+        Ok((send, response.into_body()))
+    }
+}
+
+/// A new W3C trace context (version 00, random trace and span ids, sampled).
+fn traceparent() -> String {
+    format!("00-{:032x}-{:016x}-01", rand::random::<u128>(), rand::random::<u64>())
+}
+
+/// Carries a captured outbound connection to a meshed destination over HBONE.
+pub(super) async fn outbound(
+    client: TcpStream,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    dst: SocketAddr,
+    dst_id: &str,
+) -> Outcome {
+    let cert = match ctx.identities.cert(&pod.identity, Duration::from_secs(5)).await {
+        Ok(cert) => cert,
+        Err(e) => {
+            reset(&client);
+            return Outcome::failed(e.to_string());
+        }
+    };
+    match ctx.hbone_open(pod, &cert, dst, dst_id).await {
+        Ok((send, recv)) => {
+            let (sent, received, error) = relay(client, recv, send).await;
+            outcome(sent, received, error)
+        }
+        Err(e) => {
+            reset(&client);
+            let mut o = Outcome::failed(e.to_string());
+            if let HboneError::Refused(401) = e {
+                o.verdict = Verdict::Denied;
+            }
+            o
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! TLS for HBONE: TLS 1.3 only, AES-GCM suites, ALPN `h2`, no SNI, no resumption; the
+//! server requires a client certificate chained to the mesh roots within the trust domain;
+//! the client requires the server's SPIFFE ID to be exactly the expected one. It owns the
+//! rustls configuration and certificate inspection; it never opens sockets.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{verify_server_cert_signed_by_trust_anchor, Resumption};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+use crate::identity::WorkloadCert;
+
+/// ALPN of HBONE.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// The ring provider restricted to the TLS 1.3 AES-GCM suites.
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.retain(|s| {
+        matches!(
+            s.suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        )
+    });
+    Arc::new(provider)
+}
+
+fn parse(der: &[u8]) -> Result<X509Certificate<'_>, String> {
+    X509Certificate::from_der(der).map(|(_, c)| c).map_err(|e| format!("unparsable certificate: {e}"))
+}
+
+/// The SPIFFE ID in a certificate's URI SAN.
+pub fn spiffe_id_of(der: &[u8]) -> Result<String, String> {
+    let cert = parse(der)?;
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name {
+                    if uri.starts_with("spiffe://") {
+                        return Ok(uri.to_string());
+                    }
+                }
+            }
+        }
+    }
+    Err("the certificate has no spiffe:// URI SAN".into())
+}
+
+/// Trust domain of a SPIFFE ID (`spiffe://<td>/...`).
+pub fn trust_domain_of(spiffe_id: &str) -> Option<&str> {
+    spiffe_id.strip_prefix("spiffe://")?.split('/').next()
+}
+
+/// Serial (hex) and expiry of a certificate.
+pub fn serial_and_expiry(der: &[u8]) -> Result<(String, SystemTime), String> {
+    let cert = parse(der)?;
+    let secs = cert.validity().not_after.timestamp().max(0) as u64;
+    Ok((cert.raw_serial_as_string().replace(':', ""), SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
+}
+
+fn bad_identity(message: String) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(IdentityMismatch(message)))))
+}
+
+/// A peer identity the verifier refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct IdentityMismatch(pub String);
+
+/// Client-certificate verifier of the HBONE server: chain to the mesh roots (webpki), then
+/// the SPIFFE ID must be in our trust domain.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let id = spiffe_id_of(end_entity).map_err(bad_identity)?;
+        if trust_domain_of(&id) != Some(self.trust_domain.as_str()) {
+            return Err(bad_identity(format!("client identity {id} is outside trust domain {}", self.trust_domain)));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Server-certificate verifier of the HBONE client: chain to the mesh roots, and the SPIFFE ID
+/// must equal the destination's expected identity. Server names are not used (no SNI).
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        let algs = self.provider.signature_verification_algorithms.all;
+        verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, algs)?;
+        let id = spiffe_id_of(end_entity).map_err(bad_identity)?;
+        if id != self.expected {
+            return Err(bad_identity(format!("server identity {id}, expected {}", self.expected)));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Server config for a pod's 15008 listener: its certificate comes from `resolver` at each
+/// handshake (so renewals apply to new connections), clients must chain to `roots`.
+pub fn server_config(
+    resolver: Arc<dyn ResolvesServerCert>,
+    roots: Arc<RootCertStore>,
+    trust_domain: &str,
+) -> Result<ServerConfig, Error> {
+    let provider = provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| Error::General(format!("client verifier: {e}")))?;
+    let verifier = Arc::new(SpiffeClientVerifier { inner, trust_domain: trust_domain.to_string() });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// Client config presenting `cert` and accepting only a server proving `expected`.
+pub fn client_config(cert: &WorkloadCert, expected: String) -> Result<ClientConfig, Error> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier { roots: cert.roots.clone(), expected, provider: provider.clone() });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(cert.key.clone())));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    config.resumption = Resumption::disabled();
+    Ok(config)
+}
+
+/// Renders a TLS handshake error for a flow reason, naming the refused identity when that is
+/// what failed.
+pub fn describe(e: &std::io::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(Error::InvalidCertificate(CertificateError::Other(other))) =
+        e.get_ref().and_then(|i| i.downcast_ref::<Error>())
+    {
+        text = format!("peer certificate refused: {}", other.0);
+    }
+    text
+}

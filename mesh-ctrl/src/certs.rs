@@ -1,0 +1,122 @@
+//! The certificate service: authenticates the calling agent by its node token, checks that
+//! the identity it asks for belongs to a pod on its node, and has the CA sign the CSR. It owns
+//! node authorization; it never touches key material beyond the CSR it forwards.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use ferrymesh_api::ca::{self as proto, certificates_server};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::ca::Ca;
+use crate::snapshot::Snapshot;
+
+/// Node tokens: who a bearer token says the caller is.
+#[derive(Debug, Default, Clone)]
+pub struct NodeTokens {
+    node_by_token: HashMap<String, String>,
+}
+
+impl NodeTokens {
+    /// Reads a YAML map of node name to token (`--node-tokens`).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("--node-tokens {}: {e}", path.display()))?;
+        let map: HashMap<String, String> = serde_yaml::from_str(&text)
+            .map_err(|e| format!("--node-tokens {}: expected a YAML map of node name to token: {e}", path.display()))?;
+        let mut node_by_token = HashMap::new();
+        for (node, token) in map {
+            if token.len() < 16 {
+                return Err(format!(
+                    "--node-tokens {}: the token of node {node} is shorter than 16 characters",
+                    path.display()
+                ));
+            }
+            if let Some(other) = node_by_token.insert(token, node.clone()) {
+                return Err(format!("--node-tokens {}: nodes {node} and {other} share a token", path.display()));
+            }
+        }
+        Ok(Self { node_by_token })
+    }
+
+    /// The node a request's `authorization: Bearer <token>` names.
+    fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let token = header.and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
+            Status::unauthenticated(
+                "no node token: start the agent with --token-file (its node's token in mesh-ctrl --node-tokens)",
+            )
+        })?;
+        self.node_by_token.get(token).cloned().ok_or_else(|| {
+            Status::unauthenticated(
+                "unknown node token: the agent's --token-file matches no node in mesh-ctrl --node-tokens",
+            )
+        })
+    }
+}
+
+/// Implementation of `ferrymesh.ca.v1.Certificates`.
+#[derive(Debug, Clone)]
+pub struct CertificateService {
+    ca: Arc<Ca>,
+    tokens: Arc<NodeTokens>,
+    trust_domain: String,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl CertificateService {
+    /// A service signing with `ca` for the nodes in `tokens`, authorizing against the model.
+    pub fn new(
+        ca: Arc<Ca>,
+        tokens: NodeTokens,
+        trust_domain: String,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) -> Self {
+        Self { ca, tokens: Arc::new(tokens), trust_domain, snapshots }
+    }
+
+    /// The tonic server wrapper for this service.
+    pub fn into_server(self) -> certificates_server::CertificatesServer<Self> {
+        certificates_server::CertificatesServer::new(self)
+    }
+}
+
+/// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+#[tonic::async_trait]
+impl certificates_server::Certificates for CertificateService {
+    async fn create_certificate(
+        &self,
+        request: Request<proto::CreateCertificateRequest>,
+    ) -> Result<Response<proto::CreateCertificateResponse>, Status> {
+        let node = self.tokens.node(&request)?;
+        let r = request.into_inner();
+        if r.namespace.is_empty() || r.service_account.is_empty() {
+            return Err(Status::invalid_argument("namespace and service_account are required"));
+        }
+        let id = spiffe_id(&self.trust_domain, &r.namespace, &r.service_account);
+        let on_node = self
+            .snapshots
+            .borrow()
+            .workloads
+            .values()
+            .any(|w| w.node == node && w.namespace == r.namespace && w.service_account == r.service_account);
+        if !on_node {
+            tracing::warn!(%node, identity = %id, "refused a certificate: no such pod on the node");
+            return Err(Status::permission_denied(format!(
+                "node {node} runs no pod with identity {id}; an agent may only obtain identities of pods on its own node"
+            )));
+        }
+        let signed = self.ca.sign(&r.csr_pem, &id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(%node, identity = %id, "issued a certificate");
+        Ok(Response::new(proto::CreateCertificateResponse {
+            cert_chain_pem: signed.chain_pem,
+            roots_pem: self.ca.roots_pem().to_string(),
+            spiffe_id: id,
+        }))
+    }
+}

@@ -1,0 +1,102 @@
+//! The certificate service over real gRPC on loopback: node authorization by bootstrap token.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrymesh_api::ca::certificates_client::CertificatesClient;
+use ferrymesh_api::ca::CreateCertificateRequest;
+use mesh_ctrl::ca::Ca;
+use mesh_ctrl::certs::{CertificateService, NodeTokens};
+use mesh_ctrl::model::{Model, Namespace, Pod};
+use mesh_ctrl::snapshot::Publisher;
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use tonic::Code;
+
+fn pod(name: &str, node: &str) -> Pod {
+    Pod {
+        uid: name.into(),
+        name: name.into(),
+        namespace: "shop".into(),
+        node: node.into(),
+        service_account: name.into(),
+        ip: "10.244.1.2".parse().unwrap(),
+        netns: "/x".into(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn csr() -> String {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
+}
+
+#[tokio::test]
+async fn an_agent_only_gets_identities_of_pods_on_its_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(Ca::load_or_create(&dir.path().join("ca"), "cluster.local", Duration::from_secs(3600)).unwrap());
+    let tokens_file = dir.path().join("tokens.yaml");
+    std::fs::write(&tokens_file, "node1: node1-secret-token-0001\nnode2: node2-secret-token-0002\n").unwrap();
+    let tokens = NodeTokens::load(&tokens_file).unwrap();
+    let (publisher, snapshots) = Publisher::new();
+    let mut model = Model::default();
+    model.namespaces.insert("shop".into(), Namespace { name: "shop".into(), labels: BTreeMap::new() });
+    model.pods.insert("web".into(), pod("web", "node1"));
+    model.pods.insert("db".into(), pod("db", "node2"));
+    publisher.publish(&model);
+    let service = CertificateService::new(ca, tokens, "cluster.local".into(), snapshots);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut client = CertificatesClient::connect(format!("http://{addr}")).await.unwrap();
+    let ask = |sa: &str, token: Option<&str>| {
+        let mut request = tonic::Request::new(CreateCertificateRequest {
+            csr_pem: csr(),
+            namespace: "shop".into(),
+            service_account: sa.into(),
+        });
+        if let Some(token) = token {
+            request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        request
+    };
+
+    let ok = client.create_certificate(ask("web", Some("node1-secret-token-0001"))).await.unwrap().into_inner();
+    assert_eq!(ok.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(ok.cert_chain_pem.len(), 2);
+    assert!(ok.roots_pem.contains("BEGIN CERTIFICATE"));
+
+    let refused = client.create_certificate(ask("db", Some("node1-secret-token-0001"))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert_eq!(
+        refused.message(),
+        "node node1 runs no pod with identity spiffe://cluster.local/ns/shop/sa/db; an agent may only obtain identities of pods on its own node"
+    );
+    let unknown = client.create_certificate(ask("web", Some("not-a-known-token-at-all"))).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::Unauthenticated);
+    assert!(unknown.message().contains("matches no node"), "{}", unknown.message());
+    let missing = client.create_certificate(ask("web", None)).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    assert!(client.create_certificate(ask("db", Some("node2-secret-token-0002"))).await.is_ok());
+}
+
+#[test]
+fn node_token_files_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("node1: short\n", "shorter than 16 characters"),
+        ("node1: same-token-for-both-nodes\nnode2: same-token-for-both-nodes\n", "share a token"),
+        ("- not a map\n", "expected a YAML map"),
+    ];
+    for (text, want) in cases {
+        let file = dir.path().join("t.yaml");
+        std::fs::write(&file, text).unwrap();
+        let e = NodeTokens::load(&file).unwrap_err();
+        assert!(e.contains(want), "{text:?}: {e}");
+    }
+}

@@ -1,0 +1,282 @@
+//! End-to-end identity and HBONE tests: what crosses the fabric, who may connect to 15008,
+//! identities in flows, certificate rotation. Needs root; uses tcpdump and openssl.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use ferrymesh_testbed::mesh::{wait_until, HTTP_PORT, SINK_PORT};
+use ferrymesh_testbed::{Topology, TopologySpec};
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
+use serde_json::Value;
+
+const TD: &str = "cluster.local";
+
+fn cluster(ctrl_args: &[&str]) -> Topology {
+    let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "c", 2).pod("legacy", "x", 1);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh_with(ctrl_args);
+    topo.wait_enrolled(1, &["shop/a"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    for pod in &topo.pods {
+        topo.serve(pod);
+    }
+    topo
+}
+
+/// TCP payloads (source port, destination port, bytes) of an Ethernet/IPv4 pcap file.
+fn tcp_payloads(pcap: &[u8]) -> Vec<(u16, u16, Vec<u8>)> {
+    assert!(pcap.len() >= 24 && pcap[..4] == [0xd4, 0xc3, 0xb2, 0xa1], "little-endian microsecond pcap");
+    assert_eq!(u32::from_le_bytes(pcap[20..24].try_into().unwrap()), 1, "Ethernet link type");
+    let mut out = Vec::new();
+    let mut off = 24;
+    while off + 16 <= pcap.len() {
+        let len = u32::from_le_bytes(pcap[off + 8..off + 12].try_into().unwrap()) as usize;
+        let frame = &pcap[off + 16..(off + 16 + len).min(pcap.len())];
+        off += 16 + len;
+        if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[23] != 6 {
+            continue;
+        }
+        let ip = &frame[14..];
+        let ihl = usize::from(ip[0] & 0xf) * 4;
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+        let tcp = &ip[ihl..total];
+        let data_off = usize::from(tcp[12] >> 4) * 4;
+        let (sport, dport) = (u16::from_be_bytes([tcp[0], tcp[1]]), u16::from_be_bytes([tcp[2], tcp[3]]));
+        out.push((sport, dport, tcp[data_off..].to_vec()));
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn flows_to(topo: &Topology, node: u8, direction: &str, port: u16) -> Vec<Value> {
+    topo.flows(node).into_iter().filter(|f| f["direction"] == direction && f["dst"]["port"] == port).collect()
+}
+
+#[test]
+fn cross_node_traffic_is_tls13_on_15008_and_flows_name_both_identities() {
+    let topo = cluster(&[]);
+    let (a, c) = (topo.pod("shop", "a"), topo.pod("shop", "c"));
+    let pcap = topo.dir.join("fabric.pcap");
+    let mut tcpdump = Command::new("tcpdump");
+    tcpdump.args(["-i", "n1", "-n", "-U", "-B", "32768", "-s", "0", "-w"]).arg(&pcap).arg("tcp");
+    let mut cmd = topo.command_in(&topo.fabric, "tcpdump");
+    cmd.args(tcpdump.get_args());
+    topo.spawn("tcpdump", cmd);
+    wait_until(Duration::from_secs(10), "tcpdump to listen", || topo.log("tcpdump").contains("listening on"));
+
+    let marker = "FERRYMESH-SECRET-MARKER-7f3a";
+    topo.send_with(a, c.ip, 4 * 1024 * 1024, &["--marker", marker]);
+    topo.curl(a, c.ip);
+    // tcpdump writes asynchronously: stop it once the file has stopped growing.
+    let mut last = 0;
+    wait_until(Duration::from_secs(10), "the capture to settle", || {
+        std::thread::sleep(Duration::from_millis(500));
+        let size = std::fs::metadata(&pcap).map_or(0, |m| m.len());
+        std::mem::replace(&mut last, size) == size
+    });
+    topo.signal_and_wait("tcpdump", libc::SIGINT);
+
+    let packets = tcp_payloads(&std::fs::read(&pcap).unwrap());
+    let total: usize = packets.iter().map(|p| p.2.len()).sum();
+    assert!(
+        total > 4 * 1024 * 1024,
+        "the capture holds the whole transfer ({total} bytes captured): {}",
+        topo.log("tcpdump")
+    );
+    for (sport, dport, payload) in &packets {
+        assert!(!contains(payload, marker.as_bytes()), "plaintext marker on the wire ({sport} -> {dport})");
+        assert!(payload.is_empty() || *sport == 15008 || *dport == 15008, "payload outside HBONE: {sport} -> {dport}");
+    }
+    let from_server: Vec<u8> = packets.iter().filter(|p| p.0 == 15008).flat_map(|p| p.2.clone()).collect();
+    let to_server: Vec<u8> = packets.iter().filter(|p| p.1 == 15008).flat_map(|p| p.2.clone()).collect();
+    // ServerHello's supported_versions extension selecting TLS 1.3 (0x0304).
+    assert!(contains(&from_server, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]), "the server selected TLS 1.3");
+    // ClientHello offering ALPN "h2".
+    assert!(contains(&to_server, &[0x02, b'h', b'2']), "the client offered ALPN h2");
+
+    let (id_a, id_c) = (format!("spiffe://{TD}/ns/shop/sa/a"), format!("spiffe://{TD}/ns/shop/sa/c"));
+    for (node, direction) in [(1, "outbound"), (2, "inbound")] {
+        let flows = flows_to(&topo, node, direction, SINK_PORT);
+        assert_eq!(flows.len(), 1, "{direction}: {flows:?}");
+        let f = &flows[0];
+        assert_eq!(f["mtls"], true, "{f}");
+        assert_eq!(
+            (f["src"]["identity"].as_str(), f["dst"]["identity"].as_str()),
+            (Some(id_a.as_str()), Some(id_c.as_str())),
+            "{f}"
+        );
+        assert_eq!(f["bytes_sent"], 4 * 1024 * 1024);
+    }
+    // Plaintext from an unenrolled pod: no identity is claimed for it.
+    topo.curl(topo.pod("legacy", "x"), c.ip);
+    let plain: Vec<Value> =
+        flows_to(&topo, 2, "inbound", HTTP_PORT).into_iter().filter(|f| f["mtls"] == false).collect();
+    assert_eq!(plain.len(), 1, "{plain:?}");
+    assert_eq!(plain[0]["src"]["identity"], "");
+    assert_eq!(plain[0]["dst"]["identity"], id_c.as_str());
+}
+
+/// A client certificate for openssl s_client, written to `dir` as `<name>.pem` and
+/// `<name>-key.pem`.
+fn client_cert(dir: &Path, name: &str, uri: &str, issuer: Option<&Issuer<'_, KeyPair>>, expired: bool) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let now = SystemTime::now();
+    let (from, to) = if expired {
+        (now - Duration::from_secs(7200), now - Duration::from_secs(3600))
+    } else {
+        (now - Duration::from_secs(60), now + Duration::from_secs(3600))
+    };
+    params.not_before = from.into();
+    params.not_after = to.into();
+    let cert = match issuer {
+        Some(issuer) => params.signed_by(&key, issuer).unwrap(),
+        None => params.self_signed(&key).unwrap(),
+    };
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+}
+
+#[test]
+fn hbone_refuses_clients_without_a_valid_mesh_certificate() {
+    let topo = cluster(&[]);
+    let (c, x) = (topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    let dir = topo.dir.join("certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(topo.ca_dir().join("root-key.pem")).unwrap()).unwrap();
+    let mesh = Issuer::from_ca_cert_pem(&std::fs::read_to_string(topo.ca_dir().join("root-cert.pem")).unwrap(), ca_key)
+        .unwrap();
+    let mut other_params = CertificateParams::default();
+    other_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = Issuer::new(other_params, KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap());
+    let id = format!("spiffe://{TD}/ns/legacy/sa/x");
+    client_cert(&dir, "good", &id, Some(&mesh), false);
+    client_cert(&dir, "other-ca", &id, Some(&other), false);
+    client_cert(&dir, "other-td", "spiffe://evil.example/ns/legacy/sa/x", Some(&mesh), false);
+    client_cert(&dir, "expired", &id, Some(&mesh), true);
+    client_cert(&dir, "self-signed", &id, None, false);
+
+    let s_client = |cert: Option<&str>, alpn: &str| {
+        let mut script = format!(
+            "sleep 1 | openssl s_client -connect {}:15008 -tls1_3 -alpn {alpn} -CAfile {}",
+            c.ip,
+            topo.ca_dir().join("root-cert.pem").display()
+        );
+        if let Some(name) = cert {
+            script.push_str(&format!(" -cert {0}/{name}.pem -key {0}/{name}-key.pem", dir.display()));
+        }
+        let out = topo.output_in(&x.netns, "bash", &["-c", &script]);
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+
+    // Positive control: a mesh certificate in the trust domain completes TLS 1.3 with h2.
+    let (ok, text) = s_client(Some("good"), "h2");
+    assert!(ok && text.contains("New, TLSv1.3") && text.contains("ALPN protocol: h2"), "{text}");
+    assert!(!text.contains("alert"), "{text}");
+
+    let cases = [
+        (None, "h2", "no client certificate", "peer sent no certificates"),
+        (Some("other-ca"), "h2", "another CA", "UnknownIssuer"),
+        (Some("self-signed"), "h2", "a self-signed certificate", "UnknownIssuer"),
+        (Some("other-td"), "h2", "another trust domain", "outside trust domain cluster.local"),
+        (Some("expired"), "h2", "an expired certificate", "xpired"),
+        (Some("good"), "http/1.1", "ALPN http/1.1 only", "protocol"),
+    ];
+    for (cert, alpn, what, reason) in cases {
+        let before = topo.flows(2).len();
+        let (ok, text) = s_client(cert, alpn);
+        assert!(!ok && text.contains("alert"), "{what}: the server must refuse: {text}");
+        wait_until(Duration::from_secs(2), &format!("{what}: a flow naming the refusal"), || {
+            topo.flows(2).iter().skip(before).any(|f| {
+                f["verdict"] == "error" && f["dst"]["port"] == 15008 && f["reason"].as_str().unwrap().contains(reason)
+            })
+        });
+    }
+}
+
+#[test]
+fn connections_survive_rotations_and_new_connections_use_the_new_certificate() {
+    let topo = cluster(&["--cert-ttl", "10s"]);
+    let (a, c) = (topo.pod("shop", "a"), topo.pod("shop", "c"));
+    let id_a = format!("spiffe://{TD}/ns/shop/sa/a");
+    let serial_of_a = || {
+        topo.status(1)["certs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|cert| cert["identity"] == id_a.as_str())
+            .map(|cert| cert["serial"].as_str().unwrap().to_string())
+    };
+    // About 18 s of round trips on one connection: three or more rotations at a 10 s TTL.
+    let ping = topo.start_ping("ping", a, c.ip, 180);
+    let mut issued = BTreeSet::new();
+    let mut used = Vec::new();
+    for _ in 0..9 {
+        let before = flows_to(&topo, 2, "inbound", HTTP_PORT).len();
+        issued.insert(serial_of_a().expect("a has a certificate"));
+        topo.curl(a, c.ip);
+        wait_until(Duration::from_secs(2), "the inbound flow of the new connection", || {
+            flows_to(&topo, 2, "inbound", HTTP_PORT).len() > before
+        });
+        let flow = flows_to(&topo, 2, "inbound", HTTP_PORT).pop().unwrap();
+        used.push(flow["peer_cert_serial"].as_str().unwrap().to_string());
+        issued.insert(serial_of_a().unwrap());
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    topo.wait_success(&ping, Duration::from_secs(15));
+    assert!(issued.len() >= 4, "at least three rotations: {issued:?}");
+    let distinct: BTreeSet<&String> = used.iter().collect();
+    assert!(distinct.len() >= 3, "new connections presented renewed certificates: {used:?}");
+    for serial in &used {
+        assert!(
+            issued.contains(serial),
+            "the server saw a certificate the agent was issued: {serial} not in {issued:?}"
+        );
+    }
+}
+
+#[test]
+fn a_client_refuses_a_server_with_the_wrong_identity() {
+    let topo = cluster(&[]);
+    let (a, c) = (topo.pod("shop", "a"), topo.pod("shop", "c"));
+    // Replace c's agent with an impostor on 15008 holding a valid mesh certificate for another
+    // identity: node1's agent must refuse it because c's identity is spiffe://.../sa/c.
+    topo.signal_and_wait("agent-node2", libc::SIGKILL);
+    let dir = topo.dir.join("certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(topo.ca_dir().join("root-key.pem")).unwrap()).unwrap();
+    let mesh = Issuer::from_ca_cert_pem(&std::fs::read_to_string(topo.ca_dir().join("root-cert.pem")).unwrap(), ca_key)
+        .unwrap();
+    client_cert(&dir, "impostor", &format!("spiffe://{TD}/ns/shop/sa/impostor"), Some(&mesh), false);
+    // s_server ends a connection when its stdin closes, so stdin stays open (sleep).
+    let script = format!(
+        "sleep 30 | openssl s_server -accept 15008 -tls1_3 -alpn h2 -naccept 1 -cert {0}/impostor.pem -key {0}/impostor-key.pem",
+        dir.display()
+    );
+    let mut server = topo.command_in(&c.netns, "bash");
+    server.args(["-c", &script]);
+    topo.spawn("impostor", server);
+    wait_until(Duration::from_secs(10), "the impostor to listen", || topo.log("impostor").contains("ACCEPT"));
+
+    let out = topo.output_in(&a.netns, "curl", &["-sS", "--max-time", "5", &format!("http://{}:{HTTP_PORT}/", c.ip)]);
+    assert!(!out.status.success(), "the connection must be refused");
+    let refused = flows_to(&topo, 1, "outbound", HTTP_PORT);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let want = format!(
+        "mTLS handshake with {} failed: peer certificate refused: server identity spiffe://{TD}/ns/shop/sa/impostor, expected spiffe://{TD}/ns/shop/sa/c",
+        c.ip
+    );
+    assert_eq!(refused[0]["verdict"], "error");
+    assert_eq!(refused[0]["reason"], want.as_str());
+}
