@@ -98,6 +98,9 @@ pub struct Flow {
     pub mtls: bool,
     /// Serial of the certificate the peer presented (inbound mTLS only).
     pub peer_cert_serial: String,
+    /// The deciding policy and rule (`namespace/name rule N`), or why nothing allowed it;
+    /// empty when no policy applied.
+    pub policy: String,
 }
 
 fn endpoint_proto(e: &Endpoint) -> proto::Endpoint {
@@ -127,6 +130,7 @@ impl From<&Flow> for proto::Flow {
             reason: f.reason.clone(),
             mtls: f.mtls,
             peer_cert_serial: f.peer_cert_serial.clone(),
+            policy: f.policy.clone(),
         }
     }
 }
@@ -185,6 +189,7 @@ mod tests {
             reason: "closed".into(),
             mtls: true,
             peer_cert_serial: "0a".into(),
+            policy: "shop/allow rule 0".into(),
         }
     }
 

@@ -80,7 +80,9 @@ async fn main() -> anyhow::Result<()> {
         flows: flows.clone(),
         identities: identities.clone(),
         pool: proxy::hbone::Pool::default(),
+        live: proxy::authz::LiveConnections::default(),
     });
+    tokio::spawn(reevaluate_on_policy_change(ctx.clone()));
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (enroller, enrolled) = enroll::Enroller::new(ctx);
     let enroller = tokio::spawn(enroller.run(shutdown.clone()));
@@ -109,4 +111,17 @@ async fn main() -> anyhow::Result<()> {
     enroller.await.context("enroller panicked")?;
     // Dropping the datapath (last Arc goes with the runtime) detaches the node-wide programs.
     Ok(())
+}
+
+/// Re-evaluates live inbound connections whenever the policies change, closing the ones now
+/// denied.
+async fn reevaluate_on_policy_change(ctx: Arc<proxy::ProxyContext>) {
+    let mut policies = ctx.state.subscribe_policies();
+    while policies.changed().await.is_ok() {
+        let current = policies.borrow_and_update().clone();
+        let closed = ctx.live.reevaluate(&current);
+        if closed > 0 {
+            tracing::info!(closed, "policy change closed now-denied connections");
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! The agent's state store: workloads received from mesh-ctrl as plain domain types, indexed
-//! by UID and by IP, plus the control-plane link status. Protobuf stops at `apply`: the data
+//! by UID and by IP, the policies in force, and the control-plane link status. Protobuf stops at `apply`: the data
 //! path and the enroller read only these types. An update is converted whole before anything
 //! changes, so a bad update is rejected without touching the store.
 
@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use ferrymesh_api::config as proto;
+use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet};
 use tokio::sync::watch;
 
 /// A workload (pod) of the mesh.
@@ -36,21 +37,27 @@ pub struct Workload {
 
 /// An update from mesh-ctrl that cannot be applied.
 #[derive(Debug, thiserror::Error)]
-#[error("workload {uid}: field {field}: {message}")]
-pub struct InvalidWorkload {
-    /// UID of the offending workload.
-    pub uid: String,
-    /// Field at fault.
-    pub field: &'static str,
-    /// What is wrong.
-    pub message: String,
+pub enum InvalidUpdate {
+    /// A workload does not convert.
+    #[error("workload {uid}: field {field}: {message}")]
+    Workload {
+        /// UID of the offending workload.
+        uid: String,
+        /// Field at fault.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A policy does not convert.
+    #[error("{0}")]
+    Policy(#[from] ferrymesh_policy::wire::WireError),
 }
 
 impl TryFrom<proto::Workload> for Workload {
-    type Error = InvalidWorkload;
+    type Error = InvalidUpdate;
 
     fn try_from(w: proto::Workload) -> Result<Self, Self::Error> {
-        let invalid = |field, message: String| InvalidWorkload { uid: w.uid.clone(), field, message };
+        let invalid = |field, message: String| InvalidUpdate::Workload { uid: w.uid.clone(), field, message };
         if w.uid.is_empty() {
             return Err(invalid("uid", "empty".into()));
         }
@@ -83,18 +90,32 @@ pub struct State {
     inner: RwLock<Inner>,
     changed: watch::Sender<u64>,
     trust_domain: watch::Sender<String>,
+    policies: watch::Sender<Arc<PolicySet>>,
 }
 
 impl Default for State {
     fn default() -> Self {
-        Self { inner: RwLock::default(), changed: watch::channel(0).0, trust_domain: watch::channel(String::new()).0 }
+        Self {
+            inner: RwLock::default(),
+            changed: watch::channel(0).0,
+            trust_domain: watch::channel(String::new()).0,
+            policies: watch::channel(Arc::new(PolicySet::default())).0,
+        }
     }
 }
 
 impl State {
     /// Applies a snapshot or delta from mesh-ctrl. All or nothing.
-    pub fn apply(&self, update: proto::ConfigUpdate) -> Result<(), InvalidWorkload> {
+    pub fn apply(&self, update: proto::ConfigUpdate) -> Result<(), InvalidUpdate> {
         let upserted = update.upserted.into_iter().map(Workload::try_from).collect::<Result<Vec<_>, _>>()?;
+        let authz = update
+            .authorization_policies
+            .into_iter()
+            .map(AuthorizationPolicy::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let peer_auth =
+            update.peer_authentications.into_iter().map(PeerAuthentication::try_from).collect::<Result<Vec<_>, _>>()?;
+        let policies = PolicySet::new(authz, peer_auth);
         {
             let mut inner = self.inner.write().expect("state lock");
             if update.snapshot {
@@ -110,6 +131,13 @@ impl State {
             inner.by_ip = by_ip;
             inner.version = update.version;
         }
+        self.policies.send_if_modified(|current| {
+            let changed = **current != policies;
+            if changed {
+                *current = Arc::new(policies);
+            }
+            changed
+        });
         if !update.trust_domain.is_empty() {
             self.trust_domain.send_if_modified(|td| {
                 let changed = *td != update.trust_domain;
@@ -119,6 +147,16 @@ impl State {
         }
         self.changed.send_replace(update.version);
         Ok(())
+    }
+
+    /// The policies now in force.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies.borrow().clone()
+    }
+
+    /// A receiver that changes whenever the policies change.
+    pub fn subscribe_policies(&self) -> watch::Receiver<Arc<PolicySet>> {
+        self.policies.subscribe()
     }
 
     /// The mesh's trust domain as mesh-ctrl announces it (empty until the first update).
@@ -180,6 +218,7 @@ mod tests {
             upserted: vec![workload("a", "10.0.0.1", "n1", true), workload("b", "10.0.0.2", "n2", true)],
             removed: vec![],
             trust_domain: "example.org".into(),
+            ..Default::default()
         };
         state.apply(snapshot).unwrap();
         assert_eq!(state.captured_on("n1").keys().collect::<Vec<_>>(), vec!["a"]);
@@ -190,6 +229,7 @@ mod tests {
             upserted: vec![workload("a", "10.0.0.1", "n1", false)],
             removed: vec!["b".into()],
             trust_domain: "example.org".into(),
+            ..Default::default()
         };
         state.apply(delta).unwrap();
         assert!(state.captured_on("n1").is_empty());

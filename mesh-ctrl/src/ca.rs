@@ -265,6 +265,43 @@ mod tests {
         assert_eq!(e.to_string(), "invalid CSR: the key must be ECDSA P-256");
     }
 
+    proptest::proptest! {
+        /// CSR handling never panics: garbage, truncated and bit-flipped CSRs are refused with a
+        /// CSR error, and anything accepted carries exactly the identity asked for.
+        #[test]
+        fn csr_handling_never_panics(
+            cut in 0usize..400,
+            flip in proptest::option::of((0usize..400, 1u8..=255)),
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            use std::sync::OnceLock;
+            static CA: OnceLock<(tempfile::TempDir, Ca, Vec<u8>)> = OnceLock::new();
+            let (_, ca, der) = CA.get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let ca = Ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(60)).unwrap();
+                let der = pem::parse(csr()).unwrap().contents().to_vec();
+                (dir, ca, der)
+            });
+            let mut bytes = der.clone();
+            if let Some((at, x)) = flip {
+                let at = at % bytes.len();
+                bytes[at] ^= x;
+            }
+            bytes.truncate(bytes.len().saturating_sub(cut % 8 * (cut / 50)));
+            bytes.extend_from_slice(&garbage);
+            let text = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", bytes.clone()));
+            let id = "spiffe://cluster.local/ns/a/sa/b";
+            match ca.sign(&text, id) {
+                Ok(signed) => {
+                    proptest::prop_assert_eq!(uri_sans(&signed.chain_pem[0]), vec![id.to_string()]);
+                }
+                Err(e) => proptest::prop_assert!(matches!(e, CaError::Csr(_)), "{e}"),
+            }
+            let raw = String::from_utf8_lossy(&garbage).into_owned();
+            proptest::prop_assert!(ca.sign(&raw, id).is_err());
+        }
+    }
+
     fn openssl(dir: &Path, args: &[&str]) {
         let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().unwrap();
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));

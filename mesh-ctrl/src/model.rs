@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ferrymesh_api::config as proto;
+use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
 
 /// Namespace label that opts a namespace into the mesh (value `enabled`) and pod label that
 /// opts a pod out (value `none`).
@@ -65,6 +66,10 @@ pub struct Model {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Pods by UID.
     pub pods: BTreeMap<String, Pod>,
+    /// AuthorizationPolicies by `namespace/name`.
+    pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
+    /// PeerAuthentications by `namespace/name`.
+    pub peer_authentications: BTreeMap<String, PeerAuthentication>,
 }
 
 impl Model {
@@ -92,6 +97,18 @@ impl Model {
                 (pod.uid.clone(), workload)
             })
             .collect()
+    }
+}
+
+impl Model {
+    /// Every AuthorizationPolicy in wire form, sorted by `namespace/name`.
+    pub fn authorization_policies_wire(&self) -> Vec<proto::AuthorizationPolicy> {
+        self.authorization_policies.values().map(proto::AuthorizationPolicy::from).collect()
+    }
+
+    /// Every PeerAuthentication in wire form, sorted by `namespace/name`.
+    pub fn peer_authentications_wire(&self) -> Vec<proto::PeerAuthentication> {
+        self.peer_authentications.values().map(proto::PeerAuthentication::from).collect()
     }
 }
 

@@ -1,5 +1,5 @@
 //! The gRPC config server (port 15012): each agent that calls `Watch` gets the current
-//! snapshot, then a delta for every new version. It only reads snapshots; it never builds them.
+//! snapshot, then a delta for every new version (workloads as a delta, policies whole). It only reads snapshots; it never builds them.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -55,6 +55,8 @@ impl config_server::Config for ConfigService {
                 upserted: sent.workloads.values().cloned().collect(),
                 removed: Vec::new(),
                 trust_domain: trust_domain.clone(),
+                authorization_policies: sent.authorization_policies.clone(),
+                peer_authentications: sent.peer_authentications.clone(),
             };
             if tx.send(Ok(first)).await.is_err() {
                 return;
@@ -68,6 +70,8 @@ impl config_server::Config for ConfigService {
                     upserted,
                     removed,
                     trust_domain: trust_domain.clone(),
+                    authorization_policies: current.authorization_policies.clone(),
+                    peer_authentications: current.peer_authentications.clone(),
                 };
                 sent = current;
                 if tx.send(Ok(update)).await.is_err() {

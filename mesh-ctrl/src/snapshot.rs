@@ -17,6 +17,10 @@ pub struct Snapshot {
     pub version: u64,
     /// Workloads by UID.
     pub workloads: BTreeMap<String, proto::Workload>,
+    /// Every AuthorizationPolicy.
+    pub authorization_policies: Vec<proto::AuthorizationPolicy>,
+    /// Every PeerAuthentication.
+    pub peer_authentications: Vec<proto::PeerAuthentication>,
 }
 
 /// The single writer of snapshots.
@@ -32,18 +36,25 @@ impl Publisher {
         (Self { tx }, rx)
     }
 
-    /// Publishes `model` as a new version if its workloads differ from the current ones.
-    /// Returns the version now current.
+    /// Publishes `model` as a new version if what agents receive of it changed. Returns the
+    /// version now current.
     pub fn publish(&self, model: &Model) -> u64 {
-        let workloads = model.workloads();
+        let mut next = Snapshot {
+            version: 0,
+            workloads: model.workloads(),
+            authorization_policies: model.authorization_policies_wire(),
+            peer_authentications: model.peer_authentications_wire(),
+        };
         let mut version = 0;
         self.tx.send_if_modified(|current| {
-            if current.version > 0 && current.workloads == workloads {
+            next.version = current.version;
+            if current.version > 0 && **current == next {
                 version = current.version;
                 return false;
             }
             version = current.version + 1;
-            *current = Arc::new(Snapshot { version, workloads });
+            next.version = version;
+            *current = Arc::new(std::mem::take(&mut next));
             true
         });
         version

@@ -21,9 +21,11 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::{accept_loop, reset, Connection, Outcome, PodContext, ProxyContext, RELAY_BUFFER};
+use super::authz::{self, Denied, InboundRequest};
+use super::{accept_loop, reset, revoked, Connection, Outcome, PodContext, ProxyContext, RelayEnd, RELAY_BUFFER};
 use crate::flows::{Direction, Endpoint, Verdict};
 use crate::identity::{Identity, IdentityManager, WorkloadCert};
 use crate::tls;
@@ -97,33 +99,37 @@ async fn h2_to_tcp(from: &mut RecvStream, to: &mut OwnedWriteHalf, count: &mut u
     to.shutdown().await
 }
 
-/// Relays between a TCP connection and an HTTP/2 stream until both directions end. Returns
-/// (bytes TCP -> stream, bytes stream -> TCP, error); an error resets both sides.
-async fn relay(tcp: TcpStream, mut recv: RecvStream, mut send: SendStream<Bytes>) -> (u64, u64, Option<io::Error>) {
+/// Relays between a TCP connection and an HTTP/2 stream until both directions end, one fails,
+/// or `close` fires; failure and revocation reset both sides. Returns (bytes TCP -> stream,
+/// bytes stream -> TCP, how it ended).
+async fn relay(
+    tcp: TcpStream,
+    mut recv: RecvStream,
+    mut send: SendStream<Bytes>,
+    close: Option<oneshot::Receiver<Denied>>,
+) -> (u64, u64, RelayEnd) {
     let (mut up, mut down) = (0, 0);
     let (mut read, mut write) = tcp.into_split();
-    let result = futures::future::try_join(
-        tcp_to_h2(&mut read, &mut send, &mut up),
-        h2_to_tcp(&mut recv, &mut write, &mut down),
-    )
-    .await;
-    match result {
-        Ok(_) => (up, down, None),
-        Err(e) => {
-            send.send_reset(h2::Reason::CANCEL);
-            if let Ok(tcp) = read.reunite(write) {
-                reset(&tcp);
-            }
-            (up, down, Some(e))
+    let end = {
+        let copy = futures::future::try_join(
+            tcp_to_h2(&mut read, &mut send, &mut up),
+            h2_to_tcp(&mut recv, &mut write, &mut down),
+        );
+        tokio::select! {
+            result = copy => match result {
+                Ok(_) => RelayEnd::Closed,
+                Err(e) => RelayEnd::Failed(e),
+            },
+            denied = revoked(close) => RelayEnd::Revoked(denied),
+        }
+    };
+    if !matches!(end, RelayEnd::Closed) {
+        send.send_reset(h2::Reason::CANCEL);
+        if let Ok(tcp) = read.reunite(write) {
+            reset(&tcp);
         }
     }
-}
-
-fn outcome(sent: u64, received: u64, error: Option<io::Error>) -> Outcome {
-    match error {
-        None => Outcome { sent, received, verdict: Verdict::Allowed, reason: "closed".into() },
-        Some(e) => Outcome { sent, received, verdict: Verdict::Error, reason: format!("connection aborted: {e}") },
-    }
+    (up, down, end)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -198,61 +204,83 @@ fn respond_status(respond: &mut h2::server::SendResponse<Bytes>, status: StatusC
     respond.send_response(response, status != StatusCode::OK).ok()
 }
 
+/// Validates an HBONE request: a CONNECT whose authority is `<the IP the connection arrived
+/// on>:<port>` with a port that is not the mesh's own. Errors carry the status to answer.
+pub fn connect_target(
+    method: &Method,
+    authority: Option<&str>,
+    local_ip: IpAddr,
+) -> Result<SocketAddr, (StatusCode, String)> {
+    if method != Method::CONNECT {
+        return Err((StatusCode::BAD_REQUEST, format!("HBONE request method {method} is not CONNECT")));
+    }
+    let Some(target) = authority.and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        return Err((StatusCode::BAD_REQUEST, format!("CONNECT authority {authority:?} is not ip:port")));
+    };
+    if target.ip() != local_ip {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("CONNECT authority {target} is not the address the connection arrived on ({local_ip})"),
+        ));
+    }
+    if RESERVED_PORTS.contains(&target.port()) {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, format!("port {} is reserved for the mesh", target.port())));
+    }
+    Ok(target)
+}
+
 async fn serve_stream(
-    request: Request<RecvStream>,
+    http: Request<RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
     peer: PeerInfo,
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
 ) {
-    let target = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let (parts, body) = http.into_parts();
+    let target = connect_target(&parts.method, parts.uri.authority().map(|a| a.as_str()), peer.local.ip());
     let mut src = Endpoint::lookup(&ctx.state, peer.addr);
     src.identity = peer.identity.clone();
-    let mut conn =
-        Connection::new(Direction::Inbound, src, pod.endpoint(target.map_or(0, |t| t.port()), &ctx.identities));
+    let port = target.as_ref().map_or(0, |t| t.port());
+    let mut conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
     conn.mtls = true;
     conn.peer_cert_serial = peer.serial.clone();
     let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: String| {
         respond_status(respond, status);
         Outcome::failed(format!("{} {reason}", status.as_u16()))
     };
-    let outcome = if request.method() != Method::CONNECT {
-        refuse(
-            &mut respond,
-            StatusCode::BAD_REQUEST,
-            format!("HBONE request method {} is not CONNECT", request.method()),
-        )
-    } else if let Some(target) = target.filter(|t| t.ip() != peer.local.ip() || RESERVED_PORTS.contains(&t.port())) {
-        if target.ip() != peer.local.ip() {
-            let reason = format!(
-                "CONNECT authority {target} is not the address the connection arrived on ({})",
-                peer.local.ip()
-            );
-            refuse(&mut respond, StatusCode::BAD_REQUEST, reason)
-        } else {
-            refuse(
-                &mut respond,
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("port {} is reserved for the mesh", target.port()),
-            )
-        }
-    } else if let Some(target) = target {
-        match ctx.dial(&pod.netns, target, MARK_APP_DIAL, Some(peer.addr.ip())).await {
-            Err(e) => refuse(
-                &mut respond,
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("connect to the app at {target} failed: {e}"),
-            ),
-            Ok(app) => match respond_status(&mut respond, StatusCode::OK) {
-                None => Outcome::failed("the client went away before the CONNECT was answered".into()),
-                Some(send) => {
-                    let (to_client, to_app, error) = relay(app, request.into_body(), send).await;
-                    outcome(to_app, to_client, error)
+    let outcome = match target {
+        Err((status, reason)) => refuse(&mut respond, status, reason),
+        Ok(target) => {
+            let request = InboundRequest {
+                source_ip: peer.addr.ip(),
+                source_identity: peer.identity.clone(),
+                destination: target,
+                mtls: true,
+            };
+            match authz::check(&ctx.state.policies(), &pod.workload, &request) {
+                Err(denied) => {
+                    respond_status(&mut respond, StatusCode::UNAUTHORIZED);
+                    Outcome::denied(denied)
                 }
-            },
+                Ok(policy) => {
+                    let (_live, close) = ctx.live.register(pod.workload.clone(), request);
+                    match ctx.dial(&pod.netns, target, MARK_APP_DIAL, Some(peer.addr.ip())).await {
+                        Err(e) => refuse(
+                            &mut respond,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("connect to the app at {target} failed: {e}"),
+                        ),
+                        Ok(app) => match respond_status(&mut respond, StatusCode::OK) {
+                            None => Outcome::failed("the client went away before the CONNECT was answered".into()),
+                            Some(send) => {
+                                let (to_client, to_app, end) = relay(app, body, send, Some(close)).await;
+                                Outcome::relayed(to_app, to_client, end, policy)
+                            }
+                        },
+                    }
+                }
+            }
         }
-    } else {
-        refuse(&mut respond, StatusCode::BAD_REQUEST, "CONNECT without an ip:port authority".into())
     };
     ctx.record(conn, outcome);
 }
@@ -398,8 +426,8 @@ pub(super) async fn outbound(
     };
     match ctx.hbone_open(pod, &cert, dst, dst_id).await {
         Ok((send, recv)) => {
-            let (sent, received, error) = relay(client, recv, send).await;
-            outcome(sent, received, error)
+            let (sent, received, end) = relay(client, recv, send, None).await;
+            Outcome::relayed(sent, received, end, String::new())
         }
         Err(e) => {
             reset(&client);
@@ -408,6 +436,62 @@ pub(super) async fn outbound(
                 o.verdict = Verdict::Denied;
             }
             o
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const LOCAL: [u8; 4] = [10, 244, 2, 2];
+
+    #[test]
+    fn connect_requests_table() {
+        let local = IpAddr::from(LOCAL);
+        let cases: [(Method, Option<&str>, Result<u16, u16>); 7] = [
+            (Method::CONNECT, Some("10.244.2.2:8080"), Ok(8080)),
+            (Method::GET, Some("10.244.2.2:8080"), Err(400)),
+            (Method::CONNECT, Some("10.244.2.3:8080"), Err(400)),
+            (Method::CONNECT, Some("example.com:80"), Err(400)),
+            (Method::CONNECT, None, Err(400)),
+            (Method::CONNECT, Some("10.244.2.2:15008"), Err(503)),
+            (Method::CONNECT, Some("10.244.2.2:15006"), Err(503)),
+        ];
+        for (method, authority, want) in cases {
+            let got = connect_target(&method, authority, local).map(|t| t.port()).map_err(|(s, _)| s.as_u16());
+            assert_eq!(got, want, "{method} {authority:?}");
+        }
+    }
+
+    proptest! {
+        /// Any request line is either refused with 400/503 or is exactly a CONNECT to the local
+        /// IP on a non-mesh port; nothing panics.
+        #[test]
+        fn connect_target_accepts_only_valid_connects(
+            method in prop_oneof![Just("CONNECT".to_string()), Just("GET".to_string()), "[A-Z]{1,8}"],
+            authority in prop_oneof![
+                "[0-9.:]{0,24}".prop_map(String::from),
+                (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| format!("{}:{port}", std::net::Ipv4Addr::from(ip))),
+                any::<u16>().prop_map(|port| format!("10.244.2.2:{port}")),
+                ".{0,40}".prop_map(String::from),
+            ],
+        ) {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            match connect_target(&method, Some(&authority), IpAddr::from(LOCAL)) {
+                Ok(target) => {
+                    prop_assert_eq!(&method, &Method::CONNECT);
+                    prop_assert_eq!(target.ip(), IpAddr::from(LOCAL));
+                    prop_assert!(!RESERVED_PORTS.contains(&target.port()));
+                    prop_assert_eq!(target, authority.parse::<SocketAddr>().unwrap());
+                }
+                Err((status, reason)) => {
+                    prop_assert!(status == StatusCode::BAD_REQUEST || status == StatusCode::SERVICE_UNAVAILABLE);
+                    prop_assert!(!reason.is_empty());
+                }
+            }
         }
     }
 }

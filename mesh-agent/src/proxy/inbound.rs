@@ -10,6 +10,7 @@ use std::sync::Arc;
 use mesh_common::{MARK_APP_DIAL, RESERVED_PORTS};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::authz::{self, InboundRequest};
 use super::{accept_loop, relay, reset, Connection, Outcome, PodContext, ProxyContext};
 use crate::flows::{Direction, Endpoint};
 
@@ -30,8 +31,20 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         return ctx.record(conn, Outcome::failed(format!("port {} is reserved for the mesh", dst.port())));
     }
     let _ = client.set_nodelay(true);
+    let request = InboundRequest { source_ip: peer.ip(), source_identity: None, destination: dst, mtls: false };
+    let policy = match authz::check(&ctx.state.policies(), &pod.workload, &request) {
+        Ok(policy) => policy,
+        Err(denied) => {
+            reset(&client);
+            return ctx.record(conn, Outcome::denied(denied));
+        }
+    };
+    let (_live, close) = ctx.live.register(pod.workload.clone(), request);
     let outcome = match ctx.dial(&pod.netns, dst, MARK_APP_DIAL, Some(peer.ip())).await {
-        Ok(app) => relay(client, app).await,
+        Ok(app) => {
+            let (sent, received, end) = relay(client, app, Some(close)).await;
+            Outcome::relayed(sent, received, end, policy)
+        }
         Err(e) => {
             reset(&client);
             Outcome::failed(format!("connect to the app at {dst} failed: {e}"))

@@ -3,6 +3,7 @@
 //! Plain TCP for now; the proxy never touches eBPF maps except to take an original
 //! destination through [`crate::ebpf::Datapath`].
 
+pub mod authz;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
@@ -45,6 +46,8 @@ pub struct ProxyContext {
     pub identities: Arc<IdentityManager>,
     /// Pooled HBONE connections.
     pub pool: hbone::Pool,
+    /// Live inbound connections, re-evaluated when policies change.
+    pub live: authz::LiveConnections,
 }
 
 /// One enrolled pod, as its accept loops see it.
@@ -78,11 +81,55 @@ struct Outcome {
     received: u64,
     verdict: Verdict,
     reason: String,
+    policy: String,
 }
 
 impl Outcome {
     fn failed(reason: String) -> Self {
-        Self { sent: 0, received: 0, verdict: Verdict::Error, reason }
+        Self { sent: 0, received: 0, verdict: Verdict::Error, reason, policy: String::new() }
+    }
+
+    fn denied(denied: authz::Denied) -> Self {
+        Self { sent: 0, received: 0, verdict: Verdict::Denied, reason: denied.reason, policy: denied.policy }
+    }
+
+    /// The end of a relay: allowed, or why it was cut.
+    fn relayed(sent: u64, received: u64, end: RelayEnd, policy: String) -> Self {
+        match end {
+            RelayEnd::Closed => Self { sent, received, verdict: Verdict::Allowed, reason: "closed".into(), policy },
+            RelayEnd::Failed(e) => {
+                Self { sent, received, verdict: Verdict::Error, reason: format!("connection aborted: {e}"), policy }
+            }
+            RelayEnd::Revoked(d) => Self {
+                sent,
+                received,
+                verdict: Verdict::Denied,
+                reason: format!("closed after a policy change: {}", d.reason),
+                policy: d.policy,
+            },
+        }
+    }
+}
+
+/// Why a relay ended.
+#[derive(Debug)]
+enum RelayEnd {
+    /// Both directions finished.
+    Closed,
+    /// A side failed or reset.
+    Failed(io::Error),
+    /// A policy change denied the connection.
+    Revoked(authz::Denied),
+}
+
+/// Waits for a policy change to deny the connection; never fires without a receiver.
+async fn revoked(close: Option<tokio::sync::oneshot::Receiver<authz::Denied>>) -> authz::Denied {
+    match close {
+        Some(rx) => match rx.await {
+            Ok(denied) => denied,
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -127,6 +174,7 @@ impl ProxyContext {
             reason: outcome.reason,
             mtls: conn.mtls,
             peer_cert_serial: conn.peer_cert_serial,
+            policy: outcome.policy,
         });
     }
 
@@ -217,25 +265,33 @@ where
     }
 }
 
-/// Relays bytes both ways, honouring half-close, until both directions end or one fails; a
-/// failure resets both sides.
-async fn relay(mut client: TcpStream, mut upstream: TcpStream) -> Outcome {
+/// Relays bytes both ways, honouring half-close, until both directions end, one fails, or
+/// `close` fires; failure and revocation reset both sides. Returns (client -> upstream bytes,
+/// upstream -> client bytes, how it ended).
+async fn relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    close: Option<tokio::sync::oneshot::Receiver<authz::Denied>>,
+) -> (u64, u64, RelayEnd) {
     let (mut sent, mut received) = (0, 0);
-    let result = {
+    let end = {
         let (client_read, client_write) = client.split();
         let (upstream_read, upstream_write) = upstream.split();
-        futures::future::try_join(
+        let copy = futures::future::try_join(
             copy_half(client_read, upstream_write, &mut sent),
             copy_half(upstream_read, client_write, &mut received),
-        )
-        .await
-    };
-    match result {
-        Ok(_) => Outcome { sent, received, verdict: Verdict::Allowed, reason: "closed".into() },
-        Err(e) => {
-            reset(&client);
-            reset(&upstream);
-            Outcome { sent, received, verdict: Verdict::Error, reason: format!("connection aborted: {e}") }
+        );
+        tokio::select! {
+            result = copy => match result {
+                Ok(_) => RelayEnd::Closed,
+                Err(e) => RelayEnd::Failed(e),
+            },
+            denied = revoked(close) => RelayEnd::Revoked(denied),
         }
+    };
+    if !matches!(end, RelayEnd::Closed) {
+        reset(&client);
+        reset(&upstream);
     }
+    (sent, received, end)
 }

@@ -42,7 +42,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     } else {
         conn.src.identity = None;
         match ctx.dial(&pod.netns, dst, MARK_AGENT, None).await {
-            Ok(upstream) => relay(client, upstream).await,
+            Ok(upstream) => {
+                let (sent, received, end) = relay(client, upstream, None).await;
+                Outcome::relayed(sent, received, end, String::new())
+            }
             Err(e) => {
                 reset(&client);
                 Outcome::failed(format!("connect to {dst} failed: {e}"))

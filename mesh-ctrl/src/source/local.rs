@@ -15,6 +15,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
+use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
+
 use crate::model::{Model, Namespace, Pod, NETNS_ANNOTATION};
 
 /// A config object that was rejected, named by file, object and field.
@@ -65,7 +68,26 @@ impl fmt::Display for ObjectKey {
 enum Object {
     Namespace(Namespace),
     Pod(Pod),
+    AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
 }
+
+/// A ferrymesh.io custom resource: Kubernetes metadata and a typed spec.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CustomResource<S> {
+    #[expect(dead_code, reason = "checked by parse_object before deserializing")]
+    api_version: String,
+    #[expect(dead_code, reason = "checked by parse_object before deserializing")]
+    kind: String,
+    #[expect(dead_code, reason = "identity comes from the object key")]
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    #[serde(default)]
+    spec: S,
+}
+
+/// ferrymesh CRD group/version.
+const FERRYMESH_V1ALPHA1: &str = "ferrymesh.io/v1alpha1";
 
 #[derive(Clone, Debug)]
 struct Loaded {
@@ -164,6 +186,12 @@ impl DirSource {
                 Object::Pod(pod) => {
                     model.pods.insert(pod.uid.clone(), pod.clone());
                 }
+                Object::AuthorizationPolicy(p) => {
+                    model.authorization_policies.insert(p.key(), p.clone());
+                }
+                Object::PeerAuthentication(p) => {
+                    model.peer_authentications.insert(format!("{}/{}", p.namespace, p.name), p.clone());
+                }
             }
         }
         model
@@ -231,10 +259,21 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
     let parsed = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Namespace") => strict::<k8s::Namespace>(doc).map(|ns| Object::Namespace(namespace_from(ns, &key))),
         ("v1", "Pod") => strict::<k8s::Pod>(doc).and_then(|pod| pod_from(pod, &key).map(Object::Pod)),
+        (FERRYMESH_V1ALPHA1, "AuthorizationPolicy") => strict::<CustomResource<AuthorizationPolicySpec>>(doc).and_then(|cr| {
+            cr.spec
+                .validate(&key.namespace, &key.name)
+                .map(Object::AuthorizationPolicy)
+                .map_err(|e| (Some(e.field), e.message))
+        }),
+        (FERRYMESH_V1ALPHA1, "PeerAuthentication") => strict::<CustomResource<PeerAuthenticationSpec>>(doc).and_then(|cr| {
+            cr.spec.validate(&key.namespace, &key.name).map(Object::PeerAuthentication).map_err(|e| (Some(e.field), e.message))
+        }),
         (_, "") => Err((Some("kind".into()), "missing".into())),
         _ => Err((
             Some("kind".into()),
-            format!("{api_version}/{kind} is not supported (supported: v1 Namespace, v1 Pod)"),
+            format!(
+                "{api_version}/{kind} is not supported (supported: v1 Namespace, v1 Pod, {FERRYMESH_V1ALPHA1} AuthorizationPolicy and PeerAuthentication)"
+            ),
         )),
     };
     parsed.map(|object| (key, object)).map_err(|(field, message)| error(field, message))
@@ -427,6 +466,38 @@ mod tests {
                 dir.path().join("db.yaml").display()
             )
         );
+    }
+
+    #[test]
+    fn reads_policies_and_names_their_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let authz = "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow-a\n  namespace: shop\nspec:\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/a]\n";
+        let peer = "apiVersion: ferrymesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n";
+        write(dir.path(), "p.yaml", &format!("{authz}---\n{peer}"));
+        let mut source = DirSource::new(dir.path());
+        let (model, errors) = source.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            model.authorization_policies["shop/allow-a"].rules[0].from[0].principals,
+            ["cluster.local/ns/shop/sa/a"]
+        );
+        assert_eq!(model.peer_authentications["shop/strict"].mode, ferrymesh_policy::MtlsMode::Strict);
+        let cases = [
+            (authz.replace("ALLOW", "AUDIT"), "spec.action"),
+            (authz.replace("principals:", "principalz:"), "spec.rules[0].from[0].source.principalz"),
+            (
+                authz.replace("principals: [cluster.local/ns/shop/sa/a]", "ipBlocks: [300.1.1.1]"),
+                "spec.rules[0].from[0].source.ipBlocks[0]",
+            ),
+        ];
+        for (bad, field) in cases {
+            write(dir.path(), "p.yaml", &format!("{bad}---\n{peer}"));
+            let (after, errors) = source.reload();
+            assert_eq!(errors.len(), 1, "{field}: {errors:?}");
+            assert_eq!(errors[0].object.as_deref(), Some("AuthorizationPolicy shop/allow-a"));
+            assert_eq!(errors[0].field.as_deref(), Some(field));
+            assert_eq!(after, model, "{field}: the last good policy stays");
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub struct FlowJson {
     reason: String,
     mtls: bool,
     peer_cert_serial: String,
+    policy: String,
 }
 
 fn endpoint(e: Option<proto::Endpoint>) -> EndpointJson {
@@ -58,6 +59,7 @@ impl From<proto::Flow> for FlowJson {
             reason: f.reason,
             mtls: f.mtls,
             peer_cert_serial: f.peer_cert_serial,
+            policy: f.policy,
         }
     }
 }
@@ -82,7 +84,7 @@ pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
             }
         }
         Output::Table => {
-            let rows: Vec<[String; 8]> = flows
+            let rows: Vec<[String; 9]> = flows
                 .iter()
                 .map(|f| {
                     [
@@ -93,11 +95,15 @@ pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
                         format!("{}/{}", f.bytes_sent, f.bytes_received),
                         if f.mtls { "mTLS".into() } else { "plain".into() },
                         f.verdict.clone(),
+                        f.policy.clone(),
                         f.reason.clone(),
                     ]
                 })
                 .collect();
-            print_table(&["TIME", "DIR", "SOURCE", "DESTINATION", "SENT/RECV", "SECURITY", "VERDICT", "REASON"], &rows);
+            print_table(
+                &["TIME", "DIR", "SOURCE", "DESTINATION", "SENT/RECV", "SECURITY", "VERDICT", "POLICY", "REASON"],
+                &rows,
+            );
         }
     }
     Ok(())

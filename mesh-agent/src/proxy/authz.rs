@@ -1,0 +1,126 @@
+//! Inbound authorization at the destination: PeerAuthentication and AuthorizationPolicy,
+//! decided by `ferrymesh-policy` (the same code `meshctl explain` will show), and the registry
+//! of live inbound connections that a policy change re-evaluates, closing the ones now denied.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ferrymesh_policy::{MtlsMode, PolicySet, Request};
+use tokio::sync::oneshot;
+
+use crate::state::Workload;
+
+/// What a destination knows about an inbound connection.
+#[derive(Debug, Clone)]
+pub struct InboundRequest {
+    /// Client IP.
+    pub source_ip: IpAddr,
+    /// Client SPIFFE ID proven by mTLS.
+    pub source_identity: Option<String>,
+    /// Original destination.
+    pub destination: SocketAddr,
+    /// Whether it arrived over HBONE.
+    pub mtls: bool,
+}
+
+/// Why a connection is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    /// For the flow's `reason`.
+    pub reason: String,
+    /// For the flow's `policy`: the deciding policy and rule, or why none allowed.
+    pub policy: String,
+}
+
+/// Decides `request` to `workload` under `policies`: the deciding ALLOW policy (empty when no
+/// policy applies), or why it is denied.
+pub fn check(policies: &PolicySet, workload: &Workload, request: &InboundRequest) -> Result<String, Denied> {
+    let w = ferrymesh_policy::Workload { namespace: &workload.namespace, labels: &workload.labels };
+    if !request.mtls {
+        if let (MtlsMode::Strict, by) = policies.mtls_mode(&w) {
+            let by = by.unwrap_or_default();
+            return Err(Denied {
+                reason: format!("plaintext refused: PeerAuthentication {by} requires mTLS (STRICT)"),
+                policy: by,
+            });
+        }
+    }
+    // Istio principals are SPIFFE IDs without the scheme.
+    let principal = request.source_identity.as_deref().map(|id| id.strip_prefix("spiffe://").unwrap_or(id));
+    let decision = policies.authorize(
+        &w,
+        &Request {
+            source_ip: request.source_ip,
+            source_principal: principal,
+            destination_ip: request.destination.ip(),
+            destination_port: request.destination.port(),
+        },
+    );
+    if decision.allowed {
+        Ok(decision.policy)
+    } else {
+        Err(Denied { reason: format!("denied: {}", decision.policy), policy: decision.policy })
+    }
+}
+
+struct Live {
+    workload: Arc<Workload>,
+    request: InboundRequest,
+    close: oneshot::Sender<Denied>,
+}
+
+/// Live inbound connections, for re-evaluation when policies change.
+#[derive(Default)]
+pub struct LiveConnections {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, Live>>,
+}
+
+impl std::fmt::Debug for LiveConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveConnections").field("live", &self.conns.lock().map(|c| c.len()).unwrap_or(0)).finish()
+    }
+}
+
+/// Removes a connection from the registry when it ends.
+pub struct LiveGuard<'a> {
+    registry: &'a LiveConnections,
+    id: u64,
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.registry.conns.lock().expect("live lock").remove(&self.id);
+    }
+}
+
+impl LiveConnections {
+    /// Registers a connection; the receiver fires if a policy change denies it.
+    pub fn register(
+        &self,
+        workload: Arc<Workload>,
+        request: InboundRequest,
+    ) -> (LiveGuard<'_>, oneshot::Receiver<Denied>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = oneshot::channel();
+        self.conns.lock().expect("live lock").insert(id, Live { workload, request, close });
+        (LiveGuard { registry: self, id }, closed)
+    }
+
+    /// Closes every live connection `policies` now deny; returns how many.
+    pub fn reevaluate(&self, policies: &PolicySet) -> usize {
+        let mut conns = self.conns.lock().expect("live lock");
+        let denied: Vec<(u64, Denied)> = conns
+            .iter()
+            .filter_map(|(id, l)| check(policies, &l.workload, &l.request).err().map(|d| (*id, d)))
+            .collect();
+        for (id, denied) in &denied {
+            if let Some(live) = conns.remove(id) {
+                let _ = live.close.send(denied.clone());
+            }
+        }
+        denied.len()
+    }
+}

@@ -1,0 +1,420 @@
+//! L4 authorization with Istio's semantics: AuthorizationPolicy (ALLOW/DENY) and
+//! PeerAuthentication (mTLS mode). This crate owns the one decision function the agent
+//! enforces with (and `meshctl explain` shows); it never does I/O.
+//!
+//! Semantics, as in Istio ambient's ztunnel:
+//! - a policy applies to a workload in its namespace whose labels match `selector.matchLabels`
+//!   (no selector: every workload there); a policy in the root namespace `ferrymesh-system`
+//!   applies mesh-wide;
+//! - any matching DENY rule denies; else, if no ALLOW policy applies, the connection is allowed;
+//!   else an ALLOW rule must match;
+//! - a policy without rules matches nothing (an ALLOW without rules denies everything); a
+//!   rule without from/to/when matches everything;
+//! - an ALLOW rule that uses an L7-only field matches nothing at L4 (fail closed); a DENY rule
+//!   ignores its L7-only fields, which makes it broader.
+
+pub mod spec;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+/// Namespace whose policies apply to the whole mesh.
+pub const ROOT_NAMESPACE: &str = "ferrymesh-system";
+
+/// What a matching policy does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Connections must match one ALLOW rule (when any ALLOW policy applies).
+    Allow,
+    /// A matching rule denies.
+    Deny,
+}
+
+/// An IP address or CIDR block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpBlock {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl IpBlock {
+    /// Parses `10.0.0.1` or `10.0.0.0/8` (IPv4 or IPv6).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a.parse().ok()?, p.parse().ok()?),
+            None => {
+                let addr: IpAddr = text.parse().ok()?;
+                (addr, if addr.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        let max = if matches!(addr, IpAddr::V4(_)) { 32 } else { 128 };
+        (prefix <= max).then_some(Self { addr, prefix })
+    }
+
+    /// Whether `ip` is in the block.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `rules[].from[].source`. Empty lists are unset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Source {
+    /// Peer principals (`<trust domain>/ns/<ns>/sa/<sa>`), with `*`, `prefix*`, `*suffix`.
+    pub principals: Vec<String>,
+    /// Negated principals.
+    pub not_principals: Vec<String>,
+    /// Namespaces of the peer identity.
+    pub namespaces: Vec<String>,
+    /// Negated namespaces.
+    pub not_namespaces: Vec<String>,
+    /// Source IP blocks.
+    pub ip_blocks: Vec<IpBlock>,
+    /// Negated source IP blocks.
+    pub not_ip_blocks: Vec<IpBlock>,
+}
+
+/// `rules[].to[].operation` (L4 part). Empty lists are unset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Operation {
+    /// Destination ports.
+    pub ports: Vec<u16>,
+    /// Negated destination ports.
+    pub not_ports: Vec<u16>,
+}
+
+/// Attribute a `when` condition reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionKey {
+    /// `source.ip` (IPs or CIDRs).
+    SourceIp,
+    /// `source.namespace` (of the peer identity).
+    SourceNamespace,
+    /// `source.principal`.
+    SourcePrincipal,
+    /// `destination.ip` (IPs or CIDRs).
+    DestinationIp,
+    /// `destination.port`.
+    DestinationPort,
+}
+
+impl ConditionKey {
+    /// Parses an Istio condition key supported at L4.
+    pub fn parse(key: &str) -> Option<Self> {
+        Some(match key {
+            "source.ip" | "remote.ip" => Self::SourceIp,
+            "source.namespace" => Self::SourceNamespace,
+            "source.principal" => Self::SourcePrincipal,
+            "destination.ip" => Self::DestinationIp,
+            "destination.port" => Self::DestinationPort,
+            _ => return None,
+        })
+    }
+}
+
+/// `rules[].when[]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    /// What is tested.
+    pub key: ConditionKey,
+    /// One must match (when set).
+    pub values: Vec<String>,
+    /// None may match.
+    pub not_values: Vec<String>,
+}
+
+/// One rule of a policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    /// Any one must match (when set).
+    pub from: Vec<Source>,
+    /// Any one must match (when set).
+    pub to: Vec<Operation>,
+    /// All must match.
+    pub when: Vec<Condition>,
+    /// L7-only fields of the rule (paths), which L4 cannot evaluate.
+    pub l7_fields: Vec<String>,
+}
+
+/// An AuthorizationPolicy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthorizationPolicy {
+    /// Namespace (the root namespace makes it mesh-wide).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `selector.matchLabels`; None selects every workload in scope.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// ALLOW or DENY.
+    pub action: Action,
+    /// Rules; a policy matches when any rule does.
+    pub rules: Vec<Rule>,
+}
+
+/// PeerAuthentication `mtls.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// Inherit from the enclosing scope.
+    Unset,
+    /// Plaintext and mTLS both accepted (the default).
+    Permissive,
+    /// Only mTLS (HBONE) accepted.
+    Strict,
+    /// Treated as PERMISSIVE: ferrymesh never turns mTLS off between meshed pods.
+    Disable,
+}
+
+/// A PeerAuthentication.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAuthentication {
+    /// Namespace (the root namespace makes it mesh-wide).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `selector.matchLabels`; None: namespace-wide (or mesh-wide in the root namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Mode.
+    pub mode: MtlsMode,
+}
+
+/// The workload a decision is about.
+#[derive(Clone, Copy, Debug)]
+pub struct Workload<'a> {
+    /// Namespace.
+    pub namespace: &'a str,
+    /// Labels.
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// The connection a decision is about.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// Client IP.
+    pub source_ip: IpAddr,
+    /// Peer principal proven by mTLS (`<trust domain>/ns/<ns>/sa/<sa>`), None for plaintext.
+    pub source_principal: Option<&'a str>,
+    /// Destination IP.
+    pub destination_ip: IpAddr,
+    /// Destination port.
+    pub destination_port: u16,
+}
+
+impl Request<'_> {
+    fn source_namespace(&self) -> Option<&str> {
+        let p = self.source_principal?;
+        let rest = &p[p.find("/ns/")? + 4..];
+        Some(rest.split('/').next().unwrap_or(rest))
+    }
+}
+
+/// The outcome of an authorization, with the policy and rule that decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the connection may proceed.
+    pub allowed: bool,
+    /// `namespace/name rule N` of the deciding policy; empty when no policy applied; for a
+    /// deny by default, `no ALLOW policy matched (considered: ...)`.
+    pub policy: String,
+}
+
+/// Istio's string match: exact, `*` (any non-empty), `prefix*`, `*suffix`.
+pub fn string_match(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        return !value.is_empty();
+    }
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        return value.starts_with(prefix);
+    }
+    if let Some(suffix) = pattern.strip_prefix('*') {
+        return value.ends_with(suffix);
+    }
+    pattern == value
+}
+
+fn any_match(patterns: &[String], value: Option<&str>) -> bool {
+    patterns.iter().any(|p| string_match(p, value.unwrap_or("")))
+}
+
+/// A set field matches when one pattern does; an unset (empty) field always matches.
+fn field(patterns: &[String], value: Option<&str>) -> bool {
+    patterns.is_empty() || any_match(patterns, value)
+}
+
+/// A negated field matches when no pattern does.
+fn not_field(patterns: &[String], value: Option<&str>) -> bool {
+    !any_match(patterns, value)
+}
+
+fn selects(selector: &Option<BTreeMap<String, String>>, labels: &BTreeMap<String, String>) -> bool {
+    selector.as_ref().is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+impl Source {
+    fn matches(&self, r: &Request<'_>) -> bool {
+        let ns = r.source_namespace();
+        field(&self.principals, r.source_principal)
+            && not_field(&self.not_principals, r.source_principal)
+            && field(&self.namespaces, ns)
+            && not_field(&self.not_namespaces, ns)
+            && (self.ip_blocks.is_empty() || self.ip_blocks.iter().any(|b| b.contains(r.source_ip)))
+            && !self.not_ip_blocks.iter().any(|b| b.contains(r.source_ip))
+    }
+}
+
+impl Operation {
+    fn matches(&self, r: &Request<'_>) -> bool {
+        (self.ports.is_empty() || self.ports.contains(&r.destination_port))
+            && !self.not_ports.contains(&r.destination_port)
+    }
+}
+
+fn value_match(key: ConditionKey, pattern: &str, r: &Request<'_>) -> bool {
+    match key {
+        ConditionKey::SourceIp => IpBlock::parse(pattern).is_some_and(|b| b.contains(r.source_ip)),
+        ConditionKey::DestinationIp => IpBlock::parse(pattern).is_some_and(|b| b.contains(r.destination_ip)),
+        ConditionKey::SourceNamespace => string_match(pattern, r.source_namespace().unwrap_or("")),
+        ConditionKey::SourcePrincipal => string_match(pattern, r.source_principal.unwrap_or("")),
+        ConditionKey::DestinationPort => pattern.parse() == Ok(r.destination_port),
+    }
+}
+
+impl Condition {
+    fn matches(&self, r: &Request<'_>) -> bool {
+        (self.values.is_empty() || self.values.iter().any(|v| value_match(self.key, v, r)))
+            && !self.not_values.iter().any(|v| value_match(self.key, v, r))
+    }
+}
+
+impl Rule {
+    /// Whether the L4 part of the rule matches.
+    fn matches_l4(&self, r: &Request<'_>) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(r)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(r)))
+            && self.when.iter().all(|c| c.matches(r))
+    }
+}
+
+impl AuthorizationPolicy {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether the policy applies to `w`.
+    pub fn applies_to(&self, w: &Workload<'_>) -> bool {
+        (self.namespace == w.namespace || self.namespace == ROOT_NAMESPACE) && selects(&self.selector, w.labels)
+    }
+}
+
+/// Every policy of the mesh, indexed for decisions.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicySet {
+    authz_by_namespace: HashMap<String, Vec<AuthorizationPolicy>>,
+    peer_auth: Vec<PeerAuthentication>,
+}
+
+impl PolicySet {
+    /// Indexes `authz` and `peer_auth`; order within a namespace is by name.
+    pub fn new(mut authz: Vec<AuthorizationPolicy>, peer_auth: Vec<PeerAuthentication>) -> Self {
+        authz.sort_by_key(AuthorizationPolicy::key);
+        let mut authz_by_namespace: HashMap<String, Vec<AuthorizationPolicy>> = HashMap::new();
+        for p in authz {
+            authz_by_namespace.entry(p.namespace.clone()).or_default().push(p);
+        }
+        Self { authz_by_namespace, peer_auth }
+    }
+
+    /// Policies that apply to `w`: the root namespace's first, then the workload's own.
+    pub fn applicable<'s>(&'s self, w: &Workload<'_>) -> Vec<&'s AuthorizationPolicy> {
+        let mut out = Vec::new();
+        for ns in [ROOT_NAMESPACE, w.namespace] {
+            if let Some(list) = self.authz_by_namespace.get(ns) {
+                out.extend(list.iter().filter(|p| p.applies_to(w)));
+            }
+            if w.namespace == ROOT_NAMESPACE {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Decides whether `r` may reach workload `w`.
+    pub fn authorize(&self, w: &Workload<'_>, r: &Request<'_>) -> Decision {
+        let applicable = self.applicable(w);
+        for p in applicable.iter().filter(|p| p.action == Action::Deny) {
+            // A DENY rule ignores its L7-only fields: the deny becomes broader, never narrower.
+            if let Some(i) = p.rules.iter().position(|rule| rule.matches_l4(r)) {
+                return Decision { allowed: false, policy: format!("{} rule {i}", p.key()) };
+            }
+        }
+        let allows: Vec<&&AuthorizationPolicy> = applicable.iter().filter(|p| p.action == Action::Allow).collect();
+        if allows.is_empty() {
+            return Decision { allowed: true, policy: String::new() };
+        }
+        let mut l7_notes = Vec::new();
+        for p in &allows {
+            for (i, rule) in p.rules.iter().enumerate() {
+                if !rule.l7_fields.is_empty() {
+                    l7_notes.push(format!(
+                        "{} rule {i} uses L7-only fields ({}) and matches no L4 traffic",
+                        p.key(),
+                        rule.l7_fields.join(", ")
+                    ));
+                } else if rule.matches_l4(r) {
+                    return Decision { allowed: true, policy: format!("{} rule {i}", p.key()) };
+                }
+            }
+        }
+        let considered: Vec<String> = allows.iter().map(|p| p.key()).collect();
+        let mut policy = format!("no ALLOW policy matched (considered: {})", considered.join(", "));
+        for note in l7_notes {
+            policy.push_str("; ");
+            policy.push_str(&note);
+        }
+        Decision { allowed: false, policy }
+    }
+
+    /// The effective mTLS mode of `w` and the PeerAuthentication (`namespace/name`) that set it:
+    /// workload-specific over namespace-wide over mesh-wide; unset levels inherit; PERMISSIVE
+    /// when nothing is set.
+    pub fn mtls_mode(&self, w: &Workload<'_>) -> (MtlsMode, Option<String>) {
+        let level = |p: &PeerAuthentication| -> Option<u8> {
+            match (&p.selector, p.namespace.as_str()) {
+                (Some(s), ns) if (ns == w.namespace || ns == ROOT_NAMESPACE) && selects(&Some(s.clone()), w.labels) => {
+                    Some(0)
+                }
+                (None, ns) if ns == w.namespace && ns != ROOT_NAMESPACE => Some(1),
+                (None, ROOT_NAMESPACE) => Some(2),
+                _ => None,
+            }
+        };
+        let mut best: Option<(u8, &PeerAuthentication)> = None;
+        for p in self.peer_auth.iter().filter(|p| p.mode != MtlsMode::Unset) {
+            if let Some(l) = level(p) {
+                if best.is_none_or(|(b, bp)| l < b || (l == b && p.name < bp.name)) {
+                    best = Some((l, p));
+                }
+            }
+        }
+        match best {
+            Some((_, p)) => (p.mode, Some(format!("{}/{}", p.namespace, p.name))),
+            None => (MtlsMode::Permissive, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

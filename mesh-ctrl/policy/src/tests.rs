@@ -1,0 +1,277 @@
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+
+use super::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
+use super::*;
+
+fn authz(ns: &str, name: &str, yaml: &str) -> AuthorizationPolicy {
+    let spec: AuthorizationPolicySpec = serde_yaml::from_str(yaml).unwrap();
+    spec.validate(ns, name).unwrap()
+}
+
+fn peer(ns: &str, name: &str, yaml: &str) -> PeerAuthentication {
+    let spec: PeerAuthenticationSpec = serde_yaml::from_str(yaml).unwrap();
+    spec.validate(ns, name).unwrap()
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn request<'a>(ip: &str, principal: Option<&'a str>, port: u16) -> Request<'a> {
+    Request {
+        source_ip: ip.parse().unwrap(),
+        source_principal: principal,
+        destination_ip: "10.244.2.2".parse().unwrap(),
+        destination_port: port,
+    }
+}
+
+const A: &str = "cluster.local/ns/shop/sa/a";
+const B: &str = "cluster.local/ns/shop/sa/b";
+const D: &str = "cluster.local/ns/other/sa/d";
+
+#[test]
+fn decision_table() {
+    let app_c = labels(&[("app", "c")]);
+    let shop_c = Workload { namespace: "shop", labels: &app_c };
+    let allow_a = authz(
+        "shop",
+        "allow-a",
+        "selector: {matchLabels: {app: c}}\nrules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/a]}}]}]",
+    );
+    let allow_ns = authz("shop", "allow-shop", "rules: [{from: [{source: {namespaces: [shop]}}]}]");
+    let allow_port = authz("shop", "allow-8080", "rules: [{to: [{operation: {ports: [\"8080\"]}}]}]");
+    let allow_all = authz("shop", "allow-all", "rules: [{}]");
+    let allow_nothing = authz("shop", "allow-nothing", "{}");
+    let deny_a = authz("shop", "deny-a", "action: DENY\nrules: [{from: [{source: {principals: [\"*/sa/a\"]}}]}]");
+    let deny_not_a = authz(
+        "shop",
+        "deny-not-a",
+        "action: DENY\nrules: [{from: [{source: {notPrincipals: [cluster.local/ns/shop/sa/a]}}]}]",
+    );
+    let deny_not_port =
+        authz("shop", "deny-not-8080", "action: DENY\nrules: [{to: [{operation: {notPorts: [\"8080\"]}}]}]");
+    let allow_ip = authz("shop", "allow-ip", "rules: [{from: [{source: {ipBlocks: [10.244.1.0/24]}}]}]");
+    let deny_not_ip =
+        authz("shop", "deny-not-ip", "action: DENY\nrules: [{from: [{source: {notIpBlocks: [10.244.1.2]}}]}]");
+    let mesh_deny_9000 =
+        authz(ROOT_NAMESPACE, "no-9000", "action: DENY\nrules: [{to: [{operation: {ports: [\"9000\"]}}]}]");
+    let allow_get = authz("shop", "allow-get", "rules: [{to: [{operation: {methods: [GET]}}]}]");
+    let deny_get =
+        authz("shop", "deny-get", "action: DENY\nrules: [{to: [{operation: {methods: [GET], ports: [\"9000\"]}}]}]");
+    let when_port = authz("shop", "when-port", "rules: [{when: [{key: destination.port, values: [\"8080\"]}, {key: source.principal, notValues: [\"*/sa/b\"]}]}]");
+    let other_selector = authz(
+        "shop",
+        "other-app",
+        "selector: {matchLabels: {app: zzz}}\nrules: [{from: [{source: {principals: [nobody]}}]}]",
+    );
+
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Vec<&AuthorizationPolicy>, Request<'_>, bool, &str)> = vec![
+        ("no policy allows", vec![], request("10.244.1.2", Some(A), 8080), true, ""),
+        ("ALLOW by principal", vec![&allow_a], request("10.244.1.2", Some(A), 8080), true, "shop/allow-a rule 0"),
+        ("ALLOW by principal, other principal", vec![&allow_a], request("10.244.1.3", Some(B), 8080), false, "no ALLOW policy matched (considered: shop/allow-a)"),
+        ("ALLOW by principal, plaintext", vec![&allow_a], request("10.244.1.2", None, 8080), false, "no ALLOW policy matched (considered: shop/allow-a)"),
+        ("ALLOW by namespace", vec![&allow_ns], request("10.244.1.3", Some(B), 8080), true, "shop/allow-shop rule 0"),
+        ("ALLOW by namespace, other namespace", vec![&allow_ns], request("10.244.2.3", Some(D), 8080), false, "no ALLOW policy matched (considered: shop/allow-shop)"),
+        ("ALLOW by port", vec![&allow_port], request("10.244.1.2", Some(A), 8080), true, "shop/allow-8080 rule 0"),
+        ("ALLOW by port, other port", vec![&allow_port], request("10.244.1.2", Some(A), 9000), false, "no ALLOW policy matched (considered: shop/allow-8080)"),
+        ("ALLOW without rules denies", vec![&allow_nothing], request("10.244.1.2", Some(A), 8080), false, "no ALLOW policy matched (considered: shop/allow-nothing)"),
+        ("DENY wins over ALLOW", vec![&allow_all, &deny_a], request("10.244.1.2", Some(A), 8080), false, "shop/deny-a rule 0"),
+        ("DENY not matching", vec![&allow_all, &deny_a], request("10.244.1.3", Some(B), 8080), true, "shop/allow-all rule 0"),
+        ("notPrincipals", vec![&deny_not_a], request("10.244.1.3", Some(B), 8080), false, "shop/deny-not-a rule 0"),
+        ("notPrincipals, excluded principal", vec![&deny_not_a], request("10.244.1.2", Some(A), 8080), true, ""),
+        ("notPorts", vec![&deny_not_port], request("10.244.1.2", Some(A), 9000), false, "shop/deny-not-8080 rule 0"),
+        ("notPorts, excluded port", vec![&deny_not_port], request("10.244.1.2", Some(A), 8080), true, ""),
+        ("ipBlocks", vec![&allow_ip], request("10.244.1.7", None, 8080), true, "shop/allow-ip rule 0"),
+        ("ipBlocks, outside", vec![&allow_ip], request("10.244.2.7", None, 8080), false, "no ALLOW policy matched (considered: shop/allow-ip)"),
+        ("notIpBlocks", vec![&deny_not_ip], request("10.244.1.3", None, 8080), false, "shop/deny-not-ip rule 0"),
+        ("notIpBlocks, excluded", vec![&deny_not_ip], request("10.244.1.2", None, 8080), true, ""),
+        ("mesh-wide DENY", vec![&allow_all, &mesh_deny_9000], request("10.244.1.2", Some(A), 9000), false, "ferrymesh-system/no-9000 rule 0"),
+        ("ALLOW with L7 field fails closed", vec![&allow_get], request("10.244.1.2", Some(A), 8080), false, "no ALLOW policy matched (considered: shop/allow-get); shop/allow-get rule 0 uses L7-only fields (rules[0].to[0].operation.methods) and matches no L4 traffic"),
+        ("DENY with L7 field is broader", vec![&deny_get], request("10.244.1.2", Some(A), 9000), false, "shop/deny-get rule 0"),
+        ("DENY with L7 field keeps its L4 part", vec![&deny_get], request("10.244.1.2", Some(A), 8080), true, ""),
+        ("when conditions all hold", vec![&when_port], request("10.244.1.2", Some(A), 8080), true, "shop/when-port rule 0"),
+        ("when notValues", vec![&when_port], request("10.244.1.3", Some(B), 8080), false, "no ALLOW policy matched (considered: shop/when-port)"),
+        ("selector not matching", vec![&other_selector], request("10.244.1.2", Some(A), 8080), true, ""),
+    ];
+    for (what, policies, req, allowed, policy) in cases {
+        let set = PolicySet::new(policies.into_iter().cloned().collect(), vec![]);
+        let d = set.authorize(&shop_c, &req);
+        assert_eq!((d.allowed, d.policy.as_str()), (allowed, policy), "{what}");
+    }
+}
+
+#[test]
+fn policies_apply_by_namespace_and_root_namespace() {
+    let none = BTreeMap::new();
+    let other = Workload { namespace: "other", labels: &none };
+    let shop_only = authz("shop", "deny-all", "action: DENY\nrules: [{}]");
+    let mesh = authz(ROOT_NAMESPACE, "deny-all", "action: DENY\nrules: [{}]");
+    let set = PolicySet::new(vec![shop_only.clone()], vec![]);
+    assert!(set.authorize(&other, &request("10.0.0.1", None, 80)).allowed, "a shop policy does not reach other");
+    let set = PolicySet::new(vec![shop_only, mesh], vec![]);
+    assert_eq!(set.authorize(&other, &request("10.0.0.1", None, 80)).policy, "ferrymesh-system/deny-all rule 0");
+}
+
+#[test]
+fn mtls_mode_precedence() {
+    let web = labels(&[("app", "web")]);
+    let w = Workload { namespace: "shop", labels: &web };
+    let mesh_strict = peer(ROOT_NAMESPACE, "mesh", "mtls: {mode: STRICT}");
+    let ns_permissive = peer("shop", "ns", "mtls: {mode: PERMISSIVE}");
+    let web_strict = peer("shop", "web", "selector: {matchLabels: {app: web}}\nmtls: {mode: STRICT}");
+    let ns_unset = peer("shop", "unset", "{}");
+    let cases: Vec<(Vec<&PeerAuthentication>, MtlsMode, Option<&str>)> = vec![
+        (vec![], MtlsMode::Permissive, None),
+        (vec![&mesh_strict], MtlsMode::Strict, Some("ferrymesh-system/mesh")),
+        (vec![&mesh_strict, &ns_permissive], MtlsMode::Permissive, Some("shop/ns")),
+        (vec![&mesh_strict, &ns_permissive, &web_strict], MtlsMode::Strict, Some("shop/web")),
+        (vec![&mesh_strict, &ns_unset], MtlsMode::Strict, Some("ferrymesh-system/mesh")),
+    ];
+    for (policies, mode, by) in cases {
+        let set = PolicySet::new(vec![], policies.into_iter().cloned().collect());
+        let (got, name) = set.mtls_mode(&w);
+        assert_eq!((got, name.as_deref()), (mode, by));
+    }
+}
+
+#[test]
+fn invalid_specs_name_the_field() {
+    let cases = [
+        ("action: AUDIT", "spec.action", "AUDIT is not supported (ALLOW or DENY)"),
+        (
+            "rules: [{from: [{source: {ipBlocks: [10.0.0.0/8, 10.0.0.300]}}]}]",
+            "spec.rules[0].from[0].source.ipBlocks[1]",
+            "\"10.0.0.300\" is not an IP address or CIDR block",
+        ),
+        (
+            "rules: [{}, {to: [{operation: {ports: [http]}}]}]",
+            "spec.rules[1].to[0].operation.ports[0]",
+            "\"http\" is not a port number (1-65535)",
+        ),
+        (
+            "rules: [{when: [{key: source.bogus, values: [x]}]}]",
+            "spec.rules[0].when[0].key",
+            "source.bogus is not supported",
+        ),
+        (
+            "rules: [{when: [{key: source.ip}]}]",
+            "spec.rules[0].when[0].values",
+            "a condition needs values or notValues",
+        ),
+        (
+            "rules: [{when: [{key: destination.port, values: [eighty]}]}]",
+            "spec.rules[0].when[0].values",
+            "\"eighty\" is not valid for destination.port",
+        ),
+    ];
+    for (yaml, field, message) in cases {
+        let spec: AuthorizationPolicySpec = serde_yaml::from_str(yaml).unwrap();
+        let e = spec.validate("ns", "p").unwrap_err();
+        assert_eq!(e.field, field, "{yaml}");
+        assert!(e.message.starts_with(message), "{yaml}: {}", e.message);
+    }
+    let spec: PeerAuthenticationSpec = serde_yaml::from_str("mtls: {mode: STRICTER}").unwrap();
+    assert_eq!(spec.validate("ns", "p").unwrap_err().field, "spec.mtls.mode");
+    let spec: PeerAuthenticationSpec = serde_yaml::from_str("portLevelMtls: {\"80\": {mode: DISABLE}}").unwrap();
+    assert_eq!(spec.validate("ns", "p").unwrap_err().field, "spec.portLevelMtls");
+}
+
+#[test]
+fn wire_round_trip() {
+    let p = authz(
+        "shop",
+        "p",
+        "selector: {matchLabels: {app: c}}\naction: DENY\nrules: [{from: [{source: {principals: [a], notIpBlocks: [10.0.0.0/8]}}], to: [{operation: {ports: [\"80\"], methods: [GET]}}], when: [{key: source.ip, values: [10.1.0.0/16]}]}]",
+    );
+    let back = AuthorizationPolicy::try_from(ferrymesh_api::config::AuthorizationPolicy::from(&p)).unwrap();
+    assert_eq!(back, p);
+    let pa = peer("shop", "strict", "mtls: {mode: STRICT}");
+    assert_eq!(PeerAuthentication::try_from(ferrymesh_api::config::PeerAuthentication::from(&pa)).unwrap(), pa);
+}
+
+#[test]
+fn ip_blocks() {
+    let b = IpBlock::parse("10.244.1.0/24").unwrap();
+    assert!(b.contains("10.244.1.255".parse::<IpAddr>().unwrap()));
+    assert!(!b.contains("10.244.2.1".parse::<IpAddr>().unwrap()));
+    assert!(IpBlock::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse::<IpAddr>().unwrap()));
+    assert!(IpBlock::parse("10.0.0.0/33").is_none());
+    assert!(IpBlock::parse("fd00::/8").unwrap().contains("fd12::1".parse::<IpAddr>().unwrap()));
+}
+
+/// Arbitrary YAML values for the fuzzing of spec parsing.
+fn yaml_value() -> impl Strategy<Value = serde_yaml::Value> {
+    let leaf = prop_oneof![
+        Just(serde_yaml::Value::Null),
+        any::<bool>().prop_map(serde_yaml::Value::Bool),
+        any::<i64>().prop_map(|n| serde_yaml::Value::Number(n.into())),
+        prop_oneof![
+            Just("ALLOW".to_string()),
+            Just("DENY".to_string()),
+            Just("10.0.0.0/8".to_string()),
+            Just("8080".to_string()),
+            Just("source.ip".to_string()),
+            "[a-z./*0-9]{0,12}",
+        ]
+        .prop_map(serde_yaml::Value::String),
+    ];
+    let keys = prop_oneof![
+        Just("action"),
+        Just("rules"),
+        Just("from"),
+        Just("to"),
+        Just("when"),
+        Just("source"),
+        Just("operation"),
+        Just("principals"),
+        Just("notPrincipals"),
+        Just("namespaces"),
+        Just("ipBlocks"),
+        Just("notIpBlocks"),
+        Just("ports"),
+        Just("notPorts"),
+        Just("methods"),
+        Just("key"),
+        Just("values"),
+        Just("notValues"),
+        Just("selector"),
+        Just("matchLabels"),
+        Just("mtls"),
+        Just("mode"),
+        Just("portLevelMtls"),
+    ];
+    leaf.prop_recursive(5, 64, 6, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_yaml::Value::Sequence),
+            prop::collection::vec((keys.clone(), inner), 0..5).prop_map(|kv| {
+                serde_yaml::Value::Mapping(
+                    kv.into_iter().map(|(k, v)| (serde_yaml::Value::String(k.into()), v)).collect(),
+                )
+            }),
+        ]
+    })
+}
+
+proptest! {
+    /// Policy parsing never panics; whatever validates survives the wire and decides.
+    #[test]
+    fn spec_parsing_never_panics(value in yaml_value()) {
+        if let Ok(spec) = serde_yaml::from_value::<AuthorizationPolicySpec>(value.clone()) {
+            if let Ok(p) = spec.validate("ns", "p") {
+                let back = AuthorizationPolicy::try_from(ferrymesh_api::config::AuthorizationPolicy::from(&p)).unwrap();
+                prop_assert_eq!(&back, &p);
+                let none = BTreeMap::new();
+                let set = PolicySet::new(vec![p], vec![]);
+                let _ = set.authorize(&Workload { namespace: "ns", labels: &none }, &request("10.0.0.1", Some(A), 80));
+            }
+        }
+        if let Ok(spec) = serde_yaml::from_value::<PeerAuthenticationSpec>(value) {
+            let _ = spec.validate("ns", "p");
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Conversion between the policy domain types and their protobuf form in the config stream.
+//! Converting from the wire validates again, so an agent never holds a policy it cannot read.
+
+use ferrymesh_api::config as proto;
+
+use crate::{
+    Action, AuthorizationPolicy, Condition, ConditionKey, IpBlock, MtlsMode, Operation, PeerAuthentication, Rule,
+    Source,
+};
+
+/// A policy from the wire that does not convert.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("policy {policy}: {message}")]
+pub struct WireError {
+    /// `namespace/name`.
+    pub policy: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn condition_key_name(key: ConditionKey) -> &'static str {
+    match key {
+        ConditionKey::SourceIp => "source.ip",
+        ConditionKey::SourceNamespace => "source.namespace",
+        ConditionKey::SourcePrincipal => "source.principal",
+        ConditionKey::DestinationIp => "destination.ip",
+        ConditionKey::DestinationPort => "destination.port",
+    }
+}
+
+fn block_text(b: &IpBlock) -> String {
+    format!("{}/{}", b.addr, b.prefix)
+}
+
+impl From<&AuthorizationPolicy> for proto::AuthorizationPolicy {
+    fn from(p: &AuthorizationPolicy) -> Self {
+        proto::AuthorizationPolicy {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            has_selector: p.selector.is_some(),
+            selector: p.selector.clone().unwrap_or_default().into_iter().collect(),
+            action: match p.action {
+                Action::Allow => proto::authorization_policy::Action::Allow,
+                Action::Deny => proto::authorization_policy::Action::Deny,
+            } as i32,
+            rules: p
+                .rules
+                .iter()
+                .map(|r| proto::Rule {
+                    from: r
+                        .from
+                        .iter()
+                        .map(|s| proto::Source {
+                            principals: s.principals.clone(),
+                            not_principals: s.not_principals.clone(),
+                            namespaces: s.namespaces.clone(),
+                            not_namespaces: s.not_namespaces.clone(),
+                            ip_blocks: s.ip_blocks.iter().map(block_text).collect(),
+                            not_ip_blocks: s.not_ip_blocks.iter().map(block_text).collect(),
+                        })
+                        .collect(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|o| proto::Operation {
+                            ports: o.ports.iter().map(u16::to_string).collect(),
+                            not_ports: o.not_ports.iter().map(u16::to_string).collect(),
+                        })
+                        .collect(),
+                    when: r
+                        .when
+                        .iter()
+                        .map(|c| proto::Condition {
+                            key: condition_key_name(c.key).into(),
+                            values: c.values.clone(),
+                            not_values: c.not_values.clone(),
+                        })
+                        .collect(),
+                    l7_fields: r.l7_fields.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<proto::AuthorizationPolicy> for AuthorizationPolicy {
+    type Error = WireError;
+
+    fn try_from(p: proto::AuthorizationPolicy) -> Result<Self, Self::Error> {
+        let key = format!("{}/{}", p.namespace, p.name);
+        let bad = |message: String| WireError { policy: key.clone(), message };
+        let blocks = |v: &[String]| -> Result<Vec<IpBlock>, WireError> {
+            v.iter().map(|b| IpBlock::parse(b).ok_or_else(|| bad(format!("bad IP block {b:?}")))).collect()
+        };
+        let ports = |v: &[String]| -> Result<Vec<u16>, WireError> {
+            v.iter().map(|x| x.parse().map_err(|_| bad(format!("bad port {x:?}")))).collect()
+        };
+        let action = match proto::authorization_policy::Action::try_from(p.action) {
+            Ok(proto::authorization_policy::Action::Allow) => Action::Allow,
+            Ok(proto::authorization_policy::Action::Deny) => Action::Deny,
+            Err(_) => return Err(bad(format!("unknown action {}", p.action))),
+        };
+        let mut rules = Vec::new();
+        for r in p.rules {
+            let mut from = Vec::new();
+            for s in r.from {
+                from.push(Source {
+                    ip_blocks: blocks(&s.ip_blocks)?,
+                    not_ip_blocks: blocks(&s.not_ip_blocks)?,
+                    principals: s.principals,
+                    not_principals: s.not_principals,
+                    namespaces: s.namespaces,
+                    not_namespaces: s.not_namespaces,
+                });
+            }
+            let mut to = Vec::new();
+            for o in r.to {
+                to.push(Operation { ports: ports(&o.ports)?, not_ports: ports(&o.not_ports)? });
+            }
+            let mut when = Vec::new();
+            for c in r.when {
+                let key = ConditionKey::parse(&c.key).ok_or_else(|| bad(format!("unknown condition key {}", c.key)))?;
+                when.push(Condition { key, values: c.values, not_values: c.not_values });
+            }
+            rules.push(Rule { from, to, when, l7_fields: r.l7_fields });
+        }
+        Ok(AuthorizationPolicy {
+            namespace: p.namespace,
+            name: p.name,
+            selector: p.has_selector.then(|| p.selector.into_iter().collect()),
+            action,
+            rules,
+        })
+    }
+}
+
+impl From<&PeerAuthentication> for proto::PeerAuthentication {
+    fn from(p: &PeerAuthentication) -> Self {
+        use proto::peer_authentication::Mode;
+        proto::PeerAuthentication {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            has_selector: p.selector.is_some(),
+            selector: p.selector.clone().unwrap_or_default().into_iter().collect(),
+            mode: match p.mode {
+                MtlsMode::Unset => Mode::Unset,
+                MtlsMode::Permissive => Mode::Permissive,
+                MtlsMode::Strict => Mode::Strict,
+                MtlsMode::Disable => Mode::Disable,
+            } as i32,
+        }
+    }
+}
+
+impl TryFrom<proto::PeerAuthentication> for PeerAuthentication {
+    type Error = WireError;
+
+    fn try_from(p: proto::PeerAuthentication) -> Result<Self, Self::Error> {
+        use proto::peer_authentication::Mode;
+        let mode = match Mode::try_from(p.mode) {
+            Ok(Mode::Unset) => MtlsMode::Unset,
+            Ok(Mode::Permissive) => MtlsMode::Permissive,
+            Ok(Mode::Strict) => MtlsMode::Strict,
+            Ok(Mode::Disable) => MtlsMode::Disable,
+            Err(_) => {
+                return Err(WireError {
+                    policy: format!("{}/{}", p.namespace, p.name),
+                    message: format!("unknown mode {}", p.mode),
+                })
+            }
+        };
+        Ok(PeerAuthentication {
+            namespace: p.namespace,
+            name: p.name,
+            selector: p.has_selector.then(|| p.selector.into_iter().collect()),
+            mode,
+        })
+    }
+}

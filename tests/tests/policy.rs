@@ -1,0 +1,193 @@
+//! End-to-end authorization: a table of AuthorizationPolicy and PeerAuthentication cases
+//! enforced by the destination agent, each deny's flow naming its policy and rule, and a
+//! live policy change closing a now-denied connection. Needs root.
+
+use std::time::Duration;
+
+use ferrymesh_testbed::mesh::{wait_until, ECHO_PORT, HTTP_PORT};
+use ferrymesh_testbed::{Pod, Topology, TopologySpec};
+use serde_json::Value;
+
+fn cluster() -> Topology {
+    let spec = TopologySpec::nodes(2)
+        .pod("shop", "a", 1)
+        .pod("shop", "b", 1)
+        .pod("shop", "c", 2)
+        .pod("other", "d", 2)
+        .pod("legacy", "x", 1);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop", "other"]);
+    topo.write_pod(topo.pod("shop", "c"), &[("app", "c")]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["other/d", "shop/c"], Duration::from_secs(10));
+    for pod in &topo.pods {
+        topo.serve(pod);
+    }
+    topo
+}
+
+fn version(topo: &Topology) -> u64 {
+    topo.status(2)["config_version"].as_u64().unwrap()
+}
+
+/// Replaces the policy files with `policies` (name, YAML) and waits until node 2 has them.
+fn set_policies(topo: &Topology, policies: &[(&str, String)]) {
+    let before = version(topo);
+    let mut changed = !policies.is_empty();
+    for entry in std::fs::read_dir(topo.config_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with("policy-") {
+            std::fs::remove_file(path).unwrap();
+            changed = true;
+        }
+    }
+    for (name, yaml) in policies {
+        topo.write_config_file(&format!("policy-{name}.yaml"), yaml);
+    }
+    if changed {
+        wait_until(Duration::from_secs(1), "the policy change to reach node2 within 1 s", || version(topo) > before);
+    }
+}
+
+fn authz(ns: &str, name: &str, spec: &str) -> String {
+    format!("apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}")
+}
+
+/// Connects `from` -> `to`:`port` (curl) and returns the destination agent's flow for it.
+fn attempt(topo: &Topology, from: &Pod, to: &Pod, port: u16) -> Value {
+    let before = topo.flows(to.node).len();
+    let url = format!("http://{}:{port}/", to.ip);
+    topo.output_in(&from.netns, "curl", &["-sS", "--max-time", "3", &url]);
+    let mut flow = Value::Null;
+    wait_until(Duration::from_secs(3), &format!("the flow of {} -> {}:{port}", from.name, to.name), || {
+        let flows = topo.flows(to.node);
+        let found = flows
+            .iter()
+            .skip(before)
+            .find(|f| f["direction"] == "inbound" && f["src"]["ip"] == from.ip.to_string() && f["dst"]["port"] == port);
+        flow = found.cloned().unwrap_or(Value::Null);
+        found.is_some()
+    });
+    flow
+}
+
+/// One connection of a case: source, destination port, expected verdict and flow policy.
+type Attempt<'a> = (&'a Pod, u16, &'a str, String);
+
+#[test]
+fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
+    let topo = cluster();
+    let (a, b, c, d, x) = (
+        topo.pod("shop", "a"),
+        topo.pod("shop", "b"),
+        topo.pod("shop", "c"),
+        topo.pod("other", "d"),
+        topo.pod("legacy", "x"),
+    );
+    let selector_c = "  selector:\n    matchLabels:\n      app: c\n";
+    let no_allow = |names: &str| format!("no ALLOW policy matched (considered: {names})");
+    let strict = "apiVersion: ferrymesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n".to_string();
+
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Vec<(&str, String)>, Vec<Attempt<'_>>)> = vec![
+        ("ALLOW by principal",
+         vec![("allow-a", authz("shop", "allow-a", &format!("{selector_c}  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/a]\n")))],
+         vec![(a, HTTP_PORT, "allowed", "shop/allow-a rule 0".into()), (b, HTTP_PORT, "denied", no_allow("shop/allow-a"))]),
+        ("ALLOW by namespace",
+         vec![("allow-shop", authz("shop", "allow-shop", "  rules:\n  - from:\n    - source:\n        namespaces: [shop]\n"))],
+         vec![(b, HTTP_PORT, "allowed", "shop/allow-shop rule 0".into()), (d, HTTP_PORT, "denied", no_allow("shop/allow-shop"))]),
+        ("ALLOW by port",
+         vec![("allow-http", authz("shop", "allow-http", "  rules:\n  - to:\n    - operation:\n        ports: [\"8080\"]\n"))],
+         vec![(a, HTTP_PORT, "allowed", "shop/allow-http rule 0".into()), (a, ECHO_PORT, "denied", no_allow("shop/allow-http"))]),
+        ("DENY takes precedence",
+         vec![("allow-all", authz("shop", "allow-all", "  rules:\n  - {}\n")),
+              ("deny-a", authz("shop", "deny-a", "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"*/sa/a\"]\n"))],
+         vec![(a, HTTP_PORT, "denied", "shop/deny-a rule 0".into()), (b, HTTP_PORT, "allowed", "shop/allow-all rule 0".into())]),
+        ("notPrincipals and notPorts",
+         vec![("deny-not", authz("shop", "deny-not", "  action: DENY\n  rules:\n  - from:\n    - source:\n        notPrincipals: [cluster.local/ns/shop/sa/a]\n  - to:\n    - operation:\n        notPorts: [\"8080\"]\n"))],
+         vec![(b, HTTP_PORT, "denied", "shop/deny-not rule 0".into()), (a, HTTP_PORT, "allowed", String::new()), (a, ECHO_PORT, "denied", "shop/deny-not rule 1".into())]),
+        ("ipBlocks and notIpBlocks",
+         vec![("allow-ip", authz("shop", "allow-ip", &format!("  rules:\n  - from:\n    - source:\n        ipBlocks: [10.244.1.0/24]\n        notIpBlocks: [{}]\n", b.ip)))],
+         vec![(a, HTTP_PORT, "allowed", "shop/allow-ip rule 0".into()), (b, HTTP_PORT, "denied", no_allow("shop/allow-ip")), (d, HTTP_PORT, "denied", no_allow("shop/allow-ip"))]),
+        ("mesh-wide policy in ferrymesh-system",
+         vec![("mesh", authz("ferrymesh-system", "outsiders", "  action: DENY\n  rules:\n  - from:\n    - source:\n        notNamespaces: [shop]\n"))],
+         vec![(d, HTTP_PORT, "denied", "ferrymesh-system/outsiders rule 0".into()), (a, HTTP_PORT, "allowed", String::new())]),
+        ("PERMISSIVE accepts plaintext",
+         vec![],
+         vec![(x, HTTP_PORT, "allowed", String::new()), (a, HTTP_PORT, "allowed", String::new())]),
+        ("STRICT refuses plaintext",
+         vec![("strict", strict)],
+         vec![(x, HTTP_PORT, "denied", "shop/strict".into()), (a, HTTP_PORT, "allowed", String::new())]),
+        ("an ALLOW rule with an L7-only field fails closed",
+         vec![("allow-get", authz("shop", "allow-get", "  rules:\n  - to:\n    - operation:\n        methods: [GET]\n"))],
+         vec![(a, HTTP_PORT, "denied", no_allow("shop/allow-get") + "; shop/allow-get rule 0 uses L7-only fields (rules[0].to[0].operation.methods) and matches no L4 traffic")]),
+    ];
+    for (what, policies, attempts) in cases {
+        set_policies(&topo, &policies);
+        for (from, port, verdict, policy) in attempts {
+            let flow = attempt(&topo, from, c, port);
+            assert_eq!(flow["verdict"], verdict, "{what}: {} -> c:{port}: {flow}", from.name);
+            assert_eq!(flow["policy"], policy.as_str(), "{what}: {} -> c:{port}: {flow}", from.name);
+            if verdict == "denied" {
+                assert!(
+                    flow["reason"].as_str().unwrap().contains(policy.as_str()),
+                    "{what}: the reason names the policy: {flow}"
+                );
+            }
+        }
+    }
+    // The source agent sees the refusal of the tunnel as a denied flow too.
+    set_policies(&topo, &[("deny-all", authz("shop", "deny-all", "  action: DENY\n  rules:\n  - {}\n"))]);
+    attempt(&topo, a, c, HTTP_PORT);
+    let outbound = topo
+        .flows(1)
+        .into_iter()
+        .rev()
+        .find(|f| f["direction"] == "outbound" && f["dst"]["ip"] == c.ip.to_string())
+        .unwrap();
+    assert_eq!(outbound["verdict"], "denied", "{outbound}");
+    assert_eq!(outbound["reason"], "destination refused the tunnel: HTTP 401");
+}
+
+#[test]
+fn a_policy_change_closes_connections_it_now_denies() {
+    let topo = cluster();
+    let (a, b, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    let denied_ping = topo.start_ping("ping-a", a, c.ip, 100);
+    let kept_ping = topo.start_ping("ping-b", b, c.ip, 30);
+    let plain_ping = topo.start_ping("ping-x", x, c.ip, 100);
+    std::thread::sleep(Duration::from_millis(500));
+    let deny_a = authz(
+        "shop",
+        "deny-a",
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/a]\n",
+    );
+    let strict = "apiVersion: ferrymesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n";
+    set_policies(&topo, &[("deny-a", deny_a), ("strict", strict.to_string())]);
+    for (label, pod, reason, policy) in [
+        (&denied_ping, a, "closed after a policy change: denied: shop/deny-a rule 0", "shop/deny-a rule 0"),
+        (
+            &plain_ping,
+            x,
+            "closed after a policy change: plaintext refused: PeerAuthentication shop/strict requires mTLS (STRICT)",
+            "shop/strict",
+        ),
+    ] {
+        wait_until(Duration::from_secs(3), &format!("{label} to be cut"), || !topo.is_running(label));
+        assert!(!topo.log(label).contains("ok "), "{label} must not complete: {}", topo.log(label));
+        wait_until(Duration::from_secs(2), "the flow of the closed connection", || {
+            topo.flows(2).iter().any(|f| f["src"]["ip"] == pod.ip.to_string() && f["dst"]["port"] == ECHO_PORT)
+        });
+        let flow = topo
+            .flows(2)
+            .into_iter()
+            .find(|f| f["src"]["ip"] == pod.ip.to_string() && f["dst"]["port"] == ECHO_PORT)
+            .unwrap();
+        assert_eq!(flow["verdict"], "denied", "{flow}");
+        assert_eq!(flow["reason"], reason, "{flow}");
+        assert_eq!(flow["policy"], policy, "{flow}");
+        assert!(flow["bytes_sent"].as_u64().unwrap() > 0, "it carried bytes before: {flow}");
+    }
+    topo.wait_success(&kept_ping, Duration::from_secs(10));
+}
