@@ -74,6 +74,8 @@ fn attempt(topo: &Topology, from: &Pod, to: &Pod, port: u16) -> Value {
 
 /// One connection of a case: source, destination port, expected verdict and flow policy.
 type Attempt<'a> = (&'a Pod, u16, &'a str, String);
+/// A case: what it shows, the policies (file name, YAML), and the connections to try.
+type Case<'a> = (&'a str, Vec<(&'a str, String)>, Vec<Attempt<'a>>);
 
 #[test]
 fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
@@ -90,7 +92,7 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
     let strict = "apiVersion: ferrymesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n".to_string();
 
     #[rustfmt::skip]
-    let cases: Vec<(&str, Vec<(&str, String)>, Vec<Attempt<'_>>)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         ("ALLOW by principal",
          vec![("allow-a", authz("shop", "allow-a", &format!("{selector_c}  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/a]\n")))],
          vec![(a, HTTP_PORT, "allowed", "shop/allow-a rule 0".into()), (b, HTTP_PORT, "denied", no_allow("shop/allow-a"))]),
