@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
         enrolled,
         identities,
     };
-    let admin = tokio::spawn(admin::serve(args.admin_socket.clone(), admin, shutdown.clone()));
+    let mut admin = tokio::spawn(admin::serve(args.admin_socket.clone(), admin, shutdown.clone()));
     tokio::spawn(config::run(args.ctrl.clone(), args.node_name.clone(), state));
     tracing::info!(node = %args.node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");
 
@@ -103,23 +103,32 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        result = admin => {
+        result = &mut admin => {
             result.context("admin server panicked")?.context("admin server failed")?;
         }
     }
     shutdown_tx.send_replace(true);
     enroller.await.context("enroller panicked")?;
+    // The admin server removes its socket once it has stopped.
+    if !admin.is_finished() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin).await;
+    }
     // Dropping the datapath (last Arc goes with the runtime) detaches the node-wide programs.
     Ok(())
 }
 
-/// Re-evaluates live inbound connections whenever the policies change, closing the ones now
-/// denied.
+/// Re-evaluates live inbound connections whenever the policies or workloads change (labels
+/// select policies), closing the ones now denied.
 async fn reevaluate_on_policy_change(ctx: Arc<proxy::ProxyContext>) {
     let mut policies = ctx.state.subscribe_policies();
-    while policies.changed().await.is_ok() {
+    let mut workloads = ctx.state.subscribe();
+    loop {
+        tokio::select! {
+            changed = policies.changed() => if changed.is_err() { break },
+            changed = workloads.changed() => if changed.is_err() { break },
+        }
         let current = policies.borrow_and_update().clone();
-        let closed = ctx.live.reevaluate(&current);
+        let closed = ctx.live.reevaluate(&current, &ctx.state);
         if closed > 0 {
             tracing::info!(closed, "policy change closed now-denied connections");
         }

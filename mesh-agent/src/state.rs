@@ -175,6 +175,11 @@ impl State {
         (inner.ctrl_connected, inner.version)
     }
 
+    /// The workload with `uid`, as it is now.
+    pub fn workload(&self, uid: &str) -> Option<Arc<Workload>> {
+        self.inner.read().expect("state lock").by_uid.get(uid).cloned()
+    }
+
     /// The workload that owns `ip`, if any.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         self.inner.read().expect("state lock").by_ip.get(&ip).cloned()

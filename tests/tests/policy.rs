@@ -139,6 +139,17 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
             }
         }
     }
+    // Selectors follow live labels: relabelling c takes it out of a DENY policy's selector.
+    set_policies(
+        &topo,
+        &[("deny-c", authz("shop", "deny-c", &format!("{selector_c}  action: DENY\n  rules:\n  - {{}}\n")))],
+    );
+    assert_eq!(attempt(&topo, a, c, HTTP_PORT)["policy"], "shop/deny-c rule 0");
+    let before = version(&topo);
+    topo.write_pod(c, &[("app", "not-c")]);
+    wait_until(Duration::from_secs(1), "the relabel to reach node2", || version(&topo) > before);
+    assert_eq!(topo.enrolled(2), ["other/d", "shop/c"], "a relabel does not re-enroll");
+    assert_eq!(attempt(&topo, a, c, HTTP_PORT)["verdict"], "allowed");
     // The source agent sees the refusal of the tunnel as a denied flow too.
     set_policies(&topo, &[("deny-all", authz("shop", "deny-all", "  action: DENY\n  rules:\n  - {}\n"))]);
     attempt(&topo, a, c, HTTP_PORT);

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use ferrymesh_policy::{MtlsMode, PolicySet, Request};
 use tokio::sync::oneshot;
 
-use crate::state::Workload;
+use crate::state::{State, Workload};
 
 /// What a destination knows about an inbound connection.
 #[derive(Debug, Clone)]
@@ -66,9 +66,15 @@ pub fn check(policies: &PolicySet, workload: &Workload, request: &InboundRequest
 }
 
 struct Live {
+    /// The destination as enrolled; decisions use its current labels from the state store.
     workload: Arc<Workload>,
     request: InboundRequest,
     close: oneshot::Sender<Denied>,
+}
+
+/// The destination workload as it is now (labels may have changed since enrollment).
+pub fn current(state: &State, enrolled: &Arc<Workload>) -> Arc<Workload> {
+    state.workload(&enrolled.uid).unwrap_or_else(|| enrolled.clone())
 }
 
 /// Live inbound connections, for re-evaluation when policies change.
@@ -110,11 +116,11 @@ impl LiveConnections {
     }
 
     /// Closes every live connection `policies` now deny; returns how many.
-    pub fn reevaluate(&self, policies: &PolicySet) -> usize {
+    pub fn reevaluate(&self, policies: &PolicySet, state: &State) -> usize {
         let mut conns = self.conns.lock().expect("live lock");
         let denied: Vec<(u64, Denied)> = conns
             .iter()
-            .filter_map(|(id, l)| check(policies, &l.workload, &l.request).err().map(|d| (*id, d)))
+            .filter_map(|(id, l)| check(policies, &current(state, &l.workload), &l.request).err().map(|d| (*id, d)))
             .collect();
         for (id, denied) in &denied {
             if let Some(live) = conns.remove(id) {

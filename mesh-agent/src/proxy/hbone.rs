@@ -257,7 +257,7 @@ async fn serve_stream(
                 destination: target,
                 mtls: true,
             };
-            match authz::check(&ctx.state.policies(), &pod.workload, &request) {
+            match authz::check(&ctx.state.policies(), &authz::current(&ctx.state, &pod.workload), &request) {
                 Err(denied) => {
                     respond_status(&mut respond, StatusCode::UNAUTHORIZED);
                     Outcome::denied(denied)

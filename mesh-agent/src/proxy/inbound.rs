@@ -32,7 +32,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     }
     let _ = client.set_nodelay(true);
     let request = InboundRequest { source_ip: peer.ip(), source_identity: None, destination: dst, mtls: false };
-    let policy = match authz::check(&ctx.state.policies(), &pod.workload, &request) {
+    let policy = match authz::check(&ctx.state.policies(), &authz::current(&ctx.state, &pod.workload), &request) {
         Ok(policy) => policy,
         Err(denied) => {
             reset(&client);
