@@ -40,6 +40,16 @@ enum Cmd {
         #[arg(long)]
         marker: Option<String>,
     },
+    /// Request/response latency on one connection to an echo: `count` round trips of `size`
+    /// bytes back to back. Prints JSON with p50/p90/p99 in microseconds.
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 10000)]
+        count: u32,
+        #[arg(long, default_value_t = 1)]
+        size: usize,
+    },
     /// Hold one connection to an echo and do `count` round trips, one every `interval_ms`.
     Ping {
         #[arg(long)]
@@ -57,6 +67,7 @@ fn main() {
         Cmd::Serve { http, sink, echo } => serve(http, sink, echo),
         Cmd::Send { to, bytes, marker } => send(to, bytes, marker.as_deref()),
         Cmd::Ping { to, count, interval_ms } => ping(to, count, Duration::from_millis(interval_ms)),
+        Cmd::Rr { to, count, size } => rr(to, count, size),
     };
     if let Err(e) = result {
         eprintln!("fm-peer: {e}");
@@ -203,5 +214,27 @@ fn ping(to: SocketAddr, count: u32, interval: Duration) -> Result<()> {
         std::thread::sleep(interval);
     }
     println!("ok {count} round trips");
+    Ok(())
+}
+
+fn rr(to: SocketAddr, count: u32, size: usize) -> Result<()> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let out = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let mut micros = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let start = Instant::now();
+        stream.write_all(&out)?;
+        stream.read_exact(&mut back)?;
+        micros.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    micros.sort_by(f64::total_cmp);
+    let at = |q: f64| micros[((micros.len() as f64 - 1.0) * q) as usize];
+    println!(
+        "{}",
+        serde_json::json!({"count": count, "size": size, "p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99)})
+    );
     Ok(())
 }
