@@ -11,7 +11,7 @@ use tonic::transport::Endpoint;
 use crate::state::State;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Why a config stream ended.
 #[derive(Debug, thiserror::Error)]

@@ -101,6 +101,8 @@ pub struct Flow {
     /// The deciding policy and rule (`namespace/name rule N`), or why nothing allowed it;
     /// empty when no policy applied.
     pub policy: String,
+    /// `namespace/name` of the service the client addressed by VIP; empty otherwise.
+    pub service: String,
 }
 
 fn endpoint_proto(e: &Endpoint) -> proto::Endpoint {
@@ -131,6 +133,7 @@ impl From<&Flow> for proto::Flow {
             mtls: f.mtls,
             peer_cert_serial: f.peer_cert_serial.clone(),
             policy: f.policy.clone(),
+            service: f.service.clone(),
         }
     }
 }
@@ -190,6 +193,7 @@ mod tests {
             mtls: true,
             peer_cert_serial: "0a".into(),
             policy: "shop/allow rule 0".into(),
+            service: String::new(),
         }
     }
 

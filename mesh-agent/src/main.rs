@@ -81,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         identities: identities.clone(),
         pool: proxy::hbone::Pool::default(),
         live: proxy::authz::LiveConnections::default(),
+        balancer: Arc::default(),
     });
     tokio::spawn(reevaluate_on_policy_change(ctx.clone()));
     let (shutdown_tx, shutdown) = watch::channel(false);

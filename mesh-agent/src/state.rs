@@ -35,6 +35,62 @@ pub struct Workload {
     pub captured: bool,
 }
 
+/// An endpoint of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEndpoint {
+    /// UID of the endpoint's workload.
+    pub workload_uid: String,
+    /// Pod IP.
+    pub ip: IpAddr,
+    /// Whether the pod is Ready.
+    pub ready: bool,
+    /// Service port -> pod port.
+    pub target_ports: HashMap<u16, u16>,
+}
+
+/// A service: a VIP in front of endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// ClusterIP; None when headless.
+    pub vip: Option<IpAddr>,
+    /// Service ports.
+    pub ports: Vec<u16>,
+    /// Endpoints.
+    pub endpoints: Vec<ServiceEndpoint>,
+}
+
+impl TryFrom<proto::Service> for Service {
+    type Error = InvalidUpdate;
+
+    fn try_from(s: proto::Service) -> Result<Self, Self::Error> {
+        let invalid = |field, message: String| InvalidUpdate::Service {
+            service: format!("{}/{}", s.namespace, s.name),
+            field,
+            message,
+        };
+        let vip = match s.vip.as_str() {
+            "" => None,
+            v => Some(v.parse().map_err(|e| invalid("vip", format!("{v:?}: {e}")))?),
+        };
+        let port = |p: u32, field| u16::try_from(p).map_err(|_| invalid(field, format!("{p} is not a port")));
+        let ports = s.ports.iter().map(|p| port(p.port, "ports")).collect::<Result<_, _>>()?;
+        let mut endpoints = Vec::new();
+        for e in &s.endpoints {
+            let ip = e.ip.parse().map_err(|err| invalid("endpoints.ip", format!("{:?}: {err}", e.ip)))?;
+            let mut target_ports = HashMap::new();
+            for (from, to) in &e.target_ports {
+                target_ports.insert(port(*from, "endpoints.target_ports")?, port(*to, "endpoints.target_ports")?);
+            }
+            endpoints.push(ServiceEndpoint { workload_uid: e.workload_uid.clone(), ip, ready: e.ready, target_ports });
+        }
+        Ok(Self { namespace: s.namespace.clone(), name: s.name.clone(), vip, ports, endpoints })
+    }
+}
+
 /// An update from mesh-ctrl that cannot be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidUpdate {
@@ -51,6 +107,16 @@ pub enum InvalidUpdate {
     /// A policy does not convert.
     #[error("{0}")]
     Policy(#[from] ferrymesh_policy::wire::WireError),
+    /// A service does not convert.
+    #[error("service {service}: field {field}: {message}")]
+    Service {
+        /// `namespace/name`.
+        service: String,
+        /// Field at fault.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl TryFrom<proto::Workload> for Workload {
@@ -82,6 +148,7 @@ struct Inner {
     ctrl_connected: bool,
     by_uid: HashMap<String, Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services_by_vip: HashMap<IpAddr, Arc<Service>>,
 }
 
 /// The store. Readers take snapshots; `apply` is the single writer of workloads.
@@ -116,6 +183,7 @@ impl State {
         let peer_auth =
             update.peer_authentications.into_iter().map(PeerAuthentication::try_from).collect::<Result<Vec<_>, _>>()?;
         let policies = PolicySet::new(authz, peer_auth);
+        let services = update.services.into_iter().map(Service::try_from).collect::<Result<Vec<_>, _>>()?;
         {
             let mut inner = self.inner.write().expect("state lock");
             if update.snapshot {
@@ -129,6 +197,7 @@ impl State {
             }
             let by_ip = inner.by_uid.values().map(|w| (w.ip, w.clone())).collect();
             inner.by_ip = by_ip;
+            inner.services_by_vip = services.into_iter().filter_map(|s| Some((s.vip?, Arc::new(s)))).collect();
             inner.version = update.version;
         }
         self.policies.send_if_modified(|current| {
@@ -183,6 +252,11 @@ impl State {
     /// The workload that owns `ip`, if any.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         self.inner.read().expect("state lock").by_ip.get(&ip).cloned()
+    }
+
+    /// The service whose ClusterIP is `ip`, if any.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<Arc<Service>> {
+        self.inner.read().expect("state lock").services_by_vip.get(&ip).cloned()
     }
 
     /// Workloads of `node` that are to be captured, by UID.

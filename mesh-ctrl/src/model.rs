@@ -50,6 +50,45 @@ pub struct Pod {
     pub netns: String,
     /// All labels of the pod.
     pub labels: BTreeMap<String, String>,
+    /// Named container ports (name -> port), for named targetPorts.
+    pub container_ports: BTreeMap<String, u16>,
+    /// The pod's Ready condition (true when the pod does not report one).
+    pub ready: bool,
+}
+
+/// A Service's targetPort.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// A container port name.
+    Name(String),
+}
+
+/// A port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Port name (may be empty for a single-port service).
+    pub name: String,
+    /// Port on the VIP.
+    pub port: u16,
+    /// Where it goes on the pods.
+    pub target: TargetPort,
+}
+
+/// A Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// ClusterIP; None for a headless service.
+    pub vip: Option<IpAddr>,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// Pod selector; None: endpoints are managed elsewhere (none in local mode).
+    pub selector: Option<BTreeMap<String, String>>,
 }
 
 impl Pod {
@@ -70,6 +109,8 @@ pub struct Model {
     pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
     /// PeerAuthentications by `namespace/name`.
     pub peer_authentications: BTreeMap<String, PeerAuthentication>,
+    /// Services by `namespace/name`.
+    pub services: BTreeMap<String, Service>,
 }
 
 impl Model {
@@ -104,6 +145,54 @@ impl Model {
     /// Every AuthorizationPolicy in wire form, sorted by `namespace/name`.
     pub fn authorization_policies_wire(&self) -> Vec<proto::AuthorizationPolicy> {
         self.authorization_policies.values().map(proto::AuthorizationPolicy::from).collect()
+    }
+
+    /// Every Service with its endpoints in wire form, sorted by `namespace/name`. Endpoints are
+    /// the pods of the service's namespace its selector matches (local mode's EndpointSlices);
+    /// a named targetPort resolves per pod through its container port names.
+    pub fn services_wire(&self) -> Vec<proto::Service> {
+        self.services
+            .values()
+            .map(|svc| {
+                let endpoints = match &svc.selector {
+                    None => Vec::new(),
+                    Some(selector) => self
+                        .pods
+                        .values()
+                        .filter(|p| {
+                            p.namespace == svc.namespace && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                        })
+                        .map(|p| proto::ServiceEndpoint {
+                            workload_uid: p.uid.clone(),
+                            ip: p.ip.to_string(),
+                            ready: p.ready,
+                            target_ports: svc
+                                .ports
+                                .iter()
+                                .filter_map(|sp| {
+                                    let target = match &sp.target {
+                                        TargetPort::Number(n) => Some(*n),
+                                        TargetPort::Name(name) => p.container_ports.get(name).copied(),
+                                    };
+                                    target.map(|t| (u32::from(sp.port), u32::from(t)))
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                };
+                proto::Service {
+                    namespace: svc.namespace.clone(),
+                    name: svc.name.clone(),
+                    vip: svc.vip.map(|v| v.to_string()).unwrap_or_default(),
+                    ports: svc
+                        .ports
+                        .iter()
+                        .map(|p| proto::ServicePort { name: p.name.clone(), port: u32::from(p.port) })
+                        .collect(),
+                    endpoints,
+                }
+            })
+            .collect()
     }
 
     /// Every PeerAuthentication in wire form, sorted by `namespace/name`.
@@ -148,6 +237,8 @@ mod tests {
             ip: "10.244.1.2".parse().unwrap(),
             netns: "/var/run/netns/x".to_string(),
             labels,
+            container_ports: BTreeMap::new(),
+            ready: true,
         }
     }
 

@@ -57,6 +57,7 @@ impl config_server::Config for ConfigService {
                 trust_domain: trust_domain.clone(),
                 authorization_policies: sent.authorization_policies.clone(),
                 peer_authentications: sent.peer_authentications.clone(),
+                services: sent.services.clone(),
             };
             if tx.send(Ok(first)).await.is_err() {
                 return;
@@ -72,6 +73,7 @@ impl config_server::Config for ConfigService {
                     trust_domain: trust_domain.clone(),
                     authorization_policies: current.authorization_policies.clone(),
                     peer_authentications: current.peer_authentications.clone(),
+                    services: current.services.clone(),
                 };
                 sent = current;
                 if tx.send(Ok(update)).await.is_err() {

@@ -21,6 +21,8 @@ pub struct Snapshot {
     pub authorization_policies: Vec<proto::AuthorizationPolicy>,
     /// Every PeerAuthentication.
     pub peer_authentications: Vec<proto::PeerAuthentication>,
+    /// Every Service with its endpoints.
+    pub services: Vec<proto::Service>,
 }
 
 /// The single writer of snapshots.
@@ -44,6 +46,7 @@ impl Publisher {
             workloads: model.workloads(),
             authorization_policies: model.authorization_policies_wire(),
             peer_authentications: model.peer_authentications_wire(),
+            services: model.services_wire(),
         };
         let mut version = 0;
         self.tx.send_if_modified(|current| {

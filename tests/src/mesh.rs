@@ -84,7 +84,7 @@ impl Topology {
     /// The Pod YAML of `pod` with `labels`.
     pub fn pod_yaml(&self, pod: &Pod, labels: &[(&str, &str)]) -> String {
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{netns}\n{labels}  annotations:\n    ferrymesh.io/netns: {path}\nspec:\n  nodeName: node{node}\n  serviceAccountName: {name}\n  containers:\n  - name: app\n    image: fm-peer\nstatus:\n  podIP: {ip}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{netns}\n{labels}  annotations:\n    ferrymesh.io/netns: {path}\nspec:\n  nodeName: node{node}\n  serviceAccountName: {name}\n  containers:\n  - name: app\n    image: fm-peer\n    ports:\n    - name: http\n      containerPort: {HTTP_PORT}\n    - name: echo\n      containerPort: {ECHO_PORT}\nstatus:\n  podIP: {ip}\n",
             name = pod.name,
             ns = pod.namespace,
             netns = pod.netns,
@@ -93,6 +93,41 @@ impl Topology {
             node = pod.node,
             ip = pod.ip,
         )
+    }
+
+    /// Writes Service `namespace/name` at `vip` selecting `selector`, with (name, port, target)
+    /// ports; a target that parses as a number is a number, else a container port name.
+    pub fn write_service(
+        &self,
+        namespace: &str,
+        name: &str,
+        vip: &str,
+        selector: &[(&str, &str)],
+        ports: &[(&str, u16, &str)],
+    ) {
+        let mut text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:\n"
+        );
+        for (k, v) in selector {
+            text.push_str(&format!("    {k}: {v}\n"));
+        }
+        text.push_str("  ports:\n");
+        for (port_name, port, target) in ports {
+            let target = if target.parse::<u16>().is_ok() { target.to_string() } else { format!("\"{target}\"") };
+            text.push_str(&format!("  - name: {port_name}\n    port: {port}\n    targetPort: {target}\n"));
+        }
+        self.write_config_file(&format!("svc-{namespace}-{name}.yaml"), &text);
+    }
+
+    /// Runs `fm-peer hits` from `from` to `to`: (ok, failed, client IPs the servers saw).
+    pub fn hits(&self, from: &Pod, to: SocketAddr, count: u32) -> Value {
+        let out = self.output_in(
+            &from.netns,
+            bin("fm-peer"),
+            &["hits", "--to", &to.to_string(), "--count", &count.to_string()],
+        );
+        assert!(out.status.success(), "fm-peer hits: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("hits JSON")
     }
 
     /// Writes Pod `pod` with `labels`.

@@ -310,7 +310,10 @@ impl Topology {
         let (_, child) = children.iter_mut().find(|(l, _)| l == label).unwrap_or_else(|| panic!("no process {label}"));
         let rc = kill(child.id(), signal);
         assert_eq!(rc, 0, "kill {label}");
-        child.wait().expect("wait")
+        let status = child.wait().expect("wait");
+        // The label is free again, e.g. to restart the process.
+        children.retain(|(l, _)| l != label);
+        status
     }
 }
 

@@ -50,9 +50,14 @@ pub fn setup() -> io::Result<PodListeners> {
     let inbound = listen(Ipv4Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT)?;
     let hbone = listen(Ipv4Addr::UNSPECIFIED, HBONE_PORT)?;
     let cookie = netns_cookie(&outbound)?;
-    // /proc/sys/net follows the calling thread's netns.
-    std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot set net.ipv4.tcp_fwmark_accept in the pod: {e}")))?;
+    // /proc/sys/net follows the calling thread's netns. fwmark_accept: the app's accepted
+    // socket carries the mark of the agent's SYN, so its replies take the policy route back.
+    // fwmark_reflect: so do kernel replies without a socket, such as the RST for a closed app
+    // port; without it that RST leaves through eth0 and the agent's dial hangs until timeout.
+    for sysctl in ["tcp_fwmark_accept", "fwmark_reflect"] {
+        std::fs::write(format!("/proc/sys/net/ipv4/{sysctl}"), "1")
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot set net.ipv4.{sysctl} in the pod: {e}")))?;
+    }
     install_app_dial_route()?;
     Ok(PodListeners { outbound, inbound, hbone, cookie })
 }

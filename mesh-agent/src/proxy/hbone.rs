@@ -409,35 +409,28 @@ fn traceparent() -> String {
     format!("00-{:032x}-{:016x}-01", rand::random::<u128>(), rand::random::<u64>())
 }
 
-/// Carries a captured outbound connection to a meshed destination over HBONE.
-pub(super) async fn outbound(
-    client: TcpStream,
+/// Opens an HBONE stream for a captured connection of `pod` to `dst`, whose identity must be
+/// `dst_id`. A refusal by the destination's policy (401) is a deny, anything else an error.
+pub(super) async fn open(
     pod: &PodContext,
     ctx: &ProxyContext,
     dst: SocketAddr,
     dst_id: &str,
-) -> Outcome {
-    let cert = match ctx.identities.cert(&pod.identity, Duration::from_secs(5)).await {
-        Ok(cert) => cert,
-        Err(e) => {
-            reset(&client);
-            return Outcome::failed(e.to_string());
-        }
-    };
-    match ctx.hbone_open(pod, &cert, dst, dst_id).await {
-        Ok((send, recv)) => {
-            let (sent, received, end) = relay(client, recv, send, None).await;
-            Outcome::relayed(sent, received, end, String::new())
-        }
-        Err(e) => {
-            reset(&client);
-            let mut o = Outcome::failed(e.to_string());
-            if let HboneError::Refused(401) = e {
-                o.verdict = Verdict::Denied;
-            }
-            o
-        }
-    }
+) -> Result<(SendStream<Bytes>, RecvStream), (Verdict, String)> {
+    let cert = ctx
+        .identities
+        .cert(&pod.identity, Duration::from_secs(5))
+        .await
+        .map_err(|e| (Verdict::Error, e.to_string()))?;
+    ctx.hbone_open(pod, &cert, dst, dst_id).await.map_err(|e| {
+        let verdict = if matches!(e, HboneError::Refused(401)) { Verdict::Denied } else { Verdict::Error };
+        (verdict, e.to_string())
+    })
+}
+
+/// Relays a captured client connection over an open HBONE stream.
+pub(super) async fn relay_client(client: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> (u64, u64, RelayEnd) {
+    relay(client, recv, send, None).await
 }
 
 #[cfg(test)]

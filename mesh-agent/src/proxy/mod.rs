@@ -6,6 +6,7 @@
 pub mod authz;
 pub mod hbone;
 pub mod inbound;
+pub mod lb;
 pub mod outbound;
 
 use std::io;
@@ -48,6 +49,8 @@ pub struct ProxyContext {
     pub pool: hbone::Pool,
     /// Live inbound connections, re-evaluated when policies change.
     pub live: authz::LiveConnections,
+    /// Service load balancing state.
+    pub balancer: Arc<lb::Balancer>,
 }
 
 /// One enrolled pod, as its accept loops see it.
@@ -142,6 +145,8 @@ struct Connection {
     dst: Endpoint,
     mtls: bool,
     peer_cert_serial: String,
+    /// `namespace/name` of the service the client addressed (VIP), else empty.
+    service: String,
 }
 
 impl Connection {
@@ -155,6 +160,7 @@ impl Connection {
             dst,
             mtls: false,
             peer_cert_serial: String::new(),
+            service: String::new(),
         }
     }
 }
@@ -175,6 +181,7 @@ impl ProxyContext {
             mtls: conn.mtls,
             peer_cert_serial: conn.peer_cert_serial,
             policy: outcome.policy,
+            service: conn.service,
         });
     }
 

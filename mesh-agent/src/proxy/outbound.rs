@@ -1,20 +1,70 @@
 //! Outbound: connections of an enrolled pod captured by connect4/6 and accepted on the pod's
-//! `127.0.0.1:15001`; the original destination comes from the eBPF map, the upstream is
-//! dialled from the pod's netns (so the source IP stays the pod's) with the agent's mark.
+//! `127.0.0.1:15001`; the original destination comes from the eBPF map. A service VIP is
+//! resolved to a ready endpoint (power of two choices, another endpoint on a failed dial); a
+//! meshed destination is reached over HBONE, anything else as plain TCP, always dialled from
+//! the pod's netns (so the source IP stays the pod's) with the agent's mark.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
 use mesh_common::MARK_AGENT;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{accept_loop, hbone, relay, reset, Connection, Outcome, PodContext, ProxyContext};
-use crate::flows::{Direction, Endpoint, UNKNOWN_ADDR};
+use crate::flows::{Direction, Endpoint, Verdict, UNKNOWN_ADDR};
 use crate::identity::Identity;
+use crate::state::{Service, ServiceEndpoint};
+
+/// Endpoints tried for one connection to a service before the client is failed.
+const SERVICE_ATTEMPTS: usize = 3;
 
 /// Serves the pod's outbound listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     accept_loop(listener, "outbound", move |stream, peer| handle(stream, peer, pod.clone(), ctx.clone())).await
+}
+
+/// An upstream ready to carry the client's bytes.
+enum Upstream {
+    Plain(TcpStream),
+    Hbone(SendStream<Bytes>, RecvStream),
+}
+
+/// Connects to `target` as `pod`: HBONE when the target's own agent captures it (a meshed
+/// destination, whose identity is then returned), plain TCP otherwise.
+async fn connect(
+    ctx: &ProxyContext,
+    pod: &PodContext,
+    target: SocketAddr,
+) -> Result<(Upstream, Option<String>), (Verdict, String)> {
+    let meshed = ctx.state.workload_by_ip(target.ip()).filter(|w| w.captured && ctx.identities.enabled());
+    if let Some(workload) = meshed {
+        let dst_id =
+            Identity { namespace: workload.namespace.clone(), service_account: workload.service_account.clone() }
+                .spiffe_id(&ctx.identities.trust_domain());
+        let (send, recv) = hbone::open(pod, ctx, target, &dst_id).await?;
+        return Ok((Upstream::Hbone(send, recv), Some(dst_id)));
+    }
+    match ctx.dial(&pod.netns, target, MARK_AGENT, None).await {
+        Ok(stream) => Ok((Upstream::Plain(stream), None)),
+        Err(e) => Err((Verdict::Error, format!("connect to {target} failed: {e}"))),
+    }
+}
+
+async fn carry(client: TcpStream, upstream: Upstream) -> Outcome {
+    let (sent, received, end) = match upstream {
+        Upstream::Plain(stream) => relay(client, stream, None).await,
+        Upstream::Hbone(send, recv) => hbone::relay_client(client, send, recv).await,
+    };
+    Outcome::relayed(sent, received, end, String::new())
+}
+
+fn refused(client: &TcpStream, (verdict, reason): (Verdict, String)) -> Outcome {
+    reset(client);
+    let mut outcome = Outcome::failed(reason);
+    outcome.verdict = verdict;
+    outcome
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
@@ -29,28 +79,69 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     let dst = SocketAddr::new(Ipv4Addr::from(u32::from_be(orig.ip4)).into(), orig.port);
     conn.dst = Endpoint::lookup(&ctx.state, dst);
     let _ = client.set_nodelay(true);
-    // A destination whose own agent captures it is meshed: HBONE to its 15008, expecting its
-    // identity. Anything else is passed through as plain TCP.
-    let meshed = ctx.state.workload_by_ip(dst.ip()).filter(|w| w.captured && ctx.identities.enabled());
-    let outcome = if let Some(workload) = meshed {
-        let dst_id =
-            Identity { namespace: workload.namespace.clone(), service_account: workload.service_account.clone() }
-                .spiffe_id(&ctx.identities.trust_domain());
-        conn.dst.identity = Some(dst_id.clone());
-        conn.mtls = true;
-        hbone::outbound(client, &pod, &ctx, dst, &dst_id).await
-    } else {
-        conn.src.identity = None;
-        match ctx.dial(&pod.netns, dst, MARK_AGENT, None).await {
-            Ok(upstream) => {
-                let (sent, received, end) = relay(client, upstream, None).await;
-                Outcome::relayed(sent, received, end, String::new())
+    let outcome = match ctx.state.service_by_vip(dst.ip()) {
+        Some(service) => to_service(client, &pod, &ctx, &mut conn, &service, dst.port()).await,
+        None => match connect(&ctx, &pod, dst).await {
+            Ok((upstream, dst_id)) => {
+                conn.mtls = dst_id.is_some();
+                conn.dst.identity = dst_id;
+                carry(client, upstream).await
             }
-            Err(e) => {
-                reset(&client);
-                Outcome::failed(format!("connect to {dst} failed: {e}"))
+            Err(e) => refused(&client, e),
+        },
+    };
+    if !conn.mtls {
+        // Without mTLS the peer proves nothing, and we claim nothing for our side either.
+        conn.src.identity = None;
+    }
+    ctx.record(conn, outcome);
+}
+
+/// Carries a connection to `service`:`port` to one of its ready endpoints, trying another
+/// endpoint when a dial fails.
+async fn to_service(
+    client: TcpStream,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    conn: &mut Connection,
+    service: &Service,
+    port: u16,
+) -> Outcome {
+    let name = format!("{}/{}", service.namespace, service.name);
+    conn.service = name.clone();
+    if !service.ports.contains(&port) {
+        return refused(&client, (Verdict::Error, format!("service {name} has no port {port}")));
+    }
+    let mut tried = Vec::new();
+    let mut last_error = None;
+    for _ in 0..SERVICE_ATTEMPTS {
+        let candidates: Vec<&ServiceEndpoint> = service
+            .endpoints
+            .iter()
+            .filter(|e| e.ready && e.target_ports.contains_key(&port) && !tried.contains(&e.ip))
+            .collect();
+        let Some(endpoint) = ctx.balancer.pick(&candidates) else { break };
+        let target = SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]);
+        let _active = ctx.balancer.start(endpoint.ip);
+        match connect(ctx, pod, target).await {
+            Ok((upstream, dst_id)) => {
+                conn.dst = Endpoint::lookup(&ctx.state, target);
+                conn.mtls = dst_id.is_some();
+                conn.dst.identity = dst_id;
+                return carry(client, upstream).await;
+            }
+            // A policy refusal is the answer, not a reason to try elsewhere.
+            Err((Verdict::Denied, reason)) => return refused(&client, (Verdict::Denied, reason)),
+            Err((_, reason)) => {
+                tracing::debug!(service = %name, %target, "endpoint failed, trying another: {reason}");
+                tried.push(endpoint.ip);
+                last_error = Some(reason);
             }
         }
+    }
+    let reason = match last_error {
+        Some(e) => format!("service {name}: no endpoint reachable after {} attempts, last: {e}", tried.len()),
+        None => format!("service {name} has no ready endpoint for port {port}"),
     };
-    ctx.record(conn, outcome);
+    refused(&client, (Verdict::Error, reason))
 }

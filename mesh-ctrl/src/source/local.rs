@@ -18,7 +18,7 @@ use serde_yaml::Value;
 use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
 
-use crate::model::{Model, Namespace, Pod, NETNS_ANNOTATION};
+use crate::model::{Model, Namespace, Pod, Service, ServicePort, TargetPort, NETNS_ANNOTATION};
 
 /// A config object that was rejected, named by file, object and field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +70,7 @@ enum Object {
     Pod(Pod),
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
+    Service(Service),
 }
 
 /// A ferrymesh.io custom resource: Kubernetes metadata and a typed spec.
@@ -192,6 +193,9 @@ impl DirSource {
                 Object::PeerAuthentication(p) => {
                     model.peer_authentications.insert(format!("{}/{}", p.namespace, p.name), p.clone());
                 }
+                Object::Service(svc) => {
+                    model.services.insert(format!("{}/{}", svc.namespace, svc.name), svc.clone());
+                }
             }
         }
         model
@@ -259,6 +263,7 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
     let parsed = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Namespace") => strict::<k8s::Namespace>(doc).map(|ns| Object::Namespace(namespace_from(ns, &key))),
         ("v1", "Pod") => strict::<k8s::Pod>(doc).and_then(|pod| pod_from(pod, &key).map(Object::Pod)),
+        ("v1", "Service") => strict::<k8s::Service>(doc).and_then(|svc| service_from(svc, &key).map(Object::Service)),
         (FERRYMESH_V1ALPHA1, "AuthorizationPolicy") => strict::<CustomResource<AuthorizationPolicySpec>>(doc).and_then(|cr| {
             cr.spec
                 .validate(&key.namespace, &key.name)
@@ -272,7 +277,7 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         _ => Err((
             Some("kind".into()),
             format!(
-                "{api_version}/{kind} is not supported (supported: v1 Namespace, v1 Pod, {FERRYMESH_V1ALPHA1} AuthorizationPolicy and PeerAuthentication)"
+                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod and Service, {FERRYMESH_V1ALPHA1} AuthorizationPolicy and PeerAuthentication)"
             ),
         )),
     };
@@ -321,7 +326,13 @@ fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, Stri
     let Some(node) = spec.node_name.filter(|n| !n.is_empty()) else {
         return missing("spec.nodeName", "the pod must be scheduled to a node");
     };
-    let Some(ip) = pod.status.and_then(|s| s.pod_ip).filter(|ip| !ip.is_empty()) else {
+    let status = pod.status.unwrap_or_default();
+    let ready = status
+        .conditions
+        .as_ref()
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_none_or(|c| c.status == "True");
+    let Some(ip) = status.pod_ip.filter(|ip| !ip.is_empty()) else {
         return missing("status.podIP", "the mesh addresses pods by IP");
     };
     let ip: IpAddr =
@@ -333,7 +344,22 @@ fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, Stri
             "local mode needs the path of the pod's network namespace",
         );
     };
+    let mut container_ports = BTreeMap::new();
+    for (c, container) in spec.containers.iter().enumerate() {
+        for (i, port) in container.ports.iter().flatten().enumerate() {
+            let field = || Some(format!("spec.containers[{c}].ports[{i}].containerPort"));
+            let number = u16::try_from(port.container_port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| (field(), format!("{} is not a port number", port.container_port)))?;
+            if let Some(name) = &port.name {
+                container_ports.insert(name.clone(), number);
+            }
+        }
+    }
     Ok(Pod {
+        container_ports,
+        ready,
         uid: meta.uid.filter(|u| !u.is_empty()).unwrap_or_else(|| format!("{}/{}", key.namespace, key.name)),
         name: key.name.clone(),
         namespace: key.namespace.clone(),
@@ -343,6 +369,45 @@ fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, Stri
         netns: netns.clone(),
         labels: meta.labels.unwrap_or_default(),
     })
+}
+
+fn service_from(svc: k8s::Service, key: &ObjectKey) -> Result<Service, (Option<String>, String)> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let spec = svc.spec.unwrap_or_default();
+    let vip = match spec.cluster_ip.as_deref() {
+        Some("None") => None,
+        Some(ip) if !ip.is_empty() => Some(
+            ip.parse::<IpAddr>()
+                .map_err(|e| (Some("spec.clusterIP".to_string()), format!("{ip:?} is not an IP address: {e}")))?,
+        ),
+        _ => {
+            return Err((
+                Some("spec.clusterIP".into()),
+                "missing; local mode has no allocator: give the VIP, or None for a headless service".into(),
+            ))
+        }
+    };
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| (Some(format!("spec.ports[{i}].port")), format!("{} is not a port number", p.port)))?;
+        let target = match &p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => {
+                TargetPort::Number(u16::try_from(*n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                    (Some(format!("spec.ports[{i}].targetPort")), format!("{n} is not a port number"))
+                })?)
+            }
+            Some(IntOrString::String(name)) => TargetPort::Name(name.clone()),
+        };
+        ports.push(ServicePort { name: p.name.clone().unwrap_or_default(), port, target });
+    }
+    Ok(Service { namespace: key.namespace.clone(), name: key.name.clone(), vip, ports, selector: spec.selector })
 }
 
 #[cfg(test)]
@@ -498,6 +563,48 @@ mod tests {
             assert_eq!(errors[0].field.as_deref(), Some(field));
             assert_eq!(after, model, "{field}: the last good policy stays");
         }
+    }
+
+    #[test]
+    fn services_resolve_endpoints_and_named_target_ports() {
+        let dir = tempfile::tempdir().unwrap();
+        let ports =
+            "  containers:\n  - name: app\n    image: app\n    ports:\n    - name: http\n      containerPort: 8080\n";
+        let web = pod_yaml("web", "10.244.1.2", "").replace("  containers:\n  - name: app\n    image: app\n", ports);
+        let unready = pod_yaml("web2", "10.244.1.3", "")
+            .replace("  containers:\n  - name: app\n    image: app\n", ports)
+            .replace("app: web2", "app: web")
+            .replace("status:\n", "status:\n  conditions:\n  - type: Ready\n    status: \"False\"\n");
+        let svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.10\n  selector:\n    app: web\n  ports:\n  - name: http\n    port: 80\n    targetPort: http\n  - name: admin\n    port: 9000\n    targetPort: 9001\n";
+        write(dir.path(), "all.yaml", &format!("{NS_ON}---\n{web}---\n{unready}---\n{svc}"));
+        let mut source = DirSource::new(dir.path());
+        let (model, errors) = source.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        let wire = model.services_wire();
+        assert_eq!(wire.len(), 1);
+        assert_eq!(wire[0].vip, "10.96.0.10");
+        let mut eps: Vec<(String, bool, Option<u32>, Option<u32>)> = wire[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.ip.clone(), e.ready, e.target_ports.get(&80).copied(), e.target_ports.get(&9000).copied()))
+            .collect();
+        eps.sort();
+        assert_eq!(
+            eps,
+            vec![
+                ("10.244.1.2".into(), true, Some(8080), Some(9001)),
+                ("10.244.1.3".into(), false, Some(8080), Some(9001))
+            ]
+        );
+        write(
+            dir.path(),
+            "all.yaml",
+            &format!("{NS_ON}---\n{web}---\n{}", svc.replace("  clusterIP: 10.96.0.10\n", "")),
+        );
+        let (_, errors) = source.reload();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].object.as_deref(), Some("Service shop/web"));
+        assert_eq!(errors[0].field.as_deref(), Some("spec.clusterIP"));
     }
 
     #[test]

@@ -50,6 +50,14 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         size: usize,
     },
+    /// `count` sequential HTTP requests, one connection each; prints JSON with the number that
+    /// succeeded and failed and the client addresses the servers saw.
+    Hits {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u32,
+    },
     /// Hold one connection to an echo and do `count` round trips, one every `interval_ms`.
     Ping {
         #[arg(long)]
@@ -68,6 +76,7 @@ fn main() {
         Cmd::Send { to, bytes, marker } => send(to, bytes, marker.as_deref()),
         Cmd::Ping { to, count, interval_ms } => ping(to, count, Duration::from_millis(interval_ms)),
         Cmd::Rr { to, count, size } => rr(to, count, size),
+        Cmd::Hits { to, count } => hits(to, count),
     };
     if let Err(e) = result {
         eprintln!("fm-peer: {e}");
@@ -236,5 +245,34 @@ fn rr(to: SocketAddr, count: u32, size: usize) -> Result<()> {
         "{}",
         serde_json::json!({"count": count, "size": size, "p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99)})
     );
+    Ok(())
+}
+
+fn hit(to: SocketAddr) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET / HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    if !response.starts_with("HTTP/1.1 200") {
+        return Err(format!("unexpected response {:?}", response.lines().next()).into());
+    }
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(body.trim().trim_start_matches("client ").to_string())
+}
+
+fn hits(to: SocketAddr, count: u32) -> Result<()> {
+    let (mut ok, mut errors) = (0, Vec::new());
+    let mut seen_as = std::collections::BTreeSet::new();
+    for _ in 0..count {
+        match hit(to) {
+            Ok(client) => {
+                ok += 1;
+                seen_as.insert(client.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or(client));
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    println!("{}", serde_json::json!({"ok": ok, "failed": errors.len(), "errors": errors, "client_ips": seen_as}));
     Ok(())
 }

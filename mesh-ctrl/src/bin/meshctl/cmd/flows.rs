@@ -36,6 +36,7 @@ pub struct FlowJson {
     mtls: bool,
     peer_cert_serial: String,
     policy: String,
+    service: String,
 }
 
 fn endpoint(e: Option<proto::Endpoint>) -> EndpointJson {
@@ -60,6 +61,7 @@ impl From<proto::Flow> for FlowJson {
             mtls: f.mtls,
             peer_cert_serial: f.peer_cert_serial,
             policy: f.policy,
+            service: f.service,
         }
     }
 }

@@ -1,0 +1,132 @@
+//! End-to-end services: a ClusterIP VIP with a named targetPort, spread across its endpoints by
+//! the client's agent, skipping unready endpoints, trying another endpoint when one fails, and
+//! dropping a removed endpoint without failing clients. Needs root.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferrymesh_testbed::mesh::wait_until;
+use ferrymesh_testbed::{Topology, TopologySpec};
+
+const VIP: &str = "10.96.0.10";
+
+/// Endpoint workload name -> number of successful outbound flows to the service since `skip`.
+fn spread(topo: &Topology, skip: usize) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for f in topo.flows(1).into_iter().skip(skip) {
+        if f["service"] == "shop/web" && f["verdict"] == "allowed" {
+            *out.entry(f["dst"]["workload"].as_str().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
+    let spec = TopologySpec::nodes(2)
+        .pod("shop", "client", 1)
+        .pod("shop", "web-1", 1)
+        .pod("shop", "web-2", 2)
+        .pod("shop", "web-3", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    for name in ["web-1", "web-2", "web-3"] {
+        topo.write_pod(topo.pod("shop", name), &[("app", "web")]);
+    }
+    // Port 80 on the VIP is the pods' container port named "http" (8080).
+    topo.write_service("shop", "web", VIP, &[("app", "web")], &[("http", 80, "http")]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/client", "shop/web-1"], Duration::from_secs(10));
+    for pod in &topo.pods {
+        topo.serve(pod);
+    }
+    let client = topo.pod("shop", "client");
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+
+    // 300 connections spread over all three endpoints; the servers see the client's own IP.
+    let result = topo.hits(client, vip, 300);
+    assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(300), Some(0)), "{result}");
+    assert_eq!(result["client_ips"], serde_json::json!([client.ip.to_string()]));
+    let hits = spread(&topo, 0);
+    assert_eq!(hits.len(), 3, "{hits:?}");
+    assert!(hits.values().all(|n| *n >= 50), "P2C spreads 300 sequential connections: {hits:?}");
+    let flow = topo.flows(1).into_iter().find(|f| f["service"] == "shop/web").unwrap();
+    assert_eq!(flow["dst"]["port"], 8080, "the named targetPort resolved: {flow}");
+    assert_eq!(flow["mtls"], true, "endpoints are meshed: {flow}");
+
+    // An unready endpoint gets nothing.
+    let web2 = topo.pod("shop", "web-2");
+    let unready = topo
+        .pod_yaml(web2, &[("app", "web")])
+        .replace("status:\n", "status:\n  conditions:\n  - type: Ready\n    status: \"False\"\n");
+    topo.write_config_file("pod-shop-web-2.yaml", &unready);
+    let before = topo.status(1)["config_version"].as_u64().unwrap();
+    wait_until(Duration::from_secs(1), "the readiness change", || {
+        topo.status(1)["config_version"].as_u64().unwrap() > before
+    });
+    let skip = topo.flows(1).len();
+    let result = topo.hits(client, vip, 60);
+    assert_eq!(result["failed"], 0, "{result}");
+    let hits = spread(&topo, skip);
+    assert!(!hits.contains_key("web-2") && hits.len() == 2, "unready web-2 is skipped: {hits:?}");
+
+    // web-3's app dies but the config still lists it: every client connection still succeeds,
+    // the agent tries another endpoint.
+    topo.signal_and_wait("peer-shop-web-3", libc::SIGKILL);
+    let skip = topo.flows(1).len();
+    let result = topo.hits(client, vip, 60);
+    let failed: Vec<_> = topo.flows(1).into_iter().skip(skip).filter(|f| f["verdict"] != "allowed").collect();
+    assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(60), Some(0)), "{result} {failed:?}");
+    assert_eq!(spread(&topo, skip).keys().collect::<Vec<_>>(), ["web-1"], "only web-1 answers");
+
+    // web-3 removed from the config: after the change no connection even tries it.
+    std::fs::remove_file(topo.config_dir().join("pod-shop-web-3.yaml")).unwrap();
+    let before = topo.status(1)["config_version"].as_u64().unwrap();
+    wait_until(Duration::from_secs(1), "the removal to reach node1", || {
+        topo.status(1)["config_version"].as_u64().unwrap() > before
+    });
+    let result = topo.hits(client, vip, 60);
+    assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(60), Some(0)), "{result}");
+}
+
+#[test]
+fn traffic_continues_while_mesh_ctrl_is_down_and_agents_resync_after_restart() {
+    let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "b", 1).pod("shop", "c", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
+    for pod in &topo.pods {
+        topo.serve(pod);
+    }
+    let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
+    let ping = topo.start_ping("ping", a, c.ip, 80);
+
+    topo.signal_and_wait("mesh-ctrl", libc::SIGKILL);
+    for node in [1, 2] {
+        wait_until(Duration::from_secs(10), "the agent to notice mesh-ctrl is gone", || {
+            topo.status(node)["ctrl_connected"] == false
+        });
+    }
+    // New connections, with mTLS and the last good config.
+    for _ in 0..5 {
+        let body = topo.curl(a, c.ip);
+        assert!(body.starts_with(&format!("client {}:", a.ip)), "{body}");
+    }
+    assert_eq!(topo.enrolled(1), ["shop/a", "shop/b"]);
+
+    topo.start_ctrl(&[]);
+    for node in [1, 2] {
+        wait_until(Duration::from_secs(10), "the agent to resync", || topo.status(node)["ctrl_connected"] == true);
+    }
+    let versions =
+        (topo.status(1)["config_version"].as_u64().unwrap(), topo.status(2)["config_version"].as_u64().unwrap());
+    topo.write_pod(b, &[("ferrymesh.io/dataplane-mode", "none")]);
+    wait_until(Duration::from_secs(1), "the change to reach both agents within 1 s", || {
+        topo.status(1)["config_version"].as_u64().unwrap() > versions.0
+            && topo.status(2)["config_version"].as_u64().unwrap() > versions.1
+    });
+    topo.wait_enrolled(1, &["shop/a"], Duration::from_secs(1));
+    topo.wait_success(&ping, Duration::from_secs(15));
+}
