@@ -23,6 +23,8 @@ fn pod(name: &str, node: &str) -> Pod {
         ip: "10.244.1.2".parse().unwrap(),
         netns: "/x".into(),
         labels: BTreeMap::new(),
+        container_ports: BTreeMap::new(),
+        ready: true,
     }
 }
 
