@@ -301,7 +301,39 @@ struct PoolKey {
 /// Pooled HTTP/2 connections to other pods' 15008.
 #[derive(Debug, Default)]
 pub struct Pool {
-    connections: Mutex<HashMap<PoolKey, h2::client::SendRequest<Bytes>>>,
+    connections: Arc<Mutex<PoolMap>>,
+}
+
+/// Pooled connections with a generation each, so an ended connection only ever removes itself.
+type PoolMap = HashMap<PoolKey, (u64, h2::client::SendRequest<Bytes>)>;
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn unpool(pool: &Mutex<PoolMap>, key: &PoolKey, generation: u64) {
+    let mut pool = pool.lock().expect("pool lock");
+    if pool.get(key).is_some_and(|(g, _)| *g == generation) {
+        pool.remove(key);
+    }
+}
+
+/// Interval of HTTP/2 PINGs on a pooled connection, and how long a PONG may take.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// PINGs the connection every [`KEEPALIVE_INTERVAL`]; one without a PONG in time drops the
+/// connection from the pool (new streams go to a new connection; open ones end with it).
+async fn keepalive(mut ping_pong: h2::PingPong, pool: Arc<Mutex<PoolMap>>, key: PoolKey, generation: u64) {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                tracing::warn!(dst = %key.dst_ip, "HBONE connection missed its PING; dropping it from the pool");
+                break;
+            }
+        }
+    }
+    unpool(&pool, &key, generation);
 }
 
 /// Why an HBONE stream could not be opened.
@@ -331,7 +363,7 @@ impl ProxyContext {
     ) -> Result<h2::client::SendRequest<Bytes>, HboneError> {
         let key =
             PoolKey { src: cert.spiffe_id.clone(), src_serial: cert.serial.clone(), dst: dst_id.to_string(), dst_ip };
-        let pooled = self.pool.connections.lock().expect("pool lock").get(&key).cloned();
+        let pooled = self.pool.connections.lock().expect("pool lock").get(&key).map(|(_, s)| s.clone());
         if let Some(sender) = pooled {
             if let Ok(ready) = sender.ready().await {
                 return Ok(ready);
@@ -353,7 +385,7 @@ impl ProxyContext {
         if stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(HboneError::Tls(dst_ip, "the server did not negotiate ALPN h2".into()));
         }
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -361,17 +393,24 @@ impl ProxyContext {
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| HboneError::Http2(dst_ip, e))?;
+        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ping_pong = connection.ping_pong().expect("ping_pong is taken once, right after the handshake");
+        tokio::spawn(keepalive(ping_pong, self.pool.connections.clone(), key.clone(), generation));
+        let pool = self.pool.connections.clone();
+        let pooled = key.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("HBONE connection to {dst_ip} ended: {e}");
             }
+            // An ended connection leaves the pool at once rather than at its next use.
+            unpool(&pool, &pooled, generation);
         });
         let mut pool = self.pool.connections.lock().expect("pool lock");
         // Connections of an older certificate of the same identity drain and are dropped.
         pool.retain(|k, _| {
             !(k.src == key.src && k.dst == key.dst && k.dst_ip == key.dst_ip && k.src_serial != key.src_serial)
         });
-        pool.insert(key, sender.clone());
+        pool.insert(key, (generation, sender.clone()));
         Ok(sender)
     }
 
