@@ -3,6 +3,7 @@
 
 mod admin;
 mod config;
+mod discover;
 mod ebpf;
 mod enroll;
 mod flows;

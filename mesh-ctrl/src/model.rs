@@ -12,7 +12,8 @@ use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
 /// Namespace label that opts a namespace into the mesh (value `enabled`) and pod label that
 /// opts a pod out (value `none`).
 pub const DATAPLANE_MODE_LABEL: &str = "ferrymesh.io/dataplane-mode";
-/// Pod annotation carrying the pod's network namespace path in local mode.
+/// Pod annotation carrying the pod's network namespace path in local mode (optional: without
+/// it the agent finds the netns through the pod UID in /proc/<pid>/cgroup).
 pub const NETNS_ANNOTATION: &str = "ferrymesh.io/netns";
 
 /// A namespace and the labels that matter to the mesh.
@@ -46,7 +47,7 @@ pub struct Pod {
     pub service_account: String,
     /// Pod IP.
     pub ip: IpAddr,
-    /// Path of the pod's network namespace.
+    /// Path of the pod's network namespace; empty: the agent finds it by the pod's cgroup.
     pub netns: String,
     /// All labels of the pod.
     pub labels: BTreeMap<String, String>,

@@ -278,6 +278,17 @@ impl Topology {
         });
     }
 
+    /// Starts fm-peer servers in `pod` inside cgroup `cgroup` (as a kubelet would run the pod's
+    /// containers) and waits until they listen.
+    pub fn serve_in_cgroup(&self, pod: &Pod, cgroup: &std::path::Path) {
+        let label = format!("peer-{}-{}", pod.namespace, pod.name);
+        let mut cmd = self.command_in(&pod.netns, bin("fm-peer"));
+        cmd.arg("serve");
+        let pid = self.spawn(&label, cmd);
+        std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).expect("move the pod's process into its cgroup");
+        wait_until(Duration::from_secs(10), &format!("{label} to listen"), || self.log(&label).contains("ready"));
+    }
+
     /// `curl` from `from` to the HTTP responder of `to`; returns the body (the client address
     /// the server saw), panicking when curl fails.
     pub fn curl(&self, from: &Pod, to: Ipv4Addr) -> String {

@@ -28,6 +28,7 @@ static LIVE: Mutex<BTreeMap<String, Created>> = Mutex::new(BTreeMap::new());
 struct Created {
     namespaces: Vec<String>,
     pids: Vec<u32>,
+    cgroups: Vec<PathBuf>,
 }
 
 /// A pod to create.
@@ -293,6 +294,32 @@ impl Topology {
         pid
     }
 
+    /// Creates the cgroup the kubelet (cgroupfs driver) would give pod `uid`, under a directory
+    /// of this topology in the cgroup2 hierarchy, and returns it; removed on teardown.
+    pub fn pod_cgroup(&self, uid: &str) -> PathBuf {
+        let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+        let root = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+            })
+            .expect("a cgroup2 mount");
+        let mut path = root.join(format!("ferrymesh-{}", self.id));
+        let mut live = LIVE.lock().unwrap();
+        let created = live.entry(self.id.clone()).or_default();
+        for part in ["kubepods".to_string(), "besteffort".to_string(), format!("pod{uid}")] {
+            if !path.exists() {
+                std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+                created.cgroups.push(path.clone());
+            }
+            path = path.join(part);
+        }
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        created.cgroups.push(path.clone());
+        path
+    }
+
     /// Path of the log file of the process started with `label`.
     pub fn log_path(&self, label: &str) -> PathBuf {
         self.dir.join(format!("{label}.log"))
@@ -324,9 +351,18 @@ fn kill(pid: u32, signal: i32) -> i32 {
     unsafe { libc::kill(pid as i32, signal) }
 }
 
-fn teardown(namespaces: &[String], pids: &[u32]) {
+fn teardown(namespaces: &[String], pids: &[u32], cgroups: &[PathBuf]) {
     for &pid in pids {
         kill(pid, libc::SIGKILL);
+    }
+    // Deepest first; a cgroup can only go once its processes have exited.
+    for cgroup in cgroups.iter().rev() {
+        for _ in 0..50 {
+            if std::fs::remove_dir(cgroup).is_ok() || !cgroup.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
     // Pods first, then nodes, then the fabric: deleting a netns removes its veth ends.
     for ns in namespaces.iter().rev() {
@@ -343,7 +379,7 @@ impl Drop for Topology {
         }
         let created = LIVE.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
         if let Some(created) = created {
-            teardown(&created.namespaces, &[]);
+            teardown(&created.namespaces, &[], &created.cgroups);
         }
         if std::env::var_os("FERRYMESH_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -356,6 +392,6 @@ impl Drop for Topology {
 pub fn cleanup_all() {
     let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
     for created in live.into_values() {
-        teardown(&created.namespaces, &created.pids);
+        teardown(&created.namespaces, &created.pids, &created.cgroups);
     }
 }

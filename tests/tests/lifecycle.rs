@@ -136,3 +136,42 @@ fn invalid_config_is_rejected_by_name_and_the_last_good_config_keeps_serving() {
     topo.write_pod(a, &[(DATAPLANE_MODE, "none")]);
     topo.wait_enrolled(1, &["shop/b"], Duration::from_secs(1));
 }
+
+/// Pod YAML without the netns annotation: the agent must find the netns by the pod's cgroup.
+fn without_netns_annotation(topo: &Topology, pod: &ferrymesh_testbed::Pod) -> String {
+    topo.pod_yaml(pod, &[])
+        .replace(&format!("  annotations:\n    ferrymesh.io/netns: {}\n", pod.netns_path().display()), "")
+}
+
+#[test]
+fn pod_netns_is_found_by_the_pod_uid_cgroup_also_for_late_pods_and_after_a_restart() {
+    let spec = TopologySpec::nodes(1).pod("shop", "a", 1).pod("shop", "late", 1).pod("legacy", "x", 1);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    let (a, late, x) = (topo.pod("shop", "a"), topo.pod("shop", "late"), topo.pod("legacy", "x"));
+    for pod in [a, late] {
+        let yaml = without_netns_annotation(&topo, pod);
+        assert!(!yaml.contains("ferrymesh.io/netns"));
+        topo.write_config_file(&format!("pod-shop-{}.yaml", pod.name), &yaml);
+    }
+    // The kubelet's cgroup of a pod names its UID; the harness's pods have UID uid-<netns>.
+    let cgroup_a = topo.pod_cgroup(&format!("uid-{}", a.netns));
+    topo.serve_in_cgroup(a, &cgroup_a);
+    topo.serve(x);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a"], Duration::from_secs(10));
+    // late's process starts after the agent: it is enrolled once it runs.
+    let cgroup_late = topo.pod_cgroup(&format!("uid-{}", late.netns));
+    topo.serve_in_cgroup(late, &cgroup_late);
+    topo.wait_enrolled(1, &["shop/a", "shop/late"], Duration::from_secs(5));
+    // The discovered netns is the right one: plaintext to a is captured there, with the real IP.
+    let body = topo.curl(x, a.ip);
+    assert!(body.starts_with(&format!("client {}:", x.ip)), "{body}");
+    assert!(topo.flows(1).iter().any(|f| f["direction"] == "inbound" && f["dst"]["ip"] == a.ip.to_string()));
+    // After an agent restart the pods are found again.
+    topo.signal_and_wait("agent-node1", libc::SIGTERM);
+    topo.start_agent(1);
+    topo.wait_enrolled(1, &["shop/a", "shop/late"], Duration::from_secs(5));
+    topo.curl(x, late.ip);
+    assert!(topo.flows(1).iter().any(|f| f["direction"] == "inbound" && f["dst"]["ip"] == late.ip.to_string()));
+}

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::discover::{self, DiscoverError};
 use crate::ebpf::{DatapathError, SkLookupAttachment};
 use crate::identity::{Identity, IdentityError};
 use crate::netns::Netns;
@@ -43,6 +44,9 @@ pub enum EnrollError {
     /// The pod's certificate could not be obtained.
     #[error("{0}")]
     Identity(#[from] IdentityError),
+    /// The pod's netns could not be found.
+    #[error("{0}")]
+    Discover(#[from] DiscoverError),
     /// The pod's TLS configuration could not be built.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
@@ -189,7 +193,12 @@ impl Enroller {
         } else {
             None
         };
-        let netns = Netns::open(&workload.netns)?;
+        // Local mode names the netns by annotation; otherwise it is found by the pod's cgroup.
+        let netns_path = match workload.netns.as_os_str().is_empty() {
+            true => discover::pod_netns(&workload.uid)?,
+            false => workload.netns.clone(),
+        };
+        let netns = Netns::open(&netns_path)?;
         let listeners = self.ctx.runner.run(&netns, pod_netns::setup).await?;
         let outbound_listener = TcpListener::from_std(listeners.outbound)?;
         let inbound_listener = TcpListener::from_std(listeners.inbound)?;

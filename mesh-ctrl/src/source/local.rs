@@ -337,13 +337,9 @@ fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, Stri
     };
     let ip: IpAddr =
         ip.parse().map_err(|e| (Some("status.podIP".to_string()), format!("{ip:?} is not an IP address: {e}")))?;
+    // Without the annotation the agent finds the netns by the pod's cgroup (its UID).
     let annotations = meta.annotations.unwrap_or_default();
-    let Some(netns) = annotations.get(NETNS_ANNOTATION).filter(|n| !n.is_empty()) else {
-        return missing(
-            &format!("metadata.annotations[{NETNS_ANNOTATION}]"),
-            "local mode needs the path of the pod's network namespace",
-        );
-    };
+    let netns = annotations.get(NETNS_ANNOTATION).cloned().unwrap_or_default();
     let mut container_ports = BTreeMap::new();
     for (c, container) in spec.containers.iter().enumerate() {
         for (i, port) in container.ports.iter().flatten().enumerate() {
@@ -366,7 +362,7 @@ fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, Stri
         node,
         service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
         ip,
-        netns: netns.clone(),
+        netns,
         labels: meta.labels.unwrap_or_default(),
     })
 }
