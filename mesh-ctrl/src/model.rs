@@ -152,17 +152,20 @@ impl Model {
     /// the pods of the service's namespace its selector matches (local mode's EndpointSlices);
     /// a named targetPort resolves per pod through its container port names.
     pub fn services_wire(&self) -> Vec<proto::Service> {
+        let mut pods_by_namespace: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+        for pod in self.pods.values() {
+            pods_by_namespace.entry(&pod.namespace).or_default().push(pod);
+        }
         self.services
             .values()
             .map(|svc| {
                 let endpoints = match &svc.selector {
                     None => Vec::new(),
-                    Some(selector) => self
-                        .pods
-                        .values()
-                        .filter(|p| {
-                            p.namespace == svc.namespace && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-                        })
+                    Some(selector) => pods_by_namespace
+                        .get(svc.namespace.as_str())
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
                         .map(|p| proto::ServiceEndpoint {
                             workload_uid: p.uid.clone(),
                             ip: p.ip.to_string(),

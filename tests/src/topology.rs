@@ -325,6 +325,11 @@ impl Topology {
         self.dir.join(format!("{label}.log"))
     }
 
+    /// Pid of the process started with `label`.
+    pub fn pid(&self, label: &str) -> Option<u32> {
+        self.children.lock().unwrap().iter().find(|(l, _)| l == label).map(|(_, c)| c.id())
+    }
+
     /// Whether the process started with `label` is still running.
     pub fn is_running(&self, label: &str) -> bool {
         let mut children = self.children.lock().unwrap();

@@ -56,3 +56,73 @@ fn hbone_next_to_plain_tcp() {
         );
     }
 }
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// 10k pods and 2k services (100 namespaces; 5 pods per service) on a node that is not in the
+/// topology, so the agent holds them without enrolling any: time for mesh-ctrl to load and the
+/// agent to have them, time for one pod change to reach the agent, agent memory per workload.
+#[test]
+#[ignore = "measurement, run by hand"]
+fn control_plane_scale() {
+    let topo = Topology::build(&TopologySpec::nodes(1).pod("shop", "a", 1));
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh();
+    let pid = topo.pid("agent-node1").expect("agent pid");
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_before = rss_kb(pid);
+    let version = |topo: &Topology| topo.status(1)["config_version"].as_u64().unwrap();
+    let v0 = version(&topo);
+    let start = std::time::Instant::now();
+    for ns in 0..100 {
+        let mut text = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns{ns}\n  labels:\n    ferrymesh.io/dataplane-mode: enabled\n");
+        for i in 0..100 {
+            let n = ns * 100 + i;
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p{n}\n  namespace: ns{ns}\n  uid: 00000000-0000-0000-0000-{n:012}\n  labels:\n    app: s{}\nspec:\n  nodeName: far-away\n  serviceAccountName: sa{i}\n  containers:\n  - name: app\n    image: x\nstatus:\n  podIP: 10.{}.{}.{}\n",
+                i / 5, 100 + n / 65536, (n / 256) % 256, n % 256
+            ));
+        }
+        for s in 0..20 {
+            let vip = ns * 20 + s;
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s{s}\n  namespace: ns{ns}\nspec:\n  clusterIP: 10.96.{}.{}\n  selector:\n    app: s{s}\n  ports:\n  - port: 80\n    targetPort: 8080\n",
+                vip / 256, vip % 256
+            ));
+        }
+        topo.write_config_file(&format!("scale-{ns:03}.yaml"), &text);
+    }
+    wait_until(Duration::from_secs(120), "the agent to hold 10k pods", || {
+        version(&topo) > v0 && topo.log("mesh-ctrl").contains("pods=10001")
+    });
+    // The agent has the final version once mesh-ctrl logged 10001 pods and the agent caught up.
+    let final_line = topo.log("mesh-ctrl").lines().rfind(|l| l.contains("pods=10001")).unwrap().to_string();
+    let loaded = start.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_after = rss_kb(pid);
+    // One pod change.
+    let v1 = version(&topo);
+    let text = std::fs::read_to_string(topo.config_dir().join("scale-042.yaml")).unwrap();
+    let start = std::time::Instant::now();
+    topo.write_config_file("scale-042.yaml", &text.replacen("app: s0\n", "app: changed\n", 1));
+    wait_until(Duration::from_secs(10), "one change to reach the agent", || version(&topo) > v1);
+    let one_change = start.elapsed();
+    let change_line = topo.log("mesh-ctrl").lines().last().unwrap().to_string();
+    println!("10k pods + 2k services written and held by the agent in {loaded:?}; mesh-ctrl: {final_line}");
+    println!("one pod change reached the agent in {one_change:?}; mesh-ctrl: {change_line}");
+    println!(
+        "agent RSS {rss_before} kB -> {rss_after} kB: {:.2} kB per workload (services included)",
+        (rss_after.saturating_sub(rss_before)) as f64 / 10000.0
+    );
+}

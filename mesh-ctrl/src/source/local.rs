@@ -96,17 +96,53 @@ struct Loaded {
     object: Object,
 }
 
+/// What one file parsed to.
+#[derive(Clone, Debug)]
+enum Parsed {
+    /// The file as a whole could not be read or parsed.
+    File(ConfigError),
+    /// Each document: an object, or why it was rejected.
+    Docs(Vec<Result<(ObjectKey, Object), Box<Rejected>>>),
+}
+
+/// A file's parse, reused while its (mtime, size, inode) stay the same: a change to one file of
+/// a large directory re-parses that file only.
+#[derive(Debug)]
+struct Cached {
+    stamp: FileStamp,
+    parsed: Parsed,
+}
+
+type FileStamp = (std::time::SystemTime, u64, u64);
+
+fn file_stamp(file: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+fn parse_file(file: &Path) -> Parsed {
+    let docs = std::fs::read_to_string(file)
+        .map_err(|e| file_error(file, format!("cannot read file: {e}")))
+        .and_then(|text| split_documents(file, &text));
+    match docs {
+        Ok(docs) => Parsed::Docs(docs.into_iter().map(|doc| parse_object(file, doc)).collect()),
+        Err(e) => Parsed::File(e),
+    }
+}
+
 /// The directory source with the last good version of every object.
 #[derive(Debug)]
 pub struct DirSource {
     dir: PathBuf,
     good: BTreeMap<ObjectKey, Loaded>,
+    cache: std::collections::HashMap<PathBuf, Cached>,
 }
 
 impl DirSource {
     /// A source reading `dir`; nothing is read until [`DirSource::reload`].
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), good: BTreeMap::new() }
+        Self { dir: dir.into(), good: BTreeMap::new(), cache: Default::default() }
     }
 
     /// The directory this source reads.
@@ -131,20 +167,28 @@ impl DirSource {
             }
         };
         let mut next: BTreeMap<ObjectKey, Loaded> = BTreeMap::new();
-        for file in files {
-            let docs = std::fs::read_to_string(&file)
-                .map_err(|e| file_error(&file, format!("cannot read file: {e}")))
-                .and_then(|text| split_documents(&file, &text));
-            let docs = match docs {
-                Ok(docs) => docs,
-                Err(e) => {
+        for file in &files {
+            let stamp = file_stamp(file);
+            let parsed = match (stamp, self.cache.get(file)) {
+                (Some(stamp), Some(cached)) if cached.stamp == stamp => cached.parsed.clone(),
+                _ => {
+                    let parsed = parse_file(file);
+                    if let Some(stamp) = stamp {
+                        self.cache.insert(file.clone(), Cached { stamp, parsed: parsed.clone() });
+                    }
+                    parsed
+                }
+            };
+            let docs = match parsed {
+                Parsed::Docs(docs) => docs,
+                Parsed::File(e) => {
                     errors.push(e);
-                    self.keep_file(&file, &mut next);
+                    self.keep_file(file, &mut next);
                     continue;
                 }
             };
             for doc in docs {
-                match parse_object(&file, doc) {
+                match doc {
                     Ok((key, object)) => {
                         if let Some(first) = next.get(&key) {
                             errors.push(ConfigError {
@@ -166,6 +210,7 @@ impl DirSource {
                 }
             }
         }
+        self.cache.retain(|f, _| files.contains(f));
         self.good = next;
         (self.model(), errors)
     }
@@ -237,7 +282,7 @@ fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
 
 /// A document that was rejected, with the key of the object it meant when it said enough to
 /// identify it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Rejected {
     key: Option<ObjectKey>,
     error: ConfigError,

@@ -29,8 +29,10 @@ pub async fn watch_dir(mut source: DirSource, publisher: Publisher) -> notify::R
     watcher.watch(source.dir(), RecursiveMode::NonRecursive)?;
     let mut last = (0, Vec::new());
     loop {
+        let started = std::time::Instant::now();
         let (model, errors) = source.reload();
         let version = publisher.publish(&model);
+        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
         if (version, &messages) != (last.0, &last.1) {
             if messages != last.1 {
@@ -38,7 +40,14 @@ pub async fn watch_dir(mut source: DirSource, publisher: Publisher) -> notify::R
                     tracing::warn!("rejected config: {message}");
                 }
             }
-            tracing::info!(version, pods = model.pods.len(), rejected = messages.len(), "config loaded");
+            tracing::info!(
+                version,
+                pods = model.pods.len(),
+                services = model.services.len(),
+                rejected = messages.len(),
+                took_ms,
+                "config loaded"
+            );
             last = (version, messages);
         }
         tokio::select! {

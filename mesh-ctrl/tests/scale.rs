@@ -1,0 +1,66 @@
+//! Control-plane scale, timed phase by phase (not a pass/fail test; run by hand):
+//! `cargo test --release -p mesh-ctrl --test scale -- --ignored --nocapture`
+
+use std::time::Instant;
+
+use mesh_ctrl::snapshot::Publisher;
+use mesh_ctrl::source::DirSource;
+
+fn write_cluster(dir: &std::path::Path) {
+    for ns in 0..100 {
+        let mut text = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns{ns}\n  labels:\n    ferrymesh.io/dataplane-mode: enabled\n");
+        for i in 0..100 {
+            let n = ns * 100 + i;
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p{n}\n  namespace: ns{ns}\n  uid: u{n}\n  labels:\n    app: s{}\nspec:\n  nodeName: n\n  containers:\n  - name: app\n    image: x\nstatus:\n  podIP: 10.{}.{}.{}\n",
+                i / 5, 100 + n / 65536, (n / 256) % 256, n % 256
+            ));
+        }
+        for s in 0..20 {
+            let vip = ns * 20 + s;
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s{s}\n  namespace: ns{ns}\nspec:\n  clusterIP: 10.96.{}.{}\n  selector:\n    app: s{s}\n  ports:\n  - port: 80\n",
+                vip / 256, vip % 256
+            ));
+        }
+        std::fs::write(dir.join(format!("scale-{ns:03}.yaml")), text).unwrap();
+    }
+}
+
+#[test]
+#[ignore = "measurement, run by hand"]
+fn phases_at_10k_pods_and_2k_services() {
+    let dir = tempfile::tempdir().unwrap();
+    write_cluster(dir.path());
+    let mut source = DirSource::new(dir.path());
+    let (publisher, rx) = Publisher::new();
+    for round in ["full load", "one pod changed"] {
+        if round == "one pod changed" {
+            let file = dir.path().join("scale-042.yaml");
+            let text = std::fs::read_to_string(&file).unwrap();
+            std::fs::write(&file, text.replacen("app: s0\n", "app: changed\n", 1)).unwrap();
+        }
+        let t = Instant::now();
+        let (model, errors) = source.reload();
+        let reload = t.elapsed();
+        assert!(errors.is_empty());
+        let t = Instant::now();
+        let workloads = model.workloads();
+        let workloads_time = t.elapsed();
+        let t = Instant::now();
+        let services = model.services_wire();
+        let services_time = t.elapsed();
+        let t = Instant::now();
+        let before = rx.borrow().clone();
+        publisher.publish(&model);
+        let publish = t.elapsed();
+        let t = Instant::now();
+        let after = rx.borrow().clone();
+        let (up, rm) = mesh_ctrl::model::diff(&before.workloads, &after.workloads);
+        let diff = t.elapsed();
+        println!(
+            "{round}: reload {reload:?}, workloads {workloads_time:?} ({}), services {services_time:?} ({}), publish {publish:?}, diff {diff:?} ({} upserted, {} removed)",
+            workloads.len(), services.len(), up.len(), rm.len()
+        );
+    }
+}
