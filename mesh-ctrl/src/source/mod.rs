@@ -13,7 +13,7 @@ pub use local::{ConfigError, DirSource};
 use crate::snapshot::Publisher;
 
 /// How long to wait after a change event for the burst of events an editor makes to settle.
-const DEBOUNCE: Duration = Duration::from_millis(50);
+const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Re-read the directory this often even without events (a change missed by inotify, such as
 /// one on a network filesystem, still lands).
 const RESYNC: Duration = Duration::from_secs(5);

@@ -63,9 +63,32 @@ fn main() {
     let (web, api) = (topo.pod("shop", "web"), topo.pod("shop", "api"));
     let result = topo.send(web, api.ip, 50 * 1024 * 1024);
     println!(
-        "  web -> api 50 MiB through both agents: checksum match = {}, {:.2} s",
+        "  web -> api 50 MiB over HBONE (mTLS) through both agents: checksum match = {}, {:.2} s",
         result["match"], result["seconds"]
     );
+
+    banner("a Service VIP (10.96.0.20:80 -> container port \"http\" of app=api pods)");
+    topo.write_pod(api, &[("app", "api")]);
+    topo.write_service("shop", "api", "10.96.0.20", &[("app", "api")], &[("http", 80, "http")]);
+    std::thread::sleep(Duration::from_millis(500));
+    let vip = "10.96.0.20:80".parse().expect("VIP");
+    let hits = topo.hits(web, vip, 4);
+    println!(
+        "  web -> 10.96.0.20:80 x4: {} ok, {} failed; servers saw {}",
+        hits["ok"], hits["failed"], hits["client_ips"]
+    );
+
+    banner("an AuthorizationPolicy: only shop/web may reach app=api");
+    let policy = "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: api-from-web\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: api\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/web]\n";
+    topo.write_config_file("policy-api-from-web.yaml", policy);
+    std::thread::sleep(Duration::from_millis(500));
+    let batch = topo.pod("legacy", "batch");
+    for (from, what) in [(web, "mTLS as spiffe://cluster.local/ns/shop/sa/web"), (batch, "plaintext, no identity")] {
+        let url = format!("http://{}:8080/", api.ip);
+        let out = topo.output_in(&from.netns, "curl", &["-sS", "--max-time", "3", &url]);
+        let verdict = if out.status.success() { "allowed" } else { "denied" };
+        println!("  {:>6} -> api ({what}): {verdict}", from.name);
+    }
 
     for node in [1, 2] {
         banner(&format!("flows on node{node}: meshctl --agent {} flows", topo.agent_socket(node).display()));

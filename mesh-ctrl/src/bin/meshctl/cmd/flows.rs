@@ -93,7 +93,10 @@ pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
                         f.time.clone(),
                         f.direction.clone(),
                         name(&f.src),
-                        name(&f.dst),
+                        match f.service.as_str() {
+                            "" => name(&f.dst),
+                            service => format!("{} via svc {service}", name(&f.dst)),
+                        },
                         format!("{}/{}", f.bytes_sent, f.bytes_received),
                         if f.mtls { "mTLS".into() } else { "plain".into() },
                         f.verdict.clone(),
