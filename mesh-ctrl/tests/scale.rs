@@ -3,27 +3,13 @@
 
 use std::time::Instant;
 
+use ferrymesh_testbed::mesh::scale_namespace_yaml;
 use mesh_ctrl::snapshot::Publisher;
 use mesh_ctrl::source::DirSource;
 
 fn write_cluster(dir: &std::path::Path) {
     for ns in 0..100 {
-        let mut text = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns{ns}\n  labels:\n    ferrymesh.io/dataplane-mode: enabled\n");
-        for i in 0..100 {
-            let n = ns * 100 + i;
-            text.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p{n}\n  namespace: ns{ns}\n  uid: u{n}\n  labels:\n    app: s{}\nspec:\n  nodeName: n\n  containers:\n  - name: app\n    image: x\nstatus:\n  podIP: 10.{}.{}.{}\n",
-                i / 5, 100 + n / 65536, (n / 256) % 256, n % 256
-            ));
-        }
-        for s in 0..20 {
-            let vip = ns * 20 + s;
-            text.push_str(&format!(
-                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s{s}\n  namespace: ns{ns}\nspec:\n  clusterIP: 10.96.{}.{}\n  selector:\n    app: s{s}\n  ports:\n  - port: 80\n",
-                vip / 256, vip % 256
-            ));
-        }
-        std::fs::write(dir.join(format!("scale-{ns:03}.yaml")), text).unwrap();
+        std::fs::write(dir.join(format!("scale-{ns:03}.yaml")), scale_namespace_yaml(ns, "n")).unwrap();
     }
 }
 

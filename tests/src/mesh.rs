@@ -278,6 +278,13 @@ impl Topology {
         });
     }
 
+    /// Starts fm-peer servers in every pod of the topology.
+    pub fn serve_all(&self) {
+        for pod in &self.pods {
+            self.serve(pod);
+        }
+    }
+
     /// Starts fm-peer servers in `pod` inside cgroup `cgroup` (as a kubelet would run the pod's
     /// containers) and waits until they listen.
     pub fn serve_in_cgroup(&self, pod: &Pod, cgroup: &std::path::Path) {
@@ -342,4 +349,31 @@ impl Topology {
         wait_until(timeout, &format!("{label} to finish"), || !self.is_running(label));
         assert!(self.log(label).contains("ok "), "{label} failed: {}", self.log(label));
     }
+}
+
+/// One namespace of the scale cluster: 100 pods (5 per service, on node `node`, IPs from
+/// 10.100.0.0 up) and 20 ClusterIP services, enrolled; 100 of them make 10k pods and 2k services.
+pub fn scale_namespace_yaml(ns: usize, node: &str) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns{ns}\n  labels:\n    ferrymesh.io/dataplane-mode: enabled\n"
+    );
+    for i in 0..100 {
+        let n = ns * 100 + i;
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p{n}\n  namespace: ns{ns}\n  uid: 00000000-0000-0000-0000-{n:012}\n  labels:\n    app: s{}\nspec:\n  nodeName: {node}\n  serviceAccountName: sa{i}\n  containers:\n  - name: app\n    image: x\nstatus:\n  podIP: 10.{}.{}.{}\n",
+            i / 5,
+            100 + n / 65536,
+            (n / 256) % 256,
+            n % 256
+        ));
+    }
+    for s in 0..20 {
+        let vip = ns * 20 + s;
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s{s}\n  namespace: ns{ns}\nspec:\n  clusterIP: 10.96.{}.{}\n  selector:\n    app: s{s}\n  ports:\n  - port: 80\n    targetPort: 8080\n",
+            vip / 256,
+            vip % 256
+        ));
+    }
+    text
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{bin, wait_until, ECHO_PORT};
+use ferrymesh_testbed::mesh::{bin, scale_namespace_yaml, wait_until, ECHO_PORT};
 use ferrymesh_testbed::{Pod, Topology, TopologySpec};
 use serde_json::Value;
 
@@ -38,9 +38,7 @@ fn hbone_next_to_plain_tcp() {
     topo.write_cluster(&["shop"]);
     topo.start_mesh();
     topo.wait_enrolled(1, &["shop/a"], Duration::from_secs(10));
-    for pod in &topo.pods {
-        topo.serve(pod);
-    }
+    topo.serve_all();
     let (a, c, x, y) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"), topo.pod("legacy", "y"));
     for round in 1..=3 {
         let plain = iperf_gbits(&topo, &format!("iperf-plain-{round}"), x, y);
@@ -86,22 +84,7 @@ fn control_plane_scale() {
     let v0 = version(&topo);
     let start = std::time::Instant::now();
     for ns in 0..100 {
-        let mut text = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ns{ns}\n  labels:\n    ferrymesh.io/dataplane-mode: enabled\n");
-        for i in 0..100 {
-            let n = ns * 100 + i;
-            text.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p{n}\n  namespace: ns{ns}\n  uid: 00000000-0000-0000-0000-{n:012}\n  labels:\n    app: s{}\nspec:\n  nodeName: far-away\n  serviceAccountName: sa{i}\n  containers:\n  - name: app\n    image: x\nstatus:\n  podIP: 10.{}.{}.{}\n",
-                i / 5, 100 + n / 65536, (n / 256) % 256, n % 256
-            ));
-        }
-        for s in 0..20 {
-            let vip = ns * 20 + s;
-            text.push_str(&format!(
-                "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s{s}\n  namespace: ns{ns}\nspec:\n  clusterIP: 10.96.{}.{}\n  selector:\n    app: s{s}\n  ports:\n  - port: 80\n    targetPort: 8080\n",
-                vip / 256, vip % 256
-            ));
-        }
-        topo.write_config_file(&format!("scale-{ns:03}.yaml"), &text);
+        topo.write_config_file(&format!("scale-{ns:03}.yaml"), &scale_namespace_yaml(ns, "far-away"));
     }
     wait_until(Duration::from_secs(120), "the agent to hold 10k pods", || {
         version(&topo) > v0 && topo.log("mesh-ctrl").contains("pods=10001")

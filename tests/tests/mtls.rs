@@ -20,9 +20,7 @@ fn cluster(ctrl_args: &[&str]) -> Topology {
     topo.start_mesh_with(ctrl_args);
     topo.wait_enrolled(1, &["shop/a"], Duration::from_secs(10));
     topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
-    for pod in &topo.pods {
-        topo.serve(pod);
-    }
+    topo.serve_all();
     topo
 }
 

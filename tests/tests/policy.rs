@@ -21,9 +21,7 @@ fn cluster() -> Topology {
     topo.start_mesh();
     topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
     topo.wait_enrolled(2, &["other/d", "shop/c"], Duration::from_secs(10));
-    for pod in &topo.pods {
-        topo.serve(pod);
-    }
+    topo.serve_all();
     topo
 }
 

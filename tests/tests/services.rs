@@ -38,9 +38,7 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     topo.write_service("shop", "web", VIP, &[("app", "web")], &[("http", 80, "http")]);
     topo.start_mesh();
     topo.wait_enrolled(1, &["shop/client", "shop/web-1"], Duration::from_secs(10));
-    for pod in &topo.pods {
-        topo.serve(pod);
-    }
+    topo.serve_all();
     let client = topo.pod("shop", "client");
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
 
@@ -97,9 +95,7 @@ fn traffic_continues_while_mesh_ctrl_is_down_and_agents_resync_after_restart() {
     topo.write_cluster(&["shop"]);
     topo.start_mesh();
     topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
-    for pod in &topo.pods {
-        topo.serve(pod);
-    }
+    topo.serve_all();
     let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
     let ping = topo.start_ping("ping", a, c.ip, 80);
 

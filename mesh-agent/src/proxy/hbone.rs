@@ -25,7 +25,9 @@ use tokio::sync::oneshot;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::authz::{self, Denied, InboundRequest};
-use super::{accept_loop, reset, revoked, Connection, Outcome, PodContext, ProxyContext, RelayEnd, RELAY_BUFFER};
+use super::{
+    accept_loop, reset, until_done_or_revoked, Connection, Outcome, PodContext, ProxyContext, RelayEnd, RELAY_BUFFER,
+};
 use crate::flows::{Direction, Endpoint, Verdict};
 use crate::identity::{Identity, IdentityManager, WorkloadCert};
 use crate::tls;
@@ -115,13 +117,7 @@ async fn relay(
             tcp_to_h2(&mut read, &mut send, &mut up),
             h2_to_tcp(&mut recv, &mut write, &mut down),
         );
-        tokio::select! {
-            result = copy => match result {
-                Ok(_) => RelayEnd::Closed,
-                Err(e) => RelayEnd::Failed(e),
-            },
-            denied = revoked(close) => RelayEnd::Revoked(denied),
-        }
+        until_done_or_revoked(copy, close).await
     };
     if !matches!(end, RelayEnd::Closed) {
         send.send_reset(h2::Reason::CANCEL);

@@ -125,6 +125,20 @@ enum RelayEnd {
     Revoked(authz::Denied),
 }
 
+/// Drives both copy directions (`copy`) until they end or fail, or until `close` fires.
+async fn until_done_or_revoked<T>(
+    copy: impl std::future::Future<Output = io::Result<T>>,
+    close: Option<tokio::sync::oneshot::Receiver<authz::Denied>>,
+) -> RelayEnd {
+    tokio::select! {
+        result = copy => match result {
+            Ok(_) => RelayEnd::Closed,
+            Err(e) => RelayEnd::Failed(e),
+        },
+        denied = revoked(close) => RelayEnd::Revoked(denied),
+    }
+}
+
 /// Waits for a policy change to deny the connection; never fires without a receiver.
 async fn revoked(close: Option<tokio::sync::oneshot::Receiver<authz::Denied>>) -> authz::Denied {
     match close {
@@ -288,13 +302,7 @@ async fn relay(
             copy_half(client_read, upstream_write, &mut sent),
             copy_half(upstream_read, client_write, &mut received),
         );
-        tokio::select! {
-            result = copy => match result {
-                Ok(_) => RelayEnd::Closed,
-                Err(e) => RelayEnd::Failed(e),
-            },
-            denied = revoked(close) => RelayEnd::Revoked(denied),
-        }
+        until_done_or_revoked(copy, close).await
     };
     if !matches!(end, RelayEnd::Closed) {
         reset(&client);

@@ -44,9 +44,7 @@ fn main() {
     topo.wait_enrolled(1, &["shop/web"], Duration::from_secs(10));
     topo.wait_enrolled(2, &["shop/api"], Duration::from_secs(10));
     println!("  node1 enrolled {:?}, node2 enrolled {:?}", topo.enrolled(1), topo.enrolled(2));
-    for pod in &topo.pods {
-        topo.serve(pod);
-    }
+    topo.serve_all();
 
     banner("traffic (curl; each server answers with the client address it saw)");
     let pairs = [
