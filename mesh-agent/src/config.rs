@@ -67,8 +67,13 @@ async fn stream_once(ctrl: &str, node: &str, state: &State) -> Result<(), Config
     while let Some(update) = stream.message().await? {
         state.set_ctrl_connected(true);
         let version = update.version;
+        let (snapshot, workloads, services) = (update.snapshot, update.upserted.len(), update.services.len());
+        let started = std::time::Instant::now();
         match state.apply(update) {
-            Ok(()) => tracing::debug!(version, "config applied"),
+            Ok(()) => {
+                let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+                tracing::info!(version, snapshot, workloads, services, took_ms, "config applied");
+            }
             Err(e) => tracing::warn!(version, "rejected config update: {e}; keeping the last good config"),
         }
     }
