@@ -19,8 +19,12 @@ use mesh_ctrl::source::{self, DirSource};
 #[command(version, about)]
 struct Args {
     /// Directory of Kubernetes-style YAML (local mode); watched for changes.
-    #[arg(long, env = "FERRYMESH_CONFIG_DIR")]
-    config_dir: PathBuf,
+    #[arg(long, env = "FERRYMESH_CONFIG_DIR", required_unless_present = "kubernetes")]
+    config_dir: Option<PathBuf>,
+    /// Read Namespaces, Pods and Services from the Kubernetes API (in-cluster config or
+    /// KUBECONFIG) instead of a directory.
+    #[arg(long, conflicts_with = "config_dir")]
+    kubernetes: bool,
     /// Address of the gRPC config server.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
@@ -51,16 +55,15 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    let mut source = DirSource::new(&args.config_dir);
     if args.check {
-        let (model, errors) = source.reload();
+        let dir = args.config_dir.as_ref().context("--check validates a --config-dir")?;
+        let (model, errors) = DirSource::new(dir).reload();
         for e in &errors {
             eprintln!("{e}");
         }
         println!("{} namespaces, {} pods, {} rejected", model.namespaces.len(), model.pods.len(), errors.len());
         std::process::exit(if errors.is_empty() { 0 } else { 1 });
     }
-    anyhow::ensure!(args.config_dir.is_dir(), "--config-dir {}: not a directory", args.config_dir.display());
     let ca = Arc::new(Ca::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)?);
     let tokens = match &args.node_tokens {
         Some(path) => NodeTokens::load(path).map_err(anyhow::Error::msg)?,
@@ -71,11 +74,31 @@ async fn main() -> anyhow::Result<()> {
     };
     let (publisher, snapshots) = Publisher::new();
     let certificates = CertificateService::new(ca, tokens, args.trust_domain.clone(), snapshots.clone());
-    let watcher = tokio::spawn(source::watch_dir(source, publisher));
+    let (watcher, origin) = match &args.config_dir {
+        Some(dir) => {
+            anyhow::ensure!(dir.is_dir(), "--config-dir {}: not a directory", dir.display());
+            let watch = source::watch_dir(DirSource::new(dir), publisher);
+            (
+                tokio::spawn(async move { watch.await.context("cannot watch the config directory") }),
+                dir.display().to_string(),
+            )
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG)")?;
+            let watch = source::kube::watch_kube(client, publisher);
+            let watch = async move {
+                watch.await;
+                Ok::<(), anyhow::Error>(())
+            };
+            (tokio::spawn(watch), "kubernetes".to_string())
+        }
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another mesh-ctrl running?)", args.listen))?;
-    tracing::info!(listen = %args.listen, dir = %args.config_dir.display(), "mesh-ctrl serving");
+    tracing::info!(listen = %args.listen, source = %origin, "mesh-ctrl serving");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(ConfigService::new(snapshots, args.trust_domain.clone()).into_server())
@@ -83,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
     tokio::select! {
         result = server => result.context("config server failed")?,
-        result = watcher => result.context("config watcher panicked")?.context("cannot watch the config directory")?,
+        result = watcher => result.context("config source panicked")??,
     }
     Ok(())
 }

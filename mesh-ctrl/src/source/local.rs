@@ -48,10 +48,10 @@ impl fmt::Display for ConfigError {
 
 /// Identity of a config object: kind, namespace (empty for cluster-scoped) and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct ObjectKey {
-    kind: String,
-    namespace: String,
-    name: String,
+pub(super) struct ObjectKey {
+    pub(super) kind: String,
+    pub(super) namespace: String,
+    pub(super) name: String,
 }
 
 impl fmt::Display for ObjectKey {
@@ -65,7 +65,7 @@ impl fmt::Display for ObjectKey {
 }
 
 #[derive(Clone, Debug)]
-enum Object {
+pub(super) enum Object {
     Namespace(Namespace),
     Pod(Pod),
     AuthorizationPolicy(AuthorizationPolicy),
@@ -223,28 +223,33 @@ impl DirSource {
     }
 
     fn model(&self) -> Model {
-        let mut model = Model::default();
-        for loaded in self.good.values() {
-            match &loaded.object {
-                Object::Namespace(ns) => {
-                    model.namespaces.insert(ns.name.clone(), ns.clone());
-                }
-                Object::Pod(pod) => {
-                    model.pods.insert(pod.uid.clone(), pod.clone());
-                }
-                Object::AuthorizationPolicy(p) => {
-                    model.authorization_policies.insert(p.key(), p.clone());
-                }
-                Object::PeerAuthentication(p) => {
-                    model.peer_authentications.insert(format!("{}/{}", p.namespace, p.name), p.clone());
-                }
-                Object::Service(svc) => {
-                    model.services.insert(format!("{}/{}", svc.namespace, svc.name), svc.clone());
-                }
+        model_of(self.good.values().map(|l| &l.object))
+    }
+}
+
+/// The model of a set of good objects (the same for every source).
+pub(super) fn model_of<'a>(objects: impl Iterator<Item = &'a Object>) -> Model {
+    let mut model = Model::default();
+    for object in objects {
+        match object {
+            Object::Namespace(ns) => {
+                model.namespaces.insert(ns.name.clone(), ns.clone());
+            }
+            Object::Pod(pod) => {
+                model.pods.insert(pod.uid.clone(), pod.clone());
+            }
+            Object::AuthorizationPolicy(p) => {
+                model.authorization_policies.insert(p.key(), p.clone());
+            }
+            Object::PeerAuthentication(p) => {
+                model.peer_authentications.insert(format!("{}/{}", p.namespace, p.name), p.clone());
+            }
+            Object::Service(svc) => {
+                model.services.insert(format!("{}/{}", svc.namespace, svc.name), svc.clone());
             }
         }
-        model
     }
+    model
 }
 
 fn file_error(file: &Path, message: String) -> ConfigError {
@@ -360,11 +365,11 @@ fn field_path(path: &serde_ignored::Path<'_>) -> String {
     }
 }
 
-fn namespace_from(ns: k8s::Namespace, key: &ObjectKey) -> Namespace {
+pub(super) fn namespace_from(ns: k8s::Namespace, key: &ObjectKey) -> Namespace {
     Namespace { name: key.name.clone(), labels: ns.metadata.labels.unwrap_or_default() }
 }
 
-fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, String)> {
+pub(super) fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, String)> {
     let missing = |field: &str, hint: &str| Err((Some(field.to_string()), format!("missing; {hint}")));
     let meta = pod.metadata;
     let spec = pod.spec.unwrap_or_default();
@@ -412,7 +417,7 @@ fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, Stri
     })
 }
 
-fn service_from(svc: k8s::Service, key: &ObjectKey) -> Result<Service, (Option<String>, String)> {
+pub(super) fn service_from(svc: k8s::Service, key: &ObjectKey) -> Result<Service, (Option<String>, String)> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let spec = svc.spec.unwrap_or_default();
     let vip = match spec.cluster_ip.as_deref() {

@@ -1,6 +1,7 @@
 //! Config sources. Each source turns its input into a [`crate::model::Model`] and publishes it;
 //! only the local directory source exists so far.
 
+pub mod kube;
 pub mod local;
 
 use std::time::Duration;

@@ -1,0 +1,140 @@
+//! Kubernetes source: kube reflectors on Namespaces, Pods and Services feed the same
+//! translation as the directory source ([`super::local`]), so the same objects give the same
+//! model through either. An object that fails translation keeps its last good version; a pod
+//! that is not scheduled, has no IP yet or uses the host network is simply not part of the mesh.
+//! It never writes to the API server.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1 as k8s;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+
+use super::local::{model_of, namespace_from, pod_from, service_from, ConfigError, Object, ObjectKey};
+use crate::model::Model;
+use crate::snapshot::Publisher;
+
+/// Where rejected Kubernetes objects are said to come from in errors.
+const ORIGIN: &str = "kubernetes";
+
+/// The reflector stores of the watched kinds, and the last good version of every object.
+#[derive(Debug)]
+pub struct KubeSource {
+    namespaces: Store<k8s::Namespace>,
+    pods: Store<k8s::Pod>,
+    services: Store<k8s::Service>,
+    good: BTreeMap<ObjectKey, Object>,
+}
+
+fn key(kind: &str, namespace: Option<String>, name: String) -> ObjectKey {
+    ObjectKey { kind: kind.into(), namespace: namespace.unwrap_or_default(), name }
+}
+
+/// Whether a pod belongs in the mesh model yet: scheduled, with an IP, not on the host network.
+fn meshable(pod: &k8s::Pod) -> bool {
+    let spec = pod.spec.as_ref();
+    spec.and_then(|s| s.node_name.as_ref()).is_some_and(|n| !n.is_empty())
+        && pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some_and(|ip| !ip.is_empty())
+        && !spec.and_then(|s| s.host_network).unwrap_or(false)
+}
+
+impl KubeSource {
+    /// The model of what the stores hold now, with the errors of objects that were rejected.
+    pub fn rebuild(&mut self) -> (Model, Vec<ConfigError>) {
+        let mut next = BTreeMap::new();
+        let mut errors = Vec::new();
+        let mut add =
+            |key: ObjectKey, result: Result<Object, (Option<String>, String)>, good: &BTreeMap<_, _>| match result {
+                Ok(object) => {
+                    next.insert(key, object);
+                }
+                Err((field, message)) => {
+                    errors.push(ConfigError {
+                        file: PathBuf::from(ORIGIN),
+                        object: Some(key.to_string()),
+                        field,
+                        message,
+                    });
+                    if let Some(previous) = good.get(&key) {
+                        next.insert(key, Clone::clone(previous));
+                    }
+                }
+            };
+        for ns in self.namespaces.state() {
+            let k = key("Namespace", None, ns.name_any());
+            let object = Object::Namespace(namespace_from((*ns).clone(), &k));
+            add(k, Ok(object), &self.good);
+        }
+        for pod in self.pods.state().iter().filter(|p| meshable(p)) {
+            let k = key("Pod", pod.namespace(), pod.name_any());
+            let result = pod_from((**pod).clone(), &k).map(Object::Pod);
+            add(k, result, &self.good);
+        }
+        for svc in self.services.state() {
+            let k = key("Service", svc.namespace(), svc.name_any());
+            let result = service_from((*svc).clone(), &k).map(Object::Service);
+            add(k, result, &self.good);
+        }
+        self.good = next;
+        (model_of(self.good.values()), errors)
+    }
+}
+
+/// A reflected watch of `api` whose items are `()` for every change that needs a rebuild (not
+/// for each object of an initial list, only once it is complete).
+fn changes<K>(api: Api<K>, writer: reflector::store::Writer<K>) -> impl Stream<Item = Result<(), watcher::Error>> + Send
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff().filter_map(
+        |event| async move {
+            match event {
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => Some(Ok(())),
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => None,
+                Err(e) => Some(Err(e)),
+            }
+        },
+    )
+}
+
+/// Watches the cluster behind `client` and publishes a model after every change, until the
+/// watches end (they retry with backoff, so only when the process stops).
+pub async fn watch_kube(client: Client, publisher: Publisher) {
+    let (namespaces, ns_writer) = reflector::store();
+    let (pods, pod_writer) = reflector::store();
+    let (services, svc_writer) = reflector::store();
+    let mut source = KubeSource { namespaces, pods, services, good: BTreeMap::new() };
+    let mut events = futures::stream::select_all([
+        changes(Api::<k8s::Namespace>::all(client.clone()), ns_writer).boxed(),
+        changes(Api::<k8s::Pod>::all(client.clone()), pod_writer).boxed(),
+        changes(Api::<k8s::Service>::all(client), svc_writer).boxed(),
+    ]);
+    let mut last_errors = Vec::new();
+    while let Some(event) = events.next().await {
+        if let Err(e) = event {
+            tracing::warn!("Kubernetes watch failed: {e}; retrying with backoff and keeping the last good config");
+            continue;
+        }
+        // Fold a burst of changes into one rebuild.
+        while let Some(Some(Ok(()))) = events.next().now_or_never() {}
+        let (model, errors) = source.rebuild();
+        let version = publisher.publish(&model);
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        if messages != last_errors {
+            for m in &messages {
+                tracing::warn!("rejected config: {m}");
+            }
+            last_errors = messages;
+        }
+        tracing::debug!(
+            version,
+            pods = model.pods.len(),
+            services = model.services.len(),
+            "Kubernetes model published"
+        );
+    }
+}
