@@ -1,6 +1,6 @@
-//! The config client: streams workloads from mesh-ctrl into the state store, reconnecting
-//! with capped exponential backoff. While mesh-ctrl is away the store keeps the last good
-//! config, so enrolled pods and proxying are unaffected.
+//! The config client: streams the model (workloads, services, policies) from mesh-ctrl into the
+//! state store, reconnecting with capped exponential backoff. While mesh-ctrl is away the store
+//! keeps the last good config, so enrolled pods and proxying are unaffected.
 
 use std::sync::Arc;
 use std::time::Duration;

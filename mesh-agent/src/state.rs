@@ -1,6 +1,6 @@
 //! The agent's state store: workloads received from mesh-ctrl as plain domain types, indexed
-//! by UID and by IP, the policies in force, and the control-plane link status. Protobuf stops at `apply`: the data
-//! path and the enroller read only these types. An update is converted whole before anything
+//! by UID and by IP, services by VIP, the policies in force, and the control-plane link status.
+//! Protobuf stops at `apply`: the data path and the enroller read only these types. An update is converted whole before anything
 //! changes, so a bad update is rejected without touching the store.
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,6 +1,6 @@
 //! Enrollment: makes the set of captured pods of this node match the state store. Enrolling a
-//! pod = its certificate, listeners inside its netns (15001, 15006, 15008), its inbound listener in the sk_lookup map, sk_lookup
-//! attached to its netns, its netns cookie in ENROLLED. Unenrolling undoes the eBPF part; the
+//! pod = its certificate, listeners inside its netns (15001, 15006, 15008), its inbound
+//! listener in the sk_lookup map, sk_lookup attached to its netns, its netns cookie in ENROLLED. Unenrolling undoes the eBPF part; the
 //! connections already proxied keep running. No pod restart either way, and a failed
 //! enrollment leaves nothing behind.
 

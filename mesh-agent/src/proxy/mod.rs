@@ -1,7 +1,8 @@
-//! The L4 proxy: accept loops on the agent's listeners inside enrolled pods, dials made from
-//! inside the pod's netns, byte relaying with half-close, and one flow record per connection.
-//! Plain TCP for now; the proxy never touches eBPF maps except to take an original
-//! destination through [`crate::ebpf::Datapath`].
+//! The L4 proxy: accept loops on the agent's listeners inside enrolled pods (outbound 15001,
+//! inbound plaintext 15006, HBONE 15008), dials made from inside the pod's netns, byte relaying
+//! with half-close, destination authorization, service load balancing, and one flow record per
+//! connection. It never touches eBPF maps except through [`crate::ebpf::Datapath`] (original
+//! destinations, app-dial registrations).
 
 pub mod authz;
 pub mod hbone;
