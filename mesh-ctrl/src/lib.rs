@@ -4,6 +4,7 @@
 
 pub mod ca;
 pub mod certs;
+pub mod crd;
 pub mod model;
 pub mod server;
 pub mod snapshot;

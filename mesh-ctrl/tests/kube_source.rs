@@ -20,6 +20,8 @@ use tokio::sync::{watch, Notify};
 const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
 const SERVICES: &str = "/api/v1/services";
+const AUTHZ: &str = "/apis/ferrymesh.io/v1alpha1/authorizationpolicies";
+const PEER_AUTHN: &str = "/apis/ferrymesh.io/v1alpha1/peerauthentications";
 
 /// A fake API server: list responses per collection path, and queued watch events.
 #[derive(Default)]
@@ -140,6 +142,43 @@ fn service() -> Value {
     })
 }
 
+fn authorization_policy(name: &str, action: &str) -> Value {
+    json!({
+        "apiVersion": "ferrymesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"action": action, "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/web"]}}]}]},
+    })
+}
+
+fn strict_peer_authentication() -> Value {
+    json!({
+        "apiVersion": "ferrymesh.io/v1alpha1", "kind": "PeerAuthentication",
+        "metadata": {"name": "strict", "namespace": "shop"},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    })
+}
+
+#[tokio::test]
+async fn follows_ferrymesh_custom_resources() {
+    let api = Arc::new(FakeApi::default());
+    api.set_list(AUTHZ, vec![authorization_policy("allow-web", "ALLOW")]);
+    api.set_list(PEER_AUTHN, vec![strict_peer_authentication()]);
+    let mut rx = start(api.clone());
+    let s = wait_for(&mut rx, "the custom resources", |s| {
+        s.authorization_policies.len() == 1 && s.peer_authentications.len() == 1
+    })
+    .await;
+    assert_eq!(s.authorization_policies[0].rules[0].from[0].principals, ["cluster.local/ns/shop/sa/web"]);
+    // A bad custom resource keeps its last good version; a new good one still lands.
+    api.push(AUTHZ, "MODIFIED", authorization_policy("allow-web", "AUDIT"));
+    api.push(AUTHZ, "ADDED", authorization_policy("deny-web", "DENY"));
+    let s = wait_for(&mut rx, "a good policy next to a bad one", |s| s.authorization_policies.len() == 2).await;
+    let allow = s.authorization_policies.iter().find(|p| p.name == "allow-web").unwrap();
+    assert_eq!(allow.action, 0, "the bad AUDIT update never replaced the good ALLOW");
+    api.push(PEER_AUTHN, "DELETED", strict_peer_authentication());
+    wait_for(&mut rx, "a deleted peer authentication", |s| s.peer_authentications.is_empty()).await;
+}
+
 #[tokio::test]
 async fn follows_the_cluster_through_list_watch_errors_and_relists() {
     let api = Arc::new(FakeApi::default());
@@ -195,6 +234,8 @@ async fn the_same_objects_give_the_same_model_through_either_source() {
         pod("web", Some("10.244.1.2"), json!({"app": "web"})),
         pod("db", Some("10.244.1.3"), json!({"ferrymesh.io/dataplane-mode": "none"})),
         service(),
+        authorization_policy("allow-web", "ALLOW"),
+        strict_peer_authentication(),
     ];
     // Directory source: the same objects as YAML files.
     let dir = tempfile::tempdir().unwrap();

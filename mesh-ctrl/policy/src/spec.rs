@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     Action, AuthorizationPolicy, Condition, ConditionKey, IpBlock, MtlsMode, Operation, PeerAuthentication, Rule,
@@ -25,7 +26,7 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
 }
 
 /// `selector`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Selector {
     /// Labels a workload must carry.
@@ -34,7 +35,7 @@ pub struct Selector {
 }
 
 /// `spec` of an AuthorizationPolicy.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     /// Workloads it applies to.
@@ -46,7 +47,7 @@ pub struct AuthorizationPolicySpec {
 }
 
 /// `spec.rules[]`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 pub struct RuleSpec {
     /// Sources.
     pub from: Option<Vec<FromSpec>>,
@@ -57,7 +58,7 @@ pub struct RuleSpec {
 }
 
 /// `spec.rules[].from[]`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 pub struct FromSpec {
     /// The source.
     #[serde(default)]
@@ -65,7 +66,7 @@ pub struct FromSpec {
 }
 
 /// `spec.rules[].from[].source`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceSpec {
     pub principals: Option<Vec<String>>,
@@ -81,7 +82,7 @@ pub struct SourceSpec {
 }
 
 /// `spec.rules[].to[]`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 pub struct ToSpec {
     /// The operation.
     #[serde(default)]
@@ -89,7 +90,7 @@ pub struct ToSpec {
 }
 
 /// `spec.rules[].to[].operation`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OperationSpec {
     pub ports: Option<Vec<String>>,
@@ -103,7 +104,7 @@ pub struct OperationSpec {
 }
 
 /// `spec.rules[].when[]`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConditionSpec {
     pub key: String,
@@ -112,7 +113,7 @@ pub struct ConditionSpec {
 }
 
 /// `spec` of a PeerAuthentication.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerAuthenticationSpec {
     /// Workloads it applies to.
@@ -124,7 +125,7 @@ pub struct PeerAuthenticationSpec {
 }
 
 /// `spec.mtls`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 pub struct MtlsSpec {
     /// UNSET, PERMISSIVE, STRICT or DISABLE.
     pub mode: Option<String>,

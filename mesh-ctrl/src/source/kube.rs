@@ -1,5 +1,6 @@
-//! Kubernetes source: kube reflectors on Namespaces, Pods and Services feed the same
-//! translation as the directory source ([`super::local`]), so the same objects give the same
+//! Kubernetes source: kube reflectors on Namespaces, Pods, Services and the ferrymesh
+//! AuthorizationPolicy and PeerAuthentication custom resources feed the same translation as the
+//! directory source ([`super::local`]), so the same objects give the same
 //! model through either. An object that fails translation keeps its last good version; a pod
 //! that is not scheduled, has no IP yet or uses the host network is simply not part of the mesh.
 //! It never writes to the API server.
@@ -14,6 +15,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 
 use super::local::{model_of, namespace_from, pod_from, service_from, ConfigError, Object, ObjectKey};
+use crate::crd::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use crate::model::Model;
 use crate::snapshot::Publisher;
 
@@ -26,6 +28,8 @@ pub struct KubeSource {
     namespaces: Store<k8s::Namespace>,
     pods: Store<k8s::Pod>,
     services: Store<k8s::Service>,
+    authorization_policies: Store<AuthorizationPolicyResource>,
+    peer_authentications: Store<PeerAuthenticationResource>,
     good: BTreeMap<ObjectKey, Object>,
 }
 
@@ -78,6 +82,16 @@ impl KubeSource {
             let result = service_from((*svc).clone(), &k).map(Object::Service);
             add(k, result, &self.good);
         }
+        for p in self.authorization_policies.state() {
+            let k = key("AuthorizationPolicy", p.namespace(), p.name_any());
+            let result = p.spec.policy.validate(&k.namespace, &k.name).map(Object::AuthorizationPolicy);
+            add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
+        }
+        for p in self.peer_authentications.state() {
+            let k = key("PeerAuthentication", p.namespace(), p.name_any());
+            let result = p.spec.peer_authentication.validate(&k.namespace, &k.name).map(Object::PeerAuthentication);
+            add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
+        }
         self.good = next;
         (model_of(self.good.values()), errors)
     }
@@ -107,11 +121,16 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
     let (namespaces, ns_writer) = reflector::store();
     let (pods, pod_writer) = reflector::store();
     let (services, svc_writer) = reflector::store();
-    let mut source = KubeSource { namespaces, pods, services, good: BTreeMap::new() };
+    let (authorization_policies, authz_writer) = reflector::store();
+    let (peer_authentications, peer_writer) = reflector::store();
+    let mut source =
+        KubeSource { namespaces, pods, services, authorization_policies, peer_authentications, good: BTreeMap::new() };
     let mut events = futures::stream::select_all([
         changes(Api::<k8s::Namespace>::all(client.clone()), ns_writer).boxed(),
         changes(Api::<k8s::Pod>::all(client.clone()), pod_writer).boxed(),
-        changes(Api::<k8s::Service>::all(client), svc_writer).boxed(),
+        changes(Api::<k8s::Service>::all(client.clone()), svc_writer).boxed(),
+        changes(Api::<AuthorizationPolicyResource>::all(client.clone()), authz_writer).boxed(),
+        changes(Api::<PeerAuthenticationResource>::all(client), peer_writer).boxed(),
     ]);
     let mut last_errors = Vec::new();
     while let Some(event) = events.next().await {
