@@ -1,11 +1,15 @@
 //! The config client: streams the model (workloads, services, policies) from mesh-ctrl into the
-//! state store, reconnecting with capped exponential backoff. While mesh-ctrl is away the store
-//! keeps the last good config, so enrolled pods and proxying are unaffected.
+//! state store and acks (or nacks, with the reason) every update, reconnecting with capped
+//! exponential backoff. While mesh-ctrl is away the store keeps the last good config, so
+//! enrolled pods and proxying are unaffected. After a rejected update every delta is rejected
+//! until mesh-ctrl sends a full snapshot: a delta only makes sense on top of what it follows.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymesh_api::config::{config_client::ConfigClient, WatchRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::state::State;
@@ -63,18 +67,39 @@ async fn stream_once(ctrl: &str, node: &str, state: &State) -> Result<(), Config
         .connect()
         .await
         .map_err(|e| ConfigClientError::Connect(error_chain(&e)))?;
-    let mut stream = ConfigClient::new(channel).watch(WatchRequest { node: node.to_string() }).await?.into_inner();
+    let (answers, outbound) = mpsc::channel(16);
+    let hello = WatchRequest { node: node.to_string(), version: 0, error: String::new() };
+    answers.send(hello).await.expect("the receiver is held by the request below");
+    let mut stream = ConfigClient::new(channel).watch(ReceiverStream::new(outbound)).await?.into_inner();
+    let mut broken = false;
     while let Some(update) = stream.message().await? {
         state.set_ctrl_connected(true);
         let version = update.version;
         let (snapshot, workloads, services) = (update.snapshot, update.upserted.len(), update.services.len());
         let started = std::time::Instant::now();
-        match state.apply(update) {
+        let result = if broken && !snapshot {
+            Err(format!(
+                "delta ignored: it follows a rejected update (waiting for a snapshot, holding version {})",
+                state.ctrl_status().1
+            ))
+        } else {
+            state.apply(update).map_err(|e| e.to_string())
+        };
+        let error = match result {
             Ok(()) => {
+                broken = false;
                 let took_ms = started.elapsed().as_secs_f64() * 1000.0;
                 tracing::info!(version, snapshot, workloads, services, took_ms, "config applied");
+                String::new()
             }
-            Err(e) => tracing::warn!(version, "rejected config update: {e}; keeping the last good config"),
+            Err(e) => {
+                broken = true;
+                tracing::warn!(version, "rejected config update: {e}; keeping the last good config");
+                e
+            }
+        };
+        if answers.send(WatchRequest { node: node.to_string(), version, error }).await.is_err() {
+            break;
         }
     }
     Ok(())
@@ -106,5 +131,82 @@ mod tests {
         let e = stream_once("not a uri", "n1", &state).await.unwrap_err();
         assert!(e.to_string().starts_with("invalid --ctrl address:"), "{e}");
         assert!(!state.ctrl_status().0);
+    }
+
+    /// A mesh-ctrl that sends a fixed script of updates and forwards every answer.
+    struct Scripted {
+        updates: std::sync::Mutex<Option<Vec<ferrymesh_api::config::ConfigUpdate>>>,
+        answers: mpsc::Sender<WatchRequest>,
+    }
+
+    #[tonic::async_trait]
+    impl ferrymesh_api::config::config_server::Config for Scripted {
+        type WatchStream = ReceiverStream<Result<ferrymesh_api::config::ConfigUpdate, tonic::Status>>;
+
+        async fn watch(
+            &self,
+            request: tonic::Request<tonic::Streaming<WatchRequest>>,
+        ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            let answers = self.answers.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(answer)) = inbound.message().await {
+                    let _ = answers.send(answer).await;
+                }
+            });
+            let (tx, rx) = mpsc::channel(8);
+            let script = self.updates.lock().unwrap().take().unwrap_or_default();
+            for update in script {
+                tx.send(Ok(update)).await.unwrap();
+            }
+            tokio::spawn(async move { tx.closed().await });
+            Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        }
+    }
+
+    #[tokio::test]
+    async fn acks_good_updates_and_nacks_deltas_after_a_rejected_one_until_a_snapshot() {
+        use ferrymesh_api::config::{ConfigUpdate, Workload};
+        let workload = |uid: &str, ip: &str| Workload { uid: uid.into(), ip: ip.into(), ..Default::default() };
+        let update = |version, snapshot, w: Workload| ConfigUpdate {
+            version,
+            snapshot,
+            upserted: vec![w],
+            ..Default::default()
+        };
+        let script = vec![
+            update(1, true, workload("a", "10.0.0.1")),
+            update(2, false, workload("b", "not-an-ip")),
+            update(3, false, workload("c", "10.0.0.3")),
+            update(4, true, workload("d", "10.0.0.4")),
+        ];
+        let (answers, mut answered) = mpsc::channel(8);
+        let server = Scripted { updates: std::sync::Mutex::new(Some(script)), answers };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ferrymesh_api::config::config_server::ConfigServer::new(server))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let state = std::sync::Arc::new(State::default());
+        let client_state = state.clone();
+        tokio::spawn(async move { stream_once(&format!("http://{addr}"), "n1", &client_state).await });
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let answer = tokio::time::timeout(Duration::from_secs(5), answered.recv()).await.unwrap().unwrap();
+            assert_eq!(answer.node, "n1");
+            got.push((answer.version, answer.error));
+        }
+        assert_eq!(got[0], (0, String::new()), "the hello");
+        assert_eq!(got[1], (1, String::new()));
+        assert_eq!(got[2].0, 2);
+        assert!(got[2].1.starts_with("workload b: field ip:"), "{:?}", got[2]);
+        assert_eq!(got[3].0, 3);
+        assert!(got[3].1.starts_with("delta ignored: it follows a rejected update"), "{:?}", got[3]);
+        assert_eq!(got[4], (4, String::new()), "the snapshot is applied");
+        assert!(state.workload("c").is_none(), "the delta after the rejected one was not applied");
+        assert!(state.workload("d").is_some() && state.workload("a").is_none());
+        assert_eq!(state.ctrl_status().1, 4);
     }
 }

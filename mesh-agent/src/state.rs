@@ -149,6 +149,11 @@ struct Inner {
     by_uid: HashMap<String, Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services_by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Services by `namespace/name`.
+    services: HashMap<String, Arc<Service>>,
+    /// Policies by `namespace/name`.
+    authorization_policies: BTreeMap<String, AuthorizationPolicy>,
+    peer_authentications: BTreeMap<String, PeerAuthentication>,
 }
 
 /// The store. Readers take snapshots; `apply` is the single writer of workloads.
@@ -172,7 +177,8 @@ impl Default for State {
 }
 
 impl State {
-    /// Applies a snapshot or delta from mesh-ctrl. All or nothing.
+    /// Applies a snapshot or delta from mesh-ctrl. All or nothing: every object is converted
+    /// before anything changes.
     pub fn apply(&self, update: proto::ConfigUpdate) -> Result<(), InvalidUpdate> {
         let upserted = update.upserted.into_iter().map(Workload::try_from).collect::<Result<Vec<_>, _>>()?;
         let authz = update
@@ -182,12 +188,19 @@ impl State {
             .collect::<Result<Vec<_>, _>>()?;
         let peer_auth =
             update.peer_authentications.into_iter().map(PeerAuthentication::try_from).collect::<Result<Vec<_>, _>>()?;
-        let policies = PolicySet::new(authz, peer_auth);
         let services = update.services.into_iter().map(Service::try_from).collect::<Result<Vec<_>, _>>()?;
-        {
+        let policies_changed = update.snapshot
+            || !authz.is_empty()
+            || !peer_auth.is_empty()
+            || !update.removed_authorization_policies.is_empty()
+            || !update.removed_peer_authentications.is_empty();
+        let policies = {
             let mut inner = self.inner.write().expect("state lock");
             if update.snapshot {
                 inner.by_uid.clear();
+                inner.services.clear();
+                inner.authorization_policies.clear();
+                inner.peer_authentications.clear();
             }
             for uid in &update.removed {
                 inner.by_uid.remove(uid);
@@ -197,16 +210,45 @@ impl State {
             }
             let by_ip = inner.by_uid.values().map(|w| (w.ip, w.clone())).collect();
             inner.by_ip = by_ip;
-            inner.services_by_vip = services.into_iter().filter_map(|s| Some((s.vip?, Arc::new(s)))).collect();
-            inner.version = update.version;
-        }
-        self.policies.send_if_modified(|current| {
-            let changed = **current != policies;
-            if changed {
-                *current = Arc::new(policies);
+            if update.snapshot || !services.is_empty() || !update.removed_services.is_empty() {
+                for key in &update.removed_services {
+                    inner.services.remove(key);
+                }
+                for s in services {
+                    inner.services.insert(format!("{}/{}", s.namespace, s.name), Arc::new(s));
+                }
+                let by_vip = inner.services.values().filter_map(|s| Some((s.vip?, s.clone()))).collect();
+                inner.services_by_vip = by_vip;
             }
-            changed
-        });
+            for key in &update.removed_authorization_policies {
+                inner.authorization_policies.remove(key);
+            }
+            for p in authz {
+                inner.authorization_policies.insert(p.key(), p);
+            }
+            for key in &update.removed_peer_authentications {
+                inner.peer_authentications.remove(key);
+            }
+            for p in peer_auth {
+                inner.peer_authentications.insert(format!("{}/{}", p.namespace, p.name), p);
+            }
+            inner.version = update.version;
+            policies_changed.then(|| {
+                PolicySet::new(
+                    inner.authorization_policies.values().cloned().collect(),
+                    inner.peer_authentications.values().cloned().collect(),
+                )
+            })
+        };
+        if let Some(policies) = policies {
+            self.policies.send_if_modified(|current| {
+                let changed = **current != policies;
+                if changed {
+                    *current = Arc::new(policies);
+                }
+                changed
+            });
+        }
         if !update.trust_domain.is_empty() {
             self.trust_domain.send_if_modified(|td| {
                 let changed = *td != update.trust_domain;
@@ -337,5 +379,51 @@ mod tests {
         assert_eq!(e.to_string(), "workload d: field ip: \"not-an-ip\": invalid IP address syntax");
         assert_eq!(state.captured_on("n1").keys().collect::<Vec<_>>(), vec!["a"]);
         assert_eq!(state.ctrl_status().1, 1);
+    }
+
+    fn service(name: &str, vip: &str) -> proto::Service {
+        proto::Service { namespace: "ns".into(), name: name.into(), vip: vip.into(), ..Default::default() }
+    }
+
+    fn allow(name: &str) -> proto::AuthorizationPolicy {
+        proto::AuthorizationPolicy { namespace: "ns".into(), name: name.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn services_and_policies_arrive_as_deltas() {
+        let state = State::default();
+        let snapshot = proto::ConfigUpdate {
+            version: 1,
+            snapshot: true,
+            services: vec![service("a", "10.96.0.1"), service("b", "10.96.0.2")],
+            authorization_policies: vec![allow("p1"), allow("p2")],
+            ..Default::default()
+        };
+        state.apply(snapshot).unwrap();
+        assert_eq!(state.policies().authorization_policies().len(), 2);
+        // A delta touching only services leaves the policies (and their watchers) alone.
+        let mut policies = state.subscribe_policies();
+        policies.mark_unchanged();
+        let delta = proto::ConfigUpdate {
+            version: 2,
+            services: vec![service("a", "10.96.0.9")],
+            removed_services: vec!["ns/b".into()],
+            ..Default::default()
+        };
+        state.apply(delta).unwrap();
+        assert!(!policies.has_changed().unwrap(), "policies untouched by a service delta");
+        assert!(state.service_by_vip("10.96.0.1".parse().unwrap()).is_none(), "a's old VIP is gone");
+        assert_eq!(state.service_by_vip("10.96.0.9".parse().unwrap()).unwrap().name, "a");
+        assert!(state.service_by_vip("10.96.0.2".parse().unwrap()).is_none(), "b was removed");
+        let delta = proto::ConfigUpdate {
+            version: 3,
+            removed_authorization_policies: vec!["ns/p1".into()],
+            ..Default::default()
+        };
+        state.apply(delta).unwrap();
+        assert!(policies.has_changed().unwrap());
+        let names: Vec<String> = state.policies().authorization_policies().iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["p2"]);
+        assert_eq!(state.service_by_vip("10.96.0.9".parse().unwrap()).unwrap().name, "a", "services kept");
     }
 }

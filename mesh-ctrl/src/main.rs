@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use mesh_ctrl::ca::Ca;
 use mesh_ctrl::certs::{CertificateService, NodeTokens};
-use mesh_ctrl::server::ConfigService;
+use mesh_ctrl::server::{Agents, ConfigService};
 use mesh_ctrl::snapshot::Publisher;
 use mesh_ctrl::source::{self, DirSource};
 
@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, source = %origin, "mesh-ctrl serving");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(ConfigService::new(snapshots, args.trust_domain.clone()).into_server())
+        .add_service(ConfigService::new(snapshots, args.trust_domain.clone(), Agents::default()).into_server())
         .add_service(certificates.into_server())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
     tokio::select! {

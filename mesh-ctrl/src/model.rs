@@ -143,22 +143,22 @@ impl Model {
 }
 
 impl Model {
-    /// Every AuthorizationPolicy in wire form, sorted by `namespace/name`.
-    pub fn authorization_policies_wire(&self) -> Vec<proto::AuthorizationPolicy> {
-        self.authorization_policies.values().map(proto::AuthorizationPolicy::from).collect()
+    /// Every AuthorizationPolicy in wire form, by `namespace/name`.
+    pub fn authorization_policies_wire(&self) -> BTreeMap<String, proto::AuthorizationPolicy> {
+        self.authorization_policies.iter().map(|(k, p)| (k.clone(), proto::AuthorizationPolicy::from(p))).collect()
     }
 
-    /// Every Service with its endpoints in wire form, sorted by `namespace/name`. Endpoints are
+    /// Every Service with its endpoints in wire form, by `namespace/name`. Endpoints are
     /// the pods of the service's namespace its selector matches (local mode's EndpointSlices);
     /// a named targetPort resolves per pod through its container port names.
-    pub fn services_wire(&self) -> Vec<proto::Service> {
+    pub fn services_wire(&self) -> BTreeMap<String, proto::Service> {
         let mut pods_by_namespace: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
         for pod in self.pods.values() {
             pods_by_namespace.entry(&pod.namespace).or_default().push(pod);
         }
         self.services
-            .values()
-            .map(|svc| {
+            .iter()
+            .map(|(key, svc)| {
                 let endpoints = match &svc.selector {
                     None => Vec::new(),
                     Some(selector) => pods_by_namespace
@@ -184,7 +184,7 @@ impl Model {
                         })
                         .collect(),
                 };
-                proto::Service {
+                let wire = proto::Service {
                     namespace: svc.namespace.clone(),
                     name: svc.name.clone(),
                     vip: svc.vip.map(|v| v.to_string()).unwrap_or_default(),
@@ -194,22 +194,21 @@ impl Model {
                         .map(|p| proto::ServicePort { name: p.name.clone(), port: u32::from(p.port) })
                         .collect(),
                     endpoints,
-                }
+                };
+                (key.clone(), wire)
             })
             .collect()
     }
 
-    /// Every PeerAuthentication in wire form, sorted by `namespace/name`.
-    pub fn peer_authentications_wire(&self) -> Vec<proto::PeerAuthentication> {
-        self.peer_authentications.values().map(proto::PeerAuthentication::from).collect()
+    /// Every PeerAuthentication in wire form, by `namespace/name`.
+    pub fn peer_authentications_wire(&self) -> BTreeMap<String, proto::PeerAuthentication> {
+        self.peer_authentications.iter().map(|(k, p)| (k.clone(), proto::PeerAuthentication::from(p))).collect()
     }
 }
 
-/// The difference between two sets of workloads, as a delta update.
-pub fn diff(
-    old: &BTreeMap<String, proto::Workload>,
-    new: &BTreeMap<String, proto::Workload>,
-) -> (Vec<proto::Workload>, Vec<String>) {
+/// The difference between two keyed sets (workloads by UID, services and policies by
+/// `namespace/name`): what was added or changed, and the keys that went away.
+pub fn diff<T: Clone + PartialEq>(old: &BTreeMap<String, T>, new: &BTreeMap<String, T>) -> (Vec<T>, Vec<String>) {
     let upserted = new.iter().filter(|(uid, w)| old.get(*uid) != Some(*w)).map(|(_, w)| w.clone()).collect();
     let removed = old.keys().filter(|uid| !new.contains_key(*uid)).cloned().collect();
     (upserted, removed)

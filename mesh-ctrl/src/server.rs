@@ -1,34 +1,133 @@
-//! The gRPC config server (port 15012): each agent that calls `Watch` gets the current
-//! snapshot, then a delta for every new version (workloads as a delta, policies whole). It only reads snapshots; it never builds them.
+//! The gRPC config server (port 15012). Each agent opens a `Watch` stream naming its node and
+//! gets the current snapshot, then a delta for every new version (workloads, services and
+//! policies added, changed or removed). The agent acks or nacks every update; a nack is
+//! answered with a full snapshot. [`Agents`] records who is connected and what each has
+//! applied. The server only reads snapshots; it never builds them.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use ferrymesh_api::config::{self as proto, config_server};
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::model::diff;
 use crate::snapshot::Snapshot;
+
+/// One agent's config stream, as mesh-ctrl sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLink {
+    /// Node the agent serves.
+    pub node: String,
+    /// When the stream opened.
+    pub connected_at: SystemTime,
+    /// Version of the last update sent.
+    pub sent_version: u64,
+    /// Version of the last update the agent acked.
+    pub acked_version: u64,
+    /// Time from sending an update to its ack, for the last acked update.
+    pub push_latency: Option<Duration>,
+    /// Why the agent rejected the last update it rejected, with that update's version.
+    pub last_nack: Option<(u64, String)>,
+}
+
+/// The agents connected now, by stream.
+#[derive(Debug, Clone, Default)]
+pub struct Agents {
+    links: Arc<Mutex<BTreeMap<u64, AgentLink>>>,
+    next: Arc<AtomicU64>,
+}
+
+impl Agents {
+    /// Every open stream, oldest first.
+    pub fn links(&self) -> Vec<AgentLink> {
+        self.links.lock().expect("agents lock").values().cloned().collect()
+    }
+
+    fn open(&self, node: &str) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let link = AgentLink {
+            node: node.to_string(),
+            connected_at: SystemTime::now(),
+            sent_version: 0,
+            acked_version: 0,
+            push_latency: None,
+            last_nack: None,
+        };
+        self.links.lock().expect("agents lock").insert(id, link);
+        id
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut AgentLink)) {
+        if let Some(link) = self.links.lock().expect("agents lock").get_mut(&id) {
+            f(link);
+        }
+    }
+
+    fn close(&self, id: u64) {
+        self.links.lock().expect("agents lock").remove(&id);
+    }
+}
 
 /// Implementation of the `ferrymesh.config.v1.Config` service.
 #[derive(Debug, Clone)]
 pub struct ConfigService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     trust_domain: String,
+    agents: Agents,
 }
 
 impl ConfigService {
-    /// A service streaming the snapshots of `snapshots` for a mesh with `trust_domain`.
-    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, trust_domain: String) -> Self {
-        Self { snapshots, trust_domain }
+    /// A service streaming the snapshots of `snapshots` for a mesh with `trust_domain`,
+    /// recording its agents in `agents`.
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, trust_domain: String, agents: Agents) -> Self {
+        Self { snapshots, trust_domain, agents }
     }
 
     /// The tonic server wrapper for this service.
     pub fn into_server(self) -> config_server::ConfigServer<Self> {
         config_server::ConfigServer::new(self)
+    }
+}
+
+/// The update that brings an agent holding `sent` (None: nothing, or nothing trusted) to
+/// `current`.
+fn update_for(sent: Option<&Snapshot>, current: &Snapshot, trust_domain: &str) -> proto::ConfigUpdate {
+    let Some(sent) = sent else {
+        return proto::ConfigUpdate {
+            version: current.version,
+            snapshot: true,
+            upserted: current.workloads.values().cloned().collect(),
+            trust_domain: trust_domain.to_string(),
+            authorization_policies: current.authorization_policies.values().cloned().collect(),
+            peer_authentications: current.peer_authentications.values().cloned().collect(),
+            services: current.services.values().cloned().collect(),
+            ..Default::default()
+        };
+    };
+    let (upserted, removed) = diff(&sent.workloads, &current.workloads);
+    let (authorization_policies, removed_authorization_policies) =
+        diff(&sent.authorization_policies, &current.authorization_policies);
+    let (peer_authentications, removed_peer_authentications) =
+        diff(&sent.peer_authentications, &current.peer_authentications);
+    let (services, removed_services) = diff(&sent.services, &current.services);
+    proto::ConfigUpdate {
+        version: current.version,
+        snapshot: false,
+        upserted,
+        removed,
+        trust_domain: trust_domain.to_string(),
+        authorization_policies,
+        peer_authentications,
+        services,
+        removed_authorization_policies,
+        removed_peer_authentications,
+        removed_services,
     }
 }
 
@@ -38,48 +137,72 @@ type UpdateStream = Pin<Box<dyn Stream<Item = Result<proto::ConfigUpdate, Status
 impl config_server::Config for ConfigService {
     type WatchStream = UpdateStream;
 
-    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<UpdateStream>, Status> {
-        let node = request.into_inner().node;
+    async fn watch(&self, request: Request<Streaming<proto::WatchRequest>>) -> Result<Response<UpdateStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream must open with a WatchRequest naming the node"))?;
+        let node = hello.node;
         if node.is_empty() {
             return Err(Status::invalid_argument("WatchRequest.node is empty: start the agent with --node-name"));
         }
         let mut snapshots = self.snapshots.clone();
         let trust_domain = self.trust_domain.clone();
+        let agents = self.agents.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
+            let id = agents.open(&node);
             tracing::info!(%node, "agent connected");
-            let mut sent = snapshots.borrow_and_update().clone();
-            let first = proto::ConfigUpdate {
-                version: sent.version,
-                snapshot: true,
-                upserted: sent.workloads.values().cloned().collect(),
-                removed: Vec::new(),
-                trust_domain: trust_domain.clone(),
-                authorization_policies: sent.authorization_policies.clone(),
-                peer_authentications: sent.peer_authentications.clone(),
-                services: sent.services.clone(),
-            };
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
-            while snapshots.changed().await.is_ok() {
-                let current = snapshots.borrow_and_update().clone();
-                let (upserted, removed) = diff(&sent.workloads, &current.workloads);
-                let update = proto::ConfigUpdate {
-                    version: current.version,
-                    snapshot: false,
-                    upserted,
-                    removed,
-                    trust_domain: trust_domain.clone(),
-                    authorization_policies: current.authorization_policies.clone(),
-                    peer_authentications: current.peer_authentications.clone(),
-                    services: current.services.clone(),
-                };
-                sent = current;
-                if tx.send(Ok(update)).await.is_err() {
-                    break;
+            // What the agent holds, as far as we know; None after a nack.
+            let mut held: Option<Arc<Snapshot>> = None;
+            // Updates sent and not yet answered: version -> (sent at, was a snapshot).
+            let mut pending: BTreeMap<u64, (Instant, bool)> = BTreeMap::new();
+            let mut send_now = true;
+            loop {
+                if send_now {
+                    send_now = false;
+                    let current = snapshots.borrow_and_update().clone();
+                    let update = update_for(held.as_deref(), &current, &trust_domain);
+                    held = Some(current);
+                    pending.insert(update.version, (Instant::now(), update.snapshot));
+                    agents.update(id, |l| l.sent_version = update.version);
+                    if tx.send(Ok(update)).await.is_err() {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    changed = snapshots.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        send_now = true;
+                    }
+                    message = inbound.message() => match message {
+                        Ok(Some(answer)) => {
+                            let sent = pending.remove(&answer.version);
+                            pending.retain(|v, _| *v > answer.version);
+                            if answer.error.is_empty() {
+                                agents.update(id, |l| {
+                                    l.acked_version = l.acked_version.max(answer.version);
+                                    l.push_latency = sent.map(|(at, _)| at.elapsed()).or(l.push_latency);
+                                });
+                            } else {
+                                tracing::warn!(%node, version = answer.version, "agent rejected the update: {}", answer.error);
+                                agents.update(id, |l| l.last_nack = Some((answer.version, answer.error.clone())));
+                                // The agent dropped the delta and every delta after it: it gets
+                                // a full snapshot, now if a delta was rejected, at the next
+                                // change if a snapshot was (sending it again would fail again).
+                                held = None;
+                                send_now = sent.is_some_and(|(_, snapshot)| !snapshot);
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    },
+                    () = tx.closed() => break,
                 }
             }
+            agents.close(id);
             tracing::info!(%node, "agent disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -1,6 +1,6 @@
-//! Versioned snapshots of the model's workloads: the one value the config server streams.
-//! Sources publish here; the server only reads. The version grows only when the workloads
-//! change, so agents can tell a real update from a reload that changed nothing.
+//! Versioned snapshots of what agents receive of the model: the one value the config server streams.
+//! Sources publish here; the server only reads. The version grows only when that
+//! changes, so agents can tell a real update from a reload that changed nothing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,12 +17,12 @@ pub struct Snapshot {
     pub version: u64,
     /// Workloads by UID.
     pub workloads: BTreeMap<String, proto::Workload>,
-    /// Every AuthorizationPolicy.
-    pub authorization_policies: Vec<proto::AuthorizationPolicy>,
-    /// Every PeerAuthentication.
-    pub peer_authentications: Vec<proto::PeerAuthentication>,
-    /// Every Service with its endpoints.
-    pub services: Vec<proto::Service>,
+    /// Every AuthorizationPolicy, by `namespace/name`.
+    pub authorization_policies: BTreeMap<String, proto::AuthorizationPolicy>,
+    /// Every PeerAuthentication, by `namespace/name`.
+    pub peer_authentications: BTreeMap<String, proto::PeerAuthentication>,
+    /// Every Service with its endpoints, by `namespace/name`.
+    pub services: BTreeMap<String, proto::Service>,
 }
 
 /// The single writer of snapshots.

@@ -168,12 +168,15 @@ async fn follows_ferrymesh_custom_resources() {
         s.authorization_policies.len() == 1 && s.peer_authentications.len() == 1
     })
     .await;
-    assert_eq!(s.authorization_policies[0].rules[0].from[0].principals, ["cluster.local/ns/shop/sa/web"]);
+    assert_eq!(
+        s.authorization_policies["shop/allow-web"].rules[0].from[0].principals,
+        ["cluster.local/ns/shop/sa/web"]
+    );
     // A bad custom resource keeps its last good version; a new good one still lands.
     api.push(AUTHZ, "MODIFIED", authorization_policy("allow-web", "AUDIT"));
     api.push(AUTHZ, "ADDED", authorization_policy("deny-web", "DENY"));
     let s = wait_for(&mut rx, "a good policy next to a bad one", |s| s.authorization_policies.len() == 2).await;
-    let allow = s.authorization_policies.iter().find(|p| p.name == "allow-web").unwrap();
+    let allow = &s.authorization_policies["shop/allow-web"];
     assert_eq!(allow.action, 0, "the bad AUDIT update never replaced the good ALLOW");
     api.push(PEER_AUTHN, "DELETED", strict_peer_authentication());
     wait_for(&mut rx, "a deleted peer authentication", |s| s.peer_authentications.is_empty()).await;
@@ -192,7 +195,7 @@ async fn follows_the_cluster_through_list_watch_errors_and_relists() {
     let web = &s.workloads["uid-web"];
     assert!(web.captured);
     assert_eq!(web.netns, "", "Kubernetes pods are found by their cgroup, not an annotation");
-    assert_eq!(s.services[0].endpoints[0].target_ports.get(&80), Some(&8080));
+    assert_eq!(s.services["shop/web"].endpoints[0].target_ports.get(&80), Some(&8080));
 
     // Watch: add, modify, delete.
     api.push(PODS, "ADDED", pod("db", Some("10.244.1.3"), json!({})));

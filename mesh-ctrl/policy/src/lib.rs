@@ -337,6 +337,18 @@ impl PolicySet {
         Self { authz_by_namespace, peer_auth }
     }
 
+    /// Every AuthorizationPolicy, sorted by `namespace/name`.
+    pub fn authorization_policies(&self) -> Vec<&AuthorizationPolicy> {
+        let mut all: Vec<&AuthorizationPolicy> = self.authz_by_namespace.values().flatten().collect();
+        all.sort_by_key(|p| p.key());
+        all
+    }
+
+    /// Every PeerAuthentication.
+    pub fn peer_authentications(&self) -> &[PeerAuthentication] {
+        &self.peer_auth
+    }
+
     /// Policies that apply to `w`: the root namespace's first, then the workload's own.
     pub fn applicable<'s>(&'s self, w: &Workload<'_>) -> Vec<&'s AuthorizationPolicy> {
         let mut out = Vec::new();

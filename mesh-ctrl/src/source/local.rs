@@ -628,8 +628,8 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         let wire = model.services_wire();
         assert_eq!(wire.len(), 1);
-        assert_eq!(wire[0].vip, "10.96.0.10");
-        let mut eps: Vec<(String, bool, Option<u32>, Option<u32>)> = wire[0]
+        assert_eq!(wire["shop/web"].vip, "10.96.0.10");
+        let mut eps: Vec<(String, bool, Option<u32>, Option<u32>)> = wire["shop/web"]
             .endpoints
             .iter()
             .map(|e| (e.ip.clone(), e.ready, e.target_ports.get(&80).copied(), e.target_ports.get(&9000).copied()))

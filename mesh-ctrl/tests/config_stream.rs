@@ -1,0 +1,152 @@
+//! The config stream over real gRPC on loopback: snapshot then deltas of workloads, services and
+//! policies, acks recorded per agent, and a nack answered with a full snapshot.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ferrymesh_api::config::config_client::ConfigClient;
+use ferrymesh_api::config::{ConfigUpdate, WatchRequest};
+use ferrymesh_policy::spec::AuthorizationPolicySpec;
+use mesh_ctrl::model::{Model, Namespace, Pod, Service, ServicePort, TargetPort};
+use mesh_ctrl::server::{Agents, ConfigService};
+use mesh_ctrl::snapshot::Publisher;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+fn pod(name: &str, ip: &str) -> Pod {
+    Pod {
+        uid: name.into(),
+        name: name.into(),
+        namespace: "shop".into(),
+        node: "node1".into(),
+        service_account: name.into(),
+        ip: ip.parse().unwrap(),
+        netns: String::new(),
+        labels: BTreeMap::from([("app".to_string(), name.to_string())]),
+        container_ports: BTreeMap::new(),
+        ready: true,
+    }
+}
+
+fn service(name: &str, vip: &str) -> Service {
+    Service {
+        namespace: "shop".into(),
+        name: name.into(),
+        vip: Some(vip.parse().unwrap()),
+        ports: vec![ServicePort { name: "http".into(), port: 80, target: TargetPort::Number(8080) }],
+        selector: Some(BTreeMap::from([("app".to_string(), name.to_string())])),
+    }
+}
+
+fn model() -> Model {
+    let mut model = Model::default();
+    model.namespaces.insert("shop".into(), Namespace { name: "shop".into(), labels: BTreeMap::new() });
+    for (name, ip) in [("web", "10.244.1.2"), ("db", "10.244.1.3")] {
+        model.pods.insert(name.into(), pod(name, ip));
+    }
+    model.services.insert("shop/web".into(), service("web", "10.96.0.10"));
+    model.services.insert("shop/db".into(), service("db", "10.96.0.11"));
+    let spec: AuthorizationPolicySpec = serde_yaml::from_str("action: ALLOW\nrules: [{}]").unwrap();
+    let policy = spec.validate("shop", "allow-all").unwrap();
+    model.authorization_policies.insert(policy.key(), policy);
+    model
+}
+
+struct Agent {
+    answers: mpsc::Sender<WatchRequest>,
+    updates: tonic::Streaming<ConfigUpdate>,
+}
+
+impl Agent {
+    async fn connect(addr: std::net::SocketAddr) -> Self {
+        let mut client = ConfigClient::connect(format!("http://{addr}")).await.unwrap();
+        let (answers, rx) = mpsc::channel(4);
+        answers.send(WatchRequest { node: "node1".into(), version: 0, error: String::new() }).await.unwrap();
+        let updates = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        Self { answers, updates }
+    }
+
+    async fn next(&mut self) -> ConfigUpdate {
+        tokio::time::timeout(Duration::from_secs(5), self.updates.message())
+            .await
+            .expect("an update within 5 s")
+            .unwrap()
+            .expect("the stream stays open")
+    }
+
+    async fn answer(&self, version: u64, error: &str) {
+        self.answers.send(WatchRequest { node: "node1".into(), version, error: error.into() }).await.unwrap();
+    }
+}
+
+async fn wait_for_agents(agents: &Agents, what: &str, check: impl Fn(&Agents) -> bool) {
+    for _ in 0..500 {
+        if check(agents) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}: {:?}", agents.links());
+}
+
+#[tokio::test]
+async fn snapshot_then_deltas_with_acks_and_a_nack_answered_by_a_snapshot() {
+    let (publisher, snapshots) = Publisher::new();
+    let mut model = model();
+    publisher.publish(&model);
+    let agents = Agents::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = ConfigService::new(snapshots, "cluster.local".into(), agents.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut agent = Agent::connect(addr).await;
+
+    let first = agent.next().await;
+    assert!(first.snapshot);
+    assert_eq!((first.upserted.len(), first.services.len(), first.authorization_policies.len()), (2, 2, 1));
+    agent.answer(first.version, "").await;
+    wait_for_agents(&agents, "the ack of the snapshot", |a| {
+        a.links().first().is_some_and(|l| l.node == "node1" && l.acked_version == first.version)
+    })
+    .await;
+    assert!(agents.links()[0].push_latency.is_some());
+
+    // One pod changes and one service goes: the delta carries exactly that.
+    model.pods.get_mut("web").unwrap().labels.insert("tier".into(), "front".into());
+    model.services.remove("shop/db");
+    publisher.publish(&model);
+    let delta = agent.next().await;
+    assert!(!delta.snapshot);
+    assert_eq!(delta.upserted.iter().map(|w| w.uid.as_str()).collect::<Vec<_>>(), ["web"]);
+    assert!(delta.removed.is_empty());
+    assert!(delta.services.iter().all(|s| s.name != "db"));
+    assert_eq!(delta.removed_services, ["shop/db"]);
+    assert!(delta.authorization_policies.is_empty(), "unchanged policies are not resent");
+    assert!(delta.removed_authorization_policies.is_empty());
+
+    // A policy removal.
+    model.authorization_policies.clear();
+    publisher.publish(&model);
+    let delta = agent.next().await;
+    assert_eq!(delta.removed_authorization_policies, ["shop/allow-all"]);
+    assert!(delta.upserted.is_empty() && delta.services.is_empty());
+
+    // The agent rejects it: mesh-ctrl records why and answers with a full snapshot at once.
+    agent.answer(delta.version, "policy shop/allow-all: made-up reason").await;
+    let resent = agent.next().await;
+    assert!(resent.snapshot, "a nack is answered with a snapshot");
+    assert_eq!(resent.version, delta.version);
+    assert_eq!((resent.upserted.len(), resent.services.len(), resent.authorization_policies.len()), (2, 1, 0));
+    let link = &agents.links()[0];
+    assert_eq!(link.last_nack, Some((delta.version, "policy shop/allow-all: made-up reason".to_string())));
+    agent.answer(resent.version, "").await;
+    wait_for_agents(&agents, "the ack of the resent snapshot", |a| a.links()[0].acked_version == resent.version).await;
+
+    // The agent goes away: it is no longer listed.
+    drop(agent);
+    wait_for_agents(&agents, "the agent's disconnection", |a| a.links().is_empty()).await;
+}
