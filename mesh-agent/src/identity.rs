@@ -89,10 +89,46 @@ struct Tracked {
     task: JoinHandle<()>,
 }
 
+/// The agent's credential towards mesh-ctrl: the file behind `--token-file`, read again for
+/// every request, since the kubelet rotates a projected ServiceAccount token in place.
+#[derive(Debug)]
+pub struct TokenFile {
+    path: std::path::PathBuf,
+    last: Mutex<String>,
+}
+
+impl TokenFile {
+    /// Reads `path` once to check that it holds a token.
+    pub fn open(path: &std::path::Path) -> Result<Self, String> {
+        let token = read_token(path)?;
+        Ok(Self { path: path.to_path_buf(), last: Mutex::new(token) })
+    }
+
+    /// The token as the file holds it now (the last good one if it cannot be read right now).
+    pub fn current(&self) -> String {
+        let mut last = self.last.lock().expect("token lock");
+        match read_token(&self.path) {
+            Ok(token) => *last = token,
+            Err(e) => tracing::warn!("{e}; using the token read before"),
+        }
+        last.clone()
+    }
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("--token-file {} is empty", path.display()));
+    }
+    Ok(token.to_string())
+}
+
 /// Obtains and renews certificates.
 pub struct IdentityManager {
     ctrl: String,
-    token: Option<String>,
+    token: Option<Arc<TokenFile>>,
     trust_domain: watch::Receiver<String>,
     tracked: Mutex<HashMap<Identity, Tracked>>,
 }
@@ -107,9 +143,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl IdentityManager {
-    /// A manager asking `ctrl` with node token `token` (None: disabled), for identities in the
+    /// A manager asking `ctrl` with the token of `token` (None: disabled), for identities in the
     /// trust domain `trust_domain` announces.
-    pub fn new(ctrl: String, token: Option<String>, trust_domain: watch::Receiver<String>) -> Self {
+    pub fn new(ctrl: String, token: Option<Arc<TokenFile>>, trust_domain: watch::Receiver<String>) -> Self {
         Self { ctrl, token, trust_domain, tracked: Mutex::new(HashMap::new()) }
     }
 
@@ -132,7 +168,7 @@ impl IdentityManager {
             let task = tokio::spawn(keep_renewed(
                 id.clone(),
                 self.ctrl.clone(),
-                self.token.clone().unwrap_or_default(),
+                self.token.clone(),
                 self.trust_domain.clone(),
                 tx,
                 last_error.clone(),
@@ -193,7 +229,7 @@ impl IdentityManager {
 async fn keep_renewed(
     id: Identity,
     ctrl: String,
-    token: String,
+    token: Option<Arc<TokenFile>>,
     mut trust_domain: watch::Receiver<String>,
     tx: watch::Sender<Option<Arc<WorkloadCert>>>,
     last_error: LastError,
@@ -203,7 +239,8 @@ async fn keep_renewed(
     let mut backoff = BACKOFF_MIN;
     loop {
         let td = trust_domain.borrow().clone();
-        let wait = match fetch(&id, &td, &ctrl, &token).await {
+        let bearer = token.as_ref().map(|t| t.current()).unwrap_or_default();
+        let wait = match fetch(&id, &td, &ctrl, &bearer).await {
             Ok(cert) => {
                 tracing::info!(identity = %cert.spiffe_id, serial = %cert.serial, "certificate issued");
                 let wait = cert.rotate_at.duration_since(SystemTime::now()).unwrap_or_default();

@@ -35,8 +35,10 @@ struct Args {
     /// Unix socket of the admin API (used by meshctl --agent).
     #[arg(long, default_value = "/var/run/ferrymesh/agent.sock")]
     admin_socket: PathBuf,
-    /// File holding this node's bootstrap token (its entry in mesh-ctrl --node-tokens). Without
-    /// it the agent obtains no certificates and carries traffic as plain TCP.
+    /// File holding the agent's token for mesh-ctrl, read again for every certificate request:
+    /// this node's bootstrap token (its entry in mesh-ctrl --node-tokens) in local mode, the
+    /// projected ServiceAccount token (audience ferrymesh) in Kubernetes. Without it the agent
+    /// obtains no certificates and carries traffic as plain TCP.
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Number of recent flows kept for `meshctl flows`.
@@ -61,12 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let state = Arc::new(state::State::default());
     let flows = Arc::new(flows::FlowTable::new(args.flow_capacity));
     let token = match &args.token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --token-file {}", path.display()))?
-                .trim()
-                .to_string(),
-        ),
+        Some(path) => Some(Arc::new(identity::TokenFile::open(path).map_err(anyhow::Error::msg)?)),
         None => {
             tracing::warn!("no --token-file: no certificates, traffic between meshed pods is plain TCP");
             None

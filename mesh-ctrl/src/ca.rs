@@ -95,14 +95,18 @@ fn split_certs(path: &Path, pem_text: &str) -> Result<Vec<String>, CaError> {
 
 /// A PKCS#8 PEM key (RSA or ECDSA); older PEM forms get a hint that converts them.
 fn load_key(path: &Path) -> Result<KeyPair, CaError> {
-    let text = read(path)?;
+    parse_key(path, &read(path)?)
+}
+
+/// [`load_key`] of text already read (`path` names where it came from, for errors).
+fn parse_key(path: &Path, text: &str) -> Result<KeyPair, CaError> {
     if text.contains("BEGIN EC PRIVATE KEY") || text.contains("BEGIN RSA PRIVATE KEY") {
         return Err(invalid(
             path,
             "the key must be PKCS#8 (BEGIN PRIVATE KEY); convert it with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pkcs8`",
         ));
     }
-    KeyPair::from_pem(&text)
+    KeyPair::from_pem(text)
         .map_err(|e| invalid(path, format!("{e}: expected an RSA or ECDSA private key in PKCS#8 PEM")))
 }
 
@@ -123,28 +127,45 @@ impl Ca {
         }
         let (root_path, root_key_path) = (dir.join("root-cert.pem"), dir.join("root-key.pem"));
         if !root_path.exists() && !root_key_path.exists() {
-            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-            let mut params = CertificateParams::default();
-            params.distinguished_name = DistinguishedName::new();
-            params.distinguished_name.push(DnType::OrganizationName, trust_domain);
-            params.distinguished_name.push(DnType::CommonName, "ferrymesh root CA");
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages =
-                vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-            let now = SystemTime::now();
-            params.not_before = now.into();
-            params.not_after = (now + ROOT_TTL).into();
-            let cert = params.self_signed(&key)?;
+            let (cert_pem, key_pem) = Self::generate_root(trust_domain)?;
             // Key first and create_new: a crash never leaves a certificate without its key,
             // and an existing key is never overwritten.
-            write_file(&root_key_path, &key.serialize_pem(), 0o600)?;
-            write_file(&root_path, &cert.pem(), 0o644)?;
+            write_file(&root_key_path, &key_pem, 0o600)?;
+            write_file(&root_path, &cert_pem, 0o644)?;
             tracing::info!(dir = %dir.display(), "generated a new mesh root CA");
         }
-        let root_pem = read(&root_path)?;
-        let key = load_key(&root_key_path)?;
-        let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| invalid(&root_path, e))?;
-        let chain_pem = split_certs(&root_path, &root_pem)?;
+        Self::from_root_pem(&root_path, &read(&root_path)?, &root_key_path, &read(&root_key_path)?, ttl)
+    }
+
+    /// A new self-signed ECDSA P-256 root for `trust_domain`: (certificate PEM, key PEM).
+    pub fn generate_root(trust_domain: &str) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, trust_domain);
+        params.distinguished_name.push(DnType::CommonName, "ferrymesh root CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = SystemTime::now();
+        params.not_before = now.into();
+        params.not_after = (now + ROOT_TTL).into();
+        let cert = params.self_signed(&key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A CA signing with the root `cert_pem` and its key `key_pem` (`cert_origin` and
+    /// `key_origin` name where they came from, in errors). The root is the trust bundle.
+    pub fn from_root_pem(
+        cert_origin: &Path,
+        cert_pem: &str,
+        key_origin: &Path,
+        key_pem: &str,
+        ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let key = parse_key(key_origin, key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| invalid(cert_origin, e))?;
+        let chain_pem = split_certs(cert_origin, cert_pem)?;
         Ok(Self { issuer, roots_pem: chain_pem.concat(), chain_pem, ttl })
     }
 

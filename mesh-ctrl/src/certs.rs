@@ -1,6 +1,8 @@
-//! The certificate service: authenticates the calling agent by its node token, checks that
-//! the identity it asks for belongs to a pod on its node, and has the CA sign the CSR. It owns
-//! node authorization; it never touches key material beyond the CSR it forwards.
+//! The certificate service: authenticates the calling agent (bootstrap node token in local
+//! mode, its ServiceAccount token checked by TokenReview with Kubernetes), checks that the
+//! identity it asks for belongs to a pod on its node and to a ServiceAccount that exists, and
+//! has the CA sign the CSR. It owns node authorization; it never touches key material beyond
+//! the CSR it forwards.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ca::Ca;
 use crate::snapshot::Snapshot;
+use crate::token_review::TokenReviewer;
 
 /// Node tokens: who a bearer token says the caller is.
 #[derive(Debug, Default, Clone)]
@@ -40,14 +43,8 @@ impl NodeTokens {
         Ok(Self { node_by_token })
     }
 
-    /// The node a request's `authorization: Bearer <token>` names.
-    fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        let token = header.and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
-            Status::unauthenticated(
-                "no node token: start the agent with --token-file (its node's token in mesh-ctrl --node-tokens)",
-            )
-        })?;
+    /// The node `token` names.
+    fn node(&self, token: &str) -> Result<String, Status> {
         self.node_by_token.get(token).cloned().ok_or_else(|| {
             Status::unauthenticated(
                 "unknown node token: the agent's --token-file matches no node in mesh-ctrl --node-tokens",
@@ -56,24 +53,45 @@ impl NodeTokens {
     }
 }
 
+/// How agents prove which node they run on.
+#[derive(Debug)]
+pub enum NodeAuth {
+    /// Bootstrap tokens (local mode).
+    Tokens(NodeTokens),
+    /// Projected ServiceAccount tokens checked with TokenReview (Kubernetes).
+    TokenReview(TokenReviewer),
+}
+
+impl NodeAuth {
+    /// The node a request's `authorization: Bearer <token>` proves.
+    async fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let token = header.and_then(|h| h.strip_prefix("Bearer ")).filter(|t| !t.is_empty()).ok_or_else(|| {
+            Status::unauthenticated(
+                "no token: start the agent with --token-file (its node's bootstrap token, or its projected service account token)",
+            )
+        })?;
+        match self {
+            Self::Tokens(tokens) => tokens.node(token),
+            Self::TokenReview(reviewer) => reviewer.node(token).await,
+        }
+    }
+}
+
 /// Implementation of `ferrymesh.ca.v1.Certificates`.
 #[derive(Debug, Clone)]
 pub struct CertificateService {
     ca: Arc<Ca>,
-    tokens: Arc<NodeTokens>,
+    auth: Arc<NodeAuth>,
     trust_domain: String,
     snapshots: watch::Receiver<Arc<Snapshot>>,
 }
 
 impl CertificateService {
-    /// A service signing with `ca` for the nodes in `tokens`, authorizing against the model.
-    pub fn new(
-        ca: Arc<Ca>,
-        tokens: NodeTokens,
-        trust_domain: String,
-        snapshots: watch::Receiver<Arc<Snapshot>>,
-    ) -> Self {
-        Self { ca, tokens: Arc::new(tokens), trust_domain, snapshots }
+    /// A service signing with `ca` for the agents `auth` recognizes, authorizing against the
+    /// model.
+    pub fn new(ca: Arc<Ca>, auth: NodeAuth, trust_domain: String, snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
+        Self { ca, auth: Arc::new(auth), trust_domain, snapshots }
     }
 
     /// The tonic server wrapper for this service.
@@ -93,18 +111,27 @@ impl certificates_server::Certificates for CertificateService {
         &self,
         request: Request<proto::CreateCertificateRequest>,
     ) -> Result<Response<proto::CreateCertificateResponse>, Status> {
-        let node = self.tokens.node(&request)?;
+        let node = self.auth.node(&request).await?;
         let r = request.into_inner();
         if r.namespace.is_empty() || r.service_account.is_empty() {
             return Err(Status::invalid_argument("namespace and service_account are required"));
         }
         let id = spiffe_id(&self.trust_domain, &r.namespace, &r.service_account);
-        let on_node = self
-            .snapshots
-            .borrow()
-            .workloads
-            .values()
-            .any(|w| w.node == node && w.namespace == r.namespace && w.service_account == r.service_account);
+        let (on_node, account_exists) = {
+            let snapshot = self.snapshots.borrow();
+            let on_node = snapshot
+                .workloads
+                .values()
+                .any(|w| w.node == node && w.namespace == r.namespace && w.service_account == r.service_account);
+            (on_node, snapshot.service_accounts.contains(&format!("{}/{}", r.namespace, r.service_account)))
+        };
+        if !account_exists {
+            tracing::warn!(%node, identity = %id, "refused a certificate: no such service account");
+            return Err(Status::permission_denied(format!(
+                "service account {}/{} does not exist; no certificate for {id}",
+                r.namespace, r.service_account
+            )));
+        }
         if !on_node {
             tracing::warn!(%node, identity = %id, "refused a certificate: no such pod on the node");
             return Err(Status::permission_denied(format!(

@@ -3,9 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod ca_secret;
 pub mod certs;
 pub mod crd;
 pub mod model;
 pub mod server;
 pub mod snapshot;
 pub mod source;
+pub mod token_review;

@@ -9,10 +9,11 @@ use clap::Parser;
 use std::sync::Arc;
 
 use mesh_ctrl::ca::Ca;
-use mesh_ctrl::certs::{CertificateService, NodeTokens};
+use mesh_ctrl::certs::{CertificateService, NodeAuth, NodeTokens};
 use mesh_ctrl::server::{Agents, ConfigService};
 use mesh_ctrl::snapshot::Publisher;
 use mesh_ctrl::source::{self, DirSource};
+use mesh_ctrl::token_review::TokenReviewer;
 
 /// ferrymesh control plane.
 #[derive(Debug, Parser)]
@@ -21,18 +22,29 @@ struct Args {
     /// Directory of Kubernetes-style YAML (local mode); watched for changes.
     #[arg(long, env = "FERRYMESH_CONFIG_DIR", required_unless_present = "kubernetes")]
     config_dir: Option<PathBuf>,
-    /// Read Namespaces, Pods and Services from the Kubernetes API (in-cluster config or
-    /// KUBECONFIG) instead of a directory.
+    /// Read the mesh from the Kubernetes API (in-cluster config or KUBECONFIG) instead of a
+    /// directory; the CA root lives in a Secret and agents prove their node with their
+    /// ServiceAccount token (TokenReview).
     #[arg(long, conflicts_with = "config_dir")]
     kubernetes: bool,
+    /// Namespace of ferrymesh itself (Kubernetes mode): the CA Secret and the agents' pods.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ferrymesh-system")]
+    system_namespace: String,
+    /// Secret holding the CA root (Kubernetes mode); created when absent.
+    #[arg(long, default_value = mesh_ctrl::ca_secret::CA_SECRET)]
+    ca_secret: String,
+    /// ServiceAccount of the agent DaemonSet (Kubernetes mode): only its tokens obtain
+    /// certificates.
+    #[arg(long, default_value = "ferrymesh-agent")]
+    agent_service_account: String,
     /// Address of the gRPC config server.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
     /// Validate the config directory, print every rejected object and exit (non-zero if any).
     #[arg(long)]
     check: bool,
-    /// Directory of the mesh CA (generated on first start, or the operator's ca-cert.pem and
-    /// ca-key.pem).
+    /// Directory of the mesh CA in local mode (generated on first start, or the operator's
+    /// ca-cert.pem and ca-key.pem).
     #[arg(long, default_value = "/var/lib/ferrymesh/ca")]
     ca_dir: PathBuf,
     /// Trust domain of SPIFFE identities.
@@ -64,35 +76,52 @@ async fn main() -> anyhow::Result<()> {
         println!("{} namespaces, {} pods, {} rejected", model.namespaces.len(), model.pods.len(), errors.len());
         std::process::exit(if errors.is_empty() { 0 } else { 1 });
     }
-    let ca = Arc::new(Ca::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)?);
-    let tokens = match &args.node_tokens {
-        Some(path) => NodeTokens::load(path).map_err(anyhow::Error::msg)?,
-        None => {
-            tracing::warn!("no --node-tokens: certificates are disabled, so is mTLS between agents");
-            NodeTokens::default()
-        }
-    };
     let (publisher, snapshots) = Publisher::new();
-    let certificates = CertificateService::new(ca, tokens, args.trust_domain.clone(), snapshots.clone());
-    let (watcher, origin) = match &args.config_dir {
+    let (watcher, origin, certificates) = match &args.config_dir {
         Some(dir) => {
             anyhow::ensure!(dir.is_dir(), "--config-dir {}: not a directory", dir.display());
+            let ca = Arc::new(Ca::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)?);
+            let tokens = match &args.node_tokens {
+                Some(path) => NodeTokens::load(path).map_err(anyhow::Error::msg)?,
+                None => {
+                    tracing::warn!("no --node-tokens: certificates are disabled, so is mTLS between agents");
+                    NodeTokens::default()
+                }
+            };
+            let certificates =
+                CertificateService::new(ca, NodeAuth::Tokens(tokens), args.trust_domain.clone(), snapshots.clone());
             let watch = source::watch_dir(DirSource::new(dir), publisher);
             (
                 tokio::spawn(async move { watch.await.context("cannot watch the config directory") }),
                 dir.display().to_string(),
+                certificates,
             )
         }
         None => {
             let client = kube::Client::try_default()
                 .await
                 .context("cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG)")?;
+            let ca = mesh_ctrl::ca_secret::load_or_create(
+                client.clone(),
+                &args.system_namespace,
+                &args.ca_secret,
+                &args.trust_domain,
+                args.cert_ttl,
+            )
+            .await?;
+            let reviewer = TokenReviewer::new(client.clone(), &args.system_namespace, &args.agent_service_account);
+            let certificates = CertificateService::new(
+                Arc::new(ca),
+                NodeAuth::TokenReview(reviewer),
+                args.trust_domain.clone(),
+                snapshots.clone(),
+            );
             let watch = source::kube::watch_kube(client, publisher);
             let watch = async move {
                 watch.await;
                 Ok::<(), anyhow::Error>(())
             };
-            (tokio::spawn(watch), "kubernetes".to_string())
+            (tokio::spawn(watch), "kubernetes".to_string(), certificates)
         }
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

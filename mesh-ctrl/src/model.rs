@@ -92,6 +92,43 @@ pub struct Service {
     pub selector: Option<BTreeMap<String, String>>,
 }
 
+/// An EndpointSlice: endpoints of one Service (in local mode optional: without one, a Service's
+/// endpoints are the pods its selector matches).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The Service it belongs to (label `kubernetes.io/service-name`).
+    pub service: String,
+    /// Port name -> port on the endpoints.
+    pub ports: BTreeMap<String, u16>,
+    /// Endpoints.
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// Address.
+    pub ip: IpAddr,
+    /// conditions.ready (an absent condition counts as ready, as Kubernetes documents).
+    pub ready: bool,
+    /// UID of the pod behind it (targetRef), when it names one.
+    pub pod_uid: Option<String>,
+}
+
+/// A ServiceAccount: the name behind a SPIFFE identity. Certificates are only issued for
+/// service accounts that exist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccount {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
 impl Pod {
     /// Whether the pod itself opted out of the mesh.
     pub fn opted_out(&self) -> bool {
@@ -112,6 +149,10 @@ pub struct Model {
     pub peer_authentications: BTreeMap<String, PeerAuthentication>,
     /// Services by `namespace/name`.
     pub services: BTreeMap<String, Service>,
+    /// EndpointSlices by `namespace/name`.
+    pub endpoint_slices: BTreeMap<String, EndpointSlice>,
+    /// ServiceAccounts by `namespace/name`.
+    pub service_accounts: BTreeMap<String, ServiceAccount>,
 }
 
 impl Model {
@@ -148,42 +189,51 @@ impl Model {
         self.authorization_policies.iter().map(|(k, p)| (k.clone(), proto::AuthorizationPolicy::from(p))).collect()
     }
 
-    /// Every Service with its endpoints in wire form, by `namespace/name`. Endpoints are
-    /// the pods of the service's namespace its selector matches (local mode's EndpointSlices);
-    /// a named targetPort resolves per pod through its container port names.
+    /// Every Service with its endpoints in wire form, by `namespace/name`. A service's endpoints
+    /// come from its EndpointSlices when it has any, else from the pods of its namespace its
+    /// selector matches (local mode's stand-in for the EndpointSlice controller); a named
+    /// targetPort then resolves per pod through its container port names.
     pub fn services_wire(&self) -> BTreeMap<String, proto::Service> {
         let mut pods_by_namespace: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+        let mut pod_by_ip: BTreeMap<IpAddr, &Pod> = BTreeMap::new();
         for pod in self.pods.values() {
             pods_by_namespace.entry(&pod.namespace).or_default().push(pod);
+            pod_by_ip.insert(pod.ip, pod);
+        }
+        let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+        for slice in self.endpoint_slices.values() {
+            slices_by_service.entry((&slice.namespace, &slice.service)).or_default().push(slice);
         }
         self.services
             .iter()
             .map(|(key, svc)| {
-                let endpoints = match &svc.selector {
-                    None => Vec::new(),
-                    Some(selector) => pods_by_namespace
-                        .get(svc.namespace.as_str())
-                        .into_iter()
-                        .flatten()
-                        .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
-                        .map(|p| proto::ServiceEndpoint {
-                            workload_uid: p.uid.clone(),
-                            ip: p.ip.to_string(),
-                            ready: p.ready,
-                            target_ports: svc
-                                .ports
-                                .iter()
-                                .filter_map(|sp| {
-                                    let target = match &sp.target {
-                                        TargetPort::Number(n) => Some(*n),
-                                        TargetPort::Name(name) => p.container_ports.get(name).copied(),
-                                    };
-                                    target.map(|t| (u32::from(sp.port), u32::from(t)))
-                                })
-                                .collect(),
-                        })
-                        .collect(),
-                };
+                let endpoints =
+                    match (slices_by_service.get(&(svc.namespace.as_str(), svc.name.as_str())), &svc.selector) {
+                        (Some(slices), _) => slice_endpoints(svc, slices, &pod_by_ip),
+                        (None, None) => Vec::new(),
+                        (None, Some(selector)) => pods_by_namespace
+                            .get(svc.namespace.as_str())
+                            .into_iter()
+                            .flatten()
+                            .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                            .map(|p| proto::ServiceEndpoint {
+                                workload_uid: p.uid.clone(),
+                                ip: p.ip.to_string(),
+                                ready: p.ready,
+                                target_ports: svc
+                                    .ports
+                                    .iter()
+                                    .filter_map(|sp| {
+                                        let target = match &sp.target {
+                                            TargetPort::Number(n) => Some(*n),
+                                            TargetPort::Name(name) => p.container_ports.get(name).copied(),
+                                        };
+                                        target.map(|t| (u32::from(sp.port), u32::from(t)))
+                                    })
+                                    .collect(),
+                            })
+                            .collect(),
+                    };
                 let wire = proto::Service {
                     namespace: svc.namespace.clone(),
                     name: svc.name.clone(),
@@ -204,6 +254,34 @@ impl Model {
     pub fn peer_authentications_wire(&self) -> BTreeMap<String, proto::PeerAuthentication> {
         self.peer_authentications.iter().map(|(k, p)| (k.clone(), proto::PeerAuthentication::from(p))).collect()
     }
+}
+
+/// The endpoints of `svc` from its EndpointSlices: a service port maps to the slice port of the
+/// same name (EndpointSlice ports carry the resolved targetPort); an address seen in several
+/// slices counts once.
+fn slice_endpoints(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    pod_by_ip: &BTreeMap<IpAddr, &Pod>,
+) -> Vec<proto::ServiceEndpoint> {
+    let mut by_ip: BTreeMap<IpAddr, proto::ServiceEndpoint> = BTreeMap::new();
+    for slice in slices {
+        for e in &slice.endpoints {
+            let workload_uid = e.pod_uid.clone().or_else(|| pod_by_ip.get(&e.ip).map(|p| p.uid.clone()));
+            let endpoint = by_ip.entry(e.ip).or_insert_with(|| proto::ServiceEndpoint {
+                workload_uid: workload_uid.unwrap_or_default(),
+                ip: e.ip.to_string(),
+                ready: e.ready,
+                target_ports: Default::default(),
+            });
+            for sp in &svc.ports {
+                if let Some(target) = slice.ports.get(&sp.name) {
+                    endpoint.target_ports.insert(u32::from(sp.port), u32::from(*target));
+                }
+            }
+        }
+    }
+    by_ip.into_values().collect()
 }
 
 /// The difference between two keyed sets (workloads by UID, services and policies by

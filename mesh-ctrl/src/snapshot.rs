@@ -2,7 +2,7 @@
 //! Sources publish here; the server only reads. The version grows only when that
 //! changes, so agents can tell a real update from a reload that changed nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ferrymesh_api::config as proto;
@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::model::Model;
 
 /// The workloads agents receive, at one version.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// Monotonic version, starting at 1 for the first published model.
     pub version: u64,
@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub peer_authentications: BTreeMap<String, proto::PeerAuthentication>,
     /// Every Service with its endpoints, by `namespace/name`.
     pub services: BTreeMap<String, proto::Service>,
+    /// `namespace/name` of every ServiceAccount (for the certificate service; not sent to agents).
+    pub service_accounts: BTreeSet<String>,
 }
 
 /// The single writer of snapshots.
@@ -47,6 +49,7 @@ impl Publisher {
             authorization_policies: model.authorization_policies_wire(),
             peer_authentications: model.peer_authentications_wire(),
             services: model.services_wire(),
+            service_accounts: model.service_accounts.keys().cloned().collect(),
         };
         let mut version = 0;
         self.tx.send_if_modified(|current| {

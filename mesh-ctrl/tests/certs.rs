@@ -7,8 +7,8 @@ use std::time::Duration;
 use ferrymesh_api::ca::certificates_client::CertificatesClient;
 use ferrymesh_api::ca::CreateCertificateRequest;
 use mesh_ctrl::ca::Ca;
-use mesh_ctrl::certs::{CertificateService, NodeTokens};
-use mesh_ctrl::model::{Model, Namespace, Pod};
+use mesh_ctrl::certs::{CertificateService, NodeAuth, NodeTokens};
+use mesh_ctrl::model::{Model, Namespace, Pod, ServiceAccount};
 use mesh_ctrl::snapshot::Publisher;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tonic::Code;
@@ -45,8 +45,14 @@ async fn an_agent_only_gets_identities_of_pods_on_its_node() {
     model.namespaces.insert("shop".into(), Namespace { name: "shop".into(), labels: BTreeMap::new() });
     model.pods.insert("web".into(), pod("web", "node1"));
     model.pods.insert("db".into(), pod("db", "node2"));
+    model.pods.insert("ghost".into(), pod("ghost", "node1"));
+    for sa in ["web", "db"] {
+        model
+            .service_accounts
+            .insert(format!("shop/{sa}"), ServiceAccount { namespace: "shop".into(), name: sa.into() });
+    }
     publisher.publish(&model);
-    let service = CertificateService::new(ca, tokens, "cluster.local".into(), snapshots);
+    let service = CertificateService::new(ca, NodeAuth::Tokens(tokens), "cluster.local".into(), snapshots);
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -85,6 +91,10 @@ async fn an_agent_only_gets_identities_of_pods_on_its_node() {
     let missing = client.create_certificate(ask("web", None)).await.unwrap_err();
     assert_eq!(missing.code(), Code::Unauthenticated);
     assert!(client.create_certificate(ask("db", Some("node2-secret-token-0002"))).await.is_ok());
+    // A pod on the node whose service account does not exist (deleted) gets nothing.
+    let deleted = client.create_certificate(ask("ghost", Some("node1-secret-token-0001"))).await.unwrap_err();
+    assert_eq!(deleted.code(), Code::PermissionDenied);
+    assert!(deleted.message().contains("service account shop/ghost does not exist"), "{}", deleted.message());
 }
 
 #[test]

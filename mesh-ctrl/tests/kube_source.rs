@@ -22,6 +22,8 @@ const NAMESPACES: &str = "/api/v1/namespaces";
 const SERVICES: &str = "/api/v1/services";
 const AUTHZ: &str = "/apis/ferrymesh.io/v1alpha1/authorizationpolicies";
 const PEER_AUTHN: &str = "/apis/ferrymesh.io/v1alpha1/peerauthentications";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const SERVICE_ACCOUNTS: &str = "/api/v1/serviceaccounts";
 
 /// A fake API server: list responses per collection path, and queued watch events.
 #[derive(Default)]
@@ -142,6 +144,22 @@ fn service() -> Value {
     })
 }
 
+fn endpoint_slice(name: &str, ready: bool) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["10.244.1.2"], "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": "web", "namespace": "shop", "uid": "uid-web"}},
+            {"addresses": ["10.244.9.9"]},
+        ],
+    })
+}
+
+fn service_account(namespace: &str, name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}})
+}
+
 fn authorization_policy(name: &str, action: &str) -> Value {
     json!({
         "apiVersion": "ferrymesh.io/v1alpha1", "kind": "AuthorizationPolicy",
@@ -230,6 +248,66 @@ async fn follows_the_cluster_through_list_watch_errors_and_relists() {
 }
 
 #[tokio::test]
+async fn namespaces_services_endpoint_slices_and_service_accounts_follow_add_modify_delete() {
+    let api = Arc::new(FakeApi::default());
+    api.set_list(NAMESPACES, vec![namespace("shop", false)]);
+    api.set_list(PODS, vec![pod("web", Some("10.244.1.2"), json!({"app": "web"}))]);
+    api.set_list(SERVICES, vec![service()]);
+    let mut rx = start(api.clone());
+    wait_for(&mut rx, "the initial list", |s| s.workloads.len() == 1 && s.services.len() == 1).await;
+
+    // Namespace: modified (enrolled), deleted.
+    api.push(NAMESPACES, "MODIFIED", namespace("shop", true));
+    wait_for(&mut rx, "an enrolled namespace", |s| s.workloads["uid-web"].captured).await;
+    api.push(NAMESPACES, "ADDED", namespace("extra", true));
+    api.push(NAMESPACES, "DELETED", namespace("shop", true));
+    wait_for(&mut rx, "a deleted namespace", |s| !s.workloads["uid-web"].captured).await;
+
+    // Service: added, modified, deleted.
+    let mut other = service();
+    other["metadata"]["name"] = json!("api");
+    other["spec"]["clusterIP"] = json!("10.96.0.20");
+    api.push(SERVICES, "ADDED", other.clone());
+    wait_for(&mut rx, "an added service", |s| s.services.contains_key("shop/api")).await;
+    other["spec"]["clusterIP"] = json!("10.96.0.21");
+    api.push(SERVICES, "MODIFIED", other.clone());
+    wait_for(&mut rx, "a modified service", |s| s.services.get("shop/api").is_some_and(|v| v.vip == "10.96.0.21"))
+        .await;
+    api.push(SERVICES, "DELETED", other);
+    wait_for(&mut rx, "a deleted service", |s| !s.services.contains_key("shop/api")).await;
+
+    // EndpointSlice: once web has one, its endpoints come from it (not from the selector).
+    api.push(SLICES, "ADDED", endpoint_slice("web-abc", false));
+    let s = wait_for(&mut rx, "endpoints from the slice", |s| s.services["shop/web"].endpoints.len() == 2).await;
+    let eps = &s.services["shop/web"].endpoints;
+    assert_eq!((eps[0].ip.as_str(), eps[0].ready, eps[0].workload_uid.as_str()), ("10.244.1.2", false, "uid-web"));
+    assert_eq!(eps[0].target_ports.get(&80), Some(&8080));
+    assert_eq!((eps[1].ip.as_str(), eps[1].ready, eps[1].workload_uid.as_str()), ("10.244.9.9", true, ""));
+    api.push(SLICES, "MODIFIED", endpoint_slice("web-abc", true));
+    wait_for(&mut rx, "a modified slice", |s| s.services["shop/web"].endpoints[0].ready).await;
+    api.push(SLICES, "DELETED", endpoint_slice("web-abc", true));
+    let s = wait_for(&mut rx, "a deleted slice", |s| s.services["shop/web"].endpoints.len() == 1).await;
+    assert_eq!(s.services["shop/web"].endpoints[0].ip, "10.244.1.2", "back to the selector");
+    // A slice without its service label is rejected, named, and the rest keeps working.
+    let mut unlabeled = endpoint_slice("orphan", true);
+    unlabeled["metadata"]["labels"] = json!({});
+    api.push(SLICES, "ADDED", unlabeled);
+    api.push(SERVICE_ACCOUNTS, "ADDED", service_account("shop", "web"));
+    let s = wait_for(&mut rx, "an added service account", |s| s.service_accounts.contains("shop/web")).await;
+    assert_eq!(s.services["shop/web"].endpoints.len(), 1, "the bad slice changed nothing");
+
+    // ServiceAccount: modified stays, deleted goes.
+    let mut sa = service_account("shop", "web");
+    sa["metadata"]["labels"] = json!({"team": "a"});
+    api.push(SERVICE_ACCOUNTS, "MODIFIED", sa.clone());
+    api.push(SERVICE_ACCOUNTS, "ADDED", service_account("shop", "db"));
+    wait_for(&mut rx, "a second service account", |s| s.service_accounts.len() == 2).await;
+    api.push(SERVICE_ACCOUNTS, "DELETED", sa);
+    let s = wait_for(&mut rx, "a deleted service account", |s| s.service_accounts.len() == 1).await;
+    assert!(s.service_accounts.contains("shop/db"));
+}
+
+#[tokio::test]
 async fn the_same_objects_give_the_same_model_through_either_source() {
     let objects = [
         namespace("shop", true),
@@ -239,6 +317,11 @@ async fn the_same_objects_give_the_same_model_through_either_source() {
         service(),
         authorization_policy("allow-web", "ALLOW"),
         strict_peer_authentication(),
+        endpoint_slice("web-abc", true),
+        service_account("shop", "default"),
+        service_account("shop", "web"),
+        service_account("shop", "db"),
+        service_account("legacy", "default"),
     ];
     // Directory source: the same objects as YAML files.
     let dir = tempfile::tempdir().unwrap();
@@ -255,11 +338,21 @@ async fn the_same_objects_give_the_same_model_through_either_source() {
     api.set_list(NAMESPACES, objects[..2].to_vec());
     api.set_list(PODS, objects[2..4].to_vec());
     api.set_list(SERVICES, vec![objects[4].clone()]);
+    api.set_list(AUTHZ, vec![objects[5].clone()]);
+    api.set_list(PEER_AUTHN, vec![objects[6].clone()]);
+    api.set_list(SLICES, vec![objects[7].clone()]);
+    api.set_list(SERVICE_ACCOUNTS, objects[8..].to_vec());
     let mut rx = start(api);
-    let from_kube =
-        wait_for(&mut rx, "the Kubernetes model", |s| s.workloads.len() == 2 && s.services.len() == 1).await;
-    assert_eq!(from_kube.workloads, from_dir.workloads);
-    assert_eq!(from_kube.services, from_dir.services);
+    let from_kube = wait_for(&mut rx, "the Kubernetes model", |s| {
+        s.workloads.len() == 2
+            && s.services.get("shop/web").is_some_and(|v| v.endpoints.len() == 2)
+            && s.authorization_policies.len() == 1
+            && s.peer_authentications.len() == 1
+            && s.service_accounts.len() == 4
+    })
+    .await;
+    assert_eq!(from_dir.services["shop/web"].endpoints.len(), 2, "the slice decides the endpoints in both");
+    assert_eq!(*from_kube, Snapshot { version: from_kube.version, ..(*from_dir).clone() });
 }
 
 /// Against a real cluster:

@@ -1,4 +1,5 @@
-//! Kubernetes source: kube reflectors on Namespaces, Pods, Services and the ferrymesh
+//! Kubernetes source: kube reflectors on Namespaces, Pods, Services, EndpointSlices,
+//! ServiceAccounts and the ferrymesh
 //! AuthorizationPolicy and PeerAuthentication custom resources feed the same translation as the
 //! directory source ([`super::local`]), so the same objects give the same
 //! model through either. An object that fails translation keeps its last good version; a pod
@@ -14,7 +15,10 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 
-use super::local::{model_of, namespace_from, pod_from, service_from, ConfigError, Object, ObjectKey};
+use super::local::{
+    endpoint_slice_from, model_of, namespace_from, pod_from, service_account_from, service_from, ConfigError,
+    EndpointSliceResource, Object, ObjectKey,
+};
 use crate::crd::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use crate::model::Model;
 use crate::snapshot::Publisher;
@@ -28,6 +32,8 @@ pub struct KubeSource {
     namespaces: Store<k8s::Namespace>,
     pods: Store<k8s::Pod>,
     services: Store<k8s::Service>,
+    endpoint_slices: Store<EndpointSliceResource>,
+    service_accounts: Store<k8s::ServiceAccount>,
     authorization_policies: Store<AuthorizationPolicyResource>,
     peer_authentications: Store<PeerAuthenticationResource>,
     good: BTreeMap<ObjectKey, Object>,
@@ -82,6 +88,16 @@ impl KubeSource {
             let result = service_from((*svc).clone(), &k).map(Object::Service);
             add(k, result, &self.good);
         }
+        for slice in self.endpoint_slices.state() {
+            let k = key("EndpointSlice", slice.namespace(), slice.name_any());
+            let result = endpoint_slice_from((*slice).clone(), &k).map(Object::EndpointSlice);
+            add(k, result, &self.good);
+        }
+        for sa in self.service_accounts.state() {
+            let k = key("ServiceAccount", sa.namespace(), sa.name_any());
+            let object = Object::ServiceAccount(service_account_from(&k));
+            add(k, Ok(object), &self.good);
+        }
         for p in self.authorization_policies.state() {
             let k = key("AuthorizationPolicy", p.namespace(), p.name_any());
             let result = p.spec.policy.validate(&k.namespace, &k.name).map(Object::AuthorizationPolicy);
@@ -121,14 +137,26 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
     let (namespaces, ns_writer) = reflector::store();
     let (pods, pod_writer) = reflector::store();
     let (services, svc_writer) = reflector::store();
+    let (endpoint_slices, slice_writer) = reflector::store();
+    let (service_accounts, sa_writer) = reflector::store();
     let (authorization_policies, authz_writer) = reflector::store();
     let (peer_authentications, peer_writer) = reflector::store();
-    let mut source =
-        KubeSource { namespaces, pods, services, authorization_policies, peer_authentications, good: BTreeMap::new() };
+    let mut source = KubeSource {
+        namespaces,
+        pods,
+        services,
+        endpoint_slices,
+        service_accounts,
+        authorization_policies,
+        peer_authentications,
+        good: BTreeMap::new(),
+    };
     let mut events = futures::stream::select_all([
         changes(Api::<k8s::Namespace>::all(client.clone()), ns_writer).boxed(),
         changes(Api::<k8s::Pod>::all(client.clone()), pod_writer).boxed(),
         changes(Api::<k8s::Service>::all(client.clone()), svc_writer).boxed(),
+        changes(Api::<EndpointSliceResource>::all(client.clone()), slice_writer).boxed(),
+        changes(Api::<k8s::ServiceAccount>::all(client.clone()), sa_writer).boxed(),
         changes(Api::<AuthorizationPolicyResource>::all(client.clone()), authz_writer).boxed(),
         changes(Api::<PeerAuthenticationResource>::all(client), peer_writer).boxed(),
     ]);

@@ -18,7 +18,10 @@ use serde_yaml::Value;
 use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
 
-use crate::model::{Model, Namespace, Pod, Service, ServicePort, TargetPort, NETNS_ANNOTATION};
+use crate::model::{
+    EndpointSlice, Model, Namespace, Pod, Service, ServiceAccount, ServicePort, SliceEndpoint, TargetPort,
+    NETNS_ANNOTATION,
+};
 
 /// A config object that was rejected, named by file, object and field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +74,8 @@ pub(super) enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
     Service(Service),
+    EndpointSlice(EndpointSlice),
+    ServiceAccount(ServiceAccount),
 }
 
 /// A ferrymesh.io custom resource: Kubernetes metadata and a typed spec.
@@ -222,8 +227,21 @@ impl DirSource {
         }
     }
 
+    /// The model of the good objects. A directory has no admission control to guarantee what
+    /// the API server does: every namespace's `default` ServiceAccount and those its pods name
+    /// exist, declared or not.
     fn model(&self) -> Model {
-        model_of(self.good.values().map(|l| &l.object))
+        let mut model = model_of(self.good.values().map(|l| &l.object));
+        let implicit: Vec<(String, String)> = (model.namespaces.keys().map(|ns| (ns.clone(), "default".to_string())))
+            .chain(model.pods.values().map(|p| (p.namespace.clone(), p.service_account.clone())))
+            .collect();
+        for (namespace, name) in implicit {
+            model
+                .service_accounts
+                .entry(format!("{namespace}/{name}"))
+                .or_insert_with(|| ServiceAccount { namespace, name });
+        }
+        model
     }
 }
 
@@ -246,6 +264,12 @@ pub(super) fn model_of<'a>(objects: impl Iterator<Item = &'a Object>) -> Model {
             }
             Object::Service(svc) => {
                 model.services.insert(format!("{}/{}", svc.namespace, svc.name), svc.clone());
+            }
+            Object::EndpointSlice(slice) => {
+                model.endpoint_slices.insert(format!("{}/{}", slice.namespace, slice.name), slice.clone());
+            }
+            Object::ServiceAccount(sa) => {
+                model.service_accounts.insert(format!("{}/{}", sa.namespace, sa.name), sa.clone());
             }
         }
     }
@@ -314,6 +338,11 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         ("v1", "Namespace") => strict::<k8s::Namespace>(doc).map(|ns| Object::Namespace(namespace_from(ns, &key))),
         ("v1", "Pod") => strict::<k8s::Pod>(doc).and_then(|pod| pod_from(pod, &key).map(Object::Pod)),
         ("v1", "Service") => strict::<k8s::Service>(doc).and_then(|svc| service_from(svc, &key).map(Object::Service)),
+        ("v1", "ServiceAccount") => {
+            strict::<k8s::ServiceAccount>(doc).map(|_| Object::ServiceAccount(service_account_from(&key)))
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => strict::<EndpointSliceResource>(doc)
+            .and_then(|slice| endpoint_slice_from(slice, &key).map(Object::EndpointSlice)),
         (FERRYMESH_V1ALPHA1, "AuthorizationPolicy") => strict::<CustomResource<AuthorizationPolicySpec>>(doc).and_then(|cr| {
             cr.spec
                 .validate(&key.namespace, &key.name)
@@ -327,7 +356,7 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         _ => Err((
             Some("kind".into()),
             format!(
-                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod and Service, {FERRYMESH_V1ALPHA1} AuthorizationPolicy and PeerAuthentication)"
+                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy and PeerAuthentication)"
             ),
         )),
     };
@@ -363,6 +392,60 @@ fn field_path(path: &serde_ignored::Path<'_>) -> String {
         },
         Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
     }
+}
+
+/// Label naming the Service an EndpointSlice belongs to.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+pub(super) use k8s_openapi::api::discovery::v1::EndpointSlice as EndpointSliceResource;
+
+pub(super) fn service_account_from(key: &ObjectKey) -> ServiceAccount {
+    ServiceAccount { namespace: key.namespace.clone(), name: key.name.clone() }
+}
+
+pub(super) fn endpoint_slice_from(
+    slice: EndpointSliceResource,
+    key: &ObjectKey,
+) -> Result<EndpointSlice, (Option<String>, String)> {
+    let labels = slice.metadata.labels.unwrap_or_default();
+    let Some(service) = labels.get(SERVICE_NAME_LABEL).filter(|s| !s.is_empty()) else {
+        return Err((
+            Some(format!("metadata.labels.{SERVICE_NAME_LABEL}")),
+            "missing; it names the Service the slice belongs to".into(),
+        ));
+    };
+    if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+        return Err((Some("addressType".into()), format!("{} is not supported (IPv4 or IPv6)", slice.address_type)));
+    }
+    let mut ports = BTreeMap::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let Some(port) = p.port else { continue };
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| (Some(format!("ports[{i}].port")), format!("{port} is not a port number")))?;
+        ports.insert(p.name.clone().unwrap_or_default(), port);
+    }
+    let mut endpoints = Vec::new();
+    for (i, e) in slice.endpoints.iter().enumerate() {
+        let Some(address) = e.addresses.first() else { continue };
+        let ip = address.parse::<IpAddr>().map_err(|err| {
+            (Some(format!("endpoints[{i}].addresses[0]")), format!("{address:?} is not an IP address: {err}"))
+        })?;
+        let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        let pod_uid = e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.uid.clone());
+        endpoints.push(SliceEndpoint { ip, ready, pod_uid });
+    }
+    Ok(EndpointSlice {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        service: service.clone(),
+        ports,
+        endpoints,
+    })
 }
 
 pub(super) fn namespace_from(ns: k8s::Namespace, key: &ObjectKey) -> Namespace {
@@ -651,6 +734,40 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].object.as_deref(), Some("Service shop/web"));
         assert_eq!(errors[0].field.as_deref(), Some("spec.clusterIP"));
+    }
+
+    #[test]
+    fn endpoint_slices_and_service_accounts_are_read_and_their_bad_fields_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: shop\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n- name: http\n  port: 8080\nendpoints:\n- addresses: [10.244.1.7]\n  conditions:\n    ready: false\n";
+        let sa = "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: robot\n  namespace: shop\n";
+        write(dir.path(), "all.yaml", &format!("{NS_ON}---\n{slice}---\n{sa}"));
+        let mut source = DirSource::new(dir.path());
+        let (model, errors) = source.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        let s = &model.endpoint_slices["shop/web-1"];
+        assert_eq!((s.service.as_str(), s.ports.get("http")), ("web", Some(&8080)));
+        assert_eq!((s.endpoints[0].ip.to_string(), s.endpoints[0].ready), ("10.244.1.7".to_string(), false));
+        let accounts: Vec<&String> = model.service_accounts.keys().collect();
+        assert_eq!(accounts, ["shop/default", "shop/robot"], "declared, and the namespace's default");
+        let cases = [
+            (
+                slice.replace("    kubernetes.io/service-name: web\n", "    x: y\n"),
+                "metadata.labels.kubernetes.io/service-name",
+            ),
+            (slice.replace("addressType: IPv4", "addressType: FQDN"), "addressType"),
+            (slice.replace("10.244.1.7", "10.244.1.x"), "endpoints[0].addresses[0]"),
+            (slice.replace("  port: 8080", "  port: 70000"), "ports[0].port"),
+            (slice.replace("addressType: IPv4", "adressType: IPv4"), "adressType"),
+        ];
+        for (bad, field) in cases {
+            write(dir.path(), "all.yaml", &format!("{NS_ON}---\n{bad}---\n{sa}"));
+            let (after, errors) = source.reload();
+            assert_eq!(errors.len(), 1, "{field}: {errors:?}");
+            assert_eq!(errors[0].object.as_deref(), Some("EndpointSlice shop/web-1"), "{field}");
+            assert_eq!(errors[0].field.as_deref(), Some(field), "{}", errors[0]);
+            assert_eq!(after, model, "{field}: the last good slice stays");
+        }
     }
 
     #[test]

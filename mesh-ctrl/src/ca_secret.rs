@@ -1,0 +1,80 @@
+//! The mesh CA root in a Kubernetes Secret (`mesh-ctrl --kubernetes`): read at start, or
+//! generated and created when absent, so every replica and every restart signs with the same
+//! root. Two replicas starting together both try to create it; the loser reads the winner's.
+//! Keys are Istio's: `ca-cert.pem` and `ca-key.pem`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use kube::api::PostParams;
+use kube::{Api, Client};
+
+use crate::ca::Ca;
+
+/// Default name of the Secret.
+pub const CA_SECRET: &str = "ferrymesh-ca";
+const CERT_KEY: &str = "ca-cert.pem";
+const KEY_KEY: &str = "ca-key.pem";
+
+/// The CA whose root is in Secret `namespace/name`, creating the Secret with a new root for
+/// `trust_domain` when there is none.
+pub async fn load_or_create(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    trust_domain: &str,
+    ttl: Duration,
+) -> anyhow::Result<Ca> {
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let what = format!("Secret {namespace}/{name}");
+    for _ in 0..2 {
+        if let Some(secret) = api.get_opt(name).await.with_context(|| format!("cannot read the CA {what}"))? {
+            return from_secret(&secret, &what, ttl);
+        }
+        let (cert_pem, key_pem) = Ca::generate_root(trust_domain)?;
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some(namespace.to_string()),
+                labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".into(), "ferrymesh".into())])),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([
+                (CERT_KEY.to_string(), ByteString(cert_pem.into_bytes())),
+                (KEY_KEY.to_string(), ByteString(key_pem.into_bytes())),
+            ])),
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(created) => {
+                tracing::info!(secret = %what, "generated a new mesh root CA");
+                return from_secret(&created, &what, ttl);
+            }
+            // Another replica created it first: read theirs.
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create the CA {what}")),
+        }
+    }
+    anyhow::bail!("the CA {what} was created by someone else but cannot be read back")
+}
+
+fn from_secret(secret: &Secret, what: &str, ttl: Duration) -> anyhow::Result<Ca> {
+    let field = |key: &str| -> anyhow::Result<(PathBuf, String)> {
+        let origin = PathBuf::from(format!("{what} data.{key}"));
+        let bytes =
+            secret.data.as_ref().and_then(|d| d.get(key)).with_context(|| {
+                format!("{}: missing (the CA Secret holds {CERT_KEY} and {KEY_KEY})", origin.display())
+            })?;
+        let text = String::from_utf8(bytes.0.clone()).with_context(|| format!("{}: not PEM text", origin.display()))?;
+        Ok((origin, text))
+    };
+    let (cert_origin, cert_pem) = field(CERT_KEY)?;
+    let (key_origin, key_pem) = field(KEY_KEY)?;
+    Ok(Ca::from_root_pem(&cert_origin, &cert_pem, &key_origin, &key_pem, ttl)?)
+}

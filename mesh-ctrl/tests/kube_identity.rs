@@ -1,0 +1,300 @@
+//! Kubernetes identity of agents against a fake API server on kube's tower-test mock: the CA
+//! root in a Secret (created when absent, read when present, the loser of a creation race
+//! reading the winner's) and TokenReview-based node authorization for certificates over real
+//! gRPC on loopback.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferrymesh_api::ca::certificates_client::CertificatesClient;
+use ferrymesh_api::ca::CreateCertificateRequest;
+use http::{Request, Response, StatusCode};
+use kube::client::Body;
+use kube::Client;
+use mesh_ctrl::ca_secret;
+use mesh_ctrl::certs::{CertificateService, NodeAuth};
+use mesh_ctrl::model::{Model, Namespace, Pod, ServiceAccount};
+use mesh_ctrl::snapshot::Publisher;
+use mesh_ctrl::token_review::TokenReviewer;
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use serde_json::{json, Value};
+use tonic::Code;
+
+const SECRETS: &str = "/api/v1/namespaces/ferrymesh-system/secrets";
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+const AGENT: &str = "system:serviceaccount:ferrymesh-system:ferrymesh-agent";
+
+/// The API objects the fake server holds, and what it was asked.
+#[derive(Default)]
+struct FakeApi {
+    secrets: Mutex<HashMap<String, Value>>,
+    /// A Secret another replica creates just before ours (the creation race).
+    racing_secret: Mutex<Option<Value>>,
+    /// token -> TokenReview status.
+    reviews: HashMap<String, Value>,
+    /// Agent pods by name.
+    pods: HashMap<String, Value>,
+    review_calls: Mutex<usize>,
+    audiences: Mutex<Vec<Value>>,
+}
+
+fn reply(status: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder().status(status).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap()
+}
+
+fn failure(code: u16, reason: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason, "message": reason, "code": code})
+}
+
+impl FakeApi {
+    async fn answer(&self, request: Request<Body>) -> Response<Body> {
+        let (parts, body) = request.into_parts();
+        let body = body.collect_bytes().await.unwrap();
+        let path = parts.uri.path().to_string();
+        let not_found = || reply(StatusCode::NOT_FOUND, &failure(404, "NotFound"));
+        match (parts.method.as_str(), path.as_str()) {
+            ("GET", p) if p.starts_with(SECRETS) => {
+                let name = p.rsplit('/').next().unwrap();
+                match self.secrets.lock().unwrap().get(name) {
+                    Some(s) => reply(StatusCode::OK, s),
+                    None => not_found(),
+                }
+            }
+            ("POST", SECRETS) => {
+                let mut secret: Value = serde_json::from_slice(&body).unwrap();
+                let name = secret["metadata"]["name"].as_str().unwrap().to_string();
+                if let Some(theirs) = self.racing_secret.lock().unwrap().take() {
+                    self.secrets.lock().unwrap().insert(name, theirs);
+                    return reply(StatusCode::CONFLICT, &failure(409, "AlreadyExists"));
+                }
+                secret["metadata"]["uid"] = json!("secret-uid");
+                self.secrets.lock().unwrap().insert(name, secret.clone());
+                reply(StatusCode::CREATED, &secret)
+            }
+            ("POST", TOKEN_REVIEWS) => {
+                *self.review_calls.lock().unwrap() += 1;
+                let mut review: Value = serde_json::from_slice(&body).unwrap();
+                self.audiences.lock().unwrap().push(review["spec"]["audiences"].clone());
+                let token = review["spec"]["token"].as_str().unwrap_or_default().to_string();
+                review["status"] = self.reviews.get(&token).cloned().unwrap_or_else(
+                    || json!({"authenticated": false, "error": "invalid bearer token, token lookup failed"}),
+                );
+                reply(StatusCode::CREATED, &review)
+            }
+            ("GET", p) if p.starts_with("/api/v1/namespaces/ferrymesh-system/pods/") => {
+                match self.pods.get(p.rsplit('/').next().unwrap()) {
+                    Some(pod) => reply(StatusCode::OK, pod),
+                    None => not_found(),
+                }
+            }
+            _ => not_found(),
+        }
+    }
+}
+
+fn client(api: Arc<FakeApi>) -> Client {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let api = api.clone();
+            tokio::spawn(async move { send.send_response(api.answer(request).await) });
+        }
+    });
+    Client::new(service, "default")
+}
+
+fn secret_pem(api: &FakeApi, key: &str) -> String {
+    let secrets = api.secrets.lock().unwrap();
+    let encoded = secrets["ferrymesh-ca"]["data"][key].as_str().unwrap().to_string();
+    let bytes: k8s_openapi::ByteString = serde_json::from_value(json!(encoded)).unwrap();
+    String::from_utf8(bytes.0).unwrap()
+}
+
+/// PEM as rcgen writes it (the CA re-encodes certificates with CRLF line ends).
+fn unix(pem: &str) -> String {
+    pem.replace("\r\n", "\n")
+}
+
+#[tokio::test]
+async fn the_ca_root_lives_in_a_secret_created_when_absent() {
+    let api = Arc::new(FakeApi::default());
+    let ttl = Duration::from_secs(3600);
+    let first =
+        ca_secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+            .await
+            .unwrap();
+    let stored_cert = secret_pem(&api, "ca-cert.pem");
+    assert!(secret_pem(&api, "ca-key.pem").contains("BEGIN PRIVATE KEY"));
+    assert_eq!(unix(first.roots_pem()), stored_cert, "the CA signs with the root it stored");
+    // A restart (or a second replica) reads the same root rather than making a new one.
+    let again =
+        ca_secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+            .await
+            .unwrap();
+    assert_eq!(unix(again.roots_pem()), stored_cert);
+
+    // Creation race: another replica creates the Secret between our read and our create.
+    let (their_cert, their_key) = mesh_ctrl::ca::Ca::generate_root("cluster.local").unwrap();
+    let racing = Arc::new(FakeApi::default());
+    let encode = |pem: &str| serde_json::to_value(k8s_openapi::ByteString(pem.as_bytes().to_vec())).unwrap();
+    *racing.racing_secret.lock().unwrap() = Some(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "ferrymesh-ca", "namespace": "ferrymesh-system"},
+        "data": {"ca-cert.pem": encode(&their_cert), "ca-key.pem": encode(&their_key)},
+    }));
+    let ours = ca_secret::load_or_create(client(racing), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+        .await
+        .unwrap();
+    assert_eq!(unix(ours.roots_pem()), their_cert, "the loser of the race signs with the winner's root");
+
+    // A Secret without the key is named precisely; nothing is generated over it.
+    let broken = Arc::new(FakeApi::default());
+    broken.secrets.lock().unwrap().insert(
+        "ferrymesh-ca".into(),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ferrymesh-ca"}, "data": {"ca-cert.pem": encode(&their_cert)}}),
+    );
+    let e = ca_secret::load_or_create(client(broken.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Secret ferrymesh-system/ferrymesh-ca data.ca-key.pem: missing (the CA Secret holds ca-cert.pem and ca-key.pem)"
+    );
+    assert!(broken.secrets.lock().unwrap()["ferrymesh-ca"]["data"].get("ca-key.pem").is_none());
+}
+
+fn pod(name: &str, node: &str) -> Pod {
+    Pod {
+        uid: name.into(),
+        name: name.into(),
+        namespace: "shop".into(),
+        node: node.into(),
+        service_account: name.into(),
+        ip: "10.244.1.2".parse().unwrap(),
+        netns: String::new(),
+        labels: BTreeMap::new(),
+        container_ports: BTreeMap::new(),
+        ready: true,
+    }
+}
+
+fn csr() -> String {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
+}
+
+fn authenticated(username: &str, extra: Value) -> Value {
+    json!({"authenticated": true, "audiences": ["ferrymesh"], "user": {"username": username, "extra": extra}})
+}
+
+#[tokio::test]
+async fn agent_tokens_are_checked_with_token_review_and_bound_to_their_node() {
+    let mut api = FakeApi::default();
+    // Node A's agent: the API server reports the node with the token (Kubernetes 1.30+).
+    api.reviews.insert(
+        "token-agent-a".into(),
+        authenticated(
+            AGENT,
+            json!({"authentication.kubernetes.io/node-name": ["node-a"], "authentication.kubernetes.io/pod-name": ["agent-a"]}),
+        ),
+    );
+    // Node B's agent on an older API server: only pod name and UID; the pod gives the node.
+    api.reviews.insert(
+        "token-agent-b".into(),
+        authenticated(
+            AGENT,
+            json!({"authentication.kubernetes.io/pod-name": ["agent-b"], "authentication.kubernetes.io/pod-uid": ["uid-b"]}),
+        ),
+    );
+    api.pods.insert(
+        "agent-b".into(),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "agent-b", "namespace": "ferrymesh-system", "uid": "uid-b"}, "spec": {"nodeName": "node-b", "containers": []}}),
+    );
+    // A token of a pod that was replaced by another of the same name.
+    api.reviews.insert(
+        "token-stale".into(),
+        authenticated(
+            AGENT,
+            json!({"authentication.kubernetes.io/pod-name": ["agent-b"], "authentication.kubernetes.io/pod-uid": ["uid-old"]}),
+        ),
+    );
+    // A valid token of another service account.
+    api.reviews.insert(
+        "token-other-sa".into(),
+        authenticated("system:serviceaccount:shop:web", json!({"authentication.kubernetes.io/node-name": ["node-a"]})),
+    );
+    let api = Arc::new(api);
+    let kube = client(api.clone());
+
+    let ca = ca_secret::load_or_create(
+        kube.clone(),
+        "ferrymesh-system",
+        "ferrymesh-ca",
+        "cluster.local",
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let (publisher, snapshots) = Publisher::new();
+    let mut model = Model::default();
+    model.namespaces.insert("shop".into(), Namespace { name: "shop".into(), labels: BTreeMap::new() });
+    model.pods.insert("web".into(), pod("web", "node-a"));
+    model.pods.insert("db".into(), pod("db", "node-b"));
+    for sa in ["web", "db"] {
+        model
+            .service_accounts
+            .insert(format!("shop/{sa}"), ServiceAccount { namespace: "shop".into(), name: sa.into() });
+    }
+    publisher.publish(&model);
+    let reviewer = TokenReviewer::new(kube, "ferrymesh-system", "ferrymesh-agent");
+    let service =
+        CertificateService::new(Arc::new(ca), NodeAuth::TokenReview(reviewer), "cluster.local".into(), snapshots);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut certs = CertificatesClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut ask = async |sa: &str, token: &str| {
+        let mut request = tonic::Request::new(CreateCertificateRequest {
+            csr_pem: csr(),
+            namespace: "shop".into(),
+            service_account: sa.into(),
+        });
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        certs.create_certificate(request).await
+    };
+
+    let web = ask("web", "token-agent-a").await.unwrap().into_inner();
+    assert_eq!(web.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+    let refused = ask("db", "token-agent-a").await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(refused.message().starts_with("node node-a runs no pod with identity"), "{}", refused.message());
+    assert!(ask("db", "token-agent-b").await.is_ok(), "node B's agent, bound through its pod");
+    assert_eq!(ask("web", "token-agent-b").await.unwrap_err().code(), Code::PermissionDenied);
+
+    let invalid = ask("web", "not-a-token").await.unwrap_err();
+    assert_eq!(invalid.code(), Code::Unauthenticated);
+    assert_eq!(
+        invalid.message(),
+        "the Kubernetes API rejected the agent's token: invalid bearer token, token lookup failed"
+    );
+    let other = ask("web", "token-other-sa").await.unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied);
+    assert_eq!(
+        other.message(),
+        "the token belongs to system:serviceaccount:shop:web, not to the agent's service account system:serviceaccount:ferrymesh-system:ferrymesh-agent"
+    );
+    let stale = ask("db", "token-stale").await.unwrap_err();
+    assert_eq!(stale.code(), Code::PermissionDenied);
+    assert_eq!(stale.message(), "the token's pod ferrymesh-system/agent-b no longer exists");
+
+    // Every review asked for the ferrymesh audience; a repeated token is answered from cache.
+    assert!(api.audiences.lock().unwrap().iter().all(|a| *a == json!(["ferrymesh"])));
+    let calls = *api.review_calls.lock().unwrap();
+    assert!(ask("web", "token-agent-a").await.is_ok());
+    assert_eq!(*api.review_calls.lock().unwrap(), calls, "cached");
+}
