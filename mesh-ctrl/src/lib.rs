@@ -7,6 +7,7 @@ pub mod ca_secret;
 pub mod certs;
 pub mod crd;
 pub mod model;
+pub mod schema;
 pub mod server;
 pub mod snapshot;
 pub mod source;

@@ -113,6 +113,23 @@ impl KubeSource {
     }
 }
 
+/// The API resources the source lists and watches, as (API group, plural): what the mesh-ctrl
+/// ClusterRole in `manifests/` must grant (a test checks it does).
+pub fn watched_resources() -> Vec<(String, String)> {
+    fn of<K: kube::Resource<DynamicType = ()>>() -> (String, String) {
+        (K::group(&()).into_owned(), K::plural(&()).into_owned())
+    }
+    vec![
+        of::<k8s::Namespace>(),
+        of::<k8s::Pod>(),
+        of::<k8s::Service>(),
+        of::<EndpointSliceResource>(),
+        of::<k8s::ServiceAccount>(),
+        of::<AuthorizationPolicyResource>(),
+        of::<PeerAuthenticationResource>(),
+    ]
+}
+
 /// A reflected watch of `api` whose items are `()` for every change that needs a rebuild (not
 /// for each object of an initial list, only once it is complete).
 fn changes<K>(api: Api<K>, writer: reflector::store::Writer<K>) -> impl Stream<Item = Result<(), watcher::Error>> + Send

@@ -11,7 +11,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1 as k8s;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -22,6 +21,7 @@ use crate::model::{
     EndpointSlice, Model, Namespace, Pod, Service, ServiceAccount, ServicePort, SliceEndpoint, TargetPort,
     NETNS_ANNOTATION,
 };
+use crate::schema::strict;
 
 /// A config object that was rejected, named by file, object and field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -361,37 +361,6 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         )),
     };
     parsed.map(|object| (key, object)).map_err(|(field, message)| error(field, message))
-}
-
-/// Deserializes `doc` as `T`, rejecting fields the Kubernetes schema does not have.
-fn strict<T: DeserializeOwned>(doc: Value) -> Result<T, (Option<String>, String)> {
-    let mut unknown = Vec::new();
-    let mut record = |path: serde_ignored::Path<'_>| unknown.push(field_path(&path));
-    let de = serde_ignored::Deserializer::new(doc, &mut record);
-    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = (path != ".").then_some(path);
-        (field, e.into_inner().to_string())
-    })?;
-    match unknown.into_iter().next() {
-        Some(field) => Err((Some(field), "unknown field (not in the Kubernetes schema)".into())),
-        None => Ok(value),
-    }
-}
-
-/// `spec.containers[0].name` form of a serde_ignored path (its own Display marks each
-/// `Option` with `?`, which means nothing to an operator).
-fn field_path(path: &serde_ignored::Path<'_>) -> String {
-    use serde_ignored::Path;
-    match path {
-        Path::Root => String::new(),
-        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
-        Path::Map { parent, key } => match field_path(parent) {
-            p if p.is_empty() => key.clone(),
-            p => format!("{p}.{key}"),
-        },
-        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
-    }
 }
 
 /// Label naming the Service an EndpointSlice belongs to.

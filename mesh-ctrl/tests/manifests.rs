@@ -1,0 +1,239 @@
+//! Offline validation of `manifests/` (no API server can run here): every object against the
+//! Kubernetes schema (k8s-openapi types, unknown fields rejected), RBAC against what mesh-ctrl
+//! really watches and calls, the DaemonSet's token against what TokenReview checks, names that
+//! refer to each other, and container flags against the binaries' own `--help`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use mesh_ctrl::schema::strict;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+fn manifest(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The objects of one manifest file, each checked against its Kubernetes type.
+#[derive(Default)]
+struct Objects {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
+    deployments: Vec<Deployment>,
+    daemon_sets: Vec<DaemonSet>,
+    services: Vec<Service>,
+    crds: Vec<CustomResourceDefinition>,
+}
+
+/// Parses and validates every document of `text`; the first error names document, object and
+/// field.
+fn validate(text: &str) -> Result<Objects, String> {
+    let mut objects = Objects::default();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc = Value::deserialize(doc).map_err(|e| format!("document {i}: invalid YAML: {e}"))?;
+        if doc.is_null() {
+            continue;
+        }
+        let api_version = doc["apiVersion"].as_str().unwrap_or_default().to_string();
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        let name = doc["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let named = |(field, message): (Option<String>, String)| {
+            format!("document {i} ({kind} {name}): field {}: {message}", field.unwrap_or_else(|| ".".into()))
+        };
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Namespace") => objects.namespaces.push(strict(doc).map_err(named)?),
+            ("v1", "ServiceAccount") => objects.service_accounts.push(strict(doc).map_err(named)?),
+            ("v1", "Service") => objects.services.push(strict(doc).map_err(named)?),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => objects.cluster_roles.push(strict(doc).map_err(named)?),
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                objects.cluster_role_bindings.push(strict(doc).map_err(named)?)
+            }
+            ("rbac.authorization.k8s.io/v1", "Role") => objects.roles.push(strict(doc).map_err(named)?),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => objects.role_bindings.push(strict(doc).map_err(named)?),
+            ("apps/v1", "Deployment") => objects.deployments.push(strict(doc).map_err(named)?),
+            ("apps/v1", "DaemonSet") => objects.daemon_sets.push(strict(doc).map_err(named)?),
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => objects.crds.push(strict(doc).map_err(named)?),
+            _ => return Err(format!("document {i}: {api_version} {kind} is not a kind this test knows")),
+        }
+    }
+    Ok(objects)
+}
+
+fn grants(rules: &[PolicyRule], group: &str, resource: &str, verb: &str, name: Option<&str>) -> bool {
+    rules.iter().any(|r| {
+        r.api_groups.iter().flatten().any(|g| g == group)
+            && r.resources.iter().flatten().any(|x| x == resource)
+            && r.verbs.iter().any(|v| v == verb || v == "*")
+            && match (&r.resource_names, name) {
+                (None, _) => true,
+                (Some(names), Some(n)) => names.iter().any(|x| x == n),
+                (Some(_), None) => false,
+            }
+    })
+}
+
+fn pod_spec(template: &k8s_openapi::api::core::v1::PodTemplateSpec) -> &PodSpec {
+    template.spec.as_ref().expect("a pod template has a spec")
+}
+
+/// `--flag=value` arguments of a container, as flag -> value.
+fn flags(container: &Container) -> BTreeMap<String, String> {
+    container
+        .args
+        .iter()
+        .flatten()
+        .map(|a| {
+            let (flag, value) = a.split_once('=').unwrap_or((a, ""));
+            (flag.to_string(), value.to_string())
+        })
+        .collect()
+}
+
+/// Every flag the manifest passes to `binary` is one its `--help` lists.
+fn assert_flags_exist(binary: &str, container: &Container) {
+    let help = Command::new(ferrymesh_testbed::mesh::bin(binary)).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in flags(container).keys() {
+        assert!(
+            help.contains(&format!("{flag} "))
+                || help.contains(&format!("{flag}\n"))
+                || help.contains(&format!("{flag} <")),
+            "{binary} has no flag {flag}"
+        );
+    }
+}
+
+#[test]
+fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
+    let objects = validate(&manifest("ferrymesh.yaml")).unwrap();
+    assert_eq!(objects.namespaces[0].metadata.name.as_deref(), Some("ferrymesh-system"));
+
+    // mesh-ctrl's RBAC covers exactly what the code does with the API.
+    let ctrl = &objects.deployments[0];
+    let ctrl_spec = pod_spec(&ctrl.spec.as_ref().unwrap().template);
+    let ctrl_sa = ctrl_spec.service_account_name.as_deref().unwrap();
+    let binding = objects
+        .cluster_role_bindings
+        .iter()
+        .find(|b| b.subjects.iter().flatten().any(|s| s.kind == "ServiceAccount" && s.name == ctrl_sa))
+        .expect("a ClusterRoleBinding for mesh-ctrl's service account");
+    let role = objects
+        .cluster_roles
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some(binding.role_ref.name.as_str()))
+        .expect("the bound ClusterRole");
+    let rules = role.rules.as_deref().unwrap_or_default();
+    for (group, resource) in mesh_ctrl::source::kube::watched_resources() {
+        for verb in ["list", "watch"] {
+            assert!(grants(rules, &group, &resource, verb, None), "mesh-ctrl may not {verb} {group}/{resource}");
+        }
+    }
+    assert!(grants(rules, "authentication.k8s.io", "tokenreviews", "create", None));
+    let ns_binding = objects
+        .role_bindings
+        .iter()
+        .find(|b| b.subjects.iter().flatten().any(|s| s.name == ctrl_sa))
+        .expect("a RoleBinding for mesh-ctrl in its namespace");
+    let ns_role = objects.roles.iter().find(|r| r.metadata.name.as_deref() == Some(ns_binding.role_ref.name.as_str()));
+    let ns_rules = ns_role.expect("the bound Role").rules.as_deref().unwrap_or_default();
+    assert!(grants(ns_rules, "", "secrets", "get", Some(mesh_ctrl::ca_secret::CA_SECRET)));
+    assert!(grants(ns_rules, "", "secrets", "create", None));
+    assert!(!grants(ns_rules, "", "secrets", "get", Some("some-other-secret")), "mesh-ctrl reads its CA Secret only");
+    assert!(objects.service_accounts.iter().any(|s| s.metadata.name.as_deref() == Some(ctrl_sa)));
+
+    // The agent DaemonSet presents the token TokenReview expects, as the service account
+    // mesh-ctrl accepts.
+    let agent = &objects.daemon_sets[0];
+    let agent_spec = pod_spec(&agent.spec.as_ref().unwrap().template);
+    let agent_sa = agent_spec.service_account_name.as_deref().unwrap();
+    assert!(objects.service_accounts.iter().any(|s| s.metadata.name.as_deref() == Some(agent_sa)));
+    let ctrl_flags = flags(&ctrl_spec.containers[0]);
+    assert_eq!(ctrl_flags["--agent-service-account"], agent_sa);
+    assert!(ctrl_flags.contains_key("--kubernetes"));
+    assert_eq!(agent_spec.host_network, Some(true), "15008 and capture are node-level");
+    assert_eq!(agent_spec.host_pid, Some(true), "netns discovery reads /proc/<pid>/cgroup of pods");
+    let container = &agent_spec.containers[0];
+    assert_eq!(container.security_context.as_ref().and_then(|s| s.privileged), Some(true));
+    let agent_flags = flags(container);
+    let token_volume = agent_spec.volumes.iter().flatten().find(|v| v.projected.is_some()).expect("a projected token");
+    let token_source = token_volume
+        .projected
+        .as_ref()
+        .unwrap()
+        .sources
+        .iter()
+        .flatten()
+        .find_map(|s| s.service_account_token.as_ref())
+        .expect("a serviceAccountToken source");
+    assert_eq!(token_source.audience.as_deref(), Some(mesh_ctrl::token_review::AUDIENCE));
+    let mount = container.volume_mounts.iter().flatten().find(|m| m.name == token_volume.name).unwrap();
+    assert_eq!(agent_flags["--token-file"], format!("{}/{}", mount.mount_path, token_source.path));
+    let cgroup = container.volume_mounts.iter().flatten().any(|m| m.mount_path == "/sys/fs/cgroup");
+    assert!(cgroup, "the agent attaches at the node's cgroup2 root");
+
+    // The agent reaches mesh-ctrl through its Service.
+    let service = &objects.services[0];
+    let svc_name = service.metadata.name.as_deref().unwrap();
+    let svc_ns = service.metadata.namespace.as_deref().unwrap();
+    let svc_spec = service.spec.as_ref().unwrap();
+    let port = svc_spec.ports.as_ref().unwrap()[0].port;
+    assert_eq!(agent_flags["--ctrl"], format!("http://{svc_name}.{svc_ns}.svc:{port}"));
+    let ctrl_labels = ctrl.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    assert!(svc_spec.selector.as_ref().unwrap().iter().all(|(k, v)| ctrl_labels.get(k) == Some(v)));
+    assert!(ctrl_flags["--listen"].ends_with(&format!(":{port}")));
+
+    // Selectors select their own templates.
+    let selects = |selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+                   template: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+        let labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+        selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    let d = ctrl.spec.as_ref().unwrap();
+    assert!(selects(&d.selector, &d.template));
+    let ds = agent.spec.as_ref().unwrap();
+    assert!(selects(&ds.selector, &ds.template));
+
+    // Every flag exists in the binary it is given to.
+    assert_flags_exist("mesh-ctrl", &ctrl_spec.containers[0]);
+    assert_flags_exist("mesh-agent", container);
+}
+
+#[test]
+fn the_crd_manifest_is_valid_kubernetes() {
+    let objects = validate(&manifest("crds.yaml")).unwrap();
+    let names: Vec<&str> = objects.crds.iter().filter_map(|c| c.metadata.name.as_deref()).collect();
+    assert_eq!(names, ["authorizationpolicies.ferrymesh.io", "peerauthentications.ferrymesh.io"]);
+}
+
+/// The validation is not a rubber stamp: a misspelt field or a wrong type in the real manifest
+/// each fail, named. (A missing required scalar is not caught here: k8s-openapi fills it with
+/// its default; the consistency checks above cover the fields that matter to ferrymesh.)
+#[test]
+fn a_broken_manifest_is_rejected_with_the_field_named() {
+    let good = manifest("ferrymesh.yaml");
+    let cases = [
+        (
+            "      hostPID: true",
+            "      hostPid: true",
+            "document 9 (DaemonSet ferrymesh-agent): field spec.template.spec.hostPid",
+        ),
+        ("  replicas: 1", "  replicas: one", "document 7 (Deployment ferrymesh-ctrl): field spec.replicas"),
+        ("  verbs: [create]", "  verbs: create", "document 3 (ClusterRole ferrymesh-ctrl): field rules[3].verbs"),
+    ];
+    for (from, to, want) in cases {
+        assert!(good.contains(from), "{from:?} is in the manifest");
+        let broken = good.replacen(from, to, 1);
+        let e = validate(&broken).err().unwrap_or_else(|| panic!("{to:?} was accepted"));
+        assert!(e.starts_with(want), "{e}");
+    }
+}
