@@ -1,5 +1,5 @@
 //! Inbound authorization at the destination: PeerAuthentication and AuthorizationPolicy,
-//! decided by `ferrymesh-policy` (the same code `meshctl explain` will show), and the registry
+//! decided by `ferrymesh-policy` (the same code `meshctl explain` shows), and the registry
 //! of live inbound connections that a policy change re-evaluates, closing the ones now denied.
 
 use std::collections::HashMap;
@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ferrymesh_policy::{MtlsMode, PolicySet, Request};
+use ferrymesh_policy::{PolicySet, Request};
 use tokio::sync::oneshot;
 
 use crate::state::{State, Workload};
@@ -38,30 +38,19 @@ pub struct Denied {
 /// policy applies), or why it is denied.
 pub fn check(policies: &PolicySet, workload: &Workload, request: &InboundRequest) -> Result<String, Denied> {
     let w = ferrymesh_policy::Workload { namespace: &workload.namespace, labels: &workload.labels };
-    if !request.mtls {
-        if let (MtlsMode::Strict, by) = policies.mtls_mode(&w) {
-            let by = by.unwrap_or_default();
-            return Err(Denied {
-                reason: format!("plaintext refused: PeerAuthentication {by} requires mTLS (STRICT)"),
-                policy: by,
-            });
-        }
-    }
     // Istio principals are SPIFFE IDs without the scheme.
     let principal = request.source_identity.as_deref().map(|id| id.strip_prefix("spiffe://").unwrap_or(id));
-    let decision = policies.authorize(
-        &w,
-        &Request {
-            source_ip: request.source_ip,
-            source_principal: principal,
-            destination_ip: request.destination.ip(),
-            destination_port: request.destination.port(),
-        },
-    );
-    if decision.allowed {
-        Ok(decision.policy)
+    let r = Request {
+        source_ip: request.source_ip,
+        source_principal: principal,
+        destination_ip: request.destination.ip(),
+        destination_port: request.destination.port(),
+    };
+    let verdict = policies.decide(&w, &r, request.mtls);
+    if verdict.allowed {
+        Ok(verdict.policy)
     } else {
-        Err(Denied { reason: format!("denied: {}", decision.policy), policy: decision.policy })
+        Err(Denied { reason: verdict.reason, policy: verdict.policy })
     }
 }
 

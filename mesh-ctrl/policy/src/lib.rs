@@ -177,6 +177,17 @@ pub enum MtlsMode {
     Disable,
 }
 
+impl std::fmt::Display for MtlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MtlsMode::Unset => "UNSET",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Disable => "DISABLE",
+        })
+    }
+}
+
 /// A PeerAuthentication.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerAuthentication {
@@ -228,6 +239,26 @@ pub struct Decision {
     /// `namespace/name rule N` of the deciding policy; empty when no policy applied; for a
     /// deny by default, `no ALLOW policy matched (considered: ...)`.
     pub policy: String,
+}
+
+/// The inbound verdict: [`Decision`] plus the reason a flow records for a refusal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Whether the connection may proceed.
+    pub allowed: bool,
+    /// As [`Decision::policy`]; for a STRICT refusal, the PeerAuthentication's `namespace/name`.
+    pub policy: String,
+    /// Why it was refused (empty when allowed).
+    pub reason: String,
+}
+
+/// One step of a decision: what was looked at and what it contributed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// `PeerAuthentication ns/name`, `DENY ns/name`, `ALLOW ns/name` or `ALLOW` (the default).
+    pub what: String,
+    /// What it contributed, e.g. `rule 0 matches: denied`.
+    pub outcome: String,
 }
 
 /// Istio's string match: exact, `*` (any non-empty), `prefix*`, `*suffix`.
@@ -363,32 +394,96 @@ impl PolicySet {
         out
     }
 
-    /// Decides whether `r` may reach workload `w`.
+    /// Decides whether `r` may reach workload `w` (authorization only; see [`Self::decide`]).
     pub fn authorize(&self, w: &Workload<'_>, r: &Request<'_>) -> Decision {
+        self.authorize_traced(w, r, None)
+    }
+
+    /// The whole inbound decision the agent enforces: PeerAuthentication first (STRICT refuses
+    /// plaintext), then authorization. `mtls`: whether the connection arrived over mTLS.
+    pub fn decide(&self, w: &Workload<'_>, r: &Request<'_>, mtls: bool) -> Verdict {
+        self.decide_traced(w, r, mtls, None)
+    }
+
+    /// [`Self::decide`] with every step that led to the verdict, in evaluation order (for
+    /// `meshctl explain`): the same code, recording as it goes.
+    pub fn explain(&self, w: &Workload<'_>, r: &Request<'_>, mtls: bool) -> (Verdict, Vec<Step>) {
+        let mut steps = Vec::new();
+        let verdict = self.decide_traced(w, r, mtls, Some(&mut steps));
+        (verdict, steps)
+    }
+
+    fn decide_traced(
+        &self,
+        w: &Workload<'_>,
+        r: &Request<'_>,
+        mtls: bool,
+        mut trace: Option<&mut Vec<Step>>,
+    ) -> Verdict {
+        let (mode, by) = self.mtls_mode(w);
+        let strict_refusal = !mtls && mode == MtlsMode::Strict;
+        if let Some(steps) = trace.as_deref_mut() {
+            let what = match &by {
+                Some(by) => format!("PeerAuthentication {by}"),
+                None => "PeerAuthentication (none applies)".to_string(),
+            };
+            let security = if mtls { "mTLS" } else { "plaintext" };
+            let outcome = if strict_refusal {
+                format!("mode {mode}; the connection is {security}: refused")
+            } else {
+                format!("mode {mode}; the connection is {security}: accepted")
+            };
+            steps.push(Step { what, outcome });
+        }
+        if strict_refusal {
+            let by = by.unwrap_or_default();
+            return Verdict {
+                allowed: false,
+                reason: format!("plaintext refused: PeerAuthentication {by} requires mTLS (STRICT)"),
+                policy: by,
+            };
+        }
+        let decision = self.authorize_traced(w, r, trace);
+        let reason = if decision.allowed { String::new() } else { format!("denied: {}", decision.policy) };
+        Verdict { allowed: decision.allowed, policy: decision.policy, reason }
+    }
+
+    fn authorize_traced(&self, w: &Workload<'_>, r: &Request<'_>, mut trace: Option<&mut Vec<Step>>) -> Decision {
+        let mut step = |what: String, outcome: String| {
+            if let Some(steps) = trace.as_deref_mut() {
+                steps.push(Step { what, outcome });
+            }
+        };
         let applicable = self.applicable(w);
         for p in applicable.iter().filter(|p| p.action == Action::Deny) {
             // A DENY rule ignores its L7-only fields: the deny becomes broader, never narrower.
             if let Some(i) = p.rules.iter().position(|rule| rule.matches_l4(r)) {
+                step(format!("DENY {}", p.key()), format!("rule {i} matches: denied"));
                 return Decision { allowed: false, policy: format!("{} rule {i}", p.key()) };
             }
+            step(format!("DENY {}", p.key()), "no rule matches".into());
         }
         let allows: Vec<&&AuthorizationPolicy> = applicable.iter().filter(|p| p.action == Action::Allow).collect();
         if allows.is_empty() {
+            step("ALLOW".into(), "no ALLOW policy applies: allowed".into());
             return Decision { allowed: true, policy: String::new() };
         }
         let mut l7_notes = Vec::new();
         for p in &allows {
             for (i, rule) in p.rules.iter().enumerate() {
                 if !rule.l7_fields.is_empty() {
-                    l7_notes.push(format!(
-                        "{} rule {i} uses L7-only fields ({}) and matches no L4 traffic",
-                        p.key(),
+                    let note = format!(
+                        "rule {i} uses L7-only fields ({}) and matches no L4 traffic",
                         rule.l7_fields.join(", ")
-                    ));
+                    );
+                    step(format!("ALLOW {}", p.key()), note.clone());
+                    l7_notes.push(format!("{} {note}", p.key()));
                 } else if rule.matches_l4(r) {
+                    step(format!("ALLOW {}", p.key()), format!("rule {i} matches: allowed"));
                     return Decision { allowed: true, policy: format!("{} rule {i}", p.key()) };
                 }
             }
+            step(format!("ALLOW {}", p.key()), "no rule matches".into());
         }
         let considered: Vec<String> = allows.iter().map(|p| p.key()).collect();
         let mut policy = format!("no ALLOW policy matched (considered: {})", considered.join(", "));
@@ -396,6 +491,7 @@ impl PolicySet {
             policy.push_str("; ");
             policy.push_str(&note);
         }
+        step("ALLOW".into(), "ALLOW policies apply and none matched: denied".into());
         Decision { allowed: false, policy }
     }
 

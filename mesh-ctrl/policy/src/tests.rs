@@ -102,7 +102,52 @@ fn decision_table() {
         let set = PolicySet::new(policies.into_iter().cloned().collect(), vec![]);
         let d = set.authorize(&shop_c, &req);
         assert_eq!((d.allowed, d.policy.as_str()), (allowed, policy), "{what}");
+        // explain gives the same verdict, and its last step is the deciding one.
+        let (verdict, steps) = set.explain(&shop_c, &req, true);
+        assert_eq!((verdict.allowed, verdict.policy.as_str()), (allowed, policy), "{what}: explain");
+        assert_eq!(verdict, set.decide(&shop_c, &req, true), "{what}: decide");
+        let last = steps.last().unwrap();
+        let decided_by_a_rule = policy.contains(" rule ") && !policy.starts_with("no ALLOW");
+        if decided_by_a_rule {
+            let (key, rule) = policy.split_once(" rule ").unwrap();
+            assert!(last.what.ends_with(key), "{what}: {steps:?}");
+            assert!(last.outcome.starts_with(&format!("rule {rule} matches")), "{what}: {steps:?}");
+        }
+        assert!(last.outcome.ends_with(if allowed { "allowed" } else { "denied" }), "{what}: {steps:?}");
     }
+}
+
+#[test]
+fn explain_lists_every_policy_in_evaluation_order() {
+    let web = labels(&[("app", "web")]);
+    let w = Workload { namespace: "shop", labels: &web };
+    let sets = PolicySet::new(
+        vec![
+            authz("shop", "allow-b", "rules: [{from: [{source: {principals: [\"cluster.local/ns/shop/sa/b\"]}}]}]"),
+            authz("shop", "allow-a", "rules: [{from: [{source: {principals: [\"cluster.local/ns/shop/sa/a\"]}}]}]"),
+            authz("shop", "deny-9000", "action: DENY\nrules: [{to: [{operation: {ports: [\"9000\"]}}]}]"),
+            authz(ROOT_NAMESPACE, "deny-legacy", "action: DENY\nrules: [{from: [{source: {namespaces: [legacy]}}]}]"),
+        ],
+        vec![peer("shop", "strict", "mtls: {mode: STRICT}")],
+    );
+    let (verdict, steps) = sets.explain(&w, &request("10.244.1.2", Some("cluster.local/ns/shop/sa/b"), 8080), true);
+    let lines: Vec<String> = steps.iter().map(|s| format!("{}: {}", s.what, s.outcome)).collect();
+    assert_eq!(
+        lines,
+        [
+            "PeerAuthentication shop/strict: mode STRICT; the connection is mTLS: accepted",
+            "DENY ferrymesh-system/deny-legacy: no rule matches",
+            "DENY shop/deny-9000: no rule matches",
+            "ALLOW shop/allow-a: no rule matches",
+            "ALLOW shop/allow-b: rule 0 matches: allowed",
+        ]
+    );
+    assert!(verdict.allowed);
+    // Plaintext stops at STRICT, with the reason the agent records.
+    let (verdict, steps) = sets.explain(&w, &request("10.244.1.2", None, 8080), false);
+    assert_eq!(steps.len(), 1);
+    assert_eq!(verdict.reason, "plaintext refused: PeerAuthentication shop/strict requires mTLS (STRICT)");
+    assert_eq!(verdict.policy, "shop/strict");
 }
 
 #[test]
