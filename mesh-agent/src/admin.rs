@@ -1,5 +1,6 @@
 //! The admin API: gRPC over a unix socket (default /var/run/ferrymesh/agent.sock) serving
-//! flows and status to `meshctl`. Read-only: it never changes the data path.
+//! flows (recent and live), status and the config the agent holds to `meshctl`. Read-only: it
+//! never changes the data path.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -33,8 +34,75 @@ pub struct AdminService {
     pub identities: Arc<IdentityManager>,
 }
 
+type FlowStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::Flow, Status>> + Send>>;
+
+fn workload_wire(w: &crate::state::Workload) -> ferrymesh_api::config::Workload {
+    ferrymesh_api::config::Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        node: w.node.clone(),
+        service_account: w.service_account.clone(),
+        ip: w.ip.to_string(),
+        netns: w.netns.display().to_string(),
+        labels: w.labels.clone().into_iter().collect(),
+        captured: w.captured,
+    }
+}
+
+fn service_wire(s: &crate::state::Service) -> ferrymesh_api::config::Service {
+    use ferrymesh_api::config as wire;
+    wire::Service {
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+        vip: s.vip.map(|v| v.to_string()).unwrap_or_default(),
+        ports: s.ports.iter().map(|p| wire::ServicePort { name: String::new(), port: u32::from(*p) }).collect(),
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|e| wire::ServiceEndpoint {
+                workload_uid: e.workload_uid.clone(),
+                ip: e.ip.to_string(),
+                ready: e.ready,
+                target_ports: e.target_ports.iter().map(|(a, b)| (u32::from(*a), u32::from(*b))).collect(),
+            })
+            .collect(),
+    }
+}
+
 #[tonic::async_trait]
 impl agent_admin_server::AgentAdmin for AdminService {
+    type WatchFlowsStream = FlowStream;
+
+    async fn watch_flows(&self, _: Request<proto::WatchFlowsRequest>) -> Result<Response<FlowStream>, Status> {
+        use tokio_stream::StreamExt;
+        // A follower that lags behind skips the flows it missed rather than failing.
+        let live = tokio_stream::wrappers::BroadcastStream::new(self.flows.subscribe())
+            .filter_map(|flow| flow.ok().map(|f| Ok(proto::Flow::from(&f))));
+        Ok(Response::new(Box::pin(live)))
+    }
+
+    async fn get_config(&self, _: Request<proto::GetConfigRequest>) -> Result<Response<proto::ConfigDump>, Status> {
+        let policies = self.state.policies();
+        let (_, version) = self.state.ctrl_status();
+        Ok(Response::new(proto::ConfigDump {
+            version,
+            trust_domain: self.state.trust_domain().borrow().clone(),
+            workloads: self.state.workloads().iter().map(|w| workload_wire(w)).collect(),
+            services: self.state.services().iter().map(|s| service_wire(s)).collect(),
+            authorization_policies: policies
+                .authorization_policies()
+                .into_iter()
+                .map(ferrymesh_api::config::AuthorizationPolicy::from)
+                .collect(),
+            peer_authentications: policies
+                .peer_authentications()
+                .iter()
+                .map(ferrymesh_api::config::PeerAuthentication::from)
+                .collect(),
+        }))
+    }
+
     async fn list_flows(
         &self,
         _: Request<proto::ListFlowsRequest>,
@@ -95,7 +163,16 @@ impl agent_admin_server::AgentAdmin for AdminService {
                 rotate_at_unix_ms: unix_ms(c.rotate_at),
             })
             .collect();
+        let maps = self
+            .datapath
+            .lock()
+            .expect("datapath lock")
+            .map_fill()
+            .into_iter()
+            .map(|(name, entries, max_entries)| proto::MapFill { name: name.into(), entries, max_entries })
+            .collect();
         Ok(Response::new(proto::StatusResponse {
+            maps,
             certs,
             node: self.node.clone(),
             ctrl_connected,

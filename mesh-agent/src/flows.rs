@@ -1,6 +1,7 @@
 //! Flow records: one per captured connection, written when it closes, kept in a bounded ring
-//! of recent flows for the admin API. It owns the record shape and its wire conversion; it
-//! never decides verdicts.
+//! of recent flows for the admin API, streamed to `meshctl flows --follow`, written to the
+//! access log and counted in the `ferrymesh_tcp_*` metrics. It owns the record shape and its
+//! wire conversion; it never decides verdicts.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -138,27 +139,82 @@ impl From<&Flow> for proto::Flow {
     }
 }
 
-/// Bounded ring of the most recent flows.
+/// Where the access log goes: one flow JSON line per closed connection.
+#[derive(Debug)]
+pub enum AccessLog {
+    /// Nowhere.
+    Off,
+    /// Standard output.
+    Stdout,
+    /// Appended to a file.
+    File(Mutex<std::fs::File>),
+}
+
+impl AccessLog {
+    /// `-` (stdout), `off`, or a file path (appended to).
+    pub fn open(spec: &str) -> std::io::Result<Self> {
+        Ok(match spec {
+            "-" => Self::Stdout,
+            "off" => Self::Off,
+            path => Self::File(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)),
+        })
+    }
+
+    fn write(&self, flow: &Flow) {
+        use std::io::Write;
+        let line = match self {
+            Self::Off => return,
+            _ => ferrymesh_api::flow_json::FlowJson::from(proto::Flow::from(flow)).to_line(),
+        };
+        let result = match self {
+            Self::Off => Ok(()),
+            Self::Stdout => writeln!(std::io::stdout().lock(), "{line}"),
+            Self::File(file) => writeln!(file.lock().expect("access log lock"), "{line}"),
+        };
+        if let Err(e) = result {
+            tracing::warn!("cannot write the access log: {e}");
+        }
+    }
+}
+
+/// Bounded ring of the most recent flows, and the stream of new ones.
 #[derive(Debug)]
 pub struct FlowTable {
     capacity: usize,
     ring: Mutex<VecDeque<Flow>>,
+    live: tokio::sync::broadcast::Sender<Flow>,
+    access_log: AccessLog,
 }
 
 impl FlowTable {
-    /// A table keeping the last `capacity` flows.
-    pub fn new(capacity: usize) -> Self {
-        Self { capacity, ring: Mutex::new(VecDeque::with_capacity(capacity.min(1024))) }
+    /// A table keeping the last `capacity` flows, logging each to `access_log`.
+    pub fn new(capacity: usize, access_log: AccessLog) -> Self {
+        Self {
+            capacity,
+            ring: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+            live: tokio::sync::broadcast::channel(1024).0,
+            access_log,
+        }
     }
 
     /// Records a finished flow, evicting the oldest when full.
     pub fn record(&self, flow: Flow) {
         tracing::debug!(?flow, "flow");
+        crate::telemetry::flow_closed(&flow);
+        self.access_log.write(&flow);
+        // No receiver (nobody following) is fine.
+        let _ = self.live.send(flow.clone());
         let mut ring = self.ring.lock().expect("flow lock");
         if ring.len() == self.capacity {
             ring.pop_front();
         }
         ring.push_back(flow);
+    }
+
+    /// Flows recorded from now on. A follower that falls more than 1024 flows behind misses
+    /// some (it is told how many).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Flow> {
+        self.live.subscribe()
     }
 
     /// All flows held, oldest first.
@@ -199,7 +255,7 @@ mod tests {
 
     #[test]
     fn ring_keeps_the_newest() {
-        let table = FlowTable::new(2);
+        let table = FlowTable::new(2, AccessLog::Off);
         for port in 1..=3 {
             table.record(flow(port));
         }

@@ -243,6 +243,7 @@ async fn keep_renewed(
         let wait = match fetch(&id, &td, &ctrl, &bearer).await {
             Ok(cert) => {
                 tracing::info!(identity = %cert.spiffe_id, serial = %cert.serial, "certificate issued");
+                crate::telemetry::cert_issued();
                 let wait = cert.rotate_at.duration_since(SystemTime::now()).unwrap_or_default();
                 tx.send_replace(Some(Arc::new(cert)));
                 *last_error.lock().expect("identity lock") = None;
@@ -251,6 +252,7 @@ async fn keep_renewed(
             }
             Err(message) => {
                 tracing::warn!(identity = %id.spiffe_id(&td), "{message}; retrying in {backoff:?}");
+                crate::telemetry::cert_failed();
                 *last_error.lock().expect("identity lock") = Some(message);
                 let wait = backoff;
                 backoff = (backoff * 2).min(BACKOFF_MAX);

@@ -12,6 +12,7 @@ mod identity;
 mod netns;
 mod proxy;
 mod state;
+mod telemetry;
 mod tls;
 
 use std::path::PathBuf;
@@ -44,6 +45,16 @@ struct Args {
     /// Number of recent flows kept for `meshctl flows`.
     #[arg(long, default_value_t = 4096)]
     flow_capacity: usize,
+    /// Access log: one flow JSON line per closed connection, to `-` (stdout), a file (appended
+    /// to), or `off`.
+    #[arg(long, default_value = "-")]
+    access_log: String,
+    /// Address of the Prometheus metrics endpoint (/metrics).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: std::net::SocketAddr,
+    /// Address of the readiness endpoint (/healthz/ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: std::net::SocketAddr,
 }
 
 #[tokio::main]
@@ -61,7 +72,17 @@ async fn main() -> anyhow::Result<()> {
     }
     let datapath = Arc::new(Mutex::new(datapath));
     let state = Arc::new(state::State::default());
-    let flows = Arc::new(flows::FlowTable::new(args.flow_capacity));
+    let access_log = flows::AccessLog::open(&args.access_log)
+        .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
+    let flows = Arc::new(flows::FlowTable::new(args.flow_capacity, access_log));
+    telemetry::serve_metrics(args.metrics_addr)?;
+    tokio::spawn(telemetry::refresh(datapath.clone(), state.clone()));
+    let ready_state = state.clone();
+    let readiness = telemetry::serve_readiness(args.readiness_addr, move || match ready_state.ctrl_status() {
+        (_, 0) => Err("no config from mesh-ctrl yet".to_string()),
+        _ => Ok(()),
+    });
+    let readiness = tokio::spawn(readiness);
     let token = match &args.token_file {
         Some(path) => Some(Arc::new(identity::TokenFile::open(path).map_err(anyhow::Error::msg)?)),
         None => {
@@ -104,6 +125,9 @@ async fn main() -> anyhow::Result<()> {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         result = &mut admin => {
             result.context("admin server panicked")?.context("admin server failed")?;
+        }
+        result = readiness => {
+            result.context("readiness server panicked")?.context("readiness server failed")?;
         }
     }
     shutdown_tx.send_replace(true);

@@ -301,6 +301,20 @@ impl State {
         self.inner.read().expect("state lock").services_by_vip.get(&ip).cloned()
     }
 
+    /// Every workload held, sorted by UID.
+    pub fn workloads(&self) -> Vec<Arc<Workload>> {
+        let mut all: Vec<Arc<Workload>> = self.inner.read().expect("state lock").by_uid.values().cloned().collect();
+        all.sort_by(|a, b| a.uid.cmp(&b.uid));
+        all
+    }
+
+    /// Every service held, sorted by `namespace/name`.
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        let mut all: Vec<Arc<Service>> = self.inner.read().expect("state lock").services.values().cloned().collect();
+        all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        all
+    }
+
     /// Workloads of `node` that are to be captured, by UID.
     pub fn captured_on(&self, node: &str) -> HashMap<String, Arc<Workload>> {
         let inner = self.inner.read().expect("state lock");

@@ -127,6 +127,7 @@ impl certificates_server::Certificates for CertificateService {
         };
         if !account_exists {
             tracing::warn!(%node, identity = %id, "refused a certificate: no such service account");
+            metrics::counter!("ferrymesh_ctrl_cert_refusals_total").increment(1);
             return Err(Status::permission_denied(format!(
                 "service account {}/{} does not exist; no certificate for {id}",
                 r.namespace, r.service_account
@@ -134,12 +135,14 @@ impl certificates_server::Certificates for CertificateService {
         }
         if !on_node {
             tracing::warn!(%node, identity = %id, "refused a certificate: no such pod on the node");
+            metrics::counter!("ferrymesh_ctrl_cert_refusals_total").increment(1);
             return Err(Status::permission_denied(format!(
                 "node {node} runs no pod with identity {id}; an agent may only obtain identities of pods on its own node"
             )));
         }
         let signed = self.ca.sign(&r.csr_pem, &id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(%node, identity = %id, "issued a certificate");
+        metrics::counter!("ferrymesh_ctrl_certs_issued_total").increment(1);
         Ok(Response::new(proto::CreateCertificateResponse {
             cert_chain_pem: signed.chain_pem,
             roots_pem: self.ca.roots_pem().to_string(),

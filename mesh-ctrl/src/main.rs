@@ -40,6 +40,9 @@ struct Args {
     /// Address of the gRPC config server.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
+    /// Address of the Prometheus metrics endpoint (/metrics).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
     /// Validate the config directory, print every rejected object and exit (non-zero if any).
     #[arg(long)]
     check: bool,
@@ -76,6 +79,10 @@ async fn main() -> anyhow::Result<()> {
         println!("{} namespaces, {} pods, {} rejected", model.namespaces.len(), model.pods.len(), errors.len());
         std::process::exit(if errors.is_empty() { 0 } else { 1 });
     }
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(args.metrics_addr)
+        .install()
+        .with_context(|| format!("cannot serve metrics on {}", args.metrics_addr))?;
     let (publisher, snapshots) = Publisher::new();
     let (watcher, origin, certificates) = match &args.config_dir {
         Some(dir) => {
@@ -128,11 +135,17 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (is another mesh-ctrl running?)", args.listen))?;
     tracing::info!(listen = %args.listen, source = %origin, "mesh-ctrl serving");
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let config = ConfigService::new(snapshots, args.trust_domain.clone(), Agents::default()).with_stop(stop);
+    let shutdown = async move {
+        shutdown_signal().await;
+        stop_tx.send_replace(true);
+    };
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(ConfigService::new(snapshots, args.trust_domain.clone(), Agents::default()).into_server())
+        .add_service(config.into_server())
         .add_service(certificates.into_server())
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal());
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown);
     tokio::select! {
         result = server => result.context("config server failed")?,
         result = watcher => result.context("config source panicked")??,

@@ -59,7 +59,9 @@ impl Agents {
             push_latency: None,
             last_nack: None,
         };
-        self.links.lock().expect("agents lock").insert(id, link);
+        let mut links = self.links.lock().expect("agents lock");
+        links.insert(id, link);
+        metrics::gauge!("ferrymesh_ctrl_connected_agents").set(links.len() as f64);
         id
     }
 
@@ -70,7 +72,9 @@ impl Agents {
     }
 
     fn close(&self, id: u64) {
-        self.links.lock().expect("agents lock").remove(&id);
+        let mut links = self.links.lock().expect("agents lock");
+        links.remove(&id);
+        metrics::gauge!("ferrymesh_ctrl_connected_agents").set(links.len() as f64);
     }
 }
 
@@ -80,13 +84,21 @@ pub struct ConfigService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     trust_domain: String,
     agents: Agents,
+    stop: watch::Receiver<bool>,
 }
 
 impl ConfigService {
     /// A service streaming the snapshots of `snapshots` for a mesh with `trust_domain`,
     /// recording its agents in `agents`.
     pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>, trust_domain: String, agents: Agents) -> Self {
-        Self { snapshots, trust_domain, agents }
+        Self { snapshots, trust_domain, agents, stop: watch::channel(false).1 }
+    }
+
+    /// Ends every stream once `stop` turns true (a graceful server shutdown waits for open
+    /// streams, and agents never end theirs).
+    pub fn with_stop(mut self, stop: watch::Receiver<bool>) -> Self {
+        self.stop = stop;
+        self
     }
 
     /// The tonic server wrapper for this service.
@@ -150,6 +162,7 @@ impl config_server::Config for ConfigService {
         let mut snapshots = self.snapshots.clone();
         let trust_domain = self.trust_domain.clone();
         let agents = self.agents.clone();
+        let mut stop = self.stop.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let id = agents.open(&node);
@@ -183,12 +196,16 @@ impl config_server::Config for ConfigService {
                             let sent = pending.remove(&answer.version);
                             pending.retain(|v, _| *v > answer.version);
                             if answer.error.is_empty() {
+                                if let Some((at, _)) = sent {
+                                    metrics::histogram!("ferrymesh_ctrl_push_latency_seconds").record(at.elapsed().as_secs_f64());
+                                }
                                 agents.update(id, |l| {
                                     l.acked_version = l.acked_version.max(answer.version);
                                     l.push_latency = sent.map(|(at, _)| at.elapsed()).or(l.push_latency);
                                 });
                             } else {
                                 tracing::warn!(%node, version = answer.version, "agent rejected the update: {}", answer.error);
+                                metrics::counter!("ferrymesh_ctrl_config_nacks_total").increment(1);
                                 agents.update(id, |l| l.last_nack = Some((answer.version, answer.error.clone())));
                                 // The agent dropped the delta and every delta after it: it gets
                                 // a full snapshot, now if a delta was rejected, at the next
@@ -200,6 +217,7 @@ impl config_server::Config for ConfigService {
                         Ok(None) | Err(_) => break,
                     },
                     () = tx.closed() => break,
+                    Ok(_) = stop.wait_for(|s| *s) => break,
                 }
             }
             agents.close(id);

@@ -63,6 +63,7 @@ impl Publisher {
             *current = Arc::new(std::mem::take(&mut next));
             true
         });
+        metrics::gauge!("ferrymesh_ctrl_config_version").set(version as f64);
         version
     }
 

@@ -123,10 +123,25 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
          vec![("allow-get", authz("shop", "allow-get", "  rules:\n  - to:\n    - operation:\n        methods: [GET]\n"))],
          vec![(a, HTTP_PORT, "denied", no_allow("shop/allow-get") + "; shop/allow-get rule 0 uses L7-only fields (rules[0].to[0].operation.methods) and matches no L4 traffic")]),
     ];
+    let mut explained = 0;
     for (what, policies, attempts) in cases {
         set_policies(&topo, &policies);
         for (from, port, verdict, policy) in attempts {
             let flow = attempt(&topo, from, c, port);
+            // meshctl explain, asked of the other node's agent, agrees with what was enforced.
+            let explain = topo.meshctl(
+                1,
+                &["explain", &format!("{}/{}", from.namespace, from.name), &format!("shop/c:{port}"), "-o", "json"],
+            );
+            assert!(explain.status.success(), "{what}: {}", String::from_utf8_lossy(&explain.stderr));
+            let explain: Value = serde_json::from_slice(&explain.stdout).unwrap();
+            assert_eq!(explain["verdict"], flow["verdict"], "{what}: {} -> c:{port}: {explain}", from.name);
+            assert_eq!(explain["policy"], flow["policy"], "{what}: {} -> c:{port}: {explain}", from.name);
+            assert_eq!(explain["mtls"], flow["mtls"], "{what}: {} -> c:{port}: {explain}", from.name);
+            if verdict == "denied" {
+                assert_eq!(explain["reason"], flow["reason"], "{what}: {explain}");
+            }
+            explained += 1;
             assert_eq!(flow["verdict"], verdict, "{what}: {} -> c:{port}: {flow}", from.name);
             assert_eq!(flow["policy"], policy.as_str(), "{what}: {} -> c:{port}: {flow}", from.name);
             if verdict == "denied" {
@@ -137,6 +152,7 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
             }
         }
     }
+    assert!(explained >= 10, "explain was checked against enforcement on {explained} cases");
     // Selectors follow live labels: relabelling c takes it out of a DENY policy's selector.
     set_policies(
         &topo,

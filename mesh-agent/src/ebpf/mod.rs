@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use mesh_common::{map_names, AppDialKey, Counter, OrigDst, PortKey};
+use mesh_common::{map_names, map_sizes, AppDialKey, Counter, OrigDst, PortKey};
 
 /// The compiled eBPF object, embedded at build time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
@@ -279,6 +279,22 @@ impl Datapath {
     /// Forgets an app dial once its SYN has been answered (or the dial failed).
     pub fn unregister_app_dial(&mut self, key: &AppDialKey) {
         let _ = self.app_dials.remove(key);
+    }
+
+    /// How full each map is: (name, entries, capacity). Counting walks the keys, so this is for
+    /// status, not for the data path.
+    pub fn map_fill(&self) -> Vec<(&'static str, u64, u64)> {
+        let orig_by_cookie = self
+            .ebpf
+            .map(map_names::ORIG_BY_COOKIE)
+            .and_then(|m| HashMap::<_, u64, OrigDst>::try_from(m).ok())
+            .map_or(0, |m| m.keys().count() as u64);
+        vec![
+            (map_names::ENROLLED, self.enrolled.keys().count() as u64, u64::from(map_sizes::ENROLLED)),
+            (map_names::ORIG_BY_COOKIE, orig_by_cookie, u64::from(map_sizes::ORIG)),
+            (map_names::ORIG_BY_PORT, self.orig_by_port.keys().count() as u64, u64::from(map_sizes::ORIG)),
+            (map_names::APP_DIALS, self.app_dials.keys().count() as u64, u64::from(map_sizes::APP_DIALS)),
+        ]
     }
 
     /// Current value of every eBPF counter, summed over CPUs.

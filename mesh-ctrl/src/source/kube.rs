@@ -188,6 +188,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         let (model, errors) = source.rebuild();
         let version = publisher.publish(&model);
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        metrics::gauge!("ferrymesh_ctrl_rejected_config_objects").set(messages.len() as f64);
         if messages != last_errors {
             for m in &messages {
                 tracing::warn!("rejected config: {m}");

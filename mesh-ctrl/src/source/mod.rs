@@ -35,6 +35,7 @@ pub async fn watch_dir(mut source: DirSource, publisher: Publisher) -> notify::R
         let version = publisher.publish(&model);
         let took_ms = started.elapsed().as_secs_f64() * 1000.0;
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        metrics::gauge!("ferrymesh_ctrl_rejected_config_objects").set(messages.len() as f64);
         if (version, &messages) != (last.0, &last.1) {
             if messages != last.1 {
                 for message in &messages {

@@ -1,4 +1,5 @@
-//! meshctl: inspect ferrymesh agents. One module per subcommand under `cmd/`.
+//! meshctl: inspect ferrymesh agents. One module per subcommand under `cmd/`; every error is
+//! one line on stderr and a non-zero exit.
 #![forbid(unsafe_code)]
 
 mod agent;
@@ -8,26 +9,55 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// Inspect ferrymesh agents.
+/// Inspect ferrymesh agents: live flows that explain themselves, what each agent holds, and
+/// why a connection would be allowed or denied.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Admin socket of the agent to ask.
-    #[arg(long, global = true, default_value = "/var/run/ferrymesh/agent.sock")]
-    agent: PathBuf,
+    /// Admin socket of an agent to ask; repeat for several agents (default
+    /// /var/run/ferrymesh/agent.sock).
+    #[arg(long, global = true)]
+    agent: Vec<PathBuf>,
+    /// Ask every agent whose admin socket (`*.sock`) is in this directory (local mode: one
+    /// directory for a whole node set).
+    #[arg(long, global = true)]
+    agents_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Recent flows of the agent, oldest first.
-    Flows {
+    /// Recent flows (oldest first), optionally followed live and filtered.
+    Flows(cmd::flows::FlowsArgs),
+    /// Why a connection from SRC to DST:PORT would be allowed or denied, by the same decision
+    /// code the agents enforce with.
+    Explain(cmd::explain::ExplainArgs),
+    /// Workloads (pods) of the mesh as the agent holds them.
+    Workloads {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Control-plane link, enrolled pods, eBPF programs and counters of the agent.
+    /// Services with their VIPs and endpoints.
+    Services {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// AuthorizationPolicies and PeerAuthentications in force.
+    Policies {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Workload certificates the agent holds: identity, serial, expiry, time to rotation.
+    Certs {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Control-plane link, enrolled pods, eBPF programs, counters and map fill.
     Status {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -40,19 +70,43 @@ enum Command {
 pub enum Output {
     /// Aligned columns for people.
     Table,
-    /// One JSON object per line, for programs.
+    /// JSON (one object per line for flows).
     Json,
+    /// One short line per flow (flows only; tables elsewhere).
+    Compact,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let args = Args::parse();
-    let result = match args.cmd {
-        Command::Flows { output } => cmd::flows::run(&args.agent, output).await,
-        Command::Status { output } => cmd::status::run(&args.agent, output).await,
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => {
+            // clap's message spans several lines (usage, hints); its first line says it all.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("meshctl: {}", first.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
     };
+    let result = run(args).await;
     if let Err(e) = result {
         eprintln!("meshctl: {e}");
         std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let agents = agent::targets(&args.agent, args.agents_dir.as_deref()).map_err(|e| e.to_string())?;
+    match args.cmd {
+        Command::Flows(flows) => cmd::flows::run(&agents, flows).await,
+        Command::Explain(explain) => cmd::explain::run(&agents[0], explain).await,
+        Command::Workloads { output } => cmd::config::workloads(&agents[0], output).await,
+        Command::Services { output } => cmd::config::services(&agents[0], output).await,
+        Command::Policies { output } => cmd::config::policies(&agents[0], output).await,
+        Command::Certs { output } => cmd::status::certs(&agents, output).await,
+        Command::Status { output } => cmd::status::run(&agents, output).await,
     }
 }

@@ -1,133 +1,258 @@
-//! `meshctl flows`: recent flows of an agent. The JSON form is a stable contract (one object
-//! per line); the table is for people.
+//! `meshctl flows`: recent flows of one or more agents, filtered, and with `--follow` the new
+//! ones as they close. JSON is the stable contract (`ferrymesh_api::flow_json`, one object per
+//! line); the table fits 120 columns; compact is one short line per flow.
 
-use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
-use ferrymesh_api::admin::{self as proto, ListFlowsRequest};
-use serde::Serialize;
+use clap::{Args, ValueEnum};
+use ferrymesh_api::admin::{ListFlowsRequest, WatchFlowsRequest};
+use ferrymesh_api::flow_json::{EndpointJson, FlowJson};
+use futures::StreamExt;
 
+use super::table::fit;
 use crate::agent::{connect, AgentError};
 use crate::Output;
 
-/// One end of a flow in the JSON output.
-#[derive(Debug, Serialize)]
-pub struct EndpointJson {
-    ip: String,
-    port: u32,
-    workload: String,
-    namespace: String,
-    identity: String,
-}
-
-/// A flow in the JSON output.
-#[derive(Debug, Serialize)]
-pub struct FlowJson {
-    time: String,
-    node: String,
-    direction: String,
-    src: EndpointJson,
-    dst: EndpointJson,
-    bytes_sent: u64,
-    bytes_received: u64,
-    duration_ms: u64,
-    verdict: String,
-    reason: String,
+/// Options of `meshctl flows`.
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// Keep running and print flows as they close.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only the last N recent flows (after filtering).
+    #[arg(long, value_name = "N")]
+    last: Option<usize>,
+    /// Only flows that started within this long (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// Only flows whose source or destination is in this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only flows from this pod (NAMESPACE/POD, or POD in any namespace).
+    #[arg(long, value_name = "POD")]
+    from_pod: Option<String>,
+    /// Only flows to this pod (NAMESPACE/POD, or POD in any namespace).
+    #[arg(long, value_name = "POD")]
+    to_pod: Option<String>,
+    /// Only flows whose source identity is this SPIFFE ID (a trailing `*` matches a prefix).
+    #[arg(long, value_name = "SPIFFE_ID")]
+    from_identity: Option<String>,
+    /// Only flows whose destination identity is this SPIFFE ID (a trailing `*` matches a prefix).
+    #[arg(long, value_name = "SPIFFE_ID")]
+    to_identity: Option<String>,
+    /// Only flows addressed to this service (NAMESPACE/NAME) by its VIP.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    service: Option<String>,
+    /// Only flows to this destination port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Only flows with this verdict.
+    #[arg(long, value_enum)]
+    verdict: Option<VerdictFilter>,
+    /// Only flows carried over mutual TLS.
+    #[arg(long, conflicts_with = "plaintext")]
     mtls: bool,
-    peer_cert_serial: String,
-    policy: String,
-    service: String,
+    /// Only flows carried in plaintext.
+    #[arg(long)]
+    plaintext: bool,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
-fn endpoint(e: Option<proto::Endpoint>) -> EndpointJson {
-    let e = e.unwrap_or_default();
-    EndpointJson { ip: e.ip, port: e.port, workload: e.workload, namespace: e.namespace, identity: e.identity }
+/// Verdicts to filter on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VerdictFilter {
+    /// Carried to the destination.
+    Allowed,
+    /// Refused by policy.
+    Denied,
+    /// Failed.
+    Error,
 }
 
-impl From<proto::Flow> for FlowJson {
-    fn from(f: proto::Flow) -> Self {
-        let time = UNIX_EPOCH + Duration::from_millis(f.start_unix_ms.max(0) as u64);
-        FlowJson {
-            time: humantime::format_rfc3339_millis(time).to_string(),
-            node: f.node,
-            direction: f.direction,
-            src: endpoint(f.src),
-            dst: endpoint(f.dst),
-            bytes_sent: f.bytes_sent,
-            bytes_received: f.bytes_received,
-            duration_ms: f.duration_ms,
-            verdict: f.verdict,
-            reason: f.reason,
-            mtls: f.mtls,
-            peer_cert_serial: f.peer_cert_serial,
-            policy: f.policy,
-            service: f.service,
+impl VerdictFilter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Error => "error",
         }
+    }
+}
+
+fn pod_matches(filter: &str, e: &EndpointJson) -> bool {
+    match filter.split_once('/') {
+        Some((ns, pod)) => e.namespace == ns && e.workload == pod,
+        None => e.workload == filter,
+    }
+}
+
+fn identity_matches(filter: &str, identity: &str) -> bool {
+    match filter.strip_suffix('*') {
+        Some(prefix) => identity.starts_with(prefix),
+        None => identity == filter,
+    }
+}
+
+impl FlowsArgs {
+    /// Whether `f` passes every filter given.
+    fn keeps(&self, f: &FlowJson, now: SystemTime) -> bool {
+        let started = humantime::parse_rfc3339(&f.time).unwrap_or(SystemTime::UNIX_EPOCH);
+        self.since.is_none_or(|since| now.duration_since(started).unwrap_or_default() <= since)
+            && self.namespace.as_ref().is_none_or(|ns| f.src.namespace == *ns || f.dst.namespace == *ns)
+            && self.from_pod.as_ref().is_none_or(|p| pod_matches(p, &f.src))
+            && self.to_pod.as_ref().is_none_or(|p| pod_matches(p, &f.dst))
+            && self.from_identity.as_ref().is_none_or(|i| identity_matches(i, &f.src.identity))
+            && self.to_identity.as_ref().is_none_or(|i| identity_matches(i, &f.dst.identity))
+            && self.service.as_ref().is_none_or(|s| f.service == *s)
+            && self.port.is_none_or(|p| f.dst.port == u32::from(p))
+            && self.verdict.is_none_or(|v| f.verdict == v.as_str())
+            && (!self.mtls || f.mtls)
+            && (!self.plaintext || !f.mtls)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for (flag, value) in [("--from-pod", &self.from_pod), ("--to-pod", &self.to_pod), ("--service", &self.service)]
+        {
+            if let Some(v) = value {
+                let parts: Vec<&str> = v.split('/').collect();
+                let bad =
+                    parts.iter().any(|p| p.is_empty()) || parts.len() > 2 || (flag == "--service" && parts.len() != 2);
+                if bad {
+                    let form = if flag == "--service" { "NAMESPACE/NAME" } else { "NAMESPACE/POD or POD" };
+                    return Err(format!("{flag} {v:?}: expected {form}"));
+                }
+            }
+        }
+        for (flag, value) in [("--from-identity", &self.from_identity), ("--to-identity", &self.to_identity)] {
+            if let Some(v) = value.as_ref().filter(|v| !v.starts_with("spiffe://")) {
+                return Err(format!("{flag} {v:?}: expected a SPIFFE ID (spiffe://...)"));
+            }
+        }
+        Ok(())
     }
 }
 
 fn name(e: &EndpointJson) -> String {
-    let addr = format!("{}:{}", e.ip, e.port);
     if e.workload.is_empty() {
-        addr
+        format!("{}:{}", e.ip, e.port)
     } else {
-        format!("{}/{} ({addr})", e.namespace, e.workload)
+        format!("{}/{}:{}", e.namespace, e.workload, e.port)
     }
 }
 
-/// Prints the flows of the agent at `agent`.
-pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
-    let flows = connect(agent).await?.list_flows(ListFlowsRequest {}).await?.into_inner().flows;
-    let flows: Vec<FlowJson> = flows.into_iter().map(FlowJson::from).collect();
+/// What a person wants to read about a flow besides its ends: the deciding policy and rule of
+/// a denial (else why it was refused), the error of a failure, the service and the allowing
+/// policy of an allowed flow.
+fn detail(f: &FlowJson) -> String {
+    let mut parts = Vec::new();
+    if !f.service.is_empty() {
+        parts.push(format!("svc {}", f.service));
+    }
+    match f.verdict.as_str() {
+        "denied" if !f.policy.is_empty() => parts.push(f.policy.clone()),
+        "allowed" if !f.policy.is_empty() => parts.push(f.policy.clone()),
+        "allowed" => {}
+        _ => parts.push(f.reason.clone()),
+    }
+    parts.join("; ")
+}
+
+const TABLE_HEADER: [&str; 7] = ["TIME", "SOURCE", "DESTINATION", "BYTES ↑/↓", "SEC", "VERDICT", "POLICY / REASON"];
+const TABLE_WIDTHS: [usize; 6] = [12, 24, 24, 13, 5, 7];
+/// Tables are cut to this many columns (the JSON and compact forms carry everything).
+const TABLE_MAX: usize = 120;
+
+fn table_line(cells: [&str; 7]) -> String {
+    let mut line = String::new();
+    for (cell, width) in cells.iter().zip(TABLE_WIDTHS) {
+        line.push_str(&format!("{:<width$}  ", fit(cell, width)));
+    }
+    let used = line.chars().count();
+    line.push_str(&fit(cells[6], TABLE_MAX.saturating_sub(used)));
+    line.trim_end().to_string()
+}
+
+fn print(f: &FlowJson, output: Output) {
     match output {
-        Output::Json => {
-            for f in &flows {
-                println!("{}", serde_json::to_string(f).expect("flow serializes"));
-            }
-        }
-        Output::Table => {
-            let rows: Vec<[String; 9]> = flows
-                .iter()
-                .map(|f| {
-                    [
-                        f.time.clone(),
-                        f.direction.clone(),
-                        name(&f.src),
-                        match f.service.as_str() {
-                            "" => name(&f.dst),
-                            service => format!("{} via svc {service}", name(&f.dst)),
-                        },
-                        format!("{}/{}", f.bytes_sent, f.bytes_received),
-                        if f.mtls { "mTLS".into() } else { "plain".into() },
-                        f.verdict.clone(),
-                        f.policy.clone(),
-                        f.reason.clone(),
-                    ]
-                })
-                .collect();
-            print_table(
-                &["TIME", "DIR", "SOURCE", "DESTINATION", "SENT/RECV", "SECURITY", "VERDICT", "POLICY", "REASON"],
-                &rows,
+        Output::Json => println!("{}", f.to_line()),
+        Output::Compact => {
+            let security = if f.mtls { "mTLS" } else { "plain" };
+            println!(
+                "{} [{}] {} -> {} {} {} {}/{}B {}",
+                f.time,
+                f.node,
+                name(&f.src),
+                name(&f.dst),
+                f.verdict.to_uppercase(),
+                security,
+                f.bytes_sent,
+                f.bytes_received,
+                detail(f)
             );
         }
-    }
-    Ok(())
-}
-
-/// Prints rows under headers, columns padded to their widest cell.
-pub fn print_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = headers.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
+        Output::Table => {
+            let time = f.time.get(11..23).unwrap_or(&f.time);
+            let bytes = format!("{}/{}", f.bytes_sent, f.bytes_received);
+            let security = if f.mtls { "mTLS" } else { "plain" };
+            println!("{}", table_line([time, &name(&f.src), &name(&f.dst), &bytes, security, &f.verdict, &detail(f)]));
         }
     }
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(headers.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
+}
+
+async fn recent(agent: &Path) -> Result<Vec<FlowJson>, AgentError> {
+    let flows = connect(agent)
+        .await?
+        .list_flows(ListFlowsRequest {})
+        .await
+        .map_err(|s| AgentError::rpc(agent, s))?
+        .into_inner()
+        .flows;
+    Ok(flows.into_iter().map(FlowJson::from).collect())
+}
+
+/// Prints the flows of `agents` as `args` asks.
+pub async fn run(agents: &[PathBuf], args: FlowsArgs) -> Result<(), String> {
+    args.check()?;
+    // Connect every agent first: one unreachable agent is an error, not a partial answer.
+    let mut clients = Vec::new();
+    for agent in agents {
+        clients.push((agent.clone(), connect(agent).await?));
     }
+    let mut flows = Vec::new();
+    for (agent, _) in &clients {
+        flows.extend(recent(agent).await?);
+    }
+    let now = SystemTime::now();
+    flows.retain(|f| args.keeps(f, now));
+    flows.sort_by(|a, b| a.time.cmp(&b.time));
+    if let Some(n) = args.last {
+        flows.drain(..flows.len().saturating_sub(n));
+    }
+    if args.output == Output::Table {
+        println!("{}", table_line(TABLE_HEADER));
+    }
+    for f in &flows {
+        print(f, args.output);
+    }
+    if !args.follow {
+        return Ok(());
+    }
+    let mut streams = Vec::new();
+    for (agent, mut client) in clients {
+        let stream = client.watch_flows(WatchFlowsRequest {}).await.map_err(|s| AgentError::rpc(&agent, s))?;
+        streams.push(stream.into_inner().map(move |item| (agent.clone(), item)).boxed());
+    }
+    let mut live = futures::stream::select_all(streams);
+    while let Some((agent, item)) = live.next().await {
+        let flow = FlowJson::from(item.map_err(|s| AgentError::rpc(&agent, s))?);
+        if args.keeps(&flow, SystemTime::now()) {
+            print(&flow, args.output);
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
+    }
+    Err("the agents closed the flow stream".into())
 }

@@ -1,4 +1,8 @@
-//! Subcommands, one module each.
+//! Subcommands, one module each (`config` holds workloads, services and policies: the config
+//! an agent holds).
 
+pub mod config;
+pub mod explain;
 pub mod flows;
 pub mod status;
+pub mod table;

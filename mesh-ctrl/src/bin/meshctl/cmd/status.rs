@@ -1,70 +1,130 @@
-//! `meshctl status`: what an agent holds.
+//! `meshctl status` and `meshctl certs`: what each agent holds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferrymesh_api::admin::StatusRequest;
+use ferrymesh_api::admin::{StatusRequest, StatusResponse};
+use serde_json::json;
 
-use super::flows::print_table;
+use super::table;
 use crate::agent::{connect, AgentError};
 use crate::Output;
 
-/// Prints the status of the agent at `agent`.
-pub async fn run(agent: &Path, output: Output) -> Result<(), AgentError> {
-    let s = connect(agent).await?.status(StatusRequest {}).await?.into_inner();
+async fn status(agent: &Path) -> Result<StatusResponse, AgentError> {
+    connect(agent).await?.status(StatusRequest {}).await.map(|r| r.into_inner()).map_err(|s| AgentError::rpc(agent, s))
+}
+
+fn time(unix_ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(unix_ms.max(0) as u64)
+}
+
+/// `2h 3m` from now, or `overdue`.
+fn until(t: SystemTime) -> String {
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => humantime::format_duration(Duration::from_secs(d.as_secs())).to_string(),
+        Err(_) => "overdue".into(),
+    }
+}
+
+fn status_json(s: &StatusResponse) -> serde_json::Value {
+    json!({
+        "node": s.node,
+        "ctrl_connected": s.ctrl_connected,
+        "config_version": s.config_version,
+        "enrolled": s.enrolled.iter().map(|e| json!({
+            "namespace": e.namespace, "name": e.name, "ip": e.ip,
+            "netns_cookie": e.netns_cookie, "sk_lookup_link_id": e.sk_lookup_link_id,
+        })).collect::<Vec<_>>(),
+        "programs": s.programs.iter().map(|p| json!({
+            "name": p.name, "id": p.id, "attach": p.attach, "link_ids": p.link_ids,
+        })).collect::<Vec<_>>(),
+        "certs": s.certs.iter().map(|c| json!({
+            "identity": c.identity, "serial": c.serial,
+            "not_after_unix_ms": c.not_after_unix_ms, "rotate_at_unix_ms": c.rotate_at_unix_ms,
+        })).collect::<Vec<_>>(),
+        "counters": s.counters.iter().map(|c| (c.name.clone(), c.value.into())).collect::<serde_json::Map<_, _>>(),
+        "maps": s.maps.iter().map(|m| json!({"name": m.name, "entries": m.entries, "max_entries": m.max_entries})).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints the status of each agent.
+pub async fn run(agents: &[PathBuf], output: Output) -> Result<(), String> {
+    for (i, agent) in agents.iter().enumerate() {
+        let s = status(agent).await?;
+        if output == Output::Json {
+            println!("{}", status_json(&s));
+            continue;
+        }
+        if i > 0 {
+            println!();
+        }
+        let ctrl = if s.ctrl_connected {
+            format!("connected, config version {}", s.config_version)
+        } else {
+            format!(
+                "NOT CONNECTED: mesh-ctrl is unreachable; serving the last good config (version {})",
+                s.config_version
+            )
+        };
+        println!("node:      {}", s.node);
+        println!("mesh-ctrl: {ctrl}");
+        println!("\nenrolled pods: {}", s.enrolled.len());
+        let pods: Vec<[String; 3]> = s
+            .enrolled
+            .iter()
+            .map(|e| [format!("{}/{}", e.namespace, e.name), e.ip.clone(), e.netns_cookie.to_string()])
+            .collect();
+        table::print(&["POD", "IP", "NETNS COOKIE"], &pods);
+        println!("\neBPF programs attached:");
+        let programs: Vec<[String; 4]> = s
+            .programs
+            .iter()
+            .map(|p| [p.name.clone(), p.id.to_string(), format!("{:?}", p.link_ids), p.attach.clone()])
+            .collect();
+        table::print(&["PROGRAM", "ID", "LINKS", "ATTACHED TO"], &programs);
+        println!("\neBPF counters:");
+        let counters: Vec<[String; 2]> = s.counters.iter().map(|c| [c.name.clone(), c.value.to_string()]).collect();
+        table::print(&["COUNTER", "VALUE"], &counters);
+        println!("\neBPF maps:");
+        let maps: Vec<[String; 3]> = s
+            .maps
+            .iter()
+            .map(|m| {
+                let percent = if m.max_entries == 0 { 0.0 } else { 100.0 * m.entries as f64 / m.max_entries as f64 };
+                [m.name.clone(), format!("{}/{}", m.entries, m.max_entries), format!("{percent:.1}%")]
+            })
+            .collect();
+        table::print(&["MAP", "ENTRIES", "FILL"], &maps);
+        println!("\ncertificates: {}", s.certs.len());
+    }
+    Ok(())
+}
+
+/// Prints the certificates each agent holds.
+pub async fn certs(agents: &[PathBuf], output: Output) -> Result<(), String> {
+    let mut rows = Vec::new();
+    let mut all = Vec::new();
+    for agent in agents {
+        let s = status(agent).await?;
+        for c in &s.certs {
+            let (not_after, rotate_at) = (time(c.not_after_unix_ms), time(c.rotate_at_unix_ms));
+            all.push(json!({
+                "node": s.node, "identity": c.identity, "serial": c.serial,
+                "not_after": humantime::format_rfc3339_seconds(not_after).to_string(),
+                "rotate_at": humantime::format_rfc3339_seconds(rotate_at).to_string(),
+            }));
+            rows.push([
+                s.node.clone(),
+                c.identity.clone(),
+                c.serial.clone(),
+                humantime::format_rfc3339_seconds(not_after).to_string(),
+                until(rotate_at),
+            ]);
+        }
+    }
     match output {
-        Output::Json => {
-            let json = serde_json::json!({
-                "node": s.node,
-                "ctrl_connected": s.ctrl_connected,
-                "config_version": s.config_version,
-                "enrolled": s.enrolled.iter().map(|e| serde_json::json!({
-                    "namespace": e.namespace, "name": e.name, "ip": e.ip,
-                    "netns_cookie": e.netns_cookie, "sk_lookup_link_id": e.sk_lookup_link_id,
-                })).collect::<Vec<_>>(),
-                "programs": s.programs.iter().map(|p| serde_json::json!({
-                    "name": p.name, "id": p.id, "attach": p.attach, "link_ids": p.link_ids,
-                })).collect::<Vec<_>>(),
-                "certs": s.certs.iter().map(|c| serde_json::json!({
-                    "identity": c.identity, "serial": c.serial,
-                    "not_after_unix_ms": c.not_after_unix_ms, "rotate_at_unix_ms": c.rotate_at_unix_ms,
-                })).collect::<Vec<_>>(),
-                "counters": s.counters.iter().map(|c| (c.name.clone(), c.value.into())).collect::<serde_json::Map<_, _>>(),
-            });
-            println!("{json}");
-        }
-        Output::Table => {
-            let ctrl = if s.ctrl_connected { "connected" } else { "NOT CONNECTED (serving the last good config)" };
-            println!("node:    {}", s.node);
-            println!("mesh-ctrl: {ctrl}, config version {}", s.config_version);
-            println!("\nenrolled pods: {}", s.enrolled.len());
-            let pods: Vec<[String; 3]> = s
-                .enrolled
-                .iter()
-                .map(|e| [format!("{}/{}", e.namespace, e.name), e.ip.clone(), e.netns_cookie.to_string()])
-                .collect();
-            print_table(&["POD", "IP", "NETNS COOKIE"], &pods);
-            println!("\neBPF programs:");
-            let programs: Vec<[String; 4]> = s
-                .programs
-                .iter()
-                .map(|p| [p.name.clone(), p.id.to_string(), format!("{:?}", p.link_ids), p.attach.clone()])
-                .collect();
-            print_table(&["PROGRAM", "ID", "LINKS", "ATTACHED TO"], &programs);
-            println!("\ncertificates:");
-            let certs: Vec<[String; 3]> = s
-                .certs
-                .iter()
-                .map(|c| {
-                    let not_after =
-                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.not_after_unix_ms.max(0) as u64);
-                    [c.identity.clone(), c.serial.clone(), humantime::format_rfc3339_seconds(not_after).to_string()]
-                })
-                .collect();
-            print_table(&["IDENTITY", "SERIAL", "NOT AFTER"], &certs);
-            println!("\ncounters:");
-            let counters: Vec<[String; 2]> = s.counters.iter().map(|c| [c.name.clone(), c.value.to_string()]).collect();
-            print_table(&["COUNTER", "VALUE"], &counters);
-        }
+        Output::Json => println!("{}", json!(all)),
+        _ => table::print(&["NODE", "IDENTITY", "SERIAL", "NOT AFTER", "ROTATES IN"], &rows),
     }
     Ok(())
 }

@@ -1,0 +1,128 @@
+//! Metrics and readiness. Prometheus text on :15020 (`/metrics`, served by the `metrics`
+//! crate's Prometheus exporter): the `ferrymesh_tcp_*` family with Istio's label names, counted
+//! as flows are recorded, plus eBPF counters and map fill, identity and control-plane gauges,
+//! refreshed every second. Readiness on :15021 (`/healthz/ready`): 200 once the eBPF programs
+//! are attached and the first config from mesh-ctrl is applied, else 503 saying what is
+//! missing. docs/OBSERVABILITY.md lists every metric.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metrics::{counter, gauge, Label};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+use crate::ebpf::Datapath;
+use crate::flows::{Direction, Flow, Verdict};
+use crate::state::State;
+
+/// Installs the Prometheus recorder and serves it on `addr`.
+pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))
+}
+
+/// Istio's labels of a TCP flow, as the recording agent sees it.
+fn flow_labels(flow: &Flow) -> Vec<Label> {
+    let workload =
+        |e: &crate::flows::Endpoint| e.workload.clone().unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+    let principal = |e: &crate::flows::Endpoint| e.identity.clone().unwrap_or_else(|| "unknown".into());
+    let (src_name, src_ns) = workload(&flow.src);
+    let (dst_name, dst_ns) = workload(&flow.dst);
+    let service = if flow.service.is_empty() { "unknown".to_string() } else { flow.service.clone() };
+    let response_flags = match flow.verdict {
+        Verdict::Allowed => "-",
+        Verdict::Denied => "DENY",
+        Verdict::Error => "CONNECT_FAILED",
+    };
+    vec![
+        Label::new("reporter", if flow.direction == Direction::Outbound { "source" } else { "destination" }),
+        Label::new("source_workload", src_name),
+        Label::new("source_workload_namespace", src_ns),
+        Label::new("source_principal", principal(&flow.src)),
+        Label::new("destination_workload", dst_name),
+        Label::new("destination_workload_namespace", dst_ns),
+        Label::new("destination_service", service),
+        Label::new("destination_principal", principal(&flow.dst)),
+        Label::new("connection_security_policy", if flow.mtls { "mutual_tls" } else { "none" }),
+        Label::new("response_flags", response_flags),
+    ]
+}
+
+/// Counts a recorded (closed) flow. A connection that never carried data (refused, failed to
+/// dial) counts as failed, not as opened and closed.
+pub fn flow_closed(flow: &Flow) {
+    let labels = flow_labels(flow);
+    let carried = flow.verdict == Verdict::Allowed || flow.bytes_sent > 0 || flow.bytes_received > 0;
+    if carried {
+        counter!("ferrymesh_tcp_connections_opened_total", labels.clone()).increment(1);
+        counter!("ferrymesh_tcp_connections_closed_total", labels.clone()).increment(1);
+        counter!("ferrymesh_tcp_sent_bytes_total", labels.clone()).increment(flow.bytes_sent);
+        counter!("ferrymesh_tcp_received_bytes_total", labels.clone()).increment(flow.bytes_received);
+    }
+    if flow.verdict != Verdict::Allowed {
+        counter!("ferrymesh_tcp_connections_failed_total", labels).increment(1);
+    }
+}
+
+/// A certificate was issued to this agent.
+pub fn cert_issued() {
+    counter!("ferrymesh_certs_issued_total").increment(1);
+}
+
+/// Obtaining or renewing a certificate failed.
+pub fn cert_failed() {
+    counter!("ferrymesh_cert_rotation_failures_total").increment(1);
+}
+
+/// Refreshes the gauges read from the kernel and the state store every second, forever.
+pub async fn refresh(datapath: Arc<Mutex<Datapath>>, state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let (counters, maps) = {
+            let d = datapath.lock().expect("datapath lock");
+            (d.counters(), d.map_fill())
+        };
+        for (c, value) in counters {
+            counter!("ferrymesh_ebpf_events_total", "event" => c.name()).absolute(value);
+        }
+        for (name, entries, capacity) in maps {
+            gauge!("ferrymesh_ebpf_map_entries", "map" => name).set(entries as f64);
+            gauge!("ferrymesh_ebpf_map_capacity", "map" => name).set(capacity as f64);
+        }
+        let (connected, version) = state.ctrl_status();
+        gauge!("ferrymesh_ctrl_connected").set(if connected { 1.0 } else { 0.0 });
+        gauge!("ferrymesh_config_version").set(version as f64);
+    }
+}
+
+/// Serves readiness on `addr` until the process ends. `ready` says what is missing, if anything.
+pub async fn serve_readiness(
+    addr: SocketAddr,
+    ready: impl Fn() -> Result<(), String> + Clone + Send + Sync + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot serve readiness on {addr}: {e}")))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let answer = match request.uri().path() {
+                    "/healthz/ready" => match ready() {
+                        Ok(()) => (hyper::StatusCode::OK, "ready\n".to_string()),
+                        Err(missing) => (hyper::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {missing}\n")),
+                    },
+                    _ => (hyper::StatusCode::NOT_FOUND, "try /healthz/ready\n".to_string()),
+                };
+                async move { hyper::Response::builder().status(answer.0).body(answer.1) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+    }
+}

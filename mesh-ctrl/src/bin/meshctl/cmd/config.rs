@@ -1,0 +1,165 @@
+//! `meshctl workloads`, `services`, `policies`: the mesh config an agent holds (every agent
+//! holds the whole mesh, so one agent answers).
+
+use std::path::Path;
+
+use ferrymesh_api::admin::{ConfigDump, GetConfigRequest};
+use serde_json::json;
+
+use super::table;
+use crate::agent::{connect, AgentError};
+use crate::Output;
+
+/// The config the agent at `agent` holds.
+pub async fn dump(agent: &Path) -> Result<ConfigDump, AgentError> {
+    connect(agent)
+        .await?
+        .get_config(GetConfigRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| AgentError::rpc(agent, s))
+}
+
+fn labels(map: &std::collections::HashMap<String, String>) -> String {
+    let mut pairs: Vec<String> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    pairs.join(",")
+}
+
+/// Prints the workloads.
+pub async fn workloads(agent: &Path, output: Output) -> Result<(), String> {
+    let config = dump(agent).await?;
+    let td = &config.trust_domain;
+    match output {
+        Output::Json => {
+            let all: Vec<_> = config
+                .workloads
+                .iter()
+                .map(|w| {
+                    json!({
+                        "namespace": w.namespace, "name": w.name, "uid": w.uid, "node": w.node, "ip": w.ip,
+                        "identity": format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account),
+                        "captured": w.captured, "labels": w.labels,
+                    })
+                })
+                .collect();
+            println!("{}", json!(all));
+        }
+        _ => {
+            let rows: Vec<[String; 6]> = config
+                .workloads
+                .iter()
+                .map(|w| {
+                    [
+                        format!("{}/{}", w.namespace, w.name),
+                        w.node.clone(),
+                        w.ip.clone(),
+                        if w.captured { "mesh".into() } else { "-".into() },
+                        format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account),
+                        labels(&w.labels),
+                    ]
+                })
+                .collect();
+            table::print(&["POD", "NODE", "IP", "CAPTURED", "IDENTITY", "LABELS"], &rows);
+        }
+    }
+    Ok(())
+}
+
+/// Prints the services.
+pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
+    let config = dump(agent).await?;
+    match output {
+        Output::Json => {
+            let all: Vec<_> = config
+                .services
+                .iter()
+                .map(|s| {
+                    json!({
+                        "namespace": s.namespace, "name": s.name, "vip": s.vip,
+                        "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+                        "endpoints": s.endpoints.iter().map(|e| json!({
+                            "ip": e.ip, "ready": e.ready, "workload_uid": e.workload_uid, "target_ports": e.target_ports,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            println!("{}", json!(all));
+        }
+        _ => {
+            let rows: Vec<[String; 4]> = config
+                .services
+                .iter()
+                .map(|s| {
+                    let ports: Vec<String> = s.ports.iter().map(|p| p.port.to_string()).collect();
+                    let endpoints: Vec<String> = s
+                        .endpoints
+                        .iter()
+                        .map(|e| if e.ready { e.ip.clone() } else { format!("{} (not ready)", e.ip) })
+                        .collect();
+                    [
+                        format!("{}/{}", s.namespace, s.name),
+                        if s.vip.is_empty() { "None (headless)".into() } else { s.vip.clone() },
+                        ports.join(","),
+                        endpoints.join(", "),
+                    ]
+                })
+                .collect();
+            table::print(&["SERVICE", "VIP", "PORTS", "ENDPOINTS"], &rows);
+        }
+    }
+    Ok(())
+}
+
+/// Prints the policies.
+pub async fn policies(agent: &Path, output: Output) -> Result<(), String> {
+    let config = dump(agent).await?;
+    let action = |a: i32| if a == 1 { "DENY" } else { "ALLOW" };
+    let mode = |m: i32| ["UNSET", "PERMISSIVE", "STRICT", "DISABLE"].get(m as usize).copied().unwrap_or("?");
+    let selector = |has: bool, s: &std::collections::HashMap<String, String>| {
+        if has {
+            labels(s)
+        } else {
+            "(all workloads)".to_string()
+        }
+    };
+    match output {
+        Output::Json => {
+            let authz: Vec<_> = config
+                .authorization_policies
+                .iter()
+                .map(|p| json!({"kind": "AuthorizationPolicy", "namespace": p.namespace, "name": p.name, "action": action(p.action), "selector": p.selector, "rules": p.rules.len()}))
+                .collect();
+            let peer: Vec<_> = config
+                .peer_authentications
+                .iter()
+                .map(|p| json!({"kind": "PeerAuthentication", "namespace": p.namespace, "name": p.name, "mode": mode(p.mode), "selector": p.selector}))
+                .collect();
+            println!("{}", json!(authz.into_iter().chain(peer).collect::<Vec<_>>()));
+        }
+        _ => {
+            let mut rows: Vec<[String; 4]> = config
+                .authorization_policies
+                .iter()
+                .map(|p| {
+                    [
+                        format!("AuthorizationPolicy {}/{}", p.namespace, p.name),
+                        action(p.action).into(),
+                        selector(p.has_selector, &p.selector),
+                        format!("{} rules", p.rules.len()),
+                    ]
+                })
+                .collect();
+            rows.extend(config.peer_authentications.iter().map(|p| {
+                [
+                    format!("PeerAuthentication {}/{}", p.namespace, p.name),
+                    format!("mTLS {}", mode(p.mode)),
+                    selector(p.has_selector, &p.selector),
+                    String::new(),
+                ]
+            }));
+            table::print(&["POLICY", "ACTION", "SELECTOR", "RULES"], &rows);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,353 @@
+//! End-to-end observability against live agents: flows within 1 s with the right ends,
+//! identities, bytes and verdicts; `meshctl flows` filters (each tested for selecting exactly
+//! what it should), follow mode, several agents at once; the access log; Prometheus metrics
+//! parsed by a real text parser with byte counters matching the bytes sent; readiness;
+//! `meshctl status` with and without mesh-ctrl; bad input as one-line errors. Needs root.
+
+use std::collections::HashMap;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use ferrymesh_testbed::mesh::{bin, wait_until, HTTP_PORT, SINK_PORT};
+use ferrymesh_testbed::{Pod, Topology, TopologySpec};
+use serde_json::Value;
+
+const VIP: &str = "10.96.0.40";
+const SENT: u64 = 123_457;
+
+fn cluster() -> Topology {
+    let spec = TopologySpec::nodes(2)
+        .pod("shop", "a", 1)
+        .pod("shop", "b", 1)
+        .pod("shop", "c", 2)
+        .pod("other", "d", 2)
+        .pod("legacy", "x", 1);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop", "other"]);
+    topo.write_pod(topo.pod("shop", "c"), &[("app", "c")]);
+    topo.write_service("shop", "web", VIP, &[("app", "c")], &[("http", 80, "http")]);
+    topo.write_config_file(
+        "policy-deny-other.yaml",
+        "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-other\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [other]\n",
+    );
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["other/d", "shop/c"], Duration::from_secs(10));
+    topo.serve_all();
+    topo
+}
+
+/// meshctl with `args` against every agent of the topology (`--agents-dir`).
+fn meshctl_all(topo: &Topology, args: &[&str]) -> Output {
+    let dir = topo.agent_socket(1).parent().unwrap().to_path_buf();
+    Command::new(bin("meshctl")).arg("--agents-dir").arg(dir).args(args).output().expect("run meshctl")
+}
+
+fn json_lines(out: &Output) -> Vec<Value> {
+    assert!(out.status.success(), "meshctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("flow JSON")).collect()
+}
+
+fn identity(pod: &Pod) -> String {
+    format!("spiffe://cluster.local/ns/{}/sa/{}", pod.namespace, pod.name)
+}
+
+fn curl(topo: &Topology, from: &Pod, url: &str) -> bool {
+    topo.output_in(&from.netns, "curl", &["-sS", "--max-time", "3", url]).status.success()
+}
+
+/// The flow recorded by `node`'s agent in `direction` from `from` to `ip:port`.
+fn find_flow(flows: &[Value], direction: &str, from: &Pod, ip: &str, port: u16) -> Option<Value> {
+    flows
+        .iter()
+        .find(|f| {
+            f["direction"] == direction
+                && f["src"]["ip"] == from.ip.to_string()
+                && f["dst"]["ip"] == ip
+                && f["dst"]["port"] == port
+        })
+        .cloned()
+}
+
+fn scrape(topo: &Topology, netns: &str, addr: &str) -> prometheus_parse::Scrape {
+    let out = topo.output_in(netns, "curl", &["-sS", "--max-time", "3", &format!("http://{addr}/metrics")]);
+    assert!(out.status.success(), "scrape {addr}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text parses")
+}
+
+/// Sum of the samples of `metric` whose labels include every pair of `labels`.
+fn sum(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// A filter's predicate, as the test states it.
+type Keep<'a> = Box<dyn Fn(&Value) -> bool + 'a>;
+
+#[test]
+fn flows_filters_follow_access_log_and_metrics() {
+    let topo = cluster();
+    let (a, b, c, d, x) = (
+        topo.pod("shop", "a"),
+        topo.pod("shop", "b"),
+        topo.pod("shop", "c"),
+        topo.pod("other", "d"),
+        topo.pod("legacy", "x"),
+    );
+    // Follow every agent from now on, in JSON.
+    let dir = topo.agent_socket(1).parent().unwrap().to_path_buf();
+    let mut follow = Command::new(bin("meshctl"));
+    follow.arg("--agents-dir").arg(&dir).args(["flows", "--follow", "-o", "json"]);
+    topo.spawn("follow", follow);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // a -> c across nodes over mTLS: the flow appears within 1 s with exact bytes.
+    topo.send(a, c.ip, SENT);
+    let mut outbound = None;
+    wait_until(Duration::from_secs(1), "a's outbound flow within 1 s", || {
+        outbound = find_flow(&topo.flows(1), "outbound", a, &c.ip.to_string(), SINK_PORT);
+        outbound.is_some()
+    });
+    let outbound = outbound.unwrap();
+    assert_eq!(outbound["src"]["workload"], "a");
+    assert_eq!(outbound["src"]["namespace"], "shop");
+    assert_eq!(outbound["src"]["identity"], identity(a));
+    assert_eq!(outbound["dst"]["workload"], "c");
+    assert_eq!(outbound["dst"]["identity"], identity(c));
+    assert_eq!(outbound["bytes_sent"], SENT);
+    assert_eq!(outbound["verdict"], "allowed");
+    assert_eq!(outbound["mtls"], true);
+    let mut inbound = None;
+    wait_until(Duration::from_secs(1), "c's inbound flow within 1 s", || {
+        inbound = find_flow(&topo.flows(2), "inbound", a, &c.ip.to_string(), SINK_PORT);
+        inbound.is_some()
+    });
+    let inbound = inbound.unwrap();
+    assert_eq!(inbound["bytes_sent"], SENT);
+    assert_eq!(inbound["src"]["identity"], identity(a));
+    assert!(!inbound["peer_cert_serial"].as_str().unwrap().is_empty());
+
+    // More traffic: same node (b -> a), plaintext from an unmeshed pod (x -> c), a denied one
+    // (d -> c), and one through the service VIP (a -> web).
+    assert!(curl(&topo, b, &format!("http://{}:{HTTP_PORT}/", a.ip)));
+    assert!(curl(&topo, x, &format!("http://{}:{HTTP_PORT}/", c.ip)));
+    assert!(!curl(&topo, d, &format!("http://{}:{HTTP_PORT}/", c.ip)), "d is denied");
+    assert!(curl(&topo, a, &format!("http://{VIP}:80/")));
+    wait_until(Duration::from_secs(2), "the flows of every connection", || {
+        let all = json_lines(&meshctl_all(&topo, &["flows", "-o", "json"]));
+        all.iter().any(|f| f["verdict"] == "denied" && f["direction"] == "inbound")
+            && all.iter().any(|f| f["service"] == "shop/web" && f["direction"] == "outbound")
+            && all.iter().any(|f| f["src"]["ip"] == x.ip.to_string())
+    });
+
+    // Every filter selects exactly the flows its predicate says, and is not a no-op.
+    let all = json_lines(&meshctl_all(&topo, &["flows", "-o", "json"]));
+    assert!(all.len() >= 8, "{all:?}");
+    let ids = (identity(a), identity(c));
+    #[rustfmt::skip]
+    let filters: Vec<(Vec<&str>, Keep<'_>)> = vec![
+        (vec!["--namespace", "other"], Box::new(|f| f["src"]["namespace"] == "other" || f["dst"]["namespace"] == "other")),
+        (vec!["--from-pod", "shop/a"], Box::new(|f| f["src"]["namespace"] == "shop" && f["src"]["workload"] == "a")),
+        (vec!["--to-pod", "c"], Box::new(|f| f["dst"]["workload"] == "c")),
+        (vec!["--from-identity", &ids.0], Box::new(|f| f["src"]["identity"] == identity(a))),
+        (vec!["--to-identity", &ids.1], Box::new(|f| f["dst"]["identity"] == identity(c))),
+        (vec!["--to-identity", "spiffe://cluster.local/ns/shop/*"], Box::new(|f| f["dst"]["identity"].as_str().unwrap().starts_with("spiffe://cluster.local/ns/shop/"))),
+        (vec!["--service", "shop/web"], Box::new(|f| f["service"] == "shop/web")),
+        (vec!["--port", "9000"], Box::new(|f| f["dst"]["port"] == 9000)),
+        (vec!["--verdict", "denied"], Box::new(|f| f["verdict"] == "denied")),
+        (vec!["--verdict", "allowed"], Box::new(|f| f["verdict"] == "allowed")),
+        (vec!["--mtls"], Box::new(|f| f["mtls"] == true)),
+        (vec!["--plaintext"], Box::new(|f| f["mtls"] == false)),
+        (vec!["--since", "1h"], Box::new(|_| true)),
+    ];
+    for (args, keep) in &filters {
+        let mut argv = vec!["flows", "-o", "json"];
+        argv.extend(args.iter().copied());
+        let got = json_lines(&meshctl_all(&topo, &argv));
+        let mut want: Vec<&Value> = all.iter().filter(|f| keep(f)).collect();
+        want.sort_by_key(|f| f["time"].as_str().unwrap().to_string());
+        let mut got_sorted: Vec<&Value> = got.iter().collect();
+        got_sorted.sort_by_key(|f| f["time"].as_str().unwrap().to_string());
+        assert!(!want.is_empty(), "{args:?} selects something");
+        if args[0] != "--since" {
+            assert!(want.len() < all.len(), "{args:?} leaves something out");
+        }
+        assert_eq!(got_sorted.len(), want.len(), "{args:?}: {got:?}");
+        for (g, w) in got_sorted.iter().zip(&want) {
+            assert_eq!(g, w, "{args:?}");
+        }
+    }
+    let last = json_lines(&meshctl_all(&topo, &["flows", "-o", "json", "--last", "2"]));
+    let mut times: Vec<&str> = all.iter().map(|f| f["time"].as_str().unwrap()).collect();
+    times.sort();
+    assert_eq!(last.len(), 2);
+    assert_eq!(last[1]["time"].as_str().unwrap(), *times.last().unwrap(), "--last keeps the newest");
+    std::thread::sleep(Duration::from_millis(1100));
+    let none = json_lines(&meshctl_all(&topo, &["flows", "-o", "json", "--since", "1s"]));
+    assert!(none.is_empty(), "--since 1s leaves out older flows: {none:?}");
+
+    // A denied connection names policy and rule, in JSON and in the table.
+    // (The destination decides, so its inbound flow names the policy; the source's outbound
+    // flow records the refusal it was told of.)
+    let denied = json_lines(&meshctl_all(&topo, &["flows", "-o", "json", "--verdict", "denied", "--to-pod", "shop/c"]));
+    let denied: Vec<&Value> = denied.iter().filter(|f| f["direction"] == "inbound").collect();
+    assert_eq!(denied[0]["policy"], "shop/deny-other rule 0");
+    assert_eq!(denied[0]["reason"], "denied: shop/deny-other rule 0");
+    let table =
+        meshctl_all(&topo, &["--agent", topo.agent_socket(2).to_str().unwrap(), "flows", "--verdict", "denied"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("TIME") && lines[0].contains("VERDICT"), "{text}");
+    assert!(lines.iter().any(|l| l.contains("denied") && l.contains("shop/deny-other rule 0")), "{text}");
+    assert!(lines.iter().all(|l| l.chars().count() <= 120), "{text}");
+    let compact = meshctl_all(&topo, &["flows", "-o", "compact", "--from-pod", "shop/a", "--port", "9000"]);
+    let compact = String::from_utf8_lossy(&compact.stdout);
+    assert!(compact.contains("shop/a:") && compact.contains("-> shop/c:9000 ALLOWED mTLS"), "{compact}");
+
+    // Follow mode streamed the flows made after it started.
+    let followed: Vec<Value> =
+        topo.log("follow").lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(followed.contains(&outbound), "follow mode printed a's outbound flow");
+    assert!(followed.iter().any(|f| f["verdict"] == "denied"), "and the denied one");
+
+    // The access log holds the same JSON as meshctl, one line per closed connection.
+    let access: Vec<Value> = topo
+        .log("agent-node2")
+        .lines()
+        .filter(|l| l.starts_with("{\"time\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(access.contains(&inbound), "the access log has c's inbound flow: {access:?}");
+    assert!(access.contains(denied[0]));
+
+    // Metrics: a real Prometheus text parser reads them; byte counters match the bytes sent.
+    let node1 = &topo.nodes[0].netns;
+    let node2 = &topo.nodes[1].netns;
+    let m1 = scrape(&topo, node1, "127.0.0.1:15020");
+    let labels = [
+        ("reporter", "source"),
+        ("source_workload", "a"),
+        ("source_workload_namespace", "shop"),
+        ("source_principal", ids.0.as_str()),
+        ("destination_workload", "c"),
+        ("destination_principal", ids.1.as_str()),
+        ("destination_service", "unknown"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let a_to_c: Vec<&Value> = all
+        .iter()
+        .filter(|f| f["direction"] == "outbound" && f["src"]["workload"] == "a" && f["dst"]["workload"] == "c")
+        .collect();
+    assert_eq!(sum(&m1, "ferrymesh_tcp_sent_bytes_total", &labels), SENT as f64, "{a_to_c:?}");
+    assert_eq!(
+        sum(&m1, "ferrymesh_tcp_received_bytes_total", &labels),
+        outbound["bytes_received"].as_u64().unwrap() as f64
+    );
+    assert_eq!(sum(&m1, "ferrymesh_tcp_connections_opened_total", &labels), 1.0);
+    assert_eq!(sum(&m1, "ferrymesh_tcp_connections_closed_total", &labels), 1.0);
+    assert!(sum(&m1, "ferrymesh_ebpf_events_total", &[("event", "captured")]) >= 3.0);
+    assert!(sum(&m1, "ferrymesh_certs_issued_total", &[]) >= 2.0, "a and b got certificates");
+    let m2 = scrape(&topo, node2, "127.0.0.1:15020");
+    let dst_labels = [("reporter", "destination"), ("source_workload", "a"), ("destination_workload", "c")];
+    // The destination cannot tell a VIP connection from a direct one: both of a's connections
+    // to c count here, the 123457 bytes and the request that went through the service.
+    let inbound_a_to_c: u64 = topo
+        .flows(2)
+        .iter()
+        .filter(|f| f["direction"] == "inbound" && f["src"]["workload"] == "a")
+        .map(|f| f["bytes_sent"].as_u64().unwrap())
+        .sum();
+    assert!(inbound_a_to_c > SENT);
+    assert_eq!(sum(&m2, "ferrymesh_tcp_sent_bytes_total", &dst_labels), inbound_a_to_c as f64);
+    let denied_labels = [("reporter", "destination"), ("source_workload", "d"), ("response_flags", "DENY")];
+    assert_eq!(sum(&m2, "ferrymesh_tcp_connections_failed_total", &denied_labels), 1.0);
+    let ctrl = scrape(&topo, &topo.fabric, "172.18.0.254:15020");
+    assert_eq!(sum(&ctrl, "ferrymesh_ctrl_connected_agents", &[]), 2.0);
+    assert_eq!(sum(&ctrl, "ferrymesh_ctrl_rejected_config_objects", &[]), 0.0);
+    assert!(ctrl.samples.iter().any(|s| s.metric.starts_with("ferrymesh_ctrl_push_latency_seconds")));
+
+    // Readiness.
+    let ready = topo.output_in(node1, "curl", &["-sS", "-w", " %{http_code}", "http://127.0.0.1:15021/healthz/ready"]);
+    assert_eq!(String::from_utf8_lossy(&ready.stdout), "ready\n 200");
+}
+
+fn one_line_error(out: &Output, contains: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exits non-zero: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.starts_with("meshctl: ") && stderr.contains(contains), "{stderr:?}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr:?}");
+}
+
+#[test]
+fn status_views_and_bad_input() {
+    let topo = cluster();
+    let c = topo.pod("shop", "c");
+    // Status shows the attached programs and the map fill.
+    let status = topo.meshctl(1, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(text.contains("mesh-ctrl: connected, config version"), "{text}");
+    for program in ["connect4", "file_orig_dst", "steer_inbound"] {
+        assert!(text.contains(program), "{program} listed: {text}");
+    }
+    assert!(text.contains("ENROLLED") && text.contains("2/4096"), "{text}");
+    let json: Value = serde_json::from_slice(&topo.meshctl(1, &["status", "-o", "json"]).stdout).unwrap();
+    assert!(json["programs"].as_array().unwrap().iter().all(|p| p["id"].as_u64() > Some(0)));
+
+    // Workloads, services, policies and certificates.
+    let workloads = String::from_utf8_lossy(&topo.meshctl(1, &["workloads"]).stdout).to_string();
+    assert!(workloads.contains("shop/c") && workloads.contains("spiffe://cluster.local/ns/shop/sa/c"), "{workloads}");
+    let services: Value = serde_json::from_slice(&topo.meshctl(1, &["services", "-o", "json"]).stdout).unwrap();
+    assert_eq!(services[0]["vip"], VIP);
+    assert_eq!(services[0]["endpoints"][0]["ip"], c.ip.to_string());
+    let policies = String::from_utf8_lossy(&topo.meshctl(1, &["policies"]).stdout).to_string();
+    assert!(policies.contains("AuthorizationPolicy shop/deny-other") && policies.contains("DENY"), "{policies}");
+    let certs: Value = serde_json::from_slice(&topo.meshctl(2, &["certs", "-o", "json"]).stdout).unwrap();
+    let certs: HashMap<String, &Value> =
+        certs.as_array().unwrap().iter().map(|c| (c["identity"].as_str().unwrap().to_string(), c)).collect();
+    let cert = certs["spiffe://cluster.local/ns/shop/sa/c"];
+    assert!(!cert["serial"].as_str().unwrap().is_empty() && cert["rotate_at"].as_str() < cert["not_after"].as_str());
+    let table = String::from_utf8_lossy(&topo.meshctl(2, &["certs"]).stdout).to_string();
+    assert!(table.contains("ROTATES IN") && table.contains("spiffe://cluster.local/ns/other/sa/d"), "{table}");
+
+    // explain, for people.
+    let explain = String::from_utf8_lossy(&topo.meshctl(1, &["explain", "other/d", "shop/c:8080"]).stdout).to_string();
+    assert!(explain.contains("carried: mTLS (HBONE)"), "{explain}");
+    assert!(explain.contains("  2. DENY shop/deny-other: rule 0 matches: denied"), "{explain}");
+    assert!(explain.contains("verdict: DENIED (denied: shop/deny-other rule 0)"), "{explain}");
+
+    // Bad input: one line, non-zero, no panic.
+    one_line_error(
+        &topo.meshctl(1, &["explain", "shop/nope", "shop/c:8080"]),
+        "unknown pod shop/nope: pods in shop are a, b, c",
+    );
+    one_line_error(&topo.meshctl(1, &["explain", "shop/a", "shop/c"]), "expected NAMESPACE/POD:PORT");
+    one_line_error(
+        &Command::new(bin("meshctl")).args(["--agent", "/nonexistent/agent.sock", "status"]).output().unwrap(),
+        "cannot reach the agent at /nonexistent/agent.sock",
+    );
+    one_line_error(&topo.meshctl(1, &["flows", "--verdict", "maybe"]), "invalid value 'maybe' for '--verdict");
+    one_line_error(
+        &topo.meshctl(1, &["flows", "--from-pod", "a/b/c"]),
+        "--from-pod \"a/b/c\": expected NAMESPACE/POD or POD",
+    );
+    one_line_error(&topo.meshctl(1, &["flows", "--since", "soon"]), "--since");
+    one_line_error(&topo.meshctl(1, &["flows", "--to-identity", "shop/c"]), "expected a SPIFFE ID");
+
+    // mesh-ctrl stopped: status says so clearly; readiness stays (the last good config serves).
+    topo.signal_and_wait("mesh-ctrl", libc::SIGTERM);
+    wait_until(Duration::from_secs(10), "the agent to notice mesh-ctrl is gone", || {
+        let text = String::from_utf8_lossy(&topo.meshctl(1, &["status"]).stdout).to_string();
+        text.contains("mesh-ctrl: NOT CONNECTED: mesh-ctrl is unreachable; serving the last good config")
+    });
+}
