@@ -58,8 +58,9 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     let unready = topo
         .pod_yaml(web2, &[("app", "web")])
         .replace("status:\n", "status:\n  conditions:\n  - type: Ready\n    status: \"False\"\n");
-    topo.write_config_file("pod-shop-web-2.yaml", &unready);
+    // The version before the change, read before making it (the change can land in a few ms).
     let before = topo.status(1)["config_version"].as_u64().unwrap();
+    topo.write_config_file("pod-shop-web-2.yaml", &unready);
     wait_until(Duration::from_secs(1), "the readiness change", || {
         topo.status(1)["config_version"].as_u64().unwrap() > before
     });
@@ -79,8 +80,8 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     assert_eq!(spread(&topo, skip).keys().collect::<Vec<_>>(), ["web-1"], "only web-1 answers");
 
     // web-3 removed from the config: after the change no connection even tries it.
-    std::fs::remove_file(topo.config_dir().join("pod-shop-web-3.yaml")).unwrap();
     let before = topo.status(1)["config_version"].as_u64().unwrap();
+    std::fs::remove_file(topo.config_dir().join("pod-shop-web-3.yaml")).unwrap();
     wait_until(Duration::from_secs(1), "the removal to reach node1", || {
         topo.status(1)["config_version"].as_u64().unwrap() > before
     });
