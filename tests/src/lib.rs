@@ -3,6 +3,7 @@
 //! benchmarks. Needs root (network namespaces, eBPF).
 #![deny(unsafe_code)]
 
+pub mod bench;
 pub mod mesh;
 pub mod topology;
 

@@ -28,9 +28,10 @@ fn main() -> Result<()> {
         Some("build") => build(&setup()?)?,
         Some("test") => test()?,
         Some("demo") => demo(args.iter().any(|a| a == "--hold"))?,
+        Some("bench") => bench(args.iter().any(|a| a == "--quick"))?,
         Some("clean-netns") => clean_netns()?,
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|test|demo [--hold]|clean-netns>");
+            eprintln!("usage: cargo xtask <setup|build|test|demo [--hold]|bench [--quick]|clean-netns>");
             std::process::exit(2);
         }
     }
@@ -227,6 +228,22 @@ fn demo(hold: bool) -> Result<()> {
     let mut c = cmd(target_dir().join("release/fm-demo"));
     if hold {
         c.arg("--hold");
+    }
+    run(&mut c)
+}
+
+/// The benchmark harness (fm-bench): results in target/bench/results.json; a full run also
+/// rewrites docs/BENCHMARKS.md.
+fn bench(quick: bool) -> Result<()> {
+    ensure!(is_root(), "cargo xtask bench needs root: it creates network namespaces and loads eBPF");
+    build(&setup()?)?;
+    step(if quick { "bench (quick)" } else { "bench" });
+    let mut c = cmd(target_dir().join("release/fm-bench"));
+    c.arg("--out").arg(target_dir().join("bench/results.json"));
+    if quick {
+        c.arg("--quick");
+    } else {
+        c.arg("--report").arg(root().join("docs/BENCHMARKS.md"));
     }
     run(&mut c)
 }

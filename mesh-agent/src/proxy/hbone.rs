@@ -300,14 +300,46 @@ pub struct Pool {
     connections: Arc<Mutex<PoolMap>>,
 }
 
-/// Pooled connections with a generation each, so an ended connection only ever removes itself.
-type PoolMap = HashMap<PoolKey, (u64, h2::client::SendRequest<Bytes>)>;
+/// Pooled connections with a generation each, so an ended connection only ever removes itself,
+/// and the number of streams open on each. A key holds several connections once one has all
+/// [`MAX_STREAMS`] streams open (the peer's limit: a stream over it would wait, not fail).
+type PoolMap = HashMap<PoolKey, Vec<Pooled>>;
+
+#[derive(Debug, Clone)]
+struct Pooled {
+    generation: u64,
+    sender: h2::client::SendRequest<Bytes>,
+    open: Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// One stream's place on a pooled connection, given back when dropped (the stream ended).
+#[derive(Debug)]
+pub(super) struct StreamSlot(Arc<std::sync::atomic::AtomicU32>);
+
+impl StreamSlot {
+    /// Takes a place on a connection with `open` streams, if it has one free.
+    fn take(open: &Arc<std::sync::atomic::AtomicU32>) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_STREAMS).then_some(n + 1))
+            .ok()
+            .map(|_| Self(open.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn unpool(pool: &Mutex<PoolMap>, key: &PoolKey, generation: u64) {
     let mut pool = pool.lock().expect("pool lock");
-    if pool.get(key).is_some_and(|(g, _)| *g == generation) {
-        pool.remove(key);
+    if let Some(connections) = pool.get_mut(key) {
+        connections.retain(|c| c.generation != generation);
+        if connections.is_empty() {
+            pool.remove(key);
+        }
     }
 }
 
@@ -356,13 +388,17 @@ impl ProxyContext {
         cert: &WorkloadCert,
         dst_ip: IpAddr,
         dst_id: &str,
-    ) -> Result<h2::client::SendRequest<Bytes>, HboneError> {
+    ) -> Result<(h2::client::SendRequest<Bytes>, StreamSlot), HboneError> {
         let key =
             PoolKey { src: cert.spiffe_id.clone(), src_serial: cert.serial.clone(), dst: dst_id.to_string(), dst_ip };
-        let pooled = self.pool.connections.lock().expect("pool lock").get(&key).map(|(_, s)| s.clone());
-        if let Some(sender) = pooled {
-            if let Ok(ready) = sender.ready().await {
-                return Ok(ready);
+        let pooled: Vec<Pooled> =
+            self.pool.connections.lock().expect("pool lock").get(&key).cloned().unwrap_or_default();
+        // The first pooled connection with a free stream; when all are full, a new one.
+        for connection in pooled {
+            if let Some(slot) = StreamSlot::take(&connection.open) {
+                if let Ok(sender) = connection.sender.ready().await {
+                    return Ok((sender, slot));
+                }
             }
         }
         let tcp = self
@@ -406,8 +442,10 @@ impl ProxyContext {
         pool.retain(|k, _| {
             !(k.src == key.src && k.dst == key.dst && k.dst_ip == key.dst_ip && k.src_serial != key.src_serial)
         });
-        pool.insert(key, (generation, sender.clone()));
-        Ok(sender)
+        let open = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let slot = StreamSlot::take(&open).expect("a new connection has room");
+        pool.entry(key).or_default().push(Pooled { generation, sender: sender.clone(), open });
+        Ok((sender, slot))
     }
 
     /// Opens an HBONE stream from `pod` (with `cert`) to `dst`, whose identity must be `dst_id`.
@@ -417,8 +455,8 @@ impl ProxyContext {
         cert: &WorkloadCert,
         dst: SocketAddr,
         dst_id: &str,
-    ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
-        let mut sender = self.hbone_sender(pod, cert, dst.ip(), dst_id).await?;
+    ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), HboneError> {
+        let (mut sender, slot) = self.hbone_sender(pod, cert, dst.ip(), dst_id).await?;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(dst.to_string())
@@ -435,7 +473,7 @@ impl ProxyContext {
         if response.status() != StatusCode::OK {
             return Err(HboneError::Refused(response.status().as_u16()));
         }
-        Ok((send, response.into_body()))
+        Ok((send, response.into_body(), slot))
     }
 }
 
@@ -446,12 +484,13 @@ fn traceparent() -> String {
 
 /// Opens an HBONE stream for a captured connection of `pod` to `dst`, whose identity must be
 /// `dst_id`. A refusal by the destination's policy (401) is a deny, anything else an error.
+/// The slot is the stream's place on its pooled connection: hold it until the stream ends.
 pub(super) async fn open(
     pod: &PodContext,
     ctx: &ProxyContext,
     dst: SocketAddr,
     dst_id: &str,
-) -> Result<(SendStream<Bytes>, RecvStream), (Verdict, String)> {
+) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), (Verdict, String)> {
     let cert = ctx
         .identities
         .cert(&pod.identity, Duration::from_secs(5))

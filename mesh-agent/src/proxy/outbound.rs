@@ -28,7 +28,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 /// An upstream ready to carry the client's bytes.
 enum Upstream {
     Plain(TcpStream),
-    Hbone(SendStream<Bytes>, RecvStream),
+    Hbone(SendStream<Bytes>, RecvStream, hbone::StreamSlot),
 }
 
 /// Connects to `target` as `pod`: HBONE when the target's own agent captures it (a meshed
@@ -43,8 +43,8 @@ async fn connect(
         let dst_id =
             Identity { namespace: workload.namespace.clone(), service_account: workload.service_account.clone() }
                 .spiffe_id(&ctx.identities.trust_domain());
-        let (send, recv) = hbone::open(pod, ctx, target, &dst_id).await?;
-        return Ok((Upstream::Hbone(send, recv), Some(dst_id)));
+        let (send, recv, slot) = hbone::open(pod, ctx, target, &dst_id).await?;
+        return Ok((Upstream::Hbone(send, recv, slot), Some(dst_id)));
     }
     match ctx.dial(&pod.netns, target, MARK_AGENT, None).await {
         Ok(stream) => Ok((Upstream::Plain(stream), None)),
@@ -55,7 +55,7 @@ async fn connect(
 async fn carry(client: TcpStream, upstream: Upstream) -> Outcome {
     let (sent, received, end) = match upstream {
         Upstream::Plain(stream) => relay(client, stream, None).await,
-        Upstream::Hbone(send, recv) => hbone::relay_client(client, send, recv).await,
+        Upstream::Hbone(send, recv, _slot) => hbone::relay_client(client, send, recv).await,
     };
     Outcome::relayed(sent, received, end, String::new())
 }

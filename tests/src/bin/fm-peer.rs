@@ -58,6 +58,14 @@ enum Cmd {
         #[arg(long)]
         count: u32,
     },
+    /// Open `count` connections to an echo, one round trip each, print `held N` and keep them
+    /// open, idle, until killed.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u32,
+    },
     /// Hold one connection to an echo and do `count` round trips, one every `interval_ms`.
     Ping {
         #[arg(long)]
@@ -77,6 +85,7 @@ fn main() {
         Cmd::Ping { to, count, interval_ms } => ping(to, count, Duration::from_millis(interval_ms)),
         Cmd::Rr { to, count, size } => rr(to, count, size),
         Cmd::Hits { to, count } => hits(to, count),
+        Cmd::Hold { to, count } => hold(to, count),
     };
     if let Err(e) = result {
         eprintln!("fm-peer: {e}");
@@ -259,6 +268,23 @@ fn hit(to: SocketAddr) -> Result<String> {
     }
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
     Ok(body.trim().trim_start_matches("client ").to_string())
+}
+
+fn hold(to: SocketAddr, count: u32) -> Result<()> {
+    let mut held = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"x")?;
+        let mut back = [0u8; 1];
+        stream.read_exact(&mut back)?;
+        held.push(stream);
+    }
+    println!("held {}", held.len());
+    std::io::stdout().flush()?;
+    loop {
+        std::thread::park();
+    }
 }
 
 fn hits(to: SocketAddr, count: u32) -> Result<()> {

@@ -1,0 +1,338 @@
+//! The benchmark harness behind `cargo xtask bench`: plain TCP, eBPF capture into the agent,
+//! the mesh on one node and the mesh across nodes, side by side on one topology, in interleaved
+//! rounds; medians with min and max, and every figure as a ratio to `plain` from the same run.
+//! Agent-wide figures (memory) are reported under the scenario `agent`, the policy decision
+//! under `policy`. Never a pass/fail test: the numbers go to `target/bench/results.json` and
+//! docs/BENCHMARKS.md.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::mesh::{bin, scale_namespace_yaml, wait_until, ECHO_PORT, HTTP_PORT};
+use crate::{Pod, Topology, TopologySpec};
+
+/// How much to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Interleaved rounds of every scenario.
+    pub rounds: usize,
+    /// Seconds per iperf3 run.
+    pub iperf_seconds: u32,
+    /// Round trips per request/response run.
+    pub rr_count: u32,
+    /// Connections per connection-rate run.
+    pub conns: u32,
+    /// Idle connections held for the per-connection memory figure.
+    pub idle_conns: u32,
+    /// Workloads loaded for the per-workload memory figure (multiple of 100).
+    pub workloads: u32,
+}
+
+impl Options {
+    /// The full run: 5 rounds, 10k idle connections, 10k workloads.
+    pub const FULL: Options =
+        Options { rounds: 5, iperf_seconds: 5, rr_count: 20_000, conns: 1000, idle_conns: 10_000, workloads: 10_000 };
+    /// A spot check of about a minute and a half.
+    pub const QUICK: Options =
+        Options { rounds: 1, iperf_seconds: 1, rr_count: 2000, conns: 200, idle_conns: 1000, workloads: 1000 };
+}
+
+/// One line of `results.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    /// `plain`, `capture`, `same-node`, `cross-node`, `agent` or `policy`.
+    pub scenario: String,
+    /// E.g. `throughput_1stream`.
+    pub measurement: String,
+    /// E.g. `Gbit/s`.
+    pub unit: String,
+    /// Median over rounds.
+    pub median: f64,
+    /// Smallest round.
+    pub min: f64,
+    /// Largest round.
+    pub max: f64,
+    /// median / plain's median for the same measurement; None where plain has no such figure.
+    pub ratio_to_plain: Option<f64>,
+}
+
+/// (scenario, measurement, unit) of a figure.
+type Key = (&'static str, &'static str, &'static str);
+
+struct Scenario<'a> {
+    name: &'static str,
+    from: &'a Pod,
+    to: &'a Pod,
+    /// Nodes whose agents carry the traffic (for CPU).
+    agents: &'static [u8],
+}
+
+fn rss_kb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) used by `pid` so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/<pid>/stat: 11 and 12 after the name.
+    // The tick rate of user-visible clocks is USER_HZ, 100 on every mainstream architecture.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn median(values: &[f64]) -> (f64, f64, f64) {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+    (mid, v[0], v[v.len() - 1])
+}
+
+/// iperf3 from `from` to `to` (a server already listens there): (Gbit/s, bytes received).
+fn iperf(topo: &Topology, from: &Pod, to: &Pod, streams: u32, seconds: u32) -> (f64, f64) {
+    let out = topo.output_in(
+        &from.netns,
+        "iperf3",
+        &["-c", &to.ip.to_string(), "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
+    );
+    assert!(out.status.success(), "iperf3 {} -> {}: {}", from.name, to.name, String::from_utf8_lossy(&out.stdout));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    let received = &v["end"]["sum_received"];
+    (received["bits_per_second"].as_f64().unwrap() / 1e9, received["bytes"].as_f64().unwrap())
+}
+
+fn rr(topo: &Topology, from: &Pod, to: &Pod, count: u32, size: usize) -> Value {
+    let addr = SocketAddr::from((to.ip, ECHO_PORT)).to_string();
+    let out = topo.output_in(
+        &from.netns,
+        bin("fm-peer"),
+        &["rr", "--to", &addr, "--count", &count.to_string(), "--size", &size.to_string()],
+    );
+    assert!(out.status.success(), "rr {} -> {}: {}", from.name, to.name, String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("rr JSON")
+}
+
+/// Runs every scenario `options.rounds` times, interleaved, and returns the figures.
+pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
+    let spec = TopologySpec::nodes(2)
+        .pod("shop", "a", 1)
+        .pod("shop", "b", 1)
+        .pod("shop", "c", 2)
+        .pod("legacy", "x", 1)
+        .pod("legacy", "y", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    topo.serve_all();
+    let (a, b, c, x, y) = (
+        topo.pod("shop", "a"),
+        topo.pod("shop", "b"),
+        topo.pod("shop", "c"),
+        topo.pod("legacy", "x"),
+        topo.pod("legacy", "y"),
+    );
+    for pod in [b, c, y] {
+        let label = format!("iperf3-{}", pod.name);
+        let mut server = topo.command_in(&pod.netns, "iperf3");
+        server.args(["-s", "--forceflush", "-B", &pod.ip.to_string()]);
+        topo.spawn(&label, server);
+        wait_until(Duration::from_secs(5), "iperf3 to listen", || topo.log(&label).contains("Server listening"));
+    }
+    let agent_pid = |node: u8| topo.pid(&format!("agent-node{node}")).expect("agent pid");
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_idle = rss_kb(agent_pid(1));
+
+    let scenarios = [
+        Scenario { name: "plain", from: x, to: y, agents: &[] },
+        Scenario { name: "capture", from: a, to: y, agents: &[1] },
+        Scenario { name: "same-node", from: a, to: b, agents: &[1] },
+        Scenario { name: "cross-node", from: a, to: c, agents: &[1, 2] },
+    ];
+    let mut samples: Vec<(Key, Vec<f64>)> = Vec::new();
+    let mut add = |scenario: &'static str, measurement: &'static str, unit: &'static str, value: f64| match samples
+        .iter_mut()
+        .find(|(k, _)| *k == (scenario, measurement, unit))
+    {
+        Some((_, v)) => v.push(value),
+        None => samples.push(((scenario, measurement, unit), vec![value])),
+    };
+    for round in 1..=options.rounds {
+        for s in &scenarios {
+            progress(&format!("round {round}/{}: {}", options.rounds, s.name));
+            let cpu_before: f64 = s.agents.iter().map(|n| cpu_seconds(agent_pid(*n))).sum();
+            let (gbits, bytes) = iperf(&topo, s.from, s.to, 1, options.iperf_seconds);
+            let cpu: f64 = s.agents.iter().map(|n| cpu_seconds(agent_pid(*n))).sum::<f64>() - cpu_before;
+            add(s.name, "throughput_1stream", "Gbit/s", gbits);
+            if !s.agents.is_empty() {
+                add(s.name, "cpu_per_gb", "s", cpu / (bytes / 1e9));
+            }
+            add(s.name, "throughput_4stream", "Gbit/s", iperf(&topo, s.from, s.to, 4, options.iperf_seconds).0);
+            let small = rr(&topo, s.from, s.to, options.rr_count, 1);
+            for (m, key) in [("rr_1b_p50", "p50_us"), ("rr_1b_p90", "p90_us"), ("rr_1b_p99", "p99_us")] {
+                add(s.name, m, "us", small[key].as_f64().unwrap());
+            }
+            let large = rr(&topo, s.from, s.to, options.rr_count, 1024);
+            for (m, key) in [("rr_1k_p50", "p50_us"), ("rr_1k_p99", "p99_us")] {
+                add(s.name, m, "us", large[key].as_f64().unwrap());
+            }
+            let started = Instant::now();
+            let hits = topo.hits(s.from, SocketAddr::from((s.to.ip, HTTP_PORT)), options.conns);
+            let elapsed = started.elapsed().as_secs_f64();
+            assert_eq!(hits["failed"], 0, "{}: {hits}", s.name);
+            add(s.name, "conn_rate", "connections/s", f64::from(options.conns) / elapsed);
+        }
+    }
+
+    // Memory per idle connection: a holds that many connections to c's echo, across nodes.
+    progress(&format!("agent memory with {} idle connections", options.idle_conns));
+    let (pid1, pid2) = (agent_pid(1), agent_pid(2));
+    let before = rss_kb(pid1) + rss_kb(pid2);
+    let mut hold = topo.command_in(&a.netns, bin("fm-peer"));
+    hold.args(["hold", "--to", &SocketAddr::from((c.ip, ECHO_PORT)).to_string()]);
+    hold.args(["--count", &options.idle_conns.to_string()]);
+    topo.spawn("hold", hold);
+    wait_until(Duration::from_secs(120), "the idle connections to open", || {
+        assert!(topo.is_running("hold"), "fm-peer hold failed: {}", topo.log("hold"));
+        topo.log("hold").contains("held")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let per_conn = (rss_kb(pid1) + rss_kb(pid2) - before) / f64::from(options.idle_conns);
+    topo.signal_and_wait("hold", libc::SIGKILL);
+
+    // Memory per workload: that many pods on a node outside the topology, held but not enrolled.
+    progress(&format!("agent memory with {} workloads", options.workloads));
+    let before = rss_kb(pid1);
+    let version = |topo: &Topology| topo.status(1)["config_version"].as_u64().unwrap_or(0);
+    let v0 = version(&topo);
+    for ns in 0..options.workloads / 100 {
+        topo.write_config_file(&format!("scale-{ns:03}.yaml"), &scale_namespace_yaml(ns as usize, "far-away"));
+    }
+    let want = format!("pods={}", options.workloads + 5);
+    wait_until(Duration::from_secs(120), "the agent to hold the workloads", || {
+        version(&topo) > v0 && topo.log("mesh-ctrl").contains(&want)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let per_workload = (rss_kb(pid1) - before) / f64::from(options.workloads);
+
+    let mut figures: Vec<Figure> = samples
+        .iter()
+        .map(|((scenario, measurement, unit), values)| {
+            let (median, min, max) = median(values);
+            Figure {
+                scenario: scenario.to_string(),
+                measurement: measurement.to_string(),
+                unit: unit.to_string(),
+                median,
+                min,
+                max,
+                ratio_to_plain: None,
+            }
+        })
+        .collect();
+    for (measurement, value) in [("rss_idle", rss_idle), ("rss_per_conn", per_conn), ("rss_per_workload", per_workload)]
+    {
+        figures.push(Figure {
+            scenario: "agent".into(),
+            measurement: measurement.into(),
+            unit: "KB".into(),
+            median: value,
+            min: value,
+            max: value,
+            ratio_to_plain: None,
+        });
+    }
+    let plain: Vec<(String, f64)> =
+        figures.iter().filter(|f| f.scenario == "plain").map(|f| (f.measurement.clone(), f.median)).collect();
+    for f in figures.iter_mut().filter(|f| f.scenario != "plain") {
+        f.ratio_to_plain = plain.iter().find(|(m, _)| *m == f.measurement).map(|(_, p)| f.median / p);
+    }
+    figures
+}
+
+/// The figures as an aligned table.
+pub fn table(figures: &[Figure]) -> String {
+    let mut out = format!(
+        "{:<12} {:<20} {:>12} {:>12} {:>12} {:<14} {:>8}\n",
+        "scenario", "measurement", "median", "min", "max", "unit", "ratio"
+    );
+    for f in figures {
+        let ratio = f.ratio_to_plain.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<12} {:<20} {:>12.2} {:>12.2} {:>12.2} {:<14} {:>8}\n",
+            f.scenario, f.measurement, f.median, f.min, f.max, f.unit, ratio
+        ));
+    }
+    out
+}
+
+/// Time of one inbound decision with 10k AuthorizationPolicies loaded (100 namespaces of 100
+/// policies, each selecting by label and matching by principal), measured in-process over
+/// 200k decisions per round; and the same with 100 policies, to show how it scales.
+pub fn policy_decision(rounds: usize) -> Vec<Figure> {
+    use ferrymesh_policy::spec::AuthorizationPolicySpec;
+    use ferrymesh_policy::{PolicySet, Request, Workload};
+    let build = |namespaces: usize, per_namespace: usize| {
+        let mut policies = Vec::new();
+        for ns in 0..namespaces {
+            for i in 0..per_namespace {
+                let yaml = format!(
+                    "selector: {{matchLabels: {{app: app{i}}}}}\naction: ALLOW\nrules: [{{from: [{{source: {{principals: [\"cluster.local/ns/ns{ns}/sa/sa{i}\"]}}}}], to: [{{operation: {{ports: [\"8080\"]}}}}]}}]"
+                );
+                let spec: AuthorizationPolicySpec = serde_yaml::from_str(&yaml).expect("policy YAML");
+                policies.push(spec.validate(&format!("ns{ns}"), &format!("p{i}")).expect("valid policy"));
+            }
+        }
+        PolicySet::new(policies, vec![])
+    };
+    let labels = std::collections::BTreeMap::from([("app".to_string(), "app7".to_string())]);
+    let workload = Workload { namespace: "ns42", labels: &labels };
+    let request = Request {
+        source_ip: "10.244.1.2".parse().unwrap(),
+        source_principal: Some("cluster.local/ns/ns42/sa/sa7"),
+        destination_ip: "10.244.2.3".parse().unwrap(),
+        destination_port: 8080,
+    };
+    let mut figures = Vec::new();
+    for (measurement, set) in [("policy_decision", build(100, 100)), ("policy_decision_100_policies", build(1, 100))] {
+        let workload =
+            if measurement == "policy_decision" { workload } else { Workload { namespace: "ns0", ..workload } };
+        let request = if measurement == "policy_decision" {
+            request
+        } else {
+            Request { source_principal: Some("cluster.local/ns/ns0/sa/sa7"), ..request }
+        };
+        assert!(set.decide(&workload, &request, true).allowed, "the timed decision is a real match");
+        let mut per_round = Vec::new();
+        for _ in 0..rounds {
+            let n = 200_000;
+            let started = Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(set.decide(std::hint::black_box(&workload), std::hint::black_box(&request), true));
+            }
+            per_round.push(started.elapsed().as_nanos() as f64 / f64::from(n));
+        }
+        let (median, min, max) = median(&per_round);
+        figures.push(Figure {
+            scenario: "policy".into(),
+            measurement: measurement.into(),
+            unit: "ns".into(),
+            median,
+            min,
+            max,
+            ratio_to_plain: None,
+        });
+    }
+    figures
+}

@@ -1,0 +1,61 @@
+//! fm-bench: the benchmark harness (`cargo xtask bench [--quick]`). Runs plain TCP, eBPF
+//! capture, same-node and cross-node mesh side by side on one netns topology, then times the
+//! policy decision with 10k policies loaded; writes `results.json`, prints a table and, for a
+//! full run, rewrites docs/BENCHMARKS.md. Needs root.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use ferrymesh_testbed::bench::{self, Figure, Options};
+
+/// Benchmark ferrymesh against plain TCP on this machine.
+#[derive(Debug, Parser)]
+struct Args {
+    /// One short round (about a minute and a half), for spot checks.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the results.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+    /// Also write this Markdown report (the machine, the date, the command and the table).
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let options = if args.quick { Options::QUICK } else { Options::FULL };
+    let started = Instant::now();
+    let mut figures = bench::run(options, |what| eprintln!("fm-bench: {what}"));
+    eprintln!("fm-bench: policy decisions");
+    figures.extend(bench::policy_decision(if args.quick { 1 } else { 5 }));
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir).expect("create the output directory");
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&figures).expect("results serialize"))
+        .expect("write results");
+    let table = bench::table(&figures);
+    println!("{table}");
+    eprintln!("fm-bench: {} figures in {} ({:.0?})", figures.len(), args.out.display(), started.elapsed());
+    if let Some(report) = args.report {
+        std::fs::write(&report, markdown(&figures, &table, args.quick)).expect("write the report");
+    }
+}
+
+fn markdown(figures: &[Figure], table: &str, quick: bool) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let command = if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" };
+    let _ = figures;
+    format!(
+        "# Benchmarks\n\nRecorded by `{command}` (the harness is `tests/src/bench.rs`; results also in\n`target/bench/results.json`). Scenarios: `plain` (two unmeshed pods on two nodes),\n`capture` (meshed pod to an unmeshed pod: eBPF capture into the agent, no TLS), `same-node`\n(two meshed pods on one node, HBONE through one agent), `cross-node` (meshed pods on two nodes,\nHBONE between two agents); `agent` and `policy` hold agent-wide figures. Ratios are to `plain`\nin the same run; only compare figures from one run.\n\n- machine: {cpu}, {cores} cores, Linux {}\n- date: {date}\n\n```\n{table}```\n",
+        kernel.trim()
+    )
+}
