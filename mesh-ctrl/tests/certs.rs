@@ -8,30 +8,12 @@ use ferrymesh_api::ca::certificates_client::CertificatesClient;
 use ferrymesh_api::ca::CreateCertificateRequest;
 use mesh_ctrl::ca::Ca;
 use mesh_ctrl::certs::{CertificateService, NodeAuth, NodeTokens};
-use mesh_ctrl::model::{Model, Namespace, Pod, ServiceAccount};
+use mesh_ctrl::model::{Model, Namespace, ServiceAccount};
 use mesh_ctrl::snapshot::Publisher;
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tonic::Code;
 
-fn pod(name: &str, node: &str) -> Pod {
-    Pod {
-        uid: name.into(),
-        name: name.into(),
-        namespace: "shop".into(),
-        node: node.into(),
-        service_account: name.into(),
-        ip: "10.244.1.2".parse().unwrap(),
-        netns: "/x".into(),
-        labels: BTreeMap::new(),
-        container_ports: BTreeMap::new(),
-        ready: true,
-    }
-}
-
-fn csr() -> String {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
-}
+mod common;
+use common::{csr, pod};
 
 #[tokio::test]
 async fn an_agent_only_gets_identities_of_pods_on_its_node() {
@@ -43,9 +25,9 @@ async fn an_agent_only_gets_identities_of_pods_on_its_node() {
     let (publisher, snapshots) = Publisher::new();
     let mut model = Model::default();
     model.namespaces.insert("shop".into(), Namespace { name: "shop".into(), labels: BTreeMap::new() });
-    model.pods.insert("web".into(), pod("web", "node1"));
-    model.pods.insert("db".into(), pod("db", "node2"));
-    model.pods.insert("ghost".into(), pod("ghost", "node1"));
+    model.pods.insert("web".into(), pod("web", "node1", "10.244.1.2"));
+    model.pods.insert("db".into(), pod("db", "node2", "10.244.2.2"));
+    model.pods.insert("ghost".into(), pod("ghost", "node1", "10.244.1.3"));
     for sa in ["web", "db"] {
         model
             .service_accounts

@@ -7,26 +7,14 @@ use std::time::Duration;
 use ferrymesh_api::config::config_client::ConfigClient;
 use ferrymesh_api::config::{ConfigUpdate, WatchRequest};
 use ferrymesh_policy::spec::AuthorizationPolicySpec;
-use mesh_ctrl::model::{Model, Namespace, Pod, Service, ServicePort, TargetPort};
+use mesh_ctrl::model::{Model, Namespace, Service, ServicePort, TargetPort};
 use mesh_ctrl::server::{Agents, ConfigService};
 use mesh_ctrl::snapshot::Publisher;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-fn pod(name: &str, ip: &str) -> Pod {
-    Pod {
-        uid: name.into(),
-        name: name.into(),
-        namespace: "shop".into(),
-        node: "node1".into(),
-        service_account: name.into(),
-        ip: ip.parse().unwrap(),
-        netns: String::new(),
-        labels: BTreeMap::from([("app".to_string(), name.to_string())]),
-        container_ports: BTreeMap::new(),
-        ready: true,
-    }
-}
+mod common;
+use common::pod;
 
 fn service(name: &str, vip: &str) -> Service {
     Service {
@@ -42,7 +30,7 @@ fn model() -> Model {
     let mut model = Model::default();
     model.namespaces.insert("shop".into(), Namespace { name: "shop".into(), labels: BTreeMap::new() });
     for (name, ip) in [("web", "10.244.1.2"), ("db", "10.244.1.3")] {
-        model.pods.insert(name.into(), pod(name, ip));
+        model.pods.insert(name.into(), pod(name, "node1", ip));
     }
     model.services.insert("shop/web".into(), service("web", "10.96.0.10"));
     model.services.insert("shop/db".into(), service("db", "10.96.0.11"));

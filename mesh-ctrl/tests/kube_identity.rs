@@ -14,12 +14,14 @@ use kube::client::Body;
 use kube::Client;
 use mesh_ctrl::ca_secret;
 use mesh_ctrl::certs::{CertificateService, NodeAuth};
-use mesh_ctrl::model::{Model, Namespace, Pod, ServiceAccount};
+use mesh_ctrl::model::{Model, Namespace, ServiceAccount};
 use mesh_ctrl::snapshot::Publisher;
 use mesh_ctrl::token_review::TokenReviewer;
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use serde_json::{json, Value};
 use tonic::Code;
+
+mod common;
+use common::{csr, pod};
 
 const SECRETS: &str = "/api/v1/namespaces/ferrymesh-system/secrets";
 const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
@@ -164,26 +166,6 @@ async fn the_ca_root_lives_in_a_secret_created_when_absent() {
     assert!(broken.secrets.lock().unwrap()["ferrymesh-ca"]["data"].get("ca-key.pem").is_none());
 }
 
-fn pod(name: &str, node: &str) -> Pod {
-    Pod {
-        uid: name.into(),
-        name: name.into(),
-        namespace: "shop".into(),
-        node: node.into(),
-        service_account: name.into(),
-        ip: "10.244.1.2".parse().unwrap(),
-        netns: String::new(),
-        labels: BTreeMap::new(),
-        container_ports: BTreeMap::new(),
-        ready: true,
-    }
-}
-
-fn csr() -> String {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
-}
-
 fn authenticated(username: &str, extra: Value) -> Value {
     json!({"authenticated": true, "audiences": ["ferrymesh"], "user": {"username": username, "extra": extra}})
 }
@@ -239,8 +221,8 @@ async fn agent_tokens_are_checked_with_token_review_and_bound_to_their_node() {
     let (publisher, snapshots) = Publisher::new();
     let mut model = Model::default();
     model.namespaces.insert("shop".into(), Namespace { name: "shop".into(), labels: BTreeMap::new() });
-    model.pods.insert("web".into(), pod("web", "node-a"));
-    model.pods.insert("db".into(), pod("db", "node-b"));
+    model.pods.insert("web".into(), pod("web", "node-a", "10.244.1.2"));
+    model.pods.insert("db".into(), pod("db", "node-b", "10.244.2.2"));
     for sa in ["web", "db"] {
         model
             .service_accounts

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::mesh::{bin, scale_namespace_yaml, wait_until, ECHO_PORT, HTTP_PORT};
-use crate::{Pod, Topology, TopologySpec};
+use crate::mesh::{bin, scale_namespace_yaml, two_node_mesh, wait_until, ECHO_PORT, HTTP_PORT};
+use crate::{Pod, Topology};
 
 /// How much to measure.
 #[derive(Debug, Clone, Copy)]
@@ -124,18 +124,7 @@ fn rr(topo: &Topology, from: &Pod, to: &Pod, count: u32, size: usize) -> Value {
 
 /// Runs every scenario `options.rounds` times, interleaved, and returns the figures.
 pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
-    let spec = TopologySpec::nodes(2)
-        .pod("shop", "a", 1)
-        .pod("shop", "b", 1)
-        .pod("shop", "c", 2)
-        .pod("legacy", "x", 1)
-        .pod("legacy", "y", 2);
-    let topo = Topology::build(&spec);
-    topo.write_cluster(&["shop"]);
-    topo.start_mesh();
-    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
-    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
-    topo.serve_all();
+    let topo = two_node_mesh();
     let (a, b, c, x, y) = (
         topo.pod("shop", "a"),
         topo.pod("shop", "b"),

@@ -42,6 +42,24 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The usual two-node mesh: `shop` (enrolled) with a and b on node 1 and c on node 2, `legacy`
+/// (not enrolled) with x on node 1 and y on node 2; the mesh started, pods enrolled and serving.
+pub fn two_node_mesh() -> Topology {
+    let spec = crate::TopologySpec::nodes(2)
+        .pod("shop", "a", 1)
+        .pod("shop", "b", 1)
+        .pod("shop", "c", 2)
+        .pod("legacy", "x", 1)
+        .pod("legacy", "y", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    topo.serve_all();
+    topo
+}
+
 /// Polls `check` every 50 ms until it returns true, panicking with `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -7,25 +7,13 @@
 use std::time::Duration;
 
 use ferrymesh_testbed::mesh::{wait_until, DATAPLANE_MODE, ECHO_PORT, HTTP_PORT, SINK_PORT};
-use ferrymesh_testbed::{Topology, TopologySpec};
+use ferrymesh_testbed::Topology;
 use serde_json::Value;
 
 const MB100: u64 = 100 * 1024 * 1024;
 
 fn cluster() -> Topology {
-    let spec = TopologySpec::nodes(2)
-        .pod("shop", "a", 1)
-        .pod("shop", "b", 1)
-        .pod("shop", "c", 2)
-        .pod("legacy", "x", 1)
-        .pod("legacy", "y", 2);
-    let topo = Topology::build(&spec);
-    topo.write_cluster(&["shop"]);
-    topo.start_mesh();
-    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
-    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
-    topo.serve_all();
-    topo
+    ferrymesh_testbed::mesh::two_node_mesh()
 }
 
 /// Flows of `node` matching `direction`, destination ip and port.
