@@ -1,6 +1,5 @@
 //! The certificate service over real gRPC on loopback: node authorization by bootstrap token.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,12 +7,11 @@ use ferrymesh_api::ca::certificates_client::CertificatesClient;
 use ferrymesh_api::ca::CreateCertificateRequest;
 use mesh_ctrl::ca::Ca;
 use mesh_ctrl::certs::{CertificateService, NodeAuth, NodeTokens};
-use mesh_ctrl::model::{Model, Namespace, ServiceAccount};
 use mesh_ctrl::snapshot::Publisher;
 use tonic::Code;
 
 mod common;
-use common::{csr, pod};
+use common::{csr, serve, shop_model};
 
 #[tokio::test]
 async fn an_agent_only_gets_identities_of_pods_on_its_node() {
@@ -23,26 +21,14 @@ async fn an_agent_only_gets_identities_of_pods_on_its_node() {
     std::fs::write(&tokens_file, "node1: node1-secret-token-0001\nnode2: node2-secret-token-0002\n").unwrap();
     let tokens = NodeTokens::load(&tokens_file).unwrap();
     let (publisher, snapshots) = Publisher::new();
-    let mut model = Model::default();
-    model.namespaces.insert("shop".into(), Namespace { name: "shop".into(), labels: BTreeMap::new() });
-    model.pods.insert("web".into(), pod("web", "node1", "10.244.1.2"));
-    model.pods.insert("db".into(), pod("db", "node2", "10.244.2.2"));
-    model.pods.insert("ghost".into(), pod("ghost", "node1", "10.244.1.3"));
-    for sa in ["web", "db"] {
-        model
-            .service_accounts
-            .insert(format!("shop/{sa}"), ServiceAccount { namespace: "shop".into(), name: sa.into() });
-    }
+    let model = shop_model(
+        &[("web", "node1", "10.244.1.2"), ("db", "node2", "10.244.2.2"), ("ghost", "node1", "10.244.1.3")],
+        &["web", "db"],
+    );
     publisher.publish(&model);
     let service = CertificateService::new(ca, NodeAuth::Tokens(tokens), "cluster.local".into(), snapshots);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service.into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
     let mut client = CertificatesClient::connect(format!("http://{addr}")).await.unwrap();
     let ask = |sa: &str, token: Option<&str>| {
         let mut request = tonic::Request::new(CreateCertificateRequest {

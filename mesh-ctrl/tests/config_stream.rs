@@ -7,14 +7,14 @@ use std::time::Duration;
 use ferrymesh_api::config::config_client::ConfigClient;
 use ferrymesh_api::config::{ConfigUpdate, WatchRequest};
 use ferrymesh_policy::spec::AuthorizationPolicySpec;
-use mesh_ctrl::model::{Model, Namespace, Service, ServicePort, TargetPort};
+use mesh_ctrl::model::{Model, Service, ServicePort, TargetPort};
 use mesh_ctrl::server::{Agents, ConfigService};
 use mesh_ctrl::snapshot::Publisher;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 mod common;
-use common::pod;
+use common::{serve, shop_model};
 
 fn service(name: &str, vip: &str) -> Service {
     Service {
@@ -27,11 +27,7 @@ fn service(name: &str, vip: &str) -> Service {
 }
 
 fn model() -> Model {
-    let mut model = Model::default();
-    model.namespaces.insert("shop".into(), Namespace { name: "shop".into(), labels: BTreeMap::new() });
-    for (name, ip) in [("web", "10.244.1.2"), ("db", "10.244.1.3")] {
-        model.pods.insert(name.into(), pod(name, "node1", ip));
-    }
+    let mut model = shop_model(&[("web", "node1", "10.244.1.2"), ("db", "node1", "10.244.1.3")], &[]);
     model.services.insert("shop/web".into(), service("web", "10.96.0.10"));
     model.services.insert("shop/db".into(), service("db", "10.96.0.11"));
     let spec: AuthorizationPolicySpec = serde_yaml::from_str("action: ALLOW\nrules: [{}]").unwrap();
@@ -83,14 +79,8 @@ async fn snapshot_then_deltas_with_acks_and_a_nack_answered_by_a_snapshot() {
     let mut model = model();
     publisher.publish(&model);
     let agents = Agents::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let service = ConfigService::new(snapshots, "cluster.local".into(), agents.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service.into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
     let mut agent = Agent::connect(addr).await;
 
     let first = agent.next().await;

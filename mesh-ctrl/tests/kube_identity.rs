@@ -3,7 +3,7 @@
 //! reading the winner's) and TokenReview-based node authorization for certificates over real
 //! gRPC on loopback.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,14 +14,13 @@ use kube::client::Body;
 use kube::Client;
 use mesh_ctrl::ca_secret;
 use mesh_ctrl::certs::{CertificateService, NodeAuth};
-use mesh_ctrl::model::{Model, Namespace, ServiceAccount};
 use mesh_ctrl::snapshot::Publisher;
 use mesh_ctrl::token_review::TokenReviewer;
 use serde_json::{json, Value};
 use tonic::Code;
 
 mod common;
-use common::{csr, pod};
+use common::{csr, serve, shop_model};
 
 const SECRETS: &str = "/api/v1/namespaces/ferrymesh-system/secrets";
 const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
@@ -219,26 +218,12 @@ async fn agent_tokens_are_checked_with_token_review_and_bound_to_their_node() {
     .await
     .unwrap();
     let (publisher, snapshots) = Publisher::new();
-    let mut model = Model::default();
-    model.namespaces.insert("shop".into(), Namespace { name: "shop".into(), labels: BTreeMap::new() });
-    model.pods.insert("web".into(), pod("web", "node-a", "10.244.1.2"));
-    model.pods.insert("db".into(), pod("db", "node-b", "10.244.2.2"));
-    for sa in ["web", "db"] {
-        model
-            .service_accounts
-            .insert(format!("shop/{sa}"), ServiceAccount { namespace: "shop".into(), name: sa.into() });
-    }
+    let model = shop_model(&[("web", "node-a", "10.244.1.2"), ("db", "node-b", "10.244.2.2")], &["web", "db"]);
     publisher.publish(&model);
     let reviewer = TokenReviewer::new(kube, "ferrymesh-system", "ferrymesh-agent");
     let service =
         CertificateService::new(Arc::new(ca), NodeAuth::TokenReview(reviewer), "cluster.local".into(), snapshots);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service.into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
     let mut certs = CertificatesClient::connect(format!("http://{addr}")).await.unwrap();
     let mut ask = async |sa: &str, token: &str| {
         let mut request = tonic::Request::new(CreateCertificateRequest {

@@ -60,6 +60,27 @@ pub fn two_node_mesh() -> Topology {
     topo
 }
 
+/// The policy cluster: `shop` (a, b on node 1; c, labelled `app: c`, on node 2) and `other`
+/// (d on node 2) enrolled, `legacy` (x on node 1) not; `before_start` writes any further
+/// config, then the mesh starts and every pod serves.
+pub fn policy_cluster(before_start: impl FnOnce(&Topology)) -> Topology {
+    let spec = crate::TopologySpec::nodes(2)
+        .pod("shop", "a", 1)
+        .pod("shop", "b", 1)
+        .pod("shop", "c", 2)
+        .pod("other", "d", 2)
+        .pod("legacy", "x", 1);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop", "other"]);
+    topo.write_pod(topo.pod("shop", "c"), &[("app", "c")]);
+    before_start(&topo);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["other/d", "shop/c"], Duration::from_secs(10));
+    topo.serve_all();
+    topo
+}
+
 /// Polls `check` every 50 ms until it returns true, panicking with `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();

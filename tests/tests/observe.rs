@@ -9,32 +9,21 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use ferrymesh_testbed::mesh::{bin, wait_until, HTTP_PORT, SINK_PORT};
-use ferrymesh_testbed::{Pod, Topology, TopologySpec};
+use ferrymesh_testbed::{Pod, Topology};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.40";
 const SENT: u64 = 123_457;
 
+/// The policy cluster with a service in front of c and a policy denying namespace `other`.
 fn cluster() -> Topology {
-    let spec = TopologySpec::nodes(2)
-        .pod("shop", "a", 1)
-        .pod("shop", "b", 1)
-        .pod("shop", "c", 2)
-        .pod("other", "d", 2)
-        .pod("legacy", "x", 1);
-    let topo = Topology::build(&spec);
-    topo.write_cluster(&["shop", "other"]);
-    topo.write_pod(topo.pod("shop", "c"), &[("app", "c")]);
-    topo.write_service("shop", "web", VIP, &[("app", "c")], &[("http", 80, "http")]);
-    topo.write_config_file(
-        "policy-deny-other.yaml",
-        "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-other\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [other]\n",
-    );
-    topo.start_mesh();
-    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
-    topo.wait_enrolled(2, &["other/d", "shop/c"], Duration::from_secs(10));
-    topo.serve_all();
-    topo
+    ferrymesh_testbed::mesh::policy_cluster(|topo| {
+        topo.write_service("shop", "web", VIP, &[("app", "c")], &[("http", 80, "http")]);
+        topo.write_config_file(
+            "policy-deny-other.yaml",
+            "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-other\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [other]\n",
+        );
+    })
 }
 
 /// meshctl with `args` against every agent of the topology (`--agents-dir`).

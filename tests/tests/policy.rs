@@ -5,24 +5,11 @@
 use std::time::Duration;
 
 use ferrymesh_testbed::mesh::{wait_until, ECHO_PORT, HTTP_PORT};
-use ferrymesh_testbed::{Pod, Topology, TopologySpec};
+use ferrymesh_testbed::{Pod, Topology};
 use serde_json::Value;
 
 fn cluster() -> Topology {
-    let spec = TopologySpec::nodes(2)
-        .pod("shop", "a", 1)
-        .pod("shop", "b", 1)
-        .pod("shop", "c", 2)
-        .pod("other", "d", 2)
-        .pod("legacy", "x", 1);
-    let topo = Topology::build(&spec);
-    topo.write_cluster(&["shop", "other"]);
-    topo.write_pod(topo.pod("shop", "c"), &[("app", "c")]);
-    topo.start_mesh();
-    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
-    topo.wait_enrolled(2, &["other/d", "shop/c"], Duration::from_secs(10));
-    topo.serve_all();
-    topo
+    ferrymesh_testbed::mesh::policy_cluster(|_| {})
 }
 
 fn version(topo: &Topology) -> u64 {
