@@ -16,22 +16,40 @@ fn version(topo: &Topology) -> u64 {
     topo.status(2)["config_version"].as_u64().unwrap()
 }
 
-/// Replaces the policy files with `policies` (name, YAML) and waits until node 2 has them.
+/// `namespace/name` of every policy (AuthorizationPolicy and PeerAuthentication) the agent of
+/// `node` holds, sorted.
+fn held_policies(topo: &Topology, node: u8) -> Vec<String> {
+    let out = topo.meshctl(node, &["policies", "-o", "json"]);
+    assert!(out.status.success(), "meshctl policies: {}", String::from_utf8_lossy(&out.stderr));
+    let all: Vec<Value> = serde_json::from_slice(&out.stdout).expect("policies JSON");
+    let mut names: Vec<String> =
+        all.iter().map(|p| format!("{}/{}", p["namespace"].as_str().unwrap(), p["name"].as_str().unwrap())).collect();
+    names.sort();
+    names
+}
+
+/// Replaces the policy files with `policies` (name, YAML) and waits until both agents hold
+/// exactly those policies. Waiting for "a newer version" is not enough: mesh-ctrl may publish
+/// the removal of the old files before it has read every new one.
 fn set_policies(topo: &Topology, policies: &[(&str, String)]) {
-    let before = version(topo);
-    let mut changed = !policies.is_empty();
     for entry in std::fs::read_dir(topo.config_dir()).unwrap() {
         let path = entry.unwrap().path();
         if path.file_name().unwrap().to_string_lossy().starts_with("policy-") {
             std::fs::remove_file(path).unwrap();
-            changed = true;
         }
     }
+    let mut want = Vec::new();
     for (name, yaml) in policies {
         topo.write_config_file(&format!("policy-{name}.yaml"), yaml);
+        let object: serde_yaml::Value = serde_yaml::from_str(yaml).expect("policy YAML");
+        let meta = &object["metadata"];
+        want.push(format!("{}/{}", meta["namespace"].as_str().unwrap(), meta["name"].as_str().unwrap()));
     }
-    if changed {
-        wait_until(Duration::from_secs(1), "the policy change to reach node2 within 1 s", || version(topo) > before);
+    want.sort();
+    for node in [1, 2] {
+        wait_until(Duration::from_secs(1), &format!("node{node} to hold exactly {want:?} within 1 s"), || {
+            held_policies(topo, node) == want
+        });
     }
 }
 
