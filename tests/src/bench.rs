@@ -266,10 +266,13 @@ pub fn table(figures: &[Figure]) -> String {
     out
 }
 
-/// Time of one inbound decision with 10k AuthorizationPolicies loaded (100 namespaces of 100
-/// policies, each selecting by label and matching by principal), measured in-process over
-/// 200k decisions per round; and the same with 100 policies, to show how it scales.
-pub fn policy_decision(rounds: usize) -> Vec<Figure> {
+/// Time of one inbound decision (`PolicySet::decide`, what the agent enforces with) with 10k
+/// AuthorizationPolicies loaded (100 namespaces of 100 policies, each selecting by label and
+/// matching by principal), and with 100, to show that it does not grow with the number of
+/// policies. Measured with criterion (its statistics written under `criterion_dir`); the
+/// figure is criterion's median with its 95% confidence interval as min and max.
+pub fn policy_decision(quick: bool, criterion_dir: &std::path::Path) -> Vec<Figure> {
+    use criterion::Criterion;
     use ferrymesh_policy::spec::AuthorizationPolicySpec;
     use ferrymesh_policy::{PolicySet, Request, Workload};
     let build = |namespaces: usize, per_namespace: usize| {
@@ -286,42 +289,50 @@ pub fn policy_decision(rounds: usize) -> Vec<Figure> {
         PolicySet::new(policies, vec![])
     };
     let labels = std::collections::BTreeMap::from([("app".to_string(), "app7".to_string())]);
-    let workload = Workload { namespace: "ns42", labels: &labels };
-    let request = Request {
-        source_ip: "10.244.1.2".parse().unwrap(),
-        source_principal: Some("cluster.local/ns/ns42/sa/sa7"),
-        destination_ip: "10.244.2.3".parse().unwrap(),
-        destination_port: 8080,
-    };
+    let (time, warm_up) = if quick { (1, 1) } else { (5, 2) };
+    let mut criterion = Criterion::default()
+        .output_directory(criterion_dir)
+        .without_plots()
+        .warm_up_time(Duration::from_secs(warm_up))
+        .measurement_time(Duration::from_secs(time));
+    let mut group = criterion.benchmark_group("policy_decision");
+    let cases = [
+        ("policy_decision", "10k_policies", build(100, 100), "ns42"),
+        ("policy_decision_100_policies", "100_policies", build(1, 100), "ns0"),
+    ];
     let mut figures = Vec::new();
-    for (measurement, set) in [("policy_decision", build(100, 100)), ("policy_decision_100_policies", build(1, 100))] {
-        let workload =
-            if measurement == "policy_decision" { workload } else { Workload { namespace: "ns0", ..workload } };
-        let request = if measurement == "policy_decision" {
-            request
-        } else {
-            Request { source_principal: Some("cluster.local/ns/ns0/sa/sa7"), ..request }
+    for (measurement, id, set, namespace) in cases {
+        let workload = Workload { namespace, labels: &labels };
+        let principal = format!("cluster.local/ns/{namespace}/sa/sa7");
+        let request = Request {
+            source_ip: "10.244.1.2".parse().unwrap(),
+            source_principal: Some(&principal),
+            destination_ip: "10.244.2.3".parse().unwrap(),
+            destination_port: 8080,
         };
-        assert!(set.decide(&workload, &request, true).allowed, "the timed decision is a real match");
-        let mut per_round = Vec::new();
-        for _ in 0..rounds {
-            let n = 200_000;
-            let started = Instant::now();
-            for _ in 0..n {
-                std::hint::black_box(set.decide(std::hint::black_box(&workload), std::hint::black_box(&request), true));
-            }
-            per_round.push(started.elapsed().as_nanos() as f64 / f64::from(n));
-        }
-        let (median, min, max) = median(&per_round);
+        let verdict = set.decide(&workload, &request, true);
+        assert!(
+            verdict.allowed && verdict.policy == format!("{namespace}/p7 rule 0"),
+            "the timed decision is a real match: {verdict:?}"
+        );
+        group.bench_function(id, |b| {
+            b.iter(|| set.decide(std::hint::black_box(&workload), std::hint::black_box(&request), true))
+        });
+        let estimates = criterion_dir.join("policy_decision").join(id).join("new/estimates.json");
+        let estimates: Value = serde_json::from_slice(&std::fs::read(&estimates).expect("criterion estimates"))
+            .expect("criterion estimates JSON");
+        let median = &estimates["median"];
+        let ns = |v: &Value| v.as_f64().expect("criterion estimate");
         figures.push(Figure {
             scenario: "policy".into(),
             measurement: measurement.into(),
             unit: "ns".into(),
-            median,
-            min,
-            max,
+            median: ns(&median["point_estimate"]),
+            min: ns(&median["confidence_interval"]["lower_bound"]),
+            max: ns(&median["confidence_interval"]["upper_bound"]),
             ratio_to_plain: None,
         });
     }
+    group.finish();
     figures
 }

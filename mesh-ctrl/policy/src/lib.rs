@@ -295,11 +295,11 @@ fn selects(selector: &Option<BTreeMap<String, String>>, labels: &BTreeMap<String
 
 impl Source {
     fn matches(&self, r: &Request<'_>) -> bool {
-        let ns = r.source_namespace();
         field(&self.principals, r.source_principal)
             && not_field(&self.not_principals, r.source_principal)
-            && field(&self.namespaces, ns)
-            && not_field(&self.not_namespaces, ns)
+            // The peer's namespace is parsed out of its principal only when a rule asks.
+            && (self.namespaces.is_empty() || any_match(&self.namespaces, r.source_namespace()))
+            && (self.not_namespaces.is_empty() || not_field(&self.not_namespaces, r.source_namespace()))
             && (self.ip_blocks.is_empty() || self.ip_blocks.iter().any(|b| b.contains(r.source_ip)))
             && !self.not_ip_blocks.iter().any(|b| b.contains(r.source_ip))
     }
@@ -350,10 +350,51 @@ impl AuthorizationPolicy {
     }
 }
 
+/// The AuthorizationPolicies of one namespace, sorted by name, with an index from selector
+/// labels to policies so that finding those that apply to a workload costs a few hash lookups
+/// per workload label, not one selector test per policy of the namespace.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct NamespacePolicies {
+    /// Sorted by name: evaluation order.
+    policies: Vec<AuthorizationPolicy>,
+    /// Positions of the policies without a selector (or with an empty one): they apply to
+    /// every workload in scope.
+    unselective: Vec<usize>,
+    /// label key -> label value -> positions of the policies whose selector requires that
+    /// label (each policy is filed under its first selector label only).
+    by_label: HashMap<String, HashMap<String, Vec<usize>>>,
+}
+
+impl NamespacePolicies {
+    fn new(policies: Vec<AuthorizationPolicy>) -> Self {
+        let mut unselective = Vec::new();
+        let mut by_label: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+        for (i, p) in policies.iter().enumerate() {
+            match p.selector.as_ref().and_then(|s| s.iter().next()) {
+                Some((k, v)) => by_label.entry(k.clone()).or_default().entry(v.clone()).or_default().push(i),
+                None => unselective.push(i),
+            }
+        }
+        Self { policies, unselective, by_label }
+    }
+
+    /// The policies that apply to `w`, in name order, appended to `out`.
+    fn applicable<'s>(&'s self, w: &Workload<'_>, out: &mut Vec<&'s AuthorizationPolicy>) {
+        let mut positions: Vec<usize> = self.unselective.clone();
+        for (k, v) in w.labels {
+            if let Some(filed) = self.by_label.get(k.as_str()).and_then(|values| values.get(v.as_str())) {
+                positions.extend(filed.iter().copied().filter(|&i| selects(&self.policies[i].selector, w.labels)));
+            }
+        }
+        positions.sort_unstable();
+        out.extend(positions.into_iter().map(|i| &self.policies[i]));
+    }
+}
+
 /// Every policy of the mesh, indexed for decisions.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicySet {
-    authz_by_namespace: HashMap<String, Vec<AuthorizationPolicy>>,
+    authz_by_namespace: HashMap<String, NamespacePolicies>,
     peer_auth: Vec<PeerAuthentication>,
 }
 
@@ -361,16 +402,18 @@ impl PolicySet {
     /// Indexes `authz` and `peer_auth`; order within a namespace is by name.
     pub fn new(mut authz: Vec<AuthorizationPolicy>, peer_auth: Vec<PeerAuthentication>) -> Self {
         authz.sort_by_key(AuthorizationPolicy::key);
-        let mut authz_by_namespace: HashMap<String, Vec<AuthorizationPolicy>> = HashMap::new();
+        let mut grouped: HashMap<String, Vec<AuthorizationPolicy>> = HashMap::new();
         for p in authz {
-            authz_by_namespace.entry(p.namespace.clone()).or_default().push(p);
+            grouped.entry(p.namespace.clone()).or_default().push(p);
         }
+        let authz_by_namespace = grouped.into_iter().map(|(ns, list)| (ns, NamespacePolicies::new(list))).collect();
         Self { authz_by_namespace, peer_auth }
     }
 
     /// Every AuthorizationPolicy, sorted by `namespace/name`.
     pub fn authorization_policies(&self) -> Vec<&AuthorizationPolicy> {
-        let mut all: Vec<&AuthorizationPolicy> = self.authz_by_namespace.values().flatten().collect();
+        let mut all: Vec<&AuthorizationPolicy> =
+            self.authz_by_namespace.values().flat_map(|n| n.policies.iter()).collect();
         all.sort_by_key(|p| p.key());
         all
     }
@@ -380,12 +423,13 @@ impl PolicySet {
         &self.peer_auth
     }
 
-    /// Policies that apply to `w`: the root namespace's first, then the workload's own.
+    /// Policies that apply to `w`: the root namespace's first, then the workload's own, each
+    /// in name order. Costs a lookup per workload label, whatever the number of policies.
     pub fn applicable<'s>(&'s self, w: &Workload<'_>) -> Vec<&'s AuthorizationPolicy> {
         let mut out = Vec::new();
         for ns in [ROOT_NAMESPACE, w.namespace] {
-            if let Some(list) = self.authz_by_namespace.get(ns) {
-                out.extend(list.iter().filter(|p| p.applies_to(w)));
+            if let Some(policies) = self.authz_by_namespace.get(ns) {
+                policies.applicable(w, &mut out);
             }
             if w.namespace == ROOT_NAMESPACE {
                 break;
@@ -449,8 +493,10 @@ impl PolicySet {
     }
 
     fn authorize_traced(&self, w: &Workload<'_>, r: &Request<'_>, mut trace: Option<&mut Vec<Step>>) -> Decision {
-        let mut step = |what: String, outcome: String| {
+        // Steps are built only when traced: decide() is on every connection's path.
+        let mut step = |describe: &dyn Fn() -> (String, String)| {
             if let Some(steps) = trace.as_deref_mut() {
+                let (what, outcome) = describe();
                 steps.push(Step { what, outcome });
             }
         };
@@ -458,14 +504,14 @@ impl PolicySet {
         for p in applicable.iter().filter(|p| p.action == Action::Deny) {
             // A DENY rule ignores its L7-only fields: the deny becomes broader, never narrower.
             if let Some(i) = p.rules.iter().position(|rule| rule.matches_l4(r)) {
-                step(format!("DENY {}", p.key()), format!("rule {i} matches: denied"));
-                return Decision { allowed: false, policy: format!("{} rule {i}", p.key()) };
+                step(&|| (format!("DENY {}", p.key()), format!("rule {i} matches: denied")));
+                return Decision { allowed: false, policy: format!("{}/{} rule {i}", p.namespace, p.name) };
             }
-            step(format!("DENY {}", p.key()), "no rule matches".into());
+            step(&|| (format!("DENY {}", p.key()), "no rule matches".into()));
         }
         let allows: Vec<&&AuthorizationPolicy> = applicable.iter().filter(|p| p.action == Action::Allow).collect();
         if allows.is_empty() {
-            step("ALLOW".into(), "no ALLOW policy applies: allowed".into());
+            step(&|| ("ALLOW".into(), "no ALLOW policy applies: allowed".into()));
             return Decision { allowed: true, policy: String::new() };
         }
         let mut l7_notes = Vec::new();
@@ -476,14 +522,14 @@ impl PolicySet {
                         "rule {i} uses L7-only fields ({}) and matches no L4 traffic",
                         rule.l7_fields.join(", ")
                     );
-                    step(format!("ALLOW {}", p.key()), note.clone());
+                    step(&|| (format!("ALLOW {}", p.key()), note.clone()));
                     l7_notes.push(format!("{} {note}", p.key()));
                 } else if rule.matches_l4(r) {
-                    step(format!("ALLOW {}", p.key()), format!("rule {i} matches: allowed"));
-                    return Decision { allowed: true, policy: format!("{} rule {i}", p.key()) };
+                    step(&|| (format!("ALLOW {}", p.key()), format!("rule {i} matches: allowed")));
+                    return Decision { allowed: true, policy: format!("{}/{} rule {i}", p.namespace, p.name) };
                 }
             }
-            step(format!("ALLOW {}", p.key()), "no rule matches".into());
+            step(&|| (format!("ALLOW {}", p.key()), "no rule matches".into()));
         }
         let considered: Vec<String> = allows.iter().map(|p| p.key()).collect();
         let mut policy = format!("no ALLOW policy matched (considered: {})", considered.join(", "));
@@ -491,7 +537,7 @@ impl PolicySet {
             policy.push_str("; ");
             policy.push_str(&note);
         }
-        step("ALLOW".into(), "ALLOW policies apply and none matched: denied".into());
+        step(&|| ("ALLOW".into(), "ALLOW policies apply and none matched: denied".into()));
         Decision { allowed: false, policy }
     }
 
@@ -501,7 +547,7 @@ impl PolicySet {
     pub fn mtls_mode(&self, w: &Workload<'_>) -> (MtlsMode, Option<String>) {
         let level = |p: &PeerAuthentication| -> Option<u8> {
             match (&p.selector, p.namespace.as_str()) {
-                (Some(s), ns) if (ns == w.namespace || ns == ROOT_NAMESPACE) && selects(&Some(s.clone()), w.labels) => {
+                (Some(_), ns) if (ns == w.namespace || ns == ROOT_NAMESPACE) && selects(&p.selector, w.labels) => {
                     Some(0)
                 }
                 (None, ns) if ns == w.namespace && ns != ROOT_NAMESPACE => Some(1),

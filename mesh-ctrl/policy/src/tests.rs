@@ -320,3 +320,60 @@ proptest! {
         }
     }
 }
+
+/// A policy in `ns` named `name` selecting `selector` (None: no selector).
+fn selecting(ns: &str, name: &str, selector: Option<Vec<(&str, &str)>>) -> AuthorizationPolicy {
+    AuthorizationPolicy {
+        namespace: ns.into(),
+        name: name.into(),
+        selector: selector.map(|pairs| pairs.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        action: Action::Allow,
+        rules: vec![Rule::default()],
+    }
+}
+
+proptest! {
+    /// The selector index finds exactly the policies a test of every selector finds, in the
+    /// same (evaluation) order.
+    #[test]
+    fn applicable_equals_a_scan_of_every_policy(
+        policies in prop::collection::vec(
+            (
+                prop_oneof![Just("shop"), Just("other"), Just(ROOT_NAMESPACE)],
+                prop::option::of(prop::collection::vec(
+                    (prop_oneof![Just("app"), Just("tier"), Just("v")], prop_oneof![Just("a"), Just("b")]),
+                    0..3,
+                )),
+            ),
+            0..40,
+        ),
+        workload_labels in prop::collection::vec(
+            (prop_oneof![Just("app"), Just("tier"), Just("v"), Just("x")], prop_oneof![Just("a"), Just("b")]),
+            0..4,
+        ),
+        namespace in prop_oneof![Just("shop"), Just("other"), Just(ROOT_NAMESPACE)],
+    ) {
+        let all: Vec<AuthorizationPolicy> = policies
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ns, selector))| selecting(ns, &format!("p{i:02}"), selector))
+            .collect();
+        let labels: BTreeMap<String, String> =
+            workload_labels.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let w = Workload { namespace, labels: &labels };
+        let set = PolicySet::new(all.clone(), vec![]);
+        let got: Vec<String> = set.applicable(&w).iter().map(|p| p.key()).collect();
+        let mut scope: Vec<&str> = vec![ROOT_NAMESPACE];
+        if namespace != ROOT_NAMESPACE {
+            scope.push(namespace);
+        }
+        let mut want = Vec::new();
+        for ns in scope {
+            let mut in_ns: Vec<String> =
+                all.iter().filter(|p| p.namespace == ns && p.applies_to(&w)).map(|p| p.key()).collect();
+            in_ns.sort();
+            want.extend(in_ns);
+        }
+        prop_assert_eq!(got, want);
+    }
+}

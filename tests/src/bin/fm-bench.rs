@@ -29,7 +29,8 @@ fn main() {
     let started = Instant::now();
     let mut figures = bench::run(options, |what| eprintln!("fm-bench: {what}"));
     eprintln!("fm-bench: policy decisions");
-    figures.extend(bench::policy_decision(if args.quick { 1 } else { 5 }));
+    let criterion_dir = args.out.parent().unwrap_or(std::path::Path::new(".")).join("criterion");
+    figures.extend(bench::policy_decision(args.quick, &criterion_dir));
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir).expect("create the output directory");
     }
