@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrymesh_api::admin as proto;
+use ferrymesh_policy::Transport;
 
 use crate::state::State;
 
@@ -95,8 +96,8 @@ pub struct Flow {
     pub verdict: Verdict,
     /// Why: "closed" for a normal end, else what went wrong.
     pub reason: String,
-    /// Whether the connection was carried over mutual TLS (HBONE).
-    pub mtls: bool,
+    /// How the connection was carried (mTLS, node-local, plaintext).
+    pub transport: Transport,
     /// Serial of the certificate the peer presented (inbound mTLS only).
     pub peer_cert_serial: String,
     /// The deciding policy and rule (`namespace/name rule N`), or why nothing allowed it;
@@ -131,7 +132,8 @@ impl From<&Flow> for proto::Flow {
             duration_ms: f.duration.as_millis() as u64,
             verdict: f.verdict.as_str().into(),
             reason: f.reason.clone(),
-            mtls: f.mtls,
+            mtls: f.transport == Transport::Mtls,
+            transport: f.transport.as_str().into(),
             peer_cert_serial: f.peer_cert_serial.clone(),
             policy: f.policy.clone(),
             service: f.service.clone(),
@@ -246,7 +248,7 @@ mod tests {
             duration: Duration::from_millis(12),
             verdict: Verdict::Allowed,
             reason: "closed".into(),
-            mtls: true,
+            transport: Transport::Mtls,
             peer_cert_serial: "0a".into(),
             policy: "shop/allow rule 0".into(),
             service: String::new(),
@@ -277,5 +279,6 @@ mod tests {
         assert_eq!(dst.identity, "spiffe://cluster.local/ns/shop/sa/web");
         assert_eq!(p.src.unwrap().workload, "");
         assert!(p.mtls);
+        assert_eq!(p.transport, "mtls");
     }
 }

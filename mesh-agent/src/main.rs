@@ -101,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
         pool: proxy::hbone::Pool::default(),
         live: proxy::authz::LiveConnections::default(),
         balancer: Arc::default(),
+        local_pods: proxy::LocalPods::default(),
     });
     tokio::spawn(reevaluate_on_policy_change(ctx.clone()));
     let (shutdown_tx, shutdown) = watch::channel(false);

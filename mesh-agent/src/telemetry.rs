@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferrymesh_policy::Transport;
 use metrics::{counter, gauge, Label};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
@@ -46,7 +47,14 @@ fn flow_labels(flow: &Flow) -> Vec<Label> {
         Label::new("destination_workload_namespace", dst_ns),
         Label::new("destination_service", service),
         Label::new("destination_principal", principal(&flow.dst)),
-        Label::new("connection_security_policy", if flow.mtls { "mutual_tls" } else { "none" }),
+        Label::new(
+            "connection_security_policy",
+            match flow.transport {
+                Transport::Mtls => "mutual_tls",
+                Transport::NodeLocal => "node_local",
+                Transport::Plaintext => "none",
+            },
+        ),
         Label::new("response_flags", response_flags),
     ]
 }

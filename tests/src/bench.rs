@@ -122,9 +122,24 @@ fn rr(topo: &Topology, from: &Pod, to: &Pod, count: u32, size: usize) -> Value {
     serde_json::from_slice(&out.stdout).expect("rr JSON")
 }
 
+/// The benchmark topology: the two-node mesh (`shop` a, b on node 1 and c on node 2 enrolled;
+/// `legacy` x on node 1 and y on node 2 not), every pod serving fm-peer, and iperf3 servers
+/// in b, c and y.
+pub fn topology() -> Topology {
+    let topo = two_node_mesh();
+    for pod in [topo.pod("shop", "b"), topo.pod("shop", "c"), topo.pod("legacy", "y")] {
+        let label = format!("iperf3-{}", pod.name);
+        let mut server = topo.command_in(&pod.netns, "iperf3");
+        server.args(["-s", "--forceflush", "-B", &pod.ip.to_string()]);
+        topo.spawn(&label, server);
+        wait_until(Duration::from_secs(5), "iperf3 to listen", || topo.log(&label).contains("Server listening"));
+    }
+    topo
+}
+
 /// Runs every scenario `options.rounds` times, interleaved, and returns the figures.
 pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
-    let topo = two_node_mesh();
+    let topo = topology();
     let (a, b, c, x, y) = (
         topo.pod("shop", "a"),
         topo.pod("shop", "b"),
@@ -132,13 +147,6 @@ pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
         topo.pod("legacy", "x"),
         topo.pod("legacy", "y"),
     );
-    for pod in [b, c, y] {
-        let label = format!("iperf3-{}", pod.name);
-        let mut server = topo.command_in(&pod.netns, "iperf3");
-        server.args(["-s", "--forceflush", "-B", &pod.ip.to_string()]);
-        topo.spawn(&label, server);
-        wait_until(Duration::from_secs(5), "iperf3 to listen", || topo.log(&label).contains("Server listening"));
-    }
     let agent_pid = |node: u8| topo.pid(&format!("agent-node{node}")).expect("agent pid");
     std::thread::sleep(Duration::from_secs(1));
     let rss_idle = rss_kb(agent_pid(1));
@@ -274,7 +282,7 @@ pub fn table(figures: &[Figure]) -> String {
 pub fn policy_decision(quick: bool, criterion_dir: &std::path::Path) -> Vec<Figure> {
     use criterion::Criterion;
     use ferrymesh_policy::spec::AuthorizationPolicySpec;
-    use ferrymesh_policy::{PolicySet, Request, Workload};
+    use ferrymesh_policy::{PolicySet, Request, Transport, Workload};
     let build = |namespaces: usize, per_namespace: usize| {
         let mut policies = Vec::new();
         for ns in 0..namespaces {
@@ -310,13 +318,13 @@ pub fn policy_decision(quick: bool, criterion_dir: &std::path::Path) -> Vec<Figu
             destination_ip: "10.244.2.3".parse().unwrap(),
             destination_port: 8080,
         };
-        let verdict = set.decide(&workload, &request, true);
+        let verdict = set.decide(&workload, &request, Transport::Mtls);
         assert!(
             verdict.allowed && verdict.policy == format!("{namespace}/p7 rule 0"),
             "the timed decision is a real match: {verdict:?}"
         );
         group.bench_function(id, |b| {
-            b.iter(|| set.decide(std::hint::black_box(&workload), std::hint::black_box(&request), true))
+            b.iter(|| set.decide(std::hint::black_box(&workload), std::hint::black_box(&request), Transport::Mtls))
         });
         let estimates = criterion_dir.join("policy_decision").join(id).join("new/estimates.json");
         let estimates: Value = serde_json::from_slice(&std::fs::read(&estimates).expect("criterion estimates"))

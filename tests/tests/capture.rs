@@ -32,7 +32,8 @@ fn counter(topo: &Topology, node: u8, name: &str) -> u64 {
 fn enrolled_pod_reaches_pods_on_the_same_and_the_other_node() {
     let topo = cluster();
     let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
-    for (dst, dst_node) in [(b, 1), (c, 2)] {
+    // b shares a's node: node-local handover; c is on the other node: HBONE (mTLS).
+    for (dst, dst_node, transport) in [(b, 1, "node-local"), (c, 2, "mtls")] {
         // curl: the app at the destination sees a's real IP, through both agents.
         let body = topo.curl(a, dst.ip);
         assert!(body.starts_with(&format!("client {}:", a.ip)), "{} saw {body}", dst.name);
@@ -44,6 +45,7 @@ fn enrolled_pod_reaches_pods_on_the_same_and_the_other_node() {
         assert_eq!(outbound.len(), 1, "one outbound flow to {dst_ip}:{SINK_PORT}: {outbound:?}");
         let f = &outbound[0];
         assert_eq!(f["verdict"], "allowed", "{f}");
+        assert_eq!(f["transport"], transport, "{f}");
         assert_eq!(f["node"], "node1");
         assert_eq!(f["src"]["ip"], a.ip.to_string());
         assert_eq!((f["src"]["workload"].as_str(), f["src"]["namespace"].as_str()), (Some("a"), Some("shop")));
@@ -64,7 +66,39 @@ fn enrolled_pod_reaches_pods_on_the_same_and_the_other_node() {
         assert_eq!(inbound.len(), 1, "{inbound:?}");
         assert_eq!(inbound[0]["src"]["ip"], a.ip.to_string());
         assert_eq!(inbound[0]["bytes_sent"], MB100);
+        assert_eq!(inbound[0]["transport"], transport);
     }
+}
+
+/// Packets tcpdump sees on every device of node 1's netns while `traffic` runs.
+fn packets_on_node1(topo: &Topology, label: &str, traffic: impl FnOnce()) -> usize {
+    let pcap = topo.dir.join(format!("{label}.pcap"));
+    let mut cmd = topo.command_in(&topo.nodes[0].netns, "tcpdump");
+    cmd.args(["-i", "any", "-n", "-U", "-w"]).arg(&pcap).arg("tcp");
+    topo.spawn(label, cmd);
+    wait_until(Duration::from_secs(10), "tcpdump to listen", || topo.log(label).contains("listening on"));
+    traffic();
+    std::thread::sleep(Duration::from_millis(500));
+    topo.signal_and_wait(label, libc::SIGINT);
+    let read = topo.output_in(&topo.nodes[0].netns, "tcpdump", &["-n", "-r", pcap.to_str().unwrap()]);
+    String::from_utf8_lossy(&read.stdout).lines().count()
+}
+
+#[test]
+fn node_local_traffic_never_reaches_a_network_device() {
+    let topo = cluster();
+    let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
+    let local = packets_on_node1(&topo, "tcpdump-local", || {
+        topo.send(a, b.ip, 8 * 1024 * 1024);
+    });
+    assert_eq!(local, 0, "a -> b (same node) put {local} packets on node 1's devices");
+    // The same capture does see traffic that leaves a pod: a -> c goes over HBONE.
+    let remote = packets_on_node1(&topo, "tcpdump-remote", || {
+        topo.send(a, c.ip, 1024 * 1024);
+    });
+    assert!(remote > 100, "the capture sees a -> c: {remote} packets");
+    let flows = flows_to(&topo, 1, "outbound", &b.ip.to_string(), SINK_PORT);
+    assert_eq!(flows[0]["transport"], "node-local", "{flows:?}");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ferrymesh_testbed::mesh::{bin, wait_until, HTTP_PORT, SINK_PORT};
 use ferrymesh_testbed::{Pod, Topology};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const VIP: &str = "10.96.0.40";
 const SENT: u64 = 123_457;
@@ -139,6 +139,20 @@ fn flows_filters_follow_access_log_and_metrics() {
             && all.iter().any(|f| f["src"]["ip"] == x.ip.to_string())
     });
 
+    // b -> a never left node 1: its agent handed it over inside itself, knowing both identities,
+    // and recorded both sides.
+    let local: Vec<Value> =
+        topo.flows(1).into_iter().filter(|f| f["src"]["workload"] == "b" && f["dst"]["workload"] == "a").collect();
+    assert_eq!(local.len(), 2, "an outbound and an inbound flow: {local:?}");
+    for f in &local {
+        assert_eq!(
+            (&f["transport"], &f["mtls"], &f["verdict"]),
+            (&json!("node-local"), &json!(false), &json!("allowed"))
+        );
+        assert_eq!((&f["src"]["identity"], &f["dst"]["identity"]), (&json!(identity(b)), &json!(identity(a))), "{f}");
+        assert!(f["bytes_received"].as_u64() > Some(0) && f["bytes_sent"] == local[0]["bytes_sent"], "{f}");
+    }
+
     // Every filter selects exactly the flows its predicate says, and is not a no-op.
     let all = json_lines(&meshctl_all(&topo, &["flows", "-o", "json"]));
     assert!(all.len() >= 8, "{all:?}");
@@ -155,8 +169,9 @@ fn flows_filters_follow_access_log_and_metrics() {
         (vec!["--port", "9000"], Box::new(|f| f["dst"]["port"] == 9000)),
         (vec!["--verdict", "denied"], Box::new(|f| f["verdict"] == "denied")),
         (vec!["--verdict", "allowed"], Box::new(|f| f["verdict"] == "allowed")),
-        (vec!["--mtls"], Box::new(|f| f["mtls"] == true)),
-        (vec!["--plaintext"], Box::new(|f| f["mtls"] == false)),
+        (vec!["--mtls"], Box::new(|f| f["mtls"] == true && f["transport"] == "mtls")),
+        (vec!["--plaintext"], Box::new(|f| f["transport"] == "plaintext")),
+        (vec!["--node-local"], Box::new(|f| f["transport"] == "node-local")),
         (vec!["--since", "1h"], Box::new(|_| true)),
     ];
     for (args, keep) in &filters {
@@ -311,7 +326,7 @@ fn status_views_and_bad_input() {
 
     // explain, for people.
     let explain = String::from_utf8_lossy(&topo.meshctl(1, &["explain", "other/d", "shop/c:8080"]).stdout).to_string();
-    assert!(explain.contains("carried: mTLS (HBONE)"), "{explain}");
+    assert!(explain.contains("carried: node-local: both pods are in the mesh on node2"), "{explain}");
     assert!(explain.contains("  2. DENY shop/deny-other: rule 0 matches: denied"), "{explain}");
     assert!(explain.contains("verdict: DENIED (denied: shop/deny-other rule 0)"), "{explain}");
 

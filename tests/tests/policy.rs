@@ -123,7 +123,7 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
          vec![(x, HTTP_PORT, "allowed", String::new()), (a, HTTP_PORT, "allowed", String::new())]),
         ("STRICT refuses plaintext",
          vec![("strict", strict)],
-         vec![(x, HTTP_PORT, "denied", "shop/strict".into()), (a, HTTP_PORT, "allowed", String::new())]),
+         vec![(x, HTTP_PORT, "denied", "shop/strict".into()), (a, HTTP_PORT, "allowed", String::new()), (d, HTTP_PORT, "allowed", String::new())]),
         ("an ALLOW rule with an L7-only field fails closed",
          vec![("allow-get", authz("shop", "allow-get", "  rules:\n  - to:\n    - operation:\n        methods: [GET]\n"))],
          vec![(a, HTTP_PORT, "denied", no_allow("shop/allow-get") + "; shop/allow-get rule 0 uses L7-only fields (rules[0].to[0].operation.methods) and matches no L4 traffic")]),
@@ -185,20 +185,29 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
 #[test]
 fn a_policy_change_closes_connections_it_now_denies() {
     let topo = cluster();
-    let (a, b, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    let (a, b, c, d, x) = (
+        topo.pod("shop", "a"),
+        topo.pod("shop", "b"),
+        topo.pod("shop", "c"),
+        topo.pod("other", "d"),
+        topo.pod("legacy", "x"),
+    );
     let denied_ping = topo.start_ping("ping-a", a, c.ip, 100);
+    // d is on c's node: its connection is handed over inside the agent, and cut all the same.
+    let local_ping = topo.start_ping("ping-d", d, c.ip, 100);
     let kept_ping = topo.start_ping("ping-b", b, c.ip, 30);
     let plain_ping = topo.start_ping("ping-x", x, c.ip, 100);
     std::thread::sleep(Duration::from_millis(500));
     let deny_a = authz(
         "shop",
         "deny-a",
-        "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/a]\n",
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/a, cluster.local/ns/other/sa/d]\n",
     );
     let strict = "apiVersion: ferrymesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n";
     set_policies(&topo, &[("deny-a", deny_a), ("strict", strict.to_string())]);
     for (label, pod, reason, policy) in [
         (&denied_ping, a, "closed after a policy change: denied: shop/deny-a rule 0", "shop/deny-a rule 0"),
+        (&local_ping, d, "closed after a policy change: denied: shop/deny-a rule 0", "shop/deny-a rule 0"),
         (
             &plain_ping,
             x,
@@ -208,14 +217,11 @@ fn a_policy_change_closes_connections_it_now_denies() {
     ] {
         wait_until(Duration::from_secs(3), &format!("{label} to be cut"), || !topo.is_running(label));
         assert!(!topo.log(label).contains("ok "), "{label} must not complete: {}", topo.log(label));
-        wait_until(Duration::from_secs(2), "the flow of the closed connection", || {
-            topo.flows(2).iter().any(|f| f["src"]["ip"] == pod.ip.to_string() && f["dst"]["port"] == ECHO_PORT)
-        });
-        let flow = topo
-            .flows(2)
-            .into_iter()
-            .find(|f| f["src"]["ip"] == pod.ip.to_string() && f["dst"]["port"] == ECHO_PORT)
-            .unwrap();
+        let inbound = |f: &Value| {
+            f["direction"] == "inbound" && f["src"]["ip"] == pod.ip.to_string() && f["dst"]["port"] == ECHO_PORT
+        };
+        wait_until(Duration::from_secs(2), "the flow of the closed connection", || topo.flows(2).iter().any(inbound));
+        let flow = topo.flows(2).into_iter().find(inbound).unwrap();
         assert_eq!(flow["verdict"], "denied", "{flow}");
         assert_eq!(flow["reason"], reason, "{flow}");
         assert_eq!(flow["policy"], policy, "{flow}");

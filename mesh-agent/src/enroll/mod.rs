@@ -218,6 +218,7 @@ impl Enroller {
             }
         };
         let pod = Arc::new(PodContext { workload, netns, cookie, identity });
+        self.ctx.local_pods.insert(pod.clone());
         let mut tasks = vec![
             tokio::spawn(outbound::serve(outbound_listener, pod.clone(), self.ctx.clone())),
             tokio::spawn(inbound::serve(inbound_listener, pod.clone(), self.ctx.clone())),
@@ -232,6 +233,7 @@ impl Enroller {
         let Some(enrolled) = self.enrolled.remove(uid) else {
             return;
         };
+        self.ctx.local_pods.remove(&enrolled.pod);
         {
             let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
             datapath.unenroll_netns(enrolled.pod.cookie);

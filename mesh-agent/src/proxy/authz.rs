@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ferrymesh_policy::{PolicySet, Request};
+use ferrymesh_policy::{PolicySet, Request, Transport};
 use tokio::sync::oneshot;
 
 use crate::state::{State, Workload};
@@ -21,8 +21,8 @@ pub struct InboundRequest {
     pub source_identity: Option<String>,
     /// Original destination.
     pub destination: SocketAddr,
-    /// Whether it arrived over HBONE.
-    pub mtls: bool,
+    /// How it arrived (STRICT refuses plaintext).
+    pub transport: Transport,
 }
 
 /// Why a connection is refused.
@@ -46,7 +46,7 @@ pub fn check(policies: &PolicySet, workload: &Workload, request: &InboundRequest
         destination_ip: request.destination.ip(),
         destination_port: request.destination.port(),
     };
-    let verdict = policies.decide(&w, &r, request.mtls);
+    let verdict = policies.decide(&w, &r, request.transport);
     if verdict.allowed {
         Ok(verdict.policy)
     } else {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use ferrymesh_policy::Transport;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use mesh_common::{HBONE_PORT, MARK_AGENT, MARK_APP_DIAL, RESERVED_PORTS};
@@ -238,7 +239,7 @@ async fn serve_stream(
     src.identity = peer.identity.clone();
     let port = target.as_ref().map_or(0, |t| t.port());
     let mut conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
-    conn.mtls = true;
+    conn.transport = Transport::Mtls;
     conn.peer_cert_serial = peer.serial.clone();
     let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: String| {
         respond_status(respond, status);
@@ -251,7 +252,7 @@ async fn serve_stream(
                 source_ip: peer.addr.ip(),
                 source_identity: peer.identity.clone(),
                 destination: target,
-                mtls: true,
+                transport: Transport::Mtls,
             };
             match authz::check(&ctx.state.policies(), &authz::current(&ctx.state, &pod.workload), &request) {
                 Err(denied) => {

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ferrymesh_policy::Transport;
 use mesh_common::{MARK_APP_DIAL, RESERVED_PORTS};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -31,7 +32,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         return ctx.record(conn, Outcome::failed(format!("port {} is reserved for the mesh", dst.port())));
     }
     let _ = client.set_nodelay(true);
-    let request = InboundRequest { source_ip: peer.ip(), source_identity: None, destination: dst, mtls: false };
+    let request = InboundRequest {
+        source_ip: peer.ip(),
+        source_identity: None,
+        destination: dst,
+        transport: Transport::Plaintext,
+    };
     let policy = match authz::check(&ctx.state.policies(), &authz::current(&ctx.state, &pod.workload), &request) {
         Ok(policy) => policy,
         Err(denied) => {

@@ -8,16 +8,18 @@ pub mod authz;
 pub mod hbone;
 pub mod inbound;
 pub mod lb;
+mod local;
 pub mod outbound;
+mod splice;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use ferrymesh_policy::Transport;
 use mesh_common::AppDialKey;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::ebpf::Datapath;
@@ -52,6 +54,33 @@ pub struct ProxyContext {
     pub live: authz::LiveConnections,
     /// Service load balancing state.
     pub balancer: Arc<lb::Balancer>,
+    /// The pods enrolled on this node, by IP: connections between two of them are handed
+    /// over inside the agent.
+    pub local_pods: LocalPods,
+}
+
+/// The pods this agent has enrolled, by IP (kept by the enroller).
+#[derive(Debug, Default)]
+pub struct LocalPods(std::sync::RwLock<std::collections::HashMap<IpAddr, Arc<PodContext>>>);
+
+impl LocalPods {
+    /// Adds (or replaces) an enrolled pod.
+    pub fn insert(&self, pod: Arc<PodContext>) {
+        self.0.write().expect("local pods lock").insert(pod.workload.ip, pod);
+    }
+
+    /// Removes `pod`, unless another pod has taken its IP since.
+    pub fn remove(&self, pod: &Arc<PodContext>) {
+        let mut pods = self.0.write().expect("local pods lock");
+        if pods.get(&pod.workload.ip).is_some_and(|p| Arc::ptr_eq(p, pod)) {
+            pods.remove(&pod.workload.ip);
+        }
+    }
+
+    /// The enrolled pod with `ip`, if any.
+    pub fn get(&self, ip: IpAddr) -> Option<Arc<PodContext>> {
+        self.0.read().expect("local pods lock").get(&ip).cloned()
+    }
 }
 
 /// One enrolled pod, as its accept loops see it.
@@ -79,7 +108,7 @@ impl PodContext {
 }
 
 /// How a connection ended.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Outcome {
     sent: u64,
     received: u64,
@@ -158,7 +187,7 @@ struct Connection {
     started: Instant,
     src: Endpoint,
     dst: Endpoint,
-    mtls: bool,
+    transport: Transport,
     peer_cert_serial: String,
     /// `namespace/name` of the service the client addressed (VIP), else empty.
     service: String,
@@ -173,7 +202,7 @@ impl Connection {
             started: Instant::now(),
             src,
             dst,
-            mtls: false,
+            transport: Transport::Plaintext,
             peer_cert_serial: String::new(),
             service: String::new(),
         }
@@ -193,7 +222,7 @@ impl ProxyContext {
             duration: conn.started.elapsed(),
             verdict: outcome.verdict,
             reason: outcome.reason,
-            mtls: conn.mtls,
+            transport: conn.transport,
             peer_cert_serial: conn.peer_cert_serial,
             policy: outcome.policy,
             service: conn.service,
@@ -270,41 +299,16 @@ fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// Copies one direction until EOF, then half-closes the writer.
-async fn copy_half<R, W>(mut from: R, mut to: W, count: &mut u64) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; RELAY_BUFFER];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return to.shutdown().await;
-        }
-        to.write_all(&buf[..n]).await?;
-        *count += n as u64;
-    }
-}
-
-/// Relays bytes both ways, honouring half-close, until both directions end, one fails, or
-/// `close` fires; failure and revocation reset both sides. Returns (client -> upstream bytes,
-/// upstream -> client bytes, how it ended).
+/// Relays bytes both ways (in the kernel, see [`splice`]), honouring half-close, until both
+/// directions end, one fails, or `close` fires; failure and revocation reset both sides.
+/// Returns (client -> upstream bytes, upstream -> client bytes, how it ended).
 async fn relay(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     close: Option<tokio::sync::oneshot::Receiver<authz::Denied>>,
 ) -> (u64, u64, RelayEnd) {
     let (mut sent, mut received) = (0, 0);
-    let end = {
-        let (client_read, client_write) = client.split();
-        let (upstream_read, upstream_write) = upstream.split();
-        let copy = futures::future::try_join(
-            copy_half(client_read, upstream_write, &mut sent),
-            copy_half(upstream_read, client_write, &mut received),
-        );
-        until_done_or_revoked(copy, close).await
-    };
+    let end = until_done_or_revoked(splice::relay(&client, &upstream, &mut sent, &mut received), close).await;
     if !matches!(end, RelayEnd::Closed) {
         reset(&client);
         reset(&upstream);

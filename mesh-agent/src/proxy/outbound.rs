@@ -1,18 +1,20 @@
 //! Outbound: connections of an enrolled pod captured by connect4/6 and accepted on the pod's
 //! `127.0.0.1:15001`; the original destination comes from the eBPF map. A service VIP is
 //! resolved to a ready endpoint (power of two choices, another endpoint on a failed dial); a
-//! meshed destination is reached over HBONE, anything else as plain TCP, always dialled from
+//! meshed destination on another node is reached over HBONE, a meshed pod of this node by a
+//! node-local handover (see [`super::local`]), anything else as plain TCP, always dialled from
 //! the pod's netns (so the source IP stays the pod's) with the agent's mark.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ferrymesh_policy::Transport;
 use h2::{RecvStream, SendStream};
 use mesh_common::MARK_AGENT;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{accept_loop, hbone, relay, reset, Connection, Outcome, PodContext, ProxyContext};
+use super::{accept_loop, hbone, local, relay, reset, Connection, Outcome, PodContext, ProxyContext};
 use crate::flows::{Direction, Endpoint, Verdict, UNKNOWN_ADDR};
 use crate::identity::Identity;
 use crate::state::{Service, ServiceEndpoint};
@@ -26,36 +28,55 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 }
 
 /// An upstream ready to carry the client's bytes.
-enum Upstream {
+enum Upstream<'a> {
     Plain(TcpStream),
     Hbone(SendStream<Bytes>, RecvStream, hbone::StreamSlot),
+    Local(Box<local::Handover<'a>>),
 }
 
-/// Connects to `target` as `pod`: HBONE when the target's own agent captures it (a meshed
-/// destination, whose identity is then returned), plain TCP otherwise.
-async fn connect(
-    ctx: &ProxyContext,
+/// How a destination is reached, and its identity when it is meshed.
+struct Connected<'a> {
+    upstream: Upstream<'a>,
+    transport: Transport,
+    dst_identity: Option<String>,
+}
+
+/// Connects to `target` as `pod`: a meshed destination (one its own agent captures) by a
+/// node-local handover when it is enrolled on this node, else over HBONE; anything else as
+/// plain TCP.
+async fn connect<'a>(
+    ctx: &'a ProxyContext,
     pod: &PodContext,
     target: SocketAddr,
-) -> Result<(Upstream, Option<String>), (Verdict, String)> {
+) -> Result<Connected<'a>, (Verdict, String)> {
     let meshed = ctx.state.workload_by_ip(target.ip()).filter(|w| w.captured && ctx.identities.enabled());
     if let Some(workload) = meshed {
         let dst_id =
             Identity { namespace: workload.namespace.clone(), service_account: workload.service_account.clone() }
                 .spiffe_id(&ctx.identities.trust_domain());
-        let (send, recv, slot) = hbone::open(pod, ctx, target, &dst_id).await?;
-        return Ok((Upstream::Hbone(send, recv, slot), Some(dst_id)));
+        let local = ctx.local_pods.get(target.ip()).filter(|p| p.workload.uid == workload.uid);
+        let (upstream, transport) = match local {
+            Some(dst) => (Upstream::Local(Box::new(local::open(ctx, pod, &dst, target).await?)), Transport::NodeLocal),
+            None => {
+                let (send, recv, slot) = hbone::open(pod, ctx, target, &dst_id).await?;
+                (Upstream::Hbone(send, recv, slot), Transport::Mtls)
+            }
+        };
+        return Ok(Connected { upstream, transport, dst_identity: Some(dst_id) });
     }
     match ctx.dial(&pod.netns, target, MARK_AGENT, None).await {
-        Ok(stream) => Ok((Upstream::Plain(stream), None)),
+        Ok(stream) => {
+            Ok(Connected { upstream: Upstream::Plain(stream), transport: Transport::Plaintext, dst_identity: None })
+        }
         Err(e) => Err((Verdict::Error, format!("connect to {target} failed: {e}"))),
     }
 }
 
-async fn carry(client: TcpStream, upstream: Upstream) -> Outcome {
+async fn carry(ctx: &ProxyContext, client: TcpStream, upstream: Upstream<'_>) -> Outcome {
     let (sent, received, end) = match upstream {
         Upstream::Plain(stream) => relay(client, stream, None).await,
         Upstream::Hbone(send, recv, _slot) => hbone::relay_client(client, send, recv).await,
+        Upstream::Local(handover) => return handover.carry(ctx, client).await,
     };
     Outcome::relayed(sent, received, end, String::new())
 }
@@ -82,15 +103,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     let outcome = match ctx.state.service_by_vip(dst.ip()) {
         Some(service) => to_service(client, &pod, &ctx, &mut conn, &service, dst.port()).await,
         None => match connect(&ctx, &pod, dst).await {
-            Ok((upstream, dst_id)) => {
-                conn.mtls = dst_id.is_some();
-                conn.dst.identity = dst_id;
-                carry(client, upstream).await
+            Ok(connected) => {
+                conn.transport = connected.transport;
+                conn.dst.identity = connected.dst_identity;
+                carry(&ctx, client, connected.upstream).await
             }
             Err(e) => refused(&client, e),
         },
     };
-    if !conn.mtls {
+    if !conn.transport.authenticated() {
         // Without mTLS the peer proves nothing, and we claim nothing for our side either.
         conn.src.identity = None;
     }
@@ -124,11 +145,11 @@ async fn to_service(
         let target = SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]);
         let _active = ctx.balancer.start(endpoint.ip);
         match connect(ctx, pod, target).await {
-            Ok((upstream, dst_id)) => {
+            Ok(connected) => {
                 conn.dst = Endpoint::lookup(&ctx.state, target);
-                conn.mtls = dst_id.is_some();
-                conn.dst.identity = dst_id;
-                return carry(client, upstream).await;
+                conn.transport = connected.transport;
+                conn.dst.identity = connected.dst_identity;
+                return carry(ctx, client, connected.upstream).await;
             }
             // A policy refusal is the answer, not a reason to try elsewhere.
             Err((Verdict::Denied, reason)) => return refused(&client, (Verdict::Denied, reason)),

@@ -47,6 +47,9 @@ pub struct FlowJson {
     pub reason: String,
     /// Carried over mutual TLS (HBONE).
     pub mtls: bool,
+    /// `mtls` (HBONE between agents), `node-local` (both pods on the recording agent's node,
+    /// handed over inside the agent, never on the network) or `plaintext`.
+    pub transport: String,
     /// Serial of the certificate the peer presented (inbound mTLS only).
     pub peer_cert_serial: String,
     /// The deciding policy and rule (`namespace/name rule N`), or why nothing allowed it.
@@ -75,6 +78,7 @@ impl From<proto::Flow> for FlowJson {
             verdict: f.verdict,
             reason: f.reason,
             mtls: f.mtls,
+            transport: f.transport,
             peer_cert_serial: f.peer_cert_serial,
             policy: f.policy,
             service: f.service,

@@ -231,6 +231,34 @@ impl Request<'_> {
     }
 }
 
+/// How a connection reached the destination, as far as PeerAuthentication is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// Plain TCP from anywhere: the peer proves nothing.
+    Plaintext,
+    /// HBONE: mutual TLS between two agents; the peer's identity is its certificate's.
+    Mtls,
+    /// Both pods on one node: the agent hands the connection over inside itself, without TLS
+    /// and without leaving the node; it knows the source's identity from its own enrollment.
+    NodeLocal,
+}
+
+impl Transport {
+    /// Whether the peer's identity is proven (what STRICT requires).
+    pub const fn authenticated(self) -> bool {
+        !matches!(self, Transport::Plaintext)
+    }
+
+    /// Name in flows and explanations: `plaintext`, `mtls` or `node-local`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Transport::Plaintext => "plaintext",
+            Transport::Mtls => "mtls",
+            Transport::NodeLocal => "node-local",
+        }
+    }
+}
+
 /// The outcome of an authorization, with the policy and rule that decided it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
@@ -444,16 +472,16 @@ impl PolicySet {
     }
 
     /// The whole inbound decision the agent enforces: PeerAuthentication first (STRICT refuses
-    /// plaintext), then authorization. `mtls`: whether the connection arrived over mTLS.
-    pub fn decide(&self, w: &Workload<'_>, r: &Request<'_>, mtls: bool) -> Verdict {
-        self.decide_traced(w, r, mtls, None)
+    /// plaintext), then authorization, for a connection that arrived by `transport`.
+    pub fn decide(&self, w: &Workload<'_>, r: &Request<'_>, transport: Transport) -> Verdict {
+        self.decide_traced(w, r, transport, None)
     }
 
     /// [`Self::decide`] with every step that led to the verdict, in evaluation order (for
     /// `meshctl explain`): the same code, recording as it goes.
-    pub fn explain(&self, w: &Workload<'_>, r: &Request<'_>, mtls: bool) -> (Verdict, Vec<Step>) {
+    pub fn explain(&self, w: &Workload<'_>, r: &Request<'_>, transport: Transport) -> (Verdict, Vec<Step>) {
         let mut steps = Vec::new();
-        let verdict = self.decide_traced(w, r, mtls, Some(&mut steps));
+        let verdict = self.decide_traced(w, r, transport, Some(&mut steps));
         (verdict, steps)
     }
 
@@ -461,17 +489,21 @@ impl PolicySet {
         &self,
         w: &Workload<'_>,
         r: &Request<'_>,
-        mtls: bool,
+        transport: Transport,
         mut trace: Option<&mut Vec<Step>>,
     ) -> Verdict {
         let (mode, by) = self.mtls_mode(w);
-        let strict_refusal = !mtls && mode == MtlsMode::Strict;
+        let strict_refusal = !transport.authenticated() && mode == MtlsMode::Strict;
         if let Some(steps) = trace.as_deref_mut() {
             let what = match &by {
                 Some(by) => format!("PeerAuthentication {by}"),
                 None => "PeerAuthentication (none applies)".to_string(),
             };
-            let security = if mtls { "mTLS" } else { "plaintext" };
+            let security = match transport {
+                Transport::Plaintext => "plaintext",
+                Transport::Mtls => "mTLS",
+                Transport::NodeLocal => "node-local (identity known to the agent)",
+            };
             let outcome = if strict_refusal {
                 format!("mode {mode}; the connection is {security}: refused")
             } else {

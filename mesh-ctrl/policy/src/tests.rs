@@ -103,9 +103,9 @@ fn decision_table() {
         let d = set.authorize(&shop_c, &req);
         assert_eq!((d.allowed, d.policy.as_str()), (allowed, policy), "{what}");
         // explain gives the same verdict, and its last step is the deciding one.
-        let (verdict, steps) = set.explain(&shop_c, &req, true);
+        let (verdict, steps) = set.explain(&shop_c, &req, Transport::Mtls);
         assert_eq!((verdict.allowed, verdict.policy.as_str()), (allowed, policy), "{what}: explain");
-        assert_eq!(verdict, set.decide(&shop_c, &req, true), "{what}: decide");
+        assert_eq!(verdict, set.decide(&shop_c, &req, Transport::Mtls), "{what}: decide");
         let last = steps.last().unwrap();
         let decided_by_a_rule = policy.contains(" rule ") && !policy.starts_with("no ALLOW");
         if decided_by_a_rule {
@@ -130,7 +130,8 @@ fn explain_lists_every_policy_in_evaluation_order() {
         ],
         vec![peer("shop", "strict", "mtls: {mode: STRICT}")],
     );
-    let (verdict, steps) = sets.explain(&w, &request("10.244.1.2", Some("cluster.local/ns/shop/sa/b"), 8080), true);
+    let (verdict, steps) =
+        sets.explain(&w, &request("10.244.1.2", Some("cluster.local/ns/shop/sa/b"), 8080), Transport::Mtls);
     let lines: Vec<String> = steps.iter().map(|s| format!("{}: {}", s.what, s.outcome)).collect();
     assert_eq!(
         lines,
@@ -144,10 +145,16 @@ fn explain_lists_every_policy_in_evaluation_order() {
     );
     assert!(verdict.allowed);
     // Plaintext stops at STRICT, with the reason the agent records.
-    let (verdict, steps) = sets.explain(&w, &request("10.244.1.2", None, 8080), false);
+    let (verdict, steps) = sets.explain(&w, &request("10.244.1.2", None, 8080), Transport::Plaintext);
     assert_eq!(steps.len(), 1);
     assert_eq!(verdict.reason, "plaintext refused: PeerAuthentication shop/strict requires mTLS (STRICT)");
     assert_eq!(verdict.policy, "shop/strict");
+    // A node-local handover carries a proven identity: STRICT accepts it, and the same
+    // authorization applies as over mTLS.
+    let node_local = request("10.244.1.2", Some("cluster.local/ns/shop/sa/b"), 8080);
+    let (verdict, steps) = sets.explain(&w, &node_local, Transport::NodeLocal);
+    assert_eq!(steps[0].outcome, "mode STRICT; the connection is node-local (identity known to the agent): accepted");
+    assert_eq!(verdict, sets.decide(&w, &node_local, Transport::Mtls));
 }
 
 #[test]

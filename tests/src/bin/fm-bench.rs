@@ -21,10 +21,17 @@ struct Args {
     /// Also write this Markdown report (the machine, the date, the command and the table).
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Measure nothing: build the benchmark topology, print its pods and agents, and keep it
+    /// up until Ctrl-C (for profiling by hand).
+    #[arg(long)]
+    hold: bool,
 }
 
 fn main() {
     let args = Args::parse();
+    if args.hold {
+        return hold();
+    }
     let options = if args.quick { Options::QUICK } else { Options::FULL };
     let started = Instant::now();
     let mut figures = bench::run(options, |what| eprintln!("fm-bench: {what}"));
@@ -41,6 +48,26 @@ fn main() {
     eprintln!("fm-bench: {} figures in {} ({:.0?})", figures.len(), args.out.display(), started.elapsed());
     if let Some(report) = args.report {
         std::fs::write(&report, markdown(&figures, &table, args.quick)).expect("write the report");
+    }
+}
+
+fn hold() {
+    ctrlc::set_handler(|| {
+        ferrymesh_testbed::topology::cleanup_all();
+        std::process::exit(130);
+    })
+    .expect("Ctrl-C handler");
+    let topo = bench::topology();
+    for pod in &topo.pods {
+        println!("pod {}/{} node{} {} netns {}", pod.namespace, pod.name, pod.node, pod.ip, pod.netns);
+    }
+    for node in &topo.nodes {
+        let label = format!("agent-node{}", node.index);
+        println!("{label} pid {} netns {}", topo.pid(&label).unwrap_or(0), node.netns);
+    }
+    println!("iperf3 servers in shop/b, shop/c, legacy/y; Ctrl-C to tear down");
+    loop {
+        std::thread::park();
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use clap::Args;
 use ferrymesh_api::config::Workload;
-use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet, Request};
+use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet, Request, Transport};
 use serde_json::json;
 
 use super::config::dump;
@@ -72,26 +72,37 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
     let policies = PolicySet::new(authz, peer);
     let td = &config.trust_domain;
     let src_identity = format!("{td}/ns/{}/sa/{}", src.namespace, src.service_account);
-    // A captured source's agent carries traffic to a meshed pod over HBONE (mTLS); an
-    // uncaptured source arrives in plaintext.
-    let mtls = src.captured && dst.captured;
-    let carried = match (src.captured, dst.captured) {
-        (_, false) => "not captured: the destination pod is not in the mesh, so no policy is enforced",
-        (true, true) => "mTLS (HBONE): both pods are in the mesh",
-        (false, true) => "plaintext: the source pod is not in the mesh; the destination's agent sees no identity",
+    // A captured source's agent carries traffic to a meshed pod over HBONE (mTLS), or hands it
+    // over inside itself when both pods are on its node; an uncaptured source arrives in
+    // plaintext.
+    let (transport, carried) = match (src.captured, dst.captured) {
+        (_, false) => (
+            Transport::Plaintext,
+            "not captured: the destination pod is not in the mesh, so no policy is enforced".to_string(),
+        ),
+        (true, true) if src.node == dst.node => (
+            Transport::NodeLocal,
+            format!("node-local: both pods are in the mesh on {}; its agent hands the connection over without TLS or network, knowing both identities", dst.node),
+        ),
+        (true, true) => (Transport::Mtls, "mTLS (HBONE): both pods are in the mesh".to_string()),
+        (false, true) => (
+            Transport::Plaintext,
+            "plaintext: the source pod is not in the mesh; the destination's agent sees no identity".to_string(),
+        ),
     };
+    let authenticated = transport.authenticated();
     let ip =
         |w: &Workload| w.ip.parse().map_err(|_| format!("pod {}/{} has no valid IP {:?}", w.namespace, w.name, w.ip));
     let labels = dst.labels.clone().into_iter().collect();
     let workload = ferrymesh_policy::Workload { namespace: &dst.namespace, labels: &labels };
     let request = Request {
         source_ip: ip(src)?,
-        source_principal: mtls.then_some(src_identity.as_str()),
+        source_principal: authenticated.then_some(src_identity.as_str()),
         destination_ip: ip(dst)?,
         destination_port: port,
     };
     let (verdict, steps) = if dst.captured {
-        policies.explain(&workload, &request, mtls)
+        policies.explain(&workload, &request, transport)
     } else {
         let allowed = ferrymesh_policy::Verdict { allowed: true, policy: String::new(), reason: String::new() };
         (allowed, Vec::new())
@@ -104,13 +115,13 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
                 "{}",
                 json!({
                     "src": format!("{}/{}", src.namespace, src.name), "dst": format!("{}/{}", dst.namespace, dst.name),
-                    "port": port, "mtls": mtls, "carried": carried, "verdict": word, "policy": verdict.policy,
+                    "port": port, "mtls": transport == Transport::Mtls, "transport": transport.as_str(), "carried": carried, "verdict": word, "policy": verdict.policy,
                     "reason": verdict.reason, "steps": steps,
                 })
             );
         }
         _ => {
-            let principal = if mtls { format!(", principal {src_identity}") } else { String::new() };
+            let principal = if authenticated { format!(", principal {src_identity}") } else { String::new() };
             println!("from:    {}/{} ({}{principal})", src.namespace, src.name, src.ip);
             println!("to:      {}/{}:{port} ({})", dst.namespace, dst.name, dst.ip);
             println!("carried: {carried}");

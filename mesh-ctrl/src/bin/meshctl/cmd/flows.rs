@@ -50,12 +50,15 @@ pub struct FlowsArgs {
     /// Only flows with this verdict.
     #[arg(long, value_enum)]
     verdict: Option<VerdictFilter>,
-    /// Only flows carried over mutual TLS.
-    #[arg(long, conflicts_with = "plaintext")]
+    /// Only flows carried over mutual TLS (HBONE).
+    #[arg(long, conflicts_with_all = ["plaintext", "node_local"])]
     mtls: bool,
     /// Only flows carried in plaintext.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "node_local")]
     plaintext: bool,
+    /// Only flows between two pods of one node, handed over inside its agent.
+    #[arg(long)]
+    node_local: bool,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -109,8 +112,9 @@ impl FlowsArgs {
             && self.service.as_ref().is_none_or(|s| f.service == *s)
             && self.port.is_none_or(|p| f.dst.port == u32::from(p))
             && self.verdict.is_none_or(|v| f.verdict == v.as_str())
-            && (!self.mtls || f.mtls)
-            && (!self.plaintext || !f.mtls)
+            && (!self.mtls || f.transport == "mtls")
+            && (!self.plaintext || f.transport == "plaintext")
+            && (!self.node_local || f.transport == "node-local")
     }
 
     fn check(&self) -> Result<(), String> {
@@ -175,11 +179,19 @@ fn table_line(cells: [&str; 7]) -> String {
     line.trim_end().to_string()
 }
 
+/// The transport as the table and compact output show it.
+fn security(f: &FlowJson) -> &'static str {
+    match f.transport.as_str() {
+        "mtls" => "mTLS",
+        "node-local" => "local",
+        _ => "plain",
+    }
+}
+
 fn print(f: &FlowJson, output: Output) {
     match output {
         Output::Json => println!("{}", f.to_line()),
         Output::Compact => {
-            let security = if f.mtls { "mTLS" } else { "plain" };
             println!(
                 "{} [{}] {} -> {} {} {} {}/{}B {}",
                 f.time,
@@ -187,7 +199,7 @@ fn print(f: &FlowJson, output: Output) {
                 name(&f.src),
                 name(&f.dst),
                 f.verdict.to_uppercase(),
-                security,
+                security(f),
                 f.bytes_sent,
                 f.bytes_received,
                 detail(f)
@@ -196,8 +208,10 @@ fn print(f: &FlowJson, output: Output) {
         Output::Table => {
             let time = f.time.get(11..23).unwrap_or(&f.time);
             let bytes = format!("{}/{}", f.bytes_sent, f.bytes_received);
-            let security = if f.mtls { "mTLS" } else { "plain" };
-            println!("{}", table_line([time, &name(&f.src), &name(&f.dst), &bytes, security, &f.verdict, &detail(f)]));
+            println!(
+                "{}",
+                table_line([time, &name(&f.src), &name(&f.dst), &bytes, security(f), &f.verdict, &detail(f)])
+            );
         }
     }
 }
