@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
-use crate::ebpf::Datapath;
+use crate::ebpf::{Datapath, MapStats};
 use crate::enroll::EnrolledSummary;
 use crate::flows::FlowTable;
 use crate::identity::IdentityManager;
@@ -26,8 +26,10 @@ pub struct AdminService {
     pub state: Arc<State>,
     /// Recent flows.
     pub flows: Arc<FlowTable>,
-    /// Programs and counters.
+    /// Attached programs.
     pub datapath: Arc<Mutex<Datapath>>,
+    /// eBPF counters and map fill.
+    pub map_stats: Arc<MapStats>,
     /// Enrolled pods as the enroller publishes them.
     pub enrolled: watch::Receiver<Vec<EnrolledSummary>>,
     /// Certificates held.
@@ -114,7 +116,7 @@ impl agent_admin_server::AgentAdmin for AdminService {
     async fn status(&self, _: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
         let (ctrl_connected, config_version) = self.state.ctrl_status();
         let enrolled: Vec<EnrolledSummary> = self.enrolled.borrow().clone();
-        let (programs, counters) = {
+        let programs = {
             let datapath = self.datapath.lock().expect("datapath lock");
             let mut programs: Vec<proto::Program> = datapath
                 .attached()
@@ -133,13 +135,14 @@ impl agent_admin_server::AgentAdmin for AdminService {
                 attach: format!("netns of {} enrolled pods (sk_lookup)", enrolled.len()),
                 link_ids: enrolled.iter().map(|e| e.sk_lookup_link_id).collect(),
             });
-            let counters = datapath
-                .counters()
-                .into_iter()
-                .map(|(c, value)| proto::Counter { name: c.name().into(), value })
-                .collect();
-            (programs, counters)
+            programs
         };
+        let counters = self
+            .map_stats
+            .counters()
+            .into_iter()
+            .map(|(c, value)| proto::Counter { name: c.name().into(), value })
+            .collect();
         let enrolled = enrolled
             .into_iter()
             .map(|e| proto::EnrolledPod {
@@ -163,11 +166,11 @@ impl agent_admin_server::AgentAdmin for AdminService {
                 rotate_at_unix_ms: unix_ms(c.rotate_at),
             })
             .collect();
-        let maps = self
-            .datapath
-            .lock()
-            .expect("datapath lock")
-            .map_fill()
+        // Counting walks every key: off the async threads.
+        let stats = self.map_stats.clone();
+        let maps = tokio::task::spawn_blocking(move || stats.map_fill())
+            .await
+            .map_err(|e| Status::internal(format!("map fill: {e}")))?
             .into_iter()
             .map(|(name, entries, max_entries)| proto::MapFill { name: name.into(), entries, max_entries })
             .collect();

@@ -5,13 +5,13 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrymesh_api::admin as proto;
 use ferrymesh_policy::Transport;
 
-use crate::state::State;
+use crate::state::{State, Workload};
 
 /// Which way the connection went, seen from the workload the agent serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,17 +59,21 @@ impl Verdict {
 pub struct Endpoint {
     /// Address and port.
     pub addr: SocketAddr,
-    /// (pod name, namespace) when the address belongs to a known workload.
-    pub workload: Option<(String, String)>,
+    /// The workload the address belongs to, if known (shared with the state store).
+    pub workload: Option<Arc<Workload>>,
     /// SPIFFE ID: our own side's, and the peer's only when mTLS proved it.
-    pub identity: Option<String>,
+    pub identity: Option<Arc<str>>,
 }
 
 impl Endpoint {
     /// The endpoint at `addr`, named after the workload that owns its IP.
     pub fn lookup(state: &State, addr: SocketAddr) -> Self {
-        let workload = state.workload_by_ip(addr.ip()).map(|w| (w.name.clone(), w.namespace.clone()));
-        Self { addr, workload, identity: None }
+        Self { addr, workload: state.workload_by_ip(addr.ip()), identity: None }
+    }
+
+    /// (pod name, namespace) of the workload, if known.
+    pub fn names(&self) -> Option<(&str, &str)> {
+        self.workload.as_ref().map(|w| (w.name.as_str(), w.namespace.as_str()))
     }
 }
 
@@ -108,13 +112,13 @@ pub struct Flow {
 }
 
 fn endpoint_proto(e: &Endpoint) -> proto::Endpoint {
-    let (workload, namespace) = e.workload.clone().unwrap_or_default();
+    let (workload, namespace) = e.names().unwrap_or_default();
     proto::Endpoint {
         ip: e.addr.ip().to_string(),
         port: u32::from(e.addr.port()),
-        workload,
-        namespace,
-        identity: e.identity.clone().unwrap_or_default(),
+        workload: workload.into(),
+        namespace: namespace.into(),
+        identity: e.identity.as_deref().unwrap_or_default().to_string(),
     }
 }
 
@@ -240,7 +244,17 @@ mod tests {
             src: Endpoint { addr: SocketAddr::from(([10, 0, 0, 1], port)), workload: None, identity: None },
             dst: Endpoint {
                 addr: SocketAddr::from(([10, 0, 0, 2], 80)),
-                workload: Some(("web".into(), "shop".into())),
+                workload: Some(Arc::new(Workload {
+                    uid: "uid-web".into(),
+                    name: "web".into(),
+                    namespace: "shop".into(),
+                    node: "n1".into(),
+                    service_account: "web".into(),
+                    ip: [10, 0, 0, 2].into(),
+                    netns: Default::default(),
+                    labels: Default::default(),
+                    captured: true,
+                })),
                 identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
             },
             bytes_sent: 5,

@@ -55,28 +55,41 @@ struct Args {
     /// Address of the readiness endpoint (/healthz/ready).
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: std::net::SocketAddr,
+    /// Threads that carry connections.
+    #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    anyhow::ensure!(args.worker_threads > 0, "--worker-threads must be at least 1");
+    let runtime = if args.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads).enable_all().build()?
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let features = ebpf::probe::probe()?;
     let datapath = ebpf::Datapath::load_and_attach(&features.cgroup2_root)?;
     for a in datapath.attached() {
         tracing::info!(program = a.name, prog_id = a.prog_id, link_id = a.link_id, "attached {}", a.attach);
     }
+    let map_stats = datapath.stats();
     let datapath = Arc::new(Mutex::new(datapath));
     let state = Arc::new(state::State::default());
     let access_log = flows::AccessLog::open(&args.access_log)
         .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
     let flows = Arc::new(flows::FlowTable::new(args.flow_capacity, access_log));
     telemetry::serve_metrics(args.metrics_addr)?;
-    tokio::spawn(telemetry::refresh(datapath.clone(), state.clone()));
+    tokio::spawn(telemetry::refresh(map_stats.clone(), state.clone()));
     let ready_state = state.clone();
     let readiness = telemetry::serve_readiness(args.readiness_addr, move || match ready_state.ctrl_status() {
         (_, 0) => Err("no config from mesh-ctrl yet".to_string()),
@@ -112,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         state: state.clone(),
         flows,
         datapath,
+        map_stats,
         enrolled,
         identities,
     };

@@ -6,14 +6,14 @@
 //! missing. docs/OBSERVABILITY.md lists every metric.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymesh_policy::Transport;
 use metrics::{counter, gauge, Label};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
-use crate::ebpf::Datapath;
+use crate::ebpf::MapStats;
 use crate::flows::{Direction, Flow, Verdict};
 use crate::state::State;
 
@@ -27,9 +27,11 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
 
 /// Istio's labels of a TCP flow, as the recording agent sees it.
 fn flow_labels(flow: &Flow) -> Vec<Label> {
-    let workload =
-        |e: &crate::flows::Endpoint| e.workload.clone().unwrap_or_else(|| ("unknown".into(), "unknown".into()));
-    let principal = |e: &crate::flows::Endpoint| e.identity.clone().unwrap_or_else(|| "unknown".into());
+    let workload = |e: &crate::flows::Endpoint| {
+        let (name, namespace) = e.names().unwrap_or(("unknown", "unknown"));
+        (name.to_string(), namespace.to_string())
+    };
+    let principal = |e: &crate::flows::Endpoint| e.identity.as_deref().unwrap_or("unknown").to_string();
     let (src_name, src_ns) = workload(&flow.src);
     let (dst_name, dst_ns) = workload(&flow.dst);
     let service = if flow.service.is_empty() { "unknown".to_string() } else { flow.service.clone() };
@@ -85,21 +87,26 @@ pub fn cert_failed() {
     counter!("ferrymesh_cert_rotation_failures_total").increment(1);
 }
 
-/// Refreshes the gauges read from the kernel and the state store every second, forever.
-pub async fn refresh(datapath: Arc<Mutex<Datapath>>, state: Arc<State>) {
+/// How often map fill is counted: a walk of every key, a syscall each, so not every second.
+const MAP_FILL_EVERY: u32 = 10;
+
+/// Refreshes the gauges read from the kernel and the state store every second (map fill every
+/// [`MAP_FILL_EVERY`] seconds, on a blocking thread), forever.
+pub async fn refresh(stats: Arc<MapStats>, state: Arc<State>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    for second in 0u32.. {
         tick.tick().await;
-        let (counters, maps) = {
-            let d = datapath.lock().expect("datapath lock");
-            (d.counters(), d.map_fill())
-        };
-        for (c, value) in counters {
+        for (c, value) in stats.counters() {
             counter!("ferrymesh_ebpf_events_total", "event" => c.name()).absolute(value);
         }
-        for (name, entries, capacity) in maps {
-            gauge!("ferrymesh_ebpf_map_entries", "map" => name).set(entries as f64);
-            gauge!("ferrymesh_ebpf_map_capacity", "map" => name).set(capacity as f64);
+        if second % MAP_FILL_EVERY == 0 {
+            let stats = stats.clone();
+            if let Ok(maps) = tokio::task::spawn_blocking(move || stats.map_fill()).await {
+                for (name, entries, capacity) in maps {
+                    gauge!("ferrymesh_ebpf_map_entries", "map" => name).set(entries as f64);
+                    gauge!("ferrymesh_ebpf_map_capacity", "map" => name).set(capacity as f64);
+                }
+            }
         }
         let (connected, version) = state.ctrl_status();
         gauge!("ferrymesh_ctrl_connected").set(if connected { 1.0 } else { 0.0 });

@@ -35,6 +35,9 @@ const ALLOW: i32 = 1;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
+const BPF_TCP_CLOSE: u32 = 7;
 
 #[map]
 static ENROLLED: HashMap<u64, u32> = HashMap::with_max_entries(map_sizes::ENROLLED, 0);
@@ -188,24 +191,39 @@ pub fn file_orig_dst(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// On connect of a captured socket: files its original destination under (netns cookie,
+/// client port) and asks for state callbacks. On its close: forgets it, so the maps hold only
+/// live connections.
 #[inline(always)]
 fn try_file_orig_dst(ctx: &SockOpsContext) {
     let op = ctx.op();
     let local_port = ctx.local_port();
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let new_state = ctx.arg(1);
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
         return;
     }
     let cookie = socket_cookie(ctx);
+    // SAFETY: the helper only reads the context it is given.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = PortKey { netns_cookie, port: local_port, pad: 0 };
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // Only captured sockets asked for state callbacks.
+        if new_state == BPF_TCP_CLOSE {
+            let _ = ORIG_BY_COOKIE.remove(&cookie);
+            let _ = ORIG_BY_PORT.remove(&key);
+        }
+        return;
+    }
     // SAFETY: the value is copied out before any other map operation.
     let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
-    // SAFETY: the helper only reads the context it is given.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = PortKey { netns_cookie, port: local_port, pad: 0 };
     if ORIG_BY_PORT.insert(key, orig, 0).is_ok() {
         count(Counter::OrigFiled);
     } else {
+        count(Counter::MapErrors);
+    }
+    if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG).is_err() {
         count(Counter::MapErrors);
     }
 }

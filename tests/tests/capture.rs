@@ -68,6 +68,15 @@ fn enrolled_pod_reaches_pods_on_the_same_and_the_other_node() {
         assert_eq!(inbound[0]["bytes_sent"], MB100);
         assert_eq!(inbound[0]["transport"], transport);
     }
+    // Closed connections leave nothing behind in the original-destination maps.
+    let entries = |map: &str| {
+        let status = topo.status(1);
+        let maps = status["maps"].as_array().expect("maps").clone();
+        maps.iter().find(|m| m["name"] == map).and_then(|m| m["entries"].as_u64()).expect("map listed")
+    };
+    wait_until(Duration::from_secs(3), "the original-destination maps to empty", || {
+        entries("ORIG_BY_COOKIE") == 0 && entries("ORIG_BY_PORT") == 0
+    });
 }
 
 /// Packets tcpdump sees on every device of node 1's netns while `traffic` runs.

@@ -9,6 +9,7 @@ pub mod probe;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps};
@@ -102,7 +103,7 @@ pub struct Datapath {
     orig_by_port: HashMap<MapData, PortKey, OrigDst>,
     inbound_listeners: SockHash<MapData, u32>,
     app_dials: HashMap<MapData, AppDialKey, u8>,
-    counters: PerCpuArray<MapData, u64>,
+    stats: Arc<MapStats>,
     attached: Vec<Attached>,
     sk_lookup_prog_id: u32,
 }
@@ -200,12 +201,13 @@ impl Datapath {
         attached.push(Attached::new(name, prog.info().map_err(program_error(name))?.id(), at("sock_ops"), link)?);
         let prog: &mut SkLookup = loaded(&mut ebpf, SK_LOOKUP_PROGRAM)?;
         let sk_lookup_prog_id = prog.info().map_err(program_error(SK_LOOKUP_PROGRAM))?.id();
+        let stats = Arc::new(MapStats::open(&ebpf)?);
         Ok(Self {
+            stats,
             enrolled: take_map(&mut ebpf, map_names::ENROLLED)?,
             orig_by_port: take_map(&mut ebpf, map_names::ORIG_BY_PORT)?,
             inbound_listeners: take_map(&mut ebpf, map_names::INBOUND_LISTENERS)?,
             app_dials: take_map(&mut ebpf, map_names::APP_DIALS)?,
-            counters: take_map(&mut ebpf, map_names::COUNTERS)?,
             ebpf,
             attached,
             sk_lookup_prog_id,
@@ -281,17 +283,71 @@ impl Datapath {
         let _ = self.app_dials.remove(key);
     }
 
-    /// How full each map is: (name, entries, capacity). Counting walks the keys, so this is for
-    /// status, not for the data path.
+    /// Read-only handles on the maps, for status and metrics.
+    pub fn stats(&self) -> Arc<MapStats> {
+        self.stats.clone()
+    }
+}
+
+/// A second descriptor of map `name` of `ebpf`, as the map type it has.
+fn second_handle(ebpf: &Ebpf, name: &'static str) -> Result<aya::maps::Map> {
+    let invalid = || DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } };
+    let map = ebpf.map(name).ok_or_else(invalid)?;
+    let (aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) | aya::maps::Map::PerCpuArray(data)) = map
+    else {
+        return Err(invalid());
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(|io_error| DatapathError::Map {
+        name,
+        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }),
+    })?;
+    let data = MapData::from_fd(fd).map_err(|source| DatapathError::Map { name, source })?;
+    Ok(match map {
+        aya::maps::Map::PerCpuArray(_) => aya::maps::Map::PerCpuArray(data),
+        _ => aya::maps::Map::HashMap(data),
+    })
+}
+
+fn stats_map<T>(ebpf: &Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    T::try_from(second_handle(ebpf, name)?).map_err(|source| DatapathError::Map { name, source })
+}
+
+/// Read-only handles on the maps (second descriptors of the same kernel maps), for status and
+/// metrics: reading them never takes the data path's lock. Counting entries walks the keys, a
+/// syscall per entry, so callers do it off the async runtime and not often.
+pub struct MapStats {
+    enrolled: HashMap<MapData, u64, u32>,
+    orig_by_cookie: HashMap<MapData, u64, OrigDst>,
+    orig_by_port: HashMap<MapData, PortKey, OrigDst>,
+    app_dials: HashMap<MapData, AppDialKey, u8>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for MapStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapStats").finish_non_exhaustive()
+    }
+}
+
+impl MapStats {
+    fn open(ebpf: &Ebpf) -> Result<Self> {
+        Ok(Self {
+            enrolled: stats_map(ebpf, map_names::ENROLLED)?,
+            orig_by_cookie: stats_map(ebpf, map_names::ORIG_BY_COOKIE)?,
+            orig_by_port: stats_map(ebpf, map_names::ORIG_BY_PORT)?,
+            app_dials: stats_map(ebpf, map_names::APP_DIALS)?,
+            counters: stats_map(ebpf, map_names::COUNTERS)?,
+        })
+    }
+
+    /// How full each map is: (name, entries, capacity).
     pub fn map_fill(&self) -> Vec<(&'static str, u64, u64)> {
-        let orig_by_cookie = self
-            .ebpf
-            .map(map_names::ORIG_BY_COOKIE)
-            .and_then(|m| HashMap::<_, u64, OrigDst>::try_from(m).ok())
-            .map_or(0, |m| m.keys().count() as u64);
         vec![
             (map_names::ENROLLED, self.enrolled.keys().count() as u64, u64::from(map_sizes::ENROLLED)),
-            (map_names::ORIG_BY_COOKIE, orig_by_cookie, u64::from(map_sizes::ORIG)),
+            (map_names::ORIG_BY_COOKIE, self.orig_by_cookie.keys().count() as u64, u64::from(map_sizes::ORIG)),
             (map_names::ORIG_BY_PORT, self.orig_by_port.keys().count() as u64, u64::from(map_sizes::ORIG)),
             (map_names::APP_DIALS, self.app_dials.keys().count() as u64, u64::from(map_sizes::APP_DIALS)),
         ]

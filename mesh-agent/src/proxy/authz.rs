@@ -18,7 +18,7 @@ pub struct InboundRequest {
     /// Client IP.
     pub source_ip: IpAddr,
     /// Client SPIFFE ID proven by mTLS.
-    pub source_identity: Option<String>,
+    pub source_identity: Option<Arc<str>>,
     /// Original destination.
     pub destination: SocketAddr,
     /// How it arrived (STRICT refuses plaintext).

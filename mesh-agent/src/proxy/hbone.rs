@@ -19,7 +19,7 @@ use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -43,6 +43,10 @@ const MAX_FRAME: u32 = 1024 * 1024;
 const MAX_STREAMS: u32 = 100;
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read buffer under TLS. rustls asks its transport for at most 4 KiB per read, which would
+/// cost a recv syscall per 4 KiB of ciphertext; a buffer in between makes each recv take
+/// whatever the socket holds, up to this much, and rustls then reads from memory.
+const TLS_READ_BUFFER: usize = 32 * 1024;
 
 /// The certificate a pod's 15008 listener presents: the current one of its identity, looked
 /// up at each handshake so renewals apply to new connections.
@@ -69,14 +73,18 @@ fn h2_io(e: h2::Error) -> io::Error {
 }
 
 /// Copies TCP bytes into an HTTP/2 stream, honouring flow control; EOF ends the stream.
+/// An idle connection holds no buffer: one is taken when bytes are there, and handed to h2.
 async fn tcp_to_h2(from: &mut OwnedReadHalf, to: &mut SendStream<Bytes>, count: &mut u64) -> io::Result<()> {
-    let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
     loop {
-        buf.reserve(RELAY_BUFFER);
-        if from.read_buf(&mut buf).await? == 0 {
-            return to.send_data(Bytes::new(), true).map_err(h2_io);
+        from.readable().await?;
+        let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+        match from.try_read_buf(&mut buf) {
+            Ok(0) => return to.send_data(Bytes::new(), true).map_err(h2_io),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
-        let mut data = buf.split().freeze();
+        let mut data = buf.freeze();
         while !data.is_empty() {
             to.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| to.poll_capacity(cx)).await {
@@ -113,13 +121,16 @@ async fn relay(
 ) -> (u64, u64, RelayEnd) {
     let (mut up, mut down) = (0, 0);
     let (mut read, mut write) = tcp.into_split();
-    let end = {
-        let copy = futures::future::try_join(
-            tcp_to_h2(&mut read, &mut send, &mut up),
-            h2_to_tcp(&mut recv, &mut write, &mut down),
-        );
-        until_done_or_revoked(copy, close).await
-    };
+    let end = until_done_or_revoked(
+        || {
+            futures::future::try_join(
+                tcp_to_h2(&mut read, &mut send, &mut up),
+                h2_to_tcp(&mut recv, &mut write, &mut down),
+            )
+        },
+        close,
+    )
+    .await;
     if !matches!(end, RelayEnd::Closed) {
         send.send_reset(h2::Reason::CANCEL);
         if let Ok(tcp) = read.reunite(write) {
@@ -157,7 +168,12 @@ async fn serve_connection(
         ctx.record(conn, Outcome::failed(reason));
     };
     let _ = tcp.set_nodelay(true);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(tcp)).await {
+    let stream = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(tls).accept(BufReader::with_capacity(TLS_READ_BUFFER, tcp)),
+    )
+    .await
+    {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return failed(format!("TLS handshake failed: {}", tls::describe(&e))),
         Err(_) => return failed(format!("TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")),
@@ -167,8 +183,9 @@ async fn serve_connection(
         return failed("the client did not negotiate ALPN h2".into());
     }
     let peer_cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
-    let peer_id = tls::spiffe_id_of(&peer_cert).ok();
-    let peer_serial = tls::serial_and_expiry(&peer_cert).map(|(s, _)| s).unwrap_or_default();
+    // Shared by every stream of the connection.
+    let peer_id: Option<Arc<str>> = tls::spiffe_id_of(&peer_cert).ok().map(Arc::from);
+    let peer_serial: Arc<str> = tls::serial_and_expiry(&peer_cert).map(|(s, _)| s).unwrap_or_default().into();
     let mut connection = match h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -183,8 +200,17 @@ async fn serve_connection(
     while let Some(accepted) = connection.accept().await {
         let Ok((request, respond)) = accepted else { break };
         let peer = PeerInfo { addr: peer, local, identity: peer_id.clone(), serial: peer_serial.clone() };
-        tokio::spawn(serve_stream(request, respond, peer, pod.clone(), ctx.clone()));
+        // Boxed so the stream's task does not keep room for them once they are used.
+        let stream = Box::new(NewStream { http: request, respond, peer });
+        tokio::spawn(serve_stream(stream, pod.clone(), ctx.clone()));
     }
+}
+
+/// A CONNECT request as it arrives, with the connection's authenticated client.
+struct NewStream {
+    http: Request<RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+    peer: PeerInfo,
 }
 
 /// The authenticated client of an HBONE connection.
@@ -192,8 +218,8 @@ async fn serve_connection(
 struct PeerInfo {
     addr: SocketAddr,
     local: SocketAddr,
-    identity: Option<String>,
-    serial: String,
+    identity: Option<Arc<str>>,
+    serial: Arc<str>,
 }
 
 fn respond_status(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) -> Option<SendStream<Bytes>> {
@@ -226,60 +252,81 @@ pub fn connect_target(
     Ok(target)
 }
 
-async fn serve_stream(
-    http: Request<RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
-    peer: PeerInfo,
-    pod: Arc<PodContext>,
-    ctx: Arc<ProxyContext>,
-) {
+/// A CONNECT accepted and dialled through to the app, ready to relay.
+struct Accepted<'a> {
+    app: TcpStream,
+    body: RecvStream,
+    send: SendStream<Bytes>,
+    policy: String,
+    close: oneshot::Receiver<Denied>,
+    _live: authz::LiveGuard<'a>,
+}
+
+async fn serve_stream(stream: Box<NewStream>, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    // Everything before the relay is boxed: its state would otherwise stay, idle, in the task
+    // for the whole life of the stream.
+    let (conn, accepted) = Box::pin(accept_stream(*stream, &pod, &ctx)).await;
+    let outcome = match accepted {
+        Err(outcome) => outcome,
+        Ok(Accepted { app, body, send, policy, close, _live }) => {
+            let (to_client, to_app, end) = relay(app, body, send, Some(close)).await;
+            Outcome::relayed(to_app, to_client, end, policy)
+        }
+    };
+    ctx.record(conn, outcome);
+}
+
+/// Checks a CONNECT (target, then policy), dials the app as the client's IP and answers 200;
+/// or answers the error status and returns the refusal.
+async fn accept_stream<'a>(
+    stream: NewStream,
+    pod: &PodContext,
+    ctx: &'a ProxyContext,
+) -> (Connection, Result<Accepted<'a>, Outcome>) {
+    let NewStream { http, mut respond, peer } = stream;
     let (parts, body) = http.into_parts();
     let target = connect_target(&parts.method, parts.uri.authority().map(|a| a.as_str()), peer.local.ip());
+    drop(parts);
     let mut src = Endpoint::lookup(&ctx.state, peer.addr);
     src.identity = peer.identity.clone();
     let port = target.as_ref().map_or(0, |t| t.port());
     let mut conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
     conn.transport = Transport::Mtls;
-    conn.peer_cert_serial = peer.serial.clone();
-    let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: String| {
-        respond_status(respond, status);
+    conn.peer_cert_serial = peer.serial;
+    let mut refuse = |status: StatusCode, reason: String| {
+        respond_status(&mut respond, status);
         Outcome::failed(format!("{} {reason}", status.as_u16()))
     };
-    let outcome = match target {
-        Err((status, reason)) => refuse(&mut respond, status, reason),
-        Ok(target) => {
-            let request = InboundRequest {
-                source_ip: peer.addr.ip(),
-                source_identity: peer.identity.clone(),
-                destination: target,
-                transport: Transport::Mtls,
-            };
-            match authz::check(&ctx.state.policies(), &authz::current(&ctx.state, &pod.workload), &request) {
-                Err(denied) => {
-                    respond_status(&mut respond, StatusCode::UNAUTHORIZED);
-                    Outcome::denied(denied)
-                }
-                Ok(policy) => {
-                    let (_live, close) = ctx.live.register(pod.workload.clone(), request);
-                    match ctx.dial(&pod.netns, target, MARK_APP_DIAL, Some(peer.addr.ip())).await {
-                        Err(e) => refuse(
-                            &mut respond,
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("connect to the app at {target} failed: {e}"),
-                        ),
-                        Ok(app) => match respond_status(&mut respond, StatusCode::OK) {
-                            None => Outcome::failed("the client went away before the CONNECT was answered".into()),
-                            Some(send) => {
-                                let (to_client, to_app, end) = relay(app, body, send, Some(close)).await;
-                                Outcome::relayed(to_app, to_client, end, policy)
-                            }
-                        },
-                    }
-                }
-            }
+    let target = match target {
+        Ok(target) => target,
+        Err((status, reason)) => return (conn, Err(refuse(status, reason))),
+    };
+    let request = InboundRequest {
+        source_ip: peer.addr.ip(),
+        source_identity: peer.identity,
+        destination: target,
+        transport: Transport::Mtls,
+    };
+    let policy = match authz::check(&ctx.state.policies(), &authz::current(&ctx.state, &pod.workload), &request) {
+        Ok(policy) => policy,
+        Err(denied) => {
+            respond_status(&mut respond, StatusCode::UNAUTHORIZED);
+            return (conn, Err(Outcome::denied(denied)));
         }
     };
-    ctx.record(conn, outcome);
+    let (live, close) = ctx.live.register(pod.workload.clone(), request);
+    let app = match ctx.dial(&pod.netns, target, MARK_APP_DIAL, Some(peer.addr.ip())).await {
+        Ok(app) => app,
+        Err(e) => {
+            let reason = format!("connect to the app at {target} failed: {e}");
+            return (conn, Err(refuse(StatusCode::SERVICE_UNAVAILABLE, reason)));
+        }
+    };
+    let accepted = match respond_status(&mut respond, StatusCode::OK) {
+        Some(send) => Ok(Accepted { app, body, send, policy, close, _live: live }),
+        None => Err(Outcome::failed("the client went away before the CONNECT was answered".into())),
+    };
+    (conn, accepted)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -410,7 +457,8 @@ impl ProxyContext {
             tls::client_config(cert, dst_id.to_string()).map_err(|e| HboneError::Tls(dst_ip, e.to_string()))?;
         let stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(dst_ip.into()), tcp),
+            TlsConnector::from(Arc::new(config))
+                .connect(ServerName::IpAddress(dst_ip.into()), BufReader::with_capacity(TLS_READ_BUFFER, tcp)),
         )
         .await
         .map_err(|_| HboneError::Tls(dst_ip, format!("no handshake within {HANDSHAKE_TIMEOUT:?}")))?

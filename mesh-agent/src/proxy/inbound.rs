@@ -46,7 +46,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         }
     };
     let (_live, close) = ctx.live.register(pod.workload.clone(), request);
-    let outcome = match ctx.dial(&pod.netns, dst, MARK_APP_DIAL, Some(peer.ip())).await {
+    // Boxed: the dial's state would otherwise stay in the task for its whole life.
+    let outcome = match Box::pin(ctx.dial(&pod.netns, dst, MARK_APP_DIAL, Some(peer.ip()))).await {
         Ok(app) => {
             let (sent, received, end) = relay(client, app, Some(close)).await;
             Outcome::relayed(sent, received, end, policy)

@@ -101,8 +101,8 @@ impl PodContext {
     fn endpoint(&self, port: u16, identities: &IdentityManager) -> Endpoint {
         Endpoint {
             addr: SocketAddr::new(self.workload.ip, port),
-            workload: Some((self.workload.name.clone(), self.workload.namespace.clone())),
-            identity: identities.enabled().then(|| self.identity.spiffe_id(&identities.trust_domain())),
+            workload: Some(self.workload.clone()),
+            identity: identities.enabled().then(|| self.identity.spiffe_id(&identities.trust_domain()).into()),
         }
     }
 }
@@ -155,13 +155,18 @@ enum RelayEnd {
     Revoked(authz::Denied),
 }
 
-/// Drives both copy directions (`copy`) until they end or fail, or until `close` fires.
-async fn until_done_or_revoked<T>(
-    copy: impl std::future::Future<Output = io::Result<T>>,
+/// Drives both copy directions (the future `copy` makes) until they end or fail, or until
+/// `close` fires. It takes a maker, not the future: a future passed in would be kept twice
+/// in this one's state (as the argument and as the running copy), for every connection.
+async fn until_done_or_revoked<T, F>(
+    copy: impl FnOnce() -> F,
     close: Option<tokio::sync::oneshot::Receiver<authz::Denied>>,
-) -> RelayEnd {
+) -> RelayEnd
+where
+    F: std::future::Future<Output = io::Result<T>>,
+{
     tokio::select! {
-        result = copy => match result {
+        result = copy() => match result {
             Ok(_) => RelayEnd::Closed,
             Err(e) => RelayEnd::Failed(e),
         },
@@ -188,7 +193,7 @@ struct Connection {
     src: Endpoint,
     dst: Endpoint,
     transport: Transport,
-    peer_cert_serial: String,
+    peer_cert_serial: Arc<str>,
     /// `namespace/name` of the service the client addressed (VIP), else empty.
     service: String,
 }
@@ -203,7 +208,7 @@ impl Connection {
             src,
             dst,
             transport: Transport::Plaintext,
-            peer_cert_serial: String::new(),
+            peer_cert_serial: Arc::from(""),
             service: String::new(),
         }
     }
@@ -223,7 +228,7 @@ impl ProxyContext {
             verdict: outcome.verdict,
             reason: outcome.reason,
             transport: conn.transport,
-            peer_cert_serial: conn.peer_cert_serial,
+            peer_cert_serial: conn.peer_cert_serial.to_string(),
             policy: outcome.policy,
             service: conn.service,
         });
@@ -308,7 +313,7 @@ async fn relay(
     close: Option<tokio::sync::oneshot::Receiver<authz::Denied>>,
 ) -> (u64, u64, RelayEnd) {
     let (mut sent, mut received) = (0, 0);
-    let end = until_done_or_revoked(splice::relay(&client, &upstream, &mut sent, &mut received), close).await;
+    let end = until_done_or_revoked(|| splice::relay(&client, &upstream, &mut sent, &mut received), close).await;
     if !matches!(end, RelayEnd::Closed) {
         reset(&client);
         reset(&upstream);

@@ -38,7 +38,7 @@ enum Upstream<'a> {
 struct Connected<'a> {
     upstream: Upstream<'a>,
     transport: Transport,
-    dst_identity: Option<String>,
+    dst_identity: Option<Arc<str>>,
 }
 
 /// Connects to `target` as `pod`: a meshed destination (one its own agent captures) by a
@@ -62,7 +62,7 @@ async fn connect<'a>(
                 (Upstream::Hbone(send, recv, slot), Transport::Mtls)
             }
         };
-        return Ok(Connected { upstream, transport, dst_identity: Some(dst_id) });
+        return Ok(Connected { upstream, transport, dst_identity: Some(dst_id.into()) });
     }
     match ctx.dial(&pod.netns, target, MARK_AGENT, None).await {
         Ok(stream) => {
@@ -76,7 +76,8 @@ async fn carry(ctx: &ProxyContext, client: TcpStream, upstream: Upstream<'_>) ->
     let (sent, received, end) = match upstream {
         Upstream::Plain(stream) => relay(client, stream, None).await,
         Upstream::Hbone(send, recv, _slot) => hbone::relay_client(client, send, recv).await,
-        Upstream::Local(handover) => return handover.carry(ctx, client).await,
+        // Boxed: the other transports' connections would otherwise all be as large as this one.
+        Upstream::Local(handover) => return Box::pin(handover.carry(ctx, client)).await,
     };
     Outcome::relayed(sent, received, end, String::new())
 }
@@ -101,8 +102,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     conn.dst = Endpoint::lookup(&ctx.state, dst);
     let _ = client.set_nodelay(true);
     let outcome = match ctx.state.service_by_vip(dst.ip()) {
-        Some(service) => to_service(client, &pod, &ctx, &mut conn, &service, dst.port()).await,
-        None => match connect(&ctx, &pod, dst).await {
+        // Boxed: only connections to a service pay for its endpoint-retry state.
+        Some(service) => Box::pin(to_service(client, &pod, &ctx, &mut conn, &service, dst.port())).await,
+        // Connecting (TLS and HTTP/2 handshakes included) is boxed: its state would otherwise
+        // stay in the task, idle, for the connection's whole life.
+        None => match Box::pin(connect(&ctx, &pod, dst)).await {
             Ok(connected) => {
                 conn.transport = connected.transport;
                 conn.dst.identity = connected.dst_identity;
@@ -144,7 +148,7 @@ async fn to_service(
         let Some(endpoint) = ctx.balancer.pick(&candidates) else { break };
         let target = SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]);
         let _active = ctx.balancer.start(endpoint.ip);
-        match connect(ctx, pod, target).await {
+        match Box::pin(connect(ctx, pod, target)).await {
             Ok(connected) => {
                 conn.dst = Endpoint::lookup(&ctx.state, target);
                 conn.transport = connected.transport;
