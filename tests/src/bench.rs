@@ -192,7 +192,8 @@ pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
         }
     }
 
-    // Memory per idle connection: a holds that many connections to c's echo, across nodes.
+    // Memory per idle connection: a holds that many connections to c's echo, across nodes, so
+    // each connection is held by both agents (HBONE client and server); the figure is per agent.
     progress(&format!("agent memory with {} idle connections", options.idle_conns));
     let (pid1, pid2) = (agent_pid(1), agent_pid(2));
     let before = rss_kb(pid1) + rss_kb(pid2);
@@ -205,7 +206,7 @@ pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
         topo.log("hold").contains("held")
     });
     std::thread::sleep(Duration::from_secs(1));
-    let per_conn = (rss_kb(pid1) + rss_kb(pid2) - before) / f64::from(options.idle_conns);
+    let per_conn = (rss_kb(pid1) + rss_kb(pid2) - before) / 2.0 / f64::from(options.idle_conns);
     topo.signal_and_wait("hold", libc::SIGKILL);
 
     // Memory per workload: that many pods on a node outside the topology, held but not enrolled.
@@ -343,4 +344,76 @@ pub fn policy_decision(quick: bool, criterion_dir: &std::path::Path) -> Vec<Figu
     }
     group.finish();
     figures
+}
+
+/// Issue #7's targets checked against `figures`, as Markdown table rows
+/// (`| target | measured | met |`). A target whose figures are missing is reported as such.
+pub fn targets(figures: &[Figure]) -> String {
+    let get = |scenario: &str, measurement: &str| {
+        figures.iter().find(|f| f.scenario == scenario && f.measurement == measurement)
+    };
+    let ratio = |scenario: &str, measurement: &str| get(scenario, measurement).and_then(|f| f.ratio_to_plain);
+    let median = |scenario: &str, measurement: &str| get(scenario, measurement).map(|f| f.median);
+    let added = |measurement: &str| Some(median("cross-node", measurement)? - median("plain", measurement)?);
+    let scaling = || Some(median("policy", "policy_decision")? / median("policy", "policy_decision_100_policies")?);
+    #[rustfmt::skip]
+    let rows: [(&str, Option<f64>, &str, fn(f64) -> bool); 10] = [
+        ("cross-node throughput, 1 stream >= 0.6 x plain", ratio("cross-node", "throughput_1stream"), "x", |v| v >= 0.6),
+        ("same-node throughput, 1 stream >= 0.9 x plain", ratio("same-node", "throughput_1stream"), "x", |v| v >= 0.9),
+        ("cross-node added latency p50 <= 30 us", added("rr_1b_p50"), "us", |v| v <= 30.0),
+        ("cross-node added latency p99 <= 60 us", added("rr_1b_p99"), "us", |v| v <= 60.0),
+        ("cross-node connections/s >= 0.5 x plain", ratio("cross-node", "conn_rate"), "x", |v| v >= 0.5),
+        ("agent idle RSS <= 15 MiB", median("agent", "rss_idle").map(|kb| kb / 1024.0), "MiB", |v| v <= 15.0),
+        ("agent RSS per idle connection <= 4 KB", median("agent", "rss_per_conn"), "KB", |v| v <= 4.0),
+        ("agent RSS per workload <= 2 KB", median("agent", "rss_per_workload"), "KB", |v| v <= 2.0),
+        ("policy decision < 1 us at 10k policies", median("policy", "policy_decision"), "ns", |v| v < 1000.0),
+        ("policy decision independent of the number of policies (10k / 100 <= 1.5)", scaling(), "x", |v| v <= 1.5),
+    ];
+    let mut out = String::from("| target | measured | met |\n| --- | --- | --- |\n");
+    for (target, value, unit, met) in rows {
+        let (measured, verdict) = match value {
+            Some(v) => (format!("{v:.2} {unit}"), if met(v) { "yes" } else { "no" }),
+            None => ("not measured".to_string(), "-"),
+        };
+        out.push_str(&format!("| {target} | {measured} | {verdict} |\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figure(scenario: &str, measurement: &str, median: f64, ratio: Option<f64>) -> Figure {
+        Figure {
+            scenario: scenario.into(),
+            measurement: measurement.into(),
+            unit: String::new(),
+            median,
+            min: median,
+            max: median,
+            ratio_to_plain: ratio,
+        }
+    }
+
+    #[test]
+    fn targets_compare_each_figure_with_its_bound() {
+        let figures = vec![
+            figure("cross-node", "throughput_1stream", 4.0, Some(0.3)),
+            figure("same-node", "throughput_1stream", 15.0, Some(1.1)),
+            figure("plain", "rr_1b_p50", 40.0, None),
+            figure("cross-node", "rr_1b_p50", 65.0, Some(1.6)),
+            figure("agent", "rss_idle", 13_000.0, None),
+            figure("policy", "policy_decision", 300.0, None),
+            figure("policy", "policy_decision_100_policies", 280.0, None),
+        ];
+        let table = targets(&figures);
+        let row = |start: &str| table.lines().find(|l| l.starts_with(&format!("| {start}"))).unwrap().to_string();
+        assert_eq!(row("cross-node throughput"), "| cross-node throughput, 1 stream >= 0.6 x plain | 0.30 x | no |");
+        assert_eq!(row("same-node throughput"), "| same-node throughput, 1 stream >= 0.9 x plain | 1.10 x | yes |");
+        assert_eq!(row("cross-node added latency p50"), "| cross-node added latency p50 <= 30 us | 25.00 us | yes |");
+        assert_eq!(row("cross-node added latency p99"), "| cross-node added latency p99 <= 60 us | not measured | - |");
+        assert_eq!(row("agent idle RSS"), "| agent idle RSS <= 15 MiB | 12.70 MiB | yes |");
+        assert!(row("policy decision independent").ends_with("| 1.07 x | yes |"));
+    }
 }

@@ -81,9 +81,9 @@ fn markdown(figures: &[Figure], table: &str, quick: bool) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     let command = if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" };
-    let _ = figures;
+    let targets = bench::targets(figures);
     format!(
-        "# Benchmarks\n\nRecorded by `{command}` (the harness is `tests/src/bench.rs`; results also in\n`target/bench/results.json`). Scenarios: `plain` (two unmeshed pods on two nodes),\n`capture` (meshed pod to an unmeshed pod: eBPF capture into the agent, no TLS), `same-node`\n(two meshed pods on one node, HBONE through one agent), `cross-node` (meshed pods on two nodes,\nHBONE between two agents); `agent` and `policy` hold agent-wide figures. Ratios are to `plain`\nin the same run; only compare figures from one run.\n\n- machine: {cpu}, {cores} cores, Linux {}\n- date: {date}\n\n```\n{table}```\n",
+        "# Benchmarks\n\nRecorded by `{command}` (the harness is `tests/src/bench.rs`; results also in\n`target/bench/results.json`). Scenarios, all on one netns topology and interleaved round by\nround: `plain` (two unmeshed pods on two nodes), `capture` (meshed pod to an unmeshed pod on\nthe other node: eBPF capture into the agent, spliced to plain TCP), `same-node` (two meshed\npods on one node: node-local handover inside the agent, spliced), `cross-node` (meshed pods on\ntwo nodes: HBONE, mTLS between two agents); `agent` and `policy` hold agent-wide figures\n(`rss_per_conn` is per agent holding the connection: each cross-node connection is held by\nboth). Ratios are to `plain` in the same run; only compare figures from one run.\n\n- machine: {cpu}, {cores} cores, Linux {}\n- date: {date}\n\n```\n{table}```\n\n## Targets (issue #7)\n\n{targets}",
         kernel.trim()
     )
 }
