@@ -346,6 +346,9 @@ pub fn policy_decision(quick: bool, criterion_dir: &std::path::Path) -> Vec<Figu
     figures
 }
 
+/// A target: what it says, the measured value, its unit, and whether the value meets it.
+type Target<'a> = (&'a str, Option<f64>, &'a str, fn(f64) -> bool);
+
 /// Issue #7's targets checked against `figures`, as Markdown table rows
 /// (`| target | measured | met |`). A target whose figures are missing is reported as such.
 pub fn targets(figures: &[Figure]) -> String {
@@ -357,7 +360,7 @@ pub fn targets(figures: &[Figure]) -> String {
     let added = |measurement: &str| Some(median("cross-node", measurement)? - median("plain", measurement)?);
     let scaling = || Some(median("policy", "policy_decision")? / median("policy", "policy_decision_100_policies")?);
     #[rustfmt::skip]
-    let rows: [(&str, Option<f64>, &str, fn(f64) -> bool); 10] = [
+    let rows: [Target<'_>; 10] = [
         ("cross-node throughput, 1 stream >= 0.6 x plain", ratio("cross-node", "throughput_1stream"), "x", |v| v >= 0.6),
         ("same-node throughput, 1 stream >= 0.9 x plain", ratio("same-node", "throughput_1stream"), "x", |v| v >= 0.9),
         ("cross-node added latency p50 <= 30 us", added("rr_1b_p50"), "us", |v| v <= 30.0),
