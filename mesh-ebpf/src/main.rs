@@ -209,8 +209,8 @@ fn try_file_orig_dst(ctx: &SockOpsContext) {
     if op == BPF_SOCK_OPS_STATE_CB {
         // Only captured sockets asked for state callbacks.
         if new_state == BPF_TCP_CLOSE {
-            let _ = ORIG_BY_COOKIE.remove(&cookie);
-            let _ = ORIG_BY_PORT.remove(&key);
+            let _ = ORIG_BY_COOKIE.remove(cookie);
+            let _ = ORIG_BY_PORT.remove(key);
         }
         return;
     }
