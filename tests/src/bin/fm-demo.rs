@@ -24,6 +24,7 @@ fn main() {
     banner("topology: 2 nodes; namespace shop is enrolled, namespace legacy is not");
     let spec = TopologySpec::nodes(2)
         .pod("shop", "web", 1)
+        .pod("shop", "cart", 1)
         .pod("shop", "api", 2)
         .pod("legacy", "batch", 1)
         .pod("legacy", "report", 2);
@@ -41,14 +42,15 @@ fn main() {
 
     banner(&format!("mesh-ctrl on {FABRIC_IP}:15012, one mesh-agent per node"));
     topo.start_mesh();
-    topo.wait_enrolled(1, &["shop/web"], Duration::from_secs(10));
+    topo.wait_enrolled(1, &["shop/cart", "shop/web"], Duration::from_secs(10));
     topo.wait_enrolled(2, &["shop/api"], Duration::from_secs(10));
     println!("  node1 enrolled {:?}, node2 enrolled {:?}", topo.enrolled(1), topo.enrolled(2));
     topo.serve_all();
 
     banner("traffic (curl; each server answers with the client address it saw)");
     let pairs = [
-        ("shop", "web", "shop", "api", "enrolled -> enrolled, across nodes"),
+        ("shop", "web", "shop", "api", "enrolled -> enrolled, across nodes (HBONE)"),
+        ("shop", "web", "shop", "cart", "enrolled -> enrolled, same node (node-local)"),
         ("shop", "web", "legacy", "batch", "enrolled -> not enrolled, same node"),
         ("legacy", "batch", "shop", "api", "not enrolled -> enrolled (inbound capture)"),
         ("legacy", "batch", "legacy", "report", "not enrolled -> not enrolled (no capture)"),
