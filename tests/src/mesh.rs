@@ -81,6 +81,17 @@ pub fn policy_cluster(before_start: impl FnOnce(&Topology)) -> Topology {
     topo
 }
 
+/// The pods of [`policy_cluster`]: shop/a, shop/b, shop/c, other/d and legacy/x.
+pub fn policy_pods(topo: &Topology) -> (&Pod, &Pod, &Pod, &Pod, &Pod) {
+    (
+        topo.pod("shop", "a"),
+        topo.pod("shop", "b"),
+        topo.pod("shop", "c"),
+        topo.pod("other", "d"),
+        topo.pod("legacy", "x"),
+    )
+}
+
 /// Polls `check` every 50 ms until it returns true, panicking with `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{bin, wait_until, HTTP_PORT, SINK_PORT};
+use ferrymesh_testbed::mesh::{bin, policy_pods, wait_until, HTTP_PORT, SINK_PORT};
 use ferrymesh_testbed::{Pod, Topology};
 use serde_json::{json, Value};
 
@@ -86,13 +86,7 @@ type Keep<'a> = Box<dyn Fn(&Value) -> bool + 'a>;
 #[test]
 fn flows_filters_follow_access_log_and_metrics() {
     let topo = cluster();
-    let (a, b, c, d, x) = (
-        topo.pod("shop", "a"),
-        topo.pod("shop", "b"),
-        topo.pod("shop", "c"),
-        topo.pod("other", "d"),
-        topo.pod("legacy", "x"),
-    );
+    let (a, b, c, d, x) = policy_pods(&topo);
     // Follow every agent from now on, in JSON.
     let dir = topo.agent_socket(1).parent().unwrap().to_path_buf();
     let mut follow = Command::new(bin("meshctl"));

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{wait_until, ECHO_PORT, HTTP_PORT};
+use ferrymesh_testbed::mesh::{policy_pods, wait_until, ECHO_PORT, HTTP_PORT};
 use ferrymesh_testbed::{Pod, Topology};
 use serde_json::Value;
 
@@ -83,13 +83,7 @@ type Case<'a> = (&'a str, Vec<(&'a str, String)>, Vec<Attempt<'a>>);
 #[test]
 fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
     let topo = cluster();
-    let (a, b, c, d, x) = (
-        topo.pod("shop", "a"),
-        topo.pod("shop", "b"),
-        topo.pod("shop", "c"),
-        topo.pod("other", "d"),
-        topo.pod("legacy", "x"),
-    );
+    let (a, b, c, d, x) = policy_pods(&topo);
     let selector_c = "  selector:\n    matchLabels:\n      app: c\n";
     let no_allow = |names: &str| format!("no ALLOW policy matched (considered: {names})");
     let strict = "apiVersion: ferrymesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n".to_string();
@@ -185,13 +179,7 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
 #[test]
 fn a_policy_change_closes_connections_it_now_denies() {
     let topo = cluster();
-    let (a, b, c, d, x) = (
-        topo.pod("shop", "a"),
-        topo.pod("shop", "b"),
-        topo.pod("shop", "c"),
-        topo.pod("other", "d"),
-        topo.pod("legacy", "x"),
-    );
+    let (a, b, c, d, x) = policy_pods(&topo);
     let denied_ping = topo.start_ping("ping-a", a, c.ip, 100);
     // d is on c's node: its connection is handed over inside the agent, and cut all the same.
     let local_ping = topo.start_ping("ping-d", d, c.ip, 100);
