@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use ferrymesh_policy::Transport;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
-use mesh_common::{HBONE_PORT, MARK_AGENT, MARK_APP_DIAL, RESERVED_PORTS};
+use mesh_common::{HBONE_PORT, MARK_AGENT, RESERVED_PORTS};
 use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -25,9 +25,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::authz::{self, Denied, InboundRequest};
+use super::authz::{Denied, InboundRequest};
 use super::{
-    accept_loop, reset, until_done_or_revoked, Connection, Outcome, PodContext, ProxyContext, RelayEnd, RELAY_BUFFER,
+    accept_loop, reset, until_done_or_revoked, Admitted, Connection, Outcome, PodContext, ProxyContext, Refused,
+    RelayEnd, RELAY_BUFFER,
 };
 use crate::flows::{Direction, Endpoint, Verdict};
 use crate::identity::{Identity, IdentityManager, WorkloadCert};
@@ -252,14 +253,11 @@ pub fn connect_target(
     Ok(target)
 }
 
-/// A CONNECT accepted and dialled through to the app, ready to relay.
+/// A CONNECT admitted and answered 200, ready to relay.
 struct Accepted<'a> {
-    app: TcpStream,
+    admitted: Admitted<'a>,
     body: RecvStream,
     send: SendStream<Bytes>,
-    policy: String,
-    close: oneshot::Receiver<Denied>,
-    _live: authz::LiveGuard<'a>,
 }
 
 async fn serve_stream(stream: Box<NewStream>, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
@@ -268,7 +266,7 @@ async fn serve_stream(stream: Box<NewStream>, pod: Arc<PodContext>, ctx: Arc<Pro
     let (conn, accepted) = Box::pin(accept_stream(*stream, &pod, &ctx)).await;
     let outcome = match accepted {
         Err(outcome) => outcome,
-        Ok(Accepted { app, body, send, policy, close, _live }) => {
+        Ok(Accepted { admitted: Admitted { app, policy, close, _live }, body, send }) => {
             let (to_client, to_app, end) = relay(app, body, send, Some(close)).await;
             Outcome::relayed(to_app, to_client, end, policy)
         }
@@ -307,23 +305,19 @@ async fn accept_stream<'a>(
         destination: target,
         transport: Transport::Mtls,
     };
-    let policy = match authz::check(&ctx.state.policies(), &authz::current(&ctx.state, &pod.workload), &request) {
-        Ok(policy) => policy,
-        Err(denied) => {
-            respond_status(&mut respond, StatusCode::UNAUTHORIZED);
-            return (conn, Err(Outcome::denied(denied)));
-        }
-    };
-    let (live, close) = ctx.live.register(pod.workload.clone(), request);
-    let app = match ctx.dial(&pod.netns, target, MARK_APP_DIAL, Some(peer.addr.ip())).await {
-        Ok(app) => app,
-        Err(e) => {
-            let reason = format!("connect to the app at {target} failed: {e}");
-            return (conn, Err(refuse(StatusCode::SERVICE_UNAVAILABLE, reason)));
+    let admitted = match ctx.admit(pod, request).await {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            let status = match refused {
+                Refused::Denied(_) => StatusCode::UNAUTHORIZED,
+                Refused::Dial(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            respond_status(&mut respond, status);
+            return (conn, Err(refused.outcome(target)));
         }
     };
     let accepted = match respond_status(&mut respond, StatusCode::OK) {
-        Some(send) => Ok(Accepted { app, body, send, policy, close, _live: live }),
+        Some(send) => Ok(Accepted { admitted, body, send }),
         None => Err(Outcome::failed("the client went away before the CONNECT was answered".into())),
     };
     (conn, accepted)

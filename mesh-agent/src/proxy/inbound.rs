@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ferrymesh_policy::Transport;
-use mesh_common::{MARK_APP_DIAL, RESERVED_PORTS};
+use mesh_common::RESERVED_PORTS;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::authz::{self, InboundRequest};
+use super::authz::InboundRequest;
 use super::{accept_loop, relay, reset, Connection, Outcome, PodContext, ProxyContext};
 use crate::flows::{Direction, Endpoint};
 
@@ -38,23 +38,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         destination: dst,
         transport: Transport::Plaintext,
     };
-    let policy = match authz::check(&ctx.state.policies(), &authz::current(&ctx.state, &pod.workload), &request) {
-        Ok(policy) => policy,
-        Err(denied) => {
-            reset(&client);
-            return ctx.record(conn, Outcome::denied(denied));
-        }
-    };
-    let (_live, close) = ctx.live.register(pod.workload.clone(), request);
     // Boxed: the dial's state would otherwise stay in the task for its whole life.
-    let outcome = match Box::pin(ctx.dial(&pod.netns, dst, MARK_APP_DIAL, Some(peer.ip()))).await {
-        Ok(app) => {
-            let (sent, received, end) = relay(client, app, Some(close)).await;
-            Outcome::relayed(sent, received, end, policy)
+    let outcome = match Box::pin(ctx.admit(&pod, request)).await {
+        Ok(admitted) => {
+            let (sent, received, end) = relay(client, admitted.app, Some(admitted.close)).await;
+            Outcome::relayed(sent, received, end, admitted.policy)
         }
-        Err(e) => {
+        Err(refused) => {
             reset(&client);
-            Outcome::failed(format!("connect to the app at {dst} failed: {e}"))
+            refused.outcome(dst)
         }
     };
     ctx.record(conn, outcome);

@@ -11,29 +11,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ferrymesh_policy::Transport;
-use mesh_common::MARK_APP_DIAL;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 
-use super::authz::{self, Denied, InboundRequest, LiveGuard};
-use super::{relay, Connection, Outcome, PodContext, ProxyContext};
+use super::authz::InboundRequest;
+use super::{relay, Admitted, Connection, Outcome, PodContext, ProxyContext};
 use crate::flows::{Direction, Endpoint, Verdict};
 
-/// A connection authorized and dialled to the destination app, ready to carry bytes.
+/// A connection admitted by the destination, ready to carry bytes.
 pub(super) struct Handover<'a> {
-    app: TcpStream,
+    admitted: Admitted<'a>,
     /// The destination's view of the connection (its inbound flow).
     inbound: Connection,
-    /// The deciding ALLOW policy, if any.
-    policy: String,
-    /// Fires when a policy change denies the connection.
-    close: oneshot::Receiver<Denied>,
-    _live: LiveGuard<'a>,
 }
 
-/// Authorizes `src` -> `dst`:`target` as `dst`'s HBONE server would for an mTLS peer with
-/// `src`'s identity, then dials the app as `src`'s IP. A refusal or a failed dial is recorded
-/// as `dst`'s inbound flow and returned as (verdict, reason) for the source's flow.
+/// Admits `src` -> `dst`:`target` as `dst`'s HBONE server would an mTLS peer with `src`'s
+/// identity (see [`ProxyContext::admit`]), dialling the app as `src`'s IP. A refusal is
+/// recorded as `dst`'s inbound flow and returned as (verdict, reason) for the source's flow.
 pub(super) async fn open<'a>(
     ctx: &'a ProxyContext,
     src: &PodContext,
@@ -51,27 +44,19 @@ pub(super) async fn open<'a>(
         destination: target,
         transport: Transport::NodeLocal,
     };
-    let policy = match authz::check(&ctx.state.policies(), &authz::current(&ctx.state, &dst.workload), &request) {
-        Ok(policy) => policy,
-        Err(denied) => {
-            let reason = denied.reason.clone();
-            ctx.record(inbound, Outcome::denied(denied));
-            return Err((Verdict::Denied, reason));
-        }
-    };
-    let (live, close) = ctx.live.register(dst.workload.clone(), request);
-    match ctx.dial(&dst.netns, target, MARK_APP_DIAL, Some(src.workload.ip)).await {
-        Ok(app) => {
+    match ctx.admit(dst, request).await {
+        Ok(admitted) => {
             // The client port the app sees is the one the agent's dial got.
-            if let Ok(local) = app.local_addr() {
+            if let Ok(local) = admitted.app.local_addr() {
                 inbound.src.addr = local;
             }
-            Ok(Handover { app, inbound, policy, close, _live: live })
+            Ok(Handover { admitted, inbound })
         }
-        Err(e) => {
-            let reason = format!("connect to the app at {target} failed: {e}");
-            ctx.record(inbound, Outcome::failed(reason.clone()));
-            Err((Verdict::Error, reason))
+        Err(refused) => {
+            let outcome = refused.outcome(target);
+            let refusal = (outcome.verdict, outcome.reason.clone());
+            ctx.record(inbound, outcome);
+            Err(refusal)
         }
     }
 }
@@ -80,8 +65,9 @@ impl Handover<'_> {
     /// Relays `client` and the app until the connection ends, records the destination's flow,
     /// and returns how it ended (for the source's flow, which names the same policy).
     pub(super) async fn carry(self, ctx: &ProxyContext, client: TcpStream) -> Outcome {
-        let (sent, received, end) = relay(client, self.app, Some(self.close)).await;
-        let outcome = Outcome::relayed(sent, received, end, self.policy);
+        let Admitted { app, policy, close, _live } = self.admitted;
+        let (sent, received, end) = relay(client, app, Some(close)).await;
+        let outcome = Outcome::relayed(sent, received, end, policy);
         ctx.record(self.inbound, outcome.clone());
         outcome
     }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ferrymesh_policy::Transport;
-use mesh_common::AppDialKey;
+use mesh_common::{AppDialKey, MARK_APP_DIAL};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -27,6 +27,7 @@ use crate::flows::{Direction, Endpoint, Flow, FlowTable, Verdict};
 use crate::identity::{Identity, IdentityManager};
 use crate::netns::{Netns, NetnsRunner};
 use crate::state::{State, Workload};
+use authz::InboundRequest;
 
 /// How long a dial may take before the client is reset.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -278,6 +279,51 @@ impl ProxyContext {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {CONNECT_TIMEOUT:?}")))??;
         stream.set_nodelay(true)?;
         Ok(stream)
+    }
+}
+
+/// An inbound connection the destination admitted: decided, registered for re-evaluation,
+/// and dialled through to the app.
+struct Admitted<'a> {
+    app: TcpStream,
+    /// The deciding ALLOW policy, if any.
+    policy: String,
+    /// Fires when a policy change denies the connection.
+    close: tokio::sync::oneshot::Receiver<authz::Denied>,
+    _live: authz::LiveGuard<'a>,
+}
+
+/// Why the destination did not admit a connection.
+enum Refused {
+    /// The policy denies it.
+    Denied(authz::Denied),
+    /// The app could not be dialled.
+    Dial(io::Error),
+}
+
+impl Refused {
+    /// The destination's flow outcome for the refusal of a connection to `target`.
+    fn outcome(self, target: SocketAddr) -> Outcome {
+        match self {
+            Refused::Denied(denied) => Outcome::denied(denied),
+            Refused::Dial(e) => Outcome::failed(format!("connect to the app at {target} failed: {e}")),
+        }
+    }
+}
+
+impl ProxyContext {
+    /// The destination's side of every inbound connection, however it arrived (HBONE,
+    /// plaintext, node-local): decides `request` for `pod` (PeerAuthentication and
+    /// AuthorizationPolicy on the pod's current labels), registers it for re-evaluation when
+    /// policies change, and dials the app from the pod's netns as the client's IP.
+    async fn admit(&self, pod: &PodContext, request: InboundRequest) -> Result<Admitted<'_>, Refused> {
+        let policies = self.state.policies();
+        let policy =
+            authz::check(&policies, &authz::current(&self.state, &pod.workload), &request).map_err(Refused::Denied)?;
+        let (target, client_ip) = (request.destination, request.source_ip);
+        let (live, close) = self.live.register(pod.workload.clone(), request);
+        let app = self.dial(&pod.netns, target, MARK_APP_DIAL, Some(client_ip)).await.map_err(Refused::Dial)?;
+        Ok(Admitted { app, policy, close, _live: live })
     }
 }
 
