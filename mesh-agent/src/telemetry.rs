@@ -88,29 +88,33 @@ pub fn cert_failed() {
 }
 
 /// How often map fill is counted: a walk of every key, a syscall each, so not every second.
-const MAP_FILL_EVERY: u32 = 10;
+const MAP_FILL_EVERY: Duration = Duration::from_secs(10);
 
 /// Refreshes the gauges read from the kernel and the state store every second (map fill every
-/// [`MAP_FILL_EVERY`] seconds, on a blocking thread), forever.
+/// [`MAP_FILL_EVERY`], on a blocking thread), forever.
 pub async fn refresh(stats: Arc<MapStats>, state: Arc<State>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    for second in 0u32.. {
-        tick.tick().await;
-        for (c, value) in stats.counters() {
-            counter!("ferrymesh_ebpf_events_total", "event" => c.name()).absolute(value);
-        }
-        if second % MAP_FILL_EVERY == 0 {
-            let stats = stats.clone();
-            if let Ok(maps) = tokio::task::spawn_blocking(move || stats.map_fill()).await {
-                for (name, entries, capacity) in maps {
-                    gauge!("ferrymesh_ebpf_map_entries", "map" => name).set(entries as f64);
-                    gauge!("ferrymesh_ebpf_map_capacity", "map" => name).set(capacity as f64);
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut fill = tokio::time::interval(MAP_FILL_EVERY);
+    loop {
+        tokio::select! {
+            _ = second.tick() => {
+                for (c, value) in stats.counters() {
+                    counter!("ferrymesh_ebpf_events_total", "event" => c.name()).absolute(value);
+                }
+                let (connected, version) = state.ctrl_status();
+                gauge!("ferrymesh_ctrl_connected").set(if connected { 1.0 } else { 0.0 });
+                gauge!("ferrymesh_config_version").set(version as f64);
+            }
+            _ = fill.tick() => {
+                let stats = stats.clone();
+                if let Ok(maps) = tokio::task::spawn_blocking(move || stats.map_fill()).await {
+                    for (name, entries, capacity) in maps {
+                        gauge!("ferrymesh_ebpf_map_entries", "map" => name).set(entries as f64);
+                        gauge!("ferrymesh_ebpf_map_capacity", "map" => name).set(capacity as f64);
+                    }
                 }
             }
         }
-        let (connected, version) = state.ctrl_status();
-        gauge!("ferrymesh_ctrl_connected").set(if connected { 1.0 } else { 0.0 });
-        gauge!("ferrymesh_config_version").set(version as f64);
     }
 }
 
