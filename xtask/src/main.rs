@@ -2,9 +2,10 @@
 //!
 //! - `setup`: Debian packages, rust-src for the eBPF toolchain, bpf-linker linked against that
 //!   toolchain's own libLLVM. Idempotent and quick when already done.
-//! - `build`: the eBPF object (nightly, bpfel-unknown-none, BTF), then every binary (release).
+//! - `build`: the eBPF object (nightly, bpfel-unknown-none, BTF), then every binary and test (release).
 //! - `test`: setup, build, fmt check, clippy -D warnings (userspace and eBPF), all tests.
 //! - `demo [--hold]`: setup, build, then a live mesh on a local topology with traffic and flows.
+//! - `bench [--quick]`: setup, build, then fm-bench (results and, for a full run, docs/BENCHMARKS.md).
 //! - `clean-netns`: removes network namespaces left by an interrupted test run of this project.
 
 use std::ffi::OsStr;
@@ -197,9 +198,12 @@ fn ebpf_object() -> PathBuf {
 fn build(tc: &EbpfToolchain) -> Result<()> {
     step("build: eBPF programs");
     run(&mut ebpf_cargo(tc, "build"))?;
-    step("build: binaries (release)");
+    step("build: binaries and tests (release)");
+    // The test targets are built with the binaries so that both see one feature set:
+    // dev-dependencies enable features of shared crates (tokio and what sits on it), and a
+    // build of the binaries alone would be rebuilt from tokio up by the next `cargo test`.
     run(cmd("cargo")
-        .args(["build", "--release", "--workspace", "--exclude", "mesh-ebpf", "--bins"])
+        .args(["build", "--release", "--workspace", "--exclude", "mesh-ebpf", "--bins", "--tests"])
         .env("FERRYMESH_EBPF_OBJ", ebpf_object()))
 }
 
