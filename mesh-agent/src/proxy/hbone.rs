@@ -19,7 +19,7 @@ use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -77,13 +77,12 @@ fn h2_io(e: h2::Error) -> io::Error {
 /// An idle connection holds no buffer: one is taken when bytes are there, and handed to h2.
 async fn tcp_to_h2(from: &mut OwnedReadHalf, to: &mut SendStream<Bytes>, count: &mut u64) -> io::Result<()> {
     loop {
+        // read_buf, unlike try_read_buf, takes a short read as "drained" (tokio clears the
+        // readiness), sparing a recv that would only say EAGAIN.
         from.readable().await?;
         let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
-        match from.try_read_buf(&mut buf) {
-            Ok(0) => return to.send_data(Bytes::new(), true).map_err(h2_io),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        if from.read_buf(&mut buf).await? == 0 {
+            return to.send_data(Bytes::new(), true).map_err(h2_io);
         }
         let mut data = buf.freeze();
         while !data.is_empty() {
