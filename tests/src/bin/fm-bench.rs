@@ -37,7 +37,7 @@ fn main() {
     let mut figures = bench::run(options, |what| eprintln!("fm-bench: {what}"));
     eprintln!("fm-bench: policy decisions");
     let criterion_dir = args.out.parent().unwrap_or(std::path::Path::new(".")).join("criterion");
-    figures.extend(bench::policy_decision(args.quick, &criterion_dir));
+    figures.extend(bench::policy_decision(args.quick, options.rounds, &criterion_dir));
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir).expect("create the output directory");
     }
@@ -83,7 +83,7 @@ fn markdown(figures: &[Figure], table: &str, quick: bool) -> String {
     let command = if quick { "cargo xtask bench --quick" } else { "cargo xtask bench" };
     let targets = bench::targets(figures);
     format!(
-        "# Benchmarks\n\nRecorded by `{command}` (the harness is `tests/src/bench.rs`; results also in\n`target/bench/results.json`). Scenarios, all on one netns topology and interleaved round by\nround: `plain` (two unmeshed pods on two nodes), `capture` (meshed pod to an unmeshed pod on\nthe other node: eBPF capture into the agent, spliced to plain TCP), `same-node` (two meshed\npods on one node: node-local handover inside the agent, spliced), `cross-node` (meshed pods on\ntwo nodes: HBONE, mTLS between two agents); `agent` and `policy` hold agent-wide figures\n(`rss_per_conn` is per agent holding the connection: each cross-node connection is held by\nboth). Ratios are to `plain` in the same run; only compare figures from one run.\n\n- machine: {cpu}, {cores} cores, Linux {}\n- date: {date}\n\n```\n{table}```\n\n## Targets (issue #7)\n\n{targets}",
+        "# Benchmarks\n\nRecorded by `{command}` (the harness is `tests/src/bench.rs`; results also in\n`target/bench/results.json`). Scenarios, all on one netns topology and interleaved round by\nround: `plain` (two unmeshed pods on two nodes), `capture` (meshed pod to an unmeshed pod on\nthe other node: eBPF capture into the agent, spliced to plain TCP), `same-node` (two meshed\npods on one node: node-local handover inside the agent, spliced), `cross-node` (meshed pods on\ntwo nodes: HBONE, mTLS between two agents); `agent` and `policy` hold agent-wide figures\n(`rss_per_conn` is per agent holding the connection: each cross-node connection is held by\nboth). Ratios are to `plain` in the same run; only compare figures from one run.\n\n- machine: {cpu}, {cores} cores, Linux {}\n- date: {date}\n\n```\n{table}```\n\n## Targets (issue #7)\n\n{targets}\nWhere the time goes, and what would remove it: [PERFORMANCE.md](PERFORMANCE.md).\n",
         kernel.trim()
     )
 }
