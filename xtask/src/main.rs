@@ -53,12 +53,24 @@ fn step(what: &str) {
 }
 
 /// A command run from the workspace root, with the outer cargo's toolchain pins removed so a
-/// nested `cargo +toolchain` means what it says.
+/// nested `cargo +toolchain` means what it says, and without the variables `cargo run` sets
+/// for xtask itself: build scripts (ring's) watch CARGO_PKG_NAME and friends, so a nested
+/// build that saw them would be rebuilt from ring up by the next `cargo build` from a shell.
 fn cmd(program: impl AsRef<OsStr>) -> Command {
     let mut c = Command::new(program);
     c.current_dir(root());
     for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO"] {
         c.env_remove(var);
+    }
+    for (var, _) in std::env::vars_os() {
+        let name = var.to_string_lossy();
+        let set_by_cargo_run = name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_RUSTC_CURRENT_DIR"]
+                .contains(&name.as_ref());
+        if set_by_cargo_run {
+            c.env_remove(&var);
+        }
     }
     c
 }

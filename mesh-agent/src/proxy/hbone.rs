@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferrymesh_policy::Transport;
+use futures::FutureExt;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use mesh_common::{HBONE_PORT, MARK_AGENT, RESERVED_PORTS};
@@ -77,11 +78,14 @@ fn h2_io(e: h2::Error) -> io::Error {
 /// An idle connection holds no buffer: one is taken when bytes are there, and handed to h2.
 async fn tcp_to_h2(from: &mut OwnedReadHalf, to: &mut SendStream<Bytes>, count: &mut u64) -> io::Result<()> {
     loop {
-        // read_buf, unlike try_read_buf, takes a short read as "drained" (tokio clears the
-        // readiness), sparing a recv that would only say EAGAIN.
         from.readable().await?;
         let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
-        if from.read_buf(&mut buf).await? == 0 {
+        // read_buf, unlike try_read_buf, takes a short read as "drained" (tokio clears the
+        // readiness), sparing a recv that would only say EAGAIN. It is polled once, never
+        // awaited: readiness left by a read that filled the buffer may find nothing, and the
+        // wait for more must not hold the buffer.
+        let Some(read) = from.read_buf(&mut buf).now_or_never() else { continue };
+        if read? == 0 {
             return to.send_data(Bytes::new(), true).map_err(h2_io);
         }
         let mut data = buf.freeze();
