@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferrymesh_policy::Transport;
-use futures::FutureExt;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use mesh_common::{HBONE_PORT, MARK_AGENT, RESERVED_PORTS};
@@ -20,7 +19,7 @@ use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -80,13 +79,11 @@ async fn tcp_to_h2(from: &mut OwnedReadHalf, to: &mut SendStream<Bytes>, count: 
     loop {
         from.readable().await?;
         let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
-        // read_buf, unlike try_read_buf, takes a short read as "drained" (tokio clears the
-        // readiness), sparing a recv that would only say EAGAIN. It is polled once, never
-        // awaited: readiness left by a read that filled the buffer may find nothing, and the
-        // wait for more must not hold the buffer.
-        let Some(read) = from.read_buf(&mut buf).now_or_never() else { continue };
-        if read? == 0 {
-            return to.send_data(Bytes::new(), true).map_err(h2_io);
+        match from.try_read_buf(&mut buf) {
+            Ok(0) => return to.send_data(Bytes::new(), true).map_err(h2_io),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
         let mut data = buf.freeze();
         while !data.is_empty() {
