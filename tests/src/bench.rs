@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::mesh::{bin, scale_namespace_yaml, two_node_mesh, wait_until, ECHO_PORT, HTTP_PORT};
+use crate::mesh::{bin, cpu_seconds, scale_namespace_yaml, two_node_mesh, wait_until, ECHO_PORT, HTTP_PORT};
 use crate::{Pod, Topology};
 
 /// How much to measure.
@@ -77,18 +77,6 @@ fn rss_kb(pid: u32) -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-/// CPU seconds (user + system) used by `pid` so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of /proc/<pid>/stat: 11 and 12 after the name.
-    // The tick rate of user-visible clocks is USER_HZ, 100 on every mainstream architecture.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn median(values: &[f64]) -> (f64, f64, f64) {

@@ -401,6 +401,18 @@ impl Topology {
     }
 }
 
+/// CPU seconds (user + system) used by `pid` so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/<pid>/stat: 11 and 12 after the name.
+    // The tick rate of user-visible clocks is USER_HZ, 100 on every mainstream architecture.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// One namespace of the scale cluster: 100 pods (5 per service, on node `node`, IPs from
 /// 10.100.0.0 up) and 20 ClusterIP services, enrolled; 100 of them make 10k pods and 2k services.
 pub fn scale_namespace_yaml(ns: usize, node: &str) -> String {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{wait_until, DATAPLANE_MODE, ECHO_PORT, HTTP_PORT, SINK_PORT};
+use ferrymesh_testbed::mesh::{cpu_seconds, wait_until, DATAPLANE_MODE, ECHO_PORT, HTTP_PORT, SINK_PORT};
 use ferrymesh_testbed::Topology;
 use serde_json::Value;
 
@@ -77,6 +77,22 @@ fn enrolled_pod_reaches_pods_on_the_same_and_the_other_node() {
     wait_until(Duration::from_secs(3), "the original-destination maps to empty", || {
         entries("ORIG_BY_COOKIE") == 0 && entries("ORIG_BY_PORT") == 0
     });
+    // Bulk both ways at once through HBONE, then idle: a relay that loops without waiting (on
+    // a stale readiness, or on tokio's spent cooperative budget) stalls the transfer and burns
+    // a CPU.
+    let mut server = topo.command_in(&c.netns, "iperf3");
+    server.args(["-s", "-1", "--forceflush", "-B", &c.ip.to_string()]);
+    topo.spawn("iperf3-c", server);
+    wait_until(Duration::from_secs(5), "iperf3 to listen", || topo.log("iperf3-c").contains("Server listening"));
+    let bidir = topo.output_in(&a.netns, "timeout", &["20", "iperf3", "-c", &c.ip.to_string(), "--bidir", "-t", "2"]);
+    assert!(bidir.status.success(), "iperf3 --bidir a -> c: {}", String::from_utf8_lossy(&bidir.stdout));
+    let agents = [1, 2].map(|n| topo.pid(&format!("agent-node{n}")).expect("agent pid"));
+    let before = agents.map(cpu_seconds);
+    std::thread::sleep(Duration::from_secs(2));
+    for (pid, before) in agents.into_iter().zip(before) {
+        let used = cpu_seconds(pid) - before;
+        assert!(used < 0.5, "agent {pid} used {used:.2} CPU seconds in 2 s without traffic");
+    }
 }
 
 /// Packets tcpdump sees on every device of node 1's netns while `traffic` runs.
