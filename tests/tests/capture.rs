@@ -152,7 +152,12 @@ fn plaintext_from_an_unenrolled_pod_to_an_enrolled_pod_is_captured_inbound() {
             "{} must see the real client IP: {body}",
             server.name
         );
-        let inbound = flows_to(&topo, node, "inbound", &server.ip.to_string(), HTTP_PORT);
+        // A flow is recorded when the agent's relay ends, which may be just after curl exits.
+        let mut inbound = Vec::new();
+        wait_until(Duration::from_secs(1), "the inbound flow of the curl", || {
+            inbound = flows_to(&topo, node, "inbound", &server.ip.to_string(), HTTP_PORT);
+            inbound.iter().any(|f| f["src"]["ip"] == client.ip.to_string())
+        });
         let from_client: Vec<&Value> = inbound.iter().filter(|f| f["src"]["ip"] == client.ip.to_string()).collect();
         assert_eq!(from_client.len(), 1, "{inbound:?}");
         let f = from_client[0];
