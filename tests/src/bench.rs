@@ -116,11 +116,7 @@ fn rr(topo: &Topology, from: &Pod, to: &Pod, count: u32, size: usize) -> Value {
 pub fn topology() -> Topology {
     let topo = two_node_mesh();
     for pod in [topo.pod("shop", "b"), topo.pod("shop", "c"), topo.pod("legacy", "y")] {
-        let label = format!("iperf3-{}", pod.name);
-        let mut server = topo.command_in(&pod.netns, "iperf3");
-        server.args(["-s", "--forceflush", "-B", &pod.ip.to_string()]);
-        topo.spawn(&label, server);
-        wait_until(Duration::from_secs(5), "iperf3 to listen", || topo.log(&label).contains("Server listening"));
+        topo.start_iperf3_server(pod);
     }
     topo
 }

@@ -380,6 +380,15 @@ impl Topology {
         result
     }
 
+    /// Starts an iperf3 server on `pod`'s IP (label `iperf3-<pod>`) and waits until it listens.
+    pub fn start_iperf3_server(&self, pod: &Pod) {
+        let label = format!("iperf3-{}", pod.name);
+        let mut server = self.command_in(&pod.netns, "iperf3");
+        server.args(["-s", "--forceflush", "-B", &pod.ip.to_string()]);
+        self.spawn(&label, server);
+        wait_until(Duration::from_secs(5), "iperf3 to listen", || self.log(&label).contains("Server listening"));
+    }
+
     /// Starts a long-lived echo client from `from` to `to` doing `count` round trips; returns
     /// its label for [`Topology::wait_success`].
     pub fn start_ping(&self, label: &str, from: &Pod, to: Ipv4Addr, count: u32) -> String {

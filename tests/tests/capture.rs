@@ -80,10 +80,7 @@ fn enrolled_pod_reaches_pods_on_the_same_and_the_other_node() {
     // Bulk both ways at once through HBONE, then idle: a relay that loops without waiting (on
     // a stale readiness, or on tokio's spent cooperative budget) stalls the transfer and burns
     // a CPU.
-    let mut server = topo.command_in(&c.netns, "iperf3");
-    server.args(["-s", "-1", "--forceflush", "-B", &c.ip.to_string()]);
-    topo.spawn("iperf3-c", server);
-    wait_until(Duration::from_secs(5), "iperf3 to listen", || topo.log("iperf3-c").contains("Server listening"));
+    topo.start_iperf3_server(c);
     let bidir = topo.output_in(&a.netns, "timeout", &["20", "iperf3", "-c", &c.ip.to_string(), "--bidir", "-t", "2"]);
     assert!(bidir.status.success(), "iperf3 --bidir a -> c: {}", String::from_utf8_lossy(&bidir.stdout));
     let agents = [1, 2].map(|n| topo.pid(&format!("agent-node{n}")).expect("agent pid"));
