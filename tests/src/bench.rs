@@ -87,11 +87,13 @@ fn median(values: &[f64]) -> (f64, f64, f64) {
 }
 
 /// iperf3 from `from` to `to` (a server already listens there): (Gbit/s, bytes received).
+/// Killed 30 s after its run should have ended, so a stalled data path cannot hang the bench.
 fn iperf(topo: &Topology, from: &Pod, to: &Pod, streams: u32, seconds: u32) -> (f64, f64) {
+    let limit = (seconds + 30).to_string();
     let out = topo.output_in(
         &from.netns,
-        "iperf3",
-        &["-c", &to.ip.to_string(), "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
+        "timeout",
+        &[&limit, "iperf3", "-c", &to.ip.to_string(), "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"],
     );
     assert!(out.status.success(), "iperf3 {} -> {}: {}", from.name, to.name, String::from_utf8_lossy(&out.stdout));
     let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
