@@ -10,19 +10,42 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymesh_policy::Transport;
-use metrics::{counter, gauge, Label};
+use metrics::{counter, describe_counter, describe_gauge, gauge, Label, Unit};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 use crate::ebpf::MapStats;
 use crate::flows::{Direction, Flow, Verdict};
 use crate::state::State;
 
-/// Installs the Prometheus recorder and serves it on `addr`.
+/// Installs the Prometheus recorder and serves it on `addr`, with every metric described and
+/// the unlabelled ones registered at zero (a scrape lists them before their first event).
 pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .install()
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!(
+        "ferrymesh_tcp_connections_opened_total",
+        "TCP connections that carried traffic (counted when they close)."
+    );
+    describe_counter!("ferrymesh_tcp_connections_closed_total", "TCP connections closed.");
+    describe_counter!("ferrymesh_tcp_sent_bytes_total", Unit::Bytes, "Bytes from source to destination.");
+    describe_counter!("ferrymesh_tcp_received_bytes_total", Unit::Bytes, "Bytes from destination to source.");
+    describe_counter!("ferrymesh_tcp_connections_failed_total", "TCP connections denied or failed.");
+    describe_counter!("ferrymesh_ebpf_events_total", "eBPF program counters, summed over CPUs.");
+    describe_gauge!("ferrymesh_ebpf_map_entries", "Entries in an eBPF map.");
+    describe_gauge!("ferrymesh_ebpf_map_capacity", "Capacity of an eBPF map.");
+    describe_counter!("ferrymesh_certs_issued_total", "Workload certificates obtained from mesh-ctrl.");
+    describe_counter!("ferrymesh_cert_rotation_failures_total", "Failed certificate requests (retried with backoff).");
+    describe_gauge!("ferrymesh_ctrl_connected", "1 while the config stream from mesh-ctrl is up.");
+    describe_gauge!("ferrymesh_config_version", "Config version held.");
+    counter!("ferrymesh_certs_issued_total").absolute(0);
+    counter!("ferrymesh_cert_rotation_failures_total").absolute(0);
 }
 
 /// Istio's labels of a TCP flow, as the recording agent sees it.

@@ -11,4 +11,5 @@ pub mod schema;
 pub mod server;
 pub mod snapshot;
 pub mod source;
+pub mod telemetry;
 pub mod token_review;

@@ -83,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         .with_http_listener(args.metrics_addr)
         .install()
         .with_context(|| format!("cannot serve metrics on {}", args.metrics_addr))?;
+    mesh_ctrl::telemetry::describe();
     let (publisher, snapshots) = Publisher::new();
     let (watcher, origin, certificates) = match &args.config_dir {
         Some(dir) => {

@@ -134,12 +134,12 @@ fn wants_capture(addr: &SockAddr, ip4: u32, port: u16) -> bool {
 }
 
 #[cgroup_sock_addr(connect4)]
-pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
+pub fn fm_connect4(ctx: SockAddrContext) -> i32 {
     try_connect(&ctx, false).unwrap_or(ALLOW)
 }
 
 #[cgroup_sock_addr(connect6)]
-pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
+pub fn fm_connect6(ctx: SockAddrContext) -> i32 {
     try_connect(&ctx, true).unwrap_or(ALLOW)
 }
 
@@ -186,7 +186,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
 }
 
 #[sock_ops]
-pub fn file_orig_dst(ctx: SockOpsContext) -> u32 {
+pub fn fm_orig_dst(ctx: SockOpsContext) -> u32 {
     try_file_orig_dst(&ctx);
     1
 }
@@ -229,13 +229,13 @@ fn try_file_orig_dst(ctx: &SockOpsContext) {
 }
 
 #[cgroup_sock_addr(getpeername4)]
-pub fn restore_peer4(ctx: SockAddrContext) -> i32 {
+pub fn fm_peer4(ctx: SockAddrContext) -> i32 {
     try_restore_peer(&ctx, false);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername6)]
-pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
+pub fn fm_peer6(ctx: SockAddrContext) -> i32 {
     try_restore_peer(&ctx, true);
     ALLOW
 }
@@ -272,7 +272,7 @@ fn try_restore_peer(ctx: &SockAddrContext, v6: bool) {
 }
 
 #[sk_lookup]
-pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
+pub fn fm_steer_in(ctx: SkLookupContext) -> u32 {
     try_steer_inbound(&ctx);
     SK_PASS
 }

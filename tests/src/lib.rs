@@ -4,7 +4,9 @@
 #![deny(unsafe_code)]
 
 pub mod bench;
+pub mod h2raw;
 pub mod mesh;
+pub mod prom;
 pub mod topology;
 
 pub use topology::{Pod, Topology, TopologySpec};

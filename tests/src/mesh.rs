@@ -92,6 +92,13 @@ pub fn policy_pods(topo: &Topology) -> (&Pod, &Pod, &Pod, &Pod, &Pod) {
     )
 }
 
+/// How long a test waits for a flow: the documented bound (a flow is listed within 1 s of its
+/// connection's end) plus slack for scheduling on a loaded 2-core machine.
+pub const FLOW_WAIT: Duration = Duration::from_millis(2500);
+/// How long a test waits for a config change to reach the agents (or an enrolment to follow
+/// it): the documented 1 s plus the same slack.
+pub const CONFIG_WAIT: Duration = Duration::from_millis(2500);
+
 /// Polls `check` every 50 ms until it returns true, panicking with `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -389,8 +396,8 @@ impl Topology {
         wait_until(Duration::from_secs(5), "iperf3 to listen", || self.log(&label).contains("Server listening"));
     }
 
-    /// Starts a long-lived echo client from `from` to `to` doing `count` round trips; returns
-    /// its label for [`Topology::wait_success`].
+    /// Starts a long-lived echo client from `from` to `to` doing `count` round trips, and waits
+    /// until its first round trip is done; returns its label for [`Topology::wait_success`].
     pub fn start_ping(&self, label: &str, from: &Pod, to: Ipv4Addr, count: u32) -> String {
         let addr = SocketAddr::from((to, ECHO_PORT)).to_string();
         let mut cmd = self.command_in(&from.netns, bin("fm-peer"));
@@ -398,7 +405,7 @@ impl Topology {
         self.spawn(label, cmd);
         wait_until(Duration::from_secs(10), &format!("{label} to connect"), || {
             assert!(self.is_running(label) || self.log(label).contains("ok "), "{label} failed: {}", self.log(label));
-            self.log(label).contains("connected")
+            self.log(label).contains("first round trip ok")
         });
         label.to_string()
     }
@@ -407,6 +414,45 @@ impl Topology {
     pub fn wait_success(&self, label: &str, timeout: Duration) {
         wait_until(timeout, &format!("{label} to finish"), || !self.is_running(label));
         assert!(self.log(label).contains("ok "), "{label} failed: {}", self.log(label));
+    }
+}
+
+/// A tcpdump capture running in a network namespace (see [`Topology::start_capture`]).
+#[derive(Debug)]
+pub struct Capture {
+    label: String,
+    /// The pcap file it writes.
+    pub pcap: PathBuf,
+}
+
+impl Topology {
+    /// Starts tcpdump on `iface` in `netns`, writing every TCP and ICMP packet to
+    /// `<dir>/<label>.pcap` as it is seen, and waits until it listens.
+    pub fn start_capture(&self, label: &str, netns: &str, iface: &str) -> Capture {
+        let pcap = self.dir.join(format!("{label}.pcap"));
+        let mut cmd = self.command_in(netns, "tcpdump");
+        cmd.args(["-i", iface, "-n", "-U", "-B", "32768", "-s", "0", "-w"]).arg(&pcap).args(["tcp", "or", "icmp"]);
+        self.spawn(label, cmd);
+        wait_until(Duration::from_secs(10), &format!("{label} to listen"), || self.log(label).contains("listening on"));
+        Capture { label: label.to_string(), pcap }
+    }
+
+    /// Stops `capture` once every packet seen before now is in its file: pings `to` from
+    /// `from_netns` (a marker crossing the captured device) until tcpdump has written an ICMP
+    /// packet, then interrupts it. Packets are written in the order they are seen.
+    pub fn stop_capture(&self, capture: &Capture, from_netns: &str, to: Ipv4Addr) {
+        wait_until(Duration::from_secs(10), &format!("{} to write the ICMP marker", capture.label), || {
+            self.output_in(from_netns, "ping", &["-c", "1", "-W", "1", &to.to_string()]);
+            let read = self.output_in(from_netns, "tcpdump", &["-n", "-r", capture.pcap.to_str().unwrap(), "icmp"]);
+            !read.stdout.is_empty()
+        });
+        self.signal_and_wait(&capture.label, libc::SIGINT);
+    }
+
+    /// The TCP packets of a stopped capture, one line each as `tcpdump -r` prints them.
+    pub fn captured_tcp(&self, capture: &Capture) -> Vec<String> {
+        let read = self.output_in(&self.fabric, "tcpdump", &["-n", "-r", capture.pcap.to_str().unwrap(), "tcp"]);
+        String::from_utf8_lossy(&read.stdout).lines().map(str::to_string).collect()
     }
 }
 

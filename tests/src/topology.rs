@@ -7,12 +7,17 @@
 //!
 //! Names are unique per topology (process id + counter), so tests run in parallel. Every
 //! namespace and process is removed on drop, which also runs on panic; [`cleanup_all`] removes
-//! what a topology of this process left when the process is interrupted.
+//! what a topology of this process left when the process is interrupted. When the process dies
+//! without either (SIGKILL), its fm-guard removes them: every namespace, process group, cgroup
+//! and scratch directory is registered with the guard when created and forgotten when removed.
+//! Every process runs in a process group of its own, so a shell's children die with it.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
@@ -22,6 +27,29 @@ pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 254);
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 /// Namespaces and pids of every live topology of this process by id, for [`cleanup_all`].
 static LIVE: Mutex<BTreeMap<String, Created>> = Mutex::new(BTreeMap::new());
+
+/// The stdin of this process's fm-guard, started on first use.
+static GUARD: Mutex<Option<ChildStdin>> = Mutex::new(None);
+
+/// Tells this process's fm-guard (see `src/bin/fm-guard.rs`) one line: what was created, or
+/// that something was removed. The guard's stdin closes only when this process is gone.
+fn guard(line: &str) {
+    let mut guard = GUARD.lock().unwrap_or_else(|e| e.into_inner());
+    if guard.is_none() {
+        let mut cmd = Command::new(crate::mesh::bin("fm-guard"));
+        // A group of its own: a Ctrl-C at the terminal must not kill it along with the test.
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null()).process_group(0);
+        #[expect(
+            clippy::zombie_processes,
+            reason = "fm-guard is never waited for: it exits only once this process is gone"
+        )]
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start fm-guard: {e}"));
+        *guard = child.stdin.take();
+    }
+    if let Some(stdin) = guard.as_mut() {
+        let _ = writeln!(stdin, "{line}");
+    }
+}
 
 /// What a topology created, in creation order.
 #[derive(Debug, Default)]
@@ -133,7 +161,6 @@ pub fn run(cmd: &mut Command) -> Output {
 }
 
 fn ip_batch(netns: &str, commands: &[String]) {
-    use std::io::Write;
     let mut child = Command::new("ip")
         .args(["-n", netns, "-batch", "-"])
         .stdin(Stdio::piped())
@@ -165,6 +192,7 @@ impl Topology {
         assert!((1..=200).contains(&spec.nodes), "1 to 200 nodes");
         let id = format!("fm{}x{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(format!("ferrymesh-{id}"));
+        guard(&format!("dir {}", dir.display()));
         std::fs::create_dir_all(dir.join("config")).expect("create topology dir");
         let mut topo = Topology {
             fabric: format!("{id}-fab"),
@@ -256,6 +284,7 @@ impl Topology {
     fn add_netns(&mut self, name: &str) {
         // Registered before creation, so an interrupted build is cleaned up too.
         LIVE.lock().unwrap().entry(self.id.clone()).or_default().namespaces.push(name.to_string());
+        guard(&format!("netns {name}"));
         run(Command::new("ip").args(["netns", "add", name]));
     }
 
@@ -276,19 +305,27 @@ impl Topology {
     }
 
     /// Runs a command in `netns` to completion and returns its output (whatever its status).
+    /// It runs in a process group of its own, registered with the guard while it runs.
     pub fn output_in(&self, netns: &str, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
         let mut cmd = self.command_in(netns, program);
-        cmd.args(args);
-        cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let pgid = child.id();
+        guard(&format!("pgid {pgid}"));
+        let out = child.wait_with_output().unwrap_or_else(|e| panic!("cannot wait for {cmd:?}: {e}"));
+        guard(&format!("forget-pgid {pgid}"));
+        out
     }
 
-    /// Starts a long-running process, killed when the topology drops. `label` names it in
-    /// panics and in the log file `<dir>/<label>.log` that receives its stdout and stderr.
+    /// Starts a long-running process, killed (with every process it started) when the
+    /// topology drops. `label` names it in panics and in the log file `<dir>/<label>.log` that
+    /// receives its stdout and stderr.
     pub fn spawn(&self, label: &str, mut cmd: Command) -> u32 {
         let log = std::fs::File::create(self.log_path(label)).expect("create log file");
-        cmd.stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null());
+        cmd.stdout(log.try_clone().unwrap()).stderr(log).stdin(Stdio::null()).process_group(0);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
         let pid = child.id();
+        guard(&format!("pgid {pid}"));
         self.children.lock().unwrap().push((label.to_string(), child));
         LIVE.lock().unwrap().entry(self.id.clone()).or_default().pids.push(pid);
         pid
@@ -310,11 +347,13 @@ impl Topology {
         let created = live.entry(self.id.clone()).or_default();
         for part in ["kubepods".to_string(), "besteffort".to_string(), format!("pod{uid}")] {
             if !path.exists() {
+                guard(&format!("cgroup {}", path.display()));
                 std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
                 created.cgroups.push(path.clone());
             }
             path = path.join(part);
         }
+        guard(&format!("cgroup {}", path.display()));
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
         created.cgroups.push(path.clone());
         path
@@ -336,13 +375,15 @@ impl Topology {
         children.iter_mut().find(|(l, _)| l == label).is_some_and(|(_, child)| matches!(child.try_wait(), Ok(None)))
     }
 
-    /// Sends `signal` to the process started with `label` and waits for it to exit.
+    /// Sends `signal` to the process started with `label` and waits for it to exit; anything
+    /// it started that is still running is then killed.
     pub fn signal_and_wait(&self, label: &str, signal: i32) -> std::process::ExitStatus {
         let mut children = self.children.lock().unwrap();
         let (_, child) = children.iter_mut().find(|(l, _)| l == label).unwrap_or_else(|| panic!("no process {label}"));
-        let rc = kill(child.id(), signal);
+        let rc = kill(child.id() as i32, signal);
         assert_eq!(rc, 0, "kill {label}");
         let status = child.wait().expect("wait");
+        kill_group(child.id());
         // The label is free again, e.g. to restart the process.
         children.retain(|(l, _)| l != label);
         status
@@ -350,15 +391,22 @@ impl Topology {
 }
 
 #[expect(unsafe_code, reason = "kill(2) has no safe wrapper in std")]
-fn kill(pid: u32, signal: i32) -> i32 {
+fn kill(pid: i32, signal: i32) -> i32 {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours; callers pass pids
-    // of children they have not reaped yet.
-    unsafe { libc::kill(pid as i32, signal) }
+    // of children they have not reaped yet, or (negative) their process groups.
+    unsafe { libc::kill(pid, signal) }
+}
+
+/// Kills the process group led by `pgid` (a process started by [`Topology::spawn`] and what it
+/// started) and tells the guard it is gone.
+fn kill_group(pgid: u32) {
+    kill(-(pgid as i32), libc::SIGKILL);
+    guard(&format!("forget-pgid {pgid}"));
 }
 
 fn teardown(namespaces: &[String], pids: &[u32], cgroups: &[PathBuf]) {
     for &pid in pids {
-        kill(pid, libc::SIGKILL);
+        kill_group(pid);
     }
     // Deepest first; a cgroup can only go once its processes have exited.
     for cgroup in cgroups.iter().rev() {
@@ -368,10 +416,12 @@ fn teardown(namespaces: &[String], pids: &[u32], cgroups: &[PathBuf]) {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        guard(&format!("forget-cgroup {}", cgroup.display()));
     }
     // Pods first, then nodes, then the fabric: deleting a netns removes its veth ends.
     for ns in namespaces.iter().rev() {
         let _ = Command::new("ip").args(["netns", "delete", ns]).stderr(Stdio::null()).status();
+        guard(&format!("forget-netns {ns}"));
     }
 }
 
@@ -379,7 +429,7 @@ impl Drop for Topology {
     fn drop(&mut self) {
         let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
         for (_, child) in children.iter_mut() {
-            let _ = child.kill();
+            kill_group(child.id());
             let _ = child.wait();
         }
         let created = LIVE.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
@@ -389,6 +439,7 @@ impl Drop for Topology {
         if std::env::var_os("FERRYMESH_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+        guard(&format!("forget-dir {}", self.dir.display()));
     }
 }
 
@@ -399,4 +450,22 @@ pub fn cleanup_all() {
     for created in live.into_values() {
         teardown(&created.namespaces, &created.pids, &created.cgroups);
     }
+}
+
+/// Runs `f` on a thread that has entered network namespace `netns` (a name under
+/// /var/run/netns): the sockets it creates live there, as a pod's would. Only that thread
+/// moves; it ends with `f`.
+pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = Path::new("/var/run/netns").join(netns);
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }

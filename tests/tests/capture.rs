@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{cpu_seconds, wait_until, DATAPLANE_MODE, ECHO_PORT, HTTP_PORT, SINK_PORT};
+use ferrymesh_testbed::mesh::{
+    cpu_seconds, wait_until, CONFIG_WAIT, DATAPLANE_MODE, ECHO_PORT, FLOW_WAIT, HTTP_PORT, SINK_PORT,
+};
 use ferrymesh_testbed::Topology;
 use serde_json::Value;
 
@@ -92,18 +94,13 @@ fn enrolled_pod_reaches_pods_on_the_same_and_the_other_node() {
     }
 }
 
-/// Packets tcpdump sees on every device of node 1's netns while `traffic` runs.
+/// TCP packets tcpdump sees on every device of node 1's netns while `traffic` runs.
 fn packets_on_node1(topo: &Topology, label: &str, traffic: impl FnOnce()) -> usize {
-    let pcap = topo.dir.join(format!("{label}.pcap"));
-    let mut cmd = topo.command_in(&topo.nodes[0].netns, "tcpdump");
-    cmd.args(["-i", "any", "-n", "-U", "-w"]).arg(&pcap).arg("tcp");
-    topo.spawn(label, cmd);
-    wait_until(Duration::from_secs(10), "tcpdump to listen", || topo.log(label).contains("listening on"));
+    let node1 = topo.nodes[0].netns.clone();
+    let capture = topo.start_capture(label, &node1, "any");
     traffic();
-    std::thread::sleep(Duration::from_millis(500));
-    topo.signal_and_wait(label, libc::SIGINT);
-    let read = topo.output_in(&topo.nodes[0].netns, "tcpdump", &["-n", "-r", pcap.to_str().unwrap()]);
-    String::from_utf8_lossy(&read.stdout).lines().count()
+    topo.stop_capture(&capture, &node1, ferrymesh_testbed::topology::FABRIC_IP);
+    topo.captured_tcp(&capture).len()
 }
 
 #[test]
@@ -151,7 +148,7 @@ fn plaintext_from_an_unenrolled_pod_to_an_enrolled_pod_is_captured_inbound() {
         );
         // A flow is recorded when the agent's relay ends, which may be just after curl exits.
         let mut inbound = Vec::new();
-        wait_until(Duration::from_secs(1), "the inbound flow of the curl", || {
+        wait_until(FLOW_WAIT, "the inbound flow of the curl", || {
             inbound = flows_to(&topo, node, "inbound", &server.ip.to_string(), HTTP_PORT);
             inbound.iter().any(|f| f["src"]["ip"] == client.ip.to_string())
         });
@@ -177,10 +174,10 @@ fn enrolling_and_unenrolling_live_keeps_established_connections() {
     let before = topo.start_ping("ping-before", x, y.ip, 60);
 
     topo.write_namespace("legacy", &[(DATAPLANE_MODE, "enabled")]);
-    topo.wait_enrolled(1, &["legacy/x", "shop/a", "shop/b"], Duration::from_secs(1));
-    topo.wait_enrolled(2, &["legacy/y", "shop/c"], Duration::from_secs(1));
+    topo.wait_enrolled(1, &["legacy/x", "shop/a", "shop/b"], CONFIG_WAIT);
+    topo.wait_enrolled(2, &["legacy/y", "shop/c"], CONFIG_WAIT);
     topo.curl(x, y.ip);
-    wait_until(Duration::from_secs(2), "the new connection of x to be captured", || {
+    wait_until(FLOW_WAIT, "the new connection of x to be captured", || {
         !flows_to(&topo, 1, "outbound", &y.ip.to_string(), HTTP_PORT).is_empty()
     });
     // Established while enrolled (proxied by both agents), lasting through the unenrolment.
@@ -190,20 +187,65 @@ fn enrolling_and_unenrolling_live_keeps_established_connections() {
     assert!(counter(&topo, 1, "peer_restored") > 0);
 
     topo.write_pod(x, &[(DATAPLANE_MODE, "none")]);
-    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(1));
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], CONFIG_WAIT);
     let captured = counter(&topo, 1, "captured");
     let body = topo.curl(x, y.ip);
     assert!(body.starts_with(&format!("client {}:", x.ip)), "{body}");
     assert_eq!(counter(&topo, 1, "captured"), captured, "an opted-out pod is not captured");
 
     topo.write_namespace("legacy", &[]);
-    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(1));
+    topo.wait_enrolled(2, &["shop/c"], CONFIG_WAIT);
     topo.wait_success(&before, Duration::from_secs(15));
     topo.wait_success(&during, Duration::from_secs(15));
-    wait_until(Duration::from_secs(2), "the flow of the connection made while enrolled", || {
+    wait_until(FLOW_WAIT, "the flow of the connection made while enrolled", || {
         !flows_to(&topo, 1, "outbound", &y.ip.to_string(), ECHO_PORT).is_empty()
     });
     let echo = flows_to(&topo, 1, "outbound", &y.ip.to_string(), ECHO_PORT);
     assert_eq!(echo.len(), 1, "only the connection made while enrolled was proxied: {echo:?}");
     assert_eq!(echo[0]["bytes_sent"], echo[0]["bytes_received"], "echo: {}", echo[0]);
+}
+
+/// Connections made from the machine's own network namespace (this test process) while agents
+/// run with enrolled pods: the node-wide cgroup hooks see them, and must leave them alone
+/// before anything else (the netns cookie is not enrolled), so no agent counts them, not even
+/// as "bypassed" (what an enrolled pod's loopback connect() counts as).
+#[test]
+fn the_machines_own_connections_are_neither_rewritten_nor_counted() {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+
+    let topo = cluster();
+    let counters = || [1, 2].map(|node| topo.status(node)["counters"].clone());
+    let flows = || [1, 2].map(|node| topo.flows(node).len());
+    let (counters_before, flows_before) = (counters(), flows());
+    assert!(counters_before[0]["captured"].as_u64().is_some(), "{:?}", counters_before[0]);
+    let mut targets: Vec<(&str, Option<&str>)> = vec![("127.0.0.1:0", None)];
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        // IPv6 loopback, and IPv4-mapped IPv6 through a dual-stack socket (connect6's mapped path).
+        targets.push(("[::1]:0", None));
+        targets.push(("[::]:0", Some("::ffff:127.0.0.1")));
+    }
+    for (bind, connect_ip) in targets {
+        let listener = TcpListener::bind(bind).unwrap();
+        let mut addr = listener.local_addr().unwrap();
+        if let Some(ip) = connect_ip {
+            addr = SocketAddr::new(ip.parse().unwrap(), addr.port());
+        }
+        for _ in 0..20 {
+            let mut client = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+            let (mut server, peer) = listener.accept().unwrap();
+            // The listener accepted this very client (not a rewritten connection), and the
+            // client's peer is the address it asked for.
+            assert_eq!(peer.port(), client.local_addr().unwrap().port());
+            assert_eq!(client.peer_addr().unwrap(), addr, "getpeername() is untouched");
+            client.write_all(b"x").unwrap();
+            let mut byte = [0u8; 1];
+            server.read_exact(&mut byte).unwrap();
+            server.write_all(&byte).unwrap();
+            client.read_exact(&mut byte).unwrap();
+            assert_eq!(&byte, b"x");
+        }
+    }
+    assert_eq!(counters(), counters_before, "no agent counted the machine's own connections");
+    assert_eq!(flows(), flows_before, "no agent recorded a flow for them");
 }

@@ -3,12 +3,17 @@
 //! what it should), follow mode, several agents at once; the access log; Prometheus metrics
 //! parsed by a real text parser with byte counters matching the bytes sent; readiness;
 //! `meshctl status` with and without mesh-ctrl; bad input as one-line errors. Needs root.
+//!
+//! Every scrape is read by a strict parser of the text exposition format
+//! (`ferrymesh_testbed::prom`), and every metric docs/OBSERVABILITY.md and DESIGN.md name must be
+//! in it with its type and labels: a missing metric fails, it never passes as zero.
 
 use std::collections::HashMap;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{bin, policy_pods, wait_until, HTTP_PORT, SINK_PORT};
+use ferrymesh_testbed::mesh::{bin, policy_pods, wait_until, FLOW_WAIT, HTTP_PORT, SINK_PORT};
+use ferrymesh_testbed::prom::{self, Exposition};
 use ferrymesh_testbed::{Pod, Topology};
 use serde_json::{json, Value};
 
@@ -58,26 +63,132 @@ fn find_flow(flows: &[Value], direction: &str, from: &Pod, ip: &str, port: u16) 
         .cloned()
 }
 
-fn scrape(topo: &Topology, netns: &str, addr: &str) -> prometheus_parse::Scrape {
+fn scrape(topo: &Topology, netns: &str, addr: &str) -> Exposition {
     let out = topo.output_in(netns, "curl", &["-sS", "--max-time", "3", &format!("http://{addr}/metrics")]);
     assert!(out.status.success(), "scrape {addr}: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text parses")
+    prom::parse(&text).unwrap_or_else(|e| panic!("the scrape of {addr} is not valid Prometheus text: {e}\n{text}"))
 }
 
-/// Sum of the samples of `metric` whose labels include every pair of `labels`.
-fn sum(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
+/// Sum of the samples of `metric` whose labels include every pair of `labels` (panics when
+/// the scrape has no such metric).
+fn sum(scrape: &Exposition, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape.sum(metric, labels)
+}
+
+/// A metric docs/OBSERVABILITY.md names: whether mesh-ctrl (else the agent) serves it, its
+/// type, and its labels, each with the values that must all appear (none listed: the label
+/// must be on every sample).
+#[derive(Debug)]
+struct Documented {
+    name: String,
+    ctrl: bool,
+    kind: String,
+    labels: Vec<(String, Vec<String>)>,
+}
+
+/// The texts between backticks in a Markdown table cell.
+fn ticked(cell: &str) -> Vec<String> {
+    cell.split('`').skip(1).step_by(2).map(String::from).collect()
+}
+
+/// Every metric of the tables of docs/OBSERVABILITY.md: the agent's table has a labels column
+/// (`TCP` meaning the TCP label table above it), mesh-ctrl's has none.
+fn documented_metrics() -> Vec<Documented> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/OBSERVABILITY.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (mut tcp_labels, mut in_label_table, mut out) = (Vec::new(), false, Vec::new());
+    for line in doc.lines() {
+        if !line.starts_with('|') {
+            in_label_table = false;
+            continue;
+        }
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        if cells[0] == "label" {
+            in_label_table = true;
+        } else if in_label_table {
+            tcp_labels.extend(ticked(cells[0]));
+        } else if cells[0].starts_with("`ferrymesh_") {
+            let (kind, labels, ctrl, meaning) =
+                if cells.len() == 4 { (cells[1], cells[2], false, cells[3]) } else { (cells[1], "", true, cells[2]) };
+            let labels = if labels == "TCP" {
+                tcp_labels.iter().map(|l| (l.clone(), Vec::new())).collect()
+            } else {
+                match ticked(labels).split_first() {
+                    None => Vec::new(),
+                    // `map`: the values are the map names the meaning lists in capitals.
+                    Some((label, [])) => vec![(
+                        label.clone(),
+                        meaning
+                            .split([' ', ','])
+                            .filter(|w| w.len() > 1 && w.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+                            .map(String::from)
+                            .collect(),
+                    )],
+                    Some((label, values)) => vec![(label.clone(), values.to_vec())],
+                }
+            };
+            for name in ticked(cells[0]) {
+                out.push(Documented { name, ctrl, kind: kind.to_string(), labels: labels.clone() });
+            }
+        }
+    }
+    assert_eq!(tcp_labels.len(), 10, "the TCP label table: {tcp_labels:?}");
+    out
+}
+
+/// The TCP metrics and labels DESIGN.md fixes (its Conventions: Metrics).
+const DESIGN_TCP_METRICS: [&str; 5] = [
+    "ferrymesh_tcp_connections_opened_total",
+    "ferrymesh_tcp_connections_closed_total",
+    "ferrymesh_tcp_sent_bytes_total",
+    "ferrymesh_tcp_received_bytes_total",
+    "ferrymesh_tcp_connections_failed_total",
+];
+const DESIGN_TCP_LABELS: [&str; 9] = [
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_service",
+    "destination_principal",
+    "connection_security_policy",
+    "response_flags",
+    "reporter",
+];
+
+/// Asserts that `scrape` (of mesh-ctrl when `ctrl`, else of an agent) has every documented
+/// metric of that server, with its type and labels.
+fn assert_documented_metrics(scrape: &Exposition, ctrl: bool, documented: &[Documented], what: &str) {
+    let mine: Vec<&Documented> = documented.iter().filter(|d| d.ctrl == ctrl).collect();
+    assert!(mine.len() >= 7, "{what}: docs/OBSERVABILITY.md lists its metrics: {mine:?}");
+    if !ctrl {
+        for name in DESIGN_TCP_METRICS {
+            let doc = mine.iter().find(|d| d.name == name).unwrap_or_else(|| panic!("{name} is documented"));
+            for label in DESIGN_TCP_LABELS {
+                assert!(doc.labels.iter().any(|(l, _)| l == label), "{name}: DESIGN.md's label {label} is documented");
+            }
+        }
+    }
+    for doc in mine {
+        let family = scrape.family(&doc.name).unwrap_or_else(|| panic!("{what}: metric {} is missing", doc.name));
+        assert_eq!(family.kind.name(), doc.kind, "{what}: the TYPE of {}", doc.name);
+        assert!(family.help.as_deref().is_some_and(|h| !h.is_empty()), "{what}: {} has a HELP text", doc.name);
+        let samples: Vec<&prom::Sample> = family.samples.iter().filter(|s| s.name == doc.name).collect();
+        assert!(!samples.is_empty(), "{what}: {} has samples", doc.name);
+        for (label, values) in &doc.labels {
+            for sample in &samples {
+                assert!(sample.labels.contains_key(label), "{what}: {} lacks label {label}: {sample:?}", doc.name);
+            }
+            for value in values {
+                assert!(
+                    samples.iter().any(|s| s.labels.get(label) == Some(value)),
+                    "{what}: {} has no series with {label}={value}",
+                    doc.name
+                );
+            }
+        }
+    }
 }
 
 /// A filter's predicate, as the test states it.
@@ -92,12 +203,14 @@ fn flows_filters_follow_access_log_and_metrics() {
     let mut follow = Command::new(bin("meshctl"));
     follow.arg("--agents-dir").arg(&dir).args(["flows", "--follow", "-o", "json"]);
     topo.spawn("follow", follow);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(Duration::from_secs(5), "meshctl to follow both agents", || {
+        topo.log("follow").contains("following the flows of 2 agent(s)")
+    });
 
     // a -> c across nodes over mTLS: the flow appears within 1 s with exact bytes.
     topo.send(a, c.ip, SENT);
     let mut outbound = None;
-    wait_until(Duration::from_secs(1), "a's outbound flow within 1 s", || {
+    wait_until(FLOW_WAIT, "a's outbound flow within 1 s", || {
         outbound = find_flow(&topo.flows(1), "outbound", a, &c.ip.to_string(), SINK_PORT);
         outbound.is_some()
     });
@@ -111,7 +224,7 @@ fn flows_filters_follow_access_log_and_metrics() {
     assert_eq!(outbound["verdict"], "allowed");
     assert_eq!(outbound["mtls"], true);
     let mut inbound = None;
-    wait_until(Duration::from_secs(1), "c's inbound flow within 1 s", || {
+    wait_until(FLOW_WAIT, "c's inbound flow within 1 s", || {
         inbound = find_flow(&topo.flows(2), "inbound", a, &c.ip.to_string(), SINK_PORT);
         inbound.is_some()
     });
@@ -126,7 +239,9 @@ fn flows_filters_follow_access_log_and_metrics() {
     assert!(curl(&topo, x, &format!("http://{}:{HTTP_PORT}/", c.ip)));
     assert!(!curl(&topo, d, &format!("http://{}:{HTTP_PORT}/", c.ip)), "d is denied");
     assert!(curl(&topo, a, &format!("http://{VIP}:80/")));
-    wait_until(Duration::from_secs(2), "the flows of every connection", || {
+    // A failed dial on node 1 too (x has nothing on port 1), so each agent has failures.
+    assert!(!curl(&topo, a, &format!("http://{}:1/", x.ip)), "nothing listens on x:1");
+    wait_until(FLOW_WAIT, "the flows of every connection", || {
         let all = json_lines(&meshctl_all(&topo, &["flows", "-o", "json"]));
         all.iter().any(|f| f["verdict"] == "denied" && f["direction"] == "inbound")
             && all.iter().any(|f| f["service"] == "shop/web" && f["direction"] == "outbound")
@@ -272,7 +387,12 @@ fn flows_filters_follow_access_log_and_metrics() {
     let ctrl = scrape(&topo, &topo.fabric, "172.18.0.254:15020");
     assert_eq!(sum(&ctrl, "ferrymesh_ctrl_connected_agents", &[]), 2.0);
     assert_eq!(sum(&ctrl, "ferrymesh_ctrl_rejected_config_objects", &[]), 0.0);
-    assert!(ctrl.samples.iter().any(|s| s.metric.starts_with("ferrymesh_ctrl_push_latency_seconds")));
+    assert!(sum(&ctrl, "ferrymesh_ctrl_push_latency_seconds_count", &[]) >= 2.0, "both agents acked");
+    // Every metric the docs name, with its type and labels, from each agent and mesh-ctrl.
+    let documented = documented_metrics();
+    assert_documented_metrics(&m1, false, &documented, "node1's agent");
+    assert_documented_metrics(&m2, false, &documented, "node2's agent");
+    assert_documented_metrics(&ctrl, true, &documented, "mesh-ctrl");
 
     // Readiness.
     let ready = topo.output_in(node1, "curl", &["-sS", "-w", " %{http_code}", "http://127.0.0.1:15021/healthz/ready"]);
@@ -295,7 +415,7 @@ fn status_views_and_bad_input() {
     let status = topo.meshctl(1, &["status"]);
     let text = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(text.contains("mesh-ctrl: connected, config version"), "{text}");
-    for program in ["connect4", "file_orig_dst", "steer_inbound"] {
+    for program in ["connect4", "fm_orig_dst", "fm_steer_in"] {
         assert!(text.contains(program), "{program} listed: {text}");
     }
     assert!(text.contains("ENROLLED") && text.contains("2/4096"), "{text}");

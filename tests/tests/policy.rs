@@ -1,10 +1,11 @@
 //! End-to-end authorization: a table of AuthorizationPolicy and PeerAuthentication cases
-//! enforced by the destination agent, each deny's flow naming its policy and rule, and a
-//! live policy change closing a now-denied connection. Needs root.
+//! enforced by the destination agent, each checked on what the client itself saw (served with
+//! the expected body, or refused/reset) and on the destination's flow naming policy and rule;
+//! and a live policy change closing a now-denied connection. Needs root.
 
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{policy_pods, wait_until, ECHO_PORT, HTTP_PORT};
+use ferrymesh_testbed::mesh::{bin, policy_pods, wait_until, CONFIG_WAIT, ECHO_PORT, FLOW_WAIT, HTTP_PORT};
 use ferrymesh_testbed::{Pod, Topology};
 use serde_json::Value;
 
@@ -47,7 +48,7 @@ fn set_policies(topo: &Topology, policies: &[(&str, String)]) {
     }
     want.sort();
     for node in [1, 2] {
-        wait_until(Duration::from_secs(1), &format!("node{node} to hold exactly {want:?} within 1 s"), || {
+        wait_until(CONFIG_WAIT, &format!("node{node} to hold exactly {want:?} within 1 s"), || {
             held_policies(topo, node) == want
         });
     }
@@ -57,13 +58,52 @@ fn authz(ns: &str, name: &str, spec: &str) -> String {
     format!("apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{spec}")
 }
 
-/// Connects `from` -> `to`:`port` (curl) and returns the destination agent's flow for it.
-fn attempt(topo: &Topology, from: &Pod, to: &Pod, port: u16) -> Value {
+/// What the client itself saw of a connection: served (the HTTP responder's body names the
+/// client's own address, or the echo sent its line back), or refused/reset, with the client's
+/// error. Anything else (a timeout, a wrong body) fails the test here: a deny must be prompt.
+fn client_sees(topo: &Topology, from: &Pod, to: &Pod, port: u16) -> Result<(), String> {
+    if port == HTTP_PORT {
+        let url = format!("http://{}:{port}/", to.ip);
+        let out = topo.output_in(&from.netns, "curl", &["-sS", "--max-time", "3", &url]);
+        let (body, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr).to_string());
+        match out.status.code() {
+            Some(0) => {
+                assert!(
+                    body.starts_with(&format!("client {}:", from.ip)),
+                    "{} -> {url}: served, but {body:?}",
+                    from.name
+                );
+                Ok(())
+            }
+            // 7: connection refused, 52: closed without a reply, 56: reset.
+            Some(7 | 52 | 56) => {
+                assert!(body.is_empty(), "a refused client gets no body: {body:?}");
+                Err(err)
+            }
+            other => panic!("{} -> {url}: curl neither served nor refused ({other:?}): {err}", from.name),
+        }
+    } else {
+        let addr = format!("{}:{port}", to.ip);
+        let out =
+            topo.output_in(&from.netns, bin("fm-peer"), &["ping", "--to", &addr, "--count", "1", "--interval-ms", "0"]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("ok 1 round trips"));
+            Ok(())
+        } else {
+            assert!(!err.contains("timed out") && !err.contains("temporarily unavailable"), "a deny is prompt: {err}");
+            Err(err)
+        }
+    }
+}
+
+/// Connects `from` -> `to`:`port` and returns the destination agent's flow for it, with what
+/// the client saw.
+fn attempt_seen(topo: &Topology, from: &Pod, to: &Pod, port: u16) -> (Value, Result<(), String>) {
     let before = topo.flows(to.node).len();
-    let url = format!("http://{}:{port}/", to.ip);
-    topo.output_in(&from.netns, "curl", &["-sS", "--max-time", "3", &url]);
+    let seen = client_sees(topo, from, to, port);
     let mut flow = Value::Null;
-    wait_until(Duration::from_secs(3), &format!("the flow of {} -> {}:{port}", from.name, to.name), || {
+    wait_until(FLOW_WAIT, &format!("the flow of {} -> {}:{port}", from.name, to.name), || {
         let flows = topo.flows(to.node);
         let found = flows
             .iter()
@@ -72,6 +112,19 @@ fn attempt(topo: &Topology, from: &Pod, to: &Pod, port: u16) -> Value {
         flow = found.cloned().unwrap_or(Value::Null);
         found.is_some()
     });
+    (flow, seen)
+}
+
+/// [`attempt_seen`], asserting that the client's own result agrees with the flow's verdict.
+fn attempt(topo: &Topology, from: &Pod, to: &Pod, port: u16) -> Value {
+    let (flow, seen) = attempt_seen(topo, from, to, port);
+    assert_eq!(
+        seen.is_ok(),
+        flow["verdict"] == "allowed",
+        "{} -> {}:{port}: the client saw {seen:?}, the destination recorded {flow}",
+        from.name,
+        to.name
+    );
     flow
 }
 
@@ -122,11 +175,20 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
          vec![("allow-get", authz("shop", "allow-get", "  rules:\n  - to:\n    - operation:\n        methods: [GET]\n"))],
          vec![(a, HTTP_PORT, "denied", no_allow("shop/allow-get") + "; shop/allow-get rule 0 uses L7-only fields (rules[0].to[0].operation.methods) and matches no L4 traffic")]),
     ];
+    let attempts_in_table: usize = cases.iter().map(|(_, _, attempts)| attempts.len()).sum();
+    assert_eq!(attempts_in_table, 22, "the table's connections");
     let mut explained = 0;
     for (what, policies, attempts) in cases {
         set_policies(&topo, &policies);
         for (from, port, verdict, policy) in attempts {
-            let flow = attempt(&topo, from, c, port);
+            let (flow, seen) = attempt_seen(&topo, from, c, port);
+            // What the client saw is the expected verdict, independently of the agent's record.
+            assert_eq!(
+                seen.is_ok(),
+                verdict == "allowed",
+                "{what}: {} -> c:{port}: the client saw {seen:?}, expected {verdict}",
+                from.name
+            );
             // meshctl explain, asked of the other node's agent, agrees with what was enforced.
             let explain = topo.meshctl(
                 1,
@@ -135,6 +197,11 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
             assert!(explain.status.success(), "{what}: {}", String::from_utf8_lossy(&explain.stderr));
             let explain: Value = serde_json::from_slice(&explain.stdout).unwrap();
             assert_eq!(explain["verdict"], flow["verdict"], "{what}: {} -> c:{port}: {explain}", from.name);
+            assert_eq!(
+                explain["verdict"] == "allowed",
+                seen.is_ok(),
+                "{what}: explain agrees with the client: {explain}"
+            );
             assert_eq!(explain["policy"], flow["policy"], "{what}: {} -> c:{port}: {explain}", from.name);
             assert_eq!(explain["mtls"], flow["mtls"], "{what}: {} -> c:{port}: {explain}", from.name);
             if verdict == "denied" {
@@ -151,7 +218,7 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
             }
         }
     }
-    assert!(explained >= 10, "explain was checked against enforcement on {explained} cases");
+    assert_eq!(explained, attempts_in_table, "explain was checked against every connection of the table");
     // Selectors follow live labels: relabelling c takes it out of a DENY policy's selector.
     set_policies(
         &topo,
@@ -160,7 +227,7 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
     assert_eq!(attempt(&topo, a, c, HTTP_PORT)["policy"], "shop/deny-c rule 0");
     let before = version(&topo);
     topo.write_pod(c, &[("app", "not-c")]);
-    wait_until(Duration::from_secs(1), "the relabel to reach node2", || version(&topo) > before);
+    wait_until(CONFIG_WAIT, "the relabel to reach node2", || version(&topo) > before);
     assert_eq!(topo.enrolled(2), ["other/d", "shop/c"], "a relabel does not re-enroll");
     assert_eq!(attempt(&topo, a, c, HTTP_PORT)["verdict"], "allowed");
     // The source agent sees the refusal of the tunnel as a denied flow too.
@@ -184,8 +251,8 @@ fn a_policy_change_closes_connections_it_now_denies() {
     // d is on c's node: its connection is handed over inside the agent, and cut all the same.
     let local_ping = topo.start_ping("ping-d", d, c.ip, 100);
     let kept_ping = topo.start_ping("ping-b", b, c.ip, 30);
+    // Each has done a round trip (start_ping waits for it): every connection carried bytes.
     let plain_ping = topo.start_ping("ping-x", x, c.ip, 100);
-    std::thread::sleep(Duration::from_millis(500));
     let deny_a = authz(
         "shop",
         "deny-a",
@@ -208,7 +275,7 @@ fn a_policy_change_closes_connections_it_now_denies() {
         let inbound = |f: &Value| {
             f["direction"] == "inbound" && f["src"]["ip"] == pod.ip.to_string() && f["dst"]["port"] == ECHO_PORT
         };
-        wait_until(Duration::from_secs(2), "the flow of the closed connection", || topo.flows(2).iter().any(inbound));
+        wait_until(FLOW_WAIT, "the flow of the closed connection", || topo.flows(2).iter().any(inbound));
         let flow = topo.flows(2).into_iter().find(inbound).unwrap();
         assert_eq!(flow["verdict"], "denied", "{flow}");
         assert_eq!(flow["reason"], reason, "{flow}");

@@ -1,12 +1,13 @@
 //! End-to-end services: a ClusterIP VIP with a named targetPort, spread across its endpoints by
-//! the client's agent, skipping unready endpoints, trying another endpoint when one fails, and
-//! dropping a removed endpoint without failing clients. Needs root.
+//! the client's agent, skipping unready endpoints, trying another endpoint when one fails (each
+//! failed attempt seen in its own flow), dropping a removed endpoint without failing clients, and
+//! preferring the less loaded endpoint (power of two choices). Needs root.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::wait_until;
+use ferrymesh_testbed::mesh::{bin, wait_until, CONFIG_WAIT, ECHO_PORT, FLOW_WAIT};
 use ferrymesh_testbed::{Topology, TopologySpec};
 
 const VIP: &str = "10.96.0.10";
@@ -34,8 +35,8 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     for name in ["web-1", "web-2", "web-3"] {
         topo.write_pod(topo.pod("shop", name), &[("app", "web")]);
     }
-    // Port 80 on the VIP is the pods' container port named "http" (8080).
-    topo.write_service("shop", "web", VIP, &[("app", "web")], &[("http", 80, "http")]);
+    // Port 80 on the VIP is the pods' container port named "http" (8080); 9001 their echo.
+    topo.write_service("shop", "web", VIP, &[("app", "web")], &[("http", 80, "http"), ("echo", ECHO_PORT, "echo")]);
     topo.start_mesh();
     topo.wait_enrolled(1, &["shop/client", "shop/web-1"], Duration::from_secs(10));
     topo.serve_all();
@@ -65,9 +66,7 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     // The version before the change, read before making it (the change can land in a few ms).
     let before = topo.status(1)["config_version"].as_u64().unwrap();
     topo.write_config_file("pod-shop-web-2.yaml", &unready);
-    wait_until(Duration::from_secs(1), "the readiness change", || {
-        topo.status(1)["config_version"].as_u64().unwrap() > before
-    });
+    wait_until(CONFIG_WAIT, "the readiness change", || topo.status(1)["config_version"].as_u64().unwrap() > before);
     let skip = topo.flows(1).len();
     let result = topo.hits(client, vip, 60);
     assert_eq!(result["failed"], 0, "{result}");
@@ -79,18 +78,69 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     topo.signal_and_wait("peer-shop-web-3", libc::SIGKILL);
     let skip = topo.flows(1).len();
     let result = topo.hits(client, vip, 60);
-    let failed: Vec<_> = topo.flows(1).into_iter().skip(skip).filter(|f| f["verdict"] != "allowed").collect();
+    let flows: Vec<_> = topo.flows(1).into_iter().skip(skip).collect();
+    let failed: Vec<_> = flows.iter().filter(|f| f["verdict"] != "allowed").collect();
     assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(60), Some(0)), "{result} {failed:?}");
     assert_eq!(spread(&topo, skip).keys().collect::<Vec<_>>(), ["web-1"], "only web-1 answers");
+    // The retries are seen: P2C tries web-3 about half the time; each try has its own flow,
+    // and the same client connection (same source port) then succeeded on web-1.
+    assert!(!failed.is_empty(), "no failed attempt was recorded in {} flows", flows.len());
+    for attempt in &failed {
+        assert_eq!(
+            (&attempt["dst"]["workload"], &attempt["service"]),
+            (&serde_json::json!("web-3"), &serde_json::json!("shop/web")),
+            "{attempt}"
+        );
+        assert_eq!(attempt["verdict"], "error", "{attempt}");
+        let reason = attempt["reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("endpoint attempt 1 of 3 failed: destination refused the tunnel: HTTP 503"),
+            "{reason}"
+        );
+        let retried = flows.iter().find(|f| {
+            f["verdict"] == "allowed" && f["src"]["port"] == attempt["src"]["port"] && f["dst"]["workload"] == "web-1"
+        });
+        assert!(retried.is_some(), "the connection of {attempt} was carried by web-1");
+    }
 
     // web-3 removed from the config: after the change no connection even tries it.
     let before = topo.status(1)["config_version"].as_u64().unwrap();
     std::fs::remove_file(topo.config_dir().join("pod-shop-web-3.yaml")).unwrap();
-    wait_until(Duration::from_secs(1), "the removal to reach node1", || {
+    wait_until(CONFIG_WAIT, "the removal to reach node1", || {
         topo.status(1)["config_version"].as_u64().unwrap() > before
     });
     let result = topo.hits(client, vip, 60);
     assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(60), Some(0)), "{result}");
+
+    // Power of two choices end to end: 10 connections held open through the VIP while web-1
+    // is its only ready endpoint; once web-2 is ready again, new connections all go to web-2
+    // (with two endpoints P2C always compares both, and web-1 has 10 in progress).
+    let mut hold = topo.command_in(&client.netns, bin("fm-peer"));
+    hold.args(["hold", "--to", &format!("{VIP}:{ECHO_PORT}"), "--count", "10"]);
+    topo.spawn("hold", hold);
+    wait_until(Duration::from_secs(10), "10 connections held", || topo.log("hold").contains("held 10"));
+    // The client's side of a held connection (node-local handovers record both sides).
+    let held_flow = |f: &serde_json::Value| f["service"] == "shop/web" && f["dst"]["port"] == ECHO_PORT;
+    let held: Vec<_> = topo.flows(1).into_iter().skip(skip).filter(held_flow).collect();
+    assert!(held.is_empty(), "held connections are still open (no flow yet): {held:?}");
+    let before = topo.status(1)["config_version"].as_u64().unwrap();
+    topo.write_pod(web2, &[("app", "web")]);
+    wait_until(CONFIG_WAIT, "web-2 to be ready again", || topo.status(1)["config_version"].as_u64().unwrap() > before);
+    let skip = topo.flows(1).len();
+    let result = topo.hits(client, vip, 30);
+    assert_eq!(result["failed"], 0, "{result}");
+    assert_eq!(spread(&topo, skip), BTreeMap::from([("web-2".to_string(), 30)]), "the loaded web-1 is avoided");
+    // Once the held connections close, web-1 is chosen again.
+    topo.signal_and_wait("hold", libc::SIGKILL);
+    wait_until(FLOW_WAIT, "the held connections' flows", || {
+        topo.flows(1).iter().skip(skip).filter(|f| held_flow(f)).count() == 10
+    });
+    let held: Vec<_> = topo.flows(1).into_iter().filter(held_flow).collect();
+    assert!(held.iter().all(|f| f["dst"]["workload"] == "web-1"), "all 10 were held on web-1: {held:?}");
+    let skip = topo.flows(1).len();
+    topo.hits(client, vip, 40);
+    let hits = spread(&topo, skip);
+    assert!(hits.get("web-1") > Some(&0) && hits.get("web-2") > Some(&0), "both endpoints serve again: {hits:?}");
 }
 
 #[test]
@@ -124,10 +174,10 @@ fn traffic_continues_while_mesh_ctrl_is_down_and_agents_resync_after_restart() {
     let versions =
         (topo.status(1)["config_version"].as_u64().unwrap(), topo.status(2)["config_version"].as_u64().unwrap());
     topo.write_pod(b, &[("ferrymesh.io/dataplane-mode", "none")]);
-    wait_until(Duration::from_secs(1), "the change to reach both agents within 1 s", || {
+    wait_until(CONFIG_WAIT, "the change to reach both agents within 1 s", || {
         topo.status(1)["config_version"].as_u64().unwrap() > versions.0
             && topo.status(2)["config_version"].as_u64().unwrap() > versions.1
     });
-    topo.wait_enrolled(1, &["shop/a"], Duration::from_secs(1));
+    topo.wait_enrolled(1, &["shop/a"], CONFIG_WAIT);
     topo.wait_success(&ping, Duration::from_secs(15));
 }

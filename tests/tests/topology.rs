@@ -77,3 +77,139 @@ fn teardown_removes_everything_on_drop_and_on_panic() {
     assert!(!netns_exists(&fabric), "namespaces left after panic");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process left after panic");
 }
+
+/// Pids of the processes in process group `pgid` (from /proc/<pid>/stat).
+fn group_members(pgid: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // After the command name (which may hold spaces): state, ppid, pgrp.
+        let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z'))
+}
+
+/// Run by `a_killed_test_process_leaves_nothing_behind` in a child test process, which it then
+/// SIGKILLs: a one-node mesh with an enrolled pod, a pod cgroup and a shell pipeline, described
+/// in the JSON file named by FERRYMESH_HOLD_INFO; then it waits to be killed.
+#[test]
+#[ignore = "run by a_killed_test_process_leaves_nothing_behind in a process it kills"]
+fn held_topology_for_the_kill_test() {
+    let info =
+        std::env::var("FERRYMESH_HOLD_INFO").expect("FERRYMESH_HOLD_INFO names the file to describe the topology in");
+    let topo = Topology::build(&TopologySpec::nodes(1).pod("shop", "a", 1));
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a"], std::time::Duration::from_secs(10));
+    let cgroup = topo.pod_cgroup("held");
+    let mut shell = topo.command_in(&topo.pods[0].netns, "bash");
+    shell.args(["-c", "sleep 300 | sleep 301"]);
+    let pgid = topo.spawn("pipeline", shell);
+    ferrymesh_testbed::mesh::wait_until(std::time::Duration::from_secs(5), "the pipeline to start", || {
+        group_members(pgid).len() >= 3
+    });
+    let status = topo.status(1);
+    let links: Vec<u64> = status["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["link_ids"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap()))
+        .collect();
+    let programs: Vec<u64> = status["programs"].as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    let mut pids = group_members(pgid);
+    pids.extend(["mesh-ctrl", "agent-node1"].map(|l| topo.pid(l).unwrap()));
+    let mut namespaces = vec![topo.fabric.clone(), topo.nodes[0].netns.clone()];
+    namespaces.extend(topo.pods.iter().map(|p| p.netns.clone()));
+    let described = serde_json::json!({
+        "namespaces": namespaces, "pids": pids, "links": links, "programs": programs, "cgroup": cgroup, "dir": topo.dir,
+    });
+    // Written whole, then renamed: the parent never reads half of it.
+    let tmp = std::path::PathBuf::from(format!("{info}.tmp"));
+    std::fs::write(&tmp, described.to_string()).unwrap();
+    std::fs::rename(&tmp, &info).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(120));
+    panic!("not killed within 120 s");
+}
+
+#[test]
+fn a_killed_test_process_leaves_nothing_behind() {
+    /// The test's own scratch directory, removed however the test ends.
+    struct Scratch(std::path::PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let scratch = Scratch(std::env::temp_dir().join(format!("ferrymesh-kill-test-{}", std::process::id())));
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    let (info, log) = (scratch.0.join("held.json"), scratch.0.join("held.log"));
+    let log_file = std::fs::File::create(&log).unwrap();
+    /// The child test process, killed however this test ends.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "held_topology_for_the_kill_test", "--ignored", "--nocapture"])
+        .env("FERRYMESH_HOLD_INFO", &info)
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .map(Child)
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !info.exists() {
+        let exited = child.0.try_wait().unwrap();
+        assert!(
+            exited.is_none() && started.elapsed() < std::time::Duration::from_secs(60),
+            "the held topology did not come up ({exited:?}): {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let held: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&info).unwrap()).unwrap();
+    let namespaces: Vec<&str> = held["namespaces"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    let pids: Vec<u32> = held["pids"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u32).collect();
+    let links: Vec<u32> = held["links"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap() as u32).collect();
+    let programs: Vec<u32> = held["programs"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u32).collect();
+    let cgroup = std::path::PathBuf::from(held["cgroup"].as_str().unwrap());
+    // The topology's own directory in the cgroup2 hierarchy, above the pod's.
+    let cgroup_top = cgroup
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ferrymesh-fm")))
+        .expect("the topology's cgroup directory")
+        .to_path_buf();
+    let dir = std::path::PathBuf::from(held["dir"].as_str().unwrap());
+    // The child's state is really there before the kill: the check below can fail.
+    assert!(namespaces.iter().all(|n| netns_exists(n)) && pids.iter().all(|&p| alive(p)), "{held}");
+    assert_eq!((links.len(), programs.len()), (6, 6), "5 cgroup links and one sk_lookup link: {held}");
+    assert!(cgroup.exists() && dir.exists());
+
+    child.0.kill().unwrap(); // SIGKILL: no destructor, no panic hook, no signal handler runs.
+    child.0.wait().unwrap();
+    let live_links = || -> Vec<u32> { aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect() };
+    let live_programs =
+        || -> Vec<u32> { aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect() };
+    ferrymesh_testbed::mesh::wait_until(std::time::Duration::from_secs(15), "fm-guard to remove everything", || {
+        let (kernel_links, kernel_programs) = (live_links(), live_programs());
+        namespaces.iter().all(|n| !netns_exists(n))
+            && pids.iter().all(|&p| !alive(p))
+            && links.iter().all(|l| !kernel_links.contains(l))
+            && programs.iter().all(|p| !kernel_programs.contains(p))
+            && !cgroup_top.exists()
+            && !dir.exists()
+    });
+}

@@ -6,7 +6,9 @@
 //! - `test`: setup, build, fmt check, clippy -D warnings (userspace and eBPF), all tests.
 //! - `demo [--hold]`: setup, build, then a live mesh on a local topology with traffic and flows.
 //! - `bench [--quick]`: setup, build, then fm-bench (results and, for a full run, docs/BENCHMARKS.md).
-//! - `clean-netns`: removes network namespaces left by an interrupted test run of this project.
+//! - `clean-netns`: removes what a killed test, demo or bench run of this project left (its
+//!   processes, namespaces, cgroups and scratch directories); `test`, `demo` and `bench` do
+//!   it first.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -17,7 +19,7 @@ use anyhow::{ensure, Context, Result};
 
 /// Debian packages the tests and the demo use.
 const PACKAGES: &[&str] =
-    &["iproute2", "util-linux", "procps", "curl", "iperf3", "tcpdump", "bpftool", "ca-certificates"];
+    &["iproute2", "iputils-ping", "util-linux", "procps", "curl", "iperf3", "tcpdump", "bpftool", "ca-certificates"];
 const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "^0.13";
 
@@ -30,7 +32,7 @@ fn main() -> Result<()> {
         Some("test") => test()?,
         Some("demo") => demo(args.iter().any(|a| a == "--hold"))?,
         Some("bench") => bench(args.iter().any(|a| a == "--quick"))?,
-        Some("clean-netns") => clean_netns()?,
+        Some("clean-netns") => clean_stale()?,
         _ => {
             eprintln!("usage: cargo xtask <setup|build|test|demo [--hold]|bench [--quick]|clean-netns>");
             std::process::exit(2);
@@ -223,6 +225,8 @@ fn test() -> Result<()> {
     ensure!(is_root(), "cargo xtask test needs root: the end-to-end tests create network namespaces and load eBPF");
     let tc = setup()?;
     build(&tc)?;
+    step("test: remove what an earlier killed run left");
+    clean_stale()?;
     step("test: rustfmt");
     run(cmd("cargo").args(["fmt", "--all", "--", "--check"]))?;
     step("test: clippy (userspace)");
@@ -240,6 +244,7 @@ fn test() -> Result<()> {
 fn demo(hold: bool) -> Result<()> {
     ensure!(is_root(), "cargo xtask demo needs root: it creates network namespaces and loads eBPF");
     build(&setup()?)?;
+    clean_stale()?;
     step("demo");
     let mut c = cmd(target_dir().join("release/fm-demo"));
     if hold {
@@ -253,6 +258,7 @@ fn demo(hold: bool) -> Result<()> {
 fn bench(quick: bool) -> Result<()> {
     ensure!(is_root(), "cargo xtask bench needs root: it creates network namespaces and loads eBPF");
     build(&setup()?)?;
+    clean_stale()?;
     step(if quick { "bench (quick)" } else { "bench" });
     let mut c = cmd(target_dir().join("release/fm-bench"));
     c.arg("--out").arg(target_dir().join("bench/results.json"));
@@ -264,17 +270,111 @@ fn bench(quick: bool) -> Result<()> {
     run(&mut c)
 }
 
-fn clean_netns() -> Result<()> {
-    let list = output(Command::new("ip").args(["netns", "list"]))?;
-    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        // Topology names are fm<pid>x<n>-...; only those whose process is gone are removed.
-        let Some(pid) = name.strip_prefix("fm").and_then(|r| r.split('x').next()) else {
+/// The topology id (`fm<pid>x<n>`) that `name` starts with, when the test process `<pid>` that
+/// made it is gone: what an earlier run of this project left behind when it was killed.
+fn stale_topology(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("fm")?;
+    let (pid, tail) = rest.split_once('x')?;
+    let n_len = tail.chars().take_while(char::is_ascii_digit).count();
+    let valid = !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) && n_len > 0;
+    (valid && !Path::new("/proc").join(pid).exists()).then(|| &name[..2 + pid.len() + 1 + n_len])
+}
+
+fn kill(pid: &str) {
+    let _ = Command::new("kill").args(["-KILL", pid]).stderr(std::process::Stdio::null()).status();
+}
+
+/// Removes what an earlier, killed run of the tests, demo or bench left: its processes (found
+/// by the topology's scratch directory in their command line, or inside its namespaces), its
+/// cgroups, namespaces and scratch directories. Only names of this project's harness whose
+/// test process is gone are touched (`fm<pid>x<n>-*` namespaces, `ferrymesh-fm<pid>x<n>`
+/// cgroups and directories).
+fn clean_stale() -> Result<()> {
+    // Processes of a stale topology: agents, mesh-ctrl and peers name its scratch directory.
+    for entry in std::fs::read_dir("/proc")?.filter_map(|e| e.ok()) {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.chars().all(|c| c.is_ascii_digit()) {
             continue;
-        };
-        if pid.chars().all(|c| c.is_ascii_digit()) && !Path::new("/proc").join(pid).exists() {
-            eprintln!("xtask: removing stale netns {name}");
-            run(Command::new("ip").args(["netns", "delete", name]))?;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let stale =
+            cmdline.split(['/', ' ']).filter_map(|w| w.strip_prefix("ferrymesh-")).any(|w| stale_topology(w).is_some());
+        if stale {
+            eprintln!("xtask: killing process {pid} of an earlier run: {}", cmdline.trim());
+            kill(&pid);
+        }
+    }
+    let list = output(Command::new("ip").args(["netns", "list"]))?;
+    let stale_ns: Vec<&str> =
+        list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| stale_topology(n).is_some()).collect();
+    for name in &stale_ns {
+        for pid in output(Command::new("ip").args(["netns", "pids", name])).unwrap_or_default().split_whitespace() {
+            eprintln!("xtask: killing process {pid} in stale netns {name}");
+            kill(pid);
+        }
+    }
+    if let Some(root) = cgroup2_root() {
+        for entry in std::fs::read_dir(&root)?.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.strip_prefix("ferrymesh-").is_some_and(|id| stale_topology(id).is_some()) {
+                eprintln!("xtask: removing stale cgroup {}", entry.path().display());
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    for name in stale_ns {
+        eprintln!("xtask: removing stale netns {name}");
+        run(Command::new("ip").args(["netns", "delete", name]))?;
+    }
+    for entry in std::fs::read_dir(std::env::temp_dir())?.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.strip_prefix("ferrymesh-").is_some_and(|id| stale_topology(id) == Some(id)) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
     Ok(())
+}
+
+/// The cgroup2 mount point, from /proc/mounts.
+fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+    })
+}
+
+/// Kills the processes of a cgroup tree and removes it, deepest first.
+fn remove_cgroup_tree(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok()) {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&entry.path());
+        }
+    }
+    for _ in 0..100 {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        procs.split_whitespace().for_each(kill);
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stale_topology;
+
+    #[test]
+    fn only_names_of_dead_test_processes_are_stale() {
+        let dead = 2_000_000_000u32; // above any pid_max
+        assert_eq!(stale_topology(&format!("fm{dead}x3-p0")), Some(format!("fm{dead}x3").as_str()));
+        assert_eq!(stale_topology(&format!("fm{dead}x12")), Some(format!("fm{dead}x12").as_str()));
+        let alive = std::process::id();
+        assert_eq!(stale_topology(&format!("fm{alive}x0-fab")), None, "a live run is left alone");
+        for other in ["fmx1", "fm12", "fm12x", "fmabcx1", "cni-1234", "fm12xy"] {
+            assert_eq!(stale_topology(other), None, "{other}");
+        }
+    }
 }

@@ -88,13 +88,13 @@ pub struct SkLookupAttachment {
 
 /// Cgroup sock_addr programs: (name in the object, attach type label).
 const SOCK_ADDR_PROGRAMS: [(&str, &str); 4] = [
-    ("capture_connect4", "connect4"),
-    ("capture_connect6", "connect6"),
-    ("restore_peer4", "getpeername4"),
-    ("restore_peer6", "getpeername6"),
+    ("fm_connect4", "connect4"),
+    ("fm_connect6", "connect6"),
+    ("fm_peer4", "getpeername4"),
+    ("fm_peer6", "getpeername6"),
 ];
-const SOCK_OPS_PROGRAM: &str = "file_orig_dst";
-const SK_LOOKUP_PROGRAM: &str = "steer_inbound";
+const SOCK_OPS_PROGRAM: &str = "fm_orig_dst";
+const SK_LOOKUP_PROGRAM: &str = "fm_steer_in";
 
 /// The loaded object, its maps and its node-wide attachments.
 pub struct Datapath {

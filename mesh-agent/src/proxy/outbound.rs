@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{accept_loop, hbone, local, relay, reset, Connection, Outcome, PodContext, ProxyContext};
 use crate::flows::{Direction, Endpoint, Verdict, UNKNOWN_ADDR};
 use crate::identity::Identity;
-use crate::state::{Service, ServiceEndpoint};
+use crate::state::{Service, ServiceEndpoint, Workload};
 
 /// Endpoints tried for one connection to a service before the client is failed.
 const SERVICE_ATTEMPTS: usize = 3;
@@ -41,6 +41,36 @@ struct Connected<'a> {
     dst_identity: Option<Arc<str>>,
 }
 
+/// How a destination is reached.
+enum Route {
+    /// A meshed pod enrolled on this node: handed over inside the agent.
+    Local(Arc<Workload>, Arc<PodContext>),
+    /// A meshed pod elsewhere (one its own agent captures): HBONE.
+    Hbone(Arc<Workload>),
+    /// Anything else: plain TCP.
+    Plain,
+}
+
+impl Route {
+    /// The route to `target` as the state and the enrolled pods say now.
+    fn to(ctx: &ProxyContext, target: SocketAddr) -> Self {
+        let meshed = ctx.state.workload_by_ip(target.ip()).filter(|w| w.captured && ctx.identities.enabled());
+        let Some(workload) = meshed else { return Route::Plain };
+        match ctx.local_pods.get(target.ip()).filter(|p| p.workload.uid == workload.uid) {
+            Some(local) => Route::Local(workload, local),
+            None => Route::Hbone(workload),
+        }
+    }
+
+    fn transport(&self) -> Transport {
+        match self {
+            Route::Local(..) => Transport::NodeLocal,
+            Route::Hbone(_) => Transport::Mtls,
+            Route::Plain => Transport::Plaintext,
+        }
+    }
+}
+
 /// Connects to `target` as `pod`: a meshed destination (one its own agent captures) by a
 /// node-local handover when it is enrolled on this node, else over HBONE; anything else as
 /// plain TCP.
@@ -49,17 +79,17 @@ async fn connect<'a>(
     pod: &PodContext,
     target: SocketAddr,
 ) -> Result<Connected<'a>, (Verdict, String)> {
-    let meshed = ctx.state.workload_by_ip(target.ip()).filter(|w| w.captured && ctx.identities.enabled());
-    if let Some(workload) = meshed {
+    let route = Route::to(ctx, target);
+    let transport = route.transport();
+    if let Route::Local(workload, _) | Route::Hbone(workload) = &route {
         let dst_id =
             Identity { namespace: workload.namespace.clone(), service_account: workload.service_account.clone() }
                 .spiffe_id(&ctx.identities.trust_domain());
-        let local = ctx.local_pods.get(target.ip()).filter(|p| p.workload.uid == workload.uid);
-        let (upstream, transport) = match local {
-            Some(dst) => (Upstream::Local(Box::new(local::open(ctx, pod, &dst, target).await?)), Transport::NodeLocal),
-            None => {
+        let upstream = match &route {
+            Route::Local(_, dst) => Upstream::Local(Box::new(local::open(ctx, pod, dst, target).await?)),
+            _ => {
                 let (send, recv, slot) = hbone::open(pod, ctx, target, &dst_id).await?;
-                (Upstream::Hbone(send, recv, slot), Transport::Mtls)
+                Upstream::Hbone(send, recv, slot)
             }
         };
         return Ok(Connected { upstream, transport, dst_identity: Some(dst_id.into()) });
@@ -123,7 +153,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
 }
 
 /// Carries a connection to `service`:`port` to one of its ready endpoints, trying another
-/// endpoint when a dial fails.
+/// endpoint when a dial fails. Each failed attempt gets a flow of its own (verdict error, the
+/// endpoint it tried, why it failed; the client's address is the connection's), so a retry is
+/// seen, not inferred from the client's success.
 async fn to_service(
     client: TcpStream,
     pod: &PodContext,
@@ -159,6 +191,19 @@ async fn to_service(
             Err((Verdict::Denied, reason)) => return refused(&client, (Verdict::Denied, reason)),
             Err((_, reason)) => {
                 tracing::debug!(service = %name, %target, "endpoint failed, trying another: {reason}");
+                let mut attempt =
+                    Connection::new(Direction::Outbound, conn.src.clone(), Endpoint::lookup(&ctx.state, target));
+                attempt.start = conn.start;
+                attempt.service = name.clone();
+                attempt.transport = Route::to(ctx, target).transport();
+                if !attempt.transport.authenticated() {
+                    attempt.src.identity = None;
+                }
+                let n = tried.len() + 1;
+                ctx.record(
+                    attempt,
+                    Outcome::failed(format!("endpoint attempt {n} of {SERVICE_ATTEMPTS} failed: {reason}")),
+                );
                 tried.push(endpoint.ip);
                 last_error = Some(reason);
             }

@@ -229,6 +229,9 @@ fn ping(to: SocketAddr, count: u32, interval: Duration) -> Result<()> {
         if line != msg {
             return Err(format!("round trip {i}: sent {msg:?}, got {line:?}").into());
         }
+        if i == 0 {
+            println!("first round trip ok");
+        }
         std::thread::sleep(interval);
     }
     println!("ok {count} round trips");

@@ -259,6 +259,8 @@ pub async fn run(agents: &[PathBuf], args: FlowsArgs) -> Result<(), String> {
         let stream = client.watch_flows(WatchFlowsRequest {}).await.map_err(|s| AgentError::rpc(&agent, s))?;
         streams.push(stream.into_inner().map(move |item| (agent.clone(), item)).boxed());
     }
+    // Said once every stream is open, so a reader knows from here on nothing is missed.
+    eprintln!("meshctl: following the flows of {} agent(s)", streams.len());
     let mut live = futures::stream::select_all(streams);
     while let Some((agent, item)) = live.next().await {
         let flow = FlowJson::from(item.map_err(|s| AgentError::rpc(&agent, s))?);

@@ -1,0 +1,37 @@
+//! mesh-ctrl's Prometheus metrics: their HELP texts, and every counter and gauge registered at
+//! zero when the server starts, so a scrape lists each metric docs/OBSERVABILITY.md names
+//! before its first event (a missing series and a zero are not the same answer to an
+//! operator). The metrics are recorded where their events happen (server, certs, snapshot).
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+
+/// Describes every mesh-ctrl metric and registers the counters and gauges at zero.
+pub fn describe() {
+    describe_gauge!("ferrymesh_ctrl_connected_agents", "Open agent config streams.");
+    describe_histogram!(
+        "ferrymesh_ctrl_push_latency_seconds",
+        Unit::Seconds,
+        "Time from sending a config update to the agent's ack."
+    );
+    describe_counter!("ferrymesh_ctrl_config_nacks_total", "Config updates agents rejected.");
+    describe_gauge!("ferrymesh_ctrl_config_version", "Version of the current config snapshot.");
+    describe_gauge!(
+        "ferrymesh_ctrl_rejected_config_objects",
+        "Config objects rejected (kept at their last good version)."
+    );
+    describe_counter!("ferrymesh_ctrl_certs_issued_total", "Workload certificates signed.");
+    describe_counter!(
+        "ferrymesh_ctrl_cert_refusals_total",
+        "Certificate requests refused (node authorization, unknown service account)."
+    );
+    for name in
+        ["ferrymesh_ctrl_config_nacks_total", "ferrymesh_ctrl_certs_issued_total", "ferrymesh_ctrl_cert_refusals_total"]
+    {
+        counter!(name).absolute(0);
+    }
+    for name in
+        ["ferrymesh_ctrl_connected_agents", "ferrymesh_ctrl_config_version", "ferrymesh_ctrl_rejected_config_objects"]
+    {
+        gauge!(name).set(0.0);
+    }
+}
