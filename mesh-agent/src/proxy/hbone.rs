@@ -639,9 +639,19 @@ mod tests {
         }
     }
 
+    /// What the HBONE server did with one client's bytes.
+    struct Served {
+        /// How the connection ended.
+        ended: Result<(), String>,
+        /// What the server wrote.
+        output: Vec<u8>,
+        /// The requests it answered: (stream id, status).
+        answers: Vec<(u32, u16)>,
+    }
+
     /// Runs the HBONE server's HTTP/2 handling on `input` (what a client writes, then closes)
-    /// over an in-memory duplex; returns how it ended, what it wrote, and what it answered.
-    fn serve_bytes(input: Vec<u8>) -> (Result<(), String>, Vec<u8>, Vec<(u32, u16)>) {
+    /// over an in-memory duplex.
+    fn serve_bytes(input: Vec<u8>) -> Served {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let answers = std::cell::RefCell::new(Vec::new());
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -665,7 +675,7 @@ mod tests {
                 tokio::time::timeout(Duration::from_secs(5), futures::future::join(serve, talk)).await
             })
             .expect("the server ends once the client has");
-        (ended, output, answers.into_inner())
+        Served { ended, output, answers: answers.into_inner() }
     }
 
     #[test]
@@ -682,7 +692,7 @@ mod tests {
             &h2raw::connect(9, "pod-c:8080"),
         ]
         .concat();
-        let (ended, output, answers) = serve_bytes(input);
+        let Served { ended, output, answers } = serve_bytes(input);
         assert_eq!(ended, Ok(()));
         assert_eq!(answers, [(1, 200), (3, 400), (5, 503), (7, 400), (9, 400)]);
         let answered: Vec<u32> =
@@ -772,7 +782,7 @@ mod tests {
             .run(&client_script(), |input| {
                 let sent = h2raw::parse_frames(input.get(h2raw::PREFACE.len()..).unwrap_or_default());
                 let opened: Vec<u32> = sent.iter().filter(|f| f.kind == kind::HEADERS).map(|f| f.stream).collect();
-                let (ended, output, answers) = serve_bytes(input);
+                let Served { ended, output, answers } = serve_bytes(input);
                 let frames = h2raw::parse_frames(&output);
                 let framed: usize = frames.iter().map(|f| 9 + f.payload.len()).sum();
                 prop_assert_eq!(framed, output.len(), "the server wrote only whole frames");
