@@ -10,8 +10,8 @@ use std::time::Duration;
 use ferrymesh_api::config::{config_client::ConfigClient, WatchRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
+use crate::ctrl::{Ctrl, CtrlError};
 use crate::state::State;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -20,31 +20,31 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Why a config stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigClientError {
-    /// `--ctrl` is not a valid URI.
-    #[error("invalid --ctrl address: {0}")]
-    Address(String),
-    /// mesh-ctrl could not be reached.
-    #[error("cannot reach mesh-ctrl: {0} (is it running, and is port 15012 reachable from this node?)")]
-    Connect(String),
+    /// mesh-ctrl could not be reached, or did not prove itself.
+    #[error(transparent)]
+    Ctrl(#[from] CtrlError),
     /// The stream failed.
     #[error("config stream from mesh-ctrl failed: {0}")]
     Stream(#[from] tonic::Status),
 }
 
 /// Streams config from `ctrl` into `state` forever.
-pub async fn run(ctrl: String, node: String, state: Arc<State>) {
+pub async fn run(ctrl: Ctrl, node: String, state: Arc<State>) {
     let mut backoff = BACKOFF_MIN;
     let mut last_error = String::new();
     loop {
         match stream_once(&ctrl, &node, &state).await {
             Ok(()) => {
                 backoff = BACKOFF_MIN;
-                tracing::warn!(%ctrl, "mesh-ctrl closed the config stream; keeping the last good config");
+                tracing::warn!(
+                    ctrl = ctrl.address(),
+                    "mesh-ctrl closed the config stream; keeping the last good config"
+                );
             }
             Err(e) => {
                 let message = e.to_string();
                 if message != last_error {
-                    tracing::warn!(%ctrl, "{message}; keeping the last good config and retrying");
+                    tracing::warn!(ctrl = ctrl.address(), "{message}; keeping the last good config and retrying");
                     last_error = message;
                 }
             }
@@ -58,15 +58,8 @@ pub async fn run(ctrl: String, node: String, state: Arc<State>) {
     }
 }
 
-async fn stream_once(ctrl: &str, node: &str, state: &State) -> Result<(), ConfigClientError> {
-    let channel = Endpoint::from_shared(ctrl.to_string())
-        .map_err(|e| ConfigClientError::Address(error_chain(&e)))?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| ConfigClientError::Connect(error_chain(&e)))?;
+async fn stream_once(ctrl: &Ctrl, node: &str, state: &State) -> Result<(), ConfigClientError> {
+    let channel = ctrl.connect(None).await?;
     let (answers, outbound) = mpsc::channel(16);
     let hello = WatchRequest { node: node.to_string(), version: 0, error: String::new() };
     answers.send(hello).await.expect("the receiver is held by the request below");
@@ -105,38 +98,35 @@ async fn stream_once(ctrl: &str, node: &str, state: &State) -> Result<(), Config
     Ok(())
 }
 
-/// `error: cause: cause...`, since tonic's transport errors say only "transport error" at the top.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn unreachable_ctrl_and_bad_address_are_told_apart() {
+    async fn unreachable_ctrl_and_an_impostor_are_told_apart() {
         let state = State::default();
-        let e = stream_once("http://127.0.0.1:1", "n1", &state).await.unwrap_err();
+        let pki = crate::ctrl::testing::Pki::new();
+        let e = stream_once(&pki.ctrl("https://127.0.0.1:1"), "n1", &state).await.unwrap_err();
         let text = e.to_string();
-        assert!(text.starts_with("cannot reach mesh-ctrl: transport error: "), "{text}");
-        assert!(text.contains("Connection refused"), "{text}");
-        let e = stream_once("not a uri", "n1", &state).await.unwrap_err();
-        assert!(e.to_string().starts_with("invalid --ctrl address:"), "{e}");
+        assert!(text.starts_with("cannot reach mesh-ctrl at https://127.0.0.1:1: transport error: "), "{text}");
+        assert!(text.contains("Connection refused") && text.contains("is it running"), "{text}");
+        // A server with a valid certificate from another CA.
+        let impostor = crate::ctrl::testing::Pki::new();
+        let router = tonic::transport::Server::builder()
+            .add_service(ferrymesh_api::config::config_server::ConfigServer::new(Scripted::default()));
+        let addr = impostor.serve(router).await;
+        let e = stream_once(&pki.ctrl(&format!("https://{addr}")), "n1", &state).await.unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("invalid peer certificate") && text.contains("does not chain to --ca-root"), "{text}");
+        assert_eq!(text.matches("invalid peer certificate").count(), 1, "said once: {text}");
         assert!(!state.ctrl_status().0);
     }
 
     /// A mesh-ctrl that sends a fixed script of updates and forwards every answer.
+    #[derive(Default)]
     struct Scripted {
         updates: std::sync::Mutex<Option<Vec<ferrymesh_api::config::ConfigUpdate>>>,
-        answers: mpsc::Sender<WatchRequest>,
+        answers: Option<mpsc::Sender<WatchRequest>>,
     }
 
     #[tonic::async_trait]
@@ -151,7 +141,9 @@ mod tests {
             let answers = self.answers.clone();
             tokio::spawn(async move {
                 while let Ok(Some(answer)) = inbound.message().await {
-                    let _ = answers.send(answer).await;
+                    if let Some(answers) = &answers {
+                        let _ = answers.send(answer).await;
+                    }
                 }
             });
             let (tx, rx) = mpsc::channel(8);
@@ -181,17 +173,15 @@ mod tests {
             update(4, true, workload("d", "10.0.0.4")),
         ];
         let (answers, mut answered) = mpsc::channel(8);
-        let server = Scripted { updates: std::sync::Mutex::new(Some(script)), answers };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(ferrymesh_api::config::config_server::ConfigServer::new(server))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        let server = Scripted { updates: std::sync::Mutex::new(Some(script)), answers: Some(answers) };
+        let pki = crate::ctrl::testing::Pki::new();
+        let router = tonic::transport::Server::builder()
+            .add_service(ferrymesh_api::config::config_server::ConfigServer::new(server));
+        let addr = pki.serve(router).await;
         let state = std::sync::Arc::new(State::default());
         let client_state = state.clone();
-        tokio::spawn(async move { stream_once(&format!("http://{addr}"), "n1", &client_state).await });
+        let ctrl = pki.ctrl(&format!("https://{addr}"));
+        tokio::spawn(async move { stream_once(&ctrl, "n1", &client_state).await });
         let mut got = Vec::new();
         for _ in 0..5 {
             let answer = tokio::time::timeout(Duration::from_secs(5), answered.recv()).await.unwrap().unwrap();

@@ -15,7 +15,8 @@ use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
+
+use crate::ctrl::Ctrl;
 
 /// A workload identity: namespace and service account.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -127,7 +128,7 @@ fn read_token(path: &std::path::Path) -> Result<String, String> {
 
 /// Obtains and renews certificates.
 pub struct IdentityManager {
-    ctrl: String,
+    ctrl: Ctrl,
     token: Option<Arc<TokenFile>>,
     trust_domain: watch::Receiver<String>,
     tracked: Mutex<HashMap<Identity, Tracked>>,
@@ -135,7 +136,10 @@ pub struct IdentityManager {
 
 impl std::fmt::Debug for IdentityManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdentityManager").field("ctrl", &self.ctrl).field("enabled", &self.token.is_some()).finish()
+        f.debug_struct("IdentityManager")
+            .field("ctrl", &self.ctrl.address())
+            .field("enabled", &self.token.is_some())
+            .finish()
     }
 }
 
@@ -145,7 +149,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 impl IdentityManager {
     /// A manager asking `ctrl` with the token of `token` (None: disabled), for identities in the
     /// trust domain `trust_domain` announces.
-    pub fn new(ctrl: String, token: Option<Arc<TokenFile>>, trust_domain: watch::Receiver<String>) -> Self {
+    pub fn new(ctrl: Ctrl, token: Option<Arc<TokenFile>>, trust_domain: watch::Receiver<String>) -> Self {
         Self { ctrl, token, trust_domain, tracked: Mutex::new(HashMap::new()) }
     }
 
@@ -228,7 +232,7 @@ impl IdentityManager {
 
 async fn keep_renewed(
     id: Identity,
-    ctrl: String,
+    ctrl: Ctrl,
     token: Option<Arc<TokenFile>>,
     mut trust_domain: watch::Receiver<String>,
     tx: watch::Sender<Option<Arc<WorkloadCert>>>,
@@ -271,19 +275,14 @@ pub fn rotate_at(issued: SystemTime, not_after: SystemTime) -> SystemTime {
     issued + life.mul_f64(0.5 * jitter)
 }
 
-async fn fetch(id: &Identity, trust_domain: &str, ctrl: &str, token: &str) -> Result<WorkloadCert, String> {
+async fn fetch(id: &Identity, trust_domain: &str, ctrl: &Ctrl, token: &str) -> Result<WorkloadCert, String> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| format!("cannot generate a key: {e}"))?;
     let csr = CertificateParams::default()
         .serialize_request(&key)
         .and_then(|c| c.pem())
         .map_err(|e| format!("cannot make a CSR: {e}"))?;
-    let channel = Endpoint::from_shared(ctrl.to_string())
-        .map_err(|e| format!("invalid --ctrl: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach mesh-ctrl at {ctrl}: {e}"))?;
+    // The token goes only to a mesh-ctrl that proved itself against the pinned root.
+    let channel = ctrl.connect(Some(Duration::from_secs(10))).await.map_err(|e| e.to_string())?;
     let mut request = tonic::Request::new(CreateCertificateRequest {
         csr_pem: csr,
         namespace: id.namespace.clone(),
@@ -310,9 +309,12 @@ async fn fetch(id: &Identity, trust_domain: &str, ctrl: &str, token: &str) -> Re
     }
     let leaf = chain.first().ok_or("mesh-ctrl sent an empty chain")?;
     let (serial, not_after) = crate::tls::serial_and_expiry(leaf)?;
+    let bundle = CertificateDer::pem_slice_iter(response.roots_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad trust bundle from mesh-ctrl: {e}"))?;
+    ctrl.check_bundle(&bundle).map_err(|e| e.to_string())?;
     let mut roots = RootCertStore::empty();
-    for root in CertificateDer::pem_slice_iter(response.roots_pem.as_bytes()) {
-        let root = root.map_err(|e| format!("bad trust bundle from mesh-ctrl: {e}"))?;
+    for root in bundle {
         roots.add(root).map_err(|e| format!("bad trust bundle from mesh-ctrl: {e}"))?;
     }
     let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| format!("key encoding: {e}"))?;

@@ -3,6 +3,7 @@
 
 mod admin;
 mod config;
+mod ctrl;
 mod discover;
 mod ebpf;
 mod enroll;
@@ -30,9 +31,14 @@ struct Args {
     /// Name of the node this agent serves; it enrolls the pods scheduled there.
     #[arg(long, env = "FERRYMESH_NODE_NAME")]
     node_name: String,
-    /// mesh-ctrl gRPC address.
-    #[arg(long, default_value = "http://127.0.0.1:15012")]
+    /// mesh-ctrl's address: https only, verified against --ca-root.
+    #[arg(long, env = "FERRYMESH_CTRL", default_value = "https://ferrymesh-ctrl.ferrymesh-system.svc:15012")]
     ctrl: String,
+    /// The mesh root (PEM, one or more certificates) mesh-ctrl must prove itself against, held
+    /// out of band: root-cert.pem of mesh-ctrl's --ca-dir in local mode, the mounted
+    /// ferrymesh-ca-root-cert ConfigMap in Kubernetes. Read again for every connection.
+    #[arg(long, env = "FERRYMESH_CA_ROOT")]
+    ca_root: Option<PathBuf>,
     /// Unix socket of the admin API (used by meshctl --agent).
     #[arg(long, default_value = "/var/run/ferrymesh/agent.sock")]
     admin_socket: PathBuf,
@@ -77,6 +83,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Before anything is attached: an agent that cannot trust mesh-ctrl does not start.
+    let ctrl = ctrl::Ctrl::new(&args.ctrl, args.ca_root.as_deref())?;
     let features = ebpf::probe::probe()?;
     let datapath = ebpf::Datapath::load_and_attach(&features.cgroup2_root)?;
     for a in datapath.attached() {
@@ -103,7 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None
         }
     };
-    let identities = Arc::new(identity::IdentityManager::new(args.ctrl.clone(), token, state.trust_domain()));
+    let identities = Arc::new(identity::IdentityManager::new(ctrl.clone(), token, state.trust_domain()));
     let ctx = Arc::new(proxy::ProxyContext {
         node: args.node_name.clone(),
         state: state.clone(),
@@ -130,7 +138,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         identities,
     };
     let mut admin = tokio::spawn(admin::serve(args.admin_socket.clone(), admin, shutdown.clone()));
-    tokio::spawn(config::run(args.ctrl.clone(), args.node_name.clone(), state));
+    tokio::spawn(config::run(ctrl, args.node_name.clone(), state));
     tracing::info!(node = %args.node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");
 
     let mut term = signal(SignalKind::terminate())?;

@@ -59,6 +59,23 @@ pub struct Signed {
     pub not_after: SystemTime,
 }
 
+/// mesh-ctrl's own serving certificate (port 15012) and its key.
+#[derive(Clone)]
+pub struct ServingCert {
+    /// PEM certificates, leaf first, then every CA certificate above it.
+    pub chain_pem: Vec<String>,
+    /// The leaf's private key (PKCS#8 PEM), generated for it.
+    pub key_pem: String,
+    /// When the leaf expires.
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCert").field("not_after", &self.not_after).finish_non_exhaustive()
+    }
+}
+
 /// The CA.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -195,6 +212,34 @@ impl Ca {
     /// The trust bundle (PEM).
     pub fn roots_pem(&self) -> &str {
         &self.roots_pem
+    }
+
+    /// Issues mesh-ctrl's own serving certificate for `names` (DNS names, or IP addresses),
+    /// valid `ttl`, with a key generated for it. Agents verify it against the mesh root.
+    pub fn issue_serving(&self, names: &[String], ttl: Duration) -> Result<ServingCert, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "ferrymesh-ctrl");
+        params.subject_alt_names = names
+            .iter()
+            .map(|name| match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => name.as_str().try_into().map(SanType::DnsName),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        let now = SystemTime::now();
+        let not_after = now + ttl;
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = not_after.into();
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        let mut chain_pem = vec![leaf.pem()];
+        chain_pem.extend(self.chain_pem.iter().cloned());
+        Ok(ServingCert { chain_pem, key_pem: key.serialize_pem(), not_after })
     }
 
     /// Signs the CSR `csr_pem` for `spiffe_id`. Only the CSR's public key is used: subject,

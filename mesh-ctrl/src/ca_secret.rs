@@ -2,16 +2,20 @@
 //! generated and created when absent, so every replica and every restart signs with the same
 //! root. Two replicas starting together both try to create it; the loser reads the winner's.
 //! Keys are Istio's: `ca-cert.pem` and `ca-key.pem`.
+//!
+//! The trust bundle (root certificates only, never a key) is published for agents as ConfigMap
+//! `ferrymesh-ca-root-cert` (Istio's `istio-ca-root-cert`), which the agent DaemonSet mounts
+//! and gives to `mesh-agent --ca-root`: agents hold the root before they ever talk to mesh-ctrl.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
 use crate::ca::Ca;
@@ -20,6 +24,47 @@ use crate::ca::Ca;
 pub const CA_SECRET: &str = "ferrymesh-ca";
 const CERT_KEY: &str = "ca-cert.pem";
 const KEY_KEY: &str = "ca-key.pem";
+/// The ConfigMap agents read the mesh root from.
+pub const ROOT_CONFIGMAP: &str = "ferrymesh-ca-root-cert";
+/// Its key holding the PEM bundle.
+pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
+/// Field manager of mesh-ctrl's server-side applies.
+const FIELD_MANAGER: &str = "mesh-ctrl";
+
+/// Publishes the trust bundle `roots_pem` as ConfigMap `namespace/ferrymesh-ca-root-cert`
+/// (server-side apply: created, or updated to exactly this).
+pub async fn publish_root(client: Client, namespace: &str, roots_pem: &str) -> anyhow::Result<()> {
+    let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+    let config_map = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(ROOT_CONFIGMAP.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".into(), "ferrymesh".into())])),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(ROOT_CONFIGMAP_KEY.to_string(), roots_pem.to_string())])),
+        ..Default::default()
+    };
+    api.patch(ROOT_CONFIGMAP, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&config_map))
+        .await
+        .with_context(|| format!("cannot publish the mesh root as ConfigMap {namespace}/{ROOT_CONFIGMAP}"))?;
+    Ok(())
+}
+
+/// Keeps ConfigMap `namespace/ferrymesh-ca-root-cert` holding `roots_pem`: published now and
+/// again every minute (so a deleted or edited one comes back), retried every 5 s on failure.
+pub async fn keep_root_published(client: Client, namespace: String, roots_pem: String) {
+    loop {
+        let wait = match publish_root(client.clone(), &namespace, &roots_pem).await {
+            Ok(()) => Duration::from_secs(60),
+            Err(e) => {
+                tracing::warn!("{e:#}; retrying in 5 s");
+                Duration::from_secs(5)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
 
 /// The CA whose root is in Secret `namespace/name`, creating the Secret with a new root for
 /// `trust_domain` when there is none.

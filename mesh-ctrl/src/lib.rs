@@ -12,4 +12,5 @@ pub mod server;
 pub mod snapshot;
 pub mod source;
 pub mod telemetry;
+pub mod tls;
 pub mod token_review;

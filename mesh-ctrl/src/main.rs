@@ -13,6 +13,7 @@ use mesh_ctrl::certs::{CertificateService, NodeAuth, NodeTokens};
 use mesh_ctrl::server::{Agents, ConfigService};
 use mesh_ctrl::snapshot::Publisher;
 use mesh_ctrl::source::{self, DirSource};
+use mesh_ctrl::tls::ServingIdentity;
 use mesh_ctrl::token_review::TokenReviewer;
 
 /// ferrymesh control plane.
@@ -37,9 +38,20 @@ struct Args {
     /// certificates.
     #[arg(long, default_value = "ferrymesh-agent")]
     agent_service_account: String,
-    /// Address of the gRPC config server.
+    /// Address of the gRPC config and CA server (TLS 1.3 only).
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
+    /// A name agents dial mesh-ctrl by, put in its serving certificate besides
+    /// ferrymesh-ctrl.ferrymesh-system.svc[.cluster.local]: a DNS name or an IP address;
+    /// repeatable.
+    #[arg(long = "tls-san", value_name = "NAME")]
+    tls_sans: Vec<String>,
+    /// Lifetime of mesh-ctrl's own serving certificate, renewed at half-life.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    serving_cert_ttl: Duration,
+    /// How long a client of 15012 may take to finish its TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
     /// Address of the Prometheus metrics endpoint (/metrics).
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
@@ -85,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot serve metrics on {}", args.metrics_addr))?;
     mesh_ctrl::telemetry::describe();
     let (publisher, snapshots) = Publisher::new();
-    let (watcher, origin, certificates) = match &args.config_dir {
+    let (watcher, origin, certificates, ca) = match &args.config_dir {
         Some(dir) => {
             anyhow::ensure!(dir.is_dir(), "--config-dir {}: not a directory", dir.display());
             let ca = Arc::new(Ca::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)?);
@@ -96,13 +108,18 @@ async fn main() -> anyhow::Result<()> {
                     NodeTokens::default()
                 }
             };
-            let certificates =
-                CertificateService::new(ca, NodeAuth::Tokens(tokens), args.trust_domain.clone(), snapshots.clone());
+            let certificates = CertificateService::new(
+                ca.clone(),
+                NodeAuth::Tokens(tokens),
+                args.trust_domain.clone(),
+                snapshots.clone(),
+            );
             let watch = source::watch_dir(DirSource::new(dir), publisher);
             (
                 tokio::spawn(async move { watch.await.context("cannot watch the config directory") }),
                 dir.display().to_string(),
                 certificates,
+                ca,
             )
         }
         None => {
@@ -117,9 +134,15 @@ async fn main() -> anyhow::Result<()> {
                 args.cert_ttl,
             )
             .await?;
+            let ca = Arc::new(ca);
+            tokio::spawn(mesh_ctrl::ca_secret::keep_root_published(
+                client.clone(),
+                args.system_namespace.clone(),
+                ca.roots_pem().to_string(),
+            ));
             let reviewer = TokenReviewer::new(client.clone(), &args.system_namespace, &args.agent_service_account);
             let certificates = CertificateService::new(
-                Arc::new(ca),
+                ca.clone(),
                 NodeAuth::TokenReview(reviewer),
                 args.trust_domain.clone(),
                 snapshots.clone(),
@@ -129,13 +152,15 @@ async fn main() -> anyhow::Result<()> {
                 watch.await;
                 Ok::<(), anyhow::Error>(())
             };
-            (tokio::spawn(watch), "kubernetes".to_string(), certificates)
+            (tokio::spawn(watch), "kubernetes".to_string(), certificates, ca)
         }
     };
+    let serving = ServingIdentity::new(ca, &args.tls_sans, args.serving_cert_ttl)?;
+    tokio::spawn(serving.clone().renew_forever());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is another mesh-ctrl running?)", args.listen))?;
-    tracing::info!(listen = %args.listen, source = %origin, "mesh-ctrl serving");
+    tracing::info!(listen = %args.listen, source = %origin, "mesh-ctrl serving (TLS 1.3)");
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let config = ConfigService::new(snapshots, args.trust_domain.clone(), Agents::default()).with_stop(stop);
     let shutdown = async move {
@@ -146,7 +171,10 @@ async fn main() -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(config.into_server())
         .add_service(certificates.into_server())
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(
+            mesh_ctrl::tls::incoming(listener, serving.server_config(), args.handshake_timeout),
+            shutdown,
+        );
     tokio::select! {
         result = server => result.context("config server failed")?,
         result = watcher => result.context("config source panicked")??,

@@ -1,6 +1,6 @@
 //! Kubernetes identity of agents against a fake API server on kube's tower-test mock: the CA
 //! root in a Secret (created when absent, read when present, the loser of a creation race
-//! reading the winner's) and TokenReview-based node authorization for certificates over real
+//! reading the winner's), the root published for agents as a ConfigMap, and TokenReview-based node authorization for certificates over real
 //! gRPC on loopback.
 
 use std::collections::HashMap;
@@ -23,6 +23,7 @@ mod common;
 use common::{csr, serve, shop_model};
 
 const SECRETS: &str = "/api/v1/namespaces/ferrymesh-system/secrets";
+const ROOT_CONFIGMAP: &str = "/api/v1/namespaces/ferrymesh-system/configmaps/ferrymesh-ca-root-cert";
 const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 const AGENT: &str = "system:serviceaccount:ferrymesh-system:ferrymesh-agent";
 
@@ -38,6 +39,8 @@ struct FakeApi {
     pods: HashMap<String, Value>,
     review_calls: Mutex<usize>,
     audiences: Mutex<Vec<Value>>,
+    /// Server-side applies of the root ConfigMap: (query, content type, body).
+    applies: Mutex<Vec<(String, String, Value)>>,
 }
 
 fn reply(status: StatusCode, body: &Value) -> Response<Body> {
@@ -72,6 +75,13 @@ impl FakeApi {
                 secret["metadata"]["uid"] = json!("secret-uid");
                 self.secrets.lock().unwrap().insert(name, secret.clone());
                 reply(StatusCode::CREATED, &secret)
+            }
+            ("PATCH", ROOT_CONFIGMAP) => {
+                let content_type = parts.headers.get("content-type").map(|v| v.to_str().unwrap().to_string());
+                let object: Value = serde_json::from_slice(&body).unwrap();
+                let query = parts.uri.query().unwrap_or_default().to_string();
+                self.applies.lock().unwrap().push((query, content_type.unwrap_or_default(), object.clone()));
+                reply(StatusCode::OK, &object)
             }
             ("POST", TOKEN_REVIEWS) => {
                 *self.review_calls.lock().unwrap() += 1;
@@ -163,6 +173,32 @@ async fn the_ca_root_lives_in_a_secret_created_when_absent() {
         "Secret ferrymesh-system/ferrymesh-ca data.ca-key.pem: missing (the CA Secret holds ca-cert.pem and ca-key.pem)"
     );
     assert!(broken.secrets.lock().unwrap()["ferrymesh-ca"]["data"].get("ca-key.pem").is_none());
+}
+
+#[tokio::test]
+async fn the_root_is_published_for_agents_as_a_configmap_without_any_key() {
+    let api = Arc::new(FakeApi::default());
+    let ca = ca_secret::load_or_create(
+        client(api.clone()),
+        "ferrymesh-system",
+        "ferrymesh-ca",
+        "cluster.local",
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    ca_secret::publish_root(client(api.clone()), "ferrymesh-system", ca.roots_pem()).await.unwrap();
+    let applies = api.applies.lock().unwrap();
+    assert_eq!(applies.len(), 1);
+    let (query, content_type, object) = &applies[0];
+    assert_eq!(content_type, "application/apply-patch+yaml", "a server-side apply");
+    assert!(query.contains("fieldManager=mesh-ctrl") && query.contains("force=true"), "{query}");
+    assert_eq!((object["apiVersion"].as_str(), object["kind"].as_str()), (Some("v1"), Some("ConfigMap")));
+    assert_eq!(object["metadata"]["name"], ca_secret::ROOT_CONFIGMAP);
+    let data = object["data"].as_object().unwrap();
+    assert_eq!(data.keys().collect::<Vec<_>>(), [ca_secret::ROOT_CONFIGMAP_KEY]);
+    assert_eq!(data[ca_secret::ROOT_CONFIGMAP_KEY], ca.roots_pem());
+    assert!(!object.to_string().contains("PRIVATE KEY"), "only the root certificate is published");
 }
 
 fn authenticated(username: &str, extra: Value) -> Value {

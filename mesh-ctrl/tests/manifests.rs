@@ -149,6 +149,10 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
     assert!(grants(ns_rules, "", "secrets", "get", Some(mesh_ctrl::ca_secret::CA_SECRET)));
     assert!(grants(ns_rules, "", "secrets", "create", None));
     assert!(!grants(ns_rules, "", "secrets", "get", Some("some-other-secret")), "mesh-ctrl reads its CA Secret only");
+    let root_cm = Some(mesh_ctrl::ca_secret::ROOT_CONFIGMAP);
+    assert!(grants(ns_rules, "", "configmaps", "patch", root_cm), "mesh-ctrl applies the root ConfigMap");
+    assert!(grants(ns_rules, "", "configmaps", "create", None));
+    assert!(!grants(ns_rules, "", "configmaps", "patch", Some("kube-root-ca.crt")), "and no other ConfigMap");
     assert!(objects.service_accounts.iter().any(|s| s.metadata.name.as_deref() == Some(ctrl_sa)));
 
     // The agent DaemonSet presents the token TokenReview expects, as the service account
@@ -187,7 +191,25 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
     let svc_ns = service.metadata.namespace.as_deref().unwrap();
     let svc_spec = service.spec.as_ref().unwrap();
     let port = svc_spec.ports.as_ref().unwrap()[0].port;
-    assert_eq!(agent_flags["--ctrl"], format!("http://{svc_name}.{svc_ns}.svc:{port}"));
+    assert_eq!(agent_flags["--ctrl"], format!("https://{svc_name}.{svc_ns}.svc:{port}"));
+    // ... verifying it against the root mesh-ctrl publishes, mounted whole (no subPath: a
+    // rotated root reaches the agent).
+    assert!(
+        mesh_ctrl::tls::SERVICE_NAMES.contains(&format!("{svc_name}.{svc_ns}.svc").as_str()),
+        "mesh-ctrl's serving certificate names the Service agents dial"
+    );
+    let root_volume = agent_spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.config_map.as_ref().is_some_and(|c| c.name == mesh_ctrl::ca_secret::ROOT_CONFIGMAP))
+        .expect("the root ConfigMap as a volume");
+    let root_mount = container.volume_mounts.iter().flatten().find(|m| m.name == root_volume.name).unwrap();
+    assert!(root_mount.sub_path.is_none(), "no subPath: ConfigMap updates reach the agent");
+    assert_eq!(
+        agent_flags["--ca-root"],
+        format!("{}/{}", root_mount.mount_path, mesh_ctrl::ca_secret::ROOT_CONFIGMAP_KEY)
+    );
     let ctrl_labels = ctrl.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
     assert!(svc_spec.selector.as_ref().unwrap().iter().all(|(k, v)| ctrl_labels.get(k) == Some(v)));
     assert!(ctrl_flags["--listen"].ends_with(&format!(":{port}")));

@@ -221,8 +221,9 @@ impl Topology {
         self.dir.join(format!("node{node}.token"))
     }
 
-    /// Starts mesh-ctrl in the fabric netns, serving the config directory, with a CA in
-    /// [`Topology::ca_dir`] and one bootstrap token per node; `extra` is appended.
+    /// Starts mesh-ctrl in the fabric netns, serving the config directory over TLS (its serving
+    /// certificate names the fabric address agents dial), with a CA in [`Topology::ca_dir`] and
+    /// one bootstrap token per node; `extra` is appended. Waits until it serves.
     pub fn start_ctrl(&self, extra: &[&str]) {
         let mut tokens = String::new();
         for node in &self.nodes {
@@ -234,8 +235,23 @@ impl Topology {
         std::fs::write(&tokens_file, tokens).expect("write node tokens");
         let mut cmd = self.command_in(&self.fabric, bin("mesh-ctrl"));
         cmd.arg("--config-dir").arg(self.config_dir()).arg("--listen").arg(format!("{FABRIC_IP}:15012"));
-        cmd.arg("--ca-dir").arg(self.ca_dir()).arg("--node-tokens").arg(tokens_file).args(extra);
+        cmd.arg("--ca-dir").arg(self.ca_dir()).arg("--node-tokens").arg(tokens_file);
+        cmd.args(["--tls-san", &FABRIC_IP.to_string()]).args(extra);
         self.spawn("mesh-ctrl", cmd);
+        wait_until(Duration::from_secs(10), "mesh-ctrl to serve", || {
+            assert!(self.is_running("mesh-ctrl"), "mesh-ctrl exited: {}", self.log("mesh-ctrl"));
+            self.log("mesh-ctrl").contains("mesh-ctrl serving")
+        });
+    }
+
+    /// mesh-ctrl's address as agents dial it.
+    pub fn ctrl_address(&self) -> String {
+        format!("https://{FABRIC_IP}:15012")
+    }
+
+    /// The mesh root, as agents hold it (`--ca-root`).
+    pub fn ca_root(&self) -> PathBuf {
+        self.ca_dir().join("root-cert.pem")
     }
 
     /// Starts the agent of node `node` in its netns and waits until it serves its admin API
@@ -244,7 +260,9 @@ impl Topology {
         let name = format!("node{node}");
         let netns = self.nodes[usize::from(node) - 1].netns.clone();
         let mut cmd = self.command_in(&netns, bin("mesh-agent"));
-        cmd.args(["--node-name", &name, "--ctrl", &format!("http://{FABRIC_IP}:15012")])
+        cmd.args(["--node-name", &name, "--ctrl", &self.ctrl_address()])
+            .arg("--ca-root")
+            .arg(self.ca_root())
             .arg("--admin-socket")
             .arg(self.agent_socket(node))
             .arg("--token-file")

@@ -1,0 +1,184 @@
+//! TLS of the config and CA server on 15012: TLS 1.3 only, ALPN h2, with a serving certificate
+//! mesh-ctrl issues itself from the mesh CA and renews at half-life without a restart. Agents
+//! verify it against the mesh root they hold out of band, so a node token, the config stream and
+//! the trust bundle never cross the network in clear or to an impostor. It owns the serving
+//! certificate and the TLS handshake of every accepted connection; it never decides who may
+//! ask for what (that is [`crate::certs`]).
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::ca::{Ca, CaError};
+
+/// Names every serving certificate holds: the in-cluster Service, short and fully qualified.
+pub const SERVICE_NAMES: [&str; 2] =
+    ["ferrymesh-ctrl.ferrymesh-system.svc", "ferrymesh-ctrl.ferrymesh-system.svc.cluster.local"];
+
+/// Why the serving certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The CA could not issue it.
+    #[error("cannot issue mesh-ctrl's serving certificate: {0}")]
+    Issue(#[from] CaError),
+    /// What the CA issued is not usable by rustls.
+    #[error("mesh-ctrl's serving certificate is unusable: {0}")]
+    Unusable(String),
+}
+
+/// mesh-ctrl's serving certificate, current at every handshake.
+pub struct ServingIdentity {
+    ca: Arc<Ca>,
+    names: Vec<String>,
+    ttl: Duration,
+    current: RwLock<(Arc<CertifiedKey>, SystemTime)>,
+}
+
+impl std::fmt::Debug for ServingIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingIdentity").field("names", &self.names).field("ttl", &self.ttl).finish_non_exhaustive()
+    }
+}
+
+fn issue(ca: &Ca, names: &[String], ttl: Duration) -> Result<(Arc<CertifiedKey>, SystemTime), TlsError> {
+    let serving = ca.issue_serving(names, ttl)?;
+    let chain = serving
+        .chain_pem
+        .iter()
+        .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Unusable(e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(serving.key_pem.as_bytes()).map_err(|e| TlsError::Unusable(e.to_string()))?;
+    let signing =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| TlsError::Unusable(e.to_string()))?;
+    Ok((Arc::new(CertifiedKey::new(chain, signing)), serving.not_after))
+}
+
+impl ServingIdentity {
+    /// Issues a serving certificate for [`SERVICE_NAMES`] and `extra_names` (DNS names or IP
+    /// addresses agents dial), valid `ttl`.
+    pub fn new(ca: Arc<Ca>, extra_names: &[String], ttl: Duration) -> Result<Arc<Self>, TlsError> {
+        let mut names: Vec<String> = SERVICE_NAMES.iter().map(|n| n.to_string()).collect();
+        names.extend(extra_names.iter().filter(|n| !names.contains(n)).cloned().collect::<Vec<_>>());
+        let current = issue(&ca, &names, ttl)?;
+        Ok(Arc::new(Self { ca, names, ttl, current: RwLock::new(current) }))
+    }
+
+    /// When the current certificate expires.
+    pub fn not_after(&self) -> SystemTime {
+        self.current.read().expect("serving identity lock").1
+    }
+
+    /// Renews the certificate at half its life (retrying every 10 s on failure, while the
+    /// current one is kept), forever. New handshakes present the renewed one.
+    pub async fn renew_forever(self: Arc<Self>) {
+        loop {
+            let left = self.not_after().duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(left.min(self.ttl) / 2).await;
+            loop {
+                match issue(&self.ca, &self.names, self.ttl) {
+                    Ok(renewed) => {
+                        *self.current.write().expect("serving identity lock") = renewed;
+                        tracing::info!("renewed mesh-ctrl's serving certificate");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("{e}; keeping the current one and retrying in 10 s");
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The server TLS configuration: TLS 1.3 only, ALPN h2, this certificate.
+    pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("the ring provider supports TLS 1.3")
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+}
+
+impl ResolvesServerCert for ServingIdentity {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().expect("serving identity lock").0.clone())
+    }
+}
+
+/// Accepts TCP connections on `listener` and completes their TLS handshakes (each within
+/// `handshake_timeout`, on a task of its own so a slow client holds up nobody), yielding the
+/// connections that made it. A failed handshake is logged and counted, never served.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    handshake_timeout: Duration,
+) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("accept on 15012 failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let reason = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                        return;
+                    }
+                    Ok(Err(e)) => format!("TLS handshake failed: {e}"),
+                    Err(_) => format!("no TLS handshake within {handshake_timeout:?}"),
+                };
+                metrics::counter!("ferrymesh_ctrl_tls_handshake_failures_total").increment(1);
+                tracing::info!(%peer, "refused a connection to 15012: {reason} (a plaintext client, or one without the mesh root?)");
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serving_certificate_names_the_service_and_the_extra_names() {
+        let (cert, key) = Ca::generate_root("cluster.local").unwrap();
+        let ca = Ca::from_root_pem("root".as_ref(), &cert, "key".as_ref(), &key, Duration::from_secs(60)).unwrap();
+        let identity = ServingIdentity::new(Arc::new(ca), &["172.18.0.254".into()], Duration::from_secs(60)).unwrap();
+        let leaf = identity.current.read().unwrap().0.cert[0].clone();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        let san = parsed.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
+        let names: Vec<String> = san.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "DNSName(ferrymesh-ctrl.ferrymesh-system.svc)",
+                "DNSName(ferrymesh-ctrl.ferrymesh-system.svc.cluster.local)",
+                "IPAddress(ac:12:00:fe)" // 172.18.0.254
+            ]
+        );
+        let left = identity.not_after().duration_since(SystemTime::now()).unwrap();
+        assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50), "{left:?}");
+    }
+}
