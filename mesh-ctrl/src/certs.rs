@@ -2,11 +2,15 @@
 //! mode, its ServiceAccount token checked by TokenReview with Kubernetes), checks that the
 //! identity it asks for belongs to a pod on its node and to a ServiceAccount that exists, and
 //! has the CA sign the CSR. It owns node authorization; it never touches key material beyond
-//! the CSR it forwards.
+//! the CSR it forwards. Failed authentications are logged with their source and limited per
+//! source address: past [`MAX_AUTH_FAILURES`] in [`AUTH_FAILURE_WINDOW`] a source is refused
+//! without its token being looked at, until the window has passed.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ferrymesh_api::ca::{self as proto, certificates_server};
 use tokio::sync::watch;
@@ -78,11 +82,49 @@ impl NodeAuth {
     }
 }
 
+/// Failed authentications a source may make within [`AUTH_FAILURE_WINDOW`].
+pub const MAX_AUTH_FAILURES: u32 = 10;
+/// The window failed authentications are counted in.
+pub const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Failed authentications per source address, in windows of [`AUTH_FAILURE_WINDOW`].
+#[derive(Debug, Default)]
+struct AuthFailures {
+    by_source: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl AuthFailures {
+    /// Refuses `source` (with how long until it may try again) once it has failed
+    /// [`MAX_AUTH_FAILURES`] times in the current window.
+    fn check(&self, source: IpAddr) -> Result<(), Duration> {
+        let mut by_source = self.by_source.lock().expect("auth failures lock");
+        let now = Instant::now();
+        by_source.retain(|_, (start, _)| now.duration_since(*start) < AUTH_FAILURE_WINDOW);
+        match by_source.get(&source) {
+            Some((start, n)) if *n >= MAX_AUTH_FAILURES => Err(AUTH_FAILURE_WINDOW - now.duration_since(*start)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failure of `source`; returns its failures in the current window.
+    fn failed(&self, source: IpAddr) -> u32 {
+        let mut by_source = self.by_source.lock().expect("auth failures lock");
+        let now = Instant::now();
+        let entry = by_source.entry(source).or_insert((now, 0));
+        if now.duration_since(entry.0) >= AUTH_FAILURE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1
+    }
+}
+
 /// Implementation of `ferrymesh.ca.v1.Certificates`.
 #[derive(Debug, Clone)]
 pub struct CertificateService {
     ca: Arc<Ca>,
     auth: Arc<NodeAuth>,
+    failures: Arc<AuthFailures>,
     trust_domain: String,
     snapshots: watch::Receiver<Arc<Snapshot>>,
 }
@@ -91,7 +133,7 @@ impl CertificateService {
     /// A service signing with `ca` for the agents `auth` recognizes, authorizing against the
     /// model.
     pub fn new(ca: Arc<Ca>, auth: NodeAuth, trust_domain: String, snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
-        Self { ca, auth: Arc::new(auth), trust_domain, snapshots }
+        Self { ca, auth: Arc::new(auth), failures: Arc::default(), trust_domain, snapshots }
     }
 
     /// The tonic server wrapper for this service.
@@ -111,7 +153,27 @@ impl certificates_server::Certificates for CertificateService {
         &self,
         request: Request<proto::CreateCertificateRequest>,
     ) -> Result<Response<proto::CreateCertificateResponse>, Status> {
-        let node = self.auth.node(&request).await?;
+        let source = request.remote_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        if let Err(retry) = self.failures.check(source) {
+            metrics::counter!("ferrymesh_ctrl_auth_throttled_total").increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "too many failed authentications from {source} ({MAX_AUTH_FAILURES} in {}s); try again in {}s",
+                AUTH_FAILURE_WINDOW.as_secs(),
+                retry.as_secs() + 1
+            )));
+        }
+        let node = match self.auth.node(&request).await {
+            Ok(node) => node,
+            Err(refused) => {
+                let failures = self.failures.failed(source);
+                metrics::counter!("ferrymesh_ctrl_auth_failures_total").increment(1);
+                // Logged up to the limit; past it the throttle answers, and is counted.
+                if failures <= MAX_AUTH_FAILURES {
+                    tracing::warn!(%source, failures, "refused an authentication: {}", refused.message());
+                }
+                return Err(refused);
+            }
+        };
         let r = request.into_inner();
         if r.namespace.is_empty() || r.service_account.is_empty() {
             return Err(Status::invalid_argument("namespace and service_account are required"));

@@ -65,6 +65,43 @@ async fn an_agent_only_gets_identities_of_pods_on_its_node() {
     assert!(deleted.message().contains("service account shop/ghost does not exist"), "{}", deleted.message());
 }
 
+#[tokio::test]
+async fn a_source_that_keeps_failing_authentication_is_throttled() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(Ca::load_or_create(&dir.path().join("ca"), "cluster.local", Duration::from_secs(3600)).unwrap());
+    let tokens_file = dir.path().join("tokens.yaml");
+    std::fs::write(&tokens_file, "node1: node1-secret-token-0001\n").unwrap();
+    let (publisher, snapshots) = Publisher::new();
+    publisher.publish(&shop_model(&[("web", "node1", "10.244.1.2")], &["web"]));
+    let tokens = NodeTokens::load(&tokens_file).unwrap();
+    let service = CertificateService::new(ca, NodeAuth::Tokens(tokens), "cluster.local".into(), snapshots);
+    let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
+    let mut client = CertificatesClient::connect(format!("http://{addr}")).await.unwrap();
+    let ask = |token: &str| {
+        let mut request = tonic::Request::new(CreateCertificateRequest {
+            csr_pem: csr(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+        });
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    for i in 0..mesh_ctrl::certs::MAX_AUTH_FAILURES {
+        let refused = client.create_certificate(ask("guessed-token-guessed")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "failure {i}");
+    }
+    // Past the limit the source is refused without its token being looked at, even a good one.
+    for token in ["guessed-token-guessed", "node1-secret-token-0001"] {
+        let throttled = client.create_certificate(ask(token)).await.unwrap_err();
+        assert_eq!(throttled.code(), Code::ResourceExhausted);
+        assert!(
+            throttled.message().starts_with("too many failed authentications from 127.0.0.1 (10 in 60s); try again in"),
+            "{}",
+            throttled.message()
+        );
+    }
+}
+
 #[test]
 fn node_token_files_are_validated() {
     let dir = tempfile::tempdir().unwrap();

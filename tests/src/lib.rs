@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod h2raw;
 pub mod mesh;
+pub mod pcap;
 pub mod prom;
 pub mod topology;
 

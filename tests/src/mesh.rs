@@ -223,7 +223,8 @@ impl Topology {
 
     /// Starts mesh-ctrl in the fabric netns, serving the config directory over TLS (its serving
     /// certificate names the fabric address agents dial), with a CA in [`Topology::ca_dir`] and
-    /// one bootstrap token per node; `extra` is appended. Waits until it serves.
+    /// one bootstrap token per node; `extra` is appended (a `--ca-dir` there replaces
+    /// [`Topology::ca_dir`]). Waits until it serves.
     pub fn start_ctrl(&self, extra: &[&str]) {
         let mut tokens = String::new();
         for node in &self.nodes {
@@ -235,7 +236,10 @@ impl Topology {
         std::fs::write(&tokens_file, tokens).expect("write node tokens");
         let mut cmd = self.command_in(&self.fabric, bin("mesh-ctrl"));
         cmd.arg("--config-dir").arg(self.config_dir()).arg("--listen").arg(format!("{FABRIC_IP}:15012"));
-        cmd.arg("--ca-dir").arg(self.ca_dir()).arg("--node-tokens").arg(tokens_file);
+        if !extra.contains(&"--ca-dir") {
+            cmd.arg("--ca-dir").arg(self.ca_dir());
+        }
+        cmd.arg("--node-tokens").arg(tokens_file);
         cmd.args(["--tls-san", &FABRIC_IP.to_string()]).args(extra);
         self.spawn("mesh-ctrl", cmd);
         wait_until(Duration::from_secs(10), "mesh-ctrl to serve", || {
@@ -254,21 +258,36 @@ impl Topology {
         self.ca_dir().join("root-cert.pem")
     }
 
+    /// The command of the agent of node `node` (label `agent-node<N>`), not started: in its
+    /// netns, dialling mesh-ctrl over TLS with the mesh root, with its admin socket and token.
+    /// `overrides` replace the value of a flag (`("--ca-root", "/other/root.pem")`).
+    pub fn agent_command(&self, node: u8, overrides: &[(&str, &str)]) -> std::process::Command {
+        let netns = self.nodes[usize::from(node) - 1].netns.clone();
+        let mut flags: Vec<(&str, String)> = vec![
+            ("--node-name", format!("node{node}")),
+            ("--ctrl", self.ctrl_address()),
+            ("--ca-root", self.ca_root().display().to_string()),
+            ("--admin-socket", self.agent_socket(node).display().to_string()),
+            ("--token-file", self.token_file(node).display().to_string()),
+        ];
+        for (flag, value) in overrides {
+            match flags.iter_mut().find(|(f, _)| f == flag) {
+                Some(entry) => entry.1 = value.to_string(),
+                None => flags.push((flag, value.to_string())),
+            }
+        }
+        let mut cmd = self.command_in(&netns, bin("mesh-agent"));
+        for (flag, value) in flags {
+            cmd.arg(flag).arg(value);
+        }
+        cmd
+    }
+
     /// Starts the agent of node `node` in its netns and waits until it serves its admin API
     /// and holds a config from mesh-ctrl.
     pub fn start_agent(&self, node: u8) {
-        let name = format!("node{node}");
-        let netns = self.nodes[usize::from(node) - 1].netns.clone();
-        let mut cmd = self.command_in(&netns, bin("mesh-agent"));
-        cmd.args(["--node-name", &name, "--ctrl", &self.ctrl_address()])
-            .arg("--ca-root")
-            .arg(self.ca_root())
-            .arg("--admin-socket")
-            .arg(self.agent_socket(node))
-            .arg("--token-file")
-            .arg(self.token_file(node));
-        let label = format!("agent-{name}");
-        self.spawn(&label, cmd);
+        let label = format!("agent-node{node}");
+        self.spawn(&label, self.agent_command(node, &[]));
         wait_until(Duration::from_secs(20), &format!("{label} to connect to mesh-ctrl"), || {
             assert!(self.is_running(&label), "{label} exited: {}", self.log(&label));
             self.try_status(node).is_some_and(|s| s["ctrl_connected"] == true && s["config_version"].as_u64() > Some(0))
@@ -303,7 +322,8 @@ impl Topology {
             .expect("run meshctl")
     }
 
-    fn try_status(&self, node: u8) -> Option<Value> {
+    /// `meshctl status -o json` of the agent of `node`, if it answers.
+    pub fn try_status(&self, node: u8) -> Option<Value> {
         let out = self.meshctl(node, &["status", "-o", "json"]);
         out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("status JSON"))
     }
