@@ -187,9 +187,15 @@ impl agent_admin_server::AgentAdmin for AdminService {
     }
 }
 
-/// Serves `service` on the unix socket at `path` until `shutdown` fires, then removes it.
-pub async fn serve(path: PathBuf, service: AdminService, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
-    let listener = bind(&path)?;
+/// Serves `service` on the unix socket at `path` until `shutdown` fires, then removes it. The
+/// socket is the owner's only (0600), or also `group`'s (0660) when one is given.
+pub async fn serve(
+    path: PathBuf,
+    group: Option<String>,
+    service: AdminService,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let listener = bind(&path, group.as_deref())?;
     let result = tonic::transport::Server::builder()
         .add_service(agent_admin_server::AgentAdminServer::new(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
@@ -200,7 +206,7 @@ pub async fn serve(path: PathBuf, service: AdminService, mut shutdown: watch::Re
     result.map_err(std::io::Error::other)
 }
 
-fn bind(path: &Path) -> std::io::Result<UnixListener> {
+fn bind(path: &Path, group: Option<&str>) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -209,6 +215,42 @@ fn bind(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    UnixListener::bind(path)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))
+    let listener = UnixListener::bind(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match group {
+        None => 0o600,
+        Some(name) => {
+            let group = nix::unistd::Group::from_name(name)
+                .map_err(std::io::Error::other)?
+                .ok_or_else(|| std::io::Error::other(format!("--admin-group {name}: no such group")))?;
+            std::os::unix::fs::chown(path, None, Some(group.gid.as_raw()))?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_admin_socket_is_the_owners_or_its_groups_only() {
+        let dir = std::env::temp_dir().join(format!("ferrymesh-admin-test-{}", std::process::id()));
+        let path = dir.join("agent.sock");
+        let _listener = bind(&path, None).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let gid = nix::unistd::getgid();
+        let group = nix::unistd::Group::from_gid(gid).unwrap().expect("the process's group has a name");
+        let _listener = bind(&path, Some(&group.name)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.permissions().mode() & 0o777, meta.gid()), (0o660, gid.as_raw()));
+        let e = bind(&path, Some("no-such-group-ferrymesh")).unwrap_err();
+        assert!(e.to_string().contains("--admin-group no-such-group-ferrymesh: no such group"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -42,6 +42,10 @@ struct Args {
     /// Unix socket of the admin API (used by meshctl --agent).
     #[arg(long, default_value = "/var/run/ferrymesh/agent.sock")]
     admin_socket: PathBuf,
+    /// A group that may use the admin socket too (mode 0660); without it only the agent's
+    /// user may (0600).
+    #[arg(long)]
+    admin_group: Option<String>,
     /// File holding the agent's token for mesh-ctrl, read again for every certificate request:
     /// this node's bootstrap token (its entry in mesh-ctrl --node-tokens) in local mode, the
     /// projected ServiceAccount token (audience ferrymesh) in Kubernetes. Without it the agent
@@ -137,7 +141,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         enrolled,
         identities,
     };
-    let mut admin = tokio::spawn(admin::serve(args.admin_socket.clone(), admin, shutdown.clone()));
+    let mut admin =
+        tokio::spawn(admin::serve(args.admin_socket.clone(), args.admin_group.clone(), admin, shutdown.clone()));
     tokio::spawn(config::run(ctrl, args.node_name.clone(), state));
     tracing::info!(node = %args.node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");
 

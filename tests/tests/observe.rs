@@ -411,6 +411,10 @@ fn one_line_error(out: &Output, contains: &str) {
 fn status_views_and_bad_input() {
     let topo = cluster();
     let c = topo.pod("shop", "c");
+    // The admin socket is root's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(topo.agent_socket(1)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the admin socket is the agent user's only");
     // Status shows the attached programs and the map fill.
     let status = topo.meshctl(1, &["status"]);
     let text = String::from_utf8_lossy(&status.stdout).to_string();
