@@ -65,6 +65,18 @@ struct Args {
     /// Address of the readiness endpoint (/healthz/ready).
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: std::net::SocketAddr,
+    /// How long a client of a pod's 15008 may take to finish its TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    hbone_handshake_timeout: std::time::Duration,
+    /// Concurrent inbound connections (HBONE and plaintext) one source address may hold open.
+    #[arg(long, default_value_t = proxy::limits::Limits::default().connections_per_source)]
+    max_connections_per_source: u32,
+    /// Concurrent inbound connections (HBONE and plaintext) one pod may be held open.
+    #[arg(long, default_value_t = proxy::limits::Limits::default().connections_per_pod)]
+    max_connections_per_pod: u32,
+    /// Concurrent HBONE streams one source address may hold open, over all its connections.
+    #[arg(long, default_value_t = proxy::limits::Limits::default().streams_per_source)]
+    max_streams_per_source: u32,
     /// Threads that carry connections.
     #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -127,6 +139,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         live: proxy::authz::LiveConnections::default(),
         balancer: Arc::default(),
         local_pods: proxy::LocalPods::default(),
+        limits: proxy::limits::Limits {
+            handshake_timeout: args.hbone_handshake_timeout,
+            connections_per_source: args.max_connections_per_source,
+            connections_per_pod: args.max_connections_per_pod,
+            streams_per_source: args.max_streams_per_source,
+        },
+        load: Arc::default(),
     });
     tokio::spawn(reevaluate_on_policy_change(ctx.clone()));
     let (shutdown_tx, shutdown) = watch::channel(false);

@@ -44,6 +44,13 @@ fn describe() {
     describe_counter!("ferrymesh_cert_rotation_failures_total", "Failed certificate requests (retried with backoff).");
     describe_gauge!("ferrymesh_ctrl_connected", "1 while the config stream from mesh-ctrl is up.");
     describe_gauge!("ferrymesh_config_version", "Config version held.");
+    describe_counter!(
+        "ferrymesh_inbound_refused_total",
+        "Inbound connections and HBONE streams refused by a limit (label limit)."
+    );
+    for limit in crate::proxy::limits::Limit::ALL {
+        counter!("ferrymesh_inbound_refused_total", "limit" => limit.name()).absolute(0);
+    }
     counter!("ferrymesh_certs_issued_total").absolute(0);
     counter!("ferrymesh_cert_rotation_failures_total").absolute(0);
 }

@@ -286,8 +286,13 @@ impl Topology {
     /// Starts the agent of node `node` in its netns and waits until it serves its admin API
     /// and holds a config from mesh-ctrl.
     pub fn start_agent(&self, node: u8) {
+        self.start_agent_with(node, &[]);
+    }
+
+    /// [`Topology::start_agent`] with flags of [`Topology::agent_command`] replaced or added.
+    pub fn start_agent_with(&self, node: u8, overrides: &[(&str, &str)]) {
         let label = format!("agent-node{node}");
-        self.spawn(&label, self.agent_command(node, &[]));
+        self.spawn(&label, self.agent_command(node, overrides));
         wait_until(Duration::from_secs(20), &format!("{label} to connect to mesh-ctrl"), || {
             assert!(self.is_running(&label), "{label} exited: {}", self.log(&label));
             self.try_status(node).is_some_and(|s| s["ctrl_connected"] == true && s["config_version"].as_u64() > Some(0))

@@ -253,3 +253,180 @@ fn bad_hbone_requests_get_their_answer_and_a_flow_and_the_agent_keeps_serving() 
     assert_eq!((flow["verdict"].as_str(), flow["dst"]["port"].as_u64()), (Some("error"), Some(15008)), "{flow}");
     still_healthy(&topo, "a rapid-reset burst");
 }
+
+/// Resident memory of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The agent of node 2's metrics, read by the strict parser.
+fn node2_metrics(topo: &Topology) -> ferrymesh_testbed::prom::Exposition {
+    let out =
+        topo.output_in(&topo.nodes[1].netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+    ferrymesh_testbed::prom::parse(&String::from_utf8(out.stdout).unwrap()).expect("valid Prometheus text")
+}
+
+fn refused(topo: &Topology, limit: &str) -> f64 {
+    node2_metrics(topo).sum("ferrymesh_inbound_refused_total", &[("limit", limit)])
+}
+
+/// Round trips of a well-behaved client (a -> c's echo, across nodes over HBONE) while `flood`
+/// runs on another thread: they must all succeed. Returns the flood's result and the client's
+/// p50 and p99 (µs) over every run made meanwhile.
+fn served_during<T: Send>(topo: &Topology, flood: impl FnOnce() -> T + Send) -> (T, f64, f64) {
+    let (a, c) = (topo.pod("shop", "a"), topo.pod("shop", "c"));
+    let to = format!("{}:{ECHO_PORT}", c.ip);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let flooding = scope.spawn(|| {
+            let result = flood();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            result
+        });
+        let mut runs: Vec<(f64, f64)> = Vec::new();
+        while !done.load(std::sync::atomic::Ordering::SeqCst) || runs.is_empty() {
+            let out = topo.output_in(
+                &a.netns,
+                ferrymesh_testbed::mesh::bin("fm-peer"),
+                &["rr", "--to", &to, "--count", "50"],
+            );
+            assert!(out.status.success(), "the well-behaved client failed: {}", String::from_utf8_lossy(&out.stderr));
+            let rr: Value = serde_json::from_slice(&out.stdout).unwrap();
+            runs.push((rr["p50_us"].as_f64().unwrap(), rr["p99_us"].as_f64().unwrap()));
+        }
+        let result = flooding.join().unwrap();
+        let worst = |f: fn(&(f64, f64)) -> f64| runs.iter().map(f).fold(0.0, f64::max);
+        (result, worst(|r| r.0), worst(|r| r.1))
+    })
+}
+
+/// How much the victim agent's memory may grow under each flood (docs/SECURITY.md).
+const FLOOD_RSS_BOUND_KIB: u64 = 64 * 1024;
+
+#[test]
+fn floods_are_refused_by_their_limits_while_others_are_served() {
+    let topo = Topology::build(&TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "c", 2).pod("legacy", "x", 1));
+    topo.write_cluster(&["shop"]);
+    topo.start_ctrl(&[]);
+    topo.start_agent(1);
+    topo.start_agent_with(2, &[("--hbone-handshake-timeout", "2s")]);
+    topo.wait_enrolled(1, &["shop/a"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    topo.serve_all();
+    let (c, x) = (topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    let victim = topo.pid("agent-node2").unwrap();
+    let ((), p50, p99) = served_during(&topo, || ());
+    println!("baseline: well-behaved client p50 {p50:.0} us, p99 {p99:.0} us");
+    let rss_before = rss_kib(victim);
+
+    // 2000 half-open connections from x to c's 15008: 512 are held (then time out), the rest
+    // refused at once.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (opened_tx, opened) = std::sync::mpsc::channel();
+    let netns = x.netns.clone();
+    let target = std::net::SocketAddr::from((c.ip, 15008));
+    let holder = std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            let mut held = Vec::new();
+            // A connection the agent refuses so fast that the reset beats connect()'s return
+            // fails here with ECONNRESET: it was part of the flood all the same.
+            let mut reset = 0;
+            for _ in 0..2000 {
+                match std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+                    Ok(stream) => held.push(stream),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => reset += 1,
+                    Err(e) => panic!("connect to {target}: {e}"),
+                }
+            }
+            opened_tx.send(held.len() + reset).unwrap();
+            let _ = rx.recv_timeout(Duration::from_secs(30));
+        })
+    });
+    let opened = opened.recv_timeout(Duration::from_secs(60)).expect("the flood opened its connections");
+    assert_eq!(opened, 2000, "every connection reached the agent");
+    let ((), p50, p99) = served_during(&topo, || std::thread::sleep(Duration::from_millis(500)));
+    println!("2000 half-open connections: well-behaved client p50 {p50:.0} us, p99 {p99:.0} us");
+    let rss = rss_kib(victim);
+    println!("victim agent RSS {rss_before} KiB before, {rss} KiB during");
+    assert!(rss < rss_before + FLOOD_RSS_BOUND_KIB, "RSS grew from {rss_before} to {rss} KiB");
+    wait_until(FLOW_WAIT, "the refusals to be counted", || refused(&topo, "connections_per_source") >= 1488.0);
+    let limit_reason = format!("refused: 512 connections already open from {} (--max-connections-per-source)", x.ip);
+    flow_of(&topo, x, c, "a refused half-open connection", |f| f["reason"] == limit_reason.as_str());
+    // The 512 held ones never send a ClientHello: each is closed at the handshake timeout.
+    wait_until(Duration::from_secs(2) + FLOW_WAIT, "the held ones to time out", || {
+        refused(&topo, "handshake_timeout") >= 512.0
+    });
+    flow_of(&topo, x, c, "a timed-out handshake", |f| {
+        f["reason"] == "TLS handshake did not finish within 2s (--hbone-handshake-timeout)"
+    });
+    tx.send(()).unwrap();
+    holder.join().unwrap();
+    still_healthy(&topo, "the half-open flood");
+
+    // 10k CONNECT streams, each reset at once, in bursts of 100 per connection: every
+    // connection is closed with GOAWAY ENHANCE_YOUR_CALM.
+    let config = client_config(&topo);
+    let rss_before = rss_kib(victim);
+    let (goaways, p50, p99) = served_during(&topo, || {
+        in_netns(&x.netns, || {
+            runtime().block_on(async {
+                let mut goaways = 0;
+                for _ in 0..100 {
+                    let mut tls = tls_to(config.clone(), c).await;
+                    let mut burst = [h2raw::PREFACE, &h2raw::settings(false)].concat();
+                    for i in 0..100u32 {
+                        burst.extend(h2raw::connect(2 * i + 1, &format!("{}:{ECHO_PORT}", c.ip)));
+                        burst.extend(h2raw::rst_stream(2 * i + 1, h2raw::code::CANCEL));
+                    }
+                    let _ = tls.write_all(&burst).await;
+                    let mut answer = Vec::new();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+                    let code = h2raw::goaway_code(&h2raw::parse_frames(&answer));
+                    goaways += usize::from(code == Some(h2raw::code::ENHANCE_YOUR_CALM));
+                }
+                goaways
+            })
+        })
+    });
+    println!("10k rapid resets: well-behaved client p50 {p50:.0} us, p99 {p99:.0} us; RSS {} KiB", rss_kib(victim));
+    assert_eq!(goaways, 100, "every rapid-reset connection was closed with ENHANCE_YOUR_CALM");
+    assert!(rss_kib(victim) < rss_before + FLOOD_RSS_BOUND_KIB);
+    wait_until(FLOW_WAIT, "the GOAWAYs to be counted", || refused(&topo, "http2_protocol") >= 100.0);
+    still_healthy(&topo, "the rapid-reset flood");
+
+    // A 1 MB header block (HEADERS and CONTINUATION frames of 16 KiB): refused, not buffered.
+    let config = client_config(&topo);
+    let rss_before = rss_kib(victim);
+    let before = refused(&topo, "http2_protocol");
+    let (answer, p50, p99) = served_during(&topo, || {
+        in_netns(&x.netns, || {
+            runtime().block_on(async {
+                let mut tls = tls_to(config, c).await;
+                let big = "x".repeat(1_000_000);
+                let authority = format!("{}:{ECHO_PORT}", c.ip);
+                let block = h2raw::header_block(&[(":method", "CONNECT"), (":authority", &authority), ("x-big", &big)]);
+                let mut out = [h2raw::PREFACE, &h2raw::settings(false)].concat();
+                let chunks: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+                for (i, chunk) in chunks.iter().enumerate() {
+                    let kind = if i == 0 { h2raw::kind::HEADERS } else { h2raw::kind::CONTINUATION };
+                    let flags = if i + 1 == chunks.len() { h2raw::flag::END_HEADERS } else { 0 };
+                    out.extend(h2raw::frame(kind, flags, 1, chunk));
+                }
+                let _ = tls.write_all(&out).await;
+                let mut answer = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+                h2raw::parse_frames(&answer)
+            })
+        })
+    });
+    println!("1 MB header block: well-behaved client p50 {p50:.0} us, p99 {p99:.0} us; answer {answer:?}");
+    assert!(rss_kib(victim) < rss_before + FLOOD_RSS_BOUND_KIB);
+    assert!(
+        !answer.iter().any(|f| f.kind == h2raw::kind::HEADERS && f.payload.first() == Some(&0x88)),
+        "no 200 for a 1 MB header block"
+    );
+    wait_until(FLOW_WAIT, "the refusal to be counted", || refused(&topo, "http2_protocol") > before);
+    still_healthy(&topo, "the 1 MB header block");
+}

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::authz::{Denied, InboundRequest};
+use super::limits::{Held, Limit};
 use super::{
     accept_loop, reset, until_done_or_revoked, Admitted, Connection, Outcome, PodContext, ProxyContext, Refused,
     RelayEnd, RELAY_BUFFER,
@@ -47,7 +48,7 @@ const MAX_HEADER_LIST: u32 = 64 * 1024;
 /// Streams a client may reset before the server has taken them up ("rapid reset"); past it
 /// the connection is closed with GOAWAY ENHANCE_YOUR_CALM.
 const MAX_PENDING_RESETS: usize = 20;
-/// How long a TLS handshake may take.
+/// How long the client side's TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer under TLS. rustls asks its transport for at most 4 KiB per read, which would
 /// cost a recv syscall per 4 KiB of ciphertext; a buffer in between makes each recv take
@@ -173,16 +174,30 @@ async fn serve_connection(
         );
         ctx.record(conn, Outcome::failed(reason));
     };
+    // Held for the connection's whole life: its place under the per-source and per-pod limits.
+    let _held = match ctx.load.connection(&ctx.limits, peer.ip(), pod.workload.ip) {
+        Ok(held) => held,
+        Err(refusal) => {
+            refusal.limit().count();
+            reset(&tcp);
+            return failed(refusal.to_string());
+        }
+    };
     let _ = tcp.set_nodelay(true);
-    let stream = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        TlsAcceptor::from(tls).accept(BufReader::with_capacity(TLS_READ_BUFFER, tcp)),
-    )
-    .await
-    {
+    let timeout = ctx.limits.handshake_timeout;
+    // Nothing is allocated for TLS until the client has sent something: a connection that
+    // never does (a half-open flood) holds a socket and this task only, until the timeout.
+    let handshake = async {
+        tcp.readable().await?;
+        TlsAcceptor::from(tls).accept(BufReader::with_capacity(TLS_READ_BUFFER, tcp)).await
+    };
+    let stream = match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return failed(format!("TLS handshake failed: {}", tls::describe(&e))),
-        Err(_) => return failed(format!("TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")),
+        Err(_) => {
+            Limit::HandshakeTimeout.count();
+            return failed(format!("TLS handshake did not finish within {timeout:?} (--hbone-handshake-timeout)"));
+        }
     };
     let (_, session) = stream.get_ref();
     if session.alpn_protocol() != Some(tls::ALPN_H2) {
@@ -192,14 +207,27 @@ async fn serve_connection(
     // Shared by every stream of the connection.
     let peer_id: Option<Arc<str>> = tls::spiffe_id_of(&peer_cert).ok().map(Arc::from);
     let peer_serial: Arc<str> = tls::serial_and_expiry(&peer_cert).map(|(s, _)| s).unwrap_or_default().into();
-    let ended = serve_h2(stream, |http, respond| {
+    let ended = serve_h2(stream, |http, mut respond| {
+        let held = match ctx.load.stream(&ctx.limits, peer.ip()) {
+            Ok(held) => held,
+            Err(refusal) => {
+                refusal.limit().count();
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                let port = http.uri().port_u16().unwrap_or(0);
+                let mut src = Endpoint::lookup(&ctx.state, peer);
+                src.identity = peer_id.clone();
+                let conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
+                return ctx.record(conn, Outcome::failed(refusal.to_string()));
+            }
+        };
         let peer = PeerInfo { addr: peer, local, identity: peer_id.clone(), serial: peer_serial.clone() };
         // Boxed so the stream's task does not keep room for them once they are used.
-        let stream = Box::new(NewStream { http, respond, peer });
+        let stream = Box::new(NewStream { http, respond, peer, _held: held });
         tokio::spawn(serve_stream(stream, pod.clone(), ctx.clone()));
     })
     .await;
     if let Err(reason) = ended {
+        Limit::Http2Protocol.count();
         failed(reason);
     }
 }
@@ -258,6 +286,8 @@ struct NewStream {
     http: Request<RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
     peer: PeerInfo,
+    /// Its place under the per-source stream limit, for the stream's whole life.
+    _held: Held,
 }
 
 /// The authenticated client of an HBONE connection.
@@ -304,6 +334,8 @@ struct Accepted<'a> {
     admitted: Admitted<'a>,
     body: RecvStream,
     send: SendStream<Bytes>,
+    /// Its place under the per-source stream limit.
+    _held: Held,
 }
 
 async fn serve_stream(stream: Box<NewStream>, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
@@ -312,7 +344,7 @@ async fn serve_stream(stream: Box<NewStream>, pod: Arc<PodContext>, ctx: Arc<Pro
     let (conn, accepted) = Box::pin(accept_stream(*stream, &pod, &ctx)).await;
     let outcome = match accepted {
         Err(outcome) => outcome,
-        Ok(Accepted { admitted: Admitted { app, policy, close, _live }, body, send }) => {
+        Ok(Accepted { admitted: Admitted { app, policy, close, _live }, body, send, _held }) => {
             let (to_client, to_app, end) = relay(app, body, send, Some(close)).await;
             Outcome::relayed(to_app, to_client, end, policy)
         }
@@ -327,7 +359,7 @@ async fn accept_stream<'a>(
     pod: &PodContext,
     ctx: &'a ProxyContext,
 ) -> (Connection, Result<Accepted<'a>, Outcome>) {
-    let NewStream { http, mut respond, peer } = stream;
+    let NewStream { http, mut respond, peer, _held } = stream;
     let (parts, body) = http.into_parts();
     let target = connect_target(&parts.method, parts.uri.authority().map(|a| a.as_str()), peer.local.ip());
     drop(parts);
@@ -363,7 +395,7 @@ async fn accept_stream<'a>(
         }
     };
     let accepted = match respond_status(&mut respond, StatusCode::OK) {
-        Some(send) => Ok(Accepted { admitted, body, send }),
+        Some(send) => Ok(Accepted { admitted, body, send, _held }),
         None => Err(Outcome::failed("the client went away before the CONNECT was answered".into())),
     };
     (conn, accepted)

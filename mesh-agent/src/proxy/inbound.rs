@@ -31,6 +31,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         reset(&client);
         return ctx.record(conn, Outcome::failed(format!("port {} is reserved for the mesh", dst.port())));
     }
+    let _held = match ctx.load.connection(&ctx.limits, peer.ip(), pod.workload.ip) {
+        Ok(held) => held,
+        Err(refusal) => {
+            refusal.limit().count();
+            reset(&client);
+            return ctx.record(conn, Outcome::failed(refusal.to_string()));
+        }
+    };
     let _ = client.set_nodelay(true);
     let request = InboundRequest {
         source_ip: peer.ip(),

@@ -8,6 +8,7 @@ pub mod authz;
 pub mod hbone;
 pub mod inbound;
 pub mod lb;
+pub mod limits;
 mod local;
 pub mod outbound;
 mod splice;
@@ -60,6 +61,10 @@ pub struct ProxyContext {
     /// The pods enrolled on this node, by IP: connections between two of them are handed
     /// over inside the agent.
     pub local_pods: LocalPods,
+    /// Limits on what inbound peers may hold open.
+    pub limits: limits::Limits,
+    /// What inbound peers hold open now.
+    pub load: Arc<limits::Load>,
 }
 
 /// The pods this agent has enrolled, by IP (kept by the enroller).

@@ -1,0 +1,226 @@
+//! Limits on what peers may hold open at the pods' inbound listeners (15008 HBONE, 15006
+//! plaintext): concurrent connections per source address and per pod, concurrent HBONE streams
+//! per source address, and the time a client may take to finish its TLS handshake. They bound
+//! what a hostile or broken peer can make the agent hold (memory, tasks, dials to the app) while
+//! everyone else keeps being served. Each refusal names its limit and the flag that sets it, in
+//! the flow reason and in `ferrymesh_inbound_refused_total{limit}`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The limits (mesh-agent flags).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a client of 15008 may take to finish its TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Concurrent inbound connections (HBONE and plaintext) from one source address.
+    pub connections_per_source: u32,
+    /// Concurrent inbound connections (HBONE and plaintext) to one pod.
+    pub connections_per_pod: u32,
+    /// Concurrent HBONE streams from one source address, over all its connections.
+    pub streams_per_source: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            connections_per_source: 512,
+            connections_per_pod: 4096,
+            streams_per_source: 2048,
+        }
+    }
+}
+
+/// A limit that refused something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `--hbone-handshake-timeout`
+    HandshakeTimeout,
+    /// `--max-connections-per-source`
+    ConnectionsPerSource,
+    /// `--max-connections-per-pod`
+    ConnectionsPerPod,
+    /// `--max-streams-per-source`
+    StreamsPerSource,
+    /// The HTTP/2 server's own protections (rapid reset, oversized header blocks, malformed
+    /// frames): the connection was closed with a GOAWAY.
+    Http2Protocol,
+}
+
+impl Limit {
+    /// The `limit` label of `ferrymesh_inbound_refused_total`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Limit::HandshakeTimeout => "handshake_timeout",
+            Limit::ConnectionsPerSource => "connections_per_source",
+            Limit::ConnectionsPerPod => "connections_per_pod",
+            Limit::StreamsPerSource => "streams_per_source",
+            Limit::Http2Protocol => "http2_protocol",
+        }
+    }
+
+    /// Every limit, for registering the metric at zero.
+    pub const ALL: [Limit; 5] = [
+        Limit::HandshakeTimeout,
+        Limit::ConnectionsPerSource,
+        Limit::ConnectionsPerPod,
+        Limit::StreamsPerSource,
+        Limit::Http2Protocol,
+    ];
+
+    /// Counts one refusal.
+    pub fn count(self) {
+        metrics::counter!("ferrymesh_inbound_refused_total", "limit" => self.name()).increment(1);
+    }
+}
+
+/// Why a connection or stream was refused: the limit, with what it was about.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    /// Too many connections from one source.
+    #[error("refused: {0} connections already open from {1} (--max-connections-per-source)")]
+    SourceConnections(u32, IpAddr),
+    /// Too many connections to one pod.
+    #[error("refused: {0} connections already open to this pod (--max-connections-per-pod)")]
+    PodConnections(u32),
+    /// Too many streams from one source.
+    #[error("refused: {0} HBONE streams already open from {1} (--max-streams-per-source)")]
+    SourceStreams(u32, IpAddr),
+}
+
+impl Refusal {
+    /// The limit that refused.
+    pub fn limit(&self) -> Limit {
+        match self {
+            Refusal::SourceConnections(..) => Limit::ConnectionsPerSource,
+            Refusal::PodConnections(_) => Limit::ConnectionsPerPod,
+            Refusal::SourceStreams(..) => Limit::StreamsPerSource,
+        }
+    }
+}
+
+/// What kind of thing a [`Held`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Connection,
+    Stream,
+}
+
+/// Connections and streams open now, by source address and by pod address.
+#[derive(Debug, Default)]
+pub struct Load {
+    by_source: Mutex<HashMap<(Kind, IpAddr), u32>>,
+    by_pod: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// A connection or stream counted as open until dropped.
+#[derive(Debug)]
+pub struct Held {
+    load: Arc<Load>,
+    kind: Kind,
+    source: IpAddr,
+    pod: Option<IpAddr>,
+}
+
+fn release<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, u32>>, key: K) {
+    let mut map = map.lock().expect("load lock");
+    if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        release(&self.load.by_source, (self.kind, self.source));
+        if let Some(pod) = self.pod {
+            release(&self.load.by_pod, pod);
+        }
+    }
+}
+
+impl Load {
+    /// Counts a new connection from `source` to pod `pod`, unless either is at its limit.
+    pub fn connection(self: &Arc<Self>, limits: &Limits, source: IpAddr, pod: IpAddr) -> Result<Held, Refusal> {
+        // Both counts change under both locks (always taken in this order), so a refusal by the
+        // pod's limit never leaves the source's count raised.
+        let mut by_source = self.by_source.lock().expect("load lock");
+        let mut by_pod = self.by_pod.lock().expect("load lock");
+        let from_source = by_source.get(&(Kind::Connection, source)).copied().unwrap_or(0);
+        if from_source >= limits.connections_per_source {
+            return Err(Refusal::SourceConnections(from_source, source));
+        }
+        let to_pod = by_pod.get(&pod).copied().unwrap_or(0);
+        if to_pod >= limits.connections_per_pod {
+            return Err(Refusal::PodConnections(to_pod));
+        }
+        *by_source.entry((Kind::Connection, source)).or_default() += 1;
+        *by_pod.entry(pod).or_default() += 1;
+        Ok(Held { load: self.clone(), kind: Kind::Connection, source, pod: Some(pod) })
+    }
+
+    /// Counts a new HBONE stream from `source`, unless it is at its limit.
+    pub fn stream(self: &Arc<Self>, limits: &Limits, source: IpAddr) -> Result<Held, Refusal> {
+        let mut by_source = self.by_source.lock().expect("load lock");
+        let open = by_source.get(&(Kind::Stream, source)).copied().unwrap_or(0);
+        if open >= limits.streams_per_source {
+            return Err(Refusal::SourceStreams(open, source));
+        }
+        *by_source.entry((Kind::Stream, source)).or_default() += 1;
+        Ok(Held { load: self.clone(), kind: Kind::Stream, source, pod: None })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_count_per_source_and_per_pod_and_free_on_drop() {
+        let limits =
+            Limits { connections_per_source: 2, connections_per_pod: 3, streams_per_source: 1, ..Limits::default() };
+        let load = Arc::new(Load::default());
+        let (a, b, pod) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 1, 1]));
+        let a1 = load.connection(&limits, a, pod).unwrap();
+        let _a2 = load.connection(&limits, a, pod).unwrap();
+        let refused = load.connection(&limits, a, pod).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "refused: 2 connections already open from 10.0.0.1 (--max-connections-per-source)"
+        );
+        assert_eq!(refused.limit(), Limit::ConnectionsPerSource);
+        let _b1 = load.connection(&limits, b, pod).unwrap();
+        let full = load.connection(&limits, b, pod).unwrap_err();
+        assert_eq!(full.limit(), Limit::ConnectionsPerPod, "{full}");
+        // The refusal by the pod's limit did not count against b.
+        assert_eq!(load.by_source.lock().unwrap()[&(Kind::Connection, b)], 1);
+        drop(a1);
+        assert!(load.connection(&limits, b, pod).is_ok(), "a closed connection frees its place");
+        let s = load.stream(&limits, a).unwrap();
+        assert_eq!(load.stream(&limits, a).unwrap_err().limit(), Limit::StreamsPerSource);
+        drop(s);
+        assert!(load.stream(&limits, a).is_ok());
+    }
+
+    #[test]
+    fn nothing_is_left_counted_once_everything_is_dropped() {
+        let limits = Limits::default();
+        let load = Arc::new(Load::default());
+        let held: Vec<Held> = (0..10u8)
+            .flat_map(|i| {
+                let source = IpAddr::from([10, 0, 0, i]);
+                [
+                    load.connection(&limits, source, IpAddr::from([10, 0, 1, 1])).unwrap(),
+                    load.stream(&limits, source).unwrap(),
+                ]
+            })
+            .collect();
+        drop(held);
+        assert!(load.by_source.lock().unwrap().is_empty() && load.by_pod.lock().unwrap().is_empty());
+    }
+}
