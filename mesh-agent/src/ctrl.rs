@@ -170,7 +170,7 @@ mod tests {
         let ctrl = Ctrl::new("https://ctrl:15012", Some(&file)).unwrap();
         let (p, o) = (pinned.der().clone(), other.der().clone());
         assert!(ctrl.check_bundle(&[o.clone(), p.clone()]).is_ok(), "an overlap bundle holding the pinned root");
-        assert!(matches!(ctrl.check_bundle(&[o.clone()]), Err(CtrlError::Bundle(_))), "a foreign bundle");
+        assert!(matches!(ctrl.check_bundle(std::slice::from_ref(&o)), Err(CtrlError::Bundle(_))), "a foreign bundle");
         assert!(matches!(ctrl.check_bundle(&[]), Err(CtrlError::Bundle(_))));
         std::fs::write(&file, "not a PEM").unwrap();
         assert!(matches!(ctrl.check_bundle(&[p]), Err(CtrlError::Root(..))));
