@@ -77,6 +77,9 @@ struct Args {
     /// Concurrent HBONE streams one source address may hold open, over all its connections.
     #[arg(long, default_value_t = proxy::limits::Limits::default().streams_per_source)]
     max_streams_per_source: u32,
+    /// Concurrent HBONE streams one pod may be held open.
+    #[arg(long, default_value_t = proxy::limits::Limits::default().streams_per_pod)]
+    max_streams_per_pod: u32,
     /// Threads that carry connections.
     #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -144,6 +147,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             connections_per_source: args.max_connections_per_source,
             connections_per_pod: args.max_connections_per_pod,
             streams_per_source: args.max_streams_per_source,
+            streams_per_pod: args.max_streams_per_pod,
         },
         load: Arc::default(),
     });

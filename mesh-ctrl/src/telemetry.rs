@@ -24,9 +24,23 @@ pub fn describe() {
         "ferrymesh_ctrl_cert_refusals_total",
         "Certificate requests refused (node authorization, unknown service account)."
     );
-    for name in
-        ["ferrymesh_ctrl_config_nacks_total", "ferrymesh_ctrl_certs_issued_total", "ferrymesh_ctrl_cert_refusals_total"]
-    {
+    describe_counter!(
+        "ferrymesh_ctrl_tls_handshake_failures_total",
+        "Connections to 15012 closed for a failed or missing TLS handshake."
+    );
+    describe_counter!("ferrymesh_ctrl_auth_failures_total", "Certificate requests whose token was refused.");
+    describe_counter!(
+        "ferrymesh_ctrl_auth_throttled_total",
+        "Certificate requests refused unread: their source failed authentication too often."
+    );
+    for name in [
+        "ferrymesh_ctrl_config_nacks_total",
+        "ferrymesh_ctrl_certs_issued_total",
+        "ferrymesh_ctrl_cert_refusals_total",
+        "ferrymesh_ctrl_tls_handshake_failures_total",
+        "ferrymesh_ctrl_auth_failures_total",
+        "ferrymesh_ctrl_auth_throttled_total",
+    ] {
         counter!(name).absolute(0);
     }
     for name in

@@ -208,7 +208,7 @@ async fn serve_connection(
     let peer_id: Option<Arc<str>> = tls::spiffe_id_of(&peer_cert).ok().map(Arc::from);
     let peer_serial: Arc<str> = tls::serial_and_expiry(&peer_cert).map(|(s, _)| s).unwrap_or_default().into();
     let ended = serve_h2(stream, |http, mut respond| {
-        let held = match ctx.load.stream(&ctx.limits, peer.ip()) {
+        let held = match ctx.load.stream(&ctx.limits, peer.ip(), pod.workload.ip) {
             Ok(held) => held,
             Err(refusal) => {
                 refusal.limit().count();

@@ -1,6 +1,6 @@
 //! Limits on what peers may hold open at the pods' inbound listeners (15008 HBONE, 15006
 //! plaintext): concurrent connections per source address and per pod, concurrent HBONE streams
-//! per source address, and the time a client may take to finish its TLS handshake. They bound
+//! per source address and per pod, and the time a client may take to finish its TLS handshake. They bound
 //! what a hostile or broken peer can make the agent hold (memory, tasks, dials to the app) while
 //! everyone else keeps being served. Each refusal names its limit and the flag that sets it, in
 //! the flow reason and in `ferrymesh_inbound_refused_total{limit}`.
@@ -21,6 +21,8 @@ pub struct Limits {
     pub connections_per_pod: u32,
     /// Concurrent HBONE streams from one source address, over all its connections.
     pub streams_per_source: u32,
+    /// Concurrent HBONE streams to one pod.
+    pub streams_per_pod: u32,
 }
 
 impl Default for Limits {
@@ -30,6 +32,7 @@ impl Default for Limits {
             connections_per_source: 512,
             connections_per_pod: 4096,
             streams_per_source: 2048,
+            streams_per_pod: 16384,
         }
     }
 }
@@ -45,6 +48,8 @@ pub enum Limit {
     ConnectionsPerPod,
     /// `--max-streams-per-source`
     StreamsPerSource,
+    /// `--max-streams-per-pod`
+    StreamsPerPod,
     /// The HTTP/2 server's own protections (rapid reset, oversized header blocks, malformed
     /// frames): the connection was closed with a GOAWAY.
     Http2Protocol,
@@ -58,16 +63,18 @@ impl Limit {
             Limit::ConnectionsPerSource => "connections_per_source",
             Limit::ConnectionsPerPod => "connections_per_pod",
             Limit::StreamsPerSource => "streams_per_source",
+            Limit::StreamsPerPod => "streams_per_pod",
             Limit::Http2Protocol => "http2_protocol",
         }
     }
 
     /// Every limit, for registering the metric at zero.
-    pub const ALL: [Limit; 5] = [
+    pub const ALL: [Limit; 6] = [
         Limit::HandshakeTimeout,
         Limit::ConnectionsPerSource,
         Limit::ConnectionsPerPod,
         Limit::StreamsPerSource,
+        Limit::StreamsPerPod,
         Limit::Http2Protocol,
     ];
 
@@ -89,6 +96,9 @@ pub enum Refusal {
     /// Too many streams from one source.
     #[error("refused: {0} HBONE streams already open from {1} (--max-streams-per-source)")]
     SourceStreams(u32, IpAddr),
+    /// Too many streams to one pod.
+    #[error("refused: {0} HBONE streams already open to this pod (--max-streams-per-pod)")]
+    PodStreams(u32),
 }
 
 impl Refusal {
@@ -98,6 +108,7 @@ impl Refusal {
             Refusal::SourceConnections(..) => Limit::ConnectionsPerSource,
             Refusal::PodConnections(_) => Limit::ConnectionsPerPod,
             Refusal::SourceStreams(..) => Limit::StreamsPerSource,
+            Refusal::PodStreams(_) => Limit::StreamsPerPod,
         }
     }
 }
@@ -113,7 +124,7 @@ enum Kind {
 #[derive(Debug, Default)]
 pub struct Load {
     by_source: Mutex<HashMap<(Kind, IpAddr), u32>>,
-    by_pod: Mutex<HashMap<IpAddr, u32>>,
+    by_pod: Mutex<HashMap<(Kind, IpAddr), u32>>,
 }
 
 /// A connection or stream counted as open until dropped.
@@ -122,7 +133,7 @@ pub struct Held {
     load: Arc<Load>,
     kind: Kind,
     source: IpAddr,
-    pod: Option<IpAddr>,
+    pod: IpAddr,
 }
 
 fn release<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, u32>>, key: K) {
@@ -138,41 +149,49 @@ fn release<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, u32>>, key: K) {
 impl Drop for Held {
     fn drop(&mut self) {
         release(&self.load.by_source, (self.kind, self.source));
-        if let Some(pod) = self.pod {
-            release(&self.load.by_pod, pod);
-        }
+        release(&self.load.by_pod, (self.kind, self.pod));
     }
 }
 
 impl Load {
     /// Counts a new connection from `source` to pod `pod`, unless either is at its limit.
     pub fn connection(self: &Arc<Self>, limits: &Limits, source: IpAddr, pod: IpAddr) -> Result<Held, Refusal> {
+        self.take(Kind::Connection, source, pod, (limits.connections_per_source, limits.connections_per_pod))
+    }
+
+    /// Counts a new HBONE stream from `source` to pod `pod`, unless either is at its limit.
+    pub fn stream(self: &Arc<Self>, limits: &Limits, source: IpAddr, pod: IpAddr) -> Result<Held, Refusal> {
+        self.take(Kind::Stream, source, pod, (limits.streams_per_source, limits.streams_per_pod))
+    }
+
+    fn take(
+        self: &Arc<Self>,
+        kind: Kind,
+        source: IpAddr,
+        pod: IpAddr,
+        (per_source, per_pod): (u32, u32),
+    ) -> Result<Held, Refusal> {
         // Both counts change under both locks (always taken in this order), so a refusal by the
         // pod's limit never leaves the source's count raised.
         let mut by_source = self.by_source.lock().expect("load lock");
         let mut by_pod = self.by_pod.lock().expect("load lock");
-        let from_source = by_source.get(&(Kind::Connection, source)).copied().unwrap_or(0);
-        if from_source >= limits.connections_per_source {
-            return Err(Refusal::SourceConnections(from_source, source));
+        let from_source = by_source.get(&(kind, source)).copied().unwrap_or(0);
+        if from_source >= per_source {
+            return Err(match kind {
+                Kind::Connection => Refusal::SourceConnections(from_source, source),
+                Kind::Stream => Refusal::SourceStreams(from_source, source),
+            });
         }
-        let to_pod = by_pod.get(&pod).copied().unwrap_or(0);
-        if to_pod >= limits.connections_per_pod {
-            return Err(Refusal::PodConnections(to_pod));
+        let to_pod = by_pod.get(&(kind, pod)).copied().unwrap_or(0);
+        if to_pod >= per_pod {
+            return Err(match kind {
+                Kind::Connection => Refusal::PodConnections(to_pod),
+                Kind::Stream => Refusal::PodStreams(to_pod),
+            });
         }
-        *by_source.entry((Kind::Connection, source)).or_default() += 1;
-        *by_pod.entry(pod).or_default() += 1;
-        Ok(Held { load: self.clone(), kind: Kind::Connection, source, pod: Some(pod) })
-    }
-
-    /// Counts a new HBONE stream from `source`, unless it is at its limit.
-    pub fn stream(self: &Arc<Self>, limits: &Limits, source: IpAddr) -> Result<Held, Refusal> {
-        let mut by_source = self.by_source.lock().expect("load lock");
-        let open = by_source.get(&(Kind::Stream, source)).copied().unwrap_or(0);
-        if open >= limits.streams_per_source {
-            return Err(Refusal::SourceStreams(open, source));
-        }
-        *by_source.entry((Kind::Stream, source)).or_default() += 1;
-        Ok(Held { load: self.clone(), kind: Kind::Stream, source, pod: None })
+        *by_source.entry((kind, source)).or_default() += 1;
+        *by_pod.entry((kind, pod)).or_default() += 1;
+        Ok(Held { load: self.clone(), kind, source, pod })
     }
 }
 
@@ -182,8 +201,13 @@ mod tests {
 
     #[test]
     fn limits_count_per_source_and_per_pod_and_free_on_drop() {
-        let limits =
-            Limits { connections_per_source: 2, connections_per_pod: 3, streams_per_source: 1, ..Limits::default() };
+        let limits = Limits {
+            connections_per_source: 2,
+            connections_per_pod: 3,
+            streams_per_source: 1,
+            streams_per_pod: 2,
+            ..Limits::default()
+        };
         let load = Arc::new(Load::default());
         let (a, b, pod) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 1, 1]));
         let a1 = load.connection(&limits, a, pod).unwrap();
@@ -199,25 +223,28 @@ mod tests {
         assert_eq!(full.limit(), Limit::ConnectionsPerPod, "{full}");
         // The refusal by the pod's limit did not count against b.
         assert_eq!(load.by_source.lock().unwrap()[&(Kind::Connection, b)], 1);
+        assert_eq!(load.by_pod.lock().unwrap()[&(Kind::Connection, pod)], 3);
         drop(a1);
         assert!(load.connection(&limits, b, pod).is_ok(), "a closed connection frees its place");
-        let s = load.stream(&limits, a).unwrap();
-        assert_eq!(load.stream(&limits, a).unwrap_err().limit(), Limit::StreamsPerSource);
+        let s = load.stream(&limits, a, pod).unwrap();
+        assert_eq!(load.stream(&limits, a, pod).unwrap_err().limit(), Limit::StreamsPerSource);
+        let _s2 = load.stream(&limits, b, pod).unwrap();
+        let c = IpAddr::from([10, 0, 0, 3]);
+        let full = load.stream(&limits, c, pod).unwrap_err();
+        assert_eq!(full.to_string(), "refused: 2 HBONE streams already open to this pod (--max-streams-per-pod)");
         drop(s);
-        assert!(load.stream(&limits, a).is_ok());
+        assert!(load.stream(&limits, c, pod).is_ok(), "a closed stream frees its place");
     }
 
     #[test]
     fn nothing_is_left_counted_once_everything_is_dropped() {
         let limits = Limits::default();
         let load = Arc::new(Load::default());
+        let pod = IpAddr::from([10, 0, 1, 1]);
         let held: Vec<Held> = (0..10u8)
             .flat_map(|i| {
                 let source = IpAddr::from([10, 0, 0, i]);
-                [
-                    load.connection(&limits, source, IpAddr::from([10, 0, 1, 1])).unwrap(),
-                    load.stream(&limits, source).unwrap(),
-                ]
+                [load.connection(&limits, source, pod).unwrap(), load.stream(&limits, source, pod).unwrap()]
             })
             .collect();
         drop(held);
