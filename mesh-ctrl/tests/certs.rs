@@ -13,23 +13,33 @@ use tonic::Code;
 mod common;
 use common::{csr, serve, shop_model};
 
-#[tokio::test]
-async fn an_agent_only_gets_identities_of_pods_on_its_node() {
+/// A certificate service on loopback for the node tokens `tokens` (YAML) and the shop model of
+/// `pods` and `accounts`, and a client of it; the directory holds the CA and the tokens.
+async fn certificate_service(
+    tokens: &str,
+    pods: &[(&str, &str, &str)],
+    accounts: &[&str],
+) -> (CertificatesClient<tonic::transport::Channel>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let ca = Arc::new(Ca::load_or_create(&dir.path().join("ca"), "cluster.local", Duration::from_secs(3600)).unwrap());
     let tokens_file = dir.path().join("tokens.yaml");
-    std::fs::write(&tokens_file, "node1: node1-secret-token-0001\nnode2: node2-secret-token-0002\n").unwrap();
+    std::fs::write(&tokens_file, tokens).unwrap();
     let tokens = NodeTokens::load(&tokens_file).unwrap();
     let (publisher, snapshots) = Publisher::new();
-    let model = shop_model(
+    publisher.publish(&shop_model(pods, accounts));
+    let service = CertificateService::new(ca, NodeAuth::Tokens(tokens), "cluster.local".into(), snapshots);
+    let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
+    (CertificatesClient::connect(format!("http://{addr}")).await.unwrap(), dir)
+}
+
+#[tokio::test]
+async fn an_agent_only_gets_identities_of_pods_on_its_node() {
+    let (mut client, _dir) = certificate_service(
+        "node1: node1-secret-token-0001\nnode2: node2-secret-token-0002\n",
         &[("web", "node1", "10.244.1.2"), ("db", "node2", "10.244.2.2"), ("ghost", "node1", "10.244.1.3")],
         &["web", "db"],
-    );
-    publisher.publish(&model);
-    let service = CertificateService::new(ca, NodeAuth::Tokens(tokens), "cluster.local".into(), snapshots);
-
-    let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
-    let mut client = CertificatesClient::connect(format!("http://{addr}")).await.unwrap();
+    )
+    .await;
     let ask = |sa: &str, token: Option<&str>| {
         let mut request = tonic::Request::new(CreateCertificateRequest {
             csr_pem: csr(),
@@ -67,16 +77,8 @@ async fn an_agent_only_gets_identities_of_pods_on_its_node() {
 
 #[tokio::test]
 async fn a_source_that_keeps_failing_authentication_is_throttled() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(Ca::load_or_create(&dir.path().join("ca"), "cluster.local", Duration::from_secs(3600)).unwrap());
-    let tokens_file = dir.path().join("tokens.yaml");
-    std::fs::write(&tokens_file, "node1: node1-secret-token-0001\n").unwrap();
-    let (publisher, snapshots) = Publisher::new();
-    publisher.publish(&shop_model(&[("web", "node1", "10.244.1.2")], &["web"]));
-    let tokens = NodeTokens::load(&tokens_file).unwrap();
-    let service = CertificateService::new(ca, NodeAuth::Tokens(tokens), "cluster.local".into(), snapshots);
-    let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
-    let mut client = CertificatesClient::connect(format!("http://{addr}")).await.unwrap();
+    let (mut client, _dir) =
+        certificate_service("node1: node1-secret-token-0001\n", &[("web", "node1", "10.244.1.2")], &["web"]).await;
     let ask = |token: &str| {
         let mut request = tonic::Request::new(CreateCertificateRequest {
             csr_pem: csr(),

@@ -107,6 +107,26 @@ async fn tls_to(config: Arc<rustls::ClientConfig>, pod: &Pod) -> TlsStream<TcpSt
     tls
 }
 
+/// Writes the preface, SETTINGS and `frames` on a new mTLS connection from the current netns to
+/// `pod`:15008, then reads until the server closes the connection (5 s at most): the frames it
+/// answered, and whether it closed.
+async fn raw_exchange(config: Arc<rustls::ClientConfig>, pod: &Pod, frames: &[u8]) -> (Vec<h2raw::Frame>, bool) {
+    let mut tls = tls_to(config, pod).await;
+    let _ = tls.write_all(&[h2raw::PREFACE, &h2raw::settings(false), frames].concat()).await;
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await.is_ok();
+    (h2raw::parse_frames(&answer), closed)
+}
+
+/// `streams` CONNECTs to `pod`'s echo, each followed at once by its RST_STREAM ("rapid reset").
+fn rapid_resets(pod: &Pod, streams: u32) -> Vec<u8> {
+    let authority = format!("{}:{ECHO_PORT}", pod.ip);
+    (0..streams)
+        .flat_map(|i| [h2raw::connect(2 * i + 1, &authority), h2raw::rst_stream(2 * i + 1, h2raw::code::CANCEL)])
+        .flatten()
+        .collect()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -230,22 +250,8 @@ fn bad_hbone_requests_get_their_answer_and_a_flow_and_the_agent_keeps_serving() 
     // Rapid reset: 200 CONNECT streams, each reset at once, in one burst. The server closes the
     // connection with GOAWAY ENHANCE_YOUR_CALM and records it.
     let config = client_config(&topo);
-    let answer = in_netns(&x.netns, || {
-        runtime().block_on(async {
-            let mut tls = tls_to(config, c).await;
-            let mut burst = [h2raw::PREFACE, &h2raw::settings(false)].concat();
-            for i in 0..200u32 {
-                burst.extend(h2raw::connect(2 * i + 1, &format!("{}:{ECHO_PORT}", c.ip)));
-                burst.extend(h2raw::rst_stream(2 * i + 1, h2raw::code::CANCEL));
-            }
-            let _ = tls.write_all(&burst).await;
-            let mut answer = Vec::new();
-            let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
-            assert!(read.is_ok(), "the server closes the connection: {:?}", h2raw::parse_frames(&answer));
-            answer
-        })
-    });
-    let frames = h2raw::parse_frames(&answer);
+    let (frames, closed) = in_netns(&x.netns, || runtime().block_on(raw_exchange(config, c, &rapid_resets(c, 200))));
+    assert!(closed, "the server closes the connection: {frames:?}");
     assert_eq!(h2raw::goaway_code(&frames), Some(h2raw::code::ENHANCE_YOUR_CALM), "{frames:?}");
     let flow = flow_of(&topo, x, c, "the rapid resets", |f| {
         f["reason"].as_str().unwrap().starts_with("HTTP/2 connection closed by the server: ENHANCE_YOUR_CALM")
@@ -372,19 +378,10 @@ fn floods_are_refused_by_their_limits_while_others_are_served() {
     let (goaways, p50, p99) = served_during(&topo, || {
         in_netns(&x.netns, || {
             runtime().block_on(async {
-                let mut goaways = 0;
+                let (burst, mut goaways) = (rapid_resets(c, 100), 0);
                 for _ in 0..100 {
-                    let mut tls = tls_to(config.clone(), c).await;
-                    let mut burst = [h2raw::PREFACE, &h2raw::settings(false)].concat();
-                    for i in 0..100u32 {
-                        burst.extend(h2raw::connect(2 * i + 1, &format!("{}:{ECHO_PORT}", c.ip)));
-                        burst.extend(h2raw::rst_stream(2 * i + 1, h2raw::code::CANCEL));
-                    }
-                    let _ = tls.write_all(&burst).await;
-                    let mut answer = Vec::new();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
-                    let code = h2raw::goaway_code(&h2raw::parse_frames(&answer));
-                    goaways += usize::from(code == Some(h2raw::code::ENHANCE_YOUR_CALM));
+                    let (frames, _) = raw_exchange(config.clone(), c, &burst).await;
+                    goaways += usize::from(h2raw::goaway_code(&frames) == Some(h2raw::code::ENHANCE_YOUR_CALM));
                 }
                 goaways
             })
@@ -403,21 +400,17 @@ fn floods_are_refused_by_their_limits_while_others_are_served() {
     let (answer, p50, p99) = served_during(&topo, || {
         in_netns(&x.netns, || {
             runtime().block_on(async {
-                let mut tls = tls_to(config, c).await;
                 let big = "x".repeat(1_000_000);
                 let authority = format!("{}:{ECHO_PORT}", c.ip);
                 let block = h2raw::header_block(&[(":method", "CONNECT"), (":authority", &authority), ("x-big", &big)]);
-                let mut out = [h2raw::PREFACE, &h2raw::settings(false)].concat();
                 let chunks: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+                let mut frames = Vec::new();
                 for (i, chunk) in chunks.iter().enumerate() {
                     let kind = if i == 0 { h2raw::kind::HEADERS } else { h2raw::kind::CONTINUATION };
                     let flags = if i + 1 == chunks.len() { h2raw::flag::END_HEADERS } else { 0 };
-                    out.extend(h2raw::frame(kind, flags, 1, chunk));
+                    frames.extend(h2raw::frame(kind, flags, 1, chunk));
                 }
-                let _ = tls.write_all(&out).await;
-                let mut answer = Vec::new();
-                let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
-                h2raw::parse_frames(&answer)
+                raw_exchange(config, c, &frames).await.0
             })
         })
     });
