@@ -66,3 +66,80 @@ fn control_plane_scale() {
         (rss_after.saturating_sub(rss_before)) as f64 / 10000.0
     );
 }
+
+/// Agent start to first config: over TLS to mesh-ctrl (this build) next to plaintext (the
+/// binaries in FERRYMESH_PLAINTEXT_BIN_DIR, a build from before 15012 had TLS, e.g. commit
+/// 0d74e37: `git worktree add /tmp/before 0d74e37 && (cd /tmp/before && CARGO_TARGET_DIR=/tmp/before-target
+/// cargo xtask build)`), in interleaved rounds on one topology each; prints the medians.
+///
+/// `FERRYMESH_PLAINTEXT_BIN_DIR=/tmp/before-target/release cargo test --release -p ferrymesh-testbed
+/// --test measure control_channel -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement, run by hand"]
+fn control_channel_start_to_first_config() {
+    let old =
+        std::path::PathBuf::from(std::env::var("FERRYMESH_PLAINTEXT_BIN_DIR").expect("FERRYMESH_PLAINTEXT_BIN_DIR"));
+    let topo = |tls: bool| {
+        let topo = Topology::build(&TopologySpec::nodes(1).pod("shop", "a", 1));
+        topo.write_cluster(&["shop"]);
+        if tls {
+            topo.start_ctrl(&[]);
+        } else {
+            std::fs::write(topo.token_file(1), "token-node1-plaintext-measure").unwrap();
+            std::fs::write(topo.dir.join("tokens.yaml"), "node1: token-node1-plaintext-measure\n").unwrap();
+            let mut ctrl = topo.command_in(&topo.fabric, old.join("mesh-ctrl"));
+            ctrl.arg("--config-dir").arg(topo.config_dir()).args(["--listen", "172.18.0.254:15012"]);
+            ctrl.arg("--ca-dir").arg(topo.ca_dir()).arg("--node-tokens").arg(topo.dir.join("tokens.yaml"));
+            topo.spawn("mesh-ctrl", ctrl);
+            wait_until(Duration::from_secs(10), "the old mesh-ctrl to serve", || {
+                topo.log("mesh-ctrl").contains("mesh-ctrl serving")
+            });
+        }
+        topo
+    };
+    let (plain, tls) = (topo(false), topo(true));
+    let start_to_config = |topo: &Topology, tls: bool| {
+        let cmd = if tls {
+            topo.agent_command(1, &[])
+        } else {
+            let mut cmd = topo.command_in(&topo.nodes[0].netns, old.join("mesh-agent"));
+            cmd.args(["--node-name", "node1", "--ctrl", "http://172.18.0.254:15012"]);
+            cmd.arg("--admin-socket").arg(topo.agent_socket(1)).arg("--token-file").arg(topo.token_file(1));
+            cmd
+        };
+        // Polled every 2 ms (wait_until's 50 ms would be the resolution otherwise).
+        let poll = |done: &dyn Fn(&serde_json::Value) -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !topo.try_status(1).is_some_and(|s| done(&s)) {
+                assert!(std::time::Instant::now() < deadline, "the agent did not get there in 20 s");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        let started = std::time::Instant::now();
+        topo.spawn("agent-node1", cmd);
+        poll(&|s| s["config_version"].as_u64() > Some(0));
+        let took = started.elapsed();
+        // The first certificate too: one more TLS connection and a CSR.
+        poll(&|s| s["certs"].as_array().is_some_and(|c| !c.is_empty()));
+        let with_cert = started.elapsed();
+        topo.signal_and_wait("agent-node1", libc::SIGTERM);
+        (took.as_secs_f64() * 1e3, with_cert.as_secs_f64() * 1e3)
+    };
+    let (mut p, mut t) = (Vec::new(), Vec::new());
+    for _ in 0..15 {
+        p.push(start_to_config(&plain, false));
+        t.push(start_to_config(&tls, true));
+    }
+    let median = |v: &mut Vec<(f64, f64)>, pick: fn(&(f64, f64)) -> f64| {
+        let mut xs: Vec<f64> = v.iter().map(pick).collect();
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    println!(
+        "agent start -> first config (median of 15): plaintext {:.1} ms, TLS {:.1} ms; -> first certificate: plaintext {:.1} ms, TLS {:.1} ms",
+        median(&mut p, |x| x.0),
+        median(&mut t, |x| x.0),
+        median(&mut p, |x| x.1),
+        median(&mut t, |x| x.1)
+    );
+}
