@@ -226,10 +226,23 @@ async fn serve_connection(
         tokio::spawn(serve_stream(stream, pod.clone(), ctx.clone()));
     })
     .await;
-    if let Err(reason) = ended {
-        Limit::Http2Protocol.count();
-        failed(reason);
+    if let Err(closed) = ended {
+        // A GOAWAY the server sent is a refusal (rapid reset, an oversized header block, a
+        // malformed frame); one from the client is only its reason for leaving.
+        if closed.by_server {
+            Limit::Http2Protocol.count();
+        }
+        failed(closed.reason);
     }
+}
+
+/// An HTTP/2 connection that ended on an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Http2Closed {
+    /// The server closed it (a GOAWAY of ours, or a failed handshake), not the client.
+    pub(crate) by_server: bool,
+    /// What happened, for the flow.
+    pub(crate) reason: String,
 }
 
 /// The HTTP/2 server settings of every HBONE listener.
@@ -252,13 +265,13 @@ fn server_settings() -> h2::server::Builder {
 pub(crate) async fn serve_h2<IO>(
     io: IO,
     mut on_stream: impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>),
-) -> Result<(), String>
+) -> Result<(), Http2Closed>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut connection = match server_settings().handshake::<_, Bytes>(io).await {
         Ok(connection) => connection,
-        Err(e) => return Err(format!("HTTP/2 handshake failed: {e}")),
+        Err(e) => return Err(Http2Closed { by_server: true, reason: format!("HTTP/2 handshake failed: {e}") }),
     };
     while let Some(accepted) = connection.accept().await {
         match accepted {
@@ -271,11 +284,12 @@ where
 
 /// A connection-level HTTP/2 error worth a flow: one with a reason (protocol error, GOAWAY
 /// ENHANCE_YOUR_CALM...), not the peer's socket closing.
-fn connection_error(e: h2::Error) -> Result<(), String> {
+fn connection_error(e: h2::Error) -> Result<(), Http2Closed> {
     match e.reason() {
         Some(reason) if reason != h2::Reason::NO_ERROR => {
             let by = if e.is_remote() { "the client" } else { "the server" };
-            Err(format!("HTTP/2 connection closed by {by}: {reason:?} ({e})"))
+            let reason = format!("HTTP/2 connection closed by {by}: {reason:?} ({e})");
+            Err(Http2Closed { by_server: !e.is_remote(), reason })
         }
         _ => Ok(()),
     }
@@ -286,7 +300,7 @@ struct NewStream {
     http: Request<RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
     peer: PeerInfo,
-    /// Its place under the per-source stream limit, for the stream's whole life.
+    /// Its place under the per-source and per-pod stream limits, for the stream's whole life.
     _held: Held,
 }
 
@@ -334,7 +348,7 @@ struct Accepted<'a> {
     admitted: Admitted<'a>,
     body: RecvStream,
     send: SendStream<Bytes>,
-    /// Its place under the per-source stream limit.
+    /// Its place under the per-source and per-pod stream limits.
     _held: Held,
 }
 
@@ -674,7 +688,7 @@ mod tests {
     /// What the HBONE server did with one client's bytes.
     struct Served {
         /// How the connection ended.
-        ended: Result<(), String>,
+        ended: Result<(), Http2Closed>,
         /// What the server wrote.
         output: Vec<u8>,
         /// The requests it answered: (stream id, status).
