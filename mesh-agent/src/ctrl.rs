@@ -74,6 +74,11 @@ impl Ctrl {
 
     /// The pinned roots, read now from the root file.
     pub fn pinned_roots(&self) -> Result<Vec<CertificateDer<'static>>, CtrlError> {
+        self.read_roots().map(|(_, roots)| roots)
+    }
+
+    /// The root file as read now: its text, and the certificates in it (at least one).
+    fn read_roots(&self) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), CtrlError> {
         let text = std::fs::read(&self.root).map_err(|e| CtrlError::Root(self.root.clone(), e.to_string()))?;
         let roots = CertificateDer::pem_slice_iter(&text)
             .collect::<Result<Vec<_>, _>>()
@@ -81,13 +86,12 @@ impl Ctrl {
         if roots.is_empty() {
             return Err(CtrlError::Root(self.root.clone(), "no CERTIFICATE in it".into()));
         }
-        Ok(roots)
+        Ok((text, roots))
     }
 
     /// A verified TLS channel to mesh-ctrl.
     pub async fn connect(&self, request_timeout: Option<Duration>) -> Result<Channel, CtrlError> {
-        let pem = std::fs::read(&self.root).map_err(|e| CtrlError::Root(self.root.clone(), e.to_string()))?;
-        self.pinned_roots()?;
+        let (pem, _) = self.read_roots()?;
         let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
         let mut endpoint = Endpoint::from_shared(self.address.clone())
             .map_err(|e| CtrlError::Address(self.address.clone(), e.to_string()))?

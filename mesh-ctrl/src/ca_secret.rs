@@ -31,17 +31,22 @@ pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
 /// Field manager of mesh-ctrl's server-side applies.
 const FIELD_MANAGER: &str = "mesh-ctrl";
 
+/// Metadata of an object mesh-ctrl creates: `namespace/name`, labelled as ferrymesh's.
+fn managed_meta(name: &str, namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(namespace.to_string()),
+        labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".into(), "ferrymesh".into())])),
+        ..Default::default()
+    }
+}
+
 /// Publishes the trust bundle `roots_pem` as ConfigMap `namespace/ferrymesh-ca-root-cert`
 /// (server-side apply: created, or updated to exactly this).
 pub async fn publish_root(client: Client, namespace: &str, roots_pem: &str) -> anyhow::Result<()> {
     let api: Api<ConfigMap> = Api::namespaced(client, namespace);
     let config_map = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(ROOT_CONFIGMAP.to_string()),
-            namespace: Some(namespace.to_string()),
-            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".into(), "ferrymesh".into())])),
-            ..Default::default()
-        },
+        metadata: managed_meta(ROOT_CONFIGMAP, namespace),
         data: Some(BTreeMap::from([(ROOT_CONFIGMAP_KEY.to_string(), roots_pem.to_string())])),
         ..Default::default()
     };
@@ -83,12 +88,7 @@ pub async fn load_or_create(
         }
         let (cert_pem, key_pem) = Ca::generate_root(trust_domain)?;
         let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.to_string()),
-                namespace: Some(namespace.to_string()),
-                labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".into(), "ferrymesh".into())])),
-                ..Default::default()
-            },
+            metadata: managed_meta(name, namespace),
             type_: Some("Opaque".into()),
             data: Some(BTreeMap::from([
                 (CERT_KEY.to_string(), ByteString(cert_pem.into_bytes())),
