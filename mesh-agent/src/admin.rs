@@ -164,8 +164,24 @@ impl agent_admin_server::AgentAdmin for AdminService {
                 serial: c.serial.clone(),
                 not_after_unix_ms: unix_ms(c.not_after),
                 rotate_at_unix_ms: unix_ms(c.rotate_at),
+                issuer_sha256: c.issuer_sha256.clone(),
             })
             .collect();
+        let trust = self.state.trust().borrow().clone();
+        let trust_roots = trust
+            .as_ref()
+            .map(|t| {
+                t.info
+                    .iter()
+                    .map(|r| proto::TrustRoot {
+                        subject: r.subject.clone(),
+                        sha256: r.sha256.clone(),
+                        not_after_unix_ms: unix_ms(r.not_after),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let issuer_sha256 = trust.map(|t| t.issuer_sha256.clone()).unwrap_or_default();
         // Counting walks every key: off the async threads.
         let stats = self.map_stats.clone();
         let maps = tokio::task::spawn_blocking(move || stats.map_fill())
@@ -183,6 +199,8 @@ impl agent_admin_server::AgentAdmin for AdminService {
             enrolled,
             programs,
             counters,
+            trust_roots,
+            issuer_sha256,
         }))
     }
 }

@@ -7,12 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrymesh_api::config::{config_client::ConfigClient, WatchRequest};
+use ferrymesh_api::config::{config_client::ConfigClient, ConfigUpdate, WatchRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::ctrl::{Ctrl, CtrlError};
 use crate::state::State;
+use crate::trust::{certificates, TrustBundle};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -76,7 +77,13 @@ async fn stream_once(ctrl: &Ctrl, node: &str, state: &State) -> Result<(), Confi
                 state.ctrl_status().1
             ))
         } else {
-            state.apply(update).map_err(|e| e.to_string())
+            trusted_bundle(ctrl, &update).and_then(|trust| {
+                state.apply(update).map_err(|e| e.to_string())?;
+                if let Some(trust) = trust {
+                    state.set_trust(trust);
+                }
+                Ok(())
+            })
         };
         let error = match result {
             Ok(()) => {
@@ -96,6 +103,18 @@ async fn stream_once(ctrl: &Ctrl, node: &str, state: &State) -> Result<(), Confi
         }
     }
     Ok(())
+}
+
+/// The trust bundle `update` carries (None: it carries none, the one held stays), refused
+/// unless it holds a root pinned in `--ca-root`.
+fn trusted_bundle(ctrl: &Ctrl, update: &ConfigUpdate) -> Result<Option<TrustBundle>, String> {
+    if update.trust_roots_pem.is_empty() {
+        return Ok(None);
+    }
+    let bad = |e: String| format!("trust bundle: {e}");
+    let roots = certificates(&update.trust_roots_pem).map_err(bad)?;
+    ctrl.check_bundle(&roots).map_err(|e| e.to_string())?;
+    TrustBundle::new(&update.trust_roots_pem, &update.issuer_sha256).map(Some).map_err(bad)
 }
 
 #[cfg(test)]
@@ -198,5 +217,54 @@ mod tests {
         assert!(state.workload("c").is_none(), "the delta after the rejected one was not applied");
         assert!(state.workload("d").is_some() && state.workload("a").is_none());
         assert_eq!(state.ctrl_status().1, 4);
+    }
+
+    /// The bundle of every update replaces the one held, when it holds a pinned root; one
+    /// that does not is refused with the whole update, and an update without one keeps it.
+    #[tokio::test]
+    async fn a_trust_bundle_is_taken_only_when_it_holds_a_pinned_root() {
+        use ferrymesh_api::config::{ConfigUpdate, Workload};
+        let pki = crate::ctrl::testing::Pki::new();
+        let foreign = crate::ctrl::testing::Pki::new();
+        let (pinned, other) = (pki.root_pem(), foreign.root_pem());
+        let update = |version, roots: Vec<String>, issuer: &str| ConfigUpdate {
+            version,
+            snapshot: true,
+            upserted: vec![Workload { uid: format!("w{version}"), ip: "10.0.0.1".into(), ..Default::default() }],
+            trust_roots_pem: roots,
+            issuer_sha256: issuer.into(),
+            ..Default::default()
+        };
+        let state = std::sync::Arc::new(State::default());
+        // One stream per update: its answer comes after it was applied, before anything else.
+        let mut seen = Vec::new();
+        for u in [
+            update(1, vec![other.clone()], "a"),
+            update(2, vec![other.clone(), pinned.clone()], "a"),
+            update(3, vec![], ""),
+            update(4, vec![pinned.clone()], "b"),
+        ] {
+            let (answers, mut answered) = mpsc::channel(8);
+            let server = Scripted { updates: std::sync::Mutex::new(Some(vec![u])), answers: Some(answers) };
+            let router = tonic::transport::Server::builder()
+                .add_service(ferrymesh_api::config::config_server::ConfigServer::new(server));
+            let addr = pki.serve(router).await;
+            let (client_state, ctrl) = (state.clone(), pki.ctrl(&format!("https://{addr}")));
+            let stream = tokio::spawn(async move { stream_once(&ctrl, "n1", &client_state).await });
+            for _ in 0..2 {
+                let answer = tokio::time::timeout(Duration::from_secs(5), answered.recv()).await.unwrap().unwrap();
+                let held = state.trust().borrow().as_ref().map(|t| (t.info.len(), t.issuer_sha256.clone()));
+                seen.push((answer.version, answer.error, held));
+            }
+            stream.abort();
+        }
+        let seen: Vec<_> = seen.into_iter().filter(|(version, _, _)| *version > 0).collect();
+        assert_eq!(seen[0].0, 1);
+        assert!(seen[0].1.contains("holds none of the roots in --ca-root"), "{:?}", seen[0]);
+        assert_eq!(seen[0].2, None);
+        assert!(state.workload("w1").is_none(), "nothing of the refused update was applied");
+        assert_eq!(seen[1], (2, String::new(), Some((2, "a".to_string()))), "the overlap bundle");
+        assert_eq!(seen[2], (3, String::new(), Some((2, "a".to_string()))), "no bundle: the held one stays");
+        assert_eq!(seen[3], (4, String::new(), Some((1, "b".to_string()))), "the old root removed");
     }
 }

@@ -213,6 +213,11 @@ pub(crate) mod testing {
             Self { issuer: Issuer::new(params, key), dir }
         }
 
+        /// The root, PEM.
+        pub(crate) fn root_pem(&self) -> String {
+            std::fs::read_to_string(self.dir.join("root.pem")).unwrap()
+        }
+
         /// A client of `address` pinning this root.
         pub(crate) fn ctrl(&self, address: &str) -> Ctrl {
             Ctrl::new(address, Some(&self.dir.join("root.pem"))).unwrap()

@@ -1,7 +1,8 @@
 //! Identity manager: one certificate per SPIFFE identity of the enrolled pods, from the mesh
 //! CA. The key is generated here and never leaves the agent; only a CSR goes to mesh-ctrl.
-//! Each identity has a task that renews at half-life (with jitter) and, when renewal fails,
-//! keeps the valid certificate and retries with backoff until it expires.
+//! Each identity has a task that renews at half-life (with jitter), and soon after mesh-ctrl
+//! starts signing with another CA certificate (a root rotation), and, when renewal fails, keeps
+//! the valid certificate and retries with backoff until it expires.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,11 +13,11 @@ use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
-use rustls::RootCertStore;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::ctrl::Ctrl;
+use crate::trust::{sha256_hex, TrustReceiver};
 
 /// A workload identity: namespace and service account.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,8 +44,8 @@ pub struct WorkloadCert {
     pub spiffe_id: String,
     /// Chain and signing key.
     pub key: Arc<CertifiedKey>,
-    /// Trust bundle that came with it.
-    pub roots: Arc<RootCertStore>,
+    /// SHA-256 (hex) of the CA certificate that signed it.
+    pub issuer_sha256: String,
     /// Leaf serial, hex.
     pub serial: String,
     /// Leaf expiry.
@@ -131,6 +132,7 @@ pub struct IdentityManager {
     ctrl: Ctrl,
     token: Option<Arc<TokenFile>>,
     trust_domain: watch::Receiver<String>,
+    trust: TrustReceiver,
     tracked: Mutex<HashMap<Identity, Tracked>>,
 }
 
@@ -148,9 +150,20 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl IdentityManager {
     /// A manager asking `ctrl` with the token of `token` (None: disabled), for identities in the
-    /// trust domain `trust_domain` announces.
-    pub fn new(ctrl: Ctrl, token: Option<Arc<TokenFile>>, trust_domain: watch::Receiver<String>) -> Self {
-        Self { ctrl, token, trust_domain, tracked: Mutex::new(HashMap::new()) }
+    /// trust domain `trust_domain` announces, renewing what another CA certificate than the one
+    /// `trust` names signed.
+    pub fn new(
+        ctrl: Ctrl,
+        token: Option<Arc<TokenFile>>,
+        trust_domain: watch::Receiver<String>,
+        trust: TrustReceiver,
+    ) -> Self {
+        Self { ctrl, token, trust_domain, trust, tracked: Mutex::new(HashMap::new()) }
+    }
+
+    /// The trust bundle peers are verified against (as mesh-ctrl sends it).
+    pub fn trust(&self) -> TrustReceiver {
+        self.trust.clone()
     }
 
     /// Whether certificates (and so HBONE) are enabled.
@@ -174,6 +187,7 @@ impl IdentityManager {
                 self.ctrl.clone(),
                 self.token.clone(),
                 self.trust_domain.clone(),
+                self.trust.clone(),
                 tx,
                 last_error.clone(),
             ));
@@ -235,6 +249,7 @@ async fn keep_renewed(
     ctrl: Ctrl,
     token: Option<Arc<TokenFile>>,
     mut trust_domain: watch::Receiver<String>,
+    mut trust: TrustReceiver,
     tx: watch::Sender<Option<Arc<WorkloadCert>>>,
     last_error: LastError,
 ) {
@@ -244,26 +259,46 @@ async fn keep_renewed(
     loop {
         let td = trust_domain.borrow().clone();
         let bearer = token.as_ref().map(|t| t.current()).unwrap_or_default();
-        let wait = match fetch(&id, &td, &ctrl, &bearer).await {
+        match fetch(&id, &td, &ctrl, &bearer).await {
             Ok(cert) => {
                 tracing::info!(identity = %cert.spiffe_id, serial = %cert.serial, "certificate issued");
                 crate::telemetry::cert_issued();
                 let wait = cert.rotate_at.duration_since(SystemTime::now()).unwrap_or_default();
+                let issuer = cert.issuer_sha256.clone();
                 tx.send_replace(Some(Arc::new(cert)));
                 *last_error.lock().expect("identity lock") = None;
                 backoff = BACKOFF_MIN;
-                wait
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = issuer_moved_from(&mut trust, &issuer) => {
+                        // Spread the renewals of every identity of every node a little.
+                        tokio::time::sleep(rand::random_range(ROTATION_SPREAD / 4..ROTATION_SPREAD)).await;
+                        tracing::info!(identity = %id.spiffe_id(&td), "mesh-ctrl signs with another CA certificate now: renewing");
+                    }
+                }
             }
             Err(message) => {
                 tracing::warn!(identity = %id.spiffe_id(&td), "{message}; retrying in {backoff:?}");
                 crate::telemetry::cert_failed();
                 *last_error.lock().expect("identity lock") = Some(message);
-                let wait = backoff;
+                tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
-                wait
             }
-        };
-        tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Over how long the certificates of a node are renewed after mesh-ctrl switched its CA
+/// certificate.
+const ROTATION_SPREAD: Duration = Duration::from_secs(2);
+
+/// Returns once the trust bundle names a signing CA certificate other than `issuer` (never when
+/// mesh-ctrl names none).
+async fn issuer_moved_from(trust: &mut TrustReceiver, issuer: &str) {
+    let moved =
+        trust.wait_for(|t| t.as_ref().is_some_and(|t| !t.issuer_sha256.is_empty() && t.issuer_sha256 != issuer));
+    if moved.await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -313,17 +348,14 @@ async fn fetch(id: &Identity, trust_domain: &str, ctrl: &Ctrl, token: &str) -> R
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("bad trust bundle from mesh-ctrl: {e}"))?;
     ctrl.check_bundle(&bundle).map_err(|e| e.to_string())?;
-    let mut roots = RootCertStore::empty();
-    for root in bundle {
-        roots.add(root).map_err(|e| format!("bad trust bundle from mesh-ctrl: {e}"))?;
-    }
+    let issuer_sha256 = chain.get(1).map(|ca| sha256_hex(ca)).unwrap_or_default();
     let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| format!("key encoding: {e}"))?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| format!("key: {e}"))?;
     Ok(WorkloadCert {
         identity: id.clone(),
         spiffe_id: response.spiffe_id,
         key: Arc::new(CertifiedKey::new(chain, signing)),
-        roots: Arc::new(roots),
+        issuer_sha256,
         serial,
         not_after,
         rotate_at: rotate_at(issued, not_after),

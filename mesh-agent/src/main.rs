@@ -15,6 +15,7 @@ mod proxy;
 mod state;
 mod telemetry;
 mod tls;
+mod trust;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -130,7 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None
         }
     };
-    let identities = Arc::new(identity::IdentityManager::new(ctrl.clone(), token, state.trust_domain()));
+    let identities = Arc::new(identity::IdentityManager::new(ctrl.clone(), token, state.trust_domain(), state.trust()));
     let ctx = Arc::new(proxy::ProxyContext {
         node: args.node_name.clone(),
         state: state.clone(),

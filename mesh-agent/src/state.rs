@@ -12,6 +12,8 @@ use ferrymesh_api::config as proto;
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet};
 use tokio::sync::watch;
 
+use crate::trust::{TrustBundle, TrustReceiver};
+
 /// A workload (pod) of the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -162,6 +164,7 @@ pub struct State {
     inner: RwLock<Inner>,
     changed: watch::Sender<u64>,
     trust_domain: watch::Sender<String>,
+    trust: watch::Sender<Option<Arc<TrustBundle>>>,
     policies: watch::Sender<Arc<PolicySet>>,
 }
 
@@ -171,6 +174,7 @@ impl Default for State {
             inner: RwLock::default(),
             changed: watch::channel(0).0,
             trust_domain: watch::channel(String::new()).0,
+            trust: watch::channel(None).0,
             policies: watch::channel(Arc::new(PolicySet::default())).0,
         }
     }
@@ -273,6 +277,16 @@ impl State {
     /// The mesh's trust domain as mesh-ctrl announces it (empty until the first update).
     pub fn trust_domain(&self) -> watch::Receiver<String> {
         self.trust_domain.subscribe()
+    }
+
+    /// Puts the trust bundle `bundle` in force (mesh-ctrl sent it, and it holds a pinned root).
+    pub fn set_trust(&self, bundle: TrustBundle) {
+        self.trust.send_replace(Some(Arc::new(bundle)));
+    }
+
+    /// The trust bundle in force (None until mesh-ctrl sent one).
+    pub fn trust(&self) -> TrustReceiver {
+        self.trust.subscribe()
     }
 
     /// Records whether the config stream from mesh-ctrl is up.

@@ -19,6 +19,7 @@ use rustls::{
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 use crate::identity::WorkloadCert;
+use crate::trust::{TrustBundle, TrustReceiver};
 
 /// ALPN of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -77,12 +78,19 @@ fn bad_identity(message: String) -> Error {
 #[error("{0}")]
 pub struct IdentityMismatch(pub String);
 
-/// Client-certificate verifier of the HBONE server: chain to the mesh roots (webpki), then
-/// the SPIFFE ID must be in our trust domain.
+/// Client-certificate verifier of the HBONE server: chain to the mesh roots held at the moment
+/// of the handshake (webpki), then the SPIFFE ID must be in our trust domain.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    trust: TrustReceiver,
     trust_domain: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SpiffeClientVerifier {
+    fn current(&self) -> Result<Arc<TrustBundle>, Error> {
+        self.trust.borrow().clone().ok_or_else(|| Error::General("no trust bundle from mesh-ctrl yet".into()))
+    }
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -96,7 +104,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.current()?.client_verifier.verify_client_cert(end_entity, intermediates, now)?;
         let id = spiffe_id_of(end_entity).map_err(bad_identity)?;
         if trust_domain_of(&id) != Some(self.trust_domain.as_str()) {
             return Err(bad_identity(format!("client identity {id} is outside trust domain {}", self.trust_domain)));
@@ -110,7 +118,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -119,11 +127,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -178,18 +186,24 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// The webpki client-certificate verifier for `roots` (one per trust bundle).
+pub fn client_verifier(roots: Arc<RootCertStore>) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| Error::General(format!("client verifier: {e}")))
+}
+
 /// Server config for a pod's 15008 listener: its certificate comes from `resolver` at each
-/// handshake (so renewals apply to new connections), clients must chain to `roots`.
+/// handshake (so renewals apply to new connections), clients must chain to the bundle `trust`
+/// holds at that handshake (so a root rotation applies to new connections).
 pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
-    roots: Arc<RootCertStore>,
+    trust: TrustReceiver,
     trust_domain: &str,
 ) -> Result<ServerConfig, Error> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| Error::General(format!("client verifier: {e}")))?;
-    let verifier = Arc::new(SpiffeClientVerifier { inner, trust_domain: trust_domain.to_string() });
+    let verifier =
+        Arc::new(SpiffeClientVerifier { trust, trust_domain: trust_domain.to_string(), provider: provider.clone() });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -198,10 +212,11 @@ pub fn server_config(
     Ok(config)
 }
 
-/// Client config presenting `cert` and accepting only a server proving `expected`.
-pub fn client_config(cert: &WorkloadCert, expected: String) -> Result<ClientConfig, Error> {
+/// Client config presenting `cert` and accepting only a server chained to `roots` and proving
+/// `expected`.
+pub fn client_config(cert: &WorkloadCert, roots: Arc<RootCertStore>, expected: String) -> Result<ClientConfig, Error> {
     let provider = provider();
-    let verifier = Arc::new(SpiffeServerVerifier { roots: cert.roots.clone(), expected, provider: provider.clone() });
+    let verifier = Arc::new(SpiffeServerVerifier { roots, expected, provider: provider.clone() });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

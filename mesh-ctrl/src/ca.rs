@@ -1,27 +1,51 @@
-//! The mesh CA: a root (or operator-provided intermediate) that signs workload certificates
-//! from CSRs. It owns key files in `--ca-dir` and X.509 issuance (rcgen); it never decides who
-//! may get which identity (that is [`crate::certs`]).
+//! The mesh CA: the certificate and key that sign workload certificates from CSRs, and the
+//! trust bundle agents verify peers against. It owns the CA files and X.509 issuance (rcgen);
+//! it never decides who may get which identity (that is [`crate::certs`]).
 //!
-//! Files in the CA directory, Istio's plug-in CA names where the operator provides them:
-//! - operator-provided: `ca-cert.pem` + `ca-key.pem` (RSA or ECDSA), optional `cert-chain.pem`
-//!   (the chain above `ca-cert.pem`) and `root-cert.pem` (the trust bundle);
-//! - generated on first start when none are there: `root-cert.pem` + `root-key.pem` (0600).
+//! The files, in `--ca-dir` or as keys of the CA Secret, Istio's plug-in CA names:
+//! - `ca-cert.pem` + `ca-key.pem` (RSA or ECDSA): the issuing CA, with optional
+//!   `cert-chain.pem` (the chain above `ca-cert.pem`) and `root-cert.pem` (the trust bundle);
+//! - or, as generated on first start when there is no CA: `root-cert.pem` (the trust bundle)
+//!   + `root-key.pem` (0600), which signs with the certificate of the bundle it matches.
+//!
+//! The trust bundle may hold several roots: during a root rotation the old and the new one
+//! are both trusted. [`Reloader`] reads the files again and replaces the CA in force as a whole
+//! when they change and make a consistent CA; anything else is refused and changes nothing.
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Lifetime of a generated root.
 const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Backdating of leaves, for clocks a little behind ours.
 const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// Names of the CA files (in `--ca-dir`, or keys of the CA Secret).
+pub const CA_FILES: [&str; 5] = ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem", "root-key.pem"];
+
+/// The CA files as read from one place: file name to text.
+pub type CaFiles = BTreeMap<String, String>;
+
+/// The CA in force: replaced as a whole when the operator changes the CA files.
+pub type CurrentCa = watch::Receiver<Arc<Ca>>;
+
+/// A [`CurrentCa`] that never changes (for tests and fixed setups).
+pub fn fixed(ca: Ca) -> CurrentCa {
+    watch::channel(Arc::new(ca)).1
+}
 
 /// Errors of the CA, written for operators.
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +58,8 @@ pub enum CaError {
         /// What went wrong.
         source: std::io::Error,
     },
-    /// A CA file holds no usable certificate or key.
-    #[error("CA file {path}: {message}")]
+    /// A CA file holds no usable certificate or key, or the files do not fit together.
+    #[error("{path}: {message}")]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -81,19 +105,21 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     /// The issuing certificate and the chain above it (PEM), appended to every leaf.
     chain_pem: Vec<String>,
-    /// The trust bundle agents verify peers against (PEM).
-    roots_pem: String,
+    /// The trust bundle agents verify peers against: one PEM certificate per root.
+    roots: Vec<String>,
+    /// SHA-256 of the issuing certificate (DER), hex.
+    issuer_sha256: String,
     ttl: Duration,
 }
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").field("chain", &self.chain_pem.len()).field("ttl", &self.ttl).finish_non_exhaustive()
+        f.debug_struct("Ca")
+            .field("issuer_sha256", &self.issuer_sha256)
+            .field("roots", &self.roots.len())
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
     }
-}
-
-fn read(path: &Path) -> Result<String, CaError> {
-    std::fs::read_to_string(path).map_err(|source| CaError::File { path: path.to_path_buf(), source })
 }
 
 fn invalid(path: &Path, message: impl std::fmt::Display) -> CaError {
@@ -110,12 +136,28 @@ fn split_certs(path: &Path, pem_text: &str) -> Result<Vec<String>, CaError> {
     Ok(certs)
 }
 
-/// A PKCS#8 PEM key (RSA or ECDSA); older PEM forms get a hint that converts them.
-fn load_key(path: &Path) -> Result<KeyPair, CaError> {
-    parse_key(path, &read(path)?)
+/// The DER of a PEM certificate produced by [`split_certs`].
+fn der(cert_pem: &str) -> Vec<u8> {
+    pem::parse(cert_pem).map(|p| p.contents().to_vec()).unwrap_or_default()
 }
 
-/// [`load_key`] of text already read (`path` names where it came from, for errors).
+/// SHA-256 of a PEM certificate's DER, hex.
+pub fn sha256_hex(cert_pem: &str) -> String {
+    Sha256::digest(der(cert_pem)).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A parsed certificate, or why not (`path` names the file).
+fn parse_cert<'a>(path: &Path, der: &'a [u8]) -> Result<X509Certificate<'a>, CaError> {
+    X509Certificate::from_der(der).map(|(_, c)| c).map_err(|e| invalid(path, format!("unparsable certificate: {e}")))
+}
+
+/// Whether `key` is the private key of the certificate `cert_der`.
+fn key_matches(key: &KeyPair, cert_der: &[u8]) -> bool {
+    X509Certificate::from_der(cert_der)
+        .is_ok_and(|(_, c)| c.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+}
+
+/// A PKCS#8 PEM key (RSA or ECDSA); older PEM forms get a hint that converts them.
 fn parse_key(path: &Path, text: &str) -> Result<KeyPair, CaError> {
     if text.contains("BEGIN EC PRIVATE KEY") || text.contains("BEGIN RSA PRIVATE KEY") {
         return Err(invalid(
@@ -133,25 +175,36 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
         .map_err(|source| CaError::File { path: path.to_path_buf(), source })
 }
 
+/// The CA files present in `dir`.
+pub fn read_dir_files(dir: &Path) -> Result<CaFiles, CaError> {
+    let mut files = CaFiles::new();
+    for name in CA_FILES {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                files.insert(name.to_string(), text);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CaError::File { path, source }),
+        }
+    }
+    Ok(files)
+}
+
 impl Ca {
-    /// Loads the operator's CA or the generated root from `dir`, generating a root there on
-    /// first start. Leaves live `ttl`.
+    /// Loads the CA from `dir`, generating a root there on first start (no CA file at all).
+    /// Leaves live `ttl`.
     pub fn load_or_create(dir: &Path, trust_domain: &str, ttl: Duration) -> Result<Self, CaError> {
         std::fs::create_dir_all(dir).map_err(|source| CaError::File { path: dir.to_path_buf(), source })?;
-        let (cert_path, key_path) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
-        if cert_path.exists() || key_path.exists() {
-            return Self::from_operator_files(dir, ttl);
-        }
-        let (root_path, root_key_path) = (dir.join("root-cert.pem"), dir.join("root-key.pem"));
-        if !root_path.exists() && !root_key_path.exists() {
+        if read_dir_files(dir)?.is_empty() {
             let (cert_pem, key_pem) = Self::generate_root(trust_domain)?;
             // Key first and create_new: a crash never leaves a certificate without its key,
             // and an existing key is never overwritten.
-            write_file(&root_key_path, &key_pem, 0o600)?;
-            write_file(&root_path, &cert_pem, 0o644)?;
+            write_file(&dir.join("root-key.pem"), &key_pem, 0o600)?;
+            write_file(&dir.join("root-cert.pem"), &cert_pem, 0o644)?;
             tracing::info!(dir = %dir.display(), "generated a new mesh root CA");
         }
-        Self::from_root_pem(&root_path, &read(&root_path)?, &root_key_path, &read(&root_key_path)?, ttl)
+        Self::from_files(&read_dir_files(dir)?, &|name| dir.join(name), ttl)
     }
 
     /// A new self-signed ECDSA P-256 root for `trust_domain`: (certificate PEM, key PEM).
@@ -164,6 +217,7 @@ impl Ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
         let now = SystemTime::now();
         params.not_before = now.into();
         params.not_after = (now + ROOT_TTL).into();
@@ -171,47 +225,103 @@ impl Ca {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
-    /// A CA signing with the root `cert_pem` and its key `key_pem` (`cert_origin` and
-    /// `key_origin` name where they came from, in errors). The root is the trust bundle.
-    pub fn from_root_pem(
-        cert_origin: &Path,
-        cert_pem: &str,
-        key_origin: &Path,
-        key_pem: &str,
-        ttl: Duration,
-    ) -> Result<Self, CaError> {
-        let key = parse_key(key_origin, key_pem)?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| invalid(cert_origin, e))?;
-        let chain_pem = split_certs(cert_origin, cert_pem)?;
-        Ok(Self { issuer, roots_pem: chain_pem.concat(), chain_pem, ttl })
-    }
-
-    fn from_operator_files(dir: &Path, ttl: Duration) -> Result<Self, CaError> {
-        let (cert_path, key_path) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
-        let cert_pem = read(&cert_path)?;
-        let key = load_key(&key_path)?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| invalid(&cert_path, e))?;
-        let mut chain_pem = split_certs(&cert_path, &cert_pem)?;
-        let chain_path = dir.join("cert-chain.pem");
-        if chain_path.exists() {
-            for cert in split_certs(&chain_path, &read(&chain_path)?)? {
-                if !chain_pem.contains(&cert) {
-                    chain_pem.push(cert);
+    /// The CA the CA files `files` make (see the module doc); `at` names where a file is, for
+    /// errors. The files must fit together: the key matches its certificate, and the issuing
+    /// chain leads to a root in the trust bundle.
+    pub fn from_files(files: &CaFiles, at: &dyn Fn(&str) -> PathBuf, ttl: Duration) -> Result<Self, CaError> {
+        let get = |name: &str| files.get(name).map(String::as_str);
+        let missing = |name: &str, because: &str| invalid(&at(name), format!("missing ({because})"));
+        let (chain_pem, key, roots) = if get("ca-cert.pem").is_some() || get("ca-key.pem").is_some() {
+            let cert_text = get("ca-cert.pem").ok_or_else(|| missing("ca-cert.pem", "ca-key.pem is there"))?;
+            let key_text = get("ca-key.pem").ok_or_else(|| missing("ca-key.pem", "ca-cert.pem is there"))?;
+            let mut chain_pem = split_certs(&at("ca-cert.pem"), cert_text)?;
+            let key = parse_key(&at("ca-key.pem"), key_text)?;
+            if !key_matches(&key, &der(&chain_pem[0])) {
+                return Err(invalid(&at("ca-key.pem"), "is not the key of the certificate in ca-cert.pem"));
+            }
+            if let Some(text) = get("cert-chain.pem") {
+                for cert in split_certs(&at("cert-chain.pem"), text)? {
+                    if !chain_pem.contains(&cert) {
+                        chain_pem.push(cert);
+                    }
                 }
             }
-        }
-        let root_path = dir.join("root-cert.pem");
-        let roots_pem = if root_path.exists() {
-            split_certs(&root_path, &read(&root_path)?)?.concat()
+            let roots = match get("root-cert.pem") {
+                Some(text) => split_certs(&at("root-cert.pem"), text)?,
+                None => chain_pem.last().cloned().into_iter().collect(),
+            };
+            (chain_pem, key, roots)
+        } else if let Some(key_text) = get("root-key.pem") {
+            let roots_text = get("root-cert.pem").ok_or_else(|| missing("root-cert.pem", "root-key.pem is there"))?;
+            let roots = split_certs(&at("root-cert.pem"), roots_text)?;
+            let key = parse_key(&at("root-key.pem"), key_text)?;
+            let issuing = roots.iter().find(|r| key_matches(&key, &der(r))).cloned().ok_or_else(|| {
+                invalid(&at("root-key.pem"), "is the key of none of the certificates in root-cert.pem")
+            })?;
+            (vec![issuing], key, roots)
+        } else if get("root-cert.pem").is_some() {
+            return Err(missing("root-key.pem", "root-cert.pem is there, and no ca-cert.pem and ca-key.pem"));
         } else {
-            chain_pem.last().cloned().unwrap_or_default()
+            return Err(invalid(
+                &at(""),
+                "no CA: expected ca-cert.pem and ca-key.pem, or root-cert.pem and root-key.pem",
+            ));
         };
-        Ok(Self { issuer, chain_pem, roots_pem, ttl })
+        Self::check_chain_to_bundle(&chain_pem, &roots, at)?;
+        let issuer_sha256 = sha256_hex(&chain_pem[0]);
+        let issuer = Issuer::from_ca_cert_pem(&chain_pem[0], key).map_err(|e| invalid(&at("ca-cert.pem"), e))?;
+        Ok(Self { issuer, chain_pem, roots, issuer_sha256, ttl })
     }
 
-    /// The trust bundle (PEM).
-    pub fn roots_pem(&self) -> &str {
-        &self.roots_pem
+    /// Refuses an issuing chain whose top is neither a root of the bundle nor signed by one:
+    /// agents would refuse every certificate it signs.
+    fn check_chain_to_bundle(
+        chain_pem: &[String],
+        roots: &[String],
+        at: &dyn Fn(&str) -> PathBuf,
+    ) -> Result<(), CaError> {
+        let top = chain_pem.last().expect("a chain has at least one certificate");
+        if roots.contains(top) {
+            return Ok(());
+        }
+        let top_der = der(top);
+        let top_cert = parse_cert(&at("ca-cert.pem"), &top_der)?;
+        for root in roots {
+            let root_der = der(root);
+            let root_cert = parse_cert(&at("root-cert.pem"), &root_der)?;
+            if root_cert.subject().as_raw() == top_cert.issuer().as_raw()
+                && top_cert.verify_signature(Some(root_cert.public_key())).is_ok()
+            {
+                return Ok(());
+            }
+        }
+        Err(invalid(
+            &at("root-cert.pem"),
+            format!(
+                "holds no root of the issuing certificate (issued by {}): agents would refuse every certificate it signs",
+                top_cert.issuer()
+            ),
+        ))
+    }
+
+    /// The trust bundle (PEM, every root one after the other).
+    pub fn roots_pem(&self) -> String {
+        self.roots.concat()
+    }
+
+    /// The trust bundle: one PEM certificate per root.
+    pub fn roots(&self) -> &[String] {
+        &self.roots
+    }
+
+    /// SHA-256 (hex) of the certificate that signs now.
+    pub fn issuer_sha256(&self) -> &str {
+        &self.issuer_sha256
+    }
+
+    /// Whether `other` signs with the same certificate and trusts the same roots.
+    pub fn same_as(&self, other: &Ca) -> bool {
+        self.issuer_sha256 == other.issuer_sha256 && self.roots == other.roots && self.chain_pem == other.chain_pem
     }
 
     /// Issues mesh-ctrl's own serving certificate for `names` (DNS names, or IP addresses),
@@ -265,6 +375,69 @@ impl Ca {
         let mut chain_pem = vec![leaf.pem()];
         chain_pem.extend(self.chain_pem.iter().cloned());
         Ok(Signed { chain_pem, not_after })
+    }
+}
+
+/// Reads the CA files of `--ca-dir` again and makes the CA they hold now, when they changed.
+#[derive(Debug)]
+pub struct Reloader {
+    dir: PathBuf,
+    ttl: Duration,
+    seen: CaFiles,
+}
+
+impl Reloader {
+    /// A reloader of `dir`, whose files as they are now are those of the CA in force.
+    pub fn new(dir: &Path, ttl: Duration) -> Self {
+        Self { dir: dir.to_path_buf(), ttl, seen: read_dir_files(dir).unwrap_or_default() }
+    }
+
+    /// None when the files are as last seen; otherwise the CA they make now, or why they make
+    /// none (a file half written is seen again, whole, at the next poll).
+    pub fn poll(&mut self) -> Option<Result<Ca, CaError>> {
+        let files = match read_dir_files(&self.dir) {
+            Ok(files) => files,
+            Err(e) => return Some(Err(e)),
+        };
+        if files == self.seen {
+            return None;
+        }
+        self.seen = files;
+        Some(Ca::from_files(&self.seen, &|name| self.dir.join(name), self.ttl))
+    }
+}
+
+/// Applies a CA made from changed files (`Some(Ok)`) to `current`, or logs why the files were
+/// refused (`Some(Err)`: the CA in force stays). Counted in ferrymesh_ctrl_ca_reloads_total.
+pub fn apply_reload(current: &watch::Sender<Arc<Ca>>, reloaded: Result<Ca, CaError>, origin: &str) {
+    match reloaded {
+        Ok(ca) if current.borrow().same_as(&ca) => {}
+        Ok(ca) => {
+            tracing::info!(
+                %origin,
+                issuer_sha256 = ca.issuer_sha256(),
+                roots = ca.roots().len(),
+                "CA files changed: signing and trusting what they hold now"
+            );
+            metrics::counter!("ferrymesh_ctrl_ca_reloads_total", "result" => "applied").increment(1);
+            metrics::gauge!("ferrymesh_ctrl_trust_bundle_roots").set(ca.roots().len() as f64);
+            current.send_replace(Arc::new(ca));
+        }
+        Err(e) => {
+            tracing::warn!(%origin, "CA files changed but are refused: {e}; the CA in force stays");
+            metrics::counter!("ferrymesh_ctrl_ca_reloads_total", "result" => "rejected").increment(1);
+        }
+    }
+}
+
+/// Polls `--ca-dir` every `interval` and applies changes to `current`, forever.
+pub async fn keep_reloading_dir(mut reloader: Reloader, interval: Duration, current: watch::Sender<Arc<Ca>>) {
+    let origin = reloader.dir.display().to_string();
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Some(reloaded) = reloader.poll() {
+            apply_reload(&current, reloaded, &origin);
+        }
     }
 }
 
@@ -329,6 +502,86 @@ mod tests {
         let ed_csr = CertificateParams::default().serialize_request(&ed).unwrap().pem().unwrap();
         let e = ca.sign(&ed_csr, id).unwrap_err();
         assert_eq!(e.to_string(), "invalid CSR: the key must be ECDSA P-256");
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    /// Add a second root, switch signing to it, remove the old one: each step is one file
+    /// change; a step that does not fit is refused and the CA in force stays.
+    #[test]
+    fn a_root_rotation_adds_switches_and_removes_and_refuses_what_does_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ttl = Duration::from_secs(60);
+        let first = Ca::load_or_create(d, "cluster.local", ttl).unwrap();
+        let mut reloader = Reloader::new(d, ttl);
+        assert!(reloader.poll().is_none(), "nothing changed");
+        let old_root = std::fs::read_to_string(d.join("root-cert.pem")).unwrap();
+        let (new_root, new_key) = Ca::generate_root("cluster.local").unwrap();
+        let (tx, current) = watch::channel(Arc::new(first));
+        let old_issuer = current.borrow().issuer_sha256().to_string();
+        assert_eq!(old_issuer, sha256_hex(&old_root));
+
+        write(d, "root-cert.pem", &format!("{old_root}{new_root}"));
+        let added = reloader.poll().unwrap().unwrap();
+        assert_eq!(added.roots().len(), 2, "both roots trusted");
+        assert_eq!(added.issuer_sha256(), old_issuer, "still signing with the old root");
+        apply_reload(&tx, Ok(added), "test");
+        assert_eq!(current.borrow().roots().len(), 2);
+
+        write(d, "root-key.pem", &Ca::generate_root("cluster.local").unwrap().1);
+        let e = reloader.poll().unwrap().unwrap_err().to_string();
+        assert!(e.contains("root-key.pem: is the key of none of the certificates in root-cert.pem"), "{e}");
+        apply_reload(&tx, Err(CaError::Csr(e)), "test");
+        assert_eq!(current.borrow().issuer_sha256(), old_issuer, "a refused change changes nothing");
+
+        write(d, "root-key.pem", &new_key);
+        let switched = reloader.poll().unwrap().unwrap();
+        assert_eq!(switched.issuer_sha256(), sha256_hex(&new_root), "signing with the new root");
+        assert_eq!(switched.roots().len(), 2);
+        let signed = switched.sign(&csr(), "spiffe://cluster.local/ns/a/sa/b").unwrap();
+        assert_eq!(der(&signed.chain_pem[1]), der(&new_root));
+        apply_reload(&tx, Ok(switched), "test");
+
+        write(d, "root-cert.pem", &old_root);
+        let e = reloader.poll().unwrap().unwrap_err().to_string();
+        assert!(e.contains("root-key.pem"), "removing the signing root is refused: {e}");
+
+        write(d, "root-cert.pem", &new_root);
+        let removed = reloader.poll().unwrap().unwrap();
+        assert_eq!(removed.roots(), [pem::encode(&pem::parse(&new_root).unwrap())]);
+        assert_eq!(removed.issuer_sha256(), sha256_hex(&new_root));
+        assert!(reloader.poll().is_none());
+    }
+
+    /// Operator files that do not fit together are refused, each naming the file at fault.
+    #[test]
+    fn operator_files_must_fit_together() {
+        let at = |name: &str| PathBuf::from(format!("ca/{name}"));
+        let ttl = Duration::from_secs(60);
+        let (a_cert, a_key) = Ca::generate_root("cluster.local").unwrap();
+        let (b_cert, b_key) = Ca::generate_root("cluster.local").unwrap();
+        let files =
+            |pairs: &[(&str, &str)]| -> CaFiles { pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+        let err = |f: CaFiles| Ca::from_files(&f, &at, ttl).unwrap_err().to_string();
+        let e = err(files(&[("ca-cert.pem", &a_cert), ("ca-key.pem", &b_key)]));
+        assert_eq!(e, "ca/ca-key.pem: is not the key of the certificate in ca-cert.pem");
+        let e = err(files(&[("ca-cert.pem", &a_cert), ("ca-key.pem", &a_key), ("root-cert.pem", &b_cert)]));
+        assert!(e.starts_with("ca/root-cert.pem: holds no root of the issuing certificate"), "{e}");
+        let e = err(files(&[("ca-cert.pem", &a_cert)]));
+        assert_eq!(e, "ca/ca-key.pem: missing (ca-cert.pem is there)");
+        let e = err(files(&[("root-cert.pem", &a_cert)]));
+        assert!(e.starts_with("ca/root-key.pem: missing"), "{e}");
+        let both = format!("{b_cert}{a_cert}");
+        let ok = Ca::from_files(
+            &files(&[("ca-cert.pem", &a_cert), ("ca-key.pem", &a_key), ("root-cert.pem", &both)]),
+            &at,
+            ttl,
+        )
+        .unwrap();
+        assert_eq!((ok.roots().len(), ok.issuer_sha256()), (2, sha256_hex(&a_cert).as_str()));
     }
 
     proptest::proptest! {

@@ -1,7 +1,10 @@
-//! The mesh CA root in a Kubernetes Secret (`mesh-ctrl --kubernetes`): read at start, or
+//! The mesh CA in a Kubernetes Secret (`mesh-ctrl --kubernetes`): read at start, or a root
 //! generated and created when absent, so every replica and every restart signs with the same
 //! root. Two replicas starting together both try to create it; the loser reads the winner's.
-//! Keys are Istio's: `ca-cert.pem` and `ca-key.pem`.
+//! Keys are Istio's plug-in CA file names (see [`crate::ca`]): `ca-cert.pem` and `ca-key.pem`,
+//! optionally `cert-chain.pem` and `root-cert.pem` (the trust bundle, which may hold an old and a
+//! new root during a rotation). The Secret is read again periodically and a change that makes a
+//! consistent CA is put in force without a restart.
 //!
 //! The trust bundle (root certificates only, never a key) is published for agents as ConfigMap
 //! `ferrymesh-ca-root-cert` (Istio's `istio-ca-root-cert`), which the agent DaemonSet mounts
@@ -9,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,7 +22,9 @@ use k8s_openapi::ByteString;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
-use crate::ca::Ca;
+use tokio::sync::watch;
+
+use crate::ca::{Ca, CaError, CaFiles, CurrentCa, CA_FILES};
 
 /// Default name of the Secret.
 pub const CA_SECRET: &str = "ferrymesh-ca";
@@ -56,10 +62,12 @@ pub async fn publish_root(client: Client, namespace: &str, roots_pem: &str) -> a
     Ok(())
 }
 
-/// Keeps ConfigMap `namespace/ferrymesh-ca-root-cert` holding `roots_pem`: published now and
-/// again every minute (so a deleted or edited one comes back), retried every 5 s on failure.
-pub async fn keep_root_published(client: Client, namespace: String, roots_pem: String) {
+/// Keeps ConfigMap `namespace/ferrymesh-ca-root-cert` holding the trust bundle of the CA in
+/// force: published now, at once when it changes, and again every minute (so a deleted or
+/// edited one comes back), retried every 5 s on failure.
+pub async fn keep_root_published(client: Client, namespace: String, mut ca: CurrentCa) {
     loop {
+        let roots_pem = ca.borrow_and_update().roots_pem();
         let wait = match publish_root(client.clone(), &namespace, &roots_pem).await {
             Ok(()) => Duration::from_secs(60),
             Err(e) => {
@@ -67,7 +75,52 @@ pub async fn keep_root_published(client: Client, namespace: String, roots_pem: S
                 Duration::from_secs(5)
             }
         };
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            Ok(()) = ca.changed() => {}
+        }
+    }
+}
+
+/// Reads Secret `namespace/name` every `interval` and puts a changed CA in force in `current`
+/// (a Secret that makes no consistent CA is refused and logged; the CA in force stays).
+pub async fn keep_reloading(
+    client: Client,
+    namespace: String,
+    name: String,
+    ttl: Duration,
+    interval: Duration,
+    current: watch::Sender<Arc<Ca>>,
+) {
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let what = format!("Secret {namespace}/{name}");
+    let mut seen: Option<CaFiles> = None;
+    loop {
+        tokio::time::sleep(interval).await;
+        let secret = match api.get_opt(&name).await {
+            Ok(Some(secret)) => secret,
+            Ok(None) => {
+                tracing::warn!("the CA {what} is gone; the CA in force stays");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("cannot read the CA {what}: {e}; retrying");
+                continue;
+            }
+        };
+        let files = match files_of(&secret, &what) {
+            Ok(files) => files,
+            Err(e) => {
+                crate::ca::apply_reload(&current, Err(e), &what);
+                continue;
+            }
+        };
+        if seen.as_ref() == Some(&files) {
+            continue;
+        }
+        let reloaded = Ca::from_files(&files, &|key| origin(&what, key), ttl);
+        seen = Some(files);
+        crate::ca::apply_reload(&current, reloaded, &what);
     }
 }
 
@@ -109,17 +162,28 @@ pub async fn load_or_create(
     anyhow::bail!("the CA {what} was created by someone else but cannot be read back")
 }
 
+/// How a key of the CA Secret is named in errors.
+fn origin(what: &str, key: &str) -> PathBuf {
+    PathBuf::from(format!("{what} data.{key}"))
+}
+
+/// The CA files a Secret holds (its keys named like the files).
+fn files_of(secret: &Secret, what: &str) -> Result<CaFiles, CaError> {
+    let mut files = CaFiles::new();
+    for key in CA_FILES {
+        if let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) {
+            let text = String::from_utf8(bytes.0.clone())
+                .map_err(|_| CaError::Invalid { path: origin(what, key), message: "not PEM text".into() })?;
+            files.insert(key.to_string(), text);
+        }
+    }
+    Ok(files)
+}
+
 fn from_secret(secret: &Secret, what: &str, ttl: Duration) -> anyhow::Result<Ca> {
-    let field = |key: &str| -> anyhow::Result<(PathBuf, String)> {
-        let origin = PathBuf::from(format!("{what} data.{key}"));
-        let bytes =
-            secret.data.as_ref().and_then(|d| d.get(key)).with_context(|| {
-                format!("{}: missing (the CA Secret holds {CERT_KEY} and {KEY_KEY})", origin.display())
-            })?;
-        let text = String::from_utf8(bytes.0.clone()).with_context(|| format!("{}: not PEM text", origin.display()))?;
-        Ok((origin, text))
-    };
-    let (cert_origin, cert_pem) = field(CERT_KEY)?;
-    let (key_origin, key_pem) = field(KEY_KEY)?;
-    Ok(Ca::from_root_pem(&cert_origin, &cert_pem, &key_origin, &key_pem, ttl)?)
+    let files = files_of(secret, what)?;
+    if files.is_empty() {
+        anyhow::bail!("{what}: holds none of {CA_FILES:?} (a generated CA Secret holds {CERT_KEY} and {KEY_KEY})");
+    }
+    Ok(Ca::from_files(&files, &|key| origin(what, key), ttl)?)
 }

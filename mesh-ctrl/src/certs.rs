@@ -16,7 +16,7 @@ use ferrymesh_api::ca::{self as proto, certificates_server};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::ca::Ca;
+use crate::ca::CurrentCa;
 use crate::snapshot::Snapshot;
 use crate::token_review::TokenReviewer;
 
@@ -122,7 +122,7 @@ impl AuthFailures {
 /// Implementation of `ferrymesh.ca.v1.Certificates`.
 #[derive(Debug, Clone)]
 pub struct CertificateService {
-    ca: Arc<Ca>,
+    ca: CurrentCa,
     auth: Arc<NodeAuth>,
     failures: Arc<AuthFailures>,
     trust_domain: String,
@@ -130,9 +130,9 @@ pub struct CertificateService {
 }
 
 impl CertificateService {
-    /// A service signing with `ca` for the agents `auth` recognizes, authorizing against the
-    /// model.
-    pub fn new(ca: Arc<Ca>, auth: NodeAuth, trust_domain: String, snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
+    /// A service signing with the CA in force in `ca` for the agents `auth` recognizes,
+    /// authorizing against the model.
+    pub fn new(ca: CurrentCa, auth: NodeAuth, trust_domain: String, snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
         Self { ca, auth: Arc::new(auth), failures: Arc::default(), trust_domain, snapshots }
     }
 
@@ -202,12 +202,13 @@ impl certificates_server::Certificates for CertificateService {
                 "node {node} runs no pod with identity {id}; an agent may only obtain identities of pods on its own node"
             )));
         }
-        let signed = self.ca.sign(&r.csr_pem, &id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ca = self.ca.borrow().clone();
+        let signed = ca.sign(&r.csr_pem, &id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(%node, identity = %id, "issued a certificate");
         metrics::counter!("ferrymesh_ctrl_certs_issued_total").increment(1);
         Ok(Response::new(proto::CreateCertificateResponse {
             cert_chain_pem: signed.chain_pem,
-            roots_pem: self.ca.roots_pem().to_string(),
+            roots_pem: ca.roots_pem(),
             spiffe_id: id,
         }))
     }

@@ -7,11 +7,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use std::sync::Arc;
+use tokio::sync::watch;
 
-use mesh_ctrl::ca::Ca;
+use mesh_ctrl::ca::{Ca, Reloader};
 use mesh_ctrl::certs::{CertificateService, NodeAuth, NodeTokens};
 use mesh_ctrl::server::{Agents, ConfigService};
-use mesh_ctrl::snapshot::Publisher;
+use mesh_ctrl::snapshot::{Publisher, Trust};
 use mesh_ctrl::source::{self, DirSource};
 use mesh_ctrl::tls::ServingIdentity;
 use mesh_ctrl::token_review::TokenReviewer;
@@ -62,6 +63,10 @@ struct Args {
     /// ca-cert.pem and ca-key.pem).
     #[arg(long, default_value = "/var/lib/ferrymesh/ca")]
     ca_dir: PathBuf,
+    /// How often the CA files (--ca-dir, or the CA Secret) are read again; a change that makes
+    /// a consistent CA is put in force without a restart (root rotation).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ca_reload_interval: Duration,
     /// Trust domain of SPIFFE identities.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -100,7 +105,10 @@ async fn main() -> anyhow::Result<()> {
     let (watcher, origin, certificates, ca) = match &args.config_dir {
         Some(dir) => {
             anyhow::ensure!(dir.is_dir(), "--config-dir {}: not a directory", dir.display());
-            let ca = Arc::new(Ca::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)?);
+            let (ca_tx, ca) =
+                watch::channel(Arc::new(Ca::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)?));
+            let reloader = Reloader::new(&args.ca_dir, args.cert_ttl);
+            tokio::spawn(mesh_ctrl::ca::keep_reloading_dir(reloader, args.ca_reload_interval, ca_tx));
             let tokens = match &args.node_tokens {
                 Some(path) => NodeTokens::load(path).map_err(anyhow::Error::msg)?,
                 None => {
@@ -114,7 +122,8 @@ async fn main() -> anyhow::Result<()> {
                 args.trust_domain.clone(),
                 snapshots.clone(),
             );
-            let watch = source::watch_dir(DirSource::new(dir), publisher);
+            publisher.set_trust(Trust::of(&ca.borrow()));
+            let watch = source::watch_dir(DirSource::new(dir), publisher.clone());
             (
                 tokio::spawn(async move { watch.await.context("cannot watch the config directory") }),
                 dir.display().to_string(),
@@ -134,11 +143,19 @@ async fn main() -> anyhow::Result<()> {
                 args.cert_ttl,
             )
             .await?;
-            let ca = Arc::new(ca);
+            let (ca_tx, ca) = watch::channel(Arc::new(ca));
+            tokio::spawn(mesh_ctrl::ca_secret::keep_reloading(
+                client.clone(),
+                args.system_namespace.clone(),
+                args.ca_secret.clone(),
+                args.cert_ttl,
+                args.ca_reload_interval,
+                ca_tx,
+            ));
             tokio::spawn(mesh_ctrl::ca_secret::keep_root_published(
                 client.clone(),
                 args.system_namespace.clone(),
-                ca.roots_pem().to_string(),
+                ca.clone(),
             ));
             let reviewer = TokenReviewer::new(client.clone(), &args.system_namespace, &args.agent_service_account);
             let certificates = CertificateService::new(
@@ -147,7 +164,8 @@ async fn main() -> anyhow::Result<()> {
                 args.trust_domain.clone(),
                 snapshots.clone(),
             );
-            let watch = source::kube::watch_kube(client, publisher);
+            publisher.set_trust(Trust::of(&ca.borrow()));
+            let watch = source::kube::watch_kube(client, publisher.clone());
             let watch = async move {
                 watch.await;
                 Ok::<(), anyhow::Error>(())
@@ -155,6 +173,8 @@ async fn main() -> anyhow::Result<()> {
             (tokio::spawn(watch), "kubernetes".to_string(), certificates, ca)
         }
     };
+    metrics::gauge!("ferrymesh_ctrl_trust_bundle_roots").set(ca.borrow().roots().len() as f64);
+    tokio::spawn(publisher.keep_trust_current(ca.clone()));
     let serving = ServingIdentity::new(ca, &args.tls_sans, args.serving_cert_ttl)?;
     tokio::spawn(serving.clone().renew_forever());
     let listener = tokio::net::TcpListener::bind(args.listen)

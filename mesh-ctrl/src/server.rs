@@ -119,6 +119,8 @@ fn update_for(sent: Option<&Snapshot>, current: &Snapshot, trust_domain: &str) -
             authorization_policies: current.authorization_policies.values().cloned().collect(),
             peer_authentications: current.peer_authentications.values().cloned().collect(),
             services: current.services.values().cloned().collect(),
+            trust_roots_pem: current.trust.roots_pem.clone(),
+            issuer_sha256: current.trust.issuer_sha256.clone(),
             ..Default::default()
         };
     };
@@ -140,6 +142,8 @@ fn update_for(sent: Option<&Snapshot>, current: &Snapshot, trust_domain: &str) -
         removed_authorization_policies,
         removed_peer_authentications,
         removed_services,
+        trust_roots_pem: current.trust.roots_pem.clone(),
+        issuer_sha256: current.trust.issuer_sha256.clone(),
     }
 }
 

@@ -33,6 +33,14 @@ pub fn describe() {
         "ferrymesh_ctrl_auth_throttled_total",
         "Certificate requests refused unread: their source failed authentication too often."
     );
+    describe_counter!(
+        "ferrymesh_ctrl_ca_reloads_total",
+        "Changes of the CA files (--ca-dir or the CA Secret), by result: applied, or rejected (the CA in force stays)."
+    );
+    describe_gauge!("ferrymesh_ctrl_trust_bundle_roots", "Roots in the trust bundle sent to agents.");
+    for result in ["applied", "rejected"] {
+        counter!("ferrymesh_ctrl_ca_reloads_total", "result" => result).absolute(0);
+    }
     for name in [
         "ferrymesh_ctrl_config_nacks_total",
         "ferrymesh_ctrl_certs_issued_total",
@@ -43,9 +51,12 @@ pub fn describe() {
     ] {
         counter!(name).absolute(0);
     }
-    for name in
-        ["ferrymesh_ctrl_connected_agents", "ferrymesh_ctrl_config_version", "ferrymesh_ctrl_rejected_config_objects"]
-    {
+    for name in [
+        "ferrymesh_ctrl_connected_agents",
+        "ferrymesh_ctrl_config_version",
+        "ferrymesh_ctrl_rejected_config_objects",
+        "ferrymesh_ctrl_trust_bundle_roots",
+    ] {
         gauge!(name).set(0.0);
     }
 }

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::ca::{Ca, CaError};
+use crate::ca::{Ca, CaError, CurrentCa};
 
 /// Names every serving certificate holds: the in-cluster Service, short and fully qualified.
 pub const SERVICE_NAMES: [&str; 2] =
@@ -36,7 +36,7 @@ pub enum TlsError {
 
 /// mesh-ctrl's serving certificate, current at every handshake.
 pub struct ServingIdentity {
-    ca: Arc<Ca>,
+    ca: CurrentCa,
     names: Vec<String>,
     ttl: Duration,
     current: RwLock<(Arc<CertifiedKey>, SystemTime)>,
@@ -66,10 +66,10 @@ fn issue(ca: &Ca, names: &[String], ttl: Duration) -> Result<(Arc<CertifiedKey>,
 impl ServingIdentity {
     /// Issues a serving certificate for [`SERVICE_NAMES`] and `extra_names` (DNS names or IP
     /// addresses agents dial), valid `ttl`.
-    pub fn new(ca: Arc<Ca>, extra_names: &[String], ttl: Duration) -> Result<Arc<Self>, TlsError> {
+    pub fn new(ca: CurrentCa, extra_names: &[String], ttl: Duration) -> Result<Arc<Self>, TlsError> {
         let mut names: Vec<String> = SERVICE_NAMES.iter().map(|n| n.to_string()).collect();
         names.extend(extra_names.iter().filter(|n| !names.contains(n)).cloned().collect::<Vec<_>>());
-        let current = issue(&ca, &names, ttl)?;
+        let current = issue(&ca.borrow(), &names, ttl)?;
         Ok(Arc::new(Self { ca, names, ttl, current: RwLock::new(current) }))
     }
 
@@ -78,14 +78,21 @@ impl ServingIdentity {
         self.current.read().expect("serving identity lock").1
     }
 
-    /// Renews the certificate at half its life (retrying every 10 s on failure, while the
-    /// current one is kept), forever. New handshakes present the renewed one.
+    /// Renews the certificate at half its life, and at once when the CA in force changes (a
+    /// root rotation), retrying every 10 s on failure while the current one is kept, forever.
+    /// New handshakes present the renewed one.
     pub async fn renew_forever(self: Arc<Self>) {
+        let mut changes = self.ca.clone();
+        changes.mark_unchanged();
         loop {
             let left = self.not_after().duration_since(SystemTime::now()).unwrap_or_default();
-            tokio::time::sleep(left.min(self.ttl) / 2).await;
+            tokio::select! {
+                () = tokio::time::sleep(left.min(self.ttl) / 2) => {}
+                Ok(()) = changes.changed() => {}
+            }
             loop {
-                match issue(&self.ca, &self.names, self.ttl) {
+                let ca = changes.borrow_and_update().clone();
+                match issue(&ca, &self.names, self.ttl) {
                     Ok(renewed) => {
                         *self.current.write().expect("serving identity lock") = renewed;
                         tracing::info!("renewed mesh-ctrl's serving certificate");
@@ -164,8 +171,10 @@ mod tests {
     #[test]
     fn the_serving_certificate_names_the_service_and_the_extra_names() {
         let (cert, key) = Ca::generate_root("cluster.local").unwrap();
-        let ca = Ca::from_root_pem("root".as_ref(), &cert, "key".as_ref(), &key, Duration::from_secs(60)).unwrap();
-        let identity = ServingIdentity::new(Arc::new(ca), &["172.18.0.254".into()], Duration::from_secs(60)).unwrap();
+        let files = [("root-cert.pem".to_string(), cert), ("root-key.pem".to_string(), key)].into();
+        let ca = Ca::from_files(&files, &|name| name.into(), Duration::from_secs(60)).unwrap();
+        let identity =
+            ServingIdentity::new(crate::ca::fixed(ca), &["172.18.0.254".into()], Duration::from_secs(60)).unwrap();
         let leaf = identity.current.read().unwrap().0.cert[0].clone();
         let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
         let san = parsed.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
@@ -180,5 +189,32 @@ mod tests {
         );
         let left = identity.not_after().duration_since(SystemTime::now()).unwrap();
         assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50), "{left:?}");
+    }
+
+    fn ca_of(cert: &str, key: &str) -> Ca {
+        let files = [("root-cert.pem".to_string(), cert.to_string()), ("root-key.pem".to_string(), key.to_string())];
+        Ca::from_files(&files.into(), &|name| name.into(), Duration::from_secs(60)).unwrap()
+    }
+
+    /// A switch of the CA in force re-issues the serving certificate at once, from the new CA.
+    #[tokio::test]
+    async fn a_new_ca_reissues_the_serving_certificate_at_once() {
+        let (old_cert, old_key) = Ca::generate_root("cluster.local").unwrap();
+        let (new_cert, new_key) = Ca::generate_root("cluster.local").unwrap();
+        let (tx, ca) = tokio::sync::watch::channel(Arc::new(ca_of(&old_cert, &old_key)));
+        let identity = ServingIdentity::new(ca, &[], Duration::from_secs(3600)).unwrap();
+        let issuer = |identity: &ServingIdentity| identity.current.read().unwrap().0.cert[1].to_vec();
+        let der = |pem_text: &str| pem::parse(pem_text).unwrap().contents().to_vec();
+        assert_eq!(issuer(&identity), der(&old_cert));
+        tokio::spawn(identity.clone().renew_forever());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send_replace(Arc::new(ca_of(&format!("{old_cert}{new_cert}"), &new_key)));
+        for _ in 0..100 {
+            if issuer(&identity) == der(&new_cert) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the serving certificate was not re-issued from the new CA within 2 s");
     }
 }

@@ -1,6 +1,5 @@
 //! The certificate service over real gRPC on loopback: node authorization by bootstrap token.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymesh_api::ca::certificates_client::CertificatesClient;
@@ -21,13 +20,14 @@ async fn certificate_service(
     accounts: &[&str],
 ) -> (CertificatesClient<tonic::transport::Channel>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(Ca::load_or_create(&dir.path().join("ca"), "cluster.local", Duration::from_secs(3600)).unwrap());
+    let ca = Ca::load_or_create(&dir.path().join("ca"), "cluster.local", Duration::from_secs(3600)).unwrap();
     let tokens_file = dir.path().join("tokens.yaml");
     std::fs::write(&tokens_file, tokens).unwrap();
     let tokens = NodeTokens::load(&tokens_file).unwrap();
     let (publisher, snapshots) = Publisher::new();
     publisher.publish(&shop_model(pods, accounts));
-    let service = CertificateService::new(ca, NodeAuth::Tokens(tokens), "cluster.local".into(), snapshots);
+    let service =
+        CertificateService::new(mesh_ctrl::ca::fixed(ca), NodeAuth::Tokens(tokens), "cluster.local".into(), snapshots);
     let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
     (CertificatesClient::connect(format!("http://{addr}")).await.unwrap(), dir)
 }

@@ -9,7 +9,7 @@ use ferrymesh_api::config::{ConfigUpdate, WatchRequest};
 use ferrymesh_policy::spec::AuthorizationPolicySpec;
 use mesh_ctrl::model::{Model, Service, ServicePort, TargetPort};
 use mesh_ctrl::server::{Agents, ConfigService};
-use mesh_ctrl::snapshot::Publisher;
+use mesh_ctrl::snapshot::{Publisher, Trust};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -123,6 +123,22 @@ async fn snapshot_then_deltas_with_acks_and_a_nack_answered_by_a_snapshot() {
     assert_eq!(link.last_nack, Some((delta.version, "policy shop/allow-all: made-up reason".to_string())));
     agent.answer(resent.version, "").await;
     wait_for_agents(&agents, "the ack of the resent snapshot", |a| a.links()[0].acked_version == resent.version).await;
+
+    // A root rotation: a change of trust alone is a new version, a delta carrying the bundle.
+    let roots = vec!["-----BEGIN CERTIFICATE-----\nold\n".to_string(), "-----BEGIN CERTIFICATE-----\nnew\n".into()];
+    publisher.set_trust(Trust { roots_pem: roots.clone(), issuer_sha256: "0ld".into() });
+    let rotated = agent.next().await;
+    assert!(!rotated.snapshot && rotated.upserted.is_empty() && rotated.services.is_empty());
+    assert_eq!(rotated.version, resent.version + 1);
+    assert_eq!((rotated.trust_roots_pem.clone(), rotated.issuer_sha256.as_str()), (roots.clone(), "0ld"));
+    // Setting the same trust again changes nothing; a model change carries the trust along.
+    publisher.set_trust(Trust { roots_pem: roots.clone(), issuer_sha256: "0ld".into() });
+    model.pods.get_mut("web").unwrap().labels.insert("tier".into(), "back".into());
+    publisher.publish(&model);
+    let next = agent.next().await;
+    assert_eq!(next.version, rotated.version + 1, "no version for the unchanged trust");
+    assert_eq!(next.upserted.len(), 1);
+    assert_eq!(next.trust_roots_pem, roots, "every update carries the bundle");
 
     // The agent goes away: it is no longer listed.
     drop(agent);

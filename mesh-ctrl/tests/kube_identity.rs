@@ -137,13 +137,13 @@ async fn the_ca_root_lives_in_a_secret_created_when_absent() {
             .unwrap();
     let stored_cert = secret_pem(&api, "ca-cert.pem");
     assert!(secret_pem(&api, "ca-key.pem").contains("BEGIN PRIVATE KEY"));
-    assert_eq!(unix(first.roots_pem()), stored_cert, "the CA signs with the root it stored");
+    assert_eq!(unix(&first.roots_pem()), stored_cert, "the CA signs with the root it stored");
     // A restart (or a second replica) reads the same root rather than making a new one.
     let again =
         ca_secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
             .await
             .unwrap();
-    assert_eq!(unix(again.roots_pem()), stored_cert);
+    assert_eq!(unix(&again.roots_pem()), stored_cert);
 
     // Creation race: another replica creates the Secret between our read and our create.
     let (their_cert, their_key) = mesh_ctrl::ca::Ca::generate_root("cluster.local").unwrap();
@@ -157,7 +157,7 @@ async fn the_ca_root_lives_in_a_secret_created_when_absent() {
     let ours = ca_secret::load_or_create(client(racing), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
         .await
         .unwrap();
-    assert_eq!(unix(ours.roots_pem()), their_cert, "the loser of the race signs with the winner's root");
+    assert_eq!(unix(&ours.roots_pem()), their_cert, "the loser of the race signs with the winner's root");
 
     // A Secret without the key is named precisely; nothing is generated over it.
     let broken = Arc::new(FakeApi::default());
@@ -168,11 +168,72 @@ async fn the_ca_root_lives_in_a_secret_created_when_absent() {
     let e = ca_secret::load_or_create(client(broken.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
         .await
         .unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "Secret ferrymesh-system/ferrymesh-ca data.ca-key.pem: missing (the CA Secret holds ca-cert.pem and ca-key.pem)"
-    );
+    assert_eq!(e.to_string(), "Secret ferrymesh-system/ferrymesh-ca data.ca-key.pem: missing (ca-cert.pem is there)");
     assert!(broken.secrets.lock().unwrap()["ferrymesh-ca"]["data"].get("ca-key.pem").is_none());
+}
+
+/// A root rotation in the CA Secret: a root-cert.pem holding both roots is put in force and
+/// published in the ConfigMap at once; a switch to a key of no root in it is refused, and the
+/// switch to the new root's key signs with it.
+#[tokio::test]
+async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
+    let api = Arc::new(FakeApi::default());
+    let ttl = Duration::from_secs(3600);
+    let ca = ca_secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+        .await
+        .unwrap();
+    let (old_cert, old_key) = (secret_pem(&api, "ca-cert.pem"), secret_pem(&api, "ca-key.pem"));
+    let (tx, current) = tokio::sync::watch::channel(Arc::new(ca));
+    tokio::spawn(ca_secret::keep_reloading(
+        client(api.clone()),
+        "ferrymesh-system".into(),
+        "ferrymesh-ca".into(),
+        ttl,
+        Duration::from_millis(20),
+        tx,
+    ));
+    tokio::spawn(ca_secret::keep_root_published(client(api.clone()), "ferrymesh-system".into(), current.clone()));
+    let set = |data: &[(&str, &str)]| {
+        let data: serde_json::Map<String, Value> =
+            data.iter().map(|(k, v)| (k.to_string(), json!(k8s_openapi::ByteString(v.as_bytes().to_vec())))).collect();
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ferrymesh-ca"}, "data": data});
+        api.secrets.lock().unwrap().insert("ferrymesh-ca".into(), secret);
+    };
+    async fn until(what: &str, mut check: impl FnMut() -> bool) {
+        for _ in 0..250 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+    let published = |api: &FakeApi| -> String {
+        let applies = api.applies.lock().unwrap();
+        let last = applies.last().and_then(|(_, _, o)| o["data"][ca_secret::ROOT_CONFIGMAP_KEY].as_str());
+        last.unwrap_or_default().to_string()
+    };
+    let (new_cert, new_key) = mesh_ctrl::ca::Ca::generate_root("cluster.local").unwrap();
+    let both = format!("{old_cert}{new_cert}");
+    set(&[("ca-cert.pem", &old_cert), ("ca-key.pem", &old_key), ("root-cert.pem", &both)]);
+    until("both roots in force and published", || {
+        current.borrow().roots().len() == 2 && unix(&published(&api)) == both
+    })
+    .await;
+    let old_issuer = current.borrow().issuer_sha256().to_string();
+
+    // A switch whose certificate is not the key's: refused, the CA in force stays.
+    set(&[("ca-cert.pem", &new_cert), ("ca-key.pem", &old_key), ("root-cert.pem", &both)]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(current.borrow().issuer_sha256(), old_issuer);
+
+    set(&[("ca-cert.pem", &new_cert), ("ca-key.pem", &new_key), ("root-cert.pem", &both)]);
+    until("the new root to sign", || current.borrow().issuer_sha256() == mesh_ctrl::ca::sha256_hex(&new_cert)).await;
+    set(&[("ca-cert.pem", &new_cert), ("ca-key.pem", &new_key)]);
+    until("the old root removed and unpublished", || {
+        current.borrow().roots().len() == 1 && unix(&published(&api)) == unix(&new_cert)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -187,7 +248,7 @@ async fn the_root_is_published_for_agents_as_a_configmap_without_any_key() {
     )
     .await
     .unwrap();
-    ca_secret::publish_root(client(api.clone()), "ferrymesh-system", ca.roots_pem()).await.unwrap();
+    ca_secret::publish_root(client(api.clone()), "ferrymesh-system", &ca.roots_pem()).await.unwrap();
     let applies = api.applies.lock().unwrap();
     assert_eq!(applies.len(), 1);
     let (query, content_type, object) = &applies[0];
@@ -257,8 +318,12 @@ async fn agent_tokens_are_checked_with_token_review_and_bound_to_their_node() {
     let model = shop_model(&[("web", "node-a", "10.244.1.2"), ("db", "node-b", "10.244.2.2")], &["web", "db"]);
     publisher.publish(&model);
     let reviewer = TokenReviewer::new(kube, "ferrymesh-system", "ferrymesh-agent");
-    let service =
-        CertificateService::new(Arc::new(ca), NodeAuth::TokenReview(reviewer), "cluster.local".into(), snapshots);
+    let service = CertificateService::new(
+        mesh_ctrl::ca::fixed(ca),
+        NodeAuth::TokenReview(reviewer),
+        "cluster.local".into(),
+        snapshots,
+    );
     let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
     let mut certs = CertificatesClient::connect(format!("http://{addr}")).await.unwrap();
     let mut ask = async |sa: &str, token: &str| {

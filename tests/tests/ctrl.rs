@@ -150,3 +150,139 @@ fn a_node_token_cannot_obtain_the_identity_of_another_nodes_pod() {
     assert!(metrics.sum("ferrymesh_ctrl_cert_refusals_total", &[]) >= 1.0);
     assert_eq!(metrics.sum("ferrymesh_ctrl_certs_issued_total", &[]), 0.0);
 }
+
+/// Replaces `path` with `text` in one step (write aside, rename), as `kubectl apply` replaces a
+/// Secret: mesh-ctrl never reads a half-written CA file.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, text).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+/// The SHA-256 of every root in the trust bundle the agent of `node` holds, and of the CA
+/// certificate that signed each of its workload certificates.
+fn trust_of(topo: &Topology, node: u8) -> (Vec<String>, Vec<String>) {
+    let status = topo.try_status(node).unwrap_or_default();
+    let all = |key: &str, field: &str| -> Vec<String> {
+        let items = status[key].as_array().cloned().unwrap_or_default();
+        items.iter().map(|r| r[field].as_str().unwrap_or_default().to_string()).collect()
+    };
+    (all("trust_roots", "sha256"), all("certs", "issuer_sha256"))
+}
+
+/// `ok` and `failed` lines of an `fm-peer hits --progress` so far.
+fn hit_counts(topo: &Topology, label: &str) -> (usize, Vec<String>) {
+    let log = topo.log(label);
+    let failed = log.lines().filter(|l| l.starts_with("failed") || l.starts_with("fm-peer:")).map(String::from);
+    (log.lines().filter(|l| *l == "ok").count(), failed.collect())
+}
+
+/// The whole root rotation, with traffic between two nodes both ways all along: a connection
+/// opened before it that stays open through it, and new connections every 20 ms. Add a second
+/// root, switch signing to it, remove the old one; not one connection may fail.
+#[test]
+fn a_root_rotation_fails_no_connection() {
+    let topo = Topology::build(&TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "b", 1).pod("shop", "c", 2));
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh_with(&["--ca-reload-interval", "300ms"]);
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    topo.serve_all();
+    let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
+    wait_until(Duration::from_secs(10), "both agents to hold one root and certificates from it", || {
+        [1, 2].iter().all(|&n| {
+            let (roots, issuers) = trust_of(&topo, n);
+            roots.len() == 1 && !issuers.is_empty() && issuers.iter().all(|i| *i == roots[0])
+        })
+    });
+    let old = trust_of(&topo, 1).0[0].clone();
+
+    let long_lived = topo.start_ping("long-lived", a, c.ip, 600);
+    for (label, from, to) in [("hits-a-c", a, c), ("hits-c-a", c, a)] {
+        let mut hits = topo.command_in(&from.netns, bin("fm-peer"));
+        let to = format!("{}:{}", to.ip, ferrymesh_testbed::mesh::HTTP_PORT);
+        hits.args(["hits", "--to", &to, "--count", "3000", "--interval-ms", "20", "--progress"]);
+        topo.spawn(label, hits);
+    }
+    // New connections both ways in every phase: at least 10 more each, none failed.
+    let mut done = (0, 0);
+    let mut phase = |name: &str| {
+        let want = (done.0 + 10, done.1 + 10);
+        wait_until(Duration::from_secs(10), &format!("new connections both ways {name}"), || {
+            let (ac, ca) = (hit_counts(&topo, "hits-a-c"), hit_counts(&topo, "hits-c-a"));
+            assert!(ac.1.is_empty() && ca.1.is_empty(), "a connection failed {name}: {:?} {:?}", ac.1, ca.1);
+            done = (ac.0, ca.0);
+            done.0 >= want.0 && done.1 >= want.1
+        });
+    };
+    phase("before the rotation");
+
+    // 1. Add the new root: the bundle holds both (in local mode each node's --ca-root file is
+    //    given the same bundle; here the agents read mesh-ctrl's root-cert.pem itself).
+    let ca = topo.ca_dir();
+    let old_pem = std::fs::read_to_string(ca.join("root-cert.pem")).unwrap();
+    let (new_pem, new_key) = generate_root();
+    replace_file(&ca.join("root-cert.pem"), &format!("{old_pem}{new_pem}"));
+    wait_until(Duration::from_secs(10), "both agents to trust both roots", || {
+        [1, 2].iter().all(|&n| trust_of(&topo, n).0.len() == 2)
+    });
+    let new = trust_of(&topo, 1).0.into_iter().find(|r| *r != old).unwrap();
+    phase("with both roots trusted");
+
+    // 2. Switch: mesh-ctrl signs with the new root; every workload certificate is re-issued.
+    replace_file(&ca.join("root-key.pem"), &new_key);
+    wait_until(Duration::from_secs(15), "every workload certificate to be re-issued from the new root", || {
+        [1, 2].iter().all(|&n| {
+            let issuers = trust_of(&topo, n).1;
+            issuers.len() == if n == 1 { 2 } else { 1 } && issuers.iter().all(|i| *i == new)
+        })
+    });
+    phase("after the switch");
+
+    // 3. Remove the old root.
+    replace_file(&ca.join("root-cert.pem"), &new_pem);
+    wait_until(Duration::from_secs(10), "both agents to trust the new root alone", || {
+        [1, 2].iter().all(|&n| trust_of(&topo, n).0 == [new.clone()])
+    });
+    phase("after the old root was removed");
+
+    // The connection opened before the rotation is still up (fm-peer ping exits on any error).
+    assert!(topo.is_running(&long_lived), "the long-lived connection broke: {}", topo.log(&long_lived));
+    assert!(!topo.log(&long_lived).contains("fm-peer:"), "{}", topo.log(&long_lived));
+    // A pod that never connected before: a fresh mTLS handshake, each side verifying the other
+    // against the new root alone.
+    let fresh = topo.output_in(
+        &b.netns,
+        bin("fm-peer"),
+        &["hits", "--to", &format!("{}:{}", c.ip, ferrymesh_testbed::mesh::HTTP_PORT), "--count", "3"],
+    );
+    let fresh: serde_json::Value = serde_json::from_slice(&fresh.stdout).expect("hits JSON");
+    assert_eq!((fresh["ok"].as_u64(), fresh["failed"].as_u64()), (Some(3), Some(0)), "{fresh}");
+    let flows = topo.flows(2);
+    let b_flow = flows.iter().rev().find(|f| f["src"]["workload"] == "b" && f["direction"] == "inbound");
+    let b_flow = b_flow.unwrap_or_else(|| panic!("no inbound flow from b on node2: {flows:?}"));
+    assert_eq!((b_flow["verdict"].as_str(), b_flow["transport"].as_str()), (Some("allowed"), Some("mtls")));
+
+    // mesh-ctrl itself now serves a certificate from the new root.
+    let new_root_file = topo.dir.join("new-root.pem");
+    std::fs::write(&new_root_file, &new_pem).unwrap();
+    let connect = format!("{FABRIC_IP}:15012");
+    let s_client = topo.output_in(
+        &topo.fabric,
+        "openssl",
+        &["s_client", "-connect", &connect, "-CAfile", new_root_file.to_str().unwrap(), "-verify_return_error"],
+    );
+    let said = String::from_utf8_lossy(&s_client.stdout);
+    assert!(said.contains("Verify return code: 0 (ok)"), "{said}{}", String::from_utf8_lossy(&s_client.stderr));
+    let metrics = ctrl_metrics(&topo);
+    assert_eq!(metrics.sum("ferrymesh_ctrl_ca_reloads_total", &[("result", "applied")]), 3.0);
+    assert_eq!(metrics.sum("ferrymesh_ctrl_ca_reloads_total", &[("result", "rejected")]), 0.0);
+    assert_eq!(metrics.sum("ferrymesh_ctrl_trust_bundle_roots", &[]), 1.0);
+    for label in ["hits-a-c", "hits-c-a"] {
+        topo.signal_and_wait(label, libc::SIGTERM);
+        let (ok, failed) = hit_counts(&topo, label);
+        assert!(failed.is_empty(), "{label}: {failed:?}");
+        eprintln!("{label}: {ok} new connections through the rotation, none failed");
+    }
+    topo.signal_and_wait(&long_lived, libc::SIGTERM);
+}

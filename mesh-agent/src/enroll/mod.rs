@@ -186,10 +186,11 @@ impl Enroller {
             Identity { namespace: workload.namespace.clone(), service_account: workload.service_account.clone() };
         // The pod's certificate first: its 15008 listener must present it from the start.
         let tls = if self.ctx.identities.enabled() {
-            let cert = self.ctx.identities.cert(&identity, CERT_WAIT).await?;
+            self.ctx.identities.cert(&identity, CERT_WAIT).await?;
             let resolver =
                 Arc::new(PodCertResolver { identities: self.ctx.identities.clone(), identity: identity.clone() });
-            Some(Arc::new(tls::server_config(resolver, cert.roots.clone(), &self.ctx.identities.trust_domain())?))
+            let trust = self.ctx.identities.trust();
+            Some(Arc::new(tls::server_config(resolver, trust, &self.ctx.identities.trust_domain())?))
         } else {
             None
         };

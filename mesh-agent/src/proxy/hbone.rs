@@ -539,8 +539,10 @@ impl ProxyContext {
             .dial(&pod.netns, SocketAddr::new(dst_ip, HBONE_PORT), MARK_AGENT, None)
             .await
             .map_err(|e| HboneError::Connect(dst_ip, e))?;
+        let roots = self.identities.trust().borrow().as_ref().map(|t| t.roots.clone());
+        let roots = roots.ok_or_else(|| HboneError::Tls(dst_ip, "no trust bundle from mesh-ctrl yet".into()))?;
         let config =
-            tls::client_config(cert, dst_id.to_string()).map_err(|e| HboneError::Tls(dst_ip, e.to_string()))?;
+            tls::client_config(cert, roots, dst_id.to_string()).map_err(|e| HboneError::Tls(dst_ip, e.to_string()))?;
         let stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             TlsConnector::from(Arc::new(config))

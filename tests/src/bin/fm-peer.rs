@@ -50,13 +50,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         size: usize,
     },
-    /// `count` sequential HTTP requests, one connection each; prints JSON with the number that
-    /// succeeded and failed and the client addresses the servers saw.
+    /// `count` sequential HTTP requests, one connection each, `interval_ms` apart; prints JSON
+    /// with the number that succeeded and failed and the client addresses the servers saw
+    /// (with `--progress`, also a line `ok` or `failed: <why>` as each one ends).
     Hits {
         #[arg(long)]
         to: SocketAddr,
         #[arg(long)]
         count: u32,
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+        #[arg(long)]
+        progress: bool,
     },
     /// Open `count` connections to an echo, one round trip each, print `held N` and keep them
     /// open, idle, until killed.
@@ -84,7 +89,7 @@ fn main() {
         Cmd::Send { to, bytes, marker } => send(to, bytes, marker.as_deref()),
         Cmd::Ping { to, count, interval_ms } => ping(to, count, Duration::from_millis(interval_ms)),
         Cmd::Rr { to, count, size } => rr(to, count, size),
-        Cmd::Hits { to, count } => hits(to, count),
+        Cmd::Hits { to, count, interval_ms, progress } => hits(to, count, Duration::from_millis(interval_ms), progress),
         Cmd::Hold { to, count } => hold(to, count),
     };
     if let Err(e) = result {
@@ -290,17 +295,29 @@ fn hold(to: SocketAddr, count: u32) -> Result<()> {
     }
 }
 
-fn hits(to: SocketAddr, count: u32) -> Result<()> {
+fn hits(to: SocketAddr, count: u32, interval: Duration, progress: bool) -> Result<()> {
     let (mut ok, mut errors) = (0, Vec::new());
     let mut seen_as = std::collections::BTreeSet::new();
-    for _ in 0..count {
+    for i in 0..count {
+        if i > 0 {
+            std::thread::sleep(interval);
+        }
         match hit(to) {
             Ok(client) => {
                 ok += 1;
                 seen_as.insert(client.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or(client));
+                if progress {
+                    println!("ok");
+                }
             }
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => {
+                if progress {
+                    println!("failed: {e}");
+                }
+                errors.push(e.to_string());
+            }
         }
+        std::io::stdout().flush()?;
     }
     println!("{}", serde_json::json!({"ok": ok, "failed": errors.len(), "errors": errors, "client_ips": seen_as}));
     Ok(())

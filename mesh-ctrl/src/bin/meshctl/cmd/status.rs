@@ -26,6 +26,15 @@ fn until(t: SystemTime) -> String {
     }
 }
 
+/// The first 16 hex digits of a SHA-256, enough to tell roots apart.
+fn short(sha256: &str) -> String {
+    sha256.chars().take(16).collect()
+}
+
+fn rfc3339(unix_ms: i64) -> String {
+    humantime::format_rfc3339_seconds(time(unix_ms)).to_string()
+}
+
 fn status_json(s: &StatusResponse) -> serde_json::Value {
     json!({
         "node": s.node,
@@ -41,7 +50,12 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
         "certs": s.certs.iter().map(|c| json!({
             "identity": c.identity, "serial": c.serial,
             "not_after_unix_ms": c.not_after_unix_ms, "rotate_at_unix_ms": c.rotate_at_unix_ms,
+            "issuer_sha256": c.issuer_sha256,
         })).collect::<Vec<_>>(),
+        "trust_roots": s.trust_roots.iter().map(|r| json!({
+            "subject": r.subject, "sha256": r.sha256, "not_after_unix_ms": r.not_after_unix_ms,
+        })).collect::<Vec<_>>(),
+        "issuer_sha256": s.issuer_sha256,
         "counters": s.counters.iter().map(|c| (c.name.clone(), c.value.into())).collect::<serde_json::Map<_, _>>(),
         "maps": s.maps.iter().map(|m| json!({"name": m.name, "entries": m.entries, "max_entries": m.max_entries})).collect::<Vec<_>>(),
     })
@@ -95,7 +109,22 @@ pub async fn run(agents: &[PathBuf], output: Output) -> Result<(), String> {
             })
             .collect();
         table::print(&["MAP", "ENTRIES", "FILL"], &maps);
-        println!("\ncertificates: {}", s.certs.len());
+        println!("\ntrust bundle: {} roots", s.trust_roots.len());
+        let roots: Vec<[String; 4]> = s
+            .trust_roots
+            .iter()
+            .map(|r| {
+                let signing = if s.certs.iter().any(|c| c.issuer_sha256 == r.sha256) { "yes" } else { "" };
+                [short(&r.sha256), r.subject.clone(), rfc3339(r.not_after_unix_ms), signing.to_string()]
+            })
+            .collect();
+        table::print(&["SHA-256", "SUBJECT", "NOT AFTER", "SIGNED A HELD CERT"], &roots);
+        let stale = s.certs.iter().filter(|c| c.issuer_sha256 != s.issuer_sha256).count();
+        println!(
+            "\ncertificates: {} ({stale} signed by a CA certificate other than mesh-ctrl's current {})",
+            s.certs.len(),
+            short(&s.issuer_sha256)
+        );
     }
     Ok(())
 }
@@ -112,6 +141,7 @@ pub async fn certs(agents: &[PathBuf], output: Output) -> Result<(), String> {
                 "node": s.node, "identity": c.identity, "serial": c.serial,
                 "not_after": humantime::format_rfc3339_seconds(not_after).to_string(),
                 "rotate_at": humantime::format_rfc3339_seconds(rotate_at).to_string(),
+                "issuer_sha256": c.issuer_sha256,
             }));
             rows.push([
                 s.node.clone(),
@@ -119,12 +149,13 @@ pub async fn certs(agents: &[PathBuf], output: Output) -> Result<(), String> {
                 c.serial.clone(),
                 humantime::format_rfc3339_seconds(not_after).to_string(),
                 until(rotate_at),
+                short(&c.issuer_sha256),
             ]);
         }
     }
     match output {
         Output::Json => println!("{}", json!(all)),
-        _ => table::print(&["NODE", "IDENTITY", "SERIAL", "NOT AFTER", "ROTATES IN"], &rows),
+        _ => table::print(&["NODE", "IDENTITY", "SERIAL", "NOT AFTER", "ROTATES IN", "ISSUER"], &rows),
     }
     Ok(())
 }
