@@ -160,7 +160,7 @@ impl agent_admin_server::AgentAdmin for AdminService {
             .all()
             .iter()
             .map(|c| proto::Cert {
-                identity: c.spiffe_id.clone(),
+                identity: c.spiffe_id.to_string(),
                 serial: c.serial.clone(),
                 not_after_unix_ms: unix_ms(c.not_after),
                 rotate_at_unix_ms: unix_ms(c.rotate_at),

@@ -16,6 +16,8 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use ferrymesh_spiffe::{SpiffeId, SpiffeIdError};
+
 use crate::ctrl::Ctrl;
 use crate::trust::{sha256_hex, TrustReceiver};
 
@@ -29,9 +31,15 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-    pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
+    /// Its SPIFFE ID in `trust_domain`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> Result<SpiffeId, SpiffeIdError> {
+        SpiffeId::new(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service_account)
     }
 }
 
@@ -41,7 +49,7 @@ pub struct WorkloadCert {
     /// Whose it is.
     pub identity: Identity,
     /// The SPIFFE ID in its URI SAN.
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     /// Chain and signing key.
     pub key: Arc<CertifiedKey>,
     /// SHA-256 (hex) of the CA certificate that signed it.
@@ -209,7 +217,7 @@ impl IdentityManager {
         match cert {
             Some(cert) => Ok(cert),
             None => {
-                let id = id.spiffe_id(&self.trust_domain());
+                let id = id.spiffe_id(&self.trust_domain()).map_or_else(|_| id.to_string(), String::from);
                 match last_error.lock().expect("identity lock").clone() {
                     Some(message) => Err(IdentityError::Fetch { id, message }),
                     None => Err(IdentityError::NotReady(id)),
@@ -273,12 +281,12 @@ async fn keep_renewed(
                     () = issuer_moved_from(&mut trust, &issuer) => {
                         // Spread the renewals of every identity of every node a little.
                         tokio::time::sleep(rand::random_range(ROTATION_SPREAD / 4..ROTATION_SPREAD)).await;
-                        tracing::info!(identity = %id.spiffe_id(&td), "mesh-ctrl signs with another CA certificate now: renewing");
+                        tracing::info!(identity = %id, "mesh-ctrl signs with another CA certificate now: renewing");
                     }
                 }
             }
             Err(message) => {
-                tracing::warn!(identity = %id.spiffe_id(&td), "{message}; retrying in {backoff:?}");
+                tracing::warn!(identity = %id, "{message}; retrying in {backoff:?}");
                 crate::telemetry::cert_failed();
                 *last_error.lock().expect("identity lock") = Some(message);
                 tokio::time::sleep(backoff).await;
@@ -338,8 +346,8 @@ async fn fetch(id: &Identity, trust_domain: &str, ctrl: &Ctrl, token: &str) -> R
         .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("bad certificate from mesh-ctrl: {e}"))?;
-    let want = id.spiffe_id(trust_domain);
-    if response.spiffe_id != want {
+    let want = id.spiffe_id(trust_domain).map_err(|e| format!("no identity for {id}: {e}"))?;
+    if response.spiffe_id != want.as_str() {
         return Err(format!("mesh-ctrl issued {} instead of {want}", response.spiffe_id));
     }
     let leaf = chain.first().ok_or("mesh-ctrl sent an empty chain")?;
@@ -353,7 +361,7 @@ async fn fetch(id: &Identity, trust_domain: &str, ctrl: &Ctrl, token: &str) -> R
     let signing = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| format!("key: {e}"))?;
     Ok(WorkloadCert {
         identity: id.clone(),
-        spiffe_id: response.spiffe_id,
+        spiffe_id: want,
         key: Arc::new(CertifiedKey::new(chain, signing)),
         issuer_sha256,
         serial,
@@ -380,6 +388,7 @@ mod tests {
     #[test]
     fn spiffe_ids() {
         let id = Identity { namespace: "shop".into(), service_account: "web".into() };
-        assert_eq!(id.spiffe_id("cluster.local"), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(id.spiffe_id("cluster.local").unwrap().to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert!(id.spiffe_id("").is_err(), "no identity before the trust domain is known");
     }
 }

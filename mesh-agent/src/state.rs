@@ -12,6 +12,7 @@ use ferrymesh_api::config as proto;
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet};
 use tokio::sync::watch;
 
+use crate::identity::Identity;
 use crate::trust::{TrustBundle, TrustReceiver};
 
 /// A workload (pod) of the mesh.
@@ -119,6 +120,13 @@ pub enum InvalidUpdate {
         /// What is wrong.
         message: String,
     },
+}
+
+impl Workload {
+    /// Its identity: namespace and service account.
+    pub fn identity(&self) -> Identity {
+        Identity { namespace: self.namespace.clone(), service_account: self.service_account.clone() }
+    }
 }
 
 impl TryFrom<proto::Workload> for Workload {

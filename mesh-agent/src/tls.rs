@@ -18,6 +18,8 @@ use rustls::{
 };
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
+use ferrymesh_spiffe::SpiffeId;
+
 use crate::identity::WorkloadCert;
 use crate::trust::{TrustBundle, TrustReceiver};
 
@@ -41,25 +43,20 @@ fn parse(der: &[u8]) -> Result<X509Certificate<'_>, String> {
 }
 
 /// The SPIFFE ID in a certificate's URI SAN.
-pub fn spiffe_id_of(der: &[u8]) -> Result<String, String> {
+pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, String> {
     let cert = parse(der)?;
     for ext in cert.extensions() {
         if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
             for name in &san.general_names {
                 if let GeneralName::URI(uri) = name {
-                    if uri.starts_with("spiffe://") {
-                        return Ok(uri.to_string());
+                    if uri.starts_with(ferrymesh_spiffe::SCHEME) {
+                        return uri.parse().map_err(|e| format!("the certificate's URI SAN: {e}"));
                     }
                 }
             }
         }
     }
-    Err("the certificate has no spiffe:// URI SAN".into())
-}
-
-/// Trust domain of a SPIFFE ID (`spiffe://<td>/...`).
-pub fn trust_domain_of(spiffe_id: &str) -> Option<&str> {
-    spiffe_id.strip_prefix("spiffe://")?.split('/').next()
+    Err(format!("the certificate has no {} URI SAN", ferrymesh_spiffe::SCHEME))
 }
 
 /// Serial (hex) and expiry of a certificate.
@@ -106,7 +103,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         self.current()?.client_verifier.verify_client_cert(end_entity, intermediates, now)?;
         let id = spiffe_id_of(end_entity).map_err(bad_identity)?;
-        if trust_domain_of(&id) != Some(self.trust_domain.as_str()) {
+        if id.trust_domain() != self.trust_domain {
             return Err(bad_identity(format!("client identity {id} is outside trust domain {}", self.trust_domain)));
         }
         Ok(ClientCertVerified::assertion())
@@ -140,7 +137,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
-    expected: String,
+    expected: SpiffeId,
     provider: Arc<CryptoProvider>,
 }
 
@@ -214,7 +211,11 @@ pub fn server_config(
 
 /// Client config presenting `cert` and accepting only a server chained to `roots` and proving
 /// `expected`.
-pub fn client_config(cert: &WorkloadCert, roots: Arc<RootCertStore>, expected: String) -> Result<ClientConfig, Error> {
+pub fn client_config(
+    cert: &WorkloadCert,
+    roots: Arc<RootCertStore>,
+    expected: SpiffeId,
+) -> Result<ClientConfig, Error> {
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier { roots, expected, provider: provider.clone() });
     let mut config = ClientConfig::builder_with_provider(provider)

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use ferrymesh_spiffe::SpiffeId;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
@@ -354,14 +355,14 @@ impl Ca {
 
     /// Signs the CSR `csr_pem` for `spiffe_id`. Only the CSR's public key is used: subject,
     /// SANs and extensions come from the CA (the identity was authorized by the caller).
-    pub fn sign(&self, csr_pem: &str, spiffe_id: &str) -> Result<Signed, CaError> {
+    pub fn sign(&self, csr_pem: &str, spiffe_id: &SpiffeId) -> Result<Signed, CaError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::Csr(e.to_string()))?;
         if *csr.public_key.algorithm() != PKCS_ECDSA_P256_SHA256 {
             return Err(CaError::Csr("the key must be ECDSA P-256".into()));
         }
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.as_str().try_into()?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
@@ -450,6 +451,10 @@ mod tests {
 
     use super::*;
 
+    fn id(text: &str) -> SpiffeId {
+        text.parse().unwrap()
+    }
+
     fn csr() -> String {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
@@ -480,7 +485,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let again = Ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(60)).unwrap();
         assert_eq!(ca.roots_pem(), again.roots_pem(), "the root is reused, not regenerated");
-        let signed = ca.sign(&csr(), "spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        let signed = ca.sign(&csr(), &id("spiffe://cluster.local/ns/shop/sa/web")).unwrap();
         assert_eq!(signed.chain_pem.len(), 2);
         assert_eq!(uri_sans(&signed.chain_pem[0]), vec!["spiffe://cluster.local/ns/shop/sa/web"]);
         let ttl = signed.not_after.duration_since(SystemTime::now()).unwrap();
@@ -491,7 +496,7 @@ mod tests {
     fn bad_csrs_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::load_or_create(dir.path(), "cluster.local", Duration::from_secs(60)).unwrap();
-        let id = "spiffe://cluster.local/ns/a/sa/b";
+        let id = &id("spiffe://cluster.local/ns/a/sa/b");
         assert!(matches!(ca.sign("not a csr", id), Err(CaError::Csr(_))));
         let mut tampered = pem::parse(csr()).unwrap().contents().to_vec();
         let n = tampered.len();
@@ -541,7 +546,7 @@ mod tests {
         let switched = reloader.poll().unwrap().unwrap();
         assert_eq!(switched.issuer_sha256(), sha256_hex(&new_root), "signing with the new root");
         assert_eq!(switched.roots().len(), 2);
-        let signed = switched.sign(&csr(), "spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let signed = switched.sign(&csr(), &id("spiffe://cluster.local/ns/a/sa/b")).unwrap();
         assert_eq!(der(&signed.chain_pem[1]), der(&new_root));
         apply_reload(&tx, Ok(switched), "test");
 
@@ -609,7 +614,7 @@ mod tests {
             bytes.truncate(bytes.len().saturating_sub(cut % 8 * (cut / 50)));
             bytes.extend_from_slice(&garbage);
             let text = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", bytes.clone()));
-            let id = "spiffe://cluster.local/ns/a/sa/b";
+            let id = &id("spiffe://cluster.local/ns/a/sa/b");
             match ca.sign(&text, id) {
                 Ok(signed) => {
                     proptest::prop_assert_eq!(uri_sans(&signed.chain_pem[0]), vec![id.to_string()]);
@@ -656,7 +661,7 @@ mod tests {
             ],
         );
         let ca = Ca::load_or_create(d, "cluster.local", Duration::from_secs(60)).unwrap();
-        let signed = ca.sign(&csr(), "spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let signed = ca.sign(&csr(), &id("spiffe://cluster.local/ns/a/sa/b")).unwrap();
         assert_eq!(signed.chain_pem.len(), 2, "leaf and root");
         verify(d, &signed, "ca-cert.pem");
         assert!(ca.roots_pem().contains("BEGIN CERTIFICATE"));
@@ -721,7 +726,7 @@ mod tests {
         openssl(d, &["pkcs8", "-topk8", "-nocrypt", "-in", "ca-key.pem", "-out", "k8.pem"]);
         std::fs::rename(d.join("k8.pem"), d.join("ca-key.pem")).unwrap();
         let ca = Ca::load_or_create(d, "cluster.local", Duration::from_secs(60)).unwrap();
-        let signed = ca.sign(&csr(), "spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let signed = ca.sign(&csr(), &id("spiffe://cluster.local/ns/a/sa/b")).unwrap();
         assert_eq!(signed.chain_pem.len(), 3, "leaf, intermediate, root");
         verify(d, &signed, "root-cert.pem");
         assert_eq!(ca.roots_pem().replace("\r", ""), std::fs::read_to_string(d.join("root-cert.pem")).unwrap());

@@ -16,6 +16,8 @@ use ferrymesh_api::ca::{self as proto, certificates_server};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use ferrymesh_spiffe::SpiffeId;
+
 use crate::ca::CurrentCa;
 use crate::snapshot::Snapshot;
 use crate::token_review::TokenReviewer;
@@ -142,11 +144,6 @@ impl CertificateService {
     }
 }
 
-/// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
-pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
-}
-
 #[tonic::async_trait]
 impl certificates_server::Certificates for CertificateService {
     async fn create_certificate(
@@ -178,7 +175,9 @@ impl certificates_server::Certificates for CertificateService {
         if r.namespace.is_empty() || r.service_account.is_empty() {
             return Err(Status::invalid_argument("namespace and service_account are required"));
         }
-        let id = spiffe_id(&self.trust_domain, &r.namespace, &r.service_account);
+        let id = SpiffeId::new(&self.trust_domain, &r.namespace, &r.service_account).map_err(|e| {
+            Status::invalid_argument(format!("no identity for the namespace and service account asked: {e}"))
+        })?;
         let (on_node, account_exists) = {
             let snapshot = self.snapshots.borrow();
             let on_node = snapshot
@@ -209,7 +208,7 @@ impl certificates_server::Certificates for CertificateService {
         Ok(Response::new(proto::CreateCertificateResponse {
             cert_chain_pem: signed.chain_pem,
             roots_pem: ca.roots_pem(),
-            spiffe_id: id,
+            spiffe_id: id.into(),
         }))
     }
 }

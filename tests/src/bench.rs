@@ -5,6 +5,7 @@
 //! under `policy`. Never a pass/fail test: the numbers go to `target/bench/results.json` and
 //! docs/BENCHMARKS.md.
 
+use ferrymesh_spiffe::SpiffeId;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -296,12 +297,13 @@ pub fn policy_decision(quick: bool, rounds: usize, criterion_dir: &std::path::Pa
         ("policy_decision", "10k_policies", build(100, 100), "ns42"),
         ("policy_decision_100_policies", "100_policies", build(1, 100), "ns0"),
     ];
-    let principals: Vec<String> = cases.iter().map(|c| format!("cluster.local/ns/{}/sa/sa7", c.3)).collect();
+    let principals: Vec<SpiffeId> =
+        cases.iter().map(|c| SpiffeId::new("cluster.local", c.3, "sa7").expect("a valid identity")).collect();
     let requests: Vec<Request> = principals
         .iter()
         .map(|principal| Request {
             source_ip: "10.244.1.2".parse().unwrap(),
-            source_principal: Some(principal),
+            source: Some(principal),
             destination_ip: "10.244.2.3".parse().unwrap(),
             destination_port: 8080,
         })

@@ -134,10 +134,7 @@ impl Enroller {
             self.unenroll(&uid);
         }
         self.failures.retain(|uid, _| desired.contains_key(uid));
-        let identities: Vec<Identity> = desired
-            .values()
-            .map(|w| Identity { namespace: w.namespace.clone(), service_account: w.service_account.clone() })
-            .collect();
+        let identities: Vec<Identity> = desired.values().map(|w| w.identity()).collect();
         self.ctx.identities.retain(&identities);
         for (uid, workload) in desired {
             if self.enrolled.contains_key(&uid) {
@@ -182,8 +179,7 @@ impl Enroller {
         let IpAddr::V4(ip) = workload.ip else {
             return Err(EnrollError::Ipv6(workload.ip));
         };
-        let identity =
-            Identity { namespace: workload.namespace.clone(), service_account: workload.service_account.clone() };
+        let identity = workload.identity();
         // The pod's certificate first: its 15008 listener must present it from the start.
         let tls = if self.ctx.identities.enabled() {
             self.ctx.identities.cert(&identity, CERT_WAIT).await?;

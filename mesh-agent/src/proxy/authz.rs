@@ -2,6 +2,7 @@
 //! decided by `ferrymesh-policy` (the same code `meshctl explain` shows), and the registry
 //! of live inbound connections that a policy change re-evaluates, closing the ones now denied.
 
+use ferrymesh_spiffe::SpiffeId;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,11 +39,10 @@ pub struct Denied {
 /// policy applies), or why it is denied.
 pub fn check(policies: &PolicySet, workload: &Workload, request: &InboundRequest) -> Result<String, Denied> {
     let w = ferrymesh_policy::Workload { namespace: &workload.namespace, labels: &workload.labels };
-    // Istio principals are SPIFFE IDs without the scheme.
-    let principal = request.source_identity.as_deref().map(|id| id.strip_prefix("spiffe://").unwrap_or(id));
+    let source: Option<SpiffeId> = request.source_identity.as_deref().and_then(|id| id.parse().ok());
     let r = Request {
         source_ip: request.source_ip,
-        source_principal: principal,
+        source: source.as_ref(),
         destination_ip: request.destination.ip(),
         destination_port: request.destination.port(),
     };

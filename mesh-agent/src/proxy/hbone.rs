@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferrymesh_policy::Transport;
+use ferrymesh_spiffe::SpiffeId;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use mesh_common::{HBONE_PORT, MARK_AGENT, RESERVED_PORTS};
@@ -205,7 +206,7 @@ async fn serve_connection(
     }
     let peer_cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
     // Shared by every stream of the connection.
-    let peer_id: Option<Arc<str>> = tls::spiffe_id_of(&peer_cert).ok().map(Arc::from);
+    let peer_id: Option<Arc<str>> = tls::spiffe_id_of(&peer_cert).ok().map(|id| Arc::from(id.as_str()));
     let peer_serial: Arc<str> = tls::serial_and_expiry(&peer_cert).map(|(s, _)| s).unwrap_or_default().into();
     let ended = serve_h2(stream, |http, mut respond| {
         let held = match ctx.load.stream(&ctx.limits, peer.ip(), pod.workload.ip) {
@@ -421,10 +422,10 @@ async fn accept_stream<'a>(
 /// Key of a pooled HBONE connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
-    src: String,
+    src: SpiffeId,
     /// A renewed source certificate opens new connections.
     src_serial: String,
-    dst: String,
+    dst: SpiffeId,
     dst_ip: IpAddr,
 }
 
@@ -521,10 +522,9 @@ impl ProxyContext {
         pod: &PodContext,
         cert: &WorkloadCert,
         dst_ip: IpAddr,
-        dst_id: &str,
+        dst_id: &SpiffeId,
     ) -> Result<(h2::client::SendRequest<Bytes>, StreamSlot), HboneError> {
-        let key =
-            PoolKey { src: cert.spiffe_id.clone(), src_serial: cert.serial.clone(), dst: dst_id.to_string(), dst_ip };
+        let key = PoolKey { src: cert.spiffe_id.clone(), src_serial: cert.serial.clone(), dst: dst_id.clone(), dst_ip };
         let pooled: Vec<Pooled> =
             self.pool.connections.lock().expect("pool lock").get(&key).cloned().unwrap_or_default();
         // The first pooled connection with a free stream; when all are full, a new one.
@@ -542,7 +542,7 @@ impl ProxyContext {
         let roots = self.identities.trust().borrow().as_ref().map(|t| t.roots.clone());
         let roots = roots.ok_or_else(|| HboneError::Tls(dst_ip, "no trust bundle from mesh-ctrl yet".into()))?;
         let config =
-            tls::client_config(cert, roots, dst_id.to_string()).map_err(|e| HboneError::Tls(dst_ip, e.to_string()))?;
+            tls::client_config(cert, roots, dst_id.clone()).map_err(|e| HboneError::Tls(dst_ip, e.to_string()))?;
         let stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             TlsConnector::from(Arc::new(config))
@@ -591,7 +591,7 @@ impl ProxyContext {
         pod: &PodContext,
         cert: &WorkloadCert,
         dst: SocketAddr,
-        dst_id: &str,
+        dst_id: &SpiffeId,
     ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), HboneError> {
         let (mut sender, slot) = self.hbone_sender(pod, cert, dst.ip(), dst_id).await?;
         let request = Request::builder()
@@ -626,7 +626,7 @@ pub(super) async fn open(
     pod: &PodContext,
     ctx: &ProxyContext,
     dst: SocketAddr,
-    dst_id: &str,
+    dst_id: &SpiffeId,
 ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), (Verdict, String)> {
     let cert = ctx
         .identities

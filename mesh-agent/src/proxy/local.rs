@@ -33,7 +33,9 @@ pub(super) async fn open<'a>(
     dst: &Arc<PodContext>,
     target: SocketAddr,
 ) -> Result<Handover<'a>, (Verdict, String)> {
-    let src_identity: Arc<str> = src.identity.spiffe_id(&ctx.identities.trust_domain()).into();
+    let src_identity = src.identity.spiffe_id(&ctx.identities.trust_domain());
+    let src_identity: Arc<str> =
+        src_identity.map_err(|e| (Verdict::Error, format!("no identity for {}: {e}", src.identity)))?.as_str().into();
     let mut client = Endpoint::lookup(&ctx.state, SocketAddr::new(src.workload.ip, 0));
     client.identity = Some(src_identity.clone());
     let mut inbound = Connection::new(Direction::Inbound, client, dst.endpoint(target.port(), &ctx.identities));

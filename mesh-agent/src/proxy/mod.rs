@@ -110,7 +110,11 @@ impl PodContext {
         Endpoint {
             addr: SocketAddr::new(self.workload.ip, port),
             workload: Some(self.workload.clone()),
-            identity: identities.enabled().then(|| self.identity.spiffe_id(&identities.trust_domain()).into()),
+            identity: identities
+                .enabled()
+                .then(|| self.identity.spiffe_id(&identities.trust_domain()).ok())
+                .flatten()
+                .map(|id| id.as_str().into()),
         }
     }
 }

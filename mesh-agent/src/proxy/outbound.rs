@@ -16,7 +16,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{accept_loop, hbone, local, relay, reset, Connection, Outcome, PodContext, ProxyContext};
 use crate::flows::{Direction, Endpoint, Verdict, UNKNOWN_ADDR};
-use crate::identity::Identity;
 use crate::state::{Service, ServiceEndpoint, Workload};
 
 /// Endpoints tried for one connection to a service before the client is failed.
@@ -82,9 +81,10 @@ async fn connect<'a>(
     let route = Route::to(ctx, target);
     let transport = route.transport();
     if let Route::Local(workload, _) | Route::Hbone(workload) = &route {
-        let dst_id =
-            Identity { namespace: workload.namespace.clone(), service_account: workload.service_account.clone() }
-                .spiffe_id(&ctx.identities.trust_domain());
+        let dst_id = workload.identity();
+        let dst_id = dst_id
+            .spiffe_id(&ctx.identities.trust_domain())
+            .map_err(|e| (Verdict::Error, format!("no identity for {dst_id}: {e}")))?;
         let upstream = match &route {
             Route::Local(_, dst) => Upstream::Local(Box::new(local::open(ctx, pod, dst, target).await?)),
             _ => {
@@ -92,7 +92,7 @@ async fn connect<'a>(
                 Upstream::Hbone(send, recv, slot)
             }
         };
-        return Ok(Connected { upstream, transport, dst_identity: Some(dst_id.into()) });
+        return Ok(Connected { upstream, transport, dst_identity: Some(dst_id.as_str().into()) });
     }
     match ctx.dial(&pod.netns, target, MARK_AGENT, None).await {
         Ok(stream) => {

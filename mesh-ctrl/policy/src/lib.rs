@@ -19,6 +19,8 @@ pub mod wire;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
+use ferrymesh_spiffe::SpiffeId;
+
 /// Namespace whose policies apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "ferrymesh-system";
 
@@ -215,8 +217,9 @@ pub struct Workload<'a> {
 pub struct Request<'a> {
     /// Client IP.
     pub source_ip: IpAddr,
-    /// Peer principal proven by mTLS (`<trust domain>/ns/<ns>/sa/<sa>`), None for plaintext.
-    pub source_principal: Option<&'a str>,
+    /// Peer identity proven by mTLS (or known to the agent, node-local), None for plaintext.
+    /// Policies match its principal, `<trust domain>/ns/<ns>/sa/<sa>`.
+    pub source: Option<&'a SpiffeId>,
     /// Destination IP.
     pub destination_ip: IpAddr,
     /// Destination port.
@@ -224,10 +227,12 @@ pub struct Request<'a> {
 }
 
 impl Request<'_> {
+    fn source_principal(&self) -> Option<&str> {
+        self.source.map(SpiffeId::principal)
+    }
+
     fn source_namespace(&self) -> Option<&str> {
-        let p = self.source_principal?;
-        let rest = &p[p.find("/ns/")? + 4..];
-        Some(rest.split('/').next().unwrap_or(rest))
+        self.source.map(SpiffeId::namespace)
     }
 }
 
@@ -323,9 +328,8 @@ fn selects(selector: &Option<BTreeMap<String, String>>, labels: &BTreeMap<String
 
 impl Source {
     fn matches(&self, r: &Request<'_>) -> bool {
-        field(&self.principals, r.source_principal)
-            && not_field(&self.not_principals, r.source_principal)
-            // The peer's namespace is parsed out of its principal only when a rule asks.
+        field(&self.principals, r.source_principal())
+            && not_field(&self.not_principals, r.source_principal())
             && (self.namespaces.is_empty() || any_match(&self.namespaces, r.source_namespace()))
             && (self.not_namespaces.is_empty() || not_field(&self.not_namespaces, r.source_namespace()))
             && (self.ip_blocks.is_empty() || self.ip_blocks.iter().any(|b| b.contains(r.source_ip)))
@@ -345,7 +349,7 @@ fn value_match(key: ConditionKey, pattern: &str, r: &Request<'_>) -> bool {
         ConditionKey::SourceIp => IpBlock::parse(pattern).is_some_and(|b| b.contains(r.source_ip)),
         ConditionKey::DestinationIp => IpBlock::parse(pattern).is_some_and(|b| b.contains(r.destination_ip)),
         ConditionKey::SourceNamespace => string_match(pattern, r.source_namespace().unwrap_or("")),
-        ConditionKey::SourcePrincipal => string_match(pattern, r.source_principal.unwrap_or("")),
+        ConditionKey::SourcePrincipal => string_match(pattern, r.source_principal().unwrap_or("")),
         ConditionKey::DestinationPort => pattern.parse() == Ok(r.destination_port),
     }
 }

@@ -5,6 +5,7 @@ use proptest::prelude::*;
 
 use super::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 use super::*;
+use ferrymesh_spiffe::SpiffeId;
 
 fn authz(ns: &str, name: &str, yaml: &str) -> AuthorizationPolicy {
     let spec: AuthorizationPolicySpec = serde_yaml::from_str(yaml).unwrap();
@@ -20,10 +21,12 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
-fn request<'a>(ip: &str, principal: Option<&'a str>, port: u16) -> Request<'a> {
+/// A request from `principal` (None: plaintext); the identity lives as long as the test.
+fn request(ip: &str, principal: Option<&str>, port: u16) -> Request<'static> {
+    let id = principal.map(|p| &*Box::leak(Box::new(format!("spiffe://{p}").parse::<SpiffeId>().unwrap())));
     Request {
         source_ip: ip.parse().unwrap(),
-        source_principal: principal,
+        source: id,
         destination_ip: "10.244.2.2".parse().unwrap(),
         destination_port: port,
     }

@@ -27,6 +27,14 @@ fn labels(map: &std::collections::HashMap<String, String>) -> String {
 }
 
 /// Prints the workloads.
+/// The SPIFFE ID of `w` in trust domain `td`, or why it has none.
+fn identity(td: &str, w: &ferrymesh_api::config::Workload) -> String {
+    match ferrymesh_spiffe::SpiffeId::new(td, &w.namespace, &w.service_account) {
+        Ok(id) => id.into(),
+        Err(e) => format!("(none: {e})"),
+    }
+}
+
 pub async fn workloads(agent: &Path, output: Output) -> Result<(), String> {
     let config = dump(agent).await?;
     let td = &config.trust_domain;
@@ -38,7 +46,7 @@ pub async fn workloads(agent: &Path, output: Output) -> Result<(), String> {
                 .map(|w| {
                     json!({
                         "namespace": w.namespace, "name": w.name, "uid": w.uid, "node": w.node, "ip": w.ip,
-                        "identity": format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account),
+                        "identity": identity(td, w),
                         "captured": w.captured, "labels": w.labels,
                     })
                 })
@@ -55,7 +63,7 @@ pub async fn workloads(agent: &Path, output: Output) -> Result<(), String> {
                         w.node.clone(),
                         w.ip.clone(),
                         if w.captured { "mesh".into() } else { "-".into() },
-                        format!("spiffe://{td}/ns/{}/sa/{}", w.namespace, w.service_account),
+                        identity(td, w),
                         labels(&w.labels),
                     ]
                 })

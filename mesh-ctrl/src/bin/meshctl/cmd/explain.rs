@@ -8,6 +8,7 @@ use std::path::Path;
 use clap::Args;
 use ferrymesh_api::config::Workload;
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet, Request, Transport};
+use ferrymesh_spiffe::SpiffeId;
 use serde_json::json;
 
 use super::config::dump;
@@ -71,7 +72,8 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
         .map_err(|e| format!("the agent holds a policy that does not convert: {e}"))?;
     let policies = PolicySet::new(authz, peer);
     let td = &config.trust_domain;
-    let src_identity = format!("{td}/ns/{}/sa/{}", src.namespace, src.service_account);
+    let src_identity = SpiffeId::new(td, &src.namespace, &src.service_account)
+        .map_err(|e| format!("pod {}/{} has no valid identity: {e}", src.namespace, src.name))?;
     // A captured source's agent carries traffic to a meshed pod over HBONE (mTLS), or hands it
     // over inside itself when both pods are on its node; an uncaptured source arrives in
     // plaintext.
@@ -97,7 +99,7 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
     let workload = ferrymesh_policy::Workload { namespace: &dst.namespace, labels: &labels };
     let request = Request {
         source_ip: ip(src)?,
-        source_principal: authenticated.then_some(src_identity.as_str()),
+        source: authenticated.then_some(&src_identity),
         destination_ip: ip(dst)?,
         destination_port: port,
     };
@@ -121,7 +123,8 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
             );
         }
         _ => {
-            let principal = if authenticated { format!(", principal {src_identity}") } else { String::new() };
+            let principal =
+                if authenticated { format!(", principal {}", src_identity.principal()) } else { String::new() };
             println!("from:    {}/{} ({}{principal})", src.namespace, src.name, src.ip);
             println!("to:      {}/{}:{port} ({})", dst.namespace, dst.name, dst.ip);
             println!("carried: {carried}");

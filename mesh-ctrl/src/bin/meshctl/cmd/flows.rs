@@ -131,8 +131,8 @@ impl FlowsArgs {
             }
         }
         for (flag, value) in [("--from-identity", &self.from_identity), ("--to-identity", &self.to_identity)] {
-            if let Some(v) = value.as_ref().filter(|v| !v.starts_with("spiffe://")) {
-                return Err(format!("{flag} {v:?}: expected a SPIFFE ID (spiffe://...)"));
+            if let Some(v) = value.as_ref().filter(|v| !v.starts_with(ferrymesh_spiffe::SCHEME)) {
+                return Err(format!("{flag} {v:?}: expected a SPIFFE ID ({}...)", ferrymesh_spiffe::SCHEME));
             }
         }
         Ok(())
