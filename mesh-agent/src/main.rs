@@ -2,20 +2,14 @@
 #![deny(unsafe_code)]
 
 mod admin;
-mod config;
-mod ctrl;
+use ferrymesh_dataplane::{config_client, ctrl, flows, identity, state, tls};
 mod discover;
 mod ebpf;
 mod enroll;
-mod flows;
-mod identity;
 #[expect(unsafe_code, reason = "the syscall wrappers live here, each with a SAFETY comment")]
 mod netns;
 mod proxy;
-mod state;
 mod telemetry;
-mod tls;
-mod trust;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -139,7 +133,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         runner: netns::NetnsRunner::start().context("cannot start the netns thread")?,
         flows: flows.clone(),
         identities: identities.clone(),
-        pool: proxy::hbone::Pool::default(),
+        hbone: Default::default(),
         live: proxy::authz::LiveConnections::default(),
         balancer: Arc::default(),
         local_pods: proxy::LocalPods::default(),
@@ -167,7 +161,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut admin =
         tokio::spawn(admin::serve(args.admin_socket.clone(), args.admin_group.clone(), admin, shutdown.clone()));
-    tokio::spawn(config::run(ctrl, args.node_name.clone(), state));
+    tokio::spawn(config_client::run(ctrl, args.node_name.clone(), state));
     tracing::info!(node = %args.node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");
 
     let mut term = signal(SignalKind::terminate())?;

@@ -1,7 +1,8 @@
 //! Metrics and readiness. Prometheus text on :15020 (`/metrics`, served by the `metrics`
-//! crate's Prometheus exporter): the `ferrymesh_tcp_*` family with Istio's label names, counted
-//! as flows are recorded, plus eBPF counters and map fill, identity and control-plane gauges,
-//! refreshed every second. Readiness on :15021 (`/healthz/ready`): 200 once the eBPF programs
+//! crate's Prometheus exporter): every metric described and registered at zero here; the
+//! `ferrymesh_tcp_*` family and the certificate counters are recorded by the data-plane library
+//! (`ferrymesh_dataplane::metrics`), the eBPF counters and map fill, identity and control-plane
+//! gauges refreshed here every second. Readiness on :15021 (`/healthz/ready`): 200 once the eBPF programs
 //! are attached and the first config from mesh-ctrl is applied, else 503 saying what is
 //! missing. docs/OBSERVABILITY.md lists every metric.
 
@@ -9,12 +10,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrymesh_policy::Transport;
-use metrics::{counter, describe_counter, describe_gauge, gauge, Label, Unit};
+use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 use crate::ebpf::MapStats;
-use crate::flows::{Direction, Flow, Verdict};
 use crate::state::State;
 
 /// Installs the Prometheus recorder and serves it on `addr`, with every metric described and
@@ -53,68 +52,6 @@ fn describe() {
     }
     counter!("ferrymesh_certs_issued_total").absolute(0);
     counter!("ferrymesh_cert_rotation_failures_total").absolute(0);
-}
-
-/// Istio's labels of a TCP flow, as the recording agent sees it.
-fn flow_labels(flow: &Flow) -> Vec<Label> {
-    let workload = |e: &crate::flows::Endpoint| {
-        let (name, namespace) = e.names().unwrap_or(("unknown", "unknown"));
-        (name.to_string(), namespace.to_string())
-    };
-    let principal = |e: &crate::flows::Endpoint| e.identity.as_deref().unwrap_or("unknown").to_string();
-    let (src_name, src_ns) = workload(&flow.src);
-    let (dst_name, dst_ns) = workload(&flow.dst);
-    let service = if flow.service.is_empty() { "unknown".to_string() } else { flow.service.clone() };
-    let response_flags = match flow.verdict {
-        Verdict::Allowed => "-",
-        Verdict::Denied => "DENY",
-        Verdict::Error => "CONNECT_FAILED",
-    };
-    vec![
-        Label::new("reporter", if flow.direction == Direction::Outbound { "source" } else { "destination" }),
-        Label::new("source_workload", src_name),
-        Label::new("source_workload_namespace", src_ns),
-        Label::new("source_principal", principal(&flow.src)),
-        Label::new("destination_workload", dst_name),
-        Label::new("destination_workload_namespace", dst_ns),
-        Label::new("destination_service", service),
-        Label::new("destination_principal", principal(&flow.dst)),
-        Label::new(
-            "connection_security_policy",
-            match flow.transport {
-                Transport::Mtls => "mutual_tls",
-                Transport::NodeLocal => "node_local",
-                Transport::Plaintext => "none",
-            },
-        ),
-        Label::new("response_flags", response_flags),
-    ]
-}
-
-/// Counts a recorded (closed) flow. A connection that never carried data (refused, failed to
-/// dial) counts as failed, not as opened and closed.
-pub fn flow_closed(flow: &Flow) {
-    let labels = flow_labels(flow);
-    let carried = flow.verdict == Verdict::Allowed || flow.bytes_sent > 0 || flow.bytes_received > 0;
-    if carried {
-        counter!("ferrymesh_tcp_connections_opened_total", labels.clone()).increment(1);
-        counter!("ferrymesh_tcp_connections_closed_total", labels.clone()).increment(1);
-        counter!("ferrymesh_tcp_sent_bytes_total", labels.clone()).increment(flow.bytes_sent);
-        counter!("ferrymesh_tcp_received_bytes_total", labels.clone()).increment(flow.bytes_received);
-    }
-    if flow.verdict != Verdict::Allowed {
-        counter!("ferrymesh_tcp_connections_failed_total", labels).increment(1);
-    }
-}
-
-/// A certificate was issued to this agent.
-pub fn cert_issued() {
-    counter!("ferrymesh_certs_issued_total").increment(1);
-}
-
-/// Obtaining or renewing a certificate failed.
-pub fn cert_failed() {
-    counter!("ferrymesh_cert_rotation_failures_total").increment(1);
 }
 
 /// How often map fill is counted: a walk of every key, a syscall each, so not every second.

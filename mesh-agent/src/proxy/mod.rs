@@ -32,10 +32,6 @@ use authz::InboundRequest;
 
 /// How long a dial may take before the client is reset.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most bytes read from a TCP socket at once into HBONE (taken only when bytes are there):
-/// larger reads mean fewer syscalls, HTTP/2 frames and TLS writes per megabyte (256 KiB moved
-/// about 14% more cross-node than 64 KiB here).
-pub(crate) const RELAY_BUFFER: usize = 256 * 1024;
 
 /// What every connection handler needs, shared by all pods of the node.
 #[derive(Debug)]
@@ -52,8 +48,8 @@ pub struct ProxyContext {
     pub flows: Arc<FlowTable>,
     /// Workload certificates.
     pub identities: Arc<IdentityManager>,
-    /// Pooled HBONE connections.
-    pub pool: hbone::Pool,
+    /// The HBONE client (its pooled connections).
+    pub hbone: ferrymesh_dataplane::hbone::client::Client,
     /// Live inbound connections, re-evaluated when policies change.
     pub live: authz::LiveConnections,
     /// Service load balancing state.

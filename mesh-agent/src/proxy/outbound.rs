@@ -29,7 +29,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 /// An upstream ready to carry the client's bytes.
 enum Upstream<'a> {
     Plain(TcpStream),
-    Hbone(SendStream<Bytes>, RecvStream, hbone::StreamSlot),
+    Hbone(SendStream<Bytes>, RecvStream, ferrymesh_dataplane::hbone::pool::StreamSlot),
     Local(Box<local::Handover<'a>>),
 }
 

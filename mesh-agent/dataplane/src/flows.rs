@@ -206,7 +206,7 @@ impl FlowTable {
     /// Records a finished flow, evicting the oldest when full.
     pub fn record(&self, flow: Flow) {
         tracing::debug!(?flow, "flow");
-        crate::telemetry::flow_closed(&flow);
+        crate::metrics::flow_closed(&flow);
         self.access_log.write(&flow);
         // No receiver (nobody following) is fine.
         let _ = self.live.send(flow.clone());

@@ -270,7 +270,7 @@ async fn keep_renewed(
         match fetch(&id, &td, &ctrl, &bearer).await {
             Ok(cert) => {
                 tracing::info!(identity = %cert.spiffe_id, serial = %cert.serial, "certificate issued");
-                crate::telemetry::cert_issued();
+                crate::metrics::cert_issued();
                 let wait = cert.rotate_at.duration_since(SystemTime::now()).unwrap_or_default();
                 let issuer = cert.issuer_sha256.clone();
                 tx.send_replace(Some(Arc::new(cert)));
@@ -287,7 +287,7 @@ async fn keep_renewed(
             }
             Err(message) => {
                 tracing::warn!(identity = %id, "{message}; retrying in {backoff:?}");
-                crate::telemetry::cert_failed();
+                crate::metrics::cert_failed();
                 *last_error.lock().expect("identity lock") = Some(message);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);

@@ -1,0 +1,133 @@
+//! The HBONE client: CONNECT streams to a peer's 15008 over pooled mTLS connections. The TCP
+//! connection comes from the caller's [`Dialer`] (the node agent dials from inside the source
+//! pod's netns; a proxy of its own dials directly; a test dials in memory).
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ferrymesh_spiffe::SpiffeId;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use rustls::RootCertStore;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio_rustls::TlsConnector;
+
+use super::pool::{Pool, PoolKey, StreamSlot};
+use super::{client_settings, HANDSHAKE_TIMEOUT, PORT, TLS_READ_BUFFER};
+use crate::identity::WorkloadCert;
+use crate::tls;
+
+/// Makes the TCP (or any byte-stream) connection to a peer's HBONE port.
+pub trait Dialer: Send + Sync {
+    /// The connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Connects to `addr`.
+    fn dial(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+/// Why an HBONE stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    /// The TCP connection to 15008 failed.
+    #[error("connect to {0}:15008 failed: {1} (is port 15008 allowed by a NetworkPolicy?)")]
+    Connect(IpAddr, io::Error),
+    /// The TLS handshake failed (untrusted CA, wrong identity, expired certificate...).
+    #[error("mTLS handshake with {0} failed: {1}")]
+    Tls(IpAddr, String),
+    /// HTTP/2 failed.
+    #[error("HTTP/2 to {0}: {1}")]
+    Http2(IpAddr, h2::Error),
+    /// The destination answered the CONNECT with an error status.
+    #[error("destination refused the tunnel: HTTP {0}")]
+    Refused(u16),
+}
+
+/// What a CONNECT asks for, besides its target.
+#[derive(Debug, Clone)]
+pub struct ConnectHeaders {
+    /// The original client's address (`forwarded: for="<ip>"`).
+    pub forwarded_for: IpAddr,
+    /// W3C baggage naming the source workload (`k8s.namespace.name=...,k8s.pod.name=...`).
+    pub baggage: String,
+}
+
+/// An HBONE client: the pool of its connections.
+#[derive(Debug, Default, Clone)]
+pub struct Client {
+    pool: Pool,
+}
+
+impl Client {
+    /// A ready sender to `dst_ip` for `cert`'s identity, verifying the peer as `dst_id` against
+    /// `roots`: on a pooled connection with a free stream, else on a new one `dialer` makes.
+    async fn sender<D: Dialer>(
+        &self,
+        dialer: &D,
+        cert: &WorkloadCert,
+        roots: Arc<RootCertStore>,
+        dst_ip: IpAddr,
+        dst_id: &SpiffeId,
+    ) -> Result<(h2::client::SendRequest<Bytes>, StreamSlot), HboneError> {
+        let key = PoolKey { src: cert.spiffe_id.clone(), src_serial: cert.serial.clone(), dst: dst_id.clone(), dst_ip };
+        if let Some(ready) = self.pool.ready(&key).await {
+            return Ok(ready);
+        }
+        let io = dialer.dial(SocketAddr::new(dst_ip, PORT)).await.map_err(|e| HboneError::Connect(dst_ip, e))?;
+        let config =
+            tls::client_config(cert, roots, dst_id.clone()).map_err(|e| HboneError::Tls(dst_ip, e.to_string()))?;
+        let stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsConnector::from(Arc::new(config))
+                .connect(ServerName::IpAddress(dst_ip.into()), BufReader::with_capacity(TLS_READ_BUFFER, io)),
+        )
+        .await
+        .map_err(|_| HboneError::Tls(dst_ip, format!("no handshake within {HANDSHAKE_TIMEOUT:?}")))?
+        .map_err(|e| HboneError::Tls(dst_ip, tls::describe(&e)))?;
+        if stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+            return Err(HboneError::Tls(dst_ip, "the server did not negotiate ALPN h2".into()));
+        }
+        let (sender, connection) =
+            client_settings().handshake::<_, Bytes>(stream).await.map_err(|e| HboneError::Http2(dst_ip, e))?;
+        let slot = self.pool.insert(key, sender.clone(), connection);
+        Ok((sender, slot))
+    }
+
+    /// Opens a CONNECT stream to `dst` for `cert`'s identity, the peer proving `dst_id` against
+    /// `roots`. The slot is the stream's place on its pooled connection: hold it until the
+    /// stream ends.
+    pub async fn open<D: Dialer>(
+        &self,
+        dialer: &D,
+        cert: &WorkloadCert,
+        roots: Arc<RootCertStore>,
+        dst: SocketAddr,
+        dst_id: &SpiffeId,
+        headers: &ConnectHeaders,
+    ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), HboneError> {
+        let (mut sender, slot) = self.sender(dialer, cert, roots, dst.ip(), dst_id).await?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(dst.to_string())
+            .header("forwarded", format!("for=\"{}\"", headers.forwarded_for))
+            .header("baggage", &headers.baggage)
+            .header("traceparent", traceparent())
+            .body(())
+            .expect("CONNECT request");
+        let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::Http2(dst.ip(), e))?;
+        let response = response.await.map_err(|e| HboneError::Http2(dst.ip(), e))?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused(response.status().as_u16()));
+        }
+        Ok((send, response.into_body(), slot))
+    }
+}
+
+/// A new W3C trace context (version 00, random trace and span ids, sampled).
+fn traceparent() -> String {
+    format!("00-{:032x}-{:016x}-01", rand::random::<u128>(), rand::random::<u64>())
+}

@@ -1,0 +1,326 @@
+//! The HBONE server: HTTP/2 on an accepted (TLS) connection with the mesh's settings, each
+//! request handed to the caller's handler, and the check of a CONNECT's target. What a stream
+//! is then used for (policy, dialling the app, serving HTTP on it) is the caller's.
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use mesh_common::RESERVED_PORTS;
+
+/// An HTTP/2 connection that ended on an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http2Closed {
+    /// The server closed it (a GOAWAY of ours, or a failed handshake), not the client.
+    pub by_server: bool,
+    /// What happened, for the flow.
+    pub reason: String,
+}
+
+/// Serves HTTP/2 on an established (TLS) connection, handing each request to `on_stream`, until
+/// the client closes it. A connection that ends on a protocol error (a malformed frame, too
+/// many rapid resets, an oversized header block: h2 answers with GOAWAY) returns what happened,
+/// for a flow record; a client that simply goes away is no error.
+pub async fn serve_h2<IO>(
+    io: IO,
+    mut on_stream: impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>),
+) -> Result<(), Http2Closed>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut connection = match super::server_settings().handshake::<_, Bytes>(io).await {
+        Ok(connection) => connection,
+        Err(e) => return Err(Http2Closed { by_server: true, reason: format!("HTTP/2 handshake failed: {e}") }),
+    };
+    while let Some(accepted) = connection.accept().await {
+        match accepted {
+            Ok((request, respond)) => on_stream(request, respond),
+            Err(e) => return connection_error(e),
+        }
+    }
+    Ok(())
+}
+
+/// A connection-level HTTP/2 error worth a flow: one with a reason (protocol error, GOAWAY
+/// ENHANCE_YOUR_CALM...), not the peer's socket closing.
+fn connection_error(e: h2::Error) -> Result<(), Http2Closed> {
+    match e.reason() {
+        Some(reason) if reason != h2::Reason::NO_ERROR => {
+            let by = if e.is_remote() { "the client" } else { "the server" };
+            let reason = format!("HTTP/2 connection closed by {by}: {reason:?} ({e})");
+            Err(Http2Closed { by_server: !e.is_remote(), reason })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Answers a request with `status` (ending the stream unless it is 200); the stream to send on
+/// after a 200.
+pub fn respond_status(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) -> Option<SendStream<Bytes>> {
+    let response = Response::builder().status(status).body(()).expect("static response");
+    respond.send_response(response, status != StatusCode::OK).ok()
+}
+
+/// Validates an HBONE request: a CONNECT whose authority is `<the IP the connection arrived
+/// on>:<port>` with a port that is not the mesh's own. Errors carry the status to answer.
+pub fn connect_target(
+    method: &Method,
+    authority: Option<&str>,
+    local_ip: IpAddr,
+) -> Result<SocketAddr, (StatusCode, String)> {
+    if method != Method::CONNECT {
+        return Err((StatusCode::BAD_REQUEST, format!("HBONE request method {method} is not CONNECT")));
+    }
+    let Some(target) = authority.and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        return Err((StatusCode::BAD_REQUEST, format!("CONNECT authority {authority:?} is not ip:port")));
+    };
+    if target.ip() != local_ip {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("CONNECT authority {target} is not the address the connection arrived on ({local_ip})"),
+        ));
+    }
+    if RESERVED_PORTS.contains(&target.port()) {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, format!("port {} is reserved for the mesh", target.port())));
+    }
+    Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const LOCAL: [u8; 4] = [10, 244, 2, 2];
+
+    #[test]
+    fn connect_requests_table() {
+        let local = IpAddr::from(LOCAL);
+        let cases: [(Method, Option<&str>, Result<u16, u16>); 7] = [
+            (Method::CONNECT, Some("10.244.2.2:8080"), Ok(8080)),
+            (Method::GET, Some("10.244.2.2:8080"), Err(400)),
+            (Method::CONNECT, Some("10.244.2.3:8080"), Err(400)),
+            (Method::CONNECT, Some("example.com:80"), Err(400)),
+            (Method::CONNECT, None, Err(400)),
+            (Method::CONNECT, Some("10.244.2.2:15008"), Err(503)),
+            (Method::CONNECT, Some("10.244.2.2:15006"), Err(503)),
+        ];
+        for (method, authority, want) in cases {
+            let got = connect_target(&method, authority, local).map(|t| t.port()).map_err(|(s, _)| s.as_u16());
+            assert_eq!(got, want, "{method} {authority:?}");
+        }
+    }
+
+    /// Answers a request as the agent's streams do before policy: the CONNECT check, then the
+    /// status it gives (200 where the agent would go on to policy and the app). Each answer is
+    /// recorded as (stream id, status).
+    fn answer_as_the_agent(
+        answers: &std::cell::RefCell<Vec<(u32, u16)>>,
+    ) -> impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>) + '_ {
+        move |request, mut respond| {
+            let (parts, _) = request.into_parts();
+            let status = match connect_target(&parts.method, parts.uri.authority().map(|a| a.as_str()), LOCAL.into()) {
+                Ok(_) => StatusCode::OK,
+                Err((status, _)) => status,
+            };
+            answers.borrow_mut().push((respond.stream_id().as_u32(), status.as_u16()));
+            respond_status(&mut respond, status);
+        }
+    }
+
+    /// What the HBONE server did with one client's bytes.
+    struct Served {
+        /// How the connection ended.
+        ended: Result<(), Http2Closed>,
+        /// What the server wrote.
+        output: Vec<u8>,
+        /// The requests it answered: (stream id, status).
+        answers: Vec<(u32, u16)>,
+    }
+
+    /// Runs the HBONE server's HTTP/2 handling on `input` (what a client writes, then closes)
+    /// over an in-memory duplex.
+    fn serve_bytes(input: Vec<u8>) -> Served {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let answers = std::cell::RefCell::new(Vec::new());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (ended, output) = runtime
+            .block_on(async {
+                let (mut client, server) = tokio::io::duplex(1 << 20);
+                let serve = serve_h2(server, answer_as_the_agent(&answers));
+                let talk = async move {
+                    let _ = client.write_all(&input).await;
+                    // A client waits for its answers before closing (a closed connection's
+                    // pending streams are never handed out). Both sides run on this one task,
+                    // so yielding lets the server read and answer everything written so far.
+                    for _ in 0..16 {
+                        tokio::task::yield_now().await;
+                    }
+                    let _ = client.shutdown().await;
+                    let mut output = Vec::new();
+                    let _ = client.read_to_end(&mut output).await;
+                    output
+                };
+                tokio::time::timeout(Duration::from_secs(5), futures::future::join(serve, talk)).await
+            })
+            .expect("the server ends once the client has");
+        Served { ended, output, answers: answers.into_inner() }
+    }
+
+    #[test]
+    fn the_hbone_server_seam_answers_each_connect_as_the_agent_does() {
+        use ferrymesh_testbed::h2raw;
+        let get = [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "10.244.2.2:8080")];
+        let input = [
+            h2raw::PREFACE,
+            &h2raw::settings(false),
+            &h2raw::connect(1, "10.244.2.2:8080"),
+            &h2raw::connect(3, "10.244.2.3:8080"),
+            &h2raw::connect(5, "10.244.2.2:15008"),
+            &h2raw::headers(7, &get, true),
+            &h2raw::connect(9, "pod-c:8080"),
+        ]
+        .concat();
+        let Served { ended, output, answers } = serve_bytes(input);
+        assert_eq!(ended, Ok(()));
+        assert_eq!(answers, [(1, 200), (3, 400), (5, 503), (7, 400), (9, 400)]);
+        let answered: Vec<u32> =
+            h2raw::parse_frames(&output).iter().filter(|f| f.kind == h2raw::kind::HEADERS).map(|f| f.stream).collect();
+        assert_eq!(answered, [1, 3, 5, 7, 9], "each answer is on the wire");
+    }
+
+    /// What a client of the fuzz target sends after each request.
+    fn follow_up(id: u32) -> impl Strategy<Value = Vec<u8>> {
+        use ferrymesh_testbed::h2raw::{self, kind};
+        prop_oneof![
+            3 => (proptest::collection::vec(any::<u8>(), 0..64), any::<bool>())
+                .prop_map(move |(data, end)| h2raw::frame(kind::DATA, u8::from(end), id, &data)),
+            1 => any::<u32>().prop_map(move |code| h2raw::rst_stream(id, code)),
+            1 => (1u32..0x7fff_ffff).prop_map(move |n| h2raw::frame(kind::WINDOW_UPDATE, 0, id, &n.to_be_bytes())),
+            1 => any::<[u8; 8]>().prop_map(|p| h2raw::frame(kind::PING, 0, 0, &p)),
+        ]
+    }
+
+    /// A frame of any type, flags, stream and payload.
+    fn any_frame() -> impl Strategy<Value = Vec<u8>> {
+        (any::<u8>(), any::<u8>(), prop_oneof![0u32..32, any::<u32>()], proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(k, flags, id, p)| ferrymesh_testbed::h2raw::frame(k, flags, id, &p))
+    }
+
+    /// A client script: requests on streams 1, 3, 5... with any method (a non-CONNECT often
+    /// with :scheme and :path), authority and extra headers, each followed by data, resets,
+    /// window updates or pings; sometimes a frame of anything anywhere, sometimes garbage in
+    /// place of the preface.
+    fn client_script() -> impl Strategy<Value = Vec<u8>> {
+        use ferrymesh_testbed::h2raw;
+        let authority = prop_oneof![
+            any::<u16>().prop_map(|port| format!("10.244.2.2:{port}")),
+            Just("10.244.2.2:15008".to_string()),
+            Just("10.244.2.3:80".to_string()),
+            "[ -~]{0,24}",
+        ];
+        let method = prop_oneof![3 => Just("CONNECT".to_string()), 1 => Just("GET".to_string()), 1 => "[A-Z]{1,8}"];
+        let extra = proptest::collection::vec(("[a-z-]{1,12}", "[ -~]{0,16}"), 0..3);
+        let request = (method, authority, extra, any::<bool>(), any::<bool>());
+        let requests = proptest::collection::vec(request, 1..8).prop_flat_map(|requests| {
+            let scripted: Vec<_> = requests
+                .into_iter()
+                .enumerate()
+                .map(|(i, (method, authority, extra, with_path, end))| {
+                    let id = 2 * i as u32 + 1;
+                    let mut headers =
+                        vec![(":method".to_string(), method.clone()), (":authority".to_string(), authority)];
+                    if method != "CONNECT" && with_path {
+                        headers.extend([(":scheme".into(), "https".into()), (":path".into(), "/".into())]);
+                    }
+                    headers.extend(extra);
+                    let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    let opened = h2raw::headers(id, &refs, end);
+                    proptest::collection::vec(follow_up(id), 0..3)
+                        .prop_map(move |more| [opened.clone(), more.concat()].concat())
+                })
+                .collect();
+            scripted
+        });
+        let chaos = proptest::option::weighted(0.3, (any_frame(), any::<prop::sample::Index>()));
+        let preface = prop_oneof![
+            9 => Just([h2raw::PREFACE, &h2raw::settings(false)].concat()),
+            1 => proptest::collection::vec(any::<u8>(), 0..32),
+        ];
+        (preface, requests, chaos).prop_map(|(preface, mut requests, chaos)| {
+            if let Some((frame, at)) = chaos {
+                requests.insert(at.index(requests.len() + 1), frame);
+            }
+            [preface, requests.concat()].concat()
+        })
+    }
+
+    /// The HBONE server's whole request handling (h2 settings, the accept loop, the CONNECT
+    /// checks and answers), driven over an in-memory duplex by clients sending any script: it
+    /// never panics or hangs, writes only whole frames, answers only streams the client opened
+    /// and each with the status the CONNECT check gives, and reports every connection error it
+    /// sends a GOAWAY for (for a flow record). A quarter of the runs at least must reach the
+    /// request handling, or the fuzzing would only be exercising h2's frame checks.
+    #[test]
+    fn the_hbone_server_survives_any_client() {
+        use ferrymesh_testbed::h2raw::{self, kind};
+        let mut runner =
+            proptest::test_runner::TestRunner::new(ProptestConfig { cases: 300, ..ProptestConfig::default() });
+        let answered = std::cell::Cell::new(0usize);
+        runner
+            .run(&client_script(), |input| {
+                let sent = h2raw::parse_frames(input.get(h2raw::PREFACE.len()..).unwrap_or_default());
+                let opened: Vec<u32> = sent.iter().filter(|f| f.kind == kind::HEADERS).map(|f| f.stream).collect();
+                let Served { ended, output, answers } = serve_bytes(input);
+                let frames = h2raw::parse_frames(&output);
+                let framed: usize = frames.iter().map(|f| 9 + f.payload.len()).sum();
+                prop_assert_eq!(framed, output.len(), "the server wrote only whole frames");
+                for f in frames.iter().filter(|f| f.kind == kind::HEADERS) {
+                    prop_assert!(opened.contains(&f.stream), "answered stream {} the client never opened", f.stream);
+                }
+                for (stream, status) in &answers {
+                    prop_assert!([200, 400, 503].contains(status), "stream {stream}: status {status}");
+                }
+                if h2raw::goaway_code(&frames).is_some_and(|code| code != 0) {
+                    prop_assert!(ended.is_err(), "a GOAWAY with an error code is reported: {:?}", frames);
+                }
+                answered.set(answered.get() + usize::from(!answers.is_empty()));
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(answered.get() >= 75, "only {} of 300 runs reached the request handling", answered.get());
+    }
+
+    proptest! {
+        /// Any request line is either refused with 400/503 or is exactly a CONNECT to the local
+        /// IP on a non-mesh port; nothing panics.
+        #[test]
+        fn connect_target_accepts_only_valid_connects(
+            method in prop_oneof![Just("CONNECT".to_string()), Just("GET".to_string()), "[A-Z]{1,8}"],
+            authority in prop_oneof![
+                "[0-9.:]{0,24}".prop_map(String::from),
+                (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| format!("{}:{port}", std::net::Ipv4Addr::from(ip))),
+                any::<u16>().prop_map(|port| format!("10.244.2.2:{port}")),
+                ".{0,40}".prop_map(String::from),
+            ],
+        ) {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            match connect_target(&method, Some(&authority), IpAddr::from(LOCAL)) {
+                Ok(target) => {
+                    prop_assert_eq!(&method, &Method::CONNECT);
+                    prop_assert_eq!(target.ip(), IpAddr::from(LOCAL));
+                    prop_assert!(!RESERVED_PORTS.contains(&target.port()));
+                    prop_assert_eq!(target, authority.parse::<SocketAddr>().unwrap());
+                }
+                Err((status, reason)) => {
+                    prop_assert!(status == StatusCode::BAD_REQUEST || status == StatusCode::SERVICE_UNAVAILABLE);
+                    prop_assert!(!reason.is_empty());
+                }
+            }
+        }
+    }
+}
