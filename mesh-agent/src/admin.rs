@@ -90,6 +90,7 @@ impl agent_admin_server::AgentAdmin for AdminService {
         Ok(Response::new(proto::ConfigDump {
             version,
             trust_domain: self.state.trust_domain().borrow().clone(),
+            certificates: self.identities.enabled(),
             workloads: self.state.workloads().iter().map(|w| workload_wire(w)).collect(),
             services: self.state.services().iter().map(|s| service_wire(s)).collect(),
             authorization_policies: policies

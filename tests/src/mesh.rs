@@ -260,7 +260,8 @@ impl Topology {
 
     /// The command of the agent of node `node` (label `agent-node<N>`), not started: in its
     /// netns, dialling mesh-ctrl over TLS with the mesh root, with its admin socket and token.
-    /// `overrides` replace the value of a flag (`("--ca-root", "/other/root.pem")`).
+    /// `overrides` replace the value of a flag (`("--ca-root", "/other/root.pem")`); an empty
+    /// value leaves the flag out (`("--token-file", "")`: an agent without certificates).
     pub fn agent_command(&self, node: u8, overrides: &[(&str, &str)]) -> std::process::Command {
         let netns = self.nodes[usize::from(node) - 1].netns.clone();
         let mut flags: Vec<(&str, String)> = vec![
@@ -277,7 +278,7 @@ impl Topology {
             }
         }
         let mut cmd = self.command_in(&netns, bin("mesh-agent"));
-        for (flag, value) in flags {
+        for (flag, value) in flags.into_iter().filter(|(_, value)| !value.is_empty()) {
             cmd.arg(flag).arg(value);
         }
         cmd

@@ -466,6 +466,19 @@ fn status_views_and_bad_input() {
     one_line_error(&topo.meshctl(1, &["flows", "--since", "soon"]), "--since");
     one_line_error(&topo.meshctl(1, &["flows", "--to-identity", "shop/c"]), "expected a SPIFFE ID");
 
+    // explain decides the transport as the agent does: mTLS between nodes, and plaintext once
+    // the source's agent holds no certificates.
+    let explain_a_c = |topo: &Topology| {
+        let out = topo.meshctl(1, &["explain", "shop/a", "shop/c:8080", "-o", "json"]);
+        serde_json::from_slice::<Value>(&out.stdout).expect("explain JSON")
+    };
+    assert_eq!(explain_a_c(&topo)["transport"], "mtls");
+    topo.signal_and_wait("agent-node1", libc::SIGTERM);
+    topo.start_agent_with(1, &[("--token-file", "")]);
+    let explained = explain_a_c(&topo);
+    assert_eq!(explained["transport"], "plaintext", "{explained}");
+    assert!(explained["carried"].as_str().unwrap().contains("the agents hold no certificates"), "{explained}");
+
     // mesh-ctrl stopped: status says so clearly; readiness stays (the last good config serves).
     topo.signal_and_wait("mesh-ctrl", libc::SIGTERM);
     wait_until(Duration::from_secs(10), "the agent to notice mesh-ctrl is gone", || {

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ferrymesh_policy::Transport;
+use ferrymesh_policy::{Placement, Transport};
 use h2::{RecvStream, SendStream};
 use mesh_common::MARK_AGENT;
 use tokio::net::{TcpListener, TcpStream};
@@ -53,11 +53,18 @@ enum Route {
 impl Route {
     /// The route to `target` as the state and the enrolled pods say now.
     fn to(ctx: &ProxyContext, target: SocketAddr) -> Self {
-        let meshed = ctx.state.workload_by_ip(target.ip()).filter(|w| w.captured && ctx.identities.enabled());
-        let Some(workload) = meshed else { return Route::Plain };
-        match ctx.local_pods.get(target.ip()).filter(|p| p.workload.uid == workload.uid) {
-            Some(local) => Route::Local(workload, local),
-            None => Route::Hbone(workload),
+        let Some(workload) = ctx.state.workload_by_ip(target.ip()) else { return Route::Plain };
+        let local = ctx.local_pods.get(target.ip()).filter(|p| p.workload.uid == workload.uid);
+        let placement = Placement {
+            src_captured: true,
+            dst_captured: workload.captured,
+            same_node: local.is_some(),
+            certificates: ctx.identities.enabled(),
+        };
+        match (Transport::for_placement(placement), local) {
+            (Transport::NodeLocal, Some(local)) => Route::Local(workload, local),
+            (Transport::Mtls, _) => Route::Hbone(workload),
+            _ => Route::Plain,
         }
     }
 

@@ -248,7 +248,36 @@ pub enum Transport {
     NodeLocal,
 }
 
+/// Where the two ends of a connection are, as far as the transport between them goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The source pod's agent captures it.
+    pub src_captured: bool,
+    /// The destination pod's agent captures it.
+    pub dst_captured: bool,
+    /// Both pods are on one node.
+    pub same_node: bool,
+    /// The source's agent holds workload certificates (it runs with a node token).
+    pub certificates: bool,
+}
+
 impl Transport {
+    /// How a connection between pods placed as `placement` is carried, as the source's agent decides it: between two
+    /// captured pods by a node-local handover on one node, else over HBONE, when the source's
+    /// agent has certificates; anything else as plain TCP. The agent and `meshctl explain`
+    /// both decide with this.
+    pub const fn for_placement(placement: Placement) -> Self {
+        match placement {
+            Placement { src_captured: true, dst_captured: true, certificates: true, same_node: true } => {
+                Transport::NodeLocal
+            }
+            Placement { src_captured: true, dst_captured: true, certificates: true, same_node: false } => {
+                Transport::Mtls
+            }
+            _ => Transport::Plaintext,
+        }
+    }
+
     /// Whether the peer's identity is proven (what STRICT requires).
     pub const fn authenticated(self) -> bool {
         !matches!(self, Transport::Plaintext)

@@ -387,3 +387,24 @@ proptest! {
         prop_assert_eq!(got, want);
     }
 }
+
+/// Every combination of where the two pods are: only two captured pods, with certificates on
+/// the source's agent, go over mTLS or node-local.
+#[test]
+fn transport_for_every_placement() {
+    for bits in 0u8..16 {
+        let placement = Placement {
+            src_captured: bits & 1 != 0,
+            dst_captured: bits & 2 != 0,
+            same_node: bits & 4 != 0,
+            certificates: bits & 8 != 0,
+        };
+        let meshed = placement.src_captured && placement.dst_captured && placement.certificates;
+        let want = match (meshed, placement.same_node) {
+            (false, _) => Transport::Plaintext,
+            (true, true) => Transport::NodeLocal,
+            (true, false) => Transport::Mtls,
+        };
+        assert_eq!(Transport::for_placement(placement), want, "{placement:?}");
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use clap::Args;
 use ferrymesh_api::config::Workload;
-use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet, Request, Transport};
+use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, Placement, PolicySet, Request, Transport};
 use ferrymesh_spiffe::SpiffeId;
 use serde_json::json;
 
@@ -74,23 +74,25 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
     let td = &config.trust_domain;
     let src_identity = SpiffeId::new(td, &src.namespace, &src.service_account)
         .map_err(|e| format!("pod {}/{} has no valid identity: {e}", src.namespace, src.name))?;
-    // A captured source's agent carries traffic to a meshed pod over HBONE (mTLS), or hands it
-    // over inside itself when both pods are on its node; an uncaptured source arrives in
-    // plaintext.
-    let (transport, carried) = match (src.captured, dst.captured) {
-        (_, false) => (
-            Transport::Plaintext,
-            "not captured: the destination pod is not in the mesh, so no policy is enforced".to_string(),
-        ),
-        (true, true) if src.node == dst.node => (
-            Transport::NodeLocal,
-            format!("node-local: both pods are in the mesh on {}; its agent hands the connection over without TLS or network, knowing both identities", dst.node),
-        ),
-        (true, true) => (Transport::Mtls, "mTLS (HBONE): both pods are in the mesh".to_string()),
-        (false, true) => (
-            Transport::Plaintext,
-            "plaintext: the source pod is not in the mesh; the destination's agent sees no identity".to_string(),
-        ),
+    // Decided as the source's agent decides it (the config dump says whether it holds
+    // certificates).
+    let placement = Placement {
+        src_captured: src.captured,
+        dst_captured: dst.captured,
+        same_node: src.node == dst.node,
+        certificates: config.certificates,
+    };
+    let transport = Transport::for_placement(placement);
+    let carried = match transport {
+        _ if !dst.captured => {
+            "not captured: the destination pod is not in the mesh, so no policy is enforced".to_string()
+        }
+        Transport::NodeLocal => format!("node-local: both pods are in the mesh on {}; its agent hands the connection over without TLS or network, knowing both identities", dst.node),
+        Transport::Mtls => "mTLS (HBONE): both pods are in the mesh".to_string(),
+        Transport::Plaintext if !src.captured => {
+            "plaintext: the source pod is not in the mesh; the destination's agent sees no identity".to_string()
+        }
+        Transport::Plaintext => "plaintext: the agents hold no certificates (no --token-file), so the destination's agent sees no identity".to_string(),
     };
     let authenticated = transport.authenticated();
     let ip =
