@@ -1,7 +1,7 @@
 //! Kubernetes source: kube reflectors on Namespaces, Pods, Services, EndpointSlices,
 //! ServiceAccounts and the ferrymesh
 //! AuthorizationPolicy and PeerAuthentication custom resources feed the same translation as the
-//! directory source ([`super::local`]), so the same objects give the same
+//! directory source ([`super::translate`]), so the same objects give the same
 //! model through either. An object that fails translation keeps its last good version; a pod
 //! that is not scheduled, has no IP yet or uses the host network is simply not part of the mesh.
 //! It never writes to the API server.
@@ -15,9 +15,10 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 
-use super::local::{
-    endpoint_slice_from, model_of, namespace_from, pod_from, service_account_from, service_from, ConfigError,
-    EndpointSliceResource, Object, ObjectKey,
+use super::local::ConfigError;
+use super::translate::{
+    endpoint_slice_from, model_of, namespace_from, pod_from, service_account_from, service_from, EndpointSliceResource,
+    FieldError, Object, ObjectKey,
 };
 use crate::crd::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use crate::model::Model;
@@ -80,17 +81,19 @@ impl KubeSource {
         }
         for pod in self.pods.state().iter().filter(|p| meshable(p)) {
             let k = key("Pod", pod.namespace(), pod.name_any());
-            let result = pod_from((**pod).clone(), &k).map(Object::Pod);
+            let result = pod_from((**pod).clone(), &k).map(Object::Pod).map_err(FieldError::field_and_message);
             add(k, result, &self.good);
         }
         for svc in self.services.state() {
             let k = key("Service", svc.namespace(), svc.name_any());
-            let result = service_from((*svc).clone(), &k).map(Object::Service);
+            let result = service_from((*svc).clone(), &k).map(Object::Service).map_err(FieldError::field_and_message);
             add(k, result, &self.good);
         }
         for slice in self.endpoint_slices.state() {
             let k = key("EndpointSlice", slice.namespace(), slice.name_any());
-            let result = endpoint_slice_from((*slice).clone(), &k).map(Object::EndpointSlice);
+            let result = endpoint_slice_from((*slice).clone(), &k)
+                .map(Object::EndpointSlice)
+                .map_err(FieldError::field_and_message);
             add(k, result, &self.good);
         }
         for sa in self.service_accounts.state() {

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1 as k8s;
@@ -15,12 +14,12 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
-use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
 
-use crate::model::{
-    EndpointSlice, Model, Namespace, Pod, Service, ServiceAccount, ServicePort, SliceEndpoint, TargetPort,
-    NETNS_ANNOTATION,
+use super::translate::{
+    endpoint_slice_from, model_of, namespace_from, pod_from, service_account_from, service_from, EndpointSliceResource,
+    FieldError, Object, ObjectKey,
 };
+use crate::model::{Model, ServiceAccount};
 use crate::schema::strict;
 
 /// A config object that was rejected, named by file, object and field.
@@ -47,35 +46,6 @@ impl fmt::Display for ConfigError {
         }
         write!(f, ": {}", self.message)
     }
-}
-
-/// Identity of a config object: kind, namespace (empty for cluster-scoped) and name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) struct ObjectKey {
-    pub(super) kind: String,
-    pub(super) namespace: String,
-    pub(super) name: String,
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.namespace.is_empty() {
-            write!(f, "{} {}", self.kind, self.name)
-        } else {
-            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub(super) enum Object {
-    Namespace(Namespace),
-    Pod(Pod),
-    AuthorizationPolicy(AuthorizationPolicy),
-    PeerAuthentication(PeerAuthentication),
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    ServiceAccount(ServiceAccount),
 }
 
 /// A ferrymesh.io custom resource: Kubernetes metadata and a typed spec.
@@ -246,36 +216,6 @@ impl DirSource {
 }
 
 /// The model of a set of good objects (the same for every source).
-pub(super) fn model_of<'a>(objects: impl Iterator<Item = &'a Object>) -> Model {
-    let mut model = Model::default();
-    for object in objects {
-        match object {
-            Object::Namespace(ns) => {
-                model.namespaces.insert(ns.name.clone(), ns.clone());
-            }
-            Object::Pod(pod) => {
-                model.pods.insert(pod.uid.clone(), pod.clone());
-            }
-            Object::AuthorizationPolicy(p) => {
-                model.authorization_policies.insert(p.key(), p.clone());
-            }
-            Object::PeerAuthentication(p) => {
-                model.peer_authentications.insert(format!("{}/{}", p.namespace, p.name), p.clone());
-            }
-            Object::Service(svc) => {
-                model.services.insert(format!("{}/{}", svc.namespace, svc.name), svc.clone());
-            }
-            Object::EndpointSlice(slice) => {
-                model.endpoint_slices.insert(format!("{}/{}", slice.namespace, slice.name), slice.clone());
-            }
-            Object::ServiceAccount(sa) => {
-                model.service_accounts.insert(format!("{}/{}", sa.namespace, sa.name), sa.clone());
-            }
-        }
-    }
-    model
-}
-
 fn file_error(file: &Path, message: String) -> ConfigError {
     ConfigError { file: file.to_path_buf(), object: None, field: None, message }
 }
@@ -336,13 +276,15 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
     };
     let parsed = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Namespace") => strict::<k8s::Namespace>(doc).map(|ns| Object::Namespace(namespace_from(ns, &key))),
-        ("v1", "Pod") => strict::<k8s::Pod>(doc).and_then(|pod| pod_from(pod, &key).map(Object::Pod)),
-        ("v1", "Service") => strict::<k8s::Service>(doc).and_then(|svc| service_from(svc, &key).map(Object::Service)),
+        ("v1", "Pod") => strict::<k8s::Pod>(doc).and_then(|pod| pod_from(pod, &key).map(Object::Pod).map_err(FieldError::field_and_message)),
+        ("v1", "Service") => {
+            strict::<k8s::Service>(doc).and_then(|svc| service_from(svc, &key).map(Object::Service).map_err(FieldError::field_and_message))
+        }
         ("v1", "ServiceAccount") => {
             strict::<k8s::ServiceAccount>(doc).map(|_| Object::ServiceAccount(service_account_from(&key)))
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => strict::<EndpointSliceResource>(doc)
-            .and_then(|slice| endpoint_slice_from(slice, &key).map(Object::EndpointSlice)),
+            .and_then(|slice| endpoint_slice_from(slice, &key).map(Object::EndpointSlice).map_err(FieldError::field_and_message)),
         (FERRYMESH_V1ALPHA1, "AuthorizationPolicy") => strict::<CustomResource<AuthorizationPolicySpec>>(doc).and_then(|cr| {
             cr.spec
                 .validate(&key.namespace, &key.name)
@@ -361,151 +303,6 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         )),
     };
     parsed.map(|object| (key, object)).map_err(|(field, message)| error(field, message))
-}
-
-/// Label naming the Service an EndpointSlice belongs to.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-pub(super) use k8s_openapi::api::discovery::v1::EndpointSlice as EndpointSliceResource;
-
-pub(super) fn service_account_from(key: &ObjectKey) -> ServiceAccount {
-    ServiceAccount { namespace: key.namespace.clone(), name: key.name.clone() }
-}
-
-pub(super) fn endpoint_slice_from(
-    slice: EndpointSliceResource,
-    key: &ObjectKey,
-) -> Result<EndpointSlice, (Option<String>, String)> {
-    let labels = slice.metadata.labels.unwrap_or_default();
-    let Some(service) = labels.get(SERVICE_NAME_LABEL).filter(|s| !s.is_empty()) else {
-        return Err((
-            Some(format!("metadata.labels.{SERVICE_NAME_LABEL}")),
-            "missing; it names the Service the slice belongs to".into(),
-        ));
-    };
-    if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
-        return Err((Some("addressType".into()), format!("{} is not supported (IPv4 or IPv6)", slice.address_type)));
-    }
-    let mut ports = BTreeMap::new();
-    for (i, p) in slice.ports.iter().flatten().enumerate() {
-        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
-            continue;
-        }
-        let Some(port) = p.port else { continue };
-        let port = u16::try_from(port)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| (Some(format!("ports[{i}].port")), format!("{port} is not a port number")))?;
-        ports.insert(p.name.clone().unwrap_or_default(), port);
-    }
-    let mut endpoints = Vec::new();
-    for (i, e) in slice.endpoints.iter().enumerate() {
-        let Some(address) = e.addresses.first() else { continue };
-        let ip = address.parse::<IpAddr>().map_err(|err| {
-            (Some(format!("endpoints[{i}].addresses[0]")), format!("{address:?} is not an IP address: {err}"))
-        })?;
-        let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-        let pod_uid = e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.uid.clone());
-        endpoints.push(SliceEndpoint { ip, ready, pod_uid });
-    }
-    Ok(EndpointSlice {
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
-        service: service.clone(),
-        ports,
-        endpoints,
-    })
-}
-
-pub(super) fn namespace_from(ns: k8s::Namespace, key: &ObjectKey) -> Namespace {
-    Namespace { name: key.name.clone(), labels: ns.metadata.labels.unwrap_or_default() }
-}
-
-pub(super) fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, (Option<String>, String)> {
-    let missing = |field: &str, hint: &str| Err((Some(field.to_string()), format!("missing; {hint}")));
-    let meta = pod.metadata;
-    let spec = pod.spec.unwrap_or_default();
-    let Some(node) = spec.node_name.filter(|n| !n.is_empty()) else {
-        return missing("spec.nodeName", "the pod must be scheduled to a node");
-    };
-    let status = pod.status.unwrap_or_default();
-    let ready = status
-        .conditions
-        .as_ref()
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .is_none_or(|c| c.status == "True");
-    let Some(ip) = status.pod_ip.filter(|ip| !ip.is_empty()) else {
-        return missing("status.podIP", "the mesh addresses pods by IP");
-    };
-    let ip: IpAddr =
-        ip.parse().map_err(|e| (Some("status.podIP".to_string()), format!("{ip:?} is not an IP address: {e}")))?;
-    // Without the annotation the agent finds the netns by the pod's cgroup (its UID).
-    let annotations = meta.annotations.unwrap_or_default();
-    let netns = annotations.get(NETNS_ANNOTATION).cloned().unwrap_or_default();
-    let mut container_ports = BTreeMap::new();
-    for (c, container) in spec.containers.iter().enumerate() {
-        for (i, port) in container.ports.iter().flatten().enumerate() {
-            let field = || Some(format!("spec.containers[{c}].ports[{i}].containerPort"));
-            let number = u16::try_from(port.container_port)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| (field(), format!("{} is not a port number", port.container_port)))?;
-            if let Some(name) = &port.name {
-                container_ports.insert(name.clone(), number);
-            }
-        }
-    }
-    Ok(Pod {
-        container_ports,
-        ready,
-        uid: meta.uid.filter(|u| !u.is_empty()).unwrap_or_else(|| format!("{}/{}", key.namespace, key.name)),
-        name: key.name.clone(),
-        namespace: key.namespace.clone(),
-        node,
-        service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
-        ip,
-        netns,
-        labels: meta.labels.unwrap_or_default(),
-    })
-}
-
-pub(super) fn service_from(svc: k8s::Service, key: &ObjectKey) -> Result<Service, (Option<String>, String)> {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    let spec = svc.spec.unwrap_or_default();
-    let vip = match spec.cluster_ip.as_deref() {
-        Some("None") => None,
-        Some(ip) if !ip.is_empty() => Some(
-            ip.parse::<IpAddr>()
-                .map_err(|e| (Some("spec.clusterIP".to_string()), format!("{ip:?} is not an IP address: {e}")))?,
-        ),
-        _ => {
-            return Err((
-                Some("spec.clusterIP".into()),
-                "missing; local mode has no allocator: give the VIP, or None for a headless service".into(),
-            ))
-        }
-    };
-    let mut ports = Vec::new();
-    for (i, p) in spec.ports.iter().flatten().enumerate() {
-        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
-            continue;
-        }
-        let port = u16::try_from(p.port)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| (Some(format!("spec.ports[{i}].port")), format!("{} is not a port number", p.port)))?;
-        let target = match &p.target_port {
-            None => TargetPort::Number(port),
-            Some(IntOrString::Int(n)) => {
-                TargetPort::Number(u16::try_from(*n).ok().filter(|n| *n > 0).ok_or_else(|| {
-                    (Some(format!("spec.ports[{i}].targetPort")), format!("{n} is not a port number"))
-                })?)
-            }
-            Some(IntOrString::String(name)) => TargetPort::Name(name.clone()),
-        };
-        ports.push(ServicePort { name: p.name.clone().unwrap_or_default(), port, target });
-    }
-    Ok(Service { namespace: key.namespace.clone(), name: key.name.clone(), vip, ports, selector: spec.selector })
 }
 
 #[cfg(test)]

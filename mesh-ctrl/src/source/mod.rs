@@ -1,8 +1,10 @@
-//! Config sources. Each source turns its input into a [`crate::model::Model`] and publishes it;
-//! only the local directory source exists so far.
+//! Config sources. Each source turns its input into a [`crate::model::Model`] and publishes it:
+//! the local directory ([`local`]) and the Kubernetes API ([`kube`]), both through the one
+//! translation of Kubernetes objects ([`translate`]).
 
 pub mod kube;
 pub mod local;
+pub mod translate;
 
 use std::time::Duration;
 

@@ -1,0 +1,254 @@
+//! Kubernetes objects to the mesh [`Model`], for both sources: the directory source
+//! ([`super::local`]) and the Kubernetes API ([`super::kube`]) hand the same typed objects to
+//! the same functions, so the same objects give the same model through either. A field that
+//! does not translate is a [`FieldError`] naming the object and the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
+use k8s_openapi::api::core::v1 as k8s;
+
+use crate::model::{
+    EndpointSlice, Model, Namespace, Pod, Service, ServiceAccount, ServicePort, SliceEndpoint, TargetPort,
+    NETNS_ANNOTATION,
+};
+
+/// A field of an object that does not translate.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{object}: field {field}: {message}")]
+pub struct FieldError {
+    /// `Kind namespace/name`.
+    pub object: String,
+    /// Dotted path of the field.
+    pub field: String,
+    /// What is wrong and, where possible, how to fix it.
+    pub message: String,
+}
+
+/// Identity of a config object: kind, namespace (empty for cluster-scoped) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectKey {
+    /// Kind, e.g. `Pod`.
+    pub kind: String,
+    /// Namespace; empty for cluster-scoped objects.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// A translated object, one variant per kind the mesh reads.
+#[derive(Clone, Debug)]
+pub enum Object {
+    /// A Namespace.
+    Namespace(Namespace),
+    /// A Pod.
+    Pod(Pod),
+    /// A ferrymesh.io AuthorizationPolicy.
+    AuthorizationPolicy(AuthorizationPolicy),
+    /// A ferrymesh.io PeerAuthentication.
+    PeerAuthentication(PeerAuthentication),
+    /// A Service.
+    Service(Service),
+    /// An EndpointSlice.
+    EndpointSlice(EndpointSlice),
+    /// A ServiceAccount.
+    ServiceAccount(ServiceAccount),
+}
+
+impl FieldError {
+    /// The (field, message) a source's rejection records (it names the object itself).
+    pub fn field_and_message(self) -> (Option<String>, String) {
+        (Some(self.field), self.message)
+    }
+}
+
+impl ObjectKey {
+    /// A [`FieldError`] of this object.
+    pub fn field_error(&self, field: impl Into<String>, message: String) -> FieldError {
+        FieldError { object: self.to_string(), field: field.into(), message }
+    }
+}
+
+/// The model the objects `objects` make.
+pub fn model_of<'a>(objects: impl Iterator<Item = &'a Object>) -> Model {
+    let mut model = Model::default();
+    for object in objects {
+        match object {
+            Object::Namespace(ns) => {
+                model.namespaces.insert(ns.name.clone(), ns.clone());
+            }
+            Object::Pod(pod) => {
+                model.pods.insert(pod.uid.clone(), pod.clone());
+            }
+            Object::AuthorizationPolicy(p) => {
+                model.authorization_policies.insert(p.key(), p.clone());
+            }
+            Object::PeerAuthentication(p) => {
+                model.peer_authentications.insert(format!("{}/{}", p.namespace, p.name), p.clone());
+            }
+            Object::Service(svc) => {
+                model.services.insert(format!("{}/{}", svc.namespace, svc.name), svc.clone());
+            }
+            Object::EndpointSlice(slice) => {
+                model.endpoint_slices.insert(format!("{}/{}", slice.namespace, slice.name), slice.clone());
+            }
+            Object::ServiceAccount(sa) => {
+                model.service_accounts.insert(format!("{}/{}", sa.namespace, sa.name), sa.clone());
+            }
+        }
+    }
+    model
+}
+
+/// Label naming the Service an EndpointSlice belongs to.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+pub use k8s_openapi::api::discovery::v1::EndpointSlice as EndpointSliceResource;
+
+pub fn service_account_from(key: &ObjectKey) -> ServiceAccount {
+    ServiceAccount { namespace: key.namespace.clone(), name: key.name.clone() }
+}
+
+pub fn endpoint_slice_from(slice: EndpointSliceResource, key: &ObjectKey) -> Result<EndpointSlice, FieldError> {
+    let labels = slice.metadata.labels.unwrap_or_default();
+    let Some(service) = labels.get(SERVICE_NAME_LABEL).filter(|s| !s.is_empty()) else {
+        return Err(key.field_error(
+            format!("metadata.labels.{SERVICE_NAME_LABEL}"),
+            "missing; it names the Service the slice belongs to".into(),
+        ));
+    };
+    if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+        return Err(key.field_error("addressType", format!("{} is not supported (IPv4 or IPv6)", slice.address_type)));
+    }
+    let mut ports = BTreeMap::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let Some(port) = p.port else { continue };
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| key.field_error(format!("ports[{i}].port"), format!("{port} is not a port number")))?;
+        ports.insert(p.name.clone().unwrap_or_default(), port);
+    }
+    let mut endpoints = Vec::new();
+    for (i, e) in slice.endpoints.iter().enumerate() {
+        let Some(address) = e.addresses.first() else { continue };
+        let ip = address.parse::<IpAddr>().map_err(|err| {
+            key.field_error(format!("endpoints[{i}].addresses[0]"), format!("{address:?} is not an IP address: {err}"))
+        })?;
+        let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        let pod_uid = e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| r.uid.clone());
+        endpoints.push(SliceEndpoint { ip, ready, pod_uid });
+    }
+    Ok(EndpointSlice {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        service: service.clone(),
+        ports,
+        endpoints,
+    })
+}
+
+pub fn namespace_from(ns: k8s::Namespace, key: &ObjectKey) -> Namespace {
+    Namespace { name: key.name.clone(), labels: ns.metadata.labels.unwrap_or_default() }
+}
+
+pub fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, FieldError> {
+    let missing = |field: &str, hint: &str| Err(key.field_error(field, format!("missing; {hint}")));
+    let meta = pod.metadata;
+    let spec = pod.spec.unwrap_or_default();
+    let Some(node) = spec.node_name.filter(|n| !n.is_empty()) else {
+        return missing("spec.nodeName", "the pod must be scheduled to a node");
+    };
+    let status = pod.status.unwrap_or_default();
+    let ready = status
+        .conditions
+        .as_ref()
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_none_or(|c| c.status == "True");
+    let Some(ip) = status.pod_ip.filter(|ip| !ip.is_empty()) else {
+        return missing("status.podIP", "the mesh addresses pods by IP");
+    };
+    let ip: IpAddr =
+        ip.parse().map_err(|e| key.field_error("status.podIP", format!("{ip:?} is not an IP address: {e}")))?;
+    // Without the annotation the agent finds the netns by the pod's cgroup (its UID).
+    let annotations = meta.annotations.unwrap_or_default();
+    let netns = annotations.get(NETNS_ANNOTATION).cloned().unwrap_or_default();
+    let mut container_ports = BTreeMap::new();
+    for (c, container) in spec.containers.iter().enumerate() {
+        for (i, port) in container.ports.iter().flatten().enumerate() {
+            let field = format!("spec.containers[{c}].ports[{i}].containerPort");
+            let number = u16::try_from(port.container_port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| key.field_error(field, format!("{} is not a port number", port.container_port)))?;
+            if let Some(name) = &port.name {
+                container_ports.insert(name.clone(), number);
+            }
+        }
+    }
+    Ok(Pod {
+        container_ports,
+        ready,
+        uid: meta.uid.filter(|u| !u.is_empty()).unwrap_or_else(|| format!("{}/{}", key.namespace, key.name)),
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        node,
+        service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
+        ip,
+        netns,
+        labels: meta.labels.unwrap_or_default(),
+    })
+}
+
+pub fn service_from(svc: k8s::Service, key: &ObjectKey) -> Result<Service, FieldError> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let spec = svc.spec.unwrap_or_default();
+    let vip = match spec.cluster_ip.as_deref() {
+        Some("None") => None,
+        Some(ip) if !ip.is_empty() => Some(
+            ip.parse::<IpAddr>()
+                .map_err(|e| key.field_error("spec.clusterIP", format!("{ip:?} is not an IP address: {e}")))?,
+        ),
+        _ => {
+            return Err(key.field_error(
+                "spec.clusterIP",
+                "missing; local mode has no allocator: give the VIP, or None for a headless service".into(),
+            ))
+        }
+    };
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let port = u16::try_from(p.port).ok().filter(|p| *p > 0).ok_or_else(|| {
+            key.field_error(format!("spec.ports[{i}].port"), format!("{} is not a port number", p.port))
+        })?;
+        let target = match &p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => {
+                TargetPort::Number(u16::try_from(*n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                    key.field_error(format!("spec.ports[{i}].targetPort"), format!("{n} is not a port number"))
+                })?)
+            }
+            Some(IntOrString::String(name)) => TargetPort::Name(name.clone()),
+        };
+        ports.push(ServicePort { name: p.name.clone().unwrap_or_default(), port, target });
+    }
+    Ok(Service { namespace: key.namespace.clone(), name: key.name.clone(), vip, ports, selector: spec.selector })
+}
