@@ -3,8 +3,6 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
-pub mod ca_secret;
-pub mod certs;
 pub mod crd;
 pub mod model;
 pub mod schema;
@@ -13,4 +11,3 @@ pub mod snapshot;
 pub mod source;
 pub mod telemetry;
 pub mod tls;
-pub mod token_review;

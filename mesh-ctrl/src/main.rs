@@ -9,13 +9,15 @@ use clap::Parser;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-use mesh_ctrl::ca::{Ca, Reloader};
-use mesh_ctrl::certs::{CertificateService, NodeAuth, NodeTokens};
+use mesh_ctrl::ca::auth::{NodeAuth, NodeTokens};
+use mesh_ctrl::ca::dir::Reloader;
+use mesh_ctrl::ca::service::CertificateService;
+use mesh_ctrl::ca::token_review::TokenReviewer;
+use mesh_ctrl::ca::Ca;
 use mesh_ctrl::server::{Agents, ConfigService};
 use mesh_ctrl::snapshot::{Publisher, Trust};
 use mesh_ctrl::source::{self, DirSource};
 use mesh_ctrl::tls::ServingIdentity;
-use mesh_ctrl::token_review::TokenReviewer;
 
 /// ferrymesh control plane.
 #[derive(Debug, Parser)]
@@ -33,7 +35,7 @@ struct Args {
     #[arg(long, env = "POD_NAMESPACE", default_value = "ferrymesh-system")]
     system_namespace: String,
     /// Secret holding the CA root (Kubernetes mode); created when absent.
-    #[arg(long, default_value = mesh_ctrl::ca_secret::CA_SECRET)]
+    #[arg(long, default_value = mesh_ctrl::ca::secret::CA_SECRET)]
     ca_secret: String,
     /// ServiceAccount of the agent DaemonSet (Kubernetes mode): only its tokens obtain
     /// certificates.
@@ -108,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
             let (ca_tx, ca) =
                 watch::channel(Arc::new(Ca::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)?));
             let reloader = Reloader::new(&args.ca_dir, args.cert_ttl);
-            tokio::spawn(mesh_ctrl::ca::keep_reloading_dir(reloader, args.ca_reload_interval, ca_tx));
+            tokio::spawn(mesh_ctrl::ca::dir::keep_reloading_dir(reloader, args.ca_reload_interval, ca_tx));
             let tokens = match &args.node_tokens {
                 Some(path) => NodeTokens::load(path).map_err(anyhow::Error::msg)?,
                 None => {
@@ -135,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("cannot reach the Kubernetes API (in-cluster service account or KUBECONFIG)")?;
-            let ca = mesh_ctrl::ca_secret::load_or_create(
+            let ca = mesh_ctrl::ca::secret::load_or_create(
                 client.clone(),
                 &args.system_namespace,
                 &args.ca_secret,
@@ -144,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             let (ca_tx, ca) = watch::channel(Arc::new(ca));
-            tokio::spawn(mesh_ctrl::ca_secret::keep_reloading(
+            tokio::spawn(mesh_ctrl::ca::secret::keep_reloading(
                 client.clone(),
                 args.system_namespace.clone(),
                 args.ca_secret.clone(),
@@ -152,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
                 args.ca_reload_interval,
                 ca_tx,
             ));
-            tokio::spawn(mesh_ctrl::ca_secret::keep_root_published(
+            tokio::spawn(mesh_ctrl::ca::secret::keep_root_published(
                 client.clone(),
                 args.system_namespace.clone(),
                 ca.clone(),

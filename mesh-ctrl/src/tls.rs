@@ -3,7 +3,7 @@
 //! verify it against the mesh root they hold out of band, so a node token, the config stream and
 //! the trust bundle never cross the network in clear or to an impostor. It owns the serving
 //! certificate and the TLS handshake of every accepted connection; it never decides who may
-//! ask for what (that is [`crate::certs`]).
+//! ask for what (that is [`crate::ca::service`]).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};

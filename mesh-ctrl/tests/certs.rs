@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use ferrymesh_api::ca::certificates_client::CertificatesClient;
 use ferrymesh_api::ca::CreateCertificateRequest;
+use mesh_ctrl::ca::auth::{NodeAuth, NodeTokens};
+use mesh_ctrl::ca::service::CertificateService;
 use mesh_ctrl::ca::Ca;
-use mesh_ctrl::certs::{CertificateService, NodeAuth, NodeTokens};
 use mesh_ctrl::snapshot::Publisher;
 use tonic::Code;
 
@@ -88,7 +89,7 @@ async fn a_source_that_keeps_failing_authentication_is_throttled() {
         request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
         request
     };
-    for i in 0..mesh_ctrl::certs::MAX_AUTH_FAILURES {
+    for i in 0..mesh_ctrl::ca::auth::MAX_AUTH_FAILURES {
         let refused = client.create_certificate(ask("guessed-token-guessed")).await.unwrap_err();
         assert_eq!(refused.code(), Code::Unauthenticated, "failure {i}");
     }

@@ -12,10 +12,11 @@ use ferrymesh_api::ca::CreateCertificateRequest;
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use kube::Client;
-use mesh_ctrl::ca_secret;
-use mesh_ctrl::certs::{CertificateService, NodeAuth};
+use mesh_ctrl::ca::auth::NodeAuth;
+use mesh_ctrl::ca::secret;
+use mesh_ctrl::ca::service::CertificateService;
+use mesh_ctrl::ca::token_review::TokenReviewer;
 use mesh_ctrl::snapshot::Publisher;
-use mesh_ctrl::token_review::TokenReviewer;
 use serde_json::{json, Value};
 use tonic::Code;
 
@@ -131,18 +132,16 @@ fn unix(pem: &str) -> String {
 async fn the_ca_root_lives_in_a_secret_created_when_absent() {
     let api = Arc::new(FakeApi::default());
     let ttl = Duration::from_secs(3600);
-    let first =
-        ca_secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
-            .await
-            .unwrap();
+    let first = secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+        .await
+        .unwrap();
     let stored_cert = secret_pem(&api, "ca-cert.pem");
     assert!(secret_pem(&api, "ca-key.pem").contains("BEGIN PRIVATE KEY"));
     assert_eq!(unix(&first.roots_pem()), stored_cert, "the CA signs with the root it stored");
     // A restart (or a second replica) reads the same root rather than making a new one.
-    let again =
-        ca_secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
-            .await
-            .unwrap();
+    let again = secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+        .await
+        .unwrap();
     assert_eq!(unix(&again.roots_pem()), stored_cert);
 
     // Creation race: another replica creates the Secret between our read and our create.
@@ -154,9 +153,8 @@ async fn the_ca_root_lives_in_a_secret_created_when_absent() {
         "metadata": {"name": "ferrymesh-ca", "namespace": "ferrymesh-system"},
         "data": {"ca-cert.pem": encode(&their_cert), "ca-key.pem": encode(&their_key)},
     }));
-    let ours = ca_secret::load_or_create(client(racing), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
-        .await
-        .unwrap();
+    let ours =
+        secret::load_or_create(client(racing), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl).await.unwrap();
     assert_eq!(unix(&ours.roots_pem()), their_cert, "the loser of the race signs with the winner's root");
 
     // A Secret without the key is named precisely; nothing is generated over it.
@@ -165,7 +163,7 @@ async fn the_ca_root_lives_in_a_secret_created_when_absent() {
         "ferrymesh-ca".into(),
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ferrymesh-ca"}, "data": {"ca-cert.pem": encode(&their_cert)}}),
     );
-    let e = ca_secret::load_or_create(client(broken.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+    let e = secret::load_or_create(client(broken.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
         .await
         .unwrap_err();
     assert_eq!(e.to_string(), "Secret ferrymesh-system/ferrymesh-ca data.ca-key.pem: missing (ca-cert.pem is there)");
@@ -179,12 +177,12 @@ async fn the_ca_root_lives_in_a_secret_created_when_absent() {
 async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
     let api = Arc::new(FakeApi::default());
     let ttl = Duration::from_secs(3600);
-    let ca = ca_secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+    let ca = secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
         .await
         .unwrap();
     let (old_cert, old_key) = (secret_pem(&api, "ca-cert.pem"), secret_pem(&api, "ca-key.pem"));
     let (tx, current) = tokio::sync::watch::channel(Arc::new(ca));
-    tokio::spawn(ca_secret::keep_reloading(
+    tokio::spawn(secret::keep_reloading(
         client(api.clone()),
         "ferrymesh-system".into(),
         "ferrymesh-ca".into(),
@@ -192,7 +190,7 @@ async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
         Duration::from_millis(20),
         tx,
     ));
-    tokio::spawn(ca_secret::keep_root_published(client(api.clone()), "ferrymesh-system".into(), current.clone()));
+    tokio::spawn(secret::keep_root_published(client(api.clone()), "ferrymesh-system".into(), current.clone()));
     let set = |data: &[(&str, &str)]| {
         let data: serde_json::Map<String, Value> =
             data.iter().map(|(k, v)| (k.to_string(), json!(k8s_openapi::ByteString(v.as_bytes().to_vec())))).collect();
@@ -210,7 +208,7 @@ async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
     }
     let published = |api: &FakeApi| -> String {
         let applies = api.applies.lock().unwrap();
-        let last = applies.last().and_then(|(_, _, o)| o["data"][ca_secret::ROOT_CONFIGMAP_KEY].as_str());
+        let last = applies.last().and_then(|(_, _, o)| o["data"][secret::ROOT_CONFIGMAP_KEY].as_str());
         last.unwrap_or_default().to_string()
     };
     let (new_cert, new_key) = mesh_ctrl::ca::Ca::generate_root("cluster.local").unwrap();
@@ -239,7 +237,7 @@ async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
 #[tokio::test]
 async fn the_root_is_published_for_agents_as_a_configmap_without_any_key() {
     let api = Arc::new(FakeApi::default());
-    let ca = ca_secret::load_or_create(
+    let ca = secret::load_or_create(
         client(api.clone()),
         "ferrymesh-system",
         "ferrymesh-ca",
@@ -248,17 +246,17 @@ async fn the_root_is_published_for_agents_as_a_configmap_without_any_key() {
     )
     .await
     .unwrap();
-    ca_secret::publish_root(client(api.clone()), "ferrymesh-system", &ca.roots_pem()).await.unwrap();
+    secret::publish_root(client(api.clone()), "ferrymesh-system", &ca.roots_pem()).await.unwrap();
     let applies = api.applies.lock().unwrap();
     assert_eq!(applies.len(), 1);
     let (query, content_type, object) = &applies[0];
     assert_eq!(content_type, "application/apply-patch+yaml", "a server-side apply");
     assert!(query.contains("fieldManager=mesh-ctrl") && query.contains("force=true"), "{query}");
     assert_eq!((object["apiVersion"].as_str(), object["kind"].as_str()), (Some("v1"), Some("ConfigMap")));
-    assert_eq!(object["metadata"]["name"], ca_secret::ROOT_CONFIGMAP);
+    assert_eq!(object["metadata"]["name"], secret::ROOT_CONFIGMAP);
     let data = object["data"].as_object().unwrap();
-    assert_eq!(data.keys().collect::<Vec<_>>(), [ca_secret::ROOT_CONFIGMAP_KEY]);
-    assert_eq!(data[ca_secret::ROOT_CONFIGMAP_KEY], ca.roots_pem());
+    assert_eq!(data.keys().collect::<Vec<_>>(), [secret::ROOT_CONFIGMAP_KEY]);
+    assert_eq!(data[secret::ROOT_CONFIGMAP_KEY], ca.roots_pem());
     assert!(!object.to_string().contains("PRIVATE KEY"), "only the root certificate is published");
 }
 
@@ -305,7 +303,7 @@ async fn agent_tokens_are_checked_with_token_review_and_bound_to_their_node() {
     let api = Arc::new(api);
     let kube = client(api.clone());
 
-    let ca = ca_secret::load_or_create(
+    let ca = secret::load_or_create(
         kube.clone(),
         "ferrymesh-system",
         "ferrymesh-ca",

@@ -146,10 +146,10 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
         .expect("a RoleBinding for mesh-ctrl in its namespace");
     let ns_role = objects.roles.iter().find(|r| r.metadata.name.as_deref() == Some(ns_binding.role_ref.name.as_str()));
     let ns_rules = ns_role.expect("the bound Role").rules.as_deref().unwrap_or_default();
-    assert!(grants(ns_rules, "", "secrets", "get", Some(mesh_ctrl::ca_secret::CA_SECRET)));
+    assert!(grants(ns_rules, "", "secrets", "get", Some(mesh_ctrl::ca::secret::CA_SECRET)));
     assert!(grants(ns_rules, "", "secrets", "create", None));
     assert!(!grants(ns_rules, "", "secrets", "get", Some("some-other-secret")), "mesh-ctrl reads its CA Secret only");
-    let root_cm = Some(mesh_ctrl::ca_secret::ROOT_CONFIGMAP);
+    let root_cm = Some(mesh_ctrl::ca::secret::ROOT_CONFIGMAP);
     assert!(grants(ns_rules, "", "configmaps", "patch", root_cm), "mesh-ctrl applies the root ConfigMap");
     assert!(grants(ns_rules, "", "configmaps", "create", None));
     assert!(!grants(ns_rules, "", "configmaps", "patch", Some("kube-root-ca.crt")), "and no other ConfigMap");
@@ -179,7 +179,7 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
         .flatten()
         .find_map(|s| s.service_account_token.as_ref())
         .expect("a serviceAccountToken source");
-    assert_eq!(token_source.audience.as_deref(), Some(mesh_ctrl::token_review::AUDIENCE));
+    assert_eq!(token_source.audience.as_deref(), Some(mesh_ctrl::ca::token_review::AUDIENCE));
     let mount = container.volume_mounts.iter().flatten().find(|m| m.name == token_volume.name).unwrap();
     assert_eq!(agent_flags["--token-file"], format!("{}/{}", mount.mount_path, token_source.path));
     let cgroup = container.volume_mounts.iter().flatten().any(|m| m.mount_path == "/sys/fs/cgroup");
@@ -202,13 +202,13 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
         .volumes
         .iter()
         .flatten()
-        .find(|v| v.config_map.as_ref().is_some_and(|c| c.name == mesh_ctrl::ca_secret::ROOT_CONFIGMAP))
+        .find(|v| v.config_map.as_ref().is_some_and(|c| c.name == mesh_ctrl::ca::secret::ROOT_CONFIGMAP))
         .expect("the root ConfigMap as a volume");
     let root_mount = container.volume_mounts.iter().flatten().find(|m| m.name == root_volume.name).unwrap();
     assert!(root_mount.sub_path.is_none(), "no subPath: ConfigMap updates reach the agent");
     assert_eq!(
         agent_flags["--ca-root"],
-        format!("{}/{}", root_mount.mount_path, mesh_ctrl::ca_secret::ROOT_CONFIGMAP_KEY)
+        format!("{}/{}", root_mount.mount_path, mesh_ctrl::ca::secret::ROOT_CONFIGMAP_KEY)
     );
     let ctrl_labels = ctrl.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
     assert!(svc_spec.selector.as_ref().unwrap().iter().all(|(k, v)| ctrl_labels.get(k) == Some(v)));

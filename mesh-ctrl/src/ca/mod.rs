@@ -1,6 +1,9 @@
-//! The mesh CA: the certificate and key that sign workload certificates from CSRs, and the
-//! trust bundle agents verify peers against. It owns the CA files and X.509 issuance (rcgen);
-//! it never decides who may get which identity (that is [`crate::certs`]).
+//! The mesh CA. This module signs: the certificate and key that sign workload certificates
+//! from CSRs, and the trust bundle agents verify peers against (X.509 issuance with rcgen). Its
+//! parts: the stores of the CA files, [`dir`] (`--ca-dir`) and [`secret`] (the Kubernetes
+//! Secret, and the root ConfigMap for agents); [`service`], the gRPC certificate service; and
+//! [`auth`] with [`token_review`], who a calling agent is. Signing never decides who may get
+//! which identity (that is [`service`] with [`auth`]).
 //!
 //! The files, in `--ca-dir` or as keys of the CA Secret, Istio's plug-in CA names:
 //! - `ca-cert.pem` + `ca-key.pem` (RSA or ECDSA): the issuing CA, with optional
@@ -12,10 +15,13 @@
 //! are both trusted. [`Reloader`] reads the files again and replaces the CA in force as a whole
 //! when they change and make a consistent CA; anything else is refused and changes nothing.
 
+pub mod auth;
+pub mod dir;
+pub mod secret;
+pub mod service;
+pub mod token_review;
+
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -170,44 +176,7 @@ fn parse_key(path: &Path, text: &str) -> Result<KeyPair, CaError> {
         .map_err(|e| invalid(path, format!("{e}: expected an RSA or ECDSA private key in PKCS#8 PEM")))
 }
 
-fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
-    let file = OpenOptions::new().write(true).create_new(true).mode(mode).open(path);
-    file.and_then(|mut f| f.write_all(contents.as_bytes()))
-        .map_err(|source| CaError::File { path: path.to_path_buf(), source })
-}
-
-/// The CA files present in `dir`.
-pub fn read_dir_files(dir: &Path) -> Result<CaFiles, CaError> {
-    let mut files = CaFiles::new();
-    for name in CA_FILES {
-        let path = dir.join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                files.insert(name.to_string(), text);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(CaError::File { path, source }),
-        }
-    }
-    Ok(files)
-}
-
 impl Ca {
-    /// Loads the CA from `dir`, generating a root there on first start (no CA file at all).
-    /// Leaves live `ttl`.
-    pub fn load_or_create(dir: &Path, trust_domain: &str, ttl: Duration) -> Result<Self, CaError> {
-        std::fs::create_dir_all(dir).map_err(|source| CaError::File { path: dir.to_path_buf(), source })?;
-        if read_dir_files(dir)?.is_empty() {
-            let (cert_pem, key_pem) = Self::generate_root(trust_domain)?;
-            // Key first and create_new: a crash never leaves a certificate without its key,
-            // and an existing key is never overwritten.
-            write_file(&dir.join("root-key.pem"), &key_pem, 0o600)?;
-            write_file(&dir.join("root-cert.pem"), &cert_pem, 0o644)?;
-            tracing::info!(dir = %dir.display(), "generated a new mesh root CA");
-        }
-        Self::from_files(&read_dir_files(dir)?, &|name| dir.join(name), ttl)
-    }
-
     /// A new self-signed ECDSA P-256 root for `trust_domain`: (certificate PEM, key PEM).
     pub fn generate_root(trust_domain: &str) -> Result<(String, String), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -379,35 +348,6 @@ impl Ca {
     }
 }
 
-/// Reads the CA files of `--ca-dir` again and makes the CA they hold now, when they changed.
-#[derive(Debug)]
-pub struct Reloader {
-    dir: PathBuf,
-    ttl: Duration,
-    seen: CaFiles,
-}
-
-impl Reloader {
-    /// A reloader of `dir`, whose files as they are now are those of the CA in force.
-    pub fn new(dir: &Path, ttl: Duration) -> Self {
-        Self { dir: dir.to_path_buf(), ttl, seen: read_dir_files(dir).unwrap_or_default() }
-    }
-
-    /// None when the files are as last seen; otherwise the CA they make now, or why they make
-    /// none (a file half written is seen again, whole, at the next poll).
-    pub fn poll(&mut self) -> Option<Result<Ca, CaError>> {
-        let files = match read_dir_files(&self.dir) {
-            Ok(files) => files,
-            Err(e) => return Some(Err(e)),
-        };
-        if files == self.seen {
-            return None;
-        }
-        self.seen = files;
-        Some(Ca::from_files(&self.seen, &|name| self.dir.join(name), self.ttl))
-    }
-}
-
 /// Applies a CA made from changed files (`Some(Ok)`) to `current`, or logs why the files were
 /// refused (`Some(Err)`: the CA in force stays). Counted in ferrymesh_ctrl_ca_reloads_total.
 pub fn apply_reload(current: &watch::Sender<Arc<Ca>>, reloaded: Result<Ca, CaError>, origin: &str) {
@@ -431,19 +371,9 @@ pub fn apply_reload(current: &watch::Sender<Arc<Ca>>, reloaded: Result<Ca, CaErr
     }
 }
 
-/// Polls `--ca-dir` every `interval` and applies changes to `current`, forever.
-pub async fn keep_reloading_dir(mut reloader: Reloader, interval: Duration, current: watch::Sender<Arc<Ca>>) {
-    let origin = reloader.dir.display().to_string();
-    loop {
-        tokio::time::sleep(interval).await;
-        if let Some(reloaded) = reloader.poll() {
-            apply_reload(&current, reloaded, &origin);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::dir::Reloader;
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
 

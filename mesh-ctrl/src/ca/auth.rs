@@ -1,0 +1,113 @@
+//! Node authorization for the CA: who a request's bearer token says the calling agent is (a
+//! bootstrap node token in local mode, a ServiceAccount token checked by TokenReview with
+//! Kubernetes), and the per-source limit on failed authentications: past [`MAX_AUTH_FAILURES`]
+//! in [`AUTH_FAILURE_WINDOW`] a source is refused without its token being looked at.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Status};
+
+use super::token_review::TokenReviewer;
+
+/// Node tokens: who a bearer token says the caller is.
+#[derive(Debug, Default, Clone)]
+pub struct NodeTokens {
+    node_by_token: HashMap<String, String>,
+}
+
+impl NodeTokens {
+    /// Reads a YAML map of node name to token (`--node-tokens`).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("--node-tokens {}: {e}", path.display()))?;
+        let map: HashMap<String, String> = serde_yaml::from_str(&text)
+            .map_err(|e| format!("--node-tokens {}: expected a YAML map of node name to token: {e}", path.display()))?;
+        let mut node_by_token = HashMap::new();
+        for (node, token) in map {
+            if token.len() < 16 {
+                return Err(format!(
+                    "--node-tokens {}: the token of node {node} is shorter than 16 characters",
+                    path.display()
+                ));
+            }
+            if let Some(other) = node_by_token.insert(token, node.clone()) {
+                return Err(format!("--node-tokens {}: nodes {node} and {other} share a token", path.display()));
+            }
+        }
+        Ok(Self { node_by_token })
+    }
+
+    /// The node `token` names.
+    fn node(&self, token: &str) -> Result<String, Status> {
+        self.node_by_token.get(token).cloned().ok_or_else(|| {
+            Status::unauthenticated(
+                "unknown node token: the agent's --token-file matches no node in mesh-ctrl --node-tokens",
+            )
+        })
+    }
+}
+
+/// How agents prove which node they run on.
+#[derive(Debug)]
+pub enum NodeAuth {
+    /// Bootstrap tokens (local mode).
+    Tokens(NodeTokens),
+    /// Projected ServiceAccount tokens checked with TokenReview (Kubernetes).
+    TokenReview(TokenReviewer),
+}
+
+impl NodeAuth {
+    /// The node a request's `authorization: Bearer <token>` proves.
+    pub(crate) async fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let token = header.and_then(|h| h.strip_prefix("Bearer ")).filter(|t| !t.is_empty()).ok_or_else(|| {
+            Status::unauthenticated(
+                "no token: start the agent with --token-file (its node's bootstrap token, or its projected service account token)",
+            )
+        })?;
+        match self {
+            Self::Tokens(tokens) => tokens.node(token),
+            Self::TokenReview(reviewer) => reviewer.node(token).await,
+        }
+    }
+}
+
+/// Failed authentications a source may make within [`AUTH_FAILURE_WINDOW`].
+pub const MAX_AUTH_FAILURES: u32 = 10;
+/// The window failed authentications are counted in.
+pub const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Failed authentications per source address, in windows of [`AUTH_FAILURE_WINDOW`].
+#[derive(Debug, Default)]
+pub(crate) struct AuthFailures {
+    by_source: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl AuthFailures {
+    /// Refuses `source` (with how long until it may try again) once it has failed
+    /// [`MAX_AUTH_FAILURES`] times in the current window.
+    pub(crate) fn check(&self, source: IpAddr) -> Result<(), Duration> {
+        let mut by_source = self.by_source.lock().expect("auth failures lock");
+        let now = Instant::now();
+        by_source.retain(|_, (start, _)| now.duration_since(*start) < AUTH_FAILURE_WINDOW);
+        match by_source.get(&source) {
+            Some((start, n)) if *n >= MAX_AUTH_FAILURES => Err(AUTH_FAILURE_WINDOW - now.duration_since(*start)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failure of `source`; returns its failures in the current window.
+    pub(crate) fn failed(&self, source: IpAddr) -> u32 {
+        let mut by_source = self.by_source.lock().expect("auth failures lock");
+        let now = Instant::now();
+        let entry = by_source.entry(source).or_insert((now, 0));
+        if now.duration_since(entry.0) >= AUTH_FAILURE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1
+    }
+}
