@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
@@ -37,6 +36,32 @@ pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
 /// Field manager of mesh-ctrl's server-side applies.
 const FIELD_MANAGER: &str = "mesh-ctrl";
 
+/// Why the CA Secret or the root ConfigMap could not be read or written, written for operators.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The API server refused or could not be reached.
+    #[error("cannot {what}: {source}")]
+    Api {
+        /// What was being done, e.g. `read the CA Secret ferrymesh-system/ferrymesh-ca`.
+        what: String,
+        /// The API error.
+        source: Box<kube::Error>,
+    },
+    /// The Secret holds no CA mesh-ctrl can use.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The Secret holds none of the CA files.
+    #[error("{0}: holds none of {CA_FILES:?} (a generated CA Secret holds {CERT_KEY} and {KEY_KEY})")]
+    Empty(String),
+    /// Another replica created the Secret, and it cannot be read back.
+    #[error("the CA {0} was created by someone else but cannot be read back")]
+    Vanished(String),
+}
+
+fn api_error(what: String) -> impl FnOnce(kube::Error) -> SecretError {
+    move |source| SecretError::Api { what, source: Box::new(source) }
+}
+
 /// Metadata of an object mesh-ctrl creates: `namespace/name`, labelled as ferrymesh's.
 fn managed_meta(name: &str, namespace: &str) -> ObjectMeta {
     ObjectMeta {
@@ -49,7 +74,7 @@ fn managed_meta(name: &str, namespace: &str) -> ObjectMeta {
 
 /// Publishes the trust bundle `roots_pem` as ConfigMap `namespace/ferrymesh-ca-root-cert`
 /// (server-side apply: created, or updated to exactly this).
-pub async fn publish_root(client: Client, namespace: &str, roots_pem: &str) -> anyhow::Result<()> {
+pub async fn publish_root(client: Client, namespace: &str, roots_pem: &str) -> Result<(), SecretError> {
     let api: Api<ConfigMap> = Api::namespaced(client, namespace);
     let config_map = ConfigMap {
         metadata: managed_meta(ROOT_CONFIGMAP, namespace),
@@ -58,7 +83,7 @@ pub async fn publish_root(client: Client, namespace: &str, roots_pem: &str) -> a
     };
     api.patch(ROOT_CONFIGMAP, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&config_map))
         .await
-        .with_context(|| format!("cannot publish the mesh root as ConfigMap {namespace}/{ROOT_CONFIGMAP}"))?;
+        .map_err(api_error(format!("publish the mesh root as ConfigMap {namespace}/{ROOT_CONFIGMAP}")))?;
     Ok(())
 }
 
@@ -71,7 +96,7 @@ pub async fn keep_root_published(client: Client, namespace: String, mut ca: Curr
         let wait = match publish_root(client.clone(), &namespace, &roots_pem).await {
             Ok(()) => Duration::from_secs(60),
             Err(e) => {
-                tracing::warn!("{e:#}; retrying in 5 s");
+                tracing::warn!("{e}; retrying in 5 s");
                 Duration::from_secs(5)
             }
         };
@@ -132,11 +157,11 @@ pub async fn load_or_create(
     name: &str,
     trust_domain: &str,
     ttl: Duration,
-) -> anyhow::Result<Ca> {
-    let api: Api<Secret> = Api::namespaced(client, namespace);
+) -> Result<Ca, SecretError> {
+    let secrets: Api<Secret> = Api::namespaced(client, namespace);
     let what = format!("Secret {namespace}/{name}");
     for _ in 0..2 {
-        if let Some(secret) = api.get_opt(name).await.with_context(|| format!("cannot read the CA {what}"))? {
+        if let Some(secret) = secrets.get_opt(name).await.map_err(api_error(format!("read the CA {what}")))? {
             return from_secret(&secret, &what, ttl);
         }
         let (cert_pem, key_pem) = Ca::generate_root(trust_domain)?;
@@ -149,17 +174,17 @@ pub async fn load_or_create(
             ])),
             ..Default::default()
         };
-        match api.create(&PostParams::default(), &secret).await {
+        match secrets.create(&PostParams::default(), &secret).await {
             Ok(created) => {
                 tracing::info!(secret = %what, "generated a new mesh root CA");
                 return from_secret(&created, &what, ttl);
             }
             // Another replica created it first: read theirs.
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => return Err(e).with_context(|| format!("cannot create the CA {what}")),
+            Err(e) => return Err(api_error(format!("create the CA {what}"))(e)),
         }
     }
-    anyhow::bail!("the CA {what} was created by someone else but cannot be read back")
+    Err(SecretError::Vanished(what))
 }
 
 /// How a key of the CA Secret is named in errors.
@@ -180,10 +205,10 @@ fn files_of(secret: &Secret, what: &str) -> Result<CaFiles, CaError> {
     Ok(files)
 }
 
-fn from_secret(secret: &Secret, what: &str, ttl: Duration) -> anyhow::Result<Ca> {
+fn from_secret(secret: &Secret, what: &str, ttl: Duration) -> Result<Ca, SecretError> {
     let files = files_of(secret, what)?;
     if files.is_empty() {
-        anyhow::bail!("{what}: holds none of {CA_FILES:?} (a generated CA Secret holds {CERT_KEY} and {KEY_KEY})");
+        return Err(SecretError::Empty(what.to_string()));
     }
     Ok(Ca::from_files(&files, &|key| origin(what, key), ttl)?)
 }
