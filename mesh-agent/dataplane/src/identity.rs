@@ -301,8 +301,11 @@ async fn keep_renewed(
 const ROTATION_SPREAD: Duration = Duration::from_secs(2);
 
 /// Returns once the trust bundle names a signing CA certificate other than `issuer` (never when
-/// mesh-ctrl names none).
+/// mesh-ctrl names none, or the certificate's issuer is unknown: its chain held no CA).
 async fn issuer_moved_from(trust: &mut TrustReceiver, issuer: &str) {
+    if issuer.is_empty() {
+        return std::future::pending().await;
+    }
     let moved =
         trust.wait_for(|t| t.as_ref().is_some_and(|t| !t.issuer_sha256.is_empty() && t.issuer_sha256 != issuer));
     if moved.await.is_err() {

@@ -65,7 +65,8 @@ pub fn certificates(pems: &[String]) -> Result<Vec<CertificateDer<'static>>, Str
 }
 
 impl TrustBundle {
-    /// The bundle of the roots `roots_pem`, signed into by `issuer_sha256` now.
+    /// The bundle of the roots `roots_pem`, with `issuer_sha256` the CA certificate that signs
+    /// workload certificates now.
     pub fn new(roots_pem: &[String], issuer_sha256: &str) -> Result<Self, String> {
         let ders = certificates(roots_pem)?;
         if ders.is_empty() {
