@@ -284,14 +284,6 @@ fn slice_endpoints(
     by_ip.into_values().collect()
 }
 
-/// The difference between two keyed sets (workloads by UID, services and policies by
-/// `namespace/name`): what was added or changed, and the keys that went away.
-pub fn diff<T: Clone + PartialEq>(old: &BTreeMap<String, T>, new: &BTreeMap<String, T>) -> (Vec<T>, Vec<String>) {
-    let upserted = new.iter().filter(|(uid, w)| old.get(*uid) != Some(*w)).map(|(_, w)| w.clone()).collect();
-    let removed = old.keys().filter(|uid| !new.contains_key(*uid)).cloned().collect();
-    (upserted, removed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,6 +341,12 @@ mod tests {
         model.pods.get_mut("on/a").unwrap().labels.insert(DATAPLANE_MODE_LABEL.into(), "none".into());
         model.pods.remove("on/b");
         let after = model.workloads();
+        // The delta the config server sends (ferrymesh_api::kinds).
+        let diff = |old, new| {
+            let mut update = ferrymesh_api::config::ConfigUpdate::default();
+            ferrymesh_api::kinds::put_changes(&mut update, Some(old), new);
+            ferrymesh_api::kinds::take_changes::<proto::Workload>(&mut update)
+        };
         let (upserted, removed) = diff(&before, &after);
         assert_eq!(upserted.len(), 1);
         assert_eq!(upserted[0].uid, "on/a");

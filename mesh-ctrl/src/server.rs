@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ferrymesh_api::config::{self as proto, config_server};
+use ferrymesh_api::kinds::put_changes;
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::model::diff;
 use crate::snapshot::Snapshot;
 
 /// One agent's config stream, as mesh-ctrl sees it.
@@ -110,41 +110,20 @@ impl ConfigService {
 /// The update that brings an agent holding `sent` (None: nothing, or nothing trusted) to
 /// `current`.
 fn update_for(sent: Option<&Snapshot>, current: &Snapshot, trust_domain: &str) -> proto::ConfigUpdate {
-    let Some(sent) = sent else {
-        return proto::ConfigUpdate {
-            version: current.version,
-            snapshot: true,
-            upserted: current.workloads.values().cloned().collect(),
-            trust_domain: trust_domain.to_string(),
-            authorization_policies: current.authorization_policies.values().cloned().collect(),
-            peer_authentications: current.peer_authentications.values().cloned().collect(),
-            services: current.services.values().cloned().collect(),
-            trust_roots_pem: current.trust.roots_pem.clone(),
-            issuer_sha256: current.trust.issuer_sha256.clone(),
-            ..Default::default()
-        };
-    };
-    let (upserted, removed) = diff(&sent.workloads, &current.workloads);
-    let (authorization_policies, removed_authorization_policies) =
-        diff(&sent.authorization_policies, &current.authorization_policies);
-    let (peer_authentications, removed_peer_authentications) =
-        diff(&sent.peer_authentications, &current.peer_authentications);
-    let (services, removed_services) = diff(&sent.services, &current.services);
-    proto::ConfigUpdate {
+    let mut update = proto::ConfigUpdate {
         version: current.version,
-        snapshot: false,
-        upserted,
-        removed,
+        snapshot: sent.is_none(),
         trust_domain: trust_domain.to_string(),
-        authorization_policies,
-        peer_authentications,
-        services,
-        removed_authorization_policies,
-        removed_peer_authentications,
-        removed_services,
         trust_roots_pem: current.trust.roots_pem.clone(),
         issuer_sha256: current.trust.issuer_sha256.clone(),
-    }
+        ..Default::default()
+    };
+    // Every kind the same way (see ferrymesh_api::kinds).
+    put_changes(&mut update, sent.map(|s| &s.workloads), &current.workloads);
+    put_changes(&mut update, sent.map(|s| &s.authorization_policies), &current.authorization_policies);
+    put_changes(&mut update, sent.map(|s| &s.peer_authentications), &current.peer_authentications);
+    put_changes(&mut update, sent.map(|s| &s.services), &current.services);
+    update
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<proto::ConfigUpdate, Status>> + Send>>;

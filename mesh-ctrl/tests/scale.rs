@@ -42,7 +42,9 @@ fn phases_at_10k_pods_and_2k_services() {
         let publish = t.elapsed();
         let t = Instant::now();
         let after = rx.borrow().clone();
-        let (up, rm) = mesh_ctrl::model::diff(&before.workloads, &after.workloads);
+        let mut update = ferrymesh_api::config::ConfigUpdate::default();
+        ferrymesh_api::kinds::put_changes(&mut update, Some(&before.workloads), &after.workloads);
+        let (up, rm) = (update.upserted, update.removed);
         let diff = t.elapsed();
         println!(
             "{round}: reload {reload:?}, workloads {workloads_time:?} ({}), services {services_time:?} ({}), publish {publish:?}, diff {diff:?} ({} upserted, {} removed)",

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use ferrymesh_api::config as proto;
+use ferrymesh_api::kinds::{take_changes, ConfigKind};
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet};
 use tokio::sync::watch;
 
@@ -176,6 +177,20 @@ pub struct State {
     policies: watch::Sender<Arc<PolicySet>>,
 }
 
+/// An update's changes of one kind (see `ferrymesh_api::kinds`), converted to the store's type:
+/// (added or changed, keys removed). The first object that does not convert fails them all.
+fn converted<K, T>(update: &mut proto::ConfigUpdate) -> Result<(Vec<T>, Vec<String>), InvalidUpdate>
+where
+    K: ConfigKind,
+    T: TryFrom<K>,
+    InvalidUpdate: From<T::Error>,
+{
+    let (upserted, removed) = take_changes::<K>(update);
+    let upserted =
+        upserted.into_iter().map(|k| T::try_from(k).map_err(InvalidUpdate::from)).collect::<Result<_, _>>()?;
+    Ok((upserted, removed))
+}
+
 impl Default for State {
     fn default() -> Self {
         Self {
@@ -191,21 +206,18 @@ impl Default for State {
 impl State {
     /// Applies a snapshot or delta from mesh-ctrl. All or nothing: every object is converted
     /// before anything changes.
-    pub fn apply(&self, update: proto::ConfigUpdate) -> Result<(), InvalidUpdate> {
-        let upserted = update.upserted.into_iter().map(Workload::try_from).collect::<Result<Vec<_>, _>>()?;
-        let authz = update
-            .authorization_policies
-            .into_iter()
-            .map(AuthorizationPolicy::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        let peer_auth =
-            update.peer_authentications.into_iter().map(PeerAuthentication::try_from).collect::<Result<Vec<_>, _>>()?;
-        let services = update.services.into_iter().map(Service::try_from).collect::<Result<Vec<_>, _>>()?;
+    pub fn apply(&self, mut update: proto::ConfigUpdate) -> Result<(), InvalidUpdate> {
+        let (upserted, removed) = converted::<proto::Workload, Workload>(&mut update)?;
+        let (authz, removed_authorization_policies) =
+            converted::<proto::AuthorizationPolicy, AuthorizationPolicy>(&mut update)?;
+        let (peer_auth, removed_peer_authentications) =
+            converted::<proto::PeerAuthentication, PeerAuthentication>(&mut update)?;
+        let (services, removed_services) = converted::<proto::Service, Service>(&mut update)?;
         let policies_changed = update.snapshot
             || !authz.is_empty()
             || !peer_auth.is_empty()
-            || !update.removed_authorization_policies.is_empty()
-            || !update.removed_peer_authentications.is_empty();
+            || !removed_authorization_policies.is_empty()
+            || !removed_peer_authentications.is_empty();
         let policies = {
             let mut inner = self.inner.write().expect("state lock");
             if update.snapshot {
@@ -214,7 +226,7 @@ impl State {
                 inner.authorization_policies.clear();
                 inner.peer_authentications.clear();
             }
-            for uid in &update.removed {
+            for uid in &removed {
                 inner.by_uid.remove(uid);
             }
             for w in upserted {
@@ -222,8 +234,8 @@ impl State {
             }
             let by_ip = inner.by_uid.values().map(|w| (w.ip, w.clone())).collect();
             inner.by_ip = by_ip;
-            if update.snapshot || !services.is_empty() || !update.removed_services.is_empty() {
-                for key in &update.removed_services {
+            if update.snapshot || !services.is_empty() || !removed_services.is_empty() {
+                for key in &removed_services {
                     inner.services.remove(key);
                 }
                 for s in services {
@@ -232,13 +244,13 @@ impl State {
                 let by_vip = inner.services.values().filter_map(|s| Some((s.vip?, s.clone()))).collect();
                 inner.services_by_vip = by_vip;
             }
-            for key in &update.removed_authorization_policies {
+            for key in &removed_authorization_policies {
                 inner.authorization_policies.remove(key);
             }
             for p in authz {
                 inner.authorization_policies.insert(p.key(), p);
             }
-            for key in &update.removed_peer_authentications {
+            for key in &removed_peer_authentications {
                 inner.peer_authentications.remove(key);
             }
             for p in peer_auth {

@@ -2,6 +2,7 @@
 //! at the edge: mesh-ctrl and the agent convert them once into their own domain types.
 
 pub mod flow_json;
+pub mod kinds;
 
 /// The generated code, nested as the proto packages are (so cross-package references resolve).
 #[allow(missing_docs, clippy::all)]
