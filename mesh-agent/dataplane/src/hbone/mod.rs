@@ -20,7 +20,7 @@ use std::io;
 use std::time::Duration;
 
 /// The HBONE port.
-pub const PORT: u16 = 15008;
+pub const PORT: u16 = mesh_common::HBONE_PORT;
 /// HTTP/2 stream window.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// HTTP/2 connection window.
