@@ -1,5 +1,6 @@
-//! The config client: streams the model (workloads, services, policies) from mesh-ctrl into the
-//! state store and acks (or nacks, with the reason) every update, reconnecting with capped
+//! The config client: streams the model (workloads, services, policies) and the trust bundle
+//! (taken only when it holds a root of `--ca-root`) from mesh-ctrl into the state store and acks
+//! (or nacks, with the reason) every update, reconnecting with capped
 //! exponential backoff. While mesh-ctrl is away the store keeps the last good config, so
 //! enrolled pods and proxying are unaffected. After a rejected update every delta is rejected
 //! until mesh-ctrl sends a full snapshot: a delta only makes sense on top of what it follows.
