@@ -109,7 +109,8 @@ pub async fn run(agents: &[PathBuf], output: Output) -> Result<(), String> {
             })
             .collect();
         table::print(&["MAP", "ENTRIES", "FILL"], &maps);
-        println!("\ntrust bundle: {} roots", s.trust_roots.len());
+        let n = s.trust_roots.len();
+        println!("\ntrust bundle: {n} root{}", if n == 1 { "" } else { "s" });
         let roots: Vec<[String; 4]> = s
             .trust_roots
             .iter()
