@@ -175,7 +175,6 @@ async fn main() -> anyhow::Result<()> {
             (tokio::spawn(watch), "kubernetes".to_string(), certificates, ca)
         }
     };
-    metrics::gauge!("ferrymesh_ctrl_trust_bundle_roots").set(ca.borrow().roots().len() as f64);
     tokio::spawn(publisher.keep_trust_current(ca.clone()));
     let serving = ServingIdentity::new(ca, &args.tls_sans, args.serving_cert_ttl)?;
     tokio::spawn(serving.clone().renew_forever());

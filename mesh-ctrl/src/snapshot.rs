@@ -107,10 +107,12 @@ impl Publisher {
         });
     }
 
-    /// Keeps the snapshots carrying the trust of the CA in force, forever.
+    /// Keeps the snapshots carrying the trust of the CA in force (and its root count in
+    /// ferrymesh_ctrl_trust_bundle_roots), forever.
     pub async fn keep_trust_current(self, mut ca: CurrentCa) {
         loop {
             let trust = Trust::of(&ca.borrow_and_update());
+            metrics::gauge!("ferrymesh_ctrl_trust_bundle_roots").set(trust.roots_pem.len() as f64);
             self.set_trust(trust);
             if ca.changed().await.is_err() {
                 return;

@@ -115,7 +115,7 @@ fn trusted_bundle(ctrl: &Ctrl, update: &ConfigUpdate) -> Result<Option<TrustBund
     let bad = |e: String| format!("trust bundle: {e}");
     let roots = certificates(&update.trust_roots_pem).map_err(bad)?;
     ctrl.check_bundle(&roots).map_err(|e| e.to_string())?;
-    TrustBundle::new(&update.trust_roots_pem, &update.issuer_sha256).map(Some).map_err(bad)
+    TrustBundle::from_certs(roots, &update.issuer_sha256).map(Some).map_err(bad)
 }
 
 #[cfg(test)]

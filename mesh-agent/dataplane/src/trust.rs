@@ -68,7 +68,11 @@ impl TrustBundle {
     /// The bundle of the roots `roots_pem`, with `issuer_sha256` the CA certificate that signs
     /// workload certificates now.
     pub fn new(roots_pem: &[String], issuer_sha256: &str) -> Result<Self, String> {
-        let ders = certificates(roots_pem)?;
+        Self::from_certs(certificates(roots_pem)?, issuer_sha256)
+    }
+
+    /// [`TrustBundle::new`] of roots already parsed out of their PEM.
+    pub fn from_certs(ders: Vec<CertificateDer<'static>>, issuer_sha256: &str) -> Result<Self, String> {
         if ders.is_empty() {
             return Err("no root in it".into());
         }
@@ -88,11 +92,6 @@ impl TrustBundle {
         let client_verifier = crate::tls::client_verifier(roots.clone()).map_err(|e| e.to_string())?;
         Ok(Self { roots, info, issuer_sha256: issuer_sha256.to_string(), client_verifier })
     }
-
-    /// Whether the root with SHA-256 `sha256` is in the bundle.
-    pub fn holds(&self, sha256: &str) -> bool {
-        self.info.iter().any(|r| r.sha256 == sha256)
-    }
 }
 
 #[cfg(test)]
@@ -111,7 +110,8 @@ mod tests {
         let (old, new) = (root(), root());
         let bundle = TrustBundle::new(&[old.pem(), new.pem()], "abc").unwrap();
         assert_eq!(bundle.roots.len(), 2);
-        assert!(bundle.holds(&sha256_hex(old.der())) && bundle.holds(&sha256_hex(new.der())));
+        let held: Vec<&str> = bundle.info.iter().map(|r| r.sha256.as_str()).collect();
+        assert!(held.contains(&sha256_hex(old.der()).as_str()) && held.contains(&sha256_hex(new.der()).as_str()));
         assert_eq!(bundle.issuer_sha256, "abc");
         // One string holding both is the same bundle.
         assert_eq!(TrustBundle::new(&[format!("{}{}", old.pem(), new.pem())], "").unwrap().info, bundle.info);

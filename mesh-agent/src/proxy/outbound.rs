@@ -54,7 +54,11 @@ impl Route {
     /// The route to `target` as the state and the enrolled pods say now.
     fn to(ctx: &ProxyContext, target: SocketAddr) -> Self {
         let Some(workload) = ctx.state.workload_by_ip(target.ip()) else { return Route::Plain };
-        let local = ctx.local_pods.get(target.ip()).filter(|p| p.workload.uid == workload.uid);
+        // Only a captured destination can be handed over: no enrolled-pod lookup for the rest.
+        let local = workload
+            .captured
+            .then(|| ctx.local_pods.get(target.ip()).filter(|p| p.workload.uid == workload.uid))
+            .flatten();
         let placement = Placement {
             src_captured: true,
             dst_captured: workload.captured,

@@ -361,7 +361,6 @@ pub fn apply_reload(current: &watch::Sender<Arc<Ca>>, reloaded: Result<Ca, CaErr
                 "CA files changed: signing and trusting what they hold now"
             );
             metrics::counter!("ferrymesh_ctrl_ca_reloads_total", "result" => "applied").increment(1);
-            metrics::gauge!("ferrymesh_ctrl_trust_bundle_roots").set(ca.roots().len() as f64);
             current.send_replace(Arc::new(ca));
         }
         Err(e) => {
