@@ -2,7 +2,7 @@
 #![deny(unsafe_code)]
 
 mod admin;
-use ferrymesh_dataplane::{config_client, ctrl, flows, identity, state, tls};
+use ferrymesh_dataplane::{config_client, ctrl, error, flows, identity, limits, state, tls};
 mod discover;
 mod ebpf;
 mod enroll;
@@ -64,16 +64,16 @@ struct Args {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     hbone_handshake_timeout: std::time::Duration,
     /// Concurrent inbound connections (HBONE and plaintext) one source address may hold open.
-    #[arg(long, default_value_t = proxy::limits::Limits::default().connections_per_source)]
+    #[arg(long, default_value_t = limits::Limits::default().connections_per_source)]
     max_connections_per_source: u32,
     /// Concurrent inbound connections (HBONE and plaintext) one pod may be held open.
-    #[arg(long, default_value_t = proxy::limits::Limits::default().connections_per_pod)]
+    #[arg(long, default_value_t = limits::Limits::default().connections_per_pod)]
     max_connections_per_pod: u32,
     /// Concurrent HBONE streams one source address may hold open, over all its connections.
-    #[arg(long, default_value_t = proxy::limits::Limits::default().streams_per_source)]
+    #[arg(long, default_value_t = limits::Limits::default().streams_per_source)]
     max_streams_per_source: u32,
     /// Concurrent HBONE streams one pod may be held open.
-    #[arg(long, default_value_t = proxy::limits::Limits::default().streams_per_pod)]
+    #[arg(long, default_value_t = limits::Limits::default().streams_per_pod)]
     max_streams_per_pod: u32,
     /// Threads that carry connections.
     #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
@@ -137,7 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         live: proxy::authz::LiveConnections::default(),
         balancer: Arc::default(),
         local_pods: proxy::LocalPods::default(),
-        limits: proxy::limits::Limits {
+        limits: limits::Limits {
             handshake_timeout: args.hbone_handshake_timeout,
             connections_per_source: args.max_connections_per_source,
             connections_per_pod: args.max_connections_per_pod,

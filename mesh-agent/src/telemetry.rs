@@ -47,7 +47,7 @@ fn describe() {
         "ferrymesh_inbound_refused_total",
         "Inbound connections and HBONE streams refused by a limit (label limit)."
     );
-    for limit in crate::proxy::limits::Limit::ALL {
+    for limit in crate::limits::Limit::ALL {
         counter!("ferrymesh_inbound_refused_total", "limit" => limit.name()).absolute(0);
     }
     counter!("ferrymesh_certs_issued_total").absolute(0);

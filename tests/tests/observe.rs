@@ -316,6 +316,13 @@ fn flows_filters_follow_access_log_and_metrics() {
     let denied: Vec<&Value> = denied.iter().filter(|f| f["direction"] == "inbound").collect();
     assert_eq!(denied[0]["policy"], "shop/deny-other rule 0");
     assert_eq!(denied[0]["reason"], "denied: shop/deny-other rule 0");
+    // ... says what would allow it, and is labelled as its metrics are.
+    assert_eq!(
+        denied[0]["hint"], "DENY shop/deny-other rule 0 matches: narrow or remove that rule to allow it",
+        "{}",
+        denied[0]
+    );
+    assert_eq!(denied[0]["response_flags"], "DENY");
     let table =
         meshctl_all(&topo, &["--agent", topo.agent_socket(2).to_str().unwrap(), "flows", "--verdict", "denied"]);
     let text = String::from_utf8_lossy(&table.stdout);

@@ -206,6 +206,8 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
             assert_eq!(explain["mtls"], flow["mtls"], "{what}: {} -> c:{port}: {explain}", from.name);
             if verdict == "denied" {
                 assert_eq!(explain["reason"], flow["reason"], "{what}: {explain}");
+                assert_eq!(explain["hint"], flow["hint"], "{what}: {explain}");
+                assert!(!flow["hint"].as_str().unwrap().is_empty(), "{what}: a denial says how to allow it: {flow}");
             }
             explained += 1;
             assert_eq!(flow["verdict"], verdict, "{what}: {} -> c:{port}: {flow}", from.name);

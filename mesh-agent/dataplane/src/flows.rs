@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ferrymesh_api::admin as proto;
 use ferrymesh_policy::Transport;
 
+use crate::error::ProxyError;
 use crate::state::{State, Workload};
 
 /// Which way the connection went, seen from the workload the agent serves.
@@ -96,10 +97,8 @@ pub struct Flow {
     pub bytes_received: u64,
     /// Time from accept to close.
     pub duration: Duration,
-    /// Outcome.
-    pub verdict: Verdict,
-    /// Why: "closed" for a normal end, else what went wrong.
-    pub reason: String,
+    /// Why it did not end normally; None when it was carried and closed.
+    pub error: Option<ProxyError>,
     /// How the connection was carried (mTLS, node-local, plaintext).
     pub transport: Transport,
     /// Serial of the certificate the peer presented (inbound mTLS only).
@@ -109,6 +108,18 @@ pub struct Flow {
     pub policy: String,
     /// `namespace/name` of the service the client addressed by VIP; empty otherwise.
     pub service: String,
+}
+
+impl Flow {
+    /// Its verdict: allowed when it ended normally, else as its error says.
+    pub fn verdict(&self) -> Verdict {
+        self.error.as_ref().map_or(Verdict::Allowed, ProxyError::verdict)
+    }
+
+    /// The `response_flags` of its metrics: `-` when it ended normally.
+    pub fn response_flags(&self) -> &'static str {
+        self.error.as_ref().map_or("-", ProxyError::response_flags)
+    }
 }
 
 fn endpoint_proto(e: &Endpoint) -> proto::Endpoint {
@@ -134,8 +145,10 @@ impl From<&Flow> for proto::Flow {
             bytes_sent: f.bytes_sent,
             bytes_received: f.bytes_received,
             duration_ms: f.duration.as_millis() as u64,
-            verdict: f.verdict.as_str().into(),
-            reason: f.reason.clone(),
+            verdict: f.verdict().as_str().into(),
+            reason: f.error.as_ref().map_or_else(|| "closed".to_string(), ToString::to_string),
+            hint: f.error.as_ref().and_then(ProxyError::hint).unwrap_or_default(),
+            response_flags: f.response_flags().into(),
             mtls: f.transport == Transport::Mtls,
             transport: f.transport.as_str().into(),
             peer_cert_serial: f.peer_cert_serial.clone(),
@@ -260,8 +273,7 @@ mod tests {
             bytes_sent: 5,
             bytes_received: 7,
             duration: Duration::from_millis(12),
-            verdict: Verdict::Allowed,
-            reason: "closed".into(),
+            error: None,
             transport: Transport::Mtls,
             peer_cert_serial: "0a".into(),
             policy: "shop/allow rule 0".into(),
@@ -284,7 +296,10 @@ mod tests {
         let p = proto::Flow::from(&flow(4000));
         assert_eq!(p.start_unix_ms, 1_700_000_000_123);
         assert_eq!(p.direction, "inbound");
-        assert_eq!(p.verdict, "allowed");
+        assert_eq!(
+            (p.verdict.as_str(), p.reason.as_str(), p.hint.as_str(), p.response_flags.as_str()),
+            ("allowed", "closed", "", "-")
+        );
         let dst = p.dst.unwrap();
         assert_eq!(
             (dst.ip.as_str(), dst.port, dst.workload.as_str(), dst.namespace.as_str()),

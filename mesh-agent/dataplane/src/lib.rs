@@ -7,6 +7,8 @@
 //! - [`hbone`]: the HBONE server, client, connection pool and stream adapters;
 //! - [`state`]: the store of workloads, services and policies, and [`config_client`], the
 //!   config stream from mesh-ctrl that fills it;
+//! - [`limits`]: what inbound peers may hold open;
+//! - [`error`]: why a proxied connection failed, with its verdict, metric flag and hint;
 //! - [`flows`]: flow records, and [`metrics`], the metrics recorded from them.
 //!
 //! It holds no eBPF, no network namespace handling and no unsafe code: those stay in the node
@@ -15,9 +17,11 @@
 
 pub mod config_client;
 pub mod ctrl;
+pub mod error;
 pub mod flows;
 pub mod hbone;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod state;
 pub mod tls;

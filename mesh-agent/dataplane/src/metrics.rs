@@ -18,11 +18,6 @@ fn flow_labels(flow: &Flow) -> Vec<Label> {
     let (src_name, src_ns) = workload(&flow.src);
     let (dst_name, dst_ns) = workload(&flow.dst);
     let service = if flow.service.is_empty() { "unknown".to_string() } else { flow.service.clone() };
-    let response_flags = match flow.verdict {
-        Verdict::Allowed => "-",
-        Verdict::Denied => "DENY",
-        Verdict::Error => "CONNECT_FAILED",
-    };
     vec![
         Label::new("reporter", if flow.direction == Direction::Outbound { "source" } else { "destination" }),
         Label::new("source_workload", src_name),
@@ -40,7 +35,7 @@ fn flow_labels(flow: &Flow) -> Vec<Label> {
                 Transport::Plaintext => "none",
             },
         ),
-        Label::new("response_flags", response_flags),
+        Label::new("response_flags", flow.response_flags()),
     ]
 }
 
@@ -48,14 +43,14 @@ fn flow_labels(flow: &Flow) -> Vec<Label> {
 /// dial) counts as failed, not as opened and closed.
 pub fn flow_closed(flow: &Flow) {
     let labels = flow_labels(flow);
-    let carried = flow.verdict == Verdict::Allowed || flow.bytes_sent > 0 || flow.bytes_received > 0;
+    let carried = flow.verdict() == Verdict::Allowed || flow.bytes_sent > 0 || flow.bytes_received > 0;
     if carried {
         counter!("ferrymesh_tcp_connections_opened_total", labels.clone()).increment(1);
         counter!("ferrymesh_tcp_connections_closed_total", labels.clone()).increment(1);
         counter!("ferrymesh_tcp_sent_bytes_total", labels.clone()).increment(flow.bytes_sent);
         counter!("ferrymesh_tcp_received_bytes_total", labels.clone()).increment(flow.bytes_received);
     }
-    if flow.verdict != Verdict::Allowed {
+    if flow.verdict() != Verdict::Allowed {
         counter!("ferrymesh_tcp_connections_failed_total", labels).increment(1);
     }
 }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use ferrymesh_policy::{PolicySet, Request, Transport};
 use tokio::sync::oneshot;
 
+use crate::error::Denied;
 use crate::state::{State, Workload};
 
 /// What a destination knows about an inbound connection.
@@ -24,15 +25,6 @@ pub struct InboundRequest {
     pub destination: SocketAddr,
     /// How it arrived (STRICT refuses plaintext).
     pub transport: Transport,
-}
-
-/// Why a connection is refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denied {
-    /// For the flow's `reason`.
-    pub reason: String,
-    /// For the flow's `policy`: the deciding policy and rule, or why none allowed.
-    pub policy: String,
 }
 
 /// Decides `request` to `workload` under `policies`: the deciding ALLOW policy (empty when no
@@ -50,7 +42,7 @@ pub fn check(policies: &PolicySet, workload: &Workload, request: &InboundRequest
     if verdict.allowed {
         Ok(verdict.policy)
     } else {
-        Err(Denied { reason: verdict.reason, policy: verdict.policy })
+        Err(Denied { reason: verdict.reason, policy: verdict.policy, hint: verdict.hint })
     }
 }
 

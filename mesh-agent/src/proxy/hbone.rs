@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferrymesh_dataplane::hbone::client::{ConnectHeaders, Dialer, HboneError};
+use ferrymesh_dataplane::hbone::client::{ConnectHeaders, Dialer};
 use ferrymesh_dataplane::hbone::pool::StreamSlot;
 use ferrymesh_dataplane::hbone::server::{connect_target, respond_status, serve_h2};
 use ferrymesh_dataplane::hbone::stream::{h2_to_tcp, tcp_to_h2};
@@ -28,14 +28,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 
-use super::authz::{Denied, InboundRequest};
-use super::limits::{Held, Limit};
+use super::authz::InboundRequest;
 use super::{
     accept_loop, reset, until_done_or_revoked, Admitted, Connection, Outcome, PodContext, ProxyContext, Refused,
     RelayEnd,
 };
-use crate::flows::{Direction, Endpoint, Verdict};
+use crate::error::{Denied, ProxyError};
+use crate::flows::{Direction, Endpoint};
 use crate::identity::{Identity, IdentityManager};
+use crate::limits::{Held, Limit};
 use crate::tls;
 
 /// The certificate a pod's 15008 listener presents: the current one of its identity, looked
@@ -103,13 +104,13 @@ async fn serve_connection(
     ctx: Arc<ProxyContext>,
 ) {
     let local = tcp.local_addr().unwrap_or_else(|_| SocketAddr::new(pod.workload.ip, HBONE_PORT));
-    let failed = |reason: String| {
+    let failed = |error: ProxyError| {
         let conn = Connection::new(
             Direction::Inbound,
             Endpoint::lookup(&ctx.state, peer),
             pod.endpoint(HBONE_PORT, &ctx.identities),
         );
-        ctx.record(conn, Outcome::failed(reason));
+        ctx.record(conn, Outcome::failed(error));
     };
     // Held for the connection's whole life: its place under the per-source and per-pod limits.
     let _held = match ctx.load.connection(&ctx.limits, peer.ip(), pod.workload.ip) {
@@ -117,7 +118,7 @@ async fn serve_connection(
         Err(refusal) => {
             refusal.limit().count();
             reset(&tcp);
-            return failed(refusal.to_string());
+            return failed(ProxyError::Limited(refusal));
         }
     };
     let _ = tcp.set_nodelay(true);
@@ -130,15 +131,15 @@ async fn serve_connection(
     };
     let stream = match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return failed(format!("TLS handshake failed: {}", tls::describe(&e))),
+        Ok(Err(e)) => return failed(ProxyError::Handshake(tls::describe(&e))),
         Err(_) => {
             Limit::HandshakeTimeout.count();
-            return failed(format!("TLS handshake did not finish within {timeout:?} (--hbone-handshake-timeout)"));
+            return failed(ProxyError::HandshakeTimeout(timeout));
         }
     };
     let (_, session) = stream.get_ref();
     if session.alpn_protocol() != Some(tls::ALPN_H2) {
-        return failed("the client did not negotiate ALPN h2".into());
+        return failed(ProxyError::NoAlpnH2);
     }
     let peer_cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
     // Shared by every stream of the connection.
@@ -154,7 +155,7 @@ async fn serve_connection(
                 let mut src = Endpoint::lookup(&ctx.state, peer);
                 src.identity = peer_id.clone();
                 let conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
-                return ctx.record(conn, Outcome::failed(refusal.to_string()));
+                return ctx.record(conn, Outcome::failed(ProxyError::Limited(refusal)));
             }
         };
         let peer = PeerInfo { addr: peer, local, identity: peer_id.clone(), serial: peer_serial.clone() };
@@ -169,7 +170,7 @@ async fn serve_connection(
         if closed.by_server {
             Limit::Http2Protocol.count();
         }
-        failed(closed.reason);
+        failed(ProxyError::Http2(closed));
     }
 }
 
@@ -231,13 +232,12 @@ async fn accept_stream<'a>(
     let mut conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
     conn.transport = Transport::Mtls;
     conn.peer_cert_serial = peer.serial;
-    let mut refuse = |status: StatusCode, reason: String| {
-        respond_status(&mut respond, status);
-        Outcome::failed(format!("{} {reason}", status.as_u16()))
-    };
     let target = match target {
         Ok(target) => target,
-        Err((status, reason)) => return (conn, Err(refuse(status, reason))),
+        Err(bad) => {
+            respond_status(&mut respond, bad.status());
+            return (conn, Err(Outcome::failed(ProxyError::BadConnect(bad))));
+        }
     };
     let request = InboundRequest {
         source_ip: peer.addr.ip(),
@@ -253,12 +253,12 @@ async fn accept_stream<'a>(
                 Refused::Dial(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             respond_status(&mut respond, status);
-            return (conn, Err(refused.outcome(target)));
+            return (conn, Err(Outcome::failed(refused.error(target))));
         }
     };
     let accepted = match respond_status(&mut respond, StatusCode::OK) {
         Some(send) => Ok(Accepted { admitted, body, send, _held }),
-        None => Err(Outcome::failed("the client went away before the CONNECT was answered".into())),
+        None => Err(Outcome::failed(ProxyError::ClientGone)),
     };
     (conn, accepted)
 }
@@ -282,30 +282,23 @@ impl Dialer for PodDialer<'_> {
 }
 
 /// Opens an HBONE stream for a captured connection of `pod` to `dst`, whose identity must be
-/// `dst_id`. A refusal by the destination's policy (401) is a deny, anything else an error.
+/// `dst_id` (a refusal by the destination's policy is a 401, see [`ProxyError::verdict`]).
 /// The slot is the stream's place on its pooled connection: hold it until the stream ends.
 pub(super) async fn open(
     pod: &PodContext,
     ctx: &ProxyContext,
     dst: SocketAddr,
     dst_id: &SpiffeId,
-) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), (Verdict, String)> {
-    let cert = ctx
-        .identities
-        .cert(&pod.identity, Duration::from_secs(5))
-        .await
-        .map_err(|e| (Verdict::Error, e.to_string()))?;
+) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), ProxyError> {
+    let cert = ctx.identities.cert(&pod.identity, Duration::from_secs(5)).await.map_err(ProxyError::Certificate)?;
     let roots = ctx.identities.trust().borrow().as_ref().map(|t| t.roots.clone());
-    let roots = roots.ok_or_else(|| (Verdict::Error, "no trust bundle from mesh-ctrl yet".to_string()))?;
+    let roots = roots.ok_or(ProxyError::NoTrustBundle)?;
     let headers = ConnectHeaders {
         forwarded_for: pod.workload.ip,
         baggage: format!("k8s.namespace.name={},k8s.pod.name={}", pod.workload.namespace, pod.workload.name),
     };
     let dialer = PodDialer { ctx, pod };
-    ctx.hbone.open(&dialer, &cert, roots, dst, dst_id, &headers).await.map_err(|e| {
-        let verdict = if matches!(e, HboneError::Refused(401)) { Verdict::Denied } else { Verdict::Error };
-        (verdict, e.to_string())
-    })
+    ctx.hbone.open(&dialer, &cert, roots, dst, dst_id, &headers).await.map_err(|e| ProxyError::Tunnel(Arc::new(e)))
 }
 
 /// Relays a captured client connection over an open HBONE stream.

@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::authz::InboundRequest;
 use super::{accept_loop, relay, reset, Connection, Outcome, PodContext, ProxyContext};
+use crate::error::ProxyError;
 use crate::flows::{Direction, Endpoint};
 
 /// Serves the pod's inbound plaintext listener until the task is aborted.
@@ -29,14 +30,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     );
     if RESERVED_PORTS.contains(&dst.port()) {
         reset(&client);
-        return ctx.record(conn, Outcome::failed(format!("port {} is reserved for the mesh", dst.port())));
+        return ctx.record(conn, Outcome::failed(ProxyError::ReservedPort(dst.port())));
     }
     let _held = match ctx.load.connection(&ctx.limits, peer.ip(), pod.workload.ip) {
         Ok(held) => held,
         Err(refusal) => {
             refusal.limit().count();
             reset(&client);
-            return ctx.record(conn, Outcome::failed(refusal.to_string()));
+            return ctx.record(conn, Outcome::failed(ProxyError::Limited(refusal)));
         }
     };
     let _ = client.set_nodelay(true);
@@ -54,7 +55,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         }
         Err(refused) => {
             reset(&client);
-            refused.outcome(dst)
+            Outcome::failed(refused.error(dst))
         }
     };
     ctx.record(conn, outcome);

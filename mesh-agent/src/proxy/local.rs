@@ -15,7 +15,8 @@ use tokio::net::TcpStream;
 
 use super::authz::InboundRequest;
 use super::{relay, Admitted, Connection, Outcome, PodContext, ProxyContext};
-use crate::flows::{Direction, Endpoint, Verdict};
+use crate::error::ProxyError;
+use crate::flows::{Direction, Endpoint};
 
 /// A connection admitted by the destination, ready to carry bytes.
 pub(super) struct Handover<'a> {
@@ -26,16 +27,18 @@ pub(super) struct Handover<'a> {
 
 /// Admits `src` -> `dst`:`target` as `dst`'s HBONE server would an mTLS peer with `src`'s
 /// identity (see [`ProxyContext::admit`]), dialling the app as `src`'s IP. A refusal is
-/// recorded as `dst`'s inbound flow and returned as (verdict, reason) for the source's flow.
+/// recorded as `dst`'s inbound flow and returned for the source's flow.
 pub(super) async fn open<'a>(
     ctx: &'a ProxyContext,
     src: &PodContext,
     dst: &Arc<PodContext>,
     target: SocketAddr,
-) -> Result<Handover<'a>, (Verdict, String)> {
+) -> Result<Handover<'a>, ProxyError> {
     let src_identity = src.identity.spiffe_id(&ctx.identities.trust_domain());
-    let src_identity: Arc<str> =
-        src_identity.map_err(|e| (Verdict::Error, format!("no identity for {}: {e}", src.identity)))?.as_str().into();
+    let src_identity: Arc<str> = src_identity
+        .map_err(|error| ProxyError::NoIdentity { workload: src.identity.to_string(), error })?
+        .as_str()
+        .into();
     let mut client = Endpoint::lookup(&ctx.state, SocketAddr::new(src.workload.ip, 0));
     client.identity = Some(src_identity.clone());
     let mut inbound = Connection::new(Direction::Inbound, client, dst.endpoint(target.port(), &ctx.identities));
@@ -55,10 +58,9 @@ pub(super) async fn open<'a>(
             Ok(Handover { admitted, inbound })
         }
         Err(refused) => {
-            let outcome = refused.outcome(target);
-            let refusal = (outcome.verdict, outcome.reason.clone());
-            ctx.record(inbound, outcome);
-            Err(refusal)
+            let error = refused.error(target);
+            ctx.record(inbound, Outcome::failed(error.clone()));
+            Err(error)
         }
     }
 }

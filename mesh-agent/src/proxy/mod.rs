@@ -8,7 +8,6 @@ pub mod authz;
 pub mod hbone;
 pub mod inbound;
 pub mod lb;
-pub mod limits;
 mod local;
 pub mod outbound;
 mod splice;
@@ -24,7 +23,8 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::ebpf::Datapath;
-use crate::flows::{Direction, Endpoint, Flow, FlowTable, Verdict};
+use crate::error::{Denied, ProxyError};
+use crate::flows::{Direction, Endpoint, Flow, FlowTable};
 use crate::identity::{Identity, IdentityManager};
 use crate::netns::{Netns, NetnsRunner};
 use crate::state::{State, Workload};
@@ -58,9 +58,9 @@ pub struct ProxyContext {
     /// over inside the agent.
     pub local_pods: LocalPods,
     /// Limits on what inbound peers may hold open.
-    pub limits: limits::Limits,
+    pub limits: crate::limits::Limits,
     /// What inbound peers hold open now.
-    pub load: Arc<limits::Load>,
+    pub load: Arc<crate::limits::Load>,
 }
 
 /// The pods this agent has enrolled, by IP (kept by the enroller).
@@ -120,35 +120,32 @@ impl PodContext {
 struct Outcome {
     sent: u64,
     received: u64,
-    verdict: Verdict,
-    reason: String,
+    /// Why it did not end normally; None when it was carried and closed.
+    error: Option<ProxyError>,
     policy: String,
 }
 
 impl Outcome {
-    fn failed(reason: String) -> Self {
-        Self { sent: 0, received: 0, verdict: Verdict::Error, reason, policy: String::new() }
-    }
-
-    fn denied(denied: authz::Denied) -> Self {
-        Self { sent: 0, received: 0, verdict: Verdict::Denied, reason: denied.reason, policy: denied.policy }
+    /// Refused or failed before any byte was carried.
+    fn failed(error: ProxyError) -> Self {
+        let policy = match &error {
+            ProxyError::Denied(d) => d.policy.clone(),
+            _ => String::new(),
+        };
+        Self { sent: 0, received: 0, error: Some(error), policy }
     }
 
     /// The end of a relay: allowed, or why it was cut.
     fn relayed(sent: u64, received: u64, end: RelayEnd, policy: String) -> Self {
-        match end {
-            RelayEnd::Closed => Self { sent, received, verdict: Verdict::Allowed, reason: "closed".into(), policy },
-            RelayEnd::Failed(e) => {
-                Self { sent, received, verdict: Verdict::Error, reason: format!("connection aborted: {e}"), policy }
+        let (error, policy) = match end {
+            RelayEnd::Closed => (None, policy),
+            RelayEnd::Failed(e) => (Some(ProxyError::Aborted(Arc::new(e))), policy),
+            RelayEnd::Revoked(d) => {
+                let policy = d.policy.clone();
+                (Some(ProxyError::Revoked(d)), policy)
             }
-            RelayEnd::Revoked(d) => Self {
-                sent,
-                received,
-                verdict: Verdict::Denied,
-                reason: format!("closed after a policy change: {}", d.reason),
-                policy: d.policy,
-            },
-        }
+        };
+        Self { sent, received, error, policy }
     }
 }
 
@@ -160,7 +157,7 @@ enum RelayEnd {
     /// A side failed or reset.
     Failed(io::Error),
     /// A policy change denied the connection.
-    Revoked(authz::Denied),
+    Revoked(Denied),
 }
 
 /// Drives both copy directions (the future `copy` makes) until they end or fail, or until
@@ -168,7 +165,7 @@ enum RelayEnd {
 /// in this one's state (as the argument and as the running copy), for every connection.
 async fn until_done_or_revoked<T, F>(
     copy: impl FnOnce() -> F,
-    close: Option<tokio::sync::oneshot::Receiver<authz::Denied>>,
+    close: Option<tokio::sync::oneshot::Receiver<Denied>>,
 ) -> RelayEnd
 where
     F: std::future::Future<Output = io::Result<T>>,
@@ -183,7 +180,7 @@ where
 }
 
 /// Waits for a policy change to deny the connection; never fires without a receiver.
-async fn revoked(close: Option<tokio::sync::oneshot::Receiver<authz::Denied>>) -> authz::Denied {
+async fn revoked(close: Option<tokio::sync::oneshot::Receiver<Denied>>) -> Denied {
     match close {
         Some(rx) => match rx.await {
             Ok(denied) => denied,
@@ -233,8 +230,7 @@ impl ProxyContext {
             bytes_sent: outcome.sent,
             bytes_received: outcome.received,
             duration: conn.started.elapsed(),
-            verdict: outcome.verdict,
-            reason: outcome.reason,
+            error: outcome.error,
             transport: conn.transport,
             peer_cert_serial: conn.peer_cert_serial.to_string(),
             policy: outcome.policy,
@@ -294,24 +290,24 @@ struct Admitted<'a> {
     /// The deciding ALLOW policy, if any.
     policy: String,
     /// Fires when a policy change denies the connection.
-    close: tokio::sync::oneshot::Receiver<authz::Denied>,
+    close: tokio::sync::oneshot::Receiver<Denied>,
     _live: authz::LiveGuard<'a>,
 }
 
 /// Why the destination did not admit a connection.
 enum Refused {
     /// The policy denies it.
-    Denied(authz::Denied),
+    Denied(Denied),
     /// The app could not be dialled.
     Dial(io::Error),
 }
 
 impl Refused {
-    /// The destination's flow outcome for the refusal of a connection to `target`.
-    fn outcome(self, target: SocketAddr) -> Outcome {
+    /// The error of the refusal of a connection to `target`.
+    fn error(self, target: SocketAddr) -> ProxyError {
         match self {
-            Refused::Denied(denied) => Outcome::denied(denied),
-            Refused::Dial(e) => Outcome::failed(format!("connect to the app at {target} failed: {e}")),
+            Refused::Denied(denied) => ProxyError::Denied(denied),
+            Refused::Dial(e) => ProxyError::AppDial { target, error: Arc::new(e) },
         }
     }
 }
@@ -363,7 +359,7 @@ fn reset(stream: &TcpStream) {
 async fn relay(
     client: TcpStream,
     upstream: TcpStream,
-    close: Option<tokio::sync::oneshot::Receiver<authz::Denied>>,
+    close: Option<tokio::sync::oneshot::Receiver<Denied>>,
 ) -> (u64, u64, RelayEnd) {
     let (mut sent, mut received) = (0, 0);
     let end = until_done_or_revoked(|| splice::relay(&client, &upstream, &mut sent, &mut received), close).await;

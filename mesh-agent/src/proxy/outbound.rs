@@ -15,6 +15,7 @@ use mesh_common::MARK_AGENT;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{accept_loop, hbone, local, relay, reset, Connection, Outcome, PodContext, ProxyContext};
+use crate::error::ProxyError;
 use crate::flows::{Direction, Endpoint, Verdict, UNKNOWN_ADDR};
 use crate::state::{Service, ServiceEndpoint, Workload};
 
@@ -84,18 +85,14 @@ impl Route {
 /// Connects to `target` as `pod`: a meshed destination (one its own agent captures) by a
 /// node-local handover when it is enrolled on this node, else over HBONE; anything else as
 /// plain TCP.
-async fn connect<'a>(
-    ctx: &'a ProxyContext,
-    pod: &PodContext,
-    target: SocketAddr,
-) -> Result<Connected<'a>, (Verdict, String)> {
+async fn connect<'a>(ctx: &'a ProxyContext, pod: &PodContext, target: SocketAddr) -> Result<Connected<'a>, ProxyError> {
     let route = Route::to(ctx, target);
     let transport = route.transport();
     if let Route::Local(workload, _) | Route::Hbone(workload) = &route {
         let dst_id = workload.identity();
         let dst_id = dst_id
             .spiffe_id(&ctx.identities.trust_domain())
-            .map_err(|e| (Verdict::Error, format!("no identity for {dst_id}: {e}")))?;
+            .map_err(|error| ProxyError::NoIdentity { workload: dst_id.to_string(), error })?;
         let upstream = match &route {
             Route::Local(_, dst) => Upstream::Local(Box::new(local::open(ctx, pod, dst, target).await?)),
             _ => {
@@ -109,7 +106,7 @@ async fn connect<'a>(
         Ok(stream) => {
             Ok(Connected { upstream: Upstream::Plain(stream), transport: Transport::Plaintext, dst_identity: None })
         }
-        Err(e) => Err((Verdict::Error, format!("connect to {target} failed: {e}"))),
+        Err(e) => Err(ProxyError::Connect { target, error: Arc::new(e) }),
     }
 }
 
@@ -123,11 +120,9 @@ async fn carry(ctx: &ProxyContext, client: TcpStream, upstream: Upstream<'_>) ->
     Outcome::relayed(sent, received, end, String::new())
 }
 
-fn refused(client: &TcpStream, (verdict, reason): (Verdict, String)) -> Outcome {
+fn refused(client: &TcpStream, error: ProxyError) -> Outcome {
     reset(client);
-    let mut outcome = Outcome::failed(reason);
-    outcome.verdict = verdict;
-    outcome
+    Outcome::failed(error)
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
@@ -136,8 +131,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     let orig = ctx.datapath.lock().expect("datapath lock").take_orig_dst(pod.cookie, peer.port());
     let Some(orig) = orig else {
         reset(&client);
-        let reason = "original destination unknown: the connection reached 15001 without being captured".into();
-        return ctx.record(conn, Outcome::failed(reason));
+        return ctx.record(conn, Outcome::failed(ProxyError::NotCaptured));
     };
     let dst = SocketAddr::new(Ipv4Addr::from(u32::from_be(orig.ip4)).into(), orig.port);
     conn.dst = Endpoint::lookup(&ctx.state, dst);
@@ -178,7 +172,7 @@ async fn to_service(
     let name = format!("{}/{}", service.namespace, service.name);
     conn.service = name.clone();
     if !service.ports.contains(&port) {
-        return refused(&client, (Verdict::Error, format!("service {name} has no port {port}")));
+        return refused(&client, ProxyError::NoServicePort { service: name, port });
     }
     let mut tried = Vec::new();
     let mut last_error = None;
@@ -199,9 +193,9 @@ async fn to_service(
                 return carry(ctx, client, connected.upstream).await;
             }
             // A policy refusal is the answer, not a reason to try elsewhere.
-            Err((Verdict::Denied, reason)) => return refused(&client, (Verdict::Denied, reason)),
-            Err((_, reason)) => {
-                tracing::debug!(service = %name, %target, "endpoint failed, trying another: {reason}");
+            Err(error) if error.verdict() == Verdict::Denied => return refused(&client, error),
+            Err(error) => {
+                tracing::debug!(service = %name, %target, "endpoint failed, trying another: {error}");
                 let mut attempt =
                     Connection::new(Direction::Outbound, conn.src.clone(), Endpoint::lookup(&ctx.state, target));
                 attempt.start = conn.start;
@@ -210,19 +204,20 @@ async fn to_service(
                 if !attempt.transport.authenticated() {
                     attempt.src.identity = None;
                 }
-                let n = tried.len() + 1;
-                ctx.record(
-                    attempt,
-                    Outcome::failed(format!("endpoint attempt {n} of {SERVICE_ATTEMPTS} failed: {reason}")),
-                );
+                let failed = ProxyError::EndpointAttempt {
+                    attempt: tried.len() + 1,
+                    attempts: SERVICE_ATTEMPTS,
+                    error: Box::new(error.clone()),
+                };
+                ctx.record(attempt, Outcome::failed(failed));
                 tried.push(endpoint.ip);
-                last_error = Some(reason);
+                last_error = Some(error);
             }
         }
     }
-    let reason = match last_error {
-        Some(e) => format!("service {name}: no endpoint reachable after {} attempts, last: {e}", tried.len()),
-        None => format!("service {name} has no ready endpoint for port {port}"),
+    let error = match last_error {
+        Some(last) => ProxyError::NoEndpointReachable { service: name, tried: tried.len(), last: Box::new(last) },
+        None => ProxyError::NoReadyEndpoint { service: name, port },
     };
-    refused(&client, (Verdict::Error, reason))
+    refused(&client, error)
 }

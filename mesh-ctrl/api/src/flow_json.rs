@@ -45,6 +45,10 @@ pub struct FlowJson {
     pub verdict: String,
     /// `closed` for a normal end, else what went wrong or why it was refused.
     pub reason: String,
+    /// What would fix a refusal or failure; empty when there is nothing to add.
+    pub hint: String,
+    /// Istio's `response_flags`, as in the flow's metrics: `-`, `DENY` or `CONNECT_FAILED`.
+    pub response_flags: String,
     /// Carried over mutual TLS (HBONE).
     pub mtls: bool,
     /// `mtls` (HBONE between agents), `node-local` (both pods on the recording agent's node,
@@ -77,6 +81,8 @@ impl From<proto::Flow> for FlowJson {
             duration_ms: f.duration_ms,
             verdict: f.verdict,
             reason: f.reason,
+            hint: f.hint,
+            response_flags: f.response_flags,
             mtls: f.mtls,
             transport: f.transport,
             peer_cert_serial: f.peer_cert_serial,

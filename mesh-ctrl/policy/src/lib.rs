@@ -301,6 +301,8 @@ pub struct Decision {
     /// `namespace/name rule N` of the deciding policy; empty when no policy applied; for a
     /// deny by default, `no ALLOW policy matched (considered: ...)`.
     pub policy: String,
+    /// For a refusal, what would allow the connection (empty when allowed).
+    pub hint: String,
 }
 
 /// The inbound verdict: [`Decision`] plus the reason a flow records for a refusal.
@@ -312,6 +314,8 @@ pub struct Verdict {
     pub policy: String,
     /// Why it was refused (empty when allowed).
     pub reason: String,
+    /// For a refusal, what would allow the connection (empty when allowed).
+    pub hint: String,
 }
 
 /// One step of a decision: what was looked at and what it contributed.
@@ -549,12 +553,16 @@ impl PolicySet {
             return Verdict {
                 allowed: false,
                 reason: format!("plaintext refused: PeerAuthentication {by} requires mTLS (STRICT)"),
+                hint: format!(
+                    "PeerAuthentication {by} accepts mTLS only: enroll the client's namespace \
+                     (ferrymesh.io/dataplane-mode=enabled) or set {by} to PERMISSIVE"
+                ),
                 policy: by,
             };
         }
         let decision = self.authorize_traced(w, r, trace);
         let reason = if decision.allowed { String::new() } else { format!("denied: {}", decision.policy) };
-        Verdict { allowed: decision.allowed, policy: decision.policy, reason }
+        Verdict { allowed: decision.allowed, policy: decision.policy, reason, hint: decision.hint }
     }
 
     fn authorize_traced(&self, w: &Workload<'_>, r: &Request<'_>, mut trace: Option<&mut Vec<Step>>) -> Decision {
@@ -570,14 +578,18 @@ impl PolicySet {
             // A DENY rule ignores its L7-only fields: the deny becomes broader, never narrower.
             if let Some(i) = p.rules.iter().position(|rule| rule.matches_l4(r)) {
                 step(&|| (format!("DENY {}", p.key()), format!("rule {i} matches: denied")));
-                return Decision { allowed: false, policy: format!("{}/{} rule {i}", p.namespace, p.name) };
+                return Decision {
+                    allowed: false,
+                    policy: format!("{}/{} rule {i}", p.namespace, p.name),
+                    hint: format!("DENY {} rule {i} matches: narrow or remove that rule to allow it", p.key()),
+                };
             }
             step(&|| (format!("DENY {}", p.key()), "no rule matches".into()));
         }
         let allows: Vec<&&AuthorizationPolicy> = applicable.iter().filter(|p| p.action == Action::Allow).collect();
         if allows.is_empty() {
             step(&|| ("ALLOW".into(), "no ALLOW policy applies: allowed".into()));
-            return Decision { allowed: true, policy: String::new() };
+            return Decision { allowed: true, policy: String::new(), hint: String::new() };
         }
         let mut l7_notes = Vec::new();
         for p in &allows {
@@ -591,7 +603,8 @@ impl PolicySet {
                     l7_notes.push(format!("{} {note}", p.key()));
                 } else if rule.matches_l4(r) {
                     step(&|| (format!("ALLOW {}", p.key()), format!("rule {i} matches: allowed")));
-                    return Decision { allowed: true, policy: format!("{}/{} rule {i}", p.namespace, p.name) };
+                    let policy = format!("{}/{} rule {i}", p.namespace, p.name);
+                    return Decision { allowed: true, policy, hint: String::new() };
                 }
             }
             step(&|| (format!("ALLOW {}", p.key()), "no rule matches".into()));
@@ -603,7 +616,12 @@ impl PolicySet {
             policy.push_str(&note);
         }
         step(&|| ("ALLOW".into(), "ALLOW policies apply and none matched: denied".into()));
-        Decision { allowed: false, policy }
+        let hint = format!(
+            "ALLOW policies select this workload and none matches: add a rule to one of them ({}) that \
+             matches this source and port",
+            considered.join(", ")
+        );
+        Decision { allowed: false, policy, hint }
     }
 
     /// The effective mTLS mode of `w` and the PeerAuthentication (`namespace/name`) that set it:

@@ -62,27 +62,52 @@ pub fn respond_status(respond: &mut h2::server::SendResponse<Bytes>, status: Sta
     respond.send_response(response, status != StatusCode::OK).ok()
 }
 
+/// Why a request is not an HBONE CONNECT this server takes; answered with [`BadConnect::status`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadConnect {
+    /// Not a CONNECT.
+    #[error("HBONE request method {0} is not CONNECT")]
+    Method(Method),
+    /// The authority is missing or not `ip:port`.
+    #[error("CONNECT authority {0:?} is not ip:port")]
+    Authority(Option<String>),
+    /// The target is another address than the one the connection arrived on.
+    #[error("CONNECT authority {target} is not the address the connection arrived on ({local})")]
+    OtherAddress {
+        /// What the CONNECT asked for.
+        target: SocketAddr,
+        /// Where the connection arrived.
+        local: IpAddr,
+    },
+    /// The target port is one of the mesh's own.
+    #[error("port {0} is reserved for the mesh")]
+    ReservedPort(u16),
+}
+
+impl BadConnect {
+    /// The status to answer: 503 for a reserved port (nothing serves it), else 400.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            BadConnect::ReservedPort(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
 /// Validates an HBONE request: a CONNECT whose authority is `<the IP the connection arrived
-/// on>:<port>` with a port that is not the mesh's own. Errors carry the status to answer.
-pub fn connect_target(
-    method: &Method,
-    authority: Option<&str>,
-    local_ip: IpAddr,
-) -> Result<SocketAddr, (StatusCode, String)> {
+/// on>:<port>` with a port that is not the mesh's own.
+pub fn connect_target(method: &Method, authority: Option<&str>, local_ip: IpAddr) -> Result<SocketAddr, BadConnect> {
     if method != Method::CONNECT {
-        return Err((StatusCode::BAD_REQUEST, format!("HBONE request method {method} is not CONNECT")));
+        return Err(BadConnect::Method(method.clone()));
     }
     let Some(target) = authority.and_then(|a| a.parse::<SocketAddr>().ok()) else {
-        return Err((StatusCode::BAD_REQUEST, format!("CONNECT authority {authority:?} is not ip:port")));
+        return Err(BadConnect::Authority(authority.map(String::from)));
     };
     if target.ip() != local_ip {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            format!("CONNECT authority {target} is not the address the connection arrived on ({local_ip})"),
-        ));
+        return Err(BadConnect::OtherAddress { target, local: local_ip });
     }
     if RESERVED_PORTS.contains(&target.port()) {
-        return Err((StatusCode::SERVICE_UNAVAILABLE, format!("port {} is reserved for the mesh", target.port())));
+        return Err(BadConnect::ReservedPort(target.port()));
     }
     Ok(target)
 }
@@ -110,7 +135,7 @@ mod tests {
             (Method::CONNECT, Some("10.244.2.2:15006"), Err(503)),
         ];
         for (method, authority, want) in cases {
-            let got = connect_target(&method, authority, local).map(|t| t.port()).map_err(|(s, _)| s.as_u16());
+            let got = connect_target(&method, authority, local).map(|t| t.port()).map_err(|e| e.status().as_u16());
             assert_eq!(got, want, "{method} {authority:?}");
         }
     }
@@ -125,7 +150,7 @@ mod tests {
             let (parts, _) = request.into_parts();
             let status = match connect_target(&parts.method, parts.uri.authority().map(|a| a.as_str()), LOCAL.into()) {
                 Ok(_) => StatusCode::OK,
-                Err((status, _)) => status,
+                Err(e) => e.status(),
             };
             answers.borrow_mut().push((respond.stream_id().as_u32(), status.as_u16()));
             respond_status(&mut respond, status);
@@ -316,9 +341,9 @@ mod tests {
                     prop_assert!(!RESERVED_PORTS.contains(&target.port()));
                     prop_assert_eq!(target, authority.parse::<SocketAddr>().unwrap());
                 }
-                Err((status, reason)) => {
-                    prop_assert!(status == StatusCode::BAD_REQUEST || status == StatusCode::SERVICE_UNAVAILABLE);
-                    prop_assert!(!reason.is_empty());
+                Err(e) => {
+                    prop_assert!(e.status() == StatusCode::BAD_REQUEST || e.status() == StatusCode::SERVICE_UNAVAILABLE);
+                    prop_assert!(!e.to_string().is_empty());
                 }
             }
         }

@@ -108,7 +108,12 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
     let (verdict, steps) = if dst.captured {
         policies.explain(&workload, &request, transport)
     } else {
-        let allowed = ferrymesh_policy::Verdict { allowed: true, policy: String::new(), reason: String::new() };
+        let allowed = ferrymesh_policy::Verdict {
+            allowed: true,
+            policy: String::new(),
+            reason: String::new(),
+            hint: String::new(),
+        };
         (allowed, Vec::new())
     };
     let word = if verdict.allowed { "allowed" } else { "denied" };
@@ -120,7 +125,7 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
                 json!({
                     "src": format!("{}/{}", src.namespace, src.name), "dst": format!("{}/{}", dst.namespace, dst.name),
                     "port": port, "mtls": transport == Transport::Mtls, "transport": transport.as_str(), "carried": carried, "verdict": word, "policy": verdict.policy,
-                    "reason": verdict.reason, "steps": steps,
+                    "reason": verdict.reason, "hint": verdict.hint, "steps": steps,
                 })
             );
         }
@@ -137,7 +142,10 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
             match (verdict.allowed, verdict.policy.is_empty()) {
                 (true, true) => println!("verdict: ALLOWED"),
                 (true, false) => println!("verdict: ALLOWED by {}", verdict.policy),
-                (false, _) => println!("verdict: DENIED ({})", verdict.reason),
+                (false, _) => {
+                    println!("verdict: DENIED ({})", verdict.reason);
+                    println!("to fix:  {}", verdict.hint);
+                }
             }
         }
     }
