@@ -38,40 +38,6 @@ pub struct AdminService {
 
 type FlowStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::Flow, Status>> + Send>>;
 
-fn workload_wire(w: &crate::state::Workload) -> ferrymesh_api::config::Workload {
-    ferrymesh_api::config::Workload {
-        uid: w.uid.clone(),
-        name: w.name.clone(),
-        namespace: w.namespace.clone(),
-        node: w.node.clone(),
-        service_account: w.service_account.clone(),
-        ip: w.ip.to_string(),
-        netns: w.netns.display().to_string(),
-        labels: w.labels.clone().into_iter().collect(),
-        captured: w.captured,
-    }
-}
-
-fn service_wire(s: &crate::state::Service) -> ferrymesh_api::config::Service {
-    use ferrymesh_api::config as wire;
-    wire::Service {
-        namespace: s.namespace.clone(),
-        name: s.name.clone(),
-        vip: s.vip.map(|v| v.to_string()).unwrap_or_default(),
-        ports: s.ports.iter().map(|p| wire::ServicePort { name: String::new(), port: u32::from(*p) }).collect(),
-        endpoints: s
-            .endpoints
-            .iter()
-            .map(|e| wire::ServiceEndpoint {
-                workload_uid: e.workload_uid.clone(),
-                ip: e.ip.to_string(),
-                ready: e.ready,
-                target_ports: e.target_ports.iter().map(|(a, b)| (u32::from(*a), u32::from(*b))).collect(),
-            })
-            .collect(),
-    }
-}
-
 #[tonic::async_trait]
 impl agent_admin_server::AgentAdmin for AdminService {
     type WatchFlowsStream = FlowStream;
@@ -85,24 +51,12 @@ impl agent_admin_server::AgentAdmin for AdminService {
     }
 
     async fn get_config(&self, _: Request<proto::GetConfigRequest>) -> Result<Response<proto::ConfigDump>, Status> {
-        let policies = self.state.policies();
         let (_, version) = self.state.ctrl_status();
         Ok(Response::new(proto::ConfigDump {
             version,
             trust_domain: self.state.trust_domain().borrow().clone(),
             certificates: self.identities.enabled(),
-            workloads: self.state.workloads().iter().map(|w| workload_wire(w)).collect(),
-            services: self.state.services().iter().map(|s| service_wire(s)).collect(),
-            authorization_policies: policies
-                .authorization_policies()
-                .into_iter()
-                .map(ferrymesh_api::config::AuthorizationPolicy::from)
-                .collect(),
-            peer_authentications: policies
-                .peer_authentications()
-                .iter()
-                .map(ferrymesh_api::config::PeerAuthentication::from)
-                .collect(),
+            objects: Some(self.state.dump().to_snapshot()),
         }))
     }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ferrymesh_api::config as proto;
+use ferrymesh_api::kinds::ConfigSet;
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
 
 /// Namespace label that opts a namespace into the mesh (value `enabled`) and pod label that
@@ -184,6 +185,16 @@ impl Model {
 }
 
 impl Model {
+    /// Everything agents receive of the model, in wire form.
+    pub fn config(&self) -> ConfigSet {
+        ConfigSet {
+            workloads: self.workloads(),
+            authorization_policies: self.authorization_policies_wire(),
+            peer_authentications: self.peer_authentications_wire(),
+            services: self.services_wire(),
+        }
+    }
+
     /// Every AuthorizationPolicy in wire form, by `namespace/name`.
     pub fn authorization_policies_wire(&self) -> BTreeMap<String, proto::AuthorizationPolicy> {
         self.authorization_policies.iter().map(|(k, p)| (k.clone(), proto::AuthorizationPolicy::from(p))).collect()

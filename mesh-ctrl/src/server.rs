@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use ferrymesh_api::config::{self as proto, config_server};
-use ferrymesh_api::kinds::put_changes;
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -119,10 +118,7 @@ fn update_for(sent: Option<&Snapshot>, current: &Snapshot, trust_domain: &str) -
         ..Default::default()
     };
     // Every kind the same way (see ferrymesh_api::kinds).
-    put_changes(&mut update, sent.map(|s| &s.workloads), &current.workloads);
-    put_changes(&mut update, sent.map(|s| &s.authorization_policies), &current.authorization_policies);
-    put_changes(&mut update, sent.map(|s| &s.peer_authentications), &current.peer_authentications);
-    put_changes(&mut update, sent.map(|s| &s.services), &current.services);
+    current.config.put_changes(sent.map(|s| &s.config), &mut update);
     update
 }
 

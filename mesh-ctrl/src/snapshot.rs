@@ -2,10 +2,10 @@
 //! Sources publish here; the server only reads. The version grows only when that
 //! changes, so agents can tell a real update from a reload that changed nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use ferrymesh_api::config as proto;
+use ferrymesh_api::kinds::ConfigSet;
 use tokio::sync::watch;
 
 use crate::ca::{Ca, CurrentCa};
@@ -16,14 +16,8 @@ use crate::model::Model;
 pub struct Snapshot {
     /// Monotonic version, starting at 1 for the first published model.
     pub version: u64,
-    /// Workloads by UID.
-    pub workloads: BTreeMap<String, proto::Workload>,
-    /// Every AuthorizationPolicy, by `namespace/name`.
-    pub authorization_policies: BTreeMap<String, proto::AuthorizationPolicy>,
-    /// Every PeerAuthentication, by `namespace/name`.
-    pub peer_authentications: BTreeMap<String, proto::PeerAuthentication>,
-    /// Every Service with its endpoints, by `namespace/name`.
-    pub services: BTreeMap<String, proto::Service>,
+    /// Every object agents receive, by kind and key.
+    pub config: ConfigSet,
     /// `namespace/name` of every ServiceAccount (for the certificate service; not sent to agents).
     pub service_accounts: BTreeSet<String>,
     /// The trust bundle and the certificate signing now.
@@ -65,10 +59,7 @@ impl Publisher {
     pub fn publish(&self, model: &Model) -> u64 {
         let mut next = Snapshot {
             version: 0,
-            workloads: model.workloads(),
-            authorization_policies: model.authorization_policies_wire(),
-            peer_authentications: model.peer_authentications_wire(),
-            services: model.services_wire(),
+            config: model.config(),
             service_accounts: model.service_accounts.keys().cloned().collect(),
             trust: Trust::default(),
         };

@@ -183,21 +183,21 @@ async fn follows_ferrymesh_custom_resources() {
     api.set_list(PEER_AUTHN, vec![strict_peer_authentication()]);
     let mut rx = start(api.clone());
     let s = wait_for(&mut rx, "the custom resources", |s| {
-        s.authorization_policies.len() == 1 && s.peer_authentications.len() == 1
+        s.config.authorization_policies.len() == 1 && s.config.peer_authentications.len() == 1
     })
     .await;
     assert_eq!(
-        s.authorization_policies["shop/allow-web"].rules[0].from[0].principals,
+        s.config.authorization_policies["shop/allow-web"].rules[0].from[0].principals,
         ["cluster.local/ns/shop/sa/web"]
     );
     // A bad custom resource keeps its last good version; a new good one still lands.
     api.push(AUTHZ, "MODIFIED", authorization_policy("allow-web", "AUDIT"));
     api.push(AUTHZ, "ADDED", authorization_policy("deny-web", "DENY"));
-    let s = wait_for(&mut rx, "a good policy next to a bad one", |s| s.authorization_policies.len() == 2).await;
-    let allow = &s.authorization_policies["shop/allow-web"];
+    let s = wait_for(&mut rx, "a good policy next to a bad one", |s| s.config.authorization_policies.len() == 2).await;
+    let allow = &s.config.authorization_policies["shop/allow-web"];
     assert_eq!(allow.action, 0, "the bad AUDIT update never replaced the good ALLOW");
     api.push(PEER_AUTHN, "DELETED", strict_peer_authentication());
-    wait_for(&mut rx, "a deleted peer authentication", |s| s.peer_authentications.is_empty()).await;
+    wait_for(&mut rx, "a deleted peer authentication", |s| s.config.peer_authentications.is_empty()).await;
 }
 
 #[tokio::test]
@@ -209,30 +209,31 @@ async fn follows_the_cluster_through_list_watch_errors_and_relists() {
     let mut rx = start(api.clone());
 
     // Initial list: the pending pod (no IP yet) is not part of the mesh; the service resolves.
-    let s = wait_for(&mut rx, "the initial list", |s| s.workloads.len() == 1 && s.services.len() == 1).await;
-    let web = &s.workloads["uid-web"];
+    let s =
+        wait_for(&mut rx, "the initial list", |s| s.config.workloads.len() == 1 && s.config.services.len() == 1).await;
+    let web = &s.config.workloads["uid-web"];
     assert!(web.captured);
     assert_eq!(web.netns, "", "Kubernetes pods are found by their cgroup, not an annotation");
-    assert_eq!(s.services["shop/web"].endpoints[0].target_ports.get(&80), Some(&8080));
+    assert_eq!(s.config.services["shop/web"].endpoints[0].target_ports.get(&80), Some(&8080));
 
     // Watch: add, modify, delete.
     api.push(PODS, "ADDED", pod("db", Some("10.244.1.3"), json!({})));
-    wait_for(&mut rx, "an added pod", |s| s.workloads.contains_key("uid-db")).await;
+    wait_for(&mut rx, "an added pod", |s| s.config.workloads.contains_key("uid-db")).await;
     api.push(
         PODS,
         "MODIFIED",
         pod("web", Some("10.244.1.2"), json!({"app": "web", "ferrymesh.io/dataplane-mode": "none"})),
     );
-    wait_for(&mut rx, "a modified pod", |s| s.workloads.get("uid-web").is_some_and(|w| !w.captured)).await;
+    wait_for(&mut rx, "a modified pod", |s| s.config.workloads.get("uid-web").is_some_and(|w| !w.captured)).await;
     api.push(PODS, "DELETED", pod("db", Some("10.244.1.3"), json!({})));
-    wait_for(&mut rx, "a deleted pod", |s| !s.workloads.contains_key("uid-db")).await;
+    wait_for(&mut rx, "a deleted pod", |s| !s.config.workloads.contains_key("uid-db")).await;
 
     // A bad object is rejected and keeps its last good version; the rest keeps working.
     api.push(PODS, "MODIFIED", pod("web", Some("not-an-ip"), json!({"app": "web"})));
     api.push(PODS, "ADDED", pod("api", Some("10.244.1.4"), json!({})));
-    let s = wait_for(&mut rx, "a good pod next to a bad one", |s| s.workloads.contains_key("uid-api")).await;
-    assert_eq!(s.workloads["uid-web"].ip, "10.244.1.2", "the bad update never replaced the good web");
-    assert!(!s.workloads["uid-web"].captured, "web is still its last good version");
+    let s = wait_for(&mut rx, "a good pod next to a bad one", |s| s.config.workloads.contains_key("uid-api")).await;
+    assert_eq!(s.config.workloads["uid-web"].ip, "10.244.1.2", "the bad update never replaced the good web");
+    assert!(!s.config.workloads["uid-web"].captured, "web is still its last good version");
 
     // 410 Gone: the watcher relists and picks up what changed meanwhile.
     let lists_before = api.list_calls(PODS);
@@ -241,10 +242,10 @@ async fn follows_the_cluster_through_list_watch_errors_and_relists() {
         vec![pod("web", Some("10.244.1.2"), json!({"app": "web"})), pod("late", Some("10.244.1.9"), json!({}))],
     );
     api.push_gone(PODS);
-    let s = wait_for(&mut rx, "the relist after 410 Gone", |s| s.workloads.contains_key("uid-late")).await;
+    let s = wait_for(&mut rx, "the relist after 410 Gone", |s| s.config.workloads.contains_key("uid-late")).await;
     assert!(api.list_calls(PODS) > lists_before, "a relist happened");
-    assert!(!s.workloads.contains_key("uid-api"), "objects gone from the relist are gone");
-    assert!(s.workloads["uid-web"].captured);
+    assert!(!s.config.workloads.contains_key("uid-api"), "objects gone from the relist are gone");
+    assert!(s.config.workloads["uid-web"].captured);
 }
 
 #[tokio::test]
@@ -254,47 +255,49 @@ async fn namespaces_services_endpoint_slices_and_service_accounts_follow_add_mod
     api.set_list(PODS, vec![pod("web", Some("10.244.1.2"), json!({"app": "web"}))]);
     api.set_list(SERVICES, vec![service()]);
     let mut rx = start(api.clone());
-    wait_for(&mut rx, "the initial list", |s| s.workloads.len() == 1 && s.services.len() == 1).await;
+    wait_for(&mut rx, "the initial list", |s| s.config.workloads.len() == 1 && s.config.services.len() == 1).await;
 
     // Namespace: modified (enrolled), deleted.
     api.push(NAMESPACES, "MODIFIED", namespace("shop", true));
-    wait_for(&mut rx, "an enrolled namespace", |s| s.workloads["uid-web"].captured).await;
+    wait_for(&mut rx, "an enrolled namespace", |s| s.config.workloads["uid-web"].captured).await;
     api.push(NAMESPACES, "ADDED", namespace("extra", true));
     api.push(NAMESPACES, "DELETED", namespace("shop", true));
-    wait_for(&mut rx, "a deleted namespace", |s| !s.workloads["uid-web"].captured).await;
+    wait_for(&mut rx, "a deleted namespace", |s| !s.config.workloads["uid-web"].captured).await;
 
     // Service: added, modified, deleted.
     let mut other = service();
     other["metadata"]["name"] = json!("api");
     other["spec"]["clusterIP"] = json!("10.96.0.20");
     api.push(SERVICES, "ADDED", other.clone());
-    wait_for(&mut rx, "an added service", |s| s.services.contains_key("shop/api")).await;
+    wait_for(&mut rx, "an added service", |s| s.config.services.contains_key("shop/api")).await;
     other["spec"]["clusterIP"] = json!("10.96.0.21");
     api.push(SERVICES, "MODIFIED", other.clone());
-    wait_for(&mut rx, "a modified service", |s| s.services.get("shop/api").is_some_and(|v| v.vip == "10.96.0.21"))
-        .await;
+    wait_for(&mut rx, "a modified service", |s| {
+        s.config.services.get("shop/api").is_some_and(|v| v.vip == "10.96.0.21")
+    })
+    .await;
     api.push(SERVICES, "DELETED", other);
-    wait_for(&mut rx, "a deleted service", |s| !s.services.contains_key("shop/api")).await;
+    wait_for(&mut rx, "a deleted service", |s| !s.config.services.contains_key("shop/api")).await;
 
     // EndpointSlice: once web has one, its endpoints come from it (not from the selector).
     api.push(SLICES, "ADDED", endpoint_slice("web-abc", false));
-    let s = wait_for(&mut rx, "endpoints from the slice", |s| s.services["shop/web"].endpoints.len() == 2).await;
-    let eps = &s.services["shop/web"].endpoints;
+    let s = wait_for(&mut rx, "endpoints from the slice", |s| s.config.services["shop/web"].endpoints.len() == 2).await;
+    let eps = &s.config.services["shop/web"].endpoints;
     assert_eq!((eps[0].ip.as_str(), eps[0].ready, eps[0].workload_uid.as_str()), ("10.244.1.2", false, "uid-web"));
     assert_eq!(eps[0].target_ports.get(&80), Some(&8080));
     assert_eq!((eps[1].ip.as_str(), eps[1].ready, eps[1].workload_uid.as_str()), ("10.244.9.9", true, ""));
     api.push(SLICES, "MODIFIED", endpoint_slice("web-abc", true));
-    wait_for(&mut rx, "a modified slice", |s| s.services["shop/web"].endpoints[0].ready).await;
+    wait_for(&mut rx, "a modified slice", |s| s.config.services["shop/web"].endpoints[0].ready).await;
     api.push(SLICES, "DELETED", endpoint_slice("web-abc", true));
-    let s = wait_for(&mut rx, "a deleted slice", |s| s.services["shop/web"].endpoints.len() == 1).await;
-    assert_eq!(s.services["shop/web"].endpoints[0].ip, "10.244.1.2", "back to the selector");
+    let s = wait_for(&mut rx, "a deleted slice", |s| s.config.services["shop/web"].endpoints.len() == 1).await;
+    assert_eq!(s.config.services["shop/web"].endpoints[0].ip, "10.244.1.2", "back to the selector");
     // A slice without its service label is rejected, named, and the rest keeps working.
     let mut unlabeled = endpoint_slice("orphan", true);
     unlabeled["metadata"]["labels"] = json!({});
     api.push(SLICES, "ADDED", unlabeled);
     api.push(SERVICE_ACCOUNTS, "ADDED", service_account("shop", "web"));
     let s = wait_for(&mut rx, "an added service account", |s| s.service_accounts.contains("shop/web")).await;
-    assert_eq!(s.services["shop/web"].endpoints.len(), 1, "the bad slice changed nothing");
+    assert_eq!(s.config.services["shop/web"].endpoints.len(), 1, "the bad slice changed nothing");
 
     // ServiceAccount: modified stays, deleted goes.
     let mut sa = service_account("shop", "web");
@@ -344,14 +347,14 @@ async fn the_same_objects_give_the_same_model_through_either_source() {
     api.set_list(SERVICE_ACCOUNTS, objects[8..].to_vec());
     let mut rx = start(api);
     let from_kube = wait_for(&mut rx, "the Kubernetes model", |s| {
-        s.workloads.len() == 2
-            && s.services.get("shop/web").is_some_and(|v| v.endpoints.len() == 2)
-            && s.authorization_policies.len() == 1
-            && s.peer_authentications.len() == 1
+        s.config.workloads.len() == 2
+            && s.config.services.get("shop/web").is_some_and(|v| v.endpoints.len() == 2)
+            && s.config.authorization_policies.len() == 1
+            && s.config.peer_authentications.len() == 1
             && s.service_accounts.len() == 4
     })
     .await;
-    assert_eq!(from_dir.services["shop/web"].endpoints.len(), 2, "the slice decides the endpoints in both");
+    assert_eq!(from_dir.config.services["shop/web"].endpoints.len(), 2, "the slice decides the endpoints in both");
     assert_eq!(*from_kube, Snapshot { version: from_kube.version, ..(*from_dir).clone() });
 }
 
@@ -366,5 +369,8 @@ async fn reads_a_real_cluster() {
     let (publisher, mut rx) = Publisher::new();
     tokio::spawn(watch_kube(Client::try_from(config).expect("client"), publisher));
     let s = wait_for(&mut rx, "a first model from the cluster", |s| s.version > 0).await;
-    assert!(s.workloads.values().all(|w| !w.ip.is_empty() && !w.node.is_empty()), "only scheduled pods with IPs");
+    assert!(
+        s.config.workloads.values().all(|w| !w.ip.is_empty() && !w.node.is_empty()),
+        "only scheduled pods with IPs"
+    );
 }

@@ -43,7 +43,7 @@ fn phases_at_10k_pods_and_2k_services() {
         let t = Instant::now();
         let after = rx.borrow().clone();
         let mut update = ferrymesh_api::config::ConfigUpdate::default();
-        ferrymesh_api::kinds::put_changes(&mut update, Some(&before.workloads), &after.workloads);
+        ferrymesh_api::kinds::put_changes(&mut update, Some(&before.config.workloads), &after.config.workloads);
         let (up, rm) = (update.upserted, update.removed);
         let diff = t.elapsed();
         println!(

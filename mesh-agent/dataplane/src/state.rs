@@ -1,7 +1,10 @@
 //! The agent's state store: workloads received from mesh-ctrl as plain domain types, indexed
 //! by UID and by IP, services by VIP, the policies in force, and the control-plane link status.
-//! Protobuf stops at `apply`: the data path and the enroller read only these types. An update is converted whole before anything
-//! changes, so a bad update is rejected without touching the store.
+//! Protobuf stops at `apply` (and starts again at `dump`, for the admin API): the data path and
+//! the enroller read only these types. Every kind goes through the same [`Stored`] path, its
+//! changes taken from the update by the kinds table (`ferrymesh_api::kinds`). An update is
+//! converted whole before anything changes, so a bad update is rejected without touching the
+//! store.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -9,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use ferrymesh_api::config as proto;
-use ferrymesh_api::kinds::{take_changes, ConfigKind};
+use ferrymesh_api::kinds::{take_changes, ConfigKind, ConfigSet};
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet};
 use tokio::sync::watch;
 
@@ -123,6 +126,125 @@ pub enum InvalidUpdate {
     },
 }
 
+/// A kind the store holds: converted from its wire form (`ferrymesh_api::kinds`) when an update
+/// arrives, and back for the admin dump. Adding a kind to the store is this impl, a table in
+/// the store and its line in [`State::apply`] and [`State::dump`].
+pub trait Stored: TryFrom<Self::Wire> + Sized
+where
+    InvalidUpdate: From<Self::Error>,
+{
+    /// Its wire form.
+    type Wire: ConfigKind;
+    /// Back to the wire form.
+    fn wire(&self) -> Self::Wire;
+}
+
+impl Stored for Workload {
+    type Wire = proto::Workload;
+    fn wire(&self) -> proto::Workload {
+        proto::Workload {
+            uid: self.uid.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            node: self.node.clone(),
+            service_account: self.service_account.clone(),
+            ip: self.ip.to_string(),
+            netns: self.netns.display().to_string(),
+            labels: self.labels.clone().into_iter().collect(),
+            captured: self.captured,
+        }
+    }
+}
+
+impl Stored for Service {
+    type Wire = proto::Service;
+    fn wire(&self) -> proto::Service {
+        proto::Service {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            vip: self.vip.map(|v| v.to_string()).unwrap_or_default(),
+            ports: self.ports.iter().map(|p| proto::ServicePort { name: String::new(), port: u32::from(*p) }).collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| proto::ServiceEndpoint {
+                    workload_uid: e.workload_uid.clone(),
+                    ip: e.ip.to_string(),
+                    ready: e.ready,
+                    target_ports: e.target_ports.iter().map(|(a, b)| (u32::from(*a), u32::from(*b))).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Stored for AuthorizationPolicy {
+    type Wire = proto::AuthorizationPolicy;
+    fn wire(&self) -> proto::AuthorizationPolicy {
+        self.into()
+    }
+}
+
+impl Stored for PeerAuthentication {
+    type Wire = proto::PeerAuthentication;
+    fn wire(&self) -> proto::PeerAuthentication {
+        self.into()
+    }
+}
+
+/// Objects of one kind, by their wire key.
+type Table<T> = BTreeMap<String, Arc<T>>;
+
+/// An update's changes of one kind, converted to the store's type.
+struct Changes<T> {
+    /// Added or changed, with their keys.
+    upserted: Vec<(String, T)>,
+    /// Keys removed.
+    removed: Vec<String>,
+}
+
+impl<T: Stored> Changes<T>
+where
+    InvalidUpdate: From<T::Error>,
+{
+    /// Takes the kind's changes out of `update` and converts them; the first object that does
+    /// not convert fails them all.
+    fn take(update: &mut proto::ConfigUpdate) -> Result<Self, InvalidUpdate> {
+        let (upserted, removed) = take_changes::<T::Wire>(update);
+        let upserted = upserted
+            .into_iter()
+            .map(|wire| {
+                let key = wire.key();
+                T::try_from(wire).map(|object| (key, object)).map_err(InvalidUpdate::from)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { upserted, removed })
+    }
+
+    /// Applies them to `table` (emptied first for a snapshot); whether anything changed.
+    fn apply(self, table: &mut Table<T>, snapshot: bool) -> bool {
+        let changed = snapshot || !self.upserted.is_empty() || !self.removed.is_empty();
+        if snapshot {
+            table.clear();
+        }
+        for key in &self.removed {
+            table.remove(key);
+        }
+        for (key, object) in self.upserted {
+            table.insert(key, Arc::new(object));
+        }
+        changed
+    }
+}
+
+/// Puts `table` into `set` in wire form.
+fn dump_table<T: Stored>(table: &Table<T>, set: &mut ConfigSet)
+where
+    InvalidUpdate: From<T::Error>,
+{
+    set.extend(table.values().map(|object| object.wire()));
+}
+
 impl Workload {
     /// Its identity: namespace and service account.
     pub fn identity(&self) -> Identity {
@@ -157,14 +279,15 @@ impl TryFrom<proto::Workload> for Workload {
 struct Inner {
     version: u64,
     ctrl_connected: bool,
-    by_uid: HashMap<String, Arc<Workload>>,
+    /// Workloads by UID.
+    workloads: Table<Workload>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
-    services_by_vip: HashMap<IpAddr, Arc<Service>>,
     /// Services by `namespace/name`.
-    services: HashMap<String, Arc<Service>>,
+    services: Table<Service>,
+    services_by_vip: HashMap<IpAddr, Arc<Service>>,
     /// Policies by `namespace/name`.
-    authorization_policies: BTreeMap<String, AuthorizationPolicy>,
-    peer_authentications: BTreeMap<String, PeerAuthentication>,
+    authorization_policies: Table<AuthorizationPolicy>,
+    peer_authentications: Table<PeerAuthentication>,
 }
 
 /// The store. Readers take snapshots; `apply` is the single writer of workloads.
@@ -175,20 +298,6 @@ pub struct State {
     trust_domain: watch::Sender<String>,
     trust: watch::Sender<Option<Arc<TrustBundle>>>,
     policies: watch::Sender<Arc<PolicySet>>,
-}
-
-/// An update's changes of one kind (see `ferrymesh_api::kinds`), converted to the store's type:
-/// (added or changed, keys removed). The first object that does not convert fails them all.
-fn converted<K, T>(update: &mut proto::ConfigUpdate) -> Result<(Vec<T>, Vec<String>), InvalidUpdate>
-where
-    K: ConfigKind,
-    T: TryFrom<K>,
-    InvalidUpdate: From<T::Error>,
-{
-    let (upserted, removed) = take_changes::<K>(update);
-    let upserted =
-        upserted.into_iter().map(|k| T::try_from(k).map_err(InvalidUpdate::from)).collect::<Result<_, _>>()?;
-    Ok((upserted, removed))
 }
 
 impl Default for State {
@@ -207,60 +316,28 @@ impl State {
     /// Applies a snapshot or delta from mesh-ctrl. All or nothing: every object is converted
     /// before anything changes.
     pub fn apply(&self, mut update: proto::ConfigUpdate) -> Result<(), InvalidUpdate> {
-        let (upserted, removed) = converted::<proto::Workload, Workload>(&mut update)?;
-        let (authz, removed_authorization_policies) =
-            converted::<proto::AuthorizationPolicy, AuthorizationPolicy>(&mut update)?;
-        let (peer_auth, removed_peer_authentications) =
-            converted::<proto::PeerAuthentication, PeerAuthentication>(&mut update)?;
-        let (services, removed_services) = converted::<proto::Service, Service>(&mut update)?;
-        let policies_changed = update.snapshot
-            || !authz.is_empty()
-            || !peer_auth.is_empty()
-            || !removed_authorization_policies.is_empty()
-            || !removed_peer_authentications.is_empty();
+        let workloads = Changes::<Workload>::take(&mut update)?;
+        let services = Changes::<Service>::take(&mut update)?;
+        let authorization_policies = Changes::<AuthorizationPolicy>::take(&mut update)?;
+        let peer_authentications = Changes::<PeerAuthentication>::take(&mut update)?;
+        let snapshot = update.snapshot;
         let policies = {
             let mut inner = self.inner.write().expect("state lock");
-            if update.snapshot {
-                inner.by_uid.clear();
-                inner.services.clear();
-                inner.authorization_policies.clear();
-                inner.peer_authentications.clear();
+            if workloads.apply(&mut inner.workloads, snapshot) {
+                let by_ip = inner.workloads.values().map(|w| (w.ip, w.clone())).collect();
+                inner.by_ip = by_ip;
             }
-            for uid in &removed {
-                inner.by_uid.remove(uid);
-            }
-            for w in upserted {
-                inner.by_uid.insert(w.uid.clone(), Arc::new(w));
-            }
-            let by_ip = inner.by_uid.values().map(|w| (w.ip, w.clone())).collect();
-            inner.by_ip = by_ip;
-            if update.snapshot || !services.is_empty() || !removed_services.is_empty() {
-                for key in &removed_services {
-                    inner.services.remove(key);
-                }
-                for s in services {
-                    inner.services.insert(format!("{}/{}", s.namespace, s.name), Arc::new(s));
-                }
+            if services.apply(&mut inner.services, snapshot) {
                 let by_vip = inner.services.values().filter_map(|s| Some((s.vip?, s.clone()))).collect();
                 inner.services_by_vip = by_vip;
             }
-            for key in &removed_authorization_policies {
-                inner.authorization_policies.remove(key);
-            }
-            for p in authz {
-                inner.authorization_policies.insert(p.key(), p);
-            }
-            for key in &removed_peer_authentications {
-                inner.peer_authentications.remove(key);
-            }
-            for p in peer_auth {
-                inner.peer_authentications.insert(format!("{}/{}", p.namespace, p.name), p);
-            }
+            let policies_changed = authorization_policies.apply(&mut inner.authorization_policies, snapshot)
+                | peer_authentications.apply(&mut inner.peer_authentications, snapshot);
             inner.version = update.version;
             policies_changed.then(|| {
                 PolicySet::new(
-                    inner.authorization_policies.values().cloned().collect(),
-                    inner.peer_authentications.values().cloned().collect(),
+                    inner.authorization_policies.values().map(|p| (**p).clone()).collect(),
+                    inner.peer_authentications.values().map(|p| (**p).clone()).collect(),
                 )
             })
         };
@@ -322,7 +399,7 @@ impl State {
 
     /// The workload with `uid`, as it is now.
     pub fn workload(&self, uid: &str) -> Option<Arc<Workload>> {
-        self.inner.read().expect("state lock").by_uid.get(uid).cloned()
+        self.inner.read().expect("state lock").workloads.get(uid).cloned()
     }
 
     /// The workload that owns `ip`, if any.
@@ -335,24 +412,21 @@ impl State {
         self.inner.read().expect("state lock").services_by_vip.get(&ip).cloned()
     }
 
-    /// Every workload held, sorted by UID.
-    pub fn workloads(&self) -> Vec<Arc<Workload>> {
-        let mut all: Vec<Arc<Workload>> = self.inner.read().expect("state lock").by_uid.values().cloned().collect();
-        all.sort_by(|a, b| a.uid.cmp(&b.uid));
-        all
-    }
-
-    /// Every service held, sorted by `namespace/name`.
-    pub fn services(&self) -> Vec<Arc<Service>> {
-        let mut all: Vec<Arc<Service>> = self.inner.read().expect("state lock").services.values().cloned().collect();
-        all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        all
+    /// Everything held, in wire form by kind and key (the admin API's config dump).
+    pub fn dump(&self) -> ConfigSet {
+        let inner = self.inner.read().expect("state lock");
+        let mut set = ConfigSet::default();
+        dump_table(&inner.workloads, &mut set);
+        dump_table(&inner.services, &mut set);
+        dump_table(&inner.authorization_policies, &mut set);
+        dump_table(&inner.peer_authentications, &mut set);
+        set
     }
 
     /// Workloads of `node` that are to be captured, by UID.
     pub fn captured_on(&self, node: &str) -> HashMap<String, Arc<Workload>> {
         let inner = self.inner.read().expect("state lock");
-        inner.by_uid.values().filter(|w| w.captured && w.node == node).map(|w| (w.uid.clone(), w.clone())).collect()
+        inner.workloads.values().filter(|w| w.captured && w.node == node).map(|w| (w.uid.clone(), w.clone())).collect()
     }
 
     /// A receiver that changes whenever an update is applied.
@@ -473,5 +547,27 @@ mod tests {
         let names: Vec<String> = state.policies().authorization_policies().iter().map(|p| p.name.clone()).collect();
         assert_eq!(names, ["p2"]);
         assert_eq!(state.service_by_vip("10.96.0.9".parse().unwrap()).unwrap().name, "a", "services kept");
+    }
+
+    #[test]
+    fn the_dump_holds_every_kind_as_applied() {
+        let state = State::default();
+        let peer =
+            proto::PeerAuthentication { namespace: "ns".into(), name: "strict".into(), mode: 2, ..Default::default() };
+        let mut sent =
+            ConfigSet::from_iter([workload("a", "10.0.0.1", "n1", true), workload("b", "10.0.0.2", "n2", false)]);
+        sent.insert(service("web", "10.96.0.1"));
+        sent.insert(allow("p1"));
+        sent.insert(peer);
+        state.apply(proto::ConfigUpdate { version: 1, ..sent.to_snapshot() }).unwrap();
+        assert_eq!(state.dump(), sent, "what was applied comes back, kind by kind");
+        let delta = proto::ConfigUpdate { version: 2, removed: vec!["b".into()], ..Default::default() };
+        state.apply(delta).unwrap();
+        let dump = state.dump();
+        assert_eq!(dump.workloads.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            (dump.services.len(), dump.authorization_policies.len(), dump.peer_authentications.len()),
+            (1, 1, 1)
+        );
     }
 }

@@ -77,6 +77,7 @@ impl certificates_server::Certificates for CertificateService {
         let (on_node, account_exists) = {
             let snapshot = self.snapshots.borrow();
             let on_node = snapshot
+                .config
                 .workloads
                 .values()
                 .any(|w| w.node == node && w.namespace == r.namespace && w.service_account == r.service_account);

@@ -3,21 +3,37 @@
 
 use std::path::Path;
 
-use ferrymesh_api::admin::{ConfigDump, GetConfigRequest};
+use ferrymesh_api::admin::GetConfigRequest;
+use ferrymesh_api::kinds::ConfigSet;
 use serde_json::json;
 
 use super::table;
 use crate::agent::{connect, AgentError};
 use crate::Output;
 
+/// What an agent holds.
+pub struct Held {
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+    /// Whether it holds workload certificates.
+    pub certificates: bool,
+    /// Every object, by kind and key.
+    pub objects: ConfigSet,
+}
+
 /// The config the agent at `agent` holds.
-pub async fn dump(agent: &Path) -> Result<ConfigDump, AgentError> {
-    connect(agent)
+pub async fn dump(agent: &Path) -> Result<Held, AgentError> {
+    let dump = connect(agent)
         .await?
         .get_config(GetConfigRequest {})
         .await
         .map(|r| r.into_inner())
-        .map_err(|s| AgentError::rpc(agent, s))
+        .map_err(|s| AgentError::rpc(agent, s))?;
+    Ok(Held {
+        trust_domain: dump.trust_domain,
+        certificates: dump.certificates,
+        objects: ConfigSet::from_update(dump.objects.unwrap_or_default()),
+    })
 }
 
 fn labels(map: &std::collections::HashMap<String, String>) -> String {
@@ -41,8 +57,9 @@ pub async fn workloads(agent: &Path, output: Output) -> Result<(), String> {
     match output {
         Output::Json => {
             let all: Vec<_> = config
+                .objects
                 .workloads
-                .iter()
+                .values()
                 .map(|w| {
                     json!({
                         "namespace": w.namespace, "name": w.name, "uid": w.uid, "node": w.node, "ip": w.ip,
@@ -55,8 +72,9 @@ pub async fn workloads(agent: &Path, output: Output) -> Result<(), String> {
         }
         _ => {
             let rows: Vec<[String; 6]> = config
+                .objects
                 .workloads
-                .iter()
+                .values()
                 .map(|w| {
                     [
                         format!("{}/{}", w.namespace, w.name),
@@ -80,8 +98,8 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
     match output {
         Output::Json => {
             let all: Vec<_> = config
-                .services
-                .iter()
+                .objects.services
+                .values()
                 .map(|s| {
                     json!({
                         "namespace": s.namespace, "name": s.name, "vip": s.vip,
@@ -96,8 +114,9 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
         }
         _ => {
             let rows: Vec<[String; 4]> = config
+                .objects
                 .services
-                .iter()
+                .values()
                 .map(|s| {
                     let ports: Vec<String> = s.ports.iter().map(|p| p.port.to_string()).collect();
                     let endpoints: Vec<String> = s
@@ -134,21 +153,22 @@ pub async fn policies(agent: &Path, output: Output) -> Result<(), String> {
     match output {
         Output::Json => {
             let authz: Vec<_> = config
-                .authorization_policies
-                .iter()
+                .objects.authorization_policies
+                .values()
                 .map(|p| json!({"kind": "AuthorizationPolicy", "namespace": p.namespace, "name": p.name, "action": action(p.action), "selector": p.selector, "rules": p.rules.len()}))
                 .collect();
             let peer: Vec<_> = config
-                .peer_authentications
-                .iter()
+                .objects.peer_authentications
+                .values()
                 .map(|p| json!({"kind": "PeerAuthentication", "namespace": p.namespace, "name": p.name, "mode": mode(p.mode), "selector": p.selector}))
                 .collect();
             println!("{}", json!(authz.into_iter().chain(peer).collect::<Vec<_>>()));
         }
         _ => {
             let mut rows: Vec<[String; 4]> = config
+                .objects
                 .authorization_policies
-                .iter()
+                .values()
                 .map(|p| {
                     [
                         format!("AuthorizationPolicy {}/{}", p.namespace, p.name),
@@ -158,7 +178,7 @@ pub async fn policies(agent: &Path, output: Output) -> Result<(), String> {
                     ]
                 })
                 .collect();
-            rows.extend(config.peer_authentications.iter().map(|p| {
+            rows.extend(config.objects.peer_authentications.values().map(|p| {
                 [
                     format!("PeerAuthentication {}/{}", p.namespace, p.name),
                     format!("mTLS {}", mode(p.mode)),

@@ -3,6 +3,7 @@
 //! `PolicySet::explain`, the code path the destination agent enforces with, over the config
 //! the agent holds.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use clap::Args;
@@ -33,9 +34,9 @@ fn split_pod(text: &str, what: &str) -> Result<(String, String), String> {
     }
 }
 
-fn find<'a>(workloads: &'a [Workload], (ns, pod): &(String, String)) -> Result<&'a Workload, String> {
-    workloads.iter().find(|w| w.namespace == *ns && w.name == *pod).ok_or_else(|| {
-        let mut known: Vec<&str> = workloads.iter().filter(|w| w.namespace == *ns).map(|w| w.name.as_str()).collect();
+fn find<'a>(workloads: &'a BTreeMap<String, Workload>, (ns, pod): &(String, String)) -> Result<&'a Workload, String> {
+    workloads.values().find(|w| w.namespace == *ns && w.name == *pod).ok_or_else(|| {
+        let mut known: Vec<&str> = workloads.values().filter(|w| w.namespace == *ns).map(|w| w.name.as_str()).collect();
         known.sort();
         match known.len() {
             0 => format!("unknown pod {ns}/{pod}: the mesh has no pod in namespace {ns}"),
@@ -56,17 +57,19 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
         .ok_or_else(|| format!("DST {:?}: {port:?} is not a port number (1-65535)", args.dst))?;
     let dst_name = split_pod(dst_pod, "DST")?;
     let config = dump(agent).await?;
-    let src = find(&config.workloads, &src_name)?;
-    let dst = find(&config.workloads, &dst_name)?;
+    let src = find(&config.objects.workloads, &src_name)?;
+    let dst = find(&config.objects.workloads, &dst_name)?;
     let authz = config
+        .objects
         .authorization_policies
-        .into_iter()
+        .into_values()
         .map(AuthorizationPolicy::try_from)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("the agent holds a policy that does not convert: {e}"))?;
     let peer = config
+        .objects
         .peer_authentications
-        .into_iter()
+        .into_values()
         .map(PeerAuthentication::try_from)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("the agent holds a policy that does not convert: {e}"))?;
