@@ -154,6 +154,8 @@ pub struct Model {
     pub endpoint_slices: BTreeMap<String, EndpointSlice>,
     /// ServiceAccounts by `namespace/name`.
     pub service_accounts: BTreeMap<String, ServiceAccount>,
+    /// Gateway API routes attached to Services, by `Kind namespace/name`.
+    pub routes: BTreeMap<String, std::sync::Arc<ferrymesh_route::Route>>,
 }
 
 impl Model {
@@ -192,6 +194,7 @@ impl Model {
             authorization_policies: self.authorization_policies_wire(),
             peer_authentications: self.peer_authentications_wire(),
             services: self.services_wire(),
+            routes: self.routes.iter().map(|(k, r)| (k.clone(), proto::Route::from(&**r))).collect(),
         }
     }
 

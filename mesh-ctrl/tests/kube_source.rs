@@ -24,6 +24,7 @@ const AUTHZ: &str = "/apis/ferrymesh.io/v1alpha1/authorizationpolicies";
 const PEER_AUTHN: &str = "/apis/ferrymesh.io/v1alpha1/peerauthentications";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const SERVICE_ACCOUNTS: &str = "/api/v1/serviceaccounts";
+const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
 
 /// A fake API server: list responses per collection path, and queued watch events.
 #[derive(Default)]
@@ -373,4 +374,41 @@ async fn reads_a_real_cluster() {
         s.config.workloads.values().all(|w| !w.ip.is_empty() && !w.node.is_empty()),
         "only scheduled pods with IPs"
     );
+}
+
+fn http_route(name: &str, weights: (i64, i64)) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "creationTimestamp": "2026-11-30T10:00:00Z"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+            "rules": [{"backendRefs": [
+                {"name": "web-v1", "port": 8080, "weight": weights.0},
+                {"name": "web-v2", "port": 8080, "weight": weights.1},
+            ]}],
+        },
+    })
+}
+
+#[tokio::test]
+async fn follows_gateway_api_routes() {
+    let api = Arc::new(FakeApi::default());
+    api.set_list(HTTP_ROUTES, vec![http_route("split", (90, 10))]);
+    let mut rx = start(api.clone());
+    let s = wait_for(&mut rx, "the route", |s| s.config.routes.contains_key("HTTPRoute shop/split")).await;
+    let route = ferrymesh_route::Route::try_from(s.config.routes["HTTPRoute shop/split"].clone()).unwrap();
+    let weights: Vec<u32> = route.rules[0].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [90, 10]);
+    assert_eq!(route.created_unix, 1_796_032_800, "creation time orders equally specific routes");
+    // A bad route keeps its last good version; a good change lands.
+    api.push(HTTP_ROUTES, "MODIFIED", http_route("split", (-1, 10)));
+    api.push(HTTP_ROUTES, "ADDED", http_route("other", (1, 1)));
+    let s = wait_for(&mut rx, "a good route next to a bad one", |s| s.config.routes.len() == 2).await;
+    let split = ferrymesh_route::Route::try_from(s.config.routes["HTTPRoute shop/split"].clone()).unwrap();
+    assert_eq!(split.rules[0].backends[0].weight, 90, "the bad weight never replaced the good one");
+    api.push(HTTP_ROUTES, "MODIFIED", http_route("split", (50, 50)));
+    wait_for(&mut rx, "a changed route", |s| s.config.routes["HTTPRoute shop/split"].rules[0].backends[0].weight == 50)
+        .await;
+    api.push(HTTP_ROUTES, "DELETED", http_route("other", (1, 1)));
+    wait_for(&mut rx, "a deleted route", |s| s.config.routes.len() == 1).await;
 }

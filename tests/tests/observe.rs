@@ -28,6 +28,10 @@ fn cluster() -> Topology {
             "policy-deny-other.yaml",
             "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-other\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [other]\n",
         );
+        topo.write_config_file(
+            "route-web.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web-split\n  namespace: shop\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: web\n    port: 80\n  rules:\n  - name: api\n    matches:\n    - path:\n        type: PathPrefix\n        value: /api\n    backendRefs:\n    - name: web\n      port: 80\n      weight: 90\n    - name: web-canary\n      port: 80\n      weight: 10\n",
+        );
     })
 }
 
@@ -454,6 +458,22 @@ fn status_views_and_bad_input() {
     assert!(explain.contains("carried: node-local: both pods are in the mesh on node2"), "{explain}");
     assert!(explain.contains("  2. DENY shop/deny-other: rule 0 matches: denied"), "{explain}");
     assert!(explain.contains("verdict: DENIED (denied: shop/deny-other rule 0)"), "{explain}");
+    assert!(
+        explain.contains("to fix:  DENY shop/deny-other rule 0 matches: narrow or remove that rule to allow it"),
+        "{explain}"
+    );
+
+    // Routes, as mesh-ctrl validated them and the agent holds them.
+    let routes = String::from_utf8_lossy(&topo.meshctl(1, &["routes"]).stdout).to_string();
+    assert!(routes.lines().next().is_some_and(|l| l.starts_with("ROUTE")), "{routes}");
+    assert!(
+        routes.contains("HTTPRoute shop/web-split")
+            && routes.contains("shop/web:80")
+            && routes.contains("[path=/api*] -> shop/web:80 w90, shop/web-canary:80 w10"),
+        "{routes}"
+    );
+    let routes: Value = serde_json::from_slice(&topo.meshctl(2, &["routes", "-o", "json"]).stdout).unwrap();
+    assert_eq!(routes[0]["rules"][0]["name"], "api", "{routes}");
 
     // Bad input: one line, non-zero, no panic.
     one_line_error(

@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use ferrymesh_api::config as proto;
 use ferrymesh_api::kinds::{take_changes, ConfigKind, ConfigSet};
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet};
+use ferrymesh_route::Route;
 use tokio::sync::watch;
 
 use crate::identity::Identity;
@@ -114,6 +115,9 @@ pub enum InvalidUpdate {
     /// A policy does not convert.
     #[error("{0}")]
     Policy(#[from] ferrymesh_policy::wire::WireError),
+    /// A route does not convert.
+    #[error("{0}")]
+    Route(#[from] ferrymesh_route::wire::WireError),
     /// A service does not convert.
     #[error("service {service}: field {field}: {message}")]
     Service {
@@ -181,6 +185,13 @@ impl Stored for Service {
 impl Stored for AuthorizationPolicy {
     type Wire = proto::AuthorizationPolicy;
     fn wire(&self) -> proto::AuthorizationPolicy {
+        self.into()
+    }
+}
+
+impl Stored for Route {
+    type Wire = proto::Route;
+    fn wire(&self) -> proto::Route {
         self.into()
     }
 }
@@ -288,6 +299,8 @@ struct Inner {
     /// Policies by `namespace/name`.
     authorization_policies: Table<AuthorizationPolicy>,
     peer_authentications: Table<PeerAuthentication>,
+    /// Gateway API routes by `Kind namespace/name` (a waypoint routes with them).
+    routes: Table<Route>,
 }
 
 /// The store. Readers take snapshots; `apply` is the single writer of workloads.
@@ -320,6 +333,7 @@ impl State {
         let services = Changes::<Service>::take(&mut update)?;
         let authorization_policies = Changes::<AuthorizationPolicy>::take(&mut update)?;
         let peer_authentications = Changes::<PeerAuthentication>::take(&mut update)?;
+        let routes = Changes::<Route>::take(&mut update)?;
         let snapshot = update.snapshot;
         let policies = {
             let mut inner = self.inner.write().expect("state lock");
@@ -333,6 +347,7 @@ impl State {
             }
             let policies_changed = authorization_policies.apply(&mut inner.authorization_policies, snapshot)
                 | peer_authentications.apply(&mut inner.peer_authentications, snapshot);
+            routes.apply(&mut inner.routes, snapshot);
             inner.version = update.version;
             policies_changed.then(|| {
                 PolicySet::new(
@@ -420,6 +435,7 @@ impl State {
         dump_table(&inner.services, &mut set);
         dump_table(&inner.authorization_policies, &mut set);
         dump_table(&inner.peer_authentications, &mut set);
+        dump_table(&inner.routes, &mut set);
         set
     }
 
@@ -427,6 +443,11 @@ impl State {
     pub fn captured_on(&self, node: &str) -> HashMap<String, Arc<Workload>> {
         let inner = self.inner.read().expect("state lock");
         inner.workloads.values().filter(|w| w.captured && w.node == node).map(|w| (w.uid.clone(), w.clone())).collect()
+    }
+
+    /// Every route held, by `Kind namespace/name`.
+    pub fn routes(&self) -> Vec<Arc<Route>> {
+        self.inner.read().expect("state lock").routes.values().cloned().collect()
     }
 
     /// A receiver that changes whenever an update is applied.
@@ -559,6 +580,24 @@ mod tests {
         sent.insert(service("web", "10.96.0.1"));
         sent.insert(allow("p1"));
         sent.insert(peer);
+        sent.insert(proto::Route {
+            namespace: "ns".into(),
+            name: "split".into(),
+            kind: "HTTPRoute".into(),
+            parents: vec![proto::RouteParent { namespace: "ns".into(), service: "web".into(), port: 80 }],
+            rules: vec![proto::RouteRule {
+                matches: vec![proto::RouteMatch::default()],
+                backends: vec![proto::RouteBackend {
+                    namespace: "ns".into(),
+                    service: "web".into(),
+                    port: 80,
+                    weight: 1,
+                    filters: vec![],
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
         state.apply(proto::ConfigUpdate { version: 1, ..sent.to_snapshot() }).unwrap();
         assert_eq!(state.dump(), sent, "what was applied comes back, kind by kind");
         let delta = proto::ConfigUpdate { version: 2, removed: vec!["b".into()], ..Default::default() };

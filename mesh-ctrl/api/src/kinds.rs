@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{AuthorizationPolicy, ConfigUpdate, PeerAuthentication, Service, Workload};
+use crate::config::{AuthorizationPolicy, ConfigUpdate, PeerAuthentication, Route, Service, Workload};
 
 /// A kind of config object carried by [`ConfigUpdate`].
 pub trait ConfigKind: Clone + PartialEq + Sized {
@@ -92,6 +92,7 @@ kinds! {
     PeerAuthentication => peer_authentications, peer_authentications, removed_peer_authentications,
         |p| format!("{}/{}", p.namespace, p.name);
     Service => services, services, removed_services, |s| format!("{}/{}", s.namespace, s.name);
+    Route => routes, routes, removed_routes, |r| format!("{} {}/{}", r.kind, r.namespace, r.name);
 }
 
 impl ConfigSet {
@@ -203,7 +204,7 @@ mod tests {
         );
         assert_eq!(
             current.counts(),
-            [("Workload", 1), ("AuthorizationPolicy", 1), ("PeerAuthentication", 0), ("Service", 1)]
+            [("Workload", 1), ("AuthorizationPolicy", 1), ("PeerAuthentication", 0), ("Service", 1), ("Route", 0)]
         );
     }
 }

@@ -1,6 +1,6 @@
 //! Kubernetes source: kube reflectors on Namespaces, Pods, Services, EndpointSlices,
-//! ServiceAccounts and the ferrymesh
-//! AuthorizationPolicy and PeerAuthentication custom resources feed the same translation as the
+//! ServiceAccounts, the ferrymesh AuthorizationPolicy and PeerAuthentication custom resources
+//! and Gateway API HTTPRoutes and GRPCRoutes feed the same translation as the
 //! directory source ([`super::translate`]), so the same objects give the same
 //! model through either. An object that fails translation keeps its last good version; a pod
 //! that is not scheduled, has no IP yet or uses the host network is simply not part of the mesh.
@@ -16,9 +16,12 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 
 use super::local::ConfigError;
+use gateway_api::grpcroutes::GRPCRoute;
+use gateway_api::httproutes::HTTPRoute;
+
 use super::translate::{
-    endpoint_slice_from, model_of, namespace_from, pod_from, service_account_from, service_from, EndpointSliceResource,
-    FieldError, Object, ObjectKey,
+    endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, service_account_from,
+    service_from, EndpointSliceResource, FieldError, Object, ObjectKey,
 };
 use crate::crd::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use crate::model::Model;
@@ -37,6 +40,8 @@ pub struct KubeSource {
     service_accounts: Store<k8s::ServiceAccount>,
     authorization_policies: Store<AuthorizationPolicyResource>,
     peer_authentications: Store<PeerAuthenticationResource>,
+    http_routes: Store<HTTPRoute>,
+    grpc_routes: Store<GRPCRoute>,
     good: BTreeMap<ObjectKey, Object>,
 }
 
@@ -111,6 +116,16 @@ impl KubeSource {
             let result = p.spec.peer_authentication.validate(&k.namespace, &k.name).map(Object::PeerAuthentication);
             add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
         }
+        for r in self.http_routes.state() {
+            let k = key("HTTPRoute", r.namespace(), r.name_any());
+            let result = http_route_from((*r).clone(), &k).map(|r| r.map_or(Object::Ignored, Object::Route));
+            add(k, result.map_err(FieldError::field_and_message), &self.good);
+        }
+        for r in self.grpc_routes.state() {
+            let k = key("GRPCRoute", r.namespace(), r.name_any());
+            let result = grpc_route_from((*r).clone(), &k).map(|r| r.map_or(Object::Ignored, Object::Route));
+            add(k, result.map_err(FieldError::field_and_message), &self.good);
+        }
         self.good = next;
         (model_of(self.good.values()), errors)
     }
@@ -130,6 +145,8 @@ pub fn watched_resources() -> Vec<(String, String)> {
         of::<k8s::ServiceAccount>(),
         of::<AuthorizationPolicyResource>(),
         of::<PeerAuthenticationResource>(),
+        of::<HTTPRoute>(),
+        of::<GRPCRoute>(),
     ]
 }
 
@@ -161,6 +178,8 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
     let (service_accounts, sa_writer) = reflector::store();
     let (authorization_policies, authz_writer) = reflector::store();
     let (peer_authentications, peer_writer) = reflector::store();
+    let (http_routes, http_route_writer) = reflector::store();
+    let (grpc_routes, grpc_route_writer) = reflector::store();
     let mut source = KubeSource {
         namespaces,
         pods,
@@ -169,6 +188,8 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         service_accounts,
         authorization_policies,
         peer_authentications,
+        http_routes,
+        grpc_routes,
         good: BTreeMap::new(),
     };
     let mut events = futures::stream::select_all([
@@ -178,7 +199,9 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         changes(Api::<EndpointSliceResource>::all(client.clone()), slice_writer).boxed(),
         changes(Api::<k8s::ServiceAccount>::all(client.clone()), sa_writer).boxed(),
         changes(Api::<AuthorizationPolicyResource>::all(client.clone()), authz_writer).boxed(),
-        changes(Api::<PeerAuthenticationResource>::all(client), peer_writer).boxed(),
+        changes(Api::<PeerAuthenticationResource>::all(client.clone()), peer_writer).boxed(),
+        changes(Api::<HTTPRoute>::all(client.clone()), http_route_writer).boxed(),
+        changes(Api::<GRPCRoute>::all(client), grpc_route_writer).boxed(),
     ]);
     let mut last_errors = Vec::new();
     while let Some(event) = events.next().await {

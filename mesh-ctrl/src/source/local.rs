@@ -16,8 +16,8 @@ use serde_yaml::Value;
 use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 
 use super::translate::{
-    endpoint_slice_from, model_of, namespace_from, pod_from, service_account_from, service_from, EndpointSliceResource,
-    FieldError, Object, ObjectKey,
+    endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, service_account_from,
+    service_from, EndpointSliceResource, FieldError, Object, ObjectKey,
 };
 use crate::model::{Model, ServiceAccount};
 use crate::schema::strict;
@@ -64,6 +64,8 @@ struct CustomResource<S> {
 
 /// ferrymesh CRD group/version.
 const FERRYMESH_V1ALPHA1: &str = "ferrymesh.io/v1alpha1";
+/// Gateway API group/version.
+const GATEWAY_V1: &str = "gateway.networking.k8s.io/v1";
 
 #[derive(Clone, Debug)]
 struct Loaded {
@@ -258,6 +260,16 @@ struct Rejected {
 }
 
 /// Parses one document into a validated object.
+/// `doc` without `apiVersion` and `kind` (already checked): kube's derived custom resource types
+/// imply them rather than hold them, so strict parsing would call them unknown.
+fn without_type_meta(mut doc: Value) -> Value {
+    if let Value::Mapping(map) = &mut doc {
+        map.remove("apiVersion");
+        map.remove("kind");
+    }
+    doc
+}
+
 fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Rejected>> {
     let api_version = str_at(&doc, &["apiVersion"]).unwrap_or_default().to_string();
     let kind = str_at(&doc, &["kind"]).unwrap_or_default().to_string();
@@ -294,11 +306,17 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         (FERRYMESH_V1ALPHA1, "PeerAuthentication") => strict::<CustomResource<PeerAuthenticationSpec>>(doc).and_then(|cr| {
             cr.spec.validate(&key.namespace, &key.name).map(Object::PeerAuthentication).map_err(|e| (Some(e.field), e.message))
         }),
+        (GATEWAY_V1, "HTTPRoute") => strict::<gateway_api::httproutes::HTTPRoute>(without_type_meta(doc)).and_then(|route| {
+            http_route_from(route, &key).map(|r| r.map_or(Object::Ignored, Object::Route)).map_err(FieldError::field_and_message)
+        }),
+        (GATEWAY_V1, "GRPCRoute") => strict::<gateway_api::grpcroutes::GRPCRoute>(without_type_meta(doc)).and_then(|route| {
+            grpc_route_from(route, &key).map(|r| r.map_or(Object::Ignored, Object::Route)).map_err(FieldError::field_and_message)
+        }),
         (_, "") => Err((Some("kind".into()), "missing".into())),
         _ => Err((
             Some("kind".into()),
             format!(
-                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy and PeerAuthentication)"
+                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy and PeerAuthentication, {GATEWAY_V1} HTTPRoute and GRPCRoute)"
             ),
         )),
     };
@@ -458,6 +476,157 @@ mod tests {
             assert_eq!(errors[0].field.as_deref(), Some(field));
             assert_eq!(after, model, "{field}: the last good policy stays");
         }
+    }
+
+    /// An HTTPRoute in the shape of the Gateway API mesh conformance suite's.
+    const HTTP_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: canary
+  namespace: shop
+spec:
+  parentRefs:
+  - group: \"\"
+    kind: Service
+    name: web
+    port: 80
+  - group: gateway.networking.k8s.io
+    kind: Gateway
+    name: ingress
+  rules:
+  - name: by-header
+    matches:
+    - headers:
+      - name: x-canary
+        value: \"yes\"
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set:
+        - name: x-route
+          value: canary
+    backendRefs:
+    - name: web-v2
+      port: 8080
+  - matches:
+    - path:
+        type: PathPrefix
+        value: /api
+    - path:
+        type: RegularExpression
+        value: /v[0-9]+/.*
+      method: POST
+      queryParams:
+      - name: debug
+        value: \"1\"
+    backendRefs:
+    - name: web-v1
+      port: 8080
+      weight: 90
+    - name: web-v2
+      port: 8080
+      weight: 10
+  - filters:
+    - type: RequestRedirect
+      requestRedirect:
+        scheme: https
+        statusCode: 308
+";
+
+    const GRPC_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: echo
+  namespace: shop
+spec:
+  parentRefs:
+  - kind: Service
+    group: \"\"
+    name: echo
+  rules:
+  - matches:
+    - method:
+        service: echo.Echo
+        method: Say
+    backendRefs:
+    - name: echo-v2
+      port: 9090
+";
+
+    #[test]
+    fn reads_mesh_routes_and_names_their_bad_fields() {
+        use ferrymesh_route::{Filter, PathMatch};
+        let dir = tempfile::tempdir().unwrap();
+        let ingress_only = HTTP_ROUTE
+            .replace("name: canary", "name: north-south")
+            .replace("  - group: \"\"\n    kind: Service\n    name: web\n    port: 80\n", "");
+        write(dir.path(), "routes.yaml", &format!("{HTTP_ROUTE}---\n{GRPC_ROUTE}---\n{ingress_only}"));
+        let mut source = DirSource::new(dir.path());
+        let (model, errors) = source.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            model.routes.keys().collect::<Vec<_>>(),
+            ["GRPCRoute shop/echo", "HTTPRoute shop/canary"],
+            "a route attached only to a Gateway is not the mesh's"
+        );
+        let http = &model.routes["HTTPRoute shop/canary"];
+        assert_eq!(http.parents, [ferrymesh_route::Parent { service: "shop/web".into(), port: Some(80) }]);
+        assert_eq!(http.rules[0].name.as_deref(), Some("by-header"));
+        assert!(
+            matches!(&http.rules[0].filters[0], Filter::RequestHeaders(m) if m.set == [("x-route".to_string(), "canary".to_string())])
+        );
+        let weights: Vec<u32> = http.rules[1].backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, [90, 10]);
+        assert_eq!(http.rules[1].matches[1].method, Some(http::Method::POST));
+        assert!(
+            matches!(&http.rules[2].filters[0], Filter::Redirect(r) if r.status == 308 && r.scheme.as_deref() == Some("https"))
+        );
+        let grpc = &model.routes["GRPCRoute shop/echo"];
+        assert_eq!(grpc.parents[0].port, None, "no port: every port of the Service");
+        assert_eq!(grpc.rules[0].matches[0].path, Some(PathMatch::Exact("/echo.Echo/Say".into())));
+        assert_eq!(model.config().routes.len(), 2, "both go to agents and waypoints");
+
+        let cases = [
+            (HTTP_ROUTE.replace("value: /v[0-9]+/.*", "value: /v[0-9+/.*"), "spec.rules[1].matches[1].path.value"),
+            (HTTP_ROUTE.replace("value: /api", "value: api"), "spec.rules[1].matches[0].path.value"),
+            (HTTP_ROUTE.replacen("      port: 8080\n", "", 1), "spec.rules[0].backendRefs[0].port"),
+            (HTTP_ROUTE.replace("weight: 90", "weight: -1"), "spec.rules[1].backendRefs[0].weight"),
+            (
+                HTTP_ROUTE.replace("statusCode: 308", "statusCode: 305"),
+                "spec.rules[2].filters[0].requestRedirect.statusCode",
+            ),
+            (
+                HTTP_ROUTE.replace("    - name: web-v1\n", "    - name: web-v1\n      namespace: other\n"),
+                "spec.rules[1].backendRefs[0].namespace",
+            ),
+            (HTTP_ROUTE.replace("name: x-route", "name: \"x route\""), "spec.rules[0].filters[0].set[0]"),
+            (
+                HTTP_ROUTE.replace("      requestRedirect:\n        scheme: https\n        statusCode: 308\n", ""),
+                "spec.rules[2].filters[0].requestRedirect",
+            ),
+            (
+                HTTP_ROUTE
+                    .replace("matchez", "x")
+                    .replace("  - name: by-header\n", "  - name: by-header\n    matchez: []\n"),
+                "spec.rules[0].matchez",
+            ),
+        ];
+        for (bad, field) in cases {
+            write(dir.path(), "routes.yaml", &format!("{bad}---\n{GRPC_ROUTE}"));
+            let (after, errors) = source.reload();
+            assert_eq!(errors.len(), 1, "{field}: {errors:?}");
+            assert_eq!(errors[0].object.as_deref(), Some("HTTPRoute shop/canary"), "{field}");
+            assert_eq!(errors[0].field.as_deref(), Some(field), "{errors:?}");
+            assert_eq!(after.routes, model.routes, "{field}: the last good route stays");
+        }
+        let rewrite_and_redirect = HTTP_ROUTE.replace(
+            "    - type: RequestRedirect\n",
+            "    - type: URLRewrite\n      urlRewrite:\n        hostname: web\n    - type: RequestRedirect\n",
+        );
+        write(dir.path(), "routes.yaml", &rewrite_and_redirect);
+        let (_, errors) = source.reload();
+        assert_eq!(errors[0].field.as_deref(), Some("spec.rules[2].filters"), "{errors:?}");
+        assert!(errors[0].message.contains("cannot be used on the same rule"), "{errors:?}");
     }
 
     #[test]

@@ -3,12 +3,15 @@
 //! the same functions, so the same objects give the same model through either. A field that
 //! does not translate is a [`FieldError`] naming the object and the field.
 
+mod routes;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
 use k8s_openapi::api::core::v1 as k8s;
+pub use routes::{grpc_route_from, http_route_from};
 
 use crate::model::{
     EndpointSlice, Model, Namespace, Pod, Service, ServiceAccount, ServicePort, SliceEndpoint, TargetPort,
@@ -65,6 +68,10 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     /// A ServiceAccount.
     ServiceAccount(ServiceAccount),
+    /// A Gateway API route attached to Services (HTTPRoute, GRPCRoute).
+    Route(ferrymesh_route::Route),
+    /// An object the mesh reads and has no part of (a route attached only to Gateways).
+    Ignored,
 }
 
 impl FieldError {
@@ -107,6 +114,10 @@ pub fn model_of<'a>(objects: impl Iterator<Item = &'a Object>) -> Model {
             Object::ServiceAccount(sa) => {
                 model.service_accounts.insert(format!("{}/{}", sa.namespace, sa.name), sa.clone());
             }
+            Object::Route(route) => {
+                model.routes.insert(route.key(), std::sync::Arc::new(route.clone()));
+            }
+            Object::Ignored => {}
         }
     }
     model
