@@ -17,6 +17,61 @@ pub const DATAPLANE_MODE_LABEL: &str = "ferrymesh.io/dataplane-mode";
 /// it the agent finds the netns through the pod UID in /proc/<pid>/cgroup).
 pub const NETNS_ANNOTATION: &str = "ferrymesh.io/netns";
 
+/// Label binding a Namespace or Service to a waypoint (value: the waypoint's name; `none` opts
+/// a Service out of its namespace's waypoint).
+pub const USE_WAYPOINT_LABEL: &str = "ferrymesh.io/use-waypoint";
+/// Label naming the namespace of the waypoint `ferrymesh.io/use-waypoint` names (default: the
+/// labelled object's own).
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "ferrymesh.io/use-waypoint-namespace";
+/// Gateway label saying which traffic its waypoint takes: `service` (default), `workload`, `all`
+/// or `none`.
+pub const WAYPOINT_FOR_LABEL: &str = "ferrymesh.io/waypoint-for";
+/// Pod label naming the Gateway a pod runs (set by the Gateway's deployment).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The GatewayClass of the mesh's waypoints.
+pub const WAYPOINT_CLASS: &str = "ferrymesh-waypoint";
+
+/// Which traffic a waypoint takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaypointFor {
+    /// Traffic addressed to the Services bound to it.
+    Service,
+    /// Traffic addressed to the workloads bound to it.
+    Workload,
+    /// Both.
+    All,
+    /// Neither.
+    None,
+}
+
+impl WaypointFor {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            WaypointFor::Service => "service",
+            WaypointFor::Workload => "workload",
+            WaypointFor::All => "all",
+            WaypointFor::None => "none",
+        }
+    }
+
+    /// Whether it takes Service-addressed traffic.
+    pub fn takes_services(self) -> bool {
+        matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+}
+
+/// A waypoint: a Gateway of class `ferrymesh-waypoint`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waypoint {
+    /// Namespace.
+    pub namespace: String,
+    /// Name (also its service account: its identity is `.../ns/<namespace>/sa/<name>`).
+    pub name: String,
+    /// Which traffic it takes.
+    pub traffic: WaypointFor,
+}
+
 /// A namespace and the labels that matter to the mesh.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Namespace {
@@ -91,6 +146,8 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Pod selector; None: endpoints are managed elsewhere (none in local mode).
     pub selector: Option<BTreeMap<String, String>>,
+    /// Its labels (a waypoint binding).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// An EndpointSlice: endpoints of one Service (in local mode optional: without one, a Service's
@@ -154,14 +211,69 @@ pub struct Model {
     pub endpoint_slices: BTreeMap<String, EndpointSlice>,
     /// ServiceAccounts by `namespace/name`.
     pub service_accounts: BTreeMap<String, ServiceAccount>,
+    /// Waypoints (Gateways of class `ferrymesh-waypoint`), by `namespace/name`.
+    pub waypoints: BTreeMap<String, Waypoint>,
     /// Gateway API routes attached to Services, by `Kind namespace/name`.
     pub routes: BTreeMap<String, std::sync::Arc<ferrymesh_route::Route>>,
 }
 
 impl Model {
-    /// Whether the agent of the pod's node captures its traffic.
+    /// Whether the agent of the pod's node captures its traffic. A waypoint's own pods never are:
+    /// the waypoint speaks HBONE itself.
     pub fn captured(&self, pod: &Pod) -> bool {
-        !pod.opted_out() && self.namespaces.get(&pod.namespace).is_some_and(Namespace::enrolled)
+        !pod.opted_out()
+            && self.namespaces.get(&pod.namespace).is_some_and(Namespace::enrolled)
+            && !self.runs_waypoint(pod)
+    }
+
+    /// Whether `pod` runs a waypoint of the model.
+    fn runs_waypoint(&self, pod: &Pod) -> bool {
+        pod.labels
+            .get(GATEWAY_NAME_LABEL)
+            .is_some_and(|name| self.waypoints.contains_key(&format!("{}/{name}", pod.namespace)))
+    }
+
+    /// The waypoint (`namespace/name`) a Service is bound to: its own `ferrymesh.io/use-waypoint`
+    /// label, else its namespace's (`none` on the Service opts out), when that waypoint takes
+    /// Service traffic. A label naming a waypoint that does not exist still binds: traffic for
+    /// the Service then fails closed rather than bypass the policy it was meant to pass.
+    pub fn waypoint_of(&self, svc: &Service) -> Option<String> {
+        let namespace_labels = self.namespaces.get(&svc.namespace).map(|ns| &ns.labels);
+        let labels = match svc.labels.get(USE_WAYPOINT_LABEL) {
+            Some(_) => &svc.labels,
+            None => namespace_labels?,
+        };
+        let name = labels.get(USE_WAYPOINT_LABEL).filter(|n| n.as_str() != "none")?;
+        let namespace = labels.get(USE_WAYPOINT_NAMESPACE_LABEL).unwrap_or(&svc.namespace);
+        let key = format!("{namespace}/{name}");
+        match self.waypoints.get(&key) {
+            Some(w) if !w.traffic.takes_services() => None,
+            _ => Some(key),
+        }
+    }
+
+    /// The waypoints in wire form, with the addresses of their ready pods.
+    pub fn waypoints_wire(&self) -> BTreeMap<String, proto::Waypoint> {
+        self.waypoints
+            .iter()
+            .map(|(key, w)| {
+                let addresses = self
+                    .pods
+                    .values()
+                    .filter(|p| {
+                        p.namespace == w.namespace && p.ready && p.labels.get(GATEWAY_NAME_LABEL) == Some(&w.name)
+                    })
+                    .map(|p| p.ip.to_string())
+                    .collect();
+                let wire = proto::Waypoint {
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                    traffic_type: w.traffic.as_str().into(),
+                    addresses,
+                };
+                (key.clone(), wire)
+            })
+            .collect()
     }
 
     /// The workloads of the model as agents receive them, keyed by UID.
@@ -194,6 +306,7 @@ impl Model {
             authorization_policies: self.authorization_policies_wire(),
             peer_authentications: self.peer_authentications_wire(),
             services: self.services_wire(),
+            waypoints: self.waypoints_wire(),
             routes: self.routes.iter().map(|(k, r)| (k.clone(), proto::Route::from(&**r))).collect(),
         }
     }
@@ -258,6 +371,7 @@ impl Model {
                         .map(|p| proto::ServicePort { name: p.name.clone(), port: u32::from(p.port) })
                         .collect(),
                     endpoints,
+                    waypoint: self.waypoint_of(svc).unwrap_or_default(),
                 };
                 (key.clone(), wire)
             })

@@ -23,6 +23,7 @@ fn service(name: &str, vip: &str) -> Service {
         vip: Some(vip.parse().unwrap()),
         ports: vec![ServicePort { name: "http".into(), port: 80, target: TargetPort::Number(8080) }],
         selector: Some(BTreeMap::from([("app".to_string(), name.to_string())])),
+        labels: BTreeMap::new(),
     }
 }
 

@@ -29,6 +29,10 @@ fn cluster() -> Topology {
             "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-other\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [other]\n",
         );
         topo.write_config_file(
+            "service-web-l7.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web-l7\n  namespace: shop\n  labels:\n    ferrymesh.io/use-waypoint: shop-waypoint\nspec:\n  clusterIP: 10.96.0.41\n  selector:\n    app: c\n  ports:\n  - port: 80\n",
+        );
+        topo.write_config_file(
             "route-web.yaml",
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web-split\n  namespace: shop\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: web\n    port: 80\n  rules:\n  - name: api\n    matches:\n    - path:\n        type: PathPrefix\n        value: /api\n    backendRefs:\n    - name: web\n      port: 80\n      weight: 90\n    - name: web-canary\n      port: 80\n      weight: 10\n",
         );
@@ -443,6 +447,13 @@ fn status_views_and_bad_input() {
     let services: Value = serde_json::from_slice(&topo.meshctl(1, &["services", "-o", "json"]).stdout).unwrap();
     assert_eq!(services[0]["vip"], VIP);
     assert_eq!(services[0]["endpoints"][0]["ip"], c.ip.to_string());
+    let table = String::from_utf8_lossy(&topo.meshctl(1, &["services"]).stdout).to_string();
+    let bound = table.lines().find(|l| l.starts_with("shop/web-l7")).unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        bound.contains("shop/shop-waypoint (no such waypoint)"),
+        "the binding shows, and that it has no waypoint: {table}"
+    );
+    assert_eq!(services[1]["waypoint"], "shop/shop-waypoint", "{services}");
     let policies = String::from_utf8_lossy(&topo.meshctl(1, &["policies"]).stdout).to_string();
     assert!(policies.contains("AuthorizationPolicy shop/deny-other") && policies.contains("DENY"), "{policies}");
     let certs: Value = serde_json::from_slice(&topo.meshctl(2, &["certs", "-o", "json"]).stdout).unwrap();

@@ -69,6 +69,40 @@ pub struct Service {
     pub ports: Vec<u16>,
     /// Endpoints.
     pub endpoints: Vec<ServiceEndpoint>,
+    /// `namespace/name` of the waypoint it is bound to.
+    pub waypoint: Option<String>,
+}
+
+/// A waypoint: the L7 proxy Services may be bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waypoint {
+    /// Namespace.
+    pub namespace: String,
+    /// Name (and service account).
+    pub name: String,
+    /// `service`, `workload`, `all` or `none`.
+    pub traffic_type: String,
+    /// IPs of its ready pods.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl TryFrom<proto::Waypoint> for Waypoint {
+    type Error = InvalidUpdate;
+
+    fn try_from(w: proto::Waypoint) -> Result<Self, Self::Error> {
+        let addresses = w
+            .addresses
+            .iter()
+            .map(|a| {
+                a.parse().map_err(|e| InvalidUpdate::Waypoint {
+                    waypoint: format!("{}/{}", w.namespace, w.name),
+                    field: "addresses",
+                    message: format!("{a:?}: {e}"),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { namespace: w.namespace, name: w.name, traffic_type: w.traffic_type, addresses })
+    }
 }
 
 impl TryFrom<proto::Service> for Service {
@@ -95,7 +129,8 @@ impl TryFrom<proto::Service> for Service {
             }
             endpoints.push(ServiceEndpoint { workload_uid: e.workload_uid.clone(), ip, ready: e.ready, target_ports });
         }
-        Ok(Self { namespace: s.namespace.clone(), name: s.name.clone(), vip, ports, endpoints })
+        let waypoint = (!s.waypoint.is_empty()).then(|| s.waypoint.clone());
+        Ok(Self { namespace: s.namespace.clone(), name: s.name.clone(), vip, ports, endpoints, waypoint })
     }
 }
 
@@ -118,6 +153,16 @@ pub enum InvalidUpdate {
     /// A route does not convert.
     #[error("{0}")]
     Route(#[from] ferrymesh_route::wire::WireError),
+    /// A waypoint does not convert.
+    #[error("waypoint {waypoint}: field {field}: {message}")]
+    Waypoint {
+        /// `namespace/name`.
+        waypoint: String,
+        /// Field at fault.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
     /// A service does not convert.
     #[error("service {service}: field {field}: {message}")]
     Service {
@@ -178,6 +223,19 @@ impl Stored for Service {
                     target_ports: e.target_ports.iter().map(|(a, b)| (u32::from(*a), u32::from(*b))).collect(),
                 })
                 .collect(),
+            waypoint: self.waypoint.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl Stored for Waypoint {
+    type Wire = proto::Waypoint;
+    fn wire(&self) -> proto::Waypoint {
+        proto::Waypoint {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            traffic_type: self.traffic_type.clone(),
+            addresses: self.addresses.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -301,6 +359,8 @@ struct Inner {
     peer_authentications: Table<PeerAuthentication>,
     /// Gateway API routes by `Kind namespace/name` (a waypoint routes with them).
     routes: Table<Route>,
+    /// Waypoints by `namespace/name`.
+    waypoints: Table<Waypoint>,
 }
 
 /// The store. Readers take snapshots; `apply` is the single writer of workloads.
@@ -334,6 +394,7 @@ impl State {
         let authorization_policies = Changes::<AuthorizationPolicy>::take(&mut update)?;
         let peer_authentications = Changes::<PeerAuthentication>::take(&mut update)?;
         let routes = Changes::<Route>::take(&mut update)?;
+        let waypoints = Changes::<Waypoint>::take(&mut update)?;
         let snapshot = update.snapshot;
         let policies = {
             let mut inner = self.inner.write().expect("state lock");
@@ -348,6 +409,7 @@ impl State {
             let policies_changed = authorization_policies.apply(&mut inner.authorization_policies, snapshot)
                 | peer_authentications.apply(&mut inner.peer_authentications, snapshot);
             routes.apply(&mut inner.routes, snapshot);
+            waypoints.apply(&mut inner.waypoints, snapshot);
             inner.version = update.version;
             policies_changed.then(|| {
                 PolicySet::new(
@@ -436,6 +498,7 @@ impl State {
         dump_table(&inner.authorization_policies, &mut set);
         dump_table(&inner.peer_authentications, &mut set);
         dump_table(&inner.routes, &mut set);
+        dump_table(&inner.waypoints, &mut set);
         set
     }
 
@@ -443,6 +506,11 @@ impl State {
     pub fn captured_on(&self, node: &str) -> HashMap<String, Arc<Workload>> {
         let inner = self.inner.read().expect("state lock");
         inner.workloads.values().filter(|w| w.captured && w.node == node).map(|w| (w.uid.clone(), w.clone())).collect()
+    }
+
+    /// The waypoint `namespace/name`, if held.
+    pub fn waypoint(&self, key: &str) -> Option<Arc<Waypoint>> {
+        self.inner.read().expect("state lock").waypoints.get(key).cloned()
     }
 
     /// Every route held, by `Kind namespace/name`.

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{AuthorizationPolicy, ConfigUpdate, PeerAuthentication, Route, Service, Workload};
+use crate::config::{AuthorizationPolicy, ConfigUpdate, PeerAuthentication, Route, Service, Waypoint, Workload};
 
 /// A kind of config object carried by [`ConfigUpdate`].
 pub trait ConfigKind: Clone + PartialEq + Sized {
@@ -93,6 +93,7 @@ kinds! {
         |p| format!("{}/{}", p.namespace, p.name);
     Service => services, services, removed_services, |s| format!("{}/{}", s.namespace, s.name);
     Route => routes, routes, removed_routes, |r| format!("{} {}/{}", r.kind, r.namespace, r.name);
+    Waypoint => waypoints, waypoints, removed_waypoints, |w| format!("{}/{}", w.namespace, w.name);
 }
 
 impl ConfigSet {
@@ -204,7 +205,14 @@ mod tests {
         );
         assert_eq!(
             current.counts(),
-            [("Workload", 1), ("AuthorizationPolicy", 1), ("PeerAuthentication", 0), ("Service", 1), ("Route", 0)]
+            [
+                ("Workload", 1),
+                ("AuthorizationPolicy", 1),
+                ("PeerAuthentication", 0),
+                ("Service", 1),
+                ("Route", 0),
+                ("Waypoint", 0)
+            ]
         );
     }
 }

@@ -1,6 +1,6 @@
 //! Kubernetes source: kube reflectors on Namespaces, Pods, Services, EndpointSlices,
 //! ServiceAccounts, the ferrymesh AuthorizationPolicy and PeerAuthentication custom resources
-//! and Gateway API HTTPRoutes and GRPCRoutes feed the same translation as the
+//! and Gateway API Gateways, HTTPRoutes and GRPCRoutes feed the same translation as the
 //! directory source ([`super::translate`]), so the same objects give the same
 //! model through either. An object that fails translation keeps its last good version; a pod
 //! that is not scheduled, has no IP yet or uses the host network is simply not part of the mesh.
@@ -16,12 +16,13 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 
 use super::local::ConfigError;
+use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GRPCRoute;
 use gateway_api::httproutes::HTTPRoute;
 
 use super::translate::{
     endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, service_account_from,
-    service_from, EndpointSliceResource, FieldError, Object, ObjectKey,
+    service_from, waypoint_from, EndpointSliceResource, FieldError, Object, ObjectKey,
 };
 use crate::crd::{AuthorizationPolicyResource, PeerAuthenticationResource};
 use crate::model::Model;
@@ -40,6 +41,7 @@ pub struct KubeSource {
     service_accounts: Store<k8s::ServiceAccount>,
     authorization_policies: Store<AuthorizationPolicyResource>,
     peer_authentications: Store<PeerAuthenticationResource>,
+    gateways: Store<Gateway>,
     http_routes: Store<HTTPRoute>,
     grpc_routes: Store<GRPCRoute>,
     good: BTreeMap<ObjectKey, Object>,
@@ -116,6 +118,11 @@ impl KubeSource {
             let result = p.spec.peer_authentication.validate(&k.namespace, &k.name).map(Object::PeerAuthentication);
             add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
         }
+        for gw in self.gateways.state() {
+            let k = key("Gateway", gw.namespace(), gw.name_any());
+            let result = waypoint_from((*gw).clone(), &k).map(|w| w.map_or(Object::Ignored, Object::Waypoint));
+            add(k, result.map_err(FieldError::field_and_message), &self.good);
+        }
         for r in self.http_routes.state() {
             let k = key("HTTPRoute", r.namespace(), r.name_any());
             let result = http_route_from((*r).clone(), &k).map(|r| r.map_or(Object::Ignored, Object::Route));
@@ -145,6 +152,7 @@ pub fn watched_resources() -> Vec<(String, String)> {
         of::<k8s::ServiceAccount>(),
         of::<AuthorizationPolicyResource>(),
         of::<PeerAuthenticationResource>(),
+        of::<Gateway>(),
         of::<HTTPRoute>(),
         of::<GRPCRoute>(),
     ]
@@ -178,6 +186,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
     let (service_accounts, sa_writer) = reflector::store();
     let (authorization_policies, authz_writer) = reflector::store();
     let (peer_authentications, peer_writer) = reflector::store();
+    let (gateways, gateway_writer) = reflector::store();
     let (http_routes, http_route_writer) = reflector::store();
     let (grpc_routes, grpc_route_writer) = reflector::store();
     let mut source = KubeSource {
@@ -188,6 +197,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         service_accounts,
         authorization_policies,
         peer_authentications,
+        gateways,
         http_routes,
         grpc_routes,
         good: BTreeMap::new(),
@@ -200,6 +210,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         changes(Api::<k8s::ServiceAccount>::all(client.clone()), sa_writer).boxed(),
         changes(Api::<AuthorizationPolicyResource>::all(client.clone()), authz_writer).boxed(),
         changes(Api::<PeerAuthenticationResource>::all(client.clone()), peer_writer).boxed(),
+        changes(Api::<Gateway>::all(client.clone()), gateway_writer).boxed(),
         changes(Api::<HTTPRoute>::all(client.clone()), http_route_writer).boxed(),
         changes(Api::<GRPCRoute>::all(client), grpc_route_writer).boxed(),
     ]);

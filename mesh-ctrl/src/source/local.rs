@@ -17,7 +17,7 @@ use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 
 use super::translate::{
     endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, service_account_from,
-    service_from, EndpointSliceResource, FieldError, Object, ObjectKey,
+    service_from, waypoint_from, EndpointSliceResource, FieldError, Object, ObjectKey,
 };
 use crate::model::{Model, ServiceAccount};
 use crate::schema::strict;
@@ -306,6 +306,9 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         (FERRYMESH_V1ALPHA1, "PeerAuthentication") => strict::<CustomResource<PeerAuthenticationSpec>>(doc).and_then(|cr| {
             cr.spec.validate(&key.namespace, &key.name).map(Object::PeerAuthentication).map_err(|e| (Some(e.field), e.message))
         }),
+        (GATEWAY_V1, "Gateway") => strict::<gateway_api::gateways::Gateway>(without_type_meta(doc)).and_then(|gw| {
+            waypoint_from(gw, &key).map(|w| w.map_or(Object::Ignored, Object::Waypoint)).map_err(FieldError::field_and_message)
+        }),
         (GATEWAY_V1, "HTTPRoute") => strict::<gateway_api::httproutes::HTTPRoute>(without_type_meta(doc)).and_then(|route| {
             http_route_from(route, &key).map(|r| r.map_or(Object::Ignored, Object::Route)).map_err(FieldError::field_and_message)
         }),
@@ -316,7 +319,7 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         _ => Err((
             Some("kind".into()),
             format!(
-                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy and PeerAuthentication, {GATEWAY_V1} HTTPRoute and GRPCRoute)"
+                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy and PeerAuthentication, {GATEWAY_V1} Gateway, HTTPRoute and GRPCRoute)"
             ),
         )),
     };
@@ -627,6 +630,81 @@ spec:
         let (_, errors) = source.reload();
         assert_eq!(errors[0].field.as_deref(), Some("spec.rules[2].filters"), "{errors:?}");
         assert!(errors[0].message.contains("cannot be used on the same rule"), "{errors:?}");
+    }
+
+    fn gateway(name: &str, class: &str, labels: &str, listener: &str) -> String {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{{labels}}}\nspec:\n  gatewayClassName: {class}\n  listeners:\n  - name: mesh\n    {listener}\n"
+        )
+    }
+
+    fn service_yaml(name: &str, labels: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{{labels}}}\nspec:\n  clusterIP: 10.96.0.{}\n  ports:\n  - port: 80\n",
+            name.len()
+        )
+    }
+
+    #[test]
+    fn waypoints_bind_services_by_label_and_are_not_captured() {
+        let dir = tempfile::tempdir().unwrap();
+        let hbone = "port: 15008\n    protocol: HBONE";
+        let ns = NS_ON.replace(
+            "ferrymesh.io/dataplane-mode: enabled\n",
+            "ferrymesh.io/dataplane-mode: enabled\n    ferrymesh.io/use-waypoint: wp\n",
+        );
+        let waypoint_pod = pod_yaml("wp-0", "10.244.1.9", "")
+            .replace("    app: wp-0\n", "    app: wp-0\n    gateway.networking.k8s.io/gateway-name: wp\n");
+        let objects = [
+            ns,
+            gateway("wp", "ferrymesh-waypoint", "", hbone),
+            gateway("workloads-only", "ferrymesh-waypoint", "ferrymesh.io/waypoint-for: workload", hbone),
+            gateway("ingress", "some-other-class", "", "port: 80\n    protocol: HTTP"),
+            waypoint_pod,
+            pod_yaml("web", "10.244.1.2", ""),
+            service_yaml("web", ""),
+            service_yaml("opted-out", "ferrymesh.io/use-waypoint: none"),
+            service_yaml("elsewhere", "ferrymesh.io/use-waypoint: edge, ferrymesh.io/use-waypoint-namespace: infra"),
+            service_yaml("wl", "ferrymesh.io/use-waypoint: workloads-only"),
+        ];
+        write(dir.path(), "all.yaml", &objects.join("---\n"));
+        let mut source = DirSource::new(dir.path());
+        let (model, errors) = source.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            model.waypoints.keys().collect::<Vec<_>>(),
+            ["shop/workloads-only", "shop/wp"],
+            "another class's Gateway is not ours"
+        );
+        let config = model.config();
+        let bound = |svc: &str| config.services[&format!("shop/{svc}")].waypoint.clone();
+        assert_eq!(bound("web"), "shop/wp", "the namespace's label binds its Services");
+        assert_eq!(bound("opted-out"), "", "none on the Service opts out");
+        assert_eq!(bound("elsewhere"), "infra/edge", "a waypoint of another namespace, even one not (yet) there");
+        assert_eq!(bound("wl"), "", "a waypoint for workloads takes no Service traffic");
+        assert_eq!(config.waypoints["shop/wp"].addresses, ["10.244.1.9"]);
+        assert_eq!(config.waypoints["shop/workloads-only"].traffic_type, "workload");
+        let captured: BTreeMap<&str, bool> = config.workloads.values().map(|w| (w.name.as_str(), w.captured)).collect();
+        assert_eq!(captured, BTreeMap::from([("web", true), ("wp-0", false)]), "a waypoint speaks HBONE itself");
+
+        for (bad, field) in [
+            (gateway("wp", "ferrymesh-waypoint", "", "port: 80\n    protocol: HTTP"), "spec.listeners"),
+            (
+                gateway("wp", "ferrymesh-waypoint", "ferrymesh.io/waypoint-for: everything", hbone),
+                "metadata.labels.ferrymesh.io/waypoint-for",
+            ),
+        ] {
+            let mut next = objects.clone();
+            next[1] = bad;
+            write(dir.path(), "all.yaml", &next.join("---\n"));
+            let (after, errors) = source.reload();
+            assert_eq!(errors.len(), 1, "{field}: {errors:?}");
+            assert_eq!(
+                (errors[0].object.as_deref(), errors[0].field.as_deref()),
+                (Some("Gateway shop/wp"), Some(field))
+            );
+            assert_eq!(after.waypoints, model.waypoints, "{field}: the last good waypoint stays");
+        }
     }
 
     #[test]

@@ -13,6 +13,40 @@ use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
 use k8s_openapi::api::core::v1 as k8s;
 pub use routes::{grpc_route_from, http_route_from};
 
+/// The mesh's part of a Gateway: a waypoint when its class is `ferrymesh-waypoint`, which must
+/// listen on 15008 with protocol HBONE; any other class is another controller's (None).
+pub fn waypoint_from(
+    gateway: gateway_api::gateways::Gateway,
+    key: &ObjectKey,
+) -> Result<Option<crate::model::Waypoint>, FieldError> {
+    use crate::model::{WaypointFor, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL};
+    if gateway.spec.gateway_class_name != WAYPOINT_CLASS {
+        return Ok(None);
+    }
+    let hbone =
+        gateway.spec.listeners.iter().any(|l| l.port == i32::from(mesh_common::HBONE_PORT) && l.protocol == "HBONE");
+    if !hbone {
+        return Err(key.field_error(
+            "spec.listeners",
+            format!("a waypoint listens on {} with protocol HBONE: add that listener", mesh_common::HBONE_PORT),
+        ));
+    }
+    let labels = gateway.metadata.labels.unwrap_or_default();
+    let traffic = match labels.get(WAYPOINT_FOR_LABEL).map(String::as_str) {
+        None | Some("service") => WaypointFor::Service,
+        Some("workload") => WaypointFor::Workload,
+        Some("all") => WaypointFor::All,
+        Some("none") => WaypointFor::None,
+        Some(other) => {
+            return Err(key.field_error(
+                format!("metadata.labels.{WAYPOINT_FOR_LABEL}"),
+                format!("{other:?} is not service, workload, all or none"),
+            ))
+        }
+    };
+    Ok(Some(crate::model::Waypoint { namespace: key.namespace.clone(), name: key.name.clone(), traffic }))
+}
+
 use crate::model::{
     EndpointSlice, Model, Namespace, Pod, Service, ServiceAccount, ServicePort, SliceEndpoint, TargetPort,
     NETNS_ANNOTATION,
@@ -68,6 +102,8 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     /// A ServiceAccount.
     ServiceAccount(ServiceAccount),
+    /// A waypoint (a Gateway of class `ferrymesh-waypoint`).
+    Waypoint(crate::model::Waypoint),
     /// A Gateway API route attached to Services (HTTPRoute, GRPCRoute).
     Route(ferrymesh_route::Route),
     /// An object the mesh reads and has no part of (a route attached only to Gateways).
@@ -113,6 +149,9 @@ pub fn model_of<'a>(objects: impl Iterator<Item = &'a Object>) -> Model {
             }
             Object::ServiceAccount(sa) => {
                 model.service_accounts.insert(format!("{}/{}", sa.namespace, sa.name), sa.clone());
+            }
+            Object::Waypoint(w) => {
+                model.waypoints.insert(format!("{}/{}", w.namespace, w.name), w.clone());
             }
             Object::Route(route) => {
                 model.routes.insert(route.key(), std::sync::Arc::new(route.clone()));
@@ -261,5 +300,12 @@ pub fn service_from(svc: k8s::Service, key: &ObjectKey) -> Result<Service, Field
         };
         ports.push(ServicePort { name: p.name.clone().unwrap_or_default(), port, target });
     }
-    Ok(Service { namespace: key.namespace.clone(), name: key.name.clone(), vip, ports, selector: spec.selector })
+    Ok(Service {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        vip,
+        ports,
+        selector: spec.selector,
+        labels: svc.metadata.labels.unwrap_or_default(),
+    })
 }

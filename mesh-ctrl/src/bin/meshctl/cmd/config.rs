@@ -92,6 +92,19 @@ pub async fn workloads(agent: &Path, output: Output) -> Result<(), String> {
     Ok(())
 }
 
+/// A Service's waypoint as the table shows it: its name, and whether it has a ready pod.
+fn waypoint(
+    s: &ferrymesh_api::config::Service,
+    waypoints: &std::collections::BTreeMap<String, ferrymesh_api::config::Waypoint>,
+) -> String {
+    match (s.waypoint.as_str(), waypoints.get(&s.waypoint)) {
+        ("", _) => "-".into(),
+        (name, None) => format!("{name} (no such waypoint)"),
+        (name, Some(w)) if w.addresses.is_empty() => format!("{name} (no ready pod)"),
+        (name, Some(_)) => name.to_string(),
+    }
+}
+
 /// Prints the services.
 pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
     let config = dump(agent).await?;
@@ -102,7 +115,7 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
                 .values()
                 .map(|s| {
                     json!({
-                        "namespace": s.namespace, "name": s.name, "vip": s.vip,
+                        "namespace": s.namespace, "name": s.name, "vip": s.vip, "waypoint": s.waypoint,
                         "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
                         "endpoints": s.endpoints.iter().map(|e| json!({
                             "ip": e.ip, "ready": e.ready, "workload_uid": e.workload_uid, "target_ports": e.target_ports,
@@ -113,7 +126,7 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
             println!("{}", json!(all));
         }
         _ => {
-            let rows: Vec<[String; 4]> = config
+            let rows: Vec<[String; 5]> = config
                 .objects
                 .services
                 .values()
@@ -128,11 +141,12 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
                         format!("{}/{}", s.namespace, s.name),
                         if s.vip.is_empty() { "None (headless)".into() } else { s.vip.clone() },
                         ports.join(","),
+                        waypoint(s, &config.objects.waypoints),
                         endpoints.join(", "),
                     ]
                 })
                 .collect();
-            table::print(&["SERVICE", "VIP", "PORTS", "ENDPOINTS"], &rows);
+            table::print(&["SERVICE", "VIP", "PORTS", "WAYPOINT", "ENDPOINTS"], &rows);
         }
     }
     Ok(())
