@@ -15,22 +15,26 @@ use ferrymesh_route::{
 };
 use gateway_api::grpcroutes::{GRPCRoute, GRPCRouteRulesMatches, GRPCRouteRulesMatchesMethodType};
 use gateway_api::httproutes::{
-    HTTPRoute, HTTPRouteRulesFilters, HTTPRouteRulesFiltersType, HTTPRouteRulesMatches, HTTPRouteRulesMatchesPathType,
+    HTTPRoute, HTTPRouteParentRefs, HTTPRouteRulesBackendRefs, HTTPRouteRulesFilters, HTTPRouteRulesFiltersType,
+    HTTPRouteRulesMatches, HTTPRouteRulesMatchesPathType,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{FieldError, ObjectKey};
 
+/// A rule as both route kinds give it: its name, its matches already translated, and its
+/// filters and backends in the HTTPRoute shape (see [`canonical`]).
+struct RawRule {
+    name: Option<String>,
+    matches: Vec<Match>,
+    filters: Vec<HTTPRouteRulesFilters>,
+    backends: Vec<HTTPRouteRulesBackendRefs>,
+}
+
 /// The mesh's part of a route: None when it is attached to no Service.
 pub fn http_route_from(route: HTTPRoute, key: &ObjectKey) -> Result<Option<Route>, FieldError> {
-    let created = created_unix(&route.metadata);
     let spec = route.spec;
-    let parents =
-        parents(spec.parent_refs.iter().flatten().map(|p| (&p.group, &p.kind, &p.name, &p.namespace, p.port)), key)?;
-    if parents.is_empty() {
-        return Ok(None);
-    }
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.into_iter().flatten().enumerate() {
         let field = format!("spec.rules[{i}]");
@@ -41,48 +45,16 @@ pub fn http_route_from(route: HTTPRoute, key: &ObjectKey) -> Result<Option<Route
             .enumerate()
             .map(|(j, m)| http_match(m, key, &format!("{field}.matches[{j}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        let prefix_matched = matches.iter().all(|m| matches!(m.path, Some(PathMatch::Prefix(_))));
-        let filters =
-            translate_filters(rule.filters.unwrap_or_default(), key, &format!("{field}.filters"), prefix_matched)?;
-        let mut backends = Vec::new();
-        for (j, b) in rule.backend_refs.into_iter().flatten().enumerate() {
-            let field = format!("{field}.backendRefs[{j}]");
-            let target = backend_ref((&b.group, &b.kind, &b.name, &b.namespace, b.port), key, &field)?;
-            let filters = translate_filters(
-                b.filters
-                    .iter()
-                    .flatten()
-                    .map(canonical)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| key.field_error(format!("{field}.filters"), e))?,
-                key,
-                &format!("{field}.filters"),
-                prefix_matched,
-            )?;
-            backends.push(Backend { target, weight: weight(b.weight, key, &field)?, filters });
-        }
-        rules.push(finish_rule(rule.name, matches, filters, backends));
+        let filters = rule.filters.unwrap_or_default();
+        rules.push(RawRule { name: rule.name, matches, filters, backends: rule.backend_refs.unwrap_or_default() });
     }
-    Ok(Some(Route {
-        kind: RouteKind::Http,
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
-        parents,
-        hostnames: spec.hostnames.unwrap_or_default(),
-        rules,
-        created_unix: created,
-    }))
+    let parents = spec.parent_refs.unwrap_or_default();
+    mesh_route(RouteKind::Http, key, &route.metadata, spec.hostnames, parents, rules)
 }
 
 /// The mesh's part of a gRPC route: None when it is attached to no Service.
 pub fn grpc_route_from(route: GRPCRoute, key: &ObjectKey) -> Result<Option<Route>, FieldError> {
-    let created = created_unix(&route.metadata);
     let spec = route.spec;
-    let parents =
-        parents(spec.parent_refs.iter().flatten().map(|p| (&p.group, &p.kind, &p.name, &p.namespace, p.port)), key)?;
-    if parents.is_empty() {
-        return Ok(None);
-    }
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.into_iter().flatten().enumerate() {
         let field = format!("spec.rules[{i}]");
@@ -93,34 +65,50 @@ pub fn grpc_route_from(route: GRPCRoute, key: &ObjectKey) -> Result<Option<Route
             .enumerate()
             .map(|(j, m)| grpc_match(m, key, &format!("{field}.matches[{j}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        let filters = translate_filters(
-            as_http(rule.filters, key, &format!("{field}.filters"))?,
-            key,
-            &format!("{field}.filters"),
-            false,
-        )?;
+        let filters = as_http(rule.filters, key, &format!("{field}.filters"))?;
+        let backends = as_http(rule.backend_refs, key, &format!("{field}.backendRefs"))?;
+        rules.push(RawRule { name: rule.name, matches, filters, backends });
+    }
+    let parents = as_http(spec.parent_refs, key, "spec.parentRefs")?;
+    mesh_route(RouteKind::Grpc, key, &route.metadata, spec.hostnames, parents, rules)
+}
+
+/// What both route kinds share: parents (None when no Service is one), filters, backends.
+fn mesh_route(
+    kind: RouteKind,
+    key: &ObjectKey,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    hostnames: Option<Vec<String>>,
+    parent_refs: Vec<HTTPRouteParentRefs>,
+    raw: Vec<RawRule>,
+) -> Result<Option<Route>, FieldError> {
+    let parents = parents(parent_refs.iter().map(|p| (&p.group, &p.kind, &p.name, &p.namespace, p.port)), key)?;
+    if parents.is_empty() {
+        return Ok(None);
+    }
+    let mut rules = Vec::new();
+    for (i, rule) in raw.into_iter().enumerate() {
+        let field = format!("spec.rules[{i}]");
+        let prefix_matched = rule.matches.iter().all(|m| matches!(m.path, Some(PathMatch::Prefix(_))));
+        let filters = translate_filters(rule.filters, key, &format!("{field}.filters"), prefix_matched)?;
         let mut backends = Vec::new();
-        for (j, b) in rule.backend_refs.into_iter().flatten().enumerate() {
+        for (j, b) in rule.backends.into_iter().enumerate() {
             let field = format!("{field}.backendRefs[{j}]");
             let target = backend_ref((&b.group, &b.kind, &b.name, &b.namespace, b.port), key, &field)?;
-            let filters = translate_filters(
-                as_http(b.filters, key, &format!("{field}.filters"))?,
-                key,
-                &format!("{field}.filters"),
-                false,
-            )?;
+            let filters = as_http(b.filters, key, &format!("{field}.filters"))?;
+            let filters = translate_filters(filters, key, &format!("{field}.filters"), prefix_matched)?;
             backends.push(Backend { target, weight: weight(b.weight, key, &field)?, filters });
         }
-        rules.push(finish_rule(rule.name, matches, filters, backends));
+        rules.push(finish_rule(rule.name, rule.matches, filters, backends));
     }
     Ok(Some(Route {
-        kind: RouteKind::Grpc,
+        kind,
         namespace: key.namespace.clone(),
         name: key.name.clone(),
         parents,
-        hostnames: spec.hostnames.unwrap_or_default(),
+        hostnames: hostnames.unwrap_or_default(),
         rules,
-        created_unix: created,
+        created_unix: created_unix(meta),
     }))
 }
 
@@ -133,17 +121,18 @@ fn finish_rule(name: Option<String>, matches: Vec<Match>, filters: Vec<Filter>, 
     Rule { name, matches, filters, backends }
 }
 
-/// Filters of any place, read as the rule-level HTTPRoute filter (see [`canonical`]).
-fn as_http<T: Serialize>(
+/// Filters, backend or parent references of any place, read in the HTTPRoute rule's shape (see
+/// [`canonical`]).
+fn as_http<T: Serialize, U: DeserializeOwned>(
     list: Option<Vec<T>>,
     key: &ObjectKey,
     field: &str,
-) -> Result<Vec<HTTPRouteRulesFilters>, FieldError> {
+) -> Result<Vec<U>, FieldError> {
     list.iter().flatten().map(canonical).collect::<Result<_, _>>().map_err(|e| key.field_error(field, e))
 }
 
-/// One filter type's shape is the same in every place Gateway API declares it (rule, backend,
-/// HTTP or gRPC): each is read as the rule-level HTTPRoute filter.
+/// A filter, backend or parent reference has the same shape in every place Gateway API declares
+/// it (rule or backend, HTTP or gRPC; gRPC's being a subset): each is read as HTTPRoute's.
 fn canonical<T: Serialize, U: DeserializeOwned>(t: &T) -> Result<U, String> {
     serde_json::to_value(t).and_then(serde_json::from_value).map_err(|e| e.to_string())
 }
