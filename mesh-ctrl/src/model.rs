@@ -1,7 +1,7 @@
 //! The mesh model: plain domain types built from validated config objects, independent of the
-//! source they came from (local directory now, Kubernetes later). It owns the enrollment
-//! decision (namespace label, pod opt-out) and the conversion to the wire types; it must never
-//! read files or talk to the network.
+//! source they came from (a local directory or the Kubernetes API). It owns the enrollment
+//! decision (namespace label, pod opt-out), the waypoint binding of Services, and the
+//! conversion to the wire types; it must never read files or talk to the network.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

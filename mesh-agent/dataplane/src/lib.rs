@@ -5,8 +5,8 @@
 //! - [`trust`]: the trust bundle peers are verified against;
 //! - [`tls`]: the rustls configuration of HBONE and certificate inspection;
 //! - [`hbone`]: the HBONE server, client, connection pool and stream adapters;
-//! - [`state`]: the store of workloads, services and policies, and [`config_client`], the
-//!   config stream from mesh-ctrl that fills it;
+//! - [`state`]: the store of workloads, services, policies, routes and waypoints, and
+//!   [`config_client`], the config stream from mesh-ctrl that fills it;
 //! - [`limits`]: what inbound peers may hold open;
 //! - [`error`]: why a proxied connection failed, with its verdict, metric flag and hint;
 //! - [`flows`]: flow records, and [`metrics`], the metrics recorded from them.
