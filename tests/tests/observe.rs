@@ -485,6 +485,24 @@ fn status_views_and_bad_input() {
     );
     let routes: Value = serde_json::from_slice(&topo.meshctl(2, &["routes", "-o", "json"]).stdout).unwrap();
     assert_eq!(routes[0]["rules"][0]["name"], "api", "{routes}");
+    // Which rule a request takes, by the table a waypoint routes with.
+    let take = |args: &[&str]| {
+        let mut all = vec!["routes", "--to"];
+        all.extend_from_slice(args);
+        String::from_utf8_lossy(&topo.meshctl(1, &all).stdout).to_string()
+    };
+    let api = take(&["shop/web:80", "--path", "/api/orders?id=7"]);
+    assert!(api.contains("rule:    HTTPRoute shop/web-split rule api"), "{api}");
+    assert!(
+        api.contains("backend: shop/web:80 weight 90 (90%)")
+            && api.contains("backend: shop/web-canary:80 weight 10 (10%)"),
+        "{api}"
+    );
+    assert!(
+        take(&["shop/web:80", "--path", "/apiary"]).contains("no rule of the routes attached to shop/web:80 matches")
+    );
+    assert!(take(&["shop/web-l7:80"]).contains("no route is attached to shop/web-l7:80"));
+    one_line_error(&topo.meshctl(1, &["routes", "--to", "web"]), "--to \"web\": expected NAMESPACE/SERVICE:PORT");
 
     // Bad input: one line, non-zero, no panic.
     one_line_error(

@@ -52,11 +52,7 @@ enum Command {
         output: Output,
     },
     /// Gateway API routes (HTTPRoute, GRPCRoute) attached to Services, as the agent holds them.
-    Routes {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
+    Routes(cmd::routes::RoutesArgs),
     /// Workload certificates the agent holds: identity, serial, expiry, time to rotation.
     Certs {
         /// Output format.
@@ -112,7 +108,7 @@ async fn run(args: Args) -> Result<(), String> {
         Command::Workloads { output } => cmd::config::workloads(&agents[0], output).await,
         Command::Services { output } => cmd::config::services(&agents[0], output).await,
         Command::Policies { output } => cmd::config::policies(&agents[0], output).await,
-        Command::Routes { output } => cmd::config::routes(&agents[0], output).await,
+        Command::Routes(args) => cmd::routes::run(&agents[0], args).await,
         Command::Certs { output } => cmd::status::certs(&agents, output).await,
         Command::Status { output } => cmd::status::run(&agents, output).await,
     }

@@ -1,4 +1,4 @@
-//! `meshctl workloads`, `services`, `policies`, `routes`: the mesh config an agent holds (every agent
+//! `meshctl workloads`, `services`, `policies`: the mesh config an agent holds (every agent
 //! holds the whole mesh, so one agent answers).
 
 use std::path::Path;
@@ -201,109 +201,6 @@ pub async fn policies(agent: &Path, output: Output) -> Result<(), String> {
                 ]
             }));
             table::print(&["POLICY", "ACTION", "SELECTOR", "RULES"], &rows);
-        }
-    }
-    Ok(())
-}
-
-/// What a rule does, in a few words: its matches, filters and weighted backends.
-fn rule_summary(rule: &ferrymesh_route::Rule) -> String {
-    use ferrymesh_route::{Filter, PathMatch};
-    let matches: Vec<String> = rule
-        .matches
-        .iter()
-        .map(|m| {
-            let mut parts = Vec::new();
-            if let Some(method) = &m.method {
-                parts.push(method.to_string());
-            }
-            match &m.path {
-                Some(PathMatch::Exact(p)) => parts.push(format!("path={p}")),
-                Some(PathMatch::Prefix(p)) => parts.push(format!("path={p}*")),
-                Some(PathMatch::Regex(re)) => parts.push(format!("path~{}", ferrymesh_route::pattern_of(re))),
-                None => {}
-            }
-            parts.extend(m.headers.iter().map(|h| format!("header {}", h.name)));
-            parts.extend(m.query_params.iter().map(|q| format!("query {}", q.name)));
-            if parts.is_empty() {
-                "*".to_string()
-            } else {
-                parts.join(" ")
-            }
-        })
-        .collect();
-    let filters: Vec<&str> = rule
-        .filters
-        .iter()
-        .map(|f| match f {
-            Filter::RequestHeaders(_) => "request headers",
-            Filter::ResponseHeaders(_) => "response headers",
-            Filter::Redirect(_) => "redirect",
-            Filter::Rewrite(_) => "rewrite",
-            Filter::Mirror(_) => "mirror",
-        })
-        .collect();
-    let backends: Vec<String> =
-        rule.backends.iter().map(|b| format!("{}:{} w{}", b.target.service, b.target.port, b.weight)).collect();
-    let mut text = format!("[{}]", matches.join(" | "));
-    if !filters.is_empty() {
-        text.push_str(&format!(" {}", filters.join(", ")));
-    }
-    if !backends.is_empty() {
-        text.push_str(&format!(" -> {}", backends.join(", ")));
-    }
-    text
-}
-
-/// Prints the routes.
-pub async fn routes(agent: &Path, output: Output) -> Result<(), String> {
-    let config = dump(agent).await?;
-    let routes = config
-        .objects
-        .routes
-        .into_values()
-        .map(ferrymesh_route::Route::try_from)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the agent holds a route that does not convert: {e}"))?;
-    let parents = |r: &ferrymesh_route::Route| {
-        let list: Vec<String> = r
-            .parents
-            .iter()
-            .map(|p| match p.port {
-                Some(port) => format!("{}:{port}", p.service),
-                None => p.service.clone(),
-            })
-            .collect();
-        list.join(",")
-    };
-    match output {
-        Output::Json => {
-            let all: Vec<_> = routes
-                .iter()
-                .map(|r| {
-                    json!({
-                        "kind": r.kind.as_str(), "namespace": r.namespace, "name": r.name, "parents": parents(r),
-                        "rules": r.rules.iter().enumerate().map(|(i, rule)| json!({
-                            "name": rule.name.clone().unwrap_or_else(|| i.to_string()), "summary": rule_summary(rule),
-                        })).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
-            println!("{}", json!(all));
-        }
-        _ => {
-            let mut rows: Vec<[String; 4]> = Vec::new();
-            for r in &routes {
-                for (i, rule) in r.rules.iter().enumerate() {
-                    rows.push([
-                        format!("{} {}/{}", r.kind.as_str(), r.namespace, r.name),
-                        parents(r),
-                        rule.name.clone().unwrap_or_else(|| i.to_string()),
-                        rule_summary(rule),
-                    ]);
-                }
-            }
-            table::print(&["ROUTE", "SERVICES", "RULE", "MATCHES / FILTERS -> BACKENDS"], &rows);
         }
     }
     Ok(())

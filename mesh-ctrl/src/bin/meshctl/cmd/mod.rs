@@ -4,5 +4,6 @@
 pub mod config;
 pub mod explain;
 pub mod flows;
+pub mod routes;
 pub mod status;
 pub mod table;

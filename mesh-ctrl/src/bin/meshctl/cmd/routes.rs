@@ -1,0 +1,200 @@
+//! `meshctl routes`: the Gateway API routes the agent holds, rule by rule; with `--to`, which
+//! rule a request to a Service port takes and where it may go, decided by the `RouteTable` a
+//! waypoint routes with.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use clap::Args;
+use ferrymesh_route::{Route, RouteTable};
+use serde_json::json;
+
+use super::config::dump;
+use super::table;
+use crate::Output;
+
+/// `meshctl routes` arguments.
+#[derive(Debug, Args)]
+pub struct RoutesArgs {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Show which rule a request to NAMESPACE/SERVICE:PORT takes (with --path, --method, --header).
+    #[arg(long, value_name = "NAMESPACE/SERVICE:PORT")]
+    pub to: Option<String>,
+    /// The request's path, with its query if any (with --to).
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    /// The request's method (with --to).
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// A request header, NAME:VALUE (with --to; repeatable).
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    pub headers: Vec<String>,
+}
+
+/// The rule `args` describe a request to `to` taking, printed.
+fn select(routes: &[Route], to: &str, args: &RoutesArgs) -> Result<(), String> {
+    let (service, port) = to
+        .rsplit_once(':')
+        .and_then(|(s, p)| Some((s, p.parse::<u16>().ok().filter(|p| *p > 0)?)))
+        .filter(|(s, _)| s.contains('/'))
+        .ok_or_else(|| format!("--to {to:?}: expected NAMESPACE/SERVICE:PORT"))?;
+    let method = http::Method::from_bytes(args.method.as_bytes())
+        .map_err(|_| format!("--method {:?} is not an HTTP method", args.method))?;
+    let mut headers = http::HeaderMap::new();
+    for h in &args.headers {
+        let (name, value) = h.split_once(':').ok_or_else(|| format!("--header {h:?}: expected NAME:VALUE"))?;
+        let name = http::header::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("--header {h:?}: {name:?} is not a header name"))?;
+        let value = http::HeaderValue::from_str(value.trim()).map_err(|_| format!("--header {h:?}: bad value"))?;
+        headers.append(name, value);
+    }
+    let (path, query) = match args.path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (args.path.as_str(), None),
+    };
+    let shared: Vec<Arc<Route>> = routes.iter().cloned().map(Arc::new).collect();
+    let table = RouteTable::new(&shared, service, port);
+    let request = ferrymesh_route::RequestView { method: &method, path, query, headers: &headers };
+    let selected = table.select(&request);
+    let total = |rule: &ferrymesh_route::Rule| rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>();
+    match args.output {
+        Output::Json => {
+            let value = match selected {
+                None => json!({"to": to, "attached": !table.is_empty(), "rule": null}),
+                Some(s) => json!({
+                    "to": to, "attached": true, "rule": s.describe(), "summary": rule_summary(s.rule()),
+                    "backends": s.rule().backends.iter().map(|b| json!({
+                        "service": b.target.service, "port": b.target.port, "weight": b.weight,
+                        "share": if total(s.rule()) == 0 { 0.0 } else { f64::from(b.weight) / total(s.rule()) as f64 },
+                    })).collect::<Vec<_>>(),
+                }),
+            };
+            println!("{value}");
+        }
+        _ => match selected {
+            None if table.is_empty() => {
+                println!("no route is attached to {to}: a waypoint sends the request to the Service itself")
+            }
+            None => println!("no rule of the routes attached to {to} matches: a waypoint answers 404"),
+            Some(s) => {
+                println!("rule:    {}", s.describe());
+                println!("does:    {}", rule_summary(s.rule()));
+                for b in &s.rule().backends {
+                    let share =
+                        if total(s.rule()) == 0 { 0.0 } else { 100.0 * f64::from(b.weight) / total(s.rule()) as f64 };
+                    println!("backend: {}:{} weight {} ({share:.0}%)", b.target.service, b.target.port, b.weight);
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+/// What a rule does, in a few words: its matches, filters and weighted backends.
+fn rule_summary(rule: &ferrymesh_route::Rule) -> String {
+    use ferrymesh_route::{Filter, PathMatch};
+    let matches: Vec<String> = rule
+        .matches
+        .iter()
+        .map(|m| {
+            let mut parts = Vec::new();
+            if let Some(method) = &m.method {
+                parts.push(method.to_string());
+            }
+            match &m.path {
+                Some(PathMatch::Exact(p)) => parts.push(format!("path={p}")),
+                Some(PathMatch::Prefix(p)) => parts.push(format!("path={p}*")),
+                Some(PathMatch::Regex(re)) => parts.push(format!("path~{}", ferrymesh_route::pattern_of(re))),
+                None => {}
+            }
+            parts.extend(m.headers.iter().map(|h| format!("header {}", h.name)));
+            parts.extend(m.query_params.iter().map(|q| format!("query {}", q.name)));
+            if parts.is_empty() {
+                "*".to_string()
+            } else {
+                parts.join(" ")
+            }
+        })
+        .collect();
+    let filters: Vec<&str> = rule
+        .filters
+        .iter()
+        .map(|f| match f {
+            Filter::RequestHeaders(_) => "request headers",
+            Filter::ResponseHeaders(_) => "response headers",
+            Filter::Redirect(_) => "redirect",
+            Filter::Rewrite(_) => "rewrite",
+            Filter::Mirror(_) => "mirror",
+        })
+        .collect();
+    let backends: Vec<String> =
+        rule.backends.iter().map(|b| format!("{}:{} w{}", b.target.service, b.target.port, b.weight)).collect();
+    let mut text = format!("[{}]", matches.join(" | "));
+    if !filters.is_empty() {
+        text.push_str(&format!(" {}", filters.join(", ")));
+    }
+    if !backends.is_empty() {
+        text.push_str(&format!(" -> {}", backends.join(", ")));
+    }
+    text
+}
+
+/// Prints the routes, or which rule a request would take.
+pub async fn run(agent: &Path, args: RoutesArgs) -> Result<(), String> {
+    let config = dump(agent).await?;
+    let routes = config
+        .objects
+        .routes
+        .into_values()
+        .map(ferrymesh_route::Route::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the agent holds a route that does not convert: {e}"))?;
+    if let Some(to) = &args.to {
+        return select(&routes, to, &args);
+    }
+    let output = args.output;
+    let parents = |r: &ferrymesh_route::Route| {
+        let list: Vec<String> = r
+            .parents
+            .iter()
+            .map(|p| match p.port {
+                Some(port) => format!("{}:{port}", p.service),
+                None => p.service.clone(),
+            })
+            .collect();
+        list.join(",")
+    };
+    match output {
+        Output::Json => {
+            let all: Vec<_> = routes
+                .iter()
+                .map(|r| {
+                    json!({
+                        "kind": r.kind.as_str(), "namespace": r.namespace, "name": r.name, "parents": parents(r),
+                        "rules": r.rules.iter().enumerate().map(|(i, rule)| json!({
+                            "name": rule.name.clone().unwrap_or_else(|| i.to_string()), "summary": rule_summary(rule),
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            println!("{}", json!(all));
+        }
+        _ => {
+            let mut rows: Vec<[String; 4]> = Vec::new();
+            for r in &routes {
+                for (i, rule) in r.rules.iter().enumerate() {
+                    rows.push([
+                        format!("{} {}/{}", r.kind.as_str(), r.namespace, r.name),
+                        parents(r),
+                        rule.name.clone().unwrap_or_else(|| i.to_string()),
+                        rule_summary(rule),
+                    ]);
+                }
+            }
+            table::print(&["ROUTE", "SERVICES", "RULE", "MATCHES / FILTERS -> BACKENDS"], &rows);
+        }
+    }
+    Ok(())
+}
