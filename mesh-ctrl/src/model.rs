@@ -254,17 +254,17 @@ impl Model {
 
     /// The waypoints in wire form, with the addresses of their ready pods.
     pub fn waypoints_wire(&self) -> BTreeMap<String, proto::Waypoint> {
+        // One pass over the pods, not one per waypoint.
+        let mut running: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
+        for pod in self.pods.values().filter(|p| p.ready) {
+            if let Some(name) = pod.labels.get(GATEWAY_NAME_LABEL) {
+                running.entry((pod.namespace.as_str(), name.as_str())).or_default().push(pod.ip.to_string());
+            }
+        }
         self.waypoints
             .iter()
             .map(|(key, w)| {
-                let addresses = self
-                    .pods
-                    .values()
-                    .filter(|p| {
-                        p.namespace == w.namespace && p.ready && p.labels.get(GATEWAY_NAME_LABEL) == Some(&w.name)
-                    })
-                    .map(|p| p.ip.to_string())
-                    .collect();
+                let addresses = running.remove(&(w.namespace.as_str(), w.name.as_str())).unwrap_or_default();
                 let wire = proto::Waypoint {
                     namespace: w.namespace.clone(),
                     name: w.name.clone(),

@@ -38,13 +38,7 @@ pub fn http_route_from(route: HTTPRoute, key: &ObjectKey) -> Result<Option<Route
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.into_iter().flatten().enumerate() {
         let field = format!("spec.rules[{i}]");
-        let matches = rule
-            .matches
-            .into_iter()
-            .flatten()
-            .enumerate()
-            .map(|(j, m)| http_match(m, key, &format!("{field}.matches[{j}]")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let matches = translate_matches(rule.matches, key, &field, http_match)?;
         let filters = rule.filters.unwrap_or_default();
         rules.push(RawRule { name: rule.name, matches, filters, backends: rule.backend_refs.unwrap_or_default() });
     }
@@ -58,19 +52,28 @@ pub fn grpc_route_from(route: GRPCRoute, key: &ObjectKey) -> Result<Option<Route
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.into_iter().flatten().enumerate() {
         let field = format!("spec.rules[{i}]");
-        let matches = rule
-            .matches
-            .into_iter()
-            .flatten()
-            .enumerate()
-            .map(|(j, m)| grpc_match(m, key, &format!("{field}.matches[{j}]")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let matches = translate_matches(rule.matches, key, &field, grpc_match)?;
         let filters = as_http(rule.filters, key, &format!("{field}.filters"))?;
         let backends = as_http(rule.backend_refs, key, &format!("{field}.backendRefs"))?;
         rules.push(RawRule { name: rule.name, matches, filters, backends });
     }
     let parents = as_http(spec.parent_refs, key, "spec.parentRefs")?;
     mesh_route(RouteKind::Grpc, key, &route.metadata, spec.hostnames, parents, rules)
+}
+
+/// A rule's matches, each by `translate` (HTTP or gRPC), named `<field>.matches[j]`.
+fn translate_matches<M>(
+    matches: Option<Vec<M>>,
+    key: &ObjectKey,
+    field: &str,
+    translate: fn(M, &ObjectKey, &str) -> Result<Match, FieldError>,
+) -> Result<Vec<Match>, FieldError> {
+    matches
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(j, m)| translate(m, key, &format!("{field}.matches[{j}]")))
+        .collect()
 }
 
 /// What both route kinds share: parents (None when no Service is one), filters, backends.
