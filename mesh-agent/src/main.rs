@@ -2,7 +2,7 @@
 #![deny(unsafe_code)]
 
 mod admin;
-use ferrymesh_dataplane::{config_client, ctrl, error, flows, identity, limits, state, tls};
+use ferrymesh_dataplane::{config_client, ctrl, error, flows, identity, lb, limits, state, tls};
 mod discover;
 mod ebpf;
 mod enroll;

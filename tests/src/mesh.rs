@@ -538,3 +538,134 @@ pub fn scale_namespace_yaml(ns: usize, node: &str) -> String {
     }
     text
 }
+
+/// Port of the fm-echo HTTP backend.
+pub const ECHO_HTTP_PORT: u16 = 8081;
+/// Label naming a waypoint pod's Gateway.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+impl Topology {
+    /// Writes Gateway `namespace/name` of class `ferrymesh-waypoint` (an HBONE listener on
+    /// 15008): a waypoint for Services.
+    pub fn write_waypoint(&self, namespace: &str, name: &str) {
+        let text = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  gatewayClassName: ferrymesh-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n"
+        );
+        self.write_config_file(&format!("gateway-{namespace}-{name}.yaml"), &text);
+    }
+
+    /// Writes `pod` as the pod of the waypoint of its name (labelled with the Gateway's name,
+    /// running as the service account of that name, as a Gateway's deployment does).
+    pub fn write_waypoint_pod(&self, pod: &Pod) {
+        self.write_pod(pod, &[(GATEWAY_NAME_LABEL, &pod.name)]);
+    }
+
+    /// Starts mesh-waypoint in `pod` (label `waypoint-<name>`) as the waypoint named like the
+    /// pod, with its node's token, and waits until it serves.
+    pub fn start_waypoint(&self, pod: &Pod) {
+        let label = format!("waypoint-{}", pod.name);
+        let mut cmd = self.command_in(&pod.netns, bin("mesh-waypoint"));
+        cmd.args(["--namespace", &pod.namespace, "--name", &pod.name])
+            .args(["--node-name", &format!("node{}", pod.node), "--pod-ip", &pod.ip.to_string()])
+            .args(["--ctrl", &self.ctrl_address()])
+            .arg("--ca-root")
+            .arg(self.ca_root())
+            .arg("--token-file")
+            .arg(self.token_file(pod.node));
+        self.spawn(&label, cmd);
+        let start = Instant::now();
+        while !self.log(&label).contains("mesh-waypoint serving") {
+            assert!(self.is_running(&label), "{label} exited: {}", self.log(&label));
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{label} is not serving after 20s: {}",
+                self.log(&label)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The request records the waypoint in `pod` has logged, one JSON value each.
+    pub fn waypoint_requests(&self, pod: &Pod) -> Vec<Value> {
+        self.log(&format!("waypoint-{}", pod.name))
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("request line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// Starts the fm-echo HTTP backend in `pod` on [`ECHO_HTTP_PORT`] and waits until it listens.
+    pub fn serve_echo(&self, pod: &Pod) {
+        let label = format!("echo-{}-{}", pod.namespace, pod.name);
+        let mut cmd = self.command_in(&pod.netns, bin("fm-echo"));
+        cmd.args(["serve", "--pod", &pod.name, "--namespace", &pod.namespace]);
+        self.spawn(&label, cmd);
+        wait_until(Duration::from_secs(10), &format!("{label} to listen"), || {
+            assert!(self.is_running(&label), "{label} exited: {}", self.log(&label));
+            self.log(&label).contains("ready")
+        });
+    }
+}
+
+/// An HTTP response as curl printed it.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    /// Status code (0 when curl failed).
+    pub status: u16,
+    /// Header names (lowercase) and values.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: String,
+    /// curl's error output.
+    pub error: String,
+}
+
+impl HttpAnswer {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (an fm-echo answer).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {self:?}"))
+    }
+}
+
+impl Topology {
+    /// One request with curl from `from` to `url` with extra curl `args`; the final answer.
+    pub fn http(&self, from: &Pod, url: &str, args: &[&str]) -> HttpAnswer {
+        let mut all = vec!["-sS", "-i", "--max-time", "10"];
+        all.extend_from_slice(args);
+        all.push(url);
+        let out = self.output_in(&from.netns, "curl", &all);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let error = String::from_utf8_lossy(&out.stderr).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        HttpAnswer { status, headers, body: body.to_string(), error }
+    }
+
+    /// `count` requests with one curl from `from` to `url` (one connection, kept alive; HTTP/2
+    /// multiplexed with `--http2-prior-knowledge` in `args`): the pod named in each answer.
+    pub fn echo_pods(&self, from: &Pod, url: &str, count: usize, args: &[&str]) -> Vec<String> {
+        let mut all = vec!["-sS", "--max-time", "60", "-w", "\\n"];
+        all.extend_from_slice(args);
+        all.extend(std::iter::repeat_n(url, count));
+        let out = self.output_in(&from.netns, "curl", &all);
+        assert!(out.status.success(), "curl {url} x{count}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("answer {l:?}: {e}"));
+                v["pod"].as_str().unwrap_or_default().to_string()
+            })
+            .collect()
+    }
+}

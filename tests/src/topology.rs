@@ -2,8 +2,9 @@
 //! joined to the bridge by a veth pair, one netns per *pod* joined to its node by a veth pair.
 //!
 //! Address plan: pods 10.244.<node>.<n>/32, nodes 172.18.0.<node>/24, the fabric's bridge
-//! 172.18.0.254 (where mesh-ctrl listens). No namespace has a route to the machine's real
-//! network: nodes have no default route and pods' default route ends at their node.
+//! 172.18.0.254 (where mesh-ctrl listens), with a route to each node's pods. No namespace has
+//! a route to the machine's real network: nodes have no default route and pods' default route
+//! ends at their node.
 //!
 //! Names are unique per topology (process id + counter), so tests run in parallel. Every
 //! namespace and process is removed on drop, which also runs on panic; [`cleanup_all`] removes
@@ -239,6 +240,9 @@ impl Topology {
             }
             ip_batch(&node.netns, &cmds);
             sysctl(&node.netns, "net.ipv4.ip_forward", "1");
+            // Pods reach the fabric (mesh-ctrl) through their node, as in a cluster's pod
+            // network: a waypoint's pod talks to mesh-ctrl itself.
+            ip_batch(&topo.fabric, &[format!("route add 10.244.{index}.0/24 via {}", node.ip)]);
             topo.nodes.push(node);
         }
         let mut per_node = BTreeMap::<u8, u8>::new();

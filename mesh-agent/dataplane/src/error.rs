@@ -77,6 +77,15 @@ pub enum ProxyError {
         /// The port.
         port: u16,
     },
+    /// The service is bound to a waypoint that has no ready address (or does not exist): the
+    /// connection is refused, never sent around the waypoint (fail closed).
+    #[error("service {service} is bound to waypoint {waypoint}, which has no ready address")]
+    NoWaypoint {
+        /// `namespace/name`.
+        service: String,
+        /// `namespace/name` of its waypoint.
+        waypoint: String,
+    },
     /// One endpoint of a service failed; another is tried.
     #[error("endpoint attempt {attempt} of {attempts} failed: {error}")]
     EndpointAttempt {
@@ -185,6 +194,10 @@ impl ProxyError {
             ProxyError::NoReadyEndpoint { service, .. } => {
                 format!("`meshctl services` shows {service}'s endpoints: check its selector matches ready pods")
             }
+            ProxyError::NoWaypoint { service, waypoint } => format!(
+                "deploy waypoint {waypoint} (a Gateway of class ferrymesh-waypoint and its ready pods), or \
+                 label {service} ferrymesh.io/use-waypoint=none to send it directly"
+            ),
             ProxyError::EndpointAttempt { error, .. } => return error.hint(),
             ProxyError::NoEndpointReachable { last, .. } => return last.hint(),
             ProxyError::Denied(d) | ProxyError::Revoked(d) => d.hint.clone(),
@@ -296,6 +309,12 @@ mod tests {
                 Verdict::Error,
                 "CONNECT_FAILED",
                 "service shop/web: no endpoint reachable after 2 attempts, last: destination refused the tunnel: HTTP 503",
+            ),
+            (
+                ProxyError::NoWaypoint { service: "shop/web".into(), waypoint: "shop/shop-waypoint".into() },
+                Verdict::Error,
+                "CONNECT_FAILED",
+                "service shop/web is bound to waypoint shop/shop-waypoint, which has no ready address",
             ),
             (
                 ProxyError::BadConnect(BadConnect::ReservedPort(15006)),

@@ -180,11 +180,14 @@ impl AccessLog {
     }
 
     fn write(&self, flow: &Flow) {
+        if !matches!(self, Self::Off) {
+            self.write_line(&ferrymesh_api::flow_json::FlowJson::from(proto::Flow::from(flow)).to_line());
+        }
+    }
+
+    /// Writes one line (a JSON record) to the log.
+    pub fn write_line(&self, line: &str) {
         use std::io::Write;
-        let line = match self {
-            Self::Off => return,
-            _ => ferrymesh_api::flow_json::FlowJson::from(proto::Flow::from(flow)).to_line(),
-        };
         let result = match self {
             Self::Off => Ok(()),
             Self::Stdout => writeln!(std::io::stdout().lock(), "{line}"),

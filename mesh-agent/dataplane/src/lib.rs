@@ -7,6 +7,7 @@
 //! - [`hbone`]: the HBONE server, client, connection pool and stream adapters;
 //! - [`state`]: the store of workloads, services, policies, routes and waypoints, and
 //!   [`config_client`], the config stream from mesh-ctrl that fills it;
+//! - [`lb`]: choosing a Service endpoint (power of two choices on work in progress);
 //! - [`limits`]: what inbound peers may hold open;
 //! - [`error`]: why a proxied connection failed, with its verdict, metric flag and hint;
 //! - [`flows`]: flow records, and [`metrics`], the metrics recorded from them.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod flows;
 pub mod hbone;
 pub mod identity;
+pub mod lb;
 pub mod limits;
 pub mod metrics;
 pub mod state;

@@ -489,6 +489,11 @@ impl State {
         self.inner.read().expect("state lock").services_by_vip.get(&ip).cloned()
     }
 
+    /// The service `namespace/name`, if held.
+    pub fn service(&self, key: &str) -> Option<Arc<Service>> {
+        self.inner.read().expect("state lock").services.get(key).cloned()
+    }
+
     /// Everything held, in wire form by kind and key (the admin API's config dump).
     pub fn dump(&self) -> ConfigSet {
         let inner = self.inner.read().expect("state lock");

@@ -11,7 +11,8 @@ use rustls::client::{verify_server_cert_signed_by_trust_anchor, Resumption};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -20,7 +21,7 @@ use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificat
 
 use ferrymesh_spiffe::SpiffeId;
 
-use crate::identity::WorkloadCert;
+use crate::identity::{Identity, IdentityManager, WorkloadCert};
 use crate::trust::{TrustBundle, TrustReceiver};
 
 /// ALPN of HBONE.
@@ -190,7 +191,23 @@ pub fn client_verifier(roots: Arc<RootCertStore>) -> Result<Arc<dyn ClientCertVe
         .map_err(|e| Error::General(format!("client verifier: {e}")))
 }
 
-/// Server config for a pod's 15008 listener: its certificate comes from `resolver` at each
+/// The certificate a 15008 listener presents: the current one of its identity, looked up at
+/// each handshake so renewals apply to new connections.
+#[derive(Debug)]
+pub struct CurrentCert {
+    /// Where certificates live.
+    pub identities: Arc<IdentityManager>,
+    /// The identity the listener serves as (a pod's, or a waypoint's).
+    pub identity: Identity,
+}
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.identities.current(&self.identity).map(|c| c.key.clone())
+    }
+}
+
+/// Server config for a 15008 listener (a pod's, or a waypoint's): its certificate comes from `resolver` at each
 /// handshake (so renewals apply to new connections), clients must chain to the bundle `trust`
 /// holds at that handshake (so a root rotation applies to new connections).
 pub fn server_config(

@@ -19,10 +19,11 @@ use crate::discover::{self, DiscoverError};
 use crate::ebpf::{DatapathError, SkLookupAttachment};
 use crate::identity::{Identity, IdentityError};
 use crate::netns::Netns;
-use crate::proxy::hbone::{self, PodCertResolver};
+use crate::proxy::hbone;
 use crate::proxy::{inbound, outbound, PodContext, ProxyContext};
 use crate::state::Workload;
 use crate::tls;
+use crate::tls::CurrentCert;
 
 /// How often enrollments that failed are retried even without a config change.
 const RETRY: Duration = Duration::from_secs(2);
@@ -184,7 +185,7 @@ impl Enroller {
         let tls = if self.ctx.identities.enabled() {
             self.ctx.identities.cert(&identity, CERT_WAIT).await?;
             let resolver =
-                Arc::new(PodCertResolver { identities: self.ctx.identities.clone(), identity: identity.clone() });
+                Arc::new(CurrentCert { identities: self.ctx.identities.clone(), identity: identity.clone() });
             let trust = self.ctx.identities.trust();
             Some(Arc::new(tls::server_config(resolver, trust, &self.ctx.identities.trust_domain())?))
         } else {

@@ -10,18 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferrymesh_dataplane::hbone::client::{ConnectHeaders, Dialer};
+use ferrymesh_dataplane::hbone::client::{ConnectHeaders, Dialer, Peer};
 use ferrymesh_dataplane::hbone::pool::StreamSlot;
 use ferrymesh_dataplane::hbone::server::{connect_target, respond_status, serve_h2};
 use ferrymesh_dataplane::hbone::stream::{h2_to_tcp, tcp_to_h2};
 use ferrymesh_dataplane::hbone::TLS_READ_BUFFER;
 use ferrymesh_policy::Transport;
-use ferrymesh_spiffe::SpiffeId;
 use h2::{RecvStream, SendStream};
 use http::{Request, StatusCode};
 use mesh_common::{HBONE_PORT, MARK_AGENT};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
@@ -35,25 +32,8 @@ use super::{
 };
 use crate::error::{Denied, ProxyError};
 use crate::flows::{Direction, Endpoint};
-use crate::identity::{Identity, IdentityManager};
 use crate::limits::{Held, Limit};
 use crate::tls;
-
-/// The certificate a pod's 15008 listener presents: the current one of its identity, looked
-/// up at each handshake so renewals apply to new connections.
-#[derive(Debug)]
-pub struct PodCertResolver {
-    /// Where certificates live.
-    pub identities: Arc<IdentityManager>,
-    /// The pod's identity.
-    pub identity: Identity,
-}
-
-impl ResolvesServerCert for PodCertResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.identities.current(&self.identity).map(|c| c.key.clone())
-    }
-}
 
 /// Relays between a TCP connection and an HTTP/2 stream until both directions end, one fails,
 /// or `close` fires; failure and revocation reset both sides. Returns (bytes TCP -> stream,
@@ -281,14 +261,15 @@ impl Dialer for PodDialer<'_> {
     }
 }
 
-/// Opens an HBONE stream for a captured connection of `pod` to `dst`, whose identity must be
-/// `dst_id` (a refusal by the destination's policy is a 401, see [`ProxyError::verdict`]).
+/// Opens an HBONE stream for a captured connection of `pod` to `target` through `peer` (the
+/// destination itself, or the waypoint of the destination's Service), which must prove its
+/// identity (a refusal by the destination's policy is a 401, see [`ProxyError::verdict`]).
 /// The slot is the stream's place on its pooled connection: hold it until the stream ends.
 pub(super) async fn open(
     pod: &PodContext,
     ctx: &ProxyContext,
-    dst: SocketAddr,
-    dst_id: &SpiffeId,
+    peer: Peer<'_>,
+    target: SocketAddr,
 ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), ProxyError> {
     let cert = ctx.identities.cert(&pod.identity, Duration::from_secs(5)).await.map_err(ProxyError::Certificate)?;
     let roots = ctx.identities.trust().borrow().as_ref().map(|t| t.roots.clone());
@@ -298,7 +279,7 @@ pub(super) async fn open(
         baggage: format!("k8s.namespace.name={},k8s.pod.name={}", pod.workload.namespace, pod.workload.name),
     };
     let dialer = PodDialer { ctx, pod };
-    ctx.hbone.open(&dialer, &cert, roots, dst, dst_id, &headers).await.map_err(|e| ProxyError::Tunnel(Arc::new(e)))
+    ctx.hbone.open_via(&dialer, &cert, roots, peer, target, &headers).await.map_err(|e| ProxyError::Tunnel(Arc::new(e)))
 }
 
 /// Relays a captured client connection over an open HBONE stream.

@@ -7,7 +7,6 @@
 pub mod authz;
 pub mod hbone;
 pub mod inbound;
-pub mod lb;
 mod local;
 pub mod outbound;
 mod splice;
@@ -53,7 +52,7 @@ pub struct ProxyContext {
     /// Live inbound connections, re-evaluated when policies change.
     pub live: authz::LiveConnections,
     /// Service load balancing state.
-    pub balancer: Arc<lb::Balancer>,
+    pub balancer: Arc<crate::lb::Balancer>,
     /// The pods enrolled on this node, by IP: connections between two of them are handed
     /// over inside the agent.
     pub local_pods: LocalPods,

@@ -9,7 +9,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ferrymesh_dataplane::hbone::client::Peer;
 use ferrymesh_policy::{Placement, Transport};
+use ferrymesh_spiffe::SpiffeId;
 use h2::{RecvStream, SendStream};
 use mesh_common::MARK_AGENT;
 use tokio::net::{TcpListener, TcpStream};
@@ -96,7 +98,8 @@ async fn connect<'a>(ctx: &'a ProxyContext, pod: &PodContext, target: SocketAddr
         let upstream = match &route {
             Route::Local(_, dst) => Upstream::Local(Box::new(local::open(ctx, pod, dst, target).await?)),
             _ => {
-                let (send, recv, slot) = hbone::open(pod, ctx, target, &dst_id).await?;
+                let peer = Peer { ip: target.ip(), id: &dst_id };
+                let (send, recv, slot) = hbone::open(pod, ctx, peer, target).await?;
                 Upstream::Hbone(send, recv, slot)
             }
         };
@@ -137,6 +140,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     conn.dst = Endpoint::lookup(&ctx.state, dst);
     let _ = client.set_nodelay(true);
     let outcome = match ctx.state.service_by_vip(dst.ip()) {
+        Some(service) if service.waypoint.is_some() => {
+            Box::pin(to_waypoint(client, &pod, &ctx, &mut conn, &service, dst)).await
+        }
         // Boxed: only connections to a service pay for its endpoint-retry state.
         Some(service) => Box::pin(to_service(client, &pod, &ctx, &mut conn, &service, dst.port())).await,
         // Connecting (TLS and HTTP/2 handshakes included) is boxed: its state would otherwise
@@ -155,6 +161,42 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         conn.src.identity = None;
     }
     ctx.record(conn, outcome);
+}
+
+/// Carries a connection to a Service bound to a waypoint: over HBONE to one of the waypoint's
+/// ready addresses, which must prove the waypoint's identity, the CONNECT naming the Service's
+/// VIP and port (the waypoint then picks an endpoint per request). A waypoint with no ready
+/// address refuses the connection: it is never sent around the waypoint (fail closed). The
+/// waypoint's own pods are never captured, so their traffic never comes back here.
+async fn to_waypoint(
+    client: TcpStream,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    conn: &mut Connection,
+    service: &Service,
+    vip: SocketAddr,
+) -> Outcome {
+    let name = format!("{}/{}", service.namespace, service.name);
+    conn.service = name.clone();
+    if !service.ports.contains(&vip.port()) {
+        return refused(&client, ProxyError::NoServicePort { service: name, port: vip.port() });
+    }
+    let key = service.waypoint.clone().unwrap_or_default();
+    let ready = ctx.state.waypoint(&key).filter(|w| !w.addresses.is_empty());
+    let Some(waypoint) = ready else {
+        return refused(&client, ProxyError::NoWaypoint { service: name, waypoint: key });
+    };
+    let address = waypoint.addresses[rand::random_range(0..waypoint.addresses.len())];
+    let id = match SpiffeId::new(&ctx.identities.trust_domain(), &waypoint.namespace, &waypoint.name) {
+        Ok(id) => id,
+        Err(error) => return refused(&client, ProxyError::NoIdentity { workload: key, error }),
+    };
+    conn.transport = Transport::Mtls;
+    conn.dst.identity = Some(id.as_str().into());
+    match hbone::open(pod, ctx, Peer { ip: address, id: &id }, vip).await {
+        Ok((send, recv, slot)) => carry(ctx, client, Upstream::Hbone(send, recv, slot)).await,
+        Err(error) => refused(&client, error),
+    }
 }
 
 /// Carries a connection to `service`:`port` to one of its ready endpoints, trying another

@@ -225,6 +225,77 @@ pub enum PathReplace {
     Prefix(String),
 }
 
+impl PathReplace {
+    /// The path `path` becomes, `matched` being the match that selected the rule: a full
+    /// replacement is the new path; a prefix replacement swaps the part a PathPrefix matched
+    /// (segment-wise, so `/api` on `/api/v1` leaves `/v1` after it) and keeps the rest.
+    pub fn apply(&self, path: &str, matched: &Match) -> String {
+        let (replacement, rest) = match (self, &matched.path) {
+            (PathReplace::Full(full), _) => return full.clone(),
+            (PathReplace::Prefix(replacement), Some(PathMatch::Prefix(prefix))) => {
+                (replacement.trim_end_matches('/'), path.get(prefix.trim_end_matches('/').len()..).unwrap_or(""))
+            }
+            // Validation allows a prefix replacement only under PathPrefix matches.
+            (PathReplace::Prefix(_), _) => return path.to_string(),
+        };
+        let joined = match (replacement.is_empty(), rest.is_empty()) {
+            (_, true) => replacement.to_string(),
+            (true, false) => rest.to_string(),
+            (false, false) => format!("{replacement}{rest}"),
+        };
+        if joined.is_empty() {
+            "/".into()
+        } else {
+            joined
+        }
+    }
+}
+
+/// What a redirect is computed from: the request as it arrived on a Service port.
+#[derive(Debug)]
+pub struct RedirectFrom<'a> {
+    /// `http` (inside the mesh, requests arrive in cleartext).
+    pub scheme: &'a str,
+    /// The request's host, without a port.
+    pub host: &'a str,
+    /// The Service port the request arrived on (the "listener port" of a GAMMA route).
+    pub port: u16,
+    /// The request's path.
+    pub path: &'a str,
+    /// Its query, if any.
+    pub query: Option<&'a str>,
+}
+
+impl Redirect {
+    /// The `Location` of the redirect, with Gateway API's port rules: the filter's port, else
+    /// the new scheme's well-known port when the scheme changes, else the Service port; the
+    /// port is left out when it is the scheme's default (80 for http, 443 for https).
+    pub fn location(&self, from: &RedirectFrom<'_>, matched: &Match) -> String {
+        let scheme = self.scheme.as_deref().unwrap_or(from.scheme);
+        let host = self.hostname.as_deref().unwrap_or(from.host);
+        let port = match (self.port, &self.scheme) {
+            (Some(port), _) => Some(port),
+            (None, Some(scheme)) => well_known_port(scheme),
+            (None, None) => Some(from.port),
+        };
+        let port = match port {
+            Some(port) if Some(port) != well_known_port(scheme) => format!(":{port}"),
+            _ => String::new(),
+        };
+        let path = self.path.as_ref().map_or_else(|| from.path.to_string(), |p| p.apply(from.path, matched));
+        let query = from.query.map(|q| format!("?{q}")).unwrap_or_default();
+        format!("{scheme}://{host}{port}{path}{query}")
+    }
+}
+
+fn well_known_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    }
+}
+
 /// A redirect answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Redirect {

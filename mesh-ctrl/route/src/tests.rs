@@ -264,3 +264,42 @@ fn a_bad_route_on_the_wire_names_its_field() {
         assert!(e.starts_with(want), "{e}\n  does not start with\n{want}");
     }
 }
+
+#[test]
+fn path_replacements_follow_the_gateway_api() {
+    let prefix = |p: &str| path(PathMatch::Prefix(p.into()));
+    // (replacement, the rule's PathPrefix, request path, result): the conformance cases of
+    // HTTPRouteRewritePath and HTTPRouteRedirectPath, and the edges of segment joining.
+    let cases = [
+        (PathReplace::Prefix("/one".into()), "/prefix/one", "/prefix/one/two", "/one/two"),
+        (PathReplace::Prefix("/".into()), "/strip-prefix", "/strip-prefix/three", "/three"),
+        (PathReplace::Prefix("/".into()), "/strip-prefix", "/strip-prefix", "/"),
+        (PathReplace::Prefix("/v2/".into()), "/api/", "/api/users?x", "/v2/users?x"),
+        (PathReplace::Prefix("".into()), "/api", "/api", "/"),
+        (PathReplace::Full("/one".into()), "/full", "/full/path/two", "/one"),
+    ];
+    for (replace, rule_prefix, request, want) in cases {
+        assert_eq!(replace.apply(request, &prefix(rule_prefix)), want, "{replace:?} under {rule_prefix} on {request}");
+    }
+}
+
+#[test]
+fn redirect_locations_follow_the_gateway_api_port_rules() {
+    let from = RedirectFrom { scheme: "http", host: "web.shop", port: 8080, path: "/a/b", query: Some("q=1") };
+    let any = path(PathMatch::Prefix("/a".into()));
+    let redirect = |scheme: Option<&str>, hostname: Option<&str>, port: Option<u16>, path: Option<PathReplace>| {
+        Redirect { scheme: scheme.map(String::from), hostname: hostname.map(String::from), path, port, status: 302 }
+    };
+    let cases = [
+        (redirect(None, Some("example.org"), None, None), "http://example.org:8080/a/b?q=1"),
+        (redirect(Some("https"), None, None, None), "https://web.shop/a/b?q=1"),
+        (redirect(Some("https"), None, Some(8443), None), "https://web.shop:8443/a/b?q=1"),
+        (redirect(None, None, Some(80), None), "http://web.shop/a/b?q=1"),
+        (redirect(Some("http"), None, None, None), "http://web.shop/a/b?q=1"),
+        (redirect(None, None, None, Some(PathReplace::Prefix("/z".into()))), "http://web.shop:8080/z/b?q=1"),
+        (redirect(None, None, None, Some(PathReplace::Full("/new".into()))), "http://web.shop:8080/new?q=1"),
+    ];
+    for (r, want) in cases {
+        assert_eq!(r.location(&from, &any), want, "{r:?}");
+    }
+}

@@ -56,6 +56,15 @@ pub struct ConnectHeaders {
     pub baggage: String,
 }
 
+/// The proxy an HBONE connection goes to, and the identity it must prove.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer<'a> {
+    /// Its address (the connection goes to its 15008).
+    pub ip: IpAddr,
+    /// Its SPIFFE ID.
+    pub id: &'a SpiffeId,
+}
+
 /// An HBONE client: the pool of its connections.
 #[derive(Debug, Default, Clone)]
 pub struct Client {
@@ -109,17 +118,33 @@ impl Client {
         dst_id: &SpiffeId,
         headers: &ConnectHeaders,
     ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), HboneError> {
-        let (mut sender, slot) = self.sender(dialer, cert, roots, dst.ip(), dst_id).await?;
+        self.open_via(dialer, cert, roots, Peer { ip: dst.ip(), id: dst_id }, dst, headers).await
+    }
+
+    /// [`Client::open`] through a peer that is not the target: the connection goes to `peer`'s
+    /// 15008 (a waypoint), whose identity it checks, and the CONNECT asks for `target` (a
+    /// Service's VIP and port, as ztunnel sends it).
+    pub async fn open_via<D: Dialer>(
+        &self,
+        dialer: &D,
+        cert: &WorkloadCert,
+        roots: Arc<RootCertStore>,
+        peer: Peer<'_>,
+        target: SocketAddr,
+        headers: &ConnectHeaders,
+    ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), HboneError> {
+        let Peer { ip: peer, id: peer_id } = peer;
+        let (mut sender, slot) = self.sender(dialer, cert, roots, peer, peer_id).await?;
         let request = Request::builder()
             .method(Method::CONNECT)
-            .uri(dst.to_string())
+            .uri(target.to_string())
             .header("forwarded", format!("for=\"{}\"", headers.forwarded_for))
             .header("baggage", &headers.baggage)
             .header("traceparent", traceparent())
             .body(())
             .expect("CONNECT request");
-        let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::Http2(dst.ip(), e))?;
-        let response = response.await.map_err(|e| HboneError::Http2(dst.ip(), e))?;
+        let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::Http2(peer, e))?;
+        let response = response.await.map_err(|e| HboneError::Http2(peer, e))?;
         if response.status() != StatusCode::OK {
             return Err(HboneError::Refused(response.status().as_u16()));
         }

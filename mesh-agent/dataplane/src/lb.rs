@@ -1,7 +1,8 @@
-//! Load balancing of service VIPs: power of two choices on active connections. Two distinct
-//! ready endpoints are drawn at random and the one with fewer connections in progress wins
-//! (ties at random), which spreads sequential connections evenly and steers new connections
-//! away from busy endpoints without global coordination.
+//! Load balancing of Service endpoints: power of two choices on work in progress (the node
+//! agent counts connections, a waypoint counts requests). Two distinct ready endpoints are
+//! drawn at random and the one with less in progress wins (ties at random), which spreads
+//! sequential work evenly and steers new work away from busy endpoints without global
+//! coordination.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,13 +10,13 @@ use std::sync::{Arc, Mutex};
 
 use crate::state::ServiceEndpoint;
 
-/// Active connection counts per endpoint IP.
+/// Connections (or requests) in progress per endpoint IP.
 #[derive(Debug, Default)]
 pub struct Balancer {
     active: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// Counts a connection to an endpoint as active until dropped.
+/// Counts a connection (or request) to an endpoint as in progress until dropped.
 #[derive(Debug)]
 pub struct Active {
     balancer: Arc<Balancer>,
@@ -35,7 +36,7 @@ impl Drop for Active {
 }
 
 impl Balancer {
-    /// Picks among `candidates` by power of two choices on active connections.
+    /// Picks among `candidates` by power of two choices on work in progress.
     pub fn pick<'a>(&self, candidates: &[&'a ServiceEndpoint]) -> Option<&'a ServiceEndpoint> {
         match candidates.len() {
             0 => None,
@@ -61,7 +62,7 @@ impl Balancer {
         }
     }
 
-    /// Marks a connection to `ip` active.
+    /// Marks a connection (or request) to `ip` in progress.
     pub fn start(self: &Arc<Self>, ip: IpAddr) -> Active {
         *self.active.lock().expect("balancer lock").entry(ip).or_default() += 1;
         Active { balancer: self.clone(), ip }

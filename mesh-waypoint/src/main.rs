@@ -1,0 +1,128 @@
+//! mesh-waypoint: ferrymesh's L7 proxy, one per namespace (or Service) that asks for one with a
+//! Gateway of class `ferrymesh-waypoint`.
+//!
+//! - [`listener`]: HBONE on 15008 with the waypoint's identity; each CONNECT names a Service
+//!   VIP and port bound to this waypoint, and HTTP is served on the stream;
+//! - [`request`]: one request: the route it selects, the rule's filters, the backend by weight;
+//! - [`upstream`]: the endpoint by power of two choices, reached over HBONE with the
+//!   waypoint's identity (HTTP/1.1 connections reused, HTTP/2 multiplexed);
+//! - [`record`]: the access log line of each request.
+//!
+//! Its identity is `spiffe://<trust domain>/ns/<namespace>/sa/<gateway name>`, obtained like a
+//! pod's: a CSR to mesh-ctrl with its node's token, which mesh-ctrl grants because the
+//! waypoint's pod (service account = the Gateway's name) runs on that node.
+#![forbid(unsafe_code)]
+
+mod listener;
+mod record;
+mod request;
+mod upstream;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ferrymesh_dataplane::identity::{Identity, IdentityManager, TokenFile};
+use ferrymesh_dataplane::{config_client, ctrl, flows, state, tls};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// ferrymesh waypoint proxy.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Namespace of the waypoint's Gateway.
+    #[arg(long, env = "FERRYMESH_WAYPOINT_NAMESPACE")]
+    namespace: String,
+    /// Name of the waypoint's Gateway; its pods run as the service account of that name.
+    #[arg(long, env = "FERRYMESH_WAYPOINT_NAME")]
+    name: String,
+    /// The node the waypoint runs on (its token proves it).
+    #[arg(long, env = "FERRYMESH_NODE_NAME")]
+    node_name: String,
+    /// The waypoint pod's IP, sent upstream as the client address (`forwarded`).
+    #[arg(long, env = "FERRYMESH_POD_IP")]
+    pod_ip: IpAddr,
+    /// mesh-ctrl's address: https only, verified against --ca-root.
+    #[arg(long, env = "FERRYMESH_CTRL", default_value = "https://ferrymesh-ctrl.ferrymesh-system.svc:15012")]
+    ctrl: String,
+    /// The mesh root (PEM) mesh-ctrl must prove itself against.
+    #[arg(long, env = "FERRYMESH_CA_ROOT")]
+    ca_root: Option<PathBuf>,
+    /// File holding the token for mesh-ctrl's CA (the node's bootstrap token in local mode, a
+    /// projected ServiceAccount token in Kubernetes), read again for every certificate request.
+    #[arg(long, env = "FERRYMESH_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// Where HBONE is served.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    listen: SocketAddr,
+    /// Access log: one JSON line per request, to `-` (stdout), a file (appended to), or `off`.
+    #[arg(long, default_value = "-")]
+    access_log: String,
+    /// Threads that carry requests.
+    #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    anyhow::ensure!(args.worker_threads > 0, "--worker-threads must be at least 1");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads).enable_all().build()?;
+    runtime.block_on(run(args))
+}
+
+/// How long the waypoint waits for its first config and certificate before giving up.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let ctrl = ctrl::Ctrl::new(&args.ctrl, args.ca_root.as_deref())?;
+    let state = Arc::new(state::State::default());
+    tokio::spawn(config_client::run(ctrl.clone(), args.node_name.clone(), state.clone()));
+    let token = Arc::new(TokenFile::open(&args.token_file).map_err(anyhow::Error::msg)?);
+    let identities = Arc::new(IdentityManager::new(ctrl, Some(token), state.trust_domain(), state.trust()));
+    let identity = Identity { namespace: args.namespace.clone(), service_account: args.name.clone() };
+
+    // Serve only with a config and a certificate: a waypoint that cannot route or prove itself
+    // is not ready, and agents do not send it traffic it would fail.
+    let mut trust_domain = state.trust_domain();
+    tokio::time::timeout(STARTUP_TIMEOUT, trust_domain.wait_for(|td| !td.is_empty()))
+        .await
+        .context("no config from mesh-ctrl within 30s")?
+        .context("config stream ended")?;
+    let trust_domain = trust_domain.borrow().clone();
+    identities.cert(&identity, STARTUP_TIMEOUT).await.with_context(|| format!("no certificate for {identity}"))?;
+    let resolver = Arc::new(tls::CurrentCert { identities: identities.clone(), identity: identity.clone() });
+    let tls = Arc::new(tls::server_config(resolver, state.trust(), &trust_domain)?);
+
+    let log = flows::AccessLog::open(&args.access_log)
+        .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
+    let upstream = upstream::Upstream::new(state.clone(), identities.clone(), identity, args.pod_ip);
+    let waypoint = Arc::new(listener::Waypoint {
+        key: format!("{}/{}", args.namespace, args.name),
+        state,
+        upstream,
+        log: record::RequestLog::new(log),
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(waypoint = %waypoint.key, listen = %args.listen, "mesh-waypoint serving");
+    let serving = tokio::spawn(listener::serve(listener, tls, waypoint));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        result = serving => result.context("the HBONE listener panicked")?,
+    }
+    Ok(())
+}

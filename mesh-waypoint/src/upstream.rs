@@ -1,0 +1,348 @@
+//! Reaching a backend's endpoints: one endpoint per request by power of two choices on
+//! requests in progress ([`Balancer`]), the connection to it over HBONE to the endpoint pod's
+//! 15008 with the waypoint's own identity (plain TCP when the endpoint is not meshed), HTTP/1.1
+//! connections pooled and reused, HTTP/2 (gRPC) multiplexed over one connection per endpoint.
+//! A request whose connection could not be made, and whose body is empty, goes to another
+//! endpoint (it never reached the first); anything else is answered once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ferrymesh_dataplane::hbone::client::{Client, ConnectHeaders, Dialer};
+use ferrymesh_dataplane::hbone::pool::StreamSlot;
+use ferrymesh_dataplane::hbone::stream::H2Stream;
+use ferrymesh_dataplane::identity::{Identity, IdentityManager};
+use ferrymesh_dataplane::lb::Balancer;
+use ferrymesh_dataplane::state::{Service, ServiceEndpoint, State};
+use http::header::HOST;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::request::Body;
+
+/// Endpoints a request with an empty body may be tried on when connections fail.
+const ATTEMPTS: usize = 3;
+/// How long a connection to an endpoint may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an idle HTTP/1.1 connection is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A request ready to forward: its head (hop-by-hop headers gone), body, and the authority and
+/// path it goes with after the filters.
+#[derive(Debug)]
+pub struct Forward {
+    /// Method, headers, version.
+    pub parts: http::request::Parts,
+    /// Body.
+    pub body: Body,
+    /// `Host` / `:authority` to send.
+    pub authority: Authority,
+    /// Path and query to send.
+    pub path_and_query: PathAndQuery,
+}
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The backend has no ready endpoint on the port.
+    #[error("no healthy upstream: Service {service} has no ready endpoint for port {port}")]
+    NoEndpoint {
+        /// `namespace/name`.
+        service: String,
+        /// The Service port.
+        port: u16,
+    },
+    /// The connection to the endpoint failed (after trying others, for an empty body).
+    #[error("upstream connect error: {endpoint}: {error}")]
+    Connect {
+        /// The last endpoint tried.
+        endpoint: SocketAddr,
+        /// Why.
+        error: String,
+    },
+    /// The endpoint's connection failed during the request.
+    #[error("upstream connection ended before the response: {endpoint}: {error}")]
+    Request {
+        /// The endpoint.
+        endpoint: SocketAddr,
+        /// Why.
+        error: String,
+    },
+}
+
+/// Opens byte streams to endpoints: HBONE for meshed ones, TCP for the rest.
+#[derive(Debug)]
+struct Tunnels {
+    state: Arc<State>,
+    identities: Arc<IdentityManager>,
+    identity: Identity,
+    hbone: Client,
+    pod_ip: IpAddr,
+}
+
+/// Dials endpoints' 15008 directly: the waypoint's pod is not captured.
+struct DirectDialer;
+
+impl Dialer for DirectDialer {
+    type Io = TcpStream;
+
+    async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Tunnels {
+    /// A byte stream to `endpoint`.
+    async fn open(&self, endpoint: SocketAddr) -> io::Result<Io> {
+        let meshed = self.state.workload_by_ip(endpoint.ip()).filter(|w| w.captured);
+        let Some(workload) = meshed else {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, DirectDialer.dial(endpoint))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer in time"))??;
+            return Ok(Io::Plain(stream));
+        };
+        let cert = self.identities.cert(&self.identity, CONNECT_TIMEOUT).await.map_err(io::Error::other)?;
+        let roots = self.identities.trust().borrow().as_ref().map(|t| t.roots.clone());
+        let roots = roots.ok_or_else(|| io::Error::other("no trust bundle from mesh-ctrl yet"))?;
+        let dst_id = workload.identity().spiffe_id(&self.identities.trust_domain()).map_err(io::Error::other)?;
+        let headers = ConnectHeaders {
+            forwarded_for: self.pod_ip,
+            baggage: format!(
+                "k8s.namespace.name={},k8s.gateway.name={}",
+                self.identity.namespace, self.identity.service_account
+            ),
+        };
+        let open = self.hbone.open(&DirectDialer, &cert, roots, endpoint, &dst_id, &headers);
+        let (send, recv, slot) = tokio::time::timeout(CONNECT_TIMEOUT, open)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HBONE tunnel in time"))?
+            .map_err(io::Error::other)?;
+        Ok(Io::Hbone(Box::new(H2Stream::new(send, recv)), slot))
+    }
+}
+
+/// A byte stream to an endpoint.
+#[derive(Debug)]
+enum Io {
+    /// An HBONE stream, and its place on its pooled connection (held while the stream lives).
+    Hbone(Box<H2Stream>, #[allow(dead_code)] StreamSlot),
+    /// Plain TCP.
+    Plain(TcpStream),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Hbone(stream, _) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+            Io::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Hbone(stream, _) => Pin::new(stream.as_mut()).poll_write(cx, data),
+            Io::Plain(stream) => Pin::new(stream).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Hbone(stream, _) => Pin::new(stream.as_mut()).poll_flush(cx),
+            Io::Plain(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Hbone(stream, _) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+            Io::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connection for Io {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// The HTTP/1.1 client's connector: the URI's authority is the endpoint.
+#[derive(Debug, Clone)]
+struct Connector(Arc<Tunnels>);
+
+impl tower::Service<Uri> for Connector {
+    type Response = TokioIo<Io>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<Io>>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tunnels = self.0.clone();
+        Box::pin(async move {
+            let endpoint = endpoint_of(&uri)?;
+            Ok(TokioIo::new(tunnels.open(endpoint).await?))
+        })
+    }
+}
+
+fn endpoint_of(uri: &Uri) -> io::Result<SocketAddr> {
+    uri.authority()
+        .and_then(|a| a.as_str().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} does not name an endpoint")))
+}
+
+type H1Client = hyper_util::client::legacy::Client<Connector, Body>;
+type H2Sender = hyper::client::conn::http2::SendRequest<Body>;
+
+/// Forwards requests to Service endpoints.
+#[derive(Debug)]
+pub struct Upstream {
+    tunnels: Arc<Tunnels>,
+    h1: H1Client,
+    /// One multiplexed HTTP/2 connection per endpoint.
+    h2: Mutex<HashMap<SocketAddr, H2Sender>>,
+    balancer: Arc<Balancer>,
+}
+
+impl Upstream {
+    /// Forwards as `identity` (the waypoint's), from `pod_ip`.
+    pub fn new(state: Arc<State>, identities: Arc<IdentityManager>, identity: Identity, pod_ip: IpAddr) -> Self {
+        let tunnels = Arc::new(Tunnels { state, identities, identity, hbone: Client::default(), pod_ip });
+        let h1 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .set_host(false)
+            .build(Connector(tunnels.clone()));
+        Self { tunnels, h1, h2: Mutex::default(), balancer: Arc::default() }
+    }
+
+    /// Sends `forward` to a ready endpoint of `service` port `port`; the response (its body
+    /// holds the endpoint's place in the balancer until it ends) and the endpoint.
+    pub async fn send(
+        &self,
+        service: &Service,
+        port: u16,
+        forward: Forward,
+    ) -> Result<(Response<Body>, SocketAddr), UpstreamError> {
+        let name = format!("{}/{}", service.namespace, service.name);
+        let Forward { parts, body, authority, path_and_query } = forward;
+        let attempts = if body.is_end_stream() { ATTEMPTS } else { 1 };
+        let mut body = Some(body);
+        let mut tried: Vec<IpAddr> = Vec::new();
+        let mut last = None;
+        for _ in 0..attempts {
+            let candidates: Vec<&ServiceEndpoint> = service
+                .endpoints
+                .iter()
+                .filter(|e| e.ready && e.target_ports.contains_key(&port) && !tried.contains(&e.ip))
+                .collect();
+            let Some(endpoint) = self.balancer.pick(&candidates) else { break };
+            let target = SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]);
+            let active = self.balancer.start(endpoint.ip);
+            let body = body.take().unwrap_or_else(crate::request::empty);
+            let mut request = Request::new(body);
+            *request.method_mut() = parts.method.clone();
+            *request.headers_mut() = parts.headers.clone();
+            let sent = if parts.version == Version::HTTP_2 {
+                *request.uri_mut() = absolute(&authority, &path_and_query);
+                *request.version_mut() = Version::HTTP_2;
+                self.send_h2(target, request).await
+            } else {
+                let endpoint = Authority::try_from(target.to_string().as_str()).expect("an address is an authority");
+                *request.uri_mut() = absolute(&endpoint, &path_and_query);
+                *request.version_mut() = parts.version;
+                if let Ok(host) = HeaderValue::try_from(authority.as_str()) {
+                    request.headers_mut().insert(HOST, host);
+                }
+                match self.h1.request(request).await {
+                    Ok(response) => Ok(response.map(BodyExt::boxed_unsync)),
+                    Err(e) => {
+                        let error = ferrymesh_dataplane::ctrl::error_chain(&e);
+                        Err(if e.is_connect() {
+                            UpstreamError::Connect { endpoint: target, error }
+                        } else {
+                            UpstreamError::Request { endpoint: target, error }
+                        })
+                    }
+                }
+            };
+            match sent {
+                Ok(response) => {
+                    // The endpoint counts as busy until the response body ends.
+                    let response = response.map(|b| {
+                        b.map_frame(move |frame| {
+                            let _ = &active;
+                            frame
+                        })
+                        .boxed_unsync()
+                    });
+                    return Ok((response, target));
+                }
+                Err(e @ UpstreamError::Connect { .. }) => {
+                    tracing::debug!(service = %name, %target, "endpoint failed, trying another: {e}");
+                    tried.push(endpoint.ip);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(UpstreamError::NoEndpoint { service: name, port }))
+    }
+
+    /// Sends an HTTP/2 request over the endpoint's multiplexed connection, made when there is
+    /// none (or it ended).
+    async fn send_h2(&self, endpoint: SocketAddr, request: Request<Body>) -> Result<Response<Body>, UpstreamError> {
+        let pooled = self.h2.lock().expect("h2 pool lock").get(&endpoint).filter(|s| !s.is_closed()).cloned();
+        let mut sender = match pooled {
+            Some(sender) => sender,
+            None => {
+                let connect = |error: String| UpstreamError::Connect { endpoint, error };
+                let io = self.tunnels.open(endpoint).await.map_err(|e| connect(e.to_string()))?;
+                let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(|e| connect(e.to_string()))?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(%endpoint, "HTTP/2 connection ended: {e}");
+                    }
+                });
+                self.h2.lock().expect("h2 pool lock").insert(endpoint, sender.clone());
+                sender
+            }
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| UpstreamError::Request { endpoint, error: ferrymesh_dataplane::ctrl::error_chain(&e) })?;
+        Ok(response.map(BodyExt::boxed_unsync))
+    }
+}
+
+/// `http://<authority><path>`.
+fn absolute(authority: &Authority, path_and_query: &PathAndQuery) -> Uri {
+    Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority.clone())
+        .path_and_query(path_and_query.clone())
+        .build()
+        .expect("an authority and a path make a URI")
+}
