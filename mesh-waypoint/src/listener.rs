@@ -39,6 +39,8 @@ pub struct Waypoint {
     pub upstream: Upstream,
     /// Where request records go.
     pub log: RequestLog,
+    /// The rolls that split requests over weighted backends.
+    pub rolls: ferrymesh_route::Rolls,
 }
 
 /// Who sent a tunnel, and to which Service port it was addressed.

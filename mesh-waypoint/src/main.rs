@@ -110,6 +110,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         state,
         upstream,
         log: record::RequestLog::new(log),
+        rolls: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -148,7 +148,7 @@ async fn route(
                     }
                 }
             }
-            let Some(picked) = rule.pick(rand::random()) else {
+            let Some(picked) = rule.pick(waypoint.rolls.next()) else {
                 let reason = format!("every backend of {} has weight 0", selected.describe());
                 return local_reply(record, StatusCode::INTERNAL_SERVER_ERROR, "-", reason);
             };

@@ -115,3 +115,370 @@ fn a_bound_service_is_reached_through_the_waypoint_with_both_identities() {
     let pods = topo.echo_pods(a, &format!("http://{WEB}/"), 20, &[]);
     assert_eq!(pods.len(), 20, "{pods:?}");
 }
+
+/// An HTTPRoute `shop/<name>` attached to Service web (on `port`, or every port), with `rules`
+/// (YAML, indented under `rules:`).
+fn web_route(name: &str, port: Option<u16>, rules: &str) -> String {
+    let port = port.map(|p| format!("\n    port: {p}")).unwrap_or_default();
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: web{port}\n  rules:\n{rules}"
+    )
+}
+
+/// The routes of the conformance table, as Gateway API's mesh conformance suite has them,
+/// adapted to Services web (web-1, web-2) and canary.
+fn conformance_routes(topo: &Topology) {
+    // MeshHTTPRouteWeight and MeshPorts: a 70/30 split on port 8080 only.
+    let weight = "  - backendRefs:\n    - name: web\n      port: 80\n      weight: 70\n    - name: canary\n      port: 80\n      weight: 30\n";
+    topo.write_config_file("route-weight.yaml", &web_route("weight", Some(8080), weight));
+    // MeshHTTPRouteMatching, MeshHTTPRouteQueryParamMatching, MeshHTTPRouteNamedRule, and a
+    // header-based canary.
+    let to = |svc: &str| format!("    backendRefs:\n    - name: {svc}\n      port: 80\n");
+    let matching = [
+        ("header-canary", "    - headers:\n      - name: x-canary\n        value: \"true\"\n", "canary"),
+        ("v2", "    - path:\n        type: PathPrefix\n        value: /v2\n", "canary"),
+        ("exact", "    - path:\n        type: Exact\n        value: /exact\n", "canary"),
+        ("regex", "    - path:\n        type: RegularExpression\n        value: /re/[0-9]+\n", "canary"),
+        (
+            "query",
+            "    - path:\n        type: PathPrefix\n        value: /q\n      queryParams:\n      - name: animal\n        value: whale\n",
+            "canary",
+        ),
+        ("method", "    - path:\n        type: PathPrefix\n        value: /m\n      method: POST\n", "canary"),
+        ("default", "    - path:\n        type: PathPrefix\n        value: /\n", "web"),
+    ]
+    .iter()
+    .map(|(name, m, svc)| format!("  - name: {name}\n    matches:\n{m}{}", to(svc)))
+    .collect::<String>();
+    topo.write_config_file("route-matching.yaml", &web_route("matching", Some(80), &matching));
+    // MeshHTTPRouteRequestHeaderModifier, MeshHTTPRouteBackendRequestHeaderModifier and a
+    // response header change.
+    let modifiers = "  - matches:\n    - path:\n        type: PathPrefix\n        value: /headers\n    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier:\n        set:\n        - name: X-Header-Set\n          value: set-overwrites-values\n        add:\n        - name: X-Header-Add\n          value: header-val-1\n        remove:\n        - X-Header-Remove\n    - type: ResponseHeaderModifier\n      responseHeaderModifier:\n        set:\n        - name: X-Response\n          value: from-the-route\n    backendRefs:\n    - name: web\n      port: 80\n      filters:\n      - type: RequestHeaderModifier\n        requestHeaderModifier:\n          set:\n          - name: X-Backend\n            value: web\n";
+    topo.write_config_file("route-modifiers.yaml", &web_route("modifiers", Some(80), modifiers));
+    // The redirect cases: hostname, path (full and prefix), port, scheme, status codes.
+    let redirect = |prefix: &str, spec: &str| {
+        format!("  - matches:\n    - path:\n        type: PathPrefix\n        value: {prefix}\n    filters:\n    - type: RequestRedirect\n      requestRedirect:\n{spec}")
+    };
+    let redirects = [
+        redirect("/hostname-redirect", "        hostname: example.org\n"),
+        redirect("/full-path", "        path:\n          type: ReplaceFullPath\n          replaceFullPath: /new\n"),
+        redirect(
+            "/prefix-path",
+            "        path:\n          type: ReplacePrefixMatch\n          replacePrefixMatch: /replaced\n",
+        ),
+        redirect("/port-redirect", "        port: 8083\n"),
+        redirect("/scheme-redirect", "        scheme: https\n"),
+        redirect("/status-301", "        statusCode: 301\n"),
+        redirect("/status-303", "        statusCode: 303\n"),
+        redirect("/status-307", "        statusCode: 307\n"),
+        redirect("/status-308", "        statusCode: 308\n"),
+    ]
+    .concat();
+    topo.write_config_file("route-redirects.yaml", &web_route("redirects", Some(80), &redirects));
+    // MeshHTTPRouteRewritePath, and a host rewrite.
+    let rewrite = |prefix: &str, spec: &str| {
+        format!("  - matches:\n    - path:\n        type: PathPrefix\n        value: {prefix}\n    filters:\n    - type: URLRewrite\n      urlRewrite:\n{spec}    backendRefs:\n    - name: web\n      port: 80\n")
+    };
+    let rewrites = [
+        rewrite(
+            "/prefix/one",
+            "        path:\n          type: ReplacePrefixMatch\n          replacePrefixMatch: /one\n",
+        ),
+        rewrite(
+            "/strip-prefix",
+            "        path:\n          type: ReplacePrefixMatch\n          replacePrefixMatch: /\n",
+        ),
+        rewrite("/full/path", "        path:\n          type: ReplaceFullPath\n          replaceFullPath: /one\n"),
+        rewrite("/rewrite-host", "        hostname: rewritten.example\n"),
+    ]
+    .concat();
+    topo.write_config_file("route-rewrites.yaml", &web_route("rewrites", Some(80), &rewrites));
+    let held = |node: u8| {
+        let out = topo.meshctl(node, &["routes", "-o", "json"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ["weight", "matching", "modifiers", "redirects", "rewrites"].iter().all(|r| text.contains(&format!("\"{r}\"")))
+    };
+    wait_until(CONFIG_WAIT, "every agent to hold the routes", || held(1) && held(2));
+}
+
+/// What a case expects of the answer.
+enum Expect {
+    /// 200 from one of these pods, with these (header, values) seen by the backend, and this
+    /// path and host (when given).
+    Served {
+        pods: &'static [&'static str],
+        path: Option<&'static str>,
+        host: Option<&'static str>,
+        headers: Vec<(&'static str, Vec<&'static str>)>,
+    },
+    /// A redirect with this status and Location.
+    Redirect(u16, &'static str),
+}
+
+#[test]
+fn gateway_api_mesh_conformance_cases_pass_through_the_waypoint() {
+    let topo = waypoint_cluster();
+    conformance_routes(&topo);
+    let a = topo.pod("shop", "a");
+    let web = ["web-1", "web-2"].as_slice();
+    let canary = ["canary"].as_slice();
+    let served = |pods, path, host| Expect::Served { pods, path, host, headers: vec![] };
+    let web_1 = format!("http://{}:{ECHO_HTTP_PORT}", topo.pod("shop", "web-1").ip);
+    // (case, URL, curl arguments, expected)
+    let cases: Vec<(&str, String, Vec<&str>, Expect)> = vec![
+        ("MeshBasic", format!("http://{CANARY}/"), vec![], served(canary, Some("/"), Some(CANARY))),
+        ("MeshHTTPRouteMatching default", format!("http://{WEB}/"), vec![], served(web, Some("/"), None)),
+        ("MeshHTTPRouteMatching prefix", format!("http://{WEB}/v2/x"), vec![], served(canary, Some("/v2/x"), None)),
+        ("MeshHTTPRouteMatching prefix is by segment", format!("http://{WEB}/v2x"), vec![], served(web, None, None)),
+        ("MeshHTTPRouteMatching exact", format!("http://{WEB}/exact"), vec![], served(canary, None, None)),
+        ("MeshHTTPRouteMatching exact is exact", format!("http://{WEB}/exact/more"), vec![], served(web, None, None)),
+        ("MeshHTTPRouteMatching regex", format!("http://{WEB}/re/42"), vec![], served(canary, None, None)),
+        ("MeshHTTPRouteMatching regex is anchored", format!("http://{WEB}/re/4x"), vec![], served(web, None, None)),
+        ("header canary", format!("http://{WEB}/"), vec!["-H", "x-canary: true"], served(canary, None, None)),
+        (
+            "header canary needs the value",
+            format!("http://{WEB}/"),
+            vec!["-H", "x-canary: no"],
+            served(web, None, None),
+        ),
+        ("MeshHTTPRouteMatching method", format!("http://{WEB}/m"), vec!["-X", "POST"], served(canary, None, None)),
+        ("MeshHTTPRouteMatching other method", format!("http://{WEB}/m"), vec![], served(web, None, None)),
+        (
+            "MeshHTTPRouteQueryParamMatching",
+            format!("http://{WEB}/q?animal=whale"),
+            vec![],
+            served(canary, Some("/q?animal=whale"), None),
+        ),
+        (
+            "MeshHTTPRouteQueryParamMatching other value",
+            format!("http://{WEB}/q?animal=dolphin"),
+            vec![],
+            served(web, None, None),
+        ),
+        (
+            "MeshHTTPRouteRequestHeaderModifier and backend modifier",
+            format!("http://{WEB}/headers"),
+            vec!["-H", "X-Header-Set: some-other-value", "-H", "X-Header-Add: client", "-H", "X-Header-Remove: gone"],
+            Expect::Served {
+                pods: web,
+                path: None,
+                host: None,
+                headers: vec![
+                    ("x-header-set", vec!["set-overwrites-values"]),
+                    ("x-header-add", vec!["client", "header-val-1"]),
+                    ("x-header-remove", vec![]),
+                    ("x-backend", vec!["web"]),
+                ],
+            },
+        ),
+        (
+            "redirect hostname",
+            format!("http://{WEB}/hostname-redirect"),
+            vec![],
+            Expect::Redirect(302, "http://example.org/hostname-redirect"),
+        ),
+        (
+            "redirect full path",
+            format!("http://{WEB}/full-path/x?k=v"),
+            vec![],
+            Expect::Redirect(302, "http://10.96.0.50/new?k=v"),
+        ),
+        (
+            "redirect prefix path",
+            format!("http://{WEB}/prefix-path/x"),
+            vec![],
+            Expect::Redirect(302, "http://10.96.0.50/replaced/x"),
+        ),
+        (
+            "redirect port",
+            format!("http://{WEB}/port-redirect"),
+            vec![],
+            Expect::Redirect(302, "http://10.96.0.50:8083/port-redirect"),
+        ),
+        (
+            "redirect scheme",
+            format!("http://{WEB}/scheme-redirect"),
+            vec![],
+            Expect::Redirect(302, "https://10.96.0.50/scheme-redirect"),
+        ),
+        (
+            "redirect 301",
+            format!("http://{WEB}/status-301"),
+            vec![],
+            Expect::Redirect(301, "http://10.96.0.50/status-301"),
+        ),
+        (
+            "redirect 303",
+            format!("http://{WEB}/status-303"),
+            vec![],
+            Expect::Redirect(303, "http://10.96.0.50/status-303"),
+        ),
+        (
+            "redirect 307",
+            format!("http://{WEB}/status-307"),
+            vec![],
+            Expect::Redirect(307, "http://10.96.0.50/status-307"),
+        ),
+        (
+            "redirect 308",
+            format!("http://{WEB}/status-308"),
+            vec![],
+            Expect::Redirect(308, "http://10.96.0.50/status-308"),
+        ),
+        (
+            "MeshHTTPRouteRewritePath prefix",
+            format!("http://{WEB}/prefix/one/two"),
+            vec![],
+            served(web, Some("/one/two"), None),
+        ),
+        (
+            "MeshHTTPRouteRewritePath strip prefix",
+            format!("http://{WEB}/strip-prefix/three"),
+            vec![],
+            served(web, Some("/three"), None),
+        ),
+        (
+            "MeshHTTPRouteRewritePath full",
+            format!("http://{WEB}/full/path/two"),
+            vec![],
+            served(web, Some("/one"), None),
+        ),
+        ("rewrite host", format!("http://{WEB}/rewrite-host"), vec![], served(web, None, Some("rewritten.example"))),
+        // MeshFrontend: a pod addressed directly is not the Service: no rule applies.
+        (
+            "MeshFrontend",
+            format!("{web_1}/v2/x"),
+            vec!["-H", "x-canary: true"],
+            served(["web-1"].as_slice(), Some("/v2/x"), None),
+        ),
+        // MeshPorts: the 8080 route splits, the port-80 rules do not apply to 8080.
+        (
+            "MeshPorts",
+            format!("http://{WEB}:8080/v2/x"),
+            vec!["-H", "x-canary: true"],
+            served(&["web-1", "web-2", "canary"], None, None),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (case, url, args, expect) in &cases {
+        let answer = topo.http(a, url, args);
+        let problem = match expect {
+            Expect::Redirect(status, location) => (answer.status != *status
+                || answer.header("location") != Some(location))
+            .then(|| format!("want {status} to {location}, got {} to {:?}", answer.status, answer.header("location"))),
+            Expect::Served { pods, path, host, headers } => {
+                if answer.status != 200 {
+                    Some(format!("status {}: {} {}", answer.status, answer.body, answer.error))
+                } else {
+                    let body = answer.json();
+                    let mut wrong = Vec::new();
+                    if !pods.contains(&body["pod"].as_str().unwrap_or_default()) {
+                        wrong.push(format!("answered by {} not {pods:?}", body["pod"]));
+                    }
+                    if path.is_some_and(|p| body["path"] != p) {
+                        wrong.push(format!("path {} not {path:?}", body["path"]));
+                    }
+                    if host.is_some_and(|h| body["host"] != h) {
+                        wrong.push(format!("host {} not {host:?}", body["host"]));
+                    }
+                    for (name, values) in headers {
+                        let seen: Vec<&str> = body["headers"][name]
+                            .as_array()
+                            .map(|v| v.iter().filter_map(|s| s.as_str()).collect())
+                            .unwrap_or_default();
+                        if seen != *values {
+                            wrong.push(format!("header {name} {seen:?} not {values:?}"));
+                        }
+                    }
+                    (!wrong.is_empty()).then(|| wrong.join("; "))
+                }
+            }
+        };
+        if let Some(problem) = problem {
+            failures.push(format!("{case} ({url}): {problem}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+
+    // The response modifier, on the client's side.
+    let answer = topo.http(a, &format!("http://{WEB}/headers"), &[]);
+    assert_eq!(answer.header("x-response"), Some("from-the-route"), "{answer:?}");
+
+    // MeshHTTPRouteWeight: 70/30 within 5 points over 500 requests.
+    let pods = topo.echo_pods(a, &format!("http://{WEB}:8080/"), 500, &[]);
+    let to_canary = pods.iter().filter(|p| *p == "canary").count();
+    assert_eq!(pods.len(), 500);
+    assert!((125..=175).contains(&to_canary), "30% of 500 is 150 (±25): {to_canary} went to canary");
+
+    // MeshHTTPRouteNamedRule: the request record names the rule.
+    let waypoint = topo.pod("shop", "waypoint");
+    let records = topo.waypoint_requests(waypoint);
+    let v2 = records.iter().find(|r| r["path"] == "/v2/x" && r["port"] == 80).expect("the /v2/x request's record");
+    assert_eq!(v2["route"], "HTTPRoute shop/matching rule v2", "{v2}");
+    assert_eq!(v2["backend"], "shop/canary:80", "{v2}");
+    let redirect = records.iter().find(|r| r["path"] == "/status-301").expect("the redirect's record");
+    assert_eq!(redirect["status"], 301, "{redirect}");
+}
+
+#[test]
+fn websocket_http2_endpoint_loss_and_failing_closed() {
+    let topo = waypoint_cluster();
+    let (a, waypoint) = (topo.pod("shop", "a"), topo.pod("shop", "waypoint"));
+
+    // A WebSocket through the waypoint: the upgrade is passed through, messages echo.
+    let out = topo.output_in(
+        &a.netns,
+        ferrymesh_testbed::mesh::bin("fm-echo"),
+        &["ws", "--to", &format!("{WEB}:80"), "--messages", "20"],
+    );
+    let ws = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "WebSocket through the waypoint: {ws} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(ws.contains("\"echoed\":20") && ws.contains("\"status\":101"), "{ws}");
+
+    // HTTP/2 (prior knowledge): 40 requests, 8 at a time multiplexed on one connection
+    // (h2load), spread over the endpoints per request.
+    let out = topo.output_in(&a.netns, "h2load", &["-n", "40", "-c", "1", "-m", "8", &format!("http://{WEB}/")]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("status codes: 40 2xx"), "h2load through the waypoint: {report}");
+    wait_until(FLOW_WAIT, "HTTP/2 request records", || {
+        topo.waypoint_requests(waypoint).iter().filter(|r| r["protocol"] == "HTTP/2").count() >= 40
+    });
+    let records = topo.waypoint_requests(waypoint);
+    let h2: Vec<&serde_json::Value> = records.iter().filter(|r| r["protocol"] == "HTTP/2").collect();
+    let clients: std::collections::BTreeSet<&str> = h2.iter().filter_map(|r| r["source_addr"].as_str()).collect();
+    let upstreams: std::collections::BTreeSet<&str> = h2.iter().filter_map(|r| r["upstream"].as_str()).collect();
+    assert_eq!(clients.len(), 1, "one client connection: {clients:?}");
+    assert_eq!(upstreams.len(), 2, "its requests went to both endpoints: {upstreams:?}");
+
+    // An endpoint leaving mid-load (unready, then its server gone) costs no request.
+    let mut load = topo.command_in(&a.netns, "curl");
+    load.args(["-sS", "--max-time", "60", "--rate", "100/s", "-w", "\\n"]);
+    load.args(std::iter::repeat_n(format!("http://{WEB}/"), 400));
+    topo.spawn("load", load);
+    std::thread::sleep(Duration::from_secs(1));
+    let web_2 = topo.pod("shop", "web-2");
+    let unready = topo.pod_yaml(web_2, &[("app", "web")]) + "  conditions:\n  - type: Ready\n    status: \"False\"\n";
+    topo.write_config_file(&format!("pod-shop-{}.yaml", web_2.name), &unready);
+    std::thread::sleep(CONFIG_WAIT);
+    topo.signal_and_wait("echo-shop-web-2", libc::SIGKILL);
+    wait_until(Duration::from_secs(30), "the load to finish", || !topo.is_running("load"));
+    let answers: Vec<String> = topo.log("load").lines().filter(|l| l.starts_with('{')).map(String::from).collect();
+    let failed: Vec<&str> = topo.log("load").lines().filter(|l| l.starts_with("curl:")).map(|_| "x").collect();
+    assert_eq!((answers.len(), failed.len()), (400, 0), "every request answered: {}", topo.log("load"));
+    let last = answers.last().unwrap();
+    assert!(last.contains("\"pod\":\"web-1\""), "after web-2 left, web-1 answers: {last}");
+
+    // No waypoint ready: the Service's traffic is refused, not sent around the waypoint, and the
+    // client's flow says why.
+    std::fs::remove_file(topo.config_dir().join("pod-shop-waypoint.yaml")).unwrap();
+    wait_until(CONFIG_WAIT, "the waypoint to have no address", || {
+        let refused = topo.http(a, &format!("http://{WEB}/"), &[]);
+        refused.status == 0
+    });
+    wait_until(FLOW_WAIT, "the refusal's flow", || {
+        topo.flows(1).iter().any(|f| {
+            f["service"] == "shop/web"
+                && f["reason"] == "service shop/web is bound to waypoint shop/waypoint, which has no ready address"
+        })
+    });
+}

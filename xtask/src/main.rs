@@ -18,8 +18,19 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 
 /// Debian packages the tests and the demo use.
-const PACKAGES: &[&str] =
-    &["iproute2", "iputils-ping", "util-linux", "procps", "curl", "iperf3", "tcpdump", "bpftool", "ca-certificates"];
+/// (nghttp2-client is h2load, the HTTP/2 client of the waypoint tests.)
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "util-linux",
+    "procps",
+    "curl",
+    "iperf3",
+    "tcpdump",
+    "bpftool",
+    "ca-certificates",
+    "nghttp2-client",
+];
 const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "^0.13";
 

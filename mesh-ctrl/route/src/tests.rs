@@ -303,3 +303,23 @@ fn redirect_locations_follow_the_gateway_api_port_rules() {
         assert_eq!(r.location(&from, &any), want, "{r:?}");
     }
 }
+
+#[test]
+fn rolls_split_every_run_of_requests_by_weight() {
+    let r = Rule {
+        name: None,
+        matches: vec![Match::default()],
+        filters: vec![],
+        backends: vec![backend("web", 70), backend("canary", 30)],
+    };
+    let rolls = Rolls::default();
+    for run in [10usize, 100, 500, 5000] {
+        let canary = (0..run).filter(|_| r.pick(rolls.next()).unwrap().target.service == "shop/canary").count();
+        let want = run * 3 / 10;
+        assert!(canary.abs_diff(want) <= 2, "{canary} of {run} to canary, want {want}");
+    }
+    // Every other request (another rule takes the rest) is split as well.
+    let alternate: Vec<u32> = (0..1000).map(|_| rolls.next()).step_by(2).collect();
+    let canary = alternate.iter().filter(|roll| r.pick(**roll).unwrap().target.service == "shop/canary").count();
+    assert!(canary.abs_diff(150) <= 3, "{canary} of 500 alternate requests to canary");
+}
