@@ -33,6 +33,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Waypoint {
     /// `namespace/name` of its Gateway: Services bound to it name it.
     pub key: String,
+    /// Its Gateway's namespace and name (policies attach to it).
+    pub gateway: (String, String),
     /// Services, endpoints, routes, workloads.
     pub state: Arc<State>,
     /// Reaching endpoints.
@@ -52,6 +54,8 @@ pub struct Downstream {
     pub port: u16,
     /// The client's SPIFFE ID (from its certificate).
     pub identity: Option<Arc<str>>,
+    /// The same, parsed, for policies.
+    pub spiffe_id: Option<ferrymesh_spiffe::SpiffeId>,
     /// The client's address (the source agent dials from the client pod).
     pub addr: SocketAddr,
 }
@@ -147,7 +151,8 @@ async fn serve_tunnel(
         }
     };
     let Some(send) = respond_status(&mut respond, StatusCode::OK) else { return };
-    let downstream = Arc::new(Downstream { service, port, identity, addr: peer });
+    let spiffe_id = identity.as_deref().and_then(|id| id.parse().ok());
+    let downstream = Arc::new(Downstream { service, port, identity, spiffe_id, addr: peer });
     let io = TokioIo::new(H2Stream::new(send, body));
     let handler = waypoint.clone();
     let service = hyper::service::service_fn(move |request| {

@@ -107,6 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let upstream = upstream::Upstream::new(state.clone(), identities.clone(), identity, args.pod_ip);
     let waypoint = Arc::new(listener::Waypoint {
         key: format!("{}/{}", args.namespace, args.name),
+        gateway: (args.namespace.clone(), args.name.clone()),
         state,
         upstream,
         log: record::RequestLog::new(log),

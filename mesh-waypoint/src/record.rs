@@ -37,6 +37,8 @@ pub struct Record {
     pub protocol: &'static str,
     /// The route rule that selected the request (`HTTPRoute ns/name rule N`), empty without.
     pub route: String,
+    /// The policy (and rule) that allowed or denied the request, empty when none is attached.
+    pub policy: String,
     /// The backend Service port (`namespace/name:port`).
     pub backend: String,
     /// The endpoint that answered (`ip:port`).
@@ -46,7 +48,8 @@ pub struct Record {
     /// `grpc-status` of the response headers (a trailers-only answer), if any.
     pub grpc_status: String,
     /// Envoy's response flags: `-`, or why the waypoint answered itself (NR no route, UH no
-    /// healthy upstream, UF upstream connect failure, UC upstream connection ended).
+    /// healthy upstream, UF upstream connect failure, UC upstream connection ended; DENY, as
+    /// the mesh's L4 flows have it, for a policy's refusal).
     pub response_flags: &'static str,
     /// Why the waypoint answered itself, in words.
     pub reason: String,
@@ -79,6 +82,7 @@ impl Record {
             path: request.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
             protocol: protocol(request.version()),
             route: String::new(),
+            policy: String::new(),
             backend: String::new(),
             upstream: String::new(),
             status: 0,
@@ -113,6 +117,7 @@ impl Record {
             "path": self.path,
             "protocol": self.protocol,
             "route": self.route,
+            "policy": self.policy,
             "backend": self.backend,
             "upstream": self.upstream,
             "status": self.status,

@@ -3,9 +3,13 @@
 //! rewrite), a backend by weight and that backend's filters, then the request forwarded by
 //! [`crate::upstream`] and the response's header changes applied. A Service port without routes
 //! sends every request to the Service itself; with routes, a request no rule matches is a 404
-//! (as Gateway API has it), and a rule whose backends all weigh 0 answers 500.
+//! (as Gateway API has it), and a rule whose backends all weigh 0 answers 500. Before any of
+//! it, the AuthorizationPolicies attached to the Service or the waypoint decide: a denial is a
+//! 403 naming the policy and rule.
 
 use bytes::Bytes;
+use ferrymesh_policy::l7::{HttpRequest, Target};
+use ferrymesh_policy::Decision;
 use ferrymesh_route::{BackendRef, Filter, HeaderModifier, RedirectFrom, RequestView, RouteTable, Selected};
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, LOCATION, UPGRADE};
 use http::uri::{Authority, PathAndQuery};
@@ -95,6 +99,14 @@ async fn route(
     let upgrade = request.version() == Version::HTTP_11 && request.headers().contains_key(UPGRADE);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
+
+    let decision = authorize(waypoint, down, &parts);
+    record.policy.clone_from(&decision.policy);
+    if !decision.allowed {
+        let mut response = local_reply(record, StatusCode::FORBIDDEN, "DENY", format!("denied: {}", decision.policy));
+        *response.body_mut() = full(format!("RBAC: access denied by {}\n", decision.policy));
+        return response;
+    }
 
     let routes = waypoint.state.routes();
     let table = RouteTable::new(&routes, &service, down.port);
@@ -204,6 +216,30 @@ async fn route(
         }
     }
     response
+}
+
+/// The decision of the policies attached to the request's Service or to the waypoint.
+fn authorize(waypoint: &Waypoint, down: &Downstream, parts: &http::request::Parts) -> Decision {
+    let policies = waypoint.state.policies();
+    let target = Target {
+        namespace: &down.service.namespace,
+        service: &down.service.name,
+        gateway: (&waypoint.gateway.0, &waypoint.gateway.1),
+    };
+    let host = authority(&parts.uri, &parts.headers).unwrap_or_default();
+    let request = HttpRequest {
+        l4: ferrymesh_policy::Request {
+            source_ip: down.addr.ip(),
+            source: down.spiffe_id.as_ref(),
+            destination_ip: down.service.vip.unwrap_or(down.addr.ip()),
+            destination_port: down.port,
+        },
+        host: &host,
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        headers: &parts.headers,
+    };
+    policies.authorize_request(&target, &request)
 }
 
 /// Applies a non-redirect filter of the selected rule or its backend.

@@ -482,3 +482,66 @@ fn websocket_http2_endpoint_loss_and_failing_closed() {
         })
     });
 }
+
+#[test]
+fn l7_authorization_policies_at_the_waypoint_name_the_deciding_rule() {
+    let topo = waypoint_cluster();
+    let on_web = |name: &str, spec: &str| {
+        topo.write_config_file(
+            &format!("policy-{name}.yaml"),
+            &format!(
+                "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  targetRefs:\n  - group: \"\"\n    kind: Service\n    name: web\n{spec}"
+            ),
+        );
+    };
+    on_web("deny-admin", "  action: DENY\n  rules:\n  - to:\n    - operation:\n        paths: [\"/admin/*\"]\n");
+    on_web("deny-delete", "  action: DENY\n  rules:\n  - to:\n    - operation:\n        methods: [DELETE]\n");
+    on_web(
+        "allow-reads",
+        "  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/a]\n    to:\n    - operation:\n        methods: [GET]\n        notPaths: [\"*.secret\"]\n",
+    );
+    on_web("allow-token", "  rules:\n  - when:\n    - key: request.headers[x-token]\n      values: [\"ok-*\"]\n");
+    on_web(
+        "allow-api-host",
+        "  rules:\n  - to:\n    - operation:\n        hosts: [api.shop]\n        paths: [/exact]\n",
+    );
+    wait_until(CONFIG_WAIT, "the waypoint to deny DELETE", || {
+        topo.http(topo.pod("shop", "a"), &format!("http://{WEB}/"), &["-X", "DELETE"]).status == 403
+    });
+    let (a, canary) = (topo.pod("shop", "a"), topo.pod("shop", "canary"));
+    // (client, path, curl arguments, status, deciding policy)
+    let cases: [(&ferrymesh_testbed::Pod, &str, &[&str], u16, &str); 9] = [
+        (a, "/", &[], 200, "shop/allow-reads rule 0"),
+        (a, "/admin/users", &[], 403, "shop/deny-admin rule 0"),
+        (a, "/", &["-X", "DELETE", "-H", "x-token: ok-1"], 403, "shop/deny-delete rule 0"),
+        (a, "/keys.secret", &[], 403, "no ALLOW policy matched"),
+        (a, "/", &["-X", "POST"], 403, "no ALLOW policy matched"),
+        (a, "/", &["-X", "POST", "-H", "x-token: ok-1"], 200, "shop/allow-token rule 0"),
+        (a, "/exact", &["-X", "PUT", "-H", "Host: api.shop"], 200, "shop/allow-api-host rule 0"),
+        (a, "/exact", &["-X", "PUT", "-H", "Host: other.shop"], 403, "no ALLOW policy matched"),
+        (canary, "/", &[], 403, "no ALLOW policy matched"),
+    ];
+    let waypoint = topo.pod("shop", "waypoint");
+    let mut failures = Vec::new();
+    for (i, (client, path, args, status, policy)) in cases.iter().enumerate() {
+        let answer = topo.http(client, &format!("http://{WEB}{path}"), args);
+        if answer.status != *status {
+            failures.push(format!("case {i} {path} {args:?}: status {} not {status}: {}", answer.status, answer.body));
+            continue;
+        }
+        if *status == 403 && !answer.body.contains(policy) {
+            failures.push(format!("case {i}: the 403 does not name {policy}: {}", answer.body));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The access log names the deciding rule of each request.
+    wait_until(FLOW_WAIT, "the denial records", || {
+        topo.waypoint_requests(waypoint).iter().filter(|r| r["status"] == 403).count() >= 6
+    });
+    let records = topo.waypoint_requests(waypoint);
+    let admin = records.iter().find(|r| r["path"] == "/admin/users").expect("the /admin/users record");
+    assert_eq!(admin["policy"], "shop/deny-admin rule 0", "{admin}");
+    assert_eq!(admin["response_flags"], "DENY", "{admin}");
+    let read = records.iter().find(|r| r["path"] == "/" && r["status"] == 200 && r["method"] == "GET").unwrap();
+    assert_eq!(read["policy"], "shop/allow-reads rule 0", "{read}");
+}

@@ -1,6 +1,7 @@
-//! L4 authorization with Istio's semantics: AuthorizationPolicy (ALLOW/DENY) and
-//! PeerAuthentication (mTLS mode). This crate owns the one decision function the agent
-//! enforces with (and `meshctl explain` shows); it never does I/O.
+//! Authorization with Istio's semantics: AuthorizationPolicy (ALLOW/DENY) and
+//! PeerAuthentication (mTLS mode). This crate owns the decision functions the agent enforces
+//! at L4 (and `meshctl explain` shows) and the waypoint enforces per request ([`l7`]); it never
+//! does I/O.
 //!
 //! Semantics, as in Istio ambient's ztunnel:
 //! - a policy applies to a workload in its namespace whose labels match `selector.matchLabels`
@@ -11,8 +12,11 @@
 //! - a policy without rules matches nothing (an ALLOW without rules denies everything); a
 //!   rule without from/to/when matches everything;
 //! - an ALLOW rule that uses an L7-only field matches nothing at L4 (fail closed); a DENY rule
-//!   ignores its L7-only fields, which makes it broader.
+//!   ignores its L7-only fields, which makes it broader;
+//! - a policy with `targetRefs` (a Service, or a waypoint's Gateway) is enforced by the waypoint
+//!   for requests to that Service, never by the agents (see [`l7`]).
 
+pub mod l7;
 pub mod spec;
 pub mod wire;
 
@@ -89,17 +93,30 @@ pub struct Source {
     pub not_ip_blocks: Vec<IpBlock>,
 }
 
-/// `rules[].to[].operation` (L4 part). Empty lists are unset.
+/// `rules[].to[].operation`. Empty lists are unset. Hosts, methods and paths are L7: only a
+/// waypoint evaluates them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Operation {
     /// Destination ports.
     pub ports: Vec<u16>,
     /// Negated destination ports.
     pub not_ports: Vec<u16>,
+    /// `Host`/`:authority` patterns (case-insensitive, with or without the port).
+    pub hosts: Vec<String>,
+    /// Negated hosts.
+    pub not_hosts: Vec<String>,
+    /// Methods (exact).
+    pub methods: Vec<String>,
+    /// Negated methods.
+    pub not_methods: Vec<String>,
+    /// Path patterns (exact, `prefix*`, `*suffix`, `*`), matched on the path without its query.
+    pub paths: Vec<String>,
+    /// Negated paths.
+    pub not_paths: Vec<String>,
 }
 
 /// Attribute a `when` condition reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConditionKey {
     /// `source.ip` (IPs or CIDRs).
     SourceIp,
@@ -111,11 +128,16 @@ pub enum ConditionKey {
     DestinationIp,
     /// `destination.port`.
     DestinationPort,
+    /// `request.headers[<name>]` (L7; the name lowercased).
+    RequestHeader(String),
 }
 
 impl ConditionKey {
-    /// Parses an Istio condition key supported at L4.
+    /// Parses an Istio condition key this crate evaluates (at L4, or at L7 for request headers).
     pub fn parse(key: &str) -> Option<Self> {
+        if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
+            return (!name.is_empty()).then(|| Self::RequestHeader(name.to_ascii_lowercase()));
+        }
         Some(match key {
             "source.ip" | "remote.ip" => Self::SourceIp,
             "source.namespace" => Self::SourceNamespace,
@@ -124,6 +146,23 @@ impl ConditionKey {
             "destination.port" => Self::DestinationPort,
             _ => return None,
         })
+    }
+
+    /// The key as Istio writes it.
+    pub fn name(&self) -> String {
+        match self {
+            ConditionKey::SourceIp => "source.ip".into(),
+            ConditionKey::SourceNamespace => "source.namespace".into(),
+            ConditionKey::SourcePrincipal => "source.principal".into(),
+            ConditionKey::DestinationIp => "destination.ip".into(),
+            ConditionKey::DestinationPort => "destination.port".into(),
+            ConditionKey::RequestHeader(name) => format!("request.headers[{name}]"),
+        }
+    }
+
+    /// Whether only a waypoint can evaluate it.
+    pub fn is_l7(&self) -> bool {
+        matches!(self, ConditionKey::RequestHeader(_))
     }
 }
 
@@ -149,6 +188,9 @@ pub struct Rule {
     pub when: Vec<Condition>,
     /// L7-only fields of the rule (paths), which L4 cannot evaluate.
     pub l7_fields: Vec<String>,
+    /// Fields no layer evaluates yet (`requestPrincipals`, `request.auth.*`): an ALLOW rule with
+    /// one matches nothing, a DENY rule ignores them.
+    pub unsupported_fields: Vec<String>,
 }
 
 /// An AuthorizationPolicy.
@@ -164,6 +206,36 @@ pub struct AuthorizationPolicy {
     pub action: Action,
     /// Rules; a policy matches when any rule does.
     pub rules: Vec<Rule>,
+    /// What the policy is attached to instead of selected workloads (a waypoint enforces it).
+    pub target_refs: Vec<TargetRef>,
+}
+
+/// `targetRefs[]` of a policy: a Service or a waypoint's Gateway of the policy's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetRef {
+    /// `Service` or `Gateway`.
+    pub kind: TargetKind,
+    /// Its name.
+    pub name: String,
+}
+
+/// What a `targetRef` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    /// A Service: requests to it, at its waypoint.
+    Service,
+    /// A waypoint's Gateway: every request it serves.
+    Gateway,
+}
+
+impl TargetKind {
+    /// The Kubernetes kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Service => "Service",
+            TargetKind::Gateway => "Gateway",
+        }
+    }
 }
 
 /// PeerAuthentication `mtls.mode`.
@@ -371,26 +443,28 @@ impl Source {
 }
 
 impl Operation {
-    fn matches(&self, r: &Request<'_>) -> bool {
+    fn matches_l4(&self, r: &Request<'_>) -> bool {
         (self.ports.is_empty() || self.ports.contains(&r.destination_port))
             && !self.not_ports.contains(&r.destination_port)
     }
 }
 
-fn value_match(key: ConditionKey, pattern: &str, r: &Request<'_>) -> bool {
+/// Whether `pattern` matches the L4 attribute `key` names (L7 keys match nothing here).
+fn value_match(key: &ConditionKey, pattern: &str, r: &Request<'_>) -> bool {
     match key {
         ConditionKey::SourceIp => IpBlock::parse(pattern).is_some_and(|b| b.contains(r.source_ip)),
         ConditionKey::DestinationIp => IpBlock::parse(pattern).is_some_and(|b| b.contains(r.destination_ip)),
         ConditionKey::SourceNamespace => string_match(pattern, r.source_namespace().unwrap_or("")),
         ConditionKey::SourcePrincipal => string_match(pattern, r.source_principal().unwrap_or("")),
         ConditionKey::DestinationPort => pattern.parse() == Ok(r.destination_port),
+        ConditionKey::RequestHeader(_) => false,
     }
 }
 
 impl Condition {
     fn matches(&self, r: &Request<'_>) -> bool {
-        (self.values.is_empty() || self.values.iter().any(|v| value_match(self.key, v, r)))
-            && !self.not_values.iter().any(|v| value_match(self.key, v, r))
+        (self.values.is_empty() || self.values.iter().any(|v| value_match(&self.key, v, r)))
+            && !self.not_values.iter().any(|v| value_match(&self.key, v, r))
     }
 }
 
@@ -398,8 +472,8 @@ impl Rule {
     /// Whether the L4 part of the rule matches.
     fn matches_l4(&self, r: &Request<'_>) -> bool {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(r)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(r)))
-            && self.when.iter().all(|c| c.matches(r))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches_l4(r)))
+            && self.when.iter().filter(|c| !c.key.is_l7()).all(|c| c.matches(r))
     }
 }
 
@@ -409,9 +483,12 @@ impl AuthorizationPolicy {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// Whether the policy applies to `w`.
+    /// Whether the policy applies to `w` at L4 (a policy with targetRefs applies to no workload:
+    /// a waypoint enforces it).
     pub fn applies_to(&self, w: &Workload<'_>) -> bool {
-        (self.namespace == w.namespace || self.namespace == ROOT_NAMESPACE) && selects(&self.selector, w.labels)
+        self.target_refs.is_empty()
+            && (self.namespace == w.namespace || self.namespace == ROOT_NAMESPACE)
+            && selects(&self.selector, w.labels)
     }
 }
 
@@ -434,7 +511,8 @@ impl NamespacePolicies {
     fn new(policies: Vec<AuthorizationPolicy>) -> Self {
         let mut unselective = Vec::new();
         let mut by_label: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
-        for (i, p) in policies.iter().enumerate() {
+        // Policies attached by targetRefs are a waypoint's: indexed for no workload.
+        for (i, p) in policies.iter().enumerate().filter(|(_, p)| p.target_refs.is_empty()) {
             match p.selector.as_ref().and_then(|s| s.iter().next()) {
                 Some((k, v)) => by_label.entry(k.clone()).or_default().entry(v.clone()).or_default().push(i),
                 None => unselective.push(i),

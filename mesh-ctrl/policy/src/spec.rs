@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     Action, AuthorizationPolicy, Condition, ConditionKey, IpBlock, MtlsMode, Operation, PeerAuthentication, Rule,
-    Source,
+    Source, TargetKind, TargetRef,
 };
 
 /// A field that failed validation.
@@ -34,12 +34,30 @@ pub struct Selector {
     pub match_labels: BTreeMap<String, String>,
 }
 
+/// `targetRefs[]`: what a policy is attached to.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRefSpec {
+    /// `""` (core) for a Service, `gateway.networking.k8s.io` for a Gateway.
+    #[serde(default)]
+    pub group: String,
+    /// `Service` or `Gateway`.
+    pub kind: String,
+    /// Its name, in the policy's namespace.
+    pub name: String,
+}
+
 /// `spec` of an AuthorizationPolicy.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     /// Workloads it applies to.
     pub selector: Option<Selector>,
+    /// The Service or waypoint Gateway it is attached to (its waypoint enforces it); excludes
+    /// `selector`.
+    pub target_refs: Option<Vec<TargetRefSpec>>,
+    /// One target (Istio's older singular form).
+    pub target_ref: Option<TargetRefSpec>,
     /// ALLOW (default) or DENY.
     pub action: Option<String>,
     /// Rules.
@@ -176,6 +194,10 @@ impl AuthorizationPolicySpec {
             "DENY" => Action::Deny,
             other => return Err(err("spec.action", format!("{other} is not supported (ALLOW or DENY)"))),
         };
+        let target_refs = self.target_refs()?;
+        if !target_refs.is_empty() && self.selector.is_some() {
+            return Err(err("spec.selector", "a policy has either a selector or targetRefs, not both"));
+        }
         let mut rules = Vec::new();
         for (r, rule) in self.rules.iter().flatten().enumerate() {
             let path = format!("spec.rules[{r}]");
@@ -187,13 +209,15 @@ impl AuthorizationPolicySpec {
                 ip_blocks.extend(blocks(&s.remote_ip_blocks, &format!("spec.{p}.remoteIpBlocks"))?);
                 let mut not_ip_blocks = blocks(&s.not_ip_blocks, &format!("spec.{p}.notIpBlocks"))?;
                 not_ip_blocks.extend(blocks(&s.not_remote_ip_blocks, &format!("spec.{p}.notRemoteIpBlocks"))?);
-                out.l7_fields.extend(l7(
+                let unsupported = l7(
                     &p,
                     &[
                         ("requestPrincipals", &s.request_principals),
                         ("notRequestPrincipals", &s.not_request_principals),
                     ],
-                ));
+                );
+                out.l7_fields.extend(unsupported.iter().cloned());
+                out.unsupported_fields.extend(unsupported);
                 out.from.push(Source {
                     principals: list(&s.principals),
                     not_principals: list(&s.not_principals),
@@ -220,6 +244,12 @@ impl AuthorizationPolicySpec {
                 out.to.push(Operation {
                     ports: ports(&o.ports, &format!("spec.{p}.ports"))?,
                     not_ports: ports(&o.not_ports, &format!("spec.{p}.notPorts"))?,
+                    hosts: list(&o.hosts),
+                    not_hosts: list(&o.not_hosts),
+                    methods: list(&o.methods),
+                    not_methods: list(&o.not_methods),
+                    paths: list(&o.paths),
+                    not_paths: list(&o.not_paths),
                 });
             }
             for (w, cond) in rule.when.iter().flatten().enumerate() {
@@ -230,17 +260,22 @@ impl AuthorizationPolicySpec {
                 }
                 let Some(key) = ConditionKey::parse(&cond.key) else {
                     if cond.key.starts_with("request.") || cond.key.starts_with("experimental.") {
-                        out.l7_fields.push(format!("rules[{r}].when[{w}] ({})", cond.key));
+                        let unsupported = format!("rules[{r}].when[{w}] ({})", cond.key);
+                        out.l7_fields.push(unsupported.clone());
+                        out.unsupported_fields.push(unsupported);
                         continue;
                     }
                     return Err(err(
                         format!("{p}.key"),
                         format!(
-                            "{} is not supported (source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, or an L7 request.* key)",
+                            "{} is not supported (source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, request.headers[NAME], or another L7 request.* key)",
                             cond.key
                         ),
                     ));
                 };
+                if key.is_l7() {
+                    out.l7_fields.push(format!("rules[{r}].when[{w}] ({})", cond.key));
+                }
                 let values = list(&cond.values).into_iter().chain(list(&cond.not_values));
                 for v in values {
                     let ok = match key {
@@ -262,7 +297,36 @@ impl AuthorizationPolicySpec {
             selector: self.selector.as_ref().map(|s| s.match_labels.clone()),
             action,
             rules,
+            target_refs,
         })
+    }
+
+    /// `targetRefs` (and the singular `targetRef`), validated: a Service or a Gateway of the
+    /// policy's namespace.
+    fn target_refs(&self) -> Result<Vec<TargetRef>, SpecError> {
+        let plural = self.target_refs.iter().flatten().enumerate().map(|(i, t)| (format!("spec.targetRefs[{i}]"), t));
+        let singular = self.target_ref.iter().map(|t| ("spec.targetRef".to_string(), t));
+        plural
+            .chain(singular)
+            .map(|(path, t)| {
+                let kind = match (t.group.as_str(), t.kind.as_str()) {
+                    ("" | "core", "Service") => TargetKind::Service,
+                    ("gateway.networking.k8s.io", "Gateway") => TargetKind::Gateway,
+                    (group, kind) => {
+                        return Err(err(
+                            format!("{path}.kind"),
+                            format!(
+                                "{group:?}/{kind} cannot be a target: name a Service (group \"\") or a Gateway (group gateway.networking.k8s.io)"
+                            ),
+                        ))
+                    }
+                };
+                if t.name.is_empty() {
+                    return Err(err(format!("{path}.name"), "missing"));
+                }
+                Ok(TargetRef { kind, name: t.name.clone() })
+            })
+            .collect()
     }
 }
 

@@ -339,6 +339,7 @@ fn selecting(ns: &str, name: &str, selector: Option<Vec<(&str, &str)>>) -> Autho
         selector: selector.map(|pairs| pairs.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
         action: Action::Allow,
         rules: vec![Rule::default()],
+        target_refs: vec![],
     }
 }
 
@@ -407,4 +408,106 @@ fn transport_for_every_placement() {
         };
         assert_eq!(Transport::for_placement(placement), want, "{placement:?}");
     }
+}
+
+/// A request at the waypoint: `method` `path` with `headers` (name, value), host `web.shop`.
+fn http_request<'a>(
+    principal: Option<&str>,
+    method: &'a str,
+    path: &'a str,
+    host: &'a str,
+    headers: &'a http::HeaderMap,
+) -> l7::HttpRequest<'a> {
+    l7::HttpRequest { l4: request("10.244.1.2", principal, 80), host, method, path, headers }
+}
+
+#[test]
+fn l7_decision_table() {
+    let web = l7::Target { namespace: "shop", service: "web", gateway: ("shop", "waypoint") };
+    let on_web = |name: &str, yaml: &str| {
+        authz("shop", name, &format!("targetRefs: [{{group: \"\", kind: Service, name: web}}]\n{yaml}"))
+    };
+    let deny_admin = on_web("deny-admin", "action: DENY\nrules: [{to: [{operation: {paths: [\"/admin/*\"]}}]}]");
+    let deny_delete = on_web("deny-delete", "action: DENY\nrules: [{to: [{operation: {methods: [DELETE]}}]}]");
+    let allow_get =
+        on_web("allow-get", "rules: [{to: [{operation: {methods: [GET, HEAD], notPaths: [\"*.secret\"]}}]}]");
+    let allow_header =
+        on_web("allow-header", "rules: [{when: [{key: \"request.headers[X-Token]\", values: [\"ok-*\"]}]}]");
+    let allow_b = on_web("allow-b", "rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/b]}}]}]");
+    let allow_host = on_web("allow-host", "rules: [{to: [{operation: {hosts: [\"API.shop\"], paths: [/exact]}}]}]");
+    let on_gateway = authz(
+        "shop",
+        "deny-on-gateway",
+        "targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\naction: DENY\nrules: [{to: [{operation: {paths: [\"*.php\"]}}]}]",
+    );
+    let elsewhere = authz(
+        "shop",
+        "deny-on-other",
+        "targetRefs: [{group: \"\", kind: Service, name: other}]\naction: DENY\nrules: [{}]",
+    );
+    let unsupported = on_web("allow-jwt", "rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]");
+    let set = PolicySet::new(
+        vec![deny_admin, deny_delete, allow_get, allow_header, allow_b, allow_host, on_gateway, elsewhere, unsupported],
+        vec![],
+    );
+    let mut token = http::HeaderMap::new();
+    token.insert("x-token", "ok-123".parse().unwrap());
+    let none = http::HeaderMap::new();
+    // (principal, method, path, host, headers, allowed, deciding policy)
+    type Case<'a> = (Option<&'a str>, &'a str, &'a str, &'a str, &'a http::HeaderMap, bool, &'a str);
+    let cases: [Case; 12] = [
+        (Some(A), "GET", "/", "web.shop", &none, true, "shop/allow-get rule 0"),
+        (Some(A), "GET", "/admin/users", "web.shop", &none, false, "shop/deny-admin rule 0"),
+        (Some(A), "GET", "/admin", "web.shop", &none, true, "shop/allow-get rule 0"),
+        (Some(A), "DELETE", "/", "web.shop", &token, false, "shop/deny-delete rule 0"),
+        (Some(A), "GET", "/index.php", "web.shop", &none, false, "shop/deny-on-gateway rule 0"),
+        (Some(A), "GET", "/keys.secret", "web.shop", &none, false, "no ALLOW policy matched"),
+        (Some(A), "POST", "/", "web.shop", &none, false, "no ALLOW policy matched"),
+        (Some(A), "POST", "/", "web.shop", &token, true, "shop/allow-header rule 0"),
+        (Some(B), "POST", "/", "web.shop", &none, true, "shop/allow-b rule 0"),
+        (None, "POST", "/", "web.shop", &none, false, "no ALLOW policy matched"),
+        (Some(A), "PUT", "/exact", "api.SHOP:80", &none, true, "shop/allow-host rule 0"),
+        (Some(A), "PUT", "/exact", "other.shop", &none, false, "no ALLOW policy matched"),
+    ];
+    for (principal, method, path, host, headers, allowed, policy) in cases {
+        let r = http_request(principal, method, path, host, headers);
+        let d = set.authorize_request(&web, &r);
+        assert_eq!(d.allowed, allowed, "{method} {path} from {principal:?}: {d:?}");
+        assert!(d.policy.starts_with(policy), "{method} {path} from {principal:?}: {d:?}");
+        assert_eq!(d.hint.is_empty(), allowed, "a denial says what to change: {d:?}");
+        let (explained, steps) = set.explain_request(&web, &r);
+        assert_eq!(explained, d, "explain decides as enforcement does");
+        assert!(!steps.is_empty());
+    }
+    // A requestPrincipals rule is not evaluated yet: it admits nothing, and says so.
+    let (_, steps) = set.explain_request(&web, &http_request(Some(D), "POST", "/", "web.shop", &none));
+    assert!(steps.iter().any(|s| s.outcome.contains("not evaluated yet")), "{steps:?}");
+    // Another Service's policies do not apply; and no targetRef'd policy applies at L4.
+    let other = l7::Target { namespace: "shop", service: "canary", gateway: ("shop", "other-waypoint") };
+    assert!(set.authorize_request(&other, &http_request(None, "DELETE", "/admin/x", "c", &none)).allowed);
+    let app_web = labels(&[("app", "web")]);
+    assert!(set.applicable(&Workload { namespace: "shop", labels: &app_web }).is_empty());
+}
+
+#[test]
+fn target_refs_are_validated_with_their_field() {
+    let bad = |yaml: &str| {
+        let spec: AuthorizationPolicySpec = serde_yaml::from_str(yaml).unwrap();
+        spec.validate("shop", "p").unwrap_err()
+    };
+    let e = bad("targetRefs: [{group: apps, kind: Deployment, name: web}]");
+    assert_eq!(e.field, "spec.targetRefs[0].kind", "{e}");
+    let e = bad("targetRefs: [{kind: Service, name: web}]\nselector: {matchLabels: {app: web}}");
+    assert_eq!(e.field, "spec.selector", "{e}");
+    let e = bad("targetRef: {kind: Service, name: \"\"}");
+    assert_eq!(e.field, "spec.targetRef.name", "{e}");
+    // A policy survives the wire with its L7 fields and targets.
+    let p = authz(
+        "shop",
+        "p",
+        "targetRefs: [{kind: Service, name: web}]\nrules: [{to: [{operation: {methods: [GET], paths: [/a], hosts: [h], notPaths: [/b]}}], when: [{key: \"request.headers[x-a]\", values: [v]}]}]",
+    );
+    let back = AuthorizationPolicy::try_from(ferrymesh_api::config::AuthorizationPolicy::from(&p)).unwrap();
+    assert_eq!(back, p);
+    assert_eq!(p.rules[0].l7_fields.len(), 5, "{:?}", p.rules[0].l7_fields);
 }

@@ -5,7 +5,7 @@ use ferrymesh_api::config as proto;
 
 use crate::{
     Action, AuthorizationPolicy, Condition, ConditionKey, IpBlock, MtlsMode, Operation, PeerAuthentication, Rule,
-    Source,
+    Source, TargetKind, TargetRef,
 };
 
 /// A policy from the wire that does not convert.
@@ -16,16 +16,6 @@ pub struct WireError {
     pub policy: String,
     /// What is wrong.
     pub message: String,
-}
-
-fn condition_key_name(key: ConditionKey) -> &'static str {
-    match key {
-        ConditionKey::SourceIp => "source.ip",
-        ConditionKey::SourceNamespace => "source.namespace",
-        ConditionKey::SourcePrincipal => "source.principal",
-        ConditionKey::DestinationIp => "destination.ip",
-        ConditionKey::DestinationPort => "destination.port",
-    }
 }
 
 fn block_text(b: &IpBlock) -> String {
@@ -65,19 +55,31 @@ impl From<&AuthorizationPolicy> for proto::AuthorizationPolicy {
                         .map(|o| proto::Operation {
                             ports: o.ports.iter().map(u16::to_string).collect(),
                             not_ports: o.not_ports.iter().map(u16::to_string).collect(),
+                            hosts: o.hosts.clone(),
+                            not_hosts: o.not_hosts.clone(),
+                            methods: o.methods.clone(),
+                            not_methods: o.not_methods.clone(),
+                            paths: o.paths.clone(),
+                            not_paths: o.not_paths.clone(),
                         })
                         .collect(),
                     when: r
                         .when
                         .iter()
                         .map(|c| proto::Condition {
-                            key: condition_key_name(c.key).into(),
+                            key: c.key.name(),
                             values: c.values.clone(),
                             not_values: c.not_values.clone(),
                         })
                         .collect(),
                     l7_fields: r.l7_fields.clone(),
+                    unsupported_fields: r.unsupported_fields.clone(),
                 })
+                .collect(),
+            target_refs: p
+                .target_refs
+                .iter()
+                .map(|t| proto::TargetRef { kind: t.kind.as_str().into(), name: t.name.clone() })
                 .collect(),
         }
     }
@@ -115,14 +117,32 @@ impl TryFrom<proto::AuthorizationPolicy> for AuthorizationPolicy {
             }
             let mut to = Vec::new();
             for o in r.to {
-                to.push(Operation { ports: ports(&o.ports)?, not_ports: ports(&o.not_ports)? });
+                to.push(Operation {
+                    ports: ports(&o.ports)?,
+                    not_ports: ports(&o.not_ports)?,
+                    hosts: o.hosts,
+                    not_hosts: o.not_hosts,
+                    methods: o.methods,
+                    not_methods: o.not_methods,
+                    paths: o.paths,
+                    not_paths: o.not_paths,
+                });
             }
             let mut when = Vec::new();
             for c in r.when {
                 let key = ConditionKey::parse(&c.key).ok_or_else(|| bad(format!("unknown condition key {}", c.key)))?;
                 when.push(Condition { key, values: c.values, not_values: c.not_values });
             }
-            rules.push(Rule { from, to, when, l7_fields: r.l7_fields });
+            rules.push(Rule { from, to, when, l7_fields: r.l7_fields, unsupported_fields: r.unsupported_fields });
+        }
+        let mut target_refs = Vec::new();
+        for t in p.target_refs {
+            let kind = match t.kind.as_str() {
+                "Service" => TargetKind::Service,
+                "Gateway" => TargetKind::Gateway,
+                other => return Err(bad(format!("unknown targetRef kind {other}"))),
+            };
+            target_refs.push(TargetRef { kind, name: t.name });
         }
         Ok(AuthorizationPolicy {
             namespace: p.namespace,
@@ -130,6 +150,7 @@ impl TryFrom<proto::AuthorizationPolicy> for AuthorizationPolicy {
             selector: p.has_selector.then(|| p.selector.into_iter().collect()),
             action,
             rules,
+            target_refs,
         })
     }
 }
