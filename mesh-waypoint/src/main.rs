@@ -58,6 +58,9 @@ struct Args {
     /// Where HBONE is served.
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
+    /// Address of the Prometheus metrics endpoint (/metrics).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
     /// Access log: one JSON line per request, to `-` (stdout), a file (appended to), or `off`.
     #[arg(long, default_value = "-")]
     access_log: String,
@@ -84,6 +87,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let ctrl = ctrl::Ctrl::new(&args.ctrl, args.ca_root.as_deref())?;
+    record::serve_metrics(args.metrics_addr)?;
     let state = Arc::new(state::State::default());
     tokio::spawn(config_client::run(ctrl.clone(), args.node_name.clone(), state.clone()));
     let token = Arc::new(TokenFile::open(&args.token_file).map_err(anyhow::Error::msg)?);

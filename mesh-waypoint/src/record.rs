@@ -1,13 +1,16 @@
 //! The record of one request at the waypoint, written to the access log as one JSON line:
 //! who asked (identity, address), what (method, authority, path, protocol), which Service, route
-//! rule, backend and endpoint carried it, the answer (status, gRPC status), how long it took,
-//! and, when the waypoint answered itself, why (`response_flags` as Envoy names them, and the
-//! reason).
+//! rule, policy, backend and endpoint carried it, the answer (status, gRPC status), how long it
+//! took, and, when the waypoint answered itself, why (`response_flags` as Envoy names them, and
+//! the reason); and counted in the request metrics with Istio's labels.
 
+use std::net::SocketAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferrymesh_dataplane::flows::AccessLog;
+use ferrymesh_dataplane::state::State;
 use http::{Request, Response, Version};
+use metrics::{counter, histogram, Label};
 use serde_json::json;
 
 use crate::listener::Downstream;
@@ -35,6 +38,8 @@ pub struct Record {
     pub path: String,
     /// `HTTP/1.1` or `HTTP/2`.
     pub protocol: &'static str,
+    /// Whether it is gRPC (`content-type: application/grpc...`).
+    pub is_grpc: bool,
     /// The route rule that selected the request (`HTTPRoute ns/name rule N`), empty without.
     pub route: String,
     /// The policy (and rule) that allowed or denied the request, empty when none is attached.
@@ -81,6 +86,10 @@ impl Record {
             authority: crate::request::authority_of(request).unwrap_or_default(),
             path: request.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
             protocol: protocol(request.version()),
+            is_grpc: request
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
             route: String::new(),
             policy: String::new(),
             backend: String::new(),
@@ -97,6 +106,54 @@ impl Record {
         self.status = response.status().as_u16();
         if let Some(status) = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
             self.grpc_status = status.to_string();
+        }
+    }
+
+    /// Counts the request in `ferrymesh_requests_total` and
+    /// `ferrymesh_request_duration_milliseconds`, with Istio's labels (workloads named from the
+    /// state: the client by its address, the destination by the endpoint that answered).
+    pub fn count(&self, state: &State) {
+        let unknown = || "unknown".to_string();
+        let at = |addr: &str| addr.parse::<SocketAddr>().ok().and_then(|a| state.workload_by_ip(a.ip()));
+        let (src_name, src_ns) =
+            at(&self.source_addr).map_or((unknown(), unknown()), |w| (w.name.clone(), w.namespace.clone()));
+        let destination = at(&self.upstream);
+        let (dst_name, dst_ns) =
+            destination.as_ref().map_or((unknown(), unknown()), |w| (w.name.clone(), w.namespace.clone()));
+        // The endpoint proved its identity over HBONE when it is meshed.
+        let trust_domain = state.trust_domain().borrow().clone();
+        let dst_principal = destination
+            .filter(|w| w.captured)
+            .and_then(|w| w.identity().spiffe_id(&trust_domain).ok())
+            .map_or_else(unknown, |id| id.as_str().to_string());
+        let (service_ns, service_name) = self.service.split_once('/').unwrap_or(("unknown", "unknown"));
+        let labels = vec![
+            Label::new("reporter", "waypoint"),
+            Label::new("source_workload", src_name),
+            Label::new("source_workload_namespace", src_ns),
+            Label::new("source_principal", self.principal_or_unknown()),
+            Label::new("destination_workload", dst_name),
+            Label::new("destination_workload_namespace", dst_ns),
+            Label::new("destination_principal", dst_principal),
+            Label::new("destination_service", self.service.clone()),
+            Label::new("destination_service_name", service_name.to_string()),
+            Label::new("destination_service_namespace", service_ns.to_string()),
+            Label::new("request_protocol", if self.is_grpc { "grpc" } else { "http" }),
+            Label::new("response_code", self.status.to_string()),
+            Label::new("grpc_response_status", self.grpc_status.clone()),
+            Label::new("response_flags", self.response_flags),
+            Label::new("connection_security_policy", "mutual_tls"),
+        ];
+        counter!("ferrymesh_requests_total", labels.clone()).increment(1);
+        let millis = self.started.elapsed().as_secs_f64() * 1000.0;
+        histogram!("ferrymesh_request_duration_milliseconds", labels).record(millis);
+    }
+
+    fn principal_or_unknown(&self) -> String {
+        if self.source_identity.is_empty() {
+            "unknown".into()
+        } else {
+            self.source_identity.clone()
         }
     }
 
@@ -145,4 +202,28 @@ impl RequestLog {
     pub fn write(&self, record: &Record) {
         self.log.write_line(&record.to_line());
     }
+}
+
+/// Request latency buckets in milliseconds (Istio's).
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+
+/// Installs the Prometheus recorder and serves it on `addr` (`/metrics`), the request metrics
+/// described (docs/OBSERVABILITY.md lists them).
+pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Full("ferrymesh_request_duration_milliseconds".into()), &DURATION_BUCKETS)?
+        .install()
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    metrics::describe_counter!("ferrymesh_requests_total", "HTTP and gRPC requests the waypoint answered.");
+    metrics::describe_histogram!(
+        "ferrymesh_request_duration_milliseconds",
+        metrics::Unit::Milliseconds,
+        "Time from a request's arrival to its response's headers, in milliseconds."
+    );
+    Ok(())
 }

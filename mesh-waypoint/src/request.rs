@@ -50,6 +50,7 @@ pub async fn handle(waypoint: &Waypoint, down: &Downstream, request: Request<Inc
     let response = route(waypoint, down, request, &mut record).await;
     record.answered(&response);
     waypoint.log.write(&record);
+    record.count(&waypoint.state);
     response
 }
 

@@ -82,6 +82,26 @@ fn a_bound_service_is_reached_through_the_waypoint_with_both_identities() {
     assert_eq!(first["backend"], "shop/web:80", "{first}");
     assert_eq!(first["protocol"], "HTTP/1.1", "{first}");
 
+    // Counted with Istio's labels.
+    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let labels = [
+        ("reporter", "waypoint"),
+        ("source_workload", "a"),
+        ("source_principal", CLIENT_ID),
+        ("destination_service", "shop/web"),
+        ("destination_workload_namespace", "shop"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert!(scrape.sum("ferrymesh_requests_total", &labels) >= 40.0, "{text}");
+    assert!(scrape.sum("ferrymesh_request_duration_milliseconds_count", &labels) >= 40.0, "{text}");
+    let to_web_2 =
+        [("destination_workload", "web-2"), ("destination_principal", "spiffe://cluster.local/ns/shop/sa/web-2")];
+    assert!(scrape.sum("ferrymesh_requests_total", &to_web_2) >= 1.0, "{text}");
+
     // The source agent's flow went to the waypoint, which proved its identity.
     wait_until(FLOW_WAIT, "the client's flow", || {
         topo.flows(1).iter().any(|f| f["direction"] == "outbound" && f["service"] == "shop/web")
