@@ -607,6 +607,23 @@ impl Topology {
     }
 }
 
+/// Port of the fm-echo gRPC server.
+pub const ECHO_GRPC_PORT: u16 = 9090;
+
+impl Topology {
+    /// Starts the fm-echo gRPC server in `pod` on [`ECHO_GRPC_PORT`] and waits until it listens.
+    pub fn serve_grpc(&self, pod: &Pod) {
+        let label = format!("grpc-{}-{}", pod.namespace, pod.name);
+        let mut cmd = self.command_in(&pod.netns, bin("fm-echo"));
+        cmd.args(["grpc-serve", "--pod", &pod.name]);
+        self.spawn(&label, cmd);
+        wait_until(Duration::from_secs(10), &format!("{label} to listen"), || {
+            assert!(self.is_running(&label), "{label} exited: {}", self.log(&label));
+            self.log(&label).contains("ready")
+        });
+    }
+}
+
 /// An HTTP response as curl printed it.
 #[derive(Debug)]
 pub struct HttpAnswer {

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{wait_until, CONFIG_WAIT, DATAPLANE_MODE, ECHO_HTTP_PORT, FLOW_WAIT};
+use ferrymesh_testbed::mesh::{
+    bin, wait_until, CONFIG_WAIT, DATAPLANE_MODE, ECHO_GRPC_PORT, ECHO_HTTP_PORT, FLOW_WAIT,
+};
 use ferrymesh_testbed::{Topology, TopologySpec};
 
 /// VIP of Service shop/web (pods web-1 on node 1 and web-2 on node 2; ports 80 and 8080).
@@ -564,4 +566,39 @@ fn l7_authorization_policies_at_the_waypoint_name_the_deciding_rule() {
     assert_eq!(admin["response_flags"], "DENY", "{admin}");
     let read = records.iter().find(|r| r["path"] == "/" && r["status"] == 200 && r["method"] == "GET").unwrap();
     assert_eq!(read["policy"], "shop/allow-reads rule 0", "{read}");
+}
+
+#[test]
+fn grpc_routes_split_by_weight_and_modify_headers_with_a_real_grpc_client() {
+    let topo = waypoint_cluster();
+    let grpc = ECHO_GRPC_PORT.to_string();
+    topo.write_service("shop", "grpc", "10.96.0.53", &[("app", "web")], &[("grpc", ECHO_GRPC_PORT, &grpc)]);
+    topo.write_service("shop", "grpc-canary", "10.96.0.54", &[("app", "canary")], &[("grpc", ECHO_GRPC_PORT, &grpc)]);
+    for name in ["web-1", "web-2", "canary"] {
+        topo.serve_grpc(topo.pod("shop", name));
+    }
+    // MeshGRPCRouteWeight and MeshGRPCRouteRequestHeaderModifier, on one rule.
+    let route = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: grpc-split\n  namespace: shop\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: grpc\n    port: {ECHO_GRPC_PORT}\n  rules:\n  - matches:\n    - method:\n        service: ferrymesh.test.Echo\n        method: Echo\n    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier:\n        add:\n        - name: x-added\n          value: by-route\n        remove:\n        - x-removed\n    backendRefs:\n    - name: grpc\n      port: {ECHO_GRPC_PORT}\n      weight: 70\n    - name: grpc-canary\n      port: {ECHO_GRPC_PORT}\n      weight: 30\n"
+    );
+    topo.write_config_file("route-grpc.yaml", &route);
+    let a = topo.pod("shop", "a");
+    let to = format!("10.96.0.53:{ECHO_GRPC_PORT}");
+    let call = |count: &str| {
+        let out = topo.output_in(&a.netns, bin("fm-echo"), &["grpc", "--to", &to, "--count", count]);
+        assert!(out.status.success(), "gRPC through the waypoint: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("grpc JSON")
+    };
+    wait_until(CONFIG_WAIT, "the GRPCRoute to apply", || call("1")["metadata"]["x-added"] == "by-route");
+    let answer = call("500");
+    let canary = answer["pods"]["canary"].as_u64().unwrap_or(0);
+    let web = answer["pods"]["web-1"].as_u64().unwrap_or(0) + answer["pods"]["web-2"].as_u64().unwrap_or(0);
+    assert_eq!(canary + web, 500, "{answer}");
+    assert!((125..=175).contains(&canary), "30% of 500 is 150 (±25): {answer}");
+    assert_eq!(answer["metadata"]["x-added"], "by-route", "{answer}");
+    // The waypoint knows it for gRPC.
+    let records = topo.waypoint_requests(topo.pod("shop", "waypoint"));
+    let last = records.iter().rev().find(|r| r["service"] == "shop/grpc").expect("a gRPC record");
+    assert_eq!(last["protocol"], "HTTP/2", "{last}");
+    assert_eq!(last["route"], "GRPCRoute shop/grpc-split rule 0", "{last}");
 }

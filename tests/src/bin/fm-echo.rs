@@ -5,7 +5,9 @@
 //! the pod that answered and the request as it arrived (method, path with query, host, headers,
 //! protocol, body length), and echoes WebSocket messages on any path that asks to upgrade.
 //! `ws` is a WebSocket client: it sends numbered text messages and checks each echo, printing
-//! JSON.
+//! JSON. `grpc-serve` is a gRPC server (tonic) of one unary method, `ferrymesh.test.Echo/Echo`,
+//! answering with the pod's name and the request's metadata; `grpc` calls it `count` times on
+//! one channel and prints which pods answered and the last answer's metadata, as JSON.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -40,6 +42,20 @@ enum Command {
         #[arg(long)]
         namespace: String,
     },
+    /// Serve gRPC `ferrymesh.test.Echo/Echo` on `port` as pod `pod`; prints "ready".
+    GrpcServe {
+        #[arg(long, default_value_t = 9090)]
+        port: u16,
+        #[arg(long)]
+        pod: String,
+    },
+    /// Call `ferrymesh.test.Echo/Echo` on `to` `count` times over one channel.
+    Grpc {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
     /// Send `messages` WebSocket text messages to ws://`to``path` and check each echo.
     Ws {
         #[arg(long)]
@@ -57,6 +73,8 @@ fn main() {
     let result = match cli.command {
         Command::Serve { port, pod, namespace } => runtime.block_on(serve(port, pod, namespace)),
         Command::Ws { to, path, messages } => runtime.block_on(ws(to, &path, messages)),
+        Command::GrpcServe { port, pod } => runtime.block_on(grpc_serve(port, pod)),
+        Command::Grpc { to, count } => runtime.block_on(grpc(to, count)),
     };
     if let Err(e) = result {
         eprintln!("fm-echo: {e}");
@@ -151,5 +169,106 @@ async fn ws(to: SocketAddr, path: &str, messages: u32) -> Result<(), BoxError> {
     }
     socket.close(None).await?;
     println!("{}", json!({ "status": response.status().as_u16(), "echoed": echoed }));
+    Ok(())
+}
+
+/// The request of `ferrymesh.test.Echo/Echo`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct EchoRequest {
+    #[prost(string, tag = "1")]
+    message: String,
+}
+
+/// Its answer: who answered, and the metadata the request arrived with.
+#[derive(Clone, PartialEq, prost::Message)]
+struct EchoReply {
+    #[prost(string, tag = "1")]
+    pod: String,
+    #[prost(map = "string, string", tag = "2")]
+    metadata: std::collections::HashMap<String, String>,
+}
+
+const ECHO_PATH: &str = "/ferrymesh.test.Echo/Echo";
+
+/// The Echo service, as generated code would route it.
+#[derive(Clone)]
+struct EchoService(std::sync::Arc<String>);
+
+impl tonic::server::NamedService for EchoService {
+    const NAME: &'static str = "ferrymesh.test.Echo";
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for EchoService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let pod = self.0.clone();
+        Box::pin(async move {
+            if request.uri().path() != ECHO_PATH {
+                return Ok(tonic::Status::unimplemented(request.uri().path().to_string()).into_http());
+            }
+            let handler = tower::service_fn(move |request: tonic::Request<EchoRequest>| {
+                let pod = pod.clone();
+                async move {
+                    let metadata = request
+                        .metadata()
+                        .iter()
+                        .filter_map(|entry| match entry {
+                            tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                                Some((k.to_string(), v.to_str().unwrap_or_default().to_string()))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    Ok::<_, tonic::Status>(tonic::Response::new(EchoReply { pod: pod.to_string(), metadata }))
+                }
+            });
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+            Ok(grpc.unary(handler, request).await)
+        })
+    }
+}
+
+async fn grpc_serve(port: u16, pod: String) -> Result<(), BoxError> {
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    println!("ready");
+    tonic::transport::Server::builder()
+        .add_service(EchoService(std::sync::Arc::new(pod)))
+        .serve_with_incoming(tokio_stream_of(listener))
+        .await?;
+    Ok(())
+}
+
+/// The accepted connections of `listener`, as tonic takes them.
+fn tokio_stream_of(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    })
+}
+
+async fn grpc(to: SocketAddr, count: u32) -> Result<(), BoxError> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))?.connect().await?;
+    let mut client = tonic::client::Grpc::new(channel);
+    let mut pods: BTreeMap<String, u32> = BTreeMap::new();
+    let mut metadata = std::collections::HashMap::new();
+    for i in 0..count {
+        client.ready().await?;
+        let request = tonic::Request::new(EchoRequest { message: format!("call {i}") });
+        let path = http::uri::PathAndQuery::from_static(ECHO_PATH);
+        let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
+        let reply = client.unary(request, path, codec).await?.into_inner();
+        *pods.entry(reply.pod).or_default() += 1;
+        metadata = reply.metadata;
+    }
+    println!("{}", json!({ "ok": count, "pods": pods, "metadata": metadata }));
     Ok(())
 }
