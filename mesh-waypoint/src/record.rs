@@ -50,7 +50,7 @@ pub struct Record {
     pub upstream: String,
     /// Status answered.
     pub status: u16,
-    /// `grpc-status` of the response headers (a trailers-only answer), if any.
+    /// `grpc-status` of the answer (its headers, or its trailers), if any.
     pub grpc_status: String,
     /// Envoy's response flags: `-`, or why the waypoint answered itself (NR no route, UH no
     /// healthy upstream, UF upstream connect failure, UC upstream connection ended; DENY, as
@@ -101,7 +101,8 @@ impl Record {
         }
     }
 
-    /// The answer's status and gRPC status.
+    /// The answer's status and gRPC status (of a trailers-only answer; one in the trailers is
+    /// recorded when the body ends, see [`Recorded`]).
     pub fn answered<B>(&mut self, response: &Response<B>) {
         self.status = response.status().as_u16();
         if let Some(status) = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
@@ -223,7 +224,79 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     metrics::describe_histogram!(
         "ferrymesh_request_duration_milliseconds",
         metrics::Unit::Milliseconds,
-        "Time from a request's arrival to its response's headers, in milliseconds."
+        "Time from a request's arrival to the end of its response, in milliseconds."
     );
     Ok(())
+}
+
+/// A response body that finishes its request's record when it ends, or is dropped (the client
+/// left): the log line and the metrics then cover the whole response, and a gRPC status sent in
+/// the trailers is recorded.
+pub struct Recorded {
+    body: crate::request::Body,
+    record: Option<Box<Record>>,
+    waypoint: std::sync::Arc<crate::listener::Waypoint>,
+}
+
+impl Recorded {
+    /// `body`, finishing `record` at its end.
+    pub fn new(
+        body: crate::request::Body,
+        record: Record,
+        waypoint: std::sync::Arc<crate::listener::Waypoint>,
+    ) -> Self {
+        Self { body, record: Some(Box::new(record)), waypoint }
+    }
+
+    fn finish(&mut self) {
+        if let Some(record) = self.record.take() {
+            self.waypoint.log.write(&record);
+            record.count(&self.waypoint.state);
+        }
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl hyper::body::Body for Recorded {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                let status = frame.trailers_ref().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok());
+                if let (Some(status), Some(record)) = (status, this.record.as_mut()) {
+                    record.grpc_status = status.to_string();
+                }
+            }
+            std::task::Poll::Ready(Some(Err(_))) => {
+                if let Some(record) = this.record.as_mut() {
+                    record.response_flags = "UC";
+                    record.reason = "the upstream connection ended during the response".into();
+                }
+                this.finish();
+            }
+            std::task::Poll::Ready(None) => this.finish(),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }

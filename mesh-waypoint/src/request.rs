@@ -7,6 +7,8 @@
 //! it, the AuthorizationPolicies attached to the Service or the waypoint decide: a denial is a
 //! 403 naming the policy and rule.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use ferrymesh_policy::l7::{HttpRequest, Target};
 use ferrymesh_policy::Decision;
@@ -19,7 +21,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
 use crate::listener::{Downstream, Waypoint};
-use crate::record::Record;
+use crate::record::{Record, Recorded};
 use crate::upstream::{Forward, UpstreamError};
 
 /// Body of requests and responses through the waypoint.
@@ -44,14 +46,12 @@ fn authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
     uri.authority().map(|a| a.to_string()).or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()).map(String::from))
 }
 
-/// Serves one request from `down`, recording it.
-pub async fn handle(waypoint: &Waypoint, down: &Downstream, request: Request<Incoming>) -> Response<Body> {
+/// Serves one request from `down`, recorded when its response ends.
+pub async fn handle(waypoint: &Arc<Waypoint>, down: &Downstream, request: Request<Incoming>) -> Response<Body> {
     let mut record = Record::start(&waypoint.key, down, &request);
     let response = route(waypoint, down, request, &mut record).await;
     record.answered(&response);
-    waypoint.log.write(&record);
-    record.count(&waypoint.state);
-    response
+    response.map(|body| Recorded::new(body, record, waypoint.clone()).boxed_unsync())
 }
 
 /// An answer of the waypoint's own, with its flag and reason on the record.

@@ -596,9 +596,19 @@ fn grpc_routes_split_by_weight_and_modify_headers_with_a_real_grpc_client() {
     assert_eq!(canary + web, 500, "{answer}");
     assert!((125..=175).contains(&canary), "30% of 500 is 150 (±25): {answer}");
     assert_eq!(answer["metadata"]["x-added"], "by-route", "{answer}");
-    // The waypoint knows it for gRPC.
-    let records = topo.waypoint_requests(topo.pod("shop", "waypoint"));
+    // The waypoint knows it for gRPC, with the status from the trailers.
+    let waypoint = topo.pod("shop", "waypoint");
+    wait_until(FLOW_WAIT, "the gRPC records", || {
+        topo.waypoint_requests(waypoint).iter().filter(|r| r["service"] == "shop/grpc").count() >= 501
+    });
+    let records = topo.waypoint_requests(waypoint);
     let last = records.iter().rev().find(|r| r["service"] == "shop/grpc").expect("a gRPC record");
     assert_eq!(last["protocol"], "HTTP/2", "{last}");
+    assert_eq!(last["grpc_status"], "0", "{last}");
     assert_eq!(last["route"], "GRPCRoute shop/grpc-split rule 0", "{last}");
+    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let ok = [("request_protocol", "grpc"), ("grpc_response_status", "0"), ("destination_service", "shop/grpc")];
+    assert!(scrape.sum("ferrymesh_requests_total", &ok) >= 500.0, "{text}");
 }
