@@ -2,7 +2,8 @@
 //! the mesh on one node and the mesh across nodes, side by side on one topology, in interleaved
 //! rounds; medians with min and max, and every figure as a ratio to `plain` from the same run.
 //! Agent-wide figures (memory) are reported under the scenario `agent`, the policy decision
-//! under `policy`. Never a pass/fail test: the numbers go to `target/bench/results.json` and
+//! under `policy`; the waypoint's requests under `waypoint`, next to `l7-direct` (the same
+//! Service endpoints without the waypoint, ratios against it). Never a pass/fail test: the numbers go to `target/bench/results.json` and
 //! docs/BENCHMARKS.md.
 
 use ferrymesh_spiffe::SpiffeId;
@@ -12,7 +13,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::mesh::{bin, cpu_seconds, scale_namespace_yaml, two_node_mesh, wait_until, ECHO_PORT, HTTP_PORT};
+use crate::mesh::{
+    bin, cpu_seconds, scale_namespace_yaml, two_node_mesh, wait_until, ECHO_GRPC_PORT, ECHO_HTTP_PORT, ECHO_PORT,
+    HTTP_PORT,
+};
 use crate::{Pod, Topology};
 
 /// How much to measure.
@@ -44,7 +48,8 @@ impl Options {
 /// One line of `results.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Figure {
-    /// `plain`, `capture`, `same-node`, `cross-node`, `agent` or `policy`.
+    /// `plain`, `capture`, `same-node`, `cross-node`, `agent`, `policy`, `l7-direct` or
+    /// `waypoint`.
     pub scenario: String,
     /// E.g. `throughput_1stream`.
     pub measurement: String,
@@ -56,7 +61,8 @@ pub struct Figure {
     pub min: f64,
     /// Largest round.
     pub max: f64,
-    /// median / plain's median for the same measurement; None where plain has no such figure.
+    /// median / plain's median for the same measurement (for `waypoint`: / `l7-direct`'s); None
+    /// where there is no such figure.
     pub ratio_to_plain: Option<f64>,
 }
 
@@ -381,6 +387,136 @@ pub fn targets(figures: &[Figure]) -> String {
         out.push_str(&format!("| {target} | {measured} | {verdict} |\n"));
     }
     out
+}
+
+/// VIPs of the waypoint benchmark: `web` (no waypoint) and `web-l7` (bound to the waypoint),
+/// both selecting web-1 (node 1) and web-2 (node 2) on the fm-echo port; `grpc` and `grpc-l7`
+/// the same on the gRPC port.
+const L7_DIRECT: &str = "10.96.0.60";
+const L7_WAYPOINT: &str = "10.96.0.61";
+const GRPC_DIRECT: &str = "10.96.0.62";
+const GRPC_WAYPOINT: &str = "10.96.0.63";
+
+/// The waypoint benchmark topology: `shop` enrolled with client a and web-1 on node 1, web-2 and
+/// the waypoint on node 2; Services as [`L7_DIRECT`] and its neighbours say; fm-echo serving
+/// HTTP and gRPC in web-1 and web-2.
+pub fn waypoint_topology() -> Topology {
+    let spec = crate::TopologySpec::nodes(2)
+        .pod("shop", "a", 1)
+        .pod("shop", "web-1", 1)
+        .pod("shop", "web-2", 2)
+        .pod("shop", "waypoint", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    for name in ["web-1", "web-2"] {
+        topo.write_pod(topo.pod("shop", name), &[("app", "web")]);
+    }
+    topo.write_waypoint_pod(topo.pod("shop", "waypoint"));
+    topo.write_waypoint("shop", "waypoint");
+    let service = |name: &str, vip: &str, port: u16, bound: bool| {
+        let label = if bound { "ferrymesh.io/use-waypoint: waypoint" } else { "" };
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{{label}}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: web}}\n  ports:\n  - port: 80\n    targetPort: {port}\n"
+        );
+        topo.write_config_file(&format!("svc-shop-{name}.yaml"), &text);
+    };
+    service("web", L7_DIRECT, ECHO_HTTP_PORT, false);
+    service("web-l7", L7_WAYPOINT, ECHO_HTTP_PORT, true);
+    service("grpc", GRPC_DIRECT, ECHO_GRPC_PORT, false);
+    service("grpc-l7", GRPC_WAYPOINT, ECHO_GRPC_PORT, true);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/web-1"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/web-2"], Duration::from_secs(10));
+    topo.start_waypoint(topo.pod("shop", "waypoint"));
+    for name in ["web-1", "web-2"] {
+        topo.serve_echo(topo.pod("shop", name));
+        topo.serve_grpc(topo.pod("shop", name));
+    }
+    topo
+}
+
+/// Runs fm-echo `args` in `from` and returns its JSON.
+fn echo_json(topo: &Topology, from: &Pod, args: &[&str]) -> Value {
+    let out = topo.output_in(&from.netns, bin("fm-echo"), args);
+    assert!(out.status.success(), "fm-echo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("fm-echo JSON")
+}
+
+/// The waypoint scenarios: HTTP/1.1 at a fixed 1000 requests/s (open loop, 10 connections) and
+/// gRPC calls back to back on one channel, each to a Service through the waypoint
+/// (`waypoint`) and to the same endpoints without it (`l7-direct`), in interleaved rounds; the
+/// waypoint's CPU per 1000 requests and its memory.
+pub fn waypoint(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
+    let topo = waypoint_topology();
+    let a = topo.pod("shop", "a");
+    let pid = topo.pid("waypoint-waypoint").expect("waypoint pid");
+    let seconds = if options.rounds == 1 { 3 } else { 10 };
+    let calls = (options.rr_count / 4).max(500).to_string();
+    let mut samples: Vec<(Key, Vec<f64>)> = Vec::new();
+    let mut add = |scenario: &'static str, measurement: &'static str, unit: &'static str, value: f64| match samples
+        .iter_mut()
+        .find(|(k, _)| *k == (scenario, measurement, unit))
+    {
+        Some((_, v)) => v.push(value),
+        None => samples.push(((scenario, measurement, unit), vec![value])),
+    };
+    let rss_idle = rss_kb(pid);
+    for round in 1..=options.rounds {
+        for (scenario, http, grpc) in [("l7-direct", L7_DIRECT, GRPC_DIRECT), ("waypoint", L7_WAYPOINT, GRPC_WAYPOINT)]
+        {
+            progress(&format!("round {round}/{}: {scenario}", options.rounds));
+            let cpu_before = cpu_seconds(pid);
+            let to = format!("{http}:80");
+            let load = echo_json(
+                &topo,
+                a,
+                &["load", "--to", &to, "--rate", "1000", "--seconds", &seconds.to_string(), "--connections", "10"],
+            );
+            assert_eq!(load["failed"], 0, "{scenario}: {load}");
+            let requests = load["requests"].as_f64().unwrap_or(0.0);
+            add(scenario, "http1_rate", "requests/s", load["rate"].as_f64().unwrap_or(0.0));
+            add(scenario, "http1_p50_at_1000rps", "us", load["p50_us"].as_f64().unwrap_or(0.0));
+            add(scenario, "http1_p99_at_1000rps", "us", load["p99_us"].as_f64().unwrap_or(0.0));
+            if scenario == "waypoint" {
+                let cpu = cpu_seconds(pid) - cpu_before;
+                add(scenario, "cpu_per_1000_requests", "s", cpu / (requests / 1000.0));
+            }
+            let grpc = echo_json(&topo, a, &["grpc", "--to", &format!("{grpc}:80"), "--count", &calls]);
+            add(scenario, "grpc_rate_1conn", "calls/s", grpc["rate"].as_f64().unwrap_or(0.0));
+            add(scenario, "grpc_p50", "us", grpc["p50_us"].as_f64().unwrap_or(0.0));
+            add(scenario, "grpc_p99", "us", grpc["p99_us"].as_f64().unwrap_or(0.0));
+        }
+    }
+    let rss_loaded = rss_kb(pid);
+    let mut figures: Vec<Figure> = samples
+        .iter()
+        .map(|((scenario, measurement, unit), values)| {
+            let (median, min, max) = median(values);
+            let direct = samples.iter().find(|((s, m, _), _)| *s == "l7-direct" && m == measurement);
+            Figure {
+                scenario: scenario.to_string(),
+                measurement: measurement.to_string(),
+                unit: unit.to_string(),
+                median,
+                min,
+                max,
+                // Against the same Service without the waypoint, in the same run.
+                ratio_to_plain: direct.filter(|_| *scenario == "waypoint").map(|(_, v)| median / self::median(v).0),
+            }
+        })
+        .collect();
+    for (measurement, value) in [("rss_idle", rss_idle), ("rss_after_load", rss_loaded)] {
+        figures.push(Figure {
+            scenario: "waypoint".into(),
+            measurement: measurement.into(),
+            unit: "KB".into(),
+            median: value,
+            min: value,
+            max: value,
+            ratio_to_plain: None,
+        });
+    }
+    figures
 }
 
 #[cfg(test)]

@@ -100,15 +100,26 @@ fn ticked(cell: &str) -> Vec<String> {
     cell.split('`').skip(1).step_by(2).map(String::from).collect()
 }
 
-/// Every metric of the tables of docs/OBSERVABILITY.md: the agent's table has a labels column
-/// (`TCP` meaning the TCP label table above it), mesh-ctrl's has none.
+/// Every metric of the agent's and mesh-ctrl's tables of docs/OBSERVABILITY.md: the agent's
+/// table has a labels column (`TCP` meaning the TCP label table above it), mesh-ctrl's has none.
+/// The waypoint's tables are checked by the waypoint tests.
 fn documented_metrics() -> Vec<Documented> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/OBSERVABILITY.md");
     let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (mut tcp_labels, mut in_label_table, mut out) = (Vec::new(), false, Vec::new());
+    // The waypoint's tables (from its paragraph to the next server's) are the waypoint test's.
+    let mut waypoint = false;
     for line in doc.lines() {
         if !line.starts_with('|') {
             in_label_table = false;
+            if line.starts_with("Waypoint (") {
+                waypoint = true;
+            } else if line.starts_with("Agent (") || line.starts_with("mesh-ctrl (") || line.starts_with('#') {
+                waypoint = false;
+            }
+            continue;
+        }
+        if waypoint {
             continue;
         }
         let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();

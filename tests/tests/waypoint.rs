@@ -566,6 +566,29 @@ fn l7_authorization_policies_at_the_waypoint_name_the_deciding_rule() {
     assert_eq!(admin["response_flags"], "DENY", "{admin}");
     let read = records.iter().find(|r| r["path"] == "/" && r["status"] == 200 && r["method"] == "GET").unwrap();
     assert_eq!(read["policy"], "shop/allow-reads rule 0", "{read}");
+
+    // meshctl requests reads the waypoint's log, filtered.
+    let meshctl = |args: &[&str]| {
+        std::process::Command::new(bin("meshctl"))
+            .arg("requests")
+            .arg("--log")
+            .arg(topo.log_path("waypoint-waypoint"))
+            .args(args)
+            .output()
+            .expect("run meshctl")
+    };
+    let out = meshctl(&["--status", "4xx", "--path", "/admin", "-o", "json"]);
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["policy"], "shop/deny-admin rule 0");
+    let table = String::from_utf8_lossy(&meshctl(&["--method", "DELETE", "--status", "403"]).stdout).into_owned();
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert!(!rows.is_empty(), "{table}");
+    assert!(rows.iter().all(|r| r.contains("DENY: denied: shop/deny-delete rule 0")), "{table}");
+    let bad = meshctl(&["--status", "9xx"]);
+    let error = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && error.lines().count() == 1 && error.contains("9xx"), "{error}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! fm-bench: the benchmark harness (`cargo xtask bench [--quick]`). Runs plain TCP, eBPF
 //! capture, same-node and cross-node mesh side by side on one netns topology, then times the
-//! policy decision with 10k policies loaded; writes `results.json`, prints a table and, for a
+//! policy decision with 10k policies loaded, then requests through a waypoint next to the same
+//! Service without it; writes `results.json`, prints a table and, for a
 //! full run, rewrites docs/BENCHMARKS.md. Needs root.
 
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ fn main() {
     eprintln!("fm-bench: policy decisions");
     let criterion_dir = args.out.parent().unwrap_or(std::path::Path::new(".")).join("criterion");
     figures.extend(bench::policy_decision(args.quick, options.rounds, &criterion_dir));
+    eprintln!("fm-bench: waypoint");
+    figures.extend(bench::waypoint(options, |what| eprintln!("fm-bench: waypoint {what}")));
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir).expect("create the output directory");
     }

@@ -7,7 +7,9 @@
 //! `ws` is a WebSocket client: it sends numbered text messages and checks each echo, printing
 //! JSON. `grpc-serve` is a gRPC server (tonic) of one unary method, `ferrymesh.test.Echo/Echo`,
 //! answering with the pod's name and the request's metadata; `grpc` calls it `count` times on
-//! one channel and prints which pods answered and the last answer's metadata, as JSON.
+//! one channel and prints which pods answered, the last answer's metadata, the call rate and
+//! latency percentiles, as JSON. `load` is an open-loop HTTP load generator (a fixed request
+//! rate over kept-alive connections), printing the achieved rate and latency percentiles.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -56,6 +58,22 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// Open-loop HTTP load on `to`: `rate` requests a second over `connections` for `seconds`.
+    Load {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        #[arg(long, default_value_t = 10)]
+        connections: u32,
+        /// HTTP/2 with prior knowledge instead of HTTP/1.1.
+        #[arg(long)]
+        h2: bool,
+    },
     /// Send `messages` WebSocket text messages to ws://`to``path` and check each echo.
     Ws {
         #[arg(long)]
@@ -75,6 +93,9 @@ fn main() {
         Command::Ws { to, path, messages } => runtime.block_on(ws(to, &path, messages)),
         Command::GrpcServe { port, pod } => runtime.block_on(grpc_serve(port, pod)),
         Command::Grpc { to, count } => runtime.block_on(grpc(to, count)),
+        Command::Load { to, path, rate, seconds, connections, h2 } => {
+            runtime.block_on(load(to, path, rate, seconds, connections, h2))
+        }
     };
     if let Err(e) = result {
         eprintln!("fm-echo: {e}");
@@ -260,15 +281,117 @@ async fn grpc(to: SocketAddr, count: u32) -> Result<(), BoxError> {
     let mut client = tonic::client::Grpc::new(channel);
     let mut pods: BTreeMap<String, u32> = BTreeMap::new();
     let mut metadata = std::collections::HashMap::new();
+    let mut latencies = Vec::with_capacity(count as usize);
+    let started = std::time::Instant::now();
     for i in 0..count {
+        let call = std::time::Instant::now();
         client.ready().await?;
         let request = tonic::Request::new(EchoRequest { message: format!("call {i}") });
         let path = http::uri::PathAndQuery::from_static(ECHO_PATH);
         let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
         let reply = client.unary(request, path, codec).await?.into_inner();
+        latencies.push(call.elapsed().as_secs_f64() * 1e6);
         *pods.entry(reply.pod).or_default() += 1;
         metadata = reply.metadata;
     }
-    println!("{}", json!({ "ok": count, "pods": pods, "metadata": metadata }));
+    let rate = f64::from(count) / started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+    let (p50, p99) = (pct(0.5), pct(0.99));
+    println!(
+        "{}",
+        json!({ "ok": count, "pods": pods, "metadata": metadata, "rate": rate, "p50_us": p50, "p99_us": p99 })
+    );
+    Ok(())
+}
+
+/// Open-loop load: `rate` requests a second spread over `connections` kept-alive connections
+/// (HTTP/1.1, or HTTP/2 prior knowledge with one connection each), for `seconds`; prints the
+/// achieved rate, failures and latency percentiles (µs) as JSON. Each connection sends its share
+/// on a fixed schedule; a late response delays that connection's next request (counted in the
+/// latency of the requests that waited, from their scheduled time).
+async fn load(
+    to: SocketAddr,
+    path: String,
+    rate: u32,
+    seconds: u32,
+    connections: u32,
+    h2: bool,
+) -> Result<(), BoxError> {
+    let per_connection = f64::from(rate) / f64::from(connections.max(1));
+    let interval = std::time::Duration::from_secs_f64(1.0 / per_connection);
+    let total_per_connection = (per_connection * f64::from(seconds)).round() as u64;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let path = path.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(to).await?;
+            stream.set_nodelay(true)?;
+            let io = TokioIo::new(stream);
+            let mut latencies = Vec::with_capacity(total_per_connection as usize);
+            let mut failed = 0u64;
+            let request = || {
+                Request::builder()
+                    .uri(format!("http://{to}{path}"))
+                    .header(header::HOST, to.to_string())
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .expect("request")
+            };
+            let schedule = tokio::time::Instant::now();
+            if h2 {
+                let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+                tokio::spawn(connection);
+                for i in 0..total_per_connection {
+                    let due = schedule + interval.mul_f64(i as f64);
+                    tokio::time::sleep_until(due).await;
+                    match sender.send_request(request()).await {
+                        Ok(response) if response.status().is_success() => {
+                            let _ = response.into_body().collect().await;
+                            latencies.push(due.elapsed().as_secs_f64() * 1e6);
+                        }
+                        _ => failed += 1,
+                    }
+                }
+            } else {
+                let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+                tokio::spawn(connection);
+                for i in 0..total_per_connection {
+                    let due = schedule + interval.mul_f64(i as f64);
+                    tokio::time::sleep_until(due).await;
+                    sender.ready().await?;
+                    match sender.send_request(request()).await {
+                        Ok(response) if response.status().is_success() => {
+                            let _ = response.into_body().collect().await;
+                            latencies.push(due.elapsed().as_secs_f64() * 1e6);
+                        }
+                        _ => failed += 1,
+                    }
+                }
+            }
+            Ok::<_, BoxError>((latencies, failed))
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    for task in tasks {
+        let (l, f) = task.await??;
+        latencies.extend(l);
+        failed += f;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+    println!(
+        "{}",
+        json!({
+            "requests": latencies.len(),
+            "failed": failed,
+            "rate": latencies.len() as f64 / elapsed,
+            "p50_us": pct(0.50),
+            "p90_us": pct(0.90),
+            "p99_us": pct(0.99),
+        })
+    );
     Ok(())
 }

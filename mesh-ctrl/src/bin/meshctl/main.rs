@@ -51,6 +51,8 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// A waypoint's request records (its access log, from --log or stdin), filtered.
+    Requests(cmd::requests::RequestsArgs),
     /// Gateway API routes (HTTPRoute, GRPCRoute) attached to Services, as the agent holds them.
     Routes(cmd::routes::RoutesArgs),
     /// Workload certificates the agent holds: identity, serial, expiry, time to rotation.
@@ -101,15 +103,17 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let agents = agent::targets(&args.agent, args.agents_dir.as_deref()).map_err(|e| e.to_string())?;
+    // Resolved only by the subcommands that ask agents (`requests` reads a waypoint's log).
+    let agents = || agent::targets(&args.agent, args.agents_dir.as_deref()).map_err(|e| e.to_string());
     match args.cmd {
-        Command::Flows(flows) => cmd::flows::run(&agents, flows).await,
-        Command::Explain(explain) => cmd::explain::run(&agents[0], explain).await,
-        Command::Workloads { output } => cmd::config::workloads(&agents[0], output).await,
-        Command::Services { output } => cmd::config::services(&agents[0], output).await,
-        Command::Policies { output } => cmd::config::policies(&agents[0], output).await,
-        Command::Routes(args) => cmd::routes::run(&agents[0], args).await,
-        Command::Certs { output } => cmd::status::certs(&agents, output).await,
-        Command::Status { output } => cmd::status::run(&agents, output).await,
+        Command::Flows(flows) => cmd::flows::run(&agents()?, flows).await,
+        Command::Explain(explain) => cmd::explain::run(&agents()?[0], explain).await,
+        Command::Workloads { output } => cmd::config::workloads(&agents()?[0], output).await,
+        Command::Services { output } => cmd::config::services(&agents()?[0], output).await,
+        Command::Policies { output } => cmd::config::policies(&agents()?[0], output).await,
+        Command::Routes(routes) => cmd::routes::run(&agents()?[0], routes).await,
+        Command::Requests(requests) => cmd::requests::run(requests),
+        Command::Certs { output } => cmd::status::certs(&agents()?, output).await,
+        Command::Status { output } => cmd::status::run(&agents()?, output).await,
     }
 }

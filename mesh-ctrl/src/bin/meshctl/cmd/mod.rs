@@ -4,6 +4,7 @@
 pub mod config;
 pub mod explain;
 pub mod flows;
+pub mod requests;
 pub mod routes;
 pub mod status;
 pub mod table;
