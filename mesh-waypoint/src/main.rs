@@ -64,7 +64,7 @@ struct Args {
     /// Access log: one JSON line per request, to `-` (stdout), a file (appended to), or `off`.
     #[arg(long, default_value = "-")]
     access_log: String,
-    /// Threads that carry requests.
+    /// Threads that carry requests (1: a single-threaded runtime, no cross-thread wake-ups).
     #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
 }

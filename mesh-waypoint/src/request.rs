@@ -119,7 +119,9 @@ async fn route(
             headers: &parts.headers,
         })
         .cloned();
-    let mut authority = authority(&parts.uri, &parts.headers).unwrap_or_default();
+    // An HTTP/1.0 request may carry no Host: it goes as addressed, to the VIP and port.
+    let addressed = || down.service.vip.map(|vip| std::net::SocketAddr::new(vip, down.port).to_string());
+    let mut authority = authority(&parts.uri, &parts.headers).or_else(addressed).unwrap_or_default();
     let mut path = parts.uri.path().to_string();
     let query = parts.uri.query().map(String::from);
     let mut response_headers: Vec<HeaderModifier> = Vec::new();

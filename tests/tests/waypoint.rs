@@ -250,6 +250,12 @@ fn gateway_api_mesh_conformance_cases_pass_through_the_waypoint() {
     let cases: Vec<(&str, String, Vec<&str>, Expect)> = vec![
         ("MeshBasic", format!("http://{CANARY}/"), vec![], served(canary, Some("/"), Some(CANARY))),
         ("MeshHTTPRouteMatching default", format!("http://{WEB}/"), vec![], served(web, Some("/"), None)),
+        (
+            "HTTP/1.0 without Host",
+            format!("http://{WEB}/"),
+            vec!["--http1.0", "-H", "Host:"],
+            served(web, Some("/"), None),
+        ),
         ("MeshHTTPRouteMatching prefix", format!("http://{WEB}/v2/x"), vec![], served(canary, Some("/v2/x"), None)),
         ("MeshHTTPRouteMatching prefix is by segment", format!("http://{WEB}/v2x"), vec![], served(web, None, None)),
         ("MeshHTTPRouteMatching exact", format!("http://{WEB}/exact"), vec![], served(canary, None, None)),

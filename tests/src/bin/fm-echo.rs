@@ -307,9 +307,9 @@ async fn grpc(to: SocketAddr, count: u32) -> Result<(), BoxError> {
 
 /// Open-loop load: `rate` requests a second spread over `connections` kept-alive connections
 /// (HTTP/1.1, or HTTP/2 prior knowledge with one connection each), for `seconds`; prints the
-/// achieved rate, failures and latency percentiles (µs) as JSON. Each connection sends its share
-/// on a fixed schedule; a late response delays that connection's next request (counted in the
-/// latency of the requests that waited, from their scheduled time).
+/// achieved rate, failures and latency percentiles (µs, from sending to the end of the
+/// response) as JSON. Each connection sends its share on a fixed schedule; a late response
+/// delays that connection's next request, and the achieved rate shows it.
 async fn load(
     to: SocketAddr,
     path: String,
@@ -345,10 +345,11 @@ async fn load(
                 for i in 0..total_per_connection {
                     let due = schedule + interval.mul_f64(i as f64);
                     tokio::time::sleep_until(due).await;
+                    let sent = std::time::Instant::now();
                     match sender.send_request(request()).await {
                         Ok(response) if response.status().is_success() => {
                             let _ = response.into_body().collect().await;
-                            latencies.push(due.elapsed().as_secs_f64() * 1e6);
+                            latencies.push(sent.elapsed().as_secs_f64() * 1e6);
                         }
                         _ => failed += 1,
                     }
@@ -360,10 +361,11 @@ async fn load(
                     let due = schedule + interval.mul_f64(i as f64);
                     tokio::time::sleep_until(due).await;
                     sender.ready().await?;
+                    let sent = std::time::Instant::now();
                     match sender.send_request(request()).await {
                         Ok(response) if response.status().is_success() => {
                             let _ = response.into_body().collect().await;
-                            latencies.push(due.elapsed().as_secs_f64() * 1e6);
+                            latencies.push(sent.elapsed().as_secs_f64() * 1e6);
                         }
                         _ => failed += 1,
                     }
