@@ -503,6 +503,9 @@ fn websocket_http2_endpoint_loss_and_failing_closed() {
         let refused = topo.http(a, &format!("http://{WEB}/"), &[]);
         refused.status == 0
     });
+    let explained =
+        String::from_utf8_lossy(&topo.meshctl(1, &["explain", "shop/a", "shop/web:80"]).stdout).into_owned();
+    assert!(explained.contains("waypoint: shop/waypoint has no ready address"), "{explained}");
     wait_until(FLOW_WAIT, "the refusal's flow", || {
         topo.flows(1).iter().any(|f| {
             f["service"] == "shop/web"
@@ -572,6 +575,24 @@ fn l7_authorization_policies_at_the_waypoint_name_the_deciding_rule() {
     assert_eq!(admin["response_flags"], "DENY", "{admin}");
     let read = records.iter().find(|r| r["path"] == "/" && r["status"] == 200 && r["method"] == "GET").unwrap();
     assert_eq!(read["policy"], "shop/allow-reads rule 0", "{read}");
+
+    // meshctl explain follows a request through the waypoint hop, by the same decision code.
+    let explain = |args: &[&str]| {
+        let mut all = vec!["explain", "shop/a", "shop/web:80"];
+        all.extend_from_slice(args);
+        let out = topo.meshctl(1, &all);
+        assert!(out.status.success(), "meshctl explain {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let denied = explain(&["--path", "/admin/users"]);
+    assert!(denied.contains("verdict:  DENIED, 403 (shop/deny-admin rule 0)"), "{denied}");
+    assert!(denied.contains(&format!("the waypoint proves {WAYPOINT_ID}")), "{denied}");
+    let allowed = explain(&[]);
+    assert!(allowed.contains("ALLOW shop/allow-reads: rule 0 matches: allowed"), "{allowed}");
+    assert!(allowed.contains("route:    no route is attached: the Service itself"), "{allowed}");
+    assert!(allowed.contains("endpoint (from the waypoint): shop/web-2 at 10.244.2.2:8081: ALLOWED"), "{allowed}");
+    let json: serde_json::Value = serde_json::from_str(&explain(&["--method", "DELETE", "-o", "json"])).unwrap();
+    assert_eq!(json["waypoint_policy"]["policy"], "shop/deny-delete rule 0", "{json}");
 
     // meshctl requests reads the waypoint's log, filtered.
     let meshctl = |args: &[&str]| {

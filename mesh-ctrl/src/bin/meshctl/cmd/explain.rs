@@ -1,7 +1,10 @@
 //! `meshctl explain SRC DST:PORT`: which policies apply to a connection from pod SRC to pod
 //! DST on PORT, in evaluation order, and the verdict, computed by `ferrymesh-policy`'s
 //! `PolicySet::explain`, the code path the destination agent enforces with, over the config
-//! the agent holds.
+//! the agent holds. When DST is a Service bound to a waypoint, the request (`--method`,
+//! `--path`, `--header`) is followed through the waypoint hop: the L7 policies attached there
+//! (`PolicySet::explain_request`), the route rule and backends (`RouteTable`), and the decision of
+//! each backend endpoint's agent for the waypoint's connection.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,19 +15,28 @@ use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, Placement, Polic
 use ferrymesh_spiffe::SpiffeId;
 use serde_json::json;
 
-use super::config::dump;
+use super::config::{dump, Held};
 use crate::Output;
 
 /// Options of `meshctl explain`.
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
     /// Source pod, NAMESPACE/POD.
-    src: String,
-    /// Destination pod and port, NAMESPACE/POD:PORT.
-    dst: String,
+    pub src: String,
+    /// Destination pod or Service and port, NAMESPACE/POD:PORT or NAMESPACE/SERVICE:PORT.
+    pub dst: String,
+    /// The request's method, at a waypoint (DST a Service bound to one).
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// The request's path, with its query if any, at a waypoint.
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    /// A request header, NAME:VALUE, at a waypoint (repeatable).
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    pub headers: Vec<String>,
     /// Output format (table or json).
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
-    output: Output,
+    pub output: Output,
 }
 
 fn split_pod(text: &str, what: &str) -> Result<(String, String), String> {
@@ -34,7 +46,10 @@ fn split_pod(text: &str, what: &str) -> Result<(String, String), String> {
     }
 }
 
-fn find<'a>(workloads: &'a BTreeMap<String, Workload>, (ns, pod): &(String, String)) -> Result<&'a Workload, String> {
+pub(super) fn find<'a>(
+    workloads: &'a BTreeMap<String, Workload>,
+    (ns, pod): &(String, String),
+) -> Result<&'a Workload, String> {
     workloads.values().find(|w| w.namespace == *ns && w.name == *pod).ok_or_else(|| {
         let mut known: Vec<&str> = workloads.values().filter(|w| w.namespace == *ns).map(|w| w.name.as_str()).collect();
         known.sort();
@@ -43,6 +58,28 @@ fn find<'a>(workloads: &'a BTreeMap<String, Workload>, (ns, pod): &(String, Stri
             _ => format!("unknown pod {ns}/{pod}: pods in {ns} are {}", known.join(", ")),
         }
     })
+}
+
+/// The policies the agent holds, as one set.
+pub(super) fn policy_set(config: &Held) -> Result<PolicySet, String> {
+    let convert = |e: ferrymesh_policy::wire::WireError| format!("the agent holds a policy that does not convert: {e}");
+    let authz = config
+        .objects
+        .authorization_policies
+        .values()
+        .cloned()
+        .map(AuthorizationPolicy::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(convert)?;
+    let peer = config
+        .objects
+        .peer_authentications
+        .values()
+        .cloned()
+        .map(PeerAuthentication::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(convert)?;
+    Ok(PolicySet::new(authz, peer))
 }
 
 /// Explains `args` against the config of the agent at `agent`.
@@ -58,22 +95,13 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
     let dst_name = split_pod(dst_pod, "DST")?;
     let config = dump(agent).await?;
     let src = find(&config.objects.workloads, &src_name)?;
+    let service_key = format!("{}/{}", dst_name.0, dst_name.1);
+    let is_pod = config.objects.workloads.values().any(|w| w.namespace == dst_name.0 && w.name == dst_name.1);
+    if !is_pod && config.objects.services.contains_key(&service_key) {
+        return super::explain_service::run(&config, src, &service_key, port, &args);
+    }
     let dst = find(&config.objects.workloads, &dst_name)?;
-    let authz = config
-        .objects
-        .authorization_policies
-        .into_values()
-        .map(AuthorizationPolicy::try_from)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the agent holds a policy that does not convert: {e}"))?;
-    let peer = config
-        .objects
-        .peer_authentications
-        .into_values()
-        .map(PeerAuthentication::try_from)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the agent holds a policy that does not convert: {e}"))?;
-    let policies = PolicySet::new(authz, peer);
+    let policies = policy_set(&config)?;
     let td = &config.trust_domain;
     let src_identity = SpiffeId::new(td, &src.namespace, &src.service_account)
         .map_err(|e| format!("pod {}/{} has no valid identity: {e}", src.namespace, src.name))?;

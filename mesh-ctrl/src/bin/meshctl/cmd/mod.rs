@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod explain;
+pub mod explain_service;
 pub mod flows;
 pub mod requests;
 pub mod routes;

@@ -33,6 +33,49 @@ pub struct RoutesArgs {
     pub headers: Vec<String>,
 }
 
+/// A request as meshctl's options describe it (`--method`, `--path` with its query, `--header`).
+pub struct RequestArgs {
+    /// Method.
+    pub method: http::Method,
+    /// Path, without the query.
+    pub path: String,
+    /// Query, if any.
+    pub query: Option<String>,
+    /// Headers.
+    pub headers: http::HeaderMap,
+}
+
+impl RequestArgs {
+    /// Parses the options, each error naming its option.
+    pub fn parse(method: &str, path: &str, headers: &[String]) -> Result<Self, String> {
+        let method = http::Method::from_bytes(method.as_bytes())
+            .map_err(|_| format!("--method {method:?} is not an HTTP method"))?;
+        let mut map = http::HeaderMap::new();
+        for h in headers {
+            let (name, value) = h.split_once(':').ok_or_else(|| format!("--header {h:?}: expected NAME:VALUE"))?;
+            let name = http::header::HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|_| format!("--header {h:?}: {name:?} is not a header name"))?;
+            let value = http::HeaderValue::from_str(value.trim()).map_err(|_| format!("--header {h:?}: bad value"))?;
+            map.append(name, value);
+        }
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+            None => (path.to_string(), None),
+        };
+        Ok(Self { method, path, query, headers: map })
+    }
+
+    /// The request as route matching sees it.
+    pub fn view(&self) -> ferrymesh_route::RequestView<'_> {
+        ferrymesh_route::RequestView {
+            method: &self.method,
+            path: &self.path,
+            query: self.query.as_deref(),
+            headers: &self.headers,
+        }
+    }
+}
+
 /// The rule `args` describe a request to `to` taking, printed.
 fn select(routes: &[Route], to: &str, args: &RoutesArgs) -> Result<(), String> {
     let (service, port) = to
@@ -40,24 +83,10 @@ fn select(routes: &[Route], to: &str, args: &RoutesArgs) -> Result<(), String> {
         .and_then(|(s, p)| Some((s, p.parse::<u16>().ok().filter(|p| *p > 0)?)))
         .filter(|(s, _)| s.contains('/'))
         .ok_or_else(|| format!("--to {to:?}: expected NAMESPACE/SERVICE:PORT"))?;
-    let method = http::Method::from_bytes(args.method.as_bytes())
-        .map_err(|_| format!("--method {:?} is not an HTTP method", args.method))?;
-    let mut headers = http::HeaderMap::new();
-    for h in &args.headers {
-        let (name, value) = h.split_once(':').ok_or_else(|| format!("--header {h:?}: expected NAME:VALUE"))?;
-        let name = http::header::HeaderName::from_bytes(name.trim().as_bytes())
-            .map_err(|_| format!("--header {h:?}: {name:?} is not a header name"))?;
-        let value = http::HeaderValue::from_str(value.trim()).map_err(|_| format!("--header {h:?}: bad value"))?;
-        headers.append(name, value);
-    }
-    let (path, query) = match args.path.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (args.path.as_str(), None),
-    };
+    let parsed = RequestArgs::parse(&args.method, &args.path, &args.headers)?;
     let shared: Vec<Arc<Route>> = routes.iter().cloned().map(Arc::new).collect();
     let table = RouteTable::new(&shared, service, port);
-    let request = ferrymesh_route::RequestView { method: &method, path, query, headers: &headers };
-    let selected = table.select(&request);
+    let selected = table.select(&parsed.view());
     let total = |rule: &ferrymesh_route::Rule| rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>();
     match args.output {
         Output::Json => {
@@ -93,7 +122,7 @@ fn select(routes: &[Route], to: &str, args: &RoutesArgs) -> Result<(), String> {
 }
 
 /// What a rule does, in a few words: its matches, filters and weighted backends.
-fn rule_summary(rule: &ferrymesh_route::Rule) -> String {
+pub fn rule_summary(rule: &ferrymesh_route::Rule) -> String {
     use ferrymesh_route::{Filter, PathMatch};
     let matches: Vec<String> = rule
         .matches
