@@ -69,6 +69,19 @@ pub struct Figure {
 /// (scenario, measurement, unit) of a figure.
 type Key = (&'static str, &'static str, &'static str);
 
+/// The values measured in each round, by figure, in the order first measured.
+#[derive(Default)]
+struct Samples(Vec<(Key, Vec<f64>)>);
+
+impl Samples {
+    fn add(&mut self, key: Key, value: f64) {
+        match self.0.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, values)) => values.push(value),
+            None => self.0.push((key, vec![value])),
+        }
+    }
+}
+
 struct Scenario<'a> {
     name: &'static str,
     from: &'a Pod,
@@ -150,14 +163,8 @@ pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
         Scenario { name: "same-node", from: a, to: b, agents: &[1] },
         Scenario { name: "cross-node", from: a, to: c, agents: &[1, 2] },
     ];
-    let mut samples: Vec<(Key, Vec<f64>)> = Vec::new();
-    let mut add = |scenario: &'static str, measurement: &'static str, unit: &'static str, value: f64| match samples
-        .iter_mut()
-        .find(|(k, _)| *k == (scenario, measurement, unit))
-    {
-        Some((_, v)) => v.push(value),
-        None => samples.push(((scenario, measurement, unit), vec![value])),
-    };
+    let mut samples = Samples::default();
+    let mut add = |scenario, measurement, unit, value| samples.add((scenario, measurement, unit), value);
     for round in 1..=options.rounds {
         for s in &scenarios {
             progress(&format!("round {round}/{}: {}", options.rounds, s.name));
@@ -218,6 +225,7 @@ pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
     let per_workload = (rss_kb(pid1) - before) / f64::from(options.workloads);
 
     let mut figures: Vec<Figure> = samples
+        .0
         .iter()
         .map(|((scenario, measurement, unit), values)| {
             let (median, min, max) = median(values);
@@ -452,14 +460,8 @@ pub fn waypoint(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure>
     let pid = topo.pid("waypoint-waypoint").expect("waypoint pid");
     let seconds = if options.rounds == 1 { 3 } else { 10 };
     let calls = (options.rr_count / 4).max(500).to_string();
-    let mut samples: Vec<(Key, Vec<f64>)> = Vec::new();
-    let mut add = |scenario: &'static str, measurement: &'static str, unit: &'static str, value: f64| match samples
-        .iter_mut()
-        .find(|(k, _)| *k == (scenario, measurement, unit))
-    {
-        Some((_, v)) => v.push(value),
-        None => samples.push(((scenario, measurement, unit), vec![value])),
-    };
+    let mut samples = Samples::default();
+    let mut add = |scenario, measurement, unit, value| samples.add((scenario, measurement, unit), value);
     let rss_idle = rss_kb(pid);
     for round in 1..=options.rounds {
         for (scenario, http, grpc) in [("l7-direct", L7_DIRECT, GRPC_DIRECT), ("waypoint", L7_WAYPOINT, GRPC_WAYPOINT)]
@@ -489,10 +491,11 @@ pub fn waypoint(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure>
     }
     let rss_loaded = rss_kb(pid);
     let mut figures: Vec<Figure> = samples
+        .0
         .iter()
         .map(|((scenario, measurement, unit), values)| {
             let (median, min, max) = median(values);
-            let direct = samples.iter().find(|((s, m, _), _)| *s == "l7-direct" && m == measurement);
+            let direct = samples.0.iter().find(|((s, m, _), _)| *s == "l7-direct" && m == measurement);
             Figure {
                 scenario: scenario.to_string(),
                 measurement: measurement.to_string(),

@@ -338,37 +338,25 @@ async fn load(
                     .body(http_body_util::Empty::<Bytes>::new())
                     .expect("request")
             };
-            let schedule = tokio::time::Instant::now();
-            if h2 {
-                let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            let mut sender = if h2 {
+                let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
                 tokio::spawn(connection);
-                for i in 0..total_per_connection {
-                    let due = schedule + interval.mul_f64(i as f64);
-                    tokio::time::sleep_until(due).await;
-                    let sent = std::time::Instant::now();
-                    match sender.send_request(request()).await {
-                        Ok(response) if response.status().is_success() => {
-                            let _ = response.into_body().collect().await;
-                            latencies.push(sent.elapsed().as_secs_f64() * 1e6);
-                        }
-                        _ => failed += 1,
-                    }
-                }
+                Sender::H2(sender)
             } else {
-                let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+                let (sender, connection) = hyper::client::conn::http1::handshake(io).await?;
                 tokio::spawn(connection);
-                for i in 0..total_per_connection {
-                    let due = schedule + interval.mul_f64(i as f64);
-                    tokio::time::sleep_until(due).await;
-                    sender.ready().await?;
-                    let sent = std::time::Instant::now();
-                    match sender.send_request(request()).await {
-                        Ok(response) if response.status().is_success() => {
-                            let _ = response.into_body().collect().await;
-                            latencies.push(sent.elapsed().as_secs_f64() * 1e6);
-                        }
-                        _ => failed += 1,
+                Sender::H1(sender)
+            };
+            let schedule = tokio::time::Instant::now();
+            for i in 0..total_per_connection {
+                tokio::time::sleep_until(schedule + interval.mul_f64(i as f64)).await;
+                let sent = std::time::Instant::now();
+                match sender.send(request()).await {
+                    Ok(response) if response.status().is_success() => {
+                        let _ = response.into_body().collect().await;
+                        latencies.push(sent.elapsed().as_secs_f64() * 1e6);
                     }
+                    _ => failed += 1,
                 }
             }
             Ok::<_, BoxError>((latencies, failed))
@@ -396,4 +384,26 @@ async fn load(
         })
     );
     Ok(())
+}
+
+/// A client connection of `load`.
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>),
+}
+
+impl Sender {
+    /// Sends `request` once the connection can take it.
+    async fn send(
+        &mut self,
+        request: Request<http_body_util::Empty<Bytes>>,
+    ) -> Result<Response<Incoming>, hyper::Error> {
+        match self {
+            Sender::H1(sender) => {
+                sender.ready().await?;
+                sender.send_request(request).await
+            }
+            Sender::H2(sender) => sender.send_request(request).await,
+        }
+    }
 }
