@@ -207,9 +207,9 @@ impl ResolvesServerCert for CurrentCert {
     }
 }
 
-/// Server config for a 15008 listener (a pod's, or a waypoint's): its certificate comes from `resolver` at each
-/// handshake (so renewals apply to new connections), clients must chain to the bundle `trust`
-/// holds at that handshake (so a root rotation applies to new connections).
+/// Server config for a 15008 listener (a pod's, or a waypoint's): its certificate comes from
+/// `resolver` at each handshake (so renewals apply to new connections), clients must chain to
+/// the bundle `trust` holds at that handshake (so a root rotation applies to new connections).
 pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     trust: TrustReceiver,

@@ -22,8 +22,7 @@ use crate::netns::Netns;
 use crate::proxy::hbone;
 use crate::proxy::{inbound, outbound, PodContext, ProxyContext};
 use crate::state::Workload;
-use crate::tls;
-use crate::tls::CurrentCert;
+use crate::tls::{self, CurrentCert};
 
 /// How often enrollments that failed are retried even without a config change.
 const RETRY: Duration = Duration::from_secs(2);

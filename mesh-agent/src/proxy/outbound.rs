@@ -3,7 +3,8 @@
 //! resolved to a ready endpoint (power of two choices, another endpoint on a failed dial); a
 //! meshed destination on another node is reached over HBONE, a meshed pod of this node by a
 //! node-local handover (see [`super::local`]), anything else as plain TCP, always dialled from
-//! the pod's netns (so the source IP stays the pod's) with the agent's mark.
+//! the pod's netns (so the source IP stays the pod's) with the agent's mark. A VIP of a Service
+//! bound to a waypoint goes over HBONE to the waypoint instead (see [`to_waypoint`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
