@@ -136,6 +136,29 @@ fn a_bound_service_is_reached_through_the_waypoint_with_both_identities() {
     // stay admitted: the waypoint is allowed).
     let pods = topo.echo_pods(a, &format!("http://{WEB}/"), 20, &[]);
     assert_eq!(pods.len(), 20, "{pods:?}");
+
+    // A second waypoint replica that refuses connections (nothing listens on 15008 at its
+    // address, node 2's own): each connection that tries it first goes on to the other one,
+    // with an attempt flow; no client fails.
+    let gone = topo
+        .pod_yaml(waypoint, &[(ferrymesh_testbed::mesh::GATEWAY_NAME_LABEL, "waypoint")])
+        .replace("name: waypoint\n", "name: waypoint-gone\n")
+        .replace("uid: uid-", "uid: gone-")
+        .replace(&format!("podIP: {}", waypoint.ip), "podIP: 172.18.0.2");
+    topo.write_config_file("pod-shop-waypoint-gone.yaml", &gone);
+    wait_until(CONFIG_WAIT, "the second waypoint address", || {
+        let out = topo.meshctl(1, &["explain", "shop/a", "shop/web:80"]);
+        String::from_utf8_lossy(&out.stdout).contains("172.18.0.2")
+    });
+    let hits = topo.hits(a, format!("{WEB}:80").parse().unwrap(), 20);
+    assert_eq!((hits["ok"].as_u64(), hits["failed"].as_u64()), (Some(20), Some(0)), "{hits}");
+    wait_until(FLOW_WAIT, "an attempt flow on the gone replica", || {
+        topo.flows(1).iter().any(|f| {
+            f["dst"]["ip"] == "172.18.0.2"
+                && f["dst"]["port"] == 15008
+                && f["reason"].as_str().is_some_and(|r| r.starts_with("endpoint attempt 1 of 2 failed"))
+        })
+    });
 }
 
 /// An HTTPRoute `shop/<name>` attached to Service web (on `port`, or every port), with `rules`

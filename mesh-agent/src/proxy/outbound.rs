@@ -187,17 +187,50 @@ async fn to_waypoint(
     let Some(waypoint) = ready else {
         return refused(&client, ProxyError::NoWaypoint { service: name, waypoint: key });
     };
-    let address = waypoint.addresses[rand::random_range(0..waypoint.addresses.len())];
     let id = match SpiffeId::new(&ctx.identities.trust_domain(), &waypoint.namespace, &waypoint.name) {
         Ok(id) => id,
         Err(error) => return refused(&client, ProxyError::NoIdentity { workload: key, error }),
     };
     conn.transport = Transport::Mtls;
     conn.dst.identity = Some(id.as_str().into());
-    match hbone::open(pod, ctx, Peer { ip: address, id: &id }, vip).await {
-        Ok((send, recv, slot)) => carry(ctx, client, Upstream::Hbone(send, recv, slot)).await,
-        Err(error) => refused(&client, error),
+    // The addresses from a random one on; one that fails (a replica going away) costs an
+    // attempt flow, and the next one is tried.
+    let (addresses, start) = (&waypoint.addresses, rand::random_range(0..waypoint.addresses.len()));
+    let attempts = addresses.len().min(SERVICE_ATTEMPTS);
+    for n in 0..attempts {
+        let address = addresses[(start + n) % addresses.len()];
+        match hbone::open(pod, ctx, Peer { ip: address, id: &id }, vip).await {
+            Ok((send, recv, slot)) => return carry(ctx, client, Upstream::Hbone(send, recv, slot)).await,
+            Err(error) if n + 1 < attempts => {
+                tracing::debug!(service = %name, %address, "waypoint address failed, trying another: {error}");
+                let target = SocketAddr::new(address, mesh_common::HBONE_PORT);
+                record_attempt(ctx, conn, target, Transport::Mtls, (n + 1, attempts), &error);
+            }
+            Err(error) => return refused(&client, error),
+        }
     }
+    unreachable!("a waypoint with addresses makes at least one attempt")
+}
+
+/// Records the failed attempt `(n, of)` of `conn` on `target` (carried by `transport`) as a
+/// flow of its own: the client's address and start are the connection's.
+fn record_attempt(
+    ctx: &ProxyContext,
+    conn: &Connection,
+    target: SocketAddr,
+    transport: Transport,
+    (n, of): (usize, usize),
+    error: &ProxyError,
+) {
+    let mut attempt = Connection::new(Direction::Outbound, conn.src.clone(), Endpoint::lookup(&ctx.state, target));
+    attempt.start = conn.start;
+    attempt.service.clone_from(&conn.service);
+    attempt.transport = transport;
+    if !transport.authenticated() {
+        attempt.src.identity = None;
+    }
+    let failed = ProxyError::EndpointAttempt { attempt: n, attempts: of, error: Box::new(error.clone()) };
+    ctx.record(attempt, Outcome::failed(failed));
 }
 
 /// Carries a connection to `service`:`port` to one of its ready endpoints, trying another
@@ -239,20 +272,8 @@ async fn to_service(
             Err(error) if error.verdict() == Verdict::Denied => return refused(&client, error),
             Err(error) => {
                 tracing::debug!(service = %name, %target, "endpoint failed, trying another: {error}");
-                let mut attempt =
-                    Connection::new(Direction::Outbound, conn.src.clone(), Endpoint::lookup(&ctx.state, target));
-                attempt.start = conn.start;
-                attempt.service = name.clone();
-                attempt.transport = Route::to(ctx, target).transport();
-                if !attempt.transport.authenticated() {
-                    attempt.src.identity = None;
-                }
-                let failed = ProxyError::EndpointAttempt {
-                    attempt: tried.len() + 1,
-                    attempts: SERVICE_ATTEMPTS,
-                    error: Box::new(error.clone()),
-                };
-                ctx.record(attempt, Outcome::failed(failed));
+                let transport = Route::to(ctx, target).transport();
+                record_attempt(ctx, conn, target, transport, (tried.len() + 1, SERVICE_ATTEMPTS), &error);
                 tried.push(endpoint.ip);
                 last_error = Some(error);
             }
