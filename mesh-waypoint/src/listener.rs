@@ -35,6 +35,8 @@ pub struct Waypoint {
     pub key: String,
     /// Its Gateway's namespace and name (policies attach to it).
     pub gateway: (String, String),
+    /// The mesh's trust domain (from the first config; it names endpoints' principals).
+    pub trust_domain: String,
     /// Services, endpoints, routes, workloads.
     pub state: Arc<State>,
     /// Reaching endpoints.

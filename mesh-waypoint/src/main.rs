@@ -112,6 +112,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let waypoint = Arc::new(listener::Waypoint {
         key: format!("{}/{}", args.namespace, args.name),
         gateway: (args.namespace.clone(), args.name.clone()),
+        trust_domain,
         state,
         upstream,
         log: record::RequestLog::new(log),

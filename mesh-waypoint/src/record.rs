@@ -112,8 +112,9 @@ impl Record {
 
     /// Counts the request in `ferrymesh_requests_total` and
     /// `ferrymesh_request_duration_milliseconds`, with Istio's labels (workloads named from the
-    /// state: the client by its address, the destination by the endpoint that answered).
-    pub fn count(&self, state: &State) {
+    /// state: the client by its address, the destination by the endpoint that answered, whose
+    /// principal is in `trust_domain`).
+    pub fn count(&self, state: &State, trust_domain: &str) {
         let unknown = || "unknown".to_string();
         let at = |addr: &str| addr.parse::<SocketAddr>().ok().and_then(|a| state.workload_by_ip(a.ip()));
         let (src_name, src_ns) =
@@ -122,10 +123,9 @@ impl Record {
         let (dst_name, dst_ns) =
             destination.as_ref().map_or((unknown(), unknown()), |w| (w.name.clone(), w.namespace.clone()));
         // The endpoint proved its identity over HBONE when it is meshed.
-        let trust_domain = state.trust_domain().borrow().clone();
         let dst_principal = destination
             .filter(|w| w.captured)
-            .and_then(|w| w.identity().spiffe_id(&trust_domain).ok())
+            .and_then(|w| w.identity().spiffe_id(trust_domain).ok())
             .map_or_else(unknown, |id| id.as_str().to_string());
         let (service_ns, service_name) = self.service.split_once('/').unwrap_or(("unknown", "unknown"));
         let labels = vec![
@@ -251,7 +251,7 @@ impl Recorded {
     fn finish(&mut self) {
         if let Some(record) = self.record.take() {
             self.waypoint.log.write(&record);
-            record.count(&self.waypoint.state);
+            record.count(&self.waypoint.state, &self.waypoint.trust_domain);
         }
     }
 }

@@ -15,7 +15,7 @@ use ferrymesh_policy::Decision;
 use ferrymesh_route::{BackendRef, Filter, HeaderModifier, RedirectFrom, RequestView, RouteTable, Selected};
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, LOCATION, UPGRADE};
 use http::uri::{Authority, PathAndQuery};
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -39,11 +39,8 @@ pub fn empty() -> Body {
 
 /// The request's authority: `:authority` (HTTP/2, or an absolute HTTP/1.1 target), else `Host`.
 pub fn authority_of<B>(request: &Request<B>) -> Option<String> {
-    authority(request.uri(), request.headers())
-}
-
-fn authority(uri: &Uri, headers: &HeaderMap) -> Option<String> {
-    uri.authority().map(|a| a.to_string()).or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()).map(String::from))
+    let host = || request.headers().get(HOST).and_then(|h| h.to_str().ok()).map(String::from);
+    request.uri().authority().map(|a| a.to_string()).or_else(host)
 }
 
 /// Serves one request from `down`, recorded when its response ends.
@@ -101,7 +98,9 @@ async fn route(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
 
-    let decision = authorize(waypoint, down, &parts);
+    // The authority as requested (the record took it on arrival; empty: none was sent).
+    let requested = record.authority.clone();
+    let decision = authorize(waypoint, down, &parts, &requested);
     record.policy.clone_from(&decision.policy);
     if !decision.allowed {
         let mut response = local_reply(record, StatusCode::FORBIDDEN, "DENY", format!("denied: {}", decision.policy));
@@ -121,7 +120,7 @@ async fn route(
         .cloned();
     // An HTTP/1.0 request may carry no Host: it goes as addressed, to the VIP and port.
     let addressed = || down.service.vip.map(|vip| std::net::SocketAddr::new(vip, down.port).to_string());
-    let mut authority = authority(&parts.uri, &parts.headers).or_else(addressed).unwrap_or_default();
+    let mut authority = Some(requested).filter(|a| !a.is_empty()).or_else(addressed).unwrap_or_default();
     let mut path = parts.uri.path().to_string();
     let query = parts.uri.query().map(String::from);
     let mut response_headers: Vec<HeaderModifier> = Vec::new();
@@ -222,14 +221,13 @@ async fn route(
 }
 
 /// The decision of the policies attached to the request's Service or to the waypoint.
-fn authorize(waypoint: &Waypoint, down: &Downstream, parts: &http::request::Parts) -> Decision {
+fn authorize(waypoint: &Waypoint, down: &Downstream, parts: &http::request::Parts, host: &str) -> Decision {
     let policies = waypoint.state.policies();
     let target = Target {
         namespace: &down.service.namespace,
         service: &down.service.name,
         gateway: (&waypoint.gateway.0, &waypoint.gateway.1),
     };
-    let host = authority(&parts.uri, &parts.headers).unwrap_or_default();
     let request = HttpRequest {
         l4: ferrymesh_policy::Request {
             source_ip: down.addr.ip(),
@@ -237,7 +235,7 @@ fn authorize(waypoint: &Waypoint, down: &Downstream, parts: &http::request::Part
             destination_ip: down.service.vip.unwrap_or(down.addr.ip()),
             destination_port: down.port,
         },
-        host: &host,
+        host,
         method: parts.method.as_str(),
         path: parts.uri.path(),
         headers: &parts.headers,

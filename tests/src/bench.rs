@@ -80,6 +80,50 @@ impl Samples {
             None => self.0.push((key, vec![value])),
         }
     }
+
+    /// One figure per key: median, min and max over the rounds (no ratio yet).
+    fn figures(&self) -> Vec<Figure> {
+        self.0
+            .iter()
+            .map(|((scenario, measurement, unit), values)| {
+                let (median, min, max) = median(values);
+                Figure {
+                    scenario: scenario.to_string(),
+                    measurement: measurement.to_string(),
+                    unit: unit.to_string(),
+                    median,
+                    min,
+                    max,
+                    ratio_to_plain: None,
+                }
+            })
+            .collect()
+    }
+}
+
+impl Figure {
+    /// A figure measured once.
+    fn once(scenario: &str, measurement: &str, unit: &str, value: f64) -> Self {
+        Figure {
+            scenario: scenario.into(),
+            measurement: measurement.into(),
+            unit: unit.into(),
+            median: value,
+            min: value,
+            max: value,
+            ratio_to_plain: None,
+        }
+    }
+}
+
+/// Sets each figure's ratio to the median of the same measurement of `baseline` (from the same
+/// run); figures without a baseline counterpart keep none.
+fn compare_to(figures: &mut [Figure], baseline: &str) {
+    let base: Vec<(String, f64)> =
+        figures.iter().filter(|f| f.scenario == baseline).map(|f| (f.measurement.clone(), f.median)).collect();
+    for f in figures.iter_mut().filter(|f| f.scenario != baseline) {
+        f.ratio_to_plain = base.iter().find(|(m, _)| *m == f.measurement).map(|(_, b)| f.median / b);
+    }
 }
 
 struct Scenario<'a> {
@@ -224,39 +268,12 @@ pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
     std::thread::sleep(Duration::from_secs(2));
     let per_workload = (rss_kb(pid1) - before) / f64::from(options.workloads);
 
-    let mut figures: Vec<Figure> = samples
-        .0
-        .iter()
-        .map(|((scenario, measurement, unit), values)| {
-            let (median, min, max) = median(values);
-            Figure {
-                scenario: scenario.to_string(),
-                measurement: measurement.to_string(),
-                unit: unit.to_string(),
-                median,
-                min,
-                max,
-                ratio_to_plain: None,
-            }
-        })
-        .collect();
+    let mut figures = samples.figures();
     for (measurement, value) in [("rss_idle", rss_idle), ("rss_per_conn", per_conn), ("rss_per_workload", per_workload)]
     {
-        figures.push(Figure {
-            scenario: "agent".into(),
-            measurement: measurement.into(),
-            unit: "KB".into(),
-            median: value,
-            min: value,
-            max: value,
-            ratio_to_plain: None,
-        });
+        figures.push(Figure::once("agent", measurement, "KB", value));
     }
-    let plain: Vec<(String, f64)> =
-        figures.iter().filter(|f| f.scenario == "plain").map(|f| (f.measurement.clone(), f.median)).collect();
-    for f in figures.iter_mut().filter(|f| f.scenario != "plain") {
-        f.ratio_to_plain = plain.iter().find(|(m, _)| *m == f.measurement).map(|(_, p)| f.median / p);
-    }
+    compare_to(&mut figures, "plain");
     figures
 }
 
@@ -490,35 +507,12 @@ pub fn waypoint(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure>
         }
     }
     let rss_loaded = rss_kb(pid);
-    let mut figures: Vec<Figure> = samples
-        .0
-        .iter()
-        .map(|((scenario, measurement, unit), values)| {
-            let (median, min, max) = median(values);
-            let direct = samples.0.iter().find(|((s, m, _), _)| *s == "l7-direct" && m == measurement);
-            Figure {
-                scenario: scenario.to_string(),
-                measurement: measurement.to_string(),
-                unit: unit.to_string(),
-                median,
-                min,
-                max,
-                // Against the same Service without the waypoint, in the same run.
-                ratio_to_plain: direct.filter(|_| *scenario == "waypoint").map(|(_, v)| median / self::median(v).0),
-            }
-        })
-        .collect();
+    let mut figures = samples.figures();
     for (measurement, value) in [("rss_idle", rss_idle), ("rss_after_load", rss_loaded)] {
-        figures.push(Figure {
-            scenario: "waypoint".into(),
-            measurement: measurement.into(),
-            unit: "KB".into(),
-            median: value,
-            min: value,
-            max: value,
-            ratio_to_plain: None,
-        });
+        figures.push(Figure::once("waypoint", measurement, "KB", value));
     }
+    // Against the same Service without the waypoint, in the same run.
+    compare_to(&mut figures, "l7-direct");
     figures
 }
 
