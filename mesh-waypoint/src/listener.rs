@@ -45,6 +45,8 @@ pub struct Waypoint {
     pub log: RequestLog,
     /// The rolls that split requests over weighted backends.
     pub rolls: ferrymesh_route::Rolls,
+    /// Route tables, kept per Service port until the routes change.
+    pub route_tables: crate::request::RouteTables,
 }
 
 /// Who sent a tunnel, and to which Service port it was addressed.

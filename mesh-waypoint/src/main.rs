@@ -77,8 +77,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     anyhow::ensure!(args.worker_threads > 0, "--worker-threads must be at least 1");
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads).enable_all().build()?;
+    let runtime = match args.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
     runtime.block_on(run(args))
 }
 
@@ -117,12 +119,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         upstream,
         log: record::RequestLog::new(log),
         rolls: Default::default(),
+        route_tables: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(waypoint = %waypoint.key, listen = %args.listen, "mesh-waypoint serving");
-    let serving = tokio::spawn(listener::serve(listener, tls, waypoint));
+    let serving = tokio::spawn(listener::serve(listener, tls, waypoint.clone()));
+    let flushing = waypoint.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(record::RequestLog::FLUSH_EVERY);
+        loop {
+            every.tick().await;
+            flushing.log.flush();
+        }
+    });
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -131,5 +142,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         result = serving => result.context("the HBONE listener panicked")?,
     }
+    waypoint.log.flush();
     Ok(())
 }

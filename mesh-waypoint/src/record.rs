@@ -187,21 +187,49 @@ impl Record {
     }
 }
 
-/// Where request records go.
+/// Where request records go: lines gathered in memory and written together, by
+/// [`RequestLog::flush`] (the waypoint calls it every [`RequestLog::FLUSH_EVERY`] and on
+/// shutdown) or once [`RequestLog::FLUSH_AT`] bytes are waiting, so a busy waypoint spends
+/// one write on many requests rather than one each, as Envoy buffers its access log.
 #[derive(Debug)]
 pub struct RequestLog {
     log: AccessLog,
+    pending: std::sync::Mutex<String>,
 }
 
 impl RequestLog {
+    /// How long a record may wait in memory.
+    pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+    /// How many bytes of records are written at once, without waiting for the next flush.
+    pub const FLUSH_AT: usize = 64 * 1024;
+
     /// Records to `log`.
     pub fn new(log: AccessLog) -> Self {
-        Self { log }
+        Self { log, pending: Default::default() }
     }
 
-    /// Writes `record`.
+    /// Adds `record`'s line.
     pub fn write(&self, record: &Record) {
-        self.log.write_line(&record.to_line());
+        if matches!(self.log, AccessLog::Off) {
+            return;
+        }
+        let full = {
+            let mut pending = self.pending.lock().expect("request log lock");
+            pending.push_str(&record.to_line());
+            pending.push('\n');
+            (pending.len() >= Self::FLUSH_AT).then(|| std::mem::take(&mut *pending))
+        };
+        if let Some(lines) = full {
+            self.log.write_lines(&lines);
+        }
+    }
+
+    /// Writes the records waiting.
+    pub fn flush(&self) {
+        let lines = std::mem::take(&mut *self.pending.lock().expect("request log lock"));
+        if !lines.is_empty() {
+            self.log.write_lines(&lines);
+        }
     }
 }
 

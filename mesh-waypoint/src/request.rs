@@ -7,9 +7,11 @@
 //! it, the AuthorizationPolicies attached to the Service or the waypoint decide: a denial is a
 //! 403 naming the policy and rule.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ferrymesh_dataplane::state::State;
 use ferrymesh_policy::l7::{HttpRequest, Target};
 use ferrymesh_policy::Decision;
 use ferrymesh_route::{BackendRef, Filter, HeaderModifier, RedirectFrom, RequestView, RouteTable, Selected};
@@ -41,6 +43,31 @@ pub fn empty() -> Body {
 pub fn authority_of<B>(request: &Request<B>) -> Option<String> {
     let host = || request.headers().get(HOST).and_then(|h| h.to_str().ok()).map(String::from);
     request.uri().authority().map(|a| a.to_string()).or_else(host)
+}
+
+/// The route tables of the Service ports the waypoint serves, each built on its first request
+/// and kept until the routes change (not sorted again for every request).
+#[derive(Debug, Default)]
+pub struct RouteTables {
+    /// The routes' generation they were built from, and the tables by Service and port.
+    built: std::sync::Mutex<(u64, TablesByPort)>,
+}
+
+type TablesByPort = HashMap<(String, u16), Arc<RouteTable>>;
+
+impl RouteTables {
+    /// The table of `service` (`namespace/name`) port `port` as the routes in `state` have it.
+    pub fn get(&self, state: &State, service: &str, port: u16) -> Arc<RouteTable> {
+        // The generation is read before the routes: a table built from newer routes is kept
+        // under the older number, and rebuilt on the next request.
+        let generation = state.routes_generation();
+        let mut built = self.built.lock().expect("route tables lock");
+        if built.0 != generation {
+            *built = (generation, HashMap::new());
+        }
+        let key = (service.to_string(), port);
+        built.1.entry(key).or_insert_with(|| Arc::new(RouteTable::new(&state.routes(), service, port))).clone()
+    }
 }
 
 /// Serves one request from `down`, recorded when its response ends.
@@ -108,8 +135,7 @@ async fn route(
         return response;
     }
 
-    let routes = waypoint.state.routes();
-    let table = RouteTable::new(&routes, &service, down.port);
+    let table = waypoint.route_tables.get(&waypoint.state, &service, down.port);
     let selected: Option<Selected> = table
         .select(&RequestView {
             method: &parts.method,

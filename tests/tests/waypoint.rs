@@ -463,6 +463,9 @@ fn gateway_api_mesh_conformance_cases_pass_through_the_waypoint() {
 
     // MeshHTTPRouteNamedRule: the request record names the rule.
     let waypoint = topo.pod("shop", "waypoint");
+    wait_until(FLOW_WAIT, "the records of the 500 requests", || {
+        topo.waypoint_requests(waypoint).iter().filter(|r| r["port"] == 8080).count() >= 500
+    });
     let records = topo.waypoint_requests(waypoint);
     let v2 = records.iter().find(|r| r["path"] == "/v2/x" && r["port"] == 80).expect("the /v2/x request's record");
     assert_eq!(v2["route"], "HTTPRoute shop/matching rule v2", "{v2}");

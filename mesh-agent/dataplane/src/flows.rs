@@ -187,11 +187,16 @@ impl AccessLog {
 
     /// Writes one line (a JSON record) to the log.
     pub fn write_line(&self, line: &str) {
+        self.write_lines(&format!("{line}\n"));
+    }
+
+    /// Writes `lines`, each ending in a newline, with one write.
+    pub fn write_lines(&self, lines: &str) {
         use std::io::Write;
         let result = match self {
             Self::Off => Ok(()),
-            Self::Stdout => writeln!(std::io::stdout().lock(), "{line}"),
-            Self::File(file) => writeln!(file.lock().expect("access log lock"), "{line}"),
+            Self::Stdout => std::io::stdout().lock().write_all(lines.as_bytes()),
+            Self::File(file) => file.lock().expect("access log lock").write_all(lines.as_bytes()),
         };
         if let Err(e) = result {
             tracing::warn!("cannot write the access log: {e}");

@@ -359,6 +359,8 @@ struct Inner {
     peer_authentications: Table<PeerAuthentication>,
     /// Gateway API routes by `Kind namespace/name` (a waypoint routes with them).
     routes: Table<Route>,
+    /// Counts the updates that changed the routes.
+    routes_generation: u64,
     /// Waypoints by `namespace/name`.
     waypoints: Table<Waypoint>,
 }
@@ -408,7 +410,9 @@ impl State {
             }
             let policies_changed = authorization_policies.apply(&mut inner.authorization_policies, snapshot)
                 | peer_authentications.apply(&mut inner.peer_authentications, snapshot);
-            routes.apply(&mut inner.routes, snapshot);
+            if routes.apply(&mut inner.routes, snapshot) {
+                inner.routes_generation += 1;
+            }
             waypoints.apply(&mut inner.waypoints, snapshot);
             inner.version = update.version;
             policies_changed.then(|| {
@@ -521,6 +525,12 @@ impl State {
     /// Every route held, by `Kind namespace/name`.
     pub fn routes(&self) -> Vec<Arc<Route>> {
         self.inner.read().expect("state lock").routes.values().cloned().collect()
+    }
+
+    /// A number that changes whenever the routes do (what was built from them can be kept
+    /// until it changes).
+    pub fn routes_generation(&self) -> u64 {
+        self.inner.read().expect("state lock").routes_generation
     }
 
     /// A receiver that changes whenever an update is applied.
@@ -671,10 +681,14 @@ mod tests {
             }],
             ..Default::default()
         });
+        let before = state.routes_generation();
         state.apply(proto::ConfigUpdate { version: 1, ..sent.to_snapshot() }).unwrap();
         assert_eq!(state.dump(), sent, "what was applied comes back, kind by kind");
+        let with_route = state.routes_generation();
+        assert_ne!(with_route, before, "the route's arrival changes the routes' generation");
         let delta = proto::ConfigUpdate { version: 2, removed: vec!["b".into()], ..Default::default() };
         state.apply(delta).unwrap();
+        assert_eq!(state.routes_generation(), with_route, "a workload delta leaves the routes' generation");
         let dump = state.dump();
         assert_eq!(dump.workloads.keys().collect::<Vec<_>>(), ["a"]);
         assert_eq!(

@@ -26,6 +26,21 @@ struct Args {
     /// up until Ctrl-C (for profiling by hand).
     #[arg(long)]
     hold: bool,
+    /// Run only these parts (repeat or comma-separate); all of them by default. A partial run
+    /// never writes the report.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+}
+
+/// A part of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// Plain, capture, same-node and cross-node TCP.
+    Mesh,
+    /// The policy decision.
+    Policy,
+    /// Requests through a waypoint.
+    Waypoint,
 }
 
 fn main() {
@@ -35,12 +50,20 @@ fn main() {
     }
     let options = if args.quick { Options::QUICK } else { Options::FULL };
     let started = Instant::now();
-    let mut figures = bench::run(options, |what| eprintln!("fm-bench: {what}"));
-    eprintln!("fm-bench: policy decisions");
-    let criterion_dir = args.out.parent().unwrap_or(std::path::Path::new(".")).join("criterion");
-    figures.extend(bench::policy_decision(args.quick, options.rounds, &criterion_dir));
-    eprintln!("fm-bench: waypoint");
-    figures.extend(bench::waypoint(options, |what| eprintln!("fm-bench: waypoint {what}")));
+    let runs = |part| args.only.is_empty() || args.only.contains(&part);
+    let mut figures = Vec::new();
+    if runs(Part::Mesh) {
+        figures.extend(bench::run(options, |what| eprintln!("fm-bench: {what}")));
+    }
+    if runs(Part::Policy) {
+        eprintln!("fm-bench: policy decisions");
+        let criterion_dir = args.out.parent().unwrap_or(std::path::Path::new(".")).join("criterion");
+        figures.extend(bench::policy_decision(args.quick, options.rounds, &criterion_dir));
+    }
+    if runs(Part::Waypoint) {
+        eprintln!("fm-bench: waypoint");
+        figures.extend(bench::waypoint(options, |what| eprintln!("fm-bench: waypoint {what}")));
+    }
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir).expect("create the output directory");
     }
@@ -49,7 +72,7 @@ fn main() {
     let table = bench::table(&figures);
     println!("{table}");
     eprintln!("fm-bench: {} figures in {} ({:.0?})", figures.len(), args.out.display(), started.elapsed());
-    if let Some(report) = args.report {
+    if let Some(report) = args.report.filter(|_| args.only.is_empty()) {
         std::fs::write(&report, markdown(&figures, &table, args.quick)).expect("write the report");
     }
 }

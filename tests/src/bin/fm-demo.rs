@@ -183,6 +183,8 @@ fn waypoint_act(topo: &Topology) {
         println!("  web -> store{path}: {} {what}", answer.status);
     }
     banner("the waypoint's access log (last 3 requests)");
+    // The waypoint writes its records every 100 ms.
+    std::thread::sleep(Duration::from_millis(300));
     let records = topo.waypoint_requests(waypoint);
     for r in records.iter().rev().take(3).rev() {
         println!(

@@ -308,8 +308,10 @@ async fn grpc(to: SocketAddr, count: u32) -> Result<(), BoxError> {
 /// Open-loop load: `rate` requests a second spread over `connections` kept-alive connections
 /// (HTTP/1.1, or HTTP/2 prior knowledge with one connection each), for `seconds`; prints the
 /// achieved rate, failures and latency percentiles (µs, from sending to the end of the
-/// response) as JSON. Each connection sends its share on a fixed schedule; a late response
-/// delays that connection's next request, and the achieved rate shows it.
+/// response) as JSON. Each connection sends its share on a fixed schedule, the connections'
+/// schedules staggered evenly over one interval so requests arrive spread out rather than in
+/// bursts of `connections`; a late response delays that connection's next request, and the
+/// achieved rate shows it.
 async fn load(
     to: SocketAddr,
     path: String,
@@ -321,10 +323,12 @@ async fn load(
     let per_connection = f64::from(rate) / f64::from(connections.max(1));
     let interval = std::time::Duration::from_secs_f64(1.0 / per_connection);
     let total_per_connection = (per_connection * f64::from(seconds)).round() as u64;
-    let started = std::time::Instant::now();
+    // Time for every connection to be set up before the first request.
+    let start = tokio::time::Instant::now() + std::time::Duration::from_millis(200);
     let mut tasks = Vec::new();
-    for _ in 0..connections {
+    for k in 0..connections {
         let path = path.clone();
+        let schedule = start + interval.mul_f64(f64::from(k) / f64::from(connections.max(1)));
         tasks.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(to).await?;
             stream.set_nodelay(true)?;
@@ -347,7 +351,6 @@ async fn load(
                 tokio::spawn(connection);
                 Sender::H1(sender)
             };
-            let schedule = tokio::time::Instant::now();
             for i in 0..total_per_connection {
                 tokio::time::sleep_until(schedule + interval.mul_f64(i as f64)).await;
                 let sent = std::time::Instant::now();
@@ -369,7 +372,7 @@ async fn load(
         latencies.extend(l);
         failed += f;
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = start.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
     println!(
