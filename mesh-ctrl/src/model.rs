@@ -17,8 +17,8 @@ pub const DATAPLANE_MODE_LABEL: &str = "ferrymesh.io/dataplane-mode";
 /// it the agent finds the netns through the pod UID in /proc/<pid>/cgroup).
 pub const NETNS_ANNOTATION: &str = "ferrymesh.io/netns";
 
-/// Label binding a Namespace or Service to a waypoint (value: the waypoint's name; `none` opts
-/// a Service out of its namespace's waypoint).
+/// Label binding a Namespace, Service or Pod to a waypoint (value: the waypoint's name; `none`
+/// opts a Service or Pod out of its namespace's waypoint).
 pub const USE_WAYPOINT_LABEL: &str = "ferrymesh.io/use-waypoint";
 /// Label naming the namespace of the waypoint `ferrymesh.io/use-waypoint` names (default: the
 /// labelled object's own).
@@ -58,6 +58,11 @@ impl WaypointFor {
     /// Whether it takes Service-addressed traffic.
     pub fn takes_services(self) -> bool {
         matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+
+    /// Whether it takes traffic addressed to workloads (pod IPs).
+    pub fn takes_workloads(self) -> bool {
+        matches!(self, WaypointFor::Workload | WaypointFor::All)
     }
 }
 
@@ -252,6 +257,32 @@ impl Model {
         }
     }
 
+    /// The waypoint (`namespace/name`) traffic addressed to `pod` (its IP) must pass: the pod's
+    /// own `ferrymesh.io/use-waypoint` label, else its namespace's (`none` on the pod opts out),
+    /// when that waypoint takes workload traffic (`ferrymesh.io/waypoint-for: workload` or
+    /// `all`). Only pods the mesh captures are bound, and never a waypoint's own. A pod's own
+    /// label naming a waypoint that does not exist still binds (fail closed, as for Services);
+    /// a namespace's label binds its pods only to a waypoint that exists and takes workloads,
+    /// since a waypoint takes Service traffic alone unless it says otherwise.
+    pub fn waypoint_of_pod(&self, pod: &Pod) -> Option<String> {
+        if !self.captured(pod) {
+            return None;
+        }
+        let own = pod.labels.contains_key(USE_WAYPOINT_LABEL);
+        let labels = match own {
+            true => &pod.labels,
+            false => &self.namespaces.get(&pod.namespace)?.labels,
+        };
+        let name = labels.get(USE_WAYPOINT_LABEL).filter(|n| n.as_str() != "none")?;
+        let namespace = labels.get(USE_WAYPOINT_NAMESPACE_LABEL).unwrap_or(&pod.namespace);
+        let key = format!("{namespace}/{name}");
+        match self.waypoints.get(&key) {
+            Some(w) if w.traffic.takes_workloads() => Some(key),
+            None if own => Some(key),
+            _ => None,
+        }
+    }
+
     /// The waypoints in wire form, with the addresses of their ready pods.
     pub fn waypoints_wire(&self) -> BTreeMap<String, proto::Waypoint> {
         // One pass over the pods, not one per waypoint.
@@ -291,6 +322,7 @@ impl Model {
                     netns: pod.netns.clone(),
                     labels: pod.labels.clone().into_iter().collect(),
                     captured: self.captured(pod),
+                    waypoint: self.waypoint_of_pod(pod).unwrap_or_default(),
                 };
                 (pod.uid.clone(), workload)
             })

@@ -1,6 +1,7 @@
 //! The waypoint's HBONE listener: mutual TLS with the waypoint's identity, HTTP/2 with the
 //! mesh's settings, and each CONNECT checked: its authority must be `VIP:port` of a Service
-//! bound to this waypoint (as the source agent sends it). An accepted stream is served as HTTP
+//! bound to this waypoint, or `pod IP:port` of a workload bound to it (as the source agent
+//! sends them). An accepted stream is served as HTTP
 //! (HTTP/1.1 or HTTP/2 with prior knowledge, detected from its first bytes) by hyper, each
 //! request handed to [`crate::request`].
 
@@ -12,7 +13,7 @@ use bytes::Bytes;
 use ferrymesh_dataplane::hbone::server::{respond_status, serve_h2};
 use ferrymesh_dataplane::hbone::stream::H2Stream;
 use ferrymesh_dataplane::hbone::TLS_READ_BUFFER;
-use ferrymesh_dataplane::state::{Service, State};
+use ferrymesh_dataplane::state::{Service, State, Workload};
 use ferrymesh_dataplane::tls;
 use h2::RecvStream;
 use http::{Method, Request, StatusCode};
@@ -49,11 +50,46 @@ pub struct Waypoint {
     pub route_tables: crate::request::RouteTables,
 }
 
-/// Who sent a tunnel, and to which Service port it was addressed.
+/// What a CONNECT addressed.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A Service bound to the waypoint, by its VIP.
+    Service(Arc<Service>),
+    /// A workload bound to the waypoint (one of workloads), by its pod IP.
+    Workload(Arc<Workload>),
+}
+
+impl Destination {
+    /// Its namespace.
+    pub fn namespace(&self) -> &str {
+        match self {
+            Destination::Service(s) => &s.namespace,
+            Destination::Workload(w) => &w.namespace,
+        }
+    }
+
+    /// The Service's name, for Service traffic.
+    pub fn service_name(&self) -> Option<&str> {
+        match self {
+            Destination::Service(s) => Some(&s.name),
+            Destination::Workload(_) => None,
+        }
+    }
+
+    /// The address the client dialled: the Service's VIP or the pod's IP.
+    pub fn address(&self) -> Option<IpAddr> {
+        match self {
+            Destination::Service(s) => s.vip,
+            Destination::Workload(w) => Some(w.ip),
+        }
+    }
+}
+
+/// Who sent a tunnel, and to which Service or workload port it was addressed.
 #[derive(Debug, Clone)]
 pub struct Downstream {
-    /// The Service the CONNECT addressed.
-    pub service: Arc<Service>,
+    /// What the CONNECT addressed.
+    pub dest: Destination,
     /// Its port.
     pub port: u16,
     /// The client's SPIFFE ID (from its certificate).
@@ -109,31 +145,38 @@ enum NotForUs {
     Method(Method),
     #[error("CONNECT authority {0:?} is not ip:port")]
     Authority(Option<String>),
-    #[error("{0} is no Service's address")]
-    NoService(IpAddr),
-    #[error("Service {service} is bound to waypoint {bound:?}, not this one")]
-    OtherWaypoint { service: String, bound: Option<String> },
+    #[error("{0} is neither a Service's nor a workload's address")]
+    Unknown(IpAddr),
+    #[error("{what} is bound to waypoint {bound:?}, not this one")]
+    OtherWaypoint { what: String, bound: Option<String> },
     #[error("Service {service} has no port {port}")]
     NoPort { service: String, port: u16 },
 }
 
 impl Waypoint {
-    /// The Service port a CONNECT asks for, if it is bound to this waypoint.
-    fn bound_target(&self, method: &Method, authority: Option<&str>) -> Result<(Arc<Service>, u16), NotForUs> {
+    /// The Service or workload port a CONNECT asks for, if it is bound to this waypoint.
+    fn bound_target(&self, method: &Method, authority: Option<&str>) -> Result<(Destination, u16), NotForUs> {
         if method != Method::CONNECT {
             return Err(NotForUs::Method(method.clone()));
         }
         let target: SocketAddr =
             authority.and_then(|a| a.parse().ok()).ok_or_else(|| NotForUs::Authority(authority.map(String::from)))?;
-        let service = self.state.service_by_vip(target.ip()).ok_or(NotForUs::NoService(target.ip()))?;
+        let Some(service) = self.state.service_by_vip(target.ip()) else {
+            let workload = self.state.workload_by_ip(target.ip()).ok_or(NotForUs::Unknown(target.ip()))?;
+            if workload.waypoint.as_deref() != Some(self.key.as_str()) {
+                let what = format!("workload {}/{}", workload.namespace, workload.name);
+                return Err(NotForUs::OtherWaypoint { what, bound: workload.waypoint.clone() });
+            }
+            return Ok((Destination::Workload(workload), target.port()));
+        };
         let name = format!("{}/{}", service.namespace, service.name);
         if service.waypoint.as_deref() != Some(self.key.as_str()) {
-            return Err(NotForUs::OtherWaypoint { service: name, bound: service.waypoint.clone() });
+            return Err(NotForUs::OtherWaypoint { what: format!("Service {name}"), bound: service.waypoint.clone() });
         }
         if !service.ports.contains(&target.port()) {
             return Err(NotForUs::NoPort { service: name, port: target.port() });
         }
-        Ok((service, target.port()))
+        Ok((Destination::Service(service), target.port()))
     }
 }
 
@@ -146,7 +189,7 @@ async fn serve_tunnel(
     waypoint: Arc<Waypoint>,
 ) {
     let (parts, body) = request.into_parts();
-    let (service, port) = match waypoint.bound_target(&parts.method, parts.uri.authority().map(|a| a.as_str())) {
+    let (dest, port) = match waypoint.bound_target(&parts.method, parts.uri.authority().map(|a| a.as_str())) {
         Ok(target) => target,
         Err(refused) => {
             tracing::info!(%peer, identity = identity.as_deref().unwrap_or(""), "CONNECT refused: {refused}");
@@ -156,7 +199,7 @@ async fn serve_tunnel(
     };
     let Some(send) = respond_status(&mut respond, StatusCode::OK) else { return };
     let spiffe_id = identity.as_deref().and_then(|id| id.parse().ok());
-    let downstream = Arc::new(Downstream { service, port, identity, spiffe_id, addr: peer });
+    let downstream = Arc::new(Downstream { dest, port, identity, spiffe_id, addr: peer });
     let io = TokioIo::new(H2Stream::new(send, body));
     let handler = waypoint.clone();
     let service = hyper::service::service_fn(move |request| {

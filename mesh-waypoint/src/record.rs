@@ -13,7 +13,7 @@ use http::{Request, Response, Version};
 use metrics::{counter, histogram, Label};
 use serde_json::json;
 
-use crate::listener::Downstream;
+use crate::listener::{Destination, Downstream};
 
 /// One request's record, filled in as it is handled.
 #[derive(Debug)]
@@ -22,8 +22,11 @@ pub struct Record {
     started: Instant,
     /// The waypoint, `namespace/name`.
     pub waypoint: String,
-    /// The Service the request addressed, `namespace/name`.
+    /// The Service the request addressed, `namespace/name`; empty when it addressed a workload.
     pub service: String,
+    /// The workload the request addressed (by its pod IP), `namespace/name`; empty for a
+    /// Service's request.
+    pub workload: String,
     /// Its port.
     pub port: u16,
     /// The client's SPIFFE ID.
@@ -78,7 +81,14 @@ impl Record {
             start: SystemTime::now(),
             started: Instant::now(),
             waypoint: waypoint.to_string(),
-            service: format!("{}/{}", down.service.namespace, down.service.name),
+            service: match &down.dest {
+                Destination::Service(s) => format!("{}/{}", s.namespace, s.name),
+                Destination::Workload(_) => String::new(),
+            },
+            workload: match &down.dest {
+                Destination::Service(_) => String::new(),
+                Destination::Workload(w) => format!("{}/{}", w.namespace, w.name),
+            },
             port: down.port,
             source_identity: down.identity.as_deref().unwrap_or_default().to_string(),
             source_addr: down.addr.to_string(),
@@ -128,6 +138,7 @@ impl Record {
             .and_then(|w| w.identity().spiffe_id(trust_domain).ok())
             .map_or_else(unknown, |id| id.as_str().to_string());
         let (service_ns, service_name) = self.service.split_once('/').unwrap_or(("unknown", "unknown"));
+        let service = if self.service.is_empty() { "unknown".to_string() } else { self.service.clone() };
         let labels = vec![
             Label::new("reporter", "waypoint"),
             Label::new("source_workload", src_name),
@@ -136,7 +147,7 @@ impl Record {
             Label::new("destination_workload", dst_name),
             Label::new("destination_workload_namespace", dst_ns),
             Label::new("destination_principal", dst_principal),
-            Label::new("destination_service", self.service.clone()),
+            Label::new("destination_service", service),
             Label::new("destination_service_name", service_name.to_string()),
             Label::new("destination_service_namespace", service_ns.to_string()),
             Label::new("request_protocol", if self.is_grpc { "grpc" } else { "http" }),
@@ -169,6 +180,7 @@ impl Record {
             "source_identity": self.source_identity,
             "source_addr": self.source_addr,
             "service": self.service,
+            "workload": self.workload,
             "port": self.port,
             "method": self.method,
             "authority": self.authority,

@@ -1,7 +1,9 @@
 //! One request at the waypoint: the rule it selects among the routes attached to its Service
 //! port (Gateway API precedence, [`RouteTable`]), the rule's filters (redirect, header changes,
 //! rewrite), a backend by weight and that backend's filters, then the request forwarded by
-//! [`crate::upstream`] and the response's header changes applied. A Service port without routes
+//! [`crate::upstream`] and the response's header changes applied. A request addressed to a
+//! workload (a pod bound to a waypoint of workloads) has no routes: it goes to that pod, after
+//! the policies attached to the waypoint. A Service port without routes
 //! sends every request to the Service itself; with routes, a request no rule matches is a 404
 //! (as Gateway API has it), and a rule whose backends all weigh 0 answers 500. Before any of
 //! it, the AuthorizationPolicies attached to the Service or the waypoint decide: a denial is a
@@ -22,9 +24,9 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
-use crate::listener::{Downstream, Waypoint};
+use crate::listener::{Destination, Downstream, Waypoint};
 use crate::record::{Record, Recorded};
-use crate::upstream::{Forward, UpstreamError};
+use crate::upstream::{Forward, To, UpstreamError};
 
 /// Body of requests and responses through the waypoint.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -120,7 +122,8 @@ async fn route(
     mut request: Request<Incoming>,
     record: &mut Record,
 ) -> Response<Body> {
-    let service = format!("{}/{}", down.service.namespace, down.service.name);
+    // `namespace/name` of the Service addressed; empty for a workload (no route attaches to it).
+    let service = down.dest.service_name().map(|name| format!("{}/{name}", down.dest.namespace())).unwrap_or_default();
     let upgrade = request.version() == Version::HTTP_11 && request.headers().contains_key(UPGRADE);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
@@ -135,7 +138,10 @@ async fn route(
         return response;
     }
 
-    let table = waypoint.route_tables.get(&waypoint.state, &service, down.port);
+    let table = match &down.dest {
+        Destination::Service(_) => waypoint.route_tables.get(&waypoint.state, &service, down.port),
+        Destination::Workload(_) => Arc::default(),
+    };
     let selected: Option<Selected> = table
         .select(&RequestView {
             method: &parts.method,
@@ -144,15 +150,19 @@ async fn route(
             headers: &parts.headers,
         })
         .cloned();
-    // An HTTP/1.0 request may carry no Host: it goes as addressed, to the VIP and port.
-    let addressed = || down.service.vip.map(|vip| std::net::SocketAddr::new(vip, down.port).to_string());
+    // An HTTP/1.0 request may carry no Host: it goes as addressed, to the VIP (or pod) and port.
+    let addressed = || down.dest.address().map(|ip| std::net::SocketAddr::new(ip, down.port).to_string());
     let mut authority = Some(requested).filter(|a| !a.is_empty()).or_else(addressed).unwrap_or_default();
     let mut path = parts.uri.path().to_string();
     let query = parts.uri.query().map(String::from);
     let mut response_headers: Vec<HeaderModifier> = Vec::new();
 
-    let backend: BackendRef = match (&selected, table.is_empty()) {
-        (_, true) => BackendRef { service: service.clone(), port: down.port },
+    // The backend Service; None: the workload addressed, itself.
+    let backend: Option<BackendRef> = match (&selected, table.is_empty()) {
+        (_, true) => match &down.dest {
+            Destination::Service(_) => Some(BackendRef { service: service.clone(), port: down.port }),
+            Destination::Workload(_) => None,
+        },
         (None, false) => {
             return local_reply(
                 record,
@@ -195,13 +205,20 @@ async fn route(
             for filter in &picked.filters {
                 apply(filter, selected, &mut parts.headers, &mut authority, &mut path, &mut response_headers);
             }
-            picked.target.clone()
+            Some(picked.target.clone())
         }
     };
-    record.backend = format!("{}:{}", backend.service, backend.port);
-    let Some(target) = waypoint.state.service(&backend.service) else {
-        let reason = format!("backend Service {} does not exist", backend.service);
-        return local_reply(record, StatusCode::INTERNAL_SERVER_ERROR, "-", reason);
+    let to = match (backend, &down.dest) {
+        (Some(backend), _) => {
+            record.backend = format!("{}:{}", backend.service, backend.port);
+            let Some(target) = waypoint.state.service(&backend.service) else {
+                let reason = format!("backend Service {} does not exist", backend.service);
+                return local_reply(record, StatusCode::INTERNAL_SERVER_ERROR, "-", reason);
+            };
+            To::Service(target, backend.port)
+        }
+        (None, Destination::Workload(workload)) => To::Endpoint(std::net::SocketAddr::new(workload.ip, down.port)),
+        (None, Destination::Service(_)) => unreachable!("a Service's request always has a backend Service"),
     };
 
     strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -215,7 +232,7 @@ async fn route(
         return local_reply(record, StatusCode::BAD_REQUEST, "-", "the rewritten authority or path is invalid".into());
     };
     let forward = Forward { parts, body: body.boxed_unsync(), authority, path_and_query };
-    let mut response = match waypoint.upstream.send(&target, backend.port, forward).await {
+    let mut response = match waypoint.upstream.send(&to, forward).await {
         Ok((response, endpoint)) => {
             record.upstream = endpoint.to_string();
             response
@@ -250,15 +267,15 @@ async fn route(
 fn authorize(waypoint: &Waypoint, down: &Downstream, parts: &http::request::Parts, host: &str) -> Decision {
     let policies = waypoint.state.policies();
     let target = Target {
-        namespace: &down.service.namespace,
-        service: &down.service.name,
+        namespace: down.dest.namespace(),
+        service: down.dest.service_name(),
         gateway: (&waypoint.gateway.0, &waypoint.gateway.1),
     };
     let request = HttpRequest {
         l4: ferrymesh_policy::Request {
             source_ip: down.addr.ip(),
             source: down.spiffe_id.as_ref(),
-            destination_ip: down.service.vip.unwrap_or(down.addr.ip()),
+            destination_ip: down.dest.address().unwrap_or(down.addr.ip()),
             destination_port: down.port,
         },
         host,

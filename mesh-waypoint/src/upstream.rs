@@ -1,9 +1,10 @@
-//! Reaching a backend's endpoints: one endpoint per request by power of two choices on
-//! requests in progress ([`Balancer`]), the connection to it over HBONE to the endpoint pod's
-//! 15008 with the waypoint's own identity (plain TCP when the endpoint is not meshed), HTTP/1.1
-//! connections pooled and reused, HTTP/2 (gRPC) multiplexed over one connection per endpoint.
-//! A request whose connection could not be made, and whose body is empty, goes to another
-//! endpoint (it never reached the first); anything else is answered once.
+//! Reaching a backend's endpoints (or the one workload a request addressed): one endpoint per
+//! request by power of two choices on requests in progress ([`Balancer`]), the connection to it
+//! over HBONE to the endpoint pod's 15008 with the waypoint's own identity (plain TCP when the
+//! endpoint is not meshed), HTTP/1.1 connections pooled and reused, HTTP/2 (gRPC) multiplexed
+//! over one connection per endpoint. A request whose connection could not be made, and whose
+//! body is empty, goes to another endpoint (it never reached the first); anything else is
+//! answered once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -210,6 +211,15 @@ fn endpoint_of(uri: &Uri) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} does not name an endpoint")))
 }
 
+/// Where a request goes.
+#[derive(Debug)]
+pub enum To {
+    /// A ready endpoint of this Service port, picked per request.
+    Service(Arc<Service>, u16),
+    /// This endpoint (a workload addressed directly).
+    Endpoint(SocketAddr),
+}
+
 type H1Client = hyper_util::client::legacy::Client<Connector, Body>;
 type H2Sender = hyper::client::conn::http2::SendRequest<Body>;
 
@@ -234,14 +244,18 @@ impl Upstream {
         Self { tunnels, h1, h2: Mutex::default(), balancer: Arc::default() }
     }
 
-    /// Sends `forward` to a ready endpoint of `service` port `port`; the response (its body
-    /// holds the endpoint's place in the balancer until it ends) and the endpoint.
-    pub async fn send(
-        &self,
-        service: &Service,
-        port: u16,
-        forward: Forward,
-    ) -> Result<(Response<Body>, SocketAddr), UpstreamError> {
+    /// Sends `forward` to `to`: a ready endpoint of a Service port, or one endpoint; the
+    /// response (its body holds the endpoint's place in the balancer until it ends) and the
+    /// endpoint.
+    pub async fn send(&self, to: &To, forward: Forward) -> Result<(Response<Body>, SocketAddr), UpstreamError> {
+        let (service, port) = match to {
+            To::Service(service, port) => (service, *port),
+            To::Endpoint(endpoint) => {
+                let Forward { parts, body, authority, path_and_query } = forward;
+                let response = self.send_once(*endpoint, &parts, body, &authority, &path_and_query).await?;
+                return Ok((response, *endpoint));
+            }
+        };
         let name = format!("{}/{}", service.namespace, service.name);
         let Forward { parts, body, authority, path_and_query } = forward;
         let attempts = if body.is_end_stream() { ATTEMPTS } else { 1 };
@@ -258,33 +272,7 @@ impl Upstream {
             let target = SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]);
             let active = self.balancer.start(endpoint.ip);
             let body = body.take().unwrap_or_else(crate::request::empty);
-            let mut request = Request::new(body);
-            *request.method_mut() = parts.method.clone();
-            *request.headers_mut() = parts.headers.clone();
-            let sent = if parts.version == Version::HTTP_2 {
-                *request.uri_mut() = absolute(&authority, &path_and_query);
-                *request.version_mut() = Version::HTTP_2;
-                self.send_h2(target, request).await
-            } else {
-                let endpoint = Authority::try_from(target.to_string().as_str()).expect("an address is an authority");
-                *request.uri_mut() = absolute(&endpoint, &path_and_query);
-                *request.version_mut() = parts.version;
-                if let Ok(host) = HeaderValue::try_from(authority.as_str()) {
-                    request.headers_mut().insert(HOST, host);
-                }
-                match self.h1.request(request).await {
-                    Ok(response) => Ok(response.map(BodyExt::boxed_unsync)),
-                    Err(e) => {
-                        let error = ferrymesh_dataplane::ctrl::error_chain(&e);
-                        Err(if e.is_connect() {
-                            UpstreamError::Connect { endpoint: target, error }
-                        } else {
-                            UpstreamError::Request { endpoint: target, error }
-                        })
-                    }
-                }
-            };
-            match sent {
+            match self.send_once(target, &parts, body, &authority, &path_and_query).await {
                 Ok(response) => {
                     // The endpoint counts as busy until the response body ends.
                     let response = response.map(|b| {
@@ -305,6 +293,43 @@ impl Upstream {
             }
         }
         Err(last.unwrap_or(UpstreamError::NoEndpoint { service: name, port }))
+    }
+
+    /// Sends one request to `endpoint`: HTTP/2 over its multiplexed connection, HTTP/1.x over
+    /// a pooled one (`Host` the authority the request goes with).
+    async fn send_once(
+        &self,
+        endpoint: SocketAddr,
+        parts: &http::request::Parts,
+        body: Body,
+        authority: &Authority,
+        path_and_query: &PathAndQuery,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.headers_mut() = parts.headers.clone();
+        if parts.version == Version::HTTP_2 {
+            *request.uri_mut() = absolute(authority, path_and_query);
+            *request.version_mut() = Version::HTTP_2;
+            return self.send_h2(endpoint, request).await;
+        }
+        let address = Authority::try_from(endpoint.to_string().as_str()).expect("an address is an authority");
+        *request.uri_mut() = absolute(&address, path_and_query);
+        *request.version_mut() = parts.version;
+        if let Ok(host) = HeaderValue::try_from(authority.as_str()) {
+            request.headers_mut().insert(HOST, host);
+        }
+        match self.h1.request(request).await {
+            Ok(response) => Ok(response.map(BodyExt::boxed_unsync)),
+            Err(e) => {
+                let error = ferrymesh_dataplane::ctrl::error_chain(&e);
+                Err(if e.is_connect() {
+                    UpstreamError::Connect { endpoint, error }
+                } else {
+                    UpstreamError::Request { endpoint, error }
+                })
+            }
+        }
     }
 
     /// Sends an HTTP/2 request over the endpoint's multiplexed connection, made when there is

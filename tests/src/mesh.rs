@@ -548,8 +548,14 @@ impl Topology {
     /// Writes Gateway `namespace/name` of class `ferrymesh-waypoint` (an HBONE listener on
     /// 15008): a waypoint for Services.
     pub fn write_waypoint(&self, namespace: &str, name: &str) {
+        self.write_waypoint_for(namespace, name, "service");
+    }
+
+    /// Writes the Gateway of waypoint `namespace/name` taking `traffic`
+    /// (`ferrymesh.io/waypoint-for`: `service`, `workload`, `all` or `none`).
+    pub fn write_waypoint_for(&self, namespace: &str, name: &str, traffic: &str) {
         let text = format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  gatewayClassName: ferrymesh-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n"
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    ferrymesh.io/waypoint-for: {traffic}\nspec:\n  gatewayClassName: ferrymesh-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n"
         );
         self.write_config_file(&format!("gateway-{namespace}-{name}.yaml"), &text);
     }

@@ -688,3 +688,65 @@ fn grpc_routes_split_by_weight_and_modify_headers_with_a_real_grpc_client() {
     let ok = [("request_protocol", "grpc"), ("grpc_response_status", "0"), ("destination_service", "shop/grpc")];
     assert!(scrape.sum("ferrymesh_requests_total", &ok) >= 500.0, "{text}");
 }
+
+#[test]
+fn pods_bound_to_a_waypoint_of_workloads_are_reached_through_it() {
+    let topo = waypoint_cluster();
+    let (a, waypoint) = (topo.pod("shop", "a"), topo.pod("shop", "waypoint"));
+    let (web_1, web_2) = (topo.pod("shop", "web-1"), topo.pod("shop", "web-2"));
+    // The waypoint takes all traffic: the namespace's label now binds its pods too. web-1 opts
+    // out; Service canary opts out, but its pod is bound.
+    topo.write_waypoint_for("shop", "waypoint", "all");
+    topo.write_pod(web_1, &[("app", "web"), ("ferrymesh.io/use-waypoint", "none")]);
+    topo.write_config_file(
+        "svc-shop-canary.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: canary\n  namespace: shop\n  labels:\n    ferrymesh.io/use-waypoint: none\nspec:\n  clusterIP: {CANARY}\n  selector:\n    app: canary\n  ports:\n  - name: http\n    port: 80\n    targetPort: {ECHO_HTTP_PORT}\n"
+        ),
+    );
+    topo.write_config_file(
+        "policy-deny-private.yaml",
+        "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-private\n  namespace: shop\nspec:\n  targetRefs:\n  - group: gateway.networking.k8s.io\n    kind: Gateway\n    name: waypoint\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        paths: [\"/private/*\"]\n",
+    );
+    let to_web_2 = |path: &str| topo.http(a, &format!("http://{}:{ECHO_HTTP_PORT}{path}", web_2.ip), &[]);
+    wait_until(CONFIG_WAIT, "requests to web-2's address to pass the waypoint's policy", || {
+        to_web_2("/private/x").status == 403
+    });
+
+    // Addressed to the pod: through the waypoint (its Gateway's policy applies), to that pod.
+    let denied = to_web_2("/private/x");
+    assert!(denied.body.contains("shop/deny-private rule 0"), "{denied:?}");
+    let served = to_web_2("/public");
+    assert_eq!(served.status, 200, "{served:?}");
+    assert_eq!(served.json()["pod"], "web-2", "{served:?}");
+    // Through Service canary (not bound itself): to its endpoint's waypoint, addressed to the pod.
+    let canary = topo.http(a, &format!("http://{CANARY}/via-service"), &[]);
+    assert_eq!((canary.status, canary.json()["pod"].as_str()), (200, Some("canary")), "{canary:?}");
+    // web-1 opted out: reached directly, the waypoint not involved.
+    let direct = topo.http(a, &format!("http://{}:{ECHO_HTTP_PORT}/opted-out", web_1.ip), &[]);
+    assert_eq!((direct.status, direct.json()["pod"].as_str()), (200, Some("web-1")), "{direct:?}");
+
+    wait_until(FLOW_WAIT, "the workload records", || {
+        topo.waypoint_requests(waypoint).iter().any(|r| r["path"] == "/via-service")
+    });
+    let records = topo.waypoint_requests(waypoint);
+    let find = |path: &str| records.iter().find(|r| r["path"] == path).cloned();
+    let public = find("/public").expect("the /public record");
+    assert_eq!(
+        (&public["workload"], &public["service"], &public["source_identity"]),
+        (&serde_json::json!("shop/web-2"), &serde_json::json!(""), &serde_json::json!(CLIENT_ID)),
+        "{public}"
+    );
+    assert_eq!(public["upstream"], format!("{}:{ECHO_HTTP_PORT}", web_2.ip), "{public}");
+    let private = find("/private/x").expect("the /private/x record");
+    assert_eq!((private["status"].as_u64(), private["policy"].as_str()), (Some(403), Some("shop/deny-private rule 0")));
+    let via_service = find("/via-service").expect("the /via-service record");
+    assert_eq!(via_service["workload"], "shop/canary", "{via_service}");
+    assert!(find("/opted-out").is_none(), "the opted-out pod's request passed no waypoint");
+    let flows = topo.flows(1);
+    let to_web_1 = flows
+        .iter()
+        .find(|f| f["direction"] == "outbound" && f["dst"]["ip"] == web_1.ip.to_string())
+        .expect("the client's flow to web-1");
+    assert_eq!(to_web_1["dst"]["identity"], "spiffe://cluster.local/ns/shop/sa/web-1", "{to_web_1}");
+}

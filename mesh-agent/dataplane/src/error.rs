@@ -77,12 +77,14 @@ pub enum ProxyError {
         /// The port.
         port: u16,
     },
-    /// The service is bound to a waypoint that has no ready address (or does not exist): the
-    /// connection is refused, never sent around the waypoint (fail closed).
-    #[error("service {service} is bound to waypoint {waypoint}, which has no ready address")]
+    /// The service or workload is bound to a waypoint that has no ready address (or does not
+    /// exist): the connection is refused, never sent around the waypoint (fail closed).
+    #[error("{kind} {name} is bound to waypoint {waypoint}, which has no ready address")]
     NoWaypoint {
+        /// `service` or `workload`.
+        kind: &'static str,
         /// `namespace/name`.
-        service: String,
+        name: String,
         /// `namespace/name` of its waypoint.
         waypoint: String,
     },
@@ -194,9 +196,9 @@ impl ProxyError {
             ProxyError::NoReadyEndpoint { service, .. } => {
                 format!("`meshctl services` shows {service}'s endpoints: check its selector matches ready pods")
             }
-            ProxyError::NoWaypoint { service, waypoint } => format!(
+            ProxyError::NoWaypoint { kind, name, waypoint } => format!(
                 "deploy waypoint {waypoint} (a Gateway of class ferrymesh-waypoint and its ready pods), or \
-                 label {service} ferrymesh.io/use-waypoint=none to send it directly"
+                 label {kind} {name} ferrymesh.io/use-waypoint=none to send it directly"
             ),
             ProxyError::EndpointAttempt { error, .. } => return error.hint(),
             ProxyError::NoEndpointReachable { last, .. } => return last.hint(),
@@ -311,10 +313,24 @@ mod tests {
                 "service shop/web: no endpoint reachable after 2 attempts, last: destination refused the tunnel: HTTP 503",
             ),
             (
-                ProxyError::NoWaypoint { service: "shop/web".into(), waypoint: "shop/shop-waypoint".into() },
+                ProxyError::NoWaypoint {
+                    kind: "service",
+                    name: "shop/web".into(),
+                    waypoint: "shop/shop-waypoint".into(),
+                },
                 Verdict::Error,
                 "CONNECT_FAILED",
                 "service shop/web is bound to waypoint shop/shop-waypoint, which has no ready address",
+            ),
+            (
+                ProxyError::NoWaypoint {
+                    kind: "workload",
+                    name: "shop/web-1".into(),
+                    waypoint: "shop/shop-waypoint".into(),
+                },
+                Verdict::Error,
+                "CONNECT_FAILED",
+                "workload shop/web-1 is bound to waypoint shop/shop-waypoint, which has no ready address",
             ),
             (
                 ProxyError::BadConnect(BadConnect::ReservedPort(15006)),

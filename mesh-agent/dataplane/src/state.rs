@@ -41,6 +41,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Whether its node's agent captures it.
     pub captured: bool,
+    /// `namespace/name` of the waypoint traffic addressed to it passes.
+    pub waypoint: Option<String>,
 }
 
 /// An endpoint of a service.
@@ -201,6 +203,7 @@ impl Stored for Workload {
             netns: self.netns.display().to_string(),
             labels: self.labels.clone().into_iter().collect(),
             captured: self.captured,
+            waypoint: self.waypoint.clone().unwrap_or_default(),
         }
     }
 }
@@ -340,6 +343,7 @@ impl TryFrom<proto::Workload> for Workload {
             netns: PathBuf::from(w.netns),
             labels: w.labels.into_iter().collect(),
             captured: w.captured,
+            waypoint: (!w.waypoint.is_empty()).then_some(w.waypoint),
         })
     }
 }

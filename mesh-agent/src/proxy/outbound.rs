@@ -4,7 +4,8 @@
 //! meshed destination on another node is reached over HBONE, a meshed pod of this node by a
 //! node-local handover (see [`super::local`]), anything else as plain TCP, always dialled from
 //! the pod's netns (so the source IP stays the pod's) with the agent's mark. A VIP of a Service
-//! bound to a waypoint goes over HBONE to the waypoint instead (see [`to_waypoint`]).
+//! bound to a waypoint, or a pod bound to a waypoint of workloads (addressed directly or picked
+//! as a Service's endpoint), goes over HBONE to the waypoint instead (see [`to_waypoint`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -142,19 +143,20 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     let _ = client.set_nodelay(true);
     let outcome = match ctx.state.service_by_vip(dst.ip()) {
         Some(service) if service.waypoint.is_some() => {
-            Box::pin(to_waypoint(client, &pod, &ctx, &mut conn, &service, dst)).await
+            let name = format!("{}/{}", service.namespace, service.name);
+            conn.service.clone_from(&name);
+            if !service.ports.contains(&dst.port()) {
+                refused(&client, ProxyError::NoServicePort { service: name, port: dst.port() })
+            } else {
+                let bound = Bound { kind: "service", name, waypoint: service.waypoint.clone().unwrap_or_default() };
+                Box::pin(to_waypoint(client, &pod, &ctx, &mut conn, bound, dst)).await
+            }
         }
         // Boxed: only connections to a service pay for its endpoint-retry state.
         Some(service) => Box::pin(to_service(client, &pod, &ctx, &mut conn, &service, dst.port())).await,
-        // Connecting (TLS and HTTP/2 handshakes included) is boxed: its state would otherwise
-        // stay in the task, idle, for the connection's whole life.
-        None => match Box::pin(connect(&ctx, &pod, dst)).await {
-            Ok(connected) => {
-                conn.transport = connected.transport;
-                conn.dst.identity = connected.dst_identity;
-                carry(&ctx, client, connected.upstream).await
-            }
-            Err(e) => refused(&client, e),
+        None => match Bound::workload(&ctx, dst) {
+            Some(bound) => Box::pin(to_waypoint(client, &pod, &ctx, &mut conn, bound, dst)).await,
+            None => direct(client, &pod, &ctx, &mut conn, dst).await,
         },
     };
     if !conn.transport.authenticated() {
@@ -164,28 +166,63 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     ctx.record(conn, outcome);
 }
 
-/// Carries a connection to a Service bound to a waypoint: over HBONE to one of the waypoint's
-/// ready addresses, which must prove the waypoint's identity, the CONNECT naming the Service's
-/// VIP and port (the waypoint then picks an endpoint per request). A waypoint with no ready
-/// address refuses the connection: it is never sent around the waypoint (fail closed). The
-/// waypoint's own pods are never captured, so their traffic never comes back here.
+/// Carries a connection to a destination that is not a Service's VIP, as [`connect`] reaches it.
+async fn direct(
+    client: TcpStream,
+    pod: &PodContext,
+    ctx: &ProxyContext,
+    conn: &mut Connection,
+    dst: SocketAddr,
+) -> Outcome {
+    // Connecting (TLS and HTTP/2 handshakes included) is boxed: its state would otherwise
+    // stay in the task, idle, for the connection's whole life.
+    match Box::pin(connect(ctx, pod, dst)).await {
+        Ok(connected) => {
+            conn.transport = connected.transport;
+            conn.dst.identity = connected.dst_identity;
+            carry(ctx, client, connected.upstream).await
+        }
+        Err(e) => refused(&client, e),
+    }
+}
+
+/// A Service or workload bound to a waypoint.
+struct Bound {
+    /// `service` or `workload`.
+    kind: &'static str,
+    /// Its `namespace/name`.
+    name: String,
+    /// Its waypoint's `namespace/name`.
+    waypoint: String,
+}
+
+impl Bound {
+    /// The binding of the workload at `target`, when traffic addressed to it passes a waypoint.
+    fn workload(ctx: &ProxyContext, target: SocketAddr) -> Option<Self> {
+        let workload = ctx.state.workload_by_ip(target.ip())?;
+        let waypoint = workload.waypoint.clone()?;
+        Some(Self { kind: "workload", name: format!("{}/{}", workload.namespace, workload.name), waypoint })
+    }
+}
+
+/// Carries a connection to a Service or workload bound to a waypoint: over HBONE to one of the
+/// waypoint's ready addresses, which must prove the waypoint's identity, the CONNECT naming what
+/// the client addressed (the Service's VIP and port, or the pod's IP and port; for a Service the
+/// waypoint then picks an endpoint per request). A waypoint with no ready address refuses the
+/// connection: it is never sent around the waypoint (fail closed). The waypoint's own pods are
+/// never captured, so their traffic never comes back here.
 async fn to_waypoint(
     client: TcpStream,
     pod: &PodContext,
     ctx: &ProxyContext,
     conn: &mut Connection,
-    service: &Service,
-    vip: SocketAddr,
+    bound: Bound,
+    authority: SocketAddr,
 ) -> Outcome {
-    let name = format!("{}/{}", service.namespace, service.name);
-    conn.service = name.clone();
-    if !service.ports.contains(&vip.port()) {
-        return refused(&client, ProxyError::NoServicePort { service: name, port: vip.port() });
-    }
-    let key = service.waypoint.clone().unwrap_or_default();
+    let Bound { kind, name, waypoint: key } = bound;
     let ready = ctx.state.waypoint(&key).filter(|w| !w.addresses.is_empty());
     let Some(waypoint) = ready else {
-        return refused(&client, ProxyError::NoWaypoint { service: name, waypoint: key });
+        return refused(&client, ProxyError::NoWaypoint { kind, name, waypoint: key });
     };
     let id = match SpiffeId::new(&ctx.identities.trust_domain(), &waypoint.namespace, &waypoint.name) {
         Ok(id) => id,
@@ -199,10 +236,10 @@ async fn to_waypoint(
     let attempts = addresses.len().min(SERVICE_ATTEMPTS);
     for n in 0..attempts {
         let address = addresses[(start + n) % addresses.len()];
-        match hbone::open(pod, ctx, Peer { ip: address, id: &id }, vip).await {
+        match hbone::open(pod, ctx, Peer { ip: address, id: &id }, authority).await {
             Ok((send, recv, slot)) => return carry(ctx, client, Upstream::Hbone(send, recv, slot)).await,
             Err(error) if n + 1 < attempts => {
-                tracing::debug!(service = %name, %address, "waypoint address failed, trying another: {error}");
+                tracing::debug!(%kind, %name, %address, "waypoint address failed, trying another: {error}");
                 let target = SocketAddr::new(address, mesh_common::HBONE_PORT);
                 record_attempt(ctx, conn, target, Transport::Mtls, (n + 1, attempts), &error);
             }
@@ -261,6 +298,13 @@ async fn to_service(
         let Some(endpoint) = ctx.balancer.pick(&candidates) else { break };
         let target = SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]);
         let _active = ctx.balancer.start(endpoint.ip);
+        if let Some(bound) = Bound::workload(ctx, target) {
+            // The endpoint is bound to a waypoint of workloads: the connection passes it,
+            // addressed to the endpoint (as ztunnel sends a Service's traffic on to the
+            // waypoint of the workload it picked).
+            conn.dst = Endpoint::lookup(&ctx.state, target);
+            return Box::pin(to_waypoint(client, pod, ctx, conn, bound, target)).await;
+        }
         match Box::pin(connect(ctx, pod, target)).await {
             Ok(connected) => {
                 conn.dst = Endpoint::lookup(&ctx.state, target);

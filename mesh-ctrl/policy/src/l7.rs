@@ -17,10 +17,11 @@ use crate::{
 /// What a request at a waypoint is addressed to.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
-    /// The Service's namespace.
+    /// The namespace of the Service or workload addressed.
     pub namespace: &'a str,
-    /// The Service's name.
-    pub service: &'a str,
+    /// The Service's name; None for traffic addressed to a workload (only policies attached to
+    /// the waypoint's Gateway apply to it).
+    pub service: Option<&'a str>,
     /// `namespace/name` of the waypoint's Gateway.
     pub gateway: (&'a str, &'a str),
 }
@@ -44,7 +45,7 @@ impl AuthorizationPolicy {
     /// Whether the policy is attached to `target` (its Service or its waypoint's Gateway).
     pub fn targets(&self, target: &Target<'_>) -> bool {
         self.target_refs.iter().any(|t| match t.kind {
-            TargetKind::Service => self.namespace == target.namespace && t.name == target.service,
+            TargetKind::Service => self.namespace == target.namespace && Some(t.name.as_str()) == target.service,
             TargetKind::Gateway => self.namespace == target.gateway.0 && t.name == target.gateway.1,
         })
     }

@@ -423,7 +423,7 @@ fn http_request<'a>(
 
 #[test]
 fn l7_decision_table() {
-    let web = l7::Target { namespace: "shop", service: "web", gateway: ("shop", "waypoint") };
+    let web = l7::Target { namespace: "shop", service: Some("web"), gateway: ("shop", "waypoint") };
     let on_web = |name: &str, yaml: &str| {
         authz("shop", name, &format!("targetRefs: [{{group: \"\", kind: Service, name: web}}]\n{yaml}"))
     };
@@ -483,10 +483,17 @@ fn l7_decision_table() {
     let (_, steps) = set.explain_request(&web, &http_request(Some(D), "POST", "/", "web.shop", &none));
     assert!(steps.iter().any(|s| s.outcome.contains("not evaluated yet")), "{steps:?}");
     // Another Service's policies do not apply; and no targetRef'd policy applies at L4.
-    let other = l7::Target { namespace: "shop", service: "canary", gateway: ("shop", "other-waypoint") };
+    let other = l7::Target { namespace: "shop", service: Some("canary"), gateway: ("shop", "other-waypoint") };
     assert!(set.authorize_request(&other, &http_request(None, "DELETE", "/admin/x", "c", &none)).allowed);
     let app_web = labels(&[("app", "web")]);
     assert!(set.applicable(&Workload { namespace: "shop", labels: &app_web }).is_empty());
+    // Traffic addressed to a workload through the waypoint: only the Gateway's policies apply.
+    let workload = l7::Target { namespace: "shop", service: None, gateway: ("shop", "waypoint") };
+    let attached: Vec<String> = set.targeting(&workload).iter().map(|p| p.key()).collect();
+    assert_eq!(attached, ["shop/deny-on-gateway"]);
+    assert!(set.authorize_request(&workload, &http_request(Some(A), "DELETE", "/admin/x", "c", &none)).allowed);
+    let php = set.authorize_request(&workload, &http_request(Some(A), "GET", "/x.php", "c", &none));
+    assert_eq!((php.allowed, php.policy.as_str()), (false, "shop/deny-on-gateway rule 0"));
 }
 
 #[test]

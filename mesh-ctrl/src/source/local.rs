@@ -655,6 +655,9 @@ spec:
         );
         let waypoint_pod = pod_yaml("wp-0", "10.244.1.9", "")
             .replace("    app: wp-0\n", "    app: wp-0\n    gateway.networking.k8s.io/gateway-name: wp\n");
+        let labelled = |name: &str, ip: &str, label: &str| {
+            pod_yaml(name, ip, "").replace(&format!("    app: {name}\n"), &format!("    app: {name}\n    {label}\n"))
+        };
         let objects = [
             ns,
             gateway("wp", "ferrymesh-waypoint", "", hbone),
@@ -662,6 +665,10 @@ spec:
             gateway("ingress", "some-other-class", "", "port: 80\n    protocol: HTTP"),
             waypoint_pod,
             pod_yaml("web", "10.244.1.2", ""),
+            labelled("bound", "10.244.1.3", "ferrymesh.io/use-waypoint: workloads-only"),
+            labelled("to-services-wp", "10.244.1.4", "ferrymesh.io/use-waypoint: wp"),
+            labelled("to-missing", "10.244.1.5", "ferrymesh.io/use-waypoint: gone"),
+            labelled("pod-opted-out", "10.244.1.6", "ferrymesh.io/use-waypoint: none"),
             service_yaml("web", ""),
             service_yaml("opted-out", "ferrymesh.io/use-waypoint: none"),
             service_yaml("elsewhere", "ferrymesh.io/use-waypoint: edge, ferrymesh.io/use-waypoint-namespace: infra"),
@@ -685,7 +692,24 @@ spec:
         assert_eq!(config.waypoints["shop/wp"].addresses, ["10.244.1.9"]);
         assert_eq!(config.waypoints["shop/workloads-only"].traffic_type, "workload");
         let captured: BTreeMap<&str, bool> = config.workloads.values().map(|w| (w.name.as_str(), w.captured)).collect();
-        assert_eq!(captured, BTreeMap::from([("web", true), ("wp-0", false)]), "a waypoint speaks HBONE itself");
+        assert_eq!(captured["web"], true);
+        assert_eq!(captured["wp-0"], false, "a waypoint speaks HBONE itself");
+        // Pods: bound by their own label to a waypoint of workloads (or a missing one: fail
+        // closed); a waypoint of Services takes none of their traffic, nor does the
+        // namespace's label bind its pods to it.
+        let pod_bound: BTreeMap<&str, &str> =
+            config.workloads.values().map(|w| (w.name.as_str(), w.waypoint.as_str())).collect();
+        assert_eq!(
+            pod_bound,
+            BTreeMap::from([
+                ("bound", "shop/workloads-only"),
+                ("pod-opted-out", ""),
+                ("to-missing", "shop/gone"),
+                ("to-services-wp", ""),
+                ("web", ""),
+                ("wp-0", ""),
+            ])
+        );
 
         for (bad, field) in [
             (gateway("wp", "ferrymesh-waypoint", "", "port: 80\n    protocol: HTTP"), "spec.listeners"),
@@ -705,6 +729,20 @@ spec:
             );
             assert_eq!(after.waypoints, model.waypoints, "{field}: the last good waypoint stays");
         }
+
+        // A namespace bound to a waypoint of all traffic binds its pods too; `none` opts one out.
+        let mut all = objects.clone();
+        all[1] = gateway("wp", "ferrymesh-waypoint", "ferrymesh.io/waypoint-for: all", hbone);
+        write(dir.path(), "all.yaml", &all.join("---\n"));
+        let (model_all, errors) = source.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        let config_all = model_all.config();
+        let bound_to = |name: &str| config_all.workloads[&format!("uid-{name}")].waypoint.clone();
+        assert_eq!(bound_to("web"), "shop/wp");
+        assert_eq!(bound_to("pod-opted-out"), "");
+        assert_eq!(bound_to("to-services-wp"), "shop/wp");
+        assert_eq!(bound_to("wp-0"), "", "a waypoint's own pod is never bound");
+        assert_eq!(config_all.services["shop/web"].waypoint, "shop/wp", "all takes Service traffic too");
     }
 
     #[test]

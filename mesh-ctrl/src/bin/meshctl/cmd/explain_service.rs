@@ -105,7 +105,7 @@ pub fn run(held: &Held, src: &Workload, key: &str, port: u16, args: &ExplainArgs
     let host = request.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(&service.vip);
     let target = Target {
         namespace: &service.namespace,
-        service: &service.name,
+        service: Some(&service.name),
         gateway: (&waypoint.namespace, &waypoint.name),
     };
     let vip = service.vip.parse().unwrap_or(src_ip);
