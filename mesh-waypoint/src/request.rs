@@ -1,7 +1,8 @@
 //! One request at the waypoint: the rule it selects among the routes attached to its Service
 //! port (Gateway API precedence, [`RouteTable`]), the rule's filters (redirect, header changes,
 //! rewrite), a backend by weight and that backend's filters, then the request forwarded by
-//! [`crate::upstream`] and the response's header changes applied. A request addressed to a
+//! [`crate::upstream`] (a copy to each RequestMirror's backend, see [`mirror`]) and the
+//! response's header changes applied. A request addressed to a
 //! workload (a pod bound to a waypoint of workloads) has no routes: it goes to that pod, after
 //! the policies attached to the waypoint. A Service port without routes
 //! sends every request to the Service itself; with routes, a request no rule matches is a 404
@@ -16,7 +17,7 @@ use bytes::Bytes;
 use ferrymesh_dataplane::state::State;
 use ferrymesh_policy::l7::{HttpRequest, Target};
 use ferrymesh_policy::Decision;
-use ferrymesh_route::{BackendRef, Filter, HeaderModifier, RedirectFrom, RequestView, RouteTable, Selected};
+use ferrymesh_route::{BackendRef, Filter, HeaderModifier, Mirror, RedirectFrom, RequestView, RouteTable, Selected};
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, LOCATION, UPGRADE};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
@@ -117,7 +118,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 async fn route(
-    waypoint: &Waypoint,
+    waypoint: &Arc<Waypoint>,
     down: &Downstream,
     mut request: Request<Incoming>,
     record: &mut Record,
@@ -155,7 +156,7 @@ async fn route(
     let mut authority = Some(requested).filter(|a| !a.is_empty()).or_else(addressed).unwrap_or_default();
     let mut path = parts.uri.path().to_string();
     let query = parts.uri.query().map(String::from);
-    let mut response_headers: Vec<HeaderModifier> = Vec::new();
+    let mut later = Deferred::default();
 
     // The backend Service; None: the workload addressed, itself.
     let backend: Option<BackendRef> = match (&selected, table.is_empty()) {
@@ -193,9 +194,7 @@ async fn route(
                         }
                         return response;
                     }
-                    other => {
-                        apply(other, selected, &mut parts.headers, &mut authority, &mut path, &mut response_headers)
-                    }
+                    other => apply(other, selected, &mut parts.headers, &mut authority, &mut path, &mut later),
                 }
             }
             let Some(picked) = rule.pick(waypoint.rolls.next()) else {
@@ -203,7 +202,7 @@ async fn route(
                 return local_reply(record, StatusCode::INTERNAL_SERVER_ERROR, "-", reason);
             };
             for filter in &picked.filters {
-                apply(filter, selected, &mut parts.headers, &mut authority, &mut path, &mut response_headers);
+                apply(filter, selected, &mut parts.headers, &mut authority, &mut path, &mut later);
             }
             Some(picked.target.clone())
         }
@@ -231,7 +230,13 @@ async fn route(
     else {
         return local_reply(record, StatusCode::BAD_REQUEST, "-", "the rewritten authority or path is invalid".into());
     };
-    let forward = Forward { parts, body: body.boxed_unsync(), authority, path_and_query };
+    let mut forward = Forward { parts, body: body.boxed_unsync(), authority, path_and_query };
+    if !later.mirrors.is_empty() {
+        forward = match mirror(waypoint, &later.mirrors, forward).await {
+            Ok(forward) => forward,
+            Err(reason) => return local_reply(record, StatusCode::BAD_REQUEST, "-", reason),
+        };
+    }
     let mut response = match waypoint.upstream.send(&to, forward).await {
         Ok((response, endpoint)) => {
             record.upstream = endpoint.to_string();
@@ -252,7 +257,7 @@ async fn route(
             return local_reply(record, status, flags, e.to_string());
         }
     };
-    for modifier in &response_headers {
+    for modifier in &later.response_headers {
         modifier.apply(response.headers_mut());
     }
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -286,6 +291,13 @@ fn authorize(waypoint: &Waypoint, down: &Downstream, parts: &http::request::Part
     policies.authorize_request(&target, &request)
 }
 
+/// What the filters leave for later: changes to the response, and copies of the request.
+#[derive(Debug, Default)]
+struct Deferred {
+    response_headers: Vec<HeaderModifier>,
+    mirrors: Vec<Mirror>,
+}
+
 /// Applies a non-redirect filter of the selected rule or its backend.
 fn apply(
     filter: &Filter,
@@ -293,11 +305,11 @@ fn apply(
     headers: &mut HeaderMap,
     authority: &mut String,
     path: &mut String,
-    response_headers: &mut Vec<HeaderModifier>,
+    later: &mut Deferred,
 ) {
     match filter {
         Filter::RequestHeaders(modifier) => modifier.apply(headers),
-        Filter::ResponseHeaders(modifier) => response_headers.push(modifier.clone()),
+        Filter::ResponseHeaders(modifier) => later.response_headers.push(modifier.clone()),
         Filter::Rewrite(rewrite) => {
             if let Some(hostname) = &rewrite.hostname {
                 authority.clone_from(hostname);
@@ -306,10 +318,75 @@ fn apply(
                 *path = replace.apply(path, selected.matched());
             }
         }
-        // Copies are not sent yet: the mirror is accepted and has no effect (see the issue note).
-        Filter::Mirror(_) => tracing::debug!("RequestMirror is not carried out yet"),
+        Filter::Mirror(mirror) => later.mirrors.push(mirror.clone()),
         Filter::Redirect(_) => {}
     }
+}
+
+/// The largest request body a mirror copies: a request with a larger body (or one of unknown
+/// length) is forwarded but not mirrored, so the waypoint never holds more than this per request.
+pub const MIRROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Sends a copy of `forward` to each of `mirrors` whose share it falls in (fire and forget: the
+/// copies' answers are dropped, their failures logged), and gives `forward` back to go on. A
+/// copy goes as Envoy sends one, with `-shadow` appended to its host. A body is read whole
+/// before the request goes on, up to [`MIRROR_BODY_LIMIT`]; a body that fails while read is
+/// the error.
+async fn mirror(waypoint: &Arc<Waypoint>, mirrors: &[Mirror], forward: Forward) -> Result<Forward, String> {
+    let chosen: Vec<&Mirror> =
+        mirrors.iter().filter(|m| m.fraction.1 > 0 && rand::random_range(0..m.fraction.1) < m.fraction.0).collect();
+    if chosen.is_empty() {
+        return Ok(forward);
+    }
+    let Forward { parts, body, authority, path_and_query } = forward;
+    let length = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let bytes = match (hyper::body::Body::is_end_stream(&body), length) {
+        (true, _) => Bytes::new(),
+        (false, Some(n)) if n <= MIRROR_BODY_LIMIT => match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => return Err(format!("the request body failed: {e}")),
+        },
+        (false, _) => {
+            tracing::debug!("request body too large or of unknown length: not mirrored");
+            return Ok(Forward { parts, body, authority, path_and_query });
+        }
+    };
+    let shadow = shadow_authority(&authority);
+    for m in chosen {
+        let Some(service) = waypoint.state.service(&m.backend.service) else {
+            tracing::debug!("mirror backend {} does not exist", m.backend.service);
+            continue;
+        };
+        let copy = Forward {
+            parts: parts.clone(),
+            body: full(bytes.clone()),
+            authority: shadow.clone(),
+            path_and_query: path_and_query.clone(),
+        };
+        let (waypoint, port) = (waypoint.clone(), m.backend.port);
+        tokio::spawn(async move {
+            match waypoint.upstream.send(&To::Service(service, port), copy).await {
+                Ok((response, _)) => {
+                    let _ = response.into_body().collect().await;
+                }
+                Err(e) => tracing::debug!("mirrored request failed: {e}"),
+            }
+        });
+    }
+    Ok(Forward { parts, body: full(bytes), authority, path_and_query })
+}
+
+/// `host-shadow[:port]`, the authority of a mirrored copy.
+fn shadow_authority(authority: &Authority) -> Authority {
+    let shadow = match authority.port() {
+        Some(port) => format!("{}-shadow:{port}", authority.host()),
+        None => format!("{}-shadow", authority.host()),
+    };
+    Authority::try_from(shadow).unwrap_or_else(|_| authority.clone())
 }
 
 /// Copies both ways between the client and the upstream once both have switched protocols
@@ -326,4 +403,36 @@ fn splice_upgrade(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrad
             tracing::debug!("upgraded connection ended: {e}");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mirrored_copy_goes_to_the_shadow_host_with_its_port() {
+        let shadow = |a: &str| shadow_authority(&Authority::try_from(a).unwrap()).to_string();
+        assert_eq!(shadow("web.shop"), "web.shop-shadow");
+        assert_eq!(shadow("web.shop:8080"), "web.shop-shadow:8080");
+        assert_eq!(shadow("10.96.0.50:80"), "10.96.0.50-shadow:80");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_behind_unless_upgrading() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers, false);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["te", "x-kept"], "te: trailers is gRPC's and goes on");
+        let mut upgrade = HeaderMap::new();
+        upgrade.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        upgrade.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut upgrade, true);
+        assert_eq!(upgrade.len(), 2, "an upgrade keeps connection and upgrade: {upgrade:?}");
+    }
 }

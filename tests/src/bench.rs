@@ -454,7 +454,7 @@ pub fn waypoint_topology() -> Topology {
     topo.wait_enrolled(2, &["shop/web-2"], Duration::from_secs(10));
     topo.start_waypoint(topo.pod("shop", "waypoint"));
     for name in ["web-1", "web-2"] {
-        topo.serve_echo(topo.pod("shop", name));
+        topo.serve_echo_with(topo.pod("shop", name), false);
         topo.serve_grpc(topo.pod("shop", name));
     }
     topo

@@ -600,16 +600,36 @@ impl Topology {
             .collect()
     }
 
-    /// Starts the fm-echo HTTP backend in `pod` on [`ECHO_HTTP_PORT`] and waits until it listens.
+    /// Starts the fm-echo HTTP backend in `pod` on [`ECHO_HTTP_PORT`], logging each request
+    /// (see [`Topology::echo_requests`]), and waits until it listens.
     pub fn serve_echo(&self, pod: &Pod) {
+        self.serve_echo_with(pod, true);
+    }
+
+    /// [`Topology::serve_echo`], logging each request or not (a benchmark's backend does not).
+    pub fn serve_echo_with(&self, pod: &Pod, log_requests: bool) {
         let label = format!("echo-{}-{}", pod.namespace, pod.name);
         let mut cmd = self.command_in(&pod.netns, bin("fm-echo"));
         cmd.args(["serve", "--pod", &pod.name, "--namespace", &pod.namespace]);
+        if log_requests {
+            cmd.arg("--log-requests");
+        }
         self.spawn(&label, cmd);
         wait_until(Duration::from_secs(10), &format!("{label} to listen"), || {
             assert!(self.is_running(&label), "{label} exited: {}", self.log(&label));
             self.log(&label).contains("ready")
         });
+    }
+}
+
+impl Topology {
+    /// The requests the fm-echo backend of `pod` answered, as it echoed them.
+    pub fn echo_requests(&self, pod: &Pod) -> Vec<Value> {
+        self.log(&format!("echo-{}-{}", pod.namespace, pod.name))
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("echo line {l:?}: {e}")))
+            .collect()
     }
 }
 

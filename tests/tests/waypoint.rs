@@ -238,10 +238,15 @@ fn conformance_routes(topo: &Topology) {
     ]
     .concat();
     topo.write_config_file("route-rewrites.yaml", &web_route("rewrites", Some(80), &rewrites));
+    // HTTPRouteRequestMirror: a copy of each request to canary, the answer from web.
+    let mirror = "  - matches:\n    - path:\n        type: PathPrefix\n        value: /mirror\n    filters:\n    - type: RequestMirror\n      requestMirror:\n        backendRef:\n          name: canary\n          port: 80\n    backendRefs:\n    - name: web\n      port: 80\n";
+    topo.write_config_file("route-mirror.yaml", &web_route("mirror", Some(80), mirror));
     let held = |node: u8| {
         let out = topo.meshctl(node, &["routes", "-o", "json"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        ["weight", "matching", "modifiers", "redirects", "rewrites"].iter().all(|r| text.contains(&format!("\"{r}\"")))
+        ["weight", "matching", "modifiers", "redirects", "rewrites", "mirror"]
+            .iter()
+            .all(|r| text.contains(&format!("\"{r}\"")))
     };
     wait_until(CONFIG_WAIT, "every agent to hold the routes", || held(1) && held(2));
 }
@@ -454,6 +459,23 @@ fn gateway_api_mesh_conformance_cases_pass_through_the_waypoint() {
     // The response modifier, on the client's side.
     let answer = topo.http(a, &format!("http://{WEB}/headers"), &[]);
     assert_eq!(answer.header("x-response"), Some("from-the-route"), "{answer:?}");
+
+    // HTTPRouteRequestMirror: web answers; canary gets a copy, its host `-shadow` as Envoy sends
+    // it, a POST with its body.
+    let answer = topo.http(a, &format!("http://{WEB}/mirror/get"), &[]);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(web.contains(&answer.json()["pod"].as_str().unwrap_or_default()), "{answer:?}");
+    let posted = topo.http(a, &format!("http://{WEB}/mirror/post"), &["-X", "POST", "--data", "twelve bytes"]);
+    assert_eq!((posted.status, posted.json()["body_bytes"].as_u64()), (200, Some(12)), "{posted:?}");
+    let canary_pod = topo.pod("shop", "canary");
+    wait_until(FLOW_WAIT, "the mirrored copies at canary", || {
+        let seen = topo.echo_requests(canary_pod);
+        ["/mirror/get", "/mirror/post"].iter().all(|p| seen.iter().any(|r| r["path"] == *p))
+    });
+    let copies = topo.echo_requests(canary_pod);
+    let copy = copies.iter().find(|r| r["path"] == "/mirror/post").unwrap();
+    assert_eq!(copy["host"], format!("{WEB}-shadow"), "{copy}");
+    assert_eq!((copy["method"].as_str(), copy["body_bytes"].as_u64()), (Some("POST"), Some(12)), "{copy}");
 
     // MeshHTTPRouteWeight: 70/30 within 5 points over 500 requests.
     let pods = topo.echo_pods(a, &format!("http://{WEB}:8080/"), 500, &[]);

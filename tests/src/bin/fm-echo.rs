@@ -43,6 +43,9 @@ enum Command {
         pod: String,
         #[arg(long)]
         namespace: String,
+        /// Also print each answer (the JSON it echoes) as a line, for tests to see what arrived.
+        #[arg(long)]
+        log_requests: bool,
     },
     /// Serve gRPC `ferrymesh.test.Echo/Echo` on `port` as pod `pod`; prints "ready".
     GrpcServe {
@@ -89,7 +92,9 @@ fn main() {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let result = match cli.command {
-        Command::Serve { port, pod, namespace } => runtime.block_on(serve(port, pod, namespace)),
+        Command::Serve { port, pod, namespace, log_requests } => {
+            runtime.block_on(serve(port, pod, namespace, log_requests))
+        }
         Command::Ws { to, path, messages } => runtime.block_on(ws(to, &path, messages)),
         Command::GrpcServe { port, pod } => runtime.block_on(grpc_serve(port, pod)),
         Command::Grpc { to, count } => runtime.block_on(grpc(to, count)),
@@ -105,10 +110,10 @@ fn main() {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn serve(port: u16, pod: String, namespace: String) -> Result<(), BoxError> {
+async fn serve(port: u16, pod: String, namespace: String, log_requests: bool) -> Result<(), BoxError> {
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
     println!("ready");
-    let who = std::sync::Arc::new((pod, namespace));
+    let who = std::sync::Arc::new((pod, namespace, log_requests));
     loop {
         let (stream, _) = listener.accept().await?;
         let who = who.clone();
@@ -122,7 +127,7 @@ async fn serve(port: u16, pod: String, namespace: String) -> Result<(), BoxError
 
 async fn answer(
     mut request: Request<Incoming>,
-    who: std::sync::Arc<(String, String)>,
+    who: std::sync::Arc<(String, String, bool)>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let websocket =
         request.headers().get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket"));
@@ -169,6 +174,9 @@ async fn answer(
         "headers": headers,
         "body_bytes": body_bytes,
     });
+    if who.2 {
+        println!("{body}");
+    }
     let response = Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
