@@ -275,6 +275,7 @@ mod tests {
                     netns: Default::default(),
                     labels: Default::default(),
                     captured: true,
+                    waypoint: None,
                 })),
                 identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
             },
