@@ -136,7 +136,34 @@ pub struct ServicePort {
     pub port: u16,
     /// Where it goes on the pods.
     pub target: TargetPort,
+    /// `spec.ports[].appProtocol`.
+    pub app_protocol: Option<String>,
 }
+
+impl ServicePort {
+    /// What a waypoint makes of the port's traffic, as Istio selects a protocol: `appProtocol`,
+    /// else the port's name (`<protocol>[-<suffix>]`); `http`, `http2`, `grpc`, `grpc-web`, `h2c`
+    /// (and Kubernetes' `kubernetes.io/h2c`, `kubernetes.io/ws`) are HTTP, any other declared
+    /// protocol (`tcp`, `tls`, `https`, `mysql`, ...) is opaque TCP, and a port that declares none
+    /// is detected from the client's first bytes (empty).
+    pub fn protocol(&self) -> &'static str {
+        let declared = match &self.app_protocol {
+            Some(app) => Some(app.as_str()),
+            None => self.name.split('-').next().filter(|prefix| KNOWN_PROTOCOLS.contains(prefix)),
+        };
+        match declared.map(str::to_ascii_lowercase).as_deref() {
+            None => "",
+            Some("http" | "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" | "kubernetes.io/ws" | "ws") => {
+                "http"
+            }
+            Some(_) => "tcp",
+        }
+    }
+}
+
+/// Port name prefixes that declare a protocol (Istio's list); another name declares nothing.
+const KNOWN_PROTOCOLS: [&str; 11] =
+    ["http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "mysql", "redis", "udp"];
 
 /// A Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -400,7 +427,11 @@ impl Model {
                     ports: svc
                         .ports
                         .iter()
-                        .map(|p| proto::ServicePort { name: p.name.clone(), port: u32::from(p.port) })
+                        .map(|p| proto::ServicePort {
+                            name: p.name.clone(),
+                            port: u32::from(p.port),
+                            protocol: p.protocol().into(),
+                        })
                         .collect(),
                     endpoints,
                     waypoint: self.waypoint_of(svc).unwrap_or_default(),
@@ -513,5 +544,28 @@ mod tests {
         assert!(!upserted[0].captured);
         assert_eq!(removed, vec!["on/b".to_string()]);
         assert_eq!(diff(&after, &after), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_port_declares_its_protocol_by_app_protocol_then_name() {
+        let port = |name: &str, app: Option<&str>| {
+            ServicePort {
+                name: name.into(),
+                port: 80,
+                target: TargetPort::Number(80),
+                app_protocol: app.map(String::from),
+            }
+            .protocol()
+        };
+        assert_eq!(port("http", None), "http");
+        assert_eq!(port("grpc-api", None), "http");
+        assert_eq!(port("http2", None), "http");
+        assert_eq!(port("tcp-db", None), "tcp");
+        assert_eq!(port("mysql", None), "tcp");
+        assert_eq!(port("web", None), "", "a name that is no protocol declares nothing");
+        assert_eq!(port("", None), "");
+        assert_eq!(port("http", Some("tcp")), "tcp", "appProtocol over the name");
+        assert_eq!(port("db", Some("kubernetes.io/h2c")), "http");
+        assert_eq!(port("db", Some("HTTP")), "http");
     }
 }

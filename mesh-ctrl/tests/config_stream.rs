@@ -21,7 +21,12 @@ fn service(name: &str, vip: &str) -> Service {
         namespace: "shop".into(),
         name: name.into(),
         vip: Some(vip.parse().unwrap()),
-        ports: vec![ServicePort { name: "http".into(), port: 80, target: TargetPort::Number(8080) }],
+        ports: vec![ServicePort {
+            name: "http".into(),
+            port: 80,
+            target: TargetPort::Number(8080),
+            app_protocol: None,
+        }],
         selector: Some(BTreeMap::from([("app".to_string(), name.to_string())])),
         labels: BTreeMap::new(),
     }

@@ -16,6 +16,7 @@
 mod listener;
 mod record;
 mod request;
+mod tcp;
 mod upstream;
 
 use std::net::{IpAddr, SocketAddr};

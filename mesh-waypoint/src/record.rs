@@ -61,6 +61,8 @@ pub struct Record {
     pub response_flags: &'static str,
     /// Why the waypoint answered itself, in words.
     pub reason: String,
+    /// For a connection relayed at L4 (protocol `TCP`): bytes from the client, and to it.
+    pub bytes: Option<(u64, u64)>,
 }
 
 /// `HTTP/1.1`, `HTTP/2`...
@@ -78,6 +80,21 @@ impl Record {
     /// The record of `request`, arriving now from `down` at `waypoint`.
     pub fn start<B>(waypoint: &str, down: &Downstream, request: &Request<B>) -> Self {
         Self {
+            method: request.method().to_string(),
+            authority: crate::request::authority_of(request).unwrap_or_default(),
+            path: request.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+            protocol: protocol(request.version()),
+            is_grpc: request
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            ..Self::connection(waypoint, down)
+        }
+    }
+
+    /// The record of a connection from `down` that `waypoint` relays at L4 (protocol `TCP`).
+    pub fn connection(waypoint: &str, down: &Downstream) -> Self {
+        Self {
             start: SystemTime::now(),
             started: Instant::now(),
             waypoint: waypoint.to_string(),
@@ -92,14 +109,11 @@ impl Record {
             port: down.port,
             source_identity: down.identity.as_deref().unwrap_or_default().to_string(),
             source_addr: down.addr.to_string(),
-            method: request.method().to_string(),
-            authority: crate::request::authority_of(request).unwrap_or_default(),
-            path: request.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-            protocol: protocol(request.version()),
-            is_grpc: request
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            method: String::new(),
+            authority: String::new(),
+            path: String::new(),
+            protocol: "TCP",
+            is_grpc: false,
             route: String::new(),
             policy: String::new(),
             backend: String::new(),
@@ -108,6 +122,7 @@ impl Record {
             grpc_status: String::new(),
             response_flags: "-",
             reason: String::new(),
+            bytes: None,
         }
     }
 
@@ -172,7 +187,7 @@ impl Record {
     /// The record as one JSON line.
     pub fn to_line(&self) -> String {
         let start_ms = self.start.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-        json!({
+        let mut line = json!({
             "reporter": "waypoint",
             "start_unix_ms": start_ms,
             "duration_ms": self.started.elapsed().as_secs_f64() * 1000.0,
@@ -194,8 +209,12 @@ impl Record {
             "grpc_status": self.grpc_status,
             "response_flags": self.response_flags,
             "reason": self.reason,
-        })
-        .to_string()
+        });
+        if let Some((received, sent)) = self.bytes {
+            line["bytes_received"] = received.into();
+            line["bytes_sent"] = sent.into();
+        }
+        line.to_string()
     }
 }
 

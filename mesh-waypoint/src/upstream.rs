@@ -19,7 +19,7 @@ use ferrymesh_dataplane::hbone::client::{Client, ConnectHeaders, Dialer};
 use ferrymesh_dataplane::hbone::pool::StreamSlot;
 use ferrymesh_dataplane::hbone::stream::H2Stream;
 use ferrymesh_dataplane::identity::{Identity, IdentityManager};
-use ferrymesh_dataplane::lb::Balancer;
+use ferrymesh_dataplane::lb::{Active, Balancer};
 use ferrymesh_dataplane::state::{Service, ServiceEndpoint, State};
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -138,7 +138,7 @@ impl Tunnels {
 
 /// A byte stream to an endpoint.
 #[derive(Debug)]
-enum Io {
+pub enum Io {
     /// An HBONE stream, and its place on its pooled connection (held while the stream lives).
     Hbone(Box<H2Stream>, #[allow(dead_code)] StreamSlot),
     /// Plain TCP.
@@ -293,6 +293,42 @@ impl Upstream {
             }
         }
         Err(last.unwrap_or(UpstreamError::NoEndpoint { service: name, port }))
+    }
+
+    /// A byte stream to a ready endpoint of `to`, for a connection relayed at L4: another
+    /// endpoint is tried when one cannot be reached (up to 3); the endpoint, and its place in
+    /// the balancer (held while the connection lasts).
+    pub async fn connect(&self, to: &To) -> Result<(Io, SocketAddr, Option<Active>), UpstreamError> {
+        let (service, port) = match to {
+            To::Endpoint(endpoint) => {
+                let io = self.tunnels.open(*endpoint).await;
+                let io = io.map_err(|e| UpstreamError::Connect { endpoint: *endpoint, error: e.to_string() })?;
+                return Ok((io, *endpoint, None));
+            }
+            To::Service(service, port) => (service, *port),
+        };
+        let mut tried: Vec<IpAddr> = Vec::new();
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            let candidates: Vec<&ServiceEndpoint> = service
+                .endpoints
+                .iter()
+                .filter(|e| e.ready && e.target_ports.contains_key(&port) && !tried.contains(&e.ip))
+                .collect();
+            let Some(endpoint) = self.balancer.pick(&candidates) else { break };
+            let target = SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]);
+            let active = self.balancer.start(endpoint.ip);
+            match self.tunnels.open(target).await {
+                Ok(io) => return Ok((io, target, Some(active))),
+                Err(e) => {
+                    tracing::debug!(%target, "endpoint failed, trying another: {e}");
+                    tried.push(endpoint.ip);
+                    last = Some(UpstreamError::Connect { endpoint: target, error: e.to_string() });
+                }
+            }
+        }
+        let service = format!("{}/{}", service.namespace, service.name);
+        Err(last.unwrap_or(UpstreamError::NoEndpoint { service, port }))
     }
 
     /// Sends one request to `endpoint`: HTTP/2 over its multiplexed connection, HTTP/1.x over

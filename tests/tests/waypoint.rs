@@ -772,3 +772,60 @@ fn pods_bound_to_a_waypoint_of_workloads_are_reached_through_it() {
         .expect("the client's flow to web-1");
     assert_eq!(to_web_1["dst"]["identity"], "spiffe://cluster.local/ns/shop/sa/web-1", "{to_web_1}");
 }
+
+#[test]
+fn tcp_to_a_bound_service_is_relayed_at_l4_with_l4_policy() {
+    let topo = waypoint_cluster();
+    let (a, waypoint, web_2) = (topo.pod("shop", "a"), topo.pod("shop", "waypoint"), topo.pod("shop", "web-2"));
+    topo.serve(web_2);
+    // Service db (bound, as its namespace is): port 9000 declared TCP by its name, port 9100
+    // declaring nothing (the waypoint tells from the first bytes), both to web-2's sink.
+    let sink = ferrymesh_testbed::mesh::SINK_PORT;
+    topo.write_pod(web_2, &[("app", "web"), ("app-db", "yes")]);
+    topo.write_config_file(
+        "svc-shop-db.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: db\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.52\n  selector:\n    app-db: \"yes\"\n  ports:\n  - name: tcp-sink\n    port: 9000\n    targetPort: {sink}\n  - name: data\n    port: 9100\n    targetPort: {sink}\n"
+        ),
+    );
+    let send = |port: u16| {
+        let to = format!("10.96.0.52:{port}");
+        topo.output_in(&a.netns, bin("fm-peer"), &["send", "--to", &to, "--bytes", "300000"])
+    };
+    wait_until(CONFIG_WAIT, "Service db to be reachable", || send(9000).status.success());
+    for port in [9000, 9100] {
+        let out = send(port);
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert_eq!(answer["match"], true, "port {port}: {answer} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    wait_until(FLOW_WAIT, "the TCP records", || {
+        topo.waypoint_requests(waypoint).iter().filter(|r| r["protocol"] == "TCP" && r["port"] == 9100).count() >= 1
+    });
+    let records = topo.waypoint_requests(waypoint);
+    let tcp = records.iter().rev().find(|r| r["protocol"] == "TCP" && r["port"] == 9100).unwrap();
+    assert_eq!(tcp["service"], "shop/db", "{tcp}");
+    assert_eq!(tcp["bytes_received"], 300_000, "{tcp}");
+    assert_eq!(tcp["upstream"], format!("{}:{sink}", web_2.ip), "{tcp}");
+    assert_eq!(tcp["source_identity"], CLIENT_ID, "{tcp}");
+
+    // L4 policy at the waypoint: an ALLOW whose only rule names HTTP methods matches no TCP
+    // connection, so the connection is refused; one naming the client's principal lets it by.
+    let policy = |rule: &str| {
+        topo.write_config_file(
+            "policy-db.yaml",
+            &format!(
+                "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: db\n  namespace: shop\nspec:\n  targetRefs:\n  - group: \"\"\n    kind: Service\n    name: db\n  rules:\n  - {rule}\n"
+            ),
+        );
+    };
+    policy("to:\n    - operation:\n        methods: [GET]");
+    wait_until(CONFIG_WAIT, "the HTTP-only rule to refuse TCP", || !send(9000).status.success());
+    wait_until(FLOW_WAIT, "the denial's record", || {
+        topo.waypoint_requests(waypoint).iter().any(|r| r["protocol"] == "TCP" && r["response_flags"] == "DENY")
+    });
+    let records = topo.waypoint_requests(waypoint);
+    let denied = records.iter().find(|r| r["protocol"] == "TCP" && r["response_flags"] == "DENY").unwrap();
+    assert!(denied["policy"].as_str().unwrap_or_default().starts_with("no ALLOW policy matched"), "{denied}");
+    policy("from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/a]");
+    wait_until(CONFIG_WAIT, "the principal's rule to let TCP by", || send(9000).status.success());
+}

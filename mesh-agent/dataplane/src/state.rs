@@ -69,10 +69,27 @@ pub struct Service {
     pub vip: Option<IpAddr>,
     /// Service ports.
     pub ports: Vec<u16>,
+    /// The ports whose traffic a waypoint relays as opaque TCP (declared so).
+    pub tcp_ports: Vec<u16>,
+    /// The ports whose traffic a waypoint serves as HTTP (declared so); the rest are detected.
+    pub http_ports: Vec<u16>,
     /// Endpoints.
     pub endpoints: Vec<ServiceEndpoint>,
     /// `namespace/name` of the waypoint it is bound to.
     pub waypoint: Option<String>,
+}
+
+impl Service {
+    /// What a waypoint makes of `port`'s traffic: `http`, `tcp`, or empty (detected).
+    pub fn protocol(&self, port: u16) -> &'static str {
+        if self.tcp_ports.contains(&port) {
+            "tcp"
+        } else if self.http_ports.contains(&port) {
+            "http"
+        } else {
+            ""
+        }
+    }
 }
 
 /// A waypoint: the L7 proxy Services may be bound to.
@@ -122,6 +139,13 @@ impl TryFrom<proto::Service> for Service {
         };
         let port = |p: u32, field| u16::try_from(p).map_err(|_| invalid(field, format!("{p} is not a port")));
         let ports = s.ports.iter().map(|p| port(p.port, "ports")).collect::<Result<_, _>>()?;
+        let declared = |protocol: &str| -> Result<Vec<u16>, InvalidUpdate> {
+            s.ports.iter().filter(|p| p.protocol == protocol).map(|p| port(p.port, "ports")).collect()
+        };
+        let (tcp_ports, http_ports) = (declared("tcp")?, declared("http")?);
+        if let Some(p) = s.ports.iter().find(|p| !["", "tcp", "http"].contains(&p.protocol.as_str())) {
+            return Err(invalid("ports.protocol", format!("{:?} is not http, tcp or empty", p.protocol)));
+        }
         let mut endpoints = Vec::new();
         for e in &s.endpoints {
             let ip = e.ip.parse().map_err(|err| invalid("endpoints.ip", format!("{:?}: {err}", e.ip)))?;
@@ -132,7 +156,16 @@ impl TryFrom<proto::Service> for Service {
             endpoints.push(ServiceEndpoint { workload_uid: e.workload_uid.clone(), ip, ready: e.ready, target_ports });
         }
         let waypoint = (!s.waypoint.is_empty()).then(|| s.waypoint.clone());
-        Ok(Self { namespace: s.namespace.clone(), name: s.name.clone(), vip, ports, endpoints, waypoint })
+        Ok(Self {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+            vip,
+            ports,
+            tcp_ports,
+            http_ports,
+            endpoints,
+            waypoint,
+        })
     }
 }
 
@@ -215,7 +248,15 @@ impl Stored for Service {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             vip: self.vip.map(|v| v.to_string()).unwrap_or_default(),
-            ports: self.ports.iter().map(|p| proto::ServicePort { name: String::new(), port: u32::from(*p) }).collect(),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| proto::ServicePort {
+                    name: String::new(),
+                    port: u32::from(*p),
+                    protocol: self.protocol(*p).into(),
+                })
+                .collect(),
             endpoints: self
                 .endpoints
                 .iter()

@@ -106,6 +106,14 @@ impl PolicySet {
         out
     }
 
+    /// Decides whether connection `r` to `target` passes the waypoint when it relays it as
+    /// opaque TCP (no request to look into): the attached policies decide at L4, as the agent's
+    /// do (a DENY rule's HTTP fields are ignored, broadening it; an ALLOW rule with HTTP fields
+    /// matches no TCP connection), so HTTP-only rules never let a TCP connection through.
+    pub fn authorize_connection(&self, target: &Target<'_>, r: &crate::Request<'_>) -> Decision {
+        crate::decide_l4(&self.targeting(target), r, None, "are attached to this Service or its waypoint")
+    }
+
     /// Decides whether request `r` to `target` passes the waypoint.
     pub fn authorize_request(&self, target: &Target<'_>, r: &HttpRequest<'_>) -> Decision {
         self.authorize_request_traced(target, r, None)

@@ -643,63 +643,8 @@ impl PolicySet {
         Verdict { allowed: decision.allowed, policy: decision.policy, reason, hint: decision.hint }
     }
 
-    fn authorize_traced(&self, w: &Workload<'_>, r: &Request<'_>, mut trace: Option<&mut Vec<Step>>) -> Decision {
-        // Steps are built only when traced: decide() is on every connection's path.
-        let mut step = |describe: &dyn Fn() -> (String, String)| {
-            if let Some(steps) = trace.as_deref_mut() {
-                let (what, outcome) = describe();
-                steps.push(Step { what, outcome });
-            }
-        };
-        let applicable = self.applicable(w);
-        for p in applicable.iter().filter(|p| p.action == Action::Deny) {
-            // A DENY rule ignores its L7-only fields: the deny becomes broader, never narrower.
-            if let Some(i) = p.rules.iter().position(|rule| rule.matches_l4(r)) {
-                step(&|| (format!("DENY {}", p.key()), format!("rule {i} matches: denied")));
-                return Decision {
-                    allowed: false,
-                    policy: format!("{}/{} rule {i}", p.namespace, p.name),
-                    hint: format!("DENY {} rule {i} matches: narrow or remove that rule to allow it", p.key()),
-                };
-            }
-            step(&|| (format!("DENY {}", p.key()), "no rule matches".into()));
-        }
-        let allows: Vec<&&AuthorizationPolicy> = applicable.iter().filter(|p| p.action == Action::Allow).collect();
-        if allows.is_empty() {
-            step(&|| ("ALLOW".into(), "no ALLOW policy applies: allowed".into()));
-            return Decision { allowed: true, policy: String::new(), hint: String::new() };
-        }
-        let mut l7_notes = Vec::new();
-        for p in &allows {
-            for (i, rule) in p.rules.iter().enumerate() {
-                if !rule.l7_fields.is_empty() {
-                    let note = format!(
-                        "rule {i} uses L7-only fields ({}) and matches no L4 traffic",
-                        rule.l7_fields.join(", ")
-                    );
-                    step(&|| (format!("ALLOW {}", p.key()), note.clone()));
-                    l7_notes.push(format!("{} {note}", p.key()));
-                } else if rule.matches_l4(r) {
-                    step(&|| (format!("ALLOW {}", p.key()), format!("rule {i} matches: allowed")));
-                    let policy = format!("{}/{} rule {i}", p.namespace, p.name);
-                    return Decision { allowed: true, policy, hint: String::new() };
-                }
-            }
-            step(&|| (format!("ALLOW {}", p.key()), "no rule matches".into()));
-        }
-        let considered: Vec<String> = allows.iter().map(|p| p.key()).collect();
-        let mut policy = format!("no ALLOW policy matched (considered: {})", considered.join(", "));
-        for note in l7_notes {
-            policy.push_str("; ");
-            policy.push_str(&note);
-        }
-        step(&|| ("ALLOW".into(), "ALLOW policies apply and none matched: denied".into()));
-        let hint = format!(
-            "ALLOW policies select this workload and none matches: add a rule to one of them ({}) that \
-             matches this source and port",
-            considered.join(", ")
-        );
-        Decision { allowed: false, policy, hint }
+    fn authorize_traced(&self, w: &Workload<'_>, r: &Request<'_>, trace: Option<&mut Vec<Step>>) -> Decision {
+        decide_l4(&self.applicable(w), r, trace, "select this workload")
     }
 
     /// The effective mTLS mode of `w` and the PeerAuthentication (`namespace/name`) that set it:
@@ -733,3 +678,68 @@ impl PolicySet {
 
 #[cfg(test)]
 mod tests;
+
+/// The L4 decision of `policies` on connection `r` (the agent's for the policies selecting a
+/// workload, the waypoint's for the ones attached to a Service or Gateway whose traffic it relays
+/// as TCP): a DENY rule ignores its L7-only fields (broader, never narrower); an ALLOW rule with
+/// L7-only fields matches no L4 traffic. `scope` says how the policies apply, for the hint.
+fn decide_l4(
+    policies: &[&AuthorizationPolicy],
+    r: &Request<'_>,
+    mut trace: Option<&mut Vec<Step>>,
+    scope: &str,
+) -> Decision {
+    // Steps are built only when traced: decide() is on every connection's path.
+    let mut step = |describe: &dyn Fn() -> (String, String)| {
+        if let Some(steps) = trace.as_deref_mut() {
+            let (what, outcome) = describe();
+            steps.push(Step { what, outcome });
+        }
+    };
+    for p in policies.iter().filter(|p| p.action == Action::Deny) {
+        // A DENY rule ignores its L7-only fields: the deny becomes broader, never narrower.
+        if let Some(i) = p.rules.iter().position(|rule| rule.matches_l4(r)) {
+            step(&|| (format!("DENY {}", p.key()), format!("rule {i} matches: denied")));
+            return Decision {
+                allowed: false,
+                policy: format!("{}/{} rule {i}", p.namespace, p.name),
+                hint: format!("DENY {} rule {i} matches: narrow or remove that rule to allow it", p.key()),
+            };
+        }
+        step(&|| (format!("DENY {}", p.key()), "no rule matches".into()));
+    }
+    let allows: Vec<&&AuthorizationPolicy> = policies.iter().filter(|p| p.action == Action::Allow).collect();
+    if allows.is_empty() {
+        step(&|| ("ALLOW".into(), "no ALLOW policy applies: allowed".into()));
+        return Decision { allowed: true, policy: String::new(), hint: String::new() };
+    }
+    let mut l7_notes = Vec::new();
+    for p in &allows {
+        for (i, rule) in p.rules.iter().enumerate() {
+            if !rule.l7_fields.is_empty() {
+                let note =
+                    format!("rule {i} uses L7-only fields ({}) and matches no L4 traffic", rule.l7_fields.join(", "));
+                step(&|| (format!("ALLOW {}", p.key()), note.clone()));
+                l7_notes.push(format!("{} {note}", p.key()));
+            } else if rule.matches_l4(r) {
+                step(&|| (format!("ALLOW {}", p.key()), format!("rule {i} matches: allowed")));
+                let policy = format!("{}/{} rule {i}", p.namespace, p.name);
+                return Decision { allowed: true, policy, hint: String::new() };
+            }
+        }
+        step(&|| (format!("ALLOW {}", p.key()), "no rule matches".into()));
+    }
+    let considered: Vec<String> = allows.iter().map(|p| p.key()).collect();
+    let mut policy = format!("no ALLOW policy matched (considered: {})", considered.join(", "));
+    for note in l7_notes {
+        policy.push_str("; ");
+        policy.push_str(&note);
+    }
+    step(&|| ("ALLOW".into(), "ALLOW policies apply and none matched: denied".into()));
+    let hint = format!(
+        "ALLOW policies {scope} and none matches: add a rule to one of them ({}) that matches this \
+             source and port",
+        considered.join(", ")
+    );
+    Decision { allowed: false, policy, hint }
+}

@@ -487,6 +487,23 @@ fn l7_decision_table() {
     assert!(set.authorize_request(&other, &http_request(None, "DELETE", "/admin/x", "c", &none)).allowed);
     let app_web = labels(&[("app", "web")]);
     assert!(set.applicable(&Workload { namespace: "shop", labels: &app_web }).is_empty());
+    // A TCP connection relayed by the waypoint is decided at L4: the DENY rules' HTTP fields are
+    // ignored (deny-admin, deny-delete, deny-on-gateway deny it all), and with those gone the
+    // ALLOW rules with HTTP fields would match nothing.
+    let tcp = set.authorize_connection(&web, &request("10.244.1.2", Some(B), 80));
+    assert_eq!((tcp.allowed, tcp.policy.as_str()), (false, "shop/deny-admin rule 0"));
+    let allow_only = PolicySet::new(
+        vec![
+            on_web("allow-b", "rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/b]}}]}]"),
+            on_web("allow-get", "rules: [{to: [{operation: {methods: [GET]}}]}]"),
+        ],
+        vec![],
+    );
+    let from_b = allow_only.authorize_connection(&web, &request("10.244.1.2", Some(B), 80));
+    assert_eq!((from_b.allowed, from_b.policy.as_str()), (true, "shop/allow-b rule 0"));
+    let from_a = allow_only.authorize_connection(&web, &request("10.244.1.2", Some(A), 80));
+    assert!(!from_a.allowed, "allow-get's method matches no TCP connection: {from_a:?}");
+    assert!(from_a.hint.contains("are attached to this Service or its waypoint"), "{from_a:?}");
     // Traffic addressed to a workload through the waypoint: only the Gateway's policies apply.
     let workload = l7::Target { namespace: "shop", service: None, gateway: ("shop", "waypoint") };
     let attached: Vec<String> = set.targeting(&workload).iter().map(|p| p.key()).collect();

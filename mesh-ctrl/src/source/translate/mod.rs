@@ -298,7 +298,8 @@ pub fn service_from(svc: k8s::Service, key: &ObjectKey) -> Result<Service, Field
             }
             Some(IntOrString::String(name)) => TargetPort::Name(name.clone()),
         };
-        ports.push(ServicePort { name: p.name.clone().unwrap_or_default(), port, target });
+        let (name, app_protocol) = (p.name.clone().unwrap_or_default(), p.app_protocol.clone());
+        ports.push(ServicePort { name, port, target, app_protocol });
     }
     Ok(Service {
         namespace: key.namespace.clone(),
