@@ -2,13 +2,12 @@
 //! port (Gateway API precedence, [`RouteTable`]), the rule's filters (redirect, header changes,
 //! rewrite), a backend by weight and that backend's filters, then the request forwarded by
 //! [`crate::upstream`] (a copy to each RequestMirror's backend, see [`mirror`]) and the
-//! response's header changes applied. A request addressed to a
-//! workload (a pod bound to a waypoint of workloads) has no routes: it goes to that pod, after
-//! the policies attached to the waypoint. A Service port without routes
-//! sends every request to the Service itself; with routes, a request no rule matches is a 404
-//! (as Gateway API has it), and a rule whose backends all weigh 0 answers 500. Before any of
-//! it, the AuthorizationPolicies attached to the Service or the waypoint decide: a denial is a
-//! 403 naming the policy and rule.
+//! response's header changes applied. A Service port without routes sends every request to the
+//! Service itself; with routes, a request no rule matches is a 404 (as Gateway API has it), and
+//! a rule whose backends all weigh 0 answers 500. A request addressed to a workload (a pod bound
+//! to a waypoint of workloads) has no routes: it goes to that pod. Before any of it, the
+//! AuthorizationPolicies attached to the Service or the waypoint decide: a denial is a 403
+//! naming the policy and rule.
 
 use std::collections::HashMap;
 use std::sync::Arc;

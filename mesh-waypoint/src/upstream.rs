@@ -263,14 +263,7 @@ impl Upstream {
         let mut tried: Vec<IpAddr> = Vec::new();
         let mut last = None;
         for _ in 0..attempts {
-            let candidates: Vec<&ServiceEndpoint> = service
-                .endpoints
-                .iter()
-                .filter(|e| e.ready && e.target_ports.contains_key(&port) && !tried.contains(&e.ip))
-                .collect();
-            let Some(endpoint) = self.balancer.pick(&candidates) else { break };
-            let target = SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]);
-            let active = self.balancer.start(endpoint.ip);
+            let Some((target, active)) = self.next_endpoint(service, port, &tried) else { break };
             let body = body.take().unwrap_or_else(crate::request::empty);
             match self.send_once(target, &parts, body, &authority, &path_and_query).await {
                 Ok(response) => {
@@ -286,13 +279,25 @@ impl Upstream {
                 }
                 Err(e @ UpstreamError::Connect { .. }) => {
                     tracing::debug!(service = %name, %target, "endpoint failed, trying another: {e}");
-                    tried.push(endpoint.ip);
+                    tried.push(target.ip());
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
             }
         }
         Err(last.unwrap_or(UpstreamError::NoEndpoint { service: name, port }))
+    }
+
+    /// A ready endpoint of `service` port `port` not in `tried`, by power of two choices, as
+    /// its address for that port, and its place in the balancer.
+    fn next_endpoint(&self, service: &Service, port: u16, tried: &[IpAddr]) -> Option<(SocketAddr, Active)> {
+        let candidates: Vec<&ServiceEndpoint> = service
+            .endpoints
+            .iter()
+            .filter(|e| e.ready && e.target_ports.contains_key(&port) && !tried.contains(&e.ip))
+            .collect();
+        let endpoint = self.balancer.pick(&candidates)?;
+        Some((SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]), self.balancer.start(endpoint.ip)))
     }
 
     /// A byte stream to a ready endpoint of `to`, for a connection relayed at L4: another
@@ -310,19 +315,12 @@ impl Upstream {
         let mut tried: Vec<IpAddr> = Vec::new();
         let mut last = None;
         for _ in 0..ATTEMPTS {
-            let candidates: Vec<&ServiceEndpoint> = service
-                .endpoints
-                .iter()
-                .filter(|e| e.ready && e.target_ports.contains_key(&port) && !tried.contains(&e.ip))
-                .collect();
-            let Some(endpoint) = self.balancer.pick(&candidates) else { break };
-            let target = SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]);
-            let active = self.balancer.start(endpoint.ip);
+            let Some((target, active)) = self.next_endpoint(service, port, &tried) else { break };
             match self.tunnels.open(target).await {
                 Ok(io) => return Ok((io, target, Some(active))),
                 Err(e) => {
                     tracing::debug!(%target, "endpoint failed, trying another: {e}");
-                    tried.push(endpoint.ip);
+                    tried.push(target.ip());
                     last = Some(UpstreamError::Connect { endpoint: target, error: e.to_string() });
                 }
             }
