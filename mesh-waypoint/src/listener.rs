@@ -56,7 +56,7 @@ pub struct Waypoint {
 pub enum Destination {
     /// A Service bound to the waypoint, by its VIP.
     Service(Arc<Service>),
-    /// A workload bound to the waypoint (one of workloads), by its pod IP.
+    /// A workload bound to the waypoint (a waypoint of workloads), by its pod IP.
     Workload(Arc<Workload>),
 }
 
