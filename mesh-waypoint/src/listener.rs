@@ -101,6 +101,29 @@ pub struct Downstream {
     pub addr: SocketAddr,
 }
 
+impl Downstream {
+    /// What policies are attached to for this tunnel: its Service (none for a workload) or the
+    /// Gateway of `waypoint`.
+    pub fn policy_target<'a>(&'a self, waypoint: &'a Waypoint) -> ferrymesh_policy::l7::Target<'a> {
+        ferrymesh_policy::l7::Target {
+            namespace: self.dest.namespace(),
+            service: self.dest.service_name(),
+            gateway: (&waypoint.gateway.0, &waypoint.gateway.1),
+        }
+    }
+
+    /// The tunnel as policies see a connection: the client's address and identity, and the
+    /// address and port it dialled.
+    pub fn connection(&self) -> ferrymesh_policy::Request<'_> {
+        ferrymesh_policy::Request {
+            source_ip: self.addr.ip(),
+            source: self.spiffe_id.as_ref(),
+            destination_ip: self.dest.address().unwrap_or(self.addr.ip()),
+            destination_port: self.port,
+        }
+    }
+}
+
 /// Accepts HBONE connections until the task is aborted.
 pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, waypoint: Arc<Waypoint>) {
     loop {

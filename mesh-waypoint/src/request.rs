@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ferrymesh_dataplane::state::State;
-use ferrymesh_policy::l7::{HttpRequest, Target};
+use ferrymesh_policy::l7::HttpRequest;
 use ferrymesh_policy::Decision;
 use ferrymesh_route::{BackendRef, Filter, HeaderModifier, Mirror, RedirectFrom, RequestView, RouteTable, Selected};
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, LOCATION, UPGRADE};
@@ -269,25 +269,14 @@ async fn route(
 
 /// The decision of the policies attached to the request's Service or to the waypoint.
 fn authorize(waypoint: &Waypoint, down: &Downstream, parts: &http::request::Parts, host: &str) -> Decision {
-    let policies = waypoint.state.policies();
-    let target = Target {
-        namespace: down.dest.namespace(),
-        service: down.dest.service_name(),
-        gateway: (&waypoint.gateway.0, &waypoint.gateway.1),
-    };
     let request = HttpRequest {
-        l4: ferrymesh_policy::Request {
-            source_ip: down.addr.ip(),
-            source: down.spiffe_id.as_ref(),
-            destination_ip: down.dest.address().unwrap_or(down.addr.ip()),
-            destination_port: down.port,
-        },
+        l4: down.connection(),
         host,
         method: parts.method.as_str(),
         path: parts.uri.path(),
         headers: &parts.headers,
     };
-    policies.authorize_request(&target, &request)
+    waypoint.state.policies().authorize_request(&down.policy_target(waypoint), &request)
 }
 
 /// What the filters leave for later: changes to the response, and copies of the request.

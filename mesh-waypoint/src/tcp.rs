@@ -9,7 +9,6 @@
 use std::net::SocketAddr;
 
 use ferrymesh_dataplane::hbone::stream::H2Stream;
-use ferrymesh_policy::l7::Target;
 
 use crate::listener::{Destination, Downstream, Waypoint};
 use crate::record::Record;
@@ -18,18 +17,7 @@ use crate::upstream::{To, UpstreamError};
 /// Relays `stream`, from `down`, at L4.
 pub async fn relay(waypoint: &Waypoint, down: &Downstream, mut stream: H2Stream) {
     let mut record = Record::connection(&waypoint.key, down);
-    let target = Target {
-        namespace: down.dest.namespace(),
-        service: down.dest.service_name(),
-        gateway: (&waypoint.gateway.0, &waypoint.gateway.1),
-    };
-    let connection = ferrymesh_policy::Request {
-        source_ip: down.addr.ip(),
-        source: down.spiffe_id.as_ref(),
-        destination_ip: down.dest.address().unwrap_or(down.addr.ip()),
-        destination_port: down.port,
-    };
-    let decision = waypoint.state.policies().authorize_connection(&target, &connection);
+    let decision = waypoint.state.policies().authorize_connection(&down.policy_target(waypoint), &down.connection());
     record.policy.clone_from(&decision.policy);
     if !decision.allowed {
         record.response_flags = "DENY";
