@@ -142,18 +142,21 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
     conn.dst = Endpoint::lookup(&ctx.state, dst);
     let _ = client.set_nodelay(true);
     let outcome = match ctx.state.service_by_vip(dst.ip()) {
-        Some(service) if service.waypoint.is_some() => {
+        Some(service) => {
             let name = format!("{}/{}", service.namespace, service.name);
             conn.service.clone_from(&name);
-            if !service.ports.contains(&dst.port()) {
-                refused(&client, ProxyError::NoServicePort { service: name, port: dst.port() })
-            } else {
-                let bound = Bound { kind: "service", name, waypoint: service.waypoint.clone().unwrap_or_default() };
-                Box::pin(to_waypoint(client, &pod, &ctx, &mut conn, bound, dst)).await
+            match &service.waypoint {
+                _ if !service.ports.contains(&dst.port()) => {
+                    refused(&client, ProxyError::NoServicePort { service: name, port: dst.port() })
+                }
+                Some(waypoint) => {
+                    let bound = Bound { kind: "service", name, waypoint: waypoint.clone() };
+                    Box::pin(to_waypoint(client, &pod, &ctx, &mut conn, bound, dst)).await
+                }
+                // Boxed: only connections to a service pay for its endpoint-retry state.
+                None => Box::pin(to_service(client, &pod, &ctx, &mut conn, &service, name, dst.port())).await,
             }
         }
-        // Boxed: only connections to a service pay for its endpoint-retry state.
-        Some(service) => Box::pin(to_service(client, &pod, &ctx, &mut conn, &service, dst.port())).await,
         None => match Bound::workload(&ctx, dst) {
             Some(bound) => Box::pin(to_waypoint(client, &pod, &ctx, &mut conn, bound, dst)).await,
             None => direct(client, &pod, &ctx, &mut conn, dst).await,
@@ -270,23 +273,19 @@ fn record_attempt(
     ctx.record(attempt, Outcome::failed(failed));
 }
 
-/// Carries a connection to `service`:`port` to one of its ready endpoints, trying another
-/// endpoint when a dial fails. Each failed attempt gets a flow of its own (verdict error, the
-/// endpoint it tried, why it failed; the client's address is the connection's), so a retry is
-/// seen, not inferred from the client's success.
+/// Carries a connection to `service` (named `name`) port `port`, one it declares, to one of its
+/// ready endpoints, trying another endpoint when a dial fails. Each failed attempt gets a flow of
+/// its own (verdict error, the endpoint it tried, why it failed; the client's address is the
+/// connection's), so a retry is seen, not inferred from the client's success.
 async fn to_service(
     client: TcpStream,
     pod: &PodContext,
     ctx: &ProxyContext,
     conn: &mut Connection,
     service: &Service,
+    name: String,
     port: u16,
 ) -> Outcome {
-    let name = format!("{}/{}", service.namespace, service.name);
-    conn.service = name.clone();
-    if !service.ports.contains(&port) {
-        return refused(&client, ProxyError::NoServicePort { service: name, port });
-    }
     let mut tried = Vec::new();
     let mut last_error = None;
     for _ in 0..SERVICE_ATTEMPTS {
