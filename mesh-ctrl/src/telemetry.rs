@@ -38,8 +38,15 @@ pub fn describe() {
         "Changes of the CA files (--ca-dir or the CA Secret), by result: applied, or rejected (the CA in force stays)."
     );
     describe_gauge!("ferrymesh_ctrl_trust_bundle_roots", "Roots in the trust bundle sent to agents.");
+    describe_counter!(
+        "ferrymesh_ctrl_status_writes_total",
+        "Status writes to Gateway API objects (Kubernetes mode), by result: ok, conflict (retried on the object's next change), error."
+    );
     for result in ["applied", "rejected"] {
         counter!("ferrymesh_ctrl_ca_reloads_total", "result" => result).absolute(0);
+    }
+    for result in ["ok", "conflict", "error"] {
+        counter!("ferrymesh_ctrl_status_writes_total", "result" => result).absolute(0);
     }
     for name in [
         "ferrymesh_ctrl_config_nacks_total",

@@ -1,7 +1,8 @@
 //! The Kubernetes source against a fake API server on kube's tower-test mock (as kube-rs tests
 //! itself): initial list and watch, add/modify/delete, a bad object rejected while the rest
 //! keeps working, a 410 Gone forcing a relist, and the same objects giving the same model
-//! through the directory source.
+//! through the directory source; and the status mesh-ctrl writes back to routes and waypoints
+//! (merge patches of the status subresource, applied by the fake as a server would).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,7 @@ const PEER_AUTHN: &str = "/apis/ferrymesh.io/v1alpha1/peerauthentications";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const SERVICE_ACCOUNTS: &str = "/api/v1/serviceaccounts";
 const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
 
 /// A fake API server: list responses per collection path, and queued watch events.
 #[derive(Default)]
@@ -34,6 +36,32 @@ struct FakeApi {
     list_calls: Mutex<HashMap<String, usize>>,
     resource_version: AtomicU64,
     notify: Notify,
+    /// The latest version of each object, by (collection path, namespace, name).
+    current: Mutex<HashMap<(String, String, String), Value>>,
+    /// Status patches applied, by (collection path, namespace, name).
+    patches: Mutex<Vec<(String, String, String)>>,
+}
+
+fn object_key(path: &str, object: &Value) -> (String, String, String) {
+    let meta = &object["metadata"];
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (path.to_string(), text(&meta["namespace"]), text(&meta["name"]))
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(target), Some(patch)) => {
+            for (k, v) in patch {
+                if v.is_null() {
+                    target.remove(k);
+                } else {
+                    merge(target.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
 }
 
 impl FakeApi {
@@ -44,12 +72,20 @@ impl FakeApi {
     }
 
     fn set_list(&self, path: &str, items: Vec<Value>) {
-        let items = items.into_iter().map(|o| self.stamp(o)).collect();
+        let items: Vec<Value> = items.into_iter().map(|o| self.stamp(o)).collect();
+        for o in &items {
+            self.current.lock().unwrap().insert(object_key(path, o), o.clone());
+        }
         self.lists.lock().unwrap().insert(path.into(), items);
     }
 
     fn push(&self, path: &str, kind: &str, object: Value) {
-        let event = json!({"type": kind, "object": self.stamp(object)});
+        let object = self.stamp(object);
+        match kind {
+            "DELETED" => self.current.lock().unwrap().remove(&object_key(path, &object)),
+            _ => self.current.lock().unwrap().insert(object_key(path, &object), object.clone()),
+        };
+        let event = json!({"type": kind, "object": object});
         self.events.lock().unwrap().entry(path.into()).or_default().push_back(event);
         self.notify.notify_waiters();
     }
@@ -69,7 +105,46 @@ impl FakeApi {
         self.list_calls.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 
+    /// The object at `path`, `namespace/name` as the fake holds it now.
+    fn get(&self, path: &str, namespace: &str, name: &str) -> Value {
+        let key = (path.to_string(), namespace.to_string(), name.to_string());
+        self.current.lock().unwrap().get(&key).cloned().unwrap_or(Value::Null)
+    }
+
+    fn patch_count(&self) -> usize {
+        self.patches.lock().unwrap().len()
+    }
+
+    /// A merge patch of `/apis/<group>/<version>/namespaces/<ns>/<plural>/<name>/status`: refused
+    /// with 409 when its `metadata.resourceVersion` is not the object's, else applied, with the
+    /// MODIFIED event a server would send.
+    async fn patch_status(&self, request: Request<Body>) -> Response<Body> {
+        let path = request.uri().path().to_string();
+        let parts: Vec<&str> = path.split('/').collect();
+        let [.., "namespaces", ns, plural, name, "status"] = parts.as_slice() else {
+            panic!("unexpected patch {path}");
+        };
+        let collection = format!("{}/{plural}", parts[..parts.len() - 5].join("/"));
+        let patch: Value = serde_json::from_slice(&request.into_body().collect_bytes().await.unwrap()).unwrap();
+        let mut object = self.get(&collection, ns, name);
+        assert!(!object.is_null(), "patched an object the fake does not hold: {path}");
+        if patch["metadata"]["resourceVersion"] != object["metadata"]["resourceVersion"] {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "the object has been modified", "reason": "Conflict", "code": 409});
+            return Response::builder().status(409).body(Body::from(serde_json::to_vec(&status).unwrap())).unwrap();
+        }
+        merge(&mut object["status"], &patch["status"]);
+        self.patches.lock().unwrap().push((collection.clone(), ns.to_string(), name.to_string()));
+        self.push(&collection, "MODIFIED", object);
+        let object = self.get(&collection, ns, name);
+        Response::builder().body(Body::from(serde_json::to_vec(&object).unwrap())).unwrap()
+    }
+
     async fn answer(self: Arc<Self>, request: Request<Body>, send: tower_test::mock::SendResponse<Response<Body>>) {
+        if request.method() == http::Method::PATCH {
+            let response = self.patch_status(request).await;
+            send.send_response(response);
+            return;
+        }
         let path = request.uri().path().to_string();
         let query = request.uri().query().unwrap_or_default().to_string();
         let body = if query.contains("watch=true") {
@@ -411,4 +486,128 @@ async fn follows_gateway_api_routes() {
         .await;
     api.push(HTTP_ROUTES, "DELETED", http_route("other", (1, 1)));
     wait_for(&mut rx, "a deleted route", |s| s.config.routes.len() == 1).await;
+}
+
+fn service_named(name: &str, vip: &str, port: u16) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"clusterIP": vip, "selector": {"app": name}, "ports": [{"name": "http", "port": port}]},
+    })
+}
+
+fn waypoint_gateway() -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "waypoint", "namespace": "shop", "generation": 1},
+        "spec": {"gatewayClassName": "ferrymesh-waypoint", "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    })
+}
+
+/// The conditions of `object`'s ferrymesh status entry for `parent`, as type -> (status, reason,
+/// message); empty while it has none.
+fn route_conditions(object: &Value, parent: &str) -> HashMap<String, (String, String, String)> {
+    let parents = object["status"]["parents"].as_array().cloned().unwrap_or_default();
+    let ours = parents.iter().find(|p| {
+        p["controllerName"] == mesh_ctrl::source::status::CONTROLLER_NAME && p["parentRef"]["name"] == parent
+    });
+    conditions(ours.map(|p| &p["conditions"]))
+}
+
+fn conditions(list: Option<&Value>) -> HashMap<String, (String, String, String)> {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let list = list.and_then(Value::as_array).cloned().unwrap_or_default();
+    list.iter().map(|c| (text(&c["type"]), (text(&c["status"]), text(&c["reason"]), text(&c["message"])))).collect()
+}
+
+async fn wait_until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn writes_the_status_of_routes_and_waypoints_back() {
+    let api = Arc::new(FakeApi::default());
+    let mut shop = namespace("shop", true);
+    shop["metadata"]["labels"]["ferrymesh.io/use-waypoint"] = json!("waypoint");
+    api.set_list(NAMESPACES, vec![shop]);
+    api.set_list(SERVICES, vec![service(), service_named("web-v1", "10.96.0.11", 8080)]);
+    api.set_list(GATEWAYS, vec![waypoint_gateway()]);
+    let mut orphan = http_route("orphan", (1, 1));
+    orphan["spec"]["parentRefs"][0]["name"] = json!("gone");
+    let mut shared = http_route("shared", (1, 0));
+    shared["spec"]["parentRefs"] =
+        json!([{"name": "ingress"}, {"group": "", "kind": "Service", "name": "web", "port": 81}]);
+    let ingress = json!({"parentRef": {"name": "ingress"}, "controllerName": "example.com/ingress", "conditions": []});
+    shared["status"] = json!({"parents": [ingress]});
+    let routes = [http_route("split", (90, 10)), orphan, http_route("bad", (-1, 1)), shared];
+    api.set_list(HTTP_ROUTES, routes.to_vec());
+    let _rx = start(api.clone());
+
+    let route = |name: &str| api.get(HTTP_ROUTES, "shop", name);
+    wait_until("the status of every route and the waypoint", || {
+        ["split", "orphan", "bad", "shared"].iter().all(|r| {
+            route(r)["status"]["parents"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|e| e["controllerName"] == mesh_ctrl::source::status::CONTROLLER_NAME))
+        }) && !api.get(GATEWAYS, "shop", "waypoint")["status"]["conditions"].is_null()
+    })
+    .await;
+
+    // Accepted by the waypoint the Service is bound to; one backend does not exist, named.
+    let split = route_conditions(&route("split"), "web");
+    assert_eq!(split["Accepted"].0, "True");
+    assert_eq!(split["Accepted"].2, "served by waypoint shop/waypoint");
+    let resolved = &split["ResolvedRefs"];
+    assert_eq!((resolved.0.as_str(), resolved.1.as_str()), ("False", "BackendNotFound"));
+    assert!(resolved.2.contains("spec.rules[0].backendRefs[1]") && resolved.2.contains("shop/web-v2"), "{resolved:?}");
+    // A Service that does not exist, and a port the Service does not have.
+    let orphan = route_conditions(&route("orphan"), "gone");
+    assert_eq!((orphan["Accepted"].0.as_str(), orphan["Accepted"].1.as_str()), ("False", "NoMatchingParent"));
+    let shared = route_conditions(&route("shared"), "web");
+    assert_eq!(shared["Accepted"].1, "NoMatchingParent");
+    assert_eq!(shared["Accepted"].2, "Service shop/web has no port 81");
+    // Another controller's entry (for its Gateway parent) is kept.
+    let shared_parents = route("shared")["status"]["parents"].as_array().unwrap().clone();
+    assert_eq!(shared_parents.len(), 2);
+    assert!(shared_parents.iter().any(|p| p["controllerName"] == "example.com/ingress"));
+    // An invalid route: not accepted, the field named.
+    let bad = route_conditions(&route("bad"), "web");
+    assert_eq!((bad["Accepted"].0.as_str(), bad["Accepted"].1.as_str()), ("False", "UnsupportedValue"));
+    assert!(bad["Accepted"].2.starts_with("spec.rules[0].backendRefs[0].weight: "), "{:?}", bad["Accepted"]);
+    // The waypoint is accepted; no pod runs it yet.
+    let gateway = conditions(Some(&api.get(GATEWAYS, "shop", "waypoint")["status"]["conditions"]));
+    assert_eq!(gateway["Accepted"].0, "True");
+    assert_eq!((gateway["Programmed"].0.as_str(), gateway["Programmed"].1.as_str()), ("False", "Pending"));
+    for c in api.get(GATEWAYS, "shop", "waypoint")["status"]["conditions"].as_array().unwrap() {
+        assert_eq!(c["observedGeneration"], 1);
+    }
+
+    // Each write's own watch event settles: nothing is written again while nothing changes.
+    let written = api.patch_count();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(api.patch_count(), written, "status writes loop: {:?}", api.patches.lock().unwrap());
+
+    // The missing backend appears and a pod runs the waypoint: both statuses follow. A
+    // condition whose status holds keeps its transition time.
+    let accepted_at = route("split")["status"]["parents"][0]["conditions"][0]["lastTransitionTime"].clone();
+    api.push(SERVICES, "ADDED", service_named("web-v2", "10.96.0.12", 8080));
+    api.push(
+        PODS,
+        "ADDED",
+        pod("waypoint-abc", Some("10.244.1.7"), json!({"gateway.networking.k8s.io/gateway-name": "waypoint"})),
+    );
+    wait_until("the resolved backend", || route_conditions(&route("split"), "web")["ResolvedRefs"].0 == "True").await;
+    wait_until("the programmed waypoint", || {
+        conditions(Some(&api.get(GATEWAYS, "shop", "waypoint")["status"]["conditions"]))["Programmed"].0 == "True"
+    })
+    .await;
+    assert_eq!(
+        api.get(GATEWAYS, "shop", "waypoint")["status"]["addresses"],
+        json!([{"type": "IPAddress", "value": "10.244.1.7"}])
+    );
+    assert_eq!(route("split")["status"]["parents"][0]["conditions"][0]["lastTransitionTime"], accepted_at);
 }

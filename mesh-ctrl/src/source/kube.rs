@@ -4,18 +4,21 @@
 //! directory source ([`super::translate`]), so the same objects give the same
 //! model through either. An object that fails translation keeps its last good version; a pod
 //! that is not scheduled, has no IP yet or uses the host network is simply not part of the mesh.
-//! It never writes to the API server.
+//! The only writes are the status of the mesh's routes and waypoints ([`super::status`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1 as k8s;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
+use serde_json::{json, Value};
 
 use super::local::ConfigError;
+use super::status::{route_status, waypoint_status};
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GRPCRoute;
 use gateway_api::httproutes::HTTPRoute;
@@ -136,6 +139,112 @@ impl KubeSource {
         self.good = next;
         (model_of(self.good.values()), errors)
     }
+
+    /// Whether every watched kind has completed its initial list.
+    fn listed(&self) -> bool {
+        fn ready<K: kube::Resource + Clone>(store: &Store<K>) -> bool
+        where
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            store.wait_until_ready().now_or_never().is_some_and(|r| r.is_ok())
+        }
+        ready(&self.namespaces)
+            && ready(&self.pods)
+            && ready(&self.services)
+            && ready(&self.endpoint_slices)
+            && ready(&self.service_accounts)
+            && ready(&self.authorization_policies)
+            && ready(&self.peer_authentications)
+            && ready(&self.gateways)
+            && ready(&self.http_routes)
+            && ready(&self.grpc_routes)
+    }
+
+    /// The status writes that bring the mesh's routes and waypoints in line with `model` (and
+    /// the translation `errors` of the rebuild that made it); none for an object whose status
+    /// already says so.
+    pub fn status_writes(&self, model: &Model, errors: &[ConfigError]) -> Vec<StatusWrite> {
+        if !self.listed() {
+            // A model missing a kind's objects would write statuses it then takes back.
+            return Vec::new();
+        }
+        let now = k8s_openapi::chrono::Utc::now().to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true);
+        let error_of = |key: &ObjectKey| {
+            let key = key.to_string();
+            errors.iter().find(|e| e.object.as_deref() == Some(key.as_str()))
+        };
+        let mut writes = Vec::new();
+        let mut add = |kind: StatusKind, k: ObjectKey, object: Value, status: Option<Value>| {
+            if let Some(status) = status {
+                let resource_version = object.pointer("/metadata/resourceVersion").cloned().unwrap_or(Value::Null);
+                writes.push(StatusWrite { kind, key: k, resource_version, status });
+            }
+        };
+        for r in self.http_routes.state() {
+            let k = key("HTTPRoute", r.namespace(), r.name_any());
+            let object = serde_json::to_value(&*r).unwrap_or_default();
+            let status = route_status(&object, error_of(&k), model, &now);
+            add(StatusKind::HttpRoute, k, object, status);
+        }
+        for r in self.grpc_routes.state() {
+            let k = key("GRPCRoute", r.namespace(), r.name_any());
+            let object = serde_json::to_value(&*r).unwrap_or_default();
+            let status = route_status(&object, error_of(&k), model, &now);
+            add(StatusKind::GrpcRoute, k, object, status);
+        }
+        for gw in self.gateways.state() {
+            let k = key("Gateway", gw.namespace(), gw.name_any());
+            let object = serde_json::to_value(&*gw).unwrap_or_default();
+            let status = waypoint_status(&object, error_of(&k), model, &now);
+            add(StatusKind::Gateway, k, object, status);
+        }
+        writes
+    }
+}
+
+/// The kinds whose status mesh-ctrl writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusKind {
+    /// `HTTPRoute`.
+    HttpRoute,
+    /// `GRPCRoute`.
+    GrpcRoute,
+    /// `Gateway` (waypoints only).
+    Gateway,
+}
+
+/// A status to write to one object, on the condition that it is still at `resource_version`.
+#[derive(Clone, Debug)]
+pub struct StatusWrite {
+    /// Its kind.
+    pub kind: StatusKind,
+    /// The object.
+    pub key: ObjectKey,
+    /// The version the status was computed from: the write is refused if the object changed.
+    pub resource_version: Value,
+    /// The new `status` (route: `parents`; Gateway: `conditions` and `addresses`).
+    pub status: Value,
+}
+
+impl StatusWrite {
+    /// Writes the status (a merge patch of the status subresource); a conflict means the object
+    /// changed meanwhile, and its watch event brings the next try.
+    async fn apply(&self, client: &Client) -> Result<(), kube::Error> {
+        let patch = json!({"metadata": {"resourceVersion": self.resource_version}, "status": self.status});
+        let (ns, name, params) = (&self.key.namespace, &self.key.name, PatchParams::default());
+        let patch = Patch::Merge(&patch);
+        match self.kind {
+            StatusKind::HttpRoute => {
+                Api::<HTTPRoute>::namespaced(client.clone(), ns).patch_status(name, &params, &patch).await.map(drop)
+            }
+            StatusKind::GrpcRoute => {
+                Api::<GRPCRoute>::namespaced(client.clone(), ns).patch_status(name, &params, &patch).await.map(drop)
+            }
+            StatusKind::Gateway => {
+                Api::<Gateway>::namespaced(client.clone(), ns).patch_status(name, &params, &patch).await.map(drop)
+            }
+        }
+    }
 }
 
 /// The API resources the source lists and watches, as (API group, plural): what the mesh-ctrl
@@ -156,6 +265,15 @@ pub fn watched_resources() -> Vec<(String, String)> {
         of::<HTTPRoute>(),
         of::<GRPCRoute>(),
     ]
+}
+
+/// The status subresources the source writes, as (API group, plural/status), each patched:
+/// what the mesh-ctrl ClusterRole must grant (a test checks it does).
+pub fn written_status() -> Vec<(String, String)> {
+    fn of<K: kube::Resource<DynamicType = ()>>() -> (String, String) {
+        (K::group(&()).into_owned(), format!("{}/status", K::plural(&())))
+    }
+    vec![of::<Gateway>(), of::<HTTPRoute>(), of::<GRPCRoute>()]
 }
 
 /// A reflected watch of `api` whose items are `()` for every change that needs a rebuild (not
@@ -212,9 +330,11 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         changes(Api::<PeerAuthenticationResource>::all(client.clone()), peer_writer).boxed(),
         changes(Api::<Gateway>::all(client.clone()), gateway_writer).boxed(),
         changes(Api::<HTTPRoute>::all(client.clone()), http_route_writer).boxed(),
-        changes(Api::<GRPCRoute>::all(client), grpc_route_writer).boxed(),
+        changes(Api::<GRPCRoute>::all(client.clone()), grpc_route_writer).boxed(),
     ]);
     let mut last_errors = Vec::new();
+    // The last failure of each object's status write, logged once until it changes.
+    let mut failed_writes: BTreeMap<String, String> = BTreeMap::new();
     while let Some(event) = events.next().await {
         if let Err(e) = event {
             tracing::warn!("Kubernetes watch failed: {e}; retrying with backoff and keeping the last good config");
@@ -231,6 +351,27 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
                 tracing::warn!("rejected config: {m}");
             }
             last_errors = messages;
+        }
+        for write in source.status_writes(&model, &errors) {
+            let object = write.key.to_string();
+            match write.apply(&client).await {
+                Ok(()) => {
+                    metrics::counter!("ferrymesh_ctrl_status_writes_total", "result" => "ok").increment(1);
+                    failed_writes.remove(&object);
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    metrics::counter!("ferrymesh_ctrl_status_writes_total", "result" => "conflict").increment(1);
+                    tracing::debug!(%object, "status write conflicted; the object's next event retries it");
+                }
+                Err(e) => {
+                    metrics::counter!("ferrymesh_ctrl_status_writes_total", "result" => "error").increment(1);
+                    let message = e.to_string();
+                    if failed_writes.get(&object) != Some(&message) {
+                        tracing::warn!(%object, "cannot write the status: {message}");
+                        failed_writes.insert(object, message);
+                    }
+                }
+            }
         }
         tracing::debug!(
             version,

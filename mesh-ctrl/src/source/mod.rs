@@ -4,6 +4,7 @@
 
 pub mod kube;
 pub mod local;
+pub mod status;
 pub mod translate;
 
 use std::time::Duration;
