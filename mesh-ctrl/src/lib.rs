@@ -11,3 +11,4 @@ pub mod snapshot;
 pub mod source;
 pub mod telemetry;
 pub mod tls;
+pub mod waypoint_deploy;

@@ -158,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
                 client.clone(),
                 args.system_namespace.clone(),
                 ca.clone(),
+                snapshots.clone(),
             ));
             let reviewer = TokenReviewer::new(client.clone(), &args.system_namespace, &args.agent_service_account);
             let certificates = CertificateService::new(

@@ -45,6 +45,13 @@ pub enum WaypointFor {
 }
 
 impl WaypointFor {
+    /// The value of a `ferrymesh.io/waypoint-for` label.
+    pub fn parse(value: &str) -> Option<Self> {
+        [WaypointFor::Service, WaypointFor::Workload, WaypointFor::All, WaypointFor::None]
+            .into_iter()
+            .find(|w| w.as_str() == value)
+    }
+
     /// The label value.
     pub const fn as_str(self) -> &'static str {
         match self {

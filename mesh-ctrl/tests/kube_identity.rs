@@ -1,7 +1,8 @@
 //! Kubernetes identity of agents against a fake API server on kube's tower-test mock: the CA
 //! root in a Secret (created when absent, read when present, the loser of a creation race
-//! reading the winner's), the root published for agents as a ConfigMap, and TokenReview-based node authorization for certificates over real
-//! gRPC on loopback.
+//! reading the winner's), the root published for agents as a ConfigMap, and TokenReview-based
+//! node authorization for certificates over real gRPC on loopback: agents obtain the identities
+//! of their node's pods, a workload (a waypoint) its own identity with its own token.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,7 @@ mod common;
 use common::{csr, serve, shop_model};
 
 const SECRETS: &str = "/api/v1/namespaces/ferrymesh-system/secrets";
-const ROOT_CONFIGMAP: &str = "/api/v1/namespaces/ferrymesh-system/configmaps/ferrymesh-ca-root-cert";
+const ROOT_CONFIGMAP: &str = "/configmaps/ferrymesh-ca-root-cert";
 const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 const AGENT: &str = "system:serviceaccount:ferrymesh-system:ferrymesh-agent";
 
@@ -77,7 +78,7 @@ impl FakeApi {
                 self.secrets.lock().unwrap().insert(name, secret.clone());
                 reply(StatusCode::CREATED, &secret)
             }
-            ("PATCH", ROOT_CONFIGMAP) => {
+            ("PATCH", p) if p.starts_with("/api/v1/namespaces/") && p.ends_with(ROOT_CONFIGMAP) => {
                 let content_type = parts.headers.get("content-type").map(|v| v.to_str().unwrap().to_string());
                 let object: Value = serde_json::from_slice(&body).unwrap();
                 let query = parts.uri.query().unwrap_or_default().to_string();
@@ -94,7 +95,7 @@ impl FakeApi {
                 );
                 reply(StatusCode::CREATED, &review)
             }
-            ("GET", p) if p.starts_with("/api/v1/namespaces/ferrymesh-system/pods/") => {
+            ("GET", p) if p.starts_with("/api/v1/namespaces/") && p.contains("/pods/") => {
                 match self.pods.get(p.rsplit('/').next().unwrap()) {
                     Some(pod) => reply(StatusCode::OK, pod),
                     None => not_found(),
@@ -190,7 +191,22 @@ async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
         Duration::from_millis(20),
         tx,
     ));
-    tokio::spawn(secret::keep_root_published(client(api.clone()), "ferrymesh-system".into(), current.clone()));
+    // A waypoint in namespace shop: its pods mount the root from their own namespace.
+    let (publisher, snapshots) = Publisher::new();
+    let mut model = shop_model(&[], &[]);
+    let waypoint = mesh_ctrl::model::Waypoint {
+        namespace: "shop".into(),
+        name: "waypoint".into(),
+        traffic: mesh_ctrl::model::WaypointFor::Service,
+    };
+    model.waypoints.insert("shop/waypoint".into(), waypoint);
+    publisher.publish(&model);
+    tokio::spawn(secret::keep_root_published(
+        client(api.clone()),
+        "ferrymesh-system".into(),
+        current.clone(),
+        snapshots,
+    ));
     let set = |data: &[(&str, &str)]| {
         let data: serde_json::Map<String, Value> =
             data.iter().map(|(k, v)| (k.to_string(), json!(k8s_openapi::ByteString(v.as_bytes().to_vec())))).collect();
@@ -206,11 +222,13 @@ async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
         }
         panic!("timed out waiting for {what}");
     }
-    let published = |api: &FakeApi| -> String {
+    // What the last apply in `namespace` published.
+    let published_in = |api: &FakeApi, namespace: &str| -> String {
         let applies = api.applies.lock().unwrap();
-        let last = applies.last().and_then(|(_, _, o)| o["data"][secret::ROOT_CONFIGMAP_KEY].as_str());
-        last.unwrap_or_default().to_string()
+        let last = applies.iter().rev().find(|(_, _, o)| o["metadata"]["namespace"] == namespace);
+        last.and_then(|(_, _, o)| o["data"][secret::ROOT_CONFIGMAP_KEY].as_str()).unwrap_or_default().to_string()
     };
+    let published = |api: &FakeApi| published_in(api, "ferrymesh-system");
     let (new_cert, new_key) = mesh_ctrl::ca::Ca::generate_root("cluster.local").unwrap();
     let both = format!("{old_cert}{new_cert}");
     set(&[("ca-cert.pem", &old_cert), ("ca-key.pem", &old_key), ("root-cert.pem", &both)]);
@@ -218,6 +236,7 @@ async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
         current.borrow().roots().len() == 2 && unix(&published(&api)) == both
     })
     .await;
+    until("both roots published in the waypoint's namespace", || unix(&published_in(&api, "shop")) == both).await;
     let old_issuer = current.borrow().issuer_sha256().to_string();
 
     // A switch whose certificate is not the key's: refused, the CA in force stays.
@@ -295,11 +314,25 @@ async fn agent_tokens_are_checked_with_token_review_and_bound_to_their_node() {
             json!({"authentication.kubernetes.io/pod-name": ["agent-b"], "authentication.kubernetes.io/pod-uid": ["uid-old"]}),
         ),
     );
-    // A valid token of another service account.
+    // A workload's own token (a waypoint's pod), the node reported with it.
     api.reviews.insert(
-        "token-other-sa".into(),
+        "token-web".into(),
         authenticated("system:serviceaccount:shop:web", json!({"authentication.kubernetes.io/node-name": ["node-a"]})),
     );
+    // A workload's own token on an older API server: its pod, in its namespace, gives the node.
+    api.reviews.insert(
+        "token-db".into(),
+        authenticated(
+            "system:serviceaccount:shop:db",
+            json!({"authentication.kubernetes.io/pod-name": ["db-0"], "authentication.kubernetes.io/pod-uid": ["uid-db"]}),
+        ),
+    );
+    api.pods.insert(
+        "db-0".into(),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "db-0", "namespace": "shop", "uid": "uid-db"}, "spec": {"nodeName": "node-b", "containers": []}}),
+    );
+    // Not a service account's token.
+    api.reviews.insert("token-user".into(), authenticated("alice", json!({})));
     let api = Arc::new(api);
     let kube = client(api.clone());
 
@@ -344,16 +377,20 @@ async fn agent_tokens_are_checked_with_token_review_and_bound_to_their_node() {
 
     let invalid = ask("web", "not-a-token").await.unwrap_err();
     assert_eq!(invalid.code(), Code::Unauthenticated);
-    assert_eq!(
-        invalid.message(),
-        "the Kubernetes API rejected the agent's token: invalid bearer token, token lookup failed"
-    );
-    let other = ask("web", "token-other-sa").await.unwrap_err();
+    assert_eq!(invalid.message(), "the Kubernetes API rejected the token: invalid bearer token, token lookup failed");
+    // A workload's own token obtains its own identity, and no other.
+    let own = ask("web", "token-web").await.unwrap().into_inner();
+    assert_eq!(own.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+    let other = ask("db", "token-web").await.unwrap_err();
     assert_eq!(other.code(), Code::PermissionDenied);
     assert_eq!(
         other.message(),
-        "the token belongs to system:serviceaccount:shop:web, not to the agent's service account system:serviceaccount:ferrymesh-system:ferrymesh-agent"
+        "the token is service account shop/web's, which obtains its own identity only, not spiffe://cluster.local/ns/shop/sa/db"
     );
+    assert!(ask("db", "token-db").await.is_ok(), "a workload bound to its node through its pod");
+    let user = ask("web", "token-user").await.unwrap_err();
+    assert_eq!(user.code(), Code::PermissionDenied);
+    assert_eq!(user.message(), "the token belongs to alice, which is not a service account");
     let stale = ask("db", "token-stale").await.unwrap_err();
     assert_eq!(stale.code(), Code::PermissionDenied);
     assert_eq!(stale.message(), "the token's pod ferrymesh-system/agent-b no longer exists");

@@ -1,4 +1,5 @@
-//! Offline validation of `manifests/` (no API server can run here): every object against the
+//! Offline validation of `manifests/` and of the waypoint `meshctl waypoint generate` prints (no
+//! API server can run here): every object against the
 //! Kubernetes schema (k8s-openapi types, unknown fields rejected), RBAC against what mesh-ctrl
 //! really watches and calls, the DaemonSet's token against what TokenReview checks, names that
 //! refer to each other, and container flags against the binaries' own `--help`.
@@ -9,6 +10,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use mesh_ctrl::schema::strict;
@@ -33,6 +35,8 @@ struct Objects {
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
     crds: Vec<CustomResourceDefinition>,
+    gateways: Vec<gateway_api::gateways::Gateway>,
+    disruption_budgets: Vec<PodDisruptionBudget>,
 }
 
 /// Parses and validates every document of `text`; the first error names document, object and
@@ -63,6 +67,15 @@ fn validate(text: &str) -> Result<Objects, String> {
             ("apps/v1", "Deployment") => objects.deployments.push(strict(doc).map_err(named)?),
             ("apps/v1", "DaemonSet") => objects.daemon_sets.push(strict(doc).map_err(named)?),
             ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => objects.crds.push(strict(doc).map_err(named)?),
+            ("gateway.networking.k8s.io/v1", "Gateway") => {
+                // kube's derived custom resource types imply apiVersion and kind, not hold them.
+                let mut doc = doc;
+                let map = doc.as_mapping_mut().expect("a document with a kind is a mapping");
+                map.remove("apiVersion");
+                map.remove("kind");
+                objects.gateways.push(strict(doc).map_err(named)?)
+            }
+            ("policy/v1", "PodDisruptionBudget") => objects.disruption_budgets.push(strict(doc).map_err(named)?),
             _ => return Err(format!("document {i}: {api_version} {kind} is not a kind this test knows")),
         }
     }
@@ -138,7 +151,15 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
             assert!(grants(rules, &group, &resource, verb, None), "mesh-ctrl may not {verb} {group}/{resource}");
         }
     }
+    for (group, resource) in mesh_ctrl::source::kube::written_status() {
+        assert!(grants(rules, &group, &resource, "patch", None), "mesh-ctrl may not patch {group}/{resource}");
+    }
     assert!(grants(rules, "authentication.k8s.io", "tokenreviews", "create", None));
+    // The root ConfigMap, in ferrymesh-system and in waypoints' namespaces.
+    let root_cm = Some(mesh_ctrl::ca::secret::ROOT_CONFIGMAP);
+    assert!(grants(rules, "", "configmaps", "patch", root_cm), "mesh-ctrl applies the root ConfigMap");
+    assert!(grants(rules, "", "configmaps", "create", None));
+    assert!(!grants(rules, "", "configmaps", "patch", Some("kube-root-ca.crt")), "and no other ConfigMap");
     let ns_binding = objects
         .role_bindings
         .iter()
@@ -149,10 +170,6 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
     assert!(grants(ns_rules, "", "secrets", "get", Some(mesh_ctrl::ca::secret::CA_SECRET)));
     assert!(grants(ns_rules, "", "secrets", "create", None));
     assert!(!grants(ns_rules, "", "secrets", "get", Some("some-other-secret")), "mesh-ctrl reads its CA Secret only");
-    let root_cm = Some(mesh_ctrl::ca::secret::ROOT_CONFIGMAP);
-    assert!(grants(ns_rules, "", "configmaps", "patch", root_cm), "mesh-ctrl applies the root ConfigMap");
-    assert!(grants(ns_rules, "", "configmaps", "create", None));
-    assert!(!grants(ns_rules, "", "configmaps", "patch", Some("kube-root-ca.crt")), "and no other ConfigMap");
     assert!(objects.service_accounts.iter().any(|s| s.metadata.name.as_deref() == Some(ctrl_sa)));
 
     // The agent DaemonSet presents the token TokenReview expects, as the service account
@@ -257,5 +274,104 @@ fn a_broken_manifest_is_rejected_with_the_field_named() {
         let broken = good.replacen(from, to, 1);
         let e = validate(&broken).err().unwrap_or_else(|| panic!("{to:?} was accepted"));
         assert!(e.starts_with(want), "{e}");
+    }
+}
+
+/// The label selector selects the template's pods.
+fn selects(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+) -> bool {
+    let labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn meshctl(args: &[&str]) -> std::process::Output {
+    Command::new(ferrymesh_testbed::mesh::bin("meshctl")).args(args).output().unwrap()
+}
+
+/// `meshctl waypoint generate` prints a waypoint mesh-ctrl recognizes, whose pods obtain its
+/// identity and reach mesh-ctrl the way the code and the agent's manifest do.
+#[test]
+fn a_generated_waypoint_is_valid_kubernetes_and_consistent_with_the_code() {
+    use mesh_ctrl::model::{WaypointFor, GATEWAY_NAME_LABEL};
+    use mesh_ctrl::source::translate::{waypoint_from, ObjectKey};
+
+    let out = meshctl(&["waypoint", "generate", "-n", "shop", "--for", "all", "--replicas", "2", "wp"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let objects = validate(&String::from_utf8(out.stdout).unwrap()).unwrap();
+
+    // A waypoint of the mesh, taking the traffic asked for.
+    let key = ObjectKey { kind: "Gateway".into(), namespace: "shop".into(), name: "wp".into() };
+    let waypoint = waypoint_from(objects.gateways[0].clone(), &key).unwrap().expect("a ferrymesh waypoint");
+    assert_eq!(waypoint.traffic, WaypointFor::All);
+
+    // Its pods run as the Gateway's service account and carry the label agents find them by.
+    assert_eq!(objects.service_accounts[0].metadata.name.as_deref(), Some("wp"));
+    let deployment = objects.deployments[0].spec.as_ref().unwrap();
+    assert_eq!(deployment.replicas, Some(2));
+    assert!(selects(&deployment.selector, &deployment.template));
+    let labels = deployment.template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    assert_eq!(labels.get(GATEWAY_NAME_LABEL).map(String::as_str), Some("wp"));
+    let spec = pod_spec(&deployment.template);
+    assert_eq!(spec.service_account_name.as_deref(), Some("wp"));
+    let container = &spec.containers[0];
+    let security = container.security_context.as_ref().unwrap();
+    assert_eq!(security.privileged, None, "a waypoint needs no privilege");
+    assert_eq!(security.capabilities.as_ref().unwrap().drop, Some(vec!["ALL".to_string()]));
+    let budget = objects.disruption_budgets[0].spec.as_ref().unwrap();
+    let template_pods = &deployment.template;
+    assert!(selects(budget.selector.as_ref().unwrap(), template_pods), "the budget covers the waypoint's pods");
+
+    // Its own projected token, as TokenReview checks it, at --token-file.
+    let waypoint_flags = flags(container);
+    assert_eq!((waypoint_flags["--namespace"].as_str(), waypoint_flags["--name"].as_str()), ("shop", "wp"));
+    let token_volume = spec.volumes.iter().flatten().find(|v| v.projected.is_some()).expect("a projected token");
+    let sources = token_volume.projected.as_ref().unwrap().sources.iter().flatten();
+    let token = sources.clone().find_map(|s| s.service_account_token.as_ref()).expect("a serviceAccountToken source");
+    assert_eq!(token.audience.as_deref(), Some(mesh_ctrl::ca::token_review::AUDIENCE));
+    let mount = container.volume_mounts.iter().flatten().find(|m| m.name == token_volume.name).unwrap();
+    assert_eq!(waypoint_flags["--token-file"], format!("{}/{}", mount.mount_path, token.path));
+    // The root ConfigMap mesh-ctrl keeps in the waypoint's namespace, mounted whole.
+    let root_volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.config_map.as_ref().is_some_and(|c| c.name == mesh_ctrl::ca::secret::ROOT_CONFIGMAP))
+        .expect("the root ConfigMap as a volume");
+    let root_mount = container.volume_mounts.iter().flatten().find(|m| m.name == root_volume.name).unwrap();
+    assert!(root_mount.sub_path.is_none());
+    let root_file = format!("{}/{}", root_mount.mount_path, mesh_ctrl::ca::secret::ROOT_CONFIGMAP_KEY);
+    assert_eq!(waypoint_flags["--ca-root"], root_file);
+    // mesh-ctrl at the address the agents dial.
+    let system = validate(&manifest("ferrymesh.yaml")).unwrap();
+    let agent_flags = flags(&pod_spec(&system.daemon_sets[0].spec.as_ref().unwrap().template).containers[0]);
+    assert_eq!(waypoint_flags["--ctrl"], agent_flags["--ctrl"]);
+    // Every flag and environment variable is one mesh-waypoint reads.
+    assert_flags_exist("mesh-waypoint", container);
+    let help = Command::new(ferrymesh_testbed::mesh::bin("mesh-waypoint")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for env in container.env.iter().flatten() {
+        assert!(help.contains(&format!("[env: {}=", env.name)), "mesh-waypoint reads no {}", env.name);
+    }
+    // The readiness probe is the HBONE port, which opens once config and certificate are there.
+    let probe = container.readiness_probe.as_ref().unwrap().tcp_socket.as_ref().unwrap();
+    assert_eq!(probe.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15008));
+
+    // One replica: no budget. Bad input: a one-line error, nothing printed.
+    let one = meshctl(&["waypoint", "generate", "-n", "shop"]);
+    let one = validate(&String::from_utf8(one.stdout).unwrap()).unwrap();
+    assert!(one.disruption_budgets.is_empty());
+    assert_eq!(one.gateways[0].metadata.name.as_deref(), Some("waypoint"));
+    for (args, error) in [
+        (&["waypoint", "generate", "-n", "shop", "--replicas", "0"][..], "--replicas <REPLICAS>"),
+        (&["waypoint", "generate", "-n", "shop", "--for", "none"][..], "--for <TRAFFIC>"),
+        (&["waypoint", "generate"][..], "--namespace <NAMESPACE>"),
+    ] {
+        let out = meshctl(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("meshctl: ") && stderr.contains(error) && stderr.lines().count() == 1, "{stderr}");
     }
 }

@@ -1,6 +1,7 @@
-//! Node authorization for the CA: who a request's bearer token says the calling agent is (a
-//! bootstrap node token in local mode, a ServiceAccount token checked by TokenReview with
-//! Kubernetes), and the per-source limit on failed authentications: past [`MAX_AUTH_FAILURES`]
+//! Node authorization for the CA: who a request's bearer token says the caller is (an agent by
+//! a bootstrap node token in local mode, by its ServiceAccount token checked with TokenReview in
+//! Kubernetes, where a workload such as a waypoint may also present its own token), and the
+//! per-source limit on failed authentications: past [`MAX_AUTH_FAILURES`]
 //! in [`AUTH_FAILURE_WINDOW`] a source is refused without its token being looked at.
 
 use std::collections::HashMap;
@@ -50,7 +51,36 @@ impl NodeTokens {
     }
 }
 
-/// How agents prove which node they run on.
+/// Who a certificate request comes from, as its token proves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A node's agent: it may obtain the identity of any pod on its node.
+    Agent {
+        /// The node.
+        node: String,
+    },
+    /// A workload with its own ServiceAccount token (a waypoint in Kubernetes): its own identity
+    /// only, and only while a pod of that identity runs on its node.
+    Workload {
+        /// The node of the pod the token was issued for.
+        node: String,
+        /// The token's ServiceAccount: namespace and name.
+        namespace: String,
+        /// The token's ServiceAccount name.
+        service_account: String,
+    },
+}
+
+impl Caller {
+    /// The node the caller runs on.
+    pub fn node(&self) -> &str {
+        match self {
+            Caller::Agent { node } | Caller::Workload { node, .. } => node,
+        }
+    }
+}
+
+/// How callers prove which node they run on.
 #[derive(Debug)]
 pub enum NodeAuth {
     /// Bootstrap tokens (local mode).
@@ -60,8 +90,8 @@ pub enum NodeAuth {
 }
 
 impl NodeAuth {
-    /// The node a request's `authorization: Bearer <token>` proves.
-    pub(crate) async fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
+    /// Who a request's `authorization: Bearer <token>` proves the caller is.
+    pub(crate) async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         let token = header.and_then(|h| h.strip_prefix("Bearer ")).filter(|t| !t.is_empty()).ok_or_else(|| {
             Status::unauthenticated(
@@ -69,8 +99,8 @@ impl NodeAuth {
             )
         })?;
         match self {
-            Self::Tokens(tokens) => tokens.node(token),
-            Self::TokenReview(reviewer) => reviewer.node(token).await,
+            Self::Tokens(tokens) => tokens.node(token).map(|node| Caller::Agent { node }),
+            Self::TokenReview(reviewer) => reviewer.caller(token).await,
         }
     }
 }

@@ -9,8 +9,10 @@
 //! The trust bundle (root certificates only, never a key) is published for agents as ConfigMap
 //! `ferrymesh-ca-root-cert` (Istio's `istio-ca-root-cert`), which the agent DaemonSet mounts
 //! and gives to `mesh-agent --ca-root`: agents hold the root before they ever talk to mesh-ctrl.
+//! It is kept in ferrymesh's namespace and in every namespace that holds a waypoint, whose pods
+//! mount it the same way (a pod can mount only a ConfigMap of its own namespace).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use crate::ca::{Ca, CaError, CaFiles, CurrentCa, CA_FILES};
+use crate::snapshot::Snapshot;
 
 /// Default name of the Secret.
 pub const CA_SECRET: &str = "ferrymesh-ca";
@@ -87,22 +90,46 @@ pub async fn publish_root(client: Client, namespace: &str, roots_pem: &str) -> R
     Ok(())
 }
 
-/// Keeps ConfigMap `namespace/ferrymesh-ca-root-cert` holding the trust bundle of the CA in
-/// force: published now, at once when it changes, and again every minute (so a deleted or
-/// edited one comes back), retried every 5 s on failure.
-pub async fn keep_root_published(client: Client, namespace: String, mut ca: CurrentCa) {
+/// How often the root ConfigMaps are published again even without a change (so a deleted or
+/// edited one comes back).
+const REPUBLISH_EVERY: Duration = Duration::from_secs(60);
+
+/// Keeps ConfigMap `ferrymesh-ca-root-cert` holding the trust bundle of the CA in force, in
+/// `namespace` (ferrymesh's) and in every namespace of a waypoint of the latest snapshot:
+/// published in a namespace as soon as it needs it, in all at once when the bundle changes, and
+/// again every minute; a failure is retried after 5 s.
+pub async fn keep_root_published(
+    client: Client,
+    namespace: String,
+    mut ca: CurrentCa,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+) {
+    // What each namespace was last given.
+    let mut published: BTreeMap<String, String> = BTreeMap::new();
+    let mut republish = tokio::time::interval_at(tokio::time::Instant::now() + REPUBLISH_EVERY, REPUBLISH_EVERY);
     loop {
         let roots_pem = ca.borrow_and_update().roots_pem();
-        let wait = match publish_root(client.clone(), &namespace, &roots_pem).await {
-            Ok(()) => Duration::from_secs(60),
-            Err(e) => {
-                tracing::warn!("{e}; retrying in 5 s");
-                Duration::from_secs(5)
+        let mut wanted = BTreeSet::from([namespace.clone()]);
+        wanted.extend(snapshots.borrow_and_update().config.waypoints.values().map(|w| w.namespace.clone()));
+        published.retain(|ns, _| wanted.contains(ns));
+        let mut failed = false;
+        let due: Vec<String> = wanted.into_iter().filter(|ns| published.get(ns) != Some(&roots_pem)).collect();
+        for ns in due {
+            match publish_root(client.clone(), &ns, &roots_pem).await {
+                Ok(()) => {
+                    published.insert(ns, roots_pem.clone());
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; retrying in 5 s");
+                    failed = true;
+                }
             }
-        };
+        }
         tokio::select! {
-            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep(Duration::from_secs(5)), if failed => {}
+            _ = republish.tick() => published.clear(),
             Ok(()) = ca.changed() => {}
+            Ok(()) = snapshots.changed() => {}
         }
     }
 }

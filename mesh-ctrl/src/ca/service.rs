@@ -1,5 +1,6 @@
-//! The certificate service (`ferrymesh.ca.v1.Certificates` on 15012): authenticates the calling
-//! agent ([`super::auth`]), checks that the identity it asks for belongs to a pod on its node and
+//! The certificate service (`ferrymesh.ca.v1.Certificates` on 15012): authenticates the caller
+//! ([`super::auth`]: an agent, or in Kubernetes a workload with its own token, which may ask only
+//! for its own identity), checks that the identity it asks for belongs to a pod on its node and
 //! to a ServiceAccount that exists, and has the CA in force sign the CSR. It never touches key
 //! material beyond the CSR it forwards. Failed authentications are logged with their source and
 //! limited per source address.
@@ -13,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use ferrymesh_spiffe::SpiffeId;
 
-use super::auth::{AuthFailures, NodeAuth, AUTH_FAILURE_WINDOW, MAX_AUTH_FAILURES};
+use super::auth::{AuthFailures, Caller, NodeAuth, AUTH_FAILURE_WINDOW, MAX_AUTH_FAILURES};
 use super::CurrentCa;
 use crate::snapshot::Snapshot;
 
@@ -55,8 +56,8 @@ impl certificates_server::Certificates for CertificateService {
                 retry.as_secs() + 1
             )));
         }
-        let node = match self.auth.node(&request).await {
-            Ok(node) => node,
+        let caller = match self.auth.caller(&request).await {
+            Ok(caller) => caller,
             Err(refused) => {
                 let failures = self.failures.failed(source);
                 metrics::counter!("ferrymesh_ctrl_auth_failures_total").increment(1);
@@ -74,6 +75,16 @@ impl certificates_server::Certificates for CertificateService {
         let id = SpiffeId::new(&self.trust_domain, &r.namespace, &r.service_account).map_err(|e| {
             Status::invalid_argument(format!("no identity for the namespace and service account asked: {e}"))
         })?;
+        if let Caller::Workload { namespace, service_account, .. } = &caller {
+            if (namespace, service_account) != (&r.namespace, &r.service_account) {
+                tracing::warn!(identity = %id, "refused a certificate: a workload asked for another identity");
+                metrics::counter!("ferrymesh_ctrl_cert_refusals_total").increment(1);
+                return Err(Status::permission_denied(format!(
+                    "the token is service account {namespace}/{service_account}'s, which obtains its own identity only, not {id}"
+                )));
+            }
+        }
+        let node = caller.node();
         let (on_node, account_exists) = {
             let snapshot = self.snapshots.borrow();
             let on_node = snapshot

@@ -67,6 +67,8 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Waypoints in Kubernetes: `generate` prints the objects that deploy one.
+    Waypoint(cmd::waypoint::WaypointArgs),
 }
 
 /// Output formats.
@@ -88,10 +90,13 @@ async fn main() {
             e.exit()
         }
         Err(e) => {
-            // clap's message spans several lines (usage, hints); its first line says it all.
+            // clap's message spans several lines: what is wrong (the missing arguments on lines
+            // of their own), then usage and hints after a blank line. What is wrong, on one line.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("meshctl: {}", first.trim_start_matches("error: "));
+            let what: Vec<&str> = rendered.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            let what = what.join(" ");
+            let what = what.trim_start_matches("error: ");
+            eprintln!("meshctl: {}", if what.is_empty() { "invalid arguments" } else { what });
             std::process::exit(2);
         }
     };
@@ -103,7 +108,8 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    // Resolved only by the subcommands that ask agents (`requests` reads a waypoint's log).
+    // Resolved only by the subcommands that ask agents (`requests` reads a waypoint's log,
+    // `waypoint` prints manifests).
     let agents = || agent::targets(&args.agent, args.agents_dir.as_deref()).map_err(|e| e.to_string());
     match args.cmd {
         Command::Flows(flows) => cmd::flows::run(&agents()?, flows).await,
@@ -115,5 +121,6 @@ async fn run(args: Args) -> Result<(), String> {
         Command::Requests(requests) => cmd::requests::run(requests),
         Command::Certs { output } => cmd::status::certs(&agents()?, output).await,
         Command::Status { output } => cmd::status::run(&agents()?, output).await,
+        Command::Waypoint(waypoint) => cmd::waypoint::run(waypoint),
     }
 }

@@ -32,17 +32,14 @@ pub fn waypoint_from(
         ));
     }
     let labels = gateway.metadata.labels.unwrap_or_default();
-    let traffic = match labels.get(WAYPOINT_FOR_LABEL).map(String::as_str) {
-        None | Some("service") => WaypointFor::Service,
-        Some("workload") => WaypointFor::Workload,
-        Some("all") => WaypointFor::All,
-        Some("none") => WaypointFor::None,
-        Some(other) => {
-            return Err(key.field_error(
+    let traffic = match labels.get(WAYPOINT_FOR_LABEL) {
+        None => WaypointFor::Service,
+        Some(value) => WaypointFor::parse(value).ok_or_else(|| {
+            key.field_error(
                 format!("metadata.labels.{WAYPOINT_FOR_LABEL}"),
-                format!("{other:?} is not service, workload, all or none"),
-            ))
-        }
+                format!("{value:?} is not service, workload, all or none"),
+            )
+        })?,
     };
     Ok(Some(crate::model::Waypoint { namespace: key.namespace.clone(), name: key.name.clone(), traffic }))
 }

@@ -9,3 +9,4 @@ pub mod requests;
 pub mod routes;
 pub mod status;
 pub mod table;
+pub mod waypoint;
