@@ -423,6 +423,9 @@ const L7_DIRECT: &str = "10.96.0.60";
 const L7_WAYPOINT: &str = "10.96.0.61";
 const GRPC_DIRECT: &str = "10.96.0.62";
 const GRPC_WAYPOINT: &str = "10.96.0.63";
+/// The Services of the waypoint topology, for `fm-bench --hold --only waypoint`.
+pub const WAYPOINT_SERVICES: &str = "HTTP 10.96.0.60:80 direct, 10.96.0.61:80 through the waypoint; \
+gRPC 10.96.0.62:80 direct, 10.96.0.63:80 through the waypoint";
 
 /// The waypoint benchmark topology: `shop` enrolled with client a and web-1 on node 1, web-2 and
 /// the waypoint on node 2; Services as [`L7_DIRECT`] and its neighbours say; fm-echo serving

@@ -22,8 +22,8 @@ struct Args {
     /// Also write this Markdown report (the machine, the date, the command and the table).
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Measure nothing: build the benchmark topology, print its pods and agents, and keep it
-    /// up until Ctrl-C (for profiling by hand).
+    /// Measure nothing: build the benchmark topology (with `--only waypoint`, the waypoint's),
+    /// print its pods and agents, and keep it up until Ctrl-C (for profiling by hand).
     #[arg(long)]
     hold: bool,
     /// Run only these parts (repeat or comma-separate); all of them by default. A partial run
@@ -46,7 +46,7 @@ enum Part {
 fn main() {
     let args = Args::parse();
     if args.hold {
-        return hold();
+        return hold(args.only.as_slice() == [Part::Waypoint]);
     }
     let options = if args.quick { Options::QUICK } else { Options::FULL };
     let started = Instant::now();
@@ -77,13 +77,15 @@ fn main() {
     }
 }
 
-fn hold() {
+/// Keeps the benchmark topology up until Ctrl-C: the mesh one, or with `--only waypoint` the
+/// waypoint one.
+fn hold(waypoint: bool) {
     ctrlc::set_handler(|| {
         ferrymesh_testbed::topology::cleanup_all();
         std::process::exit(130);
     })
     .expect("Ctrl-C handler");
-    let topo = bench::topology();
+    let topo = if waypoint { bench::waypoint_topology() } else { bench::topology() };
     for pod in &topo.pods {
         println!("pod {}/{} node{} {} netns {}", pod.namespace, pod.name, pod.node, pod.ip, pod.netns);
     }
@@ -91,7 +93,13 @@ fn hold() {
         let label = format!("agent-node{}", node.index);
         println!("{label} pid {} netns {}", topo.pid(&label).unwrap_or(0), node.netns);
     }
-    println!("iperf3 servers in shop/b, shop/c, legacy/y; Ctrl-C to tear down");
+    if waypoint {
+        println!("waypoint pid {}", topo.pid("waypoint-waypoint").unwrap_or(0));
+        println!("Services: {}", bench::WAYPOINT_SERVICES);
+    } else {
+        println!("iperf3 servers in shop/b, shop/c, legacy/y");
+    }
+    println!("Ctrl-C to tear down");
     loop {
         std::thread::park();
     }
