@@ -56,13 +56,15 @@ pub struct Record {
     /// `grpc-status` of the answer (its headers, or its trailers), if any.
     pub grpc_status: String,
     /// Envoy's response flags: `-`, or why the waypoint answered itself (NR no route, UH no
-    /// healthy upstream, UF upstream connect failure, UC upstream connection ended; DENY, as
-    /// the mesh's L4 flows have it, for a policy's refusal).
+    /// healthy upstream, UF upstream connect failure, UC upstream connection ended, UT upstream
+    /// request timeout; DENY, as the mesh's L4 flows have it, for a policy's refusal).
     pub response_flags: &'static str,
     /// Why the waypoint answered itself, in words.
     pub reason: String,
     /// For a connection relayed at L4 (protocol `TCP`): bytes from the client, and to it.
     pub bytes: Option<(u64, u64)>,
+    /// Attempts at a backend after the first.
+    pub retries: u32,
 }
 
 /// `HTTP/1.1`, `HTTP/2`...
@@ -123,6 +125,7 @@ impl Record {
             response_flags: "-",
             reason: String::new(),
             bytes: None,
+            retries: 0,
         }
     }
 
@@ -184,6 +187,11 @@ impl Record {
         }
     }
 
+    /// Time since the request arrived.
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
     /// The record as one JSON line.
     pub fn to_line(&self) -> String {
         let start_ms = self.start.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
@@ -209,6 +217,7 @@ impl Record {
             "grpc_status": self.grpc_status,
             "response_flags": self.response_flags,
             "reason": self.reason,
+            "retries": self.retries,
         });
         if let Some((received, sent)) = self.bytes {
             line["bytes_received"] = received.into();
@@ -280,6 +289,14 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         .install()
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
     metrics::describe_counter!("ferrymesh_requests_total", "HTTP and gRPC requests the waypoint answered.");
+    metrics::describe_counter!(
+        "ferrymesh_request_retries_total",
+        "Attempts at a backend after the first, by destination_service and reason (connect-failure, per-try-timeout, or the status retried)."
+    );
+    metrics::describe_counter!(
+        "ferrymesh_request_retry_overflow_total",
+        "Retries not made because the backend's retry budget was spent, by destination_service."
+    );
     metrics::describe_histogram!(
         "ferrymesh_request_duration_milliseconds",
         metrics::Unit::Milliseconds,

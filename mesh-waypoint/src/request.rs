@@ -16,7 +16,9 @@ use bytes::Bytes;
 use ferrymesh_dataplane::state::State;
 use ferrymesh_policy::l7::HttpRequest;
 use ferrymesh_policy::Decision;
-use ferrymesh_route::{BackendRef, Filter, HeaderModifier, Mirror, RedirectFrom, RequestView, RouteTable, Selected};
+use ferrymesh_route::{
+    BackendRef, Filter, HeaderModifier, Mirror, RedirectFrom, RequestView, Retry, RouteTable, Selected, Timeouts,
+};
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, LOCATION, UPGRADE};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
@@ -26,7 +28,7 @@ use hyper::body::Incoming;
 
 use crate::listener::{Destination, Downstream, Waypoint};
 use crate::record::{Record, Recorded};
-use crate::upstream::{Forward, To, UpstreamError};
+use crate::upstream::{Forward, To, TryPolicy, UpstreamError};
 
 /// Body of requests and responses through the waypoint.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -156,6 +158,11 @@ async fn route(
     let mut path = parts.uri.path().to_string();
     let query = parts.uri.query().map(String::from);
     let mut later = Deferred::default();
+    // The rule's timeouts and retry; without a rule, no timeout and the mesh's default retry.
+    let (timeouts, retry) = match &selected {
+        Some(selected) => (selected.rule().timeouts, selected.rule().retry.clone().unwrap_or_else(Retry::mesh_default)),
+        None => (Timeouts::default(), Retry::mesh_default()),
+    };
 
     // The backend Service; None: the workload addressed, itself.
     let backend: Option<BackendRef> = match (&selected, table.is_empty()) {
@@ -236,13 +243,39 @@ async fn route(
             Err(reason) => return local_reply(record, StatusCode::BAD_REQUEST, "-", reason),
         };
     }
-    let mut response = match waypoint.upstream.send(&to, forward).await {
+    let policy = TryPolicy { retry, per_try: timeouts.backend_request };
+    // The request timeout runs from the request's arrival to its response's headers.
+    let deadline = timeouts.request.map(|limit| (limit, limit.saturating_sub(record.elapsed())));
+    let mut retries = 0;
+    let sent = {
+        let send = waypoint.upstream.send(&to, forward, &policy, &mut retries);
+        match deadline {
+            Some((_, left)) => tokio::time::timeout(left, send).await.ok(),
+            None => Some(send.await),
+        }
+    };
+    record.retries = retries;
+    let Some(sent) = sent else {
+        let limit = deadline.map_or(0, |(limit, _)| limit.as_millis());
+        return local_reply(
+            record,
+            StatusCode::GATEWAY_TIMEOUT,
+            "UT",
+            format!("request timeout: no response within {limit}ms"),
+        );
+    };
+    let mut response = match sent {
         Ok((response, endpoint)) => {
             record.upstream = endpoint.to_string();
             response
         }
         Err(e) => {
             let (status, flags) = match &e {
+                UpstreamError::Timeout { endpoint, .. } => {
+                    record.upstream = endpoint.to_string();
+                    (StatusCode::GATEWAY_TIMEOUT, "UT")
+                }
+                UpstreamError::Body { .. } => (StatusCode::BAD_REQUEST, "DPE"),
                 UpstreamError::NoEndpoint { .. } => (StatusCode::SERVICE_UNAVAILABLE, "UH"),
                 UpstreamError::Connect { endpoint, .. } => {
                     record.upstream = endpoint.to_string();
@@ -357,7 +390,9 @@ async fn mirror(waypoint: &Arc<Waypoint>, mirrors: &[Mirror], forward: Forward) 
         };
         let (waypoint, port) = (waypoint.clone(), m.backend.port);
         tokio::spawn(async move {
-            match waypoint.upstream.send(&To::Service(service, port), copy).await {
+            // A copy is sent once: a mirror never adds retries to its backend's load.
+            let once = TryPolicy { retry: Retry { attempts: 0, ..Retry::mesh_default() }, per_try: None };
+            match waypoint.upstream.send(&To::Service(service, port), copy, &once, &mut 0).await {
                 Ok((response, _)) => {
                     let _ = response.into_body().collect().await;
                 }

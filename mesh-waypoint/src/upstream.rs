@@ -2,9 +2,12 @@
 //! request by power of two choices on requests in progress ([`Balancer`]), the connection to it
 //! over HBONE to the endpoint pod's 15008 with the waypoint's own identity (plain TCP when the
 //! endpoint is not meshed), HTTP/1.1 connections pooled and reused, HTTP/2 (gRPC) multiplexed
-//! over one connection per endpoint. A request whose connection could not be made, and whose
-//! body is empty, goes to another endpoint (it never reached the first); anything else is
-//! answered once.
+//! over one connection per endpoint. A failed attempt is tried again by the rule's [`Retry`]
+//! (the mesh's default: a connection that could not be made, or a 503, twice more), on another
+//! endpoint when there is one, each attempt within the rule's backend request timeout; a body
+//! is replayed up to [`REPLAY_LIMIT`] bytes (a larger one, or one of unknown length, is sent
+//! once), and retries are bounded by a [`RetryBudget`] per Service so that they cannot
+//! multiply the load on a failing backend.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,14 +17,17 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use std::time::Instant;
 
+use bytes::Bytes;
 use ferrymesh_dataplane::hbone::client::{Client, ConnectHeaders, Dialer};
 use ferrymesh_dataplane::hbone::pool::StreamSlot;
 use ferrymesh_dataplane::hbone::stream::H2Stream;
 use ferrymesh_dataplane::identity::{Identity, IdentityManager};
 use ferrymesh_dataplane::lb::{Active, Balancer};
 use ferrymesh_dataplane::state::{Service, ServiceEndpoint, State};
-use http::header::HOST;
+use ferrymesh_route::Retry;
+use http::header::{CONTENT_LENGTH, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
@@ -33,8 +39,10 @@ use tokio::net::TcpStream;
 
 use crate::request::Body;
 
-/// Endpoints a request with an empty body may be tried on when connections fail.
+/// Endpoints a connection relayed at L4 may be tried on when connections fail.
 const ATTEMPTS: usize = 3;
+/// The largest request body kept to be sent again on a retry.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
 /// How long a connection to an endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an idle HTTP/1.1 connection is kept for reuse.
@@ -81,6 +89,79 @@ pub enum UpstreamError {
         /// Why.
         error: String,
     },
+    /// The endpoint sent no response within the backend request timeout.
+    #[error("upstream request timeout: {endpoint} sent no response within {}ms", after.as_millis())]
+    Timeout {
+        /// The endpoint.
+        endpoint: SocketAddr,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The client's request body failed while it was read to be replayable.
+    #[error("the request body failed: {error}")]
+    Body {
+        /// Why.
+        error: String,
+    },
+}
+
+/// How a request is tried: when again, and how long each attempt may take.
+#[derive(Debug, Clone)]
+pub struct TryPolicy {
+    /// When a failed attempt is tried again.
+    pub retry: Retry,
+    /// The limit of each attempt (Gateway API `backendRequest`).
+    pub per_try: Option<Duration>,
+}
+
+/// Retries a backend Service may get (Linkerd's budget): a fifth of its requests over the last
+/// [`RetryBudget::WINDOW_SECS`] seconds, and at least [`RetryBudget::MIN_PER_SEC`] a second, so
+/// a failing backend sees at most 20% more requests than its clients send (plus that floor).
+#[derive(Debug, Default)]
+pub struct RetryBudget {
+    /// Requests and retries of each of the last seconds, by second (`second % WINDOW_SECS`).
+    seconds: [(u64, u32, u32); RetryBudget::WINDOW_SECS as usize],
+}
+
+impl RetryBudget {
+    /// The window, in seconds.
+    pub const WINDOW_SECS: u64 = 10;
+    /// Retries always allowed, per second of the window.
+    pub const MIN_PER_SEC: u32 = 10;
+    /// Retries per request allowed beyond that floor.
+    pub const RATIO: f64 = 0.2;
+
+    fn bucket(&mut self, second: u64) -> &mut (u64, u32, u32) {
+        let slot = &mut self.seconds[(second % Self::WINDOW_SECS) as usize];
+        if slot.0 != second {
+            *slot = (second, 0, 0);
+        }
+        slot
+    }
+
+    /// Counts a request (its first attempt) at `second`.
+    pub fn deposit(&mut self, second: u64) {
+        self.bucket(second).1 += 1;
+    }
+
+    /// Whether a retry at `second` is within the budget; counts it when it is.
+    pub fn withdraw(&mut self, second: u64) -> bool {
+        let recent = |s: &&(u64, u32, u32)| s.0 + Self::WINDOW_SECS > second && s.0 <= second;
+        let (requests, retries) =
+            self.seconds.iter().filter(recent).fold((0u64, 0u64), |(q, r), s| (q + u64::from(s.1), r + u64::from(s.2)));
+        let allowed = (Self::RATIO * requests as f64) as u64 + u64::from(Self::MIN_PER_SEC) * Self::WINDOW_SECS;
+        if retries >= allowed {
+            return false;
+        }
+        self.bucket(second).2 += 1;
+        true
+    }
+}
+
+/// Seconds on the waypoint's clock, for budgets.
+fn now_second() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs()
 }
 
 /// Opens byte streams to endpoints: HBONE for meshed ones, TCP for the rest.
@@ -231,6 +312,8 @@ pub struct Upstream {
     /// One multiplexed HTTP/2 connection per endpoint.
     h2: Mutex<HashMap<SocketAddr, H2Sender>>,
     balancer: Arc<Balancer>,
+    /// Retry budgets by backend Service (`namespace/name`).
+    budgets: Mutex<HashMap<String, RetryBudget>>,
 }
 
 impl Upstream {
@@ -241,51 +324,114 @@ impl Upstream {
             .pool_idle_timeout(IDLE_TIMEOUT)
             .set_host(false)
             .build(Connector(tunnels.clone()));
-        Self { tunnels, h1, h2: Mutex::default(), balancer: Arc::default() }
+        Self { tunnels, h1, h2: Mutex::default(), balancer: Arc::default(), budgets: Mutex::default() }
     }
 
-    /// Sends `forward` to `to`: a ready endpoint of a Service port, or one endpoint; the
-    /// response (its body holds the endpoint's place in the balancer until it ends) and the
-    /// endpoint.
-    pub async fn send(&self, to: &To, forward: Forward) -> Result<(Response<Body>, SocketAddr), UpstreamError> {
-        let (service, port) = match to {
-            To::Service(service, port) => (service, *port),
-            To::Endpoint(endpoint) => {
-                let Forward { parts, body, authority, path_and_query } = forward;
-                let response = self.send_once(*endpoint, &parts, body, &authority, &path_and_query).await?;
-                return Ok((response, *endpoint));
-            }
+    /// Sends `forward` to `to` (a ready endpoint of a Service port, picked per attempt, or one
+    /// endpoint) as `policy` says; the response (its body holds the endpoint's place in the
+    /// balancer until it ends) and the endpoint. `retries` counts the attempts after the first.
+    pub async fn send(
+        &self,
+        to: &To,
+        forward: Forward,
+        policy: &TryPolicy,
+        retries: &mut u32,
+    ) -> Result<(Response<Body>, SocketAddr), UpstreamError> {
+        let name = match to {
+            To::Service(service, _) => format!("{}/{}", service.namespace, service.name),
+            To::Endpoint(endpoint) => endpoint.to_string(),
         };
-        let name = format!("{}/{}", service.namespace, service.name);
         let Forward { parts, body, authority, path_and_query } = forward;
-        let attempts = if body.is_end_stream() { ATTEMPTS } else { 1 };
-        let mut body = Some(body);
+        // The body, kept whole when it may have to be sent again.
+        let length = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let (replay, mut once) = if body.is_end_stream() {
+            (Some(Bytes::new()), None)
+        } else if policy.retry.attempts > 0 && length.is_some_and(|n| n <= REPLAY_LIMIT) {
+            let bytes = body.collect().await.map_err(|e| UpstreamError::Body { error: e.to_string() })?.to_bytes();
+            (Some(bytes), None)
+        } else {
+            (None, Some(body))
+        };
+        let attempts = if replay.is_some() { policy.retry.attempts + 1 } else { 1 };
+        self.budgets.lock().expect("budgets lock").entry(name.clone()).or_default().deposit(now_second());
         let mut tried: Vec<IpAddr> = Vec::new();
-        let mut last = None;
-        for _ in 0..attempts {
-            let Some((target, active)) = self.next_endpoint(service, port, &tried) else { break };
-            let body = body.take().unwrap_or_else(crate::request::empty);
-            match self.send_once(target, &parts, body, &authority, &path_and_query).await {
-                Ok(response) => {
-                    // The endpoint counts as busy until the response body ends.
-                    let response = response.map(|b| {
-                        b.map_frame(move |frame| {
-                            let _ = &active;
-                            frame
-                        })
-                        .boxed_unsync()
-                    });
-                    return Ok((response, target));
+        let mut last: Option<Result<(Response<Body>, SocketAddr), UpstreamError>> = None;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                let reason = match &last {
+                    Some(Ok((response, _))) => response.status().as_str().to_string(),
+                    Some(Err(UpstreamError::Timeout { .. })) => "per-try-timeout".into(),
+                    _ => "connect-failure".into(),
+                };
+                let budget =
+                    self.budgets.lock().expect("budgets lock").entry(name.clone()).or_default().withdraw(now_second());
+                if !budget {
+                    tracing::debug!(service = %name, "retry budget exhausted");
+                    metrics::counter!("ferrymesh_request_retry_overflow_total", "destination_service" => name.clone())
+                        .increment(1);
+                    break;
                 }
-                Err(e @ UpstreamError::Connect { .. }) => {
-                    tracing::debug!(service = %name, %target, "endpoint failed, trying another: {e}");
-                    tried.push(target.ip());
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
+                *retries += 1;
+                metrics::counter!("ferrymesh_request_retries_total", "destination_service" => name.clone(), "reason" => reason)
+                    .increment(1);
+                tokio::time::sleep(policy.retry.backoff).await;
+            }
+            let Some((target, active)) = self.pick(to, &tried) else { break };
+            let body = match &replay {
+                Some(bytes) => crate::request::full(bytes.clone()),
+                None => once.take().unwrap_or_else(crate::request::empty),
+            };
+            let sent = self.send_once(target, &parts, body, &authority, &path_and_query);
+            let result = match policy.per_try {
+                Some(after) => tokio::time::timeout(after, sent)
+                    .await
+                    .unwrap_or(Err(UpstreamError::Timeout { endpoint: target, after })),
+                None => sent.await,
+            };
+            tried.push(target.ip());
+            let again = match &result {
+                Ok(response) => policy.retry.codes.contains(&response.status().as_u16()),
+                Err(UpstreamError::Connect { .. }) => true,
+                Err(UpstreamError::Timeout { .. }) => policy.retry.codes.contains(&504),
+                Err(_) => false,
+            };
+            // The endpoint counts as busy until the response body ends.
+            let result = result.map(|response| {
+                let response = response.map(|b| {
+                    b.map_frame(move |frame| {
+                        let _ = &active;
+                        frame
+                    })
+                    .boxed_unsync()
+                });
+                (response, target)
+            });
+            if let Err(e) = &result {
+                tracing::debug!(service = %name, %target, "attempt {} failed: {e}", attempt + 1);
+            }
+            last = Some(result);
+            if !again {
+                break;
             }
         }
-        Err(last.unwrap_or(UpstreamError::NoEndpoint { service: name, port }))
+        last.unwrap_or_else(|| {
+            Err(match to {
+                To::Service(_, port) => UpstreamError::NoEndpoint { service: name, port: *port },
+                To::Endpoint(endpoint) => UpstreamError::Connect { endpoint: *endpoint, error: "not tried".into() },
+            })
+        })
+    }
+
+    /// Where an attempt goes: for a Service, a ready endpoint not in `tried` (any ready one
+    /// once every one was tried), with its place in the balancer; else the one endpoint.
+    fn pick(&self, to: &To, tried: &[IpAddr]) -> Option<(SocketAddr, Option<Active>)> {
+        match to {
+            To::Endpoint(endpoint) => Some((*endpoint, None)),
+            To::Service(service, port) => self
+                .next_endpoint(service, *port, tried)
+                .or_else(|| self.next_endpoint(service, *port, &[]))
+                .map(|(target, active)| (target, Some(active))),
+        }
     }
 
     /// A ready endpoint of `service` port `port` not in `tried`, by power of two choices, as
@@ -404,4 +550,24 @@ fn absolute(authority: &Authority, path_and_query: &PathAndQuery) -> Uri {
         .path_and_query(path_and_query.clone())
         .build()
         .expect("an authority and a path make a URI")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RetryBudget;
+
+    #[test]
+    fn the_retry_budget_allows_a_floor_and_a_fifth_of_recent_requests() {
+        let mut budget = RetryBudget::default();
+        // The floor: 10 a second over the 10 s window, with no requests at all.
+        let floor = (RetryBudget::MIN_PER_SEC as u64 * RetryBudget::WINDOW_SECS) as usize;
+        assert_eq!((0..1000).filter(|_| budget.withdraw(5)).count(), floor);
+        // 1000 requests more allow 200 more retries, within the window.
+        for _ in 0..1000 {
+            budget.deposit(6);
+        }
+        assert_eq!((0..1000).filter(|_| budget.withdraw(7)).count(), 200);
+        // Once the window has passed, the old requests and retries no longer count.
+        assert_eq!((0..1000).filter(|_| budget.withdraw(20)).count(), floor);
+    }
 }

@@ -829,3 +829,67 @@ fn tcp_to_a_bound_service_is_relayed_at_l4_with_l4_policy() {
     policy("from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/a]");
     wait_until(CONFIG_WAIT, "the principal's rule to let TCP by", || send(9000).status.success());
 }
+
+/// The HTTP status of each of `count` requests to `url` from `from`, over one kept-alive
+/// connection, with the extra curl `args`.
+fn statuses(topo: &Topology, from: &ferrymesh_testbed::Pod, url: &str, count: usize, args: &[&str]) -> Vec<u16> {
+    let mut all = vec!["-sS", "--max-time", "60", "-w", "%{http_code}\\n"];
+    all.extend_from_slice(args);
+    for _ in 0..count {
+        all.extend(["-o", "/dev/null", url]);
+    }
+    let out = topo.output_in(&from.netns, "curl", &all);
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+#[test]
+fn request_timeouts_and_the_default_retry_shape_what_clients_see() {
+    let topo = waypoint_cluster();
+    let (a, waypoint) = (topo.pod("shop", "a"), topo.pod("shop", "waypoint"));
+    let rules = "  - matches:\n    - path:\n        type: PathPrefix\n        value: /slow\n    timeouts:\n      request: 500ms\n    backendRefs:\n    - name: web\n      port: 80\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /per-try\n    timeouts:\n      request: 3s\n      backendRequest: 300ms\n    backendRefs:\n    - name: web\n      port: 80\n  - backendRefs:\n    - name: web\n      port: 80\n";
+    topo.write_config_file("route-timeouts.yaml", &web_route("timeouts", Some(80), rules));
+    wait_until(CONFIG_WAIT, "the route at the waypoint's node", || {
+        String::from_utf8_lossy(&topo.meshctl(2, &["routes", "-o", "json"]).stdout).contains("\"timeouts\"")
+    });
+
+    // A 2 s upstream behind a 500 ms request timeout: a 504 near 500 ms, flagged UT.
+    let started = std::time::Instant::now();
+    let slow = topo.http(a, &format!("http://{WEB}/slow"), &["-H", "x-echo-delay-ms: 2000"]);
+    let took = started.elapsed();
+    assert_eq!(slow.status, 504, "{slow:?}");
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(1500), "answered after {took:?}");
+    assert!(slow.body.contains("request timeout: no response within 500ms"), "{slow:?}");
+    // A request within its timeout is served.
+    assert_eq!(topo.http(a, &format!("http://{WEB}/slow"), &["-H", "x-echo-delay-ms: 100"]).status, 200);
+    // Each attempt limited to 300 ms: a 504 (the default retry retries 503s, not 504s) after one
+    // attempt, well before the 3 s request timeout.
+    let started = std::time::Instant::now();
+    let per_try = topo.http(a, &format!("http://{WEB}/per-try"), &["-H", "x-echo-delay-ms: 2000"]);
+    assert_eq!(per_try.status, 504, "{per_try:?}");
+    assert!(started.elapsed() < Duration::from_millis(1500), "answered after {:?}", started.elapsed());
+    assert!(per_try.body.contains("sent no response within 300ms"), "{per_try:?}");
+
+    // Endpoints failing one request in three with a 503, behind the mesh's default retry:
+    // no client sees an error, and the retries are counted and recorded.
+    let codes = statuses(&topo, a, &format!("http://{WEB}/fail"), 60, &["-H", "x-echo-fail-every: 3"]);
+    assert_eq!(codes.len(), 60, "{codes:?}");
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    wait_until(FLOW_WAIT, "the records of the timeouts and the retried requests", || {
+        let records = topo.waypoint_requests(waypoint);
+        records.iter().filter(|r| r["path"] == "/fail").count() >= 60
+            && records.iter().filter(|r| r["response_flags"] == "UT").count() >= 2
+    });
+    let records = topo.waypoint_requests(waypoint);
+    let timed_out = records.iter().find(|r| r["path"] == "/slow" && r["status"] == 504).expect("the timed-out record");
+    assert_eq!(timed_out["response_flags"], "UT", "{timed_out}");
+    let retried: u64 = records.iter().filter(|r| r["path"] == "/fail").map(|r| r["retries"].as_u64().unwrap()).sum();
+    // About one request in three fails once (two endpoints counting on their own).
+    assert!((10..=40).contains(&retried), "{retried} retries over 60 requests");
+    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let by_503 = [("destination_service", "shop/web"), ("reason", "503")];
+    assert_eq!(scrape.sum("ferrymesh_request_retries_total", &by_503), retried as f64, "{text}");
+    let timeouts = [("destination_service", "shop/web"), ("response_code", "504"), ("response_flags", "UT")];
+    assert!(scrape.sum("ferrymesh_requests_total", &timeouts) >= 2.0, "{text}");
+}

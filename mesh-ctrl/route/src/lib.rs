@@ -14,6 +14,7 @@ pub mod wire;
 
 use std::cmp::Reverse;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::HeaderMap;
 use regex::Regex;
@@ -84,6 +85,78 @@ pub struct Rule {
     pub filters: Vec<Filter>,
     /// Where requests go, by weight.
     pub backends: Vec<Backend>,
+    /// How long its requests may take.
+    pub timeouts: Timeouts,
+    /// When a failed attempt is tried again; None: the mesh's default ([`Retry::mesh_default`]).
+    pub retry: Option<Retry>,
+}
+
+/// How long a rule's requests may take (Gateway API `timeouts`, GEP-1742); None: no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From the request's arrival to its response's headers, retries included.
+    pub request: Option<Duration>,
+    /// Each attempt at a backend, to its response's headers.
+    pub backend_request: Option<Duration>,
+}
+
+/// When a failed attempt at a backend is tried again (Gateway API `retry`, GEP-1731), on
+/// another endpoint when there is one. A connection that could not be made is always retried
+/// (the request never reached the endpoint); a response is retried when its status is one of
+/// `codes`, and an attempt past `backendRequest` counts as a 504.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retry {
+    /// Response statuses that are retried.
+    pub codes: Vec<u16>,
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    /// The wait before each retry.
+    pub backoff: Duration,
+}
+
+impl Retry {
+    /// The mesh's default where a route says nothing (Istio's: connection failures and 503, 2
+    /// retries, Envoy's 25 ms base interval).
+    pub fn mesh_default() -> Retry {
+        Retry { codes: vec![503], attempts: 2, backoff: Duration::from_millis(25) }
+    }
+}
+
+/// The largest retry count a route may ask for.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+/// The response statuses a retry may name (GEP-1731).
+pub const RETRY_CODES: std::ops::RangeInclusive<u16> = 400..=599;
+
+/// A Gateway API duration (GEP-2257): one to four `<number><unit>` parts, numbers of at most 5
+/// digits, units `h`, `m`, `s`, `ms`, e.g. `500ms`, `1m30s`. Zero means no limit (None).
+pub fn parse_duration(text: &str) -> Result<Option<Duration>, String> {
+    let invalid = || format!("{text:?} is not a duration (e.g. 500ms, 10s, 1m30s)");
+    let (mut rest, mut total, mut parts) = (text, Duration::ZERO, 0);
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 || parts == 4 {
+            return Err(invalid());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else {
+            match rest.bytes().next() {
+                Some(b'h') => (Duration::from_secs(3600), 1),
+                Some(b'm') => (Duration::from_secs(60), 1),
+                Some(b's') => (Duration::from_secs(1), 1),
+                _ => return Err(invalid()),
+            }
+        };
+        total += unit * u32::try_from(n).map_err(|_| invalid())?;
+        rest = &rest[len..];
+        parts += 1;
+    }
+    if parts == 0 {
+        return Err(invalid());
+    }
+    Ok((!total.is_zero()).then_some(total))
 }
 
 /// A request match: every part given must hold.

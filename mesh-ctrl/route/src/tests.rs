@@ -11,7 +11,14 @@ fn backend(name: &str, weight: u32) -> Backend {
 
 fn rule(matches: Vec<Match>, to: &str) -> Rule {
     let matches = if matches.is_empty() { vec![Match::default()] } else { matches };
-    Rule { name: None, matches, filters: vec![], backends: vec![backend(to, 1)] }
+    Rule {
+        name: None,
+        matches,
+        filters: vec![],
+        backends: vec![backend(to, 1)],
+        timeouts: Timeouts::default(),
+        retry: None,
+    }
 }
 
 fn route(name: &str, created_unix: i64, rules: Vec<Rule>) -> Arc<Route> {
@@ -142,6 +149,8 @@ fn weights_split_requests_in_proportion() {
         matches: vec![Match::default()],
         filters: vec![],
         backends: vec![backend("v1", 70), backend("v2", 30), backend("off", 0)],
+        timeouts: Timeouts::default(),
+        retry: None,
     };
     // Evenly spread rolls stand for a uniform random source.
     let mut counts = std::collections::BTreeMap::new();
@@ -208,6 +217,11 @@ fn full_route() -> Route {
                     path: Some(PathReplace::Full("/".into())),
                 })],
             }],
+            timeouts: Timeouts {
+                request: Some(Duration::from_millis(1500)),
+                backend_request: Some(Duration::from_millis(500)),
+            },
+            retry: Some(Retry { codes: vec![500, 503], attempts: 3, backoff: Duration::from_millis(100) }),
         }],
     ))
     .clone();
@@ -311,6 +325,8 @@ fn rolls_split_every_run_of_requests_by_weight() {
         matches: vec![Match::default()],
         filters: vec![],
         backends: vec![backend("web", 70), backend("canary", 30)],
+        timeouts: Timeouts::default(),
+        retry: None,
     };
     let rolls = Rolls::default();
     for run in [10usize, 100, 500, 5000] {
@@ -322,4 +338,29 @@ fn rolls_split_every_run_of_requests_by_weight() {
     let alternate: Vec<u32> = (0..1000).map(|_| rolls.next()).step_by(2).collect();
     let canary = alternate.iter().filter(|roll| r.pick(**roll).unwrap().target.service == "shop/canary").count();
     assert!(canary.abs_diff(150) <= 3, "{canary} of 500 alternate requests to canary");
+}
+
+#[test]
+fn durations_read_as_gateway_api_writes_them() {
+    let ok = [
+        ("500ms", Some(Duration::from_millis(500))),
+        ("10s", Some(Duration::from_secs(10))),
+        ("1m30s", Some(Duration::from_secs(90))),
+        ("1h2m3s4ms", Some(Duration::from_millis(3_723_004))),
+        ("0s", None),
+        ("0ms", None),
+    ];
+    for (text, want) in ok {
+        assert_eq!(parse_duration(text), Ok(want), "{text}");
+    }
+    for bad in ["", "-1s", "1.5s", "10", "s", "1d", "123456s", "1h1m1s1ms1s", "10 s"] {
+        let e = parse_duration(bad).unwrap_err();
+        assert!(e.contains("is not a duration"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn the_default_retry_is_istios() {
+    let retry = Retry::mesh_default();
+    assert_eq!((retry.codes.as_slice(), retry.attempts), ([503].as_slice(), 2));
 }

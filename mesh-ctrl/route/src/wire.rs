@@ -4,9 +4,12 @@
 
 use ferrymesh_api::config as proto;
 
+use std::time::Duration;
+
 use crate::{
     anchored, pattern_of, Backend, BackendRef, Filter, HeaderModifier, Match, Mirror, Parent, PathMatch, PathReplace,
-    Redirect, Rewrite, Route, RouteKind, Rule, StringMatch, ValueMatch,
+    Redirect, Retry, Rewrite, Route, RouteKind, Rule, StringMatch, Timeouts, ValueMatch, MAX_RETRY_ATTEMPTS,
+    RETRY_CODES,
 };
 
 /// A route that does not convert.
@@ -147,6 +150,24 @@ impl Ctx {
         })
     }
 
+    fn timeouts(&self, field: &str, request_ms: u64, backend_ms: u64) -> Result<Timeouts, WireError> {
+        let ms = |n: u64| (n > 0).then(|| Duration::from_millis(n));
+        let timeouts = Timeouts { request: ms(request_ms), backend_request: ms(backend_ms) };
+        check_timeouts(&timeouts).map_err(|e| self.err(format!("{field}.backend_request_timeout_ms"), e))?;
+        Ok(timeouts)
+    }
+
+    fn retry(&self, field: &str, r: proto::RouteRetry) -> Result<Retry, WireError> {
+        let codes = r
+            .codes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| retry_code(i64::from(*c)).map_err(|e| self.err(format!("{field}.codes[{i}]"), e)))
+            .collect::<Result<_, _>>()?;
+        let attempts = retry_attempts(i64::from(r.attempts)).map_err(|e| self.err(format!("{field}.attempts"), e))?;
+        Ok(Retry { codes, attempts, backoff: Duration::from_millis(r.backoff_ms) })
+    }
+
     fn filters(&self, field: &str, filters: Vec<proto::RouteFilter>) -> Result<Vec<Filter>, WireError> {
         filters.into_iter().enumerate().map(|(i, f)| self.filter(&format!("{field}[{i}]"), f)).collect()
     }
@@ -220,6 +241,8 @@ impl TryFrom<proto::Route> for Route {
                 matches,
                 filters: ctx.filters(&format!("{field}.filters"), rule.filters)?,
                 backends,
+                timeouts: ctx.timeouts(&field, rule.request_timeout_ms, rule.backend_request_timeout_ms)?,
+                retry: rule.retry.map(|r| ctx.retry(&format!("{field}.retry"), r)).transpose()?,
             });
         }
         Ok(Route {
@@ -232,6 +255,38 @@ impl TryFrom<proto::Route> for Route {
             created_unix: r.created_unix,
         })
     }
+}
+
+/// A backend request timeout no longer than the request timeout (Gateway API requires it).
+pub fn check_timeouts(t: &Timeouts) -> Result<(), String> {
+    match (t.request, t.backend_request) {
+        (Some(request), Some(backend)) if backend > request => Err(format!(
+            "the backend request timeout ({}ms) is longer than the request timeout ({}ms)",
+            backend.as_millis(),
+            request.as_millis()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A status a retry may name.
+pub fn retry_code(code: i64) -> Result<u16, String> {
+    u16::try_from(code)
+        .ok()
+        .filter(|c| RETRY_CODES.contains(c))
+        .ok_or_else(|| format!("{code} is not a status from {} to {}", RETRY_CODES.start(), RETRY_CODES.end()))
+}
+
+/// A retry count a route may ask for.
+pub fn retry_attempts(n: i64) -> Result<u32, String> {
+    u32::try_from(n)
+        .ok()
+        .filter(|n| *n <= MAX_RETRY_ATTEMPTS)
+        .ok_or_else(|| format!("{n} is not a retry count from 0 to {MAX_RETRY_ATTEMPTS}"))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn value_match(m: &ValueMatch) -> proto::ValueMatch {
@@ -336,6 +391,13 @@ impl From<&Route> for proto::Route {
                         .collect(),
                     filters: rule.filters.iter().map(filter).collect(),
                     backends: rule.backends.iter().map(|b| backend(&b.target, b.weight, &b.filters)).collect(),
+                    request_timeout_ms: rule.timeouts.request.map_or(0, millis),
+                    backend_request_timeout_ms: rule.timeouts.backend_request.map_or(0, millis),
+                    retry: rule.retry.as_ref().map(|r| proto::RouteRetry {
+                        codes: r.codes.iter().map(|c| u32::from(*c)).collect(),
+                        attempts: r.attempts,
+                        backoff_ms: millis(r.backoff),
+                    }),
                 })
                 .collect(),
             created_unix: r.created_unix,

@@ -522,6 +522,9 @@ spec:
       queryParams:
       - name: debug
         value: \"1\"
+    timeouts:
+      request: 1500ms
+      backendRequest: 500ms
     backendRefs:
     - name: web-v1
       port: 8080
@@ -581,6 +584,10 @@ spec:
         let weights: Vec<u32> = http.rules[1].backends.iter().map(|b| b.weight).collect();
         assert_eq!(weights, [90, 10]);
         assert_eq!(http.rules[1].matches[1].method, Some(http::Method::POST));
+        let timeouts = http.rules[1].timeouts;
+        assert_eq!(timeouts.request, Some(std::time::Duration::from_millis(1500)));
+        assert_eq!(timeouts.backend_request, Some(std::time::Duration::from_millis(500)));
+        assert_eq!(http.rules[0].timeouts, ferrymesh_route::Timeouts::default(), "no timeouts: no limit");
         assert!(
             matches!(&http.rules[2].filters[0], Filter::Redirect(r) if r.status == 308 && r.scheme.as_deref() == Some("https"))
         );
@@ -594,6 +601,11 @@ spec:
             (HTTP_ROUTE.replace("value: /api", "value: api"), "spec.rules[1].matches[0].path.value"),
             (HTTP_ROUTE.replacen("      port: 8080\n", "", 1), "spec.rules[0].backendRefs[0].port"),
             (HTTP_ROUTE.replace("weight: 90", "weight: -1"), "spec.rules[1].backendRefs[0].weight"),
+            (HTTP_ROUTE.replace("request: 1500ms", "request: -1s"), "spec.rules[1].timeouts.request"),
+            (
+                HTTP_ROUTE.replace("backendRequest: 500ms", "backendRequest: 2s"),
+                "spec.rules[1].timeouts.backendRequest",
+            ),
             (
                 HTTP_ROUTE.replace("statusCode: 308", "statusCode: 305"),
                 "spec.rules[2].filters[0].requestRedirect.statusCode",

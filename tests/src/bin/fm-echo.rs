@@ -36,6 +36,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve HTTP echo on `port` as pod `pod` of `namespace`; prints "ready" once listening.
+    /// Request headers steer the answer: `x-echo-delay-ms: N` answers N ms late,
+    /// `x-echo-status: S` with status S, `x-echo-fail-every: N` with a 503 for every Nth such
+    /// request this server sees.
     Serve {
         #[arg(long, default_value_t = 8081)]
         port: u16,
@@ -154,6 +157,19 @@ async fn answer(
     }
     let (parts, body) = request.into_parts();
     let body_bytes = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    // Test knobs, by request header: answer late, answer a status, or fail every Nth request
+    // carrying the header with a 503 (counted by this server).
+    let knob = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(ms) = knob("x-echo-delay-ms") {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    let mut status = knob("x-echo-status").and_then(|s| StatusCode::from_u16(u16::try_from(s).ok()?).ok());
+    if let Some(n) = knob("x-echo-fail-every").filter(|n| *n > 0) {
+        static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if (SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1).is_multiple_of(n) {
+            status = Some(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in &parts.headers {
         headers.entry(name.to_string()).or_default().push(String::from_utf8_lossy(value.as_bytes()).into_owned());
@@ -178,6 +194,7 @@ async fn answer(
         println!("{body}");
     }
     let response = Response::builder()
+        .status(status.unwrap_or(StatusCode::OK))
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("echo response");

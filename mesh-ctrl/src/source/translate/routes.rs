@@ -6,17 +6,18 @@
 //!
 //! Not supported yet, and refused by name: `ExtensionRef` filters, backends of another kind than
 //! Service, and cross-namespace backends (they need a ReferenceGrant, which the mesh does not
-//! read yet).
+//! read yet). Not read yet: the experimental channel's `retry` (the mesh's default retry
+//! applies to every rule).
 
-use ferrymesh_route::wire::{port, valid_header, REDIRECT_STATUSES};
+use ferrymesh_route::wire::{check_timeouts, port, valid_header, REDIRECT_STATUSES};
 use ferrymesh_route::{
-    anchored, Backend, BackendRef, Filter, HeaderModifier, Match, Mirror, Parent, PathMatch, PathReplace, Redirect,
-    Rewrite, Route, RouteKind, Rule, StringMatch, ValueMatch,
+    anchored, parse_duration, Backend, BackendRef, Filter, HeaderModifier, Match, Mirror, Parent, PathMatch,
+    PathReplace, Redirect, Rewrite, Route, RouteKind, Rule, StringMatch, Timeouts, ValueMatch,
 };
 use gateway_api::grpcroutes::{GRPCRoute, GRPCRouteRulesMatches, GRPCRouteRulesMatchesMethodType};
 use gateway_api::httproutes::{
     HTTPRoute, HTTPRouteParentRefs, HTTPRouteRulesBackendRefs, HTTPRouteRulesFilters, HTTPRouteRulesFiltersType,
-    HTTPRouteRulesMatches, HTTPRouteRulesMatchesPathType,
+    HTTPRouteRulesMatches, HTTPRouteRulesMatchesPathType, HTTPRouteRulesTimeouts,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -30,6 +31,7 @@ struct RawRule {
     matches: Vec<Match>,
     filters: Vec<HTTPRouteRulesFilters>,
     backends: Vec<HTTPRouteRulesBackendRefs>,
+    timeouts: Option<HTTPRouteRulesTimeouts>,
 }
 
 /// The mesh's part of a route: None when it is attached to no Service.
@@ -40,7 +42,8 @@ pub fn http_route_from(route: HTTPRoute, key: &ObjectKey) -> Result<Option<Route
         let field = format!("spec.rules[{i}]");
         let matches = translate_matches(rule.matches, key, &field, http_match)?;
         let filters = rule.filters.unwrap_or_default();
-        rules.push(RawRule { name: rule.name, matches, filters, backends: rule.backend_refs.unwrap_or_default() });
+        let backends = rule.backend_refs.unwrap_or_default();
+        rules.push(RawRule { name: rule.name, matches, filters, backends, timeouts: rule.timeouts });
     }
     let parents = spec.parent_refs.unwrap_or_default();
     mesh_route(RouteKind::Http, key, &route.metadata, spec.hostnames, parents, rules)
@@ -55,7 +58,7 @@ pub fn grpc_route_from(route: GRPCRoute, key: &ObjectKey) -> Result<Option<Route
         let matches = translate_matches(rule.matches, key, &field, grpc_match)?;
         let filters = as_http(rule.filters, key, &format!("{field}.filters"))?;
         let backends = as_http(rule.backend_refs, key, &format!("{field}.backendRefs"))?;
-        rules.push(RawRule { name: rule.name, matches, filters, backends });
+        rules.push(RawRule { name: rule.name, matches, filters, backends, timeouts: None });
     }
     let parents = as_http(spec.parent_refs, key, "spec.parentRefs")?;
     mesh_route(RouteKind::Grpc, key, &route.metadata, spec.hostnames, parents, rules)
@@ -102,7 +105,8 @@ fn mesh_route(
             let filters = translate_filters(filters, key, &format!("{field}.filters"), prefix_matched)?;
             backends.push(Backend { target, weight: weight(b.weight, key, &field)?, filters });
         }
-        rules.push(finish_rule(rule.name, rule.matches, filters, backends));
+        let timeouts = timeouts(rule.timeouts, key, &format!("{field}.timeouts"))?;
+        rules.push(finish_rule(rule.name, rule.matches, filters, backends, timeouts));
     }
     Ok(Some(Route {
         kind,
@@ -119,9 +123,34 @@ fn created_unix(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
     meta.creation_timestamp.as_ref().map_or(0, |t| t.0.timestamp())
 }
 
-fn finish_rule(name: Option<String>, matches: Vec<Match>, filters: Vec<Filter>, backends: Vec<Backend>) -> Rule {
+fn finish_rule(
+    name: Option<String>,
+    matches: Vec<Match>,
+    filters: Vec<Filter>,
+    backends: Vec<Backend>,
+    timeouts: Timeouts,
+) -> Rule {
     let matches = if matches.is_empty() { vec![Match::default()] } else { matches };
-    Rule { name, matches, filters, backends }
+    Rule { name, matches, filters, backends, timeouts, retry: None }
+}
+
+/// A rule's `timeouts` (GEP-1742): durations as GEP-2257 writes them, `0s` for no limit, the
+/// backend request's no longer than the request's.
+fn timeouts(t: Option<HTTPRouteRulesTimeouts>, key: &ObjectKey, field: &str) -> Result<Timeouts, FieldError> {
+    let Some(t) = t else { return Ok(Timeouts::default()) };
+    let parse = |value: Option<String>, name: &str| {
+        value
+            .map(|v| parse_duration(&v))
+            .transpose()
+            .map(Option::flatten)
+            .map_err(|e| key.field_error(format!("{field}.{name}"), e))
+    };
+    let timeouts = Timeouts {
+        request: parse(t.request, "request")?,
+        backend_request: parse(t.backend_request, "backendRequest")?,
+    };
+    check_timeouts(&timeouts).map_err(|e| key.field_error(format!("{field}.backendRequest"), e))?;
+    Ok(timeouts)
 }
 
 /// Filters, backend or parent references of any place, read in the HTTPRoute rule's shape (see
