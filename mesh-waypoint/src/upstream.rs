@@ -337,9 +337,11 @@ impl Upstream {
         policy: &TryPolicy,
         retries: &mut u32,
     ) -> Result<(Response<Body>, SocketAddr), UpstreamError> {
+        // The backend, for budgets and metrics (`unknown` for a workload, as in the request
+        // metrics).
         let name = match to {
             To::Service(service, _) => format!("{}/{}", service.namespace, service.name),
-            To::Endpoint(endpoint) => endpoint.to_string(),
+            To::Endpoint(_) => "unknown".to_string(),
         };
         let Forward { parts, body, authority, path_and_query } = forward;
         // The body, kept whole when it may have to be sent again.

@@ -294,6 +294,37 @@ where
     )
 }
 
+/// Makes each set of status writes `writes` receives, until its sender is gone. A write that
+/// conflicts (the object changed meanwhile) is left to the object's next event; a failure is
+/// logged once per object until its message changes.
+async fn write_statuses(client: Client, mut writes: tokio::sync::watch::Receiver<Vec<StatusWrite>>) {
+    let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    while writes.changed().await.is_ok() {
+        let batch = writes.borrow_and_update().clone();
+        for write in batch {
+            let object = write.key.to_string();
+            match write.apply(&client).await {
+                Ok(()) => {
+                    metrics::counter!("ferrymesh_ctrl_status_writes_total", "result" => "ok").increment(1);
+                    failed.remove(&object);
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    metrics::counter!("ferrymesh_ctrl_status_writes_total", "result" => "conflict").increment(1);
+                    tracing::debug!(%object, "status write conflicted; the object's next event retries it");
+                }
+                Err(e) => {
+                    metrics::counter!("ferrymesh_ctrl_status_writes_total", "result" => "error").increment(1);
+                    let message = e.to_string();
+                    if failed.get(&object) != Some(&message) {
+                        tracing::warn!(%object, "cannot write the status: {message}");
+                        failed.insert(object, message);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Watches the cluster behind `client` and publishes a model after every change, until the
 /// watches end (they retry with backoff, so only when the process stops).
 pub async fn watch_kube(client: Client, publisher: Publisher) {
@@ -333,8 +364,9 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         changes(Api::<GRPCRoute>::all(client.clone()), grpc_route_writer).boxed(),
     ]);
     let mut last_errors = Vec::new();
-    // The last failure of each object's status write, logged once until it changes.
-    let mut failed_writes: BTreeMap<String, String> = BTreeMap::new();
+    // Status is written by a task of its own: a slow API server never holds up the config.
+    let (status_tx, status_rx) = tokio::sync::watch::channel(Vec::new());
+    tokio::spawn(write_statuses(client, status_rx));
     while let Some(event) = events.next().await {
         if let Err(e) = event {
             tracing::warn!("Kubernetes watch failed: {e}; retrying with backoff and keeping the last good config");
@@ -352,27 +384,8 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
             }
             last_errors = messages;
         }
-        for write in source.status_writes(&model, &errors) {
-            let object = write.key.to_string();
-            match write.apply(&client).await {
-                Ok(()) => {
-                    metrics::counter!("ferrymesh_ctrl_status_writes_total", "result" => "ok").increment(1);
-                    failed_writes.remove(&object);
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    metrics::counter!("ferrymesh_ctrl_status_writes_total", "result" => "conflict").increment(1);
-                    tracing::debug!(%object, "status write conflicted; the object's next event retries it");
-                }
-                Err(e) => {
-                    metrics::counter!("ferrymesh_ctrl_status_writes_total", "result" => "error").increment(1);
-                    let message = e.to_string();
-                    if failed_writes.get(&object) != Some(&message) {
-                        tracing::warn!(%object, "cannot write the status: {message}");
-                        failed_writes.insert(object, message);
-                    }
-                }
-            }
-        }
+        // The latest set of writes replaces any not yet made: each set is complete.
+        status_tx.send_replace(source.status_writes(&model, &errors));
         tracing::debug!(
             version,
             pods = model.pods.len(),
