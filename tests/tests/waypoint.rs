@@ -846,7 +846,7 @@ fn statuses(topo: &Topology, from: &ferrymesh_testbed::Pod, url: &str, count: us
 fn request_timeouts_and_the_default_retry_shape_what_clients_see() {
     let topo = waypoint_cluster();
     let (a, waypoint) = (topo.pod("shop", "a"), topo.pod("shop", "waypoint"));
-    let rules = "  - matches:\n    - path:\n        type: PathPrefix\n        value: /slow\n    timeouts:\n      request: 500ms\n    backendRefs:\n    - name: web\n      port: 80\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /per-try\n    timeouts:\n      request: 3s\n      backendRequest: 300ms\n    backendRefs:\n    - name: web\n      port: 80\n  - backendRefs:\n    - name: web\n      port: 80\n";
+    let rules = "  - matches:\n    - path:\n        type: PathPrefix\n        value: /slow\n    timeouts:\n      request: 500ms\n    backendRefs:\n    - name: web\n      port: 80\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /per-try\n    timeouts:\n      request: 3s\n      backendRequest: 300ms\n    backendRefs:\n    - name: web\n      port: 80\n  - matches:\n    - path:\n        type: PathPrefix\n        value: /retry-500\n    retry:\n      codes: [500]\n      attempts: 1\n      backoff: 0s\n    backendRefs:\n    - name: web\n      port: 80\n  - backendRefs:\n    - name: web\n      port: 80\n";
     topo.write_config_file("route-timeouts.yaml", &web_route("timeouts", Some(80), rules));
     wait_until(CONFIG_WAIT, "the route at the waypoint's node", || {
         String::from_utf8_lossy(&topo.meshctl(2, &["routes", "-o", "json"]).stdout).contains("\"timeouts\"")
@@ -885,6 +885,19 @@ fn request_timeouts_and_the_default_retry_shape_what_clients_see() {
     let retried: u64 = records.iter().filter(|r| r["path"] == "/fail").map(|r| r["retries"].as_u64().unwrap()).sum();
     // About one request in three fails once (two endpoints counting on their own).
     assert!((10..=40).contains(&retried), "{retried} retries over 60 requests");
+    // A rule's own retry (GEP-1731): a 500 retried once, then answered; the default retry does
+    // not retry a 500.
+    let always_500 = ["-H", "x-echo-status: 500"];
+    assert_eq!(topo.http(a, &format!("http://{WEB}/retry-500"), &always_500).status, 500);
+    assert_eq!(topo.http(a, &format!("http://{WEB}/plain-500"), &always_500).status, 500);
+    wait_until(FLOW_WAIT, "the records of the 500s", || {
+        let records = topo.waypoint_requests(waypoint);
+        ["/retry-500", "/plain-500"].iter().all(|p| records.iter().any(|r| r["path"] == *p))
+    });
+    let records = topo.waypoint_requests(waypoint);
+    let retries_of = |path: &str| records.iter().find(|r| r["path"] == path).map(|r| r["retries"].clone());
+    assert_eq!(retries_of("/retry-500"), Some(serde_json::json!(1)));
+    assert_eq!(retries_of("/plain-500"), Some(serde_json::json!(0)));
     let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
@@ -892,4 +905,5 @@ fn request_timeouts_and_the_default_retry_shape_what_clients_see() {
     assert_eq!(scrape.sum("ferrymesh_request_retries_total", &by_503), retried as f64, "{text}");
     let timeouts = [("destination_service", "shop/web"), ("response_code", "504"), ("response_flags", "UT")];
     assert!(scrape.sum("ferrymesh_requests_total", &timeouts) >= 2.0, "{text}");
+    assert_eq!(scrape.sum("ferrymesh_request_retries_total", &[("reason", "500")]), 1.0, "{text}");
 }

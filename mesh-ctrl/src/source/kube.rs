@@ -19,9 +19,9 @@ use serde_json::{json, Value};
 
 use super::local::ConfigError;
 use super::status::{route_status, waypoint_status};
+use gateway_api::experimental::httproutes::HTTPRoute;
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GRPCRoute;
-use gateway_api::httproutes::HTTPRoute;
 
 use super::translate::{
     endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, service_account_from,

@@ -309,7 +309,7 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         (GATEWAY_V1, "Gateway") => strict::<gateway_api::gateways::Gateway>(without_type_meta(doc)).and_then(|gw| {
             waypoint_from(gw, &key).map(|w| w.map_or(Object::Ignored, Object::Waypoint)).map_err(FieldError::field_and_message)
         }),
-        (GATEWAY_V1, "HTTPRoute") => strict::<gateway_api::httproutes::HTTPRoute>(without_type_meta(doc)).and_then(|route| {
+        (GATEWAY_V1, "HTTPRoute") => strict::<gateway_api::experimental::httproutes::HTTPRoute>(without_type_meta(doc)).and_then(|route| {
             http_route_from(route, &key).map(|r| r.map_or(Object::Ignored, Object::Route)).map_err(FieldError::field_and_message)
         }),
         (GATEWAY_V1, "GRPCRoute") => strict::<gateway_api::grpcroutes::GRPCRoute>(without_type_meta(doc)).and_then(|route| {
@@ -525,6 +525,10 @@ spec:
     timeouts:
       request: 1500ms
       backendRequest: 500ms
+    retry:
+      codes: [500, 502]
+      attempts: 3
+      backoff: 100ms
     backendRefs:
     - name: web-v1
       port: 8080
@@ -588,6 +592,10 @@ spec:
         assert_eq!(timeouts.request, Some(std::time::Duration::from_millis(1500)));
         assert_eq!(timeouts.backend_request, Some(std::time::Duration::from_millis(500)));
         assert_eq!(http.rules[0].timeouts, ferrymesh_route::Timeouts::default(), "no timeouts: no limit");
+        let retry = http.rules[1].retry.as_ref().expect("the rule's retry");
+        assert_eq!((retry.codes.as_slice(), retry.attempts), ([500, 502].as_slice(), 3));
+        assert_eq!(retry.backoff, std::time::Duration::from_millis(100));
+        assert_eq!(http.rules[0].retry, None, "no retry: the mesh's default");
         assert!(
             matches!(&http.rules[2].filters[0], Filter::Redirect(r) if r.status == 308 && r.scheme.as_deref() == Some("https"))
         );

@@ -6,19 +6,19 @@
 //!
 //! Not supported yet, and refused by name: `ExtensionRef` filters, backends of another kind than
 //! Service, and cross-namespace backends (they need a ReferenceGrant, which the mesh does not
-//! read yet). Not read yet: the experimental channel's `retry` (the mesh's default retry
-//! applies to every rule).
+//! read yet). Routes are read with the experimental channel's types (a superset of the standard
+//! channel's), for HTTPRoute's `retry` (GEP-1731).
 
-use ferrymesh_route::wire::{check_timeouts, port, valid_header, REDIRECT_STATUSES};
+use ferrymesh_route::wire::{check_timeouts, port, retry_attempts, retry_code, valid_header, REDIRECT_STATUSES};
 use ferrymesh_route::{
     anchored, parse_duration, Backend, BackendRef, Filter, HeaderModifier, Match, Mirror, Parent, PathMatch,
-    PathReplace, Redirect, Rewrite, Route, RouteKind, Rule, StringMatch, Timeouts, ValueMatch,
+    PathReplace, Redirect, Retry, Rewrite, Route, RouteKind, Rule, StringMatch, Timeouts, ValueMatch,
+};
+use gateway_api::experimental::httproutes::{
+    HTTPRoute, HTTPRouteParentRefs, HTTPRouteRulesBackendRefs, HTTPRouteRulesFilters, HTTPRouteRulesFiltersType,
+    HTTPRouteRulesMatches, HTTPRouteRulesMatchesPathType, HTTPRouteRulesRetry, HTTPRouteRulesTimeouts,
 };
 use gateway_api::grpcroutes::{GRPCRoute, GRPCRouteRulesMatches, GRPCRouteRulesMatchesMethodType};
-use gateway_api::httproutes::{
-    HTTPRoute, HTTPRouteParentRefs, HTTPRouteRulesBackendRefs, HTTPRouteRulesFilters, HTTPRouteRulesFiltersType,
-    HTTPRouteRulesMatches, HTTPRouteRulesMatchesPathType, HTTPRouteRulesTimeouts,
-};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -32,6 +32,7 @@ struct RawRule {
     filters: Vec<HTTPRouteRulesFilters>,
     backends: Vec<HTTPRouteRulesBackendRefs>,
     timeouts: Option<HTTPRouteRulesTimeouts>,
+    retry: Option<HTTPRouteRulesRetry>,
 }
 
 /// The mesh's part of a route: None when it is attached to no Service.
@@ -43,7 +44,7 @@ pub fn http_route_from(route: HTTPRoute, key: &ObjectKey) -> Result<Option<Route
         let matches = translate_matches(rule.matches, key, &field, http_match)?;
         let filters = rule.filters.unwrap_or_default();
         let backends = rule.backend_refs.unwrap_or_default();
-        rules.push(RawRule { name: rule.name, matches, filters, backends, timeouts: rule.timeouts });
+        rules.push(RawRule { name: rule.name, matches, filters, backends, timeouts: rule.timeouts, retry: rule.retry });
     }
     let parents = spec.parent_refs.unwrap_or_default();
     mesh_route(RouteKind::Http, key, &route.metadata, spec.hostnames, parents, rules)
@@ -58,7 +59,7 @@ pub fn grpc_route_from(route: GRPCRoute, key: &ObjectKey) -> Result<Option<Route
         let matches = translate_matches(rule.matches, key, &field, grpc_match)?;
         let filters = as_http(rule.filters, key, &format!("{field}.filters"))?;
         let backends = as_http(rule.backend_refs, key, &format!("{field}.backendRefs"))?;
-        rules.push(RawRule { name: rule.name, matches, filters, backends, timeouts: None });
+        rules.push(RawRule { name: rule.name, matches, filters, backends, timeouts: None, retry: None });
     }
     let parents = as_http(spec.parent_refs, key, "spec.parentRefs")?;
     mesh_route(RouteKind::Grpc, key, &route.metadata, spec.hostnames, parents, rules)
@@ -106,7 +107,10 @@ fn mesh_route(
             backends.push(Backend { target, weight: weight(b.weight, key, &field)?, filters });
         }
         let timeouts = timeouts(rule.timeouts, key, &format!("{field}.timeouts"))?;
-        rules.push(finish_rule(rule.name, rule.matches, filters, backends, timeouts));
+        let retry = rule.retry.map(|r| retry(r, key, &format!("{field}.retry"))).transpose()?;
+        let mut rule = finish_rule(rule.name, rule.matches, filters, backends, timeouts);
+        rule.retry = retry;
+        rules.push(rule);
     }
     Ok(Some(Route {
         kind,
@@ -132,6 +136,30 @@ fn finish_rule(
 ) -> Rule {
     let matches = if matches.is_empty() { vec![Match::default()] } else { matches };
     Rule { name, matches, filters, backends, timeouts, retry: None }
+}
+
+/// A rule's `retry` (GEP-1731): what it leaves out is the mesh's default (503, 2 retries, 25 ms).
+fn retry(r: HTTPRouteRulesRetry, key: &ObjectKey, field: &str) -> Result<Retry, FieldError> {
+    let default = Retry::mesh_default();
+    let codes = match r.codes {
+        None => default.codes,
+        Some(codes) => codes
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| retry_code(c).map_err(|e| key.field_error(format!("{field}.codes[{i}]"), e)))
+            .collect::<Result<_, _>>()?,
+    };
+    let attempts = match r.attempts {
+        None => default.attempts,
+        Some(n) => retry_attempts(n).map_err(|e| key.field_error(format!("{field}.attempts"), e))?,
+    };
+    let backoff = match r.backoff {
+        None => default.backoff,
+        Some(text) => {
+            parse_duration(&text).map_err(|e| key.field_error(format!("{field}.backoff"), e))?.unwrap_or_default()
+        }
+    };
+    Ok(Retry { codes, attempts, backoff })
 }
 
 /// A rule's `timeouts` (GEP-1742): durations as GEP-2257 writes them, `0s` for no limit, the
@@ -479,8 +507,12 @@ fn translate_filters(
                 }
                 Filter::Mirror(Mirror { backend, fraction })
             }
-            HTTPRouteRulesFiltersType::ExtensionRef => {
-                return Err(key.field_error(format!("{field}.type"), "ExtensionRef filters are not supported".into()))
+            HTTPRouteRulesFiltersType::ExtensionRef
+            | HTTPRouteRulesFiltersType::Cors
+            | HTTPRouteRulesFiltersType::ExternalAuth => {
+                let name = serde_json::to_value(&f.r#type).ok().and_then(|v| v.as_str().map(String::from));
+                let name = name.unwrap_or_else(|| "this".into());
+                return Err(key.field_error(format!("{field}.type"), format!("{name} filters are not supported")));
             }
         };
         out.push(filter);
