@@ -857,7 +857,9 @@ fn request_timeouts_and_the_default_retry_shape_what_clients_see() {
     let slow = topo.http(a, &format!("http://{WEB}/slow"), &["-H", "x-echo-delay-ms: 2000"]);
     let took = started.elapsed();
     assert_eq!(slow.status, 504, "{slow:?}");
-    assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(1500), "answered after {took:?}");
+    // (Below the upstream's 2 s: the waypoint answered, not the upstream; tests run side by
+    // side on 2 vCPUs, hence the slack above 500 ms.)
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(1900), "answered after {took:?}");
     assert!(slow.body.contains("request timeout: no response within 500ms"), "{slow:?}");
     // A request within its timeout is served.
     assert_eq!(topo.http(a, &format!("http://{WEB}/slow"), &["-H", "x-echo-delay-ms: 100"]).status, 200);
@@ -866,7 +868,7 @@ fn request_timeouts_and_the_default_retry_shape_what_clients_see() {
     let started = std::time::Instant::now();
     let per_try = topo.http(a, &format!("http://{WEB}/per-try"), &["-H", "x-echo-delay-ms: 2000"]);
     assert_eq!(per_try.status, 504, "{per_try:?}");
-    assert!(started.elapsed() < Duration::from_millis(1500), "answered after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_millis(1900), "answered after {:?}", started.elapsed());
     assert!(per_try.body.contains("sent no response within 300ms"), "{per_try:?}");
 
     // Endpoints failing one request in three with a 503, behind the mesh's default retry:
