@@ -112,6 +112,32 @@ fn flags(container: &Container) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The pod presents its projected token as TokenReview checks it (audience `ferrymesh`) at the
+/// container's `--token-file`.
+fn assert_projected_token(spec: &PodSpec, container: &Container) {
+    let token_volume = spec.volumes.iter().flatten().find(|v| v.projected.is_some()).expect("a projected token");
+    let sources = token_volume.projected.as_ref().unwrap().sources.iter().flatten();
+    let token = sources.clone().find_map(|s| s.service_account_token.as_ref()).expect("a serviceAccountToken source");
+    assert_eq!(token.audience.as_deref(), Some(mesh_ctrl::ca::token_review::AUDIENCE));
+    let mount = container.volume_mounts.iter().flatten().find(|m| m.name == token_volume.name).unwrap();
+    assert_eq!(flags(container)["--token-file"], format!("{}/{}", mount.mount_path, token.path));
+}
+
+/// The pod mounts the root ConfigMap mesh-ctrl publishes whole (no subPath: a rotated root
+/// reaches it) at the container's `--ca-root`.
+fn assert_root_mounted(spec: &PodSpec, container: &Container) {
+    let root_volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.config_map.as_ref().is_some_and(|c| c.name == mesh_ctrl::ca::secret::ROOT_CONFIGMAP))
+        .expect("the root ConfigMap as a volume");
+    let root_mount = container.volume_mounts.iter().flatten().find(|m| m.name == root_volume.name).unwrap();
+    assert!(root_mount.sub_path.is_none(), "no subPath: ConfigMap updates reach the pod");
+    let root_file = format!("{}/{}", root_mount.mount_path, mesh_ctrl::ca::secret::ROOT_CONFIGMAP_KEY);
+    assert_eq!(flags(container)["--ca-root"], root_file);
+}
+
 /// Every flag the manifest passes to `binary` is one its `--help` lists.
 fn assert_flags_exist(binary: &str, container: &Container) {
     let help = Command::new(ferrymesh_testbed::mesh::bin(binary)).arg("--help").output().unwrap();
@@ -186,19 +212,7 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
     let container = &agent_spec.containers[0];
     assert_eq!(container.security_context.as_ref().and_then(|s| s.privileged), Some(true));
     let agent_flags = flags(container);
-    let token_volume = agent_spec.volumes.iter().flatten().find(|v| v.projected.is_some()).expect("a projected token");
-    let token_source = token_volume
-        .projected
-        .as_ref()
-        .unwrap()
-        .sources
-        .iter()
-        .flatten()
-        .find_map(|s| s.service_account_token.as_ref())
-        .expect("a serviceAccountToken source");
-    assert_eq!(token_source.audience.as_deref(), Some(mesh_ctrl::ca::token_review::AUDIENCE));
-    let mount = container.volume_mounts.iter().flatten().find(|m| m.name == token_volume.name).unwrap();
-    assert_eq!(agent_flags["--token-file"], format!("{}/{}", mount.mount_path, token_source.path));
+    assert_projected_token(agent_spec, container);
     let cgroup = container.volume_mounts.iter().flatten().any(|m| m.mount_path == "/sys/fs/cgroup");
     assert!(cgroup, "the agent attaches at the node's cgroup2 root");
 
@@ -215,28 +229,12 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
         mesh_ctrl::tls::SERVICE_NAMES.contains(&format!("{svc_name}.{svc_ns}.svc").as_str()),
         "mesh-ctrl's serving certificate names the Service agents dial"
     );
-    let root_volume = agent_spec
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.config_map.as_ref().is_some_and(|c| c.name == mesh_ctrl::ca::secret::ROOT_CONFIGMAP))
-        .expect("the root ConfigMap as a volume");
-    let root_mount = container.volume_mounts.iter().flatten().find(|m| m.name == root_volume.name).unwrap();
-    assert!(root_mount.sub_path.is_none(), "no subPath: ConfigMap updates reach the agent");
-    assert_eq!(
-        agent_flags["--ca-root"],
-        format!("{}/{}", root_mount.mount_path, mesh_ctrl::ca::secret::ROOT_CONFIGMAP_KEY)
-    );
+    assert_root_mounted(agent_spec, container);
     let ctrl_labels = ctrl.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
     assert!(svc_spec.selector.as_ref().unwrap().iter().all(|(k, v)| ctrl_labels.get(k) == Some(v)));
     assert!(ctrl_flags["--listen"].ends_with(&format!(":{port}")));
 
     // Selectors select their own templates.
-    let selects = |selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
-                   template: &k8s_openapi::api::core::v1::PodTemplateSpec| {
-        let labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
-        selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v))
-    };
     let d = ctrl.spec.as_ref().unwrap();
     assert!(selects(&d.selector, &d.template));
     let ds = agent.spec.as_ref().unwrap();
@@ -326,23 +324,9 @@ fn a_generated_waypoint_is_valid_kubernetes_and_consistent_with_the_code() {
     // Its own projected token, as TokenReview checks it, at --token-file.
     let waypoint_flags = flags(container);
     assert_eq!((waypoint_flags["--namespace"].as_str(), waypoint_flags["--name"].as_str()), ("shop", "wp"));
-    let token_volume = spec.volumes.iter().flatten().find(|v| v.projected.is_some()).expect("a projected token");
-    let sources = token_volume.projected.as_ref().unwrap().sources.iter().flatten();
-    let token = sources.clone().find_map(|s| s.service_account_token.as_ref()).expect("a serviceAccountToken source");
-    assert_eq!(token.audience.as_deref(), Some(mesh_ctrl::ca::token_review::AUDIENCE));
-    let mount = container.volume_mounts.iter().flatten().find(|m| m.name == token_volume.name).unwrap();
-    assert_eq!(waypoint_flags["--token-file"], format!("{}/{}", mount.mount_path, token.path));
-    // The root ConfigMap mesh-ctrl keeps in the waypoint's namespace, mounted whole.
-    let root_volume = spec
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.config_map.as_ref().is_some_and(|c| c.name == mesh_ctrl::ca::secret::ROOT_CONFIGMAP))
-        .expect("the root ConfigMap as a volume");
-    let root_mount = container.volume_mounts.iter().flatten().find(|m| m.name == root_volume.name).unwrap();
-    assert!(root_mount.sub_path.is_none());
-    let root_file = format!("{}/{}", root_mount.mount_path, mesh_ctrl::ca::secret::ROOT_CONFIGMAP_KEY);
-    assert_eq!(waypoint_flags["--ca-root"], root_file);
+    assert_projected_token(spec, container);
+    // The root ConfigMap mesh-ctrl keeps in the waypoint's namespace.
+    assert_root_mounted(spec, container);
     // mesh-ctrl at the address the agents dial.
     let system = validate(&manifest("ferrymesh.yaml")).unwrap();
     let agent_flags = flags(&pod_spec(&system.daemon_sets[0].spec.as_ref().unwrap().template).containers[0]);
