@@ -852,6 +852,12 @@ fn request_timeouts_and_the_default_retry_shape_what_clients_see() {
         String::from_utf8_lossy(&topo.meshctl(2, &["routes", "-o", "json"]).stdout).contains("\"timeouts\"")
     });
 
+    // meshctl shows each rule's limits.
+    let shown = String::from_utf8_lossy(&topo.meshctl(2, &["routes"]).stdout).into_owned();
+    for limit in ["; timeout 500ms", "; timeout 3000ms, per-try timeout 300ms", "; retry 500 x1 after 0ms"] {
+        assert!(shown.contains(limit), "{limit:?} in {shown}");
+    }
+
     // A 2 s upstream behind a 500 ms request timeout: a 504 near 500 ms, flagged UT.
     let started = std::time::Instant::now();
     let slow = topo.http(a, &format!("http://{WEB}/slow"), &["-H", "x-echo-delay-ms: 2000"]);

@@ -121,7 +121,8 @@ fn select(routes: &[Route], to: &str, args: &RoutesArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// What a rule does, in a few words: its matches, filters and weighted backends.
+/// What a rule does, in a few words: its matches, filters, weighted backends, and the timeouts
+/// and retry it sets.
 pub fn rule_summary(rule: &ferrymesh_route::Rule) -> String {
     use ferrymesh_route::{Filter, PathMatch};
     let matches: Vec<String> = rule
@@ -166,6 +167,21 @@ pub fn rule_summary(rule: &ferrymesh_route::Rule) -> String {
     }
     if !backends.is_empty() {
         text.push_str(&format!(" -> {}", backends.join(", ")));
+    }
+    // Limits the rule sets itself (the mesh's default retry otherwise).
+    let mut limits = Vec::new();
+    if let Some(t) = rule.timeouts.request {
+        limits.push(format!("timeout {}ms", t.as_millis()));
+    }
+    if let Some(t) = rule.timeouts.backend_request {
+        limits.push(format!("per-try timeout {}ms", t.as_millis()));
+    }
+    if let Some(r) = &rule.retry {
+        let codes: Vec<String> = r.codes.iter().map(ToString::to_string).collect();
+        limits.push(format!("retry {} x{} after {}ms", codes.join("/"), r.attempts, r.backoff.as_millis()));
+    }
+    if !limits.is_empty() {
+        text.push_str(&format!("; {}", limits.join(", ")));
     }
     text
 }
