@@ -17,7 +17,7 @@ use ferrymesh_dataplane::state::State;
 use ferrymesh_policy::l7::HttpRequest;
 use ferrymesh_policy::Decision;
 use ferrymesh_route::{
-    BackendRef, Filter, HeaderModifier, Mirror, RedirectFrom, RequestView, Retry, RouteTable, Selected, Timeouts,
+    BackendRef, Filter, HeaderModifier, Mirror, RedirectFrom, RequestView, RouteTable, Selected, Timeouts,
 };
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, LOCATION, UPGRADE};
 use http::uri::{Authority, PathAndQuery};
@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 
 use crate::listener::{Destination, Downstream, Waypoint};
 use crate::record::{Record, Recorded};
-use crate::upstream::{Forward, To, TryPolicy, UpstreamError};
+use crate::upstream::{Forward, To, TryPolicy, UpstreamError, DEFAULT_RETRY, NO_RETRY};
 
 /// Body of requests and responses through the waypoint.
 pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -160,8 +160,8 @@ async fn route(
     let mut later = Deferred::default();
     // The rule's timeouts and retry; without a rule, no timeout and the mesh's default retry.
     let (timeouts, retry) = match &selected {
-        Some(selected) => (selected.rule().timeouts, selected.rule().retry.clone().unwrap_or_else(Retry::mesh_default)),
-        None => (Timeouts::default(), Retry::mesh_default()),
+        Some(selected) => (selected.rule().timeouts, selected.rule().retry.as_ref().unwrap_or(&DEFAULT_RETRY)),
+        None => (Timeouts::default(), &*DEFAULT_RETRY),
     };
 
     // The backend Service; None: the workload addressed, itself.
@@ -248,7 +248,7 @@ async fn route(
     let deadline = timeouts.request.map(|limit| (limit, limit.saturating_sub(record.elapsed())));
     let mut retries = 0;
     let sent = {
-        let send = waypoint.upstream.send(&to, forward, &policy, &mut retries);
+        let send = waypoint.upstream.send(&to, forward, policy, &mut retries);
         match deadline {
             Some((_, left)) => tokio::time::timeout(left, send).await.ok(),
             None => Some(send.await),
@@ -391,8 +391,8 @@ async fn mirror(waypoint: &Arc<Waypoint>, mirrors: &[Mirror], forward: Forward) 
         let (waypoint, port) = (waypoint.clone(), m.backend.port);
         tokio::spawn(async move {
             // A copy is sent once: a mirror never adds retries to its backend's load.
-            let once = TryPolicy { retry: Retry { attempts: 0, ..Retry::mesh_default() }, per_try: None };
-            match waypoint.upstream.send(&To::Service(service, port), copy, &once, &mut 0).await {
+            let once = TryPolicy { retry: &NO_RETRY, per_try: None };
+            match waypoint.upstream.send(&To::Service(service, port), copy, once, &mut 0).await {
                 Ok((response, _)) => {
                     let _ = response.into_body().collect().await;
                 }

@@ -106,13 +106,19 @@ pub enum UpstreamError {
 }
 
 /// How a request is tried: when again, and how long each attempt may take.
-#[derive(Debug, Clone)]
-pub struct TryPolicy {
-    /// When a failed attempt is tried again.
-    pub retry: Retry,
+#[derive(Debug, Clone, Copy)]
+pub struct TryPolicy<'a> {
+    /// When a failed attempt is tried again: the rule's, [`DEFAULT_RETRY`] or [`NO_RETRY`].
+    pub retry: &'a Retry,
     /// The limit of each attempt (Gateway API `backendRequest`).
     pub per_try: Option<Duration>,
 }
+
+/// The mesh's default retry, for rules without their own (built once, not per request).
+pub static DEFAULT_RETRY: std::sync::LazyLock<Retry> = std::sync::LazyLock::new(Retry::mesh_default);
+/// No retry at all (mirrored copies).
+pub static NO_RETRY: std::sync::LazyLock<Retry> =
+    std::sync::LazyLock::new(|| Retry { attempts: 0, ..Retry::mesh_default() });
 
 /// Retries a backend Service may get (Linkerd's budget): a fifth of its requests over the last
 /// [`RetryBudget::WINDOW_SECS`] seconds, and at least [`RetryBudget::MIN_PER_SEC`] a second, so
@@ -334,7 +340,7 @@ impl Upstream {
         &self,
         to: &To,
         forward: Forward,
-        policy: &TryPolicy,
+        policy: TryPolicy<'_>,
         retries: &mut u32,
     ) -> Result<(Response<Body>, SocketAddr), UpstreamError> {
         // The backend, for budgets and metrics (`unknown` for a workload, as in the request
