@@ -192,10 +192,11 @@ impl KubeSource {
             let status = route_status(&object, error_of(&k), model, &now);
             add(StatusKind::GrpcRoute, k, object, status);
         }
+        let waypoints = model.waypoints_wire();
         for gw in self.gateways.state() {
             let k = key("Gateway", gw.namespace(), gw.name_any());
             let object = serde_json::to_value(&*gw).unwrap_or_default();
-            let status = waypoint_status(&object, error_of(&k), model, &now);
+            let status = waypoint_status(&object, error_of(&k), &waypoints, &now);
             add(StatusKind::Gateway, k, object, status);
         }
         writes

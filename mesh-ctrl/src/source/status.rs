@@ -13,6 +13,9 @@
 //! again: the watch event of a write settles instead of looping. Everything here reads objects
 //! as JSON, so both route kinds share one code path.
 
+use std::collections::BTreeMap;
+
+use ferrymesh_api::config as proto;
 use serde_json::{json, Value};
 
 use super::local::ConfigError;
@@ -68,14 +71,21 @@ pub fn route_status(route: &Value, error: Option<&ConfigError>, model: &Model, n
 }
 
 /// The status a waypoint Gateway should have (conditions and addresses), or None when it
-/// already has it or is not a waypoint. `error` is its translation error.
-pub fn waypoint_status(gateway: &Value, error: Option<&ConfigError>, model: &Model, now: &str) -> Option<Value> {
+/// already has it or is not a waypoint. `error` is its translation error; `waypoints` the
+/// model's waypoints with their ready addresses ([`Model::waypoints_wire`], made once for all
+/// Gateways).
+pub fn waypoint_status(
+    gateway: &Value,
+    error: Option<&ConfigError>,
+    waypoints: &BTreeMap<String, proto::Waypoint>,
+    now: &str,
+) -> Option<Value> {
     if gateway.pointer("/spec/gatewayClassName").and_then(Value::as_str) != Some(WAYPOINT_CLASS) {
         return None;
     }
     let key = format!("{}/{}", str_at(gateway, "/metadata/namespace"), str_at(gateway, "/metadata/name"));
     let generation = gateway.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
-    let addresses = model.waypoints_wire().remove(&key).map(|w| w.addresses).unwrap_or_default();
+    let addresses = waypoints.get(&key).map_or(&[][..], |w| w.addresses.as_slice());
     let (accepted, programmed) = match error {
         Some(e) => {
             let field = e.field.as_deref().unwrap_or_default();
