@@ -3,6 +3,7 @@
 //! (`manifests/crds.yaml`, kept in sync by a test).
 
 use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
+use ferrymesh_route::traffic::spec::TrafficPolicySpec;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -27,10 +28,21 @@ pub struct PeerAuthenticationResourceSpec {
     pub peer_authentication: PeerAuthenticationSpec,
 }
 
+/// Spec of the `TrafficPolicy` custom resource (faults with Istio's fields, attached by
+/// Gateway API `targetRefs`).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[kube(group = "ferrymesh.io", version = "v1alpha1", kind = "TrafficPolicy", namespaced)]
+#[kube(plural = "trafficpolicies", root = "TrafficPolicyResource")]
+pub struct TrafficPolicyResourceSpec {
+    /// The policy.
+    #[serde(flatten)]
+    pub policy: TrafficPolicySpec,
+}
+
 /// The CRD manifests, as multi-document YAML.
 pub fn manifests() -> String {
     use kube::CustomResourceExt;
-    let crds = [AuthorizationPolicyResource::crd(), PeerAuthenticationResource::crd()];
+    let crds = [AuthorizationPolicyResource::crd(), PeerAuthenticationResource::crd(), TrafficPolicyResource::crd()];
     let docs: Vec<String> = crds.iter().map(|c| serde_yaml::to_string(c).expect("CRD serializes")).collect();
     format!("# Generated from mesh-ctrl/src/crd.rs; `cargo test -p mesh-ctrl crd` checks it.\n{}", docs.join("---\n"))
 }

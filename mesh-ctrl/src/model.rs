@@ -254,6 +254,8 @@ pub struct Model {
     pub waypoints: BTreeMap<String, Waypoint>,
     /// Gateway API routes attached to Services, by `Kind namespace/name`.
     pub routes: BTreeMap<String, std::sync::Arc<ferrymesh_route::Route>>,
+    /// TrafficPolicies, by `namespace/name`.
+    pub traffic_policies: BTreeMap<String, ferrymesh_route::traffic::TrafficPolicy>,
 }
 
 impl Model {
@@ -374,6 +376,11 @@ impl Model {
             services: self.services_wire(),
             waypoints: self.waypoints_wire(),
             routes: self.routes.iter().map(|(k, r)| (k.clone(), proto::Route::from(&**r))).collect(),
+            traffic_policies: self
+                .traffic_policies
+                .iter()
+                .map(|(k, p)| (k.clone(), proto::TrafficPolicy::from(p)))
+                .collect(),
         }
     }
 

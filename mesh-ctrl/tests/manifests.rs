@@ -249,7 +249,10 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
 fn the_crd_manifest_is_valid_kubernetes() {
     let objects = validate(&manifest("crds.yaml")).unwrap();
     let names: Vec<&str> = objects.crds.iter().filter_map(|c| c.metadata.name.as_deref()).collect();
-    assert_eq!(names, ["authorizationpolicies.ferrymesh.io", "peerauthentications.ferrymesh.io"]);
+    assert_eq!(
+        names,
+        ["authorizationpolicies.ferrymesh.io", "peerauthentications.ferrymesh.io", "trafficpolicies.ferrymesh.io"]
+    );
 }
 
 /// The validation is not a rubber stamp: a misspelt field or a wrong type in the real manifest

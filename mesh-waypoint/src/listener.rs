@@ -47,6 +47,9 @@ pub struct Waypoint {
     pub log: RequestLog,
     /// The rolls that split requests over weighted backends.
     pub rolls: ferrymesh_route::Rolls,
+    /// The rolls that pick the requests a fault delays, and those it aborts (their own, so that
+    /// each share is spread as evenly as weights are).
+    pub fault_rolls: (ferrymesh_route::Rolls, ferrymesh_route::Rolls),
     /// Route tables, kept per Service port until the routes change.
     pub route_tables: crate::request::RouteTables,
 }

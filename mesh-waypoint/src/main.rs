@@ -120,6 +120,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         upstream,
         log: record::RequestLog::new(log),
         rolls: Default::default(),
+        fault_rolls: Default::default(),
         route_tables: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)

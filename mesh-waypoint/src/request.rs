@@ -16,6 +16,7 @@ use bytes::Bytes;
 use ferrymesh_dataplane::state::State;
 use ferrymesh_policy::l7::HttpRequest;
 use ferrymesh_policy::Decision;
+use ferrymesh_route::traffic::AbortStatus;
 use ferrymesh_route::{
     BackendRef, Filter, HeaderModifier, Mirror, RedirectFrom, RequestView, RouteTable, Selected, Timeouts,
 };
@@ -89,6 +90,31 @@ fn local_reply(record: &mut Record, status: StatusCode, flags: &'static str, rea
     *response.status_mut() = status;
     record.reason = reason;
     response
+}
+
+/// The answer to a request a fault aborts (flag FI): its HTTP status, or, for a gRPC status, a
+/// trailers-only gRPC answer (HTTP 200, `grpc-status` and `grpc-message` in its headers), with
+/// Envoy's message.
+fn fault_abort(record: &mut Record, status: AbortStatus, policy: &str) -> Response<Body> {
+    const MESSAGE: &str = "fault filter abort";
+    match status {
+        AbortStatus::Http(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let mut response = local_reply(record, status, "FI", format!("{MESSAGE} (TrafficPolicy {policy})"));
+            *response.body_mut() = full(format!("{MESSAGE}\n"));
+            response
+        }
+        AbortStatus::Grpc(code) => {
+            record.response_flags = "FI";
+            record.reason = format!("{MESSAGE} (TrafficPolicy {policy}): gRPC {}", code.name());
+            let mut response = Response::new(empty());
+            let headers = response.headers_mut();
+            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from(u16::from(code.code())));
+            headers.insert("grpc-message", HeaderValue::from_static(MESSAGE));
+            response
+        }
+    }
 }
 
 /// Headers that belong to one connection and are not forwarded (RFC 9110 7.6.1), except
@@ -225,6 +251,33 @@ async fn route(
         (None, Destination::Workload(workload)) => To::Endpoint(std::net::SocketAddr::new(workload.ip, down.port)),
         (None, Destination::Service(_)) => unreachable!("a Service's request always has a backend Service"),
     };
+
+    // Faults injected on purpose (a TrafficPolicy of the Service, route or rule): the delay,
+    // then the abort, as Envoy's fault filter has them, before anything is sent.
+    let traffic = waypoint.state.traffic_policies();
+    if let Some(fault) = traffic.fault(&service, selected.as_ref().map(|s| (&*s.route, s.rule))) {
+        let (delay_rolls, abort_rolls) = &waypoint.fault_rolls;
+        if let Some(delay) = fault.feature.delay.as_ref().filter(|d| d.share.hits(delay_rolls.next())) {
+            record.response_flags = "DI";
+            // The delay counts within the request timeout, as a slow backend's time would.
+            match timeouts.request {
+                Some(limit) if limit.saturating_sub(record.elapsed()) < delay.fixed => {
+                    tokio::time::sleep(limit.saturating_sub(record.elapsed())).await;
+                    let reason = format!(
+                        "request timeout: no response within {}ms (a fault delay of {}ms by TrafficPolicy {})",
+                        limit.as_millis(),
+                        delay.fixed.as_millis(),
+                        fault.policy.key()
+                    );
+                    return local_reply(record, StatusCode::GATEWAY_TIMEOUT, "UT", reason);
+                }
+                _ => tokio::time::sleep(delay.fixed).await,
+            }
+        }
+        if let Some(abort) = fault.feature.abort.as_ref().filter(|a| a.share.hits(abort_rolls.next())) {
+            return fault_abort(record, abort.status, &fault.policy.key());
+        }
+    }
 
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let path_and_query = match &query {

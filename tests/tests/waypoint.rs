@@ -915,3 +915,137 @@ fn request_timeouts_and_the_default_retry_shape_what_clients_see() {
     assert!(scrape.sum("ferrymesh_requests_total", &timeouts) >= 2.0, "{text}");
     assert_eq!(scrape.sum("ferrymesh_request_retries_total", &[("reason", "500")]), 1.0, "{text}");
 }
+
+/// A TrafficPolicy `shop/<name>` targeting `target` (YAML, indented under `targetRefs:`) with
+/// `fault` (YAML, indented under `fault:`).
+fn traffic_policy(name: &str, target: &str, fault: &str) -> String {
+    format!(
+        "apiVersion: ferrymesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  targetRefs:\n{target}  fault:\n{fault}"
+    )
+}
+
+/// A targetRef to rule `rule` of HTTPRoute shop/faults.
+fn faults_rule(rule: &str) -> String {
+    format!("  - group: gateway.networking.k8s.io\n    kind: HTTPRoute\n    name: faults\n    sectionName: {rule}\n")
+}
+
+#[test]
+fn faults_of_a_traffic_policy_delay_and_abort_what_clients_see() {
+    let topo = waypoint_cluster();
+    let (a, waypoint) = (topo.pod("shop", "a"), topo.pod("shop", "waypoint"));
+    let to_web = "    backendRefs:\n    - name: web\n      port: 80\n";
+    let rule = |name: &str, path: &str, extra: &str| {
+        format!("  - name: {name}\n    matches:\n    - path:\n        type: PathPrefix\n        value: {path}\n{extra}{to_web}")
+    };
+    let rules = [
+        rule("aborted", "/abort", ""),
+        rule("delayed", "/delay", ""),
+        rule("too-slow", "/too-slow", "    timeouts:\n      request: 500ms\n"),
+        format!("  - name: rest\n{to_web}"),
+    ]
+    .concat();
+    topo.write_config_file("route-faults.yaml", &web_route("faults", Some(80), &rules));
+    let half = "    abort:\n      httpStatus: 503\n      percentage:\n        value: 50\n";
+    topo.write_config_file("traffic-abort-half.yaml", &traffic_policy("abort-half", &faults_rule("aborted"), half));
+    let delay = |d: &str| format!("    delay:\n      fixedDelay: {d}\n");
+    topo.write_config_file("traffic-delay.yaml", &traffic_policy("delay", &faults_rule("delayed"), &delay("300ms")));
+    topo.write_config_file(
+        "traffic-too-slow.yaml",
+        &traffic_policy("too-slow", &faults_rule("too-slow"), &delay("2s")),
+    );
+    // gRPC: every call to Service grpc aborted with UNAVAILABLE.
+    let grpc = ECHO_GRPC_PORT.to_string();
+    topo.write_service("shop", "grpc", "10.96.0.53", &[("app", "web")], &[("grpc", ECHO_GRPC_PORT, &grpc)]);
+    for name in ["web-1", "web-2"] {
+        topo.serve_grpc(topo.pod("shop", name));
+    }
+    let unavailable = "    abort:\n      grpcStatus: UNAVAILABLE\n";
+    topo.write_config_file(
+        "traffic-grpc.yaml",
+        &traffic_policy("grpc-unavailable", "  - kind: Service\n    name: grpc\n", unavailable),
+    );
+    wait_until(CONFIG_WAIT, "the policies at the waypoint's node", || {
+        let shown = String::from_utf8_lossy(&topo.meshctl(2, &["routes"]).stdout).into_owned();
+        ["TrafficPolicy shop/abort-half", "TrafficPolicy shop/delay", "TrafficPolicy shop/too-slow"]
+            .iter()
+            .all(|p| shown.contains(p))
+    });
+    let grpc_to = format!("shop/grpc:{ECHO_GRPC_PORT}");
+    let explain_grpc = || String::from_utf8_lossy(&topo.meshctl(2, &["routes", "--to", &grpc_to]).stdout).into_owned();
+    wait_until(CONFIG_WAIT, "the gRPC Service's policy at the waypoint's node", || {
+        explain_grpc().contains("shop/grpc-unavailable")
+    });
+    // meshctl says what each rule gets, and what a request to the gRPC Service gets.
+    let shown = String::from_utf8_lossy(&topo.meshctl(2, &["routes"]).stdout).into_owned();
+    for fault in
+        ["fault abort 503 50% (TrafficPolicy shop/abort-half)", "fault delay 300ms 100% (TrafficPolicy shop/delay)"]
+    {
+        assert!(shown.contains(fault), "{fault:?} in {shown}");
+    }
+    let explained = explain_grpc();
+    assert!(
+        explained.contains("fault:   fault abort gRPC UNAVAILABLE 100% (TrafficPolicy shop/grpc-unavailable)"),
+        "{explained}"
+    );
+
+    // A 50% abort over 400 requests: 45-55% are 503s (the rolls spread them evenly: 200 ± 1).
+    let url = |path: &str| format!("http://{WEB}{path}");
+    wait_until(CONFIG_WAIT, "the abort at the waypoint", || statuses(&topo, a, &url("/abort"), 4, &[]).contains(&503));
+    let codes = statuses(&topo, a, &url("/abort"), 400, &[]);
+    assert_eq!(codes.len(), 400, "{codes:?}");
+    let aborted = codes.iter().filter(|c| **c == 503).count();
+    assert_eq!(aborted + codes.iter().filter(|c| **c == 200).count(), 400, "{codes:?}");
+    assert!((180..=220).contains(&aborted), "{aborted} of 400 aborted");
+    // Other rules of the route are not aborted.
+    assert!(statuses(&topo, a, &url("/other"), 20, &[]).iter().all(|c| *c == 200));
+
+    // A 300 ms delay: answered, after 300 ms.
+    let started = std::time::Instant::now();
+    let delayed = topo.http(a, &url("/delay"), &[]);
+    let took = started.elapsed();
+    assert_eq!(delayed.status, 200, "{delayed:?}");
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1500), "answered after {took:?}");
+    // A 2 s delay within a 500 ms request timeout: a 504 near 500 ms, saying why.
+    let started = std::time::Instant::now();
+    let slow = topo.http(a, &url("/too-slow"), &[]);
+    let took = started.elapsed();
+    assert_eq!(slow.status, 504, "{slow:?}");
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(1900), "answered after {took:?}");
+    assert!(slow.body.contains("a fault delay of 2000ms by TrafficPolicy shop/too-slow"), "{slow:?}");
+
+    // A real gRPC client sees UNAVAILABLE with Envoy's message.
+    let out = topo.output_in(&a.netns, bin("fm-echo"), &["grpc", "--to", &format!("10.96.0.53:{ECHO_GRPC_PORT}")]);
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the call was aborted");
+    // (tonic words UNAVAILABLE as "The service is currently unavailable".)
+    assert!(error.contains("currently unavailable") && error.contains("fault filter abort"), "{error}");
+
+    // Records and metrics flag them: FI for aborts, DI for delays.
+    wait_until(FLOW_WAIT, "the records of the faults", || {
+        let records = topo.waypoint_requests(waypoint);
+        records.iter().any(|r| r["path"] == "/delay") && records.iter().any(|r| r["service"] == "shop/grpc")
+    });
+    let records = topo.waypoint_requests(waypoint);
+    let flagged_fi = records.iter().filter(|r| r["path"] == "/abort" && r["response_flags"] == "FI").count();
+    let answered_503 = records.iter().filter(|r| r["path"] == "/abort" && r["status"] == 503).count();
+    assert_eq!(flagged_fi, answered_503, "every abort is flagged FI");
+    let delayed = records.iter().find(|r| r["path"] == "/delay").unwrap();
+    assert_eq!(delayed["response_flags"], "DI", "{delayed}");
+    let grpc_record = records.iter().find(|r| r["service"] == "shop/grpc").unwrap();
+    assert_eq!((&grpc_record["grpc_status"], &grpc_record["response_flags"]), (&"14".into(), &"FI".into()));
+    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let fi = [("destination_service", "shop/web"), ("response_code", "503"), ("response_flags", "FI")];
+    assert_eq!(scrape.sum("ferrymesh_requests_total", &fi), answered_503 as f64, "{text}");
+
+    // A percentage above 100 is refused, named; the last good policy keeps aborting half.
+    let bad = half.replace("value: 50", "value: 150");
+    topo.write_config_file("traffic-abort-half.yaml", &traffic_policy("abort-half", &faults_rule("aborted"), &bad));
+    wait_until(CONFIG_WAIT, "mesh-ctrl to refuse the policy", || {
+        topo.log("mesh-ctrl").contains("TrafficPolicy shop/abort-half: field spec.fault.abort.percentage.value: 150 is not a percentage from 0 to 100")
+    });
+    let codes = statuses(&topo, a, &url("/abort"), 40, &[]);
+    let aborted = codes.iter().filter(|c| **c == 503).count();
+    assert!((19..=21).contains(&aborted), "{aborted} of 40 aborted after the bad change");
+}

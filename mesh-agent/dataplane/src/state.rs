@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use ferrymesh_api::config as proto;
 use ferrymesh_api::kinds::{take_changes, ConfigKind, ConfigSet};
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet};
+use ferrymesh_route::traffic::{TrafficPolicies, TrafficPolicy};
 use ferrymesh_route::Route;
 use tokio::sync::watch;
 
@@ -188,6 +189,9 @@ pub enum InvalidUpdate {
     /// A route does not convert.
     #[error("{0}")]
     Route(#[from] ferrymesh_route::wire::WireError),
+    /// A TrafficPolicy does not convert.
+    #[error("{0}")]
+    TrafficPolicy(#[from] ferrymesh_route::traffic::wire::WireError),
     /// A waypoint does not convert.
     #[error("waypoint {waypoint}: field {field}: {message}")]
     Waypoint {
@@ -294,6 +298,13 @@ impl Stored for AuthorizationPolicy {
 impl Stored for Route {
     type Wire = proto::Route;
     fn wire(&self) -> proto::Route {
+        self.into()
+    }
+}
+
+impl Stored for TrafficPolicy {
+    type Wire = proto::TrafficPolicy;
+    fn wire(&self) -> proto::TrafficPolicy {
         self.into()
     }
 }
@@ -408,6 +419,9 @@ struct Inner {
     routes_generation: u64,
     /// Waypoints by `namespace/name`.
     waypoints: Table<Waypoint>,
+    /// TrafficPolicies by `namespace/name`, and the set a waypoint looks them up in.
+    traffic_policies: Table<TrafficPolicy>,
+    traffic: Arc<TrafficPolicies>,
 }
 
 /// The store. Readers take snapshots; `apply` is the single writer of workloads.
@@ -442,6 +456,7 @@ impl State {
         let peer_authentications = Changes::<PeerAuthentication>::take(&mut update)?;
         let routes = Changes::<Route>::take(&mut update)?;
         let waypoints = Changes::<Waypoint>::take(&mut update)?;
+        let traffic_policies = Changes::<TrafficPolicy>::take(&mut update)?;
         let snapshot = update.snapshot;
         let policies = {
             let mut inner = self.inner.write().expect("state lock");
@@ -459,6 +474,9 @@ impl State {
                 inner.routes_generation += 1;
             }
             waypoints.apply(&mut inner.waypoints, snapshot);
+            if traffic_policies.apply(&mut inner.traffic_policies, snapshot) {
+                inner.traffic = Arc::new(TrafficPolicies::new(inner.traffic_policies.values().cloned().collect()));
+            }
             inner.version = update.version;
             policies_changed.then(|| {
                 PolicySet::new(
@@ -553,6 +571,7 @@ impl State {
         dump_table(&inner.peer_authentications, &mut set);
         dump_table(&inner.routes, &mut set);
         dump_table(&inner.waypoints, &mut set);
+        dump_table(&inner.traffic_policies, &mut set);
         set
     }
 
@@ -576,6 +595,11 @@ impl State {
     /// until it changes).
     pub fn routes_generation(&self) -> u64 {
         self.inner.read().expect("state lock").routes_generation
+    }
+
+    /// Every TrafficPolicy held, as the set requests look them up in.
+    pub fn traffic_policies(&self) -> Arc<TrafficPolicies> {
+        self.inner.read().expect("state lock").traffic.clone()
     }
 
     /// A receiver that changes whenever an update is applied.

@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{AuthorizationPolicy, ConfigUpdate, PeerAuthentication, Route, Service, Waypoint, Workload};
+use crate::config::{
+    AuthorizationPolicy, ConfigUpdate, PeerAuthentication, Route, Service, TrafficPolicy, Waypoint, Workload,
+};
 
 /// A kind of config object carried by [`ConfigUpdate`].
 pub trait ConfigKind: Clone + PartialEq + Sized {
@@ -94,6 +96,8 @@ kinds! {
     Service => services, services, removed_services, |s| format!("{}/{}", s.namespace, s.name);
     Route => routes, routes, removed_routes, |r| format!("{} {}/{}", r.kind, r.namespace, r.name);
     Waypoint => waypoints, waypoints, removed_waypoints, |w| format!("{}/{}", w.namespace, w.name);
+    TrafficPolicy => traffic_policies, traffic_policies, removed_traffic_policies,
+        |p| format!("{}/{}", p.namespace, p.name);
 }
 
 impl ConfigSet {
@@ -211,7 +215,8 @@ mod tests {
                 ("PeerAuthentication", 0),
                 ("Service", 1),
                 ("Route", 0),
-                ("Waypoint", 0)
+                ("Waypoint", 0),
+                ("TrafficPolicy", 0)
             ]
         );
     }

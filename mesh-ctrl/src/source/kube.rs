@@ -1,6 +1,6 @@
 //! Kubernetes source: kube reflectors on Namespaces, Pods, Services, EndpointSlices,
-//! ServiceAccounts, the ferrymesh AuthorizationPolicy and PeerAuthentication custom resources
-//! and Gateway API Gateways, HTTPRoutes and GRPCRoutes feed the same translation as the
+//! ServiceAccounts, the ferrymesh AuthorizationPolicy, PeerAuthentication and TrafficPolicy
+//! custom resources and Gateway API Gateways, HTTPRoutes and GRPCRoutes feed the same translation as the
 //! directory source ([`super::translate`]), so the same objects give the same
 //! model through either. An object that fails translation keeps its last good version; a pod
 //! that is not scheduled, has no IP yet or uses the host network is simply not part of the mesh.
@@ -27,7 +27,7 @@ use super::translate::{
     endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, service_account_from,
     service_from, waypoint_from, EndpointSliceResource, FieldError, Object, ObjectKey,
 };
-use crate::crd::{AuthorizationPolicyResource, PeerAuthenticationResource};
+use crate::crd::{AuthorizationPolicyResource, PeerAuthenticationResource, TrafficPolicyResource};
 use crate::model::Model;
 use crate::snapshot::Publisher;
 
@@ -44,6 +44,7 @@ pub struct KubeSource {
     service_accounts: Store<k8s::ServiceAccount>,
     authorization_policies: Store<AuthorizationPolicyResource>,
     peer_authentications: Store<PeerAuthenticationResource>,
+    traffic_policies: Store<TrafficPolicyResource>,
     gateways: Store<Gateway>,
     http_routes: Store<HTTPRoute>,
     grpc_routes: Store<GRPCRoute>,
@@ -121,6 +122,16 @@ impl KubeSource {
             let result = p.spec.peer_authentication.validate(&k.namespace, &k.name).map(Object::PeerAuthentication);
             add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
         }
+        for p in self.traffic_policies.state() {
+            let k = key("TrafficPolicy", p.namespace(), p.name_any());
+            let result = p.spec.policy.validate(&k.namespace, &k.name).map(Object::TrafficPolicy);
+            add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
+        }
+        for p in self.traffic_policies.state() {
+            let k = key("TrafficPolicy", p.namespace(), p.name_any());
+            let result = p.spec.policy.validate(&k.namespace, &k.name).map(Object::TrafficPolicy);
+            add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
+        }
         for gw in self.gateways.state() {
             let k = key("Gateway", gw.namespace(), gw.name_any());
             let result = waypoint_from((*gw).clone(), &k).map(|w| w.map_or(Object::Ignored, Object::Waypoint));
@@ -155,6 +166,7 @@ impl KubeSource {
             && ready(&self.service_accounts)
             && ready(&self.authorization_policies)
             && ready(&self.peer_authentications)
+            && ready(&self.traffic_policies)
             && ready(&self.gateways)
             && ready(&self.http_routes)
             && ready(&self.grpc_routes)
@@ -262,6 +274,7 @@ pub fn watched_resources() -> Vec<(String, String)> {
         of::<k8s::ServiceAccount>(),
         of::<AuthorizationPolicyResource>(),
         of::<PeerAuthenticationResource>(),
+        of::<TrafficPolicyResource>(),
         of::<Gateway>(),
         of::<HTTPRoute>(),
         of::<GRPCRoute>(),
@@ -336,6 +349,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
     let (service_accounts, sa_writer) = reflector::store();
     let (authorization_policies, authz_writer) = reflector::store();
     let (peer_authentications, peer_writer) = reflector::store();
+    let (traffic_policies, traffic_writer) = reflector::store();
     let (gateways, gateway_writer) = reflector::store();
     let (http_routes, http_route_writer) = reflector::store();
     let (grpc_routes, grpc_route_writer) = reflector::store();
@@ -347,6 +361,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         service_accounts,
         authorization_policies,
         peer_authentications,
+        traffic_policies,
         gateways,
         http_routes,
         grpc_routes,
@@ -360,6 +375,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         changes(Api::<k8s::ServiceAccount>::all(client.clone()), sa_writer).boxed(),
         changes(Api::<AuthorizationPolicyResource>::all(client.clone()), authz_writer).boxed(),
         changes(Api::<PeerAuthenticationResource>::all(client.clone()), peer_writer).boxed(),
+        changes(Api::<TrafficPolicyResource>::all(client.clone()), traffic_writer).boxed(),
         changes(Api::<Gateway>::all(client.clone()), gateway_writer).boxed(),
         changes(Api::<HTTPRoute>::all(client.clone()), http_route_writer).boxed(),
         changes(Api::<GRPCRoute>::all(client.clone()), grpc_route_writer).boxed(),

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
+use ferrymesh_route::traffic::spec::TrafficPolicySpec;
 
 use super::translate::{
     endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, service_account_from,
@@ -306,6 +307,9 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         (FERRYMESH_V1ALPHA1, "PeerAuthentication") => strict::<CustomResource<PeerAuthenticationSpec>>(doc).and_then(|cr| {
             cr.spec.validate(&key.namespace, &key.name).map(Object::PeerAuthentication).map_err(|e| (Some(e.field), e.message))
         }),
+        (FERRYMESH_V1ALPHA1, "TrafficPolicy") => strict::<CustomResource<TrafficPolicySpec>>(doc).and_then(|cr| {
+            cr.spec.validate(&key.namespace, &key.name).map(Object::TrafficPolicy).map_err(|e| (Some(e.field), e.message))
+        }),
         (GATEWAY_V1, "Gateway") => strict::<gateway_api::gateways::Gateway>(without_type_meta(doc)).and_then(|gw| {
             waypoint_from(gw, &key).map(|w| w.map_or(Object::Ignored, Object::Waypoint)).map_err(FieldError::field_and_message)
         }),
@@ -319,7 +323,7 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         _ => Err((
             Some("kind".into()),
             format!(
-                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy and PeerAuthentication, {GATEWAY_V1} Gateway, HTTPRoute and GRPCRoute)"
+                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy, PeerAuthentication and TrafficPolicy, {GATEWAY_V1} Gateway, HTTPRoute and GRPCRoute)"
             ),
         )),
     };

@@ -103,6 +103,8 @@ pub enum Object {
     Waypoint(crate::model::Waypoint),
     /// A Gateway API route attached to Services (HTTPRoute, GRPCRoute).
     Route(ferrymesh_route::Route),
+    /// A ferrymesh.io TrafficPolicy.
+    TrafficPolicy(ferrymesh_route::traffic::TrafficPolicy),
     /// An object the mesh reads and has no part of (a route attached only to Gateways).
     Ignored,
 }
@@ -152,6 +154,9 @@ pub fn model_of<'a>(objects: impl Iterator<Item = &'a Object>) -> Model {
             }
             Object::Route(route) => {
                 model.routes.insert(route.key(), std::sync::Arc::new(route.clone()));
+            }
+            Object::TrafficPolicy(p) => {
+                model.traffic_policies.insert(p.key(), p.clone());
             }
             Object::Ignored => {}
         }

@@ -1,11 +1,13 @@
-//! `meshctl routes`: the Gateway API routes the agent holds, rule by rule; with `--to`, which
-//! rule a request to a Service port takes and where it may go, decided by the `RouteTable` a
-//! waypoint routes with.
+//! `meshctl routes`: the Gateway API routes the agent holds, rule by rule, with the faults
+//! TrafficPolicies inject into them; with `--to`, which rule a request to a Service port takes,
+//! where it may go and what fault it gets, decided by the `RouteTable` and `TrafficPolicies` a
+//! waypoint uses.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use clap::Args;
+use ferrymesh_route::traffic::{AbortStatus, TrafficPolicies, TrafficPolicy};
 use ferrymesh_route::{Route, RouteTable};
 use serde_json::json;
 
@@ -76,8 +78,25 @@ impl RequestArgs {
     }
 }
 
+/// The fault a request to `service` taken by `taken` gets, in a few words, naming its policy.
+fn fault_summary(traffic: &TrafficPolicies, service: &str, taken: Option<(&Route, usize)>) -> Option<String> {
+    let applied = traffic.fault(service, taken)?;
+    let mut parts = Vec::new();
+    if let Some(d) = &applied.feature.delay {
+        parts.push(format!("delay {}ms {}%", d.fixed.as_millis(), d.share.as_percent()));
+    }
+    if let Some(a) = &applied.feature.abort {
+        let status = match a.status {
+            AbortStatus::Http(code) => code.to_string(),
+            AbortStatus::Grpc(code) => format!("gRPC {}", code.name()),
+        };
+        parts.push(format!("abort {status} {}%", a.share.as_percent()));
+    }
+    Some(format!("fault {} (TrafficPolicy {})", parts.join(", "), applied.policy.key()))
+}
+
 /// The rule `args` describe a request to `to` taking, printed.
-fn select(routes: &[Route], to: &str, args: &RoutesArgs) -> Result<(), String> {
+fn select(routes: &[Route], traffic: &TrafficPolicies, to: &str, args: &RoutesArgs) -> Result<(), String> {
     let (service, port) = to
         .rsplit_once(':')
         .and_then(|(s, p)| Some((s, p.parse::<u16>().ok().filter(|p| *p > 0)?)))
@@ -87,13 +106,14 @@ fn select(routes: &[Route], to: &str, args: &RoutesArgs) -> Result<(), String> {
     let shared: Vec<Arc<Route>> = routes.iter().cloned().map(Arc::new).collect();
     let table = RouteTable::new(&shared, service, port);
     let selected = table.select(&parsed.view());
+    let fault = fault_summary(traffic, service, selected.map(|s| (&*s.route, s.rule)));
     let total = |rule: &ferrymesh_route::Rule| rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>();
     match args.output {
         Output::Json => {
             let value = match selected {
-                None => json!({"to": to, "attached": !table.is_empty(), "rule": null}),
+                None => json!({"to": to, "attached": !table.is_empty(), "rule": null, "fault": fault}),
                 Some(s) => json!({
-                    "to": to, "attached": true, "rule": s.describe(), "summary": rule_summary(s.rule()),
+                    "to": to, "attached": true, "rule": s.describe(), "summary": rule_summary(s.rule()), "fault": fault,
                     "backends": s.rule().backends.iter().map(|b| json!({
                         "service": b.target.service, "port": b.target.port, "weight": b.weight,
                         "share": if total(s.rule()) == 0 { 0.0 } else { f64::from(b.weight) / total(s.rule()) as f64 },
@@ -102,21 +122,30 @@ fn select(routes: &[Route], to: &str, args: &RoutesArgs) -> Result<(), String> {
             };
             println!("{value}");
         }
-        _ => match selected {
-            None if table.is_empty() => {
-                println!("no route is attached to {to}: a waypoint sends the request to the Service itself")
-            }
-            None => println!("no rule of the routes attached to {to} matches: a waypoint answers 404"),
-            Some(s) => {
-                println!("rule:    {}", s.describe());
-                println!("does:    {}", rule_summary(s.rule()));
-                for b in &s.rule().backends {
-                    let share =
-                        if total(s.rule()) == 0 { 0.0 } else { 100.0 * f64::from(b.weight) / total(s.rule()) as f64 };
-                    println!("backend: {}:{} weight {} ({share:.0}%)", b.target.service, b.target.port, b.weight);
+        _ => {
+            match selected {
+                None if table.is_empty() => {
+                    println!("no route is attached to {to}: a waypoint sends the request to the Service itself")
+                }
+                None => println!("no rule of the routes attached to {to} matches: a waypoint answers 404"),
+                Some(s) => {
+                    println!("rule:    {}", s.describe());
+                    println!("does:    {}", rule_summary(s.rule()));
+                    for b in &s.rule().backends {
+                        let share = if total(s.rule()) == 0 {
+                            0.0
+                        } else {
+                            100.0 * f64::from(b.weight) / total(s.rule()) as f64
+                        };
+                        println!("backend: {}:{} weight {} ({share:.0}%)", b.target.service, b.target.port, b.weight);
+                    }
                 }
             }
-        },
+            // A Service's fault applies even where no rule matched (a 404 is not injected into).
+            if let (Some(fault), false) = (&fault, selected.is_none() && !table.is_empty()) {
+                println!("fault:   {fault}");
+            }
+        }
     }
     Ok(())
 }
@@ -196,9 +225,22 @@ pub async fn run(agent: &Path, args: RoutesArgs) -> Result<(), String> {
         .map(ferrymesh_route::Route::try_from)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("the agent holds a route that does not convert: {e}"))?;
+    let traffic = config
+        .objects
+        .traffic_policies
+        .into_values()
+        .map(|p| TrafficPolicy::try_from(p).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the agent holds a policy that does not convert: {e}"))?;
+    let traffic = TrafficPolicies::new(traffic);
     if let Some(to) = &args.to {
-        return select(&routes, to, &args);
+        return select(&routes, &traffic, to, &args);
     }
+    // A rule's fault, as a request to the route's first Service gets it.
+    let rule_fault = |r: &Route, i: usize| {
+        let service = r.parents.first().map(|p| p.service.as_str()).unwrap_or_default();
+        fault_summary(&traffic, service, Some((r, i)))
+    };
     let output = args.output;
     let parents = |r: &ferrymesh_route::Route| {
         let list: Vec<String> = r
@@ -220,6 +262,7 @@ pub async fn run(agent: &Path, args: RoutesArgs) -> Result<(), String> {
                         "kind": r.kind.as_str(), "namespace": r.namespace, "name": r.name, "parents": parents(r),
                         "rules": r.rules.iter().enumerate().map(|(i, rule)| json!({
                             "name": rule.name.clone().unwrap_or_else(|| i.to_string()), "summary": rule_summary(rule),
+                            "fault": rule_fault(r, i),
                         })).collect::<Vec<_>>(),
                     })
                 })
@@ -234,7 +277,10 @@ pub async fn run(agent: &Path, args: RoutesArgs) -> Result<(), String> {
                         format!("{} {}/{}", r.kind.as_str(), r.namespace, r.name),
                         parents(r),
                         rule.name.clone().unwrap_or_else(|| i.to_string()),
-                        rule_summary(rule),
+                        match rule_fault(r, i) {
+                            Some(fault) => format!("{}; {fault}", rule_summary(rule)),
+                            None => rule_summary(rule),
+                        },
                     ]);
                 }
             }

@@ -1,0 +1,185 @@
+//! The YAML form of a ferrymesh.io/v1alpha1 TrafficPolicy (Istio's field names for what it
+//! carries, Gateway API's `targetRefs`), and its validation. Every error names the field by its
+//! path under `spec`.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    parse_istio_duration, Abort, AbortStatus, Delay, Fault, GrpcCode, Share, Target, TrafficPolicy, ABORT_STATUSES,
+};
+use crate::RouteKind;
+
+/// A field that failed validation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("field {field}: {message}")]
+pub struct SpecError {
+    /// Path of the field, e.g. `spec.fault.abort.percentage.value`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError { field: field.into(), message: message.into() }
+}
+
+/// Gateway API's group.
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// `spec` of a TrafficPolicy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    /// What it is attached to: Services, HTTPRoutes or GRPCRoutes of its namespace.
+    #[serde(default)]
+    pub target_refs: Vec<TargetRefSpec>,
+    /// Faults injected (Istio's `HTTPFaultInjection`).
+    pub fault: Option<FaultSpec>,
+}
+
+/// `spec.targetRefs[]` (Gateway API `LocalPolicyTargetReferenceWithSectionName`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRefSpec {
+    /// `""` (core) for a Service, `gateway.networking.k8s.io` for a route.
+    #[serde(default)]
+    pub group: String,
+    /// `Service`, `HTTPRoute` or `GRPCRoute`.
+    pub kind: String,
+    /// Its name, in the policy's namespace.
+    pub name: String,
+    /// For a route: the name of one of its rules.
+    pub section_name: Option<String>,
+}
+
+/// `spec.fault`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+pub struct FaultSpec {
+    /// Requests held back.
+    pub delay: Option<DelaySpec>,
+    /// Requests answered by the waypoint.
+    pub abort: Option<AbortSpec>,
+}
+
+/// `spec.fault.delay`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DelaySpec {
+    /// How long, e.g. `5s` or `250ms`.
+    pub fixed_delay: Option<String>,
+    /// The share of requests delayed; absent: every request.
+    pub percentage: Option<PercentSpec>,
+}
+
+/// `spec.fault.abort`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AbortSpec {
+    /// The HTTP status answered (200 to 599).
+    pub http_status: Option<i64>,
+    /// The gRPC status answered, by name (`UNAVAILABLE`).
+    pub grpc_status: Option<String>,
+    /// The share of requests aborted; absent: every request.
+    pub percentage: Option<PercentSpec>,
+}
+
+/// Istio's `Percent`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+pub struct PercentSpec {
+    /// 0 to 100.
+    #[serde(default)]
+    pub value: f64,
+}
+
+fn share(p: &Option<PercentSpec>, field: &str) -> Result<Share, SpecError> {
+    match p {
+        None => Ok(Share::ALL),
+        Some(p) => Share::percent(p.value).map_err(|e| err(format!("{field}.percentage.value"), e)),
+    }
+}
+
+impl FaultSpec {
+    fn validate(&self) -> Result<Fault, SpecError> {
+        let delay = match &self.delay {
+            None => None,
+            Some(d) => {
+                let text = d.fixed_delay.as_deref().ok_or_else(|| err("spec.fault.delay.fixedDelay", "missing"))?;
+                let fixed = parse_istio_duration(text).map_err(|e| err("spec.fault.delay.fixedDelay", e))?;
+                Some(Delay { fixed, share: share(&d.percentage, "spec.fault.delay")? })
+            }
+        };
+        let abort = match &self.abort {
+            None => None,
+            Some(a) => {
+                let status = match (a.http_status, &a.grpc_status) {
+                    (Some(code), None) => AbortStatus::Http(
+                        u16::try_from(code).ok().filter(|c| ABORT_STATUSES.contains(c)).ok_or_else(|| {
+                            err(
+                                "spec.fault.abort.httpStatus",
+                                format!(
+                                    "{code} is not a status from {} to {}",
+                                    ABORT_STATUSES.start(),
+                                    ABORT_STATUSES.end()
+                                ),
+                            )
+                        })?,
+                    ),
+                    (None, Some(name)) => {
+                        AbortStatus::Grpc(GrpcCode::parse(name).map_err(|e| err("spec.fault.abort.grpcStatus", e))?)
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(err("spec.fault.abort", "give httpStatus or grpcStatus, not both"));
+                    }
+                    (None, None) => return Err(err("spec.fault.abort", "give httpStatus or grpcStatus")),
+                };
+                Some(Abort { status, share: share(&a.percentage, "spec.fault.abort")? })
+            }
+        };
+        if delay.is_none() && abort.is_none() {
+            return Err(err("spec.fault", "give a delay, an abort or both"));
+        }
+        Ok(Fault { delay, abort })
+    }
+}
+
+impl TrafficPolicySpec {
+    /// Validates into a policy `namespace/name`.
+    pub fn validate(&self, namespace: &str, name: &str) -> Result<TrafficPolicy, SpecError> {
+        if self.target_refs.is_empty() {
+            return Err(err("spec.targetRefs", "missing; name the Services or routes the policy applies to"));
+        }
+        let mut targets = Vec::new();
+        for (i, t) in self.target_refs.iter().enumerate() {
+            let field = format!("spec.targetRefs[{i}]");
+            if t.name.is_empty() {
+                return Err(err(format!("{field}.name"), "empty"));
+            }
+            let kind = match (t.group.as_str(), t.kind.as_str()) {
+                ("", "Service") => None,
+                (GATEWAY_GROUP, "HTTPRoute") => Some(RouteKind::Http),
+                (GATEWAY_GROUP, "GRPCRoute") => Some(RouteKind::Grpc),
+                (group, kind) => {
+                    return Err(err(
+                        format!("{field}.kind"),
+                        format!(
+                            "{group:?}/{kind} is not a target of a TrafficPolicy (a Service, group \"\", or an HTTPRoute or GRPCRoute, group {GATEWAY_GROUP})"
+                        ),
+                    ))
+                }
+            };
+            targets.push(match kind {
+                None if t.section_name.is_some() => {
+                    return Err(err(format!("{field}.sectionName"), "a Service target takes no sectionName"));
+                }
+                None => Target::Service(t.name.clone()),
+                Some(kind) => Target::Route { kind, name: t.name.clone(), rule: t.section_name.clone() },
+            });
+        }
+        let fault = self.fault.as_ref().map(FaultSpec::validate).transpose()?;
+        if fault.is_none() {
+            return Err(err("spec", "the policy sets nothing: give fault"));
+        }
+        Ok(TrafficPolicy { namespace: namespace.into(), name: name.into(), targets, fault })
+    }
+}

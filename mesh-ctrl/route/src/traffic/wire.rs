@@ -1,0 +1,112 @@
+//! TrafficPolicies on the wire (`ferrymesh.config.v1.TrafficPolicy`) and back. A receiver checks
+//! every value again and names the policy and field of what it refuses.
+
+use std::time::Duration;
+
+use ferrymesh_api::config as proto;
+
+use super::{Abort, AbortStatus, Delay, Fault, GrpcCode, Share, Target, TrafficPolicy, ABORT_STATUSES};
+use crate::RouteKind;
+
+/// A TrafficPolicy that does not convert.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("TrafficPolicy {policy}: field {field}: {message}")]
+pub struct WireError {
+    /// `namespace/name`.
+    pub policy: String,
+    /// The field.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl TryFrom<proto::TrafficPolicy> for TrafficPolicy {
+    type Error = WireError;
+
+    fn try_from(p: proto::TrafficPolicy) -> Result<Self, WireError> {
+        let key = format!("{}/{}", p.namespace, p.name);
+        let err = |field: String, message: String| WireError { policy: key.clone(), field, message };
+        let mut targets = Vec::new();
+        for (i, t) in p.targets.into_iter().enumerate() {
+            let rule = (!t.section_name.is_empty()).then_some(t.section_name);
+            targets.push(match t.kind.as_str() {
+                "Service" => Target::Service(t.name),
+                "HTTPRoute" => Target::Route { kind: RouteKind::Http, name: t.name, rule },
+                "GRPCRoute" => Target::Route { kind: RouteKind::Grpc, name: t.name, rule },
+                other => return Err(err(format!("targets[{i}].kind"), format!("{other:?} is not a target kind"))),
+            });
+        }
+        if targets.is_empty() {
+            return Err(err("targets".into(), "empty".into()));
+        }
+        let fault = match p.fault {
+            None => None,
+            Some(f) => {
+                let delay = match f.delay {
+                    None => None,
+                    Some(d) => Some(Delay {
+                        fixed: Duration::from_micros(d.fixed_delay_us),
+                        share: Share::percent(d.percentage).map_err(|e| err("fault.delay.percentage".into(), e))?,
+                    }),
+                };
+                let abort = match f.abort {
+                    None => None,
+                    Some(a) => {
+                        let status = if a.grpc_status.is_empty() {
+                            let code = u16::try_from(a.http_status).ok().filter(|c| ABORT_STATUSES.contains(c));
+                            AbortStatus::Http(code.ok_or_else(|| {
+                                err("fault.abort.http_status".into(), format!("{} is not a status", a.http_status))
+                            })?)
+                        } else {
+                            AbortStatus::Grpc(
+                                GrpcCode::parse(&a.grpc_status)
+                                    .map_err(|e| err("fault.abort.grpc_status".into(), e))?,
+                            )
+                        };
+                        let share =
+                            Share::percent(a.percentage).map_err(|e| err("fault.abort.percentage".into(), e))?;
+                        Some(Abort { status, share })
+                    }
+                };
+                Some(Fault { delay, abort })
+            }
+        };
+        Ok(TrafficPolicy { namespace: p.namespace, name: p.name, targets, fault })
+    }
+}
+
+impl From<&TrafficPolicy> for proto::TrafficPolicy {
+    fn from(p: &TrafficPolicy) -> Self {
+        proto::TrafficPolicy {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            targets: p
+                .targets
+                .iter()
+                .map(|t| match t {
+                    Target::Service(name) => {
+                        proto::TrafficTarget { kind: "Service".into(), name: name.clone(), section_name: String::new() }
+                    }
+                    Target::Route { kind, name, rule } => proto::TrafficTarget {
+                        kind: kind.as_str().into(),
+                        name: name.clone(),
+                        section_name: rule.clone().unwrap_or_default(),
+                    },
+                })
+                .collect(),
+            fault: p.fault.as_ref().map(|f| proto::Fault {
+                delay: f.delay.as_ref().map(|d| proto::FaultDelay {
+                    fixed_delay_us: u64::try_from(d.fixed.as_micros()).unwrap_or(u64::MAX),
+                    percentage: d.share.as_percent(),
+                }),
+                abort: f.abort.as_ref().map(|a| {
+                    let (http_status, grpc_status) = match a.status {
+                        AbortStatus::Http(code) => (u32::from(code), String::new()),
+                        AbortStatus::Grpc(code) => (0, code.name().to_string()),
+                    };
+                    proto::FaultAbort { http_status, grpc_status, percentage: a.share.as_percent() }
+                }),
+            }),
+        }
+    }
+}
