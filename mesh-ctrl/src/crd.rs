@@ -3,6 +3,7 @@
 //! (`manifests/crds.yaml`, kept in sync by a test).
 
 use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
+use ferrymesh_route::destination::spec::DestinationRuleSpec;
 use ferrymesh_route::traffic::spec::TrafficPolicySpec;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -39,10 +40,25 @@ pub struct TrafficPolicyResourceSpec {
     pub policy: TrafficPolicySpec,
 }
 
+/// Spec of the `DestinationRule` custom resource (Istio's fields).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[kube(group = "ferrymesh.io", version = "v1alpha1", kind = "DestinationRule", namespaced)]
+#[kube(plural = "destinationrules", root = "DestinationRuleResource")]
+pub struct DestinationRuleResourceSpec {
+    /// The rule.
+    #[serde(flatten)]
+    pub rule: DestinationRuleSpec,
+}
+
 /// The CRD manifests, as multi-document YAML.
 pub fn manifests() -> String {
     use kube::CustomResourceExt;
-    let crds = [AuthorizationPolicyResource::crd(), PeerAuthenticationResource::crd(), TrafficPolicyResource::crd()];
+    let crds = [
+        AuthorizationPolicyResource::crd(),
+        PeerAuthenticationResource::crd(),
+        TrafficPolicyResource::crd(),
+        DestinationRuleResource::crd(),
+    ];
     let docs: Vec<String> = crds.iter().map(|c| serde_yaml::to_string(c).expect("CRD serializes")).collect();
     format!("# Generated from mesh-ctrl/src/crd.rs; `cargo test -p mesh-ctrl crd` checks it.\n{}", docs.join("---\n"))
 }

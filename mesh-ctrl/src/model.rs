@@ -256,6 +256,8 @@ pub struct Model {
     pub routes: BTreeMap<String, std::sync::Arc<ferrymesh_route::Route>>,
     /// TrafficPolicies, by `namespace/name`.
     pub traffic_policies: BTreeMap<String, ferrymesh_route::traffic::TrafficPolicy>,
+    /// DestinationRules, by `namespace/name`.
+    pub destination_rules: BTreeMap<String, ferrymesh_route::destination::DestinationRule>,
 }
 
 impl Model {
@@ -380,6 +382,11 @@ impl Model {
                 .traffic_policies
                 .iter()
                 .map(|(k, p)| (k.clone(), proto::TrafficPolicy::from(p)))
+                .collect(),
+            destination_rules: self
+                .destination_rules
+                .iter()
+                .map(|(k, r)| (k.clone(), proto::DestinationRule::from(r)))
                 .collect(),
         }
     }

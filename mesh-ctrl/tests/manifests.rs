@@ -251,7 +251,12 @@ fn the_crd_manifest_is_valid_kubernetes() {
     let names: Vec<&str> = objects.crds.iter().filter_map(|c| c.metadata.name.as_deref()).collect();
     assert_eq!(
         names,
-        ["authorizationpolicies.ferrymesh.io", "peerauthentications.ferrymesh.io", "trafficpolicies.ferrymesh.io"]
+        [
+            "authorizationpolicies.ferrymesh.io",
+            "peerauthentications.ferrymesh.io",
+            "trafficpolicies.ferrymesh.io",
+            "destinationrules.ferrymesh.io"
+        ]
     );
 }
 

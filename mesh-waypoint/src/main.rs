@@ -13,6 +13,7 @@
 //! waypoint's pod (service account = the Gateway's name) runs on that node.
 #![forbid(unsafe_code)]
 
+mod destination;
 mod listener;
 mod record;
 mod request;

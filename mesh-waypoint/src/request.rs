@@ -16,6 +16,7 @@ use bytes::Bytes;
 use ferrymesh_dataplane::state::State;
 use ferrymesh_policy::l7::HttpRequest;
 use ferrymesh_policy::Decision;
+use ferrymesh_route::destination::{HashOn, LoadBalancer};
 use ferrymesh_route::traffic::AbortStatus;
 use ferrymesh_route::{
     BackendRef, Filter, HeaderModifier, Mirror, RedirectFrom, RequestView, RouteTable, Selected, Timeouts,
@@ -26,6 +27,7 @@ use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
+use std::net::IpAddr;
 
 use crate::listener::{Destination, Downstream, Waypoint};
 use crate::record::{Record, Recorded};
@@ -90,6 +92,48 @@ fn local_reply(record: &mut Record, status: StatusCode, flags: &'static str, rea
     *response.status_mut() = status;
     record.reason = reason;
     response
+}
+
+/// The hash of a request's key for a consistent-hash backend, if it has one: the header's
+/// value, the client's address, or the cookie's value; a request without the cookie gets one
+/// made for it when the rule gives the cookie a ttl (`set_cookie`, for the response, as Envoy
+/// does), so that its next requests stick.
+fn affinity(on: &HashOn, headers: &HeaderMap, client: IpAddr, set_cookie: &mut Option<HeaderValue>) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let key = match on {
+        HashOn::Header(name) => headers.get(name.as_str())?.as_bytes().to_vec(),
+        HashOn::SourceIp => client.to_string().into_bytes(),
+        HashOn::Cookie { name, ttl, path } => match cookie(headers, name) {
+            Some(value) => value.as_bytes().to_vec(),
+            None => {
+                let ttl = (*ttl)?;
+                let value = format!("{:016x}", rand::random::<u64>());
+                let mut cookie = format!("{name}={value}");
+                if !ttl.is_zero() {
+                    cookie.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+                }
+                if let Some(path) = path {
+                    cookie.push_str(&format!("; Path={path}"));
+                }
+                cookie.push_str("; HttpOnly");
+                *set_cookie = HeaderValue::try_from(cookie).ok();
+                value.into_bytes()
+            }
+        },
+    };
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// The value of cookie `name` in the request's `cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().split_once('=').filter(|(n, _)| *n == name).map(|(_, v)| v))
 }
 
 /// The answer to a request a fault aborts (flag FI): its HTTP status, or, for a gRPC status, a
@@ -289,6 +333,18 @@ async fn route(
     else {
         return local_reply(record, StatusCode::BAD_REQUEST, "-", "the rewritten authority or path is invalid".into());
     };
+    // A backend balanced by a consistent hash (its DestinationRule): the request's key.
+    let mut set_cookie = None;
+    let affinity = match &to {
+        To::Service(target, _) => {
+            let rules = waypoint.state.destination_rules();
+            match rules.of(&format!("{}/{}", target.namespace, target.name)).map(|r| &r.policy.balancer) {
+                Some(LoadBalancer::Hash(on)) => affinity(on, &parts.headers, down.addr.ip(), &mut set_cookie),
+                _ => None,
+            }
+        }
+        To::Endpoint(_) => None,
+    };
     let mut forward = Forward { parts, body: body.boxed_unsync(), authority, path_and_query };
     if !later.mirrors.is_empty() {
         forward = match mirror(waypoint, &later.mirrors, forward).await {
@@ -296,7 +352,7 @@ async fn route(
             Err(reason) => return local_reply(record, StatusCode::BAD_REQUEST, "-", reason),
         };
     }
-    let policy = TryPolicy { retry, per_try: timeouts.backend_request };
+    let policy = TryPolicy { retry, per_try: timeouts.backend_request, affinity };
     // The request timeout runs from the request's arrival to its response's headers.
     let deadline = timeouts.request.map(|limit| (limit, limit.saturating_sub(record.elapsed())));
     let mut retries = 0;
@@ -329,6 +385,7 @@ async fn route(
                     (StatusCode::GATEWAY_TIMEOUT, "UT")
                 }
                 UpstreamError::Body { .. } => (StatusCode::BAD_REQUEST, "DPE"),
+                UpstreamError::Overflow(_) => (StatusCode::SERVICE_UNAVAILABLE, "UO"),
                 UpstreamError::NoEndpoint { .. } => (StatusCode::SERVICE_UNAVAILABLE, "UH"),
                 UpstreamError::Connect { endpoint, .. } => {
                     record.upstream = endpoint.to_string();
@@ -344,6 +401,9 @@ async fn route(
     };
     for modifier in &later.response_headers {
         modifier.apply(response.headers_mut());
+    }
+    if let Some(cookie) = set_cookie {
+        response.headers_mut().append(http::header::SET_COOKIE, cookie);
     }
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream_upgrade) = downstream_upgrade {
@@ -444,7 +504,7 @@ async fn mirror(waypoint: &Arc<Waypoint>, mirrors: &[Mirror], forward: Forward) 
         let (waypoint, port) = (waypoint.clone(), m.backend.port);
         tokio::spawn(async move {
             // A copy is sent once: a mirror never adds retries to its backend's load.
-            let once = TryPolicy { retry: &NO_RETRY, per_try: None };
+            let once = TryPolicy { retry: &NO_RETRY, per_try: None, affinity: None };
             match waypoint.upstream.send(&To::Service(service, port), copy, once, &mut 0).await {
                 Ok((response, _)) => {
                     let _ = response.into_body().collect().await;
@@ -491,6 +551,36 @@ mod tests {
         assert_eq!(shadow("web.shop"), "web.shop-shadow");
         assert_eq!(shadow("web.shop:8080"), "web.shop-shadow:8080");
         assert_eq!(shadow("10.96.0.50:80"), "10.96.0.50-shadow:80");
+    }
+
+    #[test]
+    fn a_hash_key_comes_from_its_header_cookie_or_client_and_a_missing_cookie_is_made() {
+        let client = IpAddr::from([10, 244, 1, 5]);
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::COOKIE, HeaderValue::from_static("a=1; user=alice; b=2"));
+        headers.insert("x-user", HeaderValue::from_static("alice"));
+        let mut set = None;
+        let by_header = affinity(&HashOn::Header("x-user".into()), &headers, client, &mut set);
+        let cookie_on = |ttl| HashOn::Cookie { name: "user".into(), ttl, path: Some("/".into()) };
+        let by_cookie = affinity(&cookie_on(None), &headers, client, &mut set);
+        assert!(by_header.is_some() && by_header == by_cookie, "the same value hashes alike");
+        assert!(set.is_none(), "a request with the cookie gets none");
+        assert_eq!(
+            affinity(&HashOn::SourceIp, &headers, client, &mut set),
+            affinity(&HashOn::SourceIp, &HeaderMap::new(), client, &mut set)
+        );
+        // Without the header: no key (balanced as usual).
+        assert_eq!(affinity(&HashOn::Header("x-other".into()), &headers, client, &mut set), None);
+        // Without the cookie: none without a ttl; with one, a cookie is made and set.
+        let bare = HeaderMap::new();
+        assert_eq!(affinity(&cookie_on(None), &bare, client, &mut set), None);
+        let made = affinity(&cookie_on(Some(std::time::Duration::from_secs(60))), &bare, client, &mut set);
+        let set = set.expect("a cookie to set").to_str().unwrap().to_string();
+        assert!(set.starts_with("user=") && set.ends_with("; Max-Age=60; Path=/; HttpOnly"), "{set}");
+        // The next request carries it and lands where the first did.
+        let mut next = HeaderMap::new();
+        next.insert(http::header::COOKIE, HeaderValue::try_from(set.split(';').next().unwrap()).unwrap());
+        assert_eq!(affinity(&cookie_on(Some(std::time::Duration::from_secs(60))), &next, client, &mut None), made);
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //! endpoint when there is one, each attempt within the rule's backend request timeout; a body
 //! is replayed up to [`REPLAY_LIMIT`] bytes (a larger one, or one of unknown length, is sent
 //! once), and retries are bounded by a [`RetryBudget`] per Service so that they cannot
-//! multiply the load on a failing backend.
+//! multiply the load on a failing backend. A backend Service's DestinationRule
+//! ([`crate::destination`]) adds limits (a request past them is refused, 503 `UO`), ejects
+//! endpoints that keep failing, and may pick endpoints round robin, at random or by a
+//! consistent hash of the request's key instead.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,7 +40,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::destination::{Destination, Destinations, Outcome};
 use crate::request::Body;
+use ferrymesh_route::destination::LoadBalancer;
 
 /// Endpoints a connection relayed at L4 may be tried on when connections fail.
 const ATTEMPTS: usize = 3;
@@ -97,6 +102,9 @@ pub enum UpstreamError {
         /// The timeout.
         after: Duration,
     },
+    /// A limit of the backend's DestinationRule was reached (circuit breaking).
+    #[error("upstream overflow: {0}")]
+    Overflow(#[from] crate::destination::Overflow),
     /// The client's request body failed while it was read to be replayable.
     #[error("the request body failed: {error}")]
     Body {
@@ -112,6 +120,9 @@ pub struct TryPolicy<'a> {
     pub retry: &'a Retry,
     /// The limit of each attempt (Gateway API `backendRequest`).
     pub per_try: Option<Duration>,
+    /// The hash of the request's key, when its backend's DestinationRule balances by a
+    /// consistent hash (the same key goes to the same endpoint while it is there).
+    pub affinity: Option<u64>,
 }
 
 /// The mesh's default retry, for rules without their own (built once, not per request).
@@ -320,6 +331,8 @@ pub struct Upstream {
     balancer: Arc<Balancer>,
     /// Retry budgets by backend Service (`namespace/name`).
     budgets: Mutex<HashMap<String, RetryBudget>>,
+    /// The DestinationRule state of backend Services.
+    destinations: Destinations,
 }
 
 impl Upstream {
@@ -330,7 +343,14 @@ impl Upstream {
             .pool_idle_timeout(IDLE_TIMEOUT)
             .set_host(false)
             .build(Connector(tunnels.clone()));
-        Self { tunnels, h1, h2: Mutex::default(), balancer: Arc::default(), budgets: Mutex::default() }
+        Self {
+            tunnels,
+            h1,
+            h2: Mutex::default(),
+            balancer: Arc::default(),
+            budgets: Mutex::default(),
+            destinations: Destinations::default(),
+        }
     }
 
     /// Sends `forward` to `to` (a ready endpoint of a Service port, picked per attempt, or one
@@ -350,6 +370,15 @@ impl Upstream {
             To::Endpoint(_) => "unknown".to_string(),
         };
         let Forward { parts, body, authority, path_and_query } = forward;
+        // The backend's DestinationRule: its limits admit the request (the place is held until
+        // the response ends), its outlier detection and balancer pick the endpoints.
+        let destination = self.destination(to);
+        let mut admission = match &destination {
+            Some(d) => Some(d.admit(parts.version != Version::HTTP_2).await?),
+            None => None,
+        };
+        // One request per HTTP/1.1 connection (`maxRequestsPerConnection: 1`).
+        let close = destination.as_ref().is_some_and(|d| d.rule.policy.pool.max_requests_per_connection == Some(1));
         // The body, kept whole when it may have to be sent again.
         let length = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         let (replay, mut once) = if body.is_end_stream() {
@@ -365,16 +394,29 @@ impl Upstream {
         let mut tried: Vec<IpAddr> = Vec::new();
         let mut last: Option<Result<(Response<Body>, SocketAddr), UpstreamError>> = None;
         for attempt in 0..attempts {
+            // A retry's place within the rule's maxRetries, held while it is tried.
+            let mut _retry_place = None;
             if attempt > 0 {
                 let reason = match &last {
                     Some(Ok((response, _))) => response.status().as_str().to_string(),
                     Some(Err(UpstreamError::Timeout { .. })) => "per-try-timeout".into(),
                     _ => "connect-failure".into(),
                 };
-                let budget =
-                    self.budgets.lock().expect("budgets lock").entry(name.clone()).or_default().withdraw(now_second());
-                if !budget {
-                    tracing::debug!(service = %name, "retry budget exhausted");
+                // The rule's maxRetries bounds retries in progress, the budget those over time.
+                let place = match &destination {
+                    Some(d) => d.retry().map(Some),
+                    None => Some(None),
+                };
+                let allowed = place.is_some()
+                    && self
+                        .budgets
+                        .lock()
+                        .expect("budgets lock")
+                        .entry(name.clone())
+                        .or_default()
+                        .withdraw(now_second());
+                if !allowed {
+                    tracing::debug!(service = %name, "retry budget or maxRetries exhausted");
                     metrics::counter!("ferrymesh_request_retry_overflow_total", "destination_service" => name.clone())
                         .increment(1);
                     break;
@@ -383,13 +425,14 @@ impl Upstream {
                 metrics::counter!("ferrymesh_request_retries_total", "destination_service" => name.clone(), "reason" => reason)
                     .increment(1);
                 tokio::time::sleep(policy.retry.backoff).await;
+                _retry_place = place.flatten();
             }
-            let Some((target, active)) = self.pick(to, &tried) else { break };
+            let Some((target, active)) = self.pick(to, &tried, destination.as_deref(), policy.affinity) else { break };
             let body = match &replay {
                 Some(bytes) => crate::request::full(bytes.clone()),
                 None => once.take().unwrap_or_else(crate::request::empty),
             };
-            let sent = self.send_once(target, &parts, body, &authority, &path_and_query);
+            let sent = self.send_once(target, &parts, body, &authority, &path_and_query, close);
             let result = match policy.per_try {
                 Some(after) => tokio::time::timeout(after, sent)
                     .await
@@ -397,17 +440,33 @@ impl Upstream {
                 None => sent.await,
             };
             tried.push(target.ip());
+            if let (Some(d), To::Service(service, port)) = (&destination, to) {
+                let outcome = match &result {
+                    Ok(response) => Some(Outcome::Status(response.status().as_u16())),
+                    Err(UpstreamError::Timeout { .. }) => Some(Outcome::Status(504)),
+                    Err(UpstreamError::Connect { .. } | UpstreamError::Request { .. }) => Some(Outcome::LocalFailure),
+                    Err(_) => None,
+                };
+                let ready = service.endpoints.iter().filter(|e| e.ready && e.target_ports.contains_key(port)).count();
+                if outcome.is_some_and(|o| d.report(target.ip(), o, ready)) {
+                    tracing::info!(service = %name, endpoint = %target, "endpoint ejected by outlier detection");
+                    metrics::counter!("ferrymesh_outlier_ejections_total", "destination_service" => name.clone())
+                        .increment(1);
+                }
+            }
             let again = match &result {
                 Ok(response) => policy.retry.codes.contains(&response.status().as_u16()),
                 Err(UpstreamError::Connect { .. }) => true,
                 Err(UpstreamError::Timeout { .. }) => policy.retry.codes.contains(&504),
                 Err(_) => false,
             };
-            // The endpoint counts as busy until the response body ends.
+            // The endpoint counts as busy, and the request holds its place within the limits,
+            // until the response body ends (the last attempt's response carries the admission).
+            let held = if again { None } else { admission.take() };
             let result = result.map(|response| {
                 let response = response.map(|b| {
                     b.map_frame(move |frame| {
-                        let _ = &active;
+                        let _ = (&active, &held);
                         frame
                     })
                     .boxed_unsync()
@@ -430,27 +489,66 @@ impl Upstream {
         })
     }
 
+    /// The DestinationRule state of the Service `to` addresses, when it has a rule.
+    fn destination(&self, to: &To) -> Option<Arc<Destination>> {
+        let To::Service(service, _) = to else { return None };
+        let rules = self.tunnels.state.destination_rules();
+        let rule = rules.of(&format!("{}/{}", service.namespace, service.name))?;
+        Some(self.destinations.of(rule))
+    }
+
     /// Where an attempt goes: for a Service, a ready endpoint not in `tried` (any ready one
     /// once every one was tried), with its place in the balancer; else the one endpoint.
-    fn pick(&self, to: &To, tried: &[IpAddr]) -> Option<(SocketAddr, Option<Active>)> {
+    fn pick(
+        &self,
+        to: &To,
+        tried: &[IpAddr],
+        destination: Option<&Destination>,
+        affinity: Option<u64>,
+    ) -> Option<(SocketAddr, Option<Active>)> {
         match to {
             To::Endpoint(endpoint) => Some((*endpoint, None)),
             To::Service(service, port) => self
-                .next_endpoint(service, *port, tried)
-                .or_else(|| self.next_endpoint(service, *port, &[]))
+                .next_endpoint(service, *port, tried, destination, affinity)
+                .or_else(|| self.next_endpoint(service, *port, &[], destination, affinity))
                 .map(|(target, active)| (target, Some(active))),
         }
     }
 
-    /// A ready endpoint of `service` port `port` not in `tried`, by power of two choices, as
-    /// its address for that port, and its place in the balancer.
-    fn next_endpoint(&self, service: &Service, port: u16, tried: &[IpAddr]) -> Option<(SocketAddr, Active)> {
-        let candidates: Vec<&ServiceEndpoint> = service
+    /// A ready endpoint of `service` port `port` not in `tried` nor ejected, picked as its
+    /// DestinationRule says (by default power of two choices on requests in progress), as its
+    /// address for that port, and its place in the balancer.
+    fn next_endpoint(
+        &self,
+        service: &Service,
+        port: u16,
+        tried: &[IpAddr],
+        destination: Option<&Destination>,
+        affinity: Option<u64>,
+    ) -> Option<(SocketAddr, Active)> {
+        let mut candidates: Vec<&ServiceEndpoint> = service
             .endpoints
             .iter()
             .filter(|e| e.ready && e.target_ports.contains_key(&port) && !tried.contains(&e.ip))
             .collect();
-        let endpoint = self.balancer.pick(&candidates)?;
+        let endpoint = match destination {
+            None => self.balancer.pick(&candidates)?,
+            Some(d) => {
+                let ejected = d.ejected(candidates.iter().map(|e| e.ip));
+                let mut ejected = ejected.into_iter();
+                candidates.retain(|_| !ejected.next().unwrap_or(false));
+                match (&d.rule.policy.balancer, affinity) {
+                    (LoadBalancer::RoundRobin, _) if !candidates.is_empty() => {
+                        candidates[d.next_turn() % candidates.len()]
+                    }
+                    (LoadBalancer::Random, _) if !candidates.is_empty() => {
+                        candidates[rand::random_range(0..candidates.len())]
+                    }
+                    (LoadBalancer::Hash(_), Some(key)) => *candidates.iter().max_by_key(|e| rendezvous(key, e.ip))?,
+                    _ => self.balancer.pick(&candidates)?,
+                }
+            }
+        };
         Some((SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]), self.balancer.start(endpoint.ip)))
     }
 
@@ -468,8 +566,11 @@ impl Upstream {
         };
         let mut tried: Vec<IpAddr> = Vec::new();
         let mut last = None;
+        let destination = self.destination(to);
         for _ in 0..ATTEMPTS {
-            let Some((target, active)) = self.next_endpoint(service, port, &tried) else { break };
+            let Some((target, active)) = self.next_endpoint(service, port, &tried, destination.as_deref(), None) else {
+                break;
+            };
             match self.tunnels.open(target).await {
                 Ok(io) => return Ok((io, target, Some(active))),
                 Err(e) => {
@@ -484,7 +585,8 @@ impl Upstream {
     }
 
     /// Sends one request to `endpoint`: HTTP/2 over its multiplexed connection, HTTP/1.x over
-    /// a pooled one (`Host` the authority the request goes with).
+    /// a pooled one (`Host` the authority the request goes with; with `close`, a connection of
+    /// its own that closes after it).
     async fn send_once(
         &self,
         endpoint: SocketAddr,
@@ -492,6 +594,7 @@ impl Upstream {
         body: Body,
         authority: &Authority,
         path_and_query: &PathAndQuery,
+        close: bool,
     ) -> Result<Response<Body>, UpstreamError> {
         let mut request = Request::new(body);
         *request.method_mut() = parts.method.clone();
@@ -506,6 +609,9 @@ impl Upstream {
         *request.version_mut() = parts.version;
         if let Ok(host) = HeaderValue::try_from(authority.as_str()) {
             request.headers_mut().insert(HOST, host);
+        }
+        if close {
+            request.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         match self.h1.request(request).await {
             Ok(response) => Ok(response.map(BodyExt::boxed_unsync)),
@@ -548,6 +654,15 @@ impl Upstream {
             .map_err(|e| UpstreamError::Request { endpoint, error: ferrymesh_dataplane::ctrl::error_chain(&e) })?;
         Ok(response.map(BodyExt::boxed_unsync))
     }
+}
+
+/// The rendezvous (highest random weight) score of endpoint `ip` for a request's `key`: the
+/// endpoint with the highest score takes the key, so a key moves only when its endpoint goes.
+fn rendezvous(key: u64, ip: IpAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (key, ip).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// `http://<authority><path>`.

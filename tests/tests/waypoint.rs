@@ -1049,3 +1049,74 @@ fn faults_of_a_traffic_policy_delay_and_abort_what_clients_see() {
     let aborted = codes.iter().filter(|c| **c == 503).count();
     assert!((19..=21).contains(&aborted), "{aborted} of 40 aborted after the bad change");
 }
+
+#[test]
+fn a_destination_rule_pins_by_hash_breaks_circuits_and_ejects_a_failing_endpoint() {
+    let topo = waypoint_cluster();
+    let (a, waypoint) = (topo.pod("shop", "a"), topo.pod("shop", "waypoint"));
+    let rule = "apiVersion: ferrymesh.io/v1alpha1\nkind: DestinationRule\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  host: web.shop.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      tcp:\n        maxConnections: 1\n      http:\n        http1MaxPendingRequests: 1\n    outlierDetection:\n      consecutive5xxErrors: 3\n      interval: 1s\n      baseEjectionTime: 2s\n      maxEjectionPercent: 50\n    loadBalancer:\n      consistentHash:\n        httpHeaderName: x-user\n";
+    topo.write_config_file("destination-web.yaml", rule);
+    wait_until(CONFIG_WAIT, "the rule at the waypoint's node", || {
+        let shown = String::from_utf8_lossy(&topo.meshctl(2, &["services"]).stdout).into_owned();
+        shown.contains("shop/web: maxConnections 1, http1MaxPendingRequests 1, eject after 3 5xx in a row for 2000ms+ (at most 50%), hash of header x-user")
+    });
+    let url = format!("http://{WEB}/");
+
+    // A consistent hash on x-user: each user's requests stay on one endpoint; users spread.
+    let mut used = std::collections::BTreeSet::new();
+    for user in 0..16 {
+        let header = format!("x-user: user-{user}");
+        let pods = topo.echo_pods(a, &url, 10, &["-H", &header]);
+        let tally = tally(&pods);
+        assert_eq!(tally.len(), 1, "user-{user} went to one endpoint: {tally:?}");
+        used.extend(tally.into_keys().map(String::from));
+    }
+    assert_eq!(used.len(), 2, "16 users over web-1 and web-2: {used:?}");
+
+    // Pending-request overflow: with one connection and one pending request, of five slow
+    // requests at once, two are answered and three refused at once with 503 UO.
+    let started = std::time::Instant::now();
+    let parallel = ["-Z", "--parallel-immediate", "--parallel-max", "5", "-H", "x-echo-delay-ms: 1000"];
+    let codes = statuses(&topo, a, &url, 5, &parallel);
+    let mut sorted = codes.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [200, 200, 503, 503, 503], "{codes:?}");
+    // (The two answered one after the other: the second waited for the first's connection.)
+    assert!(started.elapsed() >= Duration::from_millis(2000), "{:?}", started.elapsed());
+    wait_until(FLOW_WAIT, "the overflow records", || {
+        topo.waypoint_requests(waypoint).iter().filter(|r| r["response_flags"] == "UO").count() == 3
+    });
+    let overflow = topo.waypoint_requests(waypoint).into_iter().find(|r| r["response_flags"] == "UO").unwrap();
+    assert_eq!(overflow["status"], 503, "{overflow}");
+    assert!(
+        overflow["reason"].as_str().unwrap().contains("http1MaxPendingRequests of shop/web reached (1)"),
+        "{overflow}"
+    );
+
+    // web-1 answers 500s: after three in a row it is ejected and web-2 takes everything...
+    let failing = ["-H", "x-echo-fail-pod: web-1"];
+    let codes = statuses(&topo, a, &url, 40, &failing);
+    assert_eq!(codes.len(), 40, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 500).count(), 3, "{codes:?}");
+    assert!(codes.iter().rev().take(10).all(|c| *c == 200), "{codes:?}");
+    // ... until its 2 s ejection ends: it is back, fails three more, and is ejected again.
+    std::thread::sleep(Duration::from_millis(2300));
+    let codes = statuses(&topo, a, &url, 40, &failing);
+    assert_eq!(codes.iter().filter(|c| **c == 500).count(), 3, "back after its ejection: {codes:?}");
+    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(scrape.sum("ferrymesh_outlier_ejections_total", &[("destination_service", "shop/web")]), 2.0, "{text}");
+    let uo = [("destination_service", "shop/web"), ("response_code", "503"), ("response_flags", "UO")];
+    assert_eq!(scrape.sum("ferrymesh_requests_total", &uo), 3.0, "{text}");
+
+    // A bad rule is refused by name; the last good one keeps serving (still one pending).
+    topo.write_config_file("destination-web.yaml", &rule.replace("maxEjectionPercent: 50", "maxEjectionPercent: 150"));
+    wait_until(CONFIG_WAIT, "mesh-ctrl to refuse the rule", || {
+        topo.log("mesh-ctrl").contains(
+            "DestinationRule shop/web: field spec.trafficPolicy.outlierDetection.maxEjectionPercent: 150 is not a percentage",
+        )
+    });
+    let codes = statuses(&topo, a, &url, 5, &parallel);
+    assert_eq!(codes.iter().filter(|c| **c == 503).count(), 3, "{codes:?}");
+}

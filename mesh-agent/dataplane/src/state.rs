@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use ferrymesh_api::config as proto;
 use ferrymesh_api::kinds::{take_changes, ConfigKind, ConfigSet};
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet};
+use ferrymesh_route::destination::{DestinationRule, DestinationRules};
 use ferrymesh_route::traffic::{TrafficPolicies, TrafficPolicy};
 use ferrymesh_route::Route;
 use tokio::sync::watch;
@@ -192,6 +193,9 @@ pub enum InvalidUpdate {
     /// A TrafficPolicy does not convert.
     #[error("{0}")]
     TrafficPolicy(#[from] ferrymesh_route::traffic::wire::WireError),
+    /// A DestinationRule does not convert.
+    #[error("{0}")]
+    DestinationRule(#[from] ferrymesh_route::destination::wire::WireError),
     /// A waypoint does not convert.
     #[error("waypoint {waypoint}: field {field}: {message}")]
     Waypoint {
@@ -309,6 +313,13 @@ impl Stored for TrafficPolicy {
     }
 }
 
+impl Stored for DestinationRule {
+    type Wire = proto::DestinationRule;
+    fn wire(&self) -> proto::DestinationRule {
+        self.into()
+    }
+}
+
 impl Stored for PeerAuthentication {
     type Wire = proto::PeerAuthentication;
     fn wire(&self) -> proto::PeerAuthentication {
@@ -422,6 +433,9 @@ struct Inner {
     /// TrafficPolicies by `namespace/name`, and the set a waypoint looks them up in.
     traffic_policies: Table<TrafficPolicy>,
     traffic: Arc<TrafficPolicies>,
+    /// DestinationRules by `namespace/name`, and the set a waypoint looks them up in.
+    destination_rules: Table<DestinationRule>,
+    destinations: Arc<DestinationRules>,
 }
 
 /// The store. Readers take snapshots; `apply` is the single writer of workloads.
@@ -457,6 +471,7 @@ impl State {
         let routes = Changes::<Route>::take(&mut update)?;
         let waypoints = Changes::<Waypoint>::take(&mut update)?;
         let traffic_policies = Changes::<TrafficPolicy>::take(&mut update)?;
+        let destination_rules = Changes::<DestinationRule>::take(&mut update)?;
         let snapshot = update.snapshot;
         let policies = {
             let mut inner = self.inner.write().expect("state lock");
@@ -476,6 +491,10 @@ impl State {
             waypoints.apply(&mut inner.waypoints, snapshot);
             if traffic_policies.apply(&mut inner.traffic_policies, snapshot) {
                 inner.traffic = Arc::new(TrafficPolicies::new(inner.traffic_policies.values().cloned().collect()));
+            }
+            if destination_rules.apply(&mut inner.destination_rules, snapshot) {
+                inner.destinations =
+                    Arc::new(DestinationRules::new(inner.destination_rules.values().cloned().collect()));
             }
             inner.version = update.version;
             policies_changed.then(|| {
@@ -572,6 +591,7 @@ impl State {
         dump_table(&inner.routes, &mut set);
         dump_table(&inner.waypoints, &mut set);
         dump_table(&inner.traffic_policies, &mut set);
+        dump_table(&inner.destination_rules, &mut set);
         set
     }
 
@@ -600,6 +620,11 @@ impl State {
     /// Every TrafficPolicy held, as the set requests look them up in.
     pub fn traffic_policies(&self) -> Arc<TrafficPolicies> {
         self.inner.read().expect("state lock").traffic.clone()
+    }
+
+    /// Every DestinationRule held, by the Service each is for.
+    pub fn destination_rules(&self) -> Arc<DestinationRules> {
+        self.inner.read().expect("state lock").destinations.clone()
     }
 
     /// A receiver that changes whenever an update is applied.

@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 
 use crate::config::{
-    AuthorizationPolicy, ConfigUpdate, PeerAuthentication, Route, Service, TrafficPolicy, Waypoint, Workload,
+    AuthorizationPolicy, ConfigUpdate, DestinationRule, PeerAuthentication, Route, Service, TrafficPolicy, Waypoint,
+    Workload,
 };
 
 /// A kind of config object carried by [`ConfigUpdate`].
@@ -98,6 +99,8 @@ kinds! {
     Waypoint => waypoints, waypoints, removed_waypoints, |w| format!("{}/{}", w.namespace, w.name);
     TrafficPolicy => traffic_policies, traffic_policies, removed_traffic_policies,
         |p| format!("{}/{}", p.namespace, p.name);
+    DestinationRule => destination_rules, destination_rules, removed_destination_rules,
+        |r| format!("{}/{}", r.namespace, r.name);
 }
 
 impl ConfigSet {
@@ -216,7 +219,8 @@ mod tests {
                 ("Service", 1),
                 ("Route", 0),
                 ("Waypoint", 0),
-                ("TrafficPolicy", 0)
+                ("TrafficPolicy", 0),
+                ("DestinationRule", 0)
             ]
         );
     }

@@ -10,6 +10,7 @@
 //! oldest route, then the route first by `namespace/name`; then the first rule and match of the
 //! route. (A regular expression's rank is ours to choose: the spec leaves it to implementations.)
 
+pub mod destination;
 pub mod traffic;
 pub mod wire;
 

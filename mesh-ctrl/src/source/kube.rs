@@ -1,6 +1,6 @@
 //! Kubernetes source: kube reflectors on Namespaces, Pods, Services, EndpointSlices,
-//! ServiceAccounts, the ferrymesh AuthorizationPolicy, PeerAuthentication and TrafficPolicy
-//! custom resources and Gateway API Gateways, HTTPRoutes and GRPCRoutes feed the same translation as the
+//! ServiceAccounts, the ferrymesh AuthorizationPolicy, PeerAuthentication, TrafficPolicy and
+//! DestinationRule custom resources and Gateway API Gateways, HTTPRoutes and GRPCRoutes feed the same translation as the
 //! directory source ([`super::translate`]), so the same objects give the same
 //! model through either. An object that fails translation keeps its last good version; a pod
 //! that is not scheduled, has no IP yet or uses the host network is simply not part of the mesh.
@@ -27,7 +27,9 @@ use super::translate::{
     endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, service_account_from,
     service_from, waypoint_from, EndpointSliceResource, FieldError, Object, ObjectKey,
 };
-use crate::crd::{AuthorizationPolicyResource, PeerAuthenticationResource, TrafficPolicyResource};
+use crate::crd::{
+    AuthorizationPolicyResource, DestinationRuleResource, PeerAuthenticationResource, TrafficPolicyResource,
+};
 use crate::model::Model;
 use crate::snapshot::Publisher;
 
@@ -45,6 +47,7 @@ pub struct KubeSource {
     authorization_policies: Store<AuthorizationPolicyResource>,
     peer_authentications: Store<PeerAuthenticationResource>,
     traffic_policies: Store<TrafficPolicyResource>,
+    destination_rules: Store<DestinationRuleResource>,
     gateways: Store<Gateway>,
     http_routes: Store<HTTPRoute>,
     grpc_routes: Store<GRPCRoute>,
@@ -132,6 +135,11 @@ impl KubeSource {
             let result = p.spec.policy.validate(&k.namespace, &k.name).map(Object::TrafficPolicy);
             add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
         }
+        for r in self.destination_rules.state() {
+            let k = key("DestinationRule", r.namespace(), r.name_any());
+            let result = r.spec.rule.validate(&k.namespace, &k.name).map(Object::DestinationRule);
+            add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
+        }
         for gw in self.gateways.state() {
             let k = key("Gateway", gw.namespace(), gw.name_any());
             let result = waypoint_from((*gw).clone(), &k).map(|w| w.map_or(Object::Ignored, Object::Waypoint));
@@ -167,6 +175,7 @@ impl KubeSource {
             && ready(&self.authorization_policies)
             && ready(&self.peer_authentications)
             && ready(&self.traffic_policies)
+            && ready(&self.destination_rules)
             && ready(&self.gateways)
             && ready(&self.http_routes)
             && ready(&self.grpc_routes)
@@ -275,6 +284,7 @@ pub fn watched_resources() -> Vec<(String, String)> {
         of::<AuthorizationPolicyResource>(),
         of::<PeerAuthenticationResource>(),
         of::<TrafficPolicyResource>(),
+        of::<DestinationRuleResource>(),
         of::<Gateway>(),
         of::<HTTPRoute>(),
         of::<GRPCRoute>(),
@@ -350,6 +360,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
     let (authorization_policies, authz_writer) = reflector::store();
     let (peer_authentications, peer_writer) = reflector::store();
     let (traffic_policies, traffic_writer) = reflector::store();
+    let (destination_rules, destination_writer) = reflector::store();
     let (gateways, gateway_writer) = reflector::store();
     let (http_routes, http_route_writer) = reflector::store();
     let (grpc_routes, grpc_route_writer) = reflector::store();
@@ -362,6 +373,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         authorization_policies,
         peer_authentications,
         traffic_policies,
+        destination_rules,
         gateways,
         http_routes,
         grpc_routes,
@@ -376,6 +388,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         changes(Api::<AuthorizationPolicyResource>::all(client.clone()), authz_writer).boxed(),
         changes(Api::<PeerAuthenticationResource>::all(client.clone()), peer_writer).boxed(),
         changes(Api::<TrafficPolicyResource>::all(client.clone()), traffic_writer).boxed(),
+        changes(Api::<DestinationRuleResource>::all(client.clone()), destination_writer).boxed(),
         changes(Api::<Gateway>::all(client.clone()), gateway_writer).boxed(),
         changes(Api::<HTTPRoute>::all(client.clone()), http_route_writer).boxed(),
         changes(Api::<GRPCRoute>::all(client.clone()), grpc_route_writer).boxed(),

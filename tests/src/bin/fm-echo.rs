@@ -38,7 +38,7 @@ enum Command {
     /// Serve HTTP echo on `port` as pod `pod` of `namespace`; prints "ready" once listening.
     /// Request headers steer the answer: `x-echo-delay-ms: N` answers N ms late,
     /// `x-echo-status: S` with status S, `x-echo-fail-every: N` with a 503 for every Nth such
-    /// request this server sees.
+    /// request this server sees, `x-echo-fail-pod: P` with a 500 when this server is pod P.
     Serve {
         #[arg(long, default_value_t = 8081)]
         port: u16,
@@ -169,6 +169,9 @@ async fn answer(
         if (SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1).is_multiple_of(n) {
             status = Some(StatusCode::SERVICE_UNAVAILABLE);
         }
+    }
+    if parts.headers.get("x-echo-fail-pod").is_some_and(|p| p.as_bytes() == who.0.as_bytes()) {
+        status = Some(StatusCode::INTERNAL_SERVER_ERROR);
     }
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in &parts.headers {

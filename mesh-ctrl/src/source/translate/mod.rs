@@ -105,6 +105,8 @@ pub enum Object {
     Route(ferrymesh_route::Route),
     /// A ferrymesh.io TrafficPolicy.
     TrafficPolicy(ferrymesh_route::traffic::TrafficPolicy),
+    /// A ferrymesh.io DestinationRule.
+    DestinationRule(ferrymesh_route::destination::DestinationRule),
     /// An object the mesh reads and has no part of (a route attached only to Gateways).
     Ignored,
 }
@@ -157,6 +159,9 @@ pub fn model_of<'a>(objects: impl Iterator<Item = &'a Object>) -> Model {
             }
             Object::TrafficPolicy(p) => {
                 model.traffic_policies.insert(p.key(), p.clone());
+            }
+            Object::DestinationRule(r) => {
+                model.destination_rules.insert(r.key(), r.clone());
             }
             Object::Ignored => {}
         }

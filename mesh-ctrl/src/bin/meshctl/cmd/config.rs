@@ -5,6 +5,7 @@ use std::path::Path;
 
 use ferrymesh_api::admin::GetConfigRequest;
 use ferrymesh_api::kinds::ConfigSet;
+use ferrymesh_route::destination::{DestinationRule, DestinationRules};
 use serde_json::json;
 
 use super::table;
@@ -108,6 +109,17 @@ fn waypoint(
 /// Prints the services.
 pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
     let config = dump(agent).await?;
+    let rules = config
+        .objects
+        .destination_rules
+        .values()
+        .cloned()
+        .map(|r| DestinationRule::try_from(r).map(std::sync::Arc::new))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the agent holds a rule that does not convert: {e}"))?;
+    let rules = DestinationRules::new(rules);
+    let rule_of =
+        |s: &ferrymesh_api::config::Service| rules.of(&format!("{}/{}", s.namespace, s.name)).map(|r| r.summary());
     match output {
         Output::Json => {
             let all: Vec<_> = config
@@ -116,6 +128,7 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
                 .map(|s| {
                     json!({
                         "namespace": s.namespace, "name": s.name, "vip": s.vip, "waypoint": s.waypoint,
+                        "destination_rule": rule_of(s),
                         "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
                         "endpoints": s.endpoints.iter().map(|e| json!({
                             "ip": e.ip, "ready": e.ready, "workload_uid": e.workload_uid, "target_ports": e.target_ports,
@@ -126,7 +139,7 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
             println!("{}", json!(all));
         }
         _ => {
-            let rows: Vec<[String; 5]> = config
+            let rows: Vec<[String; 6]> = config
                 .objects
                 .services
                 .values()
@@ -143,10 +156,11 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
                         ports.join(","),
                         waypoint(s, &config.objects.waypoints),
                         endpoints.join(", "),
+                        rule_of(s).unwrap_or_else(|| "-".into()),
                     ]
                 })
                 .collect();
-            table::print(&["SERVICE", "VIP", "PORTS", "WAYPOINT", "ENDPOINTS"], &rows);
+            table::print(&["SERVICE", "VIP", "PORTS", "WAYPOINT", "ENDPOINTS", "DESTINATION RULE"], &rows);
         }
     }
     Ok(())
