@@ -50,6 +50,8 @@ pub struct Waypoint {
     /// The rolls that pick the requests a fault delays, and those it aborts (their own, so that
     /// each share is spread as evenly as weights are).
     pub fault_rolls: (ferrymesh_route::Rolls, ferrymesh_route::Rolls),
+    /// The buckets of the TrafficPolicies' local rate limits.
+    pub rate_limiters: crate::limits::RateLimiters,
     /// Route tables, kept per Service port until the routes change.
     pub route_tables: crate::request::RouteTables,
 }

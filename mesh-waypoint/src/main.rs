@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod destination;
+mod limits;
 mod listener;
 mod record;
 mod request;
@@ -122,6 +123,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         log: record::RequestLog::new(log),
         rolls: Default::default(),
         fault_rolls: Default::default(),
+        rate_limiters: Default::default(),
         route_tables: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)

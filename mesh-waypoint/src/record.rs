@@ -57,9 +57,9 @@ pub struct Record {
     pub grpc_status: String,
     /// Envoy's response flags: `-`, or why the waypoint answered itself (NR no route, UH no
     /// healthy upstream, UF upstream connect failure, UC upstream connection ended, UT upstream
-    /// request timeout, UO a DestinationRule limit reached, FI a fault's abort; DENY, as the
-    /// mesh's L4 flows have it, for a policy's refusal), or DI when a fault delayed a request
-    /// that was then answered.
+    /// request timeout, UO a DestinationRule limit reached, FI a fault's abort, RL a rate
+    /// limit; DENY, as the mesh's L4 flows have it, for a policy's refusal), or DI when a fault
+    /// delayed a request that was then answered.
     pub response_flags: &'static str,
     /// Why the waypoint answered itself, in words.
     pub reason: String,

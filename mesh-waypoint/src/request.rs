@@ -7,7 +7,10 @@
 //! a rule whose backends all weigh 0 answers 500. A request addressed to a workload (a pod bound
 //! to a waypoint of workloads) has no routes: it goes to that pod. Before any of it, the
 //! AuthorizationPolicies attached to the Service or the waypoint decide: a denial is a 403
-//! naming the policy and rule.
+//! naming the policy and rule. Once the rule and backend are known, the TrafficPolicies of the
+//! Service, route or rule apply: their rate limits ([`crate::limits`], 429), then their fault
+//! (a delay, then an abort); and the backend's DestinationRule may hash the request's key to
+//! keep it on one endpoint.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -296,10 +299,21 @@ async fn route(
         (None, Destination::Service(_)) => unreachable!("a Service's request always has a backend Service"),
     };
 
+    // The rate limits of a TrafficPolicy of the Service, route or rule: past one, a 429.
+    let traffic = waypoint.state.traffic_policies();
+    let taken = selected.as_ref().map(|s| (&*s.route, s.rule));
+    if let Some(limits) = traffic.rate_limit(&service, taken) {
+        if let Err(limited) = waypoint.rate_limiters.check(limits, &service, &parts.headers, down.identity.as_deref()) {
+            let mut response = local_reply(record, StatusCode::TOO_MANY_REQUESTS, "RL", limited.reason);
+            *response.body_mut() = full("local_rate_limited\n");
+            let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+            return response;
+        }
+    }
     // Faults injected on purpose (a TrafficPolicy of the Service, route or rule): the delay,
     // then the abort, as Envoy's fault filter has them, before anything is sent.
-    let traffic = waypoint.state.traffic_policies();
-    if let Some(fault) = traffic.fault(&service, selected.as_ref().map(|s| (&*s.route, s.rule))) {
+    if let Some(fault) = traffic.fault(&service, taken) {
         let (delay_rolls, abort_rolls) = &waypoint.fault_rolls;
         if let Some(delay) = fault.feature.delay.as_ref().filter(|d| d.share.hits(delay_rolls.next())) {
             record.response_flags = "DI";

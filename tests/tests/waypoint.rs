@@ -984,7 +984,7 @@ fn faults_of_a_traffic_policy_delay_and_abort_what_clients_see() {
     }
     let explained = explain_grpc();
     assert!(
-        explained.contains("fault:   fault abort gRPC UNAVAILABLE 100% (TrafficPolicy shop/grpc-unavailable)"),
+        explained.contains("traffic: fault abort gRPC UNAVAILABLE 100% (TrafficPolicy shop/grpc-unavailable)"),
         "{explained}"
     );
 
@@ -1119,4 +1119,101 @@ fn a_destination_rule_pins_by_hash_breaks_circuits_and_ejects_a_failing_endpoint
     });
     let codes = statuses(&topo, a, &url, 5, &parallel);
     assert_eq!(codes.iter().filter(|c| **c == 503).count(), 3, "{codes:?}");
+}
+
+/// A TrafficPolicy `shop/<name>` targeting rule `rule` of HTTPRoute shop/limits with local
+/// rate limits `local` (YAML, indented under `local:`).
+fn rate_limit_policy(name: &str, rule: &str, local: &str) -> String {
+    format!(
+        "apiVersion: ferrymesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  targetRefs:\n  - group: gateway.networking.k8s.io\n    kind: HTTPRoute\n    name: limits\n    sectionName: {rule}\n  rateLimit:\n    local:\n{local}"
+    )
+}
+
+#[test]
+fn local_rate_limits_answer_429_with_retry_after_per_rule_and_per_key() {
+    let topo = waypoint_cluster();
+    let (a, waypoint) = (topo.pod("shop", "a"), topo.pod("shop", "waypoint"));
+    let to_web = "    backendRefs:\n    - name: web\n      port: 80\n";
+    let rule = |name: &str, path: &str| {
+        format!(
+            "  - name: {name}\n    matches:\n    - path:\n        type: PathPrefix\n        value: {path}\n{to_web}"
+        )
+    };
+    let rules =
+        [rule("steady", "/steady"), rule("per-user", "/per-user"), format!("  - name: rest\n{to_web}")].concat();
+    topo.write_config_file("route-limits.yaml", &web_route("limits", Some(80), &rules));
+    let ten_per_second = "    - limit:\n        requests: 10\n        unit: Second\n";
+    topo.write_config_file("traffic-steady.yaml", &rate_limit_policy("steady", "steady", ten_per_second));
+    let per_user = "    - limit:\n        requests: 5\n        unit: Minute\n      key:\n        header: x-user\n";
+    topo.write_config_file("traffic-per-user.yaml", &rate_limit_policy("per-user", "per-user", per_user));
+    wait_until(CONFIG_WAIT, "the limits at the waypoint's node", || {
+        let shown = String::from_utf8_lossy(&topo.meshctl(2, &["routes"]).stdout).into_owned();
+        shown.contains("rate limit 10/1s burst 10 (TrafficPolicy shop/steady)")
+            && shown.contains("rate limit 5/60s burst 5 per x-user (TrafficPolicy shop/per-user)")
+    });
+    let url = |path: &str| format!("http://{WEB}{path}");
+
+    // 10 requests a second against 50 offered for 3 s: the burst of 10 and 10 a second are
+    // answered (about 40), the rest 429.
+    let started = std::time::Instant::now();
+    let codes = statuses(&topo, a, &url("/steady"), 150, &["--rate", "50/s"]);
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(codes.len(), 150, "{codes:?}");
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    assert_eq!(ok + codes.iter().filter(|c| **c == 429).count(), 150, "{codes:?}");
+    let expected = 10.0 + 10.0 * took;
+    assert!((ok as f64 - expected).abs() <= 6.0, "{ok} answered in {took:.2}s (expected about {expected:.0})");
+    // A refused request says when to come back, and why.
+    let refused = (0..20).map(|_| topo.http(a, &url("/steady"), &[])).find(|r| r.status == 429).expect("a 429");
+    let retry_after = |r: &ferrymesh_testbed::mesh::HttpAnswer| {
+        r.headers.iter().find(|(n, _)| n == "retry-after").map(|(_, v)| v.clone())
+    };
+    assert_eq!(retry_after(&refused).as_deref(), Some("1"), "{refused:?}");
+    assert_eq!(refused.body, "local_rate_limited\n");
+    // Other rules of the route are not limited.
+    assert!(statuses(&topo, a, &url("/other"), 30, &[]).iter().all(|c| *c == 200));
+
+    // 5 a minute per x-user: each user gets their own 5.
+    let user = |name: &str| {
+        let header = format!("x-user: {name}");
+        statuses(&topo, a, &url("/per-user"), 8, &["-H", &header])
+    };
+    for name in ["alice", "bob"] {
+        let codes = user(name);
+        assert_eq!(codes, [200, 200, 200, 200, 200, 429, 429, 429], "{name}");
+    }
+    let refused = topo.http(a, &url("/per-user"), &["-H", "x-user: alice"]);
+    let wait: u64 = retry_after(&refused).expect("retry-after").parse().unwrap();
+    assert!((1..=12).contains(&wait), "a token every 12 s: {refused:?}");
+
+    // Records and metrics flag them RL.
+    wait_until(FLOW_WAIT, "the records of the limited requests", || {
+        topo.waypoint_requests(waypoint).iter().filter(|r| r["path"] == "/per-user").count() >= 17
+    });
+    let records = topo.waypoint_requests(waypoint);
+    let limited: Vec<_> = records.iter().filter(|r| r["status"] == 429).collect();
+    assert!(limited.iter().all(|r| r["response_flags"] == "RL"), "{limited:?}");
+    let per_user_record = limited.iter().find(|r| r["path"] == "/per-user").unwrap();
+    assert_eq!(
+        per_user_record["reason"],
+        "rate limited by TrafficPolicy shop/per-user local[0]: 5 per 60s, burst 5 per x-user",
+        "{per_user_record}"
+    );
+    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let rl = [("destination_service", "shop/web"), ("response_code", "429"), ("response_flags", "RL")];
+    assert_eq!(scrape.sum("ferrymesh_requests_total", &rl), limited.len() as f64, "{text}");
+
+    // A limit of 0 is refused by name; the last good one keeps limiting.
+    topo.write_config_file(
+        "traffic-per-user.yaml",
+        &rate_limit_policy("per-user", "per-user", &per_user.replace("requests: 5", "requests: 0")),
+    );
+    wait_until(CONFIG_WAIT, "mesh-ctrl to refuse the limit", || {
+        topo.log("mesh-ctrl").contains(
+            "TrafficPolicy shop/per-user: field spec.rateLimit.local[0].limit.requests: 0 is not a count from 1 to 1000000",
+        )
+    });
+    assert_eq!(user("carol"), [200, 200, 200, 200, 200, 429, 429, 429]);
 }

@@ -1,7 +1,8 @@
 //! ferrymesh.io/v1alpha1 `TrafficPolicy`: what a waypoint does to the requests of a Service, a
-//! route or one named rule of a route beyond routing them. Today that is fault injection, with
-//! Istio's `HTTPFaultInjection` fields (`fault.delay.fixedDelay` and `percentage`,
-//! `fault.abort.httpStatus` or `grpcStatus` and `percentage`).
+//! route or one named rule of a route beyond routing them: fault injection, with Istio's
+//! `HTTPFaultInjection` fields (`fault.delay.fixedDelay` and `percentage`,
+//! `fault.abort.httpStatus` or `grpcStatus` and `percentage`), and local rate limits (token
+//! buckets per route, or per source principal or header value, with a burst).
 //!
 //! Why a policy and not Istio's VirtualService: the mesh routes with Gateway API, and a
 //! VirtualService is a second routing API whose rules would compete with the HTTPRoutes of the
@@ -34,7 +35,44 @@ pub struct TrafficPolicy {
     pub targets: Vec<Target>,
     /// Faults injected into the requests it applies to.
     pub fault: Option<Fault>,
+    /// Limits on the rate of the requests it applies to.
+    pub rate_limit: Option<RateLimit>,
 }
+
+/// `rateLimit`: every limit that applies must let a request by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// `local`: token buckets kept by each waypoint replica.
+    pub local: Vec<LocalLimit>,
+}
+
+/// `rateLimit.local[]`: a token bucket of `burst` tokens, refilled with `requests` tokens every
+/// `per`; a request takes a token, and one that finds none is answered 429.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalLimit {
+    /// `limit.requests`.
+    pub requests: u32,
+    /// `limit.unit`, as a duration.
+    pub per: Duration,
+    /// `burst`: the bucket's size (default: `requests`).
+    pub burst: u32,
+    /// `key`: one bucket for all, or one per value.
+    pub key: LimitKey,
+}
+
+/// What a limit's buckets are kept by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LimitKey {
+    /// One bucket for every request the limit applies to.
+    Shared,
+    /// One bucket per value of this request header (requests without it share one).
+    Header(String),
+    /// One bucket per client identity (the HBONE peer's SPIFFE ID).
+    SourcePrincipal,
+}
+
+/// The largest bucket or rate a local limit may ask for.
+pub const MAX_LIMIT: u32 = 1_000_000;
 
 impl TrafficPolicy {
     /// `namespace/name`.
@@ -294,6 +332,11 @@ impl TrafficPolicies {
     /// The fault a request to `service` taken by `taken` gets, if any.
     pub fn fault(&self, service: &str, taken: Option<(&Route, usize)>) -> Option<Applied<'_, Fault>> {
         self.find(service, taken, |p| p.fault.as_ref())
+    }
+
+    /// The rate limits a request to `service` taken by `taken` is held to, if any.
+    pub fn rate_limit(&self, service: &str, taken: Option<(&Route, usize)>) -> Option<Applied<'_, RateLimit>> {
+        self.find(service, taken, |p| p.rate_limit.as_ref())
     }
 }
 

@@ -2,11 +2,14 @@
 //! carries, Gateway API's `targetRefs`), and its validation. Every error names the field by its
 //! path under `spec`.
 
+use std::time::Duration;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    parse_istio_duration, Abort, AbortStatus, Delay, Fault, GrpcCode, Share, Target, TrafficPolicy, ABORT_STATUSES,
+    parse_istio_duration, Abort, AbortStatus, Delay, Fault, GrpcCode, LimitKey, LocalLimit, RateLimit, Share, Target,
+    TrafficPolicy, ABORT_STATUSES, MAX_LIMIT,
 };
 use crate::RouteKind;
 
@@ -36,6 +39,49 @@ pub struct TrafficPolicySpec {
     pub target_refs: Vec<TargetRefSpec>,
     /// Faults injected (Istio's `HTTPFaultInjection`).
     pub fault: Option<FaultSpec>,
+    /// Limits on the request rate.
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// `spec.rateLimit`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+pub struct RateLimitSpec {
+    /// Token buckets kept by each waypoint replica; a request must pass every one.
+    #[serde(default)]
+    pub local: Vec<LocalLimitSpec>,
+}
+
+/// `spec.rateLimit.local[]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+pub struct LocalLimitSpec {
+    /// The sustained rate.
+    #[serde(default)]
+    pub limit: LimitSpec,
+    /// The most requests let by at once (the bucket's size); default `limit.requests`.
+    pub burst: Option<i64>,
+    /// One bucket per value of this (default: one bucket).
+    pub key: Option<LimitKeySpec>,
+}
+
+/// `spec.rateLimit.local[].limit`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+pub struct LimitSpec {
+    /// Requests per unit.
+    #[serde(default)]
+    pub requests: i64,
+    /// `Second`, `Minute` or `Hour`.
+    #[serde(default)]
+    pub unit: String,
+}
+
+/// `spec.rateLimit.local[].key`: one of them.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitKeySpec {
+    /// A request header's value.
+    pub header: Option<String>,
+    /// The client's identity (SPIFFE ID).
+    pub source_principal: Option<bool>,
 }
 
 /// `spec.targetRefs[]` (Gateway API `LocalPolicyTargetReferenceWithSectionName`).
@@ -143,6 +189,55 @@ impl FaultSpec {
     }
 }
 
+impl RateLimitSpec {
+    fn validate(&self) -> Result<RateLimit, SpecError> {
+        if self.local.is_empty() {
+            return Err(err("spec.rateLimit.local", "missing; give at least one limit"));
+        }
+        let count = |n: i64, field: String| {
+            u32::try_from(n)
+                .ok()
+                .filter(|n| (1..=MAX_LIMIT).contains(n))
+                .ok_or_else(|| err(field, format!("{n} is not a count from 1 to {MAX_LIMIT}")))
+        };
+        let mut local = Vec::new();
+        for (i, l) in self.local.iter().enumerate() {
+            let field = format!("spec.rateLimit.local[{i}]");
+            let requests = count(l.limit.requests, format!("{field}.limit.requests"))?;
+            let per = match l.limit.unit.as_str() {
+                "Second" => Duration::from_secs(1),
+                "Minute" => Duration::from_secs(60),
+                "Hour" => Duration::from_secs(3600),
+                other => {
+                    return Err(err(format!("{field}.limit.unit"), format!("{other:?} is not Second, Minute or Hour")))
+                }
+            };
+            let burst = match l.burst {
+                None => requests,
+                Some(n) => count(n, format!("{field}.burst"))?,
+            };
+            let key = match &l.key {
+                None => LimitKey::Shared,
+                Some(k) => match (&k.header, k.source_principal.unwrap_or(false)) {
+                    (Some(_), true) => {
+                        return Err(err(format!("{field}.key"), "give header or sourcePrincipal, not both"))
+                    }
+                    (Some(name), false) => {
+                        http::header::HeaderName::try_from(name.as_str()).map_err(|_| {
+                            err(format!("{field}.key.header"), format!("{name:?} is not a header name"))
+                        })?;
+                        LimitKey::Header(name.to_ascii_lowercase())
+                    }
+                    (None, true) => LimitKey::SourcePrincipal,
+                    (None, false) => return Err(err(format!("{field}.key"), "give header or sourcePrincipal")),
+                },
+            };
+            local.push(LocalLimit { requests, per, burst, key });
+        }
+        Ok(RateLimit { local })
+    }
+}
+
 impl TrafficPolicySpec {
     /// Validates into a policy `namespace/name`.
     pub fn validate(&self, namespace: &str, name: &str) -> Result<TrafficPolicy, SpecError> {
@@ -177,9 +272,10 @@ impl TrafficPolicySpec {
             });
         }
         let fault = self.fault.as_ref().map(FaultSpec::validate).transpose()?;
-        if fault.is_none() {
-            return Err(err("spec", "the policy sets nothing: give fault"));
+        let rate_limit = self.rate_limit.as_ref().map(RateLimitSpec::validate).transpose()?;
+        if fault.is_none() && rate_limit.is_none() {
+            return Err(err("spec", "the policy sets nothing: give fault or rateLimit"));
         }
-        Ok(TrafficPolicy { namespace: namespace.into(), name: name.into(), targets, fault })
+        Ok(TrafficPolicy { namespace: namespace.into(), name: name.into(), targets, fault, rate_limit })
     }
 }

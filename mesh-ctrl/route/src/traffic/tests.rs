@@ -123,6 +123,7 @@ fn policy(name: &str, target: Target, status: u16) -> Arc<TrafficPolicy> {
         name: name.into(),
         targets: vec![target],
         fault: Some(Fault { delay: None, abort: Some(Abort { status: AbortStatus::Http(status), share: Share::ALL }) }),
+        rate_limit: None,
     })
 }
 
@@ -167,4 +168,45 @@ fn a_policy_survives_the_wire_and_a_bad_one_is_named() {
     let mut bad = wire;
     bad.targets[0].kind = "Gateway".into();
     assert_eq!(TrafficPolicy::try_from(bad).unwrap_err().field, "targets[0].kind");
+}
+
+#[test]
+fn local_rate_limits_validate_with_a_burst_and_a_key_and_survive_the_wire() {
+    let p = validate(&format!(
+        "{TARGET}rateLimit:\n  local:\n  - limit:\n      requests: 10\n      unit: Second\n  - limit:\n      requests: 5\n      unit: Minute\n    burst: 8\n    key:\n      header: X-User\n  - limit:\n      requests: 100\n      unit: Hour\n    key:\n      sourcePrincipal: true\n"
+    ))
+    .unwrap();
+    let local = &p.rate_limit.as_ref().unwrap().local;
+    assert_eq!(
+        (local[0].requests, local[0].per, local[0].burst, &local[0].key),
+        (10, Duration::from_secs(1), 10, &LimitKey::Shared)
+    );
+    assert_eq!((local[1].burst, &local[1].key), (8, &LimitKey::Header("x-user".into())));
+    assert_eq!((local[2].per, &local[2].key), (Duration::from_secs(3600), &LimitKey::SourcePrincipal));
+    assert!(p.fault.is_none());
+    assert_eq!(TrafficPolicy::try_from(proto::TrafficPolicy::from(&p)), Ok(p.clone()));
+    let policies = TrafficPolicies::new(vec![Arc::new(p)]);
+    assert!(policies.rate_limit("shop/web", None).is_some() && policies.fault("shop/web", None).is_none());
+
+    let limit = |body: &str| format!("{TARGET}rateLimit:\n  local:\n  - {body}");
+    let table = [
+        (limit("limit:\n      requests: 0\n      unit: Second\n"), "spec.rateLimit.local[0].limit.requests"),
+        (limit("limit:\n      requests: -5\n      unit: Second\n"), "spec.rateLimit.local[0].limit.requests"),
+        (limit("limit:\n      requests: 5\n      unit: Day\n"), "spec.rateLimit.local[0].limit.unit"),
+        (limit("limit:\n      requests: 5\n      unit: Second\n    burst: 0\n"), "spec.rateLimit.local[0].burst"),
+        (limit("limit:\n      requests: 5\n      unit: Second\n    key: {}\n"), "spec.rateLimit.local[0].key"),
+        (
+            limit("limit:\n      requests: 5\n      unit: Second\n    key:\n      header: a b\n"),
+            "spec.rateLimit.local[0].key.header",
+        ),
+        (
+            limit("limit:\n      requests: 5\n      unit: Second\n    key:\n      header: x\n      sourcePrincipal: true\n"),
+            "spec.rateLimit.local[0].key",
+        ),
+        (format!("{TARGET}rateLimit: {{}}\n"), "spec.rateLimit.local"),
+    ];
+    for (yaml, field) in table {
+        let e = validate(&yaml).unwrap_err();
+        assert_eq!(e.field, field, "{yaml}: {e}");
+    }
 }

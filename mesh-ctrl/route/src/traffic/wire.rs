@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use ferrymesh_api::config as proto;
 
-use super::{Abort, AbortStatus, Delay, Fault, GrpcCode, Share, Target, TrafficPolicy, ABORT_STATUSES};
+use super::{
+    Abort, AbortStatus, Delay, Fault, GrpcCode, LimitKey, LocalLimit, RateLimit, Share, Target, TrafficPolicy,
+    ABORT_STATUSES, MAX_LIMIT,
+};
 use crate::RouteKind;
 
 /// A TrafficPolicy that does not convert.
@@ -71,7 +74,38 @@ impl TryFrom<proto::TrafficPolicy> for TrafficPolicy {
                 Some(Fault { delay, abort })
             }
         };
-        Ok(TrafficPolicy { namespace: p.namespace, name: p.name, targets, fault })
+        let rate_limit = match p.rate_limit {
+            None => None,
+            Some(r) => {
+                let mut local = Vec::new();
+                for (i, l) in r.local.into_iter().enumerate() {
+                    let field = |f: &str| format!("rate_limit.local[{i}].{f}");
+                    let count = |n: u32, f: &str| {
+                        (1..=MAX_LIMIT)
+                            .contains(&n)
+                            .then_some(n)
+                            .ok_or_else(|| err(field(f), format!("{n} is out of range")))
+                    };
+                    if l.per_ms == 0 {
+                        return Err(err(field("per_ms"), "0".into()));
+                    }
+                    let key = match (l.key_header.is_empty(), l.key_source_principal) {
+                        (true, false) => LimitKey::Shared,
+                        (false, false) => LimitKey::Header(l.key_header),
+                        (true, true) => LimitKey::SourcePrincipal,
+                        (false, true) => return Err(err(field("key_header"), "a header and the principal".into())),
+                    };
+                    local.push(LocalLimit {
+                        requests: count(l.requests, "requests")?,
+                        per: Duration::from_millis(l.per_ms),
+                        burst: count(l.burst, "burst")?,
+                        key,
+                    });
+                }
+                Some(RateLimit { local })
+            }
+        };
+        Ok(TrafficPolicy { namespace: p.namespace, name: p.name, targets, fault, rate_limit })
     }
 }
 
@@ -106,6 +140,22 @@ impl From<&TrafficPolicy> for proto::TrafficPolicy {
                     };
                     proto::FaultAbort { http_status, grpc_status, percentage: a.share.as_percent() }
                 }),
+            }),
+            rate_limit: p.rate_limit.as_ref().map(|r| proto::RateLimit {
+                local: r
+                    .local
+                    .iter()
+                    .map(|l| proto::LocalLimit {
+                        requests: l.requests,
+                        per_ms: u64::try_from(l.per.as_millis()).unwrap_or(u64::MAX),
+                        burst: l.burst,
+                        key_header: match &l.key {
+                            LimitKey::Header(name) => name.clone(),
+                            _ => String::new(),
+                        },
+                        key_source_principal: l.key == LimitKey::SourcePrincipal,
+                    })
+                    .collect(),
             }),
         }
     }

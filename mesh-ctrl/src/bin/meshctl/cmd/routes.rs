@@ -1,13 +1,13 @@
-//! `meshctl routes`: the Gateway API routes the agent holds, rule by rule, with the faults
-//! TrafficPolicies inject into them; with `--to`, which rule a request to a Service port takes,
-//! where it may go and what fault it gets, decided by the `RouteTable` and `TrafficPolicies` a
-//! waypoint uses.
+//! `meshctl routes`: the Gateway API routes the agent holds, rule by rule, with the rate
+//! limits and faults TrafficPolicies give them; with `--to`, which rule a request to a Service
+//! port takes, where it may go and what limits and fault it gets, decided by the `RouteTable`
+//! and `TrafficPolicies` a waypoint uses.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use clap::Args;
-use ferrymesh_route::traffic::{AbortStatus, TrafficPolicies, TrafficPolicy};
+use ferrymesh_route::traffic::{AbortStatus, LimitKey, TrafficPolicies, TrafficPolicy};
 use ferrymesh_route::{Route, RouteTable};
 use serde_json::json;
 
@@ -78,8 +78,34 @@ impl RequestArgs {
     }
 }
 
+/// What TrafficPolicies do to a request to `service` taken by `taken` (its rate limits and
+/// fault), in a few words, naming the policies.
+fn traffic_summary(traffic: &TrafficPolicies, service: &str, taken: Option<(&Route, usize)>) -> Option<String> {
+    let limits = traffic.rate_limit(service, taken).map(|applied| {
+        let each: Vec<String> = applied
+            .feature
+            .local
+            .iter()
+            .map(|l| {
+                let by = match &l.key {
+                    LimitKey::Shared => String::new(),
+                    LimitKey::Header(name) => format!(" per {name}"),
+                    LimitKey::SourcePrincipal => " per source principal".into(),
+                };
+                format!("{}/{}s burst {}{by}", l.requests, l.per.as_secs(), l.burst)
+            })
+            .collect();
+        format!("rate limit {} (TrafficPolicy {})", each.join(", "), applied.policy.key())
+    });
+    let fault = fault_words(traffic, service, taken);
+    match (limits, fault) {
+        (Some(l), Some(f)) => Some(format!("{l}; {f}")),
+        (l, f) => l.or(f),
+    }
+}
+
 /// The fault a request to `service` taken by `taken` gets, in a few words, naming its policy.
-fn fault_summary(traffic: &TrafficPolicies, service: &str, taken: Option<(&Route, usize)>) -> Option<String> {
+fn fault_words(traffic: &TrafficPolicies, service: &str, taken: Option<(&Route, usize)>) -> Option<String> {
     let applied = traffic.fault(service, taken)?;
     let mut parts = Vec::new();
     if let Some(d) = &applied.feature.delay {
@@ -106,14 +132,14 @@ fn select(routes: &[Route], traffic: &TrafficPolicies, to: &str, args: &RoutesAr
     let shared: Vec<Arc<Route>> = routes.iter().cloned().map(Arc::new).collect();
     let table = RouteTable::new(&shared, service, port);
     let selected = table.select(&parsed.view());
-    let fault = fault_summary(traffic, service, selected.map(|s| (&*s.route, s.rule)));
+    let traffic = traffic_summary(traffic, service, selected.map(|s| (&*s.route, s.rule)));
     let total = |rule: &ferrymesh_route::Rule| rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>();
     match args.output {
         Output::Json => {
             let value = match selected {
-                None => json!({"to": to, "attached": !table.is_empty(), "rule": null, "fault": fault}),
+                None => json!({"to": to, "attached": !table.is_empty(), "rule": null, "traffic": traffic}),
                 Some(s) => json!({
-                    "to": to, "attached": true, "rule": s.describe(), "summary": rule_summary(s.rule()), "fault": fault,
+                    "to": to, "attached": true, "rule": s.describe(), "summary": rule_summary(s.rule()), "traffic": traffic,
                     "backends": s.rule().backends.iter().map(|b| json!({
                         "service": b.target.service, "port": b.target.port, "weight": b.weight,
                         "share": if total(s.rule()) == 0 { 0.0 } else { f64::from(b.weight) / total(s.rule()) as f64 },
@@ -141,9 +167,10 @@ fn select(routes: &[Route], traffic: &TrafficPolicies, to: &str, args: &RoutesAr
                     }
                 }
             }
-            // A Service's fault applies even where no rule matched (a 404 is not injected into).
-            if let (Some(fault), false) = (&fault, selected.is_none() && !table.is_empty()) {
-                println!("fault:   {fault}");
+            // A Service's policies apply even where no rule matched (a 404 is neither limited
+            // nor faulted).
+            if let (Some(traffic), false) = (&traffic, selected.is_none() && !table.is_empty()) {
+                println!("traffic: {traffic}");
             }
         }
     }
@@ -236,10 +263,10 @@ pub async fn run(agent: &Path, args: RoutesArgs) -> Result<(), String> {
     if let Some(to) = &args.to {
         return select(&routes, &traffic, to, &args);
     }
-    // A rule's fault, as a request to the route's first Service gets it.
-    let rule_fault = |r: &Route, i: usize| {
+    // What a rule's requests get from TrafficPolicies, as those to the route's first Service.
+    let rule_traffic = |r: &Route, i: usize| {
         let service = r.parents.first().map(|p| p.service.as_str()).unwrap_or_default();
-        fault_summary(&traffic, service, Some((r, i)))
+        traffic_summary(&traffic, service, Some((r, i)))
     };
     let output = args.output;
     let parents = |r: &ferrymesh_route::Route| {
@@ -262,7 +289,7 @@ pub async fn run(agent: &Path, args: RoutesArgs) -> Result<(), String> {
                         "kind": r.kind.as_str(), "namespace": r.namespace, "name": r.name, "parents": parents(r),
                         "rules": r.rules.iter().enumerate().map(|(i, rule)| json!({
                             "name": rule.name.clone().unwrap_or_else(|| i.to_string()), "summary": rule_summary(rule),
-                            "fault": rule_fault(r, i),
+                            "traffic": rule_traffic(r, i),
                         })).collect::<Vec<_>>(),
                     })
                 })
@@ -277,7 +304,7 @@ pub async fn run(agent: &Path, args: RoutesArgs) -> Result<(), String> {
                         format!("{} {}/{}", r.kind.as_str(), r.namespace, r.name),
                         parents(r),
                         rule.name.clone().unwrap_or_else(|| i.to_string()),
-                        match rule_fault(r, i) {
+                        match rule_traffic(r, i) {
                             Some(fault) => format!("{}; {fault}", rule_summary(rule)),
                             None => rule_summary(rule),
                         },

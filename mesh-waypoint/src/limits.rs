@@ -1,0 +1,174 @@
+//! Local rate limits of TrafficPolicies at the waypoint: each limit a token bucket (GCRA, the
+//! `governor` crate) per Service it applies to and per key value (a header's, or the client's
+//! identity), kept by this replica alone. A request must pass every limit that applies; one
+//! that does not is answered 429 with `retry-after` (the seconds until a token is back, at least
+//! 1). Buckets are rebuilt when their limit changes, and those of idle keys are dropped once
+//! there are many, so that clients sending ever new key values cannot grow the waypoint.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferrymesh_route::traffic::{Applied, LimitKey, LocalLimit, RateLimit};
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota};
+use http::HeaderMap;
+
+/// Keys a limit may hold before the idle ones are dropped.
+const KEYS_BEFORE_CLEANUP: usize = 10_000;
+
+/// The buckets of every local limit, by policy and limit.
+#[derive(Default)]
+pub struct RateLimiters {
+    by_limit: Mutex<HashMap<(String, usize), Arc<Limiter>>>,
+}
+
+impl std::fmt::Debug for RateLimiters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiters").finish_non_exhaustive()
+    }
+}
+
+/// One limit's buckets.
+struct Limiter {
+    limit: LocalLimit,
+    buckets: DefaultKeyedRateLimiter<String>,
+    checks: AtomicU64,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone)]
+pub struct Limited {
+    /// How long until the bucket has a token again.
+    pub retry_after: Duration,
+    /// `TrafficPolicy namespace/name local[i]: ...`.
+    pub reason: String,
+}
+
+impl Limiter {
+    fn new(limit: &LocalLimit) -> Self {
+        let period = limit.per / limit.requests;
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+            .allow_burst(NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN));
+        Self { limit: limit.clone(), buckets: DefaultKeyedRateLimiter::keyed(quota), checks: AtomicU64::new(0) }
+    }
+
+    /// Takes a token from `key`'s bucket; how long until one is back when there is none.
+    fn check(&self, key: String) -> Result<(), Duration> {
+        if self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(1024) && self.buckets.len() > KEYS_BEFORE_CLEANUP
+        {
+            self.buckets.retain_recent();
+        }
+        self.buckets.check_key(&key).map_err(|not_until| not_until.wait_time_from(self.buckets.clock().now()))
+    }
+}
+
+impl RateLimiters {
+    /// Lets a request to `service` by `limits` (from the client `principal`, with `headers`), or
+    /// says which limit refused it.
+    pub fn check(
+        &self,
+        limits: Applied<'_, RateLimit>,
+        service: &str,
+        headers: &HeaderMap,
+        principal: Option<&str>,
+    ) -> Result<(), Limited> {
+        let policy = limits.policy.key();
+        for (i, limit) in limits.feature.local.iter().enumerate() {
+            let limiter = {
+                let mut all = self.by_limit.lock().expect("rate limiters lock");
+                let slot = all.entry((policy.clone(), i)).or_insert_with(|| Arc::new(Limiter::new(limit)));
+                if slot.limit != *limit {
+                    *slot = Arc::new(Limiter::new(limit));
+                }
+                slot.clone()
+            };
+            let value = match &limit.key {
+                LimitKey::Shared => "",
+                LimitKey::Header(name) => headers.get(name.as_str()).and_then(|v| v.to_str().ok()).unwrap_or(""),
+                LimitKey::SourcePrincipal => principal.unwrap_or(""),
+            };
+            if let Err(wait) = limiter.check(format!("{service}\n{value}")) {
+                let by = match &limit.key {
+                    LimitKey::Shared => String::new(),
+                    LimitKey::Header(name) => format!(" per {name}"),
+                    LimitKey::SourcePrincipal => " per source principal".into(),
+                };
+                let reason = format!(
+                    "rate limited by TrafficPolicy {policy} local[{i}]: {} per {}s, burst {}{by}",
+                    limit.requests,
+                    limit.per.as_secs(),
+                    limit.burst
+                );
+                return Err(Limited { retry_after: wait, reason });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrymesh_route::traffic::{Target, TrafficPolicy};
+
+    fn policy(limits: Vec<LocalLimit>) -> TrafficPolicy {
+        TrafficPolicy {
+            namespace: "shop".into(),
+            name: "limits".into(),
+            targets: vec![Target::Service("web".into())],
+            fault: None,
+            rate_limit: Some(RateLimit { local: limits }),
+        }
+    }
+
+    fn applied(p: &TrafficPolicy) -> Applied<'_, RateLimit> {
+        Applied { policy: p, feature: p.rate_limit.as_ref().unwrap() }
+    }
+
+    #[test]
+    fn a_bucket_lets_its_burst_by_then_says_when_to_come_back_and_keys_have_their_own() {
+        let per_minute = |burst, key| LocalLimit { requests: 5, per: Duration::from_secs(60), burst, key };
+        let limiters = RateLimiters::default();
+        let shared = policy(vec![per_minute(3, LimitKey::Shared)]);
+        let headers = HeaderMap::new();
+        let passed = (0..10).filter(|_| limiters.check(applied(&shared), "shop/web", &headers, None).is_ok()).count();
+        assert_eq!(passed, 3, "the burst");
+        let refused = limiters.check(applied(&shared), "shop/web", &headers, None).unwrap_err();
+        // A token comes back every 12 s.
+        assert!(refused.retry_after > Duration::from_secs(10) && refused.retry_after <= Duration::from_secs(12));
+        assert!(
+            refused.reason.contains("TrafficPolicy shop/limits local[0]: 5 per 60s, burst 3"),
+            "{}",
+            refused.reason
+        );
+        // Another Service has its own bucket.
+        assert!(limiters.check(applied(&shared), "shop/api", &headers, None).is_ok());
+
+        let by_user = policy(vec![per_minute(2, LimitKey::Header("x-user".into()))]);
+        let user = |name: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-user", name.parse().unwrap());
+            h
+        };
+        let passes =
+            |h: &HeaderMap| (0..5).filter(|_| limiters.check(applied(&by_user), "shop/web", h, None).is_ok()).count();
+        assert_eq!((passes(&user("alice")), passes(&user("bob")), passes(&headers)), (2, 2, 2));
+        let by_principal = policy(vec![per_minute(1, LimitKey::SourcePrincipal)]);
+        let check = |p| limiters.check(applied(&by_principal), "shop/web", &headers, Some(p)).is_ok();
+        assert!(
+            check("spiffe://td/ns/shop/sa/a")
+                && !check("spiffe://td/ns/shop/sa/a")
+                && check("spiffe://td/ns/shop/sa/b")
+        );
+        // A changed limit starts afresh.
+        let changed = policy(vec![per_minute(4, LimitKey::Shared)]);
+        assert_eq!(
+            (0..10).filter(|_| limiters.check(applied(&changed), "shop/web", &headers, None).is_ok()).count(),
+            4
+        );
+    }
+}
