@@ -373,7 +373,7 @@ impl Upstream {
         // The backend's DestinationRule: its limits admit the request (the place is held until
         // the response ends), its outlier detection and balancer pick the endpoints.
         let destination = self.destination(to);
-        let mut admission = match &destination {
+        let admission = match &destination {
             Some(d) => Some(d.admit(parts.version != Version::HTTP_2).await?),
             None => None,
         };
@@ -460,19 +460,8 @@ impl Upstream {
                 Err(UpstreamError::Timeout { .. }) => policy.retry.codes.contains(&504),
                 Err(_) => false,
             };
-            // The endpoint counts as busy, and the request holds its place within the limits,
-            // until the response body ends (the last attempt's response carries the admission).
-            let held = if again { None } else { admission.take() };
-            let result = result.map(|response| {
-                let response = response.map(|b| {
-                    b.map_frame(move |frame| {
-                        let _ = (&active, &held);
-                        frame
-                    })
-                    .boxed_unsync()
-                });
-                (response, target)
-            });
+            // The endpoint counts as busy until the response body ends.
+            let result = result.map(|response| (hold_until_the_end(response, active), target));
             if let Err(e) = &result {
                 tracing::debug!(service = %name, %target, "attempt {} failed: {e}", attempt + 1);
             }
@@ -481,12 +470,15 @@ impl Upstream {
                 break;
             }
         }
-        last.unwrap_or_else(|| {
+        let last = last.unwrap_or_else(|| {
             Err(match to {
                 To::Service(_, port) => UpstreamError::NoEndpoint { service: name, port: *port },
                 To::Endpoint(endpoint) => UpstreamError::Connect { endpoint: *endpoint, error: "not tried".into() },
             })
-        })
+        });
+        // The request holds its place within the limits until the answer's body ends, whichever
+        // attempt gave it.
+        last.map(|(response, target)| (hold_until_the_end(response, admission), target))
     }
 
     /// The DestinationRule state of the Service `to` addresses, when it has a rule.
@@ -654,6 +646,17 @@ impl Upstream {
             .map_err(|e| UpstreamError::Request { endpoint, error: ferrymesh_dataplane::ctrl::error_chain(&e) })?;
         Ok(response.map(BodyExt::boxed_unsync))
     }
+}
+
+/// `response` with `held` kept alive until its body ends (or is dropped).
+fn hold_until_the_end<T: Send + 'static>(response: Response<Body>, held: T) -> Response<Body> {
+    response.map(|body| {
+        body.map_frame(move |frame| {
+            let _ = &held;
+            frame
+        })
+        .boxed_unsync()
+    })
 }
 
 /// The rendezvous (highest random weight) score of endpoint `ip` for a request's `key`: the

@@ -567,7 +567,7 @@ impl RouteTable {
 
 /// The rolls that pick backends by weight: a Weyl sequence (each roll the last plus 2^32 over
 /// the golden ratio), so every run of rolls is split as close to the weights as whole requests
-/// allow, not merely on average: 500 requests over 70/30 send 150 ± 1 to the 30, where
+/// allow, not merely on average: 500 requests over 70/30 send 150 ± 2 to the 30, where
 /// independent random rolls would stray by ±10 (one standard deviation) and a canary's share
 /// would wobble from run to run. A waypoint has one sequence: a rule that takes every request,
 /// or a regularly spaced part of them (every other one, say), gets that split; a rule taking

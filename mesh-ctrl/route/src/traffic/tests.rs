@@ -89,7 +89,9 @@ fn a_share_takes_its_part_of_evenly_spread_rolls() {
     let rolls = crate::Rolls::default();
     let half = Share::percent(50.0).unwrap();
     let hits = (0..400).filter(|_| half.hits(rolls.next())).count();
-    assert!((199..=201).contains(&hits), "{hits} of 400");
+    // A golden-ratio sequence strays at most 2 from the share over any run of this length
+    // (checked over many random starts), where independent rolls would stray by 10.
+    assert!((198..=202).contains(&hits), "{hits} of 400");
     assert!(!Share::percent(0.0).unwrap().hits(0));
     assert!(Share::ALL.hits(u32::MAX));
     assert!(Share::percent(100.5).is_err() && Share::percent(f64::NAN).is_err());
