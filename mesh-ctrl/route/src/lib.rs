@@ -11,6 +11,7 @@
 //! route. (A regular expression's rank is ours to choose: the spec leaves it to implementations.)
 
 pub mod destination;
+pub mod spec;
 pub mod traffic;
 pub mod wire;
 

@@ -8,21 +8,9 @@ use serde::{Deserialize, Serialize};
 use super::{
     service_of_host, ConnectionPool, DestinationRule, HashOn, LoadBalancer, OutlierDetection, TrafficSettings,
 };
+use crate::spec::err;
+pub use crate::spec::SpecError;
 use crate::traffic::parse_istio_duration;
-
-/// A field that failed validation.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("field {field}: {message}")]
-pub struct SpecError {
-    /// Path of the field, e.g. `spec.trafficPolicy.outlierDetection.interval`.
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
-    SpecError { field: field.into(), message: message.into() }
-}
 
 /// `spec` of a DestinationRule.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]

@@ -11,21 +11,9 @@ use super::{
     parse_istio_duration, Abort, AbortStatus, Delay, Fault, GrpcCode, LimitKey, LocalLimit, RateLimit, Share, Target,
     TrafficPolicy, ABORT_STATUSES, MAX_LIMIT,
 };
+use crate::spec::err;
+pub use crate::spec::SpecError;
 use crate::RouteKind;
-
-/// A field that failed validation.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("field {field}: {message}")]
-pub struct SpecError {
-    /// Path of the field, e.g. `spec.fault.abort.percentage.value`.
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
-    SpecError { field: field.into(), message: message.into() }
-}
 
 /// Gateway API's group.
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
