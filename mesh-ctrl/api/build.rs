@@ -5,7 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // prost-build reads PROTOC from the environment; build scripts are single-threaded.
     std::env::set_var("PROTOC", protoc);
-    tonic_prost_build::configure()
-        .compile_protos(&["proto/config.proto", "proto/admin.proto", "proto/ca.proto"], &["proto"])?;
+    tonic_prost_build::configure().compile_protos(
+        &["proto/config.proto", "proto/admin.proto", "proto/ca.proto", "proto/envoy/service/ratelimit/v3/rls.proto"],
+        &["proto"],
+    )?;
     Ok(())
 }

@@ -43,6 +43,8 @@ pub struct WaypointDeploy {
     pub replicas: u16,
     /// mesh-ctrl's address.
     pub ctrl: String,
+    /// The rate-limit service of global rate limits, if any.
+    pub rate_limit_service: Option<String>,
 }
 
 impl WaypointDeploy {
@@ -98,6 +100,19 @@ impl WaypointDeploy {
         objects
     }
 
+    fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            format!("--namespace={}", self.namespace),
+            format!("--name={}", self.name),
+            format!("--ctrl={}", self.ctrl),
+            format!("--ca-root={CA_ROOT_DIR}/{ROOT_CONFIGMAP_KEY}"),
+            format!("--token-file={TOKEN_DIR}/token"),
+            "--access-log=-".into(),
+        ];
+        args.extend(self.rate_limit_service.iter().map(|url| format!("--rate-limit-service={url}")));
+        args
+    }
+
     fn pod_spec(&self) -> Value {
         let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
         json!({
@@ -109,14 +124,7 @@ impl WaypointDeploy {
             "containers": [{
                 "name": "mesh-waypoint",
                 "image": self.image,
-                "args": [
-                    format!("--namespace={}", self.namespace),
-                    format!("--name={}", self.name),
-                    format!("--ctrl={}", self.ctrl),
-                    format!("--ca-root={CA_ROOT_DIR}/{ROOT_CONFIGMAP_KEY}"),
-                    format!("--token-file={TOKEN_DIR}/token"),
-                    "--access-log=-",
-                ],
+                "args": self.args(),
                 "env": [
                     {"name": "FERRYMESH_NODE_NAME", "valueFrom": field("spec.nodeName")},
                     {"name": "FERRYMESH_POD_IP", "valueFrom": field("status.podIP")},

@@ -303,7 +303,20 @@ fn a_generated_waypoint_is_valid_kubernetes_and_consistent_with_the_code() {
     use mesh_ctrl::model::{WaypointFor, GATEWAY_NAME_LABEL};
     use mesh_ctrl::source::translate::{waypoint_from, ObjectKey};
 
-    let out = meshctl(&["waypoint", "generate", "-n", "shop", "--for", "all", "--replicas", "2", "wp"]);
+    let rls = "http://ratelimit.infra.svc:8081";
+    let out = meshctl(&[
+        "waypoint",
+        "generate",
+        "-n",
+        "shop",
+        "--for",
+        "all",
+        "--replicas",
+        "2",
+        "--rate-limit-service",
+        rls,
+        "wp",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let objects = validate(&String::from_utf8(out.stdout).unwrap()).unwrap();
 
@@ -332,6 +345,7 @@ fn a_generated_waypoint_is_valid_kubernetes_and_consistent_with_the_code() {
     // Its own projected token, as TokenReview checks it, at --token-file.
     let waypoint_flags = flags(container);
     assert_eq!((waypoint_flags["--namespace"].as_str(), waypoint_flags["--name"].as_str()), ("shop", "wp"));
+    assert_eq!(waypoint_flags["--rate-limit-service"], rls, "global rate limits are counted there");
     assert_projected_token(spec, container);
     // The root ConfigMap mesh-ctrl keeps in the waypoint's namespace.
     assert_root_mounted(spec, container);

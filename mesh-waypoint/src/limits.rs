@@ -92,17 +92,7 @@ impl RateLimiters {
                 LimitKey::SourcePrincipal => principal.unwrap_or(""),
             };
             if let Err(wait) = limiter.check(format!("{service}\n{value}")) {
-                let by = match &limit.key {
-                    LimitKey::Shared => String::new(),
-                    LimitKey::Header(name) => format!(" per {name}"),
-                    LimitKey::SourcePrincipal => " per source principal".into(),
-                };
-                let reason = format!(
-                    "rate limited by TrafficPolicy {policy} local[{i}]: {} per {}s, burst {}{by}",
-                    limit.requests,
-                    limit.per.as_secs(),
-                    limit.burst
-                );
+                let reason = format!("rate limited by TrafficPolicy {policy} local[{i}]: {limit}");
                 return Err(Limited { retry_after: wait, reason });
             }
         }
@@ -121,7 +111,7 @@ mod tests {
             name: "limits".into(),
             targets: vec![Target::Service("web".into())],
             fault: None,
-            rate_limit: Some(RateLimit { local: limits }),
+            rate_limit: Some(RateLimit { local: limits, global: vec![], failure_mode_deny: false }),
         }
     }
 
@@ -140,11 +130,7 @@ mod tests {
         let refused = limiters.check(applied(&shared), "shop/web", &headers, None).unwrap_err();
         // A token comes back every 12 s.
         assert!(refused.retry_after > Duration::from_secs(10) && refused.retry_after <= Duration::from_secs(12));
-        assert!(
-            refused.reason.contains("TrafficPolicy shop/limits local[0]: 5 per 60s, burst 3"),
-            "{}",
-            refused.reason
-        );
+        assert!(refused.reason.contains("TrafficPolicy shop/limits local[0]: 5/60s burst 3"), "{}", refused.reason);
         // Another Service has its own bucket.
         assert!(limiters.check(applied(&shared), "shop/api", &headers, None).is_ok());
 

@@ -52,6 +52,8 @@ pub struct Waypoint {
     pub fault_rolls: (ferrymesh_route::Rolls, ferrymesh_route::Rolls),
     /// The buckets of the TrafficPolicies' local rate limits.
     pub rate_limiters: crate::limits::RateLimiters,
+    /// Where the TrafficPolicies' global rate limits are counted.
+    pub rate_limit_service: crate::global_limits::RateLimitService,
     /// Route tables, kept per Service port until the routes change.
     pub route_tables: crate::request::RouteTables,
 }

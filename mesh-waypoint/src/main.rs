@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod destination;
+mod global_limits;
 mod limits;
 mod listener;
 mod record;
@@ -67,6 +68,17 @@ struct Args {
     /// Access log: one JSON line per request, to `-` (stdout), a file (appended to), or `off`.
     #[arg(long, default_value = "-")]
     access_log: String,
+    /// The rate-limit service global limits are counted by (`http://host:port`, gRPC, Envoy's
+    /// `envoy.service.ratelimit.v3.RateLimitService`); without one, global limits are not
+    /// checked (a policy with `failureModeDeny` refuses their requests).
+    #[arg(long, env = "FERRYMESH_RATE_LIMIT_SERVICE")]
+    rate_limit_service: Option<String>,
+    /// The domain the waypoint's limits are kept under at the rate-limit service.
+    #[arg(long, env = "FERRYMESH_RATE_LIMIT_DOMAIN", default_value = "ferrymesh")]
+    rate_limit_domain: String,
+    /// How long a request waits for the rate-limit service's answer.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    rate_limit_timeout: Duration,
     /// Threads that carry requests (1: a single-threaded runtime, no cross-thread wake-ups).
     #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -113,6 +125,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let log = flows::AccessLog::open(&args.access_log)
         .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
+    let rate_limit_service = global_limits::RateLimitService::new(
+        args.rate_limit_service.as_deref(),
+        args.rate_limit_domain.clone(),
+        args.rate_limit_timeout,
+    )?;
     let upstream = upstream::Upstream::new(state.clone(), identities.clone(), identity, args.pod_ip);
     let waypoint = Arc::new(listener::Waypoint {
         key: format!("{}/{}", args.namespace, args.name),
@@ -124,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rolls: Default::default(),
         fault_rolls: Default::default(),
         rate_limiters: Default::default(),
+        rate_limit_service,
         route_tables: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)

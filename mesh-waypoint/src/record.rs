@@ -299,6 +299,14 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         "ferrymesh_request_retry_overflow_total",
         "Retries not made because the backend's retry budget was spent, by destination_service."
     );
+    metrics::describe_counter!(
+        "ferrymesh_outlier_ejections_total",
+        "Endpoints ejected by the backend's DestinationRule outlierDetection, by destination_service."
+    );
+    metrics::describe_counter!(
+        "ferrymesh_rate_limit_service_calls_total",
+        "Calls to the rate-limit service for global limits, by result (ok, over_limit, error)."
+    );
     metrics::describe_histogram!(
         "ferrymesh_request_duration_milliseconds",
         metrics::Unit::Milliseconds,

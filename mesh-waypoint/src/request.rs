@@ -8,12 +8,15 @@
 //! to a waypoint of workloads) has no routes: it goes to that pod. Before any of it, the
 //! AuthorizationPolicies attached to the Service or the waypoint decide: a denial is a 403
 //! naming the policy and rule. Once the rule and backend are known, the TrafficPolicies of the
-//! Service, route or rule apply: their rate limits ([`crate::limits`], 429), then their fault
+//! Service, route or rule apply: their rate limits (local ones, [`crate::limits`], then global
+//! ones, [`crate::global_limits`]; 429), then their fault
 //! (a delay, then an abort); and the backend's DestinationRule may hash the request's key to
 //! keep it on one endpoint.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use ferrymesh_dataplane::state::State;
@@ -30,8 +33,8 @@ use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use std::net::IpAddr;
 
+use crate::global_limits::Refused;
 use crate::listener::{Destination, Downstream, Waypoint};
 use crate::record::{Record, Recorded};
 use crate::upstream::{Forward, To, TryPolicy, UpstreamError, DEFAULT_RETRY, NO_RETRY};
@@ -95,6 +98,11 @@ fn local_reply(record: &mut Record, status: StatusCode, flags: &'static str, rea
     *response.status_mut() = status;
     record.reason = reason;
     response
+}
+
+/// `retry-after` for a wait: whole seconds, at least 1.
+fn retry_after(wait: Duration) -> HeaderValue {
+    HeaderValue::from(wait.as_secs_f64().ceil().max(1.0) as u64)
 }
 
 /// The hash of a request's key for a consistent-hash backend, if it has one: the header's
@@ -303,12 +311,31 @@ async fn route(
     let traffic = waypoint.state.traffic_policies();
     let taken = selected.as_ref().map(|s| (&*s.route, s.rule));
     if let Some(limits) = traffic.rate_limit(&service, taken) {
-        if let Err(limited) = waypoint.rate_limiters.check(limits, &service, &parts.headers, down.identity.as_deref()) {
+        let principal = down.identity.as_deref();
+        if let Err(limited) = waypoint.rate_limiters.check(limits, &service, &parts.headers, principal) {
             let mut response = local_reply(record, StatusCode::TOO_MANY_REQUESTS, "RL", limited.reason);
             *response.body_mut() = full("local_rate_limited\n");
-            let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+            response.headers_mut().insert(http::header::RETRY_AFTER, retry_after(limited.retry_after));
             return response;
+        }
+        if !limits.feature.global.is_empty() {
+            match waypoint.rate_limit_service.check(limits, &service, &parts.headers, principal).await {
+                Ok(()) => {}
+                Err(Refused::OverLimit { retry_after: wait, reason, headers }) => {
+                    // Envoy's answer: no body, `x-envoy-ratelimited`.
+                    let mut response = local_reply(record, StatusCode::TOO_MANY_REQUESTS, "RL", reason);
+                    *response.body_mut() = empty();
+                    for (name, value) in headers {
+                        response.headers_mut().append(name, value);
+                    }
+                    response.headers_mut().insert(http::header::RETRY_AFTER, retry_after(wait));
+                    response.headers_mut().insert("x-envoy-ratelimited", HeaderValue::from_static("true"));
+                    return response;
+                }
+                Err(Refused::Unanswered { reason }) => {
+                    return local_reply(record, StatusCode::INTERNAL_SERVER_ERROR, "RLSE", reason);
+                }
+            }
         }
     }
     // Faults injected on purpose (a TrafficPolicy of the Service, route or rule): the delay,

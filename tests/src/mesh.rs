@@ -140,8 +140,13 @@ impl Topology {
 
     /// The Pod YAML of `pod` with `labels`.
     pub fn pod_yaml(&self, pod: &Pod, labels: &[(&str, &str)]) -> String {
+        self.pod_yaml_as(pod, labels, &pod.name)
+    }
+
+    /// [`Topology::pod_yaml`] for a pod running as `service_account`.
+    pub fn pod_yaml_as(&self, pod: &Pod, labels: &[(&str, &str)], service_account: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{netns}\n{labels}  annotations:\n    ferrymesh.io/netns: {path}\nspec:\n  nodeName: node{node}\n  serviceAccountName: {name}\n  containers:\n  - name: app\n    image: fm-peer\n    ports:\n    - name: http\n      containerPort: {HTTP_PORT}\n    - name: echo\n      containerPort: {ECHO_PORT}\nstatus:\n  podIP: {ip}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{netns}\n{labels}  annotations:\n    ferrymesh.io/netns: {path}\nspec:\n  nodeName: node{node}\n  serviceAccountName: {service_account}\n  containers:\n  - name: app\n    image: fm-peer\n    ports:\n    - name: http\n      containerPort: {HTTP_PORT}\n    - name: echo\n      containerPort: {ECHO_PORT}\nstatus:\n  podIP: {ip}\n",
             name = pod.name,
             ns = pod.namespace,
             netns = pod.netns,
@@ -541,6 +546,8 @@ pub fn scale_namespace_yaml(ns: usize, node: &str) -> String {
 
 /// Port of the fm-echo HTTP backend.
 pub const ECHO_HTTP_PORT: u16 = 8081;
+/// Port of the in-test rate-limit service on the fabric.
+pub const RLS_PORT: u16 = 18081;
 /// Label naming a waypoint pod's Gateway.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
@@ -563,21 +570,34 @@ impl Topology {
     /// Writes `pod` as the pod of the waypoint of its name (labelled with the Gateway's name,
     /// running as the service account of that name, as a Gateway's deployment does).
     pub fn write_waypoint_pod(&self, pod: &Pod) {
-        self.write_pod(pod, &[(GATEWAY_NAME_LABEL, &pod.name)]);
+        self.write_waypoint_replica(pod, &pod.name);
+    }
+
+    /// Writes `pod` as a pod (one replica) of waypoint `gateway`, in its namespace.
+    pub fn write_waypoint_replica(&self, pod: &Pod, gateway: &str) {
+        let text = self.pod_yaml_as(pod, &[(GATEWAY_NAME_LABEL, gateway)], gateway);
+        self.write_config_file(&format!("pod-{}-{}.yaml", pod.namespace, pod.name), &text);
     }
 
     /// Starts mesh-waypoint in `pod` (label `waypoint-<name>`) as the waypoint named like the
     /// pod, with its node's token, and waits until it serves.
     pub fn start_waypoint(&self, pod: &Pod) {
+        self.start_waypoint_replica(pod, &pod.name, &[]);
+    }
+
+    /// Starts mesh-waypoint in `pod` (label `waypoint-<pod name>`) as a replica of waypoint
+    /// `gateway` with the `extra` arguments, and waits until it serves.
+    pub fn start_waypoint_replica(&self, pod: &Pod, gateway: &str, extra: &[&str]) {
         let label = format!("waypoint-{}", pod.name);
         let mut cmd = self.command_in(&pod.netns, bin("mesh-waypoint"));
-        cmd.args(["--namespace", &pod.namespace, "--name", &pod.name])
+        cmd.args(["--namespace", &pod.namespace, "--name", gateway])
             .args(["--node-name", &format!("node{}", pod.node), "--pod-ip", &pod.ip.to_string()])
             .args(["--ctrl", &self.ctrl_address()])
             .arg("--ca-root")
             .arg(self.ca_root())
             .arg("--token-file")
-            .arg(self.token_file(pod.node));
+            .arg(self.token_file(pod.node))
+            .args(extra);
         self.spawn(&label, cmd);
         let start = Instant::now();
         while !self.log(&label).contains("mesh-waypoint serving") {
@@ -589,6 +609,30 @@ impl Topology {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts the in-test rate-limit service (`fm-echo rls-serve`, label `rls`) on the fabric,
+    /// where pods reach it as they reach mesh-ctrl, and returns its URL for
+    /// `mesh-waypoint --rate-limit-service`.
+    pub fn serve_rate_limit_service(&self) -> String {
+        let listen = format!("{FABRIC_IP}:{RLS_PORT}");
+        let mut cmd = self.command_in(&self.fabric, bin("fm-echo"));
+        cmd.args(["rls-serve", "--listen", &listen]);
+        self.spawn("rls", cmd);
+        wait_until(Duration::from_secs(10), "the rate-limit service to listen", || {
+            assert!(self.is_running("rls"), "rls exited: {}", self.log("rls"));
+            self.log("rls").contains("ready")
+        });
+        format!("http://{listen}")
+    }
+
+    /// The checks the in-test rate-limit service answered, one JSON value each.
+    pub fn rate_limit_checks(&self) -> Vec<Value> {
+        self.log("rls")
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("check line {l:?}: {e}")))
+            .collect()
     }
 
     /// The request records the waypoint in `pod` has logged, one JSON value each.

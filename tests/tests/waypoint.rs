@@ -1197,8 +1197,7 @@ fn local_rate_limits_answer_429_with_retry_after_per_rule_and_per_key() {
     assert!(limited.iter().all(|r| r["response_flags"] == "RL"), "{limited:?}");
     let per_user_record = limited.iter().find(|r| r["path"] == "/per-user").unwrap();
     assert_eq!(
-        per_user_record["reason"],
-        "rate limited by TrafficPolicy shop/per-user local[0]: 5 per 60s, burst 5 per x-user",
+        per_user_record["reason"], "rate limited by TrafficPolicy shop/per-user local[0]: 5/60s burst 5 per x-user",
         "{per_user_record}"
     );
     let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
@@ -1218,4 +1217,153 @@ fn local_rate_limits_answer_429_with_retry_after_per_rule_and_per_key() {
         )
     });
     assert_eq!(user("carol"), [200, 200, 200, 200, 200, 429, 429, 429]);
+}
+
+/// A global limit of a TrafficPolicy on Service web: `requests` an hour per x-user, counted by
+/// the rate-limit service.
+fn global_limit_policy(requests: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: ferrymesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata:\n  name: global\n  namespace: shop\nspec:\n  targetRefs:\n  - kind: Service\n    name: web\n  rateLimit:\n{extra}    global:\n    - limit:\n        requests: {requests}\n        unit: Hour\n      key:\n        header: x-user\n"
+    )
+}
+
+#[test]
+fn a_global_rate_limit_holds_across_two_waypoint_replicas_through_the_rate_limit_service() {
+    let spec = TopologySpec::nodes(2)
+        .pod("shop", "a", 1)
+        .pod("shop", "web-1", 1)
+        .pod("shop", "web-2", 2)
+        .pod("shop", "waypoint-1", 1)
+        .pod("shop", "waypoint-2", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.write_namespace("shop", &[(DATAPLANE_MODE, "enabled"), ("ferrymesh.io/use-waypoint", "waypoint")]);
+    for name in ["web-1", "web-2"] {
+        topo.write_pod(topo.pod("shop", name), &[("app", "web")]);
+    }
+    let replicas = [topo.pod("shop", "waypoint-1"), topo.pod("shop", "waypoint-2")];
+    for pod in replicas {
+        topo.write_waypoint_replica(pod, "waypoint");
+    }
+    topo.write_waypoint("shop", "waypoint");
+    topo.write_service("shop", "web", WEB, &[("app", "web")], &[("http", 80, &ECHO_HTTP_PORT.to_string())]);
+    topo.write_config_file("traffic-global.yaml", &global_limit_policy("10", ""));
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/web-1"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/web-2"], Duration::from_secs(10));
+    let rls = topo.serve_rate_limit_service();
+    for pod in replicas {
+        topo.start_waypoint_replica(pod, "waypoint", &["--rate-limit-service", &rls]);
+    }
+    for name in ["web-1", "web-2"] {
+        topo.serve_echo(topo.pod("shop", name));
+    }
+    let a = topo.pod("shop", "a");
+    let url = format!("http://{WEB}/");
+    // Each request on a connection of its own, which its agent sends to either replica.
+    let user = |name: &str, count: usize| {
+        let header = format!("x-user: {name}");
+        statuses(&topo, a, &url, count, &["-H", &header, "-H", "Connection: close"])
+    };
+    let callers = || -> std::collections::BTreeSet<String> {
+        topo.rate_limit_checks().iter().map(|c| c["from"].as_str().unwrap_or_default().to_string()).collect()
+    };
+    // Both replicas hold the policy once each has asked the service about a request.
+    let mut n = 0;
+    wait_until(CONFIG_WAIT, "both replicas to ask the rate-limit service", || {
+        n += 1;
+        user(&format!("warm-up-{n}"), 1);
+        callers().len() == 2
+    });
+    let replica_ips: std::collections::BTreeSet<String> = replicas.iter().map(|p| p.ip.to_string()).collect();
+    assert_eq!(callers(), replica_ips);
+
+    // 10 an hour per user across both replicas: of 30 requests, 10 are answered.
+    let before = topo.rate_limit_checks().len();
+    let alice = user("alice", 30);
+    assert_eq!(alice, [vec![200; 10], vec![429; 20]].concat());
+    assert_eq!(user("bob", 12), [vec![200; 10], vec![429; 2]].concat(), "bob has his own count");
+    let checks = topo.rate_limit_checks();
+    let from_alice: Vec<_> = checks[before..]
+        .iter()
+        .filter(|c| c["descriptors"][0]["entries"][3] == serde_json::json!(["x-user", "alice"]))
+        .collect();
+    assert_eq!(from_alice.len(), 30, "one check per request: {from_alice:?}");
+    let first = from_alice[0];
+    assert_eq!(first["domain"], "ferrymesh", "{first}");
+    assert_eq!(
+        first["descriptors"][0]["entries"],
+        serde_json::json!([
+            ["traffic_policy", "shop/global"],
+            ["limit", "0"],
+            ["destination_service", "shop/web"],
+            ["x-user", "alice"]
+        ]),
+        "{first}"
+    );
+    assert_eq!(first["descriptors"][0]["limit"], serde_json::json!([10, 3]), "10 an hour, Envoy's unit 3");
+    let alice_callers: std::collections::BTreeSet<_> = from_alice.iter().map(|c| c["from"].to_string()).collect();
+    assert_eq!(alice_callers.len(), 2, "both replicas counted alice's requests: {from_alice:?}");
+
+    // The refusal as Envoy's: 429, no body, retry-after, x-envoy-ratelimited, and the headers
+    // the service added; the record says which limit.
+    let refused = topo.http(a, &url, &["-H", "x-user: alice"]);
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.body, "");
+    let header = |name: &str| refused.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    let wait: u64 = header("retry-after").expect("retry-after").parse().unwrap();
+    assert!((1..=3600).contains(&wait), "{refused:?}");
+    assert_eq!(header("x-envoy-ratelimited").as_deref(), Some("true"));
+    assert_eq!(header("x-ratelimit-remaining").as_deref(), Some("0"));
+    wait_until(FLOW_WAIT, "the refused requests' records", || {
+        replicas.iter().map(|w| topo.waypoint_requests(w).iter().filter(|r| r["status"] == 429).count()).sum::<usize>()
+            >= 23
+    });
+    let records: Vec<_> = replicas.iter().flat_map(|w| topo.waypoint_requests(w)).collect();
+    let limited: Vec<_> = records.iter().filter(|r| r["status"] == 429).collect();
+    assert!(limited.iter().all(|r| r["response_flags"] == "RL"), "{limited:?}");
+    assert_eq!(
+        limited[0]["reason"], "rate limited by TrafficPolicy shop/global global[0]: 10/Hour global per x-user",
+        "{}",
+        limited[0]
+    );
+    let over_limit: f64 = replicas
+        .iter()
+        .map(|w| {
+            let out = topo.output_in(&w.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+            scrape.sum("ferrymesh_rate_limit_service_calls_total", &[("result", "over_limit")])
+        })
+        .sum();
+    assert_eq!(over_limit, limited.len() as f64);
+
+    // An invalid unit is refused by name; the last good policy keeps limiting.
+    topo.write_config_file(
+        "traffic-global.yaml",
+        &global_limit_policy("10", "").replace("unit: Hour", "unit: Fortnight"),
+    );
+    wait_until(CONFIG_WAIT, "mesh-ctrl to refuse the unit", || {
+        topo.log("mesh-ctrl").contains(
+            "TrafficPolicy shop/global: field spec.rateLimit.global[0].limit.unit: \"Fortnight\" is not Second, Minute, Hour or Day",
+        )
+    });
+    assert_eq!(user("alice", 4), [429; 4]);
+
+    // The service gone: requests are let by (Envoy's default), unless the policy denies on
+    // failure: then a 500 flagged RLSE.
+    topo.signal_and_wait("rls", libc::SIGKILL);
+    assert_eq!(user("alice", 6), [200; 6], "failing open");
+    topo.write_config_file("traffic-global.yaml", &global_limit_policy("10", "    failureModeDeny: true\n"));
+    wait_until(CONFIG_WAIT, "both replicas to deny on failure", || user("carol", 8).iter().all(|s| *s == 500));
+    wait_until(FLOW_WAIT, "a denied request's record", || {
+        replicas.iter().flat_map(|w| topo.waypoint_requests(w)).any(|r| r["status"] == 500)
+    });
+    let denied = replicas.iter().flat_map(|w| topo.waypoint_requests(w)).find(|r| r["status"] == 500).unwrap();
+    assert_eq!(denied["response_flags"], "RLSE", "{denied}");
+    let reason = denied["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("rate-limit service") && reason.contains("TrafficPolicy shop/global has failureModeDeny"),
+        "{reason}"
+    );
 }

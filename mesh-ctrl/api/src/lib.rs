@@ -30,6 +30,55 @@ pub mod ferrymesh {
     }
 }
 
+/// The parts of Envoy's API ferrymesh speaks (proto/envoy/README.md), nested as Envoy's
+/// packages are.
+#[allow(missing_docs, clippy::all)]
+pub mod envoy {
+    /// `envoy.service`.
+    pub mod service {
+        /// `envoy.service.ratelimit`.
+        pub mod ratelimit {
+            /// `envoy.service.ratelimit.v3`: the global rate-limit service protocol.
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.ratelimit.v3");
+            }
+        }
+    }
+    /// `envoy.extensions`.
+    pub mod extensions {
+        /// `envoy.extensions.common`.
+        pub mod common {
+            /// `envoy.extensions.common.ratelimit`.
+            pub mod ratelimit {
+                /// `envoy.extensions.common.ratelimit.v3`.
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.common.ratelimit.v3");
+                }
+            }
+        }
+    }
+    /// `envoy.config`.
+    pub mod config {
+        /// `envoy.config.core`.
+        pub mod core {
+            /// `envoy.config.core.v3`.
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    /// `envoy.type`.
+    pub mod r#type {
+        /// `envoy.type.v3`.
+        pub mod v3 {
+            tonic::include_proto!("envoy.r#type.v3");
+        }
+    }
+}
+
+/// The global rate-limit service protocol (Envoy's), as the waypoint calls it.
+pub use envoy::service::ratelimit::v3 as ratelimit;
+
 /// Config streaming from mesh-ctrl to agents.
 pub use ferrymesh::config::v1 as config;
 

@@ -10,12 +10,15 @@
 //! one channel and prints which pods answered, the last answer's metadata, the call rate and
 //! latency percentiles, as JSON. `load` is an open-loop HTTP load generator (a fixed request
 //! rate over kept-alive connections), printing the achieved rate and latency percentiles.
+//! `rls-serve` is a small rate-limit service speaking Envoy's protocol
+//! (`envoy.service.ratelimit.v3.RateLimitService`), for the waypoint's global limits.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
+use ferrymesh_api::ratelimit;
 use futures::{SinkExt, StreamExt};
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -80,6 +83,14 @@ enum Command {
         #[arg(long)]
         h2: bool,
     },
+    /// Serve Envoy's rate-limit service on `listen`: each descriptor with a limit override is
+    /// counted in fixed windows of the override's unit (a window starts at its first hit), by
+    /// domain and entries; one without an override is under no limit. Prints "ready", then
+    /// each check as a JSON line (with the caller's address, `from`).
+    RlsServe {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Send `messages` WebSocket text messages to ws://`to``path` and check each echo.
     Ws {
         #[arg(long)]
@@ -101,6 +112,7 @@ fn main() {
         Command::Ws { to, path, messages } => runtime.block_on(ws(to, &path, messages)),
         Command::GrpcServe { port, pod } => runtime.block_on(grpc_serve(port, pod)),
         Command::Grpc { to, count } => runtime.block_on(grpc(to, count)),
+        Command::RlsServe { listen } => runtime.block_on(rls_serve(listen)),
         Command::Load { to, path, rate, seconds, connections, h2 } => {
             runtime.block_on(load(to, path, rate, seconds, connections, h2))
         }
@@ -289,6 +301,89 @@ async fn grpc_serve(port: u16, pod: String) -> Result<(), BoxError> {
     println!("ready");
     tonic::transport::Server::builder()
         .add_service(EchoService(std::sync::Arc::new(pod)))
+        .serve_with_incoming(tokio_stream_of(listener))
+        .await?;
+    Ok(())
+}
+
+/// The rate-limit service's counts: by key, the window's start and the hits in it.
+#[derive(Default)]
+struct RateLimitCounts(std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>);
+
+#[tonic::async_trait]
+impl ratelimit::rate_limit_service_server::RateLimitService for RateLimitCounts {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<ratelimit::RateLimitRequest>,
+    ) -> Result<tonic::Response<ratelimit::RateLimitResponse>, tonic::Status> {
+        use ratelimit::rate_limit_response::{Code, DescriptorStatus};
+        let from = request.remote_addr().map(|a| a.ip().to_string());
+        let request = request.into_inner();
+        let hits = u64::from(request.hits_addend.max(1));
+        let now = std::time::Instant::now();
+        let mut statuses = Vec::new();
+        let mut logged = Vec::new();
+        let mut counts = self.0.lock().expect("counts lock");
+        for d in &request.descriptors {
+            let entries: Vec<(String, String)> = d.entries.iter().map(|e| (e.key.clone(), e.value.clone())).collect();
+            let limit = d.limit.as_ref().map(|l| (l.requests_per_unit, l.unit));
+            logged.push(json!({"entries": entries, "limit": limit}));
+            let Some((allowed, unit)) = limit else {
+                statuses.push(DescriptorStatus { code: Code::Ok as i32, ..Default::default() });
+                continue;
+            };
+            let window = std::time::Duration::from_secs(match unit {
+                1 => 1,
+                2 => 60,
+                3 => 3600,
+                4 => 86_400,
+                other => return Err(tonic::Status::invalid_argument(format!("unit {other}"))),
+            });
+            let key = format!("{}|{entries:?}", request.domain);
+            let count = counts.entry(key).or_insert((now, 0));
+            if now.duration_since(count.0) >= window {
+                *count = (now, 0);
+            }
+            count.1 += d.hits_addend.unwrap_or(hits);
+            let code = if count.1 > u64::from(allowed) { Code::OverLimit } else { Code::Ok };
+            let reset = window.saturating_sub(now.duration_since(count.0));
+            statuses.push(DescriptorStatus {
+                code: code as i32,
+                limit_remaining: u32::try_from(u64::from(allowed).saturating_sub(count.1)).unwrap_or(0),
+                duration_until_reset: prost_types::Duration::try_from(reset).ok(),
+                ..Default::default()
+            });
+        }
+        drop(counts);
+        let over = statuses.iter().any(|s| s.code == Code::OverLimit as i32);
+        let overall = if over { Code::OverLimit } else { Code::Ok };
+        println!(
+            "{}",
+            json!({"from": from, "domain": request.domain, "descriptors": logged, "code": overall.as_str_name()})
+        );
+        let response_headers_to_add = if over {
+            vec![ferrymesh_api::envoy::config::core::v3::HeaderValue {
+                key: "x-ratelimit-remaining".into(),
+                value: "0".into(),
+                raw_value: Vec::new(),
+            }]
+        } else {
+            Vec::new()
+        };
+        Ok(tonic::Response::new(ratelimit::RateLimitResponse {
+            overall_code: overall as i32,
+            statuses,
+            response_headers_to_add,
+            request_headers_to_add: Vec::new(),
+        }))
+    }
+}
+
+async fn rls_serve(listen: SocketAddr) -> Result<(), BoxError> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("ready");
+    tonic::transport::Server::builder()
+        .add_service(ratelimit::rate_limit_service_server::RateLimitServiceServer::new(RateLimitCounts::default()))
         .serve_with_incoming(tokio_stream_of(listener))
         .await?;
     Ok(())

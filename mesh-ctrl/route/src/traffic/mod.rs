@@ -1,8 +1,9 @@
 //! ferrymesh.io/v1alpha1 `TrafficPolicy`: what a waypoint does to the requests of a Service, a
 //! route or one named rule of a route beyond routing them: fault injection, with Istio's
 //! `HTTPFaultInjection` fields (`fault.delay.fixedDelay` and `percentage`,
-//! `fault.abort.httpStatus` or `grpcStatus` and `percentage`), and local rate limits (token
-//! buckets per route, or per source principal or header value, with a burst).
+//! `fault.abort.httpStatus` or `grpcStatus` and `percentage`), local rate limits (token
+//! buckets per route, or per source principal or header value, with a burst) and global ones
+//! (counted by a rate-limit service speaking Envoy's protocol, shared by every replica).
 //!
 //! Why a policy and not Istio's VirtualService: the mesh routes with Gateway API, and a
 //! VirtualService is a second routing API whose rules would compete with the HTTPRoutes of the
@@ -44,6 +45,67 @@ pub struct TrafficPolicy {
 pub struct RateLimit {
     /// `local`: token buckets kept by each waypoint replica.
     pub local: Vec<LocalLimit>,
+    /// `global`: counts kept by the rate-limit service, shared by every replica.
+    pub global: Vec<GlobalLimit>,
+    /// `failureModeDeny`: a request the rate-limit service gave no answer for is refused (500)
+    /// rather than let by (Envoy's default).
+    pub failure_mode_deny: bool,
+}
+
+/// `rateLimit.global[]`: at most `requests` per `unit` (the window the rate-limit service
+/// counts in), across every waypoint replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GlobalLimit {
+    /// `limit.requests`.
+    pub requests: u32,
+    /// `limit.unit`.
+    pub unit: LimitUnit,
+    /// `key`: one count for all, or one per value.
+    pub key: LimitKey,
+}
+
+/// The window of a global limit, numbered as Envoy's `RateLimitUnit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitUnit {
+    /// `Second`.
+    Second = 1,
+    /// `Minute`.
+    Minute = 2,
+    /// `Hour`.
+    Hour = 3,
+    /// `Day`.
+    Day = 4,
+}
+
+impl LimitUnit {
+    /// Every unit, by its name.
+    pub const ALL: [(LimitUnit, &'static str); 4] =
+        [(Self::Second, "Second"), (Self::Minute, "Minute"), (Self::Hour, "Hour"), (Self::Day, "Day")];
+
+    /// Its name: `Second`, `Minute`, `Hour` or `Day`.
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(u, _)| *u == self).map(|(_, name)| *name).expect("every unit is named")
+    }
+
+    /// The unit named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(u, _)| *u)
+    }
+
+    /// The unit of Envoy's number, as the wire carries it.
+    pub fn from_number(n: i32) -> Option<Self> {
+        Self::ALL.iter().find(|(u, _)| *u as i32 == n).map(|(u, _)| *u)
+    }
+
+    /// Its length.
+    pub fn duration(self) -> Duration {
+        Duration::from_secs(match self {
+            Self::Second => 1,
+            Self::Minute => 60,
+            Self::Hour => 3600,
+            Self::Day => 86_400,
+        })
+    }
 }
 
 /// `rateLimit.local[]`: a token bucket of `burst` tokens, refilled with `requests` tokens every
@@ -71,7 +133,32 @@ pub enum LimitKey {
     SourcePrincipal,
 }
 
-/// The largest bucket or rate a local limit may ask for.
+impl LimitKey {
+    /// `""`, `" per <header>"` or `" per source principal"`.
+    pub fn per(&self) -> String {
+        match self {
+            LimitKey::Shared => String::new(),
+            LimitKey::Header(name) => format!(" per {name}"),
+            LimitKey::SourcePrincipal => " per source principal".into(),
+        }
+    }
+}
+
+/// `10/1s burst 20 per x-user`.
+impl std::fmt::Display for LocalLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}s burst {}{}", self.requests, self.per.as_secs(), self.burst, self.key.per())
+    }
+}
+
+/// `10/Minute global per x-user`.
+impl std::fmt::Display for GlobalLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} global{}", self.requests, self.unit.name(), self.key.per())
+    }
+}
+
+/// The largest bucket or rate a limit may ask for.
 pub const MAX_LIMIT: u32 = 1_000_000;
 
 impl TrafficPolicy {
@@ -264,13 +351,22 @@ pub struct TrafficPolicies {
 }
 
 /// The policy a feature of a request comes from, and the feature.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct Applied<'a, T> {
     /// The policy, for records and explain.
     pub policy: &'a TrafficPolicy,
     /// The feature.
     pub feature: &'a T,
 }
+
+// By hand: derived, they would ask `T: Copy`, and a pair of references is Copy whatever `T` is.
+impl<T> Clone for Applied<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Applied<'_, T> {}
 
 impl TrafficPolicies {
     /// The set of `policies`.

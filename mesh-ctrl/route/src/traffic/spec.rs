@@ -2,14 +2,12 @@
 //! carries, Gateway API's `targetRefs`), and its validation. Every error names the field by its
 //! path under `spec`.
 
-use std::time::Duration;
-
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    parse_istio_duration, Abort, AbortStatus, Delay, Fault, GrpcCode, LimitKey, LocalLimit, RateLimit, Share, Target,
-    TrafficPolicy, ABORT_STATUSES, MAX_LIMIT,
+    parse_istio_duration, Abort, AbortStatus, Delay, Fault, GlobalLimit, GrpcCode, LimitKey, LimitUnit, LocalLimit,
+    RateLimit, Share, Target, TrafficPolicy, ABORT_STATUSES, MAX_LIMIT,
 };
 use crate::spec::err;
 pub use crate::spec::SpecError;
@@ -33,10 +31,28 @@ pub struct TrafficPolicySpec {
 
 /// `spec.rateLimit`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct RateLimitSpec {
     /// Token buckets kept by each waypoint replica; a request must pass every one.
     #[serde(default)]
     pub local: Vec<LocalLimitSpec>,
+    /// Limits counted by the rate-limit service (Envoy's protocol), shared by every replica; a
+    /// request must pass every one.
+    #[serde(default)]
+    pub global: Vec<GlobalLimitSpec>,
+    /// Refuse (500) a request the rate-limit service gave no answer for, instead of letting it
+    /// by (default false, as Envoy's `failure_mode_deny`).
+    pub failure_mode_deny: Option<bool>,
+}
+
+/// `spec.rateLimit.global[]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+pub struct GlobalLimitSpec {
+    /// The most requests per unit (a window the rate-limit service counts in).
+    #[serde(default)]
+    pub limit: LimitSpec,
+    /// One count per value of this (default: one count).
+    pub key: Option<LimitKeySpec>,
 }
 
 /// `spec.rateLimit.local[]`.
@@ -51,18 +67,18 @@ pub struct LocalLimitSpec {
     pub key: Option<LimitKeySpec>,
 }
 
-/// `spec.rateLimit.local[].limit`.
+/// `spec.rateLimit.local[].limit`, `spec.rateLimit.global[].limit`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 pub struct LimitSpec {
     /// Requests per unit.
     #[serde(default)]
     pub requests: i64,
-    /// `Second`, `Minute` or `Hour`.
+    /// `Second`, `Minute`, `Hour` or `Day`.
     #[serde(default)]
     pub unit: String,
 }
 
-/// `spec.rateLimit.local[].key`: one of them.
+/// `spec.rateLimit.local[].key`, `spec.rateLimit.global[].key`: one of them.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LimitKeySpec {
@@ -177,52 +193,61 @@ impl FaultSpec {
     }
 }
 
+fn count(n: i64, field: String) -> Result<u32, SpecError> {
+    u32::try_from(n)
+        .ok()
+        .filter(|n| (1..=MAX_LIMIT).contains(n))
+        .ok_or_else(|| err(field, format!("{n} is not a count from 1 to {MAX_LIMIT}")))
+}
+
+impl LimitSpec {
+    /// `(requests, unit)`, for the limit at `field`.
+    fn validate(&self, field: &str) -> Result<(u32, LimitUnit), SpecError> {
+        let requests = count(self.requests, format!("{field}.limit.requests"))?;
+        let unit = LimitUnit::parse(&self.unit).ok_or_else(|| {
+            err(format!("{field}.limit.unit"), format!("{:?} is not Second, Minute, Hour or Day", self.unit))
+        })?;
+        Ok((requests, unit))
+    }
+}
+
+/// The key of the limit at `field`.
+fn limit_key(key: &Option<LimitKeySpec>, field: &str) -> Result<LimitKey, SpecError> {
+    let Some(k) = key else { return Ok(LimitKey::Shared) };
+    match (&k.header, k.source_principal.unwrap_or(false)) {
+        (Some(_), true) => Err(err(format!("{field}.key"), "give header or sourcePrincipal, not both")),
+        (Some(name), false) => {
+            http::header::HeaderName::try_from(name.as_str())
+                .map_err(|_| err(format!("{field}.key.header"), format!("{name:?} is not a header name")))?;
+            Ok(LimitKey::Header(name.to_ascii_lowercase()))
+        }
+        (None, true) => Ok(LimitKey::SourcePrincipal),
+        (None, false) => Err(err(format!("{field}.key"), "give header or sourcePrincipal")),
+    }
+}
+
 impl RateLimitSpec {
     fn validate(&self) -> Result<RateLimit, SpecError> {
-        if self.local.is_empty() {
-            return Err(err("spec.rateLimit.local", "missing; give at least one limit"));
+        if self.local.is_empty() && self.global.is_empty() {
+            return Err(err("spec.rateLimit", "no limit; give local or global limits"));
         }
-        let count = |n: i64, field: String| {
-            u32::try_from(n)
-                .ok()
-                .filter(|n| (1..=MAX_LIMIT).contains(n))
-                .ok_or_else(|| err(field, format!("{n} is not a count from 1 to {MAX_LIMIT}")))
-        };
         let mut local = Vec::new();
         for (i, l) in self.local.iter().enumerate() {
             let field = format!("spec.rateLimit.local[{i}]");
-            let requests = count(l.limit.requests, format!("{field}.limit.requests"))?;
-            let per = match l.limit.unit.as_str() {
-                "Second" => Duration::from_secs(1),
-                "Minute" => Duration::from_secs(60),
-                "Hour" => Duration::from_secs(3600),
-                other => {
-                    return Err(err(format!("{field}.limit.unit"), format!("{other:?} is not Second, Minute or Hour")))
-                }
-            };
+            let (requests, unit) = l.limit.validate(&field)?;
             let burst = match l.burst {
                 None => requests,
                 Some(n) => count(n, format!("{field}.burst"))?,
             };
-            let key = match &l.key {
-                None => LimitKey::Shared,
-                Some(k) => match (&k.header, k.source_principal.unwrap_or(false)) {
-                    (Some(_), true) => {
-                        return Err(err(format!("{field}.key"), "give header or sourcePrincipal, not both"))
-                    }
-                    (Some(name), false) => {
-                        http::header::HeaderName::try_from(name.as_str()).map_err(|_| {
-                            err(format!("{field}.key.header"), format!("{name:?} is not a header name"))
-                        })?;
-                        LimitKey::Header(name.to_ascii_lowercase())
-                    }
-                    (None, true) => LimitKey::SourcePrincipal,
-                    (None, false) => return Err(err(format!("{field}.key"), "give header or sourcePrincipal")),
-                },
-            };
-            local.push(LocalLimit { requests, per, burst, key });
+            local.push(LocalLimit { requests, per: unit.duration(), burst, key: limit_key(&l.key, &field)? });
         }
-        Ok(RateLimit { local })
+        let mut global = Vec::new();
+        for (i, g) in self.global.iter().enumerate() {
+            let field = format!("spec.rateLimit.global[{i}]");
+            let (requests, unit) = g.limit.validate(&field)?;
+            global.push(GlobalLimit { requests, unit, key: limit_key(&g.key, &field)? });
+        }
+        Ok(RateLimit { local, global, failure_mode_deny: self.failure_mode_deny.unwrap_or(false) })
     }
 }
 

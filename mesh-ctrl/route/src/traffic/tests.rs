@@ -194,7 +194,7 @@ fn local_rate_limits_validate_with_a_burst_and_a_key_and_survive_the_wire() {
     let table = [
         (limit("limit:\n      requests: 0\n      unit: Second\n"), "spec.rateLimit.local[0].limit.requests"),
         (limit("limit:\n      requests: -5\n      unit: Second\n"), "spec.rateLimit.local[0].limit.requests"),
-        (limit("limit:\n      requests: 5\n      unit: Day\n"), "spec.rateLimit.local[0].limit.unit"),
+        (limit("limit:\n      requests: 5\n      unit: Week\n"), "spec.rateLimit.local[0].limit.unit"),
         (limit("limit:\n      requests: 5\n      unit: Second\n    burst: 0\n"), "spec.rateLimit.local[0].burst"),
         (limit("limit:\n      requests: 5\n      unit: Second\n    key: {}\n"), "spec.rateLimit.local[0].key"),
         (
@@ -205,7 +205,42 @@ fn local_rate_limits_validate_with_a_burst_and_a_key_and_survive_the_wire() {
             limit("limit:\n      requests: 5\n      unit: Second\n    key:\n      header: x\n      sourcePrincipal: true\n"),
             "spec.rateLimit.local[0].key",
         ),
-        (format!("{TARGET}rateLimit: {{}}\n"), "spec.rateLimit.local"),
+        (format!("{TARGET}rateLimit: {{}}\n"), "spec.rateLimit"),
+    ];
+    for (yaml, field) in table {
+        let e = validate(&yaml).unwrap_err();
+        assert_eq!(e.field, field, "{yaml}: {e}");
+    }
+}
+
+#[test]
+fn global_rate_limits_validate_with_a_unit_and_a_key_and_survive_the_wire() {
+    let p = validate(&format!(
+        "{TARGET}rateLimit:\n  failureModeDeny: true\n  global:\n  - limit:\n      requests: 10\n      unit: Minute\n    key:\n      header: X-User\n  - limit:\n      requests: 1000\n      unit: Day\n"
+    ))
+    .unwrap();
+    let limits = p.rate_limit.as_ref().unwrap();
+    assert!(limits.local.is_empty() && limits.failure_mode_deny);
+    assert_eq!(
+        limits.global,
+        [
+            GlobalLimit { requests: 10, unit: LimitUnit::Minute, key: LimitKey::Header("x-user".into()) },
+            GlobalLimit { requests: 1000, unit: LimitUnit::Day, key: LimitKey::Shared },
+        ]
+    );
+    assert_eq!(LimitUnit::Day.duration(), Duration::from_secs(86_400));
+    let wire = proto::TrafficPolicy::from(&p);
+    assert_eq!(wire.rate_limit.as_ref().unwrap().global[0].unit, 2, "Envoy's number for a minute");
+    assert_eq!(TrafficPolicy::try_from(wire.clone()), Ok(p));
+    let mut bad = wire;
+    bad.rate_limit.as_mut().unwrap().global[1].unit = 9;
+    assert_eq!(TrafficPolicy::try_from(bad).unwrap_err().field, "rate_limit.global[1].unit");
+
+    let limit = |body: &str| format!("{TARGET}rateLimit:\n  global:\n  - {body}");
+    let table = [
+        (limit("limit:\n      requests: 0\n      unit: Second\n"), "spec.rateLimit.global[0].limit.requests"),
+        (limit("limit:\n      requests: 5\n      unit: Fortnight\n"), "spec.rateLimit.global[0].limit.unit"),
+        (limit("limit:\n      requests: 5\n      unit: Hour\n    key: {}\n"), "spec.rateLimit.global[0].key"),
     ];
     for (yaml, field) in table {
         let e = validate(&yaml).unwrap_err();

@@ -6,8 +6,8 @@ use std::time::Duration;
 use ferrymesh_api::config as proto;
 
 use super::{
-    Abort, AbortStatus, Delay, Fault, GrpcCode, LimitKey, LocalLimit, RateLimit, Share, Target, TrafficPolicy,
-    ABORT_STATUSES, MAX_LIMIT,
+    Abort, AbortStatus, Delay, Fault, GlobalLimit, GrpcCode, LimitKey, LimitUnit, LocalLimit, RateLimit, Share, Target,
+    TrafficPolicy, ABORT_STATUSES, MAX_LIMIT,
 };
 use crate::RouteKind;
 
@@ -77,32 +77,39 @@ impl TryFrom<proto::TrafficPolicy> for TrafficPolicy {
         let rate_limit = match p.rate_limit {
             None => None,
             Some(r) => {
+                let count = |n: u32, field: String| {
+                    (1..=MAX_LIMIT).contains(&n).then_some(n).ok_or_else(|| err(field, format!("{n} is out of range")))
+                };
+                let key = |header: String, principal: bool, field: String| match (header.is_empty(), principal) {
+                    (true, false) => Ok(LimitKey::Shared),
+                    (false, false) => Ok(LimitKey::Header(header)),
+                    (true, true) => Ok(LimitKey::SourcePrincipal),
+                    (false, true) => Err(err(field, "a header and the principal".into())),
+                };
                 let mut local = Vec::new();
                 for (i, l) in r.local.into_iter().enumerate() {
                     let field = |f: &str| format!("rate_limit.local[{i}].{f}");
-                    let count = |n: u32, f: &str| {
-                        (1..=MAX_LIMIT)
-                            .contains(&n)
-                            .then_some(n)
-                            .ok_or_else(|| err(field(f), format!("{n} is out of range")))
-                    };
                     if l.per_ms == 0 {
                         return Err(err(field("per_ms"), "0".into()));
                     }
-                    let key = match (l.key_header.is_empty(), l.key_source_principal) {
-                        (true, false) => LimitKey::Shared,
-                        (false, false) => LimitKey::Header(l.key_header),
-                        (true, true) => LimitKey::SourcePrincipal,
-                        (false, true) => return Err(err(field("key_header"), "a header and the principal".into())),
-                    };
                     local.push(LocalLimit {
-                        requests: count(l.requests, "requests")?,
+                        requests: count(l.requests, field("requests"))?,
                         per: Duration::from_millis(l.per_ms),
-                        burst: count(l.burst, "burst")?,
-                        key,
+                        burst: count(l.burst, field("burst"))?,
+                        key: key(l.key_header, l.key_source_principal, field("key_header"))?,
                     });
                 }
-                Some(RateLimit { local })
+                let mut global = Vec::new();
+                for (i, g) in r.global.into_iter().enumerate() {
+                    let field = |f: &str| format!("rate_limit.global[{i}].{f}");
+                    global.push(GlobalLimit {
+                        requests: count(g.requests, field("requests"))?,
+                        unit: LimitUnit::from_number(g.unit)
+                            .ok_or_else(|| err(field("unit"), format!("{} is not a unit", g.unit)))?,
+                        key: key(g.key_header, g.key_source_principal, field("key_header"))?,
+                    });
+                }
+                Some(RateLimit { local, global, failure_mode_deny: r.failure_mode_deny })
             }
         };
         Ok(TrafficPolicy { namespace: p.namespace, name: p.name, targets, fault, rate_limit })
@@ -149,14 +156,29 @@ impl From<&TrafficPolicy> for proto::TrafficPolicy {
                         requests: l.requests,
                         per_ms: u64::try_from(l.per.as_millis()).unwrap_or(u64::MAX),
                         burst: l.burst,
-                        key_header: match &l.key {
-                            LimitKey::Header(name) => name.clone(),
-                            _ => String::new(),
-                        },
+                        key_header: key_header(&l.key),
                         key_source_principal: l.key == LimitKey::SourcePrincipal,
                     })
                     .collect(),
+                global: r
+                    .global
+                    .iter()
+                    .map(|g| proto::GlobalLimit {
+                        requests: g.requests,
+                        unit: g.unit as i32,
+                        key_header: key_header(&g.key),
+                        key_source_principal: g.key == LimitKey::SourcePrincipal,
+                    })
+                    .collect(),
+                failure_mode_deny: r.failure_mode_deny,
             }),
         }
+    }
+}
+
+fn key_header(key: &LimitKey) -> String {
+    match key {
+        LimitKey::Header(name) => name.clone(),
+        _ => String::new(),
     }
 }

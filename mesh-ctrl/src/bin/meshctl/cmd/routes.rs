@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use clap::Args;
-use ferrymesh_route::traffic::{AbortStatus, LimitKey, TrafficPolicies, TrafficPolicy};
+use ferrymesh_route::traffic::{AbortStatus, TrafficPolicies, TrafficPolicy};
 use ferrymesh_route::{Route, RouteTable};
 use serde_json::json;
 
@@ -82,19 +82,9 @@ impl RequestArgs {
 /// fault), in a few words, naming the policies.
 fn traffic_summary(traffic: &TrafficPolicies, service: &str, taken: Option<(&Route, usize)>) -> Option<String> {
     let limits = traffic.rate_limit(service, taken).map(|applied| {
-        let each: Vec<String> = applied
-            .feature
-            .local
-            .iter()
-            .map(|l| {
-                let by = match &l.key {
-                    LimitKey::Shared => String::new(),
-                    LimitKey::Header(name) => format!(" per {name}"),
-                    LimitKey::SourcePrincipal => " per source principal".into(),
-                };
-                format!("{}/{}s burst {}{by}", l.requests, l.per.as_secs(), l.burst)
-            })
-            .collect();
+        let (local, global) = (&applied.feature.local, &applied.feature.global);
+        let each: Vec<String> =
+            local.iter().map(ToString::to_string).chain(global.iter().map(ToString::to_string)).collect();
         format!("rate limit {} (TrafficPolicy {})", each.join(", "), applied.policy.key())
     });
     let fault = fault_words(traffic, service, taken);

@@ -39,6 +39,10 @@ struct GenerateArgs {
     /// mesh-ctrl's address, as the agents' `--ctrl`.
     #[arg(long, default_value = "https://ferrymesh-ctrl.ferrymesh-system.svc:15012")]
     ctrl: String,
+    /// The rate-limit service global rate limits are counted by (`http://host:port`, Envoy's
+    /// protocol), e.g. envoyproxy/ratelimit's Service.
+    #[arg(long)]
+    rate_limit_service: Option<String>,
 }
 
 pub fn run(args: WaypointArgs) -> Result<(), String> {
@@ -52,6 +56,7 @@ pub fn run(args: WaypointArgs) -> Result<(), String> {
                 image: g.image,
                 replicas: g.replicas,
                 ctrl: g.ctrl,
+                rate_limit_service: g.rate_limit_service,
             };
             print!("{}", deploy.yaml());
             Ok(())
