@@ -423,9 +423,54 @@ const L7_DIRECT: &str = "10.96.0.60";
 const L7_WAYPOINT: &str = "10.96.0.61";
 const GRPC_DIRECT: &str = "10.96.0.62";
 const GRPC_WAYPOINT: &str = "10.96.0.63";
+/// Service web-l7-features: as web-l7, with every resilience feature enabled and none
+/// triggered ([`FEATURES`]).
+const L7_FEATURES: &str = "10.96.0.64";
 /// The Services of the waypoint topology, for `fm-bench --hold --only waypoint`.
-pub const WAYPOINT_SERVICES: &str = "HTTP 10.96.0.60:80 direct, 10.96.0.61:80 through the waypoint; \
+pub const WAYPOINT_SERVICES: &str = "HTTP 10.96.0.60:80 direct, 10.96.0.61:80 through the waypoint, \
+10.96.0.64:80 through the waypoint with every feature enabled and none triggered; \
 gRPC 10.96.0.62:80 direct, 10.96.0.63:80 through the waypoint";
+
+/// What Service web-l7-features has, enabled but never triggered: an HTTPRoute with a request
+/// and a per-try timeout and a retry of 503s; a TrafficPolicy on its rule with a 0% delay, a
+/// 0% abort and a local limit of a million requests a second; a DestinationRule with a
+/// connection pool, outlier detection and least-request balancing. (Global rate limits are
+/// left out: each request costs a call to the rate-limit service, by design.)
+const FEATURES: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: features, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: web-l7-features, port: 80}]
+  rules:
+  - name: all
+    timeouts: {request: 10s, backendRequest: 5s}
+    retry: {codes: [503], attempts: 2, backoff: 25ms}
+    backendRefs: [{name: web-l7-features, port: 80}]
+---
+apiVersion: ferrymesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: features, namespace: shop}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: features, sectionName: all}]
+  fault:
+    delay: {fixedDelay: 1s, percentage: {value: 0}}
+    abort: {httpStatus: 503, percentage: {value: 0}}
+  rateLimit:
+    local:
+    - limit: {requests: 1000000, unit: Second}
+---
+apiVersion: ferrymesh.io/v1alpha1
+kind: DestinationRule
+metadata: {name: features, namespace: shop}
+spec:
+  host: web-l7-features
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 100000}
+      http: {http1MaxPendingRequests: 100000, http2MaxRequests: 100000, maxRetries: 1000}
+    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
+    loadBalancer: {simple: LEAST_REQUEST}
+";
 
 /// The waypoint benchmark topology: `shop` enrolled with client a and web-1 on node 1, web-2 and
 /// the waypoint on node 2; Services as [`L7_DIRECT`] and its neighbours say; fm-echo serving
@@ -452,11 +497,33 @@ pub fn waypoint_topology() -> Topology {
     };
     service("web", L7_DIRECT, ECHO_HTTP_PORT, false);
     service("web-l7", L7_WAYPOINT, ECHO_HTTP_PORT, true);
+    service("web-l7-features", L7_FEATURES, ECHO_HTTP_PORT, true);
+    topo.write_config_file("features.yaml", FEATURES);
     service("grpc", GRPC_DIRECT, ECHO_GRPC_PORT, false);
     service("grpc-l7", GRPC_WAYPOINT, ECHO_GRPC_PORT, true);
     topo.start_mesh();
     topo.wait_enrolled(1, &["shop/a", "shop/web-1"], Duration::from_secs(10));
     topo.wait_enrolled(2, &["shop/web-2"], Duration::from_secs(10));
+    // Every feature of web-l7-features was accepted (a refused object would leave the Service
+    // plain, and its figures would measure nothing).
+    let started = Instant::now();
+    loop {
+        let routes = String::from_utf8_lossy(&topo.meshctl(2, &["routes"]).stdout).into_owned();
+        let services = String::from_utf8_lossy(&topo.meshctl(2, &["services"]).stdout).into_owned();
+        if routes.contains("retry 503 x2")
+            && routes.contains("rate limit 1000000/1s burst 1000000 (TrafficPolicy shop/features)")
+            && routes.contains("fault delay 1000ms 0%, abort 503 0% (TrafficPolicy shop/features)")
+            && services.contains("shop/features: maxConnections 100000")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < crate::mesh::CONFIG_WAIT,
+            "the features of web-l7-features did not all arrive:\n{routes}\n{services}\n{}",
+            topo.log("mesh-ctrl")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     topo.start_waypoint(topo.pod("shop", "waypoint"));
     for name in ["web-1", "web-2"] {
         topo.serve_echo_with(topo.pod("shop", name), false);
@@ -475,7 +542,9 @@ fn echo_json(topo: &Topology, from: &Pod, args: &[&str]) -> Value {
 /// The waypoint scenarios: HTTP/1.1 at a fixed 1000 requests/s (open loop, 10 connections) and
 /// gRPC calls back to back on one channel, each to a Service through the waypoint
 /// (`waypoint`) and to the same endpoints without it (`l7-direct`), in interleaved rounds; the
-/// waypoint's CPU per 1000 requests and its memory.
+/// waypoint's CPU per 1000 requests and its memory; and the most HTTP/1.1 requests a second
+/// each carries, and the waypoint with every feature enabled and none triggered
+/// (`waypoint-features`, [`FEATURES`]), with its ratio to the plain waypoint.
 pub fn waypoint(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
     let topo = waypoint_topology();
     let a = topo.pod("shop", "a");
@@ -511,6 +580,21 @@ pub fn waypoint(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure>
             add(scenario, "grpc_p99", "us", grpc["p99_us"].as_f64().unwrap_or(0.0));
         }
     }
+    // The most requests a second each path carries (more offered than any carries, over 16
+    // kept-alive connections), the waypoint with and without every feature enabled.
+    let (offered, seconds) = (20_000, if options.rounds == 1 { 1 } else { 2 });
+    for round in 1..=options.rounds {
+        for (scenario, http) in
+            [("l7-direct", L7_DIRECT), ("waypoint", L7_WAYPOINT), ("waypoint-features", L7_FEATURES)]
+        {
+            progress(&format!("round {round}/{}: {scenario} at its most", options.rounds));
+            let to = format!("{http}:80");
+            let args = ["load", "--to", &to, "--rate", &offered.to_string(), "--seconds", &seconds.to_string()];
+            let load = echo_json(&topo, a, &[&args[..], &["--connections", "16"]].concat());
+            assert_eq!(load["failed"], 0, "{scenario}: {load}");
+            add(scenario, "http1_max_rate", "requests/s", load["rate"].as_f64().unwrap_or(0.0));
+        }
+    }
     let rss_loaded = rss_kb(pid);
     let mut figures = samples.figures();
     for (measurement, value) in [("rss_idle", rss_idle), ("rss_after_load", rss_loaded)] {
@@ -518,6 +602,13 @@ pub fn waypoint(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure>
     }
     // Against the same Service without the waypoint, in the same run.
     compare_to(&mut figures, "l7-direct");
+    // What the features cost when none is triggered: against the plain waypoint.
+    let max_rate = |scenario: &str| {
+        figures.iter().find(|f| f.scenario == scenario && f.measurement == "http1_max_rate").map(|f| f.median)
+    };
+    if let (Some(plain), Some(featured)) = (max_rate("waypoint"), max_rate("waypoint-features")) {
+        figures.push(Figure::once("waypoint-features", "http1_max_rate_vs_waypoint", "x", featured / plain));
+    }
     figures
 }
 
