@@ -16,6 +16,7 @@
 //! - a policy with `targetRefs` (a Service, or a waypoint's Gateway) is enforced by the waypoint
 //!   for requests to that Service, never by the agents (see [`l7`]).
 
+pub mod authn;
 pub mod l7;
 pub mod spec;
 pub mod wire;

@@ -21,7 +21,7 @@ pub struct SpecError {
     pub message: String,
 }
 
-fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+pub(crate) fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
     SpecError { field: field.into(), message: message.into() }
 }
 
@@ -301,33 +301,41 @@ impl AuthorizationPolicySpec {
         })
     }
 
-    /// `targetRefs` (and the singular `targetRef`), validated: a Service or a Gateway of the
-    /// policy's namespace.
+    /// `targetRefs` (and the singular `targetRef`), validated.
     fn target_refs(&self) -> Result<Vec<TargetRef>, SpecError> {
-        let plural = self.target_refs.iter().flatten().enumerate().map(|(i, t)| (format!("spec.targetRefs[{i}]"), t));
-        let singular = self.target_ref.iter().map(|t| ("spec.targetRef".to_string(), t));
-        plural
-            .chain(singular)
-            .map(|(path, t)| {
-                let kind = match (t.group.as_str(), t.kind.as_str()) {
-                    ("" | "core", "Service") => TargetKind::Service,
-                    ("gateway.networking.k8s.io", "Gateway") => TargetKind::Gateway,
-                    (group, kind) => {
-                        return Err(err(
-                            format!("{path}.kind"),
-                            format!(
-                                "{group:?}/{kind} cannot be a target: name a Service (group \"\") or a Gateway (group gateway.networking.k8s.io)"
-                            ),
-                        ))
-                    }
-                };
-                if t.name.is_empty() {
-                    return Err(err(format!("{path}.name"), "missing"));
-                }
-                Ok(TargetRef { kind, name: t.name.clone() })
-            })
-            .collect()
+        target_refs(&self.target_refs, &self.target_ref)
     }
+}
+
+/// `targetRefs` (and the singular `targetRef`) of a policy, validated: a Service or a Gateway of
+/// the policy's namespace.
+pub(crate) fn target_refs(
+    plural: &Option<Vec<TargetRefSpec>>,
+    singular: &Option<TargetRefSpec>,
+) -> Result<Vec<TargetRef>, SpecError> {
+    let plural = plural.iter().flatten().enumerate().map(|(i, t)| (format!("spec.targetRefs[{i}]"), t));
+    let singular = singular.iter().map(|t| ("spec.targetRef".to_string(), t));
+    plural
+        .chain(singular)
+        .map(|(path, t)| {
+            let kind = match (t.group.as_str(), t.kind.as_str()) {
+                ("" | "core", "Service") => TargetKind::Service,
+                ("gateway.networking.k8s.io", "Gateway") => TargetKind::Gateway,
+                (group, kind) => {
+                    return Err(err(
+                        format!("{path}.kind"),
+                        format!(
+                            "{group:?}/{kind} cannot be a target: name a Service (group \"\") or a Gateway (group gateway.networking.k8s.io)"
+                        ),
+                    ))
+                }
+            };
+            if t.name.is_empty() {
+                return Err(err(format!("{path}.name"), "missing"));
+            }
+            Ok(TargetRef { kind, name: t.name.clone() })
+        })
+        .collect()
 }
 
 impl PeerAuthenticationSpec {
