@@ -13,10 +13,14 @@
 //! by waypoints, which policies reach by `targetRefs`; the agents carry connections, not
 //! requests.
 //!
-//! Built so far: the object and its validation. Not yet wired: mesh-ctrl's sources and config
-//! stream, the waypoint's token checks and JWKS fetching, AuthorizationPolicy
+//! Built so far: the object, its validation, and [`authenticate`] (a request's token checked
+//! against the rules that apply, given each issuer's keys). Not yet wired: mesh-ctrl's sources
+//! and config stream, the waypoint calling it and fetching JWKS, AuthorizationPolicy
 //! `requestPrincipals` and `request.auth.claims` (issue #16).
 
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{DecodingKey, Validation};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -236,6 +240,163 @@ impl RequestAuthenticationSpec {
     }
 }
 
+/// A request's token, verified.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Authenticated {
+    /// `iss/sub`: Istio's request principal.
+    pub principal: String,
+    /// The token's `aud`, as a list.
+    pub audiences: Vec<String>,
+    /// The token's `azp`, if any.
+    pub presenter: Option<String>,
+    /// Every claim of the payload.
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    /// Where the token was: a header's name or a query parameter's.
+    pub found_in: TokenPlace,
+    /// The rule that accepted it.
+    pub rule: JwtRule,
+}
+
+/// Where a token was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenPlace {
+    /// This header.
+    Header(String),
+    /// This query parameter.
+    Param(String),
+}
+
+/// Why a token was refused (401), in Envoy's words.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthnError {
+    /// Not a JWT.
+    #[error("Jwt is not in the form of Header.Payload.Signature")]
+    Malformed,
+    /// No rule takes its issuer.
+    #[error("Jwt issuer is not configured")]
+    UnknownIssuer,
+    /// Past its `exp`.
+    #[error("Jwt is expired")]
+    Expired,
+    /// Before its `nbf`.
+    #[error("Jwt not yet valid")]
+    NotYetValid,
+    /// Its `aud` holds none of the rule's audiences.
+    #[error("Audiences in Jwt are not allowed")]
+    Audience,
+    /// The issuer's keys are not at hand (its JWKS could not be fetched).
+    #[error("Jwks remote fetch is failed")]
+    NoKeys,
+    /// Its signature does not verify with the issuer's keys, or it is otherwise invalid.
+    #[error("Jwt verification fails")]
+    Invalid,
+}
+
+/// The token of a request, checked against `rules` (every JWT rule of the RequestAuthentications
+/// that apply), each issuer's keys from `keys`: `Ok(None)` without a token (Istio lets the
+/// request by, unauthenticated), the verified token, or why it is refused.
+pub fn authenticate<'k>(
+    rules: &[&JwtRule],
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+    keys: impl Fn(&JwtRule) -> Option<&'k JwkSet>,
+) -> Result<Option<Authenticated>, AuthnError> {
+    let Some((token, found_in)) = rules.iter().find_map(|r| find_token(r, headers, query)) else {
+        return Ok(None);
+    };
+    let issuer = unverified_issuer(&token)?;
+    let rule = rules.iter().find(|r| r.issuer == issuer).ok_or(AuthnError::UnknownIssuer)?;
+    let header = jsonwebtoken::decode_header(&token).map_err(|_| AuthnError::Malformed)?;
+    let set = keys(rule).ok_or(AuthnError::NoKeys)?;
+    let candidates: Vec<_> = match &header.kid {
+        Some(kid) => set.find(kid).into_iter().collect(),
+        None => set.keys.iter().collect(),
+    };
+    let mut validation = Validation::new(header.alg);
+    validation.set_issuer(&[&rule.issuer]);
+    validation.required_spec_claims.clear();
+    validation.validate_nbf = true;
+    if rule.audiences.is_empty() {
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(&rule.audiences);
+    }
+    let mut refused = AuthnError::Invalid;
+    for jwk in candidates {
+        let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
+        match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(&token, &key, &validation) {
+            Ok(data) => {
+                let claims = data.claims;
+                let text = |name: &str| claims.get(name).and_then(|v| v.as_str()).map(str::to_string);
+                let audiences = match claims.get("aud") {
+                    Some(serde_json::Value::String(one)) => vec![one.clone()],
+                    Some(serde_json::Value::Array(many)) => {
+                        many.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                return Ok(Some(Authenticated {
+                    principal: format!("{}/{}", rule.issuer, text("sub").unwrap_or_default()),
+                    audiences,
+                    presenter: text("azp"),
+                    claims,
+                    found_in,
+                    rule: (*rule).clone(),
+                }));
+            }
+            Err(e) => {
+                refused = match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthnError::Expired,
+                    ErrorKind::ImmatureSignature => AuthnError::NotYetValid,
+                    ErrorKind::InvalidAudience => AuthnError::Audience,
+                    _ => AuthnError::Invalid,
+                };
+                if refused != AuthnError::Invalid {
+                    // The signature verified: the claims are what is wrong, whatever the key.
+                    break;
+                }
+            }
+        }
+    }
+    Err(refused)
+}
+
+/// The token in the first place of `rule` that has one.
+fn find_token(rule: &JwtRule, headers: &http::HeaderMap, query: Option<&str>) -> Option<(String, TokenPlace)> {
+    for h in &rule.from_headers {
+        for value in headers.get_all(h.name.as_str()).iter().filter_map(|v| v.to_str().ok()) {
+            if let Some(token) = value.strip_prefix(h.prefix.as_str()).map(str::trim).filter(|t| !t.is_empty()) {
+                return Some((token.to_string(), TokenPlace::Header(h.name.clone())));
+            }
+        }
+    }
+    let pairs = query.into_iter().flat_map(|q| q.split('&')).filter_map(|p| p.split_once('='));
+    for (name, value) in pairs {
+        if rule.from_params.iter().any(|p| p == name) && !value.is_empty() {
+            return Some((value.to_string(), TokenPlace::Param(name.to_string())));
+        }
+    }
+    None
+}
+
+/// The `iss` of a token, read before it is verified (to pick the rule that verifies it).
+fn unverified_issuer(token: &str) -> Result<String, AuthnError> {
+    let mut peek = Validation::default();
+    peek.insecure_disable_signature_validation();
+    peek.required_spec_claims.clear();
+    peek.validate_exp = false;
+    peek.validate_aud = false;
+    let header = jsonwebtoken::decode_header(token).map_err(|_| AuthnError::Malformed)?;
+    peek.algorithms = vec![header.alg];
+    let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+        token,
+        &DecodingKey::from_secret(&[]),
+        &peek,
+    )
+    .map_err(|_| AuthnError::Malformed)?;
+    Ok(data.claims.get("iss").and_then(|v| v.as_str()).unwrap_or_default().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +466,73 @@ mod tests {
         }
         let e = validate(&rule("issuer: i\n  jwksUri: ftp://keys.example/jwks")).unwrap_err();
         assert!(e.message.contains("the scheme \"ftp\" is not http or https"), "{e}");
+    }
+
+    /// A P-256 key pair: the signing key, and its public half as a JWKS of key id `kid`.
+    fn key_pair(kid: &str) -> (jsonwebtoken::EncodingKey, JwkSet) {
+        use base64::Engine;
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let point = pair.public_key_raw();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = format!(
+            r#"{{"keys":[{{"kty":"EC","crv":"P-256","alg":"ES256","kid":"{kid}","x":"{}","y":"{}"}}]}}"#,
+            b64(&point[1..33]),
+            b64(&point[33..65])
+        );
+        (jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()), serde_json::from_str(&jwks).unwrap())
+    }
+
+    fn token(key: &jsonwebtoken::EncodingKey, kid: &str, claims: serde_json::Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    #[test]
+    fn a_token_is_verified_by_its_issuers_keys_and_each_refusal_says_why() {
+        let (signing, keys) = key_pair("k1");
+        let (other_signing, _) = key_pair("k1");
+        let p = validate(&format!(
+            "{TARGET}jwtRules:\n- issuer: https://issuer.example\n  audiences: [web]\n  jwksUri: http://keys.example/jwks\n"
+        ))
+        .unwrap();
+        let rules: Vec<&JwtRule> = p.rules.iter().collect();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let claims = |iss: &str, aud: &str, exp: u64| serde_json::json!({"iss": iss, "sub": "alice", "aud": aud, "exp": exp, "groups": ["dev"]});
+        let check = |token: Option<&str>| {
+            let mut headers = http::HeaderMap::new();
+            if let Some(t) = token {
+                headers.insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            authenticate(&rules, &headers, None, |_| Some(&keys))
+        };
+
+        let good = token(&signing, "k1", claims("https://issuer.example", "web", now + 600));
+        let ok = check(Some(&good)).unwrap().expect("verified");
+        assert_eq!(ok.principal, "https://issuer.example/alice");
+        assert_eq!(ok.audiences, ["web"]);
+        assert_eq!(ok.claims["groups"], serde_json::json!(["dev"]));
+        assert_eq!(ok.found_in, TokenPlace::Header("authorization".into()));
+        // No token: passes, unauthenticated.
+        assert_eq!(check(None), Ok(None));
+        let cases = [
+            (token(&signing, "k1", claims("https://issuer.example", "web", now - 600)), AuthnError::Expired),
+            (token(&signing, "k1", claims("https://other.example", "web", now + 600)), AuthnError::UnknownIssuer),
+            (token(&signing, "k1", claims("https://issuer.example", "db", now + 600)), AuthnError::Audience),
+            (token(&other_signing, "k1", claims("https://issuer.example", "web", now + 600)), AuthnError::Invalid),
+            (token(&signing, "k9", claims("https://issuer.example", "web", now + 600)), AuthnError::Invalid),
+            ("not-a-jwt".to_string(), AuthnError::Malformed),
+        ];
+        for (t, why) in cases {
+            assert_eq!(check(Some(&t)), Err(why.clone()), "{why}");
+        }
+        assert_eq!(AuthnError::Expired.to_string(), "Jwt is expired");
+        // The default query parameter is a place too; keys not at hand refuse.
+        let by_param =
+            authenticate(&rules, &http::HeaderMap::new(), Some(&format!("a=1&access_token={good}")), |_| Some(&keys));
+        assert_eq!(by_param.unwrap().unwrap().found_in, TokenPlace::Param("access_token".into()));
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", format!("Bearer {good}").parse().unwrap());
+        assert_eq!(authenticate(&rules, &headers, None, |_| None), Err(AuthnError::NoKeys));
     }
 }
