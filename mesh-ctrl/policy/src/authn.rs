@@ -305,7 +305,8 @@ pub fn authenticate<'k>(
         return Ok(None);
     };
     let issuer = unverified_issuer(&token)?;
-    let rule = rules.iter().find(|r| r.issuer == issuer).ok_or(AuthnError::UnknownIssuer)?;
+    // The issuer's rule, among those that read the place the token was found in.
+    let rule = rules.iter().find(|r| r.issuer == issuer && r.reads(&found_in)).ok_or(AuthnError::UnknownIssuer)?;
     let header = jsonwebtoken::decode_header(&token).map_err(|_| AuthnError::Malformed)?;
     let set = keys(rule).ok_or(AuthnError::NoKeys)?;
     let candidates: Vec<_> = match &header.kid {
@@ -359,6 +360,16 @@ pub fn authenticate<'k>(
         }
     }
     Err(refused)
+}
+
+impl JwtRule {
+    /// Whether a token in `place` is one of this rule's.
+    fn reads(&self, place: &TokenPlace) -> bool {
+        match place {
+            TokenPlace::Header(name) => self.from_headers.iter().any(|h| h.name == *name),
+            TokenPlace::Param(name) => self.from_params.iter().any(|p| p == name),
+        }
+    }
 }
 
 /// The token in the first place of `rule` that has one.
@@ -534,5 +545,16 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("authorization", format!("Bearer {good}").parse().unwrap());
         assert_eq!(authenticate(&rules, &headers, None, |_| None), Err(AuthnError::NoKeys));
+        // An issuer's rule takes its tokens only from its own places.
+        let elsewhere = validate(&format!(
+            "{TARGET}jwtRules:\n- issuer: https://other.example\n  jwksUri: http://keys.example/other\n- issuer: https://issuer.example\n  jwksUri: http://keys.example/jwks\n  fromHeaders: [{{name: x-jwt}}]\n"
+        ))
+        .unwrap();
+        let rules: Vec<&JwtRule> = elsewhere.rules.iter().collect();
+        assert_eq!(authenticate(&rules, &headers, None, |_| Some(&keys)), Err(AuthnError::UnknownIssuer));
+        let mut x_jwt = http::HeaderMap::new();
+        x_jwt.insert("x-jwt", good.parse().unwrap());
+        let found = authenticate(&rules, &x_jwt, None, |_| Some(&keys)).unwrap().unwrap();
+        assert_eq!(found.found_in, TokenPlace::Header("x-jwt".into()));
     }
 }
