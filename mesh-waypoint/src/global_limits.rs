@@ -141,12 +141,13 @@ fn descriptors(
                 entry("limit", &i.to_string()),
                 entry("destination_service", service),
             ];
-            match &limit.key {
-                LimitKey::Shared => {}
-                LimitKey::Header(name) => {
-                    entries.push(entry(name, headers.get(name.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("")))
-                }
-                LimitKey::SourcePrincipal => entries.push(entry("source_principal", principal.unwrap_or(""))),
+            let key = match &limit.key {
+                LimitKey::Shared => None,
+                LimitKey::Header(name) => Some(name.as_str()),
+                LimitKey::SourcePrincipal => Some("source_principal"),
+            };
+            if let Some(key) = key {
+                entries.push(entry(key, limit.key.value_in(headers, principal)));
             }
             RateLimitDescriptor {
                 entries,

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferrymesh_route::traffic::{Applied, LimitKey, LocalLimit, RateLimit};
+use ferrymesh_route::traffic::{Applied, LocalLimit, RateLimit};
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use http::HeaderMap;
@@ -86,11 +86,7 @@ impl RateLimiters {
                 }
                 slot.clone()
             };
-            let value = match &limit.key {
-                LimitKey::Shared => "",
-                LimitKey::Header(name) => headers.get(name.as_str()).and_then(|v| v.to_str().ok()).unwrap_or(""),
-                LimitKey::SourcePrincipal => principal.unwrap_or(""),
-            };
+            let value = limit.key.value_in(headers, principal);
             if let Err(wait) = limiter.check(format!("{service}\n{value}")) {
                 let reason = format!("rate limited by TrafficPolicy {policy} local[{i}]: {limit}");
                 return Err(Limited { retry_after: wait, reason });
@@ -103,7 +99,7 @@ impl RateLimiters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferrymesh_route::traffic::{Target, TrafficPolicy};
+    use ferrymesh_route::traffic::{LimitKey, Target, TrafficPolicy};
 
     fn policy(limits: Vec<LocalLimit>) -> TrafficPolicy {
         TrafficPolicy {

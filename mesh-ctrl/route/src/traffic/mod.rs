@@ -134,6 +134,16 @@ pub enum LimitKey {
 }
 
 impl LimitKey {
+    /// The value of a request's count or bucket: its header's (empty when absent or not text),
+    /// the client's identity (empty without one), or empty when all share one.
+    pub fn value_in<'a>(&self, headers: &'a http::HeaderMap, principal: Option<&'a str>) -> &'a str {
+        match self {
+            LimitKey::Shared => "",
+            LimitKey::Header(name) => headers.get(name.as_str()).and_then(|v| v.to_str().ok()).unwrap_or(""),
+            LimitKey::SourcePrincipal => principal.unwrap_or(""),
+        }
+    }
+
     /// `""`, `" per <header>"` or `" per source principal"`.
     pub fn per(&self) -> String {
         match self {
