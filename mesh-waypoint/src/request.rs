@@ -462,6 +462,7 @@ fn authorize(waypoint: &Waypoint, down: &Downstream, parts: &http::request::Part
         method: parts.method.as_str(),
         path: parts.uri.path(),
         headers: &parts.headers,
+        auth: None,
     };
     waypoint.state.policies().authorize_request(&down.policy_target(waypoint), &request)
 }

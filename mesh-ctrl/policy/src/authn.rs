@@ -13,10 +13,11 @@
 //! by waypoints, which policies reach by `targetRefs`; the agents carry connections, not
 //! requests.
 //!
-//! Built so far: the object, its validation, and [`authenticate`] (a request's token checked
-//! against the rules that apply, given each issuer's keys). Not yet wired: mesh-ctrl's sources
-//! and config stream, the waypoint calling it and fetching JWKS, AuthorizationPolicy
-//! `requestPrincipals` and `request.auth.claims` (issue #16).
+//! Here: the object, its validation, its wire form, and [`authenticate`] (a request's token
+//! checked against the rules that apply, given each issuer's keys; [`find_token`] and
+//! [`verify`] are its two halves, for a waypoint that fetches keys in between). The
+//! [`RequestAuth`] of a verified token is what AuthorizationPolicy's `requestPrincipals` and
+//! `request.auth.*` conditions read ([`crate::l7`]).
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
@@ -240,9 +241,9 @@ impl RequestAuthenticationSpec {
     }
 }
 
-/// A request's token, verified.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Authenticated {
+/// What a verified token says about a request: Istio's `request.auth.*` attributes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RequestAuth {
     /// `iss/sub`: Istio's request principal.
     pub principal: String,
     /// The token's `aud`, as a list.
@@ -251,10 +252,30 @@ pub struct Authenticated {
     pub presenter: Option<String>,
     /// Every claim of the payload.
     pub claims: serde_json::Map<String, serde_json::Value>,
-    /// Where the token was: a header's name or a query parameter's.
+}
+
+/// A request's token, verified.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Authenticated<'r> {
+    /// What it says.
+    pub auth: RequestAuth,
+    /// Where it was (the waypoint removes it from there unless the rule forwards it).
     pub found_in: TokenPlace,
     /// The rule that accepted it.
-    pub rule: JwtRule,
+    pub rule: &'r JwtRule,
+}
+
+/// A request's token, found but not verified yet: which rule it is for and which key signed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Token<'r> {
+    /// The JWT.
+    pub jwt: String,
+    /// Where it was.
+    pub found_in: TokenPlace,
+    /// The rule of its issuer.
+    pub rule: &'r JwtRule,
+    /// Its header's `kid`, if any.
+    pub kid: Option<String>,
 }
 
 /// Where a token was found.
@@ -295,20 +316,40 @@ pub enum AuthnError {
 /// The token of a request, checked against `rules` (every JWT rule of the RequestAuthentications
 /// that apply), each issuer's keys from `keys`: `Ok(None)` without a token (Istio lets the
 /// request by, unauthenticated), the verified token, or why it is refused.
-pub fn authenticate<'k>(
-    rules: &[&JwtRule],
+pub fn authenticate<'r, 'k>(
+    rules: &[&'r JwtRule],
     headers: &http::HeaderMap,
     query: Option<&str>,
     keys: impl Fn(&JwtRule) -> Option<&'k JwkSet>,
-) -> Result<Option<Authenticated>, AuthnError> {
-    let Some((token, found_in)) = rules.iter().find_map(|r| find_token(r, headers, query)) else {
+) -> Result<Option<Authenticated<'r>>, AuthnError> {
+    let Some(token) = find_token(rules, headers, query)? else { return Ok(None) };
+    let set = keys(token.rule).ok_or(AuthnError::NoKeys)?;
+    verify(&token, set).map(Some)
+}
+
+/// The request's token, if it has one, with the rule of its issuer (among the rules that read
+/// the place it was found in): the first half of [`authenticate`], for callers that fetch the
+/// issuer's keys in between.
+pub fn find_token<'r>(
+    rules: &[&'r JwtRule],
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+) -> Result<Option<Token<'r>>, AuthnError> {
+    let Some((jwt, found_in)) = rules.iter().find_map(|r| token_in(r, headers, query)) else {
         return Ok(None);
     };
-    let issuer = unverified_issuer(&token)?;
-    // The issuer's rule, among those that read the place the token was found in.
+    let header = jsonwebtoken::decode_header(&jwt).map_err(|_| AuthnError::Malformed)?;
+    let issuer = unverified_issuer(&jwt, header.alg)?;
     let rule = rules.iter().find(|r| r.issuer == issuer && r.reads(&found_in)).ok_or(AuthnError::UnknownIssuer)?;
-    let header = jsonwebtoken::decode_header(&token).map_err(|_| AuthnError::Malformed)?;
-    let set = keys(rule).ok_or(AuthnError::NoKeys)?;
+    Ok(Some(Token { jwt, found_in, rule, kid: header.kid }))
+}
+
+/// Verifies `token` with its issuer's keys `set`: its signature (by the key its `kid` names, or
+/// any key without one; the key's type must fit the token's algorithm), then `exp`, `nbf`,
+/// `iss` and `aud`.
+pub fn verify<'r>(token: &Token<'r>, set: &JwkSet) -> Result<Authenticated<'r>, AuthnError> {
+    let rule = token.rule;
+    let header = jsonwebtoken::decode_header(&token.jwt).map_err(|_| AuthnError::Malformed)?;
     let candidates: Vec<_> = match &header.kid {
         Some(kid) => set.find(kid).into_iter().collect(),
         None => set.keys.iter().collect(),
@@ -324,8 +365,12 @@ pub fn authenticate<'k>(
     }
     let mut refused = AuthnError::Invalid;
     for jwk in candidates {
+        // A key that states its algorithm verifies only tokens of that algorithm.
+        if jwk.common.key_algorithm.is_some_and(|alg| alg.to_string() != format!("{:?}", header.alg)) {
+            continue;
+        }
         let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
-        match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(&token, &key, &validation) {
+        match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(&token.jwt, &key, &validation) {
             Ok(data) => {
                 let claims = data.claims;
                 let text = |name: &str| claims.get(name).and_then(|v| v.as_str()).map(str::to_string);
@@ -336,14 +381,13 @@ pub fn authenticate<'k>(
                     }
                     _ => Vec::new(),
                 };
-                return Ok(Some(Authenticated {
+                let auth = RequestAuth {
                     principal: format!("{}/{}", rule.issuer, text("sub").unwrap_or_default()),
                     audiences,
                     presenter: text("azp"),
                     claims,
-                    found_in,
-                    rule: (*rule).clone(),
-                }));
+                };
+                return Ok(Authenticated { auth, found_in: token.found_in.clone(), rule });
             }
             Err(e) => {
                 refused = match e.kind() {
@@ -373,7 +417,7 @@ impl JwtRule {
 }
 
 /// The token in the first place of `rule` that has one.
-fn find_token(rule: &JwtRule, headers: &http::HeaderMap, query: Option<&str>) -> Option<(String, TokenPlace)> {
+fn token_in(rule: &JwtRule, headers: &http::HeaderMap, query: Option<&str>) -> Option<(String, TokenPlace)> {
     for h in &rule.from_headers {
         for value in headers.get_all(h.name.as_str()).iter().filter_map(|v| v.to_str().ok()) {
             if let Some(token) = value.strip_prefix(h.prefix.as_str()).map(str::trim).filter(|t| !t.is_empty()) {
@@ -390,15 +434,14 @@ fn find_token(rule: &JwtRule, headers: &http::HeaderMap, query: Option<&str>) ->
     None
 }
 
-/// The `iss` of a token, read before it is verified (to pick the rule that verifies it).
-fn unverified_issuer(token: &str) -> Result<String, AuthnError> {
-    let mut peek = Validation::default();
+/// The `iss` of a token (of algorithm `alg`), read before it is verified, to pick the rule
+/// that verifies it.
+fn unverified_issuer(token: &str, alg: jsonwebtoken::Algorithm) -> Result<String, AuthnError> {
+    let mut peek = Validation::new(alg);
     peek.insecure_disable_signature_validation();
     peek.required_spec_claims.clear();
     peek.validate_exp = false;
     peek.validate_aud = false;
-    let header = jsonwebtoken::decode_header(token).map_err(|_| AuthnError::Malformed)?;
-    peek.algorithms = vec![header.alg];
     let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
         token,
         &DecodingKey::from_secret(&[]),
@@ -520,9 +563,9 @@ mod tests {
 
         let good = token(&signing, "k1", claims("https://issuer.example", "web", now + 600));
         let ok = check(Some(&good)).unwrap().expect("verified");
-        assert_eq!(ok.principal, "https://issuer.example/alice");
-        assert_eq!(ok.audiences, ["web"]);
-        assert_eq!(ok.claims["groups"], serde_json::json!(["dev"]));
+        assert_eq!(ok.auth.principal, "https://issuer.example/alice");
+        assert_eq!(ok.auth.audiences, ["web"]);
+        assert_eq!(ok.auth.claims["groups"], serde_json::json!(["dev"]));
         assert_eq!(ok.found_in, TokenPlace::Header("authorization".into()));
         // No token: passes, unauthenticated.
         assert_eq!(check(None), Ok(None));
@@ -556,5 +599,44 @@ mod tests {
         x_jwt.insert("x-jwt", good.parse().unwrap());
         let found = authenticate(&rules, &x_jwt, None, |_| Some(&keys)).unwrap().unwrap();
         assert_eq!(found.found_in, TokenPlace::Header("x-jwt".into()));
+    }
+
+    #[test]
+    fn a_token_cannot_choose_a_weaker_algorithm_than_its_key() {
+        use base64::Engine;
+        let (_, keys) = key_pair("k1");
+        let p =
+            validate(&format!("{TARGET}jwtRules:\n- issuer: https://issuer.example\n  jwksUri: http://k/j\n")).unwrap();
+        let rules: Vec<&JwtRule> = p.rules.iter().collect();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let claims = serde_json::json!({"iss": "https://issuer.example", "sub": "mallory", "exp": now + 600});
+        let with_bearer = |t: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("authorization", format!("Bearer {t}").parse().unwrap());
+            headers
+        };
+        // HS256 "signed" with the public key's text as the secret (the classic confusion): the
+        // EC key never verifies an HMAC.
+        let public_text = serde_json::to_string(&keys.keys[0]).unwrap();
+        for secret in [public_text.as_bytes(), b"".as_slice()] {
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+            header.kid = Some("k1".into());
+            let forged =
+                jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(secret)).unwrap();
+            assert_eq!(authenticate(&rules, &with_bearer(&forged), None, |_| Some(&keys)), Err(AuthnError::Invalid));
+        }
+        // `alg: none` with no signature is not a JWT the mesh reads.
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let unsigned = format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), b64(claims.to_string().as_bytes()));
+        assert_eq!(authenticate(&rules, &with_bearer(&unsigned), None, |_| Some(&keys)), Err(AuthnError::Malformed));
+        // A key that names its algorithm verifies no token of another (ES384 claimed, ES256 key).
+        let (signing, keys) = key_pair("k2");
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("k2".into());
+        let good = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
+        assert!(authenticate(&rules, &with_bearer(&good), None, |_| Some(&keys)).is_ok());
+        let mut mislabelled = keys.clone();
+        mislabelled.keys[0].common.key_algorithm = Some(jsonwebtoken::jwk::KeyAlgorithm::ES384);
+        assert_eq!(authenticate(&rules, &with_bearer(&good), None, |_| Some(&mislabelled)), Err(AuthnError::Invalid));
     }
 }

@@ -2,16 +2,17 @@
 //! attached by `targetRefs`: the policies of the Service's namespace that name the Service, or
 //! the waypoint's Gateway, apply; any matching DENY rule denies; else, when ALLOW policies
 //! apply, one of their rules must match. Every field of a rule is evaluated here: the source
-//! (the client's identity, as the HBONE peer proved it, and address), the operation (ports,
-//! hosts, methods, paths, and their negations) and the conditions (L4 keys and
-//! `request.headers[...]`). A field no layer evaluates yet makes an ALLOW rule match nothing and
-//! is ignored by a DENY rule, as at L4.
+//! (the client's identity, as the HBONE peer proved it, and address, and the request principal
+//! of its verified JWT), the operation (ports, hosts, methods, paths, and their negations) and
+//! the conditions (L4 keys, `request.headers[...]` and `request.auth.*`). A field no layer
+//! evaluates makes an ALLOW rule match nothing and is ignored by a DENY rule, as at L4.
 
 use http::HeaderMap;
 
+use crate::authn::RequestAuth;
 use crate::{
     any_match, field, not_field, string_match, Action, AuthorizationPolicy, Condition, ConditionKey, Decision,
-    Operation, PolicySet, Request, Rule, Step, TargetKind,
+    Operation, PolicySet, Request, Rule, Source, Step, TargetKind,
 };
 
 /// What a request at a waypoint is addressed to.
@@ -39,6 +40,8 @@ pub struct HttpRequest<'a> {
     pub path: &'a str,
     /// Headers.
     pub headers: &'a HeaderMap,
+    /// The request's verified JWT (`request.auth.*`), if it carried one.
+    pub auth: Option<&'a RequestAuth>,
 }
 
 impl AuthorizationPolicy {
@@ -75,18 +78,53 @@ impl Operation {
     }
 }
 
+impl Source {
+    fn matches_l7(&self, r: &HttpRequest<'_>) -> bool {
+        let principal = r.auth.map(|a| a.principal.as_str());
+        self.matches(&r.l4)
+            && field(&self.request_principals, principal)
+            && not_field(&self.not_request_principals, principal)
+    }
+}
+
+/// The values of claim `path` in `claims`: a string, each string of a list, or another value's
+/// JSON text; none when it is absent.
+fn claim_values(claims: &serde_json::Map<String, serde_json::Value>, path: &[String]) -> Vec<String> {
+    let Some((first, rest)) = path.split_first() else { return Vec::new() };
+    let mut value = claims.get(first);
+    for name in rest {
+        value = value.and_then(|v| v.get(name));
+    }
+    let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    match value {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(items)) => items.iter().map(text).collect(),
+        Some(other) => vec![text(other)],
+    }
+}
+
 impl Condition {
     fn matches_l7(&self, r: &HttpRequest<'_>) -> bool {
-        let ConditionKey::RequestHeader(name) = &self.key else { return self.matches(&r.l4) };
-        let value = r.headers.get(name.as_str()).and_then(|v| v.to_str().ok());
-        (self.values.is_empty() || value.is_some_and(|v| any_match(&self.values, Some(v))))
-            && !value.is_some_and(|v| any_match(&self.not_values, Some(v)))
+        // The attribute's values: a condition holds when one matches `values` and none matches
+        // `notValues` (an absent attribute matches no value).
+        let values: Vec<String> = match &self.key {
+            ConditionKey::RequestHeader(name) => {
+                r.headers.get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::to_string).into_iter().collect()
+            }
+            ConditionKey::RequestPrincipal => r.auth.map(|a| a.principal.clone()).into_iter().collect(),
+            ConditionKey::RequestAudiences => r.auth.map(|a| a.audiences.clone()).unwrap_or_default(),
+            ConditionKey::RequestPresenter => r.auth.and_then(|a| a.presenter.clone()).into_iter().collect(),
+            ConditionKey::RequestClaim(path) => r.auth.map(|a| claim_values(&a.claims, path)).unwrap_or_default(),
+            _ => return self.matches(&r.l4),
+        };
+        let matches = |patterns: &[String]| values.iter().any(|v| any_match(patterns, Some(v)));
+        (self.values.is_empty() || matches(&self.values)) && !matches(&self.not_values)
     }
 }
 
 impl Rule {
     fn matches_l7(&self, r: &HttpRequest<'_>) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(&r.l4)))
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches_l7(r)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches_l7(r)))
             && self.when.iter().all(|c| c.matches_l7(r))
     }
@@ -159,7 +197,10 @@ impl PolicySet {
             for (i, rule) in p.rules.iter().enumerate() {
                 if !rule.unsupported_fields.is_empty() {
                     let fields = rule.unsupported_fields.join(", ");
-                    step(format!("ALLOW {}", p.key()), format!("rule {i} uses fields not evaluated yet ({fields})"));
+                    step(
+                        format!("ALLOW {}", p.key()),
+                        format!("rule {i} uses fields the mesh does not evaluate ({fields})"),
+                    );
                 } else if rule.matches_l7(r) {
                     step(format!("ALLOW {}", p.key()), format!("rule {i} matches: allowed"));
                     return Decision { allowed: true, policy: format!("{} rule {i}", p.key()), hint: String::new() };

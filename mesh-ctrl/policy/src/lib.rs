@@ -92,6 +92,11 @@ pub struct Source {
     pub ip_blocks: Vec<IpBlock>,
     /// Negated source IP blocks.
     pub not_ip_blocks: Vec<IpBlock>,
+    /// Request principals (`<iss>/<sub>` of a verified JWT), with `*`, `prefix*`, `*suffix`:
+    /// L7, only a waypoint evaluates them.
+    pub request_principals: Vec<String>,
+    /// Negated request principals (L7).
+    pub not_request_principals: Vec<String>,
 }
 
 /// `rules[].to[].operation`. Empty lists are unset. Hosts, methods and paths are L7: only a
@@ -131,6 +136,14 @@ pub enum ConditionKey {
     DestinationPort,
     /// `request.headers[<name>]` (L7; the name lowercased).
     RequestHeader(String),
+    /// `request.auth.principal`: `<iss>/<sub>` of the request's verified JWT (L7).
+    RequestPrincipal,
+    /// `request.auth.audiences`: its `aud` (L7).
+    RequestAudiences,
+    /// `request.auth.presenter`: its `azp` (L7).
+    RequestPresenter,
+    /// `request.auth.claims[a][b]...`: a claim of its payload, by its path (L7).
+    RequestClaim(Vec<String>),
 }
 
 impl ConditionKey {
@@ -139,12 +152,19 @@ impl ConditionKey {
         if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
             return (!name.is_empty()).then(|| Self::RequestHeader(name.to_ascii_lowercase()));
         }
+        if let Some(path) = key.strip_prefix("request.auth.claims[").and_then(|k| k.strip_suffix(']')) {
+            let path: Vec<String> = path.split("][").map(str::to_string).collect();
+            return path.iter().all(|p| !p.is_empty() && !p.contains(['[', ']'])).then_some(Self::RequestClaim(path));
+        }
         Some(match key {
             "source.ip" | "remote.ip" => Self::SourceIp,
             "source.namespace" => Self::SourceNamespace,
             "source.principal" => Self::SourcePrincipal,
             "destination.ip" => Self::DestinationIp,
             "destination.port" => Self::DestinationPort,
+            "request.auth.principal" => Self::RequestPrincipal,
+            "request.auth.audiences" => Self::RequestAudiences,
+            "request.auth.presenter" => Self::RequestPresenter,
             _ => return None,
         })
     }
@@ -158,12 +178,23 @@ impl ConditionKey {
             ConditionKey::DestinationIp => "destination.ip".into(),
             ConditionKey::DestinationPort => "destination.port".into(),
             ConditionKey::RequestHeader(name) => format!("request.headers[{name}]"),
+            ConditionKey::RequestPrincipal => "request.auth.principal".into(),
+            ConditionKey::RequestAudiences => "request.auth.audiences".into(),
+            ConditionKey::RequestPresenter => "request.auth.presenter".into(),
+            ConditionKey::RequestClaim(path) => format!("request.auth.claims[{}]", path.join("][")),
         }
     }
 
     /// Whether only a waypoint can evaluate it.
     pub fn is_l7(&self) -> bool {
-        matches!(self, ConditionKey::RequestHeader(_))
+        matches!(
+            self,
+            ConditionKey::RequestHeader(_)
+                | ConditionKey::RequestPrincipal
+                | ConditionKey::RequestAudiences
+                | ConditionKey::RequestPresenter
+                | ConditionKey::RequestClaim(_)
+        )
     }
 }
 
@@ -189,8 +220,9 @@ pub struct Rule {
     pub when: Vec<Condition>,
     /// L7-only fields of the rule (paths), which L4 cannot evaluate.
     pub l7_fields: Vec<String>,
-    /// Fields no layer evaluates yet (`requestPrincipals`, `request.auth.*`): an ALLOW rule with
-    /// one matches nothing, a DENY rule ignores them.
+    /// Fields no layer evaluates (`request.*` condition keys other than headers and
+    /// `request.auth.*`, `experimental.*`): an ALLOW rule with one matches nothing, a DENY rule
+    /// ignores them.
     pub unsupported_fields: Vec<String>,
 }
 
@@ -458,7 +490,11 @@ fn value_match(key: &ConditionKey, pattern: &str, r: &Request<'_>) -> bool {
         ConditionKey::SourceNamespace => string_match(pattern, r.source_namespace().unwrap_or("")),
         ConditionKey::SourcePrincipal => string_match(pattern, r.source_principal().unwrap_or("")),
         ConditionKey::DestinationPort => pattern.parse() == Ok(r.destination_port),
-        ConditionKey::RequestHeader(_) => false,
+        ConditionKey::RequestHeader(_)
+        | ConditionKey::RequestPrincipal
+        | ConditionKey::RequestAudiences
+        | ConditionKey::RequestPresenter
+        | ConditionKey::RequestClaim(_) => false,
     }
 }
 

@@ -209,15 +209,13 @@ impl AuthorizationPolicySpec {
                 ip_blocks.extend(blocks(&s.remote_ip_blocks, &format!("spec.{p}.remoteIpBlocks"))?);
                 let mut not_ip_blocks = blocks(&s.not_ip_blocks, &format!("spec.{p}.notIpBlocks"))?;
                 not_ip_blocks.extend(blocks(&s.not_remote_ip_blocks, &format!("spec.{p}.notRemoteIpBlocks"))?);
-                let unsupported = l7(
+                out.l7_fields.extend(l7(
                     &p,
                     &[
                         ("requestPrincipals", &s.request_principals),
                         ("notRequestPrincipals", &s.not_request_principals),
                     ],
-                );
-                out.l7_fields.extend(unsupported.iter().cloned());
-                out.unsupported_fields.extend(unsupported);
+                ));
                 out.from.push(Source {
                     principals: list(&s.principals),
                     not_principals: list(&s.not_principals),
@@ -225,6 +223,8 @@ impl AuthorizationPolicySpec {
                     not_namespaces: list(&s.not_namespaces),
                     ip_blocks,
                     not_ip_blocks,
+                    request_principals: list(&s.request_principals),
+                    not_request_principals: list(&s.not_request_principals),
                 });
             }
             for (t, to) in rule.to.iter().flatten().enumerate() {
@@ -259,7 +259,10 @@ impl AuthorizationPolicySpec {
                     return Err(err(format!("{p}.values"), "a condition needs values or notValues"));
                 }
                 let Some(key) = ConditionKey::parse(&cond.key) else {
-                    if cond.key.starts_with("request.") || cond.key.starts_with("experimental.") {
+                    let evaluated_family =
+                        cond.key.starts_with("request.auth.") || cond.key.starts_with("request.headers");
+                    if !evaluated_family && (cond.key.starts_with("request.") || cond.key.starts_with("experimental."))
+                    {
                         let unsupported = format!("rules[{r}].when[{w}] ({})", cond.key);
                         out.l7_fields.push(unsupported.clone());
                         out.unsupported_fields.push(unsupported);
@@ -268,7 +271,7 @@ impl AuthorizationPolicySpec {
                     return Err(err(
                         format!("{p}.key"),
                         format!(
-                            "{} is not supported (source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, request.headers[NAME], or another L7 request.* key)",
+                            "{} is not supported (source.ip, remote.ip, source.namespace, source.principal, destination.ip, destination.port, request.headers[NAME], request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[NAME], or another L7 request.* key)",
                             cond.key
                         ),
                     ));

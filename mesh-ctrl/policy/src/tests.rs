@@ -418,7 +418,7 @@ fn http_request<'a>(
     host: &'a str,
     headers: &'a http::HeaderMap,
 ) -> l7::HttpRequest<'a> {
-    l7::HttpRequest { l4: request("10.244.1.2", principal, 80), host, method, path, headers }
+    l7::HttpRequest { l4: request("10.244.1.2", principal, 80), host, method, path, headers, auth: None }
 }
 
 #[test]
@@ -445,7 +445,7 @@ fn l7_decision_table() {
         "deny-on-other",
         "targetRefs: [{group: \"\", kind: Service, name: other}]\naction: DENY\nrules: [{}]",
     );
-    let unsupported = on_web("allow-jwt", "rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]");
+    let unsupported = on_web("allow-regex", "rules: [{when: [{key: \"request.regex.headers[x]\", values: [a]}]}]");
     let set = PolicySet::new(
         vec![deny_admin, deny_delete, allow_get, allow_header, allow_b, allow_host, on_gateway, elsewhere, unsupported],
         vec![],
@@ -479,9 +479,9 @@ fn l7_decision_table() {
         assert_eq!(explained, d, "explain decides as enforcement does");
         assert!(!steps.is_empty());
     }
-    // A requestPrincipals rule is not evaluated yet: it admits nothing, and says so.
+    // A condition key the mesh does not evaluate admits nothing, and says so.
     let (_, steps) = set.explain_request(&web, &http_request(Some(D), "POST", "/", "web.shop", &none));
-    assert!(steps.iter().any(|s| s.outcome.contains("not evaluated yet")), "{steps:?}");
+    assert!(steps.iter().any(|s| s.outcome.contains("the mesh does not evaluate")), "{steps:?}");
     // Another Service's policies do not apply; and no targetRef'd policy applies at L4.
     let other = l7::Target { namespace: "shop", service: Some("canary"), gateway: ("shop", "other-waypoint") };
     assert!(set.authorize_request(&other, &http_request(None, "DELETE", "/admin/x", "c", &none)).allowed);
@@ -534,4 +534,61 @@ fn target_refs_are_validated_with_their_field() {
     let back = AuthorizationPolicy::try_from(ferrymesh_api::config::AuthorizationPolicy::from(&p)).unwrap();
     assert_eq!(back, p);
     assert_eq!(p.rules[0].l7_fields.len(), 5, "{:?}", p.rules[0].l7_fields);
+}
+
+#[test]
+fn request_principals_and_jwt_claims_decide_at_the_waypoint_with_istio_semantics() {
+    use crate::authn::RequestAuth;
+    let web = l7::Target { namespace: "shop", service: Some("web"), gateway: ("shop", "waypoint") };
+    let on_web = |name: &str, yaml: &str| {
+        authz("shop", name, &format!("targetRefs: [{{group: \"\", kind: Service, name: web}}]\n{yaml}"))
+    };
+    // Istio's pattern: an authenticated request is required, and admins may delete.
+    let require_jwt =
+        on_web("require-jwt", "action: DENY\nrules: [{from: [{source: {notRequestPrincipals: [\"*\"]}}]}]");
+    let allow = on_web(
+        "allow",
+        "rules:\n- from: [{source: {requestPrincipals: [\"https://issuer.example/*\"]}}]\n  to: [{operation: {methods: [GET]}}]\n- when:\n  - {key: \"request.auth.claims[groups]\", values: [admin]}\n  - {key: \"request.auth.claims[org][tier]\", values: [gold]}\n  - {key: request.auth.audiences, values: [web]}\n  - {key: request.auth.presenter, notValues: [untrusted-*]}\n",
+    );
+    assert!(allow.rules.iter().all(|r| r.unsupported_fields.is_empty()), "request.auth.* is evaluated");
+    let back = AuthorizationPolicy::try_from(ferrymesh_api::config::AuthorizationPolicy::from(&allow)).unwrap();
+    assert_eq!(back, allow, "request principals and claim keys survive the wire");
+    let set = PolicySet::new(vec![require_jwt, allow], vec![]);
+    let auth = |sub: &str, claims: serde_json::Value, azp: Option<&str>| RequestAuth {
+        principal: format!("https://issuer.example/{sub}"),
+        audiences: vec!["web".into()],
+        presenter: azp.map(str::to_string),
+        claims: claims.as_object().unwrap().clone(),
+    };
+    let alice = auth("alice", serde_json::json!({"groups": ["dev"]}), None);
+    let root = auth("root", serde_json::json!({"groups": ["dev", "admin"], "org": {"tier": "gold"}}), Some("cli"));
+    let silver = auth("bob", serde_json::json!({"groups": "admin", "org": {"tier": "silver"}}), None);
+    let untrusted =
+        auth("eve", serde_json::json!({"groups": ["admin"], "org": {"tier": "gold"}}), Some("untrusted-app"));
+    let none = http::HeaderMap::new();
+    let cases: [(Option<&RequestAuth>, &str, bool, &str); 7] = [
+        (None, "GET", false, "shop/require-jwt rule 0"),
+        (Some(&alice), "GET", true, "shop/allow rule 0"),
+        (Some(&alice), "DELETE", false, "no ALLOW policy matched"),
+        (Some(&root), "DELETE", true, "shop/allow rule 1"),
+        (Some(&silver), "DELETE", false, "no ALLOW policy matched"),
+        (Some(&untrusted), "DELETE", false, "no ALLOW policy matched"),
+        (Some(&untrusted), "GET", true, "shop/allow rule 0"),
+    ];
+    for (auth, method, allowed, policy) in cases {
+        let mut r = http_request(Some(A), method, "/", "web.shop", &none);
+        r.auth = auth;
+        let d = set.authorize_request(&web, &r);
+        let who = auth.map(|a| a.principal.as_str());
+        assert_eq!(d.allowed, allowed, "{method} by {who:?}: {d:?}");
+        assert!(d.policy.starts_with(policy), "{method} by {who:?}: {d:?}");
+    }
+    // At L4 the request principal is unknown: an ALLOW rule on it matches no connection.
+    let tcp = set.authorize_connection(&web, &request("10.244.1.2", Some(A), 80));
+    assert!(!tcp.allowed, "{tcp:?}");
+    // Bad claim keys are named.
+    let spec: AuthorizationPolicySpec =
+        serde_yaml::from_str("rules: [{when: [{key: \"request.auth.claims[]\", values: [a]}]}]").unwrap();
+    let e = spec.validate("shop", "p").unwrap_err();
+    assert_eq!(e.field, "spec.rules[0].when[0].key", "{e}");
 }

@@ -47,6 +47,8 @@ impl From<&AuthorizationPolicy> for proto::AuthorizationPolicy {
                             not_namespaces: s.not_namespaces.clone(),
                             ip_blocks: s.ip_blocks.iter().map(block_text).collect(),
                             not_ip_blocks: s.not_ip_blocks.iter().map(block_text).collect(),
+                            request_principals: s.request_principals.clone(),
+                            not_request_principals: s.not_request_principals.clone(),
                         })
                         .collect(),
                     to: r
@@ -113,6 +115,8 @@ impl TryFrom<proto::AuthorizationPolicy> for AuthorizationPolicy {
                     not_principals: s.not_principals,
                     namespaces: s.namespaces,
                     not_namespaces: s.not_namespaces,
+                    request_principals: s.request_principals,
+                    not_request_principals: s.not_request_principals,
                 });
             }
             let mut to = Vec::new();

@@ -120,6 +120,7 @@ pub fn run(held: &Held, src: &Workload, key: &str, port: u16, args: &ExplainArgs
         method: request.method.as_str(),
         path: &request.path,
         headers: &request.headers,
+        auth: None,
     };
     let (decision, steps) = policies.explain_request(&target, &http_request);
     out["request"] = json!(format!("{} {}", request.method, args.path));
