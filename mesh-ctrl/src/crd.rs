@@ -2,6 +2,7 @@
 //! `ferrymesh-policy`: what the Kubernetes source watches, and the CRD manifests
 //! (`manifests/crds.yaml`, kept in sync by a test).
 
+use ferrymesh_policy::authn::RequestAuthenticationSpec;
 use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 use ferrymesh_route::destination::spec::DestinationRuleSpec;
 use ferrymesh_route::traffic::spec::TrafficPolicySpec;
@@ -50,6 +51,17 @@ pub struct DestinationRuleResourceSpec {
     pub rule: DestinationRuleSpec,
 }
 
+/// Spec of the `RequestAuthentication` custom resource (Istio's fields, attached by
+/// `targetRefs`).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[kube(group = "ferrymesh.io", version = "v1alpha1", kind = "RequestAuthentication", namespaced)]
+#[kube(plural = "requestauthentications", root = "RequestAuthenticationResource")]
+pub struct RequestAuthenticationResourceSpec {
+    /// The request authentication.
+    #[serde(flatten)]
+    pub request_authentication: RequestAuthenticationSpec,
+}
+
 /// The CRD manifests, as multi-document YAML.
 pub fn manifests() -> String {
     use kube::CustomResourceExt;
@@ -58,6 +70,7 @@ pub fn manifests() -> String {
         PeerAuthenticationResource::crd(),
         TrafficPolicyResource::crd(),
         DestinationRuleResource::crd(),
+        RequestAuthenticationResource::crd(),
     ];
     let docs: Vec<String> = crds.iter().map(|c| serde_yaml::to_string(c).expect("CRD serializes")).collect();
     format!("# Generated from mesh-ctrl/src/crd.rs; `cargo test -p mesh-ctrl crd` checks it.\n{}", docs.join("---\n"))

@@ -258,6 +258,8 @@ pub struct Model {
     pub traffic_policies: BTreeMap<String, ferrymesh_route::traffic::TrafficPolicy>,
     /// DestinationRules, by `namespace/name`.
     pub destination_rules: BTreeMap<String, ferrymesh_route::destination::DestinationRule>,
+    /// RequestAuthentications, by `namespace/name`.
+    pub request_authentications: BTreeMap<String, ferrymesh_policy::authn::RequestAuthentication>,
 }
 
 impl Model {
@@ -387,6 +389,11 @@ impl Model {
                 .destination_rules
                 .iter()
                 .map(|(k, r)| (k.clone(), proto::DestinationRule::from(r)))
+                .collect(),
+            request_authentications: self
+                .request_authentications
+                .iter()
+                .map(|(k, p)| (k.clone(), proto::RequestAuthentication::from(p)))
                 .collect(),
         }
     }

@@ -255,7 +255,8 @@ fn the_crd_manifest_is_valid_kubernetes() {
             "authorizationpolicies.ferrymesh.io",
             "peerauthentications.ferrymesh.io",
             "trafficpolicies.ferrymesh.io",
-            "destinationrules.ferrymesh.io"
+            "destinationrules.ferrymesh.io",
+            "requestauthentications.ferrymesh.io"
         ]
     );
 }

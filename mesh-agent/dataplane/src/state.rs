@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use ferrymesh_api::config as proto;
 use ferrymesh_api::kinds::{take_changes, ConfigKind, ConfigSet};
+use ferrymesh_policy::authn::{RequestAuthentication, RequestAuthentications};
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, PolicySet};
 use ferrymesh_route::destination::{DestinationRule, DestinationRules};
 use ferrymesh_route::traffic::{TrafficPolicies, TrafficPolicy};
@@ -320,6 +321,13 @@ impl Stored for DestinationRule {
     }
 }
 
+impl Stored for RequestAuthentication {
+    type Wire = proto::RequestAuthentication;
+    fn wire(&self) -> proto::RequestAuthentication {
+        self.into()
+    }
+}
+
 impl Stored for PeerAuthentication {
     type Wire = proto::PeerAuthentication;
     fn wire(&self) -> proto::PeerAuthentication {
@@ -436,6 +444,9 @@ struct Inner {
     /// DestinationRules by `namespace/name`, and the set a waypoint looks them up in.
     destination_rules: Table<DestinationRule>,
     destinations: Arc<DestinationRules>,
+    /// RequestAuthentications by `namespace/name`, and the set a waypoint looks them up in.
+    request_authentications: Table<RequestAuthentication>,
+    authentications: Arc<RequestAuthentications>,
 }
 
 /// The store. Readers take snapshots; `apply` is the single writer of workloads.
@@ -472,6 +483,7 @@ impl State {
         let waypoints = Changes::<Waypoint>::take(&mut update)?;
         let traffic_policies = Changes::<TrafficPolicy>::take(&mut update)?;
         let destination_rules = Changes::<DestinationRule>::take(&mut update)?;
+        let request_authentications = Changes::<RequestAuthentication>::take(&mut update)?;
         let snapshot = update.snapshot;
         let policies = {
             let mut inner = self.inner.write().expect("state lock");
@@ -495,6 +507,11 @@ impl State {
             if destination_rules.apply(&mut inner.destination_rules, snapshot) {
                 inner.destinations =
                     Arc::new(DestinationRules::new(inner.destination_rules.values().cloned().collect()));
+            }
+            if request_authentications.apply(&mut inner.request_authentications, snapshot) {
+                inner.authentications = Arc::new(RequestAuthentications::new(
+                    inner.request_authentications.values().map(|p| (**p).clone()).collect(),
+                ));
             }
             inner.version = update.version;
             policies_changed.then(|| {
@@ -592,6 +609,7 @@ impl State {
         dump_table(&inner.waypoints, &mut set);
         dump_table(&inner.traffic_policies, &mut set);
         dump_table(&inner.destination_rules, &mut set);
+        dump_table(&inner.request_authentications, &mut set);
         set
     }
 
@@ -625,6 +643,11 @@ impl State {
     /// Every DestinationRule held, by the Service each is for.
     pub fn destination_rules(&self) -> Arc<DestinationRules> {
         self.inner.read().expect("state lock").destinations.clone()
+    }
+
+    /// Every RequestAuthentication held, as the set requests look them up in.
+    pub fn request_authentications(&self) -> Arc<RequestAuthentications> {
+        self.inner.read().expect("state lock").authentications.clone()
     }
 
     /// A receiver that changes whenever an update is applied.

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use crate::config::{
-    AuthorizationPolicy, ConfigUpdate, DestinationRule, PeerAuthentication, Route, Service, TrafficPolicy, Waypoint,
-    Workload,
+    AuthorizationPolicy, ConfigUpdate, DestinationRule, PeerAuthentication, RequestAuthentication, Route, Service,
+    TrafficPolicy, Waypoint, Workload,
 };
 
 /// A kind of config object carried by [`ConfigUpdate`].
@@ -101,6 +101,8 @@ kinds! {
         |p| format!("{}/{}", p.namespace, p.name);
     DestinationRule => destination_rules, destination_rules, removed_destination_rules,
         |r| format!("{}/{}", r.namespace, r.name);
+    RequestAuthentication => request_authentications, request_authentications, removed_request_authentications,
+        |p| format!("{}/{}", p.namespace, p.name);
 }
 
 impl ConfigSet {
@@ -220,7 +222,8 @@ mod tests {
                 ("Route", 0),
                 ("Waypoint", 0),
                 ("TrafficPolicy", 0),
-                ("DestinationRule", 0)
+                ("DestinationRule", 0),
+                ("RequestAuthentication", 0)
             ]
         );
     }

@@ -25,6 +25,7 @@ use jsonwebtoken::{DecodingKey, Validation};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::l7::{attached, Target};
 use crate::spec::{err, target_refs, Selector, SpecError, TargetRefSpec};
 use crate::TargetRef;
 
@@ -238,6 +239,34 @@ impl RequestAuthenticationSpec {
             .map(|(i, r)| r.validate(&format!("spec.jwtRules[{i}]")))
             .collect::<Result<_, _>>()?;
         Ok(RequestAuthentication { namespace: namespace.into(), name: name.into(), target_refs, rules })
+    }
+}
+
+impl RequestAuthentication {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Every RequestAuthentication of the mesh, as a waypoint looks them up.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RequestAuthentications {
+    /// Sorted by `namespace/name`.
+    all: Vec<RequestAuthentication>,
+}
+
+impl RequestAuthentications {
+    /// The set of `all`.
+    pub fn new(mut all: Vec<RequestAuthentication>) -> Self {
+        all.sort_by_key(RequestAuthentication::key);
+        Self { all }
+    }
+
+    /// Those attached to `target` (its Service, or its waypoint's Gateway), in name order:
+    /// their JWT rules together are the ones a request to it is checked against.
+    pub fn attached(&self, target: &Target<'_>) -> Vec<&RequestAuthentication> {
+        self.all.iter().filter(|p| attached(&p.namespace, &p.target_refs, target)).collect()
     }
 }
 

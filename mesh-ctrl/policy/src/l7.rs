@@ -12,7 +12,7 @@ use http::HeaderMap;
 use crate::authn::RequestAuth;
 use crate::{
     any_match, field, not_field, string_match, Action, AuthorizationPolicy, Condition, ConditionKey, Decision,
-    Operation, PolicySet, Request, Rule, Source, Step, TargetKind,
+    Operation, PolicySet, Request, Rule, Source, Step, TargetKind, TargetRef,
 };
 
 /// What a request at a waypoint is addressed to.
@@ -44,13 +44,19 @@ pub struct HttpRequest<'a> {
     pub auth: Option<&'a RequestAuth>,
 }
 
+/// Whether a policy of `namespace` with `target_refs` is attached to `target` (its Service or
+/// its waypoint's Gateway).
+pub(crate) fn attached(namespace: &str, target_refs: &[TargetRef], target: &Target<'_>) -> bool {
+    target_refs.iter().any(|t| match t.kind {
+        TargetKind::Service => namespace == target.namespace && Some(t.name.as_str()) == target.service,
+        TargetKind::Gateway => namespace == target.gateway.0 && t.name == target.gateway.1,
+    })
+}
+
 impl AuthorizationPolicy {
     /// Whether the policy is attached to `target` (its Service or its waypoint's Gateway).
     pub fn targets(&self, target: &Target<'_>) -> bool {
-        self.target_refs.iter().any(|t| match t.kind {
-            TargetKind::Service => self.namespace == target.namespace && Some(t.name.as_str()) == target.service,
-            TargetKind::Gateway => self.namespace == target.gateway.0 && t.name == target.gateway.1,
-        })
+        attached(&self.namespace, &self.target_refs, target)
     }
 }
 

@@ -3,6 +3,8 @@
 
 use ferrymesh_api::config as proto;
 
+use crate::authn::{Jwks, JwtHeaderSpec, JwtRuleSpec, RequestAuthentication, RequestAuthenticationSpec};
+use crate::spec::TargetRefSpec;
 use crate::{
     Action, AuthorizationPolicy, Condition, ConditionKey, IpBlock, MtlsMode, Operation, PeerAuthentication, Rule,
     Source, TargetKind, TargetRef,
@@ -200,5 +202,86 @@ impl TryFrom<proto::PeerAuthentication> for PeerAuthentication {
             selector: p.has_selector.then(|| p.selector.into_iter().collect()),
             mode,
         })
+    }
+}
+
+impl From<&RequestAuthentication> for proto::RequestAuthentication {
+    fn from(p: &RequestAuthentication) -> Self {
+        proto::RequestAuthentication {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            target_refs: p
+                .target_refs
+                .iter()
+                .map(|t| proto::TargetRef { kind: t.kind.as_str().into(), name: t.name.clone() })
+                .collect(),
+            jwt_rules: p
+                .rules
+                .iter()
+                .map(|r| {
+                    let (jwks_uri, jwks) = match &r.jwks {
+                        Jwks::Uri(uri) => (uri.clone(), String::new()),
+                        Jwks::Inline(text) => (String::new(), text.clone()),
+                    };
+                    proto::JwtRule {
+                        issuer: r.issuer.clone(),
+                        audiences: r.audiences.clone(),
+                        jwks_uri,
+                        jwks,
+                        from_headers: r
+                            .from_headers
+                            .iter()
+                            .map(|h| proto::JwtHeader { name: h.name.clone(), prefix: h.prefix.clone() })
+                            .collect(),
+                        from_params: r.from_params.clone(),
+                        forward_original_token: r.forward_original_token,
+                        output_payload_to_header: r.output_payload_to_header.clone().unwrap_or_default(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<proto::RequestAuthentication> for RequestAuthentication {
+    type Error = WireError;
+
+    /// Through its spec form, validated again as mesh-ctrl validated it.
+    fn try_from(p: proto::RequestAuthentication) -> Result<Self, Self::Error> {
+        let text = |s: String| Some(s).filter(|s| !s.is_empty());
+        let spec = RequestAuthenticationSpec {
+            selector: None,
+            target_ref: None,
+            target_refs: Some(
+                p.target_refs
+                    .into_iter()
+                    .map(|t| TargetRefSpec {
+                        group: if t.kind == "Gateway" { "gateway.networking.k8s.io".into() } else { String::new() },
+                        kind: t.kind,
+                        name: t.name,
+                    })
+                    .collect(),
+            ),
+            jwt_rules: p
+                .jwt_rules
+                .into_iter()
+                .map(|r| JwtRuleSpec {
+                    issuer: r.issuer,
+                    audiences: r.audiences,
+                    jwks_uri: text(r.jwks_uri),
+                    jwks: text(r.jwks),
+                    from_headers: r
+                        .from_headers
+                        .into_iter()
+                        .map(|h| JwtHeaderSpec { name: h.name, prefix: h.prefix })
+                        .collect(),
+                    from_params: r.from_params,
+                    forward_original_token: r.forward_original_token,
+                    output_payload_to_header: text(r.output_payload_to_header),
+                })
+                .collect(),
+        };
+        spec.validate(&p.namespace, &p.name)
+            .map_err(|e| WireError { policy: format!("{}/{}", p.namespace, p.name), message: e.to_string() })
     }
 }

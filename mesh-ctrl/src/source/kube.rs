@@ -1,6 +1,6 @@
 //! Kubernetes source: kube reflectors on Namespaces, Pods, Services, EndpointSlices,
-//! ServiceAccounts, the ferrymesh AuthorizationPolicy, PeerAuthentication, TrafficPolicy and
-//! DestinationRule custom resources and Gateway API Gateways, HTTPRoutes and GRPCRoutes feed the same translation as the
+//! ServiceAccounts, the ferrymesh AuthorizationPolicy, PeerAuthentication, RequestAuthentication,
+//! TrafficPolicy and DestinationRule custom resources and Gateway API Gateways, HTTPRoutes and GRPCRoutes feed the same translation as the
 //! directory source ([`super::translate`]), so the same objects give the same
 //! model through either. An object that fails translation keeps its last good version; a pod
 //! that is not scheduled, has no IP yet or uses the host network is simply not part of the mesh.
@@ -28,7 +28,8 @@ use super::translate::{
     service_from, waypoint_from, EndpointSliceResource, FieldError, Object, ObjectKey,
 };
 use crate::crd::{
-    AuthorizationPolicyResource, DestinationRuleResource, PeerAuthenticationResource, TrafficPolicyResource,
+    AuthorizationPolicyResource, DestinationRuleResource, PeerAuthenticationResource, RequestAuthenticationResource,
+    TrafficPolicyResource,
 };
 use crate::model::Model;
 use crate::snapshot::Publisher;
@@ -48,6 +49,7 @@ pub struct KubeSource {
     peer_authentications: Store<PeerAuthenticationResource>,
     traffic_policies: Store<TrafficPolicyResource>,
     destination_rules: Store<DestinationRuleResource>,
+    request_authentications: Store<RequestAuthenticationResource>,
     gateways: Store<Gateway>,
     http_routes: Store<HTTPRoute>,
     grpc_routes: Store<GRPCRoute>,
@@ -125,9 +127,10 @@ impl KubeSource {
             let result = p.spec.peer_authentication.validate(&k.namespace, &k.name).map(Object::PeerAuthentication);
             add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
         }
-        for p in self.traffic_policies.state() {
-            let k = key("TrafficPolicy", p.namespace(), p.name_any());
-            let result = p.spec.policy.validate(&k.namespace, &k.name).map(Object::TrafficPolicy);
+        for p in self.request_authentications.state() {
+            let k = key("RequestAuthentication", p.namespace(), p.name_any());
+            let result =
+                p.spec.request_authentication.validate(&k.namespace, &k.name).map(Object::RequestAuthentication);
             add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
         }
         for p in self.traffic_policies.state() {
@@ -176,6 +179,7 @@ impl KubeSource {
             && ready(&self.peer_authentications)
             && ready(&self.traffic_policies)
             && ready(&self.destination_rules)
+            && ready(&self.request_authentications)
             && ready(&self.gateways)
             && ready(&self.http_routes)
             && ready(&self.grpc_routes)
@@ -285,6 +289,7 @@ pub fn watched_resources() -> Vec<(String, String)> {
         of::<PeerAuthenticationResource>(),
         of::<TrafficPolicyResource>(),
         of::<DestinationRuleResource>(),
+        of::<RequestAuthenticationResource>(),
         of::<Gateway>(),
         of::<HTTPRoute>(),
         of::<GRPCRoute>(),
@@ -361,6 +366,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
     let (peer_authentications, peer_writer) = reflector::store();
     let (traffic_policies, traffic_writer) = reflector::store();
     let (destination_rules, destination_writer) = reflector::store();
+    let (request_authentications, authn_writer) = reflector::store();
     let (gateways, gateway_writer) = reflector::store();
     let (http_routes, http_route_writer) = reflector::store();
     let (grpc_routes, grpc_route_writer) = reflector::store();
@@ -374,6 +380,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         peer_authentications,
         traffic_policies,
         destination_rules,
+        request_authentications,
         gateways,
         http_routes,
         grpc_routes,
@@ -389,6 +396,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         changes(Api::<PeerAuthenticationResource>::all(client.clone()), peer_writer).boxed(),
         changes(Api::<TrafficPolicyResource>::all(client.clone()), traffic_writer).boxed(),
         changes(Api::<DestinationRuleResource>::all(client.clone()), destination_writer).boxed(),
+        changes(Api::<RequestAuthenticationResource>::all(client.clone()), authn_writer).boxed(),
         changes(Api::<Gateway>::all(client.clone()), gateway_writer).boxed(),
         changes(Api::<HTTPRoute>::all(client.clone()), http_route_writer).boxed(),
         changes(Api::<GRPCRoute>::all(client.clone()), grpc_route_writer).boxed(),

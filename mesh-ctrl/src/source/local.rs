@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1 as k8s;
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use ferrymesh_policy::authn::RequestAuthenticationSpec;
 use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 use ferrymesh_route::destination::spec::DestinationRuleSpec;
 use ferrymesh_route::traffic::spec::TrafficPolicySpec;
@@ -314,6 +315,9 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         (FERRYMESH_V1ALPHA1, "DestinationRule") => strict::<CustomResource<DestinationRuleSpec>>(doc).and_then(|cr| {
             cr.spec.validate(&key.namespace, &key.name).map(Object::DestinationRule).map_err(|e| (Some(e.field), e.message))
         }),
+        (FERRYMESH_V1ALPHA1, "RequestAuthentication") => strict::<CustomResource<RequestAuthenticationSpec>>(doc).and_then(|cr| {
+            cr.spec.validate(&key.namespace, &key.name).map(Object::RequestAuthentication).map_err(|e| (Some(e.field), e.message))
+        }),
         (GATEWAY_V1, "Gateway") => strict::<gateway_api::gateways::Gateway>(without_type_meta(doc)).and_then(|gw| {
             waypoint_from(gw, &key).map(|w| w.map_or(Object::Ignored, Object::Waypoint)).map_err(FieldError::field_and_message)
         }),
@@ -327,7 +331,7 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         _ => Err((
             Some("kind".into()),
             format!(
-                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy, PeerAuthentication, TrafficPolicy and DestinationRule, {GATEWAY_V1} Gateway, HTTPRoute and GRPCRoute)"
+                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficPolicy and DestinationRule, {GATEWAY_V1} Gateway, HTTPRoute and GRPCRoute)"
             ),
         )),
     };

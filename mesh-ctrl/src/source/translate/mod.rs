@@ -107,6 +107,8 @@ pub enum Object {
     TrafficPolicy(ferrymesh_route::traffic::TrafficPolicy),
     /// A ferrymesh.io DestinationRule.
     DestinationRule(ferrymesh_route::destination::DestinationRule),
+    /// A ferrymesh.io RequestAuthentication.
+    RequestAuthentication(ferrymesh_policy::authn::RequestAuthentication),
     /// An object the mesh reads and has no part of (a route attached only to Gateways).
     Ignored,
 }
@@ -162,6 +164,9 @@ pub fn model_of<'a>(objects: impl Iterator<Item = &'a Object>) -> Model {
             }
             Object::DestinationRule(r) => {
                 model.destination_rules.insert(r.key(), r.clone());
+            }
+            Object::RequestAuthentication(p) => {
+                model.request_authentications.insert(p.key(), p.clone());
             }
             Object::Ignored => {}
         }
