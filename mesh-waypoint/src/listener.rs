@@ -56,6 +56,8 @@ pub struct Waypoint {
     pub rate_limit_service: crate::global_limits::RateLimitService,
     /// Route tables, kept per Service port until the routes change.
     pub route_tables: crate::request::RouteTables,
+    /// The issuers' keys the RequestAuthentications' JWTs are verified with.
+    pub keys: crate::authn::KeyStore,
 }
 
 /// What a CONNECT addressed.

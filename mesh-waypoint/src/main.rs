@@ -6,6 +6,7 @@
 //! - [`request`]: one request: the route it selects, the rule's filters, the backend by weight;
 //! - [`upstream`]: the endpoint by power of two choices, reached over HBONE with the
 //!   waypoint's identity (HTTP/1.1 connections reused, HTTP/2 multiplexed);
+//! - [`authn`]: the request's JWT checked against the RequestAuthentications, keys fetched;
 //! - [`record`]: the access log line of each request.
 //!
 //! Its identity is `spiffe://<trust domain>/ns/<namespace>/sa/<gateway name>`, obtained like a
@@ -13,6 +14,7 @@
 //! waypoint's pod (service account = the Gateway's name) runs on that node.
 #![forbid(unsafe_code)]
 
+mod authn;
 mod destination;
 mod global_limits;
 mod limits;
@@ -79,6 +81,14 @@ struct Args {
     /// How long a request waits for the rate-limit service's answer.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     rate_limit_timeout: Duration,
+    /// How long a fetched JWKS (a RequestAuthentication's jwksUri) is used before it is fetched
+    /// again (Istio's istiod refreshes every 20 minutes); a token signed by a key it does not
+    /// hold has it fetched again at once.
+    #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
+    jwks_refresh: Duration,
+    /// How long a JWKS fetch may take.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    jwks_timeout: Duration,
     /// Threads that carry requests (1: a single-threaded runtime, no cross-thread wake-ups).
     #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -143,6 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rate_limiters: Default::default(),
         rate_limit_service,
         route_tables: Default::default(),
+        keys: authn::KeyStore::new(args.jwks_refresh, args.jwks_timeout),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

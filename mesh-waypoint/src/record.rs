@@ -33,6 +33,8 @@ pub struct Record {
     pub source_identity: String,
     /// The client's address.
     pub source_addr: String,
+    /// `iss/sub` of the request's verified JWT; empty without one.
+    pub request_principal: String,
     /// Method.
     pub method: String,
     /// `Host` or `:authority`.
@@ -113,6 +115,7 @@ impl Record {
             port: down.port,
             source_identity: down.identity.as_deref().unwrap_or_default().to_string(),
             source_addr: down.addr.to_string(),
+            request_principal: String::new(),
             method: String::new(),
             authority: String::new(),
             path: String::new(),
@@ -204,6 +207,7 @@ impl Record {
             "waypoint": self.waypoint,
             "source_identity": self.source_identity,
             "source_addr": self.source_addr,
+            "request_principal": self.request_principal,
             "service": self.service,
             "workload": self.workload,
             "port": self.port,
@@ -306,6 +310,10 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     metrics::describe_counter!(
         "ferrymesh_rate_limit_service_calls_total",
         "Calls to the rate-limit service for global limits, by result (ok, over_limit, error)."
+    );
+    metrics::describe_counter!(
+        "ferrymesh_jwks_fetches_total",
+        "Fetches of RequestAuthentication jwksUri key sets, by result (ok, error)."
     );
     metrics::describe_histogram!(
         "ferrymesh_request_duration_milliseconds",

@@ -6,8 +6,9 @@
 //! Service itself; with routes, a request no rule matches is a 404 (as Gateway API has it), and
 //! a rule whose backends all weigh 0 answers 500. A request addressed to a workload (a pod bound
 //! to a waypoint of workloads) has no routes: it goes to that pod. Before any of it, the
-//! AuthorizationPolicies attached to the Service or the waypoint decide: a denial is a 403
-//! naming the policy and rule. Once the rule and backend are known, the TrafficPolicies of the
+//! request's JWT is checked against the RequestAuthentications attached to the Service or the
+//! waypoint ([`crate::authn`]; a token no rule accepts is a 401), then the AuthorizationPolicies
+//! attached to them decide: a denial is a 403 naming the policy and rule. Once the rule and backend are known, the TrafficPolicies of the
 //! Service, route or rule apply: their rate limits (local ones, [`crate::limits`], then global
 //! ones, [`crate::global_limits`]; 429), then their fault
 //! (a delay, then an abort); and the backend's DestinationRule may hash the request's key to
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferrymesh_dataplane::state::State;
+use ferrymesh_policy::authn::RequestAuth;
 use ferrymesh_policy::l7::HttpRequest;
 use ferrymesh_policy::Decision;
 use ferrymesh_route::destination::{HashOn, LoadBalancer};
@@ -213,12 +215,37 @@ async fn route(
 
     // The authority as requested (the record took it on arrival; empty: none was sent).
     let requested = record.authority.clone();
-    let decision = authorize(waypoint, down, &parts, &requested);
+    // End-user authentication, then authorization (Envoy's order: jwt_authn, then RBAC).
+    let authentications = waypoint.state.request_authentications();
+    let target = down.policy_target(waypoint);
+    let verified = match waypoint.keys.authenticate(&authentications, &target, &parts.headers, parts.uri.query()).await
+    {
+        Ok(verified) => verified,
+        Err(refused) => {
+            let (status, body, challenge) = refused.response(&requested, parts.uri.path());
+            let mut response = local_reply(record, status, "-", refused.reason);
+            *response.body_mut() = full(body);
+            response.headers_mut().insert(http::header::WWW_AUTHENTICATE, challenge);
+            return response;
+        }
+    };
+    if let Some(verified) = &verified {
+        record.request_principal.clone_from(&verified.auth.principal);
+    }
+    let decision = authorize(waypoint, down, &parts, &requested, verified.as_ref().map(|v| &v.auth));
     record.policy.clone_from(&decision.policy);
     if !decision.allowed {
         let mut response = local_reply(record, StatusCode::FORBIDDEN, "DENY", format!("denied: {}", decision.policy));
         *response.body_mut() = full(format!("RBAC: access denied by {}\n", decision.policy));
         return response;
+    }
+    if let Some(verified) = verified {
+        if let Some(name) = verified.remove {
+            parts.headers.remove(name);
+        }
+        if let Some((name, value)) = verified.payload {
+            parts.headers.insert(name, value);
+        }
     }
 
     let table = match &down.dest {
@@ -455,14 +482,20 @@ async fn route(
 }
 
 /// The decision of the policies attached to the request's Service or to the waypoint.
-fn authorize(waypoint: &Waypoint, down: &Downstream, parts: &http::request::Parts, host: &str) -> Decision {
+fn authorize(
+    waypoint: &Waypoint,
+    down: &Downstream,
+    parts: &http::request::Parts,
+    host: &str,
+    auth: Option<&RequestAuth>,
+) -> Decision {
     let request = HttpRequest {
         l4: down.connection(),
         host,
         method: parts.method.as_str(),
         path: parts.uri.path(),
         headers: &parts.headers,
-        auth: None,
+        auth,
     };
     waypoint.state.policies().authorize_request(&down.policy_target(waypoint), &request)
 }

@@ -548,6 +548,8 @@ pub fn scale_namespace_yaml(ns: usize, node: &str) -> String {
 pub const ECHO_HTTP_PORT: u16 = 8081;
 /// Port of the in-test rate-limit service on the fabric.
 pub const RLS_PORT: u16 = 18081;
+/// Port of the in-test JWKS server on the fabric.
+pub const JWKS_PORT: u16 = 18082;
 /// Label naming a waypoint pod's Gateway.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
@@ -624,6 +626,34 @@ impl Topology {
             self.log("rls").contains("ready")
         });
         format!("http://{listen}")
+    }
+
+    /// Starts the in-test JWKS server (`fm-echo file-serve`, label `jwks`) on the fabric,
+    /// serving `jwks` (see [`Topology::write_jwks`]), and returns its URL for a
+    /// RequestAuthentication's `jwksUri`.
+    pub fn serve_jwks(&self, jwks: &str) -> String {
+        self.write_jwks(jwks);
+        let listen = format!("{FABRIC_IP}:{JWKS_PORT}");
+        let mut cmd = self.command_in(&self.fabric, bin("fm-echo"));
+        cmd.args(["file-serve", "--listen", &listen, "--file"]).arg(self.dir.join("jwks.json"));
+        self.spawn("jwks", cmd);
+        wait_until(Duration::from_secs(10), "the JWKS server to listen", || {
+            assert!(self.is_running("jwks"), "jwks exited: {}", self.log("jwks"));
+            self.log("jwks").contains("ready")
+        });
+        format!("http://{listen}/jwks.json")
+    }
+
+    /// Replaces what the JWKS server serves (a key rotation at the issuer).
+    pub fn write_jwks(&self, jwks: &str) {
+        let tmp = self.dir.join(".jwks.json.tmp");
+        std::fs::write(&tmp, jwks).expect("write jwks");
+        std::fs::rename(&tmp, self.dir.join("jwks.json")).expect("rename jwks");
+    }
+
+    /// The fetches the JWKS server answered, one JSON value each (`from`, `path`).
+    pub fn jwks_fetches(&self) -> Vec<Value> {
+        self.log("jwks").lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// The checks the in-test rate-limit service answered, one JSON value each.

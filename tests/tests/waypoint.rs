@@ -1367,3 +1367,173 @@ fn a_global_rate_limit_holds_across_two_waypoint_replicas_through_the_rate_limit
         "{reason}"
     );
 }
+
+/// A P-256 signing key and its public half as a JWKS key of id `kid` (JSON).
+fn jwt_key(kid: &str) -> (jsonwebtoken::EncodingKey, String) {
+    use base64::Engine;
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
+    let point = pair.public_key_raw();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwk = format!(
+        r#"{{"kty":"EC","crv":"P-256","alg":"ES256","use":"sig","kid":"{kid}","x":"{}","y":"{}"}}"#,
+        b64(&point[1..33]),
+        b64(&point[33..65])
+    );
+    (jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()), jwk)
+}
+
+/// A JWT signed by `key` (ES256, key id `kid`) with `claims`.
+fn jwt(key: &jsonwebtoken::EncodingKey, kid: &str, claims: serde_json::Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &claims, key).expect("sign JWT")
+}
+
+const ISSUER: &str = "https://issuer.test";
+
+/// RequestAuthentication shop/jwt on Service web (its keys at `jwks_uri`), and the policies
+/// that use its principals: /private needs one; DELETE needs the `admin` group.
+fn jwt_policies(jwks_uri: &str) -> String {
+    format!(
+        r#"apiVersion: ferrymesh.io/v1alpha1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: web}}]
+  jwtRules:
+  - issuer: {ISSUER}
+    audiences: [web]
+    jwksUri: {jwks_uri}
+    outputPayloadToHeader: x-jwt-payload
+---
+apiVersion: ferrymesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: private-needs-jwt, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: web}}]
+  action: DENY
+  rules:
+  - from: [{{source: {{notRequestPrincipals: ["*"]}}}}]
+    to: [{{operation: {{paths: ["/private*"]}}}}]
+---
+apiVersion: ferrymesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: delete-needs-admin, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: web}}]
+  action: DENY
+  rules:
+  - to: [{{operation: {{methods: [DELETE]}}}}]
+    when: [{{key: "request.auth.claims[groups]", notValues: [admin]}}]
+"#
+    )
+}
+
+#[test]
+fn end_user_jwts_are_verified_at_the_waypoint_and_keys_rotate_without_restart() {
+    use base64::Engine;
+    let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "web-1", 1).pod("shop", "waypoint", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.write_namespace("shop", &[(DATAPLANE_MODE, "enabled"), ("ferrymesh.io/use-waypoint", "waypoint")]);
+    topo.write_pod(topo.pod("shop", "web-1"), &[("app", "web")]);
+    let waypoint = topo.pod("shop", "waypoint");
+    topo.write_waypoint_pod(waypoint);
+    topo.write_waypoint("shop", "waypoint");
+    topo.write_service("shop", "web", WEB, &[("app", "web")], &[("http", 80, &ECHO_HTTP_PORT.to_string())]);
+    let (key1, jwk1) = jwt_key("k1");
+    let (key2, jwk2) = jwt_key("k2");
+    let jwks_uri = topo.serve_jwks(&format!(r#"{{"keys":[{jwk1}]}}"#));
+    topo.write_config_file("jwt.yaml", &jwt_policies(&jwks_uri));
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/web-1"], Duration::from_secs(10));
+    topo.start_waypoint_replica(waypoint, "waypoint", &["--jwks-refresh", "3s"]);
+    topo.serve_echo(topo.pod("shop", "web-1"));
+    let a = topo.pod("shop", "a");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = |sub: &str, iss: &str, aud: &str, exp: u64, groups: &[&str]| serde_json::json!({"iss": iss, "sub": sub, "aud": aud, "exp": exp, "groups": groups});
+    let alice = jwt(&key1, "k1", claims("alice", ISSUER, "web", now + 3600, &["dev"]));
+    let root = jwt(&key1, "k1", claims("root", ISSUER, "web", now + 3600, &["dev", "admin"]));
+    let call = |method: &str, path: &str, token: Option<&str>| {
+        let bearer = token.map(|t| format!("authorization: Bearer {t}"));
+        let mut args = vec!["-X", method];
+        if let Some(h) = &bearer {
+            args.extend(["-H", h.as_str()]);
+        }
+        topo.http(a, &format!("http://{WEB}{path}"), &args)
+    };
+
+    // The policies are held once a request to /private without a token is refused.
+    wait_until(CONFIG_WAIT, "the waypoint to hold the policies", || call("GET", "/private", None).status == 403);
+    // No token: passes where no policy asks for a principal (Istio's semantics).
+    assert_eq!(call("GET", "/", None).status, 200);
+    // A valid token: /private passes; upstream, the token is gone and its payload is there.
+    let ok = call("GET", "/private/x", Some(&alice));
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let echoed: serde_json::Value = serde_json::from_str(&ok.body).unwrap_or_else(|e| panic!("{e}: {ok:?}"));
+    assert!(echoed["headers"].get("authorization").is_none(), "the token is not forwarded: {echoed}");
+    let payload = echoed["headers"]["x-jwt-payload"][0].as_str().unwrap_or_else(|| panic!("{echoed}"));
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url payload");
+    let payload: serde_json::Value = serde_json::from_slice(&payload).expect("JSON payload");
+    assert_eq!(payload["sub"], "alice", "{payload}");
+    // Claims decide: DELETE needs the admin group.
+    assert_eq!(call("DELETE", "/item", Some(&alice)).status, 403);
+    assert_eq!(call("DELETE", "/item", Some(&root)).status, 200);
+
+    // Every bad token is a 401 in Envoy's words, whatever the path and policies.
+    let forged_hs256 = {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some("k1".into());
+        let secret = jsonwebtoken::EncodingKey::from_secret(jwk1.as_bytes());
+        jsonwebtoken::encode(&header, &claims("mallory", ISSUER, "web", now + 3600, &["admin"]), &secret).unwrap()
+    };
+    let bad = [
+        (jwt(&key1, "k1", claims("alice", ISSUER, "web", now - 3600, &[])), "Jwt is expired"),
+        (
+            jwt(&key1, "k1", claims("alice", "https://other.test", "web", now + 3600, &[])),
+            "Jwt issuer is not configured",
+        ),
+        (jwt(&key1, "k1", claims("alice", ISSUER, "db", now + 3600, &[])), "Audiences in Jwt are not allowed"),
+        (jwt(&key2, "k1", claims("alice", ISSUER, "web", now + 3600, &[])), "Jwt verification fails"),
+        (forged_hs256, "Jwt verification fails"),
+        ("not.a.jwt".to_string(), "Jwt is not in the form of Header.Payload.Signature"),
+    ];
+    for (token, why) in &bad {
+        let refused = call("GET", "/", Some(token));
+        assert_eq!((refused.status, refused.body.as_str()), (401, *why), "{refused:?}");
+        let challenge = refused.header("www-authenticate").unwrap_or_default();
+        assert!(challenge.starts_with("Bearer realm=\"http://") && challenge.contains("invalid_token"), "{refused:?}");
+    }
+    wait_until(FLOW_WAIT, "the records of the refusals", || {
+        topo.waypoint_requests(waypoint).iter().filter(|r| r["status"] == 401).count() >= bad.len()
+    });
+    let records = topo.waypoint_requests(waypoint);
+    let expired = records.iter().find(|r| r["status"] == 401).unwrap();
+    assert_eq!(expired["reason"], "Jwt is expired (RequestAuthentication shop/jwt)", "{expired}");
+    let passed = records.iter().find(|r| r["path"] == "/private/x").unwrap();
+    assert_eq!(passed["request_principal"], format!("{ISSUER}/alice"), "{passed}");
+
+    // The issuer rotates its key: a token of the new key passes at once (its unknown kid has
+    // the keys fetched again), and the old key's tokens stop passing by the next refresh.
+    let fetches_before = topo.jwks_fetches().len();
+    topo.write_jwks(&format!(r#"{{"keys":[{jwk2}]}}"#));
+    std::thread::sleep(Duration::from_millis(1100));
+    let alice_k2 = jwt(&key2, "k2", claims("alice", ISSUER, "web", now + 3600, &["dev"]));
+    assert_eq!(call("GET", "/private", Some(&alice_k2)).status, 200, "the rotated key is fetched on its first use");
+    wait_until(Duration::from_secs(15), "the old key to be dropped", || call("GET", "/", Some(&alice)).status == 401);
+    let fetches = topo.jwks_fetches();
+    assert!(fetches.len() > fetches_before, "{fetches:?}");
+    assert!(fetches.iter().all(|f| f["from"].as_str().unwrap_or_default().starts_with(&waypoint.ip.to_string())));
+    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(scrape.sum("ferrymesh_jwks_fetches_total", &[("result", "ok")]) >= 2.0, "{text}");
+
+    // An invalid RequestAuthentication is refused by field; the last good one keeps holding.
+    topo.write_config_file("jwt.yaml", &jwt_policies("ftp://keys.test/jwks"));
+    wait_until(CONFIG_WAIT, "mesh-ctrl to refuse the jwksUri", || {
+        topo.log("mesh-ctrl").contains("RequestAuthentication shop/jwt: field spec.jwtRules[0].jwksUri")
+    });
+    assert_eq!(call("GET", "/private", Some(&alice_k2)).status, 200);
+    assert_eq!(call("GET", "/", Some(&alice)).status, 401);
+}

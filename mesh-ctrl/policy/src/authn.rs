@@ -20,7 +20,7 @@
 //! `request.auth.*` conditions read ([`crate::l7`]).
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::JwkSet;
+pub use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{DecodingKey, Validation};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

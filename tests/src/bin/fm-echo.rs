@@ -91,6 +91,15 @@ enum Command {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Serve the content of `file` (read again for each request, so a test can change it) to
+    /// every GET on `listen`, as JSON; prints "ready", then each request as a JSON line (the
+    /// caller's address, `from`, and the path). The in-test JWKS server.
+    FileServe {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
     /// Send `messages` WebSocket text messages to ws://`to``path` and check each echo.
     Ws {
         #[arg(long)]
@@ -113,6 +122,7 @@ fn main() {
         Command::GrpcServe { port, pod } => runtime.block_on(grpc_serve(port, pod)),
         Command::Grpc { to, count } => runtime.block_on(grpc(to, count)),
         Command::RlsServe { listen } => runtime.block_on(rls_serve(listen)),
+        Command::FileServe { listen, file } => runtime.block_on(file_serve(listen, file)),
         Command::Load { to, path, rate, seconds, connections, h2 } => {
             runtime.block_on(load(to, path, rate, seconds, connections, h2))
         }
@@ -387,6 +397,33 @@ async fn rls_serve(listen: SocketAddr) -> Result<(), BoxError> {
         .serve_with_incoming(tokio_stream_of(listener))
         .await?;
     Ok(())
+}
+
+async fn file_serve(listen: SocketAddr, file: std::path::PathBuf) -> Result<(), BoxError> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("ready");
+    let file = std::sync::Arc::new(file);
+    loop {
+        let (stream, from) = listener.accept().await?;
+        let file = file.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let file = file.clone();
+                async move {
+                    println!("{}", serde_json::json!({"from": from.to_string(), "path": request.uri().path()}));
+                    let response = match std::fs::read(&*file) {
+                        Ok(content) => Response::builder()
+                            .header(header::CONTENT_TYPE, "application/json")
+                            .body(Full::new(Bytes::from(content))),
+                        Err(_) => Response::builder().status(StatusCode::NOT_FOUND).body(Full::default()),
+                    };
+                    Ok::<_, Infallible>(response.expect("file response"))
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
 }
 
 /// The accepted connections of `listener`, as tonic takes them.

@@ -1,0 +1,205 @@
+//! End-user authentication at the waypoint: the JWT of a request checked against the
+//! RequestAuthentications attached to its Service or to the waypoint (Istio's semantics, as
+//! Envoy's jwt_authn filter applies them): no token passes unauthenticated; a token no rule
+//! accepts is a 401 with Envoy's words and `www-authenticate`; a verified token gives the
+//! request its `request.auth.*` for the AuthorizationPolicies, then is removed from its header
+//! unless the rule forwards it (a token in a query parameter stays, as in Envoy), and its
+//! payload goes upstream in the rule's `outputPayloadToHeader`.
+//!
+//! Keys: an inline `jwks` is parsed once; a `jwksUri` (http or https, the system's roots) is
+//! fetched by the first request that needs it, again once `--jwks-refresh` has passed, and at
+//! once for a token whose `kid` the keys do not hold (a rotated key), at most once a second
+//! per URI. One fetch at a time per URI; a failed fetch keeps the keys held.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferrymesh_policy::authn::{self, AuthnError, JwkSet, Jwks, JwtRule, RequestAuth, TokenPlace};
+use ferrymesh_policy::l7::Target;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+
+/// The least time between two fetches of one JWKS URI.
+const REFETCH_GAP: Duration = Duration::from_secs(1);
+/// The largest JWKS the waypoint reads.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// A request's token, verified: what policies read, and what to change before it goes on.
+#[derive(Debug)]
+pub struct Verified {
+    /// `request.auth.*`.
+    pub auth: RequestAuth,
+    /// The header to remove (the token's, unless its rule forwards it).
+    pub remove: Option<HeaderName>,
+    /// The header to add with the token's payload (base64url JSON, as the token has it).
+    pub payload: Option<(HeaderName, HeaderValue)>,
+}
+
+/// A request refused for its token.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why, in Envoy's words (the 401's body).
+    pub error: AuthnError,
+    /// Why, with the RequestAuthentications that apply (for the record).
+    pub reason: String,
+}
+
+impl Refused {
+    /// Envoy's answer: 401, the error as the body, and `www-authenticate` naming the realm.
+    pub fn response(&self, authority: &str, path: &str) -> (StatusCode, String, HeaderValue) {
+        let challenge = format!("Bearer realm=\"http://{authority}{path}\", error=\"invalid_token\"");
+        let challenge = HeaderValue::try_from(challenge)
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer error=\"invalid_token\""));
+        (StatusCode::UNAUTHORIZED, self.error.to_string(), challenge)
+    }
+}
+
+/// The issuers' keys the waypoint holds.
+#[derive(Debug)]
+pub struct KeyStore {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    refresh: Duration,
+    timeout: Duration,
+    remote: Mutex<HashMap<String, Arc<Remote>>>,
+    inline: Mutex<HashMap<String, Arc<JwkSet>>>,
+}
+
+/// One JWKS URI: the keys last fetched, and the fetch in progress.
+#[derive(Debug, Default)]
+struct Remote {
+    held: Mutex<Option<(Arc<JwkSet>, Instant)>>,
+    /// Held while fetching; holds when the last fetch began.
+    fetching: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl Remote {
+    fn held(&self) -> Option<(Arc<JwkSet>, Instant)> {
+        self.held.lock().expect("jwks lock").clone()
+    }
+}
+
+impl KeyStore {
+    /// A store that fetches JWKS with `timeout` and again every `refresh`.
+    pub fn new(refresh: Duration, timeout: Duration) -> Self {
+        let tls = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
+            Ok(builder) => builder,
+            Err(e) => {
+                tracing::warn!(error = %e, "no system roots: an https jwksUri cannot be verified, nor fetched");
+                let none = rustls::ClientConfig::builder()
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth();
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(none)
+            }
+        }
+        .https_or_http()
+        .enable_http1()
+        .build();
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(tls);
+        Self { client, refresh, timeout, remote: Mutex::default(), inline: Mutex::default() }
+    }
+
+    /// The keys of `rule`'s issuer, for a token signed by key `kid`: None when they cannot be
+    /// had (a JWKS never fetched).
+    pub async fn keys(&self, rule: &JwtRule, kid: Option<&str>) -> Option<Arc<JwkSet>> {
+        match &rule.jwks {
+            Jwks::Inline(text) => {
+                let mut inline = self.inline.lock().expect("jwks lock");
+                if let Some(set) = inline.get(text) {
+                    return Some(set.clone());
+                }
+                // Checked when the policy was validated.
+                let set = Arc::new(serde_json::from_str::<JwkSet>(text).ok()?);
+                inline.insert(text.clone(), set.clone());
+                Some(set)
+            }
+            Jwks::Uri(uri) => self.remote_keys(uri, kid).await,
+        }
+    }
+
+    async fn remote_keys(&self, uri: &str, kid: Option<&str>) -> Option<Arc<JwkSet>> {
+        let remote = self.remote.lock().expect("jwks lock").entry(uri.to_string()).or_default().clone();
+        let usable = |held: &Option<(Arc<JwkSet>, Instant)>| {
+            held.as_ref()
+                .is_some_and(|(set, at)| at.elapsed() < self.refresh && kid.is_none_or(|kid| set.find(kid).is_some()))
+        };
+        let held = remote.held();
+        if usable(&held) {
+            return held.map(|(set, _)| set);
+        }
+        let mut last_fetch = remote.fetching.lock().await;
+        // Another request may have fetched while this one waited.
+        let held = remote.held();
+        if usable(&held) || last_fetch.is_some_and(|at| at.elapsed() < REFETCH_GAP) {
+            return held.map(|(set, _)| set);
+        }
+        *last_fetch = Some(Instant::now());
+        match self.fetch(uri).await {
+            Ok(set) => {
+                metrics::counter!("ferrymesh_jwks_fetches_total", "result" => "ok").increment(1);
+                let set = Arc::new(set);
+                *remote.held.lock().expect("jwks lock") = Some((set.clone(), Instant::now()));
+                Some(set)
+            }
+            Err(e) => {
+                metrics::counter!("ferrymesh_jwks_fetches_total", "result" => "error").increment(1);
+                tracing::warn!(jwks_uri = uri, error = %e, "cannot fetch the JWKS; keeping the keys held, if any");
+                held.map(|(set, _)| set)
+            }
+        }
+    }
+
+    async fn fetch(&self, uri: &str) -> anyhow::Result<JwkSet> {
+        let uri: http::Uri = uri.parse()?;
+        let response = tokio::time::timeout(self.timeout, self.client.get(uri))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {:?}", self.timeout))??;
+        anyhow::ensure!(response.status() == StatusCode::OK, "answered {}", response.status());
+        let body = tokio::time::timeout(self.timeout, Limited::new(response.into_body(), MAX_JWKS_BYTES).collect())
+            .await
+            .map_err(|_| anyhow::anyhow!("the body did not arrive within {:?}", self.timeout))?
+            .map_err(|e| anyhow::anyhow!("reading the body: {e}"))?
+            .to_bytes();
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("not a JWKS: {e}"))?;
+        anyhow::ensure!(!set.keys.is_empty(), "the JWKS holds no key");
+        Ok(set)
+    }
+
+    /// The token of a request to `target` checked against the RequestAuthentications attached
+    /// to it: Ok(None) when none applies or the request has no token.
+    pub async fn authenticate(
+        &self,
+        attached: &authn::RequestAuthentications,
+        target: &Target<'_>,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Option<Verified>, Refused> {
+        let policies = attached.attached(target);
+        if policies.is_empty() {
+            return Ok(None);
+        }
+        let refuse = |error: AuthnError| {
+            let names: Vec<String> = policies.iter().map(|p| p.key()).collect();
+            let reason = format!("{error} (RequestAuthentication {})", names.join(", "));
+            Refused { error, reason }
+        };
+        let rules: Vec<&JwtRule> = policies.iter().flat_map(|p| p.rules.iter()).collect();
+        let Some(token) = authn::find_token(&rules, headers, query).map_err(&refuse)? else { return Ok(None) };
+        let keys = self.keys(token.rule, token.kid.as_deref()).await.ok_or_else(|| refuse(AuthnError::NoKeys))?;
+        let verified = authn::verify(&token, &keys).map_err(&refuse)?;
+        let rule = verified.rule;
+        let remove = match &verified.found_in {
+            TokenPlace::Header(name) if !rule.forward_original_token => HeaderName::try_from(name.as_str()).ok(),
+            _ => None,
+        };
+        let payload = rule.output_payload_to_header.as_ref().and_then(|name| {
+            let segment = token.jwt.split('.').nth(1)?;
+            Some((HeaderName::try_from(name.as_str()).ok()?, HeaderValue::try_from(segment).ok()?))
+        });
+        Ok(Some(Verified { auth: verified.auth, remove, payload }))
+    }
+}
