@@ -1529,6 +1529,29 @@ fn end_user_jwts_are_verified_at_the_waypoint_and_keys_rotate_without_restart() 
     let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert!(scrape.sum("ferrymesh_jwks_fetches_total", &[("result", "ok")]) >= 2.0, "{text}");
 
+    // meshctl explain says what a token's claims make of a request, by the same decision code.
+    let explain = |args: &[&str]| {
+        let mut all = vec!["explain", "shop/a", "shop/web:80"];
+        all.extend_from_slice(args);
+        let out = topo.meshctl(1, &all);
+        assert!(out.status.success(), "meshctl explain {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let anonymous = explain(&["--path", "/private"]);
+    assert!(
+        anonymous.contains("jwt:      RequestAuthentication shop/jwt: a request without a token passes"),
+        "{anonymous}"
+    );
+    assert!(anonymous.contains("verdict:  DENIED, 403 (shop/private-needs-jwt rule 0)"), "{anonymous}");
+    let dev = format!(r#"{{"iss": "{ISSUER}", "sub": "alice", "aud": "web", "groups": ["dev"]}}"#);
+    let as_alice = explain(&["--path", "/private", "--jwt-claims", &dev]);
+    assert!(as_alice.contains(&format!("the token's principal is {ISSUER}/alice")), "{as_alice}");
+    assert!(!as_alice.contains("DENIED"), "{as_alice}");
+    let delete = explain(&["--method", "DELETE", "--jwt-claims", &dev]);
+    assert!(delete.contains("verdict:  DENIED, 403 (shop/delete-needs-admin rule 0)"), "{delete}");
+    let stranger = explain(&["--jwt-claims", r#"{"iss": "https://other.test", "sub": "x"}"#]);
+    assert!(stranger.contains("401: Jwt issuer is not configured"), "{stranger}");
+
     // An invalid RequestAuthentication is refused by field; the last good one keeps holding.
     topo.write_config_file("jwt.yaml", &jwt_policies("ftp://keys.test/jwks"));
     wait_until(CONFIG_WAIT, "mesh-ctrl to refuse the jwksUri", || {

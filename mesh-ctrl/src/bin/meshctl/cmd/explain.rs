@@ -34,6 +34,10 @@ pub struct ExplainArgs {
     /// A request header, NAME:VALUE, at a waypoint (repeatable).
     #[arg(long = "header", value_name = "NAME:VALUE")]
     pub headers: Vec<String>,
+    /// The claims of the verified JWT the request carries, as JSON (`iss`, `sub`, `aud`, `azp`
+    /// and any other), at a waypoint: what `requestPrincipals` and `request.auth.*` read.
+    #[arg(long, value_name = "JSON")]
+    pub jwt_claims: Option<String>,
     /// Output format (table or json).
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,

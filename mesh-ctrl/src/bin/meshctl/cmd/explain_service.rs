@@ -1,7 +1,8 @@
 //! `meshctl explain SRC NAMESPACE/SERVICE:PORT`: a request to a Service followed hop by hop,
 //! with the code each hop decides with. Without a waypoint: the client's agent picks a ready
 //! endpoint, and each endpoint's agent decides as `PolicySet::explain` says. With one: the
-//! waypoint (or the refusal when it has no ready address), the AuthorizationPolicies attached
+//! waypoint (or the refusal when it has no ready address), the RequestAuthentications attached
+//! (with `--jwt-claims`, the token's principal and claims), the AuthorizationPolicies attached
 //! to the Service or the waypoint (`PolicySet::explain_request`), the rule the request takes
 //! (`RouteTable`) and its backends, and each backend endpoint's agent deciding the waypoint's
 //! connection.
@@ -9,6 +10,7 @@
 use std::sync::Arc;
 
 use ferrymesh_api::config::{Service, Workload};
+use ferrymesh_policy::authn::{RequestAuth, RequestAuthentication, RequestAuthentications};
 use ferrymesh_policy::l7::{HttpRequest, Target};
 use ferrymesh_policy::{PolicySet, Request, Transport};
 use ferrymesh_route::{BackendRef, Route, RouteTable};
@@ -48,6 +50,26 @@ fn endpoint_verdict(
         "address": format!("{}:{port}", endpoint.ip),
         "verdict": if verdict.allowed { "allowed" } else { "denied" },
         "policy": verdict.policy, "reason": verdict.reason, "hint": verdict.hint,
+    })
+}
+
+/// The `request.auth.*` of a verified token with `claims` (JSON): its principal `iss/sub`,
+/// audiences, presenter and claims.
+fn request_auth(claims: &str) -> Result<RequestAuth, String> {
+    let claims: serde_json::Map<String, Value> =
+        serde_json::from_str(claims).map_err(|e| format!("--jwt-claims: not a JSON object: {e}"))?;
+    let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
+    let issuer = text("iss").ok_or("--jwt-claims: a token names its issuer (iss)")?;
+    let audiences = match claims.get("aud") {
+        Some(Value::String(one)) => vec![one.clone()],
+        Some(Value::Array(many)) => many.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        _ => Vec::new(),
+    };
+    Ok(RequestAuth {
+        principal: format!("{issuer}/{}", text("sub").unwrap_or_default()),
+        audiences,
+        presenter: text("azp"),
+        claims,
     })
 }
 
@@ -109,6 +131,35 @@ pub fn run(held: &Held, src: &Workload, key: &str, port: u16, args: &ExplainArgs
         gateway: (&waypoint.namespace, &waypoint.name),
     };
     let vip = service.vip.parse().unwrap_or(src_ip);
+    let auth = match &args.jwt_claims {
+        None => None,
+        Some(text) => Some(request_auth(text)?),
+    };
+    let authentications = held
+        .objects
+        .request_authentications
+        .values()
+        .cloned()
+        .map(RequestAuthentication::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let attached = RequestAuthentications::new(authentications);
+    let attached = attached.attached(&target);
+    out["authentication"] = json!({
+        "request_authentications": attached.iter().map(|p| p.key()).collect::<Vec<_>>(),
+        "issuers": attached.iter().flat_map(|p| p.rules.iter().map(|r| r.issuer.clone())).collect::<Vec<_>>(),
+        "request_principal": auth.as_ref().map(|a| a.principal.clone()),
+    });
+    if let Some(auth) = &auth {
+        let issuer = auth.principal.rsplit_once('/').map_or("", |(iss, _)| iss);
+        if !attached.iter().any(|p| p.rules.iter().any(|r| r.issuer == issuer)) {
+            out["authentication"]["refused"] = json!(format!(
+                "401: Jwt issuer is not configured (no RequestAuthentication attached to {}/{} accepts {issuer:?})",
+                service.namespace, service.name
+            ));
+            return print(&out, args.output);
+        }
+    }
     let http_request = HttpRequest {
         l4: Request {
             source_ip: src_ip,
@@ -120,7 +171,7 @@ pub fn run(held: &Held, src: &Workload, key: &str, port: u16, args: &ExplainArgs
         method: request.method.as_str(),
         path: &request.path,
         headers: &request.headers,
-        auth: None,
+        auth: auth.as_ref(),
     };
     let (decision, steps) = policies.explain_request(&target, &http_request);
     out["request"] = json!(format!("{} {}", request.method, args.path));
@@ -212,6 +263,24 @@ fn print(out: &Value, output: Output) -> Result<(), String> {
             w["addresses"].as_array().into_iter().flatten().map(text).collect::<Vec<_>>().join(", "),
             text(&w["identity"])
         ),
+    }
+    let authn = &out["authentication"];
+    let attached: Vec<String> = authn["request_authentications"].as_array().into_iter().flatten().map(text).collect();
+    match (attached.is_empty(), authn["request_principal"].as_str()) {
+        (true, _) => println!("jwt:      no RequestAuthentication is attached: tokens are not checked"),
+        (false, Some(principal)) => println!(
+            "jwt:      RequestAuthentication {} (issuers {}); the token's principal is {principal}",
+            attached.join(", "),
+            authn["issuers"].as_array().into_iter().flatten().map(text).collect::<Vec<_>>().join(", ")
+        ),
+        (false, None) => println!(
+            "jwt:      RequestAuthentication {}: a request without a token passes unauthenticated (give --jwt-claims for one with a token)",
+            attached.join(", ")
+        ),
+    }
+    if let Some(refused) = authn["refused"].as_str() {
+        println!("verdict:  {refused}");
+        return Ok(());
     }
     let policy = &out["waypoint_policy"];
     println!("request:  {}", text(&out["request"]));
