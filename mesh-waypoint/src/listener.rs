@@ -58,6 +58,8 @@ pub struct Waypoint {
     pub route_tables: crate::request::RouteTables,
     /// The issuers' keys the RequestAuthentications' JWTs are verified with.
     pub keys: crate::authn::KeyStore,
+    /// Where request spans go.
+    pub tracer: crate::spans::Tracer,
 }
 
 /// What a CONNECT addressed.

@@ -7,7 +7,8 @@
 //! - [`upstream`]: the endpoint by power of two choices, reached over HBONE with the
 //!   waypoint's identity (HTTP/1.1 connections reused, HTTP/2 multiplexed);
 //! - [`authn`]: the request's JWT checked against the RequestAuthentications, keys fetched;
-//! - [`record`]: the access log line of each request.
+//! - [`record`]: the access log line of each request;
+//! - [`spans`]: W3C trace context, a span per request, exported over OTLP.
 //!
 //! Its identity is `spiffe://<trust domain>/ns/<namespace>/sa/<gateway name>`, obtained like a
 //! pod's: a CSR to mesh-ctrl with its node's token, which mesh-ctrl grants because the
@@ -21,6 +22,7 @@ mod limits;
 mod listener;
 mod record;
 mod request;
+mod spans;
 mod tcp;
 mod upstream;
 
@@ -89,6 +91,13 @@ struct Args {
     /// How long a JWKS fetch may take.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     jwks_timeout: Duration,
+    /// The OpenTelemetry collector request spans are exported to (`http://host:port`,
+    /// OTLP/gRPC, usually port 4317); without one nothing is traced.
+    #[arg(long, env = "FERRYMESH_TRACING_COLLECTOR")]
+    tracing_collector: Option<String>,
+    /// Percent of new traces sampled (a request with a `traceparent` follows its decision).
+    #[arg(long, env = "FERRYMESH_TRACING_SAMPLING", default_value_t = 1.0)]
+    tracing_sampling: f64,
     /// Threads that carry requests (1: a single-threaded runtime, no cross-thread wake-ups).
     #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -140,6 +149,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.rate_limit_domain.clone(),
         args.rate_limit_timeout,
     )?;
+    let tracer = spans::Tracer::new(
+        args.tracing_collector.as_deref(),
+        args.tracing_sampling,
+        format!("{}.{}", args.name, args.namespace),
+        args.namespace.clone(),
+    )?;
     let upstream = upstream::Upstream::new(state.clone(), identities.clone(), identity, args.pod_ip);
     let waypoint = Arc::new(listener::Waypoint {
         key: format!("{}/{}", args.namespace, args.name),
@@ -154,6 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rate_limit_service,
         route_tables: Default::default(),
         keys: authn::KeyStore::new(args.jwks_refresh, args.jwks_timeout),
+        tracer,
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -69,6 +69,8 @@ pub struct Record {
     pub bytes: Option<(u64, u64)>,
     /// Attempts at a backend after the first.
     pub retries: u32,
+    /// The request's span, when the waypoint traces.
+    pub span: Option<crate::spans::RequestSpan>,
 }
 
 /// `HTTP/1.1`, `HTTP/2`...
@@ -131,6 +133,7 @@ impl Record {
             reason: String::new(),
             bytes: None,
             retries: 0,
+            span: None,
         }
     }
 
@@ -315,6 +318,11 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         "ferrymesh_jwks_fetches_total",
         "Fetches of RequestAuthentication jwksUri key sets, by result (ok, error)."
     );
+    metrics::describe_counter!("ferrymesh_spans_exported_total", "Spans exported to the tracing collector (OTLP).");
+    metrics::describe_counter!(
+        "ferrymesh_spans_dropped_total",
+        "Spans not exported, by reason (queue_full, export_failed)."
+    );
     metrics::describe_histogram!(
         "ferrymesh_request_duration_milliseconds",
         metrics::Unit::Milliseconds,
@@ -346,6 +354,7 @@ impl Recorded {
         if let Some(record) = self.record.take() {
             self.waypoint.log.write(&record);
             record.count(&self.waypoint.state, &self.waypoint.trust_domain);
+            self.waypoint.tracer.finish(&record);
         }
     }
 }

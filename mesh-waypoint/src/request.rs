@@ -212,6 +212,7 @@ async fn route(
     let upgrade = request.version() == Version::HTTP_11 && request.headers().contains_key(UPGRADE);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
+    record.span = waypoint.tracer.start(&parts.headers);
 
     // The authority as requested (the record took it on arrival; empty: none was sent).
     let requested = record.authority.clone();
@@ -246,6 +247,10 @@ async fn route(
         if let Some((name, value)) = verified.payload {
             parts.headers.insert(name, value);
         }
+    }
+    // Upstream, the waypoint's span is the caller's.
+    if let Some(span) = &record.span {
+        parts.headers.insert("traceparent", span.traceparent());
     }
 
     let table = match &down.dest {

@@ -550,6 +550,8 @@ pub const ECHO_HTTP_PORT: u16 = 8081;
 pub const RLS_PORT: u16 = 18081;
 /// Port of the in-test JWKS server on the fabric.
 pub const JWKS_PORT: u16 = 18082;
+/// Port of the in-test OTLP collector on the fabric.
+pub const OTLP_PORT: u16 = 18083;
 /// Label naming a waypoint pod's Gateway.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
@@ -649,6 +651,25 @@ impl Topology {
         let tmp = self.dir.join(".jwks.json.tmp");
         std::fs::write(&tmp, jwks).expect("write jwks");
         std::fs::rename(&tmp, self.dir.join("jwks.json")).expect("rename jwks");
+    }
+
+    /// Starts the in-test OTLP collector (`fm-echo otlp-serve`, label `otlp`) on the fabric and
+    /// returns its URL for `mesh-waypoint --tracing-collector`.
+    pub fn serve_otlp(&self) -> String {
+        let listen = format!("{FABRIC_IP}:{OTLP_PORT}");
+        let mut cmd = self.command_in(&self.fabric, bin("fm-echo"));
+        cmd.args(["otlp-serve", "--listen", &listen]);
+        self.spawn("otlp", cmd);
+        wait_until(Duration::from_secs(10), "the OTLP collector to listen", || {
+            assert!(self.is_running("otlp"), "otlp exited: {}", self.log("otlp"));
+            self.log("otlp").contains("ready")
+        });
+        format!("http://{listen}")
+    }
+
+    /// The spans the in-test collector received, one JSON value each.
+    pub fn otlp_spans(&self) -> Vec<Value> {
+        self.log("otlp").lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// The fetches the JWKS server answered, one JSON value each (`from`, `path`).

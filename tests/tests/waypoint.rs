@@ -1560,3 +1560,111 @@ fn end_user_jwts_are_verified_at_the_waypoint_and_keys_rotate_without_restart() 
     assert_eq!(call("GET", "/private", Some(&alice_k2)).status, 200);
     assert_eq!(call("GET", "/", Some(&alice)).status, 401);
 }
+
+/// VIP of Service shop/api, in the tracing test.
+const API: &str = "10.96.0.52";
+
+#[test]
+fn requests_are_traced_across_two_services_through_the_waypoint_over_otlp() {
+    let spec = TopologySpec::nodes(2)
+        .pod("shop", "a", 1)
+        .pod("shop", "web-1", 1)
+        .pod("shop", "api", 2)
+        .pod("shop", "waypoint", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.write_namespace("shop", &[(DATAPLANE_MODE, "enabled"), ("ferrymesh.io/use-waypoint", "waypoint")]);
+    topo.write_pod(topo.pod("shop", "web-1"), &[("app", "web")]);
+    topo.write_pod(topo.pod("shop", "api"), &[("app", "api")]);
+    let waypoint = topo.pod("shop", "waypoint");
+    topo.write_waypoint_pod(waypoint);
+    topo.write_waypoint("shop", "waypoint");
+    let echo = ECHO_HTTP_PORT.to_string();
+    topo.write_service("shop", "web", WEB, &[("app", "web")], &[("http", 80, &echo)]);
+    topo.write_service("shop", "api", API, &[("app", "api")], &[("http", 80, &echo)]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/web-1"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/api"], Duration::from_secs(10));
+    let collector = topo.serve_otlp();
+    // No new trace is sampled: only those a client samples are recorded (parent-based).
+    topo.start_waypoint_replica(waypoint, "waypoint", &["--tracing-collector", &collector, "--tracing-sampling", "0"]);
+    for name in ["web-1", "api"] {
+        topo.serve_echo(topo.pod("shop", name));
+    }
+    let a = topo.pod("shop", "a");
+    let get = |traceparent: Option<&str>| {
+        let mut args = vec!["-H".to_string(), "tracestate: client=1".to_string()];
+        args.extend(["-H".to_string(), format!("x-echo-call: {API}:80/inner")]);
+        if let Some(t) = traceparent {
+            args.extend(["-H".to_string(), format!("traceparent: {t}")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let answer = topo.http(a, &format!("http://{WEB}/outer"), &args);
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let echoed: serde_json::Value =
+            serde_json::from_str(&answer.body).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+        echoed
+    };
+    let fields = |traceparent: &str| -> Vec<String> { traceparent.split('-').map(str::to_string).collect() };
+
+    // Not sampled: no traceparent and none sampled; or the client's, unsampled. The waypoint
+    // still gives its span's id to the application, with the client's decision.
+    let (unsampled_trace, client_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    wait_until(CONFIG_WAIT, "the waypoint to serve web", || topo.http(a, &format!("http://{WEB}/"), &[]).status == 200);
+    get(None);
+    let echoed = get(Some(&format!("00-{unsampled_trace}-{client_span}-00")));
+    let seen = fields(echoed["headers"]["traceparent"][0].as_str().unwrap_or_else(|| panic!("{echoed}")));
+    assert_eq!((seen[1].as_str(), seen[3].as_str()), (unsampled_trace, "00"), "{echoed}");
+    assert_ne!(seen[2], client_span, "the waypoint's span is the application's parent");
+
+    // Sampled by the client: client -> waypoint -> web, which calls api -> waypoint -> api.
+    let (trace, client_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let echoed = get(Some(&format!("00-{trace}-{client_span}-01")));
+    let at_web = fields(echoed["headers"]["traceparent"][0].as_str().unwrap_or_else(|| panic!("{echoed}")));
+    assert_eq!((at_web[1].as_str(), at_web[3].as_str()), (trace, "01"), "{echoed}");
+    assert_eq!(echoed["headers"]["tracestate"][0], "client=1", "tracestate goes on unchanged: {echoed}");
+    assert_eq!(echoed["called"]["status"], 200, "web reached api: {echoed}");
+    let web_call = fields(echoed["called"]["traceparent"].as_str().unwrap_or_else(|| panic!("{echoed}")));
+    assert_eq!(web_call[1], trace);
+
+    wait_until(FLOW_WAIT, "the collector to receive both spans", || {
+        topo.otlp_spans().iter().filter(|s| s["trace_id"] == trace).count() >= 2
+    });
+    let spans = topo.otlp_spans();
+    assert!(
+        spans.iter().all(|s| s["trace_id"] != unsampled_trace),
+        "an unsampled trace is not exported, nor a new trace at 0%: {spans:?}"
+    );
+    assert_eq!(spans.len(), 2, "one span per sampled request, nothing else: {spans:?}");
+    let outer = spans.iter().find(|s| s["parent_span_id"] == client_span).unwrap_or_else(|| panic!("{spans:?}"));
+    let inner =
+        spans.iter().find(|s| s["parent_span_id"] == web_call[2].as_str()).unwrap_or_else(|| panic!("{spans:?}"));
+    // The links: client -> waypoint span (web) -> web's span -> waypoint span (api).
+    assert_eq!(outer["span_id"], at_web[2].as_str(), "web's parent is the waypoint's span: {outer}");
+    assert_eq!(outer["name"], "web.shop.svc.cluster.local:80/*", "{outer}");
+    assert_eq!(inner["name"], "api.shop.svc.cluster.local:80/*", "{inner}");
+    for span in [outer, inner] {
+        assert_eq!(span["service"], "waypoint.shop", "{span}");
+        assert_eq!(span["kind"], 2, "a server span: {span}");
+        assert_eq!(span["attributes"]["http.status_code"], 200, "{span}");
+        assert_eq!(span["flags"], 0x301, "sampled, with a remote parent: {span}");
+    }
+    assert_eq!(outer["trace_state"], "client=1", "{outer}");
+    assert_eq!(outer["attributes"]["http.url"], format!("http://{WEB}/outer"), "{outer}");
+    assert_eq!(inner["attributes"]["source.principal"], "spiffe://cluster.local/ns/shop/sa/web-1", "{inner}");
+    let time = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{s}"));
+    assert!(
+        time(outer, "start") <= time(inner, "start") && time(inner, "end") <= time(outer, "end"),
+        "the inner request happened within the outer: {outer} {inner}"
+    );
+    // Counted once the collector has answered the export.
+    let scrape = || {
+        let out =
+            topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until(FLOW_WAIT, "the export to be counted", || scrape().contains("ferrymesh_spans_exported_total"));
+    let text = scrape();
+    let exposition = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(exposition.sum("ferrymesh_spans_exported_total", &[]), 2.0, "{text}");
+}

@@ -76,6 +76,54 @@ pub mod envoy {
     }
 }
 
+/// The parts of OpenTelemetry's protocol ferrymesh speaks (proto/opentelemetry/README.md),
+/// nested as its packages are.
+#[allow(missing_docs, clippy::all)]
+pub mod opentelemetry {
+    /// `opentelemetry.proto`.
+    pub mod proto {
+        /// `opentelemetry.proto.collector.trace.v1`: OTLP/gRPC for traces.
+        pub mod collector {
+            /// `opentelemetry.proto.collector.trace`.
+            pub mod trace {
+                /// `opentelemetry.proto.collector.trace.v1`.
+                pub mod v1 {
+                    tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+                }
+            }
+        }
+        /// `opentelemetry.proto.trace`.
+        pub mod trace {
+            /// `opentelemetry.proto.trace.v1`.
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.trace.v1");
+            }
+        }
+        /// `opentelemetry.proto.common`.
+        pub mod common {
+            /// `opentelemetry.proto.common.v1`.
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.common.v1");
+            }
+        }
+        /// `opentelemetry.proto.resource`.
+        pub mod resource {
+            /// `opentelemetry.proto.resource.v1`.
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.resource.v1");
+            }
+        }
+    }
+}
+
+/// OTLP/gRPC for traces: the service spans are exported to, and the span messages.
+pub mod otlp {
+    pub use crate::opentelemetry::proto::collector::trace::v1 as collector;
+    pub use crate::opentelemetry::proto::common::v1 as common;
+    pub use crate::opentelemetry::proto::resource::v1 as resource;
+    pub use crate::opentelemetry::proto::trace::v1 as trace;
+}
+
 /// The global rate-limit service protocol (Envoy's), as the waypoint calls it.
 pub use envoy::service::ratelimit::v3 as ratelimit;
 

@@ -18,7 +18,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
-use ferrymesh_api::ratelimit;
+use ferrymesh_api::{otlp, ratelimit};
 use futures::{SinkExt, StreamExt};
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -91,6 +91,14 @@ enum Command {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Serve OTLP/gRPC for traces (`opentelemetry.proto.collector.trace.v1.TraceService`) on
+    /// `listen`; prints "ready", then each span received as a JSON line (ids in hex, the
+    /// resource's `service.name` as `service`, string and integer attributes). The in-test
+    /// tracing collector.
+    OtlpServe {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Serve the content of `file` (read again for each request, so a test can change it) to
     /// every GET on `listen`, as JSON; prints "ready", then each request as a JSON line (the
     /// caller's address, `from`, and the path). The in-test JWKS server.
@@ -123,6 +131,7 @@ fn main() {
         Command::Grpc { to, count } => runtime.block_on(grpc(to, count)),
         Command::RlsServe { listen } => runtime.block_on(rls_serve(listen)),
         Command::FileServe { listen, file } => runtime.block_on(file_serve(listen, file)),
+        Command::OtlpServe { listen } => runtime.block_on(otlp_serve(listen)),
         Command::Load { to, path, rate, seconds, connections, h2 } => {
             runtime.block_on(load(to, path, rate, seconds, connections, h2))
         }
@@ -205,7 +214,15 @@ async fn answer(
         .map(|a| a.to_string())
         .or_else(|| parts.headers.get(header::HOST).map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()))
         .unwrap_or_default();
+    // An instrumented application calling another Service: `x-echo-call: HOST:PORT/PATH` makes
+    // one GET there, with a traceparent whose parent is this server's own span (a child of the
+    // request's, in its trace), as an OpenTelemetry SDK would send it.
+    let called = match parts.headers.get("x-echo-call").and_then(|v| v.to_str().ok()) {
+        Some(target) => Some(call_traced(target, parts.headers.get("traceparent")).await),
+        None => None,
+    };
     let body = json!({
+        "called": called,
         "pod": who.0,
         "namespace": who.1,
         "method": parts.method.as_str(),
@@ -224,6 +241,35 @@ async fn answer(
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("echo response");
     Ok(response)
+}
+
+/// One GET of `target` (`HOST:PORT/PATH`) over a fresh connection, carrying a child of
+/// `traceparent` (a new span id in its trace); what was sent and the status answered.
+async fn call_traced(target: &str, traceparent: Option<&http::HeaderValue>) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, path) = target.split_once('/').map_or((target, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    let child = traceparent.and_then(|v| v.to_str().ok()).and_then(|v| {
+        let fields: Vec<&str> = v.split('-').collect();
+        let span: u64 = rand::random::<u64>() | 1;
+        (fields.len() == 4).then(|| format!("{}-{}-{span:016x}-{}", fields[0], fields[1], fields[3]))
+    });
+    let mut request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    if let Some(child) = &child {
+        request.push_str(&format!("traceparent: {child}\r\n"));
+    }
+    request.push_str("\r\n");
+    let answer = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&response).into_owned())
+    };
+    let status = match tokio::time::timeout(std::time::Duration::from_secs(10), answer).await {
+        Ok(Ok(text)) => text.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok()).unwrap_or(0),
+        _ => 0,
+    };
+    json!({"to": target, "traceparent": child, "status": status})
 }
 
 async fn ws(to: SocketAddr, path: &str, messages: u32) -> Result<(), BoxError> {
@@ -394,6 +440,71 @@ async fn rls_serve(listen: SocketAddr) -> Result<(), BoxError> {
     println!("ready");
     tonic::transport::Server::builder()
         .add_service(ratelimit::rate_limit_service_server::RateLimitServiceServer::new(RateLimitCounts::default()))
+        .serve_with_incoming(tokio_stream_of(listener))
+        .await?;
+    Ok(())
+}
+
+/// The in-test OTLP collector: prints the spans it receives.
+struct SpanPrinter;
+
+#[tonic::async_trait]
+impl otlp::collector::trace_service_server::TraceService for SpanPrinter {
+    async fn export(
+        &self,
+        request: tonic::Request<otlp::collector::ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<otlp::collector::ExportTraceServiceResponse>, tonic::Status> {
+        use otlp::common::any_value::Value;
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        for resource_spans in request.into_inner().resource_spans {
+            let resource = resource_spans.resource.unwrap_or_default();
+            let service = resource.attributes.iter().find(|a| a.key == "service.name").and_then(|a| {
+                match a.value.as_ref()?.value.as_ref()? {
+                    Value::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                }
+            });
+            for span in resource_spans.scope_spans.into_iter().flat_map(|s| s.spans) {
+                let attributes: serde_json::Map<String, serde_json::Value> = span
+                    .attributes
+                    .iter()
+                    .filter_map(|a| {
+                        let value = match a.value.as_ref()?.value.as_ref()? {
+                            Value::StringValue(s) => json!(s),
+                            Value::IntValue(i) => json!(i),
+                            Value::BoolValue(b) => json!(b),
+                            Value::DoubleValue(d) => json!(d),
+                            Value::BytesValue(b) => json!(hex(b)),
+                        };
+                        Some((a.key.clone(), value))
+                    })
+                    .collect();
+                let line = json!({
+                    "service": service,
+                    "trace_id": hex(&span.trace_id),
+                    "span_id": hex(&span.span_id),
+                    "parent_span_id": hex(&span.parent_span_id),
+                    "trace_state": span.trace_state,
+                    "flags": span.flags,
+                    "name": span.name,
+                    "kind": span.kind,
+                    "start": span.start_time_unix_nano,
+                    "end": span.end_time_unix_nano,
+                    "status": span.status.map(|s| s.code),
+                    "attributes": attributes,
+                });
+                println!("{line}");
+            }
+        }
+        Ok(tonic::Response::new(otlp::collector::ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn otlp_serve(listen: SocketAddr) -> Result<(), BoxError> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("ready");
+    tonic::transport::Server::builder()
+        .add_service(otlp::collector::trace_service_server::TraceServiceServer::new(SpanPrinter))
         .serve_with_incoming(tokio_stream_of(listener))
         .await?;
     Ok(())
