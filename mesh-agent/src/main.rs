@@ -78,6 +78,14 @@ struct Args {
     /// Threads that carry connections.
     #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
+    /// The OpenTelemetry collector connection spans are exported to (`http://host:port`,
+    /// OTLP/gRPC, usually port 4317); without one nothing is traced.
+    #[arg(long, env = "FERRYMESH_TRACING_COLLECTOR")]
+    tracing_collector: Option<String>,
+    /// Percent of outbound connections traced (an inbound one follows its sender's decision,
+    /// carried in the HBONE CONNECT's traceparent).
+    #[arg(long, env = "FERRYMESH_TRACING_SAMPLING", default_value_t = 1.0)]
+    tracing_sampling: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -145,6 +153,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             streams_per_pod: args.max_streams_per_pod,
         },
         load: Arc::default(),
+        tracer: ferrymesh_dataplane::spans::Tracer::new(
+            args.tracing_collector.as_deref(),
+            args.tracing_sampling,
+            vec![("service.name", "mesh-agent".into()), ("k8s.node.name", args.node_name.clone())],
+        )?,
     });
     tokio::spawn(reevaluate_on_policy_change(ctx.clone()));
     let (shutdown_tx, shutdown) = watch::channel(false);

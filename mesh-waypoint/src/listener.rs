@@ -59,7 +59,7 @@ pub struct Waypoint {
     /// The issuers' keys the RequestAuthentications' JWTs are verified with.
     pub keys: crate::authn::KeyStore,
     /// Where request spans go.
-    pub tracer: crate::spans::Tracer,
+    pub tracer: ferrymesh_dataplane::spans::Tracer,
 }
 
 /// What a CONNECT addressed.

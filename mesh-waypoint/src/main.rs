@@ -149,11 +149,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.rate_limit_domain.clone(),
         args.rate_limit_timeout,
     )?;
-    let tracer = spans::Tracer::new(
+    // Istio names a waypoint's spans' service `<name>.<namespace>`.
+    let tracer = ferrymesh_dataplane::spans::Tracer::new(
         args.tracing_collector.as_deref(),
         args.tracing_sampling,
-        format!("{}.{}", args.name, args.namespace),
-        args.namespace.clone(),
+        vec![
+            ("service.name", format!("{}.{}", args.name, args.namespace)),
+            ("k8s.namespace.name", args.namespace.clone()),
+        ],
     )?;
     let upstream = upstream::Upstream::new(state.clone(), identities.clone(), identity, args.pod_ip);
     let waypoint = Arc::new(listener::Waypoint {

@@ -354,7 +354,7 @@ impl Recorded {
         if let Some(record) = self.record.take() {
             self.waypoint.log.write(&record);
             record.count(&self.waypoint.state, &self.waypoint.trust_domain);
-            self.waypoint.tracer.finish(&record);
+            crate::spans::finish(&self.waypoint.tracer, &record);
         }
     }
 }

@@ -224,6 +224,8 @@ impl Tunnels {
                 "k8s.namespace.name={},k8s.gateway.name={}",
                 self.identity.namespace, self.identity.service_account
             ),
+            // The connection is not traced (its requests are, in their own headers).
+            traceparent: ferrymesh_dataplane::spans::SpanContext::start(None, false).traceparent(),
         };
         let open = self.hbone.open(&DirectDialer, &cert, roots, endpoint, &dst_id, &headers);
         let (send, recv, slot) = tokio::time::timeout(CONNECT_TIMEOUT, open)

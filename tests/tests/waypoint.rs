@@ -1582,11 +1582,15 @@ fn requests_are_traced_across_two_services_through_the_waypoint_over_otlp() {
     let echo = ECHO_HTTP_PORT.to_string();
     topo.write_service("shop", "web", WEB, &[("app", "web")], &[("http", 80, &echo)]);
     topo.write_service("shop", "api", API, &[("app", "api")], &[("http", 80, &echo)]);
-    topo.start_mesh();
+    // The agents trace every connection; the waypoint no new trace: only those a client
+    // samples are recorded (parent-based).
+    let collector = topo.serve_otlp();
+    topo.start_ctrl(&[]);
+    for node in [1, 2] {
+        topo.start_agent_with(node, &[("--tracing-collector", &collector), ("--tracing-sampling", "100")]);
+    }
     topo.wait_enrolled(1, &["shop/a", "shop/web-1"], Duration::from_secs(10));
     topo.wait_enrolled(2, &["shop/api"], Duration::from_secs(10));
-    let collector = topo.serve_otlp();
-    // No new trace is sampled: only those a client samples are recorded (parent-based).
     topo.start_waypoint_replica(waypoint, "waypoint", &["--tracing-collector", &collector, "--tracing-sampling", "0"]);
     for name in ["web-1", "api"] {
         topo.serve_echo(topo.pod("shop", name));
@@ -1627,10 +1631,13 @@ fn requests_are_traced_across_two_services_through_the_waypoint_over_otlp() {
     let web_call = fields(echoed["called"]["traceparent"].as_str().unwrap_or_else(|| panic!("{echoed}")));
     assert_eq!(web_call[1], trace);
 
+    let waypoint_spans = || -> Vec<serde_json::Value> {
+        topo.otlp_spans().into_iter().filter(|s| s["service"] == "waypoint.shop").collect()
+    };
     wait_until(FLOW_WAIT, "the collector to receive both spans", || {
-        topo.otlp_spans().iter().filter(|s| s["trace_id"] == trace).count() >= 2
+        waypoint_spans().iter().filter(|s| s["trace_id"] == trace).count() >= 2
     });
-    let spans = topo.otlp_spans();
+    let spans = waypoint_spans();
     assert!(
         spans.iter().all(|s| s["trace_id"] != unsampled_trace),
         "an unsampled trace is not exported, nor a new trace at 0%: {spans:?}"
@@ -1667,4 +1674,26 @@ fn requests_are_traced_across_two_services_through_the_waypoint_over_otlp() {
     let text = scrape();
     let exposition = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert_eq!(exposition.sum("ferrymesh_spans_exported_total", &[]), 2.0, "{text}");
+
+    // The agents: a connection's span at the source's agent (client) and at the destination's
+    // (server), the second the child of the first through the HBONE CONNECT's traceparent.
+    let api = topo.pod("shop", "api");
+    let target = format!("{}:{ECHO_HTTP_PORT}", api.ip);
+    let direct = topo.http(a, &format!("http://{target}/direct"), &[]);
+    assert_eq!(direct.status, 200, "{direct:?}");
+    let named = |name: String| topo.otlp_spans().into_iter().find(|s| s["name"] == name.as_str());
+    wait_until(FLOW_WAIT, "both agents' spans of the connection", || {
+        named(format!("outbound {target}")).is_some() && named(format!("inbound {target}")).is_some()
+    });
+    let client = named(format!("outbound {target}")).unwrap();
+    let server = named(format!("inbound {target}")).unwrap();
+    assert_eq!((&client["service"], &server["service"]), (&"mesh-agent".into(), &"mesh-agent".into()));
+    assert_eq!((&client["attributes"]["node"], &server["attributes"]["node"]), (&"node1".into(), &"node2".into()));
+    assert_eq!((&client["kind"], &server["kind"]), (&3.into(), &2.into()), "client and server spans");
+    assert_eq!(server["trace_id"], client["trace_id"], "{client} {server}");
+    assert_eq!(server["parent_span_id"], client["span_id"], "linked through HBONE: {client} {server}");
+    assert_eq!((&client["flags"], &server["flags"]), (&0x101.into(), &0x301.into()));
+    assert_eq!(server["attributes"]["source.principal"], CLIENT_ID, "{server}");
+    assert_eq!(client["attributes"]["connection_security_policy"], "mtls", "{client}");
+    assert!(server["attributes"]["bytes_sent"].as_i64() > Some(0), "{server}");
 }

@@ -25,6 +25,7 @@ pub mod identity;
 pub mod lb;
 pub mod limits;
 pub mod metrics;
+pub mod spans;
 pub mod state;
 pub mod tls;
 pub mod trust;

@@ -160,7 +160,11 @@ async fn hyper_serves_http1_and_http2_on_hbone_streams() {
     let dialer = MemoryDialer { to_server, dials: AtomicUsize::new(0) };
     let client = Client::default();
     let roots = pki.trust().roots.clone();
-    let headers = ConnectHeaders { forwarded_for: [10, 244, 1, 2].into(), baggage: "k8s.namespace.name=shop".into() };
+    let headers = ConnectHeaders {
+        forwarded_for: [10, 244, 1, 2].into(),
+        baggage: "k8s.namespace.name=shop".into(),
+        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".into(),
+    };
     let open = |port: u16| {
         let dst = SocketAddr::from((SERVER_IP, port));
         client.open(&dialer, &client_cert, roots.clone(), dst, &server_id, &headers)

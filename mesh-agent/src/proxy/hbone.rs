@@ -205,6 +205,8 @@ async fn accept_stream<'a>(
     let NewStream { http, mut respond, peer, _held } = stream;
     let (parts, body) = http.into_parts();
     let target = connect_target(&parts.method, parts.uri.authority().map(|a| a.as_str()), peer.local.ip());
+    // The connection's span is the child of the sender's, named by the CONNECT's traceparent.
+    let trace = ctx.tracer.start(parts.headers.get("traceparent").and_then(|v| v.to_str().ok()));
     drop(parts);
     let mut src = Endpoint::lookup(&ctx.state, peer.addr);
     src.identity = peer.identity.clone();
@@ -212,6 +214,7 @@ async fn accept_stream<'a>(
     let mut conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
     conn.transport = Transport::Mtls;
     conn.peer_cert_serial = peer.serial;
+    conn.trace = trace;
     let target = match target {
         Ok(target) => target,
         Err(bad) => {
@@ -270,6 +273,7 @@ pub(super) async fn open(
     ctx: &ProxyContext,
     peer: Peer<'_>,
     target: SocketAddr,
+    traceparent: String,
 ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), ProxyError> {
     let cert = ctx.identities.cert(&pod.identity, Duration::from_secs(5)).await.map_err(ProxyError::Certificate)?;
     let roots = ctx.identities.trust().borrow().as_ref().map(|t| t.roots.clone());
@@ -277,6 +281,7 @@ pub(super) async fn open(
     let headers = ConnectHeaders {
         forwarded_for: pod.workload.ip,
         baggage: format!("k8s.namespace.name={},k8s.pod.name={}", pod.workload.namespace, pod.workload.name),
+        traceparent,
     };
     let dialer = PodDialer { ctx, pod };
     ctx.hbone.open_via(&dialer, &cert, roots, peer, target, &headers).await.map_err(|e| ProxyError::Tunnel(Arc::new(e)))

@@ -16,6 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use ferrymesh_dataplane::spans::{attribute, SpanContext};
 use ferrymesh_policy::Transport;
 use mesh_common::{AppDialKey, MARK_APP_DIAL};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -60,6 +61,8 @@ pub struct ProxyContext {
     pub limits: crate::limits::Limits,
     /// What inbound peers hold open now.
     pub load: Arc<crate::limits::Load>,
+    /// Where connection spans go.
+    pub tracer: ferrymesh_dataplane::spans::Tracer,
 }
 
 /// The pods this agent has enrolled, by IP (kept by the enroller).
@@ -200,6 +203,8 @@ struct Connection {
     peer_cert_serial: Arc<str>,
     /// `namespace/name` of the service the client addressed (VIP), else empty.
     service: String,
+    /// Its span, when the agent traces.
+    trace: Option<SpanContext>,
 }
 
 impl Connection {
@@ -214,13 +219,21 @@ impl Connection {
             transport: Transport::Plaintext,
             peer_cert_serial: Arc::from(""),
             service: String::new(),
+            trace: None,
         }
+    }
+
+    /// The `traceparent` its HBONE CONNECT carries: its span as the parent, or, when the
+    /// agent does not trace, a new unsampled trace.
+    fn traceparent(&self) -> String {
+        self.trace.unwrap_or_else(|| SpanContext::start(None, false)).traceparent()
     }
 }
 
 impl ProxyContext {
     fn record(&self, conn: Connection, outcome: Outcome) {
-        self.flows.record(Flow {
+        let trace = conn.trace;
+        let flow = Flow {
             start: conn.start,
             node: self.node.clone(),
             direction: conn.direction,
@@ -234,7 +247,11 @@ impl ProxyContext {
             peer_cert_serial: conn.peer_cert_serial.to_string(),
             policy: outcome.policy,
             service: conn.service,
-        });
+        };
+        if let Some(trace) = trace.filter(|t| t.sampled) {
+            self.tracer.export(connection_span(&trace, &flow));
+        }
+        self.flows.record(flow);
     }
 
     /// Dials `dst` from inside `netns` with `mark`; with `source`, binds to that (non-local)
@@ -280,6 +297,35 @@ impl ProxyContext {
         stream.set_nodelay(true)?;
         Ok(stream)
     }
+}
+
+/// The span of a connection, from its flow: a client span for an outbound connection, a server
+/// span for an inbound one, with the flow's endpoints, bytes and verdict.
+fn connection_span(trace: &SpanContext, flow: &Flow) -> ferrymesh_api::otlp::trace::Span {
+    use ferrymesh_api::otlp::trace::span::SpanKind;
+    use ferrymesh_api::otlp::trace::{status::StatusCode, Status};
+    let (name, kind) = match flow.direction {
+        Direction::Outbound => (format!("outbound {}", flow.dst.addr), SpanKind::Client),
+        Direction::Inbound => (format!("inbound {}", flow.dst.addr), SpanKind::Server),
+    };
+    let identity = |e: &Endpoint| e.identity.as_deref().unwrap_or_default().to_string();
+    let mut attributes = vec![
+        attribute("source.address", flow.src.addr.to_string()),
+        attribute("source.principal", identity(&flow.src)),
+        attribute("destination.address", flow.dst.addr.to_string()),
+        attribute("destination.principal", identity(&flow.dst)),
+        attribute("connection_security_policy", flow.transport.as_str().to_string()),
+        attribute("bytes_sent", i64::try_from(flow.bytes_sent).unwrap_or(i64::MAX)),
+        attribute("bytes_received", i64::try_from(flow.bytes_received).unwrap_or(i64::MAX)),
+        attribute("response_flags", flow.response_flags().to_string()),
+        attribute("node", flow.node.clone()),
+    ];
+    if !flow.service.is_empty() {
+        attributes.push(attribute("destination_service", flow.service.clone()));
+    }
+    let mut span = trace.to_span(name, kind, attributes);
+    span.status = flow.error.as_ref().map(|e| Status { message: e.to_string(), code: StatusCode::Error as i32 });
+    span
 }
 
 /// An inbound connection the destination admitted: decided, registered for re-evaluation,

@@ -89,7 +89,12 @@ impl Route {
 /// Connects to `target` as `pod`: a meshed destination (one its own agent captures) by a
 /// node-local handover when it is enrolled on this node, else over HBONE; anything else as
 /// plain TCP.
-async fn connect<'a>(ctx: &'a ProxyContext, pod: &PodContext, target: SocketAddr) -> Result<Connected<'a>, ProxyError> {
+async fn connect<'a>(
+    ctx: &'a ProxyContext,
+    pod: &PodContext,
+    target: SocketAddr,
+    traceparent: String,
+) -> Result<Connected<'a>, ProxyError> {
     let route = Route::to(ctx, target);
     let transport = route.transport();
     if let Route::Local(workload, _) | Route::Hbone(workload) = &route {
@@ -101,7 +106,7 @@ async fn connect<'a>(ctx: &'a ProxyContext, pod: &PodContext, target: SocketAddr
             Route::Local(_, dst) => Upstream::Local(Box::new(local::open(ctx, pod, dst, target).await?)),
             _ => {
                 let peer = Peer { ip: target.ip(), id: &dst_id };
-                let (send, recv, slot) = hbone::open(pod, ctx, peer, target).await?;
+                let (send, recv, slot) = hbone::open(pod, ctx, peer, target, traceparent).await?;
                 Upstream::Hbone(send, recv, slot)
             }
         };
@@ -133,6 +138,7 @@ fn refused(client: &TcpStream, error: ProxyError) -> Outcome {
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let unknown = Endpoint { addr: UNKNOWN_ADDR, workload: None, identity: None };
     let mut conn = Connection::new(Direction::Outbound, pod.endpoint(peer.port(), &ctx.identities), unknown);
+    conn.trace = ctx.tracer.start(None);
     let orig = ctx.datapath.lock().expect("datapath lock").take_orig_dst(pod.cookie, peer.port());
     let Some(orig) = orig else {
         reset(&client);
@@ -179,7 +185,7 @@ async fn direct(
 ) -> Outcome {
     // Connecting (TLS and HTTP/2 handshakes included) is boxed: its state would otherwise
     // stay in the task, idle, for the connection's whole life.
-    match Box::pin(connect(ctx, pod, dst)).await {
+    match Box::pin(connect(ctx, pod, dst, conn.traceparent())).await {
         Ok(connected) => {
             conn.transport = connected.transport;
             conn.dst.identity = connected.dst_identity;
@@ -239,7 +245,7 @@ async fn to_waypoint(
     let attempts = addresses.len().min(SERVICE_ATTEMPTS);
     for n in 0..attempts {
         let address = addresses[(start + n) % addresses.len()];
-        match hbone::open(pod, ctx, Peer { ip: address, id: &id }, authority).await {
+        match hbone::open(pod, ctx, Peer { ip: address, id: &id }, authority, conn.traceparent()).await {
             Ok((send, recv, slot)) => return carry(ctx, client, Upstream::Hbone(send, recv, slot)).await,
             Err(error) if n + 1 < attempts => {
                 tracing::debug!(%kind, %name, %address, "waypoint address failed, trying another: {error}");
@@ -304,7 +310,7 @@ async fn to_service(
             conn.dst = Endpoint::lookup(&ctx.state, target);
             return Box::pin(to_waypoint(client, pod, ctx, conn, bound, target)).await;
         }
-        match Box::pin(connect(ctx, pod, target)).await {
+        match Box::pin(connect(ctx, pod, target, conn.traceparent())).await {
             Ok(connected) => {
                 conn.dst = Endpoint::lookup(&ctx.state, target);
                 conn.transport = connected.transport;

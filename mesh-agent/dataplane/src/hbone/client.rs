@@ -54,6 +54,8 @@ pub struct ConnectHeaders {
     pub forwarded_for: IpAddr,
     /// W3C baggage naming the source workload (`k8s.namespace.name=...,k8s.pod.name=...`).
     pub baggage: String,
+    /// W3C `traceparent`: the sender's span of the connection (see [`crate::spans`]).
+    pub traceparent: String,
 }
 
 /// The proxy an HBONE connection goes to, and the identity it must prove.
@@ -140,7 +142,7 @@ impl Client {
             .uri(target.to_string())
             .header("forwarded", format!("for=\"{}\"", headers.forwarded_for))
             .header("baggage", &headers.baggage)
-            .header("traceparent", traceparent())
+            .header("traceparent", &headers.traceparent)
             .body(())
             .expect("CONNECT request");
         let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::Http2(peer, e))?;
@@ -150,9 +152,4 @@ impl Client {
         }
         Ok((send, response.into_body(), slot))
     }
-}
-
-/// A new W3C trace context (version 00, random trace and span ids, sampled).
-fn traceparent() -> String {
-    format!("00-{:032x}-{:016x}-01", rand::random::<u128>(), rand::random::<u64>())
 }
