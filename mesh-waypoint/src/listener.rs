@@ -110,6 +110,8 @@ pub struct Downstream {
     pub spiffe_id: Option<ferrymesh_spiffe::SpiffeId>,
     /// The client's address (the source agent dials from the client pod).
     pub addr: SocketAddr,
+    /// The CONNECT's `traceparent`: the source agent's span of the connection.
+    pub traceparent: Option<String>,
 }
 
 impl Downstream {
@@ -224,6 +226,7 @@ async fn serve_tunnel(
     waypoint: Arc<Waypoint>,
 ) {
     let (parts, body) = request.into_parts();
+    let traceparent = parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
     let (dest, port) = match waypoint.bound_target(&parts.method, parts.uri.authority().map(|a| a.as_str())) {
         Ok(target) => target,
         Err(refused) => {
@@ -244,7 +247,7 @@ async fn serve_tunnel(
         "tcp" => false,
         _ => detect(&mut stream).await == Detected::Http,
     };
-    let downstream = Arc::new(Downstream { dest, port, identity, spiffe_id, addr: peer });
+    let downstream = Arc::new(Downstream { dest, port, identity, spiffe_id, addr: peer, traceparent });
     if !http {
         return crate::tcp::relay(&waypoint, &downstream, stream).await;
     }

@@ -212,7 +212,7 @@ async fn route(
     let upgrade = request.version() == Version::HTTP_11 && request.headers().contains_key(UPGRADE);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
-    record.span = crate::spans::RequestSpan::start(&waypoint.tracer, &parts.headers);
+    record.span = crate::spans::RequestSpan::start(&waypoint.tracer, &parts.headers, down.traceparent.as_deref());
 
     // The authority as requested (the record took it on arrival; empty: none was sent).
     let requested = record.authority.clone();

@@ -1,12 +1,13 @@
 //! Tracing at the waypoint ([`ferrymesh_dataplane::spans`] holds the W3C and OTLP parts): a
-//! server span per request, the child of the request's `traceparent` (or of nothing: a new
-//! trace); `tracestate` goes on unchanged. Upstream the request carries `traceparent` with the
+//! server span per request, the child of the request's `traceparent`; a request without one is
+//! the child of its tunnel's (the source agent's span of the connection, from the HBONE
+//! CONNECT) when that is sampled, else the root of a new trace; `tracestate` goes on unchanged. Upstream the request carries `traceparent` with the
 //! waypoint's span as parent and the sampling decision in its flags, so the application's
 //! spans are the waypoint span's children. Without a collector nothing is traced and
 //! `traceparent` passes through untouched.
 
 use ferrymesh_api::otlp::trace;
-use ferrymesh_dataplane::spans::{attribute, SpanContext, Tracer};
+use ferrymesh_dataplane::spans::{attribute, SpanContext, TraceParent, Tracer};
 use http::{HeaderMap, HeaderValue};
 
 use crate::record::Record;
@@ -21,11 +22,13 @@ pub struct RequestSpan {
 }
 
 impl RequestSpan {
-    /// The span of a request with `headers`; None when nothing is traced (no collector).
-    pub fn start(tracer: &Tracer, headers: &HeaderMap) -> Option<Self> {
-        let parent = headers.get("traceparent").and_then(|v| v.to_str().ok());
-        let context = tracer.start(parent)?;
-        let trace_state = match context.parent_id {
+    /// The span of a request with `headers` on a tunnel whose CONNECT carried `tunnel` (a
+    /// `traceparent`); None when nothing is traced (no collector).
+    pub fn start(tracer: &Tracer, headers: &HeaderMap, tunnel: Option<&str>) -> Option<Self> {
+        let own = headers.get("traceparent").and_then(|v| v.to_str().ok()).filter(|t| TraceParent::parse(t).is_some());
+        let tunnel = tunnel.filter(|t| TraceParent::parse(t).is_some_and(|p| p.sampled));
+        let context = tracer.start(own.or(tunnel))?;
+        let trace_state = match own {
             Some(_) => headers.get("tracestate").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
             None => String::new(),
         };
@@ -84,7 +87,6 @@ fn span_name(record: &Record) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferrymesh_dataplane::spans::TraceParent;
 
     #[tokio::test]
     async fn sampling_follows_the_parent_and_the_percent_for_new_traces() {
@@ -94,7 +96,7 @@ mod tests {
         headers.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
         headers.insert("tracestate", "vendor=1".parse().unwrap());
         let never = tracer(0.0);
-        let span = RequestSpan::start(&never, &headers).unwrap();
+        let span = RequestSpan::start(&never, &headers, None).unwrap();
         assert!(span.context.sampled, "a sampled parent's trace is sampled whatever the percent");
         assert_eq!(span.context.parent_id, Some(*b"\x00\xf0\x67\xaa\x0b\xa9\x02\xb7"));
         assert_eq!(span.trace_state, "vendor=1");
@@ -105,18 +107,33 @@ mod tests {
         );
         headers.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".parse().unwrap());
         assert!(
-            !RequestSpan::start(&tracer(100.0), &headers).unwrap().context.sampled,
+            !RequestSpan::start(&tracer(100.0), &headers, None).unwrap().context.sampled,
             "an unsampled parent's trace is not"
         );
         let fresh = HeaderMap::new();
-        assert!((0..100).all(|_| !RequestSpan::start(&never, &fresh).unwrap().context.sampled));
+        assert!((0..100).all(|_| !RequestSpan::start(&never, &fresh, None).unwrap().context.sampled));
         let always = tracer(100.0);
-        let roots: Vec<RequestSpan> = (0..100).map(|_| RequestSpan::start(&always, &fresh).unwrap()).collect();
+        let roots: Vec<RequestSpan> = (0..100).map(|_| RequestSpan::start(&always, &fresh, None).unwrap()).collect();
         assert!(roots.iter().all(|s| s.context.sampled && s.context.parent_id.is_none()));
         let half = tracer(50.0);
-        let sampled = (0..2000).filter(|_| RequestSpan::start(&half, &fresh).unwrap().context.sampled).count();
+        let sampled = (0..2000).filter(|_| RequestSpan::start(&half, &fresh, None).unwrap().context.sampled).count();
         assert!((800..1200).contains(&sampled), "{sampled} of 2000 at 50%");
-        assert!(RequestSpan::start(&Tracer::new(None, 1.0, vec![]).unwrap(), &headers).is_none());
+        assert!(RequestSpan::start(&Tracer::new(None, 1.0, vec![]).unwrap(), &headers, None).is_none());
+        // Without a traceparent of its own, a request is the child of its tunnel's span when
+        // that is sampled.
+        let tunnel = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let child = RequestSpan::start(&never, &fresh, Some(tunnel)).unwrap();
+        assert_eq!(child.context.parent_id, Some(TraceParent::parse(tunnel).unwrap().parent_id));
+        assert!(child.context.sampled);
+        let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        let root = RequestSpan::start(&always, &fresh, Some(unsampled)).unwrap();
+        assert!(root.context.parent_id.is_none() && root.context.sampled, "the waypoint's own decision");
+        let own = RequestSpan::start(&never, &headers, Some(tunnel)).unwrap();
+        assert_eq!(
+            own.context.trace_id,
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap().trace_id,
+            "the request's own traceparent first"
+        );
         assert!(Tracer::new(None, 101.0, vec![]).is_err());
     }
 }

@@ -1582,8 +1582,8 @@ fn requests_are_traced_across_two_services_through_the_waypoint_over_otlp() {
     let echo = ECHO_HTTP_PORT.to_string();
     topo.write_service("shop", "web", WEB, &[("app", "web")], &[("http", 80, &echo)]);
     topo.write_service("shop", "api", API, &[("app", "api")], &[("http", 80, &echo)]);
-    // The agents trace every connection; the waypoint no new trace: only those a client
-    // samples are recorded (parent-based).
+    // The agents trace every connection; the waypoint starts no trace of its own: a request is
+    // recorded when its client, or the agent that carried it, sampled its trace.
     let collector = topo.serve_otlp();
     topo.start_ctrl(&[]);
     for node in [1, 2] {
@@ -1611,8 +1611,8 @@ fn requests_are_traced_across_two_services_through_the_waypoint_over_otlp() {
     };
     let fields = |traceparent: &str| -> Vec<String> { traceparent.split('-').map(str::to_string).collect() };
 
-    // Not sampled: no traceparent and none sampled; or the client's, unsampled. The waypoint
-    // still gives its span's id to the application, with the client's decision.
+    // The client's traceparent, unsampled: not recorded (the request's own decision comes
+    // first). The waypoint still gives its span's id to the application, with that decision.
     let (unsampled_trace, client_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
     wait_until(CONFIG_WAIT, "the waypoint to serve web", || topo.http(a, &format!("http://{WEB}/"), &[]).status == 200);
     get(None);
@@ -1637,12 +1637,10 @@ fn requests_are_traced_across_two_services_through_the_waypoint_over_otlp() {
     wait_until(FLOW_WAIT, "the collector to receive both spans", || {
         waypoint_spans().iter().filter(|s| s["trace_id"] == trace).count() >= 2
     });
-    let spans = waypoint_spans();
-    assert!(
-        spans.iter().all(|s| s["trace_id"] != unsampled_trace),
-        "an unsampled trace is not exported, nor a new trace at 0%: {spans:?}"
-    );
-    assert_eq!(spans.len(), 2, "one span per sampled request, nothing else: {spans:?}");
+    let all = waypoint_spans();
+    assert!(all.iter().all(|s| s["trace_id"] != unsampled_trace), "an unsampled trace is not exported: {all:?}");
+    let spans: Vec<&serde_json::Value> = all.iter().filter(|s| s["trace_id"] == trace).collect();
+    assert_eq!(spans.len(), 2, "one span per sampled request: {spans:?}");
     let outer = spans.iter().find(|s| s["parent_span_id"] == client_span).unwrap_or_else(|| panic!("{spans:?}"));
     let inner =
         spans.iter().find(|s| s["parent_span_id"] == web_call[2].as_str()).unwrap_or_else(|| panic!("{spans:?}"));
@@ -1670,10 +1668,26 @@ fn requests_are_traced_across_two_services_through_the_waypoint_over_otlp() {
             topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    wait_until(FLOW_WAIT, "the export to be counted", || scrape().contains("ferrymesh_spans_exported_total"));
-    let text = scrape();
-    let exposition = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    assert_eq!(exposition.sum("ferrymesh_spans_exported_total", &[]), 2.0, "{text}");
+    let exported = || {
+        let text = scrape();
+        let exposition = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        text.contains("ferrymesh_spans_exported_total").then(|| exposition.sum("ferrymesh_spans_exported_total", &[]))
+    };
+    wait_until(FLOW_WAIT, "every span received to be counted", || exported() == Some(waypoint_spans().len() as f64));
+
+    // A request without a traceparent of its own is the child of its tunnel's span: the source
+    // agent's span of the connection, carried in the HBONE CONNECT.
+    let tunnel_child = all
+        .iter()
+        .find(|s| s["attributes"]["http.url"] == format!("http://{WEB}/outer") && s["trace_id"] != trace)
+        .unwrap_or_else(|| panic!("the span of the request without a traceparent: {all:?}"));
+    let parent = || topo.otlp_spans().into_iter().find(|s| s["span_id"] == tunnel_child["parent_span_id"]);
+    // The agent's span ends with its connection, and is exported then.
+    wait_until(FLOW_WAIT, "its parent, the agent's span", || parent().is_some());
+    let agent_span = parent().unwrap();
+    assert_eq!(agent_span["service"], "mesh-agent", "{agent_span}");
+    assert_eq!(agent_span["name"], format!("outbound {WEB}:80"), "{agent_span}");
+    assert_eq!(agent_span["trace_id"], tunnel_child["trace_id"]);
 
     // The agents: a connection's span at the source's agent (client) and at the destination's
     // (server), the second the child of the first through the HBONE CONNECT's traceparent.
