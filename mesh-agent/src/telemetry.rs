@@ -28,6 +28,7 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 fn describe() {
+    ferrymesh_dataplane::spans::describe_metrics();
     describe_counter!(
         "ferrymesh_tcp_connections_opened_total",
         "TCP connections that carried traffic (counted when they close)."

@@ -318,11 +318,7 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         "ferrymesh_jwks_fetches_total",
         "Fetches of RequestAuthentication jwksUri key sets, by result (ok, error)."
     );
-    metrics::describe_counter!("ferrymesh_spans_exported_total", "Spans exported to the tracing collector (OTLP).");
-    metrics::describe_counter!(
-        "ferrymesh_spans_dropped_total",
-        "Spans not exported, by reason (queue_full, export_failed)."
-    );
+    ferrymesh_dataplane::spans::describe_metrics();
     metrics::describe_histogram!(
         "ferrymesh_request_duration_milliseconds",
         metrics::Unit::Milliseconds,

@@ -190,6 +190,15 @@ impl Tracer {
     }
 }
 
+/// Describes the span metrics (for a process's Prometheus endpoint).
+pub fn describe_metrics() {
+    metrics::describe_counter!("ferrymesh_spans_exported_total", "Spans exported to the tracing collector (OTLP).");
+    metrics::describe_counter!(
+        "ferrymesh_spans_dropped_total",
+        "Spans not exported, by reason (queue_full, export_failed)."
+    );
+}
+
 /// A span attribute.
 pub fn attribute(key: &str, value: impl Into<AttributeValue>) -> common::KeyValue {
     let value = match value.into() {
