@@ -45,6 +45,8 @@ pub struct WaypointDeploy {
     pub ctrl: String,
     /// The rate-limit service of global rate limits, if any.
     pub rate_limit_service: Option<String>,
+    /// The OpenTelemetry collector request spans go to, if any.
+    pub tracing_collector: Option<String>,
 }
 
 impl WaypointDeploy {
@@ -110,6 +112,7 @@ impl WaypointDeploy {
             "--access-log=-".into(),
         ];
         args.extend(self.rate_limit_service.iter().map(|url| format!("--rate-limit-service={url}")));
+        args.extend(self.tracing_collector.iter().map(|url| format!("--tracing-collector={url}")));
         args
     }
 

@@ -316,6 +316,8 @@ fn a_generated_waypoint_is_valid_kubernetes_and_consistent_with_the_code() {
         "2",
         "--rate-limit-service",
         rls,
+        "--tracing-collector",
+        "http://otel-collector.infra.svc:4317",
         "wp",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -347,6 +349,7 @@ fn a_generated_waypoint_is_valid_kubernetes_and_consistent_with_the_code() {
     let waypoint_flags = flags(container);
     assert_eq!((waypoint_flags["--namespace"].as_str(), waypoint_flags["--name"].as_str()), ("shop", "wp"));
     assert_eq!(waypoint_flags["--rate-limit-service"], rls, "global rate limits are counted there");
+    assert_eq!(waypoint_flags["--tracing-collector"], "http://otel-collector.infra.svc:4317", "spans go there");
     assert_projected_token(spec, container);
     // The root ConfigMap mesh-ctrl keeps in the waypoint's namespace.
     assert_root_mounted(spec, container);

@@ -63,8 +63,10 @@ fn quick_bench_runs_and_writes_well_formed_results() {
         let r = has(scenario, "http1_max_rate").unwrap_or_else(|| panic!("{scenario} http1_max_rate missing"));
         assert!(r["median"].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "{r}");
     }
-    let cost = has("waypoint-features", "http1_max_rate_vs_waypoint").expect("the features' cost");
-    assert!(cost["median"].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "{cost}");
+    for scenario in ["waypoint-features", "waypoint-traced"] {
+        let cost = has(scenario, "http1_max_rate_vs_waypoint").unwrap_or_else(|| panic!("{scenario}'s cost"));
+        assert!(cost["median"].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "{cost}");
+    }
     let text = std::fs::read_to_string(&report).unwrap();
     assert!(text.contains("cross-node") && text.contains("throughput_1stream") && text.contains("machine:"));
     let _ = std::fs::remove_dir_all(&dir);

@@ -1529,6 +1529,15 @@ fn end_user_jwts_are_verified_at_the_waypoint_and_keys_rotate_without_restart() 
     let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert!(scrape.sum("ferrymesh_jwks_fetches_total", &[("result", "ok")]) >= 2.0, "{text}");
 
+    // meshctl lists the RequestAuthentication with the policies.
+    let policies = String::from_utf8_lossy(&topo.meshctl(1, &["policies"]).stdout).into_owned();
+    assert!(
+        policies.lines().any(|l| l.contains("RequestAuthentication shop/jwt")
+            && l.contains("Service web")
+            && l.contains(&format!("issuers {ISSUER} ({jwks_uri})"))),
+        "{policies}"
+    );
+
     // meshctl explain says what a token's claims make of a request, by the same decision code.
     let explain = |args: &[&str]| {
         let mut all = vec!["explain", "shop/a", "shop/web:80"];

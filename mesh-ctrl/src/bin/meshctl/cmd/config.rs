@@ -166,7 +166,23 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
     Ok(())
 }
 
-/// Prints the policies.
+/// `targetRefs` as `Kind name`.
+fn targets(refs: &[ferrymesh_api::config::TargetRef]) -> Vec<String> {
+    refs.iter().map(|t| format!("{} {}", t.kind, t.name)).collect()
+}
+
+/// The issuers of a RequestAuthentication, each with where its keys are.
+fn issuers(p: &ferrymesh_api::config::RequestAuthentication) -> Vec<String> {
+    p.jwt_rules
+        .iter()
+        .map(|r| match r.jwks_uri.as_str() {
+            "" => format!("{} (inline jwks)", r.issuer),
+            uri => format!("{} ({uri})", r.issuer),
+        })
+        .collect()
+}
+
+/// Prints the policies (AuthorizationPolicy, PeerAuthentication, RequestAuthentication).
 pub async fn policies(agent: &Path, output: Output) -> Result<(), String> {
     let config = dump(agent).await?;
     let action = |a: i32| if a == 1 { "DENY" } else { "ALLOW" };
@@ -190,7 +206,13 @@ pub async fn policies(agent: &Path, output: Output) -> Result<(), String> {
                 .values()
                 .map(|p| json!({"kind": "PeerAuthentication", "namespace": p.namespace, "name": p.name, "mode": mode(p.mode), "selector": p.selector}))
                 .collect();
-            println!("{}", json!(authz.into_iter().chain(peer).collect::<Vec<_>>()));
+            let authn: Vec<_> = config
+                .objects
+                .request_authentications
+                .values()
+                .map(|p| json!({"kind": "RequestAuthentication", "namespace": p.namespace, "name": p.name, "target_refs": targets(&p.target_refs), "issuers": issuers(p)}))
+                .collect();
+            println!("{}", json!(authz.into_iter().chain(peer).chain(authn).collect::<Vec<_>>()));
         }
         _ => {
             let mut rows: Vec<[String; 4]> = config
@@ -214,7 +236,15 @@ pub async fn policies(agent: &Path, output: Output) -> Result<(), String> {
                     String::new(),
                 ]
             }));
-            table::print(&["POLICY", "ACTION", "SELECTOR", "RULES"], &rows);
+            rows.extend(config.objects.request_authentications.values().map(|p| {
+                [
+                    format!("RequestAuthentication {}/{}", p.namespace, p.name),
+                    "JWT".into(),
+                    targets(&p.target_refs).join(", "),
+                    format!("issuers {}", issuers(p).join(", ")),
+                ]
+            }));
+            table::print(&["POLICY", "ACTION", "SELECTOR/TARGETS", "RULES"], &rows);
         }
     }
     Ok(())

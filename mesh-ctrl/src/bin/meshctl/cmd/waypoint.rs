@@ -43,6 +43,10 @@ struct GenerateArgs {
     /// protocol), e.g. envoyproxy/ratelimit's Service.
     #[arg(long)]
     rate_limit_service: Option<String>,
+    /// The OpenTelemetry collector request spans are exported to (`http://host:port`,
+    /// OTLP/gRPC), e.g. an OpenTelemetry Collector's Service on 4317.
+    #[arg(long)]
+    tracing_collector: Option<String>,
 }
 
 pub fn run(args: WaypointArgs) -> Result<(), String> {
@@ -57,6 +61,7 @@ pub fn run(args: WaypointArgs) -> Result<(), String> {
                 replicas: g.replicas,
                 ctrl: g.ctrl,
                 rate_limit_service: g.rate_limit_service,
+                tracing_collector: g.tracing_collector,
             };
             print!("{}", deploy.yaml());
             Ok(())
