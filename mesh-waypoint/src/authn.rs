@@ -9,7 +9,8 @@
 //! Keys: an inline `jwks` is parsed once; a `jwksUri` (http or https, the system's roots) is
 //! fetched by the first request that needs it, again once `--jwks-refresh` has passed, and at
 //! once for a token whose `kid` the keys do not hold (a rotated key), at most once a second
-//! per URI. One fetch at a time per URI; a failed fetch keeps the keys held.
+//! per URI. One fetch at a time per URI, which only requests with no keys at all wait for (the
+//! others use the keys held meanwhile); a failed fetch keeps the keys held.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -131,7 +132,13 @@ impl KeyStore {
         if usable(&held) {
             return held.map(|(set, _)| set);
         }
-        let mut last_fetch = remote.fetching.lock().await;
+        // With keys held (stale, or without the kid), a request does not wait for a fetch under
+        // way: it uses them. Only a request with nothing to go on waits.
+        let mut last_fetch = match (remote.fetching.try_lock(), &held) {
+            (Ok(guard), _) => guard,
+            (Err(_), Some((set, _))) => return Some(set.clone()),
+            (Err(_), None) => remote.fetching.lock().await,
+        };
         // Another request may have fetched while this one waited.
         let held = remote.held();
         if usable(&held) || last_fetch.is_some_and(|at| at.elapsed() < REFETCH_GAP) {
@@ -201,5 +208,95 @@ impl KeyStore {
             Some((HeaderName::try_from(name.as_str()).ok()?, HeaderValue::try_from(segment).ok()?))
         });
         Ok(Some(Verified { auth: verified.auth, remove, payload }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+
+    /// A JWKS of one P-256 key of id `kid` (RFC 7517's example point).
+    fn jwks(kid: &str) -> String {
+        format!(
+            r#"{{"keys":[{{"kty":"EC","crv":"P-256","x":"MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4","y":"4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM","kid":"{kid}","alg":"ES256"}}]}}"#
+        )
+    }
+
+    /// An issuer on loopback serving `jwks(kid)` for the kid in `serving`, or 500 when it is
+    /// 0, and counting the fetches.
+    async fn issuer(serving: Arc<AtomicU16>, fetches: Arc<AtomicUsize>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (serving, fetches) = (serving.clone(), fetches.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_request| {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        let kid = serving.load(Ordering::SeqCst);
+                        let response = match kid {
+                            0 => http::Response::builder().status(500).body(crate::request::full("down")),
+                            kid => http::Response::builder().body(crate::request::full(jwks(&format!("k{kid}")))),
+                        };
+                        async move { Ok::<_, std::convert::Infallible>(response.unwrap()) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+        format!("http://{addr}/jwks.json")
+    }
+
+    fn rule(uri: &str) -> JwtRule {
+        JwtRule {
+            issuer: "https://issuer.test".into(),
+            audiences: vec![],
+            jwks: Jwks::Uri(uri.into()),
+            from_headers: vec![],
+            from_params: vec![],
+            forward_original_token: false,
+            output_payload_to_header: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_are_fetched_once_refetched_for_an_unknown_kid_and_kept_when_the_issuer_fails() {
+        let (serving, fetches) = (Arc::new(AtomicU16::new(1)), Arc::new(AtomicUsize::new(0)));
+        let rule = rule(&issuer(serving.clone(), fetches.clone()).await);
+        let store = KeyStore::new(Duration::from_secs(600), Duration::from_secs(2));
+        let kids = |set: Option<Arc<JwkSet>>| -> Vec<String> {
+            set.map(|s| s.keys.iter().filter_map(|k| k.common.key_id.clone()).collect()).unwrap_or_default()
+        };
+        assert_eq!(kids(store.keys(&rule, Some("k1")).await), ["k1"]);
+        assert_eq!(kids(store.keys(&rule, Some("k1")).await), ["k1"]);
+        assert_eq!(kids(store.keys(&rule, None).await), ["k1"]);
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "fresh keys are not fetched again");
+        // The issuer rotates: a token of the new kid has the keys fetched again, at most once
+        // a second.
+        serving.store(2, Ordering::SeqCst);
+        assert_eq!(kids(store.keys(&rule, Some("k2")).await), ["k1"], "within a second of the last fetch");
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(REFETCH_GAP).await;
+        assert_eq!(kids(store.keys(&rule, Some("k2")).await), ["k2"]);
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+        // The issuer fails: the keys held stay.
+        serving.store(0, Ordering::SeqCst);
+        tokio::time::sleep(REFETCH_GAP).await;
+        assert_eq!(kids(store.keys(&rule, Some("k3")).await), ["k2"]);
+        assert_eq!(fetches.load(Ordering::SeqCst), 3, "it was asked");
+        // Never fetched, and the issuer down: no keys (the request is refused).
+        let other = KeyStore::new(Duration::from_secs(600), Duration::from_secs(2));
+        assert!(other.keys(&rule, None).await.is_none());
+        // Past the refresh interval, keys are fetched again even for a known kid.
+        serving.store(2, Ordering::SeqCst);
+        let quick = KeyStore::new(Duration::from_millis(10), Duration::from_secs(2));
+        let before = fetches.load(Ordering::SeqCst);
+        quick.keys(&rule, Some("k2")).await.unwrap();
+        tokio::time::sleep(REFETCH_GAP).await;
+        quick.keys(&rule, Some("k2")).await.unwrap();
+        assert_eq!(fetches.load(Ordering::SeqCst), before + 2);
     }
 }

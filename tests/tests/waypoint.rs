@@ -1368,6 +1368,20 @@ fn a_global_rate_limit_holds_across_two_waypoint_replicas_through_the_rate_limit
     );
 }
 
+/// The topology of `spec` with `shop` enrolled and bound to its waypoint `shop/waypoint` (pod
+/// `waypoint`), each (pod, app) of `apps` written with its `app` label; nothing started.
+fn bound_shop(spec: &TopologySpec, apps: &[(&str, &str)]) -> Topology {
+    let topo = Topology::build(spec);
+    topo.write_cluster(&["shop"]);
+    topo.write_namespace("shop", &[(DATAPLANE_MODE, "enabled"), ("ferrymesh.io/use-waypoint", "waypoint")]);
+    for (pod, app) in apps {
+        topo.write_pod(topo.pod("shop", pod), &[("app", app)]);
+    }
+    topo.write_waypoint_pod(topo.pod("shop", "waypoint"));
+    topo.write_waypoint("shop", "waypoint");
+    topo
+}
+
 /// A P-256 signing key and its public half as a JWKS key of id `kid` (JSON).
 fn jwt_key(kid: &str) -> (jsonwebtoken::EncodingKey, String) {
     use base64::Engine;
@@ -1433,13 +1447,8 @@ spec:
 fn end_user_jwts_are_verified_at_the_waypoint_and_keys_rotate_without_restart() {
     use base64::Engine;
     let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "web-1", 1).pod("shop", "waypoint", 2);
-    let topo = Topology::build(&spec);
-    topo.write_cluster(&["shop"]);
-    topo.write_namespace("shop", &[(DATAPLANE_MODE, "enabled"), ("ferrymesh.io/use-waypoint", "waypoint")]);
-    topo.write_pod(topo.pod("shop", "web-1"), &[("app", "web")]);
+    let topo = bound_shop(&spec, &[("web-1", "web")]);
     let waypoint = topo.pod("shop", "waypoint");
-    topo.write_waypoint_pod(waypoint);
-    topo.write_waypoint("shop", "waypoint");
     topo.write_service("shop", "web", WEB, &[("app", "web")], &[("http", 80, &ECHO_HTTP_PORT.to_string())]);
     let (key1, jwk1) = jwt_key("k1");
     let (key2, jwk2) = jwt_key("k2");
@@ -1580,14 +1589,8 @@ fn requests_are_traced_across_two_services_through_the_waypoint_over_otlp() {
         .pod("shop", "web-1", 1)
         .pod("shop", "api", 2)
         .pod("shop", "waypoint", 2);
-    let topo = Topology::build(&spec);
-    topo.write_cluster(&["shop"]);
-    topo.write_namespace("shop", &[(DATAPLANE_MODE, "enabled"), ("ferrymesh.io/use-waypoint", "waypoint")]);
-    topo.write_pod(topo.pod("shop", "web-1"), &[("app", "web")]);
-    topo.write_pod(topo.pod("shop", "api"), &[("app", "api")]);
+    let topo = bound_shop(&spec, &[("web-1", "web"), ("api", "api")]);
     let waypoint = topo.pod("shop", "waypoint");
-    topo.write_waypoint_pod(waypoint);
-    topo.write_waypoint("shop", "waypoint");
     let echo = ECHO_HTTP_PORT.to_string();
     topo.write_service("shop", "web", WEB, &[("app", "web")], &[("http", 80, &echo)]);
     topo.write_service("shop", "api", API, &[("app", "api")], &[("http", 80, &echo)]);
