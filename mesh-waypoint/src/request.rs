@@ -8,11 +8,12 @@
 //! to a waypoint of workloads) has no routes: it goes to that pod. Before any of it, the
 //! request's JWT is checked against the RequestAuthentications attached to the Service or the
 //! waypoint ([`crate::authn`]; a token no rule accepts is a 401), then the AuthorizationPolicies
-//! attached to them decide: a denial is a 403 naming the policy and rule. Once the rule and backend are known, the TrafficPolicies of the
-//! Service, route or rule apply: their rate limits (local ones, [`crate::limits`], then global
-//! ones, [`crate::global_limits`]; 429), then their fault
-//! (a delay, then an abort); and the backend's DestinationRule may hash the request's key to
-//! keep it on one endpoint.
+//! attached to them decide: a denial is a 403 naming the policy and rule. Once the rule and
+//! backend are known, the TrafficPolicies of the Service, route or rule apply: their rate limits
+//! (local ones, [`crate::limits`], then global ones, [`crate::global_limits`]; 429), then their
+//! fault (a delay, then an abort); and the backend's DestinationRule may hash the request's key
+//! to keep it on one endpoint. The request's span ([`crate::spans`]) starts on arrival and ends
+//! with its record.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
