@@ -168,11 +168,6 @@ impl Tracer {
         Ok(Self { queue: Some(tx), sampling })
     }
 
-    /// A tracer that traces nothing.
-    pub fn off() -> Self {
-        Self { queue: None, sampling: 0.0 }
-    }
-
     /// A span starting now, the child of `parent` (a `traceparent` value; invalid or absent: a
     /// new trace); None when nothing is traced (no collector).
     pub fn start(&self, parent: Option<&str>) -> Option<SpanContext> {
