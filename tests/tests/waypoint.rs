@@ -641,6 +641,10 @@ fn l7_authorization_policies_at_the_waypoint_name_the_deciding_rule() {
     assert!(allowed.contains("endpoint (from the waypoint): shop/web-2 at 10.244.2.2:8081: ALLOWED"), "{allowed}");
     let json: serde_json::Value = serde_json::from_str(&explain(&["--method", "DELETE", "-o", "json"])).unwrap();
     assert_eq!(json["waypoint_policy"]["policy"], "shop/deny-delete rule 0", "{json}");
+    // No RequestAuthentication is attached: a token is not read, and decides nothing.
+    let with_token = explain(&["--jwt-claims", r#"{"iss": "https://issuer.test", "sub": "x"}"#]);
+    assert!(with_token.contains("no RequestAuthentication is attached: tokens are not read"), "{with_token}");
+    assert!(with_token.contains("ALLOW shop/allow-reads: rule 0 matches: allowed"), "{with_token}");
 
     // meshctl requests reads the waypoint's log, filtered.
     let meshctl = |args: &[&str]| {

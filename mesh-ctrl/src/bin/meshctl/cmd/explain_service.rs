@@ -53,9 +53,9 @@ fn endpoint_verdict(
     })
 }
 
-/// The `request.auth.*` of a verified token with `claims` (JSON): its principal `iss/sub`,
-/// audiences, presenter and claims.
-fn request_auth(claims: &str) -> Result<RequestAuth, String> {
+/// The issuer and the `request.auth.*` of a verified token with `claims` (JSON): its principal
+/// `iss/sub`, audiences, presenter and claims.
+fn request_auth(claims: &str) -> Result<(String, RequestAuth), String> {
     let claims: serde_json::Map<String, Value> =
         serde_json::from_str(claims).map_err(|e| format!("--jwt-claims: not a JSON object: {e}"))?;
     let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
@@ -65,12 +65,8 @@ fn request_auth(claims: &str) -> Result<RequestAuth, String> {
         Some(Value::Array(many)) => many.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
         _ => Vec::new(),
     };
-    Ok(RequestAuth {
-        principal: format!("{issuer}/{}", text("sub").unwrap_or_default()),
-        audiences,
-        presenter: text("azp"),
-        claims,
-    })
+    let principal = format!("{issuer}/{}", text("sub").unwrap_or_default());
+    Ok((issuer, RequestAuth { principal, audiences, presenter: text("azp"), claims }))
 }
 
 /// The ready endpoints of `service` for `port`, with the pod port they take it on.
@@ -131,7 +127,7 @@ pub fn run(held: &Held, src: &Workload, key: &str, port: u16, args: &ExplainArgs
         gateway: (&waypoint.namespace, &waypoint.name),
     };
     let vip = service.vip.parse().unwrap_or(src_ip);
-    let auth = match &args.jwt_claims {
+    let token = match &args.jwt_claims {
         None => None,
         Some(text) => Some(request_auth(text)?),
     };
@@ -145,14 +141,16 @@ pub fn run(held: &Held, src: &Workload, key: &str, port: u16, args: &ExplainArgs
         .map_err(|e| e.to_string())?;
     let attached = RequestAuthentications::new(authentications);
     let attached = attached.attached(&target);
+    // Without a RequestAuthentication attached the waypoint reads no token: the request has no
+    // principal whatever it carries.
+    let auth = token.as_ref().filter(|_| !attached.is_empty()).map(|(_, auth)| auth.clone());
     out["authentication"] = json!({
         "request_authentications": attached.iter().map(|p| p.key()).collect::<Vec<_>>(),
         "issuers": attached.iter().flat_map(|p| p.rules.iter().map(|r| r.issuer.clone())).collect::<Vec<_>>(),
         "request_principal": auth.as_ref().map(|a| a.principal.clone()),
     });
-    if let Some(auth) = &auth {
-        let issuer = auth.principal.rsplit_once('/').map_or("", |(iss, _)| iss);
-        if !attached.iter().any(|p| p.rules.iter().any(|r| r.issuer == issuer)) {
+    if let (Some((issuer, _)), false) = (&token, attached.is_empty()) {
+        if !attached.iter().any(|p| p.rules.iter().any(|r| r.issuer == *issuer)) {
             out["authentication"]["refused"] = json!(format!(
                 "401: Jwt issuer is not configured (no RequestAuthentication attached to {}/{} accepts {issuer:?})",
                 service.namespace, service.name
@@ -267,7 +265,7 @@ fn print(out: &Value, output: Output) -> Result<(), String> {
     let authn = &out["authentication"];
     let attached: Vec<String> = authn["request_authentications"].as_array().into_iter().flatten().map(text).collect();
     match (attached.is_empty(), authn["request_principal"].as_str()) {
-        (true, _) => println!("jwt:      no RequestAuthentication is attached: tokens are not checked"),
+        (true, _) => println!("jwt:      no RequestAuthentication is attached: tokens are not read (no principal)"),
         (false, Some(principal)) => println!(
             "jwt:      RequestAuthentication {} (issuers {}); the token's principal is {principal}",
             attached.join(", "),
