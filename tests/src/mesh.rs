@@ -686,6 +686,13 @@ impl Topology {
             .collect()
     }
 
+    /// The Prometheus text served on `127.0.0.1:15020/metrics` inside `netns` (an agent's node,
+    /// or a waypoint's pod); empty when nothing answers.
+    pub fn metrics_text(&self, netns: &str) -> String {
+        let out = self.output_in(netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The request records the waypoint in `pod` has logged, one JSON value each.
     pub fn waypoint_requests(&self, pod: &Pod) -> Vec<Value> {
         self.log(&format!("waypoint-{}", pod.name))

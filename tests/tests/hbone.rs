@@ -269,9 +269,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// The agent of node 2's metrics, read by the strict parser.
 fn node2_metrics(topo: &Topology) -> ferrymesh_testbed::prom::Exposition {
-    let out =
-        topo.output_in(&topo.nodes[1].netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
-    ferrymesh_testbed::prom::parse(&String::from_utf8(out.stdout).unwrap()).expect("valid Prometheus text")
+    ferrymesh_testbed::prom::parse(&topo.metrics_text(&topo.nodes[1].netns)).expect("valid Prometheus text")
 }
 
 fn refused(topo: &Topology, limit: &str) -> f64 {

@@ -85,8 +85,7 @@ fn a_bound_service_is_reached_through_the_waypoint_with_both_identities() {
     assert_eq!(first["protocol"], "HTTP/1.1", "{first}");
 
     // Counted with Istio's labels.
-    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = topo.metrics_text(&waypoint.netns);
     let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     let labels = [
         ("reporter", "waypoint"),
@@ -708,8 +707,7 @@ fn grpc_routes_split_by_weight_and_modify_headers_with_a_real_grpc_client() {
     assert_eq!(last["protocol"], "HTTP/2", "{last}");
     assert_eq!(last["grpc_status"], "0", "{last}");
     assert_eq!(last["route"], "GRPCRoute shop/grpc-split rule 0", "{last}");
-    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = topo.metrics_text(&waypoint.netns);
     let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     let ok = [("request_protocol", "grpc"), ("grpc_response_status", "0"), ("destination_service", "shop/grpc")];
     assert!(scrape.sum("ferrymesh_requests_total", &ok) >= 500.0, "{text}");
@@ -912,8 +910,7 @@ fn request_timeouts_and_the_default_retry_shape_what_clients_see() {
     let retries_of = |path: &str| records.iter().find(|r| r["path"] == path).map(|r| r["retries"].clone());
     assert_eq!(retries_of("/retry-500"), Some(serde_json::json!(1)));
     assert_eq!(retries_of("/plain-500"), Some(serde_json::json!(0)));
-    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = topo.metrics_text(&waypoint.netns);
     let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     let by_503 = [("destination_service", "shop/web"), ("reason", "503")];
     assert_eq!(scrape.sum("ferrymesh_request_retries_total", &by_503), retried as f64, "{text}");
@@ -1039,8 +1036,7 @@ fn faults_of_a_traffic_policy_delay_and_abort_what_clients_see() {
     assert_eq!(delayed["response_flags"], "DI", "{delayed}");
     let grpc_record = records.iter().find(|r| r["service"] == "shop/grpc").unwrap();
     assert_eq!((&grpc_record["grpc_status"], &grpc_record["response_flags"]), (&"14".into(), &"FI".into()));
-    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = topo.metrics_text(&waypoint.netns);
     let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     let fi = [("destination_service", "shop/web"), ("response_code", "503"), ("response_flags", "FI")];
     assert_eq!(scrape.sum("ferrymesh_requests_total", &fi), answered_503 as f64, "{text}");
@@ -1109,8 +1105,7 @@ fn a_destination_rule_pins_by_hash_breaks_circuits_and_ejects_a_failing_endpoint
     std::thread::sleep(Duration::from_millis(2300));
     let codes = statuses(&topo, a, &url, 40, &failing);
     assert_eq!(codes.iter().filter(|c| **c == 500).count(), 3, "back after its ejection: {codes:?}");
-    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = topo.metrics_text(&waypoint.netns);
     let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert_eq!(scrape.sum("ferrymesh_outlier_ejections_total", &[("destination_service", "shop/web")]), 2.0, "{text}");
     let uo = [("destination_service", "shop/web"), ("response_code", "503"), ("response_flags", "UO")];
@@ -1204,8 +1199,7 @@ fn local_rate_limits_answer_429_with_retry_after_per_rule_and_per_key() {
         per_user_record["reason"], "rate limited by TrafficPolicy shop/per-user local[0]: 5/60s burst 5 per x-user",
         "{per_user_record}"
     );
-    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = topo.metrics_text(&waypoint.netns);
     let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     let rl = [("destination_service", "shop/web"), ("response_code", "429"), ("response_flags", "RL")];
     assert_eq!(scrape.sum("ferrymesh_requests_total", &rl), limited.len() as f64, "{text}");
@@ -1334,8 +1328,7 @@ fn a_global_rate_limit_holds_across_two_waypoint_replicas_through_the_rate_limit
     let over_limit: f64 = replicas
         .iter()
         .map(|w| {
-            let out = topo.output_in(&w.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
-            let text = String::from_utf8_lossy(&out.stdout);
+            let text = topo.metrics_text(&w.netns);
             let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
             scrape.sum("ferrymesh_rate_limit_service_calls_total", &[("result", "over_limit")])
         })
@@ -1537,8 +1530,7 @@ fn end_user_jwts_are_verified_at_the_waypoint_and_keys_rotate_without_restart() 
     let fetches = topo.jwks_fetches();
     assert!(fetches.len() > fetches_before, "{fetches:?}");
     assert!(fetches.iter().all(|f| f["from"].as_str().unwrap_or_default().starts_with(&waypoint.ip.to_string())));
-    let out = topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = topo.metrics_text(&waypoint.netns);
     let scrape = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert!(scrape.sum("ferrymesh_jwks_fetches_total", &[("result", "ok")]) >= 2.0, "{text}");
 
@@ -1679,13 +1671,8 @@ fn requests_are_traced_across_two_services_through_the_waypoint_over_otlp() {
         "the inner request happened within the outer: {outer} {inner}"
     );
     // Counted once the collector has answered the export.
-    let scrape = || {
-        let out =
-            topo.output_in(&waypoint.netns, "curl", &["-sS", "--max-time", "3", "http://127.0.0.1:15020/metrics"]);
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     let exported = || {
-        let text = scrape();
+        let text = topo.metrics_text(&waypoint.netns);
         let exposition = ferrymesh_testbed::prom::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
         text.contains("ferrymesh_spans_exported_total").then(|| exposition.sum("ferrymesh_spans_exported_total", &[]))
     };
