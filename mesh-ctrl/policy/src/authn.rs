@@ -283,6 +283,23 @@ pub struct RequestAuth {
     pub claims: serde_json::Map<String, serde_json::Value>,
 }
 
+impl RequestAuth {
+    /// What a token of `issuer` with `claims` says: principal `issuer/sub`, `aud` as a list
+    /// (one string or many), `azp`.
+    pub fn from_claims(issuer: &str, claims: serde_json::Map<String, serde_json::Value>) -> Self {
+        let text = |name: &str| claims.get(name).and_then(|v| v.as_str()).map(str::to_string);
+        let audiences = match claims.get("aud") {
+            Some(serde_json::Value::String(one)) => vec![one.clone()],
+            Some(serde_json::Value::Array(many)) => {
+                many.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
+            }
+            _ => Vec::new(),
+        };
+        let (principal, presenter) = (format!("{issuer}/{}", text("sub").unwrap_or_default()), text("azp"));
+        Self { principal, audiences, presenter, claims }
+    }
+}
+
 /// A request's token, verified.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Authenticated<'r> {
@@ -401,21 +418,7 @@ pub fn verify<'r>(token: &Token<'r>, set: &JwkSet) -> Result<Authenticated<'r>, 
         let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
         match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(&token.jwt, &key, &validation) {
             Ok(data) => {
-                let claims = data.claims;
-                let text = |name: &str| claims.get(name).and_then(|v| v.as_str()).map(str::to_string);
-                let audiences = match claims.get("aud") {
-                    Some(serde_json::Value::String(one)) => vec![one.clone()],
-                    Some(serde_json::Value::Array(many)) => {
-                        many.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
-                    }
-                    _ => Vec::new(),
-                };
-                let auth = RequestAuth {
-                    principal: format!("{}/{}", rule.issuer, text("sub").unwrap_or_default()),
-                    audiences,
-                    presenter: text("azp"),
-                    claims,
-                };
+                let auth = RequestAuth::from_claims(&rule.issuer, data.claims);
                 return Ok(Authenticated { auth, found_in: token.found_in.clone(), rule });
             }
             Err(e) => {

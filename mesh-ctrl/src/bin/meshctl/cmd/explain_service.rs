@@ -58,15 +58,10 @@ fn endpoint_verdict(
 fn request_auth(claims: &str) -> Result<(String, RequestAuth), String> {
     let claims: serde_json::Map<String, Value> =
         serde_json::from_str(claims).map_err(|e| format!("--jwt-claims: not a JSON object: {e}"))?;
-    let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
-    let issuer = text("iss").ok_or("--jwt-claims: a token names its issuer (iss)")?;
-    let audiences = match claims.get("aud") {
-        Some(Value::String(one)) => vec![one.clone()],
-        Some(Value::Array(many)) => many.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
-        _ => Vec::new(),
-    };
-    let principal = format!("{issuer}/{}", text("sub").unwrap_or_default());
-    Ok((issuer, RequestAuth { principal, audiences, presenter: text("azp"), claims }))
+    let issuer = claims.get("iss").and_then(Value::as_str).ok_or("--jwt-claims: a token names its issuer (iss)")?;
+    let issuer = issuer.to_string();
+    let auth = RequestAuth::from_claims(&issuer, claims);
+    Ok((issuer, auth))
 }
 
 /// The ready endpoints of `service` for `port`, with the pod port they take it on.
