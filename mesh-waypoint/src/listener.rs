@@ -111,7 +111,7 @@ pub struct Downstream {
     /// The client's address (the source agent dials from the client pod).
     pub addr: SocketAddr,
     /// The CONNECT's `traceparent`: the source agent's span of the connection.
-    pub traceparent: Option<String>,
+    pub traceparent: Option<ferrymesh_dataplane::spans::TraceParent>,
 }
 
 impl Downstream {
@@ -226,7 +226,7 @@ async fn serve_tunnel(
     waypoint: Arc<Waypoint>,
 ) {
     let (parts, body) = request.into_parts();
-    let traceparent = parts.headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let traceparent = ferrymesh_dataplane::spans::TraceParent::of(&parts.headers);
     let (dest, port) = match waypoint.bound_target(&parts.method, parts.uri.authority().map(|a| a.as_str())) {
         Ok(target) => target,
         Err(refused) => {

@@ -213,7 +213,7 @@ async fn route(
     let upgrade = request.version() == Version::HTTP_11 && request.headers().contains_key(UPGRADE);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
-    record.span = crate::spans::RequestSpan::start(&waypoint.tracer, &parts.headers, down.traceparent.as_deref());
+    record.span = crate::spans::RequestSpan::start(&waypoint.tracer, &parts.headers, down.traceparent);
 
     // The authority as requested (the record took it on arrival; empty: none was sent).
     let requested = record.authority.clone();
@@ -234,7 +234,7 @@ async fn route(
     if let Some(verified) = &verified {
         record.request_principal.clone_from(&verified.auth.principal);
     }
-    let decision = authorize(waypoint, down, &parts, &requested, verified.as_ref().map(|v| &v.auth));
+    let decision = authorize(waypoint, &target, down, &parts, &requested, verified.as_ref().map(|v| &v.auth));
     record.policy.clone_from(&decision.policy);
     if !decision.allowed {
         let mut response = local_reply(record, StatusCode::FORBIDDEN, "DENY", format!("denied: {}", decision.policy));
@@ -490,6 +490,7 @@ async fn route(
 /// The decision of the policies attached to the request's Service or to the waypoint.
 fn authorize(
     waypoint: &Waypoint,
+    target: &ferrymesh_policy::l7::Target<'_>,
     down: &Downstream,
     parts: &http::request::Parts,
     host: &str,
@@ -503,7 +504,7 @@ fn authorize(
         headers: &parts.headers,
         auth,
     };
-    waypoint.state.policies().authorize_request(&down.policy_target(waypoint), &request)
+    waypoint.state.policies().authorize_request(target, &request)
 }
 
 /// What the filters leave for later: changes to the response, and copies of the request.

@@ -22,12 +22,11 @@ pub struct RequestSpan {
 }
 
 impl RequestSpan {
-    /// The span of a request with `headers` on a tunnel whose CONNECT carried `tunnel` (a
+    /// The span of a request with `headers` on a tunnel whose CONNECT carried `tunnel` (its
     /// `traceparent`); None when nothing is traced (no collector).
-    pub fn start(tracer: &Tracer, headers: &HeaderMap, tunnel: Option<&str>) -> Option<Self> {
-        let own = headers.get("traceparent").and_then(|v| v.to_str().ok()).filter(|t| TraceParent::parse(t).is_some());
-        let tunnel = tunnel.filter(|t| TraceParent::parse(t).is_some_and(|p| p.sampled));
-        let context = tracer.start(own.or(tunnel))?;
+    pub fn start(tracer: &Tracer, headers: &HeaderMap, tunnel: Option<TraceParent>) -> Option<Self> {
+        let own = TraceParent::of(headers);
+        let context = tracer.start(own.or(tunnel.filter(|t| t.sampled)))?;
         let trace_state = match own {
             Some(_) => headers.get("tracestate").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
             None => String::new(),
@@ -122,13 +121,13 @@ mod tests {
         // Without a traceparent of its own, a request is the child of its tunnel's span when
         // that is sampled.
         let tunnel = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let child = RequestSpan::start(&never, &fresh, Some(tunnel)).unwrap();
+        let child = RequestSpan::start(&never, &fresh, TraceParent::parse(tunnel)).unwrap();
         assert_eq!(child.context.parent_id, Some(TraceParent::parse(tunnel).unwrap().parent_id));
         assert!(child.context.sampled);
         let unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
-        let root = RequestSpan::start(&always, &fresh, Some(unsampled)).unwrap();
+        let root = RequestSpan::start(&always, &fresh, TraceParent::parse(unsampled)).unwrap();
         assert!(root.context.parent_id.is_none() && root.context.sampled, "the waypoint's own decision");
-        let own = RequestSpan::start(&never, &headers, Some(tunnel)).unwrap();
+        let own = RequestSpan::start(&never, &headers, TraceParent::parse(tunnel)).unwrap();
         assert_eq!(
             own.context.trace_id,
             TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap().trace_id,

@@ -63,6 +63,11 @@ impl TraceParent {
         Some(Self { trace_id, parent_id, sampled: flags & 1 == 1 })
     }
 
+    /// The `traceparent` of `headers`, if it has a valid one.
+    pub fn of(headers: &http::HeaderMap) -> Option<Self> {
+        headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(Self::parse)
+    }
+
     /// The header's text.
     pub fn to_header(self) -> String {
         format!("00-{}-{}-{:02x}", to_hex(&self.trace_id), to_hex(&self.parent_id), u8::from(self.sampled))
@@ -168,11 +173,10 @@ impl Tracer {
         Ok(Self { queue: Some(tx), sampling })
     }
 
-    /// A span starting now, the child of `parent` (a `traceparent` value; invalid or absent: a
-    /// new trace); None when nothing is traced (no collector).
-    pub fn start(&self, parent: Option<&str>) -> Option<SpanContext> {
+    /// A span starting now, the child of `parent` (None: the root of a new trace, sampled at
+    /// the configured percent); None when nothing is traced (no collector).
+    pub fn start(&self, parent: Option<TraceParent>) -> Option<SpanContext> {
         self.queue.as_ref()?;
-        let parent = parent.and_then(TraceParent::parse);
         Some(SpanContext::start(parent, rand::random::<f64>() * 100.0 < self.sampling))
     }
 

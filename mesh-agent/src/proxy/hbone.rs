@@ -15,6 +15,7 @@ use ferrymesh_dataplane::hbone::pool::StreamSlot;
 use ferrymesh_dataplane::hbone::server::{connect_target, respond_status, serve_h2};
 use ferrymesh_dataplane::hbone::stream::{h2_to_tcp, tcp_to_h2};
 use ferrymesh_dataplane::hbone::TLS_READ_BUFFER;
+use ferrymesh_dataplane::spans::TraceParent;
 use ferrymesh_policy::Transport;
 use h2::{RecvStream, SendStream};
 use http::{Request, StatusCode};
@@ -206,7 +207,7 @@ async fn accept_stream<'a>(
     let (parts, body) = http.into_parts();
     let target = connect_target(&parts.method, parts.uri.authority().map(|a| a.as_str()), peer.local.ip());
     // The connection's span is the child of the sender's, named by the CONNECT's traceparent.
-    let trace = ctx.tracer.start(parts.headers.get("traceparent").and_then(|v| v.to_str().ok()));
+    let trace = ctx.tracer.start(TraceParent::of(&parts.headers));
     drop(parts);
     let mut src = Endpoint::lookup(&ctx.state, peer.addr);
     src.identity = peer.identity.clone();
