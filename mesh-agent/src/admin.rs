@@ -71,7 +71,7 @@ impl agent_admin_server::AgentAdmin for AdminService {
     async fn status(&self, _: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
         let (ctrl_connected, config_version) = self.state.ctrl_status();
         let enrolled: Vec<EnrolledSummary> = self.enrolled.borrow().clone();
-        let programs = {
+        let (programs, bpf_dir, adopted) = {
             let datapath = self.datapath.lock().expect("datapath lock");
             let mut programs: Vec<proto::Program> = datapath
                 .attached()
@@ -90,7 +90,7 @@ impl agent_admin_server::AgentAdmin for AdminService {
                 attach: format!("netns of {} enrolled pods (sk_lookup)", enrolled.len()),
                 link_ids: enrolled.iter().map(|e| e.sk_lookup_link_id).collect(),
             });
-            programs
+            (programs, datapath.bpf_dir().display().to_string(), datapath.adopted().clone())
         };
         let counters = self
             .map_stats
@@ -106,6 +106,7 @@ impl agent_admin_server::AgentAdmin for AdminService {
                 ip: e.ip.to_string(),
                 netns_cookie: e.netns_cookie,
                 sk_lookup_link_id: e.sk_lookup_link_id,
+                adopted: e.adopted,
             })
             .collect();
         let unix_ms =
@@ -156,6 +157,9 @@ impl agent_admin_server::AgentAdmin for AdminService {
             counters,
             trust_roots,
             issuer_sha256,
+            bpf_dir,
+            adopted_maps: adopted.maps,
+            adopted_links: adopted.links as u32,
         }))
     }
 }

@@ -4,6 +4,7 @@
 mod admin;
 use ferrymesh_dataplane::{config_client, ctrl, error, flows, identity, lb, limits, state, tls};
 mod discover;
+#[expect(unsafe_code, reason = "ebpf::sys wraps two bpf(2) commands, each with a SAFETY comment")]
 mod ebpf;
 mod enroll;
 #[expect(unsafe_code, reason = "the syscall wrappers live here, each with a SAFETY comment")]
@@ -24,8 +25,16 @@ use tokio::sync::watch;
 #[command(version, about)]
 struct Args {
     /// Name of the node this agent serves; it enrolls the pods scheduled there.
-    #[arg(long, env = "FERRYMESH_NODE_NAME")]
-    node_name: String,
+    #[arg(long, env = "FERRYMESH_NODE_NAME", required_unless_present = "uninstall")]
+    node_name: Option<String>,
+    /// Directory (on a bpf filesystem) where the eBPF maps and links are pinned, so enrolled
+    /// pods stay captured, and closed, while no agent runs; an agent adopts what it finds here.
+    #[arg(long, env = "FERRYMESH_BPF_DIR", default_value = "/sys/fs/bpf/ferrymesh")]
+    bpf_dir: PathBuf,
+    /// Remove every eBPF object pinned under --bpf-dir, which releases every pod this node
+    /// captured, and exit. Stop the agent first: a running agent keeps its hooks until it exits.
+    #[arg(long)]
+    uninstall: bool,
     /// mesh-ctrl's address: https only, verified against --ca-root.
     #[arg(long, env = "FERRYMESH_CTRL", default_value = "https://ferrymesh-ctrl.ferrymesh-system.svc:15012")]
     ctrl: String,
@@ -95,6 +104,12 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if args.uninstall {
+        let removed = ebpf::uninstall(&args.bpf_dir)
+            .with_context(|| format!("cannot uninstall the pinned eBPF state under {}", args.bpf_dir.display()))?;
+        println!("removed {removed} pinned eBPF objects under {}", args.bpf_dir.display());
+        return Ok(());
+    }
     anyhow::ensure!(args.worker_threads > 0, "--worker-threads must be at least 1");
     let runtime = if args.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
@@ -105,12 +120,23 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let node_name = args.node_name.clone().context("--node-name is required")?;
     // Before anything is attached: an agent that cannot trust mesh-ctrl does not start.
     let ctrl = ctrl::Ctrl::new(&args.ctrl, args.ca_root.as_deref())?;
     let features = ebpf::probe::probe()?;
-    let datapath = ebpf::Datapath::load_and_attach(&features.cgroup2_root)?;
+    let datapath = ebpf::Datapath::load_and_attach(&features.cgroup2_root, &args.bpf_dir)?;
     for a in datapath.attached() {
-        tracing::info!(program = a.name, prog_id = a.prog_id, link_id = a.link_id, "attached {}", a.attach);
+        let how = if a.adopted { "adopted the pinned link of" } else { "attached" };
+        tracing::info!(program = a.name, prog_id = a.prog_id, link_id = a.link_id, "{how} {}", a.attach);
+    }
+    let adopted = datapath.adopted().clone();
+    if adopted.any() {
+        tracing::info!(
+            bpf_dir = %args.bpf_dir.display(),
+            maps = ?adopted.maps,
+            links = adopted.links,
+            "adopted the eBPF state an earlier agent pinned"
+        );
     }
     let map_stats = datapath.stats();
     let datapath = Arc::new(Mutex::new(datapath));
@@ -119,6 +145,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
     let flows = Arc::new(flows::FlowTable::new(args.flow_capacity, access_log));
     telemetry::serve_metrics(args.metrics_addr)?;
+    telemetry::record_adopted(&adopted);
     tokio::spawn(telemetry::refresh(map_stats.clone(), state.clone()));
     let ready_state = state.clone();
     let readiness = telemetry::serve_readiness(args.readiness_addr, move || match ready_state.ctrl_status() {
@@ -135,7 +162,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let identities = Arc::new(identity::IdentityManager::new(ctrl.clone(), token, state.trust_domain(), state.trust()));
     let ctx = Arc::new(proxy::ProxyContext {
-        node: args.node_name.clone(),
+        node: node_name.clone(),
         state: state.clone(),
         datapath: datapath.clone(),
         runner: netns::NetnsRunner::start().context("cannot start the netns thread")?,
@@ -156,7 +183,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracer: ferrymesh_dataplane::spans::Tracer::new(
             args.tracing_collector.as_deref(),
             args.tracing_sampling,
-            vec![("service.name", "mesh-agent".into()), ("k8s.node.name", args.node_name.clone())],
+            vec![("service.name", "mesh-agent".into()), ("k8s.node.name", node_name.clone())],
         )?,
     });
     tokio::spawn(reevaluate_on_policy_change(ctx.clone()));
@@ -164,7 +191,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (enroller, enrolled) = enroll::Enroller::new(ctx);
     let enroller = tokio::spawn(enroller.run(shutdown.clone()));
     let admin = admin::AdminService {
-        node: args.node_name.clone(),
+        node: node_name.clone(),
         state: state.clone(),
         flows,
         datapath,
@@ -174,8 +201,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut admin =
         tokio::spawn(admin::serve(args.admin_socket.clone(), args.admin_group.clone(), admin, shutdown.clone()));
-    tokio::spawn(config_client::run(ctrl, args.node_name.clone(), state));
-    tracing::info!(node = %args.node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");
+    tokio::spawn(config_client::run(ctrl, node_name.clone(), state));
+    tracing::info!(node = %node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -195,7 +222,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !admin.is_finished() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin).await;
     }
-    // Dropping the datapath (last Arc goes with the runtime) detaches the node-wide programs.
+    // The pinned maps and links stay: enrolled pods stay captured, and closed while no agent
+    // serves them, until the next agent adopts them (or `--uninstall` removes them).
     Ok(())
 }
 

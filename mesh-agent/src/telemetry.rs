@@ -40,6 +40,10 @@ fn describe() {
     describe_counter!("ferrymesh_ebpf_events_total", "eBPF program counters, summed over CPUs.");
     describe_gauge!("ferrymesh_ebpf_map_entries", "Entries in an eBPF map.");
     describe_gauge!("ferrymesh_ebpf_map_capacity", "Capacity of an eBPF map.");
+    describe_gauge!(
+        "ferrymesh_ebpf_adopted_objects",
+        "Pinned eBPF objects an earlier agent left that this one adopted when it started (label kind: map, link)."
+    );
     describe_counter!("ferrymesh_certs_issued_total", "Workload certificates obtained from mesh-ctrl.");
     describe_counter!("ferrymesh_cert_rotation_failures_total", "Failed certificate requests (retried with backoff).");
     describe_gauge!("ferrymesh_ctrl_connected", "1 while the config stream from mesh-ctrl is up.");
@@ -53,6 +57,12 @@ fn describe() {
     }
     counter!("ferrymesh_certs_issued_total").absolute(0);
     counter!("ferrymesh_cert_rotation_failures_total").absolute(0);
+}
+
+/// Records what the agent adopted from an earlier one (zero when it created everything).
+pub fn record_adopted(adopted: &crate::ebpf::Adopted) {
+    gauge!("ferrymesh_ebpf_adopted_objects", "kind" => "map").set(adopted.maps.len() as f64);
+    gauge!("ferrymesh_ebpf_adopted_objects", "kind" => "link").set(adopted.links as f64);
 }
 
 /// How often map fill is counted: a walk of every key, a syscall each, so not every second.

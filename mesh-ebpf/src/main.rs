@@ -3,22 +3,29 @@
 //! Outbound capture: `connect4/6` (cgroup-v2 root) rewrite a TCP connect() of an enrolled pod
 //! to the agent's `127.0.0.1:15001` inside the same netns and remember the original destination
 //! by socket cookie; `sockops` files it again under (netns cookie, client port), the key the
-//! agent can compute on accept; `getpeername4/6` show the app its original peer.
+//! agent can compute on accept; `getpeername4/6` show the app its original peer. A native IPv6
+//! destination is refused (EPERM), never let through: the mesh does not carry it yet.
 //!
 //! Inbound capture: `sk_lookup`, attached to each enrolled pod netns, hands a SYN for the pod's
 //! IP to the agent's 15006 listener of that pod, except the agent's own dials to the app
-//! (registered in `APP_DIALS`).
+//! (registered in `APP_DIALS`). A SYN it cannot hand over (no agent listener: the agent is
+//! down or restarting) is refused with a reset, so a pod is never reachable around the mesh.
 //!
 //! Every program acts only on network namespaces in `ENROLLED` (or on sockets it captured) and
-//! leaves the agent's own sockets (`SO_MARK`) alone. Programs never fail a syscall: on any
-//! error they let the connection through unchanged.
+//! leaves the agent's own sockets (`SO_MARK`) alone. The maps are pinned by name (the agent
+//! gives the directory), so they and the links outlive an agent: with no agent running the
+//! programs keep enrolled pods closed. Outside those refusals the programs never fail a
+//! syscall: on any error they let the connection through unchanged.
 #![no_std]
 #![no_main]
 
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, sk_action::SK_PASS},
+    bindings::{
+        bpf_sock_addr,
+        sk_action::{SK_DROP, SK_PASS},
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
@@ -26,12 +33,14 @@ use aya_ebpf::{
     EbpfContext,
 };
 use mesh_common::{
-    map_sizes, AppDialKey, Counter, OrigDst, PortKey, AF_INET, HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOCALHOST_V4,
-    MARK_AGENT, MARK_APP_DIAL, OUTBOUND_PORT,
+    map_sizes, v4_mapped_words, AppDialKey, Counter, OrigDst, PortKey, AF_INET, AF_INET6, HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT, LOCALHOST_V4, MARK_AGENT, MARK_APP_DIAL, OUTBOUND_PORT,
 };
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
 const ALLOW: i32 = 1;
+/// Return value of cgroup sock_addr programs that fails the syscall with EPERM.
+const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
@@ -40,22 +49,22 @@ const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
 const BPF_TCP_CLOSE: u32 = 7;
 
 #[map]
-static ENROLLED: HashMap<u64, u32> = HashMap::with_max_entries(map_sizes::ENROLLED, 0);
+static ENROLLED: HashMap<u64, u32> = HashMap::pinned(map_sizes::ENROLLED, 0);
 
 #[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(map_sizes::ORIG, 0);
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(map_sizes::ORIG, 0);
 
 #[map]
-static ORIG_BY_PORT: LruHashMap<PortKey, OrigDst> = LruHashMap::with_max_entries(map_sizes::ORIG, 0);
+static ORIG_BY_PORT: LruHashMap<PortKey, OrigDst> = LruHashMap::pinned(map_sizes::ORIG, 0);
 
 #[map]
-static INBOUND_LISTENERS: SockHash<u32> = SockHash::with_max_entries(map_sizes::INBOUND_LISTENERS, 0);
+static INBOUND_LISTENERS: SockHash<[u32; 4]> = SockHash::pinned(map_sizes::INBOUND_LISTENERS, 0);
 
 #[map]
-static APP_DIALS: LruHashMap<AppDialKey, u8> = LruHashMap::with_max_entries(map_sizes::APP_DIALS, 0);
+static APP_DIALS: LruHashMap<AppDialKey, u8> = LruHashMap::pinned(map_sizes::APP_DIALS, 0);
 
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::SLOTS, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -123,6 +132,15 @@ fn v4_mapped(ip6: &[u32; 4]) -> Option<u32> {
     (ip6[0] == 0 && ip6[1] == 0 && u32::from_be(ip6[2]) == 0xffff).then_some(ip6[3])
 }
 
+/// Whether `ip6` (network-order words) is `::1` or an IPv4-mapped 127.0.0.0/8 address.
+#[inline(always)]
+fn is_loopback6(ip6: &[u32; 4]) -> bool {
+    match v4_mapped(ip6) {
+        Some(ip4) => u32::from_be(ip4) >> 24 == 127,
+        None => ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && u32::from_be(ip6[3]) == 1,
+    }
+}
+
 /// Whether a connect() to `ip4`:`port` (network order ip, host order port) is to be captured.
 #[inline(always)]
 fn wants_capture(addr: &SockAddr, ip4: u32, port: u16) -> bool {
@@ -149,13 +167,22 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
     if !is_enrolled(ctx) {
         return Ok(ALLOW);
     }
-    // Only IPv4 and IPv4-mapped destinations are captured for now; native IPv6 passes.
+    // Only IPv4 and IPv4-mapped destinations are captured for now; a native IPv6 TCP connect
+    // other than to loopback is refused rather than let through unencrypted.
     let ip4 = if v6 {
         match v4_mapped(&addr.user_ip6) {
             Some(ip4) => ip4,
-            None => {
+            None if addr.sock_type != SOCK_STREAM
+                || addr.mark == MARK_AGENT
+                || addr.mark == MARK_APP_DIAL
+                || is_loopback6(&addr.user_ip6) =>
+            {
                 count(Counter::Bypassed);
                 return Ok(ALLOW);
+            }
+            None => {
+                count(Counter::OutboundRefused);
+                return Ok(REFUSE);
             }
         }
     } else {
@@ -273,44 +300,68 @@ fn try_restore_peer(ctx: &SockAddrContext, v6: bool) {
 
 #[sk_lookup]
 pub fn fm_steer_in(ctx: SkLookupContext) -> u32 {
-    try_steer_inbound(&ctx);
-    SK_PASS
+    steer_inbound(&ctx)
 }
 
+/// Hands a TCP SYN for the pod to the agent's 15006 listener of the pod address, or refuses it
+/// when there is none: loopback, the agent's own ports and the agent's dials to the app pass.
 #[inline(always)]
-fn try_steer_inbound(ctx: &SkLookupContext) {
+fn steer_inbound(ctx: &SkLookupContext) -> u32 {
     let lookup = ctx.lookup;
-    // SAFETY: kernel-provided context; each field is a valid aligned u32 (remote_port a u16).
-    let (family, protocol, local_ip4, local_port, remote_ip4, remote_port) = unsafe {
+    // SAFETY: kernel-provided context; each field is a valid aligned u32 (remote_port a u16),
+    // read unconditionally for the verifier.
+    let (family, protocol, local_ip4, local_ip6, local_port, remote_ip4, remote_ip6, remote_port) = unsafe {
         (
             read_volatile(&(*lookup).family),
             read_volatile(&(*lookup).protocol),
             read_volatile(&(*lookup).local_ip4),
+            [
+                read_volatile(&(*lookup).local_ip6[0]),
+                read_volatile(&(*lookup).local_ip6[1]),
+                read_volatile(&(*lookup).local_ip6[2]),
+                read_volatile(&(*lookup).local_ip6[3]),
+            ],
             read_volatile(&(*lookup).local_port),
             read_volatile(&(*lookup).remote_ip4),
+            [
+                read_volatile(&(*lookup).remote_ip6[0]),
+                read_volatile(&(*lookup).remote_ip6[1]),
+                read_volatile(&(*lookup).remote_ip6[2]),
+                read_volatile(&(*lookup).remote_ip6[3]),
+            ],
             read_volatile(&(*lookup).remote_port),
         )
     };
-    if family != u32::from(AF_INET) || protocol != IPPROTO_TCP {
-        return;
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
     }
+    let (local, remote) = if family == u32::from(AF_INET) {
+        (v4_mapped_words(local_ip4), v4_mapped_words(remote_ip4))
+    } else if family == u32::from(AF_INET6) {
+        (local_ip6, remote_ip6)
+    } else {
+        return SK_PASS;
+    };
     let port = local_port as u16;
-    if port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT || port == HBONE_PORT {
-        return;
+    if is_loopback6(&local) || port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT || port == HBONE_PORT {
+        return SK_PASS;
     }
     let dial = AppDialKey {
-        client_ip4: remote_ip4,
+        client_ip: remote,
+        pod_ip: local,
         client_port: u32::from(u16::from_be(remote_port)),
-        pod_ip4: local_ip4,
         app_port: local_port,
     };
     // SAFETY: the value is only tested for presence.
     if unsafe { APP_DIALS.get(dial) }.is_some() {
-        return;
+        return SK_PASS;
     }
-    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, local_ip4, 0).is_ok() {
+    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0).is_ok() {
         count(Counter::InboundSteered);
+        return SK_PASS;
     }
+    count(Counter::InboundRefused);
+    SK_DROP
 }
 
 #[cfg(not(test))]

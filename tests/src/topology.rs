@@ -58,6 +58,7 @@ struct Created {
     namespaces: Vec<String>,
     pids: Vec<u32>,
     cgroups: Vec<PathBuf>,
+    mounts: Vec<PathBuf>,
 }
 
 /// A pod to create.
@@ -335,6 +336,27 @@ impl Topology {
         pid
     }
 
+    /// The bpf filesystem of this topology, mounted on first use at `<dir>/bpf`: where its
+    /// agents pin their maps and links (each node in a directory of its own), unmounted on
+    /// teardown, which releases whatever is still pinned.
+    pub fn bpffs(&self) -> PathBuf {
+        let path = self.dir.join("bpf");
+        let mut live = LIVE.lock().unwrap();
+        let created = live.entry(self.id.clone()).or_default();
+        if !created.mounts.contains(&path) {
+            std::fs::create_dir_all(&path).expect("create the bpffs mount point");
+            guard(&format!("mount {}", path.display()));
+            run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path));
+            created.mounts.push(path.clone());
+        }
+        path
+    }
+
+    /// Where the agent of node `node` pins its eBPF objects (`--bpf-dir`).
+    pub fn bpf_dir(&self, node: u8) -> PathBuf {
+        self.bpffs().join(format!("node{node}"))
+    }
+
     /// Creates the cgroup the kubelet (cgroupfs driver) would give pod `uid`, under a directory
     /// of this topology in the cgroup2 hierarchy, and returns it; removed on teardown.
     pub fn pod_cgroup(&self, uid: &str) -> PathBuf {
@@ -408,7 +430,7 @@ fn kill_group(pgid: u32) {
     guard(&format!("forget-pgid {pgid}"));
 }
 
-fn teardown(namespaces: &[String], pids: &[u32], cgroups: &[PathBuf]) {
+fn teardown(namespaces: &[String], pids: &[u32], cgroups: &[PathBuf], mounts: &[PathBuf]) {
     for &pid in pids {
         kill_group(pid);
     }
@@ -427,6 +449,11 @@ fn teardown(namespaces: &[String], pids: &[u32], cgroups: &[PathBuf]) {
         let _ = Command::new("ip").args(["netns", "delete", ns]).stderr(Stdio::null()).status();
         guard(&format!("forget-netns {ns}"));
     }
+    // Unmounting a bpf filesystem releases every map and link pinned in it.
+    for mount in mounts.iter().rev() {
+        let _ = Command::new("umount").arg(mount).stderr(Stdio::null()).status();
+        guard(&format!("forget-mount {}", mount.display()));
+    }
 }
 
 impl Drop for Topology {
@@ -438,7 +465,7 @@ impl Drop for Topology {
         }
         let created = LIVE.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
         if let Some(created) = created {
-            teardown(&created.namespaces, &[], &created.cgroups);
+            teardown(&created.namespaces, &[], &created.cgroups, &created.mounts);
         }
         if std::env::var_os("FERRYMESH_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -452,7 +479,7 @@ impl Drop for Topology {
 pub fn cleanup_all() {
     let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
     for created in live.into_values() {
-        teardown(&created.namespaces, &created.pids, &created.cgroups);
+        teardown(&created.namespaces, &created.pids, &created.cgroups, &created.mounts);
     }
 }
 

@@ -1,6 +1,7 @@
-//! End-to-end lifecycle tests: agent exit leaves nothing attached (checked by the kernel's own
-//! listings through bpftool, independently of the agent), and bad config is rejected by name
-//! while the last good config keeps being served. Needs root.
+//! End-to-end lifecycle tests: a dead agent leaves its pods closed and the next one adopts
+//! them, uninstall leaves nothing attached (checked by the kernel's own listings through
+//! bpftool, independently of the agent), pins of another layout are refused, and bad config
+//! is rejected by name while the last good config keeps being served. Needs root.
 //!
 //! The kernel listings are node-wide, so the tests of this file run one at a time: no other
 //! agent of this binary loads or drops programs while one test compares them.
@@ -39,13 +40,15 @@ fn start(topo: &Topology) {
 }
 
 /// The kernel's eBPF state as bpftool lists it: programs (id, type, name), links (id, type,
-/// attach type, program, netns inode) and the attachments of the cgroup2 tree (cgroup, program, type, name).
-/// Fields that change while a program runs (run counts, times) are left out.
+/// attach type, program, netns inode), the attachments of the cgroup2 tree (cgroup, program,
+/// type, name) and maps (id, type, name). Fields that change while a program runs (run
+/// counts, times) are left out.
 #[derive(Debug, PartialEq, Eq)]
 struct KernelBpf {
     programs: BTreeSet<String>,
     links: BTreeSet<String>,
     cgroup_tree: BTreeSet<String>,
+    maps: BTreeSet<String>,
 }
 
 fn bpftool(args: &[&str]) -> Vec<Value> {
@@ -100,7 +103,11 @@ fn kernel_bpf() -> KernelBpf {
             ));
         }
     }
-    KernelBpf { programs, links, cgroup_tree }
+    let maps = bpftool(&["map", "list"])
+        .iter()
+        .map(|m| format!("map {} {} {}", field(m, "id"), field(m, "type"), field(m, "name")))
+        .collect();
+    KernelBpf { programs, links, cgroup_tree, maps }
 }
 
 /// Inode of a named network namespace (what bpftool shows as a link's `netns_ino`).
@@ -127,22 +134,122 @@ fn agent_ids(status: &Value) -> (BTreeSet<u32>, BTreeSet<u32>) {
     (links, ids)
 }
 
+/// curl from `from` to `to`'s HTTP responder: (curl's exit code, how long it took).
+fn try_curl(topo: &Topology, from: &ferrymesh_testbed::Pod, to: std::net::Ipv4Addr) -> (Option<i32>, Duration) {
+    let started = std::time::Instant::now();
+    let url = format!("http://{to}:{HTTP_PORT}/");
+    let out = topo.output_in(&from.netns, "curl", &["-sS", "--max-time", "10", &url]);
+    (out.status.code(), started.elapsed())
+}
+
+/// curl's exit code for "Failed to connect" (refused, or EPERM from connect()).
+const CURL_COULDNT_CONNECT: i32 = 7;
+
+/// The files pinned under an agent's bpf directory, relative to it.
+fn pinned(dir: &std::path::Path) -> BTreeSet<String> {
+    ["maps", "links", "netns"]
+        .iter()
+        .flat_map(|sub| {
+            std::fs::read_dir(dir.join(sub))
+                .into_iter()
+                .flatten()
+                .map(move |e| format!("{sub}/{}", e.unwrap().file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
 #[test]
-fn agent_exit_leaves_no_attachment_and_traffic_flows_directly() {
+fn a_killed_agent_leaves_its_pods_closed_and_the_next_agent_adopts_them() {
+    let _serial = serial();
+    let spec = spec().pod("legacy", "y", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    let strict = "apiVersion: ferrymesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n";
+    topo.write_config_file("strict.yaml", strict);
+    start(&topo);
+    let (a, c, x, y) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"), topo.pod("legacy", "y"));
+    let c_cookie = topo.status(2)["enrolled"][0]["netns_cookie"].as_u64().unwrap();
+    let pins = pinned(&topo.bpf_dir(2));
+    let want: BTreeSet<String> = [
+        "maps/APP_DIALS",
+        "maps/COUNTERS",
+        "maps/ENROLLED",
+        "maps/INBOUND_LISTENERS",
+        "maps/ORIG_BY_COOKIE",
+        "maps/ORIG_BY_PORT",
+        "links/fm_connect4",
+        "links/fm_connect6",
+        "links/fm_peer4",
+        "links/fm_peer6",
+        "links/fm_orig_dst",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain([format!("netns/{c_cookie}")])
+    .collect();
+    assert_eq!(pins, want, "node2's pins");
+    let fresh = topo.status(2);
+    assert_eq!((fresh["adopted_links"].as_u64(), fresh["adopted_maps"].as_array().map(Vec::len)), (Some(0), Some(0)));
+    let (links, _) = agent_ids(&fresh);
+
+    topo.signal_and_wait("agent-node2", libc::SIGKILL);
+    // The kernel still holds node2's links: pinned, not owned by the dead process.
+    let (live_links, _) = kernel_ids();
+    assert!(links.is_subset(&live_links), "node2's links outlive its agent: {links:?} vs {live_links:?}");
+    // Plaintext from an unenrolled pod to the STRICT pod c: refused at once, not hung.
+    let (code, took) = try_curl(&topo, x, c.ip);
+    assert_eq!(code, Some(CURL_COULDNT_CONNECT), "x -> c with node2's agent down must be refused");
+    assert!(took < Duration::from_secs(5), "refused, not hung: {took:?}");
+    // c's own outbound connect fails at once too.
+    let (code, took) = try_curl(&topo, c, a.ip);
+    assert_eq!(code, Some(CURL_COULDNT_CONNECT), "c -> a with its agent down must fail to connect");
+    assert!(took < Duration::from_secs(5), "refused, not hung: {took:?}");
+    // An unenrolled pod on that node is untouched.
+    let body = topo.curl(y, x.ip);
+    assert!(body.starts_with(&format!("client {}:", y.ip)), "y -> x: {body}");
+
+    // The next agent adopts the pins: every pod works again, nothing enrolled by hand.
+    topo.start_agent(2);
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    let status = topo.status(2);
+    assert_eq!(status["adopted_links"], 5, "{status}");
+    assert_eq!(status["adopted_maps"].as_array().map(Vec::len), Some(6), "{status}");
+    assert_eq!(status["enrolled"][0]["adopted"], true, "c's sk_lookup link was adopted: {status}");
+    assert_eq!(status["enrolled"][0]["netns_cookie"], c_cookie);
+    assert_eq!(pinned(&topo.bpf_dir(2)), want, "the same pins, no second copy");
+    let (new_links, _) = agent_ids(&status);
+    assert_eq!(new_links, links, "the same kernel links, now running the new agent's programs");
+    assert!(status["counters"]["inbound_refused"].as_u64() >= Some(1), "{status}");
+    let metrics = ferrymesh_testbed::prom::parse(&topo.metrics_text(&topo.nodes[1].netns)).expect("Prometheus text");
+    assert_eq!(metrics.sum("ferrymesh_ebpf_adopted_objects", &[("kind", "link")]), 5.0);
+    assert!(topo.log("agent-node2").contains("adopted the eBPF state an earlier agent pinned"));
+    for (from, to) in [(a, c), (c, a)] {
+        let body = topo.curl(from, to.ip);
+        assert!(body.starts_with(&format!("client {}:", from.ip)), "{} -> {}: {body}", from.name, to.name);
+    }
+    // STRICT is enforced by the agent again: x's plaintext reaches it and is denied by policy
+    // (its reset looks like a refused connect to curl; the agent's record tells them apart).
+    let (code, _) = try_curl(&topo, x, c.ip);
+    assert_ne!(code, Some(0), "x -> c is denied");
+    wait_until(FLOW_WAIT, "the STRICT deny of x's plaintext", || {
+        topo.flows(2)
+            .iter()
+            .any(|f| f["verdict"] == "denied" && f["policy"] == "shop/strict" && f["src"]["ip"] == x.ip.to_string())
+    });
+}
+
+#[test]
+fn uninstall_removes_every_pinned_object_and_attachment() {
     let _serial = serial();
     let topo = Topology::build(&spec());
     topo.write_cluster(&["shop"]);
     let before = kernel_bpf();
     start(&topo);
-    // While the agents run, bpftool sees their programs by name, attached at the cgroup2 root,
-    // and an sk_lookup link in each enrolled pod's netns.
     let running = kernel_bpf();
-    assert_ne!(running, before, "the listings show the running agents");
     let ours = |set: &BTreeSet<String>| set.iter().filter(|l| l.contains("\"fm_")).count();
     assert_eq!(ours(&running.programs) - ours(&before.programs), 12, "6 fm_ programs per agent: {running:?}");
     assert_eq!(ours(&running.cgroup_tree) - ours(&before.cgroup_tree), 10, "5 per agent at the root: {running:?}");
-    let enrolled_pods = [topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c")];
-    for pod in enrolled_pods {
+    for pod in [topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c")] {
         let netns = format!("netns {}", netns_inode(pod));
         assert!(
             running.links.iter().any(|l| l.contains("sk_lookup") && l.ends_with(&netns)),
@@ -153,50 +260,93 @@ fn agent_exit_leaves_no_attachment_and_traffic_flows_directly() {
     }
     let unenrolled = format!("netns {}", netns_inode(topo.pod("legacy", "x")));
     assert!(!running.links.iter().any(|l| l.ends_with(&unenrolled)), "nothing is attached to x's netns");
-    for (node, signal, name) in [(1u8, libc::SIGTERM, "SIGTERM"), (2, libc::SIGKILL, "SIGKILL")] {
-        let (links, programs) = agent_ids(&topo.status(node));
-        // 5 cgroup links plus one sk_lookup link per enrolled pod; 6 programs.
-        let enrolled = if node == 1 { 2 } else { 1 };
-        assert_eq!(links.len(), 5 + enrolled, "node{node} links {links:?}");
-        assert_eq!(programs.len(), 6, "node{node} programs {programs:?}");
-        let (live_links, live_programs) = kernel_ids();
-        assert!(
-            links.is_subset(&live_links) && programs.is_subset(&live_programs),
-            "the kernel lists the agent's links and programs"
-        );
 
-        let status = topo.signal_and_wait(&format!("agent-node{node}"), signal);
-        if signal == libc::SIGTERM {
-            assert!(status.success(), "agent exits cleanly on SIGTERM: {status}");
-        }
-        wait_until(
-            Duration::from_secs(5),
-            &format!("the kernel to drop the links of the agent killed by {name}"),
-            || {
-                let (live_links, live_programs) = kernel_ids();
-                live_links.is_disjoint(&links) && live_programs.is_disjoint(&programs)
-            },
-        );
+    // Stopped agents leave everything attached, as the kernel lists it.
+    for node in [1u8, 2] {
+        let status = topo.signal_and_wait(&format!("agent-node{node}"), libc::SIGTERM);
+        assert!(status.success(), "agent exits cleanly on SIGTERM: {status}");
     }
-    assert!(!std::path::Path::new("/sys/fs/bpf/ferrymesh").exists(), "nothing is pinned");
     assert!(!topo.agent_socket(1).exists(), "the admin socket is removed on SIGTERM");
-    // The kernel's own listings are as they were before the agents started: no program, link
-    // or cgroup attachment, and no sk_lookup link in any pod netns, is left.
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped = kernel_bpf();
+    assert_eq!(stopped.links, running.links, "no link went with the agents");
+    assert_eq!(stopped.cgroup_tree, running.cgroup_tree, "no cgroup attachment went with the agents");
+
+    // --uninstall, a process of its own, removes every pin; the kernel then frees everything.
+    for node in [1u8, 2] {
+        let dir = topo.bpf_dir(node);
+        let out = topo.output_in(
+            &topo.nodes[0].netns,
+            bin("mesh-agent"),
+            &["--uninstall", "--bpf-dir", dir.to_str().unwrap()],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "uninstall: {}", String::from_utf8_lossy(&out.stderr));
+        let objects = if node == 1 { 6 + 5 + 2 } else { 6 + 5 + 1 };
+        assert_eq!(stdout.trim(), format!("removed {objects} pinned eBPF objects under {}", dir.display()));
+        assert!(!dir.exists(), "{} is gone", dir.display());
+        let again = topo.output_in(
+            &topo.nodes[0].netns,
+            bin("mesh-agent"),
+            &["--uninstall", "--bpf-dir", dir.to_str().unwrap()],
+        );
+        assert!(again.status.success(), "uninstall twice: {}", String::from_utf8_lossy(&again.stderr));
+        assert!(String::from_utf8_lossy(&again.stdout).starts_with("removed 0 pinned eBPF objects"));
+    }
+    // bpftool's listings (programs, links, cgroup attachments, maps) are as before the agents.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut after = kernel_bpf();
     while after != before && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
         after = kernel_bpf();
     }
-    assert_eq!(after, before, "bpftool's listings after both agents exited, against before they started");
+    assert_eq!(after, before, "bpftool's listings after uninstall, against before the agents started");
 
-    // No agent anywhere: pods talk directly and servers see the real client.
+    // Nothing is captured any more: pods talk directly and servers see the real client.
     let (a, b, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
     for (from, to) in [(a, b), (a, c), (x, c)] {
         let body = topo.curl(from, to.ip);
         assert!(body.starts_with(&format!("client {}:", from.ip)), "{} -> {}: {body}", from.name, to.name);
     }
     topo.send(a, c.ip, 10 * 1024 * 1024);
+}
+
+#[test]
+fn pins_of_another_layout_or_off_bpffs_are_refused_and_nothing_is_attached() {
+    let _serial = serial();
+    let topo = Topology::build(&TopologySpec::nodes(1).pod("shop", "a", 1));
+    topo.write_cluster(&["shop"]);
+    topo.start_ctrl(&[]);
+    // A map an agent of another layout would have pinned: ENROLLED with 8-byte values.
+    let dir = topo.bpf_dir(1);
+    std::fs::create_dir_all(dir.join("maps")).unwrap();
+    let map = dir.join("maps/ENROLLED");
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&map)
+        .args(["type", "hash", "key", "8", "value", "8", "entries", "4096", "name", "ENROLLED"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool map create: {}", String::from_utf8_lossy(&out.stderr));
+    let before = kernel_bpf();
+    let run = |overrides: &[(&str, &str)]| {
+        let mut cmd = topo.agent_command(1, overrides);
+        cmd.stdin(std::process::Stdio::null());
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "the agent must refuse to start");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let refused = run(&[]);
+    let want = format!(
+        "pinned map {} has value size 8, this agent's layout needs 4: it was left by an incompatible ferrymesh version",
+        map.display()
+    );
+    assert!(refused.contains(&want), "{refused}");
+    assert_eq!(pinned(&dir), BTreeSet::from(["maps/ENROLLED".to_string()]), "nothing else was pinned");
+    let off = topo.dir.join("not-bpffs");
+    let refused = run(&[("--bpf-dir", off.to_str().unwrap())]);
+    assert!(refused.contains(&format!("--bpf-dir {} is not on a bpf filesystem", off.display())), "{refused}");
+    assert_eq!(kernel_bpf(), before, "nothing was loaded or attached");
 }
 
 fn ctrl_log_has(topo: &Topology, text: &str) -> bool {

@@ -299,7 +299,7 @@ fn kill(pid: &str) {
 /// by the topology's scratch directory in their command line, or inside its namespaces), its
 /// cgroups, namespaces and scratch directories. Only names of this project's harness whose
 /// test process is gone are touched (`fm<pid>x<n>-*` namespaces, `ferrymesh-fm<pid>x<n>`
-/// cgroups and directories).
+/// cgroups and directories, bpf filesystems mounted inside those directories).
 fn clean_stale() -> Result<()> {
     // Processes of a stale topology: agents, mesh-ctrl and peers name its scratch directory.
     for entry in std::fs::read_dir("/proc")?.filter_map(|e| e.ok()) {
@@ -337,6 +337,24 @@ fn clean_stale() -> Result<()> {
     for name in stale_ns {
         eprintln!("xtask: removing stale netns {name}");
         run(Command::new("ip").args(["netns", "delete", name]))?;
+    }
+    // A topology's bpf filesystem (its agents' pins) is mounted inside its scratch directory:
+    // unmounting it releases every pinned map and link.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for target in mounts.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "bpf").then(|| f[1].to_string())
+    }) {
+        let stale = Path::new(&target).components().any(|c| {
+            c.as_os_str()
+                .to_str()
+                .and_then(|n| n.strip_prefix("ferrymesh-"))
+                .is_some_and(|id| stale_topology(id) == Some(id))
+        });
+        if stale {
+            eprintln!("xtask: unmounting the stale bpf filesystem {target}");
+            run(Command::new("umount").arg(&target))?;
+        }
     }
     for entry in std::fs::read_dir(std::env::temp_dir())?.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();

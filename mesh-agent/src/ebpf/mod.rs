@@ -1,20 +1,35 @@
 //! The eBPF data path: loads the embedded object, attaches the node-wide programs at the
 //! cgroup-v2 root and the per-pod `sk_lookup`, and is the only writer of the eBPF maps.
 //!
-//! Every attachment is a bpf link held as a file descriptor by this process and never pinned:
-//! when the agent exits, by SIGTERM or SIGKILL, the kernel detaches everything.
+//! Every map and link is pinned under the agent's bpf directory (`--bpf-dir`, default
+//! `/sys/fs/bpf/ferrymesh`), so the data path outlives the agent:
+//!
+//! ```text
+//! maps/<MAP>        every map, by name
+//! links/<program>   the node-wide cgroup links
+//! netns/<cookie>    the sk_lookup link of each enrolled pod netns
+//! ```
+//!
+//! With no agent running, enrolled pods stay captured and, with no agent listener to take
+//! their connections, closed. A starting agent adopts what it finds: it reuses the pinned maps
+//! (refusing any whose layout differs from its own, see [`check_layout`]) and swaps its own
+//! programs into the pinned links with BPF_LINK_UPDATE, so no hook is ever without a program.
+//! Only [`uninstall`] and unenrolling a pod remove pins.
 
 pub mod probe;
+mod sys;
 
+use std::collections::HashSet;
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps};
+use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray, SockHash};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use mesh_common::{map_names, map_sizes, AppDialKey, Counter, OrigDst, PortKey};
+use mesh_common::{ip_words, map_names, map_sizes, AppDialKey, Counter, OrigDst, PortKey};
 
 /// The compiled eBPF object, embedded at build time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
@@ -60,11 +75,38 @@ pub enum DatapathError {
         /// What went wrong.
         source: std::io::Error,
     },
+    /// A pin could not be created, opened, adopted or removed.
+    #[error("pinned eBPF object {path}: {source}")]
+    Pin {
+        /// Path of the pin (or of its directory).
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The bpf directory is not on a bpf filesystem.
+    #[error(
+        "--bpf-dir {0} is not on a bpf filesystem: mount one there (`mount -t bpf bpf /sys/fs/bpf`; in Kubernetes, mount the host's /sys/fs/bpf)"
+    )]
+    NotBpffs(PathBuf),
+    /// A pinned map was made by an agent with another map layout.
+    #[error(
+        "pinned map {path} has {field} {pinned}, this agent's layout needs {wanted}: it was left by an incompatible ferrymesh version; roll back, or run `mesh-agent --uninstall` (enrolled pods are open until an agent attaches again) and start this one"
+    )]
+    Layout {
+        /// Path of the pinned map.
+        path: PathBuf,
+        /// The differing field of the map definition.
+        field: &'static str,
+        /// Its value in the pinned map.
+        pinned: u32,
+        /// Its value in this agent's object.
+        wanted: u32,
+    },
 }
 
 type Result<T> = std::result::Result<T, DatapathError>;
 
-/// A program attached node-wide, with the link that keeps it attached.
+/// A program attached node-wide, with the (pinned) link that keeps it attached.
 #[derive(Debug)]
 pub struct Attached {
     /// Program name in the object.
@@ -75,15 +117,70 @@ pub struct Attached {
     pub attach: String,
     /// Kernel link id.
     pub link_id: u32,
+    /// The link was pinned by an earlier agent and adopted by this one.
+    pub adopted: bool,
     _link: FdLink,
 }
 
-/// A per-pod `sk_lookup` attachment; dropping it detaches the program from the pod netns.
+/// A per-pod `sk_lookup` attachment, pinned: dropping it leaves the pod captured (and closed
+/// while no agent serves it); [`Datapath::detach_sk_lookup`] releases the pod.
 #[derive(Debug)]
 pub struct SkLookupAttachment {
     /// Kernel link id.
     pub link_id: u32,
+    /// The link was pinned by an earlier agent and adopted by this one.
+    pub adopted: bool,
+    pin: PathBuf,
     _link: FdLink,
+}
+
+/// What an agent found pinned by an earlier one when it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Adopted {
+    /// Maps reused, by name.
+    pub maps: Vec<String>,
+    /// Node-wide links whose program was swapped for this agent's.
+    pub links: usize,
+}
+
+impl Adopted {
+    /// Whether anything was adopted.
+    pub fn any(&self) -> bool {
+        !self.maps.is_empty() || self.links > 0
+    }
+}
+
+/// The layout of the bpf directory.
+#[derive(Debug, Clone)]
+struct Pins {
+    dir: PathBuf,
+    maps: PathBuf,
+    links: PathBuf,
+    netns: PathBuf,
+}
+
+impl Pins {
+    fn under(dir: &Path) -> Self {
+        Self { dir: dir.to_path_buf(), maps: dir.join("maps"), links: dir.join("links"), netns: dir.join("netns") }
+    }
+
+    /// Creates the directories, refusing a `dir` that is not on a bpf filesystem.
+    fn create(dir: &Path) -> Result<Self> {
+        let pins = Self::under(dir);
+        for sub in [&pins.maps, &pins.links, &pins.netns] {
+            std::fs::create_dir_all(sub).map_err(|source| DatapathError::Pin { path: sub.clone(), source })?;
+        }
+        let fs = nix::sys::statfs::statfs(&pins.maps)
+            .map_err(|e| DatapathError::Pin { path: pins.maps.clone(), source: e.into() })?;
+        if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+            return Err(DatapathError::NotBpffs(dir.to_path_buf()));
+        }
+        Ok(pins)
+    }
+
+    fn sk_lookup(&self, netns_cookie: u64) -> PathBuf {
+        self.netns.join(netns_cookie.to_string())
+    }
 }
 
 /// Cgroup sock_addr programs: (name in the object, attach type label).
@@ -101,11 +198,13 @@ pub struct Datapath {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, u32>,
     orig_by_port: HashMap<MapData, PortKey, OrigDst>,
-    inbound_listeners: SockHash<MapData, u32>,
+    inbound_listeners: SockHash<MapData, [u32; 4]>,
     app_dials: HashMap<MapData, AppDialKey, u8>,
     stats: Arc<MapStats>,
     attached: Vec<Attached>,
     sk_lookup_prog_id: u32,
+    pins: Pins,
+    adopted: Adopted,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -167,41 +266,141 @@ impl LoadProgram for SkLookup {
     }
 }
 
-impl Attached {
-    fn new(
-        name: &'static str,
-        prog_id: u32,
-        attach: String,
-        link: std::result::Result<FdLink, aya::programs::links::LinkError>,
-    ) -> Result<Self> {
-        let link = link.map_err(|source| DatapathError::Link { name, source })?;
-        Ok(Self { name, prog_id, attach, link_id: link_id(name, &link)?, _link: link })
+/// The pinned link at `path`, now running `program` (BPF_LINK_UPDATE).
+fn adopt_link(name: &'static str, path: &Path, program: BorrowedFd<'_>) -> Result<FdLink> {
+    let pin_error = |source| DatapathError::Pin { path: path.to_path_buf(), source };
+    let fd = sys::obj_get(path).map_err(pin_error)?;
+    sys::link_update(fd.as_fd(), program).map_err(pin_error)?;
+    PinnedLink::from_pin(path).map(FdLink::from).map_err(|source| DatapathError::Link { name, source })
+}
+
+/// Pins a link just created at `path`.
+fn pin_link(
+    name: &'static str,
+    path: &Path,
+    link: std::result::Result<FdLink, aya::programs::links::LinkError>,
+) -> Result<FdLink> {
+    let link = link.map_err(|source| DatapathError::Link { name, source })?;
+    let pinned = link.pin(path).map_err(|e| DatapathError::Pin { path: path.to_path_buf(), source: pin_io(e) })?;
+    Ok(pinned.into())
+}
+
+fn pin_io(error: aya::pin::PinError) -> std::io::Error {
+    match error {
+        aya::pin::PinError::SyscallError(e) => e.io_error,
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+/// Checks every map pinned in `maps_dir` against this agent's definition of it (type, key and
+/// value size, capacity, flags) and returns the names of those found: aya would reuse a pinned
+/// map whatever its layout, and programs reading a map of another layout read garbage.
+pub fn check_layout(maps_dir: &Path) -> Result<Vec<String>> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|e| DatapathError::Load(e.into()))?;
+    let mut found = Vec::new();
+    let mut names: Vec<&String> = object.maps.keys().collect();
+    names.sort();
+    for name in names {
+        let map = &object.maps[name];
+        let path = maps_dir.join(name);
+        if map.pinning() != aya_obj::maps::PinningType::ByName || !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .map_err(|e| DatapathError::Pin { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        let pinned_type = info.map_type().map_or(u32::MAX, |t| t as u32);
+        for (field, pinned, wanted) in [
+            ("map type", pinned_type, map.map_type()),
+            ("key size", info.key_size(), map.key_size()),
+            ("value size", info.value_size(), map.value_size()),
+            ("max entries", info.max_entries(), map.max_entries()),
+            ("flags", info.map_flags(), map.map_flags()),
+        ] {
+            if pinned != wanted {
+                return Err(DatapathError::Layout { path, field, pinned, wanted });
+            }
+        }
+        found.push(name.clone());
+    }
+    Ok(found)
+}
+
+/// Removes every pinned object under `bpf_dir` (links first, so the hooks go before the
+/// maps) and the directory itself; returns how many objects were removed. A running agent
+/// keeps its node-wide links attached until it exits: stop it first.
+pub fn uninstall(bpf_dir: &Path) -> std::io::Result<usize> {
+    let pins = Pins::under(bpf_dir);
+    let mut removed = 0;
+    for sub in [&pins.netns, &pins.links, &pins.maps] {
+        let entries = match std::fs::read_dir(sub) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", sub.display()))),
+        };
+        for entry in entries {
+            let path = entry?.path();
+            std::fs::remove_file(&path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot unpin {}: {e}", path.display())))?;
+            removed += 1;
+        }
+        std::fs::remove_dir(sub)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot remove {}: {e}", sub.display())))?;
+    }
+    match std::fs::remove_dir(bpf_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(std::io::Error::new(e.kind(), format!("cannot remove {}: {e}", bpf_dir.display())))
+        }
+        _ => Ok(removed),
     }
 }
 
 impl Datapath {
-    /// Loads every program (reporting the verifier log of any that fails) and attaches the
-    /// node-wide ones at `cgroup_root`.
-    pub fn load_and_attach(cgroup_root: &Path) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    /// Loads every program (reporting the verifier log of any that fails) with the maps pinned
+    /// under `bpf_dir` (created there when absent), and attaches the node-wide ones at
+    /// `cgroup_root`, adopting the links an earlier agent pinned.
+    pub fn load_and_attach(cgroup_root: &Path, bpf_dir: &Path) -> Result<Self> {
+        let pins = Pins::create(bpf_dir)?;
+        let adopted_maps = check_layout(&pins.maps)?;
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pins.maps).load(OBJECT)?;
         let cgroup = File::open(cgroup_root)
             .map_err(|source| DatapathError::Cgroup { path: cgroup_root.to_path_buf(), source })?;
         let at = |hook: &str| format!("cgroup {} ({hook})", cgroup_root.display());
         let mut attached = Vec::new();
-        for (name, hook) in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = loaded(&mut ebpf, name)?;
-            let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program_error(name))?;
-            let link = prog.take_link(id).map_err(program_error(name))?.try_into();
-            attached.push(Attached::new(name, prog.info().map_err(program_error(name))?.id(), at(hook), link)?);
+        for (name, hook) in SOCK_ADDR_PROGRAMS.into_iter().chain([(SOCK_OPS_PROGRAM, "sock_ops")]) {
+            let path = pins.links.join(name);
+            let adopted = path.exists();
+            let (prog_id, link) = if name == SOCK_OPS_PROGRAM {
+                let prog: &mut SockOps = loaded(&mut ebpf, name)?;
+                let link = if adopted {
+                    adopt_link(name, &path, prog.fd().map_err(program_error(name))?.as_fd())?
+                } else {
+                    let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program_error(name))?;
+                    pin_link(name, &path, prog.take_link(id).map_err(program_error(name))?.try_into())?
+                };
+                (prog.info().map_err(program_error(name))?.id(), link)
+            } else {
+                let prog: &mut CgroupSockAddr = loaded(&mut ebpf, name)?;
+                let link = if adopted {
+                    adopt_link(name, &path, prog.fd().map_err(program_error(name))?.as_fd())?
+                } else {
+                    let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program_error(name))?;
+                    pin_link(name, &path, prog.take_link(id).map_err(program_error(name))?.try_into())?
+                };
+                (prog.info().map_err(program_error(name))?.id(), link)
+            };
+            attached.push(Attached {
+                name,
+                prog_id,
+                attach: at(hook),
+                link_id: link_id(name, &link)?,
+                adopted,
+                _link: link,
+            });
         }
-        let name = SOCK_OPS_PROGRAM;
-        let prog: &mut SockOps = loaded(&mut ebpf, name)?;
-        let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program_error(name))?;
-        let link = prog.take_link(id).map_err(program_error(name))?.try_into();
-        attached.push(Attached::new(name, prog.info().map_err(program_error(name))?.id(), at("sock_ops"), link)?);
         let prog: &mut SkLookup = loaded(&mut ebpf, SK_LOOKUP_PROGRAM)?;
         let sk_lookup_prog_id = prog.info().map_err(program_error(SK_LOOKUP_PROGRAM))?.id();
         let stats = Arc::new(MapStats::open(&ebpf)?);
+        let adopted = Adopted { maps: adopted_maps, links: attached.iter().filter(|a| a.adopted).count() };
         Ok(Self {
             stats,
             enrolled: take_map(&mut ebpf, map_names::ENROLLED)?,
@@ -211,7 +410,19 @@ impl Datapath {
             ebpf,
             attached,
             sk_lookup_prog_id,
+            pins,
+            adopted,
         })
+    }
+
+    /// What this agent adopted from an earlier one when it started.
+    pub fn adopted(&self) -> &Adopted {
+        &self.adopted
+    }
+
+    /// The directory the maps and links are pinned under.
+    pub fn bpf_dir(&self) -> &Path {
+        &self.pins.dir
     }
 
     /// Node-wide attachments.
@@ -237,21 +448,22 @@ impl Datapath {
     /// Registers the pod's inbound listener for sk_lookup steering of traffic to `pod_ip`.
     pub fn add_inbound_listener(
         &mut self,
-        pod_ip: std::net::Ipv4Addr,
+        pod_ip: std::net::IpAddr,
         listener: &impl std::os::fd::AsRawFd,
     ) -> Result<()> {
         self.inbound_listeners
-            .insert(u32::from(pod_ip).to_be(), listener.as_raw_fd(), 0)
+            .insert(ip_words(pod_ip), listener.as_raw_fd(), 0)
             .map_err(|source| DatapathError::Map { name: map_names::INBOUND_LISTENERS, source })
     }
 
     /// Removes the pod's inbound listener; a missing entry is fine.
-    pub fn remove_inbound_listener(&mut self, pod_ip: std::net::Ipv4Addr) {
-        let _ = self.inbound_listeners.remove(&u32::from(pod_ip).to_be());
+    pub fn remove_inbound_listener(&mut self, pod_ip: std::net::IpAddr) {
+        let _ = self.inbound_listeners.remove(&ip_words(pod_ip));
     }
 
-    /// Attaches sk_lookup to the network namespace `netns`.
-    pub fn attach_sk_lookup(&mut self, netns: impl AsFd) -> Result<SkLookupAttachment> {
+    /// Attaches sk_lookup to the network namespace `netns` (cookie `netns_cookie`) and pins
+    /// the link, or adopts the link an earlier agent pinned for it.
+    pub fn attach_sk_lookup(&mut self, netns: impl AsFd, netns_cookie: u64) -> Result<SkLookupAttachment> {
         let name = SK_LOOKUP_PROGRAM;
         let prog: &mut SkLookup = self
             .ebpf
@@ -259,9 +471,52 @@ impl Datapath {
             .ok_or(DatapathError::MissingProgram(name))?
             .try_into()
             .map_err(program_error(name))?;
-        let id = prog.attach(netns).map_err(program_error(name))?;
-        let link: FdLink = prog.take_link(id).map_err(program_error(name))?.into();
-        Ok(SkLookupAttachment { link_id: link_id(name, &link)?, _link: link })
+        let pin = self.pins.sk_lookup(netns_cookie);
+        let adopted = pin.exists();
+        let link = if adopted {
+            adopt_link(name, &pin, prog.fd().map_err(program_error(name))?.as_fd())?
+        } else {
+            let id = prog.attach(netns).map_err(program_error(name))?;
+            pin_link(name, &pin, Ok(prog.take_link(id).map_err(program_error(name))?.into()))?
+        };
+        Ok(SkLookupAttachment { link_id: link_id(name, &link)?, adopted, pin, _link: link })
+    }
+
+    /// Detaches sk_lookup from a pod netns: removes the pin; the link goes with the last
+    /// descriptor of it.
+    pub fn detach_sk_lookup(&mut self, attachment: SkLookupAttachment) {
+        if let Err(e) = std::fs::remove_file(&attachment.pin) {
+            tracing::warn!(pin = %attachment.pin.display(), "cannot unpin the sk_lookup link: {e}");
+        }
+    }
+
+    /// Releases every pod netns an earlier agent captured that is not in `keep` (cookies of the
+    /// pods enrolled now): its sk_lookup pin and its ENROLLED entry. Returns the cookies
+    /// released.
+    pub fn release_other_pods(&mut self, keep: &HashSet<u64>) -> Vec<u64> {
+        let mut released = Vec::new();
+        let pinned: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.pins.netns)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+            .collect();
+        for (cookie, pin) in pinned {
+            if !keep.contains(&cookie) {
+                let _ = std::fs::remove_file(pin);
+                released.push(cookie);
+            }
+        }
+        let enrolled: Vec<u64> = self.enrolled.keys().filter_map(|k| k.ok()).collect();
+        for cookie in enrolled {
+            if !keep.contains(&cookie) {
+                let _ = self.enrolled.remove(&cookie);
+                if !released.contains(&cookie) {
+                    released.push(cookie);
+                }
+            }
+        }
+        released
     }
 
     /// Takes the original destination of a captured connection, accepted from

@@ -1,8 +1,13 @@
 //! Enrollment: makes the set of captured pods of this node match the state store. Enrolling a
 //! pod = its certificate, listeners inside its netns (15001, 15006, 15008), its inbound
-//! listener in the sk_lookup map, sk_lookup attached to its netns, its netns cookie in ENROLLED. Unenrolling undoes the eBPF part; the
-//! connections already proxied keep running. No pod restart either way, and a failed
-//! enrollment leaves nothing behind.
+//! listener in the sk_lookup map, sk_lookup attached to its netns (pinned), its netns cookie
+//! in ENROLLED. Unenrolling undoes the eBPF part; the connections already proxied keep
+//! running. No pod restart either way, and a failed enrollment leaves nothing behind.
+//!
+//! The eBPF part outlives the agent: when the enroller stops it only closes its listeners, so
+//! a pod stays captured, and closed, until the next agent enrolls it again (adopting its pinned
+//! sk_lookup link). Pods an earlier agent captured that are no longer to be captured are
+//! released once a config from mesh-ctrl says so.
 
 mod pod_netns;
 
@@ -85,6 +90,8 @@ pub struct EnrolledSummary {
     pub netns_cookie: u64,
     /// sk_lookup link id.
     pub sk_lookup_link_id: u32,
+    /// The pod's sk_lookup link was pinned by an earlier agent and adopted.
+    pub adopted: bool,
 }
 
 impl Enroller {
@@ -95,7 +102,8 @@ impl Enroller {
     }
 
     /// Reconciles on every state change (and every few seconds while something failed) until
-    /// `shutdown` fires, then unenrolls everything.
+    /// `shutdown` fires, then stops accepting on every pod's listeners and leaves the eBPF
+    /// state as it is: the pods stay captured, and closed until an agent serves them again.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut changes = self.ctx.state.subscribe();
         loop {
@@ -113,10 +121,12 @@ impl Enroller {
                 _ = shutdown.changed() => break,
             }
         }
-        let uids: Vec<String> = self.enrolled.keys().cloned().collect();
-        for uid in uids {
-            self.unenroll(&uid);
+        for enrolled in self.enrolled.values() {
+            for task in &enrolled.tasks {
+                task.abort();
+            }
         }
+        self.enrolled.clear();
         self.publish();
     }
 
@@ -156,7 +166,23 @@ impl Enroller {
                 }
             }
         }
+        self.release_stale_pins();
         self.publish();
+    }
+
+    /// Releases the pods an earlier agent pinned that are not to be captured any more: only
+    /// once mesh-ctrl's config is held (before it, "nothing desired" means "not known yet") and
+    /// every desired pod is enrolled (a pod failing to enroll stays closed, not open).
+    fn release_stale_pins(&mut self) {
+        let (_, config_version) = self.ctx.state.ctrl_status();
+        if config_version == 0 || !self.failures.is_empty() {
+            return;
+        }
+        let keep = self.enrolled.values().map(|e| e.pod.cookie).collect();
+        let released = self.ctx.datapath.lock().expect("datapath lock").release_other_pods(&keep);
+        if !released.is_empty() {
+            tracing::info!(?released, "released pod netns captured by an earlier agent and no longer enrolled");
+        }
     }
 
     fn publish(&self) {
@@ -169,6 +195,7 @@ impl Enroller {
                 ip: e.pod.workload.ip,
                 netns_cookie: e.pod.cookie,
                 sk_lookup_link_id: e.sk_lookup.link_id,
+                adopted: e.sk_lookup.adopted,
             })
             .collect();
         summary.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -203,13 +230,21 @@ impl Enroller {
         let cookie = listeners.cookie;
         let sk_lookup = {
             let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
-            datapath.add_inbound_listener(ip, &inbound_listener)?;
-            let attached =
-                datapath.attach_sk_lookup(&netns).and_then(|link| datapath.enroll_netns(cookie).map(|()| link));
-            match attached {
-                Ok(link) => link,
+            datapath.add_inbound_listener(IpAddr::V4(ip), &inbound_listener)?;
+            match datapath.attach_sk_lookup(&netns, cookie) {
+                Ok(link) => match datapath.enroll_netns(cookie) {
+                    Ok(()) => link,
+                    Err(e) => {
+                        // A netns an earlier agent captured stays captured, closed.
+                        if !link.adopted {
+                            datapath.detach_sk_lookup(link);
+                        }
+                        datapath.remove_inbound_listener(IpAddr::V4(ip));
+                        return Err(e.into());
+                    }
+                },
                 Err(e) => {
-                    datapath.remove_inbound_listener(ip);
+                    datapath.remove_inbound_listener(IpAddr::V4(ip));
                     return Err(e.into());
                 }
             }
@@ -234,9 +269,10 @@ impl Enroller {
         {
             let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
             datapath.unenroll_netns(enrolled.pod.cookie);
-            if let IpAddr::V4(ip) = enrolled.pod.workload.ip {
-                datapath.remove_inbound_listener(ip);
-            }
+            // sk_lookup goes before the listener entry, so no SYN meanwhile finds the hook
+            // without a listener (and is refused).
+            datapath.detach_sk_lookup(enrolled.sk_lookup);
+            datapath.remove_inbound_listener(enrolled.pod.workload.ip);
         }
         // Aborting the accept loops closes the listeners; relays run on their own tasks and
         // finish normally.
@@ -244,6 +280,5 @@ impl Enroller {
             task.abort();
         }
         tracing::info!(pod = %format!("{}/{}", enrolled.pod.workload.namespace, enrolled.pod.workload.name), "pod unenrolled");
-        // Dropping `enrolled.sk_lookup` detaches sk_lookup from the pod netns.
     }
 }

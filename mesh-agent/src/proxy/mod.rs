@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ferrymesh_dataplane::spans::{attribute, SpanContext};
 use ferrymesh_policy::Transport;
-use mesh_common::{AppDialKey, MARK_APP_DIAL};
+use mesh_common::{ip_words, AppDialKey, MARK_APP_DIAL};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -275,15 +275,12 @@ impl ProxyContext {
                 Ok((socket, bound))
             })
             .await?;
-        let app_dial = match (bound, dst) {
-            (Some(SocketAddr::V4(from)), SocketAddr::V4(to)) => Some(AppDialKey {
-                client_ip4: u32::from(*from.ip()).to_be(),
-                client_port: u32::from(from.port()),
-                pod_ip4: u32::from(*to.ip()).to_be(),
-                app_port: u32::from(to.port()),
-            }),
-            _ => None,
-        };
+        let app_dial = bound.map(|from| AppDialKey {
+            client_ip: ip_words(from.ip()),
+            pod_ip: ip_words(dst.ip()),
+            client_port: u32::from(from.port()),
+            app_port: u32::from(dst.port()),
+        });
         if let Some(key) = app_dial {
             self.datapath.lock().expect("datapath lock").register_app_dial(key).map_err(io::Error::other)?;
         }

@@ -44,7 +44,8 @@ pub mod map_names {
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     /// `LruHashMap<PortKey, OrigDst>`: original destination keyed the way the agent sees it.
     pub const ORIG_BY_PORT: &str = "ORIG_BY_PORT";
-    /// `SockHash<u32 pod IPv4 (network order)>`: the agent's 15006 listener of each pod.
+    /// `SockHash<[u32; 4] pod IP (see [`super::ip_words`])>`: the agent's 15006 listener of
+    /// each pod address.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// `LruHashMap<AppDialKey, u8>`: the agent's own dials to apps, which sk_lookup must not
     /// steer back to the agent.
@@ -98,14 +99,32 @@ pub struct PortKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AppDialKey {
-    /// Client IPv4 the agent binds to (network byte order).
-    pub client_ip4: u32,
+    /// Client IP the agent binds to, as [`ip_words`].
+    pub client_ip: [u32; 4],
+    /// Pod IP, as [`ip_words`].
+    pub pod_ip: [u32; 4],
     /// Source port the agent's socket got (host byte order).
     pub client_port: u32,
-    /// Pod IPv4 (network byte order).
-    pub pod_ip4: u32,
     /// App port (host byte order).
     pub app_port: u32,
+}
+
+/// An IPv4 address (network byte order, as the kernel holds it) as the IPv4-mapped IPv6 words
+/// map keys use for either family.
+#[inline(always)]
+pub const fn v4_mapped_words(ip4: u32) -> [u32; 4] {
+    [0, 0, u32::from_be(0xffff), ip4]
+}
+
+/// An address as map keys hold it: IPv6 words in network byte order (the kernel's
+/// `user_ip6`/`local_ip6`), an IPv4 address IPv4-mapped.
+pub fn ip_words(ip: core::net::IpAddr) -> [u32; 4] {
+    let octets = match ip {
+        core::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let word = |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
 }
 
 /// Counters kept by the eBPF programs, one slot each in the `COUNTERS` per-CPU array.
@@ -124,17 +143,25 @@ pub enum Counter {
     InboundSteered = 4,
     /// A map update failed inside a program (map full or similar).
     MapErrors = 5,
+    /// connect() of an enrolled pod refused: a destination the mesh cannot carry yet (native
+    /// IPv6), so it is refused rather than let through unencrypted.
+    OutboundRefused = 6,
+    /// Inbound SYN to an enrolled pod refused by sk_lookup: no agent listener to steer it to
+    /// (the agent is down) or an address family not carried yet.
+    InboundRefused = 7,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Captured,
         Counter::Bypassed,
         Counter::OrigFiled,
         Counter::PeerRestored,
         Counter::InboundSteered,
         Counter::MapErrors,
+        Counter::OutboundRefused,
+        Counter::InboundRefused,
     ];
     /// Number of slots in the `COUNTERS` map.
     pub const SLOTS: u32 = Self::ALL.len() as u32;
@@ -148,6 +175,8 @@ impl Counter {
             Counter::PeerRestored => "peer_restored",
             Counter::InboundSteered => "inbound_steered",
             Counter::MapErrors => "map_errors",
+            Counter::OutboundRefused => "outbound_refused",
+            Counter::InboundRefused => "inbound_refused",
         }
     }
 }

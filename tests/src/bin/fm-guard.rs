@@ -10,12 +10,14 @@
 //! pgid PGID         forget-pgid PGID
 //! cgroup PATH       forget-cgroup PATH
 //! dir PATH          forget-dir PATH
+//! mount PATH        forget-mount PATH
 //! ```
 //!
 //! When stdin ends (the test process is gone, whatever killed it), fm-guard kills every process
 //! group still registered and every process still inside a registered namespace, removes the
-//! cgroups deepest first, deletes the namespaces in reverse order of creation and removes the
-//! scratch directories. A test process that cleaned up after itself leaves nothing registered,
+//! cgroups deepest first, deletes the namespaces in reverse order of creation, unmounts the
+//! mounts (a topology's bpf filesystem: its agents' pinned maps and links go with it) and
+//! removes the scratch directories. A test process that cleaned up after itself leaves nothing registered,
 //! and the guard exits without touching anything.
 
 use std::collections::BTreeSet;
@@ -34,6 +36,7 @@ struct Registered {
     groups: BTreeSet<i32>,
     cgroups: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
+    mounts: Vec<PathBuf>,
 }
 
 impl Registered {
@@ -56,12 +59,18 @@ impl Registered {
             "forget-cgroup" => self.cgroups.retain(|c| c != Path::new(arg)),
             "dir" => self.dirs.push(PathBuf::from(arg)),
             "forget-dir" => self.dirs.retain(|d| d != Path::new(arg)),
+            "mount" => self.mounts.push(PathBuf::from(arg)),
+            "forget-mount" => self.mounts.retain(|m| m != Path::new(arg)),
             _ => eprintln!("fm-guard: ignoring unknown line {line:?}"),
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.namespaces.is_empty() && self.groups.is_empty() && self.cgroups.is_empty() && self.dirs.is_empty()
+        self.namespaces.is_empty()
+            && self.groups.is_empty()
+            && self.cgroups.is_empty()
+            && self.dirs.is_empty()
+            && self.mounts.is_empty()
     }
 }
 
@@ -109,6 +118,9 @@ fn clean(registered: &Registered) {
     for ns in registered.namespaces.iter().rev() {
         let _ = Command::new("ip").args(["netns", "delete", ns]).stderr(Stdio::null()).status();
     }
+    for mount in registered.mounts.iter().rev() {
+        let _ = Command::new("umount").arg(mount).stderr(Stdio::null()).status();
+    }
     if std::env::var_os("FERRYMESH_KEEP_LOGS").is_none() {
         for dir in &registered.dirs {
             let _ = std::fs::remove_dir_all(dir);
@@ -123,7 +135,16 @@ mod tests {
     #[test]
     fn forgotten_entries_are_left_alone() {
         let mut r = Registered::default();
-        for line in ["netns a", "netns b", "pgid 42", "cgroup /x/y", "dir /tmp/d", "forget-netns a", "forget-pgid 42"] {
+        for line in [
+            "netns a",
+            "netns b",
+            "pgid 42",
+            "cgroup /x/y",
+            "dir /tmp/d",
+            "mount /tmp/d/bpf",
+            "forget-netns a",
+            "forget-pgid 42",
+        ] {
             r.apply(line);
         }
         assert_eq!(r.namespaces, ["b"]);
@@ -132,6 +153,8 @@ mod tests {
         r.apply("forget-netns b");
         r.apply("forget-cgroup /x/y");
         r.apply("forget-dir /tmp/d");
+        assert!(!r.is_empty(), "the mount is still registered");
+        r.apply("forget-mount /tmp/d/bpf");
         assert!(r.is_empty());
     }
 }

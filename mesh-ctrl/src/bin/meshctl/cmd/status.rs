@@ -43,7 +43,11 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
         "enrolled": s.enrolled.iter().map(|e| json!({
             "namespace": e.namespace, "name": e.name, "ip": e.ip,
             "netns_cookie": e.netns_cookie, "sk_lookup_link_id": e.sk_lookup_link_id,
+            "adopted": e.adopted,
         })).collect::<Vec<_>>(),
+        "bpf_dir": s.bpf_dir,
+        "adopted_maps": s.adopted_maps,
+        "adopted_links": s.adopted_links,
         "programs": s.programs.iter().map(|p| json!({
             "name": p.name, "id": p.id, "attach": p.attach, "link_ids": p.link_ids,
         })).collect::<Vec<_>>(),
@@ -89,6 +93,18 @@ pub async fn run(agents: &[PathBuf], output: Output) -> Result<(), String> {
             .map(|e| [format!("{}/{}", e.namespace, e.name), e.ip.clone(), e.netns_cookie.to_string()])
             .collect();
         table::print(&["POD", "IP", "NETNS COOKIE"], &pods);
+        let adopted_pods = s.enrolled.iter().filter(|e| e.adopted).count();
+        if s.adopted_maps.is_empty() && s.adopted_links == 0 {
+            println!("\neBPF state: created under {}", s.bpf_dir);
+        } else {
+            println!(
+                "\neBPF state: adopted from an earlier agent under {} ({} maps, {} node-wide links, {} pod links)",
+                s.bpf_dir,
+                s.adopted_maps.len(),
+                s.adopted_links,
+                adopted_pods
+            );
+        }
         println!("\neBPF programs attached:");
         let programs: Vec<[String; 4]> = s
             .programs
