@@ -7,6 +7,8 @@ mod discover;
 #[expect(unsafe_code, reason = "ebpf::sys wraps two bpf(2) commands, each with a SAFETY comment")]
 mod ebpf;
 mod enroll;
+#[expect(unsafe_code, reason = "descriptors received over SCM_RIGHTS become OwnedFds, each with a SAFETY comment")]
+mod handover;
 #[expect(unsafe_code, reason = "the syscall wrappers live here, each with a SAFETY comment")]
 mod netns;
 mod proxy;
@@ -43,6 +45,16 @@ struct Args {
     /// ferrymesh-ca-root-cert ConfigMap in Kubernetes. Read again for every connection.
     #[arg(long, env = "FERRYMESH_CA_ROOT")]
     ca_root: Option<PathBuf>,
+    /// Unix socket where the running agent hands its pods' listeners to a successor. An agent
+    /// that starts while another listens here takes over from it: no new connection is refused
+    /// meanwhile, and the other drains. (Not `*.sock`: `meshctl --agents-dir` takes those for
+    /// admin sockets.)
+    #[arg(long, default_value = "/var/run/ferrymesh/handover")]
+    handover_socket: PathBuf,
+    /// How long a stopping agent (SIGTERM, or taken over) lets the connections it carries run
+    /// on before it closes them and exits.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    drain_grace: std::time::Duration,
     /// Unix socket of the admin API (used by meshctl --agent).
     #[arg(long, default_value = "/var/run/ferrymesh/agent.sock")]
     admin_socket: PathBuf,
@@ -140,19 +152,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let map_stats = datapath.stats();
     let datapath = Arc::new(Mutex::new(datapath));
+    // A running agent hands over its pods' listeners; this one then serves them alongside it
+    // until it has enrolled them all, and the other drains.
+    let handover_socket = args.handover_socket.clone();
+    let takeover = tokio::task::spawn_blocking(move || handover::take(&handover_socket))
+        .await?
+        .with_context(|| format!("cannot take over from the agent at {}", args.handover_socket.display()))?;
+    if let Some(takeover) = &takeover {
+        tracing::info!(pods = takeover.pods.len(), "taking over from the running agent");
+    }
     let state = Arc::new(state::State::default());
     let access_log = flows::AccessLog::open(&args.access_log)
         .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
     let flows = Arc::new(flows::FlowTable::new(args.flow_capacity, access_log));
-    telemetry::serve_metrics(args.metrics_addr)?;
+    let metrics = telemetry::install_metrics()?;
     telemetry::record_adopted(&adopted);
-    tokio::spawn(telemetry::refresh(map_stats.clone(), state.clone()));
-    let ready_state = state.clone();
-    let readiness = telemetry::serve_readiness(args.readiness_addr, move || match ready_state.ctrl_status() {
-        (_, 0) => Err("no config from mesh-ctrl yet".to_string()),
-        _ => Ok(()),
-    });
-    let readiness = tokio::spawn(readiness);
+    tokio::spawn(telemetry::refresh(map_stats.clone(), state.clone(), metrics.clone()));
     let token = match &args.token_file {
         Some(path) => Some(Arc::new(identity::TokenFile::open(path).map_err(anyhow::Error::msg)?)),
         None => {
@@ -161,6 +176,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let identities = Arc::new(identity::IdentityManager::new(ctrl.clone(), token, state.trust_domain(), state.trust()));
+    let drain = Arc::new(proxy::Drain::default());
     let ctx = Arc::new(proxy::ProxyContext {
         node: node_name.clone(),
         state: state.clone(),
@@ -185,11 +201,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
             args.tracing_sampling,
             vec![("service.name", "mesh-agent".into()), ("k8s.node.name", node_name.clone())],
         )?,
+        drain: drain.clone(),
     });
     tokio::spawn(reevaluate_on_policy_change(ctx.clone()));
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let (enroller, enrolled) = enroll::Enroller::new(ctx);
+    let (takeover, handed) = match takeover {
+        Some(mut takeover) => {
+            let pods = std::mem::take(&mut takeover.pods);
+            (Some(takeover), pods)
+        }
+        None => (None, Default::default()),
+    };
+    let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
+    let (enroller, enrolled, offers) = enroll::Enroller::new(ctx, handed, takeover.is_some().then_some(taken_tx));
     let enroller = tokio::spawn(enroller.run(shutdown.clone()));
+    tokio::spawn(config_client::run(ctrl, node_name.clone(), state.clone()));
+    if let Some(takeover) = takeover {
+        let taken = taken_rx.await.context("the enroller stopped before the first config")?;
+        let count = taken.len();
+        tokio::task::spawn_blocking(move || takeover.finish(&taken))
+            .await?
+            .context("the previous agent did not release its endpoints")?;
+        tracing::info!(pods = count, "took over from the previous agent, which now drains");
+    }
+
+    // The endpoints: bound only now, after a predecessor released them.
+    let ready_state = state.clone();
+    let ready = move || match ready_state.ctrl_status() {
+        (_, 0) => Err("no config from mesh-ctrl yet".to_string()),
+        _ => Ok(()),
+    };
+    let mut readiness = tokio::spawn(telemetry::serve_readiness(args.readiness_addr, ready, shutdown.clone()));
+    let mut metrics_server = tokio::spawn(telemetry::serve_metrics(args.metrics_addr, metrics, shutdown.clone()));
     let admin = admin::AdminService {
         node: node_name.clone(),
         state: state.clone(),
@@ -201,26 +244,64 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut admin =
         tokio::spawn(admin::serve(args.admin_socket.clone(), args.admin_group.clone(), admin, shutdown.clone()));
-    tokio::spawn(config_client::run(ctrl, node_name.clone(), state));
+    let handover_server = handover::Server::bind(&args.handover_socket)
+        .with_context(|| format!("cannot serve --handover-socket {}", args.handover_socket.display()))?;
+    let mut successor = tokio::spawn(async move { handover_server.serve(offers).await });
     tracing::info!(node = %node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let successor_task = &mut successor;
+    let successor = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: draining"); None }
+        _ = int.recv() => { tracing::info!("SIGINT: draining"); None }
+        result = &mut *successor_task => match result.context("handover server panicked")? {
+            Ok(successor) => Some(successor),
+            Err(e) => return Err(anyhow::Error::from(e).context("handover server failed")),
+        },
         result = &mut admin => {
             result.context("admin server panicked")?.context("admin server failed")?;
+            None
         }
-        result = readiness => {
+        result = &mut readiness => {
             result.context("readiness server panicked")?.context("readiness server failed")?;
+            None
         }
-    }
+        result = &mut metrics_server => {
+            result.context("metrics server panicked")?.context("metrics server failed")?;
+            None
+        }
+    };
+    // Stop accepting (a successor, if any, holds the same listeners), GOAWAY to HBONE clients,
+    // close the endpoints; then let the connections carried run on to their end.
+    drain.start();
     shutdown_tx.send_replace(true);
+    // No successor can take over from a draining agent (its handover socket goes).
+    successor_task.abort();
     enroller.await.context("enroller panicked")?;
     // The admin server removes its socket once it has stopped.
-    if !admin.is_finished() {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), readiness).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), metrics_server).await;
+    if let Some(successor) = successor {
+        tokio::task::spawn_blocking(move || successor.released()).await??;
+    }
+    let deadline = tokio::time::Instant::now() + args.drain_grace;
+    loop {
+        let active = drain.active();
+        if active == 0 {
+            tracing::info!("drained: every connection ended");
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(active, "--drain-grace {:?} passed: closing the connections still open", args.drain_grace);
+                break;
+            }
+            _ = term.recv() => { tracing::warn!(active, "second SIGTERM: closing the connections still open"); break; }
+            _ = int.recv() => { tracing::warn!(active, "second SIGINT: closing the connections still open"); break; }
+        }
     }
     // The pinned maps and links stay: enrolled pods stay captured, and closed while no agent
     // serves them, until the next agent adopts them (or `--uninstall` removes them).

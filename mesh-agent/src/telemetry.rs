@@ -1,5 +1,5 @@
-//! Metrics and readiness. Prometheus text on :15020 (`/metrics`, served by the `metrics`
-//! crate's Prometheus exporter): every metric described and registered at zero here; the
+//! Metrics and readiness. Prometheus text on :15020 (`/metrics`, rendered by the `metrics`
+//! crate's Prometheus recorder): every metric described and registered at zero here; the
 //! `ferrymesh_tcp_*` family and the certificate counters are recorded by the data-plane library
 //! (`ferrymesh_dataplane::metrics`), the eBPF counters and map fill, identity and control-plane
 //! gauges refreshed here every second. Readiness on :15021 (`/healthz/ready`): 200 once the eBPF programs
@@ -11,20 +11,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
 
 use crate::ebpf::MapStats;
 use crate::state::State;
 
-/// Installs the Prometheus recorder and serves it on `addr`, with every metric described and
-/// the unlabelled ones registered at zero (a scrape lists them before their first event).
-pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+/// Installs the Prometheus recorder, with every metric described and the unlabelled ones
+/// registered at zero (a scrape lists them before their first event); [`serve_metrics`]
+/// serves what it renders.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
     describe();
-    Ok(())
+    Ok(handle)
 }
 
 fn describe() {
@@ -69,8 +70,8 @@ pub fn record_adopted(adopted: &crate::ebpf::Adopted) {
 const MAP_FILL_EVERY: Duration = Duration::from_secs(10);
 
 /// Refreshes the gauges read from the kernel and the state store every second (map fill every
-/// [`MAP_FILL_EVERY`], on a blocking thread), forever.
-pub async fn refresh(stats: Arc<MapStats>, state: Arc<State>) {
+/// [`MAP_FILL_EVERY`], on a blocking thread), and runs the recorder's upkeep, forever.
+pub async fn refresh(stats: Arc<MapStats>, state: Arc<State>, metrics: PrometheusHandle) {
     let mut second = tokio::time::interval(Duration::from_secs(1));
     let mut fill = tokio::time::interval(MAP_FILL_EVERY);
     loop {
@@ -82,6 +83,7 @@ pub async fn refresh(stats: Arc<MapStats>, state: Arc<State>) {
                 let (connected, version) = state.ctrl_status();
                 gauge!("ferrymesh_ctrl_connected").set(if connected { 1.0 } else { 0.0 });
                 gauge!("ferrymesh_config_version").set(version as f64);
+                metrics.run_upkeep();
             }
             _ = fill.tick() => {
                 let stats = stats.clone();
@@ -96,27 +98,62 @@ pub async fn refresh(stats: Arc<MapStats>, state: Arc<State>) {
     }
 }
 
-/// Serves readiness on `addr` until the process ends. `ready` says what is missing, if anything.
+/// Serves `/metrics` on `addr` until `shutdown` fires.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    serve(addr, "metrics", shutdown, move |path| match path {
+        "/metrics" => (hyper::StatusCode::OK, metrics.render()),
+        _ => (hyper::StatusCode::NOT_FOUND, "try /metrics\n".to_string()),
+    })
+    .await
+}
+
+/// Serves readiness on `addr` until `shutdown` fires. `ready` says what is missing, if anything.
 pub async fn serve_readiness(
     addr: SocketAddr,
-    ready: impl Fn() -> Result<(), String> + Clone + Send + Sync + 'static,
+    ready: impl Fn() -> Result<(), String> + Send + Sync + 'static,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    serve(addr, "readiness", shutdown, move |path| match path {
+        "/healthz/ready" => match ready() {
+            Ok(()) => (hyper::StatusCode::OK, "ready\n".to_string()),
+            Err(missing) => (hyper::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {missing}\n")),
+        },
+        _ => (hyper::StatusCode::NOT_FOUND, "try /healthz/ready\n".to_string()),
+    })
+    .await
+}
+
+/// A plain-text HTTP/1 server on `addr` answering GETs with `answer(path)`, until `shutdown`
+/// fires (the listener closes then; requests under way finish).
+async fn serve(
+    addr: SocketAddr,
+    what: &str,
+    mut shutdown: watch::Receiver<bool>,
+    answer: impl Fn(&str) -> (hyper::StatusCode, String) + Send + Sync + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot serve readiness on {addr}: {e}")))?;
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot serve {what} on {addr}: {e}")))?;
+    let answer = Arc::new(answer);
     loop {
-        let (stream, _) = listener.accept().await?;
-        let ready = ready.clone();
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        };
+        let answer = answer.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let answer = match request.uri().path() {
-                    "/healthz/ready" => match ready() {
-                        Ok(()) => (hyper::StatusCode::OK, "ready\n".to_string()),
-                        Err(missing) => (hyper::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {missing}\n")),
-                    },
-                    _ => (hyper::StatusCode::NOT_FOUND, "try /healthz/ready\n".to_string()),
-                };
-                async move { hyper::Response::builder().status(answer.0).body(answer.1) }
+                let (status, body) = answer(request.uri().path());
+                async move {
+                    hyper::Response::builder()
+                        .status(status)
+                        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                        .body(body)
+                }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;

@@ -215,6 +215,24 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
     assert_projected_token(agent_spec, container);
     let cgroup = container.volume_mounts.iter().flatten().any(|m| m.mount_path == "/sys/fs/cgroup");
     assert!(cgroup, "the agent attaches at the node's cgroup2 root");
+    // It pins under the node's bpf filesystem, and upgrades with a surge: the new agent takes
+    // over beside the old one, which drains within the termination grace period.
+    let bpffs = container.volume_mounts.iter().flatten().find(|m| m.mount_path == "/sys/fs/bpf").expect("bpffs mount");
+    assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
+    assert!(agent_flags["--bpf-dir"].starts_with("/sys/fs/bpf/"), "{agent_flags:?}");
+    let run = container.volume_mounts.iter().flatten().find(|m| m.name == "run").expect("run mount");
+    assert!(agent_flags["--handover-socket"].starts_with(&format!("{}/", run.mount_path)), "shared by both agents");
+    let rolling = agent.spec.as_ref().unwrap().update_strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(
+        (&rolling.max_surge, &rolling.max_unavailable),
+        (&Some(IntOrString::Int(1)), &Some(IntOrString::Int(0)))
+    );
+    let grace = humantime::parse_duration(&agent_flags["--drain-grace"]).unwrap();
+    assert!(
+        agent_spec.termination_grace_period_seconds.unwrap() as u64 > grace.as_secs(),
+        "the kubelet waits for the drain"
+    );
 
     // The agent reaches mesh-ctrl through its Service.
     let service = &objects.services[0];

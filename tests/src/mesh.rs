@@ -276,6 +276,7 @@ impl Topology {
             ("--admin-socket", self.agent_socket(node).display().to_string()),
             ("--token-file", self.token_file(node).display().to_string()),
             ("--bpf-dir", self.bpf_dir(node).display().to_string()),
+            ("--handover-socket", self.dir.join(format!("agent-node{node}.handover")).display().to_string()),
         ];
         for (flag, value) in overrides {
             match flags.iter_mut().find(|(f, _)| f == flag) {

@@ -401,6 +401,26 @@ impl Topology {
         children.iter_mut().find(|(l, _)| l == label).is_some_and(|(_, child)| matches!(child.try_wait(), Ok(None)))
     }
 
+    /// Waits up to `timeout` for the process started with `label` to exit by itself and returns
+    /// its status (the label is free again); panics if it is still running then.
+    pub fn wait_exit(&self, label: &str, timeout: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            {
+                let mut children = self.children.lock().unwrap();
+                let (_, child) =
+                    children.iter_mut().find(|(l, _)| l == label).unwrap_or_else(|| panic!("no process {label}"));
+                if let Some(status) = child.try_wait().expect("try_wait") {
+                    kill_group(child.id());
+                    children.retain(|(l, _)| l != label);
+                    return status;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "{label} did not exit within {timeout:?}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Sends `signal` to the process started with `label` and waits for it to exit; anything
     /// it started that is still running is then killed.
     pub fn signal_and_wait(&self, label: &str, signal: i32) -> std::process::ExitStatus {

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{bin, wait_until, CONFIG_WAIT, DATAPLANE_MODE, FLOW_WAIT, HTTP_PORT};
+use ferrymesh_testbed::mesh::{bin, wait_until, CONFIG_WAIT, DATAPLANE_MODE, FLOW_WAIT, HTTP_PORT, SINK_PORT};
 use ferrymesh_testbed::{Topology, TopologySpec};
 use serde_json::Value;
 
@@ -347,6 +347,96 @@ fn pins_of_another_layout_or_off_bpffs_are_refused_and_nothing_is_attached() {
     let refused = run(&[("--bpf-dir", off.to_str().unwrap())]);
     assert!(refused.contains(&format!("--bpf-dir {} is not on a bpf filesystem", off.display())), "{refused}");
     assert_eq!(kernel_bpf(), before, "nothing was loaded or attached");
+}
+
+#[test]
+fn agents_are_replaced_under_load_without_a_failed_connect_or_a_reset() {
+    let _serial = serial();
+    let topo = Topology::build(&TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "c", 2));
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a"], Duration::from_secs(10));
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    topo.serve_all();
+    let (a, c) = (topo.pod("shop", "a"), topo.pod("shop", "c"));
+    // 20 long-lived connections across the nodes, both ways, each streaming 2.5 MB at 250 kB/s
+    // (about 10 s) into a sink that checks its SHA-256.
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        let (from, to) = if i % 2 == 0 { (a, c) } else { (c, a) };
+        let mut cmd = topo.command_in(&from.netns, bin("fm-peer"));
+        cmd.args(["send", "--to", &format!("{}:{SINK_PORT}", to.ip), "--bytes", "2500000", "--rate", "250000"]);
+        let label = format!("stream-{i}");
+        topo.spawn(&label, cmd);
+        streams.push(label);
+    }
+    // New connections across the nodes, both ways, back to back, one HTTP request each.
+    let mut hits = Vec::new();
+    for (from, to) in [(a, c), (c, a)] {
+        let mut cmd = topo.command_in(&from.netns, bin("fm-peer"));
+        cmd.args(["hits", "--to", &format!("{}:{HTTP_PORT}", to.ip), "--count", "5000"]);
+        let label = format!("hits-{}", from.name);
+        topo.spawn(&label, cmd);
+        hits.push(label);
+    }
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    // Each node's agent is replaced by a new process while the load runs: the new one takes
+    // over the pods' listeners, the old one stops accepting and drains.
+    for node in [1u8, 2] {
+        let next = format!("agent-node{node}-next");
+        topo.spawn(&next, topo.agent_command(node, &[]));
+        wait_until(Duration::from_secs(20), &format!("{next} to take over"), || {
+            assert!(topo.is_running(&next), "{next} exited: {}", topo.log(&next));
+            topo.log(&next).contains("took over from the previous agent")
+        });
+        let status = topo.status(node);
+        assert_eq!(status["enrolled"].as_array().map(Vec::len), Some(1), "{status}");
+        assert_eq!(status["adopted_links"], 5, "{status}");
+        assert!(topo.log(&format!("agent-node{node}")).contains("a successor took over this node's pods"));
+        for label in hits.iter().chain(&streams) {
+            assert!(topo.is_running(label), "{label} still runs after node{node}'s agent was replaced");
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    for label in &hits {
+        let status = topo.wait_exit(label, Duration::from_secs(120));
+        let log = topo.log(label);
+        assert!(status.success(), "{label}: {log}");
+        let result: Value = serde_json::from_str(log.lines().last().unwrap_or_default()).expect("hits JSON");
+        assert_eq!(result["failed"], 0, "{label}: no connection failed: {result}");
+        assert_eq!(result["ok"], 5000, "{label}: {result}");
+    }
+    let hits_took = started.elapsed();
+    for label in &streams {
+        let status = topo.wait_exit(label, Duration::from_secs(60));
+        let log = topo.log(label);
+        assert!(status.success(), "{label} failed: {log}");
+        let result: Value = serde_json::from_str(log.lines().last().unwrap_or_default()).expect("send JSON");
+        assert_eq!(result["match"], true, "{label}: bytes arrived intact: {result}");
+    }
+    let rate = 10000.0 / hits_took.as_secs_f64();
+    println!("new connections across the nodes during the upgrade: {rate:.0}/s over {hits_took:?}");
+    assert!(rate >= 200.0, "the steady client opened {rate:.0} connections/s, the test asks for 200/s at least");
+    // The old agents drained their connections and exited cleanly.
+    for node in [1u8, 2] {
+        let old = format!("agent-node{node}");
+        let status = topo.wait_exit(&old, Duration::from_secs(30));
+        assert!(status.success(), "{old}: {status}: {}", topo.log(&old));
+        assert!(topo.log(&old).contains("drained: every connection ended"), "{}", topo.log(&old));
+    }
+    // Both generations carried the load: the old agents' access logs and the new agents'
+    // flows hold HTTP connections of the steady client.
+    for node in [1u8, 2] {
+        let http = |f: &Value| f["direction"] == "outbound" && f["dst"]["port"] == HTTP_PORT;
+        let old = topo.log(&format!("agent-node{node}"));
+        let old_flows = old.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(http).count();
+        let new_flows = topo.flows(node).iter().filter(|f| http(f)).count();
+        assert!(old_flows > 0 && new_flows > 0, "node{node}: old agent carried {old_flows}, new {new_flows}");
+    }
+    // The new agents serve on: a connection made now works.
+    let body = topo.curl(a, c.ip);
+    assert!(body.starts_with(&format!("client {}:", a.ip)), "{body}");
 }
 
 fn ctrl_log_has(topo: &Topology, text: &str) -> bool {

@@ -11,14 +11,19 @@
 
 mod pod_netns;
 
+pub use pod_netns::PodListeners;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+
+use crate::handover::{Offer, OfferRequest};
 
 use crate::discover::{self, DiscoverError};
 use crate::ebpf::{DatapathError, SkLookupAttachment};
@@ -65,6 +70,8 @@ pub struct EnrolledPod {
     /// The sk_lookup link of the pod's netns.
     pub sk_lookup: SkLookupAttachment,
     tasks: Vec<JoinHandle<()>>,
+    /// Second descriptors of the pod's 15001, 15006 and 15008 listeners, to hand to a successor.
+    listeners: [OwnedFd; 3],
 }
 
 /// Reconciles enrolled pods with the state store.
@@ -75,6 +82,14 @@ pub struct Enroller {
     failures: HashMap<String, String>,
     /// Published after each reconcile: what is enrolled now (for the admin API).
     published: watch::Sender<Vec<EnrolledSummary>>,
+    /// Listeners the agent before this one handed over, by pod UID, until enrolled.
+    handed: HashMap<String, PodListeners>,
+    /// Pods enrolled on handed-over listeners.
+    took: Vec<String>,
+    /// Told, once the first config is applied, which pods were taken over.
+    taken: Option<oneshot::Sender<Vec<String>>>,
+    /// Requests for the enrolled pods' listeners, from this agent's handover server.
+    offers: mpsc::Receiver<OfferRequest>,
 }
 
 /// What the admin API shows of an enrolled pod.
@@ -95,10 +110,39 @@ pub struct EnrolledSummary {
 }
 
 impl Enroller {
-    /// An enroller with nothing enrolled, and a receiver of what it enrolls.
-    pub fn new(ctx: Arc<ProxyContext>) -> (Self, watch::Receiver<Vec<EnrolledSummary>>) {
+    /// An enroller with nothing enrolled, the listeners a predecessor handed over (`taken`
+    /// hears which pods were enrolled on them once the first config is applied), a receiver of
+    /// what it enrolls and a sender of requests for its pods' listeners.
+    pub fn new(
+        ctx: Arc<ProxyContext>,
+        handed: HashMap<String, PodListeners>,
+        taken: Option<oneshot::Sender<Vec<String>>>,
+    ) -> (Self, watch::Receiver<Vec<EnrolledSummary>>, mpsc::Sender<OfferRequest>) {
         let (published, rx) = watch::channel(Vec::new());
-        (Self { ctx, enrolled: HashMap::new(), failures: HashMap::new(), published }, rx)
+        let (offer_tx, offers) = mpsc::channel(1);
+        let enroller = Self {
+            ctx,
+            enrolled: HashMap::new(),
+            failures: HashMap::new(),
+            published,
+            handed,
+            took: Vec::new(),
+            taken,
+            offers,
+        };
+        (enroller, rx, offer_tx)
+    }
+
+    /// Second descriptors of every enrolled pod's listeners.
+    fn offer(&self) -> Vec<Offer> {
+        self.enrolled
+            .iter()
+            .filter_map(|(uid, e)| {
+                let [a, b, c] = &e.listeners;
+                let listeners = [a.try_clone().ok()?, b.try_clone().ok()?, c.try_clone().ok()?];
+                Some(Offer { uid: uid.clone(), cookie: e.pod.cookie, listeners })
+            })
+            .collect()
     }
 
     /// Reconciles on every state change (and every few seconds while something failed) until
@@ -119,6 +163,9 @@ impl Enroller {
                 changed = changes.changed() => if changed.is_err() { break },
                 _ = retry => {}
                 _ = shutdown.changed() => break,
+                Some(request) = self.offers.recv() => {
+                    let _ = request.send(self.offer());
+                }
             }
         }
         for enrolled in self.enrolled.values() {
@@ -151,9 +198,15 @@ impl Enroller {
                 continue;
             }
             let pod = format!("{}/{}", workload.namespace, workload.name);
-            match self.enroll(workload).await {
+            let handed = self.handed.remove(&uid);
+            let took = handed.is_some();
+            match self.enroll(workload, handed).await {
                 Ok(enrolled) => {
-                    tracing::info!(%pod, cookie = enrolled.pod.cookie, "pod enrolled");
+                    let how = if took { "pod enrolled on the listeners handed over" } else { "pod enrolled" };
+                    tracing::info!(%pod, cookie = enrolled.pod.cookie, "{how}");
+                    if took {
+                        self.took.push(uid.clone());
+                    }
                     self.failures.remove(&uid);
                     self.enrolled.insert(uid, enrolled);
                 }
@@ -168,6 +221,13 @@ impl Enroller {
         }
         self.release_stale_pins();
         self.publish();
+        if self.ctx.state.ctrl_status().1 > 0 {
+            if let Some(taken) = self.taken.take() {
+                // Listeners of pods no longer to be captured close here.
+                self.handed.clear();
+                let _ = taken.send(std::mem::take(&mut self.took));
+            }
+        }
     }
 
     /// Releases the pods an earlier agent pinned that are not to be captured any more: only
@@ -202,7 +262,7 @@ impl Enroller {
         self.published.send_replace(summary);
     }
 
-    async fn enroll(&self, workload: Arc<Workload>) -> Result<EnrolledPod, EnrollError> {
+    async fn enroll(&self, workload: Arc<Workload>, handed: Option<PodListeners>) -> Result<EnrolledPod, EnrollError> {
         let IpAddr::V4(ip) = workload.ip else {
             return Err(EnrollError::Ipv6(workload.ip));
         };
@@ -223,7 +283,12 @@ impl Enroller {
             false => workload.netns.clone(),
         };
         let netns = Netns::open(&netns_path)?;
-        let listeners = self.ctx.runner.run(&netns, pod_netns::setup).await?;
+        let listeners = match handed {
+            Some(handed) => self.ctx.runner.run(&netns, move || pod_netns::adopt(handed)).await?,
+            None => self.ctx.runner.run(&netns, pod_netns::setup).await?,
+        };
+        let second = |l: &std::net::TcpListener| l.as_fd().try_clone_to_owned();
+        let kept = [second(&listeners.outbound)?, second(&listeners.inbound)?, second(&listeners.hbone)?];
         let outbound_listener = TcpListener::from_std(listeners.outbound)?;
         let inbound_listener = TcpListener::from_std(listeners.inbound)?;
         let hbone_listener = TcpListener::from_std(listeners.hbone)?;
@@ -258,7 +323,7 @@ impl Enroller {
         if let Some(tls) = tls {
             tasks.push(tokio::spawn(hbone::serve(hbone_listener, tls, pod.clone(), self.ctx.clone())));
         }
-        Ok(EnrolledPod { pod, sk_lookup, tasks })
+        Ok(EnrolledPod { pod, sk_lookup, tasks, listeners: kept })
     }
 
     fn unenroll(&mut self, uid: &str) {

@@ -50,6 +50,29 @@ pub fn setup() -> io::Result<PodListeners> {
     let inbound = listen(Ipv4Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT)?;
     let hbone = listen(Ipv4Addr::UNSPECIFIED, HBONE_PORT)?;
     let cookie = netns_cookie(&outbound)?;
+    prepare()?;
+    Ok(PodListeners { outbound, inbound, hbone, cookie })
+}
+
+/// Sets up the current netns around listeners the agent before this one created and handed
+/// over, checking they belong to it (call on the netns thread, inside the pod's netns).
+pub fn adopt(handed: PodListeners) -> io::Result<PodListeners> {
+    let here = netns_cookie(&std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?)?;
+    for listener in [&handed.outbound, &handed.inbound, &handed.hbone] {
+        if netns_cookie(listener)? != here || handed.cookie != here {
+            return Err(io::Error::other(format!(
+                "the listeners handed over for netns cookie {} are not in the pod's netns ({here})",
+                handed.cookie
+            )));
+        }
+        listener.set_nonblocking(true)?;
+    }
+    prepare()?;
+    Ok(handed)
+}
+
+/// The sysctls and the policy route of the current netns.
+fn prepare() -> io::Result<()> {
     // /proc/sys/net follows the calling thread's netns. fwmark_accept: the app's accepted
     // socket carries the mark of the agent's SYN, so its replies take the policy route back.
     // fwmark_reflect: so do kernel replies without a socket, such as the RST for a closed app
@@ -58,8 +81,7 @@ pub fn setup() -> io::Result<PodListeners> {
         std::fs::write(format!("/proc/sys/net/ipv4/{sysctl}"), "1")
             .map_err(|e| io::Error::new(e.kind(), format!("cannot set net.ipv4.{sysctl} in the pod: {e}")))?;
     }
-    install_app_dial_route()?;
-    Ok(PodListeners { outbound, inbound, hbone, cookie })
+    install_app_dial_route()
 }
 
 fn ignore_exists(result: Result<(), rtnetlink::Error>, what: &str) -> io::Result<()> {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferrymesh_dataplane::hbone::client::{ConnectHeaders, Dialer, Peer};
 use ferrymesh_dataplane::hbone::pool::StreamSlot;
-use ferrymesh_dataplane::hbone::server::{connect_target, respond_status, serve_h2};
+use ferrymesh_dataplane::hbone::server::{connect_target, respond_status, serve_h2_until};
 use ferrymesh_dataplane::hbone::stream::{h2_to_tcp, tcp_to_h2};
 use ferrymesh_dataplane::hbone::TLS_READ_BUFFER;
 use ferrymesh_dataplane::spans::TraceParent;
@@ -71,7 +71,7 @@ async fn relay(
 
 /// Serves a pod's 15008 listener until the task is aborted.
 pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    accept_loop(listener, "hbone", move |stream, peer| {
+    accept_loop(listener, "hbone", ctx.drain.clone(), move |stream, peer| {
         serve_connection(stream, peer, tls.clone(), pod.clone(), ctx.clone())
     })
     .await
@@ -126,24 +126,29 @@ async fn serve_connection(
     // Shared by every stream of the connection.
     let peer_id: Option<Arc<str>> = tls::spiffe_id_of(&peer_cert).ok().map(|id| Arc::from(id.as_str()));
     let peer_serial: Arc<str> = tls::serial_and_expiry(&peer_cert).map(|(s, _)| s).unwrap_or_default().into();
-    let ended = serve_h2(stream, |http, mut respond| {
-        let held = match ctx.load.stream(&ctx.limits, peer.ip(), pod.workload.ip) {
-            Ok(held) => held,
-            Err(refusal) => {
-                refusal.limit().count();
-                respond.send_reset(h2::Reason::REFUSED_STREAM);
-                let port = http.uri().port_u16().unwrap_or(0);
-                let mut src = Endpoint::lookup(&ctx.state, peer);
-                src.identity = peer_id.clone();
-                let conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
-                return ctx.record(conn, Outcome::failed(ProxyError::Limited(refusal)));
-            }
-        };
-        let peer = PeerInfo { addr: peer, local, identity: peer_id.clone(), serial: peer_serial.clone() };
-        // Boxed so the stream's task does not keep room for them once they are used.
-        let stream = Box::new(NewStream { http, respond, peer, _held: held });
-        tokio::spawn(serve_stream(stream, pod.clone(), ctx.clone()));
-    })
+    let drain = ctx.drain.clone();
+    let ended = serve_h2_until(
+        stream,
+        |http, mut respond| {
+            let held = match ctx.load.stream(&ctx.limits, peer.ip(), pod.workload.ip) {
+                Ok(held) => held,
+                Err(refusal) => {
+                    refusal.limit().count();
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    let port = http.uri().port_u16().unwrap_or(0);
+                    let mut src = Endpoint::lookup(&ctx.state, peer);
+                    src.identity = peer_id.clone();
+                    let conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
+                    return ctx.record(conn, Outcome::failed(ProxyError::Limited(refusal)));
+                }
+            };
+            let peer = PeerInfo { addr: peer, local, identity: peer_id.clone(), serial: peer_serial.clone() };
+            // Boxed so the stream's task does not keep room for them once they are used.
+            let stream = Box::new(NewStream { http, respond, peer, _held: held });
+            tokio::spawn(serve_stream(stream, pod.clone(), ctx.clone()));
+        },
+        drain.started(),
+    )
     .await;
     if let Err(closed) = ended {
         // A GOAWAY the server sent is a refusal (rapid reset, an oversized header block, a

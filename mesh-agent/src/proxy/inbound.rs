@@ -18,7 +18,10 @@ use crate::flows::{Direction, Endpoint};
 
 /// Serves the pod's inbound plaintext listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    accept_loop(listener, "inbound", move |stream, peer| handle(stream, peer, pod.clone(), ctx.clone())).await
+    accept_loop(listener, "inbound", ctx.drain.clone(), move |stream, peer| {
+        handle(stream, peer, pod.clone(), ctx.clone())
+    })
+    .await
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {

@@ -63,6 +63,49 @@ pub struct ProxyContext {
     pub load: Arc<crate::limits::Load>,
     /// Where connection spans go.
     pub tracer: ferrymesh_dataplane::spans::Tracer,
+    /// The connections this agent carries, and whether it is draining them.
+    pub drain: Arc<Drain>,
+}
+
+/// The connections an agent carries (every connection its pod listeners accepted, until its
+/// handler returns), and whether the agent is draining: it accepts no more, and its HBONE
+/// connections got a graceful GOAWAY, while those carried run on to their end.
+#[derive(Debug, Default)]
+pub struct Drain {
+    draining: tokio::sync::watch::Sender<bool>,
+    active: std::sync::atomic::AtomicUsize,
+}
+
+/// One carried connection, counted while it lives.
+struct Carried(Arc<Drain>);
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Drain {
+    /// Starts draining.
+    pub fn start(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Completes once draining has started.
+    pub async fn started(&self) {
+        let mut draining = self.draining.subscribe();
+        let _ = draining.wait_for(|d| *d).await;
+    }
+
+    /// How many connections are carried now.
+    pub fn active(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn carry(self: &Arc<Self>) -> Carried {
+        self.active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Carried(self.clone())
+    }
 }
 
 /// The pods this agent has enrolled, by IP (kept by the enroller).
@@ -370,8 +413,9 @@ impl ProxyContext {
     }
 }
 
-/// Accepts on `listener` forever, handing each connection to `handle` on its own task.
-async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, handle: F)
+/// Accepts on `listener` forever, handing each connection to `handle` on its own task,
+/// counted in `drain` while the handler runs.
+async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, drain: Arc<Drain>, handle: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -379,7 +423,12 @@ where
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer));
+                let carried = drain.carry();
+                let handled = handle(stream, peer);
+                tokio::spawn(async move {
+                    handled.await;
+                    drop(carried);
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

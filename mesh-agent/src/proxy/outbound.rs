@@ -28,7 +28,10 @@ const SERVICE_ATTEMPTS: usize = 3;
 
 /// Serves the pod's outbound listener until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    accept_loop(listener, "outbound", move |stream, peer| handle(stream, peer, pod.clone(), ctx.clone())).await
+    accept_loop(listener, "outbound", ctx.drain.clone(), move |stream, peer| {
+        handle(stream, peer, pod.clone(), ctx.clone())
+    })
+    .await
 }
 
 /// An upstream ready to carry the client's bytes.

@@ -39,6 +39,10 @@ enum Cmd {
         /// Payload is this text repeated instead of pseudo-random bytes (for wire captures).
         #[arg(long)]
         marker: Option<String>,
+        /// Pace the payload at this many bytes per second (a long-lived stream), instead of as
+        /// fast as the connection takes it.
+        #[arg(long)]
+        rate: Option<u64>,
     },
     /// Request/response latency on one connection to an echo: `count` round trips of `size`
     /// bytes back to back. Prints JSON with p50/p90/p99 in microseconds.
@@ -86,7 +90,7 @@ fn main() {
     let args = Args::parse();
     let result = match args.cmd {
         Cmd::Serve { http, sink, echo } => serve(http, sink, echo),
-        Cmd::Send { to, bytes, marker } => send(to, bytes, marker.as_deref()),
+        Cmd::Send { to, bytes, marker, rate } => send(to, bytes, marker.as_deref(), rate),
         Cmd::Ping { to, count, interval_ms } => ping(to, count, Duration::from_millis(interval_ms)),
         Cmd::Rr { to, count, size } => rr(to, count, size),
         Cmd::Hits { to, count, interval_ms, progress } => hits(to, count, Duration::from_millis(interval_ms), progress),
@@ -185,15 +189,20 @@ fn fill(chunk: &mut [u8], index: u64) {
     }
 }
 
-fn send(to: SocketAddr, bytes: u64, marker: Option<&str>) -> Result<()> {
+fn send(to: SocketAddr, bytes: u64, marker: Option<&str>, rate: Option<u64>) -> Result<()> {
     let started = Instant::now();
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    // Paced: 16 KiB writes, each no earlier than its share of the rate allows.
+    let mut buf = vec![0u8; if rate.is_some() { 16 * 1024 } else { 64 * 1024 }];
     let mut sent = 0u64;
     let mut index = 0;
     while sent < bytes {
+        if let Some(rate) = rate {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
         let n = (bytes - sent).min(buf.len() as u64) as usize;
         match marker {
             Some(m) => buf[..n].iter_mut().zip(m.bytes().cycle()).for_each(|(b, m)| *b = m),

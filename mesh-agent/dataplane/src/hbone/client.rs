@@ -75,7 +75,8 @@ pub struct Client {
 
 impl Client {
     /// A ready sender to `dst_ip` for `cert`'s identity, verifying the peer as `dst_id` against
-    /// `roots`: on a pooled connection with a free stream, else on a new one `dialer` makes.
+    /// `roots`: on a pooled connection with a free stream (its pool key and generation given
+    /// back), unless `fresh`, else on a new one `dialer` makes.
     async fn sender<D: Dialer>(
         &self,
         dialer: &D,
@@ -83,10 +84,13 @@ impl Client {
         roots: Arc<RootCertStore>,
         dst_ip: IpAddr,
         dst_id: &SpiffeId,
-    ) -> Result<(h2::client::SendRequest<Bytes>, StreamSlot), HboneError> {
+        fresh: bool,
+    ) -> Result<(h2::client::SendRequest<Bytes>, StreamSlot, Option<(PoolKey, u64)>), HboneError> {
         let key = PoolKey { src: cert.spiffe_id.clone(), src_serial: cert.serial.clone(), dst: dst_id.clone(), dst_ip };
-        if let Some(ready) = self.pool.ready(&key).await {
-            return Ok(ready);
+        if !fresh {
+            if let Some((sender, slot, generation)) = self.pool.ready(&key).await {
+                return Ok((sender, slot, Some((key, generation))));
+            }
         }
         let io = dialer.dial(SocketAddr::new(dst_ip, PORT)).await.map_err(|e| HboneError::Connect(dst_ip, e))?;
         let config =
@@ -105,7 +109,7 @@ impl Client {
         let (sender, connection) =
             client_settings().handshake::<_, Bytes>(stream).await.map_err(|e| HboneError::Http2(dst_ip, e))?;
         let slot = self.pool.insert(key, sender.clone(), connection);
-        Ok((sender, slot))
+        Ok((sender, slot, None))
     }
 
     /// Opens a CONNECT stream to `dst` for `cert`'s identity, the peer proving `dst_id` against
@@ -136,20 +140,42 @@ impl Client {
         headers: &ConnectHeaders,
     ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), HboneError> {
         let Peer { ip: peer, id: peer_id } = peer;
-        let (mut sender, slot) = self.sender(dialer, cert, roots, peer, peer_id).await?;
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .header("forwarded", format!("for=\"{}\"", headers.forwarded_for))
-            .header("baggage", &headers.baggage)
-            .header("traceparent", &headers.traceparent)
-            .body(())
-            .expect("CONNECT request");
-        let (response, send) = sender.send_request(request, false).map_err(|e| HboneError::Http2(peer, e))?;
-        let response = response.await.map_err(|e| HboneError::Http2(peer, e))?;
-        if response.status() != StatusCode::OK {
-            return Err(HboneError::Refused(response.status().as_u16()));
+        let request = || {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .header("forwarded", format!("for=\"{}\"", headers.forwarded_for))
+                .header("baggage", &headers.baggage)
+                .header("traceparent", &headers.traceparent)
+                .body(())
+                .expect("CONNECT request")
+        };
+        let mut fresh = false;
+        loop {
+            let (mut sender, slot, pooled) = self.sender(dialer, cert, roots.clone(), peer, peer_id, fresh).await?;
+            let sent = match sender.send_request(request(), false) {
+                Ok((response, send)) => response.await.map(|response| (response, send)),
+                Err(e) => Err(e),
+            };
+            let (response, send) = match sent {
+                Ok(sent) => sent,
+                // A pooled connection whose server is going away (an agent handing over to its
+                // successor sends a graceful GOAWAY) never processed this stream: forget the
+                // connection and open the stream on a new one, once.
+                Err(e) if e.is_go_away() => match pooled {
+                    Some((key, generation)) => {
+                        self.pool.forget(&key, generation);
+                        fresh = true;
+                        continue;
+                    }
+                    None => return Err(HboneError::Http2(peer, e)),
+                },
+                Err(e) => return Err(HboneError::Http2(peer, e)),
+            };
+            if response.status() != StatusCode::OK {
+                return Err(HboneError::Refused(response.status().as_u16()));
+            }
+            return Ok((send, response.into_body(), slot));
         }
-        Ok((send, response.into_body(), slot))
     }
 }

@@ -70,17 +70,24 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A ready sender on a pooled connection of `key` with a free stream, and the stream's slot.
-    pub async fn ready(&self, key: &PoolKey) -> Option<(h2::client::SendRequest<Bytes>, StreamSlot)> {
+    /// A ready sender on a pooled connection of `key` with a free stream, the stream's slot,
+    /// and the connection's generation (to [`Pool::forget`] it).
+    pub async fn ready(&self, key: &PoolKey) -> Option<(h2::client::SendRequest<Bytes>, StreamSlot, u64)> {
         let pooled: Vec<Pooled> = self.connections.lock().expect("pool lock").get(key).cloned().unwrap_or_default();
         for connection in pooled {
             if let Some(slot) = StreamSlot::take(&connection.open) {
                 if let Ok(sender) = connection.sender.ready().await {
-                    return Some((sender, slot));
+                    return Some((sender, slot, connection.generation));
                 }
             }
         }
         None
+    }
+
+    /// Takes a connection out of the pool (its server is going away): no new stream goes to
+    /// it; the streams open on it run on to their end.
+    pub fn forget(&self, key: &PoolKey, generation: u64) {
+        self.remove(key, generation);
     }
 
     /// Pools a new connection of `key` (its driver `connection` is spawned here, with its

@@ -24,7 +24,21 @@ pub struct Http2Closed {
 /// for a flow record; a client that simply goes away is no error.
 pub async fn serve_h2<IO>(
     io: IO,
+    on_stream: impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>),
+) -> Result<(), Http2Closed>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    serve_h2_until(io, on_stream, std::future::pending()).await
+}
+
+/// [`serve_h2`] that drains once `drain` completes: a graceful GOAWAY tells the client to open
+/// new streams elsewhere (its pool dials a new connection), the streams already open run to
+/// their end, and the connection then closes.
+pub async fn serve_h2_until<IO>(
+    io: IO,
     mut on_stream: impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>),
+    drain: impl std::future::Future<Output = ()>,
 ) -> Result<(), Http2Closed>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -33,13 +47,27 @@ where
         Ok(connection) => connection,
         Err(e) => return Err(Http2Closed { by_server: true, reason: format!("HTTP/2 handshake failed: {e}") }),
     };
-    while let Some(accepted) = connection.accept().await {
+    let mut drain = std::pin::pin!(drain);
+    let mut draining = false;
+    loop {
+        let accepted = if draining {
+            connection.accept().await
+        } else {
+            tokio::select! {
+                accepted = connection.accept() => accepted,
+                () = &mut drain => {
+                    connection.graceful_shutdown();
+                    draining = true;
+                    continue;
+                }
+            }
+        };
         match accepted {
-            Ok((request, respond)) => on_stream(request, respond),
-            Err(e) => return connection_error(e),
+            Some(Ok((request, respond))) => on_stream(request, respond),
+            Some(Err(e)) => return connection_error(e),
+            None => return Ok(()),
         }
     }
-    Ok(())
 }
 
 /// A connection-level HTTP/2 error worth a flow: one with a reason (protocol error, GOAWAY
