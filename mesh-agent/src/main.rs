@@ -246,16 +246,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(admin::serve(args.admin_socket.clone(), args.admin_group.clone(), admin, shutdown.clone()));
     let handover_server = handover::Server::bind(&args.handover_socket)
         .with_context(|| format!("cannot serve --handover-socket {}", args.handover_socket.display()))?;
-    let mut successor = tokio::spawn(async move { handover_server.serve(offers).await });
+    let mut handover_task = tokio::spawn(async move { handover_server.serve(offers).await });
     tracing::info!(node = %node_name, ctrl = %args.ctrl, admin = %args.admin_socket.display(), "mesh-agent running");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let successor_task = &mut successor;
     let successor = tokio::select! {
         _ = term.recv() => { tracing::info!("SIGTERM: draining"); None }
         _ = int.recv() => { tracing::info!("SIGINT: draining"); None }
-        result = &mut *successor_task => match result.context("handover server panicked")? {
+        result = &mut handover_task => match result.context("handover server panicked")? {
             Ok(successor) => Some(successor),
             Err(e) => return Err(anyhow::Error::from(e).context("handover server failed")),
         },
@@ -277,7 +276,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     drain.start();
     shutdown_tx.send_replace(true);
     // No successor can take over from a draining agent (its handover socket goes).
-    successor_task.abort();
+    handover_task.abort();
     enroller.await.context("enroller panicked")?;
     // The admin server removes its socket once it has stopped.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin).await;

@@ -266,6 +266,60 @@ impl LoadProgram for SkLookup {
     }
 }
 
+/// The node-wide program types, attached at the cgroup root through a bpf link.
+trait CgroupProgram: LoadProgram {
+    fn attach_link(
+        &mut self,
+        cgroup: &File,
+    ) -> std::result::Result<std::result::Result<FdLink, aya::programs::links::LinkError>, ProgramError>;
+    fn program_fd(&self) -> std::result::Result<BorrowedFd<'_>, ProgramError>;
+    fn program_id(&self) -> std::result::Result<u32, ProgramError>;
+}
+
+macro_rules! cgroup_program {
+    ($($program:ty),*) => {$(
+        impl CgroupProgram for $program {
+            fn attach_link(
+                &mut self,
+                cgroup: &File,
+            ) -> std::result::Result<std::result::Result<FdLink, aya::programs::links::LinkError>, ProgramError> {
+                let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+                Ok(self.take_link(id)?.try_into())
+            }
+            fn program_fd(&self) -> std::result::Result<BorrowedFd<'_>, ProgramError> {
+                Ok(self.fd()?.as_fd())
+            }
+            fn program_id(&self) -> std::result::Result<u32, ProgramError> {
+                Ok(self.info()?.id())
+            }
+        }
+    )*};
+}
+
+cgroup_program!(CgroupSockAddr, SockOps);
+
+/// Loads program `name` and attaches it at `cgroup`, pinning the link at `path`, or adopts the
+/// link pinned there: (program id, link, adopted).
+fn attach_pinned<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    path: &Path,
+    cgroup: &File,
+) -> Result<(u32, FdLink, bool)>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    T: CgroupProgram + 'a,
+{
+    let prog: &mut T = loaded(ebpf, name)?;
+    let adopted = path.exists();
+    let link = if adopted {
+        adopt_link(name, path, prog.program_fd().map_err(program_error(name))?)?
+    } else {
+        pin_link(name, path, prog.attach_link(cgroup).map_err(program_error(name))?)?
+    };
+    Ok((prog.program_id().map_err(program_error(name))?, link, adopted))
+}
+
 /// The pinned link at `path`, now running `program` (BPF_LINK_UPDATE).
 fn adopt_link(name: &'static str, path: &Path, program: BorrowedFd<'_>) -> Result<FdLink> {
     let pin_error = |source| DatapathError::Pin { path: path.to_path_buf(), source };
@@ -368,25 +422,10 @@ impl Datapath {
         let mut attached = Vec::new();
         for (name, hook) in SOCK_ADDR_PROGRAMS.into_iter().chain([(SOCK_OPS_PROGRAM, "sock_ops")]) {
             let path = pins.links.join(name);
-            let adopted = path.exists();
-            let (prog_id, link) = if name == SOCK_OPS_PROGRAM {
-                let prog: &mut SockOps = loaded(&mut ebpf, name)?;
-                let link = if adopted {
-                    adopt_link(name, &path, prog.fd().map_err(program_error(name))?.as_fd())?
-                } else {
-                    let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program_error(name))?;
-                    pin_link(name, &path, prog.take_link(id).map_err(program_error(name))?.try_into())?
-                };
-                (prog.info().map_err(program_error(name))?.id(), link)
+            let (prog_id, link, adopted) = if name == SOCK_OPS_PROGRAM {
+                attach_pinned::<SockOps>(&mut ebpf, name, &path, &cgroup)?
             } else {
-                let prog: &mut CgroupSockAddr = loaded(&mut ebpf, name)?;
-                let link = if adopted {
-                    adopt_link(name, &path, prog.fd().map_err(program_error(name))?.as_fd())?
-                } else {
-                    let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(program_error(name))?;
-                    pin_link(name, &path, prog.take_link(id).map_err(program_error(name))?.try_into())?
-                };
-                (prog.info().map_err(program_error(name))?.id(), link)
+                attach_pinned::<CgroupSockAddr>(&mut ebpf, name, &path, &cgroup)?
             };
             attached.push(Attached {
                 name,
