@@ -90,6 +90,9 @@ pub struct Enroller {
     taken: Option<oneshot::Sender<Vec<String>>>,
     /// Requests for the enrolled pods' listeners, from this agent's handover server.
     offers: mpsc::Receiver<OfferRequest>,
+    /// The pods an earlier agent pinned and no longer desired have been released (once: from
+    /// then on this agent's own unenrolling keeps the pins in step).
+    stale_released: bool,
 }
 
 /// What the admin API shows of an enrolled pod.
@@ -129,6 +132,7 @@ impl Enroller {
             took: Vec::new(),
             taken,
             offers,
+            stale_released: false,
         };
         (enroller, rx, offer_tx)
     }
@@ -230,14 +234,16 @@ impl Enroller {
         }
     }
 
-    /// Releases the pods an earlier agent pinned that are not to be captured any more: only
-    /// once mesh-ctrl's config is held (before it, "nothing desired" means "not known yet") and
-    /// every desired pod is enrolled (a pod failing to enroll stays closed, not open).
+    /// Releases, once, the pods an earlier agent pinned that are not to be captured any more:
+    /// when mesh-ctrl's config is held (before it, "nothing desired" means "not known yet") and
+    /// every desired pod is enrolled (a pod failing to enroll stays closed, not open). It walks
+    /// ENROLLED under the datapath lock, which accepts take too, so not on every reconcile.
     fn release_stale_pins(&mut self) {
         let (_, config_version) = self.ctx.state.ctrl_status();
-        if config_version == 0 || !self.failures.is_empty() {
+        if self.stale_released || config_version == 0 || !self.failures.is_empty() {
             return;
         }
+        self.stale_released = true;
         let keep = self.enrolled.values().map(|e| e.pod.cookie).collect();
         let released = self.ctx.datapath.lock().expect("datapath lock").release_other_pods(&keep);
         if !released.is_empty() {
@@ -263,9 +269,10 @@ impl Enroller {
     }
 
     async fn enroll(&self, workload: Arc<Workload>, handed: Option<PodListeners>) -> Result<EnrolledPod, EnrollError> {
-        let IpAddr::V4(ip) = workload.ip else {
+        if workload.ip.is_ipv6() {
             return Err(EnrollError::Ipv6(workload.ip));
-        };
+        }
+        let ip = workload.ip;
         let identity = workload.identity();
         // The pod's certificate first: its 15008 listener must present it from the start.
         let tls = if self.ctx.identities.enabled() {
@@ -295,7 +302,7 @@ impl Enroller {
         let cookie = listeners.cookie;
         let sk_lookup = {
             let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
-            datapath.add_inbound_listener(IpAddr::V4(ip), &inbound_listener)?;
+            datapath.add_inbound_listener(ip, &inbound_listener)?;
             match datapath.attach_sk_lookup(&netns, cookie) {
                 Ok(link) => match datapath.enroll_netns(cookie) {
                     Ok(()) => link,
@@ -304,12 +311,12 @@ impl Enroller {
                         if !link.adopted {
                             datapath.detach_sk_lookup(link);
                         }
-                        datapath.remove_inbound_listener(IpAddr::V4(ip));
+                        datapath.remove_inbound_listener(ip);
                         return Err(e.into());
                     }
                 },
                 Err(e) => {
-                    datapath.remove_inbound_listener(IpAddr::V4(ip));
+                    datapath.remove_inbound_listener(ip);
                     return Err(e.into());
                 }
             }
