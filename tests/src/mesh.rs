@@ -413,6 +413,16 @@ impl Topology {
         String::from_utf8(out.stdout).expect("utf8 body")
     }
 
+    /// `curl` from `from` to `to`'s HTTP responder at `ip` (IPv4 or IPv6): curl's exit code,
+    /// its stdout and stderr, and how long it took.
+    pub fn try_curl(&self, from: &Pod, ip: std::net::IpAddr) -> (Option<i32>, String, Duration) {
+        let started = Instant::now();
+        let url = format!("http://{}/", SocketAddr::new(ip, HTTP_PORT));
+        let out = self.output_in(&from.netns, "curl", &["-gsS", "--max-time", "10", &url]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text, started.elapsed())
+    }
+
     /// Sends `bytes` from `from` to the sink of `to` and checks the checksum the sink computed.
     pub fn send(&self, from: &Pod, to: Ipv4Addr, bytes: u64) -> Value {
         self.send_with(from, to, bytes, &[])

@@ -2,7 +2,8 @@
 //! joined to the bridge by a veth pair, one netns per *pod* joined to its node by a veth pair.
 //!
 //! Address plan: pods 10.244.<node>.<n>/32, nodes 172.18.0.<node>/24, the fabric's bridge
-//! 172.18.0.254 (where mesh-ctrl listens), with a route to each node's pods. No namespace has
+//! 172.18.0.254 (where mesh-ctrl listens), with a route to each node's pods. Dual-stack: pods
+//! also have fd00:10:244:<node>::<n>/128 and nodes fd00:172:18::<node>/64, routed the same way. No namespace has
 //! a route to the machine's real network: nodes have no default route and pods' default route
 //! ends at their node.
 //!
@@ -15,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
@@ -107,6 +108,8 @@ pub struct Node {
     pub netns: String,
     /// Address on the fabric.
     pub ip: Ipv4Addr,
+    /// IPv6 address on the fabric.
+    pub ip6: Ipv6Addr,
 }
 
 /// A pod of the topology.
@@ -122,6 +125,8 @@ pub struct Pod {
     pub netns: String,
     /// Pod IP.
     pub ip: Ipv4Addr,
+    /// Pod IPv6 address (dual-stack).
+    pub ip6: Ipv6Addr,
     /// Pod labels.
     pub labels: BTreeMap<String, String>,
 }
@@ -212,6 +217,7 @@ impl Topology {
                 "link add br0 type bridge".into(),
                 format!("addr add {FABRIC_IP}/24 dev br0"),
                 "link set br0 up".into(),
+                "addr add fd00:172:18::fe/64 dev br0 nodad".into(),
             ],
         );
         for index in 1..=spec.nodes {
@@ -220,6 +226,7 @@ impl Topology {
                 name: format!("node{index}"),
                 netns: format!("{id}-n{index}"),
                 ip: Ipv4Addr::new(172, 18, 0, index),
+                ip6: Ipv6Addr::new(0xfd00, 0x172, 0x18, 0, 0, 0, 0, u16::from(index)),
             };
             topo.add_netns(&node.netns);
             ip_batch(
@@ -232,18 +239,27 @@ impl Topology {
             let mut cmds = vec![
                 "link set lo up".to_string(),
                 format!("addr add {}/24 dev eth0", node.ip),
+                format!("addr add {}/64 dev eth0 nodad", node.ip6),
                 "link set eth0 up".into(),
             ];
             for other in 1..=spec.nodes {
                 if other != index {
                     cmds.push(format!("route add 10.244.{other}.0/24 via 172.18.0.{other}"));
+                    cmds.push(format!("route add fd00:10:244:{other:x}::/64 via fd00:172:18::{other:x}"));
                 }
             }
             ip_batch(&node.netns, &cmds);
             sysctl(&node.netns, "net.ipv4.ip_forward", "1");
+            sysctl(&node.netns, "net.ipv6.conf.all.forwarding", "1");
             // Pods reach the fabric (mesh-ctrl) through their node, as in a cluster's pod
             // network: a waypoint's pod talks to mesh-ctrl itself.
-            ip_batch(&topo.fabric, &[format!("route add 10.244.{index}.0/24 via {}", node.ip)]);
+            ip_batch(
+                &topo.fabric,
+                &[
+                    format!("route add 10.244.{index}.0/24 via {}", node.ip),
+                    format!("route add fd00:10:244:{index:x}::/64 via {}", node.ip6),
+                ],
+            );
             topo.nodes.push(node);
         }
         let mut per_node = BTreeMap::<u8, u8>::new();
@@ -257,11 +273,13 @@ impl Topology {
                 node: p.node,
                 netns: format!("{id}-p{i}"),
                 ip: Ipv4Addr::new(10, 244, p.node, *host),
+                ip6: Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(p.node), 0, 0, 0, u16::from(*host)),
                 labels: p.labels.clone(),
             };
             let node_ns = &topo.nodes[usize::from(p.node) - 1].netns.clone();
             topo.add_netns(&pod.netns);
             let gw = Ipv4Addr::new(10, 244, p.node, 1);
+            let gw6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(p.node), 0, 0, 0, 1);
             ip_batch(
                 node_ns,
                 &[
@@ -269,6 +287,8 @@ impl Topology {
                     format!("link set p{i} up"),
                     format!("addr add {gw}/32 dev p{i}"),
                     format!("route add {}/32 dev p{i}", pod.ip),
+                    format!("addr add {gw6}/128 dev p{i} nodad"),
+                    format!("route add {}/128 dev p{i}", pod.ip6),
                 ],
             );
             ip_batch(
@@ -276,9 +296,12 @@ impl Topology {
                 &[
                     "link set lo up".into(),
                     format!("addr add {}/32 dev eth0", pod.ip),
+                    format!("addr add {}/128 dev eth0 nodad", pod.ip6),
                     "link set eth0 up".into(),
                     format!("route add {gw} dev eth0"),
                     format!("route add default via {gw}"),
+                    format!("route add {gw6} dev eth0"),
+                    format!("route add ::/0 via {gw6}"),
                 ],
             );
             topo.pods.push(pod);

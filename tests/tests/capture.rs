@@ -249,3 +249,39 @@ fn the_machines_own_connections_are_neither_rewritten_nor_counted() {
     assert_eq!(counters(), counters_before, "no agent counted the machine's own connections");
     assert_eq!(flows(), flows_before, "no agent recorded a flow for them");
 }
+
+/// curl's exit code for "Failed to connect" (refused, or EPERM from connect()).
+const CURL_COULDNT_CONNECT: i32 = 7;
+
+#[test]
+fn native_ipv6_of_enrolled_pods_is_refused_never_bypassed_and_other_pods_are_untouched() {
+    let topo = cluster();
+    let (a, c, x, y) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"), topo.pod("legacy", "y"));
+    let counter = |node: u8, name: &str| topo.status(node)["counters"][name].as_u64().unwrap();
+    let (out_before, in_before) = (counter(1, "outbound_refused"), counter(2, "inbound_refused"));
+    // Unenrolled pods talk IPv6 across the nodes as before: the topology routes it.
+    let (code, body, _) = topo.try_curl(x, y.ip6.into());
+    assert_eq!(code, Some(0), "x -> y over IPv6: {body}");
+    assert!(body.starts_with(&format!("client [{}]:", x.ip6)), "{body}");
+    // The mesh does not carry native IPv6 yet: an enrolled pod's connect is refused (EPERM)...
+    let (code, text, took) = topo.try_curl(a, c.ip6.into());
+    assert_eq!(code, Some(CURL_COULDNT_CONNECT), "a -> c over IPv6 is refused: {text}");
+    // connect() itself fails with EPERM, whatever the port: nothing leaves the pod.
+    let to = std::net::SocketAddr::new(c.ip6.into(), ECHO_PORT).to_string();
+    let out = topo.output_in(&a.netns, ferrymesh_testbed::mesh::bin("fm-peer"), &["ping", "--to", &to, "--count", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Operation not permitted (os error 1)"), "{err}");
+    assert!(took < Duration::from_secs(5), "refused, not hung: {took:?}");
+    // ... and so is an IPv6 SYN to an enrolled pod, from outside the mesh: never plaintext.
+    let (code, text, took) = topo.try_curl(x, c.ip6.into());
+    assert_eq!(code, Some(CURL_COULDNT_CONNECT), "x -> c over IPv6 is refused: {text}");
+    assert!(took < Duration::from_secs(5), "refused, not hung: {took:?}");
+    // The eBPF counters say so; loopback inside an enrolled pod is left alone.
+    assert!(counter(1, "outbound_refused") > out_before, "node1 counted a's refused connect");
+    assert!(counter(2, "inbound_refused") > in_before, "node2 counted x's refused SYN");
+    let (code, body, _) = topo.try_curl(a, std::net::Ipv6Addr::LOCALHOST.into());
+    assert_eq!(code, Some(0), "a -> [::1] stays inside the pod: {body}");
+    // IPv4 between the same pods is carried as ever.
+    let body = topo.curl(a, c.ip);
+    assert!(body.starts_with(&format!("client {}:", a.ip)), "{body}");
+}

@@ -207,6 +207,15 @@ fn a_killed_agent_leaves_its_pods_closed_and_the_next_agent_adopts_them() {
     // An unenrolled pod on that node is untouched.
     let body = topo.curl(y, x.ip);
     assert!(body.starts_with(&format!("client {}:", y.ip)), "y -> x: {body}");
+    // The same for IPv6: refused to and from c at once, untouched between unenrolled pods.
+    for (from, to) in [(x, c), (c, a)] {
+        let (code, text, took) = topo.try_curl(from, to.ip6.into());
+        assert_eq!(code, Some(CURL_COULDNT_CONNECT), "{} -> {} over IPv6 must be refused: {text}", from.name, to.name);
+        assert!(took < Duration::from_secs(5), "refused, not hung: {took:?}");
+    }
+    let (code, body, _) = topo.try_curl(y, x.ip6.into());
+    assert_eq!(code, Some(0), "y -> x over IPv6: {body}");
+    assert!(body.starts_with(&format!("client [{}]:", y.ip6)), "{body}");
 
     // The next agent adopts the pins: every pod works again, nothing enrolled by hand.
     topo.start_agent(2);

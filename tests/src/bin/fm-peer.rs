@@ -1,8 +1,8 @@
 //! fm-peer: the test peer that runs inside topology pods.
 //!
 //! `serve` listens on three ports: an HTTP responder whose body names the client address the
-//! server saw, a sink that answers "<bytes> <sha256>" after the client half-closes, and an
-//! echo. `send` streams a deterministic payload to a sink and checks the answer; `ping` holds
+//! server saw (on IPv6 too, `[::]`, IPv6 only), a sink that answers "<bytes> <sha256>" after the
+//! client half-closes, and an echo. `send` streams a deterministic payload to a sink and checks the answer; `ping` holds
 //! one connection to an echo and checks every round trip.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -104,9 +104,22 @@ fn main() {
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// A listener on `[::]:port` for IPv6 only (the IPv4 listener on the same port keeps IPv4
+/// clients' addresses as IPv4).
+fn listen_v6(port: u16) -> Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
+}
+
 fn serve(http: u16, sink: u16, echo: u16) -> Result<()> {
     let listeners = [
         (TcpListener::bind(("0.0.0.0", http))?, serve_http as fn(TcpStream, SocketAddr) -> Result<()>),
+        (listen_v6(http)?, serve_http),
         (TcpListener::bind(("0.0.0.0", sink))?, serve_sink),
         (TcpListener::bind(("0.0.0.0", echo))?, serve_echo),
     ];
