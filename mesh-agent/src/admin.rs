@@ -104,6 +104,7 @@ impl agent_admin_server::AgentAdmin for AdminService {
                 namespace: e.namespace,
                 name: e.name,
                 ip: e.ip.to_string(),
+                other_ips: e.other_ips.iter().map(ToString::to_string).collect(),
                 netns_cookie: e.netns_cookie,
                 sk_lookup_link_id: e.sk_lookup_link_id,
                 adopted: e.adopted,

@@ -7,6 +7,7 @@
 //! ```text
 //! new -> old   (connects)
 //! old -> new   pod <uid> <netns cookie>     + SCM_RIGHTS: the 15001, 15006, 15008 listeners
+//!                                            of IPv4, then (a dual-stack pod) of IPv6
 //!              ... one message per enrolled pod
 //!              end
 //! new          enrolls every pod on the listeners it got (the same sockets: the kernel's
@@ -33,22 +34,22 @@ use nix::sys::socket::{
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::enroll::PodListeners;
+use crate::enroll::{Listeners, PodListeners};
 
 /// How long the new agent may take from `end` to `taken` (it waits for certificates), and the
 /// old one from `taken` to `released`.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_MESSAGE: usize = 4096;
 
-/// A pod's listeners as the enroller offers them: duplicates of its three listener sockets.
+/// A pod's listeners as the enroller offers them: duplicates of its listener sockets.
 #[derive(Debug)]
 pub struct Offer {
     /// The pod's UID.
     pub uid: String,
     /// Its netns cookie.
     pub cookie: u64,
-    /// 15001, 15006, 15008.
-    pub listeners: [OwnedFd; 3],
+    /// 15001, 15006, 15008 of IPv4, then of IPv6 when the pod has them.
+    pub listeners: Vec<OwnedFd>,
 }
 
 /// What the running agent's handover server asks the enroller for.
@@ -69,7 +70,7 @@ fn send(fd: &OwnedFd, text: &str, fds: &[RawFd]) -> io::Result<()> {
 fn recv(fd: &OwnedFd) -> io::Result<(String, Vec<OwnedFd>)> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let mut space = nix::cmsg_space!([RawFd; 6]);
     let msg = socket::recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
     let mut fds = Vec::new();
     for cmsg in msg.cmsgs()? {
@@ -124,15 +125,18 @@ pub fn take(path: &Path) -> io::Result<Option<Takeover>> {
             ["end"] => break,
             ["pod", uid, cookie] => {
                 let cookie = cookie.parse().map_err(|_| io::Error::other(format!("bad handover message {text:?}")))?;
-                let [outbound, inbound, hbone]: [OwnedFd; 3] = fds
-                    .try_into()
-                    .map_err(|_| io::Error::other(format!("handover message {text:?} came without its 3 listeners")))?;
-                let listeners = PodListeners {
-                    outbound: TcpListener::from(outbound),
-                    inbound: TcpListener::from(inbound),
-                    hbone: TcpListener::from(hbone),
-                    cookie,
+                if fds.len() != 3 && fds.len() != 6 {
+                    let got = fds.len();
+                    return Err(io::Error::other(format!(
+                        "handover message {text:?} came with {got} listeners, not 3 or 6"
+                    )));
+                }
+                let mut fds = fds.into_iter().map(TcpListener::from);
+                let mut family = || -> Option<Listeners> {
+                    Some(Listeners { outbound: fds.next()?, inbound: fds.next()?, hbone: fds.next()? })
                 };
+                let v4 = family().expect("three listeners");
+                let listeners = PodListeners { v4, v6: family(), cookie };
                 pods.insert(uid.to_string(), listeners);
             }
             _ => return Err(io::Error::other(format!("unexpected handover message {text:?}"))),

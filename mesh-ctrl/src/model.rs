@@ -113,8 +113,10 @@ pub struct Pod {
     pub node: String,
     /// Service account the pod runs as.
     pub service_account: String,
-    /// Pod IP.
+    /// Pod IP (status.podIP).
     pub ip: IpAddr,
+    /// Its other IPs (status.podIPs after the first: the other family's, when dual-stack).
+    pub other_ips: Vec<IpAddr>,
     /// Path of the pod's network namespace; empty: the agent finds it by the pod's cgroup.
     pub netns: String,
     /// All labels of the pod.
@@ -359,6 +361,7 @@ impl Model {
                     node: pod.node.clone(),
                     service_account: pod.service_account.clone(),
                     ip: pod.ip.to_string(),
+                    other_ips: pod.other_ips.iter().map(IpAddr::to_string).collect(),
                     netns: pod.netns.clone(),
                     labels: pod.labels.clone().into_iter().collect(),
                     captured: self.captured(pod),
@@ -412,7 +415,9 @@ impl Model {
         let mut pod_by_ip: BTreeMap<IpAddr, &Pod> = BTreeMap::new();
         for pod in self.pods.values() {
             pods_by_namespace.entry(&pod.namespace).or_default().push(pod);
-            pod_by_ip.insert(pod.ip, pod);
+            for ip in std::iter::once(pod.ip).chain(pod.other_ips.iter().copied()) {
+                pod_by_ip.insert(ip, pod);
+            }
         }
         let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
         for slice in self.endpoint_slices.values() {
@@ -527,6 +532,7 @@ mod tests {
             node: "node1".to_string(),
             service_account: "default".to_string(),
             ip: "10.244.1.2".parse().unwrap(),
+            other_ips: Vec::new(),
             netns: "/var/run/netns/x".to_string(),
             labels,
             container_ports: BTreeMap::new(),

@@ -1,21 +1,23 @@
 //! ferrymesh eBPF programs.
 //!
 //! Outbound capture: `connect4/6` (cgroup-v2 root) rewrite a TCP connect() of an enrolled pod
-//! to the agent's `127.0.0.1:15001` inside the same netns and remember the original destination
-//! by socket cookie; `sockops` files it again under (netns cookie, client port), the key the
-//! agent can compute on accept; `getpeername4/6` show the app its original peer. A native IPv6
-//! destination is refused (EPERM), never let through: the mesh does not carry it yet.
+//! to the agent's outbound listener inside the same netns (`127.0.0.1:15001` for an IPv4 or
+//! IPv4-mapped destination, `[::1]:15001` for a native IPv6 one) and remember the original
+//! destination by socket cookie; `sockops` files it again under (netns cookie, client port,
+//! family), the key the agent can compute on accept; `getpeername4/6` show the app its
+//! original peer.
 //!
-//! Inbound capture: `sk_lookup`, attached to each enrolled pod netns, hands a SYN for the pod's
-//! IP to the agent's 15006 listener of that pod, except the agent's own dials to the app
-//! (registered in `APP_DIALS`). A SYN it cannot hand over (no agent listener: the agent is
-//! down or restarting) is refused with a reset, so a pod is never reachable around the mesh.
+//! Inbound capture: `sk_lookup`, attached to each enrolled pod netns, hands a SYN for one of
+//! the pod's IPs to the agent's 15006 listener of that address (IPv4 or IPv6), except the
+//! agent's own dials to the app (registered in `APP_DIALS`). A SYN it cannot hand over (no
+//! agent listener: the agent is down or restarting) is refused with a reset, so a pod is never
+//! reachable around the mesh.
 //!
 //! Every program acts only on network namespaces in `ENROLLED` (or on sockets it captured) and
 //! leaves the agent's own sockets (`SO_MARK`) alone. The maps are pinned by name (the agent
 //! gives the directory), so they and the links outlive an agent: with no agent running the
-//! programs keep enrolled pods closed. Outside those refusals the programs never fail a
-//! syscall: on any error they let the connection through unchanged.
+//! programs keep enrolled pods closed. A connect() to capture whose original destination cannot
+//! be remembered is refused (EPERM), never let through unencrypted.
 #![no_std]
 #![no_main]
 
@@ -34,7 +36,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     map_sizes, v4_mapped_words, AppDialKey, Counter, OrigDst, PortKey, AF_INET, AF_INET6, HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT, LOCALHOST_V4, MARK_AGENT, MARK_APP_DIAL, OUTBOUND_PORT,
+    INBOUND_PLAINTEXT_PORT, LOCALHOST_V4, LOCALHOST_V6_WORDS, MARK_AGENT, MARK_APP_DIAL, OUTBOUND_PORT,
 };
 
 /// Return value of cgroup sock_addr programs that lets the syscall proceed.
@@ -132,6 +134,12 @@ fn v4_mapped(ip6: &[u32; 4]) -> Option<u32> {
     (ip6[0] == 0 && ip6[1] == 0 && u32::from_be(ip6[2]) == 0xffff).then_some(ip6[3])
 }
 
+/// Word-by-word equality (array `==` may become a `bcmp` call, which BPF does not have).
+#[inline(always)]
+fn same_words(a: &[u32; 4], b: &[u32; 4]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
 /// Whether `ip6` (network-order words) is `::1` or an IPv4-mapped 127.0.0.0/8 address.
 #[inline(always)]
 fn is_loopback6(ip6: &[u32; 4]) -> bool {
@@ -141,67 +149,69 @@ fn is_loopback6(ip6: &[u32; 4]) -> bool {
     }
 }
 
-/// Whether a connect() to `ip4`:`port` (network order ip, host order port) is to be captured.
+/// Whether a connect() to `dst` (map-key words, see [`v4_mapped_words`]) port `port` (host
+/// order) is to be captured: TCP, not the agent's own sockets, not loopback (it stays inside
+/// the pod), never the agent's own ports.
 #[inline(always)]
-fn wants_capture(addr: &SockAddr, ip4: u32, port: u16) -> bool {
-    if addr.sock_type != SOCK_STREAM || addr.mark == MARK_AGENT || addr.mark == MARK_APP_DIAL {
-        return false;
-    }
-    // Loopback stays inside the pod; the agent's own ports are never captured.
-    u32::from_be(ip4) >> 24 != 127 && port != OUTBOUND_PORT && port != INBOUND_PLAINTEXT_PORT
+fn wants_capture(addr: &SockAddr, dst: &[u32; 4], port: u16) -> bool {
+    addr.sock_type == SOCK_STREAM
+        && addr.mark != MARK_AGENT
+        && addr.mark != MARK_APP_DIAL
+        && !is_loopback6(dst)
+        && port != OUTBOUND_PORT
+        && port != INBOUND_PLAINTEXT_PORT
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn fm_connect4(ctx: SockAddrContext) -> i32 {
-    try_connect(&ctx, false).unwrap_or(ALLOW)
+    try_connect(&ctx, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn fm_connect6(ctx: SockAddrContext) -> i32 {
-    try_connect(&ctx, true).unwrap_or(ALLOW)
+    try_connect(&ctx, true)
 }
 
 #[inline(always)]
-fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
+fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let addr = read_sock_addr(ctx, v6);
     if !is_enrolled(ctx) {
-        return Ok(ALLOW);
+        return ALLOW;
     }
-    // Only IPv4 and IPv4-mapped destinations are captured for now; a native IPv6 TCP connect
-    // other than to loopback is refused rather than let through unencrypted.
-    let ip4 = if v6 {
+    // An IPv4-mapped destination of an IPv6 socket goes out as IPv4: it is captured as such,
+    // to 127.0.0.1 (mapped); a native IPv6 one to [::1].
+    let (dst, native6) = if v6 {
         match v4_mapped(&addr.user_ip6) {
-            Some(ip4) => ip4,
-            None if addr.sock_type != SOCK_STREAM
-                || addr.mark == MARK_AGENT
-                || addr.mark == MARK_APP_DIAL
-                || is_loopback6(&addr.user_ip6) =>
-            {
-                count(Counter::Bypassed);
-                return Ok(ALLOW);
-            }
-            None => {
-                count(Counter::OutboundRefused);
-                return Ok(REFUSE);
-            }
+            Some(ip4) => (v4_mapped_words(ip4), false),
+            None => (addr.user_ip6, true),
         }
     } else {
-        addr.user_ip4
+        (v4_mapped_words(addr.user_ip4), false)
     };
     let port = u16::from_be(addr.user_port as u16);
-    if !wants_capture(&addr, ip4, port) {
+    if !wants_capture(&addr, &dst, port) {
         count(Counter::Bypassed);
-        return Ok(ALLOW);
+        return ALLOW;
     }
-    let orig = OrigDst { family: AF_INET, port, ip4, ip6: [0; 4] };
+    let orig = match native6 {
+        true => OrigDst { family: AF_INET6, port, ip4: 0, ip6: dst },
+        false => OrigDst { family: AF_INET, port, ip4: dst[3], ip6: [0; 4] },
+    };
     if ORIG_BY_COOKIE.insert(socket_cookie(ctx), orig, 0).is_err() {
+        // Let through, the connection would bypass the mesh: refused instead.
         count(Counter::MapErrors);
-        return Ok(ALLOW);
+        count(Counter::OutboundRefused);
+        return REFUSE;
     }
     let sa = ctx.sock_addr;
     // SAFETY: writable ctx fields, written one by one (merged stores are rejected).
     unsafe {
-        if v6 {
+        if native6 {
+            write_volatile(&mut (*sa).user_ip6[0], LOCALHOST_V6_WORDS[0]);
+            write_volatile(&mut (*sa).user_ip6[1], LOCALHOST_V6_WORDS[1]);
+            write_volatile(&mut (*sa).user_ip6[2], LOCALHOST_V6_WORDS[2]);
+            write_volatile(&mut (*sa).user_ip6[3], LOCALHOST_V6_WORDS[3]);
+        } else if v6 {
             write_volatile(&mut (*sa).user_ip6[3], LOCALHOST_V4.to_be());
         } else {
             write_volatile(&mut (*sa).user_ip4, LOCALHOST_V4.to_be());
@@ -209,7 +219,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> Result<i32, i64> {
         write_volatile(&mut (*sa).user_port, u32::from(OUTBOUND_PORT.to_be()));
     }
     count(Counter::Captured);
-    Ok(ALLOW)
+    ALLOW
 }
 
 #[sock_ops]
@@ -219,8 +229,8 @@ pub fn fm_orig_dst(ctx: SockOpsContext) -> u32 {
 }
 
 /// On connect of a captured socket: files its original destination under (netns cookie,
-/// client port) and asks for state callbacks. On its close: forgets it, so the maps hold only
-/// live connections.
+/// client port, family) and asks for state callbacks. On its close: forgets it, so the maps
+/// hold only live connections.
 #[inline(always)]
 fn try_file_orig_dst(ctx: &SockOpsContext) {
     let op = ctx.op();
@@ -232,19 +242,19 @@ fn try_file_orig_dst(ctx: &SockOpsContext) {
     let cookie = socket_cookie(ctx);
     // SAFETY: the helper only reads the context it is given.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = PortKey { netns_cookie, port: local_port, pad: 0 };
+    // SAFETY: the value is copied out before any other map operation. Only captured sockets
+    // have one (and only they asked for state callbacks).
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
+        return;
+    };
+    let key = PortKey { netns_cookie, port: local_port, family: u32::from(orig.family) };
     if op == BPF_SOCK_OPS_STATE_CB {
-        // Only captured sockets asked for state callbacks.
         if new_state == BPF_TCP_CLOSE {
             let _ = ORIG_BY_COOKIE.remove(cookie);
             let _ = ORIG_BY_PORT.remove(key);
         }
         return;
     }
-    // SAFETY: the value is copied out before any other map operation.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
-        return;
-    };
     if ORIG_BY_PORT.insert(key, orig, 0).is_ok() {
         count(Counter::OrigFiled);
     } else {
@@ -270,25 +280,35 @@ pub fn fm_peer6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn try_restore_peer(ctx: &SockAddrContext, v6: bool) {
     let addr = read_sock_addr(ctx, v6);
-    let ip4 = if v6 {
-        match v4_mapped(&addr.user_ip6) {
-            Some(ip4) => ip4,
-            None => return,
-        }
-    } else {
-        addr.user_ip4
+    if u16::from_be(addr.user_port as u16) != OUTBOUND_PORT {
+        return;
+    }
+    // The peer a captured socket sees: 127.0.0.1 (or IPv4-mapped) for an IPv4 destination,
+    // [::1] for a native IPv6 one.
+    let native6 = v6 && same_words(&addr.user_ip6, &LOCALHOST_V6_WORDS);
+    let ip4 = match v6 {
+        true => v4_mapped(&addr.user_ip6),
+        false => Some(addr.user_ip4),
     };
-    if u32::from_be(ip4) != LOCALHOST_V4 || u16::from_be(addr.user_port as u16) != OUTBOUND_PORT {
+    if !native6 && ip4.is_none_or(|ip4| u32::from_be(ip4) != LOCALHOST_V4) {
         return;
     }
     // SAFETY: the value is copied out before the context is written.
     let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(socket_cookie(ctx)) }).copied() else {
         return;
     };
+    if native6 != (orig.family == AF_INET6) {
+        return;
+    }
     let sa = ctx.sock_addr;
     // SAFETY: writable ctx fields, written one by one.
     unsafe {
-        if v6 {
+        if native6 {
+            write_volatile(&mut (*sa).user_ip6[0], orig.ip6[0]);
+            write_volatile(&mut (*sa).user_ip6[1], orig.ip6[1]);
+            write_volatile(&mut (*sa).user_ip6[2], orig.ip6[2]);
+            write_volatile(&mut (*sa).user_ip6[3], orig.ip6[3]);
+        } else if v6 {
             write_volatile(&mut (*sa).user_ip6[3], orig.ip4);
         } else {
             write_volatile(&mut (*sa).user_ip4, orig.ip4);
@@ -303,8 +323,9 @@ pub fn fm_steer_in(ctx: SkLookupContext) -> u32 {
     steer_inbound(&ctx)
 }
 
-/// Hands a TCP SYN for the pod to the agent's 15006 listener of the pod address, or refuses it
-/// when there is none: loopback, the agent's own ports and the agent's dials to the app pass.
+/// Hands a TCP SYN for the pod to the agent's 15006 listener of the pod address (either
+/// family), or refuses it when there is none: loopback, the agent's own ports and the agent's
+/// dials to the app pass.
 #[inline(always)]
 fn steer_inbound(ctx: &SkLookupContext) -> u32 {
     let lookup = ctx.lookup;

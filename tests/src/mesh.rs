@@ -146,7 +146,7 @@ impl Topology {
     /// [`Topology::pod_yaml`] for a pod running as `service_account`.
     pub fn pod_yaml_as(&self, pod: &Pod, labels: &[(&str, &str)], service_account: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{netns}\n{labels}  annotations:\n    ferrymesh.io/netns: {path}\nspec:\n  nodeName: node{node}\n  serviceAccountName: {service_account}\n  containers:\n  - name: app\n    image: fm-peer\n    ports:\n    - name: http\n      containerPort: {HTTP_PORT}\n    - name: echo\n      containerPort: {ECHO_PORT}\nstatus:\n  podIP: {ip}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{netns}\n{labels}  annotations:\n    ferrymesh.io/netns: {path}\nspec:\n  nodeName: node{node}\n  serviceAccountName: {service_account}\n  containers:\n  - name: app\n    image: fm-peer\n    ports:\n    - name: http\n      containerPort: {HTTP_PORT}\n    - name: echo\n      containerPort: {ECHO_PORT}\nstatus:\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n  - ip: {ip6}\n",
             name = pod.name,
             ns = pod.namespace,
             netns = pod.netns,
@@ -154,6 +154,7 @@ impl Topology {
             path = pod.netns_path().display(),
             node = pod.node,
             ip = pod.ip,
+            ip6 = pod.ip6,
         )
     }
 
@@ -429,8 +430,8 @@ impl Topology {
     }
 
     /// [`Topology::send`] with extra fm-peer arguments (e.g. `--marker TEXT`).
-    pub fn send_with(&self, from: &Pod, to: Ipv4Addr, bytes: u64, extra: &[&str]) -> Value {
-        let addr = SocketAddr::from((to, SINK_PORT)).to_string();
+    pub fn send_with(&self, from: &Pod, to: impl Into<std::net::IpAddr>, bytes: u64, extra: &[&str]) -> Value {
+        let addr = SocketAddr::new(to.into(), SINK_PORT).to_string();
         let mut args = vec!["send", "--to", &addr, "--bytes"];
         let bytes_text = bytes.to_string();
         args.push(&bytes_text);

@@ -250,38 +250,69 @@ fn the_machines_own_connections_are_neither_rewritten_nor_counted() {
     assert_eq!(flows(), flows_before, "no agent recorded a flow for them");
 }
 
-/// curl's exit code for "Failed to connect" (refused, or EPERM from connect()).
-const CURL_COULDNT_CONNECT: i32 = 7;
-
 #[test]
-fn native_ipv6_of_enrolled_pods_is_refused_never_bypassed_and_other_pods_are_untouched() {
+fn native_ipv6_of_enrolled_pods_is_captured_never_bypassed_and_other_pods_are_untouched() {
     let topo = cluster();
-    let (a, c, x, y) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"), topo.pod("legacy", "y"));
-    let counter = |node: u8, name: &str| topo.status(node)["counters"][name].as_u64().unwrap();
-    let (out_before, in_before) = (counter(1, "outbound_refused"), counter(2, "inbound_refused"));
-    // Unenrolled pods talk IPv6 across the nodes as before: the topology routes it.
+    let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
+    let (x, y) = (topo.pod("legacy", "x"), topo.pod("legacy", "y"));
+    // a is enrolled with both its addresses.
+    let status = topo.status(1);
+    let enrolled_a = status["enrolled"].as_array().unwrap().iter().find(|e| e["name"] == "a").cloned();
+    assert_eq!(enrolled_a.map(|e| e["other_ips"].clone()), Some(serde_json::json!([a.ip6.to_string()])), "{status}");
+    // Unenrolled pods talk IPv6 across the nodes as before: nothing captures it.
+    let captured_before = counter(&topo, 1, "captured");
     let (code, body, _) = topo.try_curl(x, y.ip6.into());
     assert_eq!(code, Some(0), "x -> y over IPv6: {body}");
     assert!(body.starts_with(&format!("client [{}]:", x.ip6)), "{body}");
-    // The mesh does not carry native IPv6 yet: an enrolled pod's connect is refused (EPERM)...
-    let (code, text, took) = topo.try_curl(a, c.ip6.into());
-    assert_eq!(code, Some(CURL_COULDNT_CONNECT), "a -> c over IPv6 is refused: {text}");
-    // connect() itself fails with EPERM, whatever the port: nothing leaves the pod.
+    assert_eq!(counter(&topo, 1, "captured"), captured_before, "x's connection was not captured");
+    // An enrolled pod's native IPv6 connect is captured to [::1]:15001 and carried: to b on
+    // its node (node-local) and to c on the other (HBONE over IPv6); the app sees a's IPv6.
+    for (dst, dst_node, transport) in [(b, 1, "node-local"), (c, 2, "mtls")] {
+        let (code, body, _) = topo.try_curl(a, dst.ip6.into());
+        assert_eq!(code, Some(0), "a -> {} over IPv6: {body}", dst.name);
+        assert!(body.starts_with(&format!("client [{}]:", a.ip6)), "{} saw {body}", dst.name);
+        topo.send_with(a, dst.ip6, 4 * 1024 * 1024, &[]);
+        let dst_ip = dst.ip6.to_string();
+        wait_until(FLOW_WAIT, "the flows of the IPv6 transfer", || {
+            flows_to(&topo, 1, "outbound", &dst_ip, SINK_PORT).len() == 1
+                && flows_to(&topo, dst_node, "inbound", &dst_ip, SINK_PORT).len() == 1
+        });
+        for (node, direction) in [(1, "outbound"), (dst_node, "inbound")] {
+            let f = &flows_to(&topo, node, direction, &dst_ip, SINK_PORT)[0];
+            assert_eq!((f["verdict"].as_str(), f["transport"].as_str()), (Some("allowed"), Some(transport)), "{f}");
+            assert_eq!(f["src"]["ip"], a.ip6.to_string(), "{f}");
+            assert_eq!(
+                (f["src"]["workload"].as_str(), f["dst"]["workload"].as_str()),
+                (Some("a"), Some(dst.name.as_str()))
+            );
+            assert_eq!(f["src"]["identity"], "spiffe://cluster.local/ns/shop/sa/a", "{f}");
+            assert_eq!(f["dst"]["identity"], format!("spiffe://cluster.local/ns/shop/sa/{}", dst.name), "{f}");
+            assert_eq!(f["bytes_sent"], 4 * 1024 * 1024, "{f}");
+        }
+    }
+    assert!(counter(&topo, 1, "captured") >= captured_before + 4, "node1 captured a's IPv6 connects");
+    // getpeername() shows the app its original IPv6 peer, not [::1]:15001.
     let to = std::net::SocketAddr::new(c.ip6.into(), ECHO_PORT).to_string();
     let out = topo.output_in(&a.netns, ferrymesh_testbed::mesh::bin("fm-peer"), &["ping", "--to", &to, "--count", "1"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("Operation not permitted (os error 1)"), "{err}");
-    assert!(took < Duration::from_secs(5), "refused, not hung: {took:?}");
-    // ... and so is an IPv6 SYN to an enrolled pod, from outside the mesh: never plaintext.
-    let (code, text, took) = topo.try_curl(x, c.ip6.into());
-    assert_eq!(code, Some(CURL_COULDNT_CONNECT), "x -> c over IPv6 is refused: {text}");
-    assert!(took < Duration::from_secs(5), "refused, not hung: {took:?}");
-    // The eBPF counters say so; loopback inside an enrolled pod is left alone.
-    assert!(counter(1, "outbound_refused") > out_before, "node1 counted a's refused connect");
-    assert!(counter(2, "inbound_refused") > in_before, "node2 counted x's refused SYN");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(&format!("-> {to}")),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Plaintext IPv6 from outside the mesh to an enrolled pod is steered to its agent, which
+    // records it (and would apply policy to it) before the app sees the client's IPv6.
+    let (code, body, _) = topo.try_curl(x, c.ip6.into());
+    assert_eq!(code, Some(0), "x -> c over IPv6: {body}");
+    assert!(body.starts_with(&format!("client [{}]:", x.ip6)), "{body}");
+    wait_until(FLOW_WAIT, "c's inbound plaintext IPv6 flow", || {
+        flows_to(&topo, 2, "inbound", &c.ip6.to_string(), HTTP_PORT)
+            .iter()
+            .any(|f| f["transport"] == "plaintext" && f["src"]["ip"] == x.ip6.to_string())
+    });
+    // Loopback inside an enrolled pod is left alone; IPv4 between the same pods is carried as ever.
     let (code, body, _) = topo.try_curl(a, std::net::Ipv6Addr::LOCALHOST.into());
     assert_eq!(code, Some(0), "a -> [::1] stays inside the pod: {body}");
-    // IPv4 between the same pods is carried as ever.
     let body = topo.curl(a, c.ip);
     assert!(body.starts_with(&format!("client {}:", a.ip)), "{body}");
 }

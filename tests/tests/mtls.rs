@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use ferrymesh_testbed::mesh::{wait_until, FLOW_WAIT, HTTP_PORT, SINK_PORT};
-use ferrymesh_testbed::pcap::{contains, tcp_payloads};
+use ferrymesh_testbed::pcap::{contains, tcp6_payloads, tcp_payloads};
 use ferrymesh_testbed::{Topology, TopologySpec};
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
 use serde_json::Value;
@@ -247,4 +247,75 @@ fn a_client_refuses_a_server_with_the_wrong_identity() {
     );
     assert_eq!(refused[0]["verdict"], "error");
     assert_eq!(refused[0]["reason"], want.as_str());
+}
+
+#[test]
+fn native_ipv6_across_nodes_is_tls13_on_15008_over_ipv6_and_ipv6_policies_apply() {
+    let topo = cluster(&[]);
+    let (a, c) = (topo.pod("shop", "a"), topo.pod("shop", "c"));
+    let capture = topo.start_capture("tcpdump6", &topo.fabric, "n1");
+    let marker = "FERRYMESH-SECRET-MARKER-v6-91c2";
+    topo.send_with(a, c.ip6, 4 * 1024 * 1024, &["--marker", marker]);
+    let (code, body, _) = topo.try_curl(a, c.ip6.into());
+    assert_eq!(code, Some(0), "a -> c over IPv6: {body}");
+    assert!(body.starts_with(&format!("client [{}]:", a.ip6)), "{body}");
+    topo.stop_capture(&capture, &topo.nodes[0].netns, ferrymesh_testbed::topology::FABRIC_IP);
+
+    // Every byte crossed the fabric as IPv6, on 15008, in TLS 1.3 with ALPN h2.
+    let packets = tcp6_payloads(&std::fs::read(&capture.pcap).unwrap());
+    let total: usize = packets.iter().map(|p| p.2.len()).sum();
+    assert!(
+        total > 4 * 1024 * 1024,
+        "the capture holds the whole IPv6 transfer ({total} bytes): {}",
+        topo.log("tcpdump6")
+    );
+    for (sport, dport, payload) in &packets {
+        assert!(!contains(payload, marker.as_bytes()), "plaintext marker on the wire ({sport} -> {dport})");
+        assert!(payload.is_empty() || *sport == 15008 || *dport == 15008, "payload outside HBONE: {sport} -> {dport}");
+    }
+    let from_server: Vec<u8> = packets.iter().filter(|p| p.0 == 15008).flat_map(|p| p.2.clone()).collect();
+    let to_server: Vec<u8> = packets.iter().filter(|p| p.1 == 15008).flat_map(|p| p.2.clone()).collect();
+    assert!(contains(&from_server, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]), "the server selected TLS 1.3");
+    assert!(contains(&to_server, &[0x02, b'h', b'2']), "the client offered ALPN h2");
+    assert!(!tcp_payloads(&std::fs::read(&capture.pcap).unwrap()).iter().any(|p| contains(&p.2, marker.as_bytes())));
+
+    // Both agents' flows name both identities and the IPv6 addresses.
+    let (id_a, id_c) = (format!("spiffe://{TD}/ns/shop/sa/a"), format!("spiffe://{TD}/ns/shop/sa/c"));
+    for (node, direction) in [(1, "outbound"), (2, "inbound")] {
+        let flows = flows_to(&topo, node, direction, SINK_PORT);
+        assert_eq!(flows.len(), 1, "{direction}: {flows:?}");
+        let f = &flows[0];
+        assert_eq!(f["mtls"], true, "{f}");
+        assert_eq!(
+            (f["src"]["ip"].as_str(), f["dst"]["ip"].as_str()),
+            (Some(&*a.ip6.to_string()), Some(&*c.ip6.to_string()))
+        );
+        assert_eq!(
+            (f["src"]["identity"].as_str(), f["dst"]["identity"].as_str()),
+            (Some(id_a.as_str()), Some(id_c.as_str()))
+        );
+    }
+
+    // An IPv6 ipBlock applies to a's IPv6 connections, not to its IPv4 ones.
+    let deny = format!(
+        "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-a6\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"{}/128\"]\n    to:\n    - operation:\n        ports: [\"{HTTP_PORT}\"]\n",
+        a.ip6
+    );
+    topo.write_config_file("deny-a6.yaml", &deny);
+    wait_until(Duration::from_secs(10), "node2 to hold shop/deny-a6", || {
+        let out = topo.meshctl(2, &["policies", "-o", "json"]);
+        String::from_utf8_lossy(&out.stdout).contains("deny-a6")
+    });
+    let (code, text, _) = topo.try_curl(a, c.ip6.into());
+    assert_ne!(code, Some(0), "a -> c over IPv6 is denied: {text}");
+    wait_until(FLOW_WAIT, "the IPv6 deny", || {
+        flows_to(&topo, 2, "inbound", HTTP_PORT).iter().any(|f| {
+            f["verdict"] == "denied" && f["policy"] == "shop/deny-a6 rule 0" && f["src"]["ip"] == a.ip6.to_string()
+        })
+    });
+    let body = topo.curl(a, c.ip);
+    assert!(
+        body.starts_with(&format!("client {}:", a.ip)),
+        "a -> c over IPv4 is not matched by the IPv6 block: {body}"
+    );
 }

@@ -272,6 +272,7 @@ mod tests {
                     node: "n1".into(),
                     service_account: "web".into(),
                     ip: [10, 0, 0, 2].into(),
+                    other_ips: Vec::new(),
                     netns: Default::default(),
                     labels: Default::default(),
                     captured: true,

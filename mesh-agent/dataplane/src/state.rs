@@ -38,6 +38,8 @@ pub struct Workload {
     pub service_account: String,
     /// Pod IP.
     pub ip: IpAddr,
+    /// Its other IPs (the other family's, when dual-stack).
+    pub other_ips: Vec<IpAddr>,
     /// Path of the pod's network namespace.
     pub netns: PathBuf,
     /// Pod labels.
@@ -242,6 +244,7 @@ impl Stored for Workload {
             node: self.node.clone(),
             service_account: self.service_account.clone(),
             ip: self.ip.to_string(),
+            other_ips: self.other_ips.iter().map(IpAddr::to_string).collect(),
             netns: self.netns.display().to_string(),
             labels: self.labels.clone().into_iter().collect(),
             captured: self.captured,
@@ -393,6 +396,21 @@ impl Workload {
     pub fn identity(&self) -> Identity {
         Identity { namespace: self.namespace.clone(), service_account: self.service_account.clone() }
     }
+
+    /// Every IP of the pod, its primary one first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.ip).chain(self.other_ips.iter().copied())
+    }
+
+    /// Its IP of the family of `peer` (the one a connection with `peer` uses), else its primary.
+    pub fn ip_for(&self, peer: IpAddr) -> IpAddr {
+        self.addresses().find(|ip| ip.is_ipv6() == peer.is_ipv6()).unwrap_or(self.ip)
+    }
+
+    /// Its IPv6 address, if it has one.
+    pub fn ipv6(&self) -> Option<IpAddr> {
+        self.addresses().find(IpAddr::is_ipv6)
+    }
 }
 
 impl TryFrom<proto::Workload> for Workload {
@@ -404,8 +422,14 @@ impl TryFrom<proto::Workload> for Workload {
             return Err(invalid("uid", "empty".into()));
         }
         let ip = w.ip.parse().map_err(|e| invalid("ip", format!("{:?}: {e}", w.ip)))?;
+        let other_ips = w
+            .other_ips
+            .iter()
+            .map(|o| o.parse().map_err(|e| invalid("other_ips", format!("{o:?}: {e}"))))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             ip,
+            other_ips,
             uid: w.uid,
             name: w.name,
             namespace: w.namespace,
@@ -488,7 +512,8 @@ impl State {
         let policies = {
             let mut inner = self.inner.write().expect("state lock");
             if workloads.apply(&mut inner.workloads, snapshot) {
-                let by_ip = inner.workloads.values().map(|w| (w.ip, w.clone())).collect();
+                let by_ip =
+                    inner.workloads.values().flat_map(|w| w.addresses().map(move |ip| (ip, w.clone()))).collect();
                 inner.by_ip = by_ip;
             }
             if services.apply(&mut inner.services, snapshot) {

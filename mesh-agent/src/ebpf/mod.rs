@@ -29,7 +29,11 @@ use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use mesh_common::{ip_words, map_names, map_sizes, AppDialKey, Counter, OrigDst, PortKey};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use mesh_common::{
+    ip_words, ipv6_from_words, map_names, map_sizes, AppDialKey, Counter, OrigDst, PortKey, AF_INET, AF_INET6,
+};
 
 /// The compiled eBPF object, embedded at build time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
@@ -558,13 +562,19 @@ impl Datapath {
         released
     }
 
-    /// Takes the original destination of a captured connection, accepted from
-    /// `127.0.0.1:<port>` in the netns with `netns_cookie`.
-    pub fn take_orig_dst(&mut self, netns_cookie: u64, port: u16) -> Option<OrigDst> {
-        let key = PortKey { netns_cookie, port: u32::from(port), pad: 0 };
+    /// Takes the original destination of a captured connection, accepted from `peer`
+    /// (`127.0.0.1:<port>`, or `[::1]:<port>` for a native IPv6 destination) in the netns with
+    /// `netns_cookie`.
+    pub fn take_orig_dst(&mut self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let family = if peer.is_ipv6() { AF_INET6 } else { AF_INET };
+        let key = PortKey { netns_cookie, port: u32::from(peer.port()), family: u32::from(family) };
         let orig = self.orig_by_port.get(&key, 0).ok()?;
         let _ = self.orig_by_port.remove(&key);
-        Some(orig)
+        let ip: IpAddr = match orig.family {
+            AF_INET6 => ipv6_from_words(orig.ip6).into(),
+            _ => Ipv4Addr::from(u32::from_be(orig.ip4)).into(),
+        };
+        Some(SocketAddr::new(ip, orig.port))
     }
 
     /// Tells sk_lookup to leave the SYN of the agent's dial `key` alone.

@@ -1,6 +1,6 @@
 //! Enrollment: makes the set of captured pods of this node match the state store. Enrolling a
-//! pod = its certificate, listeners inside its netns (15001, 15006, 15008), its inbound
-//! listener in the sk_lookup map, sk_lookup attached to its netns (pinned), its netns cookie
+//! pod = its certificate, listeners inside its netns (15001, 15006, 15008, for IPv4 and, when
+//! the pod has an IPv6 address, IPv6), its inbound listener of each pod IP in the sk_lookup map, sk_lookup attached to its netns (pinned), its netns cookie
 //! in ENROLLED. Unenrolling undoes the eBPF part; the connections already proxied keep
 //! running. No pod restart either way, and a failed enrollment leaves nothing behind.
 //!
@@ -11,7 +11,7 @@
 
 mod pod_netns;
 
-pub use pod_netns::PodListeners;
+pub use pod_netns::{Listeners, PodListeners};
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -48,9 +48,6 @@ pub enum EnrollError {
     /// An eBPF map or attachment failed.
     #[error("{0}")]
     Datapath(#[from] DatapathError),
-    /// Only IPv4 pods are captured so far.
-    #[error("pod IP {0} is IPv6; only IPv4 pods can be enrolled so far")]
-    Ipv6(IpAddr),
     /// The pod's certificate could not be obtained.
     #[error("{0}")]
     Identity(#[from] IdentityError),
@@ -70,8 +67,9 @@ pub struct EnrolledPod {
     /// The sk_lookup link of the pod's netns.
     pub sk_lookup: SkLookupAttachment,
     tasks: Vec<JoinHandle<()>>,
-    /// Second descriptors of the pod's 15001, 15006 and 15008 listeners, to hand to a successor.
-    listeners: [OwnedFd; 3],
+    /// Second descriptors of the pod's listeners (15001, 15006 and 15008 of IPv4, then of
+    /// IPv6 if it has them), to hand to a successor.
+    listeners: Vec<OwnedFd>,
 }
 
 /// Reconciles enrolled pods with the state store.
@@ -95,6 +93,25 @@ pub struct Enroller {
     stale_released: bool,
 }
 
+/// One address family's listeners of a pod, registered with tokio.
+struct Served {
+    v6: bool,
+    outbound: TcpListener,
+    inbound: TcpListener,
+    hbone: TcpListener,
+}
+
+impl Served {
+    fn new(listeners: Listeners) -> std::io::Result<Self> {
+        Ok(Self {
+            v6: listeners.outbound.local_addr()?.is_ipv6(),
+            outbound: TcpListener::from_std(listeners.outbound)?,
+            inbound: TcpListener::from_std(listeners.inbound)?,
+            hbone: TcpListener::from_std(listeners.hbone)?,
+        })
+    }
+}
+
 /// What the admin API shows of an enrolled pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnrolledSummary {
@@ -104,6 +121,8 @@ pub struct EnrolledSummary {
     pub name: String,
     /// Pod IP.
     pub ip: IpAddr,
+    /// Its other IPs (IPv6, when dual-stack).
+    pub other_ips: Vec<IpAddr>,
     /// Netns cookie.
     pub netns_cookie: u64,
     /// sk_lookup link id.
@@ -142,8 +161,7 @@ impl Enroller {
         self.enrolled
             .iter()
             .filter_map(|(uid, e)| {
-                let [a, b, c] = &e.listeners;
-                let listeners = [a.try_clone().ok()?, b.try_clone().ok()?, c.try_clone().ok()?];
+                let listeners = e.listeners.iter().map(OwnedFd::try_clone).collect::<Result<_, _>>().ok()?;
                 Some(Offer { uid: uid.clone(), cookie: e.pod.cookie, listeners })
             })
             .collect()
@@ -187,7 +205,11 @@ impl Enroller {
             .enrolled
             .iter()
             .filter(|(uid, e)| {
-                desired.get(*uid).is_none_or(|w| w.ip != e.pod.workload.ip || w.netns != e.pod.workload.netns)
+                desired.get(*uid).is_none_or(|w| {
+                    w.ip != e.pod.workload.ip
+                        || w.other_ips != e.pod.workload.other_ips
+                        || w.netns != e.pod.workload.netns
+                })
             })
             .map(|(uid, _)| uid.clone())
             .collect();
@@ -259,6 +281,7 @@ impl Enroller {
                 namespace: e.pod.workload.namespace.clone(),
                 name: e.pod.workload.name.clone(),
                 ip: e.pod.workload.ip,
+                other_ips: e.pod.workload.other_ips.clone(),
                 netns_cookie: e.pod.cookie,
                 sk_lookup_link_id: e.sk_lookup.link_id,
                 adopted: e.sk_lookup.adopted,
@@ -269,12 +292,8 @@ impl Enroller {
     }
 
     async fn enroll(&self, workload: Arc<Workload>, handed: Option<PodListeners>) -> Result<EnrolledPod, EnrollError> {
-        if workload.ip.is_ipv6() {
-            return Err(EnrollError::Ipv6(workload.ip));
-        }
-        let ip = workload.ip;
         let identity = workload.identity();
-        // The pod's certificate first: its 15008 listener must present it from the start.
+        // The pod's certificate first: its 15008 listeners must present it from the start.
         let tls = if self.ctx.identities.enabled() {
             self.ctx.identities.cert(&identity, CERT_WAIT).await?;
             let resolver =
@@ -290,20 +309,31 @@ impl Enroller {
             false => workload.netns.clone(),
         };
         let netns = Netns::open(&netns_path)?;
+        let v6 = workload.ipv6().is_some();
         let listeners = match handed {
-            Some(handed) => self.ctx.runner.run(&netns, move || pod_netns::adopt(handed)).await?,
-            None => self.ctx.runner.run(&netns, pod_netns::setup).await?,
+            Some(handed) => self.ctx.runner.run(&netns, move || pod_netns::adopt(handed, v6)).await?,
+            None => self.ctx.runner.run(&netns, move || pod_netns::setup(v6)).await?,
         };
-        let second = |l: &std::net::TcpListener| l.as_fd().try_clone_to_owned();
-        let kept = [second(&listeners.outbound)?, second(&listeners.inbound)?, second(&listeners.hbone)?];
-        let outbound_listener = TcpListener::from_std(listeners.outbound)?;
-        let inbound_listener = TcpListener::from_std(listeners.inbound)?;
-        let hbone_listener = TcpListener::from_std(listeners.hbone)?;
-        let cookie = listeners.cookie;
+        let kept = listeners.each().map(|l| l.as_fd().try_clone_to_owned()).collect::<Result<Vec<_>, _>>()?;
+        let PodListeners { v4, v6, cookie } = listeners;
+        let families = [Some(v4), v6].into_iter().flatten().map(Served::new).collect::<Result<Vec<_>, _>>()?;
+        // Each pod IP's inbound listener: the one of its family.
+        let inbound: Vec<(IpAddr, &TcpListener)> = workload
+            .addresses()
+            .filter_map(|ip| Some((ip, &families.iter().find(|f| f.v6 == ip.is_ipv6())?.inbound)))
+            .collect();
         let sk_lookup = {
             let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
-            datapath.add_inbound_listener(ip, &inbound_listener)?;
-            match datapath.attach_sk_lookup(&netns, cookie) {
+            let forget = |datapath: &mut crate::ebpf::Datapath| {
+                for (ip, _) in &inbound {
+                    datapath.remove_inbound_listener(*ip);
+                }
+            };
+            let attached = inbound
+                .iter()
+                .try_for_each(|(ip, listener)| datapath.add_inbound_listener(*ip, *listener))
+                .and_then(|()| datapath.attach_sk_lookup(&netns, cookie));
+            match attached {
                 Ok(link) => match datapath.enroll_netns(cookie) {
                     Ok(()) => link,
                     Err(e) => {
@@ -311,24 +341,25 @@ impl Enroller {
                         if !link.adopted {
                             datapath.detach_sk_lookup(link);
                         }
-                        datapath.remove_inbound_listener(ip);
+                        forget(&mut datapath);
                         return Err(e.into());
                     }
                 },
                 Err(e) => {
-                    datapath.remove_inbound_listener(ip);
+                    forget(&mut datapath);
                     return Err(e.into());
                 }
             }
         };
         let pod = Arc::new(PodContext { workload, netns, cookie, identity });
         self.ctx.local_pods.insert(pod.clone());
-        let mut tasks = vec![
-            tokio::spawn(outbound::serve(outbound_listener, pod.clone(), self.ctx.clone())),
-            tokio::spawn(inbound::serve(inbound_listener, pod.clone(), self.ctx.clone())),
-        ];
-        if let Some(tls) = tls {
-            tasks.push(tokio::spawn(hbone::serve(hbone_listener, tls, pod.clone(), self.ctx.clone())));
+        let mut tasks = Vec::new();
+        for family in families {
+            tasks.push(tokio::spawn(outbound::serve(family.outbound, pod.clone(), self.ctx.clone())));
+            tasks.push(tokio::spawn(inbound::serve(family.inbound, pod.clone(), self.ctx.clone())));
+            if let Some(tls) = &tls {
+                tasks.push(tokio::spawn(hbone::serve(family.hbone, tls.clone(), pod.clone(), self.ctx.clone())));
+            }
         }
         Ok(EnrolledPod { pod, sk_lookup, tasks, listeners: kept })
     }
@@ -344,7 +375,9 @@ impl Enroller {
             // sk_lookup goes before the listener entry, so no SYN meanwhile finds the hook
             // without a listener (and is refused).
             datapath.detach_sk_lookup(enrolled.sk_lookup);
-            datapath.remove_inbound_listener(enrolled.pod.workload.ip);
+            for ip in enrolled.pod.workload.addresses() {
+                datapath.remove_inbound_listener(ip);
+            }
         }
         // Aborting the accept loops closes the listeners; relays run on their own tasks and
         // finish normally.

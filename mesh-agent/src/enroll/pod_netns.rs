@@ -1,9 +1,10 @@
 //! What the agent sets up inside a pod's network namespace, run on the netns thread: the
-//! 15001/15006/15008 listeners, `tcp_fwmark_accept`, and the policy route that returns the app's
-//! replies to the agent's transparent dials. Everything here is idempotent.
+//! 15001/15006/15008 listeners of each address family the pod has, `tcp_fwmark_accept`, and the
+//! policy routes that return the app's replies to the agent's transparent dials. Everything here
+//! is idempotent.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 
 use mesh_common::{
     HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOOPBACK_IFINDEX, MARK_APP_DIAL, OUTBOUND_PORT, ROUTE_TABLE_APP_DIAL,
@@ -19,22 +20,62 @@ use crate::netns::netns_cookie;
 const RULE_PRIORITY: u32 = 100;
 const LISTEN_BACKLOG: i32 = 1024;
 
+/// The agent's listeners of one address family inside a pod.
+#[derive(Debug)]
+pub struct Listeners {
+    /// `127.0.0.1:15001` (`[::1]:15001`), target of captured outbound connections.
+    pub outbound: TcpListener,
+    /// `127.0.0.1:15006` (`[::1]:15006`), target of sk_lookup for inbound plaintext.
+    pub inbound: TcpListener,
+    /// `0.0.0.0:15008` (`[::]:15008`, IPv6 only), HBONE.
+    pub hbone: TcpListener,
+}
+
+impl Listeners {
+    /// Listens on the three ports of the IPv4 (`v6` false) or IPv6 family.
+    fn open(v6: bool) -> io::Result<Self> {
+        let (loopback, any): (IpAddr, IpAddr) = match v6 {
+            false => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::UNSPECIFIED.into()),
+            true => (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::UNSPECIFIED.into()),
+        };
+        Ok(Self {
+            outbound: listen(loopback, OUTBOUND_PORT)?,
+            inbound: listen(loopback, INBOUND_PLAINTEXT_PORT)?,
+            hbone: listen(any, HBONE_PORT)?,
+        })
+    }
+
+    /// The three, in the order they are handed over: 15001, 15006, 15008.
+    pub fn each(&self) -> [&TcpListener; 3] {
+        [&self.outbound, &self.inbound, &self.hbone]
+    }
+}
+
 /// Listeners the agent owns inside one pod, and the pod's netns cookie.
 #[derive(Debug)]
 pub struct PodListeners {
-    /// `127.0.0.1:15001`, target of captured outbound connections.
-    pub outbound: TcpListener,
-    /// `127.0.0.1:15006`, target of sk_lookup for inbound plaintext.
-    pub inbound: TcpListener,
-    /// `0.0.0.0:15008`, HBONE.
-    pub hbone: TcpListener,
+    /// The IPv4 listeners (every pod has them: loopback is always there).
+    pub v4: Listeners,
+    /// The IPv6 listeners, when the pod has an IPv6 address.
+    pub v6: Option<Listeners>,
     /// Cookie of the pod's netns.
     pub cookie: u64,
 }
 
-fn listen(ip: Ipv4Addr, port: u16) -> io::Result<TcpListener> {
-    let addr = SocketAddr::from((ip, port));
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+impl PodListeners {
+    /// Every listener, IPv4 then IPv6, each in [`Listeners::each`] order.
+    pub fn each(&self) -> impl Iterator<Item = &TcpListener> {
+        self.v4.each().into_iter().chain(self.v6.iter().flat_map(Listeners::each))
+    }
+}
+
+fn listen(ip: IpAddr, port: u16) -> io::Result<TcpListener> {
+    let addr = SocketAddr::new(ip, port);
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if ip.is_ipv6() {
+        // [::]:15008 takes IPv6 only: IPv4 has its own listener, so no address is ever mapped.
+        socket.set_only_v6(true)?;
+    }
     socket.set_reuse_address(true)?;
     socket
         .bind(&addr.into())
@@ -44,21 +85,22 @@ fn listen(ip: Ipv4Addr, port: u16) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// Sets up the current netns (call on the netns thread, inside the pod's netns).
-pub fn setup() -> io::Result<PodListeners> {
-    let outbound = listen(Ipv4Addr::LOCALHOST, OUTBOUND_PORT)?;
-    let inbound = listen(Ipv4Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT)?;
-    let hbone = listen(Ipv4Addr::UNSPECIFIED, HBONE_PORT)?;
-    let cookie = netns_cookie(&outbound)?;
-    prepare()?;
-    Ok(PodListeners { outbound, inbound, hbone, cookie })
+/// Sets up the current netns (call on the netns thread, inside the pod's netns), with the IPv6
+/// listeners and route when `v6` (the pod has an IPv6 address).
+pub fn setup(v6: bool) -> io::Result<PodListeners> {
+    let v4 = Listeners::open(false)?;
+    let v6 = v6.then(|| Listeners::open(true)).transpose()?;
+    let cookie = netns_cookie(&v4.outbound)?;
+    prepare(v6.is_some())?;
+    Ok(PodListeners { v4, v6, cookie })
 }
 
 /// Sets up the current netns around listeners the agent before this one created and handed
-/// over, checking they belong to it (call on the netns thread, inside the pod's netns).
-pub fn adopt(handed: PodListeners) -> io::Result<PodListeners> {
+/// over, checking they belong to it (call on the netns thread, inside the pod's netns). The
+/// IPv6 listeners are opened when `v6` and none were handed over, closed when not `v6`.
+pub fn adopt(mut handed: PodListeners, v6: bool) -> io::Result<PodListeners> {
     let here = netns_cookie(&std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?)?;
-    for listener in [&handed.outbound, &handed.inbound, &handed.hbone] {
+    for listener in handed.each() {
         if netns_cookie(listener)? != here || handed.cookie != here {
             return Err(io::Error::other(format!(
                 "the listeners handed over for netns cookie {} are not in the pod's netns ({here})",
@@ -67,21 +109,32 @@ pub fn adopt(handed: PodListeners) -> io::Result<PodListeners> {
         }
         listener.set_nonblocking(true)?;
     }
-    prepare()?;
+    match (v6, handed.v6.is_some()) {
+        (true, false) => handed.v6 = Some(Listeners::open(true)?),
+        (false, true) => handed.v6 = None,
+        _ => {}
+    }
+    prepare(v6)?;
     Ok(handed)
 }
 
-/// The sysctls and the policy route of the current netns.
-fn prepare() -> io::Result<()> {
-    // /proc/sys/net follows the calling thread's netns. fwmark_accept: the app's accepted
-    // socket carries the mark of the agent's SYN, so its replies take the policy route back.
-    // fwmark_reflect: so do kernel replies without a socket, such as the RST for a closed app
-    // port; without it that RST leaves through eth0 and the agent's dial hangs until timeout.
-    for sysctl in ["tcp_fwmark_accept", "fwmark_reflect"] {
-        std::fs::write(format!("/proc/sys/net/ipv4/{sysctl}"), "1")
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot set net.ipv4.{sysctl} in the pod: {e}")))?;
+/// The sysctls and the policy routes of the current netns (IPv6's too when `v6`).
+fn prepare(v6: bool) -> io::Result<()> {
+    // /proc/sys/net follows the calling thread's netns. fwmark_accept (for both families): the
+    // app's accepted socket carries the mark of the agent's SYN, so its replies take the
+    // policy route back. fwmark_reflect: so do kernel replies without a socket, such as the
+    // RST for a closed app port; without it that RST leaves through eth0 and the agent's dial
+    // hangs until timeout.
+    let mut sysctls = vec!["ipv4/tcp_fwmark_accept", "ipv4/fwmark_reflect"];
+    if v6 {
+        sysctls.push("ipv6/fwmark_reflect");
     }
-    install_app_dial_route()
+    for sysctl in sysctls {
+        std::fs::write(format!("/proc/sys/net/{sysctl}"), "1").map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot set net.{} in the pod: {e}", sysctl.replace('/', ".")))
+        })?;
+    }
+    install_app_dial_routes(v6)
 }
 
 fn ignore_exists(result: Result<(), rtnetlink::Error>, what: &str) -> io::Result<()> {
@@ -93,23 +146,16 @@ fn ignore_exists(result: Result<(), rtnetlink::Error>, what: &str) -> io::Result
 }
 
 /// `ip rule add fwmark MARK_APP_DIAL lookup ROUTE_TABLE_APP_DIAL` and
-/// `ip route add local default dev lo table ROUTE_TABLE_APP_DIAL`, over netlink.
-fn install_app_dial_route() -> io::Result<()> {
+/// `ip route add local default dev lo table ROUTE_TABLE_APP_DIAL`, over netlink, for IPv4 and,
+/// when `v6`, IPv6.
+fn install_app_dial_routes(v6: bool) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     runtime.block_on(async {
         // The netlink socket is created here, so it belongs to the pod's netns.
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
-        let rule = handle
-            .rule()
-            .add()
-            .v4()
-            .fw_mark(MARK_APP_DIAL)
-            .table_id(ROUTE_TABLE_APP_DIAL)
-            .priority(RULE_PRIORITY)
-            .action(RuleAction::ToTable)
-            .execute()
-            .await;
+        let rule = handle.rule().add().v4().fw_mark(MARK_APP_DIAL).table_id(ROUTE_TABLE_APP_DIAL);
+        let rule = rule.priority(RULE_PRIORITY).action(RuleAction::ToTable).execute().await;
         ignore_exists(rule, "the fwmark rule")?;
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
@@ -118,6 +164,20 @@ fn install_app_dial_route() -> io::Result<()> {
             .output_interface(LOOPBACK_IFINDEX)
             .table_id(ROUTE_TABLE_APP_DIAL)
             .build();
-        ignore_exists(handle.route().add(route).execute().await, "the local route")
+        ignore_exists(handle.route().add(route).execute().await, "the local route")?;
+        if !v6 {
+            return Ok(());
+        }
+        let rule = handle.rule().add().v6().fw_mark(MARK_APP_DIAL).table_id(ROUTE_TABLE_APP_DIAL);
+        let rule = rule.priority(RULE_PRIORITY).action(RuleAction::ToTable).execute().await;
+        ignore_exists(rule, "the IPv6 fwmark rule")?;
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .output_interface(LOOPBACK_IFINDEX)
+            .table_id(ROUTE_TABLE_APP_DIAL)
+            .build();
+        ignore_exists(handle.route().add(route).execute().await, "the IPv6 local route")
     })
 }

@@ -89,7 +89,7 @@ async fn serve_connection(
         let conn = Connection::new(
             Direction::Inbound,
             Endpoint::lookup(&ctx.state, peer),
-            pod.endpoint(HBONE_PORT, &ctx.identities),
+            pod.endpoint(local, &ctx.identities),
         );
         ctx.record(conn, Outcome::failed(error));
     };
@@ -138,7 +138,8 @@ async fn serve_connection(
                     let port = http.uri().port_u16().unwrap_or(0);
                     let mut src = Endpoint::lookup(&ctx.state, peer);
                     src.identity = peer_id.clone();
-                    let conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
+                    let to = SocketAddr::new(local.ip(), port);
+                    let conn = Connection::new(Direction::Inbound, src, pod.endpoint(to, &ctx.identities));
                     return ctx.record(conn, Outcome::failed(ProxyError::Limited(refusal)));
                 }
             };
@@ -217,7 +218,8 @@ async fn accept_stream<'a>(
     let mut src = Endpoint::lookup(&ctx.state, peer.addr);
     src.identity = peer.identity.clone();
     let port = target.as_ref().map_or(0, |t| t.port());
-    let mut conn = Connection::new(Direction::Inbound, src, pod.endpoint(port, &ctx.identities));
+    let to = SocketAddr::new(peer.local.ip(), port);
+    let mut conn = Connection::new(Direction::Inbound, src, pod.endpoint(to, &ctx.identities));
     conn.transport = Transport::Mtls;
     conn.peer_cert_serial = peer.serial;
     conn.trace = trace;
@@ -285,7 +287,7 @@ pub(super) async fn open(
     let roots = ctx.identities.trust().borrow().as_ref().map(|t| t.roots.clone());
     let roots = roots.ok_or(ProxyError::NoTrustBundle)?;
     let headers = ConnectHeaders {
-        forwarded_for: pod.workload.ip,
+        forwarded_for: pod.workload.ip_for(peer.ip),
         baggage: format!("k8s.namespace.name={},k8s.pod.name={}", pod.workload.namespace, pod.workload.name),
         traceparent,
     };

@@ -26,11 +26,8 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let dst = client.local_addr().unwrap_or_else(|_| SocketAddr::new(pod.workload.ip, 0));
-    let conn = Connection::new(
-        Direction::Inbound,
-        Endpoint::lookup(&ctx.state, peer),
-        pod.endpoint(dst.port(), &ctx.identities),
-    );
+    let conn =
+        Connection::new(Direction::Inbound, Endpoint::lookup(&ctx.state, peer), pod.endpoint(dst, &ctx.identities));
     if RESERVED_PORTS.contains(&dst.port()) {
         reset(&client);
         return ctx.record(conn, Outcome::failed(ProxyError::ReservedPort(dst.port())));

@@ -39,12 +39,15 @@ pub(super) async fn open<'a>(
         .map_err(|error| ProxyError::NoIdentity { workload: src.identity.to_string(), error })?
         .as_str()
         .into();
-    let mut client = Endpoint::lookup(&ctx.state, SocketAddr::new(src.workload.ip, 0));
+    // The source's address of the destination's family (a pod dials the other family's
+    // address only when it has one).
+    let src_ip = src.workload.ip_for(target.ip());
+    let mut client = Endpoint::lookup(&ctx.state, SocketAddr::new(src_ip, 0));
     client.identity = Some(src_identity.clone());
-    let mut inbound = Connection::new(Direction::Inbound, client, dst.endpoint(target.port(), &ctx.identities));
+    let mut inbound = Connection::new(Direction::Inbound, client, dst.endpoint(target, &ctx.identities));
     inbound.transport = Transport::NodeLocal;
     let request = InboundRequest {
-        source_ip: src.workload.ip,
+        source_ip: src_ip,
         source_identity: Some(src_identity),
         destination: target,
         transport: Transport::NodeLocal,

@@ -115,14 +115,19 @@ pub struct LocalPods(std::sync::RwLock<std::collections::HashMap<IpAddr, Arc<Pod
 impl LocalPods {
     /// Adds (or replaces) an enrolled pod.
     pub fn insert(&self, pod: Arc<PodContext>) {
-        self.0.write().expect("local pods lock").insert(pod.workload.ip, pod);
+        let mut pods = self.0.write().expect("local pods lock");
+        for ip in pod.workload.addresses() {
+            pods.insert(ip, pod.clone());
+        }
     }
 
-    /// Removes `pod`, unless another pod has taken its IP since.
+    /// Removes `pod`, under each of its IPs another pod has not taken since.
     pub fn remove(&self, pod: &Arc<PodContext>) {
         let mut pods = self.0.write().expect("local pods lock");
-        if pods.get(&pod.workload.ip).is_some_and(|p| Arc::ptr_eq(p, pod)) {
-            pods.remove(&pod.workload.ip);
+        for ip in pod.workload.addresses() {
+            if pods.get(&ip).is_some_and(|p| Arc::ptr_eq(p, pod)) {
+                pods.remove(&ip);
+            }
         }
     }
 
@@ -146,10 +151,11 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    /// The pod as a flow endpoint on `port`, with its identity when certificates are on.
-    fn endpoint(&self, port: u16, identities: &IdentityManager) -> Endpoint {
+    /// The pod as a flow endpoint at `addr` (one of its addresses), with its identity when
+    /// certificates are on.
+    fn endpoint(&self, addr: SocketAddr, identities: &IdentityManager) -> Endpoint {
         Endpoint {
-            addr: SocketAddr::new(self.workload.ip, port),
+            addr,
             workload: Some(self.workload.clone()),
             identity: identities
                 .enabled()

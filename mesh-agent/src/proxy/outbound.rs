@@ -1,5 +1,5 @@
 //! Outbound: connections of an enrolled pod captured by connect4/6 and accepted on the pod's
-//! `127.0.0.1:15001`; the original destination comes from the eBPF map. A service VIP is
+//! `127.0.0.1:15001` (`[::1]:15001` for a native IPv6 destination); the original destination comes from the eBPF map. A service VIP is
 //! resolved to a ready endpoint (power of two choices, another endpoint on a failed dial); a
 //! meshed destination on another node is reached over HBONE, a meshed pod of this node by a
 //! node-local handover (see [`super::local`]), anything else as plain TCP, always dialled from
@@ -7,7 +7,7 @@
 //! bound to a waypoint, or a pod bound to a waypoint of workloads (addressed directly or picked
 //! as a Service's endpoint), goes over HBONE to the waypoint instead (see [`to_waypoint`]).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -140,14 +140,16 @@ fn refused(client: &TcpStream, error: ProxyError) -> Outcome {
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let unknown = Endpoint { addr: UNKNOWN_ADDR, workload: None, identity: None };
-    let mut conn = Connection::new(Direction::Outbound, pod.endpoint(peer.port(), &ctx.identities), unknown);
+    // The client connected from 127.0.0.1 or [::1], the family of its destination: the pod's
+    // address of that family is its source.
+    let src = SocketAddr::new(pod.workload.ip_for(peer.ip()), peer.port());
+    let mut conn = Connection::new(Direction::Outbound, pod.endpoint(src, &ctx.identities), unknown);
     conn.trace = ctx.tracer.start(None);
-    let orig = ctx.datapath.lock().expect("datapath lock").take_orig_dst(pod.cookie, peer.port());
-    let Some(orig) = orig else {
+    let orig = ctx.datapath.lock().expect("datapath lock").take_orig_dst(pod.cookie, peer);
+    let Some(dst) = orig else {
         reset(&client);
         return ctx.record(conn, Outcome::failed(ProxyError::NotCaptured));
     };
-    let dst = SocketAddr::new(Ipv4Addr::from(u32::from_be(orig.ip4)).into(), orig.port);
     conn.dst = Endpoint::lookup(&ctx.state, dst);
     let _ = client.set_nodelay(true);
     let outcome = match ctx.state.service_by_vip(dst.ip()) {

@@ -15,6 +15,7 @@ fn pod(name: &str, node: &str, ip: &str) -> Pod {
         node: node.into(),
         service_account: name.into(),
         ip: ip.parse().unwrap(),
+        other_ips: Vec::new(),
         netns: String::new(),
         labels: BTreeMap::from([("app".to_string(), name.to_string())]),
         container_ports: BTreeMap::new(),

@@ -30,6 +30,8 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// 127.0.0.1 in host byte order.
 pub const LOCALHOST_V4: u32 = 0x7f00_0001;
+/// `::1` as IPv6 words in network byte order, as the kernel holds `user_ip6`.
+pub const LOCALHOST_V6_WORDS: [u32; 4] = [0, 0, 0, u32::from_be(1)];
 
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
@@ -81,7 +83,8 @@ pub struct OrigDst {
 }
 
 /// Key under which `sockops` files a captured connection once its source port is known:
-/// the agent accepts it as `127.0.0.1:<port>` inside the pod netns with this cookie.
+/// the agent accepts it as `127.0.0.1:<port>` (`[::1]:<port>` for a native IPv6 destination)
+/// inside the pod netns with this cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortKey {
@@ -89,8 +92,9 @@ pub struct PortKey {
     pub netns_cookie: u64,
     /// Client's local port, host byte order.
     pub port: u32,
-    /// Always zero: keeps the key free of uninitialised padding.
-    pub pad: u32,
+    /// Family of the original destination ([`OrigDst::family`]), which is the family the
+    /// agent accepts the connection on: the IPv4 and IPv6 loopback port spaces are separate.
+    pub family: u32,
 }
 
 /// A connection the agent is dialling to an app inside its own pod, as sk_lookup sees its SYN.
@@ -127,6 +131,16 @@ pub fn ip_words(ip: core::net::IpAddr) -> [u32; 4] {
     [word(0), word(4), word(8), word(12)]
 }
 
+/// The IPv6 address of words as map keys and [`OrigDst::ip6`] hold them (the inverse of
+/// [`ip_words`] for an IPv6 address).
+pub fn ipv6_from_words(words: [u32; 4]) -> core::net::Ipv6Addr {
+    let mut octets = [0u8; 16];
+    for (i, word) in words.iter().enumerate() {
+        octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    core::net::Ipv6Addr::from(octets)
+}
+
 /// Counters kept by the eBPF programs, one slot each in the `COUNTERS` per-CPU array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -143,8 +157,8 @@ pub enum Counter {
     InboundSteered = 4,
     /// A map update failed inside a program (map full or similar).
     MapErrors = 5,
-    /// connect() of an enrolled pod refused: a destination the mesh cannot carry yet (native
-    /// IPv6), so it is refused rather than let through unencrypted.
+    /// connect() of an enrolled pod refused rather than let through unencrypted: its original
+    /// destination could not be remembered (the map update failed).
     OutboundRefused = 6,
     /// Inbound SYN to an enrolled pod refused by sk_lookup: no agent listener to steer it to
     /// (the agent is down) or an address family not carried yet.

@@ -1,8 +1,8 @@
 //! fm-peer: the test peer that runs inside topology pods.
 //!
-//! `serve` listens on three ports: an HTTP responder whose body names the client address the
-//! server saw (on IPv6 too, `[::]`, IPv6 only), a sink that answers "<bytes> <sha256>" after the
-//! client half-closes, and an echo. `send` streams a deterministic payload to a sink and checks the answer; `ping` holds
+//! `serve` listens on three ports, on IPv4 and on IPv6 (`[::]`, IPv6 only): an HTTP responder
+//! whose body names the client address the server saw, a sink that answers "<bytes> <sha256>"
+//! after the client half-closes, and an echo. `send` streams a deterministic payload to a sink and checks the answer; `ping` holds
 //! one connection to an echo and checks every round trip.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -121,7 +121,9 @@ fn serve(http: u16, sink: u16, echo: u16) -> Result<()> {
         (TcpListener::bind(("0.0.0.0", http))?, serve_http as fn(TcpStream, SocketAddr) -> Result<()>),
         (listen_v6(http)?, serve_http),
         (TcpListener::bind(("0.0.0.0", sink))?, serve_sink),
+        (listen_v6(sink)?, serve_sink),
         (TcpListener::bind(("0.0.0.0", echo))?, serve_echo),
+        (listen_v6(echo)?, serve_echo),
     ];
     println!("ready");
     std::io::stdout().flush()?;

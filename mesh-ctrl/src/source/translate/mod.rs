@@ -247,6 +247,18 @@ pub fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, FieldError> {
     };
     let ip: IpAddr =
         ip.parse().map_err(|e| key.field_error("status.podIP", format!("{ip:?} is not an IP address: {e}")))?;
+    // status.podIPs lists podIP first, then (dual-stack) the other family's address.
+    let mut other_ips = Vec::new();
+    for (i, entry) in status.pod_ips.iter().flatten().enumerate() {
+        let field = format!("status.podIPs[{i}].ip");
+        let parsed: IpAddr = entry
+            .ip
+            .parse()
+            .map_err(|e| key.field_error(&field, format!("{:?} is not an IP address: {e}", entry.ip)))?;
+        if parsed != ip && !other_ips.contains(&parsed) {
+            other_ips.push(parsed);
+        }
+    }
     // Without the annotation the agent finds the netns by the pod's cgroup (its UID).
     let annotations = meta.annotations.unwrap_or_default();
     let netns = annotations.get(NETNS_ANNOTATION).cloned().unwrap_or_default();
@@ -272,6 +284,7 @@ pub fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, FieldError> {
         node,
         service_account: spec.service_account_name.unwrap_or_else(|| "default".into()),
         ip,
+        other_ips,
         netns,
         labels: meta.labels.unwrap_or_default(),
     })

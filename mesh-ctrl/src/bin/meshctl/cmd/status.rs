@@ -41,7 +41,7 @@ fn status_json(s: &StatusResponse) -> serde_json::Value {
         "ctrl_connected": s.ctrl_connected,
         "config_version": s.config_version,
         "enrolled": s.enrolled.iter().map(|e| json!({
-            "namespace": e.namespace, "name": e.name, "ip": e.ip,
+            "namespace": e.namespace, "name": e.name, "ip": e.ip, "other_ips": e.other_ips,
             "netns_cookie": e.netns_cookie, "sk_lookup_link_id": e.sk_lookup_link_id,
             "adopted": e.adopted,
         })).collect::<Vec<_>>(),
@@ -90,7 +90,10 @@ pub async fn run(agents: &[PathBuf], output: Output) -> Result<(), String> {
         let pods: Vec<[String; 3]> = s
             .enrolled
             .iter()
-            .map(|e| [format!("{}/{}", e.namespace, e.name), e.ip.clone(), e.netns_cookie.to_string()])
+            .map(|e| {
+                let ips = std::iter::once(&e.ip).chain(&e.other_ips).cloned().collect::<Vec<_>>().join(",");
+                [format!("{}/{}", e.namespace, e.name), ips, e.netns_cookie.to_string()]
+            })
             .collect();
         table::print(&["POD", "IP", "NETNS COOKIE"], &pods);
         let adopted_pods = s.enrolled.iter().filter(|e| e.adopted).count();
