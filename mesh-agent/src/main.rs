@@ -2,6 +2,7 @@
 #![deny(unsafe_code)]
 
 mod admin;
+mod cni;
 use ferrymesh_dataplane::{config_client, ctrl, error, flows, identity, lb, limits, state, tls};
 mod discover;
 #[expect(unsafe_code, reason = "ebpf::sys wraps two bpf(2) commands, each with a SAFETY comment")]
@@ -27,16 +28,28 @@ use tokio::sync::watch;
 #[command(version, about)]
 struct Args {
     /// Name of the node this agent serves; it enrolls the pods scheduled there.
-    #[arg(long, env = "FERRYMESH_NODE_NAME", required_unless_present = "uninstall")]
+    #[arg(long, env = "FERRYMESH_NODE_NAME", required_unless_present_any = ["uninstall", "install_cni"])]
     node_name: Option<String>,
     /// Directory (on a bpf filesystem) where the eBPF maps and links are pinned, so enrolled
     /// pods stay captured, and closed, while no agent runs; an agent adopts what it finds here.
     #[arg(long, env = "FERRYMESH_BPF_DIR", default_value = "/sys/fs/bpf/ferrymesh")]
     bpf_dir: PathBuf,
     /// Remove every eBPF object pinned under --bpf-dir, which releases every pod this node
-    /// captured, and exit. Stop the agent first: a running agent keeps its hooks until it exits.
+    /// captured, and the CNI plugin (from --cni-conf-dir's conflists and --cni-bin-dir), and
+    /// exit. Stop the agent first: a running agent keeps its hooks until it exits.
     #[arg(long)]
     uninstall: bool,
+    /// Install the CNI plugin (`ferrymesh-cni`, found next to this binary) into --cni-bin-dir
+    /// and chain it last into the first *.conflist of --cni-conf-dir, and exit (the DaemonSet's
+    /// init container). Idempotent.
+    #[arg(long)]
+    install_cni: bool,
+    /// The node's CNI binary directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The node's CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
     /// mesh-ctrl's address: https only, verified against --ca-root.
     #[arg(long, env = "FERRYMESH_CTRL", default_value = "https://ferrymesh-ctrl.ferrymesh-system.svc:15012")]
     ctrl: String,
@@ -51,6 +64,12 @@ struct Args {
     /// admin sockets.)
     #[arg(long, default_value = "/var/run/ferrymesh/handover")]
     handover_socket: PathBuf,
+    /// Unix socket where the CNI plugin (`ferrymesh-cni`) asks the agent to hold a new pod of
+    /// the mesh closed until it is enrolled; without an agent here the plugin fails the pod's
+    /// sandbox (try again later), so no mesh pod runs before the agent. The plugin's
+    /// network configuration names it (`agent_socket`).
+    #[arg(long, default_value = "/var/run/ferrymesh/cni")]
+    cni_socket: PathBuf,
     /// How long a stopping agent (SIGTERM, or taken over) lets the connections it carries run
     /// on before it closes them and exits.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
@@ -120,6 +139,22 @@ fn main() -> anyhow::Result<()> {
         let removed = ebpf::uninstall(&args.bpf_dir)
             .with_context(|| format!("cannot uninstall the pinned eBPF state under {}", args.bpf_dir.display()))?;
         println!("removed {removed} pinned eBPF objects under {}", args.bpf_dir.display());
+        let cni = cni::install::uninstall(&args.cni_bin_dir, &args.cni_conf_dir)
+            .with_context(|| format!("cannot remove the CNI plugin from {}", args.cni_conf_dir.display()))?;
+        if cni > 0 {
+            println!("removed the CNI plugin ({cni} files changed or removed)");
+        }
+        return Ok(());
+    }
+    if args.install_cni {
+        let install = cni::install::Install {
+            binary: std::env::current_exe()?.with_file_name(cni::install::PLUGIN),
+            bin_dir: args.cni_bin_dir.clone(),
+            conf_dir: args.cni_conf_dir.clone(),
+            agent_socket: args.cni_socket.clone(),
+        };
+        let conflist = cni::install::install(&install).context("cannot install the CNI plugin")?;
+        println!("chained {} into {}", cni::install::PLUGIN, conflist.display());
         return Ok(());
     }
     anyhow::ensure!(args.worker_threads > 0, "--worker-threads must be at least 1");
@@ -213,7 +248,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => (None, Default::default()),
     };
     let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
-    let (enroller, enrolled, offers) = enroll::Enroller::new(ctx, handed, takeover.is_some().then_some(taken_tx));
+    let (enroller, channels) = enroll::Enroller::new(ctx, handed, takeover.is_some().then_some(taken_tx));
+    let enroll::Channels { enrolled, offers, cni: cni_asks } = channels;
     let enroller = tokio::spawn(enroller.run(shutdown.clone()));
     tokio::spawn(config_client::run(ctrl, node_name.clone(), state.clone()));
     if let Some(takeover) = takeover {
@@ -244,6 +280,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut admin =
         tokio::spawn(admin::serve(args.admin_socket.clone(), args.admin_group.clone(), admin, shutdown.clone()));
+    let mut cni_server = tokio::spawn(cni::serve(args.cni_socket.clone(), cni_asks, shutdown.clone()));
     let handover_server = handover::Server::bind(&args.handover_socket)
         .with_context(|| format!("cannot serve --handover-socket {}", args.handover_socket.display()))?;
     let mut handover_task = tokio::spawn(async move { handover_server.serve(offers).await });
@@ -260,6 +297,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         result = &mut admin => {
             result.context("admin server panicked")?.context("admin server failed")?;
+            None
+        }
+        result = &mut cni_server => {
+            result.context("CNI server panicked")?.context("CNI server failed")?;
             None
         }
         result = &mut readiness => {
@@ -280,6 +321,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     enroller.await.context("enroller panicked")?;
     // The admin server removes its socket once it has stopped.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), cni_server).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), readiness).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), metrics_server).await;
     if let Some(successor) = successor {

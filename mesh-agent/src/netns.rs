@@ -78,6 +78,12 @@ impl NetnsRunner {
 /// `SO_NETNS_COOKIE` (Linux 5.14+), not yet in libc for every target.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
+/// The cookie of the calling thread's network namespace (of a socket created for the purpose:
+/// no address or device is needed).
+pub fn current_cookie() -> io::Result<u64> {
+    netns_cookie(&socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)?)
+}
+
 /// The cookie of the network namespace `socket` lives in: the key eBPF programs see for it.
 pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;

@@ -273,6 +273,11 @@ impl Model {
             && !self.runs_waypoint(pod)
     }
 
+    /// The namespaces opted in to the mesh, sorted.
+    pub fn captured_namespaces(&self) -> Vec<String> {
+        self.namespaces.values().filter(|ns| ns.enrolled()).map(|ns| ns.name.clone()).collect()
+    }
+
     /// Whether `pod` runs a waypoint of the model.
     fn runs_waypoint(&self, pod: &Pod) -> bool {
         pod.labels

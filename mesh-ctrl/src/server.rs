@@ -115,6 +115,7 @@ fn update_for(sent: Option<&Snapshot>, current: &Snapshot, trust_domain: &str) -
         trust_domain: trust_domain.to_string(),
         trust_roots_pem: current.trust.roots_pem.clone(),
         issuer_sha256: current.trust.issuer_sha256.clone(),
+        captured_namespaces: current.captured_namespaces.clone(),
         ..Default::default()
     };
     // Every kind the same way (see ferrymesh_api::kinds).

@@ -22,6 +22,8 @@ pub struct Snapshot {
     pub service_accounts: BTreeSet<String>,
     /// The trust bundle and the certificate signing now.
     pub trust: Trust,
+    /// Namespaces opted in to the mesh.
+    pub captured_namespaces: Vec<String>,
 }
 
 /// What agents verify peers against, and which CA certificate signs workload certificates now
@@ -62,6 +64,7 @@ impl Publisher {
             config: model.config(),
             service_accounts: model.service_accounts.keys().cloned().collect(),
             trust: Trust::default(),
+            captured_namespaces: model.captured_namespaces(),
         };
         let mut version = 0;
         self.tx.send_if_modified(|current| {

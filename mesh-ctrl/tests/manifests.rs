@@ -222,6 +222,21 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
     assert!(agent_flags["--bpf-dir"].starts_with("/sys/fs/bpf/"), "{agent_flags:?}");
     let run = container.volume_mounts.iter().flatten().find(|m| m.name == "run").expect("run mount");
     assert!(agent_flags["--handover-socket"].starts_with(&format!("{}/", run.mount_path)), "shared by both agents");
+    // The CNI plugin is chained into the node's configuration, and reaches the agent through the
+    // host's run directory (the plugin runs on the host, invoked by the runtime).
+    let run_volume = agent_spec.volumes.iter().flatten().find(|v| v.name == "run").expect("run volume");
+    let run_host = run_volume.host_path.as_ref().expect("run is a host directory").path.clone();
+    assert!(agent_flags["--cni-socket"].starts_with(&format!("{}/", run.mount_path)), "{agent_flags:?}");
+    assert_eq!(run.mount_path, run_host, "the plugin finds the socket at the same path on the host");
+    let install = agent_spec.init_containers.iter().flatten().find(|c| c.name == "install-cni").expect("install-cni");
+    let install_flags = flags(install);
+    assert!(install_flags.contains_key("--install-cni"), "{install_flags:?}");
+    assert_eq!(install_flags["--cni-socket"], agent_flags["--cni-socket"], "the plugin is told the agent's socket");
+    for (flag, host) in [("--cni-bin-dir", "/opt/cni/bin"), ("--cni-conf-dir", "/etc/cni/net.d")] {
+        let mount = install.volume_mounts.iter().flatten().find(|m| m.mount_path == install_flags[flag]).expect(flag);
+        let volume = agent_spec.volumes.iter().flatten().find(|v| v.name == mount.name).expect("its volume");
+        assert_eq!(volume.host_path.as_ref().map(|h| h.path.as_str()), Some(host), "{flag}");
+    }
     let rolling = agent.spec.as_ref().unwrap().update_strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     assert_eq!(

@@ -278,6 +278,7 @@ impl Topology {
             ("--token-file", self.token_file(node).display().to_string()),
             ("--bpf-dir", self.bpf_dir(node).display().to_string()),
             ("--handover-socket", self.dir.join(format!("agent-node{node}.handover")).display().to_string()),
+            ("--cni-socket", self.cni_socket(node).display().to_string()),
         ];
         for (flag, value) in overrides {
             match flags.iter_mut().find(|(f, _)| f == flag) {
@@ -290,6 +291,51 @@ impl Topology {
             cmd.arg(flag).arg(value);
         }
         cmd
+    }
+
+    /// Where the agent of node `node` serves the CNI plugin (not `*.sock`: `meshctl
+    /// --agents-dir` takes those for admin sockets).
+    pub fn cni_socket(&self, node: u8) -> PathBuf {
+        self.dir.join(format!("agent-node{node}.cni"))
+    }
+
+    /// Runs `ferrymesh-cni` as a container runtime would for `pod` on its node: `command`
+    /// (ADD, DEL, ...) with the pod's netns and Kubernetes names in the environment, and the
+    /// plugin's entry of a chained network configuration (as `mesh-agent --install-cni` writes
+    /// it) whose previous result holds the pod's addresses.
+    pub fn cni(&self, command: &str, pod: &Pod) -> Output {
+        let config = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "k8s-pod-network",
+            "type": "ferrymesh-cni",
+            "agent_socket": self.cni_socket(pod.node),
+            "exclude_namespaces": ["kube-system", "ferrymesh-system"],
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": pod.netns_path()}],
+                "ips": [
+                    {"address": format!("{}/24", pod.ip), "interface": 0},
+                    {"address": format!("{}/64", pod.ip6), "interface": 0},
+                ],
+            },
+        });
+        let mut child = std::process::Command::new(bin("ferrymesh-cni"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("sandbox-{}", pod.netns))
+            .env("CNI_NETNS", pod.netns_path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", bin_dir())
+            .env(
+                "CNI_ARGS",
+                format!("K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID=uid-{}", pod.namespace, pod.name, pod.netns),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("ferrymesh-cni runs");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), config.to_string().as_bytes()).unwrap();
+        child.wait_with_output().expect("ferrymesh-cni output")
     }
 
     /// Starts the agent of node `node` in its netns and waits until it serves its admin API

@@ -549,3 +549,143 @@ fn pod_netns_is_found_by_the_pod_uid_cgroup_also_for_late_pods_and_after_a_resta
     topo.curl(x, late.ip);
     assert!(topo.flows(1).iter().any(|f| f["direction"] == "inbound" && f["dst"]["ip"] == late.ip.to_string()));
 }
+
+/// The CNI plugin's answer on stdout, as JSON.
+fn cni_answer(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ferrymesh-cni printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// After a node reboot the pins are gone, and a pod that ran before its agent would be open:
+/// the CNI plugin fails a pod's sandbox while the agent is not there, and, once it is, holds a
+/// new mesh pod closed from its sandbox's creation until the agent enrolls it.
+#[test]
+fn the_cni_plugin_keeps_mesh_pods_closed_until_enrolled_and_fails_them_without_an_agent() {
+    let _serial = serial();
+    let spec = spec().pod("shop", "d", 2).pod("shop", "e", 2).pod("legacy", "y", 2);
+    let topo = Topology::build(&spec);
+    // The DaemonSet's init container chains the plugin into the node's network configuration.
+    let (bin_dir, conf_dir) = (topo.dir.join("cni-bin"), topo.dir.join("net.d"));
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let primary = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"ptp"}]}"#;
+    std::fs::write(conf_dir.join("10-ptp.conflist"), primary).unwrap();
+    let cni_dirs = ["--cni-bin-dir", bin_dir.to_str().unwrap(), "--cni-conf-dir", conf_dir.to_str().unwrap()];
+    let socket = topo.cni_socket(2);
+    let out = topo.output_in(
+        &topo.nodes[1].netns,
+        bin("mesh-agent"),
+        &[&["--install-cni", "--cni-socket", socket.to_str().unwrap()][..], &cni_dirs].concat(),
+    );
+    assert!(out.status.success(), "--install-cni: {}", String::from_utf8_lossy(&out.stderr));
+    let list: Value =
+        serde_json::from_str(&std::fs::read_to_string(conf_dir.join("10-ptp.conflist")).unwrap()).unwrap();
+    assert_eq!(list["plugins"][1]["type"], "ferrymesh-cni", "{list}");
+    assert_eq!(list["plugins"][1]["agent_socket"], socket.to_str().unwrap());
+    assert_eq!(std::fs::read(bin_dir.join("ferrymesh-cni")).unwrap(), std::fs::read(bin("ferrymesh-cni")).unwrap());
+    topo.write_cluster(&["shop"]);
+    // d and e are pods being created: the runtime sets their sandboxes up (CNI ADD) before
+    // mesh-ctrl knows them (their Pod objects have no IP yet).
+    for pod in ["d", "e"] {
+        std::fs::remove_file(topo.config_dir().join(format!("pod-shop-{pod}.yaml"))).unwrap();
+    }
+    start(&topo);
+    let (a, c, d, e) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("shop", "d"), topo.pod("shop", "e"));
+    let (x, y) = (topo.pod("legacy", "x"), topo.pod("legacy", "y"));
+
+    // node2 reboots: its agent is gone, and so are its pins.
+    topo.signal_and_wait("agent-node2", libc::SIGKILL);
+    let dir = topo.bpf_dir(2);
+    let out =
+        topo.output_in(&topo.nodes[1].netns, bin("mesh-agent"), &["--uninstall", "--bpf-dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "uninstall: {}", String::from_utf8_lossy(&out.stderr));
+    // Without the agent, d's sandbox fails with "try again later": d does not run meanwhile.
+    let out = topo.cni("ADD", d);
+    assert!(!out.status.success(), "ADD without an agent must fail");
+    let error = cni_answer(&out);
+    assert_eq!(error["code"], 11, "try again later: {error}");
+    assert!(error["msg"].as_str().unwrap().contains("agent of this node is not running"), "{error}");
+    // The cluster's own namespaces start without it (mesh-ctrl runs in one).
+    let mut system = y.clone();
+    system.namespace = "kube-system".into();
+    let out = topo.cni("ADD", &system);
+    assert!(out.status.success(), "ADD in kube-system: {}", String::from_utf8_lossy(&out.stdout));
+
+    // The agent is back: ADD holds d (its namespace is in the mesh) and passes the previous
+    // plugin's result on unchanged.
+    topo.start_agent(2);
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    let out = topo.cni("ADD", d);
+    assert!(
+        out.status.success(),
+        "ADD: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = cni_answer(&out);
+    assert_eq!(result["ips"][0]["address"], format!("{}/24", d.ip), "the previous result passes on: {result}");
+    assert!(topo.log("agent-node2").contains("pod held closed until enrolled"));
+    // d is closed both ways, at once, for IPv4 and IPv6, while nothing enrolls it.
+    for (from, to) in [(x, d.ip), (d, a.ip)] {
+        let (code, took) = try_curl(&topo, from, to);
+        assert_eq!(code, Some(CURL_COULDNT_CONNECT), "{} -> {} must be refused while d is held", from.name, to);
+        assert!(took < Duration::from_secs(5), "refused, not hung: {took:?}");
+    }
+    for (from, to) in [(x, d.ip6), (d, a.ip6)] {
+        let (code, text, took) = topo.try_curl(from, to.into());
+        assert_eq!(code, Some(CURL_COULDNT_CONNECT), "{} -> {to} over IPv6 must be refused: {text}", from.name);
+        assert!(took < Duration::from_secs(5), "refused, not hung: {took:?}");
+    }
+    // A pod outside the mesh is left alone, and so is its traffic; DEL always succeeds.
+    let out = topo.cni("ADD", y);
+    assert!(out.status.success(), "ADD of y: {}", String::from_utf8_lossy(&out.stdout));
+    let body = topo.curl(x, y.ip);
+    assert!(body.starts_with(&format!("client {}:", x.ip)), "x -> y: {body}");
+    assert!(topo.cni("DEL", y).status.success());
+
+    // mesh-ctrl learns d's IP: the agent enrolls it on the pinned hold, and d is served.
+    topo.write_pod(d, &[]);
+    topo.wait_enrolled(2, &["shop/c", "shop/d"], CONFIG_WAIT);
+    let status = topo.status(2);
+    let enrolled_d = status["enrolled"].as_array().unwrap().iter().find(|p| p["name"] == "d").cloned().unwrap();
+    assert_eq!(enrolled_d["adopted"], true, "enrolling adopted the hold's pinned link: {status}");
+    for (from, to) in [(a, d), (d, c)] {
+        let body = topo.curl(from, to.ip);
+        assert!(body.starts_with(&format!("client {}:", from.ip)), "{} -> {}: {body}", from.name, to.name);
+    }
+    wait_until(FLOW_WAIT, "d's inbound mTLS flow", || {
+        topo.flows(2).iter().any(|f| f["direction"] == "inbound" && f["dst"]["workload"] == "d" && f["mtls"] == true)
+    });
+
+    // e is held too, then turns out to opt out: the hold is released once mesh-ctrl says so.
+    assert!(topo.cni("ADD", e).status.success());
+    let (code, _) = try_curl(&topo, x, e.ip);
+    assert_eq!(code, Some(CURL_COULDNT_CONNECT), "x -> e is refused while e is held");
+    topo.write_pod(e, &[(DATAPLANE_MODE, "none")]);
+    wait_until(CONFIG_WAIT, "e's hold to be released", || topo.log("agent-node2").contains("hold released"));
+    let body = topo.curl(x, e.ip);
+    assert!(body.starts_with(&format!("client {}:", x.ip)), "x -> e, not in the mesh: {body}");
+    assert_eq!(topo.enrolled(2), vec!["shop/c".to_string(), "shop/d".to_string()]);
+    // A DEL of an enrolled pod changes nothing (mesh-ctrl's config unenrolls it when it goes).
+    assert!(topo.cni("DEL", d).status.success());
+    let body = topo.curl(a, d.ip);
+    assert!(body.starts_with(&format!("client {}:", a.ip)), "a -> d: {body}");
+
+    // Uninstall (of a stopped agent) takes the plugin out of the node's network configuration.
+    topo.signal_and_wait("agent-node2", libc::SIGKILL);
+    let dir = topo.bpf_dir(2);
+    let out = topo.output_in(
+        &topo.nodes[1].netns,
+        bin("mesh-agent"),
+        &[&["--uninstall", "--bpf-dir", dir.to_str().unwrap()][..], &cni_dirs].concat(),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed the CNI plugin (2 files changed or removed)"));
+    let list: Value =
+        serde_json::from_str(&std::fs::read_to_string(conf_dir.join("10-ptp.conflist")).unwrap()).unwrap();
+    assert_eq!(list, serde_json::from_str::<Value>(primary).unwrap());
+    assert!(!bin_dir.join("ferrymesh-cni").exists());
+}

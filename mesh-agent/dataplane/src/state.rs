@@ -447,6 +447,8 @@ impl TryFrom<proto::Workload> for Workload {
 struct Inner {
     version: u64,
     ctrl_connected: bool,
+    /// Namespaces opted in to the mesh.
+    captured_namespaces: std::collections::BTreeSet<String>,
     /// Workloads by UID.
     workloads: Table<Workload>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -509,8 +511,10 @@ impl State {
         let destination_rules = Changes::<DestinationRule>::take(&mut update)?;
         let request_authentications = Changes::<RequestAuthentication>::take(&mut update)?;
         let snapshot = update.snapshot;
+        let captured_namespaces = std::mem::take(&mut update.captured_namespaces).into_iter().collect();
         let policies = {
             let mut inner = self.inner.write().expect("state lock");
+            inner.captured_namespaces = captured_namespaces;
             if workloads.apply(&mut inner.workloads, snapshot) {
                 let by_ip =
                     inner.workloads.values().flat_map(|w| w.addresses().map(move |ip| (ip, w.clone()))).collect();
@@ -600,6 +604,11 @@ impl State {
     pub fn ctrl_status(&self) -> (bool, u64) {
         let inner = self.inner.read().expect("state lock");
         (inner.ctrl_connected, inner.version)
+    }
+
+    /// Whether `namespace` is opted in to the mesh (as of the config held).
+    pub fn namespace_captured(&self, namespace: &str) -> bool {
+        self.inner.read().expect("state lock").captured_namespaces.contains(namespace)
     }
 
     /// The workload with `uid`, as it is now.

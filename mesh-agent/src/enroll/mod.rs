@@ -4,6 +4,12 @@
 //! in ENROLLED. Unenrolling undoes the eBPF part; the connections already proxied keep
 //! running. No pod restart either way, and a failed enrollment leaves nothing behind.
 //!
+//! A pod can be held closed before it is enrolled: the CNI plugin asks, while the pod's sandbox
+//! is set up (before any of its containers runs), and a pod of a namespace in the mesh gets its
+//! netns in ENROLLED and sk_lookup attached (pinned) at once, with no listener yet, so its
+//! connects and the SYNs to it are refused until it is enrolled (which adopts that pin). A held
+//! pod that turns out not to be captured (it opted out) is released once mesh-ctrl says so.
+//!
 //! The eBPF part outlives the agent: when the enroller stops it only closes its listeners, so
 //! a pod stays captured, and closed, until the next agent enrolls it again (adopting its pinned
 //! sk_lookup link). Pods an earlier agent captured that are no longer to be captured are
@@ -23,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::cni;
 use crate::handover::{Offer, OfferRequest};
 
 use crate::discover::{self, DiscoverError};
@@ -91,6 +98,30 @@ pub struct Enroller {
     /// The pods an earlier agent pinned and no longer desired have been released (once: from
     /// then on this agent's own unenrolling keeps the pins in step).
     stale_released: bool,
+    /// Requests of the CNI plugin.
+    cni: mpsc::Receiver<cni::Asked>,
+    /// Pods held closed on the CNI plugin's ADD and not enrolled yet, by UID.
+    held: HashMap<String, Held>,
+}
+
+/// A pod held closed until it is enrolled: its netns cookie and sk_lookup link (pinned).
+#[derive(Debug)]
+struct Held {
+    cookie: u64,
+    link: SkLookupAttachment,
+    /// `namespace/name`, for logs.
+    pod: String,
+}
+
+/// The enroller's channels: what it enrolls, and where requests for it go.
+#[derive(Debug)]
+pub struct Channels {
+    /// What is enrolled, after each reconcile.
+    pub enrolled: watch::Receiver<Vec<EnrolledSummary>>,
+    /// Requests for the enrolled pods' listeners (the handover server).
+    pub offers: mpsc::Sender<OfferRequest>,
+    /// Requests of the CNI plugin (the CNI server).
+    pub cni: mpsc::Sender<cni::Asked>,
 }
 
 /// One address family's listeners of a pod, registered with tokio.
@@ -133,15 +164,16 @@ pub struct EnrolledSummary {
 
 impl Enroller {
     /// An enroller with nothing enrolled, the listeners a predecessor handed over (`taken`
-    /// hears which pods were enrolled on them once the first config is applied), a receiver of
-    /// what it enrolls and a sender of requests for its pods' listeners.
+    /// hears which pods were enrolled on them once the first config is applied), and its
+    /// channels.
     pub fn new(
         ctx: Arc<ProxyContext>,
         handed: HashMap<String, PodListeners>,
         taken: Option<oneshot::Sender<Vec<String>>>,
-    ) -> (Self, watch::Receiver<Vec<EnrolledSummary>>, mpsc::Sender<OfferRequest>) {
+    ) -> (Self, Channels) {
         let (published, rx) = watch::channel(Vec::new());
         let (offer_tx, offers) = mpsc::channel(1);
+        let (cni_tx, cni) = mpsc::channel(16);
         let enroller = Self {
             ctx,
             enrolled: HashMap::new(),
@@ -152,8 +184,10 @@ impl Enroller {
             taken,
             offers,
             stale_released: false,
+            cni,
+            held: HashMap::new(),
         };
-        (enroller, rx, offer_tx)
+        (enroller, Channels { enrolled: rx, offers: offer_tx, cni: cni_tx })
     }
 
     /// Second descriptors of every enrolled pod's listeners.
@@ -188,6 +222,10 @@ impl Enroller {
                 Some(request) = self.offers.recv() => {
                     let _ = request.send(self.offer());
                 }
+                Some((request, reply)) = self.cni.recv() => {
+                    let answer = self.on_cni(request).await;
+                    let _ = reply.send(answer);
+                }
             }
         }
         for enrolled in self.enrolled.values() {
@@ -217,6 +255,7 @@ impl Enroller {
             self.unenroll(&uid);
         }
         self.failures.retain(|uid, _| desired.contains_key(uid));
+        self.release_uncaptured_holds();
         let identities: Vec<Identity> = desired.values().map(|w| w.identity()).collect();
         self.ctx.identities.retain(&identities);
         for (uid, workload) in desired {
@@ -233,6 +272,8 @@ impl Enroller {
                     if took {
                         self.took.push(uid.clone());
                     }
+                    // Enrolling adopted the pin of the hold; the hold's own link handle goes.
+                    self.held.remove(&uid);
                     self.failures.remove(&uid);
                     self.enrolled.insert(uid, enrolled);
                 }
@@ -266,11 +307,88 @@ impl Enroller {
             return;
         }
         self.stale_released = true;
-        let keep = self.enrolled.values().map(|e| e.pod.cookie).collect();
+        let keep = self.enrolled.values().map(|e| e.pod.cookie).chain(self.held.values().map(|h| h.cookie)).collect();
         let released = self.ctx.datapath.lock().expect("datapath lock").release_other_pods(&keep);
         if !released.is_empty() {
             tracing::info!(?released, "released pod netns captured by an earlier agent and no longer enrolled");
         }
+    }
+
+    /// Answers the CNI plugin: on `add`, holds the pod closed when it is to be captured (its
+    /// workload says so, or, before mesh-ctrl knows the pod, its namespace is in the mesh); on
+    /// `del`, releases a hold. Without a config from mesh-ctrl it cannot tell: the plugin is
+    /// told to try again (the pod does not start meanwhile).
+    async fn on_cni(&mut self, request: cni::Request) -> cni::Answer {
+        let uid = request.key();
+        let pod = format!("{}/{}", request.namespace, request.name);
+        if request.op == "del" {
+            if let Some(held) = self.held.remove(&uid) {
+                tracing::info!(%pod, "CNI DEL: hold released");
+                self.release(held);
+            }
+            return cni::Answer::Done { held: false };
+        }
+        if self.ctx.state.ctrl_status().1 == 0 {
+            return cni::Answer::Failed { error: "no config from mesh-ctrl yet".into(), retry: true };
+        }
+        if self.enrolled.contains_key(&uid) || self.held.contains_key(&uid) {
+            return cni::Answer::Done { held: true };
+        }
+        let captured = match self.ctx.state.workload(&uid) {
+            Some(workload) => workload.captured && workload.node == self.ctx.node,
+            None => self.ctx.state.namespace_captured(&request.namespace),
+        };
+        if !captured {
+            return cni::Answer::Done { held: false };
+        }
+        match self.hold(&request.netns).await {
+            Ok((cookie, link)) => {
+                tracing::info!(%pod, cookie, "CNI ADD: pod held closed until enrolled");
+                self.held.insert(uid, Held { cookie, link, pod });
+                cni::Answer::Done { held: true }
+            }
+            Err(e) => cni::Answer::Failed { error: format!("cannot hold {pod} closed: {e}"), retry: true },
+        }
+    }
+
+    /// Puts the netns at `path` in ENROLLED with sk_lookup attached (pinned) and no listener:
+    /// closed both ways.
+    async fn hold(&self, path: &std::path::Path) -> Result<(u64, SkLookupAttachment), EnrollError> {
+        let netns = Netns::open(path)?;
+        let cookie = self.ctx.runner.run(&netns, crate::netns::current_cookie).await?;
+        let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
+        let link = datapath.attach_sk_lookup(&netns, cookie)?;
+        if let Err(e) = datapath.enroll_netns(cookie) {
+            if !link.adopted {
+                datapath.detach_sk_lookup(link);
+            }
+            return Err(e.into());
+        }
+        Ok((cookie, link))
+    }
+
+    /// Releases the holds of pods mesh-ctrl now knows are not to be captured here.
+    fn release_uncaptured_holds(&mut self) {
+        let node = &self.ctx.node;
+        let state = &self.ctx.state;
+        let released: Vec<String> = self
+            .held
+            .keys()
+            .filter(|uid| state.workload(uid).is_some_and(|w| !w.captured || &w.node != node))
+            .cloned()
+            .collect();
+        for uid in released {
+            if let Some(held) = self.held.remove(&uid) {
+                tracing::info!(pod = %held.pod, "hold released: the pod is not captured");
+                self.release(held);
+            }
+        }
+    }
+
+    fn release(&self, held: Held) {
+        let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
+        datapath.unenroll_netns(held.cookie);
+        datapath.detach_sk_lookup(held.link);
     }
 
     fn publish(&self) {
