@@ -28,6 +28,23 @@ fn flows_to(topo: &Topology, node: u8, direction: &str, port: u16) -> Vec<Value>
     topo.flows(node).into_iter().filter(|f| f["direction"] == direction && f["dst"]["port"] == port).collect()
 }
 
+/// The captured TCP payloads hold a whole 4 MiB transfer, none of it in plain text (`marker`), all
+/// of it on 15008 in TLS 1.3 with ALPN h2; `log` is tcpdump's, for the failure message.
+fn assert_only_tls13_h2_on_15008(packets: &[(u16, u16, Vec<u8>)], marker: &str, log: &str) {
+    let total: usize = packets.iter().map(|p| p.2.len()).sum();
+    assert!(total > 4 * 1024 * 1024, "the capture holds the whole transfer ({total} bytes captured): {log}");
+    for (sport, dport, payload) in packets {
+        assert!(!contains(payload, marker.as_bytes()), "plaintext marker on the wire ({sport} -> {dport})");
+        assert!(payload.is_empty() || *sport == 15008 || *dport == 15008, "payload outside HBONE: {sport} -> {dport}");
+    }
+    let from_server: Vec<u8> = packets.iter().filter(|p| p.0 == 15008).flat_map(|p| p.2.clone()).collect();
+    let to_server: Vec<u8> = packets.iter().filter(|p| p.1 == 15008).flat_map(|p| p.2.clone()).collect();
+    // ServerHello's supported_versions extension selecting TLS 1.3 (0x0304).
+    assert!(contains(&from_server, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]), "the server selected TLS 1.3");
+    // ClientHello offering ALPN "h2".
+    assert!(contains(&to_server, &[0x02, b'h', b'2']), "the client offered ALPN h2");
+}
+
 #[test]
 fn cross_node_traffic_is_tls13_on_15008_and_flows_name_both_identities() {
     let topo = cluster(&[]);
@@ -39,23 +56,7 @@ fn cross_node_traffic_is_tls13_on_15008_and_flows_name_both_identities() {
     topo.curl(a, c.ip);
     topo.stop_capture(&capture, &topo.nodes[0].netns, ferrymesh_testbed::topology::FABRIC_IP);
 
-    let packets = tcp_payloads(&std::fs::read(&capture.pcap).unwrap());
-    let total: usize = packets.iter().map(|p| p.2.len()).sum();
-    assert!(
-        total > 4 * 1024 * 1024,
-        "the capture holds the whole transfer ({total} bytes captured): {}",
-        topo.log("tcpdump")
-    );
-    for (sport, dport, payload) in &packets {
-        assert!(!contains(payload, marker.as_bytes()), "plaintext marker on the wire ({sport} -> {dport})");
-        assert!(payload.is_empty() || *sport == 15008 || *dport == 15008, "payload outside HBONE: {sport} -> {dport}");
-    }
-    let from_server: Vec<u8> = packets.iter().filter(|p| p.0 == 15008).flat_map(|p| p.2.clone()).collect();
-    let to_server: Vec<u8> = packets.iter().filter(|p| p.1 == 15008).flat_map(|p| p.2.clone()).collect();
-    // ServerHello's supported_versions extension selecting TLS 1.3 (0x0304).
-    assert!(contains(&from_server, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]), "the server selected TLS 1.3");
-    // ClientHello offering ALPN "h2".
-    assert!(contains(&to_server, &[0x02, b'h', b'2']), "the client offered ALPN h2");
+    assert_only_tls13_h2_on_15008(&tcp_payloads(&std::fs::read(&capture.pcap).unwrap()), marker, &topo.log("tcpdump"));
 
     let (id_a, id_c) = (format!("spiffe://{TD}/ns/shop/sa/a"), format!("spiffe://{TD}/ns/shop/sa/c"));
     for (node, direction) in [(1, "outbound"), (2, "inbound")] {
@@ -262,21 +263,11 @@ fn native_ipv6_across_nodes_is_tls13_on_15008_over_ipv6_and_ipv6_policies_apply(
     topo.stop_capture(&capture, &topo.nodes[0].netns, ferrymesh_testbed::topology::FABRIC_IP);
 
     // Every byte crossed the fabric as IPv6, on 15008, in TLS 1.3 with ALPN h2.
-    let packets = tcp6_payloads(&std::fs::read(&capture.pcap).unwrap());
-    let total: usize = packets.iter().map(|p| p.2.len()).sum();
-    assert!(
-        total > 4 * 1024 * 1024,
-        "the capture holds the whole IPv6 transfer ({total} bytes): {}",
-        topo.log("tcpdump6")
+    assert_only_tls13_h2_on_15008(
+        &tcp6_payloads(&std::fs::read(&capture.pcap).unwrap()),
+        marker,
+        &topo.log("tcpdump6"),
     );
-    for (sport, dport, payload) in &packets {
-        assert!(!contains(payload, marker.as_bytes()), "plaintext marker on the wire ({sport} -> {dport})");
-        assert!(payload.is_empty() || *sport == 15008 || *dport == 15008, "payload outside HBONE: {sport} -> {dport}");
-    }
-    let from_server: Vec<u8> = packets.iter().filter(|p| p.0 == 15008).flat_map(|p| p.2.clone()).collect();
-    let to_server: Vec<u8> = packets.iter().filter(|p| p.1 == 15008).flat_map(|p| p.2.clone()).collect();
-    assert!(contains(&from_server, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]), "the server selected TLS 1.3");
-    assert!(contains(&to_server, &[0x02, b'h', b'2']), "the client offered ALPN h2");
     assert!(!tcp_payloads(&std::fs::read(&capture.pcap).unwrap()).iter().any(|p| contains(&p.2, marker.as_bytes())));
 
     // Both agents' flows name both identities and the IPv6 addresses.

@@ -1,8 +1,9 @@
 //! Enrollment: makes the set of captured pods of this node match the state store. Enrolling a
 //! pod = its certificate, listeners inside its netns (15001, 15006, 15008, for IPv4 and, when
-//! the pod has an IPv6 address, IPv6), its inbound listener of each pod IP in the sk_lookup map, sk_lookup attached to its netns (pinned), its netns cookie
-//! in ENROLLED. Unenrolling undoes the eBPF part; the connections already proxied keep
-//! running. No pod restart either way, and a failed enrollment leaves nothing behind.
+//! the pod has an IPv6 address, IPv6), the inbound listener of each pod IP in the sk_lookup
+//! map, sk_lookup attached to its netns (pinned), its netns cookie in ENROLLED. Unenrolling
+//! undoes the eBPF part; the connections already proxied keep running. No pod restart either
+//! way, and a failed enrollment leaves nothing behind.
 //!
 //! A pod can be held closed before it is enrolled: the CNI plugin asks, while the pod's sandbox
 //! is set up (before any of its containers runs), and a pod of a namespace in the mesh gets its

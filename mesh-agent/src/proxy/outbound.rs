@@ -1,11 +1,12 @@
 //! Outbound: connections of an enrolled pod captured by connect4/6 and accepted on the pod's
-//! `127.0.0.1:15001` (`[::1]:15001` for a native IPv6 destination); the original destination comes from the eBPF map. A service VIP is
-//! resolved to a ready endpoint (power of two choices, another endpoint on a failed dial); a
-//! meshed destination on another node is reached over HBONE, a meshed pod of this node by a
-//! node-local handover (see [`super::local`]), anything else as plain TCP, always dialled from
-//! the pod's netns (so the source IP stays the pod's) with the agent's mark. A VIP of a Service
-//! bound to a waypoint, or a pod bound to a waypoint of workloads (addressed directly or picked
-//! as a Service's endpoint), goes over HBONE to the waypoint instead (see [`to_waypoint`]).
+//! `127.0.0.1:15001` (`[::1]:15001` for a native IPv6 destination); the original destination
+//! comes from the eBPF map. A service VIP is resolved to a ready endpoint (power of two
+//! choices, another endpoint on a failed dial); a meshed destination on another node is reached
+//! over HBONE, a meshed pod of this node by a node-local handover (see [`super::local`]),
+//! anything else as plain TCP, always dialled from the pod's netns (so the source IP stays the
+//! pod's) with the agent's mark. A VIP of a Service bound to a waypoint, or a pod bound to a
+//! waypoint of workloads (addressed directly or picked as a Service's endpoint), goes over HBONE
+//! to the waypoint instead (see [`to_waypoint`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

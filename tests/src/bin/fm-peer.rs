@@ -2,8 +2,8 @@
 //!
 //! `serve` listens on three ports, on IPv4 and on IPv6 (`[::]`, IPv6 only): an HTTP responder
 //! whose body names the client address the server saw, a sink that answers "<bytes> <sha256>"
-//! after the client half-closes, and an echo. `send` streams a deterministic payload to a sink and checks the answer; `ping` holds
-//! one connection to an echo and checks every round trip.
+//! after the client half-closes, and an echo. `send` streams a deterministic payload to a sink
+//! and checks the answer; `ping` holds one connection to an echo and checks every round trip.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
