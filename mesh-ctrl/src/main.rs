@@ -55,8 +55,9 @@ struct Args {
     /// How long a client of 15012 may take to finish its TLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     handshake_timeout: Duration,
-    /// Address of the Prometheus metrics endpoint (/metrics).
-    #[arg(long, default_value = "0.0.0.0:15020")]
+    /// Address of the Prometheus metrics endpoint (/metrics): 15014, istiod's monitoring port,
+    /// so mesh-ctrl and an agent (15020) can run on one machine.
+    #[arg(long, default_value = "0.0.0.0:15014")]
     metrics_addr: SocketAddr,
     /// Validate the config directory, print every rejected object and exit (non-zero if any).
     #[arg(long)]
@@ -81,8 +82,13 @@ struct Args {
     node_tokens: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    ferrymesh_api::exit::report(
+        tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|r| r.block_on(run())),
+    )
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -19,7 +19,7 @@ fn identities(topo: &Topology, node: u8) -> Vec<String> {
 
 /// mesh-ctrl's metrics, read by the strict parser.
 fn ctrl_metrics(topo: &Topology) -> prom::Exposition {
-    let url = format!("http://{FABRIC_IP}:15020/metrics");
+    let url = format!("http://{FABRIC_IP}:15014/metrics");
     let out = topo.output_in(&topo.fabric, "curl", &["-sS", "--max-time", "3", &url]);
     assert!(out.status.success(), "scrape mesh-ctrl: {}", String::from_utf8_lossy(&out.stderr));
     prom::parse(&String::from_utf8(out.stdout).unwrap()).expect("valid Prometheus text")
@@ -285,4 +285,64 @@ fn a_root_rotation_fails_no_connection() {
         eprintln!("{label}: {ok} new connections through the rotation, none failed");
     }
     topo.signal_and_wait(&long_lived, libc::SIGTERM);
+}
+
+/// Each daemon's failure reaches the user as one line, `Error: ` with its causes, and never a
+/// backtrace, even with RUST_BACKTRACE=1 (nothing here reaches the network: each fails first).
+#[test]
+fn errors_reach_users_as_one_line_whatever_rust_backtrace_says() {
+    let scratch = std::env::temp_dir().join(format!("ferrymesh-errors-{}", std::process::id()));
+    std::fs::create_dir_all(scratch.join("config")).unwrap();
+    let config = scratch.join("config");
+    let cases: [(&str, Vec<&str>, &str); 3] = [
+        (
+            "mesh-ctrl",
+            vec![
+                "--config-dir",
+                config.to_str().unwrap(),
+                "--ca-dir",
+                "/proc/ferrymesh-none/ca",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "Error: CA file /proc/ferrymesh-none/ca",
+        ),
+        (
+            "mesh-agent",
+            vec!["--uninstall", "--bpf-dir", scratch.to_str().unwrap()],
+            "is not on a bpf filesystem: nothing was removed",
+        ),
+        (
+            "mesh-waypoint",
+            vec![
+                "--namespace",
+                "shop",
+                "--name",
+                "wp",
+                "--node-name",
+                "n",
+                "--pod-ip",
+                "127.0.0.1",
+                "--ctrl",
+                "https://127.0.0.1:9",
+                "--ca-root",
+                "/proc/ferrymesh-none/root.pem",
+                "--token-file",
+                "/proc/ferrymesh-none/token",
+            ],
+            "Error: cannot read --token-file /proc/ferrymesh-none/token: No such file or directory",
+        ),
+    ];
+    for (binary, args, expected) in cases {
+        let out = std::process::Command::new(bin(binary)).args(&args).env("RUST_BACKTRACE", "1").output().unwrap();
+        assert!(!out.status.success(), "{binary} must fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Log lines (tracing) may come first; the error is the last line, and the only one.
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("Error")).collect();
+        assert_eq!(errors.len(), 1, "{binary}: {stderr}");
+        assert!(errors[0].starts_with("Error: ") && errors[0].contains(expected), "{binary}: {stderr}");
+        assert_eq!(stderr.lines().last(), Some(errors[0]), "{binary}: {stderr}");
+        assert!(!stderr.contains("backtrace") && !stderr.contains("Caused by"), "{binary}: {stderr}");
+    }
+    std::fs::remove_dir_all(&scratch).unwrap();
 }

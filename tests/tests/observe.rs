@@ -410,7 +410,7 @@ fn flows_filters_follow_access_log_and_metrics() {
     assert_eq!(sum(&m2, "ferrymesh_tcp_sent_bytes_total", &dst_labels), inbound_a_to_c as f64);
     let denied_labels = [("reporter", "destination"), ("source_workload", "d"), ("response_flags", "DENY")];
     assert_eq!(sum(&m2, "ferrymesh_tcp_connections_failed_total", &denied_labels), 1.0);
-    let ctrl = scrape(&topo, &topo.fabric, "172.18.0.254:15020");
+    let ctrl = scrape(&topo, &topo.fabric, "172.18.0.254:15014");
     assert_eq!(sum(&ctrl, "ferrymesh_ctrl_connected_agents", &[]), 2.0);
     assert_eq!(sum(&ctrl, "ferrymesh_ctrl_rejected_config_objects", &[]), 0.0);
     assert!(sum(&ctrl, "ferrymesh_ctrl_push_latency_seconds_count", &[]) >= 2.0, "both agents acked");

@@ -385,8 +385,20 @@ pub fn check_layout(maps_dir: &Path) -> Result<Vec<String>> {
 
 /// Removes every pinned object under `bpf_dir` (links first, so the hooks go before the
 /// maps) and the directory itself; returns how many objects were removed. A running agent
-/// keeps its node-wide links attached until it exits: stop it first.
+/// keeps its node-wide links attached until it exits: stop it first. A `bpf_dir` that is not on
+/// a bpf filesystem is refused (nothing under it is a pin); a missing one is nothing to do.
 pub fn uninstall(bpf_dir: &Path) -> std::io::Result<usize> {
+    match nix::sys::statfs::statfs(bpf_dir) {
+        Err(nix::errno::Errno::ENOENT) => return Ok(0),
+        Err(e) => {
+            return Err(std::io::Error::new(std::io::Error::from(e).kind(), format!("{}: {e}", bpf_dir.display())))
+        }
+        Ok(fs) if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC => {
+            let message = format!("{} is not on a bpf filesystem: nothing was removed", bpf_dir.display());
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, message));
+        }
+        Ok(_) => {}
+    }
     let pins = Pins::under(bpf_dir);
     let mut removed = 0;
     for sub in [&pins.netns, &pins.links, &pins.maps] {

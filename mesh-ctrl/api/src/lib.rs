@@ -1,6 +1,8 @@
-//! Generated gRPC types of ferrymesh, and the flow JSON every tool prints. Protobuf types stay
-//! at the edge: mesh-ctrl and the agent convert them once into their own domain types.
+//! Generated gRPC types of ferrymesh, the flow JSON every tool prints, and how every binary
+//! reports an error ([`exit`]). Protobuf types stay at the edge: mesh-ctrl and the agent convert
+//! them once into their own domain types.
 
+pub mod exit;
 pub mod flow_json;
 pub mod kinds;
 
