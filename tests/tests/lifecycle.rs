@@ -358,6 +358,7 @@ fn pins_of_another_layout_or_off_bpffs_are_refused_and_nothing_is_attached() {
     let off = topo.dir.join("not-bpffs");
     let refused = run(&[("--bpf-dir", off.to_str().unwrap())]);
     assert!(refused.contains(&format!("--bpf-dir {} is not on a bpf filesystem", off.display())), "{refused}");
+    assert!(!off.exists(), "nothing was created under a directory off bpffs");
     assert_eq!(kernel_bpf(), before, "nothing was loaded or attached");
 }
 

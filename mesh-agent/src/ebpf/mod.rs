@@ -168,16 +168,18 @@ impl Pins {
         Self { dir: dir.to_path_buf(), maps: dir.join("maps"), links: dir.join("links"), netns: dir.join("netns") }
     }
 
-    /// Creates the directories, refusing a `dir` that is not on a bpf filesystem.
+    /// Creates the directories, refusing (before it creates anything) a `dir` that is not on a
+    /// bpf filesystem: the nearest existing directory of its path must be on one.
     fn create(dir: &Path) -> Result<Self> {
+        let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
+        let fs = nix::sys::statfs::statfs(existing)
+            .map_err(|e| DatapathError::Pin { path: existing.to_path_buf(), source: e.into() })?;
+        if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+            return Err(DatapathError::NotBpffs(dir.to_path_buf()));
+        }
         let pins = Self::under(dir);
         for sub in [&pins.maps, &pins.links, &pins.netns] {
             std::fs::create_dir_all(sub).map_err(|source| DatapathError::Pin { path: sub.clone(), source })?;
-        }
-        let fs = nix::sys::statfs::statfs(&pins.maps)
-            .map_err(|e| DatapathError::Pin { path: pins.maps.clone(), source: e.into() })?;
-        if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
-            return Err(DatapathError::NotBpffs(dir.to_path_buf()));
         }
         Ok(pins)
     }
