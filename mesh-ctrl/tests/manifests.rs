@@ -243,6 +243,29 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
         (&rolling.max_surge, &rolling.max_unavailable),
         (&Some(IntOrString::Int(1)), &Some(IntOrString::Int(0)))
     );
+    // Hardening (#18): probes, ports, limits, worker threads from the CPU limit, Linux nodes only,
+    // never captured itself, its namespace's Pod Security level; mesh-ctrl under RuntimeDefault.
+    let probe = container.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("agent readiness");
+    assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    assert_eq!(probe.port, IntOrString::Int(15021));
+    let ports: Vec<i32> = container.ports.iter().flatten().map(|p| p.container_port).collect();
+    assert_eq!(ports, [15020, 15021], "metrics and readiness are declared");
+    let limits = container.resources.as_ref().and_then(|r| r.limits.as_ref()).expect("agent limits");
+    assert!(limits.contains_key("cpu") && limits.contains_key("memory"), "{limits:?}");
+    let threads = container.env.iter().flatten().find(|e| e.name == "FERRYMESH_WORKER_THREADS").expect("threads");
+    let field = threads.value_from.as_ref().and_then(|v| v.resource_field_ref.as_ref()).expect("from a resource");
+    assert_eq!(field.resource, "limits.cpu");
+    let selector = agent_spec.node_selector.as_ref().expect("a node selector");
+    assert_eq!(selector.get("kubernetes.io/os").map(String::as_str), Some("linux"));
+    let pod_labels = agent.spec.as_ref().unwrap().template.metadata.as_ref().and_then(|m| m.labels.clone());
+    assert_eq!(pod_labels.unwrap_or_default().get("ferrymesh.io/dataplane-mode").map(String::as_str), Some("none"));
+    let namespace =
+        objects.namespaces.iter().find(|n| n.metadata.name.as_deref() == agent.metadata.namespace.as_deref());
+    let ns_labels = namespace.expect("the agent's namespace").metadata.labels.clone().unwrap_or_default();
+    assert_eq!(ns_labels.get("pod-security.kubernetes.io/enforce").map(String::as_str), Some("privileged"));
+    let ctrl_security = ctrl_spec.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref());
+    assert_eq!(ctrl_security.map(|p| p.type_.as_str()), Some("RuntimeDefault"));
+    assert!(ctrl_spec.containers[0].liveness_probe.is_some() && ctrl_spec.containers[0].readiness_probe.is_some());
     let grace = humantime::parse_duration(&agent_flags["--drain-grace"]).unwrap();
     assert!(
         agent_spec.termination_grace_period_seconds.unwrap() as u64 > grace.as_secs(),
