@@ -70,6 +70,11 @@ struct Args {
     /// network configuration names it (`agent_socket`).
     #[arg(long, default_value = "/var/run/ferrymesh/cni")]
     cni_socket: PathBuf,
+    /// Where /proc/sys/net is mounted writable: the agent sets each enrolled pod's
+    /// fwmark sysctls there from inside the pod's netns. An unprivileged agent's own /proc/sys
+    /// is read-only; the DaemonSet mounts the host's /proc/sys/net (as Cilium does).
+    #[arg(long, default_value = "/proc/sys/net")]
+    proc_sys_net: PathBuf,
     /// How long a stopping agent (SIGTERM, or taken over) lets the connections it carries run
     /// on before it closes them and exits.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
@@ -252,7 +257,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => (None, Default::default()),
     };
     let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
-    let (enroller, channels) = enroll::Enroller::new(ctx, handed, takeover.is_some().then_some(taken_tx));
+    let (enroller, channels) =
+        enroll::Enroller::new(ctx, handed, takeover.is_some().then_some(taken_tx), &args.proc_sys_net);
     let enroll::Channels { enrolled, offers, cni: cni_asks } = channels;
     let enroller = tokio::spawn(enroller.run(shutdown.clone()));
     tokio::spawn(config_client::run(ctrl, node_name.clone(), state.clone()));

@@ -210,8 +210,18 @@ fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
     assert_eq!(agent_spec.host_network, Some(true), "15008 and capture are node-level");
     assert_eq!(agent_spec.host_pid, Some(true), "netns discovery reads /proc/<pid>/cgroup of pods");
     let container = &agent_spec.containers[0];
-    assert_eq!(container.security_context.as_ref().and_then(|s| s.privileged), Some(true));
+    // Not privileged: the capabilities the code needs, which an e2e test
+    // (`an_agent_serves_with_only_the_daemonsets_capabilities_and_a_read_only_proc_sys`) runs it with.
+    let security = container.security_context.as_ref().expect("agent securityContext");
+    assert_ne!(security.privileged, Some(true), "the agent is not privileged");
+    let caps = security.capabilities.as_ref().expect("capabilities");
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    let added: Vec<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert_eq!(added, ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]);
+    let sysctl_mount = container.volume_mounts.iter().flatten().find(|m| m.name == "proc-sys-net").expect("sysctls");
     let agent_flags = flags(container);
+    assert_eq!(agent_flags["--proc-sys-net"], sysctl_mount.mount_path);
+    assert_ne!(sysctl_mount.read_only, Some(true));
     assert_projected_token(agent_spec, container);
     let cgroup = container.volume_mounts.iter().flatten().any(|m| m.mount_path == "/sys/fs/cgroup");
     assert!(cgroup, "the agent attaches at the node's cgroup2 root");

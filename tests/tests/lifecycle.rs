@@ -690,3 +690,97 @@ fn the_cni_plugin_keeps_mesh_pods_closed_until_enrolled_and_fails_them_without_a
     assert_eq!(list, serde_json::from_str::<Value>(primary).unwrap());
     assert!(!bin_dir.join("ferrymesh-cni").exists());
 }
+
+/// The capabilities the DaemonSet gives the agent container, from manifests/ferrymesh.yaml.
+fn daemonset_capabilities() -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/ferrymesh.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let object = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+        if object["kind"] == "DaemonSet" {
+            let container = &object["spec"]["template"]["spec"]["containers"][0];
+            let add = container["securityContext"]["capabilities"]["add"].as_sequence().expect("capabilities.add");
+            return add.iter().map(|c| c.as_str().unwrap().to_lowercase()).collect();
+        }
+    }
+    panic!("no DaemonSet in {}", path.display());
+}
+
+/// The agent as the DaemonSet runs it, unprivileged: with only the capabilities the manifest
+/// adds (root's bounding set cut to them) and a read-only /proc/sys, setting pod sysctls through
+/// a writable mount of /proc/sys/net as the manifest mounts the host's. It enrolls, captures,
+/// carries mTLS and holds pods as the privileged agent does.
+#[test]
+fn an_agent_serves_with_only_the_daemonsets_capabilities_and_a_read_only_proc_sys() {
+    let _serial = serial();
+    let topo = Topology::build(&TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "c", 2).pod("legacy", "x", 1));
+    topo.write_cluster(&["shop"]);
+    topo.start_ctrl(&[]);
+    topo.start_agent(1);
+    let caps = daemonset_capabilities();
+    let bounding = format!("-all,{}", caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(","));
+    let host_sysctl = topo.dir.join("host-proc-sys-net");
+    std::fs::create_dir_all(&host_sysctl).unwrap();
+    // A mount namespace of its own (gone with the process): /proc/sys/net bound writable at
+    // host_sysctl, then /proc/sys made read-only, then the agent with the manifest's capabilities.
+    let agent = topo.agent_command(2, &[("--proc-sys-net", host_sysctl.to_str().unwrap())]);
+    let mut line = vec![agent.get_program().to_string_lossy().into_owned()];
+    line.extend(agent.get_args().map(|a| a.to_string_lossy().into_owned()));
+    let nsenter_prefix = line.iter().position(|a| a == "--").unwrap();
+    let agent_line: Vec<String> = line[nsenter_prefix + 1..].iter().map(|a| format!("'{a}'")).collect();
+    let script = format!(
+        "mount --make-rprivate / && mount --bind /proc/sys/net '{sysctl}' && mount --bind /proc/sys /proc/sys \
+         && mount -o remount,bind,ro /proc/sys && exec setpriv --bounding-set {bounding} --inh-caps -all {agent}",
+        sysctl = host_sysctl.display(),
+        agent = agent_line.join(" "),
+    );
+    let mut cmd = topo.command_in(&topo.nodes[1].netns, "unshare");
+    cmd.args(["-m", "sh", "-c", &script]);
+    topo.spawn("agent-node2", cmd);
+    wait_until(Duration::from_secs(15), "the unprivileged agent to serve", || {
+        assert!(topo.is_running("agent-node2"), "the agent exited: {}", topo.log("agent-node2"));
+        topo.try_status(2).is_some_and(|s| s["config_version"].as_u64() > Some(0))
+    });
+    topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(15));
+    topo.wait_enrolled(1, &["shop/a"], Duration::from_secs(10));
+    topo.serve_all();
+    let (a, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
+
+    // It runs with exactly those capabilities, and its /proc/sys is read-only.
+    // nsenter, unshare, sh and setpriv each exec the next: the spawned process is the agent.
+    let pid = topo.pid("agent-node2").expect("the agent's pid");
+    assert!(std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().starts_with("mesh-agent"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let proc_sys = mounts.lines().filter(|l| l.split(' ').nth(4) == Some("/proc/sys")).last().expect("/proc/sys mount");
+    assert!(proc_sys.split(' ').nth(5).unwrap().split(',').any(|o| o == "ro"), "read-only /proc/sys: {proc_sys}");
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim().to_string();
+    let decoded = std::process::Command::new("capsh").arg(format!("--decode={eff}")).output().unwrap();
+    let decoded = String::from_utf8_lossy(&decoded.stdout).to_lowercase();
+    let held: BTreeSet<String> = decoded
+        .trim()
+        .split('=')
+        .nth(1)
+        .unwrap_or_default()
+        .split(',')
+        .map(|c| c.trim_start_matches("cap_").to_string())
+        .collect();
+    assert_eq!(held, caps.iter().cloned().collect::<BTreeSet<_>>(), "the agent's effective capabilities");
+    assert!(!topo.log("agent-node2").contains("cannot set net."), "{}", topo.log("agent-node2"));
+
+    // c's sysctls were set through the writable mount.
+    let sysctl = topo.output_in(&c.netns, "sysctl", &["-n", "net.ipv4.tcp_fwmark_accept", "net.ipv6.fwmark_reflect"]);
+    assert_eq!(String::from_utf8_lossy(&sysctl.stdout).split_whitespace().collect::<Vec<_>>(), ["1", "1"]);
+    // It carries mTLS both ways, and plaintext to c reaches c through it.
+    for (from, to) in [(a, c), (c, a)] {
+        let body = topo.curl(from, to.ip);
+        assert!(body.starts_with(&format!("client {}:", from.ip)), "{} -> {}: {body}", from.name, to.name);
+    }
+    let (code, body, _) = topo.try_curl(a, c.ip6.into());
+    assert_eq!(code, Some(0), "a -> c over IPv6: {body}");
+    let body = topo.curl(x, c.ip);
+    assert!(body.starts_with(&format!("client {}:", x.ip)), "x -> c: {body}");
+    wait_until(FLOW_WAIT, "c's inbound mTLS flow from a", || {
+        topo.flows(2).iter().any(|f| f["direction"] == "inbound" && f["mtls"] == true && f["src"]["workload"] == "a")
+    });
+}

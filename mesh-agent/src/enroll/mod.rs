@@ -103,6 +103,8 @@ pub struct Enroller {
     cni: mpsc::Receiver<cni::Asked>,
     /// Pods held closed on the CNI plugin's ADD and not enrolled yet, by UID.
     held: HashMap<String, Held>,
+    /// Where /proc/sys/net is mounted writable (`--proc-sys-net`).
+    sysctl: Arc<std::path::Path>,
 }
 
 /// A pod held closed until it is enrolled: its netns cookie and sk_lookup link (pinned).
@@ -165,12 +167,13 @@ pub struct EnrolledSummary {
 
 impl Enroller {
     /// An enroller with nothing enrolled, the listeners a predecessor handed over (`taken`
-    /// hears which pods were enrolled on them once the first config is applied), and its
-    /// channels.
+    /// hears which pods were enrolled on them once the first config is applied), writing pod
+    /// sysctls under `sysctl` (a mount of /proc/sys/net), and its channels.
     pub fn new(
         ctx: Arc<ProxyContext>,
         handed: HashMap<String, PodListeners>,
         taken: Option<oneshot::Sender<Vec<String>>>,
+        sysctl: &std::path::Path,
     ) -> (Self, Channels) {
         let (published, rx) = watch::channel(Vec::new());
         let (offer_tx, offers) = mpsc::channel(1);
@@ -187,6 +190,7 @@ impl Enroller {
             stale_released: false,
             cni,
             held: HashMap::new(),
+            sysctl: sysctl.into(),
         };
         (enroller, Channels { enrolled: rx, offers: offer_tx, cni: cni_tx })
     }
@@ -430,8 +434,14 @@ impl Enroller {
         let netns = Netns::open(&netns_path)?;
         let v6 = workload.ipv6().is_some();
         let listeners = match handed {
-            Some(handed) => self.ctx.runner.run(&netns, move || pod_netns::adopt(handed, v6)).await?,
-            None => self.ctx.runner.run(&netns, move || pod_netns::setup(v6)).await?,
+            Some(handed) => {
+                let sysctl = self.sysctl.clone();
+                self.ctx.runner.run(&netns, move || pod_netns::adopt(handed, v6, &sysctl)).await?
+            }
+            None => {
+                let sysctl = self.sysctl.clone();
+                self.ctx.runner.run(&netns, move || pod_netns::setup(v6, &sysctl)).await?
+            }
         };
         let kept = listeners.each().map(|l| l.as_fd().try_clone_to_owned()).collect::<Result<Vec<_>, _>>()?;
         let PodListeners { v4, v6, cookie } = listeners;

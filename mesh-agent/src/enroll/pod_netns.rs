@@ -5,6 +5,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::path::Path;
 
 use mesh_common::{
     HBONE_PORT, INBOUND_PLAINTEXT_PORT, LOOPBACK_IFINDEX, MARK_APP_DIAL, OUTBOUND_PORT, ROUTE_TABLE_APP_DIAL,
@@ -86,19 +87,20 @@ fn listen(ip: IpAddr, port: u16) -> io::Result<TcpListener> {
 }
 
 /// Sets up the current netns (call on the netns thread, inside the pod's netns), with the IPv6
-/// listeners and route when `v6` (the pod has an IPv6 address).
-pub fn setup(v6: bool) -> io::Result<PodListeners> {
+/// listeners and route when `v6` (the pod has an IPv6 address); `sysctl` is where /proc/sys/net
+/// is mounted writable.
+pub fn setup(v6: bool, sysctl: &Path) -> io::Result<PodListeners> {
     let v4 = Listeners::open(false)?;
     let v6 = v6.then(|| Listeners::open(true)).transpose()?;
     let cookie = netns_cookie(&v4.outbound)?;
-    prepare(v6.is_some())?;
+    prepare(v6.is_some(), sysctl)?;
     Ok(PodListeners { v4, v6, cookie })
 }
 
 /// Sets up the current netns around listeners the agent before this one created and handed
 /// over, checking they belong to it (call on the netns thread, inside the pod's netns). The
 /// IPv6 listeners are opened when `v6` and none were handed over, closed when not `v6`.
-pub fn adopt(mut handed: PodListeners, v6: bool) -> io::Result<PodListeners> {
+pub fn adopt(mut handed: PodListeners, v6: bool, sysctl: &Path) -> io::Result<PodListeners> {
     let here = netns_cookie(&std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?)?;
     for listener in handed.each() {
         if netns_cookie(listener)? != here || handed.cookie != here {
@@ -114,24 +116,29 @@ pub fn adopt(mut handed: PodListeners, v6: bool) -> io::Result<PodListeners> {
         (false, true) => handed.v6 = None,
         _ => {}
     }
-    prepare(v6)?;
+    prepare(v6, sysctl)?;
     Ok(handed)
 }
 
-/// The sysctls and the policy routes of the current netns (IPv6's too when `v6`).
-fn prepare(v6: bool) -> io::Result<()> {
-    // /proc/sys/net follows the calling thread's netns. fwmark_accept (for both families): the
+/// The sysctls (under `sysctl`, a mount of /proc/sys/net) and the policy routes of the current
+/// netns (IPv6's too when `v6`).
+fn prepare(v6: bool, sysctl: &Path) -> io::Result<()> {
+    // /proc/sys/net follows the calling thread's netns, through any mount of it (an
+    // unprivileged agent's own /proc/sys is read-only: it writes through the host's, mounted
+    // writable, as Cilium does). fwmark_accept (for both families): the
     // app's accepted socket carries the mark of the agent's SYN, so its replies take the
     // policy route back. fwmark_reflect: so do kernel replies without a socket, such as the
     // RST for a closed app port; without it that RST leaves through eth0 and the agent's dial
     // hangs until timeout.
-    let mut sysctls = vec!["ipv4/tcp_fwmark_accept", "ipv4/fwmark_reflect"];
+    let mut names = vec!["ipv4/tcp_fwmark_accept", "ipv4/fwmark_reflect"];
     if v6 {
-        sysctls.push("ipv6/fwmark_reflect");
+        names.push("ipv6/fwmark_reflect");
     }
-    for sysctl in sysctls {
-        std::fs::write(format!("/proc/sys/net/{sysctl}"), "1").map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot set net.{} in the pod: {e}", sysctl.replace('/', ".")))
+    for name in names {
+        let path = sysctl.join(name);
+        std::fs::write(&path, "1").map_err(|e| {
+            let what = name.replace('/', ".");
+            io::Error::new(e.kind(), format!("cannot set net.{what} in the pod ({}): {e}", path.display()))
         })?;
     }
     install_app_dial_routes(v6)
