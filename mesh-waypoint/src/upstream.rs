@@ -610,7 +610,7 @@ impl Upstream {
         match self.h1.request(request).await {
             Ok(response) => Ok(response.map(BodyExt::boxed_unsync)),
             Err(e) => {
-                let error = ferrymesh_dataplane::ctrl::error_chain(&e);
+                let error = ferrymesh_api::exit::error_chain(&e);
                 Err(if e.is_connect() {
                     UpstreamError::Connect { endpoint, error }
                 } else {
@@ -645,7 +645,7 @@ impl Upstream {
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| UpstreamError::Request { endpoint, error: ferrymesh_dataplane::ctrl::error_chain(&e) })?;
+            .map_err(|e| UpstreamError::Request { endpoint, error: ferrymesh_api::exit::error_chain(&e) })?;
         Ok(response.map(BodyExt::boxed_unsync))
     }
 }

@@ -752,7 +752,7 @@ fn an_agent_serves_with_only_the_daemonsets_capabilities_and_a_read_only_proc_sy
     assert!(std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().starts_with("mesh-agent"));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    let proc_sys = mounts.lines().filter(|l| l.split(' ').nth(4) == Some("/proc/sys")).last().expect("/proc/sys mount");
+    let proc_sys = mounts.lines().rfind(|l| l.split(' ').nth(4) == Some("/proc/sys")).expect("/proc/sys mount");
     assert!(proc_sys.split(' ').nth(5).unwrap().split(',').any(|o| o == "ro"), "read-only /proc/sys: {proc_sys}");
     let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim().to_string();
     let decoded = std::process::Command::new("capsh").arg(format!("--decode={eff}")).output().unwrap();

@@ -45,6 +45,23 @@ fn assert_only_tls13_h2_on_15008(packets: &[(u16, u16, Vec<u8>)], marker: &str, 
     assert!(contains(&to_server, &[0x02, b'h', b'2']), "the client offered ALPN h2");
 }
 
+/// The flows of the one transfer from a to c's sink: node1's outbound and node2's inbound, both
+/// mTLS and naming a's and c's identities.
+fn sink_flows_of_a_to_c(topo: &Topology) -> Vec<Value> {
+    let (id_a, id_c) = (format!("spiffe://{TD}/ns/shop/sa/a"), format!("spiffe://{TD}/ns/shop/sa/c"));
+    let mut both = Vec::new();
+    for (node, direction) in [(1, "outbound"), (2, "inbound")] {
+        let flows = flows_to(topo, node, direction, SINK_PORT);
+        assert_eq!(flows.len(), 1, "{direction}: {flows:?}");
+        let f = flows.into_iter().next().unwrap();
+        assert_eq!(f["mtls"], true, "{f}");
+        let ids = (f["src"]["identity"].as_str(), f["dst"]["identity"].as_str());
+        assert_eq!(ids, (Some(id_a.as_str()), Some(id_c.as_str())), "{f}");
+        both.push(f);
+    }
+    both
+}
+
 #[test]
 fn cross_node_traffic_is_tls13_on_15008_and_flows_name_both_identities() {
     let topo = cluster(&[]);
@@ -58,19 +75,10 @@ fn cross_node_traffic_is_tls13_on_15008_and_flows_name_both_identities() {
 
     assert_only_tls13_h2_on_15008(&tcp_payloads(&std::fs::read(&capture.pcap).unwrap()), marker, &topo.log("tcpdump"));
 
-    let (id_a, id_c) = (format!("spiffe://{TD}/ns/shop/sa/a"), format!("spiffe://{TD}/ns/shop/sa/c"));
-    for (node, direction) in [(1, "outbound"), (2, "inbound")] {
-        let flows = flows_to(&topo, node, direction, SINK_PORT);
-        assert_eq!(flows.len(), 1, "{direction}: {flows:?}");
-        let f = &flows[0];
-        assert_eq!(f["mtls"], true, "{f}");
-        assert_eq!(
-            (f["src"]["identity"].as_str(), f["dst"]["identity"].as_str()),
-            (Some(id_a.as_str()), Some(id_c.as_str())),
-            "{f}"
-        );
+    for f in sink_flows_of_a_to_c(&topo) {
         assert_eq!(f["bytes_sent"], 4 * 1024 * 1024);
     }
+    let id_c = format!("spiffe://{TD}/ns/shop/sa/c");
     // Plaintext from an unenrolled pod: no identity is claimed for it.
     topo.curl(topo.pod("legacy", "x"), c.ip);
     let plain: Vec<Value> =
@@ -271,20 +279,9 @@ fn native_ipv6_across_nodes_is_tls13_on_15008_over_ipv6_and_ipv6_policies_apply(
     assert!(!tcp_payloads(&std::fs::read(&capture.pcap).unwrap()).iter().any(|p| contains(&p.2, marker.as_bytes())));
 
     // Both agents' flows name both identities and the IPv6 addresses.
-    let (id_a, id_c) = (format!("spiffe://{TD}/ns/shop/sa/a"), format!("spiffe://{TD}/ns/shop/sa/c"));
-    for (node, direction) in [(1, "outbound"), (2, "inbound")] {
-        let flows = flows_to(&topo, node, direction, SINK_PORT);
-        assert_eq!(flows.len(), 1, "{direction}: {flows:?}");
-        let f = &flows[0];
-        assert_eq!(f["mtls"], true, "{f}");
-        assert_eq!(
-            (f["src"]["ip"].as_str(), f["dst"]["ip"].as_str()),
-            (Some(&*a.ip6.to_string()), Some(&*c.ip6.to_string()))
-        );
-        assert_eq!(
-            (f["src"]["identity"].as_str(), f["dst"]["identity"].as_str()),
-            (Some(id_a.as_str()), Some(id_c.as_str()))
-        );
+    for f in sink_flows_of_a_to_c(&topo) {
+        let ips = (f["src"]["ip"].as_str(), f["dst"]["ip"].as_str());
+        assert_eq!(ips, (Some(&*a.ip6.to_string()), Some(&*c.ip6.to_string())), "{f}");
     }
 
     // An IPv6 ipBlock applies to a's IPv6 connections, not to its IPv4 ones.

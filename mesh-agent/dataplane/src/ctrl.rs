@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferrymesh_api::exit::error_chain;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -125,22 +126,6 @@ impl Ctrl {
             Err(CtrlError::Bundle(self.root.clone()))
         }
     }
-}
-
-/// An error and its sources, one line (tonic's transport errors say only "transport error" at
-/// the top); a source that only repeats what is already said is left out.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let said = s.to_string();
-        if !text.contains(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

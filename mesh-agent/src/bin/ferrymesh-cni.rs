@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 /// Where the agent listens unless the network configuration says `agent_socket`.
-const DEFAULT_SOCKET: &str = "/var/run/ferrymesh/cni.sock";
+const DEFAULT_SOCKET: &str = "/var/run/ferrymesh/cni";
 /// How long the agent may take to answer (it attaches a program and writes a map).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const SUPPORTED: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];

@@ -16,21 +16,28 @@ pub fn report<E: AsRef<dyn Error + Send + Sync + 'static>>(result: Result<(), E>
     }
 }
 
-/// `Error: <e>: <its cause>: ...` on one line; a cause whose text the line already holds (an
-/// error that prints its source itself) is not repeated.
+/// `Error: <e>: <its cause>: ...` on one line (see [`error_chain`]).
 pub fn one_line(e: &(dyn Error + 'static)) -> String {
+    let text = error_chain(e);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    format!("Error: {}", lines.join(" "))
+}
+
+/// An error and its sources, `: `-separated (tonic's transport errors, for one, say only
+/// "transport error" at the top); a source whose text is already said (an error that prints its
+/// source itself) is left out.
+pub fn error_chain(e: &dyn Error) -> String {
     let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.contains(&more) {
+    let mut source = e.source();
+    while let Some(s) = source {
+        let said = s.to_string();
+        if !text.contains(&said) {
             text.push_str(": ");
-            text.push_str(&more);
+            text.push_str(&said);
         }
-        cause = c.source();
+        source = s.source();
     }
-    let words: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    format!("Error: {}", words.join(" "))
+    text
 }
 
 #[cfg(test)]
