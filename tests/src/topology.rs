@@ -517,6 +517,32 @@ impl Drop for Topology {
     }
 }
 
+/// A scratch directory of a test that needs no topology, `<tmp>/ferrymesh-<name>-<pid>`,
+/// created empty and removed however the test ends.
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Creates it (empty).
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ferrymesh-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        Self(dir)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Removes every namespace and process of every live topology of this process: for signal
 /// handlers (Ctrl-C in the demo), where destructors do not run.
 pub fn cleanup_all() {

@@ -291,15 +291,8 @@ fn a_root_rotation_fails_no_connection() {
 /// backtrace, even with RUST_BACKTRACE=1 (nothing here reaches the network: each fails first).
 #[test]
 fn errors_reach_users_as_one_line_whatever_rust_backtrace_says() {
-    /// Removed however the test ends.
-    struct Scratch(std::path::PathBuf);
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let dir = Scratch(std::env::temp_dir().join(format!("ferrymesh-errors-{}", std::process::id())));
-    let scratch = &dir.0;
+    let dir = ferrymesh_testbed::topology::ScratchDir::new("errors");
+    let scratch = dir.path();
     std::fs::create_dir_all(scratch.join("config")).unwrap();
     let config = scratch.join("config");
     let cases: [(&str, Vec<&str>, &str); 3] = [

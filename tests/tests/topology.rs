@@ -143,16 +143,8 @@ fn held_topology_for_the_kill_test() {
 
 #[test]
 fn a_killed_test_process_leaves_nothing_behind() {
-    /// The test's own scratch directory, removed however the test ends.
-    struct Scratch(std::path::PathBuf);
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let scratch = Scratch(std::env::temp_dir().join(format!("ferrymesh-kill-test-{}", std::process::id())));
-    std::fs::create_dir_all(&scratch.0).unwrap();
-    let (info, log) = (scratch.0.join("held.json"), scratch.0.join("held.log"));
+    let scratch = ferrymesh_testbed::topology::ScratchDir::new("kill-test");
+    let (info, log) = (scratch.path().join("held.json"), scratch.path().join("held.log"));
     let log_file = std::fs::File::create(&log).unwrap();
     /// The child test process, killed however this test ends.
     struct Child(std::process::Child);

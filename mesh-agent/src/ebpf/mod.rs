@@ -127,11 +127,13 @@ pub struct Attached {
 }
 
 /// A per-pod `sk_lookup` attachment, pinned: dropping it leaves the pod captured (and closed
-/// while no agent serves it); [`Datapath::detach_sk_lookup`] releases the pod.
+/// while no agent serves it); [`Datapath::release_netns`] releases the pod.
 #[derive(Debug)]
 pub struct SkLookupAttachment {
     /// Kernel link id.
     pub link_id: u32,
+    /// Cookie of the netns it is attached to.
+    pub netns_cookie: u64,
     /// The link was pinned by an earlier agent and adopted by this one.
     pub adopted: bool,
     pin: PathBuf,
@@ -154,6 +156,11 @@ impl Adopted {
     }
 }
 
+/// Whether `path` (which must exist) is on a bpf filesystem.
+fn on_bpffs(path: &Path) -> std::io::Result<bool> {
+    Ok(nix::sys::statfs::statfs(path)?.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
 /// The layout of the bpf directory.
 #[derive(Debug, Clone)]
 struct Pins {
@@ -172,9 +179,8 @@ impl Pins {
     /// bpf filesystem: the nearest existing directory of its path must be on one.
     fn create(dir: &Path) -> Result<Self> {
         let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
-        let fs = nix::sys::statfs::statfs(existing)
-            .map_err(|e| DatapathError::Pin { path: existing.to_path_buf(), source: e.into() })?;
-        if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+        let on_bpffs = on_bpffs(existing).map_err(|source| DatapathError::Pin { path: existing.into(), source })?;
+        if !on_bpffs {
             return Err(DatapathError::NotBpffs(dir.to_path_buf()));
         }
         let pins = Self::under(dir);
@@ -390,16 +396,14 @@ pub fn check_layout(maps_dir: &Path) -> Result<Vec<String>> {
 /// keeps its node-wide links attached until it exits: stop it first. A `bpf_dir` that is not on
 /// a bpf filesystem is refused (nothing under it is a pin); a missing one is nothing to do.
 pub fn uninstall(bpf_dir: &Path) -> std::io::Result<usize> {
-    match nix::sys::statfs::statfs(bpf_dir) {
-        Err(nix::errno::Errno::ENOENT) => return Ok(0),
-        Err(e) => {
-            return Err(std::io::Error::new(std::io::Error::from(e).kind(), format!("{}: {e}", bpf_dir.display())))
-        }
-        Ok(fs) if fs.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC => {
+    match on_bpffs(bpf_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", bpf_dir.display()))),
+        Ok(false) => {
             let message = format!("{} is not on a bpf filesystem: nothing was removed", bpf_dir.display());
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, message));
         }
-        Ok(_) => {}
+        Ok(true) => {}
     }
     let pins = Pins::under(bpf_dir);
     let mut removed = 0;
@@ -492,14 +496,29 @@ impl Datapath {
         (SK_LOOKUP_PROGRAM, self.sk_lookup_prog_id)
     }
 
-    /// Starts capturing connect() calls of the netns with `cookie`.
-    pub fn enroll_netns(&mut self, cookie: u64) -> Result<()> {
-        self.enrolled.insert(cookie, 1, 0).map_err(|source| DatapathError::Map { name: map_names::ENROLLED, source })
+    /// Captures the network namespace `netns` (cookie `netns_cookie`): sk_lookup attached to
+    /// it and pinned (or the link an earlier agent pinned for it adopted), then its cookie in
+    /// ENROLLED. On failure a link this call attached is detached again; an adopted one stays,
+    /// so a netns an earlier agent captured stays captured, and closed.
+    pub fn capture_netns(&mut self, netns: impl AsFd, netns_cookie: u64) -> Result<SkLookupAttachment> {
+        let link = self.attach_sk_lookup(netns, netns_cookie)?;
+        let enrolled = self.enrolled.insert(netns_cookie, 1, 0);
+        if let Err(source) = enrolled {
+            if !link.adopted {
+                self.release_netns(link);
+            }
+            return Err(DatapathError::Map { name: map_names::ENROLLED, source });
+        }
+        Ok(link)
     }
 
-    /// Stops capturing the netns with `cookie`; a cookie that is not enrolled is fine.
-    pub fn unenroll_netns(&mut self, cookie: u64) {
-        let _ = self.enrolled.remove(&cookie);
+    /// Releases a captured network namespace: its cookie out of ENROLLED (connect() calls go
+    /// through again), its sk_lookup link unpinned (the link goes with its last descriptor).
+    pub fn release_netns(&mut self, attachment: SkLookupAttachment) {
+        let _ = self.enrolled.remove(&attachment.netns_cookie);
+        if let Err(e) = std::fs::remove_file(&attachment.pin) {
+            tracing::warn!(pin = %attachment.pin.display(), "cannot unpin the sk_lookup link: {e}");
+        }
     }
 
     /// Registers the pod's inbound listener for sk_lookup steering of traffic to `pod_ip`.
@@ -520,7 +539,7 @@ impl Datapath {
 
     /// Attaches sk_lookup to the network namespace `netns` (cookie `netns_cookie`) and pins
     /// the link, or adopts the link an earlier agent pinned for it.
-    pub fn attach_sk_lookup(&mut self, netns: impl AsFd, netns_cookie: u64) -> Result<SkLookupAttachment> {
+    fn attach_sk_lookup(&mut self, netns: impl AsFd, netns_cookie: u64) -> Result<SkLookupAttachment> {
         let name = SK_LOOKUP_PROGRAM;
         let prog: &mut SkLookup = self
             .ebpf
@@ -536,15 +555,7 @@ impl Datapath {
             let id = prog.attach(netns).map_err(program_error(name))?;
             pin_link(name, &pin, Ok(prog.take_link(id).map_err(program_error(name))?.into()))?
         };
-        Ok(SkLookupAttachment { link_id: link_id(name, &link)?, adopted, pin, _link: link })
-    }
-
-    /// Detaches sk_lookup from a pod netns: removes the pin; the link goes with the last
-    /// descriptor of it.
-    pub fn detach_sk_lookup(&mut self, attachment: SkLookupAttachment) {
-        if let Err(e) = std::fs::remove_file(&attachment.pin) {
-            tracing::warn!(pin = %attachment.pin.display(), "cannot unpin the sk_lookup link: {e}");
-        }
+        Ok(SkLookupAttachment { link_id: link_id(name, &link)?, netns_cookie, adopted, pin, _link: link })
     }
 
     /// Releases every pod netns an earlier agent captured that is not in `keep` (cookies of the

@@ -107,10 +107,9 @@ pub struct Enroller {
     sysctl: Arc<std::path::Path>,
 }
 
-/// A pod held closed until it is enrolled: its netns cookie and sk_lookup link (pinned).
+/// A pod held closed until it is enrolled: its (pinned) sk_lookup link.
 #[derive(Debug)]
 struct Held {
-    cookie: u64,
     link: SkLookupAttachment,
     /// `namespace/name`, for logs.
     pod: String,
@@ -312,7 +311,12 @@ impl Enroller {
             return;
         }
         self.stale_released = true;
-        let keep = self.enrolled.values().map(|e| e.pod.cookie).chain(self.held.values().map(|h| h.cookie)).collect();
+        let keep = self
+            .enrolled
+            .values()
+            .map(|e| e.pod.cookie)
+            .chain(self.held.values().map(|h| h.link.netns_cookie))
+            .collect();
         let released = self.ctx.datapath.lock().expect("datapath lock").release_other_pods(&keep);
         if !released.is_empty() {
             tracing::info!(?released, "released pod netns captured by an earlier agent and no longer enrolled");
@@ -347,9 +351,9 @@ impl Enroller {
             return cni::Answer::Done { held: false };
         }
         match self.hold(&request.netns).await {
-            Ok((cookie, link)) => {
-                tracing::info!(%pod, cookie, "CNI ADD: pod held closed until enrolled");
-                self.held.insert(uid, Held { cookie, link, pod });
+            Ok(link) => {
+                tracing::info!(%pod, cookie = link.netns_cookie, "CNI ADD: pod held closed until enrolled");
+                self.held.insert(uid, Held { link, pod });
                 cni::Answer::Done { held: true }
             }
             Err(e) => cni::Answer::Failed { error: format!("cannot hold {pod} closed: {e}"), retry: true },
@@ -358,18 +362,10 @@ impl Enroller {
 
     /// Puts the netns at `path` in ENROLLED with sk_lookup attached (pinned) and no listener:
     /// closed both ways.
-    async fn hold(&self, path: &std::path::Path) -> Result<(u64, SkLookupAttachment), EnrollError> {
+    async fn hold(&self, path: &std::path::Path) -> Result<SkLookupAttachment, EnrollError> {
         let netns = Netns::open(path)?;
         let cookie = self.ctx.runner.run(&netns, crate::netns::current_cookie).await?;
-        let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
-        let link = datapath.attach_sk_lookup(&netns, cookie)?;
-        if let Err(e) = datapath.enroll_netns(cookie) {
-            if !link.adopted {
-                datapath.detach_sk_lookup(link);
-            }
-            return Err(e.into());
-        }
-        Ok((cookie, link))
+        Ok(self.ctx.datapath.lock().expect("datapath lock").capture_netns(&netns, cookie)?)
     }
 
     /// Releases the holds of pods mesh-ctrl now knows are not to be captured here.
@@ -391,9 +387,7 @@ impl Enroller {
     }
 
     fn release(&self, held: Held) {
-        let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
-        datapath.unenroll_netns(held.cookie);
-        datapath.detach_sk_lookup(held.link);
+        self.ctx.datapath.lock().expect("datapath lock").release_netns(held.link);
     }
 
     fn publish(&self) {
@@ -453,29 +447,16 @@ impl Enroller {
             .collect();
         let sk_lookup = {
             let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
-            let forget = |datapath: &mut crate::ebpf::Datapath| {
-                for (ip, _) in &inbound {
-                    datapath.remove_inbound_listener(*ip);
-                }
-            };
-            let attached = inbound
+            let captured = inbound
                 .iter()
                 .try_for_each(|(ip, listener)| datapath.add_inbound_listener(*ip, *listener))
-                .and_then(|()| datapath.attach_sk_lookup(&netns, cookie));
-            match attached {
-                Ok(link) => match datapath.enroll_netns(cookie) {
-                    Ok(()) => link,
-                    Err(e) => {
-                        // A netns an earlier agent captured stays captured, closed.
-                        if !link.adopted {
-                            datapath.detach_sk_lookup(link);
-                        }
-                        forget(&mut datapath);
-                        return Err(e.into());
-                    }
-                },
+                .and_then(|()| datapath.capture_netns(&netns, cookie));
+            match captured {
+                Ok(link) => link,
                 Err(e) => {
-                    forget(&mut datapath);
+                    for (ip, _) in &inbound {
+                        datapath.remove_inbound_listener(*ip);
+                    }
                     return Err(e.into());
                 }
             }
@@ -500,10 +481,9 @@ impl Enroller {
         self.ctx.local_pods.remove(&enrolled.pod);
         {
             let mut datapath = self.ctx.datapath.lock().expect("datapath lock");
-            datapath.unenroll_netns(enrolled.pod.cookie);
             // sk_lookup goes before the listener entry, so no SYN meanwhile finds the hook
             // without a listener (and is refused).
-            datapath.detach_sk_lookup(enrolled.sk_lookup);
+            datapath.release_netns(enrolled.sk_lookup);
             for ip in enrolled.pod.workload.addresses() {
                 datapath.remove_inbound_listener(ip);
             }
