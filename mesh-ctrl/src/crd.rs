@@ -1,6 +1,6 @@
 //! The ferrymesh custom resources as kube types, from the one definition of their specs in
 //! `ferrymesh-policy`: what the Kubernetes source watches, and the CRD manifests
-//! (`manifests/crds.yaml`, kept in sync by a test).
+//! (`manifests/base/crds.yaml`, kept in sync by a test).
 
 use ferrymesh_policy::authn::RequestAuthenticationSpec;
 use ferrymesh_policy::spec::{AuthorizationPolicySpec, PeerAuthenticationSpec};
@@ -80,7 +80,7 @@ pub fn manifests() -> String {
 mod tests {
     #[test]
     fn crd_manifests_are_in_sync_with_the_types() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds.yaml");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/base/crds.yaml");
         let want = super::manifests();
         if std::env::var_os("FERRYMESH_UPDATE_MANIFESTS").is_some() {
             std::fs::write(&path, &want).unwrap();
@@ -88,7 +88,7 @@ mod tests {
         let have = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             have == want,
-            "manifests/crds.yaml is stale: regenerate with FERRYMESH_UPDATE_MANIFESTS=1 cargo test -p mesh-ctrl crd"
+            "manifests/base/crds.yaml is stale: regenerate with FERRYMESH_UPDATE_MANIFESTS=1 cargo test -p mesh-ctrl crd"
         );
         assert!(
             want.contains("kind: CustomResourceDefinition")

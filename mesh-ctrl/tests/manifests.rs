@@ -1,5 +1,6 @@
-//! Offline validation of `manifests/` and of the waypoint `meshctl waypoint generate` prints (no
-//! API server can run here): every object against the
+//! Offline validation of `manifests/` (each overlay as `kubectl kustomize` renders it) and of
+//! the waypoint `meshctl waypoint generate` prints (no API server can run here): every object
+//! against the
 //! Kubernetes schema (k8s-openapi types, unknown fields rejected), RBAC against what mesh-ctrl
 //! really watches and calls, the DaemonSet's token against what TokenReview checks, names that
 //! refer to each other, and container flags against the binaries' own `--help`.
@@ -17,10 +18,30 @@ use mesh_ctrl::schema::strict;
 use serde::Deserialize;
 use serde_yaml::Value;
 
+fn manifests_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests")
+}
+
+/// A file of the base, as written.
 fn manifest(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests").join(name);
+    let path = manifests_dir().join("base").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// What `kubectl apply -k manifests/overlays/<overlay>` would apply.
+fn kustomize(overlay: &str) -> String {
+    let dir = manifests_dir().join("overlays").join(overlay);
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl (for its kustomize) is needed to render {}: {e}", dir.display()));
+    assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The overlays the README and manifests/README.md offer.
+const OVERLAYS: [&str; 2] = ["kind", "production"];
 
 /// The objects of one manifest file, each checked against its Kubernetes type.
 #[derive(Default)]
@@ -154,8 +175,76 @@ fn assert_flags_exist(binary: &str, container: &Container) {
 
 #[test]
 fn the_manifests_are_valid_kubernetes_and_consistent_with_the_code() {
-    let objects = validate(&manifest("ferrymesh.yaml")).unwrap();
+    for overlay in OVERLAYS {
+        let objects = validate(&kustomize(overlay)).unwrap_or_else(|e| panic!("overlay {overlay}: {e}"));
+        assert_consistent(&objects);
+    }
+}
+
+/// Every container of the DaemonSet and the Deployment, init containers included.
+fn containers(objects: &Objects) -> Vec<&Container> {
+    let specs = objects
+        .deployments
+        .iter()
+        .map(|d| pod_spec(&d.spec.as_ref().unwrap().template))
+        .chain(objects.daemon_sets.iter().map(|d| pod_spec(&d.spec.as_ref().unwrap().template)));
+    specs.flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten())).collect()
+}
+
+/// The kind overlay runs the images `cargo xtask image` builds (its default registry, this
+/// version), loaded into the nodes and never pulled; production pulls them from a registry,
+/// pinned by digest. Neither names Docker Hub.
+#[test]
+fn the_overlays_take_their_images_from_where_they_say() {
+    let kind = validate(&kustomize("kind")).unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    for c in containers(&kind) {
+        let image = c.image.as_deref().unwrap();
+        let name = image.strip_prefix("localhost/ferrymesh/").and_then(|i| i.strip_suffix(&format!(":{version}")));
+        assert!(matches!(name, Some("mesh-ctrl" | "mesh-agent")), "kind: {} runs {image}", c.name);
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Never"), "kind: {}", c.name);
+    }
+    let production = validate(&kustomize("production")).unwrap();
+    for c in containers(&production) {
+        let image = c.image.as_deref().unwrap();
+        let (name, digest) = image.split_once("@sha256:").unwrap_or_else(|| panic!("{image} has no digest"));
+        assert!(digest.len() == 64 && digest.chars().all(|d| d.is_ascii_hexdigit()), "{image}");
+        let registry = name.split('/').next().unwrap();
+        assert!(registry.contains('.') && registry != "localhost", "production: {} pulls {image}", c.name);
+        assert_eq!(c.image_pull_policy, None, "production: {} keeps the default (IfNotPresent for a digest)", c.name);
+    }
+    // Both the Deployment and the DaemonSet, with the init container: nothing was missed.
+    assert_eq!((containers(&kind).len(), containers(&production).len()), (3, 3));
+    // And the waypoint image `meshctl waypoint generate` defaults to is the kind overlay's kind.
+    let generated =
+        validate(&String::from_utf8(meshctl(&["waypoint", "generate", "-n", "shop"]).stdout).unwrap()).unwrap();
+    let waypoint = generated.deployments[0].spec.as_ref().unwrap();
+    assert_eq!(
+        pod_spec(&waypoint.template).containers[0].image.as_deref(),
+        Some(&*format!("localhost/ferrymesh/mesh-waypoint:{version}"))
+    );
+}
+
+/// mesh-ctrl runs two replicas spread over nodes, and a drain keeps one.
+#[test]
+fn mesh_ctrl_is_replicated_and_guarded_by_a_disruption_budget() {
+    let objects = validate(&kustomize("kind")).unwrap();
+    let ctrl = objects.deployments[0].spec.as_ref().unwrap();
+    assert_eq!(ctrl.replicas, Some(2));
+    let spread = pod_spec(&ctrl.template).topology_spread_constraints.as_deref().unwrap_or_default();
+    assert!(spread.iter().any(|s| s.topology_key == "kubernetes.io/hostname" && s.max_skew == 1), "{spread:?}");
+    let budget =
+        objects.disruption_budgets.iter().find(|b| b.metadata.name.as_deref() == Some("ferrymesh-ctrl")).unwrap();
+    let budget = budget.spec.as_ref().unwrap();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(budget.min_available, Some(IntOrString::Int(1)));
+    assert!(selects(budget.selector.as_ref().unwrap(), &ctrl.template));
+}
+
+/// The consistency of one rendering of the manifests with the code.
+fn assert_consistent(objects: &Objects) {
     assert_eq!(objects.namespaces[0].metadata.name.as_deref(), Some("ferrymesh-system"));
+    assert_eq!(objects.crds.len(), 5, "the CRDs come with every overlay");
 
     // mesh-ctrl's RBAC covers exactly what the code does with the API.
     let ctrl = &objects.deployments[0];
@@ -337,9 +426,9 @@ fn a_broken_manifest_is_rejected_with_the_field_named() {
         (
             "      hostPID: true",
             "      hostPid: true",
-            "document 9 (DaemonSet ferrymesh-agent): field spec.template.spec.hostPid",
+            "document 10 (DaemonSet ferrymesh-agent): field spec.template.spec.hostPid",
         ),
-        ("  replicas: 1", "  replicas: one", "document 7 (Deployment ferrymesh-ctrl): field spec.replicas"),
+        ("  replicas: 2", "  replicas: two", "document 7 (Deployment ferrymesh-ctrl): field spec.replicas"),
         ("  verbs: [create]", "  verbs: create", "document 3 (ClusterRole ferrymesh-ctrl): field rules[3].verbs"),
     ];
     for (from, to, want) in cases {

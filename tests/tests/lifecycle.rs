@@ -691,9 +691,9 @@ fn the_cni_plugin_keeps_mesh_pods_closed_until_enrolled_and_fails_them_without_a
     assert!(!bin_dir.join("ferrymesh-cni").exists());
 }
 
-/// The capabilities the DaemonSet gives the agent container, from manifests/ferrymesh.yaml.
+/// The capabilities the DaemonSet gives the agent container, from manifests/base/ferrymesh.yaml.
 fn daemonset_capabilities() -> Vec<String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/ferrymesh.yaml");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/base/ferrymesh.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let object = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();

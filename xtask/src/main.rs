@@ -6,6 +6,10 @@
 //! - `test`: setup, build, fmt check, clippy -D warnings (userspace and eBPF), all tests.
 //! - `demo [--hold]`: setup, build, then a live mesh on a local topology with traffic and flows.
 //! - `bench [--quick]`: setup, build, then fm-bench (results and, for a full run, docs/BENCHMARKS.md).
+//! - `image [--registry R] [--check] [--pin-production]`: OCI images of the daemons (see
+//!   [`image`]) in target/images/; `--check` (run by `test`) builds them twice and checks they
+//!   are the same bytes, read back as both formats, import into containerd, and run in an
+//!   empty chroot; `--pin-production` writes their digests into the production overlay.
 //! - `clean-netns`: removes what a killed test, demo or bench run of this project left (its
 //!   processes, namespaces, cgroups and scratch directories); `test`, `demo` and `bench` do
 //!   it first.
@@ -16,6 +20,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+
+mod image;
 
 /// Debian packages the tests and the demo use.
 /// (nghttp2-client is h2load, the HTTP/2 client of the waypoint tests.)
@@ -30,6 +36,10 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "ca-certificates",
     "nghttp2-client",
+    // The image checks: skopeo reads both archive formats, containerd's ctr imports them as
+    // `kind load image-archive` does.
+    "skopeo",
+    "containerd",
 ];
 const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "^0.13";
@@ -43,9 +53,17 @@ fn main() -> Result<()> {
         Some("test") => test()?,
         Some("demo") => demo(args.iter().any(|a| a == "--hold"))?,
         Some("bench") => bench(args.iter().any(|a| a == "--quick"))?,
+        Some("image") => {
+            let args = image::ImageArgs::parse(&args[1..])?;
+            build_ebpf(&setup()?)?;
+            image::images(&args)?
+        }
         Some("clean-netns") => clean_stale()?,
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|test|demo [--hold]|bench [--quick]|clean-netns>");
+            eprintln!(
+                "usage: cargo xtask <setup|build|test|demo [--hold]|bench [--quick]|\
+                 image [--registry R] [--check] [--pin-production]|clean-netns>"
+            );
             std::process::exit(2);
         }
     }
@@ -116,6 +134,17 @@ struct EbpfToolchain {
 fn setup() -> Result<EbpfToolchain> {
     step("setup: Debian packages");
     setup_packages()?;
+    // The manifest checks render the Kustomize overlays with kubectl's built-in kustomize, which
+    // takes `patches:` from kubectl 1.21 on; Debian's kubernetes-client is 1.20, so it is not
+    // installed from there.
+    let kubectl = output(Command::new("kubectl").args(["version", "--client"]));
+    let kustomize =
+        kubectl.as_deref().ok().and_then(|v| v.lines().find_map(|l| l.strip_prefix("Kustomize Version: v")));
+    ensure!(
+        kustomize.and_then(|v| v.split('.').next()?.parse::<u32>().ok()).is_some_and(|major| major >= 4),
+        "kubectl >= 1.21 (with kustomize >= 4) is needed to render manifests/overlays: {}",
+        kubectl.as_deref().map_or_else(|e| e.to_string(), |v| format!("found {}", v.trim().replace('\n', ", ")))
+    );
     step("setup: eBPF toolchain");
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     let (name, bootstrap) = if toolchains.lines().any(|l| l.starts_with("nightly")) {
@@ -220,9 +249,13 @@ fn ebpf_object() -> PathBuf {
     target_dir().join(BPF_TARGET).join("release/mesh-ebpf")
 }
 
-fn build(tc: &EbpfToolchain) -> Result<()> {
+fn build_ebpf(tc: &EbpfToolchain) -> Result<()> {
     step("build: eBPF programs");
-    run(&mut ebpf_cargo(tc, "build"))?;
+    run(&mut ebpf_cargo(tc, "build"))
+}
+
+fn build(tc: &EbpfToolchain) -> Result<()> {
+    build_ebpf(tc)?;
     step("build: binaries and tests (release)");
     // The test targets are built with the binaries so that both see one feature set:
     // dev-dependencies enable features of shared crates (tokio and what sits on it), and a
@@ -249,7 +282,13 @@ fn test() -> Result<()> {
     step("test: unit and end-to-end tests");
     run(cmd("cargo")
         .args(["test", "--release", "--workspace", "--exclude", "mesh-ebpf", "--no-fail-fast"])
-        .env("FERRYMESH_EBPF_OBJ", ebpf_object()))
+        .env("FERRYMESH_EBPF_OBJ", ebpf_object()))?;
+    step("test: images");
+    image::images(&image::ImageArgs {
+        registry: image::DEFAULT_REGISTRY.to_string(),
+        check: true,
+        pin_production: false,
+    })
 }
 
 fn demo(hold: bool) -> Result<()> {

@@ -31,7 +31,7 @@ struct GenerateArgs {
     #[arg(long = "for", default_value = "service", value_parser = ["service", "workload", "all"])]
     traffic: String,
     /// The mesh-waypoint image.
-    #[arg(long, default_value = concat!("ferrymesh/mesh-waypoint:", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, default_value = concat!("localhost/ferrymesh/mesh-waypoint:", env!("CARGO_PKG_VERSION")))]
     image: String,
     /// Pods (more than one adds a PodDisruptionBudget keeping one up).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
