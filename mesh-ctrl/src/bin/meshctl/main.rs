@@ -1,6 +1,6 @@
 //! meshctl: inspect ferrymesh agents. One module per subcommand under `cmd/`; every error is
 //! one line on stderr and a non-zero exit.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod agent;
 mod cmd;
@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// Inspect ferrymesh agents: live flows that explain themselves, what each agent holds, and
 /// why a connection would be allowed or denied.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "meshctl", version, about)]
 struct Args {
     /// Admin socket of an agent to ask; repeat for several agents (default
     /// /var/run/ferrymesh/agent.sock).
@@ -82,8 +82,21 @@ pub enum Output {
     Compact,
 }
 
+/// Printing to a closed pipe ends meshctl quietly, as it does any Unix filter
+/// (`meshctl flows | head`, `meshctl status | grep -q ...`): SIGPIPE back to its default
+/// action, which Rust's runtime sets to ignore (and every print would then panic).
+#[allow(unsafe_code)]
+fn die_quietly_on_a_closed_pipe() {
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    die_quietly_on_a_closed_pipe();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
