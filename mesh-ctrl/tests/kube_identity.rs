@@ -1,18 +1,16 @@
-//! Kubernetes identity of agents against a fake API server on kube's tower-test mock: the CA
+//! Kubernetes identity of agents against the testbed's fake API server (in process): the CA
 //! root in a Secret (created when absent, read when present, the loser of a creation race
 //! reading the winner's), the root published for agents as a ConfigMap, and TokenReview-based
 //! node authorization for certificates over real gRPC on loopback: agents obtain the identities
 //! of their node's pods, a workload (a waypoint) its own identity with its own token.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferrymesh_api::ca::certificates_client::CertificatesClient;
 use ferrymesh_api::ca::CreateCertificateRequest;
-use http::{Request, Response, StatusCode};
-use kube::client::Body;
-use kube::Client;
+use ferrymesh_testbed::kube_fake::KubeFake;
+use http::Method;
 use mesh_ctrl::ca::auth::NodeAuth;
 use mesh_ctrl::ca::secret;
 use mesh_ctrl::ca::service::CertificateService;
@@ -24,104 +22,18 @@ use tonic::Code;
 mod common;
 use common::{csr, serve, shop_model};
 
-const SECRETS: &str = "/api/v1/namespaces/ferrymesh-system/secrets";
-const ROOT_CONFIGMAP: &str = "/configmaps/ferrymesh-ca-root-cert";
-const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 const AGENT: &str = "system:serviceaccount:ferrymesh-system:ferrymesh-agent";
 
-/// The API objects the fake server holds, and what it was asked.
-#[derive(Default)]
-struct FakeApi {
-    secrets: Mutex<HashMap<String, Value>>,
-    /// A Secret another replica creates just before ours (the creation race).
-    racing_secret: Mutex<Option<Value>>,
-    /// token -> TokenReview status.
-    reviews: HashMap<String, Value>,
-    /// Agent pods by name.
-    pods: HashMap<String, Value>,
-    review_calls: Mutex<usize>,
-    audiences: Mutex<Vec<Value>>,
-    /// Server-side applies of the root ConfigMap: (query, content type, body).
-    applies: Mutex<Vec<(String, String, Value)>>,
-}
-
-fn reply(status: StatusCode, body: &Value) -> Response<Body> {
-    Response::builder().status(status).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap()
-}
-
-fn failure(code: u16, reason: &str) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason, "message": reason, "code": code})
-}
-
-impl FakeApi {
-    async fn answer(&self, request: Request<Body>) -> Response<Body> {
-        let (parts, body) = request.into_parts();
-        let body = body.collect_bytes().await.unwrap();
-        let path = parts.uri.path().to_string();
-        let not_found = || reply(StatusCode::NOT_FOUND, &failure(404, "NotFound"));
-        match (parts.method.as_str(), path.as_str()) {
-            ("GET", p) if p.starts_with(SECRETS) => {
-                let name = p.rsplit('/').next().unwrap();
-                match self.secrets.lock().unwrap().get(name) {
-                    Some(s) => reply(StatusCode::OK, s),
-                    None => not_found(),
-                }
-            }
-            ("POST", SECRETS) => {
-                let mut secret: Value = serde_json::from_slice(&body).unwrap();
-                let name = secret["metadata"]["name"].as_str().unwrap().to_string();
-                if let Some(theirs) = self.racing_secret.lock().unwrap().take() {
-                    self.secrets.lock().unwrap().insert(name, theirs);
-                    return reply(StatusCode::CONFLICT, &failure(409, "AlreadyExists"));
-                }
-                secret["metadata"]["uid"] = json!("secret-uid");
-                self.secrets.lock().unwrap().insert(name, secret.clone());
-                reply(StatusCode::CREATED, &secret)
-            }
-            ("PATCH", p) if p.starts_with("/api/v1/namespaces/") && p.ends_with(ROOT_CONFIGMAP) => {
-                let content_type = parts.headers.get("content-type").map(|v| v.to_str().unwrap().to_string());
-                let object: Value = serde_json::from_slice(&body).unwrap();
-                let query = parts.uri.query().unwrap_or_default().to_string();
-                self.applies.lock().unwrap().push((query, content_type.unwrap_or_default(), object.clone()));
-                reply(StatusCode::OK, &object)
-            }
-            ("POST", TOKEN_REVIEWS) => {
-                *self.review_calls.lock().unwrap() += 1;
-                let mut review: Value = serde_json::from_slice(&body).unwrap();
-                self.audiences.lock().unwrap().push(review["spec"]["audiences"].clone());
-                let token = review["spec"]["token"].as_str().unwrap_or_default().to_string();
-                review["status"] = self.reviews.get(&token).cloned().unwrap_or_else(
-                    || json!({"authenticated": false, "error": "invalid bearer token, token lookup failed"}),
-                );
-                reply(StatusCode::CREATED, &review)
-            }
-            ("GET", p) if p.starts_with("/api/v1/namespaces/") && p.contains("/pods/") => {
-                match self.pods.get(p.rsplit('/').next().unwrap()) {
-                    Some(pod) => reply(StatusCode::OK, pod),
-                    None => not_found(),
-                }
-            }
-            _ => not_found(),
-        }
-    }
-}
-
-fn client(api: Arc<FakeApi>) -> Client {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(async move {
-        while let Some((request, send)) = handle.next_request().await {
-            let api = api.clone();
-            tokio::spawn(async move { send.send_response(api.answer(request).await) });
-        }
-    });
-    Client::new(service, "default")
-}
-
-fn secret_pem(api: &FakeApi, key: &str) -> String {
-    let secrets = api.secrets.lock().unwrap();
-    let encoded = secrets["ferrymesh-ca"]["data"][key].as_str().unwrap().to_string();
+fn secret_pem(api: &KubeFake, key: &str) -> String {
+    let encoded = api.get("Secret", "ferrymesh-system", "ferrymesh-ca")["data"][key].as_str().unwrap().to_string();
     let bytes: k8s_openapi::ByteString = serde_json::from_value(json!(encoded)).unwrap();
     String::from_utf8(bytes.0).unwrap()
+}
+
+/// The TokenReviews asked for so far.
+fn reviews(api: &KubeFake) -> Vec<Value> {
+    let requests = api.requests().into_iter();
+    requests.filter(|r| r.method == Method::POST && r.path.ends_with("/tokenreviews")).map(|r| r.body).collect()
 }
 
 /// PEM as rcgen writes it (the CA re-encodes certificates with CRLF line ends).
@@ -131,44 +43,40 @@ fn unix(pem: &str) -> String {
 
 #[tokio::test]
 async fn the_ca_root_lives_in_a_secret_created_when_absent() {
-    let api = Arc::new(FakeApi::default());
+    let api = KubeFake::new();
     let ttl = Duration::from_secs(3600);
-    let first = secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
-        .await
-        .unwrap();
+    let first =
+        secret::load_or_create(api.client(), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl).await.unwrap();
     let stored_cert = secret_pem(&api, "ca-cert.pem");
     assert!(secret_pem(&api, "ca-key.pem").contains("BEGIN PRIVATE KEY"));
     assert_eq!(unix(&first.roots_pem()), stored_cert, "the CA signs with the root it stored");
     // A restart (or a second replica) reads the same root rather than making a new one.
-    let again = secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
-        .await
-        .unwrap();
+    let again =
+        secret::load_or_create(api.client(), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl).await.unwrap();
     assert_eq!(unix(&again.roots_pem()), stored_cert);
 
     // Creation race: another replica creates the Secret between our read and our create.
     let (their_cert, their_key) = mesh_ctrl::ca::Ca::generate_root("cluster.local").unwrap();
-    let racing = Arc::new(FakeApi::default());
+    let racing = KubeFake::new();
     let encode = |pem: &str| serde_json::to_value(k8s_openapi::ByteString(pem.as_bytes().to_vec())).unwrap();
-    *racing.racing_secret.lock().unwrap() = Some(json!({
+    racing.race_next_create(json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "ferrymesh-ca", "namespace": "ferrymesh-system"},
         "data": {"ca-cert.pem": encode(&their_cert), "ca-key.pem": encode(&their_key)},
     }));
-    let ours =
-        secret::load_or_create(client(racing), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl).await.unwrap();
+    let ours = secret::load_or_create(racing.client(), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+        .await
+        .unwrap();
     assert_eq!(unix(&ours.roots_pem()), their_cert, "the loser of the race signs with the winner's root");
 
     // A Secret without the key is named precisely; nothing is generated over it.
-    let broken = Arc::new(FakeApi::default());
-    broken.secrets.lock().unwrap().insert(
-        "ferrymesh-ca".into(),
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ferrymesh-ca"}, "data": {"ca-cert.pem": encode(&their_cert)}}),
-    );
-    let e = secret::load_or_create(client(broken.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
+    let broken = KubeFake::new();
+    broken.apply(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ferrymesh-ca", "namespace": "ferrymesh-system"}, "data": {"ca-cert.pem": encode(&their_cert)}}));
+    let e = secret::load_or_create(broken.client(), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
         .await
         .unwrap_err();
     assert_eq!(e.to_string(), "Secret ferrymesh-system/ferrymesh-ca data.ca-key.pem: missing (ca-cert.pem is there)");
-    assert!(broken.secrets.lock().unwrap()["ferrymesh-ca"]["data"].get("ca-key.pem").is_none());
+    assert!(broken.get("Secret", "ferrymesh-system", "ferrymesh-ca")["data"].get("ca-key.pem").is_none());
 }
 
 /// A root rotation in the CA Secret: a root-cert.pem holding both roots is put in force and
@@ -176,15 +84,14 @@ async fn the_ca_root_lives_in_a_secret_created_when_absent() {
 /// switch to the new root's key signs with it.
 #[tokio::test]
 async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
-    let api = Arc::new(FakeApi::default());
+    let api = KubeFake::new();
     let ttl = Duration::from_secs(3600);
-    let ca = secret::load_or_create(client(api.clone()), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl)
-        .await
-        .unwrap();
+    let ca =
+        secret::load_or_create(api.client(), "ferrymesh-system", "ferrymesh-ca", "cluster.local", ttl).await.unwrap();
     let (old_cert, old_key) = (secret_pem(&api, "ca-cert.pem"), secret_pem(&api, "ca-key.pem"));
     let (tx, current) = tokio::sync::watch::channel(Arc::new(ca));
     tokio::spawn(secret::keep_reloading(
-        client(api.clone()),
+        api.client(),
         "ferrymesh-system".into(),
         "ferrymesh-ca".into(),
         ttl,
@@ -201,17 +108,12 @@ async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
     };
     model.waypoints.insert("shop/waypoint".into(), waypoint);
     publisher.publish(&model);
-    tokio::spawn(secret::keep_root_published(
-        client(api.clone()),
-        "ferrymesh-system".into(),
-        current.clone(),
-        snapshots,
-    ));
+    tokio::spawn(secret::keep_root_published(api.client(), "ferrymesh-system".into(), current.clone(), snapshots));
     let set = |data: &[(&str, &str)]| {
         let data: serde_json::Map<String, Value> =
             data.iter().map(|(k, v)| (k.to_string(), json!(k8s_openapi::ByteString(v.as_bytes().to_vec())))).collect();
-        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ferrymesh-ca"}, "data": data});
-        api.secrets.lock().unwrap().insert("ferrymesh-ca".into(), secret);
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ferrymesh-ca", "namespace": "ferrymesh-system"}, "data": data});
+        api.apply(secret);
     };
     async fn until(what: &str, mut check: impl FnMut() -> bool) {
         for _ in 0..250 {
@@ -222,13 +124,12 @@ async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
         }
         panic!("timed out waiting for {what}");
     }
-    // What the last apply in `namespace` published.
-    let published_in = |api: &FakeApi, namespace: &str| -> String {
-        let applies = api.applies.lock().unwrap();
-        let last = applies.iter().rev().find(|(_, _, o)| o["metadata"]["namespace"] == namespace);
-        last.and_then(|(_, _, o)| o["data"][secret::ROOT_CONFIGMAP_KEY].as_str()).unwrap_or_default().to_string()
+    // What the root ConfigMap in `namespace` holds.
+    let published_in = |api: &KubeFake, namespace: &str| -> String {
+        let config_map = api.get("ConfigMap", namespace, secret::ROOT_CONFIGMAP);
+        config_map["data"][secret::ROOT_CONFIGMAP_KEY].as_str().unwrap_or_default().to_string()
     };
-    let published = |api: &FakeApi| published_in(api, "ferrymesh-system");
+    let published = |api: &KubeFake| published_in(api, "ferrymesh-system");
     let (new_cert, new_key) = mesh_ctrl::ca::Ca::generate_root("cluster.local").unwrap();
     let both = format!("{old_cert}{new_cert}");
     set(&[("ca-cert.pem", &old_cert), ("ca-key.pem", &old_key), ("root-cert.pem", &both)]);
@@ -255,9 +156,9 @@ async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
 
 #[tokio::test]
 async fn the_root_is_published_for_agents_as_a_configmap_without_any_key() {
-    let api = Arc::new(FakeApi::default());
+    let api = KubeFake::new();
     let ca = secret::load_or_create(
-        client(api.clone()),
+        api.client(),
         "ferrymesh-system",
         "ferrymesh-ca",
         "cluster.local",
@@ -265,76 +166,49 @@ async fn the_root_is_published_for_agents_as_a_configmap_without_any_key() {
     )
     .await
     .unwrap();
-    secret::publish_root(client(api.clone()), "ferrymesh-system", &ca.roots_pem()).await.unwrap();
-    let applies = api.applies.lock().unwrap();
+    secret::publish_root(api.client(), "ferrymesh-system", &ca.roots_pem()).await.unwrap();
+    let requests = api.requests();
+    let applies: Vec<_> = requests.iter().filter(|r| r.path.ends_with(secret::ROOT_CONFIGMAP)).collect();
     assert_eq!(applies.len(), 1);
-    let (query, content_type, object) = &applies[0];
+    let (query, content_type, object) = (&applies[0].query, &applies[0].content_type, &applies[0].body);
+    assert_eq!(applies[0].method, Method::PATCH);
     assert_eq!(content_type, "application/apply-patch+yaml", "a server-side apply");
     assert!(query.contains("fieldManager=mesh-ctrl") && query.contains("force=true"), "{query}");
     assert_eq!((object["apiVersion"].as_str(), object["kind"].as_str()), (Some("v1"), Some("ConfigMap")));
     assert_eq!(object["metadata"]["name"], secret::ROOT_CONFIGMAP);
+    assert_eq!(api.get("ConfigMap", "ferrymesh-system", secret::ROOT_CONFIGMAP)["data"], object["data"], "stored");
     let data = object["data"].as_object().unwrap();
     assert_eq!(data.keys().collect::<Vec<_>>(), [secret::ROOT_CONFIGMAP_KEY]);
     assert_eq!(data[secret::ROOT_CONFIGMAP_KEY], ca.roots_pem());
     assert!(!object.to_string().contains("PRIVATE KEY"), "only the root certificate is published");
 }
 
-fn authenticated(username: &str, extra: Value) -> Value {
-    json!({"authenticated": true, "audiences": ["ferrymesh"], "user": {"username": username, "extra": extra}})
-}
-
 #[tokio::test]
 async fn agent_tokens_are_checked_with_token_review_and_bound_to_their_node() {
-    let mut api = FakeApi::default();
+    let api = KubeFake::new();
     // Node A's agent: the API server reports the node with the token (Kubernetes 1.30+).
-    api.reviews.insert(
-        "token-agent-a".into(),
-        authenticated(
-            AGENT,
-            json!({"authentication.kubernetes.io/node-name": ["node-a"], "authentication.kubernetes.io/pod-name": ["agent-a"]}),
-        ),
-    );
+    api.accept_token("token-agent-a", AGENT, json!({"authentication.kubernetes.io/node-name": ["node-a"], "authentication.kubernetes.io/pod-name": ["agent-a"]}));
     // Node B's agent on an older API server: only pod name and UID; the pod gives the node.
-    api.reviews.insert(
-        "token-agent-b".into(),
-        authenticated(
-            AGENT,
-            json!({"authentication.kubernetes.io/pod-name": ["agent-b"], "authentication.kubernetes.io/pod-uid": ["uid-b"]}),
-        ),
-    );
-    api.pods.insert(
-        "agent-b".into(),
-        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "agent-b", "namespace": "ferrymesh-system", "uid": "uid-b"}, "spec": {"nodeName": "node-b", "containers": []}}),
-    );
+    api.accept_token("token-agent-b", AGENT, json!({"authentication.kubernetes.io/pod-name": ["agent-b"], "authentication.kubernetes.io/pod-uid": ["uid-b"]}));
+    api.apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "agent-b", "namespace": "ferrymesh-system", "uid": "uid-b"}, "spec": {"nodeName": "node-b", "containers": []}}));
     // A token of a pod that was replaced by another of the same name.
-    api.reviews.insert(
-        "token-stale".into(),
-        authenticated(
-            AGENT,
-            json!({"authentication.kubernetes.io/pod-name": ["agent-b"], "authentication.kubernetes.io/pod-uid": ["uid-old"]}),
-        ),
-    );
+    api.accept_token("token-stale", AGENT, json!({"authentication.kubernetes.io/pod-name": ["agent-b"], "authentication.kubernetes.io/pod-uid": ["uid-old"]}));
     // A workload's own token (a waypoint's pod), the node reported with it.
-    api.reviews.insert(
-        "token-web".into(),
-        authenticated("system:serviceaccount:shop:web", json!({"authentication.kubernetes.io/node-name": ["node-a"]})),
+    api.accept_token(
+        "token-web",
+        "system:serviceaccount:shop:web",
+        json!({"authentication.kubernetes.io/node-name": ["node-a"]}),
     );
     // A workload's own token on an older API server: its pod, in its namespace, gives the node.
-    api.reviews.insert(
-        "token-db".into(),
-        authenticated(
-            "system:serviceaccount:shop:db",
-            json!({"authentication.kubernetes.io/pod-name": ["db-0"], "authentication.kubernetes.io/pod-uid": ["uid-db"]}),
-        ),
+    api.accept_token(
+        "token-db",
+        "system:serviceaccount:shop:db",
+        json!({"authentication.kubernetes.io/pod-name": ["db-0"], "authentication.kubernetes.io/pod-uid": ["uid-db"]}),
     );
-    api.pods.insert(
-        "db-0".into(),
-        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "db-0", "namespace": "shop", "uid": "uid-db"}, "spec": {"nodeName": "node-b", "containers": []}}),
-    );
+    api.apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "db-0", "namespace": "shop", "uid": "uid-db"}, "spec": {"nodeName": "node-b", "containers": []}}));
     // Not a service account's token.
-    api.reviews.insert("token-user".into(), authenticated("alice", json!({})));
-    let api = Arc::new(api);
-    let kube = client(api.clone());
+    api.accept_token("token-user", "alice", json!({}));
+    let kube = api.client();
 
     let ca = secret::load_or_create(
         kube.clone(),
@@ -396,8 +270,8 @@ async fn agent_tokens_are_checked_with_token_review_and_bound_to_their_node() {
     assert_eq!(stale.message(), "the token's pod ferrymesh-system/agent-b no longer exists");
 
     // Every review asked for the ferrymesh audience; a repeated token is answered from cache.
-    assert!(api.audiences.lock().unwrap().iter().all(|a| *a == json!(["ferrymesh"])));
-    let calls = *api.review_calls.lock().unwrap();
+    assert!(reviews(&api).iter().all(|r| r["spec"]["audiences"] == json!(["ferrymesh"])));
+    let calls = reviews(&api).len();
     assert!(ask("web", "token-agent-a").await.is_ok());
-    assert_eq!(*api.review_calls.lock().unwrap(), calls, "cached");
+    assert_eq!(reviews(&api).len(), calls, "cached");
 }

@@ -1,185 +1,34 @@
-//! The Kubernetes source against a fake API server on kube's tower-test mock (as kube-rs tests
-//! itself): initial list and watch, add/modify/delete, a bad object rejected while the rest
+//! The Kubernetes source against the testbed's fake API server (`ferrymesh_testbed::kube_fake`,
+//! in process as the kube client's tower service; the same fake serves the real binary over
+//! HTTP in tests/tests/kube.rs): initial list and watch, add/modify/delete, a bad object rejected while the rest
 //! keeps working, a 410 Gone forcing a relist, and the same objects giving the same model
 //! through the directory source; and the status mesh-ctrl writes back to routes and waypoints
 //! (merge patches of the status subresource, applied by the fake as a server would).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use kube::client::Body;
+use ferrymesh_testbed::kube_fake::{objects, KubeFake};
+use http::Method;
 use kube::Client;
 use mesh_ctrl::snapshot::{Publisher, Snapshot};
 use mesh_ctrl::source::kube::watch_kube;
 use mesh_ctrl::source::DirSource;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
-const PODS: &str = "/api/v1/pods";
-const NAMESPACES: &str = "/api/v1/namespaces";
-const SERVICES: &str = "/api/v1/services";
-const AUTHZ: &str = "/apis/ferrymesh.io/v1alpha1/authorizationpolicies";
-const PEER_AUTHN: &str = "/apis/ferrymesh.io/v1alpha1/peerauthentications";
-const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-const SERVICE_ACCOUNTS: &str = "/api/v1/serviceaccounts";
-const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
-const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
-
-/// A fake API server: list responses per collection path, and queued watch events.
-#[derive(Default)]
-struct FakeApi {
-    lists: Mutex<HashMap<String, Vec<Value>>>,
-    events: Mutex<HashMap<String, VecDeque<Value>>>,
-    list_calls: Mutex<HashMap<String, usize>>,
-    resource_version: AtomicU64,
-    notify: Notify,
-    /// The latest version of each object, by (collection path, namespace, name).
-    current: Mutex<HashMap<(String, String, String), Value>>,
-    /// Status patches applied, by (collection path, namespace, name).
-    patches: Mutex<Vec<(String, String, String)>>,
-}
-
-fn object_key(path: &str, object: &Value) -> (String, String, String) {
-    let meta = &object["metadata"];
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
-    (path.to_string(), text(&meta["namespace"]), text(&meta["name"]))
-}
-
-/// RFC 7386 JSON merge patch.
-fn merge(target: &mut Value, patch: &Value) {
-    match (target.as_object_mut(), patch.as_object()) {
-        (Some(target), Some(patch)) => {
-            for (k, v) in patch {
-                if v.is_null() {
-                    target.remove(k);
-                } else {
-                    merge(target.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        _ => *target = patch.clone(),
-    }
-}
-
-impl FakeApi {
-    fn stamp(&self, mut object: Value) -> Value {
-        let rv = self.resource_version.fetch_add(1, Ordering::Relaxed) + 2;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        object
-    }
-
-    fn set_list(&self, path: &str, items: Vec<Value>) {
-        let items: Vec<Value> = items.into_iter().map(|o| self.stamp(o)).collect();
-        for o in &items {
-            self.current.lock().unwrap().insert(object_key(path, o), o.clone());
-        }
-        self.lists.lock().unwrap().insert(path.into(), items);
-    }
-
-    fn push(&self, path: &str, kind: &str, object: Value) {
-        let object = self.stamp(object);
-        match kind {
-            "DELETED" => self.current.lock().unwrap().remove(&object_key(path, &object)),
-            _ => self.current.lock().unwrap().insert(object_key(path, &object), object.clone()),
-        };
-        let event = json!({"type": kind, "object": object});
-        self.events.lock().unwrap().entry(path.into()).or_default().push_back(event);
-        self.notify.notify_waiters();
-    }
-
-    fn push_gone(&self, path: &str) {
-        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410});
-        self.events
-            .lock()
-            .unwrap()
-            .entry(path.into())
-            .or_default()
-            .push_back(json!({"type": "ERROR", "object": status}));
-        self.notify.notify_waiters();
-    }
-
-    fn list_calls(&self, path: &str) -> usize {
-        self.list_calls.lock().unwrap().get(path).copied().unwrap_or(0)
-    }
-
-    /// The object at `path`, `namespace/name` as the fake holds it now.
-    fn get(&self, path: &str, namespace: &str, name: &str) -> Value {
-        let key = (path.to_string(), namespace.to_string(), name.to_string());
-        self.current.lock().unwrap().get(&key).cloned().unwrap_or(Value::Null)
-    }
-
-    fn patch_count(&self) -> usize {
-        self.patches.lock().unwrap().len()
-    }
-
-    /// A merge patch of `/apis/<group>/<version>/namespaces/<ns>/<plural>/<name>/status`: refused
-    /// with 409 when its `metadata.resourceVersion` is not the object's, else applied, with the
-    /// MODIFIED event a server would send.
-    async fn patch_status(&self, request: Request<Body>) -> Response<Body> {
-        let path = request.uri().path().to_string();
-        let parts: Vec<&str> = path.split('/').collect();
-        let [.., "namespaces", ns, plural, name, "status"] = parts.as_slice() else {
-            panic!("unexpected patch {path}");
-        };
-        let collection = format!("{}/{plural}", parts[..parts.len() - 5].join("/"));
-        let patch: Value = serde_json::from_slice(&request.into_body().collect_bytes().await.unwrap()).unwrap();
-        let mut object = self.get(&collection, ns, name);
-        assert!(!object.is_null(), "patched an object the fake does not hold: {path}");
-        if patch["metadata"]["resourceVersion"] != object["metadata"]["resourceVersion"] {
-            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "the object has been modified", "reason": "Conflict", "code": 409});
-            return Response::builder().status(409).body(Body::from(serde_json::to_vec(&status).unwrap())).unwrap();
-        }
-        merge(&mut object["status"], &patch["status"]);
-        self.patches.lock().unwrap().push((collection.clone(), ns.to_string(), name.to_string()));
-        self.push(&collection, "MODIFIED", object);
-        let object = self.get(&collection, ns, name);
-        Response::builder().body(Body::from(serde_json::to_vec(&object).unwrap())).unwrap()
-    }
-
-    async fn answer(self: Arc<Self>, request: Request<Body>, send: tower_test::mock::SendResponse<Response<Body>>) {
-        if request.method() == http::Method::PATCH {
-            let response = self.patch_status(request).await;
-            send.send_response(response);
-            return;
-        }
-        let path = request.uri().path().to_string();
-        let query = request.uri().query().unwrap_or_default().to_string();
-        let body = if query.contains("watch=true") {
-            // Hold the watch until events are queued (or briefly, as a server timeout would).
-            let deadline = Instant::now() + Duration::from_millis(300);
-            loop {
-                let notified = self.notify.notified();
-                let batch: Vec<Value> =
-                    self.events.lock().unwrap().get_mut(&path).map(|q| q.drain(..).collect()).unwrap_or_default();
-                if !batch.is_empty() || Instant::now() > deadline {
-                    break batch.iter().map(|e| format!("{e}\n")).collect::<String>().into_bytes();
-                }
-                let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
-            }
-        } else {
-            *self.list_calls.lock().unwrap().entry(path.clone()).or_default() += 1;
-            let items = self.lists.lock().unwrap().get(&path).cloned().unwrap_or_default();
-            let rv = self.resource_version.load(Ordering::Relaxed) + 1;
-            serde_json::to_vec(&json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}, "items": items}))
-                .unwrap()
-        };
-        send.send_response(Response::builder().body(Body::from(body)).unwrap());
-    }
-}
-
-fn start(api: Arc<FakeApi>) -> watch::Receiver<Arc<Snapshot>> {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(async move {
-        while let Some((request, send)) = handle.next_request().await {
-            tokio::spawn(api.clone().answer(request, send));
-        }
-    });
+/// The Kubernetes source, watching the fake in process.
+fn start(api: Arc<KubeFake>) -> watch::Receiver<Arc<Snapshot>> {
     let (publisher, rx) = Publisher::new();
-    tokio::spawn(watch_kube(Client::new(service, "default"), publisher));
+    tokio::spawn(watch_kube(api.client(), publisher));
     rx
+}
+
+/// Status writes so far (patches of a `/status` subresource).
+fn status_writes(api: &KubeFake) -> Vec<String> {
+    let requests = api.requests().into_iter();
+    requests.filter(|r| r.method == Method::PATCH && r.path.ends_with("/status")).map(|r| r.path).collect()
 }
 
 async fn wait_for(
@@ -196,20 +45,11 @@ async fn wait_for(
 
 fn namespace(name: &str, enrolled: bool) -> Value {
     let labels = if enrolled { json!({"ferrymesh.io/dataplane-mode": "enabled"}) } else { json!({}) };
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+    objects::namespace(name, labels)
 }
 
 fn pod(name: &str, ip: Option<&str>, labels: Value) -> Value {
-    let mut status = json!({});
-    if let Some(ip) = ip {
-        status["podIP"] = json!(ip);
-    }
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "labels": labels},
-        "spec": {"nodeName": "node1", "serviceAccountName": name, "containers": [{"name": "app", "image": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
-        "status": status,
-    })
+    objects::pod("shop", name, &format!("uid-{name}"), "node1", ip, labels)
 }
 
 fn service() -> Value {
@@ -232,16 +72,12 @@ fn endpoint_slice(name: &str, ready: bool) -> Value {
     })
 }
 
-fn service_account(namespace: &str, name: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}})
-}
+use objects::service_account;
 
 fn authorization_policy(name: &str, action: &str) -> Value {
-    json!({
-        "apiVersion": "ferrymesh.io/v1alpha1", "kind": "AuthorizationPolicy",
-        "metadata": {"name": name, "namespace": "shop"},
-        "spec": {"action": action, "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/web"]}}]}]},
-    })
+    let spec =
+        json!({"action": action, "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/web"]}}]}]});
+    objects::authorization_policy("shop", name, spec)
 }
 
 fn strict_peer_authentication() -> Value {
@@ -254,9 +90,9 @@ fn strict_peer_authentication() -> Value {
 
 #[tokio::test]
 async fn follows_ferrymesh_custom_resources() {
-    let api = Arc::new(FakeApi::default());
-    api.set_list(AUTHZ, vec![authorization_policy("allow-web", "ALLOW")]);
-    api.set_list(PEER_AUTHN, vec![strict_peer_authentication()]);
+    let api = KubeFake::new();
+    api.apply(authorization_policy("allow-web", "ALLOW"));
+    api.apply(strict_peer_authentication());
     let mut rx = start(api.clone());
     let s = wait_for(&mut rx, "the custom resources", |s| {
         s.config.authorization_policies.len() == 1 && s.config.peer_authentications.len() == 1
@@ -267,21 +103,23 @@ async fn follows_ferrymesh_custom_resources() {
         ["cluster.local/ns/shop/sa/web"]
     );
     // A bad custom resource keeps its last good version; a new good one still lands.
-    api.push(AUTHZ, "MODIFIED", authorization_policy("allow-web", "AUDIT"));
-    api.push(AUTHZ, "ADDED", authorization_policy("deny-web", "DENY"));
+    api.apply(authorization_policy("allow-web", "AUDIT"));
+    api.apply(authorization_policy("deny-web", "DENY"));
     let s = wait_for(&mut rx, "a good policy next to a bad one", |s| s.config.authorization_policies.len() == 2).await;
     let allow = &s.config.authorization_policies["shop/allow-web"];
     assert_eq!(allow.action, 0, "the bad AUDIT update never replaced the good ALLOW");
-    api.push(PEER_AUTHN, "DELETED", strict_peer_authentication());
+    api.delete("PeerAuthentication", "shop", "strict");
     wait_for(&mut rx, "a deleted peer authentication", |s| s.config.peer_authentications.is_empty()).await;
 }
 
 #[tokio::test]
 async fn follows_the_cluster_through_list_watch_errors_and_relists() {
-    let api = Arc::new(FakeApi::default());
-    api.set_list(NAMESPACES, vec![namespace("shop", true)]);
-    api.set_list(PODS, vec![pod("web", Some("10.244.1.2"), json!({"app": "web"})), pod("pending", None, json!({}))]);
-    api.set_list(SERVICES, vec![service()]);
+    let api = KubeFake::new();
+    api.apply(namespace("shop", true));
+    for o in [pod("web", Some("10.244.1.2"), json!({"app": "web"})), pod("pending", None, json!({}))] {
+        api.apply(o);
+    }
+    api.apply(service());
     let mut rx = start(api.clone());
 
     // Initial list: the pending pod (no IP yet) is not part of the mesh; the service resolves.
@@ -293,95 +131,90 @@ async fn follows_the_cluster_through_list_watch_errors_and_relists() {
     assert_eq!(s.config.services["shop/web"].endpoints[0].target_ports.get(&80), Some(&8080));
 
     // Watch: add, modify, delete.
-    api.push(PODS, "ADDED", pod("db", Some("10.244.1.3"), json!({})));
+    api.apply(pod("db", Some("10.244.1.3"), json!({})));
     wait_for(&mut rx, "an added pod", |s| s.config.workloads.contains_key("uid-db")).await;
-    api.push(
-        PODS,
-        "MODIFIED",
-        pod("web", Some("10.244.1.2"), json!({"app": "web", "ferrymesh.io/dataplane-mode": "none"})),
-    );
+    api.apply(pod("web", Some("10.244.1.2"), json!({"app": "web", "ferrymesh.io/dataplane-mode": "none"})));
     wait_for(&mut rx, "a modified pod", |s| s.config.workloads.get("uid-web").is_some_and(|w| !w.captured)).await;
-    api.push(PODS, "DELETED", pod("db", Some("10.244.1.3"), json!({})));
+    api.delete("Pod", "shop", "db");
     wait_for(&mut rx, "a deleted pod", |s| !s.config.workloads.contains_key("uid-db")).await;
 
     // A bad object is rejected and keeps its last good version; the rest keeps working.
-    api.push(PODS, "MODIFIED", pod("web", Some("not-an-ip"), json!({"app": "web"})));
-    api.push(PODS, "ADDED", pod("api", Some("10.244.1.4"), json!({})));
+    api.apply(pod("web", Some("not-an-ip"), json!({"app": "web"})));
+    api.apply(pod("api", Some("10.244.1.4"), json!({})));
     let s = wait_for(&mut rx, "a good pod next to a bad one", |s| s.config.workloads.contains_key("uid-api")).await;
     assert_eq!(s.config.workloads["uid-web"].ip, "10.244.1.2", "the bad update never replaced the good web");
     assert!(!s.config.workloads["uid-web"].captured, "web is still its last good version");
 
     // 410 Gone: the watcher relists and picks up what changed meanwhile.
-    let lists_before = api.list_calls(PODS);
-    api.set_list(
-        PODS,
+    let lists_before = api.list_calls("Pod");
+    api.replace_and_compact(
+        "Pod",
         vec![pod("web", Some("10.244.1.2"), json!({"app": "web"})), pod("late", Some("10.244.1.9"), json!({}))],
     );
-    api.push_gone(PODS);
     let s = wait_for(&mut rx, "the relist after 410 Gone", |s| s.config.workloads.contains_key("uid-late")).await;
-    assert!(api.list_calls(PODS) > lists_before, "a relist happened");
+    assert!(api.list_calls("Pod") > lists_before, "a relist happened");
     assert!(!s.config.workloads.contains_key("uid-api"), "objects gone from the relist are gone");
     assert!(s.config.workloads["uid-web"].captured);
 }
 
 #[tokio::test]
 async fn namespaces_services_endpoint_slices_and_service_accounts_follow_add_modify_delete() {
-    let api = Arc::new(FakeApi::default());
-    api.set_list(NAMESPACES, vec![namespace("shop", false)]);
-    api.set_list(PODS, vec![pod("web", Some("10.244.1.2"), json!({"app": "web"}))]);
-    api.set_list(SERVICES, vec![service()]);
+    let api = KubeFake::new();
+    api.apply(namespace("shop", false));
+    api.apply(pod("web", Some("10.244.1.2"), json!({"app": "web"})));
+    api.apply(service());
     let mut rx = start(api.clone());
     wait_for(&mut rx, "the initial list", |s| s.config.workloads.len() == 1 && s.config.services.len() == 1).await;
 
     // Namespace: modified (enrolled), deleted.
-    api.push(NAMESPACES, "MODIFIED", namespace("shop", true));
+    api.apply(namespace("shop", true));
     wait_for(&mut rx, "an enrolled namespace", |s| s.config.workloads["uid-web"].captured).await;
-    api.push(NAMESPACES, "ADDED", namespace("extra", true));
-    api.push(NAMESPACES, "DELETED", namespace("shop", true));
+    api.apply(namespace("extra", true));
+    api.delete("Namespace", "", "shop");
     wait_for(&mut rx, "a deleted namespace", |s| !s.config.workloads["uid-web"].captured).await;
 
     // Service: added, modified, deleted.
     let mut other = service();
     other["metadata"]["name"] = json!("api");
     other["spec"]["clusterIP"] = json!("10.96.0.20");
-    api.push(SERVICES, "ADDED", other.clone());
+    api.apply(other.clone());
     wait_for(&mut rx, "an added service", |s| s.config.services.contains_key("shop/api")).await;
     other["spec"]["clusterIP"] = json!("10.96.0.21");
-    api.push(SERVICES, "MODIFIED", other.clone());
+    api.apply(other.clone());
     wait_for(&mut rx, "a modified service", |s| {
         s.config.services.get("shop/api").is_some_and(|v| v.vip == "10.96.0.21")
     })
     .await;
-    api.push(SERVICES, "DELETED", other);
+    api.delete("Service", "shop", "api");
     wait_for(&mut rx, "a deleted service", |s| !s.config.services.contains_key("shop/api")).await;
 
     // EndpointSlice: once web has one, its endpoints come from it (not from the selector).
-    api.push(SLICES, "ADDED", endpoint_slice("web-abc", false));
+    api.apply(endpoint_slice("web-abc", false));
     let s = wait_for(&mut rx, "endpoints from the slice", |s| s.config.services["shop/web"].endpoints.len() == 2).await;
     let eps = &s.config.services["shop/web"].endpoints;
     assert_eq!((eps[0].ip.as_str(), eps[0].ready, eps[0].workload_uid.as_str()), ("10.244.1.2", false, "uid-web"));
     assert_eq!(eps[0].target_ports.get(&80), Some(&8080));
     assert_eq!((eps[1].ip.as_str(), eps[1].ready, eps[1].workload_uid.as_str()), ("10.244.9.9", true, ""));
-    api.push(SLICES, "MODIFIED", endpoint_slice("web-abc", true));
+    api.apply(endpoint_slice("web-abc", true));
     wait_for(&mut rx, "a modified slice", |s| s.config.services["shop/web"].endpoints[0].ready).await;
-    api.push(SLICES, "DELETED", endpoint_slice("web-abc", true));
+    api.delete("EndpointSlice", "shop", "web-abc");
     let s = wait_for(&mut rx, "a deleted slice", |s| s.config.services["shop/web"].endpoints.len() == 1).await;
     assert_eq!(s.config.services["shop/web"].endpoints[0].ip, "10.244.1.2", "back to the selector");
     // A slice without its service label is rejected, named, and the rest keeps working.
     let mut unlabeled = endpoint_slice("orphan", true);
     unlabeled["metadata"]["labels"] = json!({});
-    api.push(SLICES, "ADDED", unlabeled);
-    api.push(SERVICE_ACCOUNTS, "ADDED", service_account("shop", "web"));
+    api.apply(unlabeled);
+    api.apply(service_account("shop", "web"));
     let s = wait_for(&mut rx, "an added service account", |s| s.service_accounts.contains("shop/web")).await;
     assert_eq!(s.config.services["shop/web"].endpoints.len(), 1, "the bad slice changed nothing");
 
     // ServiceAccount: modified stays, deleted goes.
     let mut sa = service_account("shop", "web");
     sa["metadata"]["labels"] = json!({"team": "a"});
-    api.push(SERVICE_ACCOUNTS, "MODIFIED", sa.clone());
-    api.push(SERVICE_ACCOUNTS, "ADDED", service_account("shop", "db"));
+    api.apply(sa.clone());
+    api.apply(service_account("shop", "db"));
     wait_for(&mut rx, "a second service account", |s| s.service_accounts.len() == 2).await;
-    api.push(SERVICE_ACCOUNTS, "DELETED", sa);
+    api.delete("ServiceAccount", "shop", "web");
     let s = wait_for(&mut rx, "a deleted service account", |s| s.service_accounts.len() == 1).await;
     assert!(s.service_accounts.contains("shop/db"));
 }
@@ -413,14 +246,10 @@ async fn the_same_objects_give_the_same_model_through_either_source() {
     publisher.publish(&model);
     let from_dir = from_dir.borrow().clone();
 
-    let api = Arc::new(FakeApi::default());
-    api.set_list(NAMESPACES, objects[..2].to_vec());
-    api.set_list(PODS, objects[2..4].to_vec());
-    api.set_list(SERVICES, vec![objects[4].clone()]);
-    api.set_list(AUTHZ, vec![objects[5].clone()]);
-    api.set_list(PEER_AUTHN, vec![objects[6].clone()]);
-    api.set_list(SLICES, vec![objects[7].clone()]);
-    api.set_list(SERVICE_ACCOUNTS, objects[8..].to_vec());
+    let api = KubeFake::new();
+    for o in objects.iter().cloned() {
+        api.apply(o);
+    }
     let mut rx = start(api);
     let from_kube = wait_for(&mut rx, "the Kubernetes model", |s| {
         s.config.workloads.len() == 2
@@ -467,8 +296,8 @@ fn http_route(name: &str, weights: (i64, i64)) -> Value {
 
 #[tokio::test]
 async fn follows_gateway_api_routes() {
-    let api = Arc::new(FakeApi::default());
-    api.set_list(HTTP_ROUTES, vec![http_route("split", (90, 10))]);
+    let api = KubeFake::new();
+    api.apply(http_route("split", (90, 10)));
     let mut rx = start(api.clone());
     let s = wait_for(&mut rx, "the route", |s| s.config.routes.contains_key("HTTPRoute shop/split")).await;
     let route = ferrymesh_route::Route::try_from(s.config.routes["HTTPRoute shop/split"].clone()).unwrap();
@@ -476,15 +305,15 @@ async fn follows_gateway_api_routes() {
     assert_eq!(weights, [90, 10]);
     assert_eq!(route.created_unix, 1_796_032_800, "creation time orders equally specific routes");
     // A bad route keeps its last good version; a good change lands.
-    api.push(HTTP_ROUTES, "MODIFIED", http_route("split", (-1, 10)));
-    api.push(HTTP_ROUTES, "ADDED", http_route("other", (1, 1)));
+    api.apply(http_route("split", (-1, 10)));
+    api.apply(http_route("other", (1, 1)));
     let s = wait_for(&mut rx, "a good route next to a bad one", |s| s.config.routes.len() == 2).await;
     let split = ferrymesh_route::Route::try_from(s.config.routes["HTTPRoute shop/split"].clone()).unwrap();
     assert_eq!(split.rules[0].backends[0].weight, 90, "the bad weight never replaced the good one");
-    api.push(HTTP_ROUTES, "MODIFIED", http_route("split", (50, 50)));
+    api.apply(http_route("split", (50, 50)));
     wait_for(&mut rx, "a changed route", |s| s.config.routes["HTTPRoute shop/split"].rules[0].backends[0].weight == 50)
         .await;
-    api.push(HTTP_ROUTES, "DELETED", http_route("other", (1, 1)));
+    api.delete("HTTPRoute", "shop", "other");
     wait_for(&mut rx, "a deleted route", |s| s.config.routes.len() == 1).await;
 }
 
@@ -530,12 +359,14 @@ async fn wait_until(what: &str, check: impl Fn() -> bool) {
 
 #[tokio::test]
 async fn writes_the_status_of_routes_and_waypoints_back() {
-    let api = Arc::new(FakeApi::default());
+    let api = KubeFake::new();
     let mut shop = namespace("shop", true);
     shop["metadata"]["labels"]["ferrymesh.io/use-waypoint"] = json!("waypoint");
-    api.set_list(NAMESPACES, vec![shop]);
-    api.set_list(SERVICES, vec![service(), service_named("web-v1", "10.96.0.11", 8080)]);
-    api.set_list(GATEWAYS, vec![waypoint_gateway()]);
+    api.apply(shop);
+    for o in [service(), service_named("web-v1", "10.96.0.11", 8080)] {
+        api.apply(o);
+    }
+    api.apply(waypoint_gateway());
     let mut orphan = http_route("orphan", (1, 1));
     orphan["spec"]["parentRefs"][0]["name"] = json!("gone");
     let mut shared = http_route("shared", (1, 0));
@@ -544,16 +375,18 @@ async fn writes_the_status_of_routes_and_waypoints_back() {
     let ingress = json!({"parentRef": {"name": "ingress"}, "controllerName": "example.com/ingress", "conditions": []});
     shared["status"] = json!({"parents": [ingress]});
     let routes = [http_route("split", (90, 10)), orphan, http_route("bad", (-1, 1)), shared];
-    api.set_list(HTTP_ROUTES, routes.to_vec());
+    for o in routes {
+        api.apply(o);
+    }
     let _rx = start(api.clone());
 
-    let route = |name: &str| api.get(HTTP_ROUTES, "shop", name);
+    let route = |name: &str| api.get("HTTPRoute", "shop", name);
     wait_until("the status of every route and the waypoint", || {
         ["split", "orphan", "bad", "shared"].iter().all(|r| {
             route(r)["status"]["parents"]
                 .as_array()
                 .is_some_and(|p| p.iter().any(|e| e["controllerName"] == mesh_ctrl::source::status::CONTROLLER_NAME))
-        }) && !api.get(GATEWAYS, "shop", "waypoint")["status"]["conditions"].is_null()
+        }) && !api.get("Gateway", "shop", "waypoint")["status"]["conditions"].is_null()
     })
     .await;
 
@@ -579,34 +412,31 @@ async fn writes_the_status_of_routes_and_waypoints_back() {
     assert_eq!((bad["Accepted"].0.as_str(), bad["Accepted"].1.as_str()), ("False", "UnsupportedValue"));
     assert!(bad["Accepted"].2.starts_with("spec.rules[0].backendRefs[0].weight: "), "{:?}", bad["Accepted"]);
     // The waypoint is accepted; no pod runs it yet.
-    let gateway = conditions(Some(&api.get(GATEWAYS, "shop", "waypoint")["status"]["conditions"]));
+    let gateway = conditions(Some(&api.get("Gateway", "shop", "waypoint")["status"]["conditions"]));
     assert_eq!(gateway["Accepted"].0, "True");
     assert_eq!((gateway["Programmed"].0.as_str(), gateway["Programmed"].1.as_str()), ("False", "Pending"));
-    for c in api.get(GATEWAYS, "shop", "waypoint")["status"]["conditions"].as_array().unwrap() {
+    for c in api.get("Gateway", "shop", "waypoint")["status"]["conditions"].as_array().unwrap() {
         assert_eq!(c["observedGeneration"], 1);
     }
 
     // Each write's own watch event settles: nothing is written again while nothing changes.
-    let written = api.patch_count();
+    let written = status_writes(&api).len();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(api.patch_count(), written, "status writes loop: {:?}", api.patches.lock().unwrap());
+    let writes = status_writes(&api);
+    assert_eq!(writes.len(), written, "status writes loop: {writes:?}");
 
     // The missing backend appears and a pod runs the waypoint: both statuses follow. A
     // condition whose status holds keeps its transition time.
     let accepted_at = route("split")["status"]["parents"][0]["conditions"][0]["lastTransitionTime"].clone();
-    api.push(SERVICES, "ADDED", service_named("web-v2", "10.96.0.12", 8080));
-    api.push(
-        PODS,
-        "ADDED",
-        pod("waypoint-abc", Some("10.244.1.7"), json!({"gateway.networking.k8s.io/gateway-name": "waypoint"})),
-    );
+    api.apply(service_named("web-v2", "10.96.0.12", 8080));
+    api.apply(pod("waypoint-abc", Some("10.244.1.7"), json!({"gateway.networking.k8s.io/gateway-name": "waypoint"})));
     wait_until("the resolved backend", || route_conditions(&route("split"), "web")["ResolvedRefs"].0 == "True").await;
     wait_until("the programmed waypoint", || {
-        conditions(Some(&api.get(GATEWAYS, "shop", "waypoint")["status"]["conditions"]))["Programmed"].0 == "True"
+        conditions(Some(&api.get("Gateway", "shop", "waypoint")["status"]["conditions"]))["Programmed"].0 == "True"
     })
     .await;
     assert_eq!(
-        api.get(GATEWAYS, "shop", "waypoint")["status"]["addresses"],
+        api.get("Gateway", "shop", "waypoint")["status"]["addresses"],
         json!([{"type": "IPAddress", "value": "10.244.1.7"}])
     );
     assert_eq!(route("split")["status"]["parents"][0]["conditions"][0]["lastTransitionTime"], accepted_at);

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod h2raw;
+pub mod kube_fake;
 pub mod mesh;
 pub mod pcap;
 pub mod prom;
