@@ -53,11 +53,13 @@ fn pod(name: &str, ip: Option<&str>, labels: Value) -> Value {
 }
 
 fn service() -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
-    })
+    objects::service(
+        "shop",
+        "web",
+        Some("10.96.0.10"),
+        "web",
+        json!([{"name": "http", "port": 80, "targetPort": "http"}]),
+    )
 }
 
 fn endpoint_slice(name: &str, ready: bool) -> Value {
@@ -318,11 +320,7 @@ async fn follows_gateway_api_routes() {
 }
 
 fn service_named(name: &str, vip: &str, port: u16) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "shop"},
-        "spec": {"clusterIP": vip, "selector": {"app": name}, "ports": [{"name": "http", "port": port}]},
-    })
+    objects::service("shop", name, Some(vip), name, json!([{"name": "http", "port": port}]))
 }
 
 fn waypoint_gateway() -> Value {

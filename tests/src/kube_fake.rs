@@ -578,6 +578,20 @@ pub mod objects {
         })
     }
 
+    /// Service `namespace/name` selecting `app: <selector>`, with `ports` as given; at `cluster_ip`,
+    /// or None for the API server to allocate one.
+    pub fn service(namespace: &str, name: &str, cluster_ip: Option<&str>, selector: &str, ports: Value) -> Value {
+        let mut service = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"selector": {"app": selector}, "ports": ports},
+        });
+        if let Some(ip) = cluster_ip {
+            service["spec"]["clusterIP"] = json!(ip);
+        }
+        service
+    }
+
     pub fn service_account(namespace: &str, name: &str) -> Value {
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}})
     }

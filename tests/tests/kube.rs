@@ -2,10 +2,11 @@
 //! testbed's API server fake (`ferrymesh_testbed::kube_fake`, the one mesh-ctrl's source and
 //! identity tests use in process) served on the fabric's loopback, reached through a
 //! kubeconfig. It holds what `kubectl apply -k manifests/overlays/kind` creates and the test's
-//! own Namespaces, Pods and policies; mesh-ctrl runs with the Deployment's own arguments; the
-//! agents on the topology's nodes present tokens the fake's TokenReview binds to their nodes and
-//! verify mesh-ctrl against the root it publishes in its ConfigMap. Changes made through the API
-//! (a namespace label flipped live, a policy added, a pod deleted) each reach the agents.
+//! own Namespaces, ServiceAccounts, Pods, a Service and a policy; mesh-ctrl runs with the
+//! Deployment's own arguments; the agents on the topology's nodes present tokens the fake's
+//! TokenReview binds to their nodes and verify mesh-ctrl against the root it publishes in its
+//! ConfigMap. Changes made through the API (a Service added, a namespace label flipped live, a
+//! policy added, a pod deleted) each reach the agents.
 
 use std::path::Path;
 use std::process::Command;
@@ -122,6 +123,18 @@ fn mesh_ctrl_serves_a_kubernetes_cluster_over_http_and_its_changes_reach_the_age
         })
     };
     wait_until(Duration::from_secs(5), "the mTLS flow at c's agent", || carried(topo.flows(2)));
+
+    // A Service added through the API (its ClusterIP allocated by the API server) is carried to
+    // its endpoint, c.
+    fake.apply(objects::service("shop", "web", None, "c", json!([{"name": "http", "port": 80, "targetPort": 8080}])));
+    let vip = fake.get("Service", "shop", "web")["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let url = format!("http://{vip}/");
+    wait_until(Duration::from_secs(10), "the Service to reach c", || {
+        let out = topo.output_in(&a.netns, "curl", &["-sS", "--max-time", "3", &url]);
+        String::from_utf8_lossy(&out.stdout).starts_with(&format!("client {}:", a.ip))
+    });
+    let via_service = |flows: Vec<Value>| flows.into_iter().any(|f| f["service"] == "shop/web");
+    wait_until(Duration::from_secs(5), "a flow naming the Service", || via_service(topo.flows(1)));
 
     // A namespace label flipped live: legacy joins the mesh, x is enrolled.
     fake.apply(objects::namespace("legacy", json!({"ferrymesh.io/dataplane-mode": "enabled"})));
