@@ -1,6 +1,11 @@
 //! The benchmark harness behind `cargo xtask bench`: plain TCP, eBPF capture into the agent,
 //! the mesh on one node and the mesh across nodes, side by side on one topology, in interleaved
 //! rounds; medians with min and max, and every figure as a ratio to `plain` from the same run.
+//! Each scenario is measured with neutral tools (iperf3; sockperf ping-pong, 64 B over TCP; wrk
+//! against nginx, with `Connection: close` for the connection rate and keep-alive for requests/s)
+//! and with fm-peer (`rr_*`, `conn_rate`). fm-peer's server spawns a thread per connection,
+//! which bounds its connection rate (plain's included) well below what the kernel does: compare
+//! connection rates with `wrk_conn_rate`.
 //! Agent-wide figures (memory) are reported under the scenario `agent`, the policy decision
 //! under `policy`; the waypoint's requests under `waypoint`, next to `l7-direct` (the same
 //! Service endpoints without the waypoint, ratios against it). Never a pass/fail test: the numbers go to `target/bench/results.json` and
@@ -36,15 +41,31 @@ pub struct Options {
     pub idle_conns: u32,
     /// Workloads loaded for the per-workload memory figure (multiple of 100).
     pub workloads: u32,
+    /// Seconds per run of each neutral tool (sockperf, wrk).
+    pub neutral_seconds: u32,
 }
 
 impl Options {
     /// The full run: 5 rounds, 2000 idle connections, 10k workloads.
-    pub const FULL: Options =
-        Options { rounds: 5, iperf_seconds: 5, rr_count: 20_000, conns: 1000, idle_conns: 2000, workloads: 10_000 };
+    pub const FULL: Options = Options {
+        rounds: 5,
+        iperf_seconds: 5,
+        rr_count: 20_000,
+        conns: 1000,
+        idle_conns: 2000,
+        workloads: 10_000,
+        neutral_seconds: 5,
+    };
     /// A spot check of about a minute and a half.
-    pub const QUICK: Options =
-        Options { rounds: 1, iperf_seconds: 1, rr_count: 2000, conns: 200, idle_conns: 1000, workloads: 1000 };
+    pub const QUICK: Options = Options {
+        rounds: 1,
+        iperf_seconds: 1,
+        rr_count: 2000,
+        conns: 200,
+        idle_conns: 1000,
+        workloads: 1000,
+        neutral_seconds: 1,
+    };
 }
 
 /// One line of `results.json`.
@@ -178,13 +199,102 @@ fn rr(topo: &Topology, from: &Pod, to: &Pod, count: u32, size: usize) -> Value {
     serde_json::from_slice(&out.stdout).expect("rr JSON")
 }
 
+/// Where the neutral tools' servers listen in a pod.
+const SOCKPERF_PORT: u16 = 11111;
+const NGINX_PORT: u16 = 8088;
+
+/// Starts the neutral tools' servers in `pod`: `sockperf server` (TCP) and nginx answering every
+/// request with a 3-byte 200, without logging (one process, no master), and waits until both
+/// accept connections.
+fn start_neutral_servers(topo: &Topology, pod: &Pod) {
+    let ip = pod.ip.to_string();
+    let mut sockperf = topo.command_in(&pod.netns, "sockperf");
+    sockperf.args(["server", "--tcp", "-i", &ip, "-p", &SOCKPERF_PORT.to_string()]);
+    topo.spawn(&format!("sockperf-{}", pod.name), sockperf);
+    let dir = topo.dir.join(format!("nginx-{}", pod.name));
+    std::fs::create_dir_all(&dir).expect("nginx directory");
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         server {{ listen {ip}:{NGINX_PORT}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+    let mut nginx = topo.command_in(&pod.netns, "nginx");
+    nginx.arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir);
+    topo.spawn(&format!("nginx-{}", pod.name), nginx);
+    for port in [SOCKPERF_PORT, NGINX_PORT] {
+        let addr = SocketAddr::from((pod.ip, port));
+        wait_until(Duration::from_secs(10), &format!("{addr} to accept"), || {
+            crate::topology::in_netns(&pod.netns, || std::net::TcpStream::connect(addr).is_ok())
+        });
+    }
+}
+
+/// `sockperf ping-pong` over TCP, 64-byte messages, full round trips, for `seconds`: p50, p99
+/// and p99.9 in microseconds.
+fn sockperf(topo: &Topology, from: &Pod, to: &Pod, seconds: u32) -> (f64, f64, f64) {
+    let (limit, ip, port, secs) =
+        ((seconds + 30).to_string(), to.ip.to_string(), SOCKPERF_PORT.to_string(), seconds.to_string());
+    let args = ["ping-pong", "--tcp", "-i", &ip, "-p", &port, "-m", "64", "-t", &secs, "--full-rtt"];
+    let out = topo.output_in(&from.netns, "timeout", &[&[limit.as_str(), "sockperf"][..], &args].concat());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sockperf {} -> {}: {text}", from.name, to.name);
+    let percentile = |p: &str| {
+        text.lines()
+            .find_map(|l| l.split_once(&format!("percentile {p} ="))?.1.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("sockperf printed no percentile {p}: {text}"))
+    };
+    (percentile("50.000"), percentile("99.000"), percentile("99.900"))
+}
+
+/// A wrk latency (`116.00us`, `1.90ms`, `1.02s`) in milliseconds.
+fn wrk_ms(value: &str) -> Option<f64> {
+    let unit_at = value.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = value.split_at(unit_at);
+    let scale = match unit {
+        "us" => 1e-3,
+        "ms" => 1.0,
+        "s" => 1e3,
+        _ => return None,
+    };
+    Some(number.parse::<f64>().ok()? * scale)
+}
+
+/// wrk (one thread, 16 connections, `seconds`) against nginx in `to`: requests/s, p50 and p99
+/// in ms. With `close`, every request carries `Connection: close`: requests/s is then new
+/// connections/s. Any socket error or non-2xx answer fails the run.
+fn wrk(topo: &Topology, from: &Pod, to: &Pod, seconds: u32, close: bool) -> (f64, f64, f64) {
+    let (limit, duration, url) =
+        ((seconds + 30).to_string(), format!("{seconds}s"), format!("http://{}:{NGINX_PORT}/", to.ip));
+    let mut args = vec![limit.as_str(), "wrk", "-t1", "-c16", "-d", &duration, "--latency"];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(&url);
+    let out = topo.output_in(&from.netns, "timeout", &args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "wrk {} -> {}: {text}{}", from.name, to.name, String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("Socket errors") && !text.contains("Non-2xx"), "wrk {} -> {}: {text}", from.name, to.name);
+    let field = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string()));
+    let rps = field("Requests/sec:").and_then(|v| v.parse().ok());
+    let (p50, p99) = (field("50%").as_deref().and_then(wrk_ms), field("99%").as_deref().and_then(wrk_ms));
+    match (rps, p50, p99) {
+        (Some(rps), Some(p50), Some(p99)) => (rps, p50, p99),
+        _ => panic!("wrk {} -> {}: no Requests/sec or latency distribution in {text}", from.name, to.name),
+    }
+}
+
 /// The benchmark topology: the two-node mesh (`shop` a, b on node 1 and c on node 2 enrolled;
-/// `legacy` x on node 1 and y on node 2 not), every pod serving fm-peer, and iperf3 servers
-/// in b, c and y.
+/// `legacy` x on node 1 and y on node 2 not), every pod serving fm-peer, and iperf3, sockperf
+/// and nginx servers in b, c and y.
 pub fn topology() -> Topology {
     let topo = two_node_mesh();
     for pod in [topo.pod("shop", "b"), topo.pod("shop", "c"), topo.pod("legacy", "y")] {
         topo.start_iperf3_server(pod);
+        start_neutral_servers(&topo, pod);
     }
     topo
 }
@@ -230,6 +340,17 @@ pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
             for (m, key) in [("rr_1k_p50", "p50_us"), ("rr_1k_p99", "p99_us")] {
                 add(s.name, m, "us", large[key].as_f64().unwrap());
             }
+            // The neutral tools.
+            let (p50, p99, p999) = sockperf(&topo, s.from, s.to, options.neutral_seconds);
+            add(s.name, "sockperf_64b_p50", "us", p50);
+            add(s.name, "sockperf_64b_p99", "us", p99);
+            add(s.name, "sockperf_64b_p999", "us", p999);
+            let (conns, _, _) = wrk(&topo, s.from, s.to, options.neutral_seconds, true);
+            add(s.name, "wrk_conn_rate", "connections/s", conns);
+            let (rps, p50, p99) = wrk(&topo, s.from, s.to, options.neutral_seconds, false);
+            add(s.name, "wrk_rps_16c", "requests/s", rps);
+            add(s.name, "wrk_16c_p50", "ms", p50);
+            add(s.name, "wrk_16c_p99", "ms", p99);
             let started = Instant::now();
             let hits = topo.hits(s.from, SocketAddr::from((s.to.ip, HTTP_PORT)), options.conns);
             let elapsed = started.elapsed().as_secs_f64();
@@ -382,7 +503,7 @@ pub fn policy_decision(quick: bool, rounds: usize, criterion_dir: &std::path::Pa
 /// A target: what it says, the measured value, its unit, and whether the value meets it.
 type Target<'a> = (&'a str, Option<f64>, &'a str, fn(f64) -> bool);
 
-/// Issue #7's targets checked against `figures`, as Markdown table rows
+/// Issue #7's and #19's targets checked against `figures`, as Markdown table rows
 /// (`| target | measured | met |`). A target whose figures are missing is reported as such.
 pub fn targets(figures: &[Figure]) -> String {
     let get = |scenario: &str, measurement: &str| {
@@ -393,7 +514,7 @@ pub fn targets(figures: &[Figure]) -> String {
     let added = |measurement: &str| Some(median("cross-node", measurement)? - median("plain", measurement)?);
     let scaling = || Some(median("policy", "policy_decision")? / median("policy", "policy_decision_100_policies")?);
     #[rustfmt::skip]
-    let rows: [Target<'_>; 10] = [
+    let rows: [Target<'_>; 14] = [
         ("cross-node throughput, 1 stream >= 0.6 x plain", ratio("cross-node", "throughput_1stream"), "x", |v| v >= 0.6),
         ("same-node throughput, 1 stream >= 0.9 x plain", ratio("same-node", "throughput_1stream"), "x", |v| v >= 0.9),
         ("cross-node added latency p50 <= 30 us", added("rr_1b_p50"), "us", |v| v <= 30.0),
@@ -404,6 +525,10 @@ pub fn targets(figures: &[Figure]) -> String {
         ("agent RSS per workload <= 2 KB", median("agent", "rss_per_workload"), "KB", |v| v <= 2.0),
         ("policy decision < 1 us at 10k policies", median("policy", "policy_decision"), "ns", |v| v < 1000.0),
         ("policy decision independent of the number of policies (10k / 100 <= 1.5)", scaling(), "x", |v| v <= 1.5),
+        ("#19: cross-node added sockperf 64 B p50 <= 35 us", added("sockperf_64b_p50"), "us", |v| v <= 35.0),
+        ("#19: cross-node added sockperf 64 B p99 <= 70 us", added("sockperf_64b_p99"), "us", |v| v <= 70.0),
+        ("#19: cross-node CPU per GB <= 1.8 s", median("cross-node", "cpu_per_gb"), "s", |v| v <= 1.8),
+        ("#19: cross-node new connections/s (wrk) >= 0.45 x plain", ratio("cross-node", "wrk_conn_rate"), "x", |v| v >= 0.45),
     ];
     let mut out = String::from("| target | measured | met |\n| --- | --- | --- |\n");
     for (target, value, unit, met) in rows {

@@ -31,6 +31,13 @@ fn quick_bench_runs_and_writes_well_formed_results() {
         "rr_1k_p50",
         "rr_1k_p99",
         "conn_rate",
+        "sockperf_64b_p50",
+        "sockperf_64b_p99",
+        "sockperf_64b_p999",
+        "wrk_conn_rate",
+        "wrk_rps_16c",
+        "wrk_16c_p50",
+        "wrk_16c_p99",
     ];
     for scenario in ["plain", "capture", "same-node", "cross-node"] {
         for m in per_scenario {
@@ -69,5 +76,6 @@ fn quick_bench_runs_and_writes_well_formed_results() {
     }
     let text = std::fs::read_to_string(&report).unwrap();
     assert!(text.contains("cross-node") && text.contains("throughput_1stream") && text.contains("machine:"));
+    assert!(text.contains("| #19: cross-node added sockperf 64 B p50 <= 35 us | "), "#19's targets are checked");
     let _ = std::fs::remove_dir_all(&dir);
 }

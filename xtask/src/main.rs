@@ -36,6 +36,11 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "ca-certificates",
     "nghttp2-client",
+    // The benchmark's neutral tools (Debian's policy-rc.d, where present, keeps nginx's service
+    // from starting on install; the bench runs its own nginx in the pods).
+    "sockperf",
+    "wrk",
+    "nginx-light",
     // The image checks: skopeo reads both archive formats, containerd's ctr imports them as
     // `kind load image-archive` does.
     "skopeo",
@@ -180,10 +185,25 @@ fn setup_packages() -> Result<()> {
     );
     eprintln!("xtask: installing {missing:?}");
     run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
+    // Packages with a service (nginx) must not start it on this machine: the tests start their
+    // own, in their namespaces. Debian's policy-rc.d says so, for the install only.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask setup: no service starts while it installs packages\nexit 101\n",
+        )?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if ours {
+        std::fs::remove_file(policy)?;
+    }
+    installed
 }
 
 /// bpf-linker must load the libLLVM of the toolchain that emits the eBPF bitcode. It lives in a
