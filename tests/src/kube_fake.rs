@@ -27,58 +27,50 @@ use tokio::sync::Notify;
 /// How long a watch waits for an event before it ends with what it has.
 pub const WATCH_WINDOW: Duration = Duration::from_millis(300);
 
-/// Where a kind lives in the API: path prefix and plural.
+/// Where a kind lives in the API: its collection's path.
 struct Resource {
     kind: &'static str,
-    prefix: &'static str,
-    plural: &'static str,
+    collection: &'static str,
 }
 
 const RESOURCES: &[Resource] = &[
-    Resource { kind: "Namespace", prefix: "/api/v1", plural: "namespaces" },
-    Resource { kind: "Pod", prefix: "/api/v1", plural: "pods" },
-    Resource { kind: "Service", prefix: "/api/v1", plural: "services" },
-    Resource { kind: "ServiceAccount", prefix: "/api/v1", plural: "serviceaccounts" },
-    Resource { kind: "Secret", prefix: "/api/v1", plural: "secrets" },
-    Resource { kind: "ConfigMap", prefix: "/api/v1", plural: "configmaps" },
-    Resource { kind: "EndpointSlice", prefix: "/apis/discovery.k8s.io/v1", plural: "endpointslices" },
-    Resource { kind: "AuthorizationPolicy", prefix: "/apis/ferrymesh.io/v1alpha1", plural: "authorizationpolicies" },
-    Resource { kind: "PeerAuthentication", prefix: "/apis/ferrymesh.io/v1alpha1", plural: "peerauthentications" },
-    Resource { kind: "RequestAuthentication", prefix: "/apis/ferrymesh.io/v1alpha1", plural: "requestauthentications" },
-    Resource { kind: "TrafficPolicy", prefix: "/apis/ferrymesh.io/v1alpha1", plural: "trafficpolicies" },
-    Resource { kind: "DestinationRule", prefix: "/apis/ferrymesh.io/v1alpha1", plural: "destinationrules" },
-    Resource { kind: "Gateway", prefix: "/apis/gateway.networking.k8s.io/v1", plural: "gateways" },
-    Resource { kind: "HTTPRoute", prefix: "/apis/gateway.networking.k8s.io/v1", plural: "httproutes" },
-    Resource { kind: "GRPCRoute", prefix: "/apis/gateway.networking.k8s.io/v1", plural: "grpcroutes" },
-    Resource { kind: "TokenReview", prefix: "/apis/authentication.k8s.io/v1", plural: "tokenreviews" },
+    Resource { kind: "Namespace", collection: "/api/v1/namespaces" },
+    Resource { kind: "Pod", collection: "/api/v1/pods" },
+    Resource { kind: "Service", collection: "/api/v1/services" },
+    Resource { kind: "ServiceAccount", collection: "/api/v1/serviceaccounts" },
+    Resource { kind: "Secret", collection: "/api/v1/secrets" },
+    Resource { kind: "ConfigMap", collection: "/api/v1/configmaps" },
+    Resource { kind: "EndpointSlice", collection: "/apis/discovery.k8s.io/v1/endpointslices" },
+    Resource { kind: "AuthorizationPolicy", collection: "/apis/ferrymesh.io/v1alpha1/authorizationpolicies" },
+    Resource { kind: "PeerAuthentication", collection: "/apis/ferrymesh.io/v1alpha1/peerauthentications" },
+    Resource { kind: "RequestAuthentication", collection: "/apis/ferrymesh.io/v1alpha1/requestauthentications" },
+    Resource { kind: "TrafficPolicy", collection: "/apis/ferrymesh.io/v1alpha1/trafficpolicies" },
+    Resource { kind: "DestinationRule", collection: "/apis/ferrymesh.io/v1alpha1/destinationrules" },
+    Resource { kind: "Gateway", collection: "/apis/gateway.networking.k8s.io/v1/gateways" },
+    Resource { kind: "HTTPRoute", collection: "/apis/gateway.networking.k8s.io/v1/httproutes" },
+    Resource { kind: "GRPCRoute", collection: "/apis/gateway.networking.k8s.io/v1/grpcroutes" },
+    Resource { kind: "TokenReview", collection: "/apis/authentication.k8s.io/v1/tokenreviews" },
     // What `kubectl apply -k manifests/overlays/kind` creates besides.
     Resource {
         kind: "CustomResourceDefinition",
-        prefix: "/apis/apiextensions.k8s.io/v1",
-        plural: "customresourcedefinitions",
+        collection: "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
     },
-    Resource { kind: "ClusterRole", prefix: "/apis/rbac.authorization.k8s.io/v1", plural: "clusterroles" },
-    Resource {
-        kind: "ClusterRoleBinding",
-        prefix: "/apis/rbac.authorization.k8s.io/v1",
-        plural: "clusterrolebindings",
-    },
-    Resource { kind: "Role", prefix: "/apis/rbac.authorization.k8s.io/v1", plural: "roles" },
-    Resource { kind: "RoleBinding", prefix: "/apis/rbac.authorization.k8s.io/v1", plural: "rolebindings" },
-    Resource { kind: "Deployment", prefix: "/apis/apps/v1", plural: "deployments" },
-    Resource { kind: "DaemonSet", prefix: "/apis/apps/v1", plural: "daemonsets" },
-    Resource { kind: "PodDisruptionBudget", prefix: "/apis/policy/v1", plural: "poddisruptionbudgets" },
+    Resource { kind: "ClusterRole", collection: "/apis/rbac.authorization.k8s.io/v1/clusterroles" },
+    Resource { kind: "ClusterRoleBinding", collection: "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings" },
+    Resource { kind: "Role", collection: "/apis/rbac.authorization.k8s.io/v1/roles" },
+    Resource { kind: "RoleBinding", collection: "/apis/rbac.authorization.k8s.io/v1/rolebindings" },
+    Resource { kind: "Deployment", collection: "/apis/apps/v1/deployments" },
+    Resource { kind: "DaemonSet", collection: "/apis/apps/v1/daemonsets" },
+    Resource { kind: "PodDisruptionBudget", collection: "/apis/policy/v1/poddisruptionbudgets" },
 ];
 
 /// The collection path (`/api/v1/pods`) of a kind.
 pub fn collection_of(kind: &str) -> &'static str {
-    let r = RESOURCES.iter().find(|r| r.kind == kind).unwrap_or_else(|| panic!("the fake knows no kind {kind}"));
-    // Leaked once per kind and process: the table is small and fixed.
-    Box::leak(format!("{}/{}", r.prefix, r.plural).into_boxed_str())
+    RESOURCES.iter().find(|r| r.kind == kind).unwrap_or_else(|| panic!("the fake knows no kind {kind}")).collection
 }
 
 fn resource_of(collection: &str) -> Option<&'static Resource> {
-    RESOURCES.iter().find(|r| format!("{}/{}", r.prefix, r.plural) == collection)
+    RESOURCES.iter().find(|r| r.collection == collection)
 }
 
 /// What a request path names.
@@ -163,7 +155,7 @@ fn status(code: StatusCode, reason: &str, message: &str) -> (StatusCode, Value) 
 }
 
 /// RFC 7386 JSON merge patch.
-pub fn merge(target: &mut Value, patch: &Value) {
+fn merge(target: &mut Value, patch: &Value) {
     match (target.as_object_mut(), patch.as_object()) {
         (Some(target), Some(patch)) => {
             for (k, v) in patch {

@@ -139,17 +139,6 @@ struct EbpfToolchain {
 fn setup() -> Result<EbpfToolchain> {
     step("setup: Debian packages");
     setup_packages()?;
-    // The manifest checks render the Kustomize overlays with kubectl's built-in kustomize, which
-    // takes `patches:` from kubectl 1.21 on; Debian's kubernetes-client is 1.20, so it is not
-    // installed from there.
-    let kubectl = output(Command::new("kubectl").args(["version", "--client"]));
-    let kustomize =
-        kubectl.as_deref().ok().and_then(|v| v.lines().find_map(|l| l.strip_prefix("Kustomize Version: v")));
-    ensure!(
-        kustomize.and_then(|v| v.split('.').next()?.parse::<u32>().ok()).is_some_and(|major| major >= 4),
-        "kubectl >= 1.21 (with kustomize >= 4) is needed to render manifests/overlays: {}",
-        kubectl.as_deref().map_or_else(|e| e.to_string(), |v| format!("found {}", v.trim().replace('\n', ", ")))
-    );
     step("setup: eBPF toolchain");
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     let (name, bootstrap) = if toolchains.lines().any(|l| l.starts_with("nightly")) {
@@ -164,6 +153,21 @@ fn setup() -> Result<EbpfToolchain> {
     }
     let bpf_linker = setup_bpf_linker(&name)?;
     Ok(EbpfToolchain { name, bootstrap, bpf_linker })
+}
+
+/// The manifest checks render the Kustomize overlays with kubectl's built-in kustomize, which
+/// takes `patches:` from kubectl 1.21 on (Debian's kubernetes-client is 1.20, so it is not
+/// installed from there; these machines have a current kubectl).
+fn check_kubectl() -> Result<()> {
+    let kubectl = output(Command::new("kubectl").args(["version", "--client"]));
+    let kustomize =
+        kubectl.as_deref().ok().and_then(|v| v.lines().find_map(|l| l.strip_prefix("Kustomize Version: v")));
+    ensure!(
+        kustomize.and_then(|v| v.split('.').next()?.parse::<u32>().ok()).is_some_and(|major| major >= 4),
+        "kubectl >= 1.21 (with kustomize >= 4) is needed to render manifests/overlays: {}",
+        kubectl.as_deref().map_or_else(|e| e.to_string(), |v| format!("found {}", v.trim().replace('\n', ", ")))
+    );
+    Ok(())
 }
 
 fn setup_packages() -> Result<()> {
@@ -288,6 +292,7 @@ fn build(tc: &EbpfToolchain) -> Result<()> {
 fn test() -> Result<()> {
     ensure!(is_root(), "cargo xtask test needs root: the end-to-end tests create network namespaces and load eBPF");
     let tc = setup()?;
+    check_kubectl()?;
     build(&tc)?;
     step("test: remove what an earlier killed run left");
     clean_stale()?;
