@@ -439,7 +439,11 @@ fn check(args: &ImageArgs, triple: &str, binaries: &Path, built: &[Built]) -> Re
             ensure!(config["config"]["Entrypoint"][0].as_str() == Some(&entrypoint), "skopeo {transport}: {config}");
         }
         let imported = containerd.import(&first.path)?;
-        ensure!(imported.contains(&first.reference), "ctr images import: {} not in {imported:?}", first.reference);
+        ensure!(
+            imported.lines().any(|name| name.trim() == first.reference),
+            "ctr images import: {} not in {imported:?}",
+            first.reference
+        );
         eprintln!(
             "xtask: {} checked: reproducible, both formats, ctr import, {:?} run alone",
             first.reference, image.binaries
