@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
+use ferrymesh_testbed::kube_fake::kustomize;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -18,26 +19,10 @@ use mesh_ctrl::schema::strict;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-fn manifests_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests")
-}
-
 /// A file of the base, as written.
 fn manifest(name: &str) -> String {
-    let path = manifests_dir().join("base").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests/base").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// What `kubectl apply -k manifests/overlays/<overlay>` would apply.
-fn kustomize(overlay: &str) -> String {
-    let dir = manifests_dir().join("overlays").join(overlay);
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .unwrap_or_else(|e| panic!("kubectl (for its kustomize) is needed to render {}: {e}", dir.display()));
-    assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The overlays the README and manifests/README.md offer.

@@ -223,8 +223,10 @@ impl KubeFake {
     /// would: watchers see ADDED or MODIFIED.
     pub fn apply(&self, object: Value) -> Value {
         let collection = collection_of(object["kind"].as_str().expect("an object with a kind"));
-        let exists = self.store().objects.contains_key(&Store::key(collection, &object));
-        let stored = self.store().put(collection, object, if exists { "MODIFIED" } else { "ADDED" }, false);
+        let mut store = self.store();
+        let exists = store.objects.contains_key(&Store::key(collection, &object));
+        let stored = store.put(collection, object, if exists { "MODIFIED" } else { "ADDED" }, false);
+        drop(store);
         self.changed.notify_waiters();
         stored
     }
@@ -244,8 +246,10 @@ impl KubeFake {
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) {
         let collection = collection_of(kind);
         let key = (collection.to_string(), namespace.to_string(), name.to_string());
-        let object = self.store().objects.get(&key).cloned().unwrap_or_else(|| panic!("no {kind} {namespace}/{name}"));
-        self.store().put(collection, object, "DELETED", false);
+        let mut store = self.store();
+        let object = store.objects.get(&key).cloned().unwrap_or_else(|| panic!("no {kind} {namespace}/{name}"));
+        store.put(collection, object, "DELETED", false);
+        drop(store);
         self.changed.notify_waiters();
     }
 
@@ -335,10 +339,12 @@ impl KubeFake {
             (Method::DELETE, Some(name)) => {
                 let namespace = target.namespace.clone().unwrap_or_default();
                 let key = (target.collection.clone(), namespace, name.clone());
-                let Some(object) = self.store().objects.get(&key).cloned() else {
+                let mut store = self.store();
+                let Some(object) = store.objects.get(&key).cloned() else {
                     return status(StatusCode::NOT_FOUND, "NotFound", &format!("{name} not found"));
                 };
-                self.store().put(&target.collection, object.clone(), "DELETED", false);
+                store.put(&target.collection, object.clone(), "DELETED", false);
+                drop(store);
                 self.changed.notify_waiters();
                 (StatusCode::OK, object)
             }
@@ -414,29 +420,34 @@ impl KubeFake {
         if let Some(ns) = &target.namespace {
             object["metadata"]["namespace"] = json!(ns);
         }
-        let racing = self.store().racing.remove(&target.collection);
-        if let Some(theirs) = racing {
-            self.store().put(&target.collection, theirs, "ADDED", false);
+        // Check and store under one lock: of two clients creating the same object at once, one
+        // gets 409 (the race mesh-ctrl's replicas run for the CA Secret).
+        let mut store = self.store();
+        if let Some(theirs) = store.racing.remove(&target.collection) {
+            store.put(&target.collection, theirs, "ADDED", false);
         }
         let key = Store::key(&target.collection, &object);
-        if self.store().objects.contains_key(&key) {
+        if store.objects.contains_key(&key) {
             return status(StatusCode::CONFLICT, "AlreadyExists", &format!("{} {} already exists", key.0, key.2));
         }
-        let stored = self.store().put(&target.collection, object, "ADDED", false);
+        let stored = store.put(&target.collection, object, "ADDED", false);
+        drop(store);
         self.changed.notify_waiters();
         (StatusCode::CREATED, stored)
     }
 
     fn update(&self, target: &Target, object: Value) -> (StatusCode, Value) {
         let key = Store::key(&target.collection, &object);
-        let Some(current) = self.store().objects.get(&key).cloned() else {
+        let mut store = self.store();
+        let Some(current) = store.objects.get(&key) else {
             return status(StatusCode::NOT_FOUND, "NotFound", &format!("{} not found", key.2));
         };
         let wanted = &object["metadata"]["resourceVersion"];
         if !wanted.is_null() && *wanted != current["metadata"]["resourceVersion"] {
             return status(StatusCode::CONFLICT, "Conflict", "the object has been modified");
         }
-        let stored = self.store().put(&target.collection, object, "MODIFIED", false);
+        let stored = store.put(&target.collection, object, "MODIFIED", false);
+        drop(store);
         self.changed.notify_waiters();
         (StatusCode::OK, stored)
     }
@@ -448,7 +459,9 @@ impl KubeFake {
     fn patch(&self, target: &Target, name: &str, content_type: &str, patch: Value) -> (StatusCode, Value) {
         let namespace = target.namespace.clone().unwrap_or_default();
         let key = (target.collection.clone(), namespace.clone(), name.to_string());
-        let current = self.store().objects.get(&key).cloned();
+        // The resourceVersion check and the write under one lock, as in `create`.
+        let mut store = self.store();
+        let current = store.objects.get(&key).cloned();
         let apply = content_type.starts_with("application/apply-patch");
         let mut object = match current {
             Some(current) => {
@@ -479,7 +492,8 @@ impl KubeFake {
             }
             merge(&mut object, &patch);
         }
-        let stored = self.store().put(&target.collection, object, if existed { "MODIFIED" } else { "ADDED" }, false);
+        let stored = store.put(&target.collection, object, if existed { "MODIFIED" } else { "ADDED" }, false);
+        drop(store);
         self.changed.notify_waiters();
         (if existed { StatusCode::OK } else { StatusCode::CREATED }, stored)
     }
@@ -545,6 +559,19 @@ impl KubeFake {
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{address}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\ncurrent-context: fake\n"
         )
     }
+}
+
+/// What `kubectl apply -k manifests/overlays/<overlay>` would create, as `kubectl kustomize`
+/// renders it (for the manifest checks and for the fake's cluster).
+pub fn kustomize(overlay: &str) -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/overlays").join(overlay);
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl (for its kustomize) is needed to render {}: {e}", dir.display()));
+    assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("YAML is UTF-8")
 }
 
 /// Objects as the tests write them to the fake.

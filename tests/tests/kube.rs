@@ -8,25 +8,15 @@
 //! ConfigMap. Changes made through the API (a Service added, a namespace label flipped live, a
 //! policy added, a pod deleted) each reach the agents.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use ferrymesh_testbed::kube_fake::{objects, KubeFake};
+use ferrymesh_testbed::kube_fake::{kustomize, objects, KubeFake};
 use ferrymesh_testbed::mesh::{bin, wait_until};
 use ferrymesh_testbed::topology::{in_netns, FABRIC_IP};
 use ferrymesh_testbed::{Pod, Topology, TopologySpec};
 use serde_json::{json, Value};
 
 const SYSTEM: &str = "ferrymesh-system";
-
-/// What `kubectl apply -k manifests/overlays/kind` would create.
-fn kind_overlay() -> String {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/overlays/kind");
-    let out = Command::new("kubectl").arg("kustomize").arg(&dir).output().expect("kubectl (for its kustomize)");
-    assert!(out.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// The mesh-ctrl Deployment's container arguments, from the rendered overlay.
 fn deployment_args(rendered: &str) -> Vec<String> {
@@ -60,7 +50,7 @@ fn mesh_ctrl_serves_a_kubernetes_cluster_over_http_and_its_changes_reach_the_age
         let _entered = runtime.enter();
         fake.serve(tokio::net::TcpListener::from_std(listener).unwrap());
     }
-    let rendered = kind_overlay();
+    let rendered = kustomize("kind");
     fake.apply_yaml(&rendered);
     fake.apply(objects::namespace("shop", json!({"ferrymesh.io/dataplane-mode": "enabled"})));
     fake.apply(objects::namespace("legacy", json!({})));
