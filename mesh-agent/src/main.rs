@@ -209,6 +209,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let access_log = flows::AccessLog::open(&args.access_log)
         .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
     let flows = Arc::new(flows::FlowTable::new(args.flow_capacity, access_log));
+    let flushing = flows.clone();
+    tokio::spawn(async move { flushing.access_log().flush_periodically().await });
     let metrics = telemetry::install_metrics()?;
     telemetry::record_adopted(&adopted);
     tokio::spawn(telemetry::refresh(map_stats.clone(), state.clone(), metrics.clone()));
@@ -282,7 +284,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let admin = admin::AdminService {
         node: node_name.clone(),
         state: state.clone(),
-        flows,
+        flows: flows.clone(),
         datapath,
         map_stats,
         enrolled,
@@ -354,6 +356,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = int.recv() => { tracing::warn!(active, "second SIGINT: closing the connections still open"); break; }
         }
     }
+    flows.access_log().flush();
     // The pinned maps and links stay: enrolled pods stay captured, and closed while no agent
     // serves them, until the next agent adopts them (or `--uninstall` removes them).
     Ok(())

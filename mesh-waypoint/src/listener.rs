@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferrymesh_dataplane::flows::AccessLog;
 use ferrymesh_dataplane::hbone::server::{respond_status, serve_h2};
 use ferrymesh_dataplane::hbone::stream::H2Stream;
 use ferrymesh_dataplane::hbone::TLS_READ_BUFFER;
@@ -24,7 +25,6 @@ use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::record::RequestLog;
 use crate::upstream::Upstream;
 
 /// How long a client may take to finish its TLS handshake.
@@ -43,8 +43,8 @@ pub struct Waypoint {
     pub state: Arc<State>,
     /// Reaching endpoints.
     pub upstream: Upstream,
-    /// Where request records go.
-    pub log: RequestLog,
+    /// Where request records go (flushed every `AccessLog::FLUSH_EVERY` by main).
+    pub log: AccessLog,
     /// The rolls that split requests over weighted backends.
     pub rolls: ferrymesh_route::Rolls,
     /// The rolls that pick the requests a fault delays, and those it aborts (their own, so that

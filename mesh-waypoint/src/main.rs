@@ -169,7 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         trust_domain,
         state,
         upstream,
-        log: record::RequestLog::new(log),
+        log,
         rolls: Default::default(),
         fault_rolls: Default::default(),
         rate_limiters: Default::default(),
@@ -184,13 +184,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(waypoint = %waypoint.key, listen = %args.listen, "mesh-waypoint serving");
     let serving = tokio::spawn(listener::serve(listener, tls, waypoint.clone()));
     let flushing = waypoint.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(record::RequestLog::FLUSH_EVERY);
-        loop {
-            every.tick().await;
-            flushing.log.flush();
-        }
-    });
+    tokio::spawn(async move { flushing.log.flush_periodically().await });
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

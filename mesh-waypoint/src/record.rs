@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ferrymesh_dataplane::flows::AccessLog;
 use ferrymesh_dataplane::state::State;
 use http::{Request, Response, Version};
 use metrics::{counter, histogram, Label};
@@ -236,52 +235,6 @@ impl Record {
     }
 }
 
-/// Where request records go: lines gathered in memory and written together, by
-/// [`RequestLog::flush`] (the waypoint calls it every [`RequestLog::FLUSH_EVERY`] and on
-/// shutdown) or once [`RequestLog::FLUSH_AT`] bytes are waiting, so a busy waypoint spends
-/// one write on many requests rather than one each, as Envoy buffers its access log.
-#[derive(Debug)]
-pub struct RequestLog {
-    log: AccessLog,
-    pending: std::sync::Mutex<String>,
-}
-
-impl RequestLog {
-    /// How long a record may wait in memory.
-    pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
-    /// How many bytes of records are written at once, without waiting for the next flush.
-    pub const FLUSH_AT: usize = 64 * 1024;
-
-    /// Records to `log`.
-    pub fn new(log: AccessLog) -> Self {
-        Self { log, pending: Default::default() }
-    }
-
-    /// Adds `record`'s line.
-    pub fn write(&self, record: &Record) {
-        if matches!(self.log, AccessLog::Off) {
-            return;
-        }
-        let full = {
-            let mut pending = self.pending.lock().expect("request log lock");
-            pending.push_str(&record.to_line());
-            pending.push('\n');
-            (pending.len() >= Self::FLUSH_AT).then(|| std::mem::take(&mut *pending))
-        };
-        if let Some(lines) = full {
-            self.log.write_lines(&lines);
-        }
-    }
-
-    /// Writes the records waiting.
-    pub fn flush(&self) {
-        let lines = std::mem::take(&mut *self.pending.lock().expect("request log lock"));
-        if !lines.is_empty() {
-            self.log.write_lines(&lines);
-        }
-    }
-}
-
 /// Request latency buckets in milliseconds (Istio's).
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
@@ -348,7 +301,7 @@ impl Recorded {
 
     fn finish(&mut self) {
         if let Some(record) = self.record.take() {
-            self.waypoint.log.write(&record);
+            self.waypoint.log.write_with(|| record.to_line());
             record.count(&self.waypoint.state, &self.waypoint.trust_domain);
             crate::spans::finish(&self.waypoint.tracer, &record);
         }

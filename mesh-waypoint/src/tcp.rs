@@ -23,7 +23,7 @@ pub async fn relay(waypoint: &Waypoint, down: &Downstream, mut stream: H2Stream)
         record.response_flags = "DENY";
         record.reason = format!("denied: {}", decision.policy);
         stream.reset(h2::Reason::REFUSED_STREAM);
-        return waypoint.log.write(&record);
+        return waypoint.log.write_with(|| record.to_line());
     }
     let to = match &down.dest {
         Destination::Service(service) => {
@@ -52,5 +52,5 @@ pub async fn relay(waypoint: &Waypoint, down: &Downstream, mut stream: H2Stream)
             stream.reset(h2::Reason::CONNECT_ERROR);
         }
     }
-    waypoint.log.write(&record);
+    waypoint.log.write_with(|| record.to_line());
 }

@@ -359,15 +359,19 @@ fn flows_filters_follow_access_log_and_metrics() {
     assert!(followed.contains(&outbound), "follow mode printed a's outbound flow");
     assert!(followed.iter().any(|f| f["verdict"] == "denied"), "and the denied one");
 
-    // The access log holds the same JSON as meshctl, one line per closed connection.
-    let access: Vec<Value> = topo
-        .log("agent-node2")
-        .lines()
-        .filter(|l| l.starts_with("{\"time\""))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(access.contains(&inbound), "the access log has c's inbound flow: {access:?}");
-    assert!(access.contains(denied[0]));
+    // The access log holds the same JSON as meshctl, one line per closed connection, written
+    // within `AccessLog::FLUSH_EVERY` (100 ms) of the connection's end.
+    let access = || -> Vec<Value> {
+        topo.log("agent-node2")
+            .lines()
+            .filter(|l| l.starts_with("{\"time\""))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    wait_until(FLOW_WAIT, "the access log to hold c's inbound and denied flows", || {
+        let access = access();
+        access.contains(&inbound) && access.contains(denied[0])
+    });
 
     // Metrics: a real Prometheus text parser reads them; byte counters match the bytes sent.
     let node1 = &topo.nodes[0].netns;

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrymesh_api::admin as proto;
+use ferrymesh_api::flow_json::FlowJson;
 use ferrymesh_policy::Transport;
 
 use crate::error::ProxyError;
@@ -158,49 +159,92 @@ impl From<&Flow> for proto::Flow {
     }
 }
 
-/// Where the access log goes: one flow JSON line per closed connection.
+/// Where records go, one JSON line each: to stdout, appended to a file, or nowhere. Lines are
+/// gathered in memory and written together, by [`AccessLog::flush`] (the process calls it every
+/// [`AccessLog::FLUSH_EVERY`] and on shutdown) or once [`AccessLog::FLUSH_AT`] bytes wait, so a
+/// busy proxy spends one write on many records rather than one each, as Envoy buffers its
+/// access log. The agent writes a flow per closed connection, the waypoint a record per request.
 #[derive(Debug)]
-pub enum AccessLog {
-    /// Nowhere.
+pub struct AccessLog {
+    sink: Sink,
+    /// Lines not yet written. Writes happen under this lock too, so lines keep their order.
+    pending: Mutex<String>,
+}
+
+#[derive(Debug)]
+enum Sink {
     Off,
-    /// Standard output.
     Stdout,
-    /// Appended to a file.
-    File(Mutex<std::fs::File>),
+    File(std::fs::File),
 }
 
 impl AccessLog {
+    /// How long a line may wait in memory.
+    pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+    /// How many bytes of lines are written at once, without waiting for the next flush.
+    pub const FLUSH_AT: usize = 64 * 1024;
+
     /// `-` (stdout), `off`, or a file path (appended to).
     pub fn open(spec: &str) -> std::io::Result<Self> {
-        Ok(match spec {
-            "-" => Self::Stdout,
-            "off" => Self::Off,
-            path => Self::File(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)),
-        })
+        let sink = match spec {
+            "-" => Sink::Stdout,
+            "off" => Sink::Off,
+            path => Sink::File(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
+        };
+        Ok(Self { sink, pending: Mutex::default() })
     }
 
-    fn write(&self, flow: &Flow) {
-        if !matches!(self, Self::Off) {
-            self.write_line(&ferrymesh_api::flow_json::FlowJson::from(proto::Flow::from(flow)).to_line());
+    /// Adds the line `line` makes (a JSON record, without its newline); nothing is made when
+    /// the log is off.
+    pub fn write_with(&self, line: impl FnOnce() -> String) {
+        if matches!(self.sink, Sink::Off) {
+            return;
+        }
+        let line = line();
+        let mut pending = self.pending.lock().expect("access log lock");
+        pending.push_str(&line);
+        pending.push('\n');
+        if pending.len() >= Self::FLUSH_AT {
+            self.write_out(&mut pending);
         }
     }
 
-    /// Writes one line (a JSON record) to the log.
-    pub fn write_line(&self, line: &str) {
-        self.write_lines(&format!("{line}\n"));
+    /// Writes the lines waiting.
+    pub fn flush(&self) {
+        self.write_out(&mut self.pending.lock().expect("access log lock"));
     }
 
-    /// Writes `lines`, each ending in a newline, with one write.
-    pub fn write_lines(&self, lines: &str) {
+    /// Writes every `FLUSH_EVERY` until the task is dropped.
+    pub async fn flush_periodically(&self) {
+        let mut every = tokio::time::interval(Self::FLUSH_EVERY);
+        loop {
+            every.tick().await;
+            self.flush();
+        }
+    }
+
+    fn write_out(&self, pending: &mut String) {
         use std::io::Write;
-        let result = match self {
-            Self::Off => Ok(()),
-            Self::Stdout => std::io::stdout().lock().write_all(lines.as_bytes()),
-            Self::File(file) => file.lock().expect("access log lock").write_all(lines.as_bytes()),
+        if pending.is_empty() {
+            return;
+        }
+        let result = match &self.sink {
+            Sink::Off => Ok(()),
+            Sink::Stdout => std::io::stdout().lock().write_all(pending.as_bytes()),
+            // `&File` writes: the lock held is the pending lines'.
+            Sink::File(file) => (&mut &*file).write_all(pending.as_bytes()),
         };
+        pending.clear();
         if let Err(e) = result {
             tracing::warn!("cannot write the access log: {e}");
         }
+    }
+}
+
+impl Drop for AccessLog {
+    /// A process that ends by returning (or by an error) keeps the lines still waiting.
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -228,7 +272,7 @@ impl FlowTable {
     pub fn record(&self, flow: Flow) {
         tracing::debug!(?flow, "flow");
         crate::metrics::flow_closed(&flow);
-        self.access_log.write(&flow);
+        self.access_log.write_with(|| FlowJson::from(proto::Flow::from(&flow)).to_line());
         // No receiver (nobody following) is fine.
         let _ = self.live.send(flow.clone());
         let mut ring = self.ring.lock().expect("flow lock");
@@ -242,6 +286,11 @@ impl FlowTable {
     /// some (it is told how many).
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Flow> {
         self.live.subscribe()
+    }
+
+    /// Where each recorded flow is logged (the agent flushes it, see [`AccessLog::flush`]).
+    pub fn access_log(&self) -> &AccessLog {
+        &self.access_log
     }
 
     /// All flows held, oldest first.
@@ -293,12 +342,37 @@ mod tests {
 
     #[test]
     fn ring_keeps_the_newest() {
-        let table = FlowTable::new(2, AccessLog::Off);
+        let table = FlowTable::new(2, AccessLog::open("off").unwrap());
         for port in 1..=3 {
             table.record(flow(port));
         }
         let ports: Vec<u16> = table.snapshot().iter().map(|f| f.src.addr.port()).collect();
         assert_eq!(ports, vec![2, 3]);
+    }
+
+    #[test]
+    fn access_log_writes_lines_together_in_order() {
+        struct Removed(std::path::PathBuf);
+        impl Drop for Removed {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let path = Removed(std::env::temp_dir().join(format!("ferrymesh-access-log-{}", std::process::id())));
+        let read = || std::fs::read_to_string(&path.0).unwrap();
+        let log = AccessLog::open(path.0.to_str().unwrap()).unwrap();
+        log.write_with(|| "{\"n\":1}".into());
+        log.write_with(|| "{\"n\":2}".into());
+        assert_eq!(read(), "", "lines wait in memory for a flush");
+        log.flush();
+        assert_eq!(read(), "{\"n\":1}\n{\"n\":2}\n");
+        let big = "x".repeat(AccessLog::FLUSH_AT);
+        log.write_with(|| big.clone());
+        assert_eq!(read().len(), 16 + AccessLog::FLUSH_AT + 1, "FLUSH_AT bytes are written without a flush");
+        log.write_with(|| "{\"n\":3}".into());
+        drop(log);
+        assert!(read().ends_with("x\n{\"n\":3}\n"), "dropping the log writes what waits");
+        AccessLog::open("off").unwrap().write_with(|| panic!("an off log makes no line"));
     }
 
     #[test]

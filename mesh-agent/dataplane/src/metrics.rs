@@ -3,21 +3,24 @@
 //! process that embeds the library installs the Prometheus recorder, describes the metrics
 //! and registers them at zero (docs/OBSERVABILITY.md lists every one).
 
+use std::sync::Arc;
+
 use ferrymesh_policy::Transport;
-use metrics::{counter, Label};
+use metrics::{counter, Label, SharedString};
 
 use crate::flows::{Direction, Flow, Verdict};
 
-/// Istio's labels of a TCP flow, as the recording agent sees it.
+/// Istio's labels of a TCP flow, as the recording agent sees it. Each value is made once and
+/// shared: the flow's four counters take the labels, and a clone of a shared value is a count
+/// taken, not a string copied.
 fn flow_labels(flow: &Flow) -> Vec<Label> {
-    let workload = |e: &crate::flows::Endpoint| {
-        let (name, namespace) = e.names().unwrap_or(("unknown", "unknown"));
-        (name.to_string(), namespace.to_string())
-    };
-    let principal = |e: &crate::flows::Endpoint| e.identity.as_deref().unwrap_or("unknown").to_string();
+    const UNKNOWN: SharedString = SharedString::const_str("unknown");
+    let shared = |s: &str| SharedString::from_shared(Arc::from(s));
+    let workload = |e: &crate::flows::Endpoint| e.names().map_or((UNKNOWN, UNKNOWN), |(n, ns)| (shared(n), shared(ns)));
+    let principal = |e: &crate::flows::Endpoint| e.identity.clone().map_or(UNKNOWN, SharedString::from_shared);
     let (src_name, src_ns) = workload(&flow.src);
     let (dst_name, dst_ns) = workload(&flow.dst);
-    let service = if flow.service.is_empty() { "unknown".to_string() } else { flow.service.clone() };
+    let service = if flow.service.is_empty() { UNKNOWN } else { shared(&flow.service) };
     vec![
         Label::new("reporter", if flow.direction == Direction::Outbound { "source" } else { "destination" }),
         Label::new("source_workload", src_name),
