@@ -10,6 +10,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, Parser)]
@@ -75,6 +76,17 @@ enum Cmd {
         #[arg(long)]
         count: u32,
     },
+    /// The cost of one process hop on this machine: `count` round trips of `size` bytes
+    /// between two threads, over TCP on 127.0.0.1 and over a Unix socket pair, back to back.
+    /// A round trip is two hops (each a wake-up and a send and a receive); over Unix sockets
+    /// a hop has no TCP stack, the least an agent pass in a separate process can cost. Prints
+    /// JSON with each one's p50 and p99 in microseconds. Run it in a netns nothing captures.
+    Hops {
+        #[arg(long, default_value_t = 20000)]
+        count: u32,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
     /// Hold one connection to an echo and do `count` round trips, one every `interval_ms`.
     Ping {
         #[arg(long)]
@@ -93,6 +105,7 @@ fn main() {
         Cmd::Send { to, bytes, marker, rate } => send(to, bytes, marker.as_deref(), rate),
         Cmd::Ping { to, count, interval_ms } => ping(to, count, Duration::from_millis(interval_ms)),
         Cmd::Rr { to, count, size } => rr(to, count, size),
+        Cmd::Hops { count, size } => hops(count, size),
         Cmd::Hits { to, count, interval_ms, progress } => hits(to, count, Duration::from_millis(interval_ms), progress),
         Cmd::Hold { to, count } => hold(to, count),
     };
@@ -286,6 +299,47 @@ fn rr(to: SocketAddr, count: u32, size: usize) -> Result<()> {
         "{}",
         serde_json::json!({"count": count, "size": size, "p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99)})
     );
+    Ok(())
+}
+
+/// Round trips of `size` bytes over `client` to a thread echoing on `server`: p50 and p99 in
+/// microseconds.
+fn ping_pong<S: Read + Write + Send + 'static>(mut client: S, mut server: S, count: u32, size: usize) -> Result<Value> {
+    let echo = std::thread::spawn(move || {
+        let mut buf = vec![0u8; size];
+        while server.read_exact(&mut buf).is_ok() && server.write_all(&buf).is_ok() {}
+    });
+    let out = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let mut micros = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let start = Instant::now();
+        client.write_all(&out)?;
+        client.read_exact(&mut back)?;
+        micros.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(client);
+    echo.join().map_err(|_| "the echo thread panicked")?;
+    micros.sort_by(f64::total_cmp);
+    let at = |q: f64| micros[((micros.len() as f64 - 1.0) * q) as usize];
+    Ok(serde_json::json!({"p50_us": at(0.5), "p99_us": at(0.99)}))
+}
+
+fn hops(count: u32, size: usize) -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let client = TcpStream::connect(listener.local_addr()?)?;
+    let (server, _) = listener.accept()?;
+    for stream in [&client, &server] {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    }
+    let tcp = ping_pong(client, server, count, size)?;
+    let (client, server) = std::os::unix::net::UnixStream::pair()?;
+    for stream in [&client, &server] {
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    }
+    let unix = ping_pong(client, server, count, size)?;
+    println!("{}", serde_json::json!({"count": count, "size": size, "tcp_loopback": tcp, "unix": unix}));
     Ok(())
 }
 
