@@ -14,7 +14,7 @@ use bytes::Bytes;
 use ferrymesh_dataplane::flows::AccessLog;
 use ferrymesh_dataplane::hbone::server::{respond_status, serve_h2};
 use ferrymesh_dataplane::hbone::stream::H2Stream;
-use ferrymesh_dataplane::hbone::TLS_READ_BUFFER;
+use ferrymesh_dataplane::hbone::{TLS_READ_BUFFER, TLS_WRITE_BUFFER};
 use ferrymesh_dataplane::state::{Service, State, Workload};
 use ferrymesh_dataplane::tls;
 use h2::RecvStream;
@@ -154,7 +154,9 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, waypoint: Arc<
 
 async fn serve_connection(tcp: TcpStream, peer: SocketAddr, tls: Arc<ServerConfig>, waypoint: Arc<Waypoint>) {
     let _ = tcp.set_nodelay(true);
-    let accept = TlsAcceptor::from(tls).accept(BufReader::with_capacity(TLS_READ_BUFFER, tcp));
+    let accept = TlsAcceptor::from(tls).accept_with(BufReader::with_capacity(TLS_READ_BUFFER, tcp), |tls| {
+        tls.set_buffer_limit(Some(TLS_WRITE_BUFFER))
+    });
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return tracing::info!(%peer, "mTLS handshake failed: {}", tls::describe(&e)),

@@ -14,7 +14,7 @@ use ferrymesh_dataplane::hbone::client::{ConnectHeaders, Dialer, Peer};
 use ferrymesh_dataplane::hbone::pool::StreamSlot;
 use ferrymesh_dataplane::hbone::server::{connect_target, respond_status, serve_h2_until};
 use ferrymesh_dataplane::hbone::stream::{h2_to_tcp, tcp_to_h2};
-use ferrymesh_dataplane::hbone::TLS_READ_BUFFER;
+use ferrymesh_dataplane::hbone::{TLS_READ_BUFFER, TLS_WRITE_BUFFER};
 use ferrymesh_dataplane::spans::TraceParent;
 use ferrymesh_policy::Transport;
 use h2::{RecvStream, SendStream};
@@ -108,7 +108,11 @@ async fn serve_connection(
     // never does (a half-open flood) holds a socket and this task only, until the timeout.
     let handshake = async {
         tcp.readable().await?;
-        TlsAcceptor::from(tls).accept(BufReader::with_capacity(TLS_READ_BUFFER, tcp)).await
+        TlsAcceptor::from(tls)
+            .accept_with(BufReader::with_capacity(TLS_READ_BUFFER, tcp), |tls| {
+                tls.set_buffer_limit(Some(TLS_WRITE_BUFFER))
+            })
+            .await
     };
     let stream = match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(stream)) => stream,

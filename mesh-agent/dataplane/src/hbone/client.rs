@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio_rustls::TlsConnector;
 
 use super::pool::{Pool, PoolKey, StreamSlot};
-use super::{client_settings, HANDSHAKE_TIMEOUT, PORT, TLS_READ_BUFFER};
+use super::{client_settings, HANDSHAKE_TIMEOUT, PORT, TLS_READ_BUFFER, TLS_WRITE_BUFFER};
 use crate::identity::WorkloadCert;
 use crate::tls;
 
@@ -97,8 +97,11 @@ impl Client {
             tls::client_config(cert, roots, dst_id.clone()).map_err(|e| HboneError::Tls(dst_ip, e.to_string()))?;
         let stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            TlsConnector::from(Arc::new(config))
-                .connect(ServerName::IpAddress(dst_ip.into()), BufReader::with_capacity(TLS_READ_BUFFER, io)),
+            TlsConnector::from(Arc::new(config)).connect_with(
+                ServerName::IpAddress(dst_ip.into()),
+                BufReader::with_capacity(TLS_READ_BUFFER, io),
+                |tls| tls.set_buffer_limit(Some(TLS_WRITE_BUFFER)),
+            ),
         )
         .await
         .map_err(|_| HboneError::Tls(dst_ip, format!("no handshake within {HANDSHAKE_TIMEOUT:?}")))?

@@ -40,6 +40,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// cost a recv syscall per 4 KiB of ciphertext; a buffer in between makes each recv take
 /// whatever the socket holds, up to this much, and rustls then reads from memory.
 pub const TLS_READ_BUFFER: usize = 32 * 1024;
+/// TLS records rustls may hold for the socket (its default is 64 KiB): a large DATA frame goes
+/// out in fewer, larger writes. Records are held only while they wait for the socket, so an idle
+/// connection holds nothing.
+pub const TLS_WRITE_BUFFER: usize = 256 * 1024;
 
 /// The HTTP/2 server settings of every HBONE listener.
 pub fn server_settings() -> h2::server::Builder {
