@@ -180,7 +180,7 @@ enum Sink {
 
 impl AccessLog {
     /// How long a line may wait in memory.
-    pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+    pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
     /// How many bytes of lines are written at once, without waiting for the next flush.
     pub const FLUSH_AT: usize = 64 * 1024;
 

@@ -280,10 +280,9 @@ fn ping(to: SocketAddr, count: u32, interval: Duration) -> Result<()> {
     Ok(())
 }
 
-fn rr(to: SocketAddr, count: u32, size: usize) -> Result<()> {
-    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+/// `count` round trips of `size` bytes over `stream` to an echo, back to back: each one's time
+/// in microseconds, sorted.
+fn round_trips(stream: &mut (impl Read + Write), count: u32, size: usize) -> Result<Vec<f64>> {
     let out = vec![0x5au8; size];
     let mut back = vec![0u8; size];
     let mut micros = Vec::with_capacity(count as usize);
@@ -294,7 +293,20 @@ fn rr(to: SocketAddr, count: u32, size: usize) -> Result<()> {
         micros.push(start.elapsed().as_secs_f64() * 1e6);
     }
     micros.sort_by(f64::total_cmp);
-    let at = |q: f64| micros[((micros.len() as f64 - 1.0) * q) as usize];
+    Ok(micros)
+}
+
+/// The `q` quantile of sorted `micros`.
+fn quantile(micros: &[f64], q: f64) -> f64 {
+    micros[((micros.len() as f64 - 1.0) * q) as usize]
+}
+
+fn rr(to: SocketAddr, count: u32, size: usize) -> Result<()> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let micros = round_trips(&mut stream, count, size)?;
+    let at = |q| quantile(&micros, q);
     println!(
         "{}",
         serde_json::json!({"count": count, "size": size, "p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99)})
@@ -309,20 +321,10 @@ fn ping_pong<S: Read + Write + Send + 'static>(mut client: S, mut server: S, cou
         let mut buf = vec![0u8; size];
         while server.read_exact(&mut buf).is_ok() && server.write_all(&buf).is_ok() {}
     });
-    let out = vec![0x5au8; size];
-    let mut back = vec![0u8; size];
-    let mut micros = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let start = Instant::now();
-        client.write_all(&out)?;
-        client.read_exact(&mut back)?;
-        micros.push(start.elapsed().as_secs_f64() * 1e6);
-    }
+    let micros = round_trips(&mut client, count, size)?;
     drop(client);
     echo.join().map_err(|_| "the echo thread panicked")?;
-    micros.sort_by(f64::total_cmp);
-    let at = |q: f64| micros[((micros.len() as f64 - 1.0) * q) as usize];
-    Ok(serde_json::json!({"p50_us": at(0.5), "p99_us": at(0.99)}))
+    Ok(serde_json::json!({"p50_us": quantile(&micros, 0.5), "p99_us": quantile(&micros, 0.99)}))
 }
 
 fn hops(count: u32, size: usize) -> Result<()> {
