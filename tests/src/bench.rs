@@ -211,7 +211,7 @@ fn hops(topo: &Topology, pod: &Pod) -> Value {
 /// client's agent receives on a loopback leg and the server's agent sends on one), at this
 /// machine's `hop` figures; a sentence for the report, or nothing without them.
 pub fn hop_floor(figures: &[Figure]) -> Option<String> {
-    let median = |m: &str| figures.iter().find(|f| f.scenario == "hop" && f.measurement == m).map(|f| f.median);
+    let median = |m: &str| find(figures, "hop", m).map(|f| f.median);
     let (tcp, unix) = (median("tcp_loopback_rt_p50")?, median("unix_rt_p50")?);
     Some(format!(
         "Floor: cross-node adds four process hops per round trip over plain (two loopback legs each \
@@ -534,17 +534,19 @@ pub fn policy_decision(quick: bool, rounds: usize, criterion_dir: &std::path::Pa
         .collect()
 }
 
+/// The figure of `measurement` in `scenario`, if `figures` has it.
+fn find<'a>(figures: &'a [Figure], scenario: &str, measurement: &str) -> Option<&'a Figure> {
+    figures.iter().find(|f| f.scenario == scenario && f.measurement == measurement)
+}
+
 /// A target: what it says, the measured value, its unit, and whether the value meets it.
 type Target<'a> = (&'a str, Option<f64>, &'a str, fn(f64) -> bool);
 
 /// Issue #7's and #19's targets checked against `figures`, as Markdown table rows
 /// (`| target | measured | met |`). A target whose figures are missing is reported as such.
 pub fn targets(figures: &[Figure]) -> String {
-    let get = |scenario: &str, measurement: &str| {
-        figures.iter().find(|f| f.scenario == scenario && f.measurement == measurement)
-    };
-    let ratio = |scenario: &str, measurement: &str| get(scenario, measurement).and_then(|f| f.ratio_to_plain);
-    let median = |scenario: &str, measurement: &str| get(scenario, measurement).map(|f| f.median);
+    let ratio = |scenario: &str, measurement: &str| find(figures, scenario, measurement).and_then(|f| f.ratio_to_plain);
+    let median = |scenario: &str, measurement: &str| find(figures, scenario, measurement).map(|f| f.median);
     let added = |measurement: &str| Some(median("cross-node", measurement)? - median("plain", measurement)?);
     let scaling = || Some(median("policy", "policy_decision")? / median("policy", "policy_decision_100_policies")?);
     #[rustfmt::skip]
@@ -790,9 +792,7 @@ pub fn waypoint(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure>
     // Against the same Service without the waypoint, in the same run.
     compare_to(&mut figures, "l7-direct");
     // What the features cost when none is triggered: against the plain waypoint.
-    let max_rate = |scenario: &str| {
-        figures.iter().find(|f| f.scenario == scenario && f.measurement == "http1_max_rate").map(|f| f.median)
-    };
+    let max_rate = |scenario: &str| find(&figures, scenario, "http1_max_rate").map(|f| f.median);
     let costs: Vec<Figure> = ["waypoint-features", "waypoint-traced"]
         .into_iter()
         .filter_map(|scenario| {
