@@ -82,7 +82,10 @@ fn the_readmes_by_hand_steps_run_as_written() {
     // The refusal is prompt (a reset or a refused connect, not curl's 3 s timeout), and the
     // flows, followed live and then filtered, show the allowed flow and the denied one with the
     // policy that decided it.
-    let refused = log.lines().find(|l| l.starts_with("curl: (") && l.contains("9000"));
+    // curl names the port when the connect is refused, not when the connection is reset after
+    // it: the error is the first curl error after the request to 9000 (the trace's `+ ...` line).
+    let refused =
+        log.lines().skip_while(|l| !(l.starts_with('+') && l.contains(":9000/"))).find(|l| l.starts_with("curl: ("));
     assert!(refused.is_some_and(|l| !l.contains("timed out")), "{refused:?}\n{log}");
     let flow = |port: &str, verdict: &str| {
         log.lines().any(|l| l.contains("shop/a:") && l.contains(&format!("shop/c:{port}")) && l.contains(verdict))
