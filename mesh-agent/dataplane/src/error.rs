@@ -162,6 +162,16 @@ impl ProxyError {
         }
     }
 
+    /// Whether the connection may be tried on another endpoint or waypoint address: not after a
+    /// policy's refusal (it is the answer), nor once the destination may have received the
+    /// client's bytes.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ProxyError::Tunnel(e) => self.verdict() != Verdict::Denied && e.retryable(),
+            _ => self.verdict() != Verdict::Denied,
+        }
+    }
+
     /// The `response_flags` label of the connection's metrics (Istio's label; ztunnel's values):
     /// `DENY` for a policy's refusal, `CONNECT_FAILED` for any other failure.
     pub fn response_flags(&self) -> &'static str {
@@ -252,6 +262,10 @@ fn tunnel_hint(e: &HboneError) -> Option<String> {
              bundles in `meshctl status` on both nodes"
         ),
         HboneError::Http2(..) => return None,
+        HboneError::Interrupted(ip, _) => format!(
+            "the connection to {ip}:15008 broke while the tunnel opened; the client's first bytes may have \
+             reached the app, so no other endpoint was tried: the client may retry"
+        ),
         HboneError::Refused(401) => {
             "the destination's policy denied it: its agent's inbound flow (`meshctl flows`) and `meshctl \
              explain` name the policy"
@@ -372,6 +386,27 @@ mod tests {
         for (error, verdict, flags, reason) in cases {
             assert_eq!((error.verdict(), error.response_flags(), error.to_string().as_str()), (verdict, flags, reason));
         }
+    }
+
+    /// Only a failure that proves the client's bytes reached no app may be tried elsewhere.
+    #[test]
+    fn only_failures_before_any_delivery_are_retried() {
+        let interrupted =
+            |reason| ProxyError::Tunnel(Arc::new(HboneError::Interrupted([10, 244, 2, 2].into(), reason)));
+        let broken = interrupted(h2::Error::from(h2::Reason::INTERNAL_ERROR));
+        assert_eq!((broken.verdict(), broken.retryable()), (Verdict::Error, false));
+        assert_eq!(
+            broken.to_string(),
+            "HTTP/2 to 10.244.2.2 failed after the client's first bytes were sent: \
+             protocol error: unexpected internal error encountered"
+        );
+        assert!(broken.hint().unwrap().contains("no other endpoint was tried"), "{:?}", broken.hint());
+        assert!(refused(503).retryable());
+        assert!(!refused(401).retryable());
+        assert!(!ProxyError::Denied(denied()).retryable());
+        let dial =
+            ProxyError::Connect { target: "10.244.2.2:80".parse().unwrap(), error: Arc::new(io::Error::other("x")) };
+        assert!(dial.retryable());
     }
 
     /// A refusal says what fixes it; the hint of a wrapped error is the wrapped one's.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use ferrymesh_dataplane::hbone::client::{Client, ConnectHeaders, Dialer};
+use ferrymesh_dataplane::hbone::client::{Client, Connect, ConnectHeaders, Dialer, HboneError, Peer};
 use ferrymesh_dataplane::hbone::server::{connect_target, respond_status, serve_h2};
 use ferrymesh_dataplane::hbone::stream::H2Stream;
 use ferrymesh_dataplane::identity::{Identity, WorkloadCert};
@@ -23,7 +23,7 @@ use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, 
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::io::DuplexStream;
+use tokio::io::{AsyncReadExt, DuplexStream};
 use tokio::sync::{mpsc, watch};
 
 const SERVER_IP: [u8; 4] = [10, 244, 2, 2];
@@ -105,7 +105,8 @@ async fn app(
 }
 
 /// The HBONE server: mTLS, then each CONNECT checked and answered 200, then hyper on the
-/// stream: HTTP/1.1 for port 8080, HTTP/2 for port 8081.
+/// stream: HTTP/1.1 for port 8080, HTTP/2 for port 8081. A CONNECT to port 8098 or 8099 is
+/// reset unanswered (REFUSED_STREAM, INTERNAL_ERROR).
 async fn serve(mut accepted: mpsc::UnboundedReceiver<DuplexStream>, config: Arc<rustls::ServerConfig>) {
     while let Some(io) = accepted.recv().await {
         let config = config.clone();
@@ -120,6 +121,13 @@ async fn serve(mut accepted: mpsc::UnboundedReceiver<DuplexStream>, config: Arc<
                     respond_status(&mut respond, StatusCode::BAD_REQUEST);
                     return;
                 };
+                match target.port() {
+                    // The stream fails without an answer: reset by the server's limits (it was
+                    // never processed), or for any other reason (it may have been).
+                    8098 => return respond.send_reset(h2::Reason::REFUSED_STREAM),
+                    8099 => return respond.send_reset(h2::Reason::INTERNAL_ERROR),
+                    _ => {}
+                }
                 let send = respond_status(&mut respond, StatusCode::OK).expect("stream open");
                 let io = TokioIo::new(H2Stream::new(send, body));
                 let peer = peer.clone();
@@ -200,4 +208,52 @@ async fn hyper_serves_http1_and_http2_on_hbone_streams() {
     let reserved = SocketAddr::from((SERVER_IP, 15006));
     let e = client.open(&dialer, &client_cert, roots, reserved, &server_id, &headers).await.unwrap_err();
     assert_eq!(e.to_string(), "destination refused the tunnel: HTTP 400");
+}
+
+/// The client's first bytes go with the CONNECT and reach the app once the stream is answered;
+/// a stream that then fails unanswered is `Interrupted` (not retried elsewhere) unless the
+/// server says it never processed it.
+#[tokio::test]
+async fn first_bytes_ride_with_the_connect() {
+    let pki = Pki::new();
+    let client_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
+    let server_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/server".parse().unwrap();
+    let (client_cert, server_cert) = (pki.cert(&client_id), pki.cert(&server_id));
+    let (_trust_tx, trust) = watch::channel(Some(Arc::new(pki.trust())));
+    let config = tls::server_config(Arc::new(Fixed(server_cert.key.clone())), trust, "cluster.local").unwrap();
+    let (to_server, accepted) = mpsc::unbounded_channel();
+    tokio::spawn(serve(accepted, Arc::new(config)));
+    let dialer = MemoryDialer { to_server, dials: AtomicUsize::new(0) };
+    let client = Client::default();
+    let roots = pki.trust().roots.clone();
+    let headers = ConnectHeaders {
+        forwarded_for: [10, 244, 1, 2].into(),
+        baggage: "k8s.namespace.name=shop".into(),
+        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".into(),
+    };
+    let server = Peer { ip: SERVER_IP.into(), id: &server_id };
+    let open = |port: u16, first: &'static [u8]| {
+        let target = SocketAddr::from((SERVER_IP, port));
+        let connect = Connect { target, headers: &headers, first: Bytes::from_static(first) };
+        client.open_via(&dialer, &client_cert, roots.clone(), server, connect)
+    };
+
+    // The whole request went with the CONNECT; the stream carries only the answer back.
+    let request = b"GET /early HTTP/1.1\r\nhost: server\r\nconnection: close\r\n\r\n";
+    let (send, recv, _slot) = open(8080, request).await.unwrap();
+    let mut stream = H2Stream::new(send, recv);
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await.unwrap().unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(response.ends_with(&format!("\r\n\r\nHTTP/1.1 /early from {client_id}")), "{response}");
+
+    // Unanswered: only a stream the server refused as unprocessed may be tried elsewhere.
+    let refused = open(8098, request).await.unwrap_err();
+    assert!(matches!(refused, HboneError::Http2(..)) && refused.retryable(), "{refused}");
+    let interrupted = open(8099, request).await.unwrap_err();
+    assert!(matches!(interrupted, HboneError::Interrupted(..)) && !interrupted.retryable(), "{interrupted}");
+    assert!(interrupted.to_string().starts_with("HTTP/2 to 10.244.2.2 failed after the client's first bytes"));
+    let nothing_sent = open(8099, b"").await.unwrap_err();
+    assert!(matches!(nothing_sent, HboneError::Http2(..)) && nothing_sent.retryable(), "{nothing_sent}");
+    assert_eq!(dialer.dials.load(Ordering::Relaxed), 1, "a reset stream leaves the connection pooled");
 }

@@ -6,11 +6,12 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferrymesh_dataplane::hbone::client::{ConnectHeaders, Dialer, Peer};
+use ferrymesh_dataplane::hbone::client::{Connect, ConnectHeaders, Dialer, Peer};
 use ferrymesh_dataplane::hbone::pool::StreamSlot;
 use ferrymesh_dataplane::hbone::server::{connect_target, respond_status, serve_h2_until};
 use ferrymesh_dataplane::hbone::stream::{h2_to_tcp, tcp_to_h2};
@@ -20,8 +21,9 @@ use ferrymesh_policy::Transport;
 use h2::{RecvStream, SendStream};
 use http::{Request, StatusCode};
 use mesh_common::{HBONE_PORT, MARK_AGENT};
+use nix::sys::socket::MsgFlags;
 use rustls::ServerConfig;
-use tokio::io::BufReader;
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
@@ -36,23 +38,34 @@ use crate::flows::{Direction, Endpoint};
 use crate::limits::{Held, Limit};
 use crate::tls;
 
+/// Most of a client's first bytes sent with the CONNECT, ahead of its answer (see
+/// [`open`]): an HTTP request's head or a TLS ClientHello fits.
+const FIRST_BYTES: usize = 16 * 1024;
+
 /// Relays between a TCP connection and an HTTP/2 stream until both directions end, one fails,
-/// or `close` fires; failure and revocation reset both sides. Returns (bytes TCP -> stream,
-/// bytes stream -> TCP, how it ended).
+/// or `close` fires; failure and revocation reset both sides. The first `sent_ahead` bytes of
+/// the TCP connection already went out on the stream (with its CONNECT) and are skipped.
+/// Returns (bytes TCP -> stream, bytes stream -> TCP, how it ended).
 async fn relay(
     tcp: TcpStream,
     mut recv: RecvStream,
     mut send: SendStream<Bytes>,
     close: Option<oneshot::Receiver<Denied>>,
+    sent_ahead: usize,
 ) -> (u64, u64, RelayEnd) {
-    let (mut up, mut down) = (0, 0);
+    let (mut up, mut down) = (sent_ahead as u64, 0);
     let (mut read, mut write) = tcp.into_split();
     let end = until_done_or_revoked(
-        || {
+        || async {
+            if sent_ahead > 0 {
+                // They are in the socket already (they were peeked), so this does not wait.
+                read.read_exact(&mut vec![0; sent_ahead]).await?;
+            }
             futures::future::try_join(
                 tcp_to_h2(&mut read, &mut send, &mut up),
                 h2_to_tcp(&mut recv, &mut write, &mut down),
             )
+            .await
         },
         close,
     )
@@ -199,7 +212,7 @@ async fn serve_stream(stream: Box<NewStream>, pod: Arc<PodContext>, ctx: Arc<Pro
     let outcome = match accepted {
         Err(outcome) => outcome,
         Ok(Accepted { admitted: Admitted { app, policy, close, _live }, body, send, _held }) => {
-            let (to_client, to_app, end) = relay(app, body, send, Some(close)).await;
+            let (to_client, to_app, end) = relay(app, body, send, Some(close), 0).await;
             Outcome::relayed(to_app, to_client, end, policy)
         }
     };
@@ -276,17 +289,30 @@ impl Dialer for PodDialer<'_> {
     }
 }
 
-/// Opens an HBONE stream for a captured connection of `pod` to `target` through `peer` (the
-/// destination itself, or the waypoint of the destination's Service), which must prove its
-/// identity (a refusal by the destination's policy is a 401, see [`ProxyError::verdict`]).
-/// The slot is the stream's place on its pooled connection: hold it until the stream ends.
+/// An HBONE stream open for a captured connection.
+pub(super) struct Tunnel {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// The stream's place on its pooled connection, held until the stream ends.
+    _slot: StreamSlot,
+    /// How many of the client's first bytes went out with the CONNECT.
+    sent_ahead: usize,
+}
+
+/// Opens an HBONE stream for `client`, a captured connection of `pod`, to `target` through
+/// `peer` (the destination itself, or the waypoint of the destination's Service), which must
+/// prove its identity (a refusal by the destination's policy is a 401, see
+/// [`ProxyError::verdict`]). What the client has sent already (up to [`FIRST_BYTES`]) goes with
+/// the CONNECT: it is peeked, not read, so a refusal leaves it in the socket for another
+/// endpoint or route, and the relay skips it once the stream is answered.
 pub(super) async fn open(
+    client: &TcpStream,
     pod: &PodContext,
     ctx: &ProxyContext,
     peer: Peer<'_>,
     target: SocketAddr,
     traceparent: String,
-) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), ProxyError> {
+) -> Result<Tunnel, ProxyError> {
     let cert = ctx.identities.cert(&pod.identity, Duration::from_secs(5)).await.map_err(ProxyError::Certificate)?;
     let roots = ctx.identities.trust().borrow().as_ref().map(|t| t.roots.clone());
     let roots = roots.ok_or(ProxyError::NoTrustBundle)?;
@@ -295,11 +321,34 @@ pub(super) async fn open(
         baggage: format!("k8s.namespace.name={},k8s.pod.name={}", pod.workload.namespace, pod.workload.name),
         traceparent,
     };
+    let first = peek(client);
+    let sent_ahead = first.len();
     let dialer = PodDialer { ctx, pod };
-    ctx.hbone.open_via(&dialer, &cert, roots, peer, target, &headers).await.map_err(|e| ProxyError::Tunnel(Arc::new(e)))
+    let (send, recv, _slot) = ctx
+        .hbone
+        .open_via(&dialer, &cert, roots, peer, Connect { target, headers: &headers, first })
+        .await
+        .map_err(|e| ProxyError::Tunnel(Arc::new(e)))?;
+    Ok(Tunnel { send, recv, _slot, sent_ahead })
 }
 
-/// Relays a captured client connection over an open HBONE stream.
-pub(super) async fn relay_client(client: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> (u64, u64, RelayEnd) {
-    relay(client, recv, send, None).await
+/// What `client` has sent and nobody has read, up to [`FIRST_BYTES`], left in the socket;
+/// empty when nothing is there yet (a server-first protocol) or on any error (the relay meets
+/// it).
+fn peek(client: &TcpStream) -> Bytes {
+    let mut buf = vec![0; FIRST_BYTES];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match nix::sys::socket::recv(client.as_raw_fd(), &mut buf, flags) {
+        Ok(n) => {
+            buf.truncate(n);
+            Bytes::from(buf)
+        }
+        Err(_) => Bytes::new(),
+    }
+}
+
+/// Relays a captured client connection over its open HBONE stream.
+pub(super) async fn relay_client(client: TcpStream, tunnel: Tunnel) -> (u64, u64, RelayEnd) {
+    let Tunnel { send, recv, _slot, sent_ahead } = tunnel;
+    relay(client, recv, send, None, sent_ahead).await
 }

@@ -11,17 +11,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use ferrymesh_dataplane::hbone::client::Peer;
 use ferrymesh_policy::{Placement, Transport};
 use ferrymesh_spiffe::SpiffeId;
-use h2::{RecvStream, SendStream};
 use mesh_common::MARK_AGENT;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{accept_loop, hbone, local, relay, reset, Connection, Outcome, PodContext, ProxyContext};
 use crate::error::ProxyError;
-use crate::flows::{Direction, Endpoint, Verdict, UNKNOWN_ADDR};
+use crate::flows::{Direction, Endpoint, UNKNOWN_ADDR};
 use crate::state::{Service, ServiceEndpoint, Workload};
 
 /// Endpoints tried for one connection to a service before the client is failed.
@@ -38,7 +36,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 /// An upstream ready to carry the client's bytes.
 enum Upstream<'a> {
     Plain(TcpStream),
-    Hbone(SendStream<Bytes>, RecvStream, ferrymesh_dataplane::hbone::pool::StreamSlot),
+    Hbone(hbone::Tunnel),
     Local(Box<local::Handover<'a>>),
 }
 
@@ -90,12 +88,13 @@ impl Route {
     }
 }
 
-/// Connects to `target` as `pod`: a meshed destination (one its own agent captures) by a
-/// node-local handover when it is enrolled on this node, else over HBONE; anything else as
+/// Connects `client` to `target` as `pod`: a meshed destination (one its own agent captures) by
+/// a node-local handover when it is enrolled on this node, else over HBONE; anything else as
 /// plain TCP.
 async fn connect<'a>(
     ctx: &'a ProxyContext,
     pod: &PodContext,
+    client: &TcpStream,
     target: SocketAddr,
     traceparent: String,
 ) -> Result<Connected<'a>, ProxyError> {
@@ -110,8 +109,7 @@ async fn connect<'a>(
             Route::Local(_, dst) => Upstream::Local(Box::new(local::open(ctx, pod, dst, target).await?)),
             _ => {
                 let peer = Peer { ip: target.ip(), id: &dst_id };
-                let (send, recv, slot) = hbone::open(pod, ctx, peer, target, traceparent).await?;
-                Upstream::Hbone(send, recv, slot)
+                Upstream::Hbone(hbone::open(client, pod, ctx, peer, target, traceparent).await?)
             }
         };
         return Ok(Connected { upstream, transport, dst_identity: Some(dst_id.as_str().into()) });
@@ -127,7 +125,7 @@ async fn connect<'a>(
 async fn carry(ctx: &ProxyContext, client: TcpStream, upstream: Upstream<'_>) -> Outcome {
     let (sent, received, end) = match upstream {
         Upstream::Plain(stream) => relay(client, stream, None).await,
-        Upstream::Hbone(send, recv, _slot) => hbone::relay_client(client, send, recv).await,
+        Upstream::Hbone(tunnel) => hbone::relay_client(client, tunnel).await,
         // Boxed: the other transports' connections would otherwise all be as large as this one.
         Upstream::Local(handover) => return Box::pin(handover.carry(ctx, client)).await,
     };
@@ -191,7 +189,7 @@ async fn direct(
 ) -> Outcome {
     // Connecting (TLS and HTTP/2 handshakes included) is boxed: its state would otherwise
     // stay in the task, idle, for the connection's whole life.
-    match Box::pin(connect(ctx, pod, dst, conn.traceparent())).await {
+    match Box::pin(connect(ctx, pod, &client, dst, conn.traceparent())).await {
         Ok(connected) => {
             conn.transport = connected.transport;
             conn.dst.identity = connected.dst_identity;
@@ -251,9 +249,9 @@ async fn to_waypoint(
     let attempts = addresses.len().min(SERVICE_ATTEMPTS);
     for n in 0..attempts {
         let address = addresses[(start + n) % addresses.len()];
-        match hbone::open(pod, ctx, Peer { ip: address, id: &id }, authority, conn.traceparent()).await {
-            Ok((send, recv, slot)) => return carry(ctx, client, Upstream::Hbone(send, recv, slot)).await,
-            Err(error) if n + 1 < attempts => {
+        match hbone::open(&client, pod, ctx, Peer { ip: address, id: &id }, authority, conn.traceparent()).await {
+            Ok(tunnel) => return carry(ctx, client, Upstream::Hbone(tunnel)).await,
+            Err(error) if n + 1 < attempts && error.retryable() => {
                 tracing::debug!(%kind, %name, %address, "waypoint address failed, trying another: {error}");
                 let target = SocketAddr::new(address, mesh_common::HBONE_PORT);
                 record_attempt(ctx, conn, target, Transport::Mtls, (n + 1, attempts), &error);
@@ -316,15 +314,16 @@ async fn to_service(
             conn.dst = Endpoint::lookup(&ctx.state, target);
             return Box::pin(to_waypoint(client, pod, ctx, conn, bound, target)).await;
         }
-        match Box::pin(connect(ctx, pod, target, conn.traceparent())).await {
+        match Box::pin(connect(ctx, pod, &client, target, conn.traceparent())).await {
             Ok(connected) => {
                 conn.dst = Endpoint::lookup(&ctx.state, target);
                 conn.transport = connected.transport;
                 conn.dst.identity = connected.dst_identity;
                 return carry(ctx, client, connected.upstream).await;
             }
-            // A policy refusal is the answer, not a reason to try elsewhere.
-            Err(error) if error.verdict() == Verdict::Denied => return refused(&client, error),
+            // A policy refusal is the answer, not a reason to try elsewhere; nor is a failure
+            // after the destination may have had the client's bytes.
+            Err(error) if !error.retryable() => return refused(&client, error),
             Err(error) => {
                 tracing::debug!(service = %name, %target, "endpoint failed, trying another: {error}");
                 let transport = Route::to(ctx, target).transport();

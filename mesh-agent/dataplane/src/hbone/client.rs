@@ -45,6 +45,19 @@ pub enum HboneError {
     /// The destination answered the CONNECT with an error status.
     #[error("destination refused the tunnel: HTTP {0}")]
     Refused(u16),
+    /// HTTP/2 failed after the client's first bytes went out with the CONNECT and before its
+    /// answer: the destination may have received them, so the connection is not tried again
+    /// elsewhere (the bytes would reach two apps).
+    #[error("HTTP/2 to {0} failed after the client's first bytes were sent: {1}")]
+    Interrupted(IpAddr, h2::Error),
+}
+
+impl HboneError {
+    /// Whether the same bytes may be tried on another peer: false once the destination may
+    /// have received some of them.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, HboneError::Interrupted(..))
+    }
 }
 
 /// What a CONNECT asks for, besides its target.
@@ -56,6 +69,18 @@ pub struct ConnectHeaders {
     pub baggage: String,
     /// W3C `traceparent`: the sender's span of the connection (see [`crate::spans`]).
     pub traceparent: String,
+}
+
+/// What a CONNECT asks for and carries.
+#[derive(Debug, Clone)]
+pub struct Connect<'a> {
+    /// The target (`:authority`).
+    pub target: SocketAddr,
+    /// Its headers.
+    pub headers: &'a ConnectHeaders,
+    /// The client's first bytes, sent as DATA right behind the CONNECT (may be empty): see
+    /// [`Client::open_via`].
+    pub first: Bytes,
 }
 
 /// The proxy an HBONE connection goes to, and the identity it must prove.
@@ -127,22 +152,30 @@ impl Client {
         dst_id: &SpiffeId,
         headers: &ConnectHeaders,
     ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), HboneError> {
-        self.open_via(dialer, cert, roots, Peer { ip: dst.ip(), id: dst_id }, dst, headers).await
+        let connect = Connect { target: dst, headers, first: Bytes::new() };
+        self.open_via(dialer, cert, roots, Peer { ip: dst.ip(), id: dst_id }, connect).await
     }
 
-    /// [`Client::open`] through a peer that is not the target: the connection goes to `peer`'s
-    /// 15008 (a waypoint), whose identity it checks, and the CONNECT asks for `target` (a
-    /// Service's VIP and port, as ztunnel sends it).
+    /// [`Client::open`] through a peer that may not be the target: the connection goes to
+    /// `peer`'s 15008 (a waypoint), whose identity it checks, and the CONNECT asks for
+    /// `connect.target` (a Service's VIP and port, as ztunnel sends it).
+    ///
+    /// `connect.first` (may be empty) is the client's first bytes, sent as DATA right behind the
+    /// CONNECT rather than after its answer: a client that speaks first (HTTP, TLS) saves the
+    /// round trip to the destination and its dial of the app. The destination's agent holds
+    /// them until it has admitted the stream and dialled the app, and drops them on a refusal.
+    /// They go only to the peer that proved `peer.id`, inside its mTLS connection. Once they
+    /// are sent, a failure without an answer is [`HboneError::Interrupted`].
     pub async fn open_via<D: Dialer>(
         &self,
         dialer: &D,
         cert: &WorkloadCert,
         roots: Arc<RootCertStore>,
         peer: Peer<'_>,
-        target: SocketAddr,
-        headers: &ConnectHeaders,
+        connect: Connect<'_>,
     ) -> Result<(SendStream<Bytes>, RecvStream, StreamSlot), HboneError> {
         let Peer { ip: peer, id: peer_id } = peer;
+        let Connect { target, headers, first } = connect;
         let request = || {
             Request::builder()
                 .method(Method::CONNECT)
@@ -157,7 +190,13 @@ impl Client {
         loop {
             let (mut sender, slot, pooled) = self.sender(dialer, cert, roots.clone(), peer, peer_id, fresh).await?;
             let sent = match sender.send_request(request(), false) {
-                Ok((response, send)) => response.await.map(|response| (response, send)),
+                Ok((response, mut send)) => {
+                    let first_sent = if first.is_empty() { Ok(()) } else { send.send_data(first.clone(), false) };
+                    match first_sent {
+                        Ok(()) => response.await.map(|response| (response, send)),
+                        Err(e) => Err(e),
+                    }
+                }
                 Err(e) => Err(e),
             };
             let (response, send) = match sent {
@@ -173,7 +212,11 @@ impl Client {
                     }
                     None => return Err(HboneError::Http2(peer, e)),
                 },
-                Err(e) => return Err(HboneError::Http2(peer, e)),
+                // A stream the server refused (its limits) was never processed.
+                Err(e) if first.is_empty() || e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+                    return Err(HboneError::Http2(peer, e))
+                }
+                Err(e) => return Err(HboneError::Interrupted(peer, e)),
             };
             if response.status() != StatusCode::OK {
                 return Err(HboneError::Refused(response.status().as_u16()));
