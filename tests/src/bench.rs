@@ -3,9 +3,10 @@
 //! rounds; medians with min and max, and every figure as a ratio to `plain` from the same run.
 //! Each scenario is measured with neutral tools (iperf3; sockperf ping-pong, 64 B over TCP; wrk
 //! against nginx, with `Connection: close` for the connection rate and keep-alive for requests/s)
-//! and with fm-peer (`rr_*`, `conn_rate`). fm-peer's server spawns a thread per connection,
-//! which bounds its connection rate (plain's included) well below what the kernel does: compare
-//! connection rates with `wrk_conn_rate`.
+//! and with fm-peer (`rr_*`, `conn_rate`). fm-peer's `conn_rate` makes one connection at a time
+//! (an HTTP request to fm-peer's server, which spawns a thread per connection): it measures a
+//! new connection's latency, not the rate under load; compare rates under load with
+//! `wrk_conn_rate`.
 //! Agent-wide figures (memory) are reported under the scenario `agent`, the policy decision
 //! under `policy`; the waypoint's requests under `waypoint`, next to `l7-direct` (the same
 //! Service endpoints without the waypoint, ratios against it). Never a pass/fail test: the numbers go to `target/bench/results.json` and
