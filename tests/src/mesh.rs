@@ -372,6 +372,14 @@ impl Topology {
         std::fs::read_to_string(self.log_path(label)).unwrap_or_default()
     }
 
+    /// The whole lines of the log of `label`. The process may be writing as it is read: a last
+    /// line without its newline is still being written, and is left for the next read.
+    pub fn log_lines(&self, label: &str) -> Vec<String> {
+        let log = self.log(label);
+        let whole = log.rsplit_once('\n').map_or("", |(whole, _)| whole);
+        whole.lines().map(str::to_string).collect()
+    }
+
     /// Runs meshctl with `args` against the agent of `node`.
     pub fn meshctl(&self, node: u8, args: &[&str]) -> Output {
         std::process::Command::new(bin("meshctl"))
@@ -738,8 +746,8 @@ impl Topology {
 
     /// The checks the in-test rate-limit service answered, one JSON value each.
     pub fn rate_limit_checks(&self) -> Vec<Value> {
-        self.log("rls")
-            .lines()
+        self.log_lines("rls")
+            .iter()
             .filter(|l| l.starts_with('{'))
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("check line {l:?}: {e}")))
             .collect()
@@ -754,8 +762,8 @@ impl Topology {
 
     /// The request records the waypoint in `pod` has logged, one JSON value each.
     pub fn waypoint_requests(&self, pod: &Pod) -> Vec<Value> {
-        self.log(&format!("waypoint-{}", pod.name))
-            .lines()
+        self.log_lines(&format!("waypoint-{}", pod.name))
+            .iter()
             .filter(|l| l.starts_with('{'))
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("request line {l:?}: {e}")))
             .collect()
@@ -786,8 +794,8 @@ impl Topology {
 impl Topology {
     /// The requests the fm-echo backend of `pod` answered, as it echoed them.
     pub fn echo_requests(&self, pod: &Pod) -> Vec<Value> {
-        self.log(&format!("echo-{}-{}", pod.namespace, pod.name))
-            .lines()
+        self.log_lines(&format!("echo-{}-{}", pod.namespace, pod.name))
+            .iter()
             .filter(|l| l.starts_with('{'))
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("echo line {l:?}: {e}")))
             .collect()

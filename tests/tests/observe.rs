@@ -354,16 +354,20 @@ fn flows_filters_follow_access_log_and_metrics() {
     assert!(compact.contains("shop/a:") && compact.contains("-> shop/c:9000 ALLOWED mTLS"), "{compact}");
 
     // Follow mode streamed the flows made after it started.
-    let followed: Vec<Value> =
-        topo.log("follow").lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let followed: Vec<Value> = topo
+        .log_lines("follow")
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(followed.contains(&outbound), "follow mode printed a's outbound flow");
     assert!(followed.iter().any(|f| f["verdict"] == "denied"), "and the denied one");
 
     // The access log holds the same JSON as meshctl, one line per closed connection, written
     // within `AccessLog::FLUSH_EVERY` (100 ms) of the connection's end.
     let access = || -> Vec<Value> {
-        topo.log("agent-node2")
-            .lines()
+        topo.log_lines("agent-node2")
+            .iter()
             .filter(|l| l.starts_with("{\"time\""))
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
