@@ -154,25 +154,51 @@ async fn body_text(response: hyper::Response<hyper::body::Incoming>) -> String {
     String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
 
+/// The server running, and what a client needs to reach it.
+struct Setup {
+    client_id: SpiffeId,
+    server_id: SpiffeId,
+    client_cert: WorkloadCert,
+    dialer: MemoryDialer,
+    client: Client,
+    roots: Arc<rustls::RootCertStore>,
+    headers: ConnectHeaders,
+    /// Keeps the server's trust bundle.
+    _trust: watch::Sender<Option<Arc<TrustBundle>>>,
+}
+
+impl Setup {
+    /// A mesh root, a client and a server certificate, and the server spawned.
+    fn start() -> Self {
+        let pki = Pki::new();
+        let client_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
+        let server_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/server".parse().unwrap();
+        let (client_cert, server_cert) = (pki.cert(&client_id), pki.cert(&server_id));
+        let (_trust, trust) = watch::channel(Some(Arc::new(pki.trust())));
+        let config = tls::server_config(Arc::new(Fixed(server_cert.key.clone())), trust, "cluster.local").unwrap();
+        let (to_server, accepted) = mpsc::unbounded_channel();
+        tokio::spawn(serve(accepted, Arc::new(config)));
+        let headers = ConnectHeaders {
+            forwarded_for: [10, 244, 1, 2].into(),
+            baggage: "k8s.namespace.name=shop".into(),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".into(),
+        };
+        Self {
+            client_id,
+            server_id,
+            client_cert,
+            dialer: MemoryDialer { to_server, dials: AtomicUsize::new(0) },
+            client: Client::default(),
+            roots: pki.trust().roots.clone(),
+            headers,
+            _trust,
+        }
+    }
+}
+
 #[tokio::test]
 async fn hyper_serves_http1_and_http2_on_hbone_streams() {
-    let pki = Pki::new();
-    let client_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
-    let server_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/server".parse().unwrap();
-    let (client_cert, server_cert) = (pki.cert(&client_id), pki.cert(&server_id));
-    let (_trust_tx, trust) = watch::channel(Some(Arc::new(pki.trust())));
-    let config = tls::server_config(Arc::new(Fixed(server_cert.key.clone())), trust, "cluster.local").unwrap();
-    let (to_server, accepted) = mpsc::unbounded_channel();
-    tokio::spawn(serve(accepted, Arc::new(config)));
-
-    let dialer = MemoryDialer { to_server, dials: AtomicUsize::new(0) };
-    let client = Client::default();
-    let roots = pki.trust().roots.clone();
-    let headers = ConnectHeaders {
-        forwarded_for: [10, 244, 1, 2].into(),
-        baggage: "k8s.namespace.name=shop".into(),
-        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".into(),
-    };
+    let Setup { client_id, server_id, client_cert, dialer, client, roots, headers, _trust } = Setup::start();
     let open = |port: u16| {
         let dst = SocketAddr::from((SERVER_IP, port));
         client.open(&dialer, &client_cert, roots.clone(), dst, &server_id, &headers)
@@ -215,22 +241,7 @@ async fn hyper_serves_http1_and_http2_on_hbone_streams() {
 /// server says it never processed it.
 #[tokio::test]
 async fn first_bytes_ride_with_the_connect() {
-    let pki = Pki::new();
-    let client_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
-    let server_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/server".parse().unwrap();
-    let (client_cert, server_cert) = (pki.cert(&client_id), pki.cert(&server_id));
-    let (_trust_tx, trust) = watch::channel(Some(Arc::new(pki.trust())));
-    let config = tls::server_config(Arc::new(Fixed(server_cert.key.clone())), trust, "cluster.local").unwrap();
-    let (to_server, accepted) = mpsc::unbounded_channel();
-    tokio::spawn(serve(accepted, Arc::new(config)));
-    let dialer = MemoryDialer { to_server, dials: AtomicUsize::new(0) };
-    let client = Client::default();
-    let roots = pki.trust().roots.clone();
-    let headers = ConnectHeaders {
-        forwarded_for: [10, 244, 1, 2].into(),
-        baggage: "k8s.namespace.name=shop".into(),
-        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".into(),
-    };
+    let Setup { client_id, server_id, client_cert, dialer, client, roots, headers, _trust } = Setup::start();
     let server = Peer { ip: SERVER_IP.into(), id: &server_id };
     let open = |port: u16, first: &'static [u8]| {
         let target = SocketAddr::from((SERVER_IP, port));
