@@ -14,14 +14,15 @@
 
 use ferrymesh_spiffe::SpiffeId;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::mesh::{
-    bin, cpu_seconds, scale_namespace_yaml, two_node_mesh, wait_until, ECHO_GRPC_PORT, ECHO_HTTP_PORT, ECHO_PORT,
-    HTTP_PORT,
+    bin, bin_dir, cpu_seconds, scale_namespace_yaml, two_node_mesh, wait_until, ECHO_GRPC_PORT, ECHO_HTTP_PORT,
+    ECHO_PORT, HTTP_PORT,
 };
 use crate::{Pod, Topology};
 
@@ -200,10 +201,23 @@ fn rr(topo: &Topology, from: &Pod, to: &Pod, count: u32, size: usize) -> Value {
     serde_json::from_slice(&out.stdout).expect("rr JSON")
 }
 
-/// `fm-peer hops` in `pod`'s netns: round trips between two threads over TCP on loopback and
-/// over a Unix socket pair (the JSON it prints).
+/// mesh-ebpf's `hop-redirect` object, beside the binaries' target directory (absent when the
+/// binaries come from elsewhere, `FERRYMESH_BIN_DIR`).
+fn hop_redirect_object() -> Option<PathBuf> {
+    let object = bin_dir().parent()?.join("bpfel-unknown-none/release/hop-redirect");
+    object.is_file().then_some(object)
+}
+
+/// `fm-peer hops` in `pod`'s netns: round trips between two threads over TCP on loopback, over
+/// loopback TCP with sockmap redirection (when the `hop-redirect` object is there) and over a
+/// Unix socket pair (the JSON it prints).
 fn hops(topo: &Topology, pod: &Pod) -> Value {
-    let out = topo.output_in(&pod.netns, bin("fm-peer"), &["hops"]);
+    let mut args = vec!["hops".to_string()];
+    if let Some(object) = hop_redirect_object() {
+        args.extend(["--sockmap".to_string(), object.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = topo.output_in(&pod.netns, bin("fm-peer"), &args);
     assert!(out.status.success(), "hops in {}: {}", pod.name, String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("hops JSON")
 }
@@ -214,11 +228,19 @@ fn hops(topo: &Topology, pod: &Pod) -> Value {
 pub fn hop_floor(figures: &[Figure]) -> Option<String> {
     let median = |m: &str| find(figures, "hop", m).map(|f| f.median);
     let (tcp, unix) = (median("tcp_loopback_rt_p50")?, median("unix_rt_p50")?);
+    let sockmap = median("sockmap_rt_p50").map_or(String::new(), |sockmap| {
+        format!(
+            " With sockmap redirection between the loopback legs' sockets a hop costs {:.1} us, so \
+the four would cost {:.1} us.",
+            sockmap / 2.0,
+            sockmap * 2.0
+        )
+    });
     Some(format!(
         "Floor: cross-node adds four process hops per round trip over plain (two loopback legs each \
 way). On this machine a hop costs {:.1} us over TCP on loopback and {:.1} us over a Unix socket \
 (`hop`: half a round trip), so the four cost {:.1} us as they are and would still cost {:.1} us \
-with no TCP stack at all, before any work in the agents.\n",
+with no TCP stack at all, before any work in the agents.{sockmap}\n",
         tcp / 2.0,
         unix / 2.0,
         tcp * 2.0,
@@ -351,11 +373,16 @@ pub fn run(options: Options, mut progress: impl FnMut(&str)) -> Vec<Figure> {
     for round in 1..=options.rounds {
         // What one process hop costs on this machine, in x (nothing there is captured).
         let hop = hops(&topo, x);
-        for (path, p50, p99) in
-            [("tcp_loopback", "tcp_loopback_rt_p50", "tcp_loopback_rt_p99"), ("unix", "unix_rt_p50", "unix_rt_p99")]
-        {
-            add("hop", p50, "us", hop[path]["p50_us"].as_f64().unwrap());
-            add("hop", p99, "us", hop[path]["p99_us"].as_f64().unwrap());
+        for (path, p50, p99) in [
+            ("tcp_loopback", "tcp_loopback_rt_p50", "tcp_loopback_rt_p99"),
+            ("tcp_sockmap", "sockmap_rt_p50", "sockmap_rt_p99"),
+            ("unix", "unix_rt_p50", "unix_rt_p99"),
+        ] {
+            // `tcp_sockmap` only where the eBPF object is (see `hop_redirect_object`).
+            if let (Some(p50_us), Some(p99_us)) = (hop[path]["p50_us"].as_f64(), hop[path]["p99_us"].as_f64()) {
+                add("hop", p50, "us", p50_us);
+                add("hop", p99, "us", p99_us);
+            }
         }
         for s in &scenarios {
             progress(&format!("round {round}/{}: {}", options.rounds, s.name));
@@ -853,5 +880,9 @@ mod tests {
         let floor = hop_floor(&figures).unwrap();
         assert!(floor.contains("10.5 us over TCP on loopback and 7.0 us over a Unix socket"), "{floor}");
         assert!(floor.contains("cost 42.0 us as they are and would still cost 28.0 us"), "{floor}");
+        assert!(!floor.contains("sockmap"), "no sockmap sentence without its figure: {floor}");
+        let with_sockmap = [figures.as_slice(), &[figure("hop", "sockmap_rt_p50", 15.0, None)]].concat();
+        let floor = hop_floor(&with_sockmap).unwrap();
+        assert!(floor.contains("a hop costs 7.5 us, so the four would cost 30.0 us."), "{floor}");
     }
 }

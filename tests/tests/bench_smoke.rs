@@ -63,7 +63,9 @@ fn quick_bench_runs_and_writes_well_formed_results() {
         assert!(r["median"].as_f64().is_some_and(f64::is_finite), "{r}");
     }
     assert!(has("agent", "rss_idle").unwrap()["median"].as_f64().unwrap() > 1000.0, "an agent uses some memory");
-    for m in ["tcp_loopback_rt_p50", "tcp_loopback_rt_p99", "unix_rt_p50", "unix_rt_p99"] {
+    for m in
+        ["tcp_loopback_rt_p50", "tcp_loopback_rt_p99", "sockmap_rt_p50", "sockmap_rt_p99", "unix_rt_p50", "unix_rt_p99"]
+    {
         let r = has("hop", m).unwrap_or_else(|| panic!("hop {m} missing"));
         assert!(r["median"].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "{r}");
     }
@@ -82,5 +84,6 @@ fn quick_bench_runs_and_writes_well_formed_results() {
     assert!(text.contains("cross-node") && text.contains("throughput_1stream") && text.contains("machine:"));
     assert!(text.contains("| #19: cross-node added sockperf 64 B p50 <= 35 us | "), "#19's targets are checked");
     assert!(text.contains("Floor: cross-node adds four process hops"), "the report gives the hop floor");
+    assert!(text.contains("With sockmap redirection between the loopback legs' sockets"), "and sockmap's");
     let _ = std::fs::remove_dir_all(&dir);
 }

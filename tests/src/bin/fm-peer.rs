@@ -7,6 +7,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -86,6 +88,10 @@ enum Cmd {
         count: u32,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Also over loopback TCP with sockmap redirection (`tcp_sockmap`), loading this eBPF
+        /// object (mesh-ebpf's `hop-redirect`); needs root.
+        #[arg(long)]
+        sockmap: Option<PathBuf>,
     },
     /// Hold one connection to an echo and do `count` round trips, one every `interval_ms`.
     Ping {
@@ -105,7 +111,7 @@ fn main() {
         Cmd::Send { to, bytes, marker, rate } => send(to, bytes, marker.as_deref(), rate),
         Cmd::Ping { to, count, interval_ms } => ping(to, count, Duration::from_millis(interval_ms)),
         Cmd::Rr { to, count, size } => rr(to, count, size),
-        Cmd::Hops { count, size } => hops(count, size),
+        Cmd::Hops { count, size, sockmap } => hops(count, size, sockmap.as_deref()),
         Cmd::Hits { to, count, interval_ms, progress } => hits(to, count, Duration::from_millis(interval_ms), progress),
         Cmd::Hold { to, count } => hold(to, count),
     };
@@ -329,7 +335,8 @@ fn ping_pong<S: Read + Write + Send + 'static>(mut client: S, mut server: S, cou
     Ok(serde_json::json!({"p50_us": quantile(&micros, 0.5), "p99_us": quantile(&micros, 0.99)}))
 }
 
-fn hops(count: u32, size: usize) -> Result<()> {
+/// The two ends of a new TCP connection on 127.0.0.1, without Nagle, each with a read timeout.
+fn loopback_pair() -> Result<(TcpStream, TcpStream)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let client = TcpStream::connect(listener.local_addr()?)?;
     let (server, _) = listener.accept()?;
@@ -337,14 +344,42 @@ fn hops(count: u32, size: usize) -> Result<()> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     }
+    Ok((client, server))
+}
+
+fn hops(count: u32, size: usize, sockmap: Option<&Path>) -> Result<()> {
+    let (client, server) = loopback_pair()?;
     let tcp = ping_pong(client, server, count, size)?;
     let (client, server) = std::os::unix::net::UnixStream::pair()?;
     for stream in [&client, &server] {
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     }
     let unix = ping_pong(client, server, count, size)?;
-    println!("{}", serde_json::json!({"count": count, "size": size, "tcp_loopback": tcp, "unix": unix}));
+    let mut out = serde_json::json!({"count": count, "size": size, "tcp_loopback": tcp, "unix": unix});
+    if let Some(object) = sockmap {
+        out["tcp_sockmap"] = sockmap_ping_pong(object, count, size)?;
+    }
+    println!("{out}");
     Ok(())
+}
+
+/// [`ping_pong`] over a loopback TCP connection whose two ends are in the `HOP_PEERS` sockhash
+/// of the eBPF `object` (mesh-ebpf's `hop-redirect`), whose sk_msg program moves each end's
+/// sends straight into the other end's receive queue. Only these two sockets are in the map;
+/// the program and the map live as long as this process.
+fn sockmap_ping_pong(object: &Path, count: u32, size: usize) -> Result<Value> {
+    let mut ebpf = aya::Ebpf::load_file(object)?;
+    let map = ebpf.take_map("HOP_PEERS").ok_or("the object has no HOP_PEERS map")?;
+    let mut peers: aya::maps::SockHash<_, u32> = map.try_into()?;
+    let program: &mut aya::programs::SkMsg =
+        ebpf.program_mut("fm_hop_redirect").ok_or("the object has no fm_hop_redirect program")?.try_into()?;
+    program.load()?;
+    program.attach(peers.fd())?;
+    let (client, server) = loopback_pair()?;
+    for stream in [&client, &server] {
+        peers.insert(u32::from(stream.local_addr()?.port()), stream.as_raw_fd(), 0)?;
+    }
+    ping_pong(client, server, count, size)
 }
 
 fn hit(to: SocketAddr) -> Result<String> {
