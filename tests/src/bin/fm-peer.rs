@@ -379,7 +379,15 @@ fn sockmap_ping_pong(object: &Path, count: u32, size: usize) -> Result<Value> {
     for stream in [&client, &server] {
         peers.insert(u32::from(stream.local_addr()?.port()), stream.as_raw_fd(), 0)?;
     }
-    ping_pong(client, server, count, size)
+    let figures = ping_pong(client, server, count, size)?;
+    // Every message went the redirected way, or the figures are loopback TCP's.
+    let redirected: aya::maps::PerCpuArray<_, u64> =
+        ebpf.map("HOP_REDIRECTED").ok_or("the object has no HOP_REDIRECTED map")?.try_into()?;
+    let redirected: u64 = redirected.get(&0, 0)?.iter().sum();
+    if redirected < 2 * u64::from(count) {
+        return Err(format!("sockmap redirected {redirected} of the {} messages", 2 * count).into());
+    }
+    Ok(figures)
 }
 
 fn hit(to: SocketAddr) -> Result<String> {
