@@ -212,11 +212,11 @@ fn hop_redirect_object() -> Option<PathBuf> {
 /// loopback TCP with sockmap redirection (when the `hop-redirect` object is there) and over a
 /// Unix socket pair (the JSON it prints).
 fn hops(topo: &Topology, pod: &Pod) -> Value {
-    let mut args = vec!["hops".to_string()];
-    if let Some(object) = hop_redirect_object() {
-        args.extend(["--sockmap".to_string(), object.display().to_string()]);
+    let object = hop_redirect_object();
+    let mut args = vec!["hops"];
+    if let Some(object) = object.as_deref().and_then(std::path::Path::to_str) {
+        args.extend(["--sockmap", object]);
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = topo.output_in(&pod.netns, bin("fm-peer"), &args);
     assert!(out.status.success(), "hops in {}: {}", pod.name, String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("hops JSON")
