@@ -84,8 +84,13 @@ fn the_readmes_by_hand_steps_run_as_written() {
     // policy that decided it.
     // curl names the port when the connect is refused, not when the connection is reset after
     // it: the error is the first curl error after the request to 9000 (the trace's `+ ...` line).
-    let refused =
-        log.lines().skip_while(|l| !(l.starts_with('+') && l.contains(":9000/"))).find(|l| l.starts_with("curl: ("));
+    // The followed flows are taken out first: each is one write, and one can land inside curl's
+    // message (`cur<flow>l: (7) Failed to connect`).
+    let unfollowed = without_flow_lines(&log);
+    let refused = unfollowed
+        .lines()
+        .skip_while(|l| !(l.starts_with('+') && l.contains(":9000/")))
+        .find(|l| l.starts_with("curl: ("));
     assert!(refused.is_some_and(|l| !l.contains("timed out")), "{refused:?}\n{log}");
     let flow = |port: &str, verdict: &str| {
         log.lines().any(|l| l.contains("shop/a:") && l.contains(&format!("shop/c:{port}")) && l.contains(verdict))
@@ -96,4 +101,40 @@ fn the_readmes_by_hand_steps_run_as_written() {
     // Nothing of it is left on the machine.
     assert!(!Path::new("/run/netns/shop-a").exists(), "the pods' namespaces were private");
     assert!(!Command::new("ip").args(["link", "show", "fm-pods"]).output().unwrap().status.success());
+}
+
+/// `log` without the lines `meshctl flows` prints (`12:06:01.266  shop/a:52512 ...`), wherever
+/// they start: a line printed in the background may cut into another process's output.
+fn without_flow_lines(log: &str) -> String {
+    let mut kept = String::new();
+    let mut rest = log;
+    while let Some(at) = (0..rest.len()).find(|&i| starts_with_flow_time(&rest.as_bytes()[i..])) {
+        kept.push_str(&rest[..at]);
+        rest = rest[at..].split_once('\n').map_or("", |(_, after)| after);
+    }
+    kept.push_str(rest);
+    kept
+}
+
+/// Whether `text` starts with a flow line's time column: `HH:MM:SS.mmm` and two spaces.
+fn starts_with_flow_time(text: &[u8]) -> bool {
+    const SHAPE: &[u8] = b"00:00:00.000  ";
+    text.len() >= SHAPE.len()
+        && SHAPE
+            .iter()
+            .zip(text)
+            .all(|(shape, byte)| if *shape == b'0' { byte.is_ascii_digit() } else { shape == byte })
+}
+
+#[test]
+fn flow_lines_are_taken_out_wherever_they_cut_in() {
+    let log = "+ curl http://10.244.1.3:9000/\n\
+               cur12:06:01.266  shop/a:0  shop/c:9000  0/0  local  denied   shop/deny-sink rule 0\n\
+               l12:06:01.266  shop/a:52512  shop/c:9000  0/0  plain  denied   shop/deny-sink rule 0\n\
+               : (7) Failed to connect\n\
+               {\"time\":\"2026-12-03T12:06:01.253Z\"}\n";
+    assert_eq!(
+        without_flow_lines(log),
+        "+ curl http://10.244.1.3:9000/\ncurl: (7) Failed to connect\n{\"time\":\"2026-12-03T12:06:01.253Z\"}\n"
+    );
 }
