@@ -4,7 +4,7 @@
 //! so only creation happens here. This is the only module of the agent with `unsafe`.
 //!
 //! Nothing here may run a job without first entering the netns the job names: the thread is
-//! left in whatever netns it entered last.
+//! left in whatever netns it entered last (and a job into that one enters nothing).
 
 use std::fs::File;
 use std::io;
@@ -15,7 +15,8 @@ use std::sync::{mpsc, Arc};
 use nix::sched::CloneFlags;
 use tokio::sync::oneshot;
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A job of the netns thread, given the netns the thread is in (if it entered one).
+type Job = Box<dyn FnOnce(&mut Option<Netns>) + Send>;
 
 /// An open handle on a network namespace (a `/proc/<pid>/ns/net` or bind-mounted netns file).
 #[derive(Debug, Clone)]
@@ -49,8 +50,9 @@ impl NetnsRunner {
     pub fn start() -> io::Result<Self> {
         let (jobs, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new().name("netns".into()).spawn(move || {
+            let mut entered = None;
             for job in rx {
-                job();
+                job(&mut entered);
             }
         })?;
         Ok(Self { jobs })
@@ -64,15 +66,27 @@ impl NetnsRunner {
     {
         let (tx, rx) = oneshot::channel();
         let netns = netns.clone();
-        let job: Job = Box::new(move || {
-            let result = nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
-                .map_err(|e| io::Error::other(format!("setns into the pod network namespace failed: {e}")))
-                .and_then(|()| f());
-            let _ = tx.send(result);
+        let job: Job = Box::new(move |entered| {
+            let _ = tx.send(enter(entered, netns).and_then(|()| f()));
         });
         self.jobs.send(job).map_err(|_| io::Error::other("netns thread is gone"))?;
         rx.await.map_err(|_| io::Error::other("netns job was dropped"))?
     }
+}
+
+/// Moves the netns thread into `netns`, unless it is there already: the thread was left in
+/// `entered` (the same handle: each pod's netns is opened once, when it is enrolled), so a run
+/// of connections into one pod makes one `setns`, not one each. A failed `setns` leaves the
+/// thread where it was, but it is then taken as nowhere, so the next job enters its own.
+fn enter(entered: &mut Option<Netns>, netns: Netns) -> io::Result<()> {
+    if entered.as_ref().is_some_and(|at| Arc::ptr_eq(&at.file, &netns.file)) {
+        return Ok(());
+    }
+    *entered = None;
+    nix::sched::setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
+        .map_err(|e| io::Error::other(format!("setns into the pod network namespace failed: {e}")))?;
+    *entered = Some(netns);
+    Ok(())
 }
 
 /// `SO_NETNS_COOKIE` (Linux 5.14+), not yet in libc for every target.
@@ -118,8 +132,24 @@ mod tests {
         let runner = NetnsRunner::start().unwrap();
         let own = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
         let here = netns_cookie(&std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
-        let there = runner.run(&own, || netns_cookie(&std::net::UdpSocket::bind("127.0.0.1:0")?)).await.unwrap();
-        assert_eq!(here, there);
+        let cookie_in = |netns: &Netns| {
+            let (runner, netns) = (runner.clone(), netns.clone());
+            async move { runner.run(&netns, || netns_cookie(&std::net::UdpSocket::bind("127.0.0.1:0")?)).await }
+        };
+        assert_eq!(cookie_in(&own).await.unwrap(), here);
+        // A second netns, made by a thread of its own (it lives on in the handle): jobs that
+        // alternate between the two each run in theirs, and jobs in a row in one run there.
+        let other = std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare (needs root)");
+            Netns::open(Path::new("/proc/thread-self/ns/net")).unwrap()
+        })
+        .join()
+        .unwrap();
+        let there = cookie_in(&other).await.unwrap();
+        assert_ne!(there, here);
+        for (netns, cookie) in [(&other, there), (&own, here), (&own, here), (&other, there), (&own, here)] {
+            assert_eq!(cookie_in(netns).await.unwrap(), cookie);
+        }
         let missing = Netns::open(Path::new("/nonexistent/netns")).unwrap_err();
         assert!(missing.to_string().contains("/nonexistent/netns"), "{missing}");
     }

@@ -13,6 +13,7 @@ use ferrymesh_api::flow_json::FlowJson;
 use ferrymesh_policy::Transport;
 
 use crate::error::ProxyError;
+use crate::metrics::FlowCounters;
 use crate::state::{State, Workload};
 
 /// Which way the connection went, seen from the workload the agent serves.
@@ -255,6 +256,7 @@ pub struct FlowTable {
     ring: Mutex<VecDeque<Flow>>,
     live: tokio::sync::broadcast::Sender<Flow>,
     access_log: AccessLog,
+    counters: FlowCounters,
 }
 
 impl FlowTable {
@@ -265,13 +267,14 @@ impl FlowTable {
             ring: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
             live: tokio::sync::broadcast::channel(1024).0,
             access_log,
+            counters: FlowCounters::default(),
         }
     }
 
     /// Records a finished flow, evicting the oldest when full.
     pub fn record(&self, flow: Flow) {
         tracing::debug!(?flow, "flow");
-        crate::metrics::flow_closed(&flow);
+        self.counters.count(&flow);
         self.access_log.write_with(|| FlowJson::from(proto::Flow::from(&flow)).to_line());
         // No receiver (nobody following) is fine.
         let _ = self.live.send(flow.clone());
@@ -338,6 +341,78 @@ mod tests {
             policy: "shop/allow rule 0".into(),
             service: String::new(),
         }
+    }
+
+    /// A recorder that keeps each series' counter by its name and labels, and counts how often
+    /// a counter is asked for.
+    #[derive(Default)]
+    struct Counted {
+        series: Mutex<std::collections::BTreeMap<String, Arc<std::sync::atomic::AtomicU64>>>,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Counted {
+        fn value(&self, name: &str, response_flags: &str) -> Option<u64> {
+            let series = self.series.lock().unwrap();
+            let mut matching = series
+                .iter()
+                .filter(|(k, _)| k.starts_with(name) && k.contains(&format!("response_flags={response_flags},")));
+            let (_, value) = matching.next()?;
+            assert!(matching.next().is_none(), "one series of {name} with {response_flags}");
+            Some(value.load(std::sync::atomic::Ordering::Relaxed))
+        }
+    }
+
+    impl metrics::Recorder for Counted {
+        fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let labels: String = key.labels().map(|l| format!("{}={},", l.key(), l.value())).collect();
+            let name = format!("{} {labels}", key.name());
+            metrics::Counter::from_arc(self.series.lock().unwrap().entry(name).or_default().clone())
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn flow_counters_take_each_series_once_and_count_every_flow() {
+        let recorder = Counted::default();
+        let denied = || {
+            let mut flow = flow(9);
+            (flow.bytes_sent, flow.bytes_received) = (0, 0);
+            flow.error = Some(ProxyError::Denied(crate::error::Denied {
+                reason: "denied: shop/deny rule 0".into(),
+                policy: "shop/deny rule 0".into(),
+                hint: String::new(),
+            }));
+            flow
+        };
+        metrics::with_local_recorder(&recorder, || {
+            let counters = FlowCounters::default();
+            for port in 1..=3 {
+                counters.count(&flow(port));
+            }
+            counters.count(&denied());
+            counters.count(&denied());
+        });
+        // Three flows of one series, and two of the denied one.
+        assert_eq!(recorder.value("ferrymesh_tcp_connections_opened_total", "-"), Some(3));
+        assert_eq!(recorder.value("ferrymesh_tcp_sent_bytes_total", "-"), Some(15));
+        assert_eq!(recorder.value("ferrymesh_tcp_received_bytes_total", "-"), Some(21));
+        assert_eq!(recorder.value("ferrymesh_tcp_connections_failed_total", "DENY"), Some(2));
+        // A series is registered only for what it counts: no failed series for the allowed
+        // flows, no opened series for the denied ones (they carried nothing).
+        assert_eq!(recorder.value("ferrymesh_tcp_connections_failed_total", "-"), None);
+        assert_eq!(recorder.value("ferrymesh_tcp_connections_opened_total", "DENY"), None);
+        // Five counters in all, each asked for once, not once per flow.
+        assert_eq!(recorder.asked.load(std::sync::atomic::Ordering::Relaxed), 5);
     }
 
     #[test]

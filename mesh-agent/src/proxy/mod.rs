@@ -309,7 +309,7 @@ impl ProxyContext {
         let (socket, bound) = self
             .runner
             .run(netns, move || {
-                let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                let socket = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
                 socket.set_mark(mark)?;
                 let mut bound = None;
                 if let Some(ip) = source {
@@ -320,7 +320,6 @@ impl ProxyContext {
                     socket.bind(&SocketAddr::new(ip, 0).into())?;
                     bound = socket.local_addr()?.as_socket();
                 }
-                socket.set_nonblocking(true)?;
                 Ok((socket, bound))
             })
             .await?;
