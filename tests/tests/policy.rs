@@ -243,6 +243,9 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
         .unwrap();
     assert_eq!(outbound["verdict"], "denied", "{outbound}");
     assert_eq!(outbound["reason"], "destination refused the tunnel: HTTP 401");
+    // It names the transport it tried (and the identity it presented), not plaintext.
+    assert_eq!(outbound["transport"], "mtls", "{outbound}");
+    assert_eq!(outbound["src"]["identity"], "spiffe://cluster.local/ns/shop/sa/a", "{outbound}");
 }
 
 #[test]

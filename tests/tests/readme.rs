@@ -96,6 +96,9 @@ fn the_readmes_by_hand_steps_run_as_written() {
         log.lines().any(|l| l.contains("shop/a:") && l.contains(&format!("shop/c:{port}")) && l.contains(verdict))
     };
     assert!(flow("8080", "allowed") && flow("9000", "denied   shop/deny-sink rule 0"), "{log}");
+    // Both agents' rows of the refusal name the node-local handover it was refused on.
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("shop/c:9000") && l.contains("denied")).collect();
+    assert!(refusals.len() >= 2 && refusals.iter().all(|l| l.contains(" local ")), "{refusals:#?}");
     // A reader's pipes (`meshctl status | grep -q`) end meshctl quietly.
     assert!(!log.contains("panicked"), "{log}");
     // Nothing of it is left on the machine.

@@ -195,7 +195,10 @@ async fn direct(
             conn.dst.identity = connected.dst_identity;
             carry(ctx, client, connected.upstream).await
         }
-        Err(e) => refused(&client, e),
+        Err(e) => {
+            conn.transport = Route::to(ctx, dst).transport();
+            refused(&client, e)
+        }
     }
 }
 
@@ -323,7 +326,11 @@ async fn to_service(
             }
             // A policy refusal is the answer, not a reason to try elsewhere; nor is a failure
             // after the destination may have had the client's bytes.
-            Err(error) if !error.retryable() => return refused(&client, error),
+            Err(error) if !error.retryable() => {
+                conn.dst = Endpoint::lookup(&ctx.state, target);
+                conn.transport = Route::to(ctx, target).transport();
+                return refused(&client, error);
+            }
             Err(error) => {
                 tracing::debug!(service = %name, %target, "endpoint failed, trying another: {error}");
                 let transport = Route::to(ctx, target).transport();
