@@ -183,12 +183,30 @@ pub struct Service {
     pub name: String,
     /// ClusterIP; None for a headless service.
     pub vip: Option<IpAddr>,
+    /// A dual-stack Service's ClusterIP of the other family (`spec.clusterIPs[1]`).
+    pub other_vips: Vec<IpAddr>,
     /// Ports.
     pub ports: Vec<ServicePort>,
     /// Pod selector; None: endpoints are managed elsewhere (none in local mode).
     pub selector: Option<BTreeMap<String, String>>,
     /// Its labels (a waypoint binding).
     pub labels: BTreeMap<String, String>,
+}
+
+impl Service {
+    /// `pod`'s addresses that are endpoints of this Service when its selector picks the pod, as
+    /// the EndpointSlice controller makes them: one per family the Service has a ClusterIP of (a
+    /// headless Service: the pod's primary address).
+    fn endpoint_ips<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = IpAddr> + 'a {
+        let families: Vec<bool> = self.vip.iter().chain(&self.other_vips).map(IpAddr::is_ipv4).collect();
+        std::iter::once(pod.ip).chain(pod.other_ips.iter().copied()).filter(move |ip| {
+            if families.is_empty() {
+                *ip == pod.ip
+            } else {
+                families.contains(&ip.is_ipv4())
+            }
+        })
+    }
 }
 
 /// An EndpointSlice: endpoints of one Service (in local mode optional: without one, a Service's
@@ -440,9 +458,10 @@ impl Model {
                             .into_iter()
                             .flatten()
                             .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
-                            .map(|p| proto::ServiceEndpoint {
+                            .flat_map(|p| svc.endpoint_ips(p).map(move |ip| (p, ip)))
+                            .map(|(p, ip)| proto::ServiceEndpoint {
                                 workload_uid: p.uid.clone(),
-                                ip: p.ip.to_string(),
+                                ip: ip.to_string(),
                                 ready: p.ready,
                                 target_ports: svc
                                     .ports
@@ -462,6 +481,7 @@ impl Model {
                     namespace: svc.namespace.clone(),
                     name: svc.name.clone(),
                     vip: svc.vip.map(|v| v.to_string()).unwrap_or_default(),
+                    other_vips: svc.other_vips.iter().map(ToString::to_string).collect(),
                     ports: svc
                         .ports
                         .iter()

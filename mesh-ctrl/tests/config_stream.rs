@@ -21,6 +21,7 @@ fn service(name: &str, vip: &str) -> Service {
         namespace: "shop".into(),
         name: name.into(),
         vip: Some(vip.parse().unwrap()),
+        other_vips: Vec::new(),
         ports: vec![ServicePort {
             name: "http".into(),
             port: 80,

@@ -65,8 +65,9 @@ pub struct Waypoint {
 /// What a CONNECT addressed.
 #[derive(Debug, Clone)]
 pub enum Destination {
-    /// A Service bound to the waypoint, by its VIP.
-    Service(Arc<Service>),
+    /// A Service bound to the waypoint, by the VIP of it the client addressed (a dual-stack
+    /// Service has one per family).
+    Service(Arc<Service>, IpAddr),
     /// A workload bound to the waypoint (a waypoint of workloads), by its pod IP.
     Workload(Arc<Workload>),
 }
@@ -75,7 +76,7 @@ impl Destination {
     /// Its namespace.
     pub fn namespace(&self) -> &str {
         match self {
-            Destination::Service(s) => &s.namespace,
+            Destination::Service(s, _) => &s.namespace,
             Destination::Workload(w) => &w.namespace,
         }
     }
@@ -83,7 +84,7 @@ impl Destination {
     /// The Service's name, for Service traffic.
     pub fn service_name(&self) -> Option<&str> {
         match self {
-            Destination::Service(s) => Some(&s.name),
+            Destination::Service(s, _) => Some(&s.name),
             Destination::Workload(_) => None,
         }
     }
@@ -91,7 +92,7 @@ impl Destination {
     /// The address the client dialled: the Service's VIP or the pod's IP.
     pub fn address(&self) -> Option<IpAddr> {
         match self {
-            Destination::Service(s) => s.vip,
+            Destination::Service(_, vip) => Some(*vip),
             Destination::Workload(w) => Some(w.ip),
         }
     }
@@ -215,7 +216,7 @@ impl Waypoint {
         if !service.ports.contains(&target.port()) {
             return Err(NotForUs::NoPort { service: name, port: target.port() });
         }
-        Ok((Destination::Service(service), target.port()))
+        Ok((Destination::Service(service, target.ip()), target.port()))
     }
 }
 
@@ -241,7 +242,7 @@ async fn serve_tunnel(
     let spiffe_id = identity.as_deref().and_then(|id| id.parse().ok());
     let mut stream = H2Stream::new(send, body);
     let declared = match &dest {
-        Destination::Service(service) => service.protocol(port),
+        Destination::Service(service, _) => service.protocol(port),
         Destination::Workload(_) => "",
     };
     let http = match declared {

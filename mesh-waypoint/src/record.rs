@@ -106,11 +106,11 @@ impl Record {
             started: Instant::now(),
             waypoint: waypoint.to_string(),
             service: match &down.dest {
-                Destination::Service(s) => format!("{}/{}", s.namespace, s.name),
+                Destination::Service(s, _) => format!("{}/{}", s.namespace, s.name),
                 Destination::Workload(_) => String::new(),
             },
             workload: match &down.dest {
-                Destination::Service(_) => String::new(),
+                Destination::Service(..) => String::new(),
                 Destination::Workload(w) => format!("{}/{}", w.namespace, w.name),
             },
             port: down.port,

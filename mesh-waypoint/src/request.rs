@@ -255,7 +255,7 @@ async fn route(
     }
 
     let table = match &down.dest {
-        Destination::Service(_) => waypoint.route_tables.get(&waypoint.state, &service, down.port),
+        Destination::Service(..) => waypoint.route_tables.get(&waypoint.state, &service, down.port),
         Destination::Workload(_) => Arc::default(),
     };
     let selected: Option<Selected> = table
@@ -281,7 +281,7 @@ async fn route(
     // The backend Service; None: the workload addressed, itself.
     let backend: Option<BackendRef> = match (&selected, table.is_empty()) {
         (_, true) => match &down.dest {
-            Destination::Service(_) => Some(BackendRef { service: service.clone(), port: down.port }),
+            Destination::Service(..) => Some(BackendRef { service: service.clone(), port: down.port }),
             Destination::Workload(_) => None,
         },
         (None, false) => {
@@ -337,7 +337,7 @@ async fn route(
             To::Service(target, backend.port)
         }
         (None, Destination::Workload(workload)) => To::Endpoint(std::net::SocketAddr::new(workload.ip, down.port)),
-        (None, Destination::Service(_)) => unreachable!("a Service's request always has a backend Service"),
+        (None, Destination::Service(..)) => unreachable!("a Service's request always has a backend Service"),
     };
 
     // The rate limits of a TrafficPolicy of the Service, route or rule: past one, a 429.

@@ -26,7 +26,7 @@ pub async fn relay(waypoint: &Waypoint, down: &Downstream, mut stream: H2Stream)
         return waypoint.log.write_with(|| record.to_line());
     }
     let to = match &down.dest {
-        Destination::Service(service) => {
+        Destination::Service(service, _) => {
             record.backend = format!("{}/{}:{}", service.namespace, service.name, down.port);
             To::Service(service.clone(), down.port)
         }

@@ -159,7 +159,8 @@ impl Topology {
     }
 
     /// Writes Service `namespace/name` at `vip` selecting `selector`, with (name, port, target)
-    /// ports; a target that parses as a number is a number, else a container port name.
+    /// ports; a target that parses as a number is a number, else a container port name. A
+    /// dual-stack Service's two ClusterIPs are given comma-separated (`10.96.0.10,fd00::a`).
     pub fn write_service(
         &self,
         namespace: &str,
@@ -168,8 +169,10 @@ impl Topology {
         selector: &[(&str, &str)],
         ports: &[(&str, u16, &str)],
     ) {
+        let vips: Vec<&str> = vip.split(',').collect();
         let mut text = format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:\n"
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {}\n  clusterIPs: {vips:?}\n  selector:\n",
+            vips[0]
         );
         for (k, v) in selector {
             text.push_str(&format!("    {k}: {v}\n"));

@@ -1,7 +1,8 @@
 //! End-to-end services: a ClusterIP VIP with a named targetPort, spread across its endpoints by
 //! the client's agent, skipping unready endpoints, trying another endpoint when one fails (each
 //! failed attempt seen in its own flow), dropping a removed endpoint without failing clients, and
-//! preferring the less loaded endpoint (power of two choices). Needs root.
+//! preferring the less loaded endpoint (power of two choices); a dual-stack Service's IPv6 VIP.
+//! Needs root.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,6 +12,8 @@ use ferrymesh_testbed::mesh::{bin, wait_until, CONFIG_WAIT, ECHO_PORT, FLOW_WAIT
 use ferrymesh_testbed::{Topology, TopologySpec};
 
 const VIP: &str = "10.96.0.10";
+/// The IPv6 ClusterIP of the dual-stack Service.
+const VIP6: &str = "fd00:10:96::a";
 
 /// Endpoint workload name -> number of successful outbound flows to the service since `skip`.
 fn spread(topo: &Topology, skip: usize) -> BTreeMap<String, u64> {
@@ -141,6 +144,46 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     topo.hits(client, vip, 40);
     let hits = spread(&topo, skip);
     assert!(hits.get("web-1") > Some(&0) && hits.get("web-2") > Some(&0), "both endpoints serve again: {hits:?}");
+}
+
+#[test]
+fn a_dual_stack_service_takes_each_family_to_endpoints_of_that_family() {
+    let spec = TopologySpec::nodes(2).pod("shop", "client", 1).pod("shop", "web-1", 1).pod("shop", "web-2", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    for name in ["web-1", "web-2"] {
+        topo.write_pod(topo.pod("shop", name), &[("app", "web")]);
+    }
+    topo.write_service("shop", "web", &format!("{VIP},{VIP6}"), &[("app", "web")], &[("http", 80, "http")]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/client", "shop/web-1"], Duration::from_secs(10));
+    topo.serve_all();
+    let client = topo.pod("shop", "client");
+    let web6: Vec<String> = ["web-1", "web-2"].iter().map(|n| topo.pod("shop", n).ip6.to_string()).collect();
+    let web4: Vec<String> = ["web-1", "web-2"].iter().map(|n| topo.pod("shop", n).ip.to_string()).collect();
+
+    // The IPv6 VIP is the Service's too: its connections go to the endpoints' IPv6 addresses,
+    // over both transports, and the servers see the client's IPv6 address.
+    let vip6 = SocketAddr::new(VIP6.parse().unwrap(), 80);
+    let result = topo.hits(client, vip6, 40);
+    assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(40), Some(0)), "{result}");
+    assert_eq!(result["client_ips"], serde_json::json!([client.ip6.to_string()]));
+    let flows: Vec<_> = topo.flows(1).into_iter().filter(|f| f["service"] == "shop/web").collect();
+    assert_eq!(flows.len(), 40, "{flows:#?}");
+    for flow in &flows {
+        assert!(web6.iter().any(|ip| flow["dst"]["ip"] == ip.as_str()), "{flow}");
+        assert_eq!(flow["dst"]["port"], 8080, "{flow}");
+    }
+    let transports: std::collections::BTreeSet<_> = flows.iter().map(|f| f["transport"].to_string()).collect();
+    assert_eq!(transports.len(), 2, "node-local and mtls: {transports:?}");
+
+    // The IPv4 VIP still leads to IPv4 endpoints only.
+    let result = topo.hits(client, format!("{VIP}:80").parse().unwrap(), 20);
+    assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(20), Some(0)), "{result}");
+    assert_eq!(result["client_ips"], serde_json::json!([client.ip.to_string()]));
+    let flows: Vec<_> = topo.flows(1).into_iter().filter(|f| f["service"] == "shop/web").skip(40).collect();
+    assert_eq!(flows.len(), 20, "{flows:#?}");
+    assert!(flows.iter().all(|f| web4.iter().any(|ip| f["dst"]["ip"] == ip.as_str())), "{flows:#?}");
 }
 
 #[test]

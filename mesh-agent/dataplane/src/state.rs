@@ -72,6 +72,8 @@ pub struct Service {
     pub name: String,
     /// ClusterIP; None when headless.
     pub vip: Option<IpAddr>,
+    /// A dual-stack Service's ClusterIP of the other family.
+    pub other_vips: Vec<IpAddr>,
     /// Service ports.
     pub ports: Vec<u16>,
     /// The ports whose traffic a waypoint relays as opaque TCP (declared so).
@@ -85,6 +87,11 @@ pub struct Service {
 }
 
 impl Service {
+    /// Its ClusterIPs: the VIP, then the other family's.
+    pub fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.vip.iter().chain(&self.other_vips).copied()
+    }
+
     /// What a waypoint makes of `port`'s traffic: `http`, `tcp`, or empty (detected).
     pub fn protocol(&self, port: u16) -> &'static str {
         if self.tcp_ports.contains(&port) {
@@ -142,6 +149,11 @@ impl TryFrom<proto::Service> for Service {
             "" => None,
             v => Some(v.parse().map_err(|e| invalid("vip", format!("{v:?}: {e}")))?),
         };
+        let other_vips = s
+            .other_vips
+            .iter()
+            .map(|v| v.parse().map_err(|e| invalid("other_vips", format!("{v:?}: {e}"))))
+            .collect::<Result<_, _>>()?;
         let port = |p: u32, field| u16::try_from(p).map_err(|_| invalid(field, format!("{p} is not a port")));
         let ports = s.ports.iter().map(|p| port(p.port, "ports")).collect::<Result<_, _>>()?;
         let declared = |protocol: &str| -> Result<Vec<u16>, InvalidUpdate> {
@@ -165,6 +177,7 @@ impl TryFrom<proto::Service> for Service {
             namespace: s.namespace.clone(),
             name: s.name.clone(),
             vip,
+            other_vips,
             ports,
             tcp_ports,
             http_ports,
@@ -260,6 +273,7 @@ impl Stored for Service {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             vip: self.vip.map(|v| v.to_string()).unwrap_or_default(),
+            other_vips: self.other_vips.iter().map(ToString::to_string).collect(),
             ports: self
                 .ports
                 .iter()
@@ -521,7 +535,7 @@ impl State {
                 inner.by_ip = by_ip;
             }
             if services.apply(&mut inner.services, snapshot) {
-                let by_vip = inner.services.values().filter_map(|s| Some((s.vip?, s.clone()))).collect();
+                let by_vip = inner.services.values().flat_map(|s| s.vips().map(move |vip| (vip, s.clone()))).collect();
                 inner.services_by_vip = by_vip;
             }
             let policies_changed = authorization_policies.apply(&mut inner.authorization_policies, snapshot)
@@ -802,6 +816,31 @@ mod tests {
         let names: Vec<String> = state.policies().authorization_policies().iter().map(|p| p.name.clone()).collect();
         assert_eq!(names, ["p2"]);
         assert_eq!(state.service_by_vip("10.96.0.9".parse().unwrap()).unwrap().name, "a", "services kept");
+    }
+
+    #[test]
+    fn a_dual_stack_service_is_found_by_either_vip() {
+        let state = State::default();
+        let mut web = service("web", "10.96.0.1");
+        web.other_vips = vec!["fd00:10:96::1".into()];
+        state
+            .apply(proto::ConfigUpdate { version: 1, snapshot: true, services: vec![web], ..Default::default() })
+            .unwrap();
+        for vip in ["10.96.0.1", "fd00:10:96::1"] {
+            assert_eq!(state.service_by_vip(vip.parse().unwrap()).unwrap().name, "web", "{vip}");
+        }
+        // Single-stack again: the other family's VIP is gone.
+        let delta =
+            proto::ConfigUpdate { version: 2, services: vec![service("web", "10.96.0.1")], ..Default::default() };
+        state.apply(delta).unwrap();
+        assert!(state.service_by_vip("fd00:10:96::1".parse().unwrap()).is_none());
+        assert_eq!(state.service_by_vip("10.96.0.1".parse().unwrap()).unwrap().name, "web");
+        // A bad one is named, and nothing of its update is applied.
+        let mut bad = service("web", "10.96.0.2");
+        bad.other_vips = vec!["fd00::zz".into()];
+        let e = state.apply(proto::ConfigUpdate { version: 3, services: vec![bad], ..Default::default() }).unwrap_err();
+        assert!(e.to_string().starts_with("service ns/web: field other_vips: \"fd00::zz\""), "{e}");
+        assert_eq!(state.service_by_vip("10.96.0.1".parse().unwrap()).unwrap().name, "web");
     }
 
     #[test]

@@ -164,7 +164,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
                     Box::pin(to_waypoint(client, &pod, &ctx, &mut conn, bound, dst)).await
                 }
                 // Boxed: only connections to a service pay for its endpoint-retry state.
-                None => Box::pin(to_service(client, &pod, &ctx, &mut conn, &service, name, dst.port())).await,
+                None => Box::pin(to_service(client, &pod, &ctx, &mut conn, &service, name, dst)).await,
             }
         }
         None => match Bound::workload(&ctx, dst) {
@@ -286,10 +286,12 @@ fn record_attempt(
     ctx.record(attempt, Outcome::failed(failed));
 }
 
-/// Carries a connection to `service` (named `name`) port `port`, one it declares, to one of its
-/// ready endpoints, trying another endpoint when a dial fails. Each failed attempt gets a flow of
-/// its own (verdict error, the endpoint it tried, why it failed; the client's address is the
-/// connection's), so a retry is seen, not inferred from the client's success.
+/// Carries a connection to `service` (named `name`) at `vip`, one of its ClusterIPs and ports,
+/// to one of its ready endpoints of the VIP's family (a dual-stack Service's IPv6 VIP leads to
+/// its IPv6 endpoints, as kube-proxy does), trying another endpoint when a dial fails. Each
+/// failed attempt gets a flow of its own (verdict error, the endpoint it tried, why it failed;
+/// the client's address is the connection's), so a retry is seen, not inferred from the
+/// client's success.
 async fn to_service(
     client: TcpStream,
     pod: &PodContext,
@@ -297,15 +299,17 @@ async fn to_service(
     conn: &mut Connection,
     service: &Service,
     name: String,
-    port: u16,
+    vip: SocketAddr,
 ) -> Outcome {
+    let (port, family) = (vip.port(), vip.is_ipv4());
     let mut tried = Vec::new();
     let mut last_error = None;
     for _ in 0..SERVICE_ATTEMPTS {
         let candidates: Vec<&ServiceEndpoint> = service
             .endpoints
             .iter()
-            .filter(|e| e.ready && e.target_ports.contains_key(&port) && !tried.contains(&e.ip))
+            .filter(|e| e.ready && e.ip.is_ipv4() == family && e.target_ports.contains_key(&port))
+            .filter(|e| !tried.contains(&e.ip))
             .collect();
         let Some(endpoint) = ctx.balancer.pick(&candidates) else { break };
         let target = SocketAddr::new(endpoint.ip, endpoint.target_ports[&port]);

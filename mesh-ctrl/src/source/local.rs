@@ -820,6 +820,67 @@ spec:
     }
 
     #[test]
+    fn a_dual_stack_service_has_both_vips_and_endpoints_of_each_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let web = pod_yaml("web", "10.244.1.2", "").replace("app: web", "app: web\n    tier: web").replace(
+            "  podIP: 10.244.1.2\n",
+            "  podIP: 10.244.1.2\n  podIPs:\n  - ip: 10.244.1.2\n  - ip: fd00:10:244:1::2\n",
+        );
+        let service = |name: &str, ips: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  {ips}\n  selector:\n    tier: web\n  ports:\n  - port: 80\n"
+            )
+        };
+        let dual = service("dual", "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:10:96::a\"]");
+        let single = service("single", "clusterIP: 10.96.0.11");
+        write(dir.path(), "all.yaml", &format!("{NS_ON}---\n{web}---\n{dual}---\n{single}"));
+        let mut source = DirSource::new(dir.path());
+        let (model, errors) = source.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        let wire = model.services_wire();
+        let ips = |name: &str| wire[name].endpoints.iter().map(|e| e.ip.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            (wire["shop/dual"].vip.as_str(), wire["shop/dual"].other_vips.clone()),
+            ("10.96.0.10", vec!["fd00:10:96::a".into()])
+        );
+        assert_eq!(ips("shop/dual"), ["10.244.1.2", "fd00:10:244:1::2"]);
+        assert!(wire["shop/single"].other_vips.is_empty());
+        assert_eq!(ips("shop/single"), ["10.244.1.2"], "a single-stack Service's endpoints are of its family");
+        // What Kubernetes would refuse is named by field, and changes nothing: the Service
+        // keeps its last good version.
+        for (ips, field, says) in [
+            (
+                "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.12, \"fd00:10:96::a\"]",
+                "spec.clusterIPs[0]",
+                "must come first",
+            ),
+            (
+                "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 10.96.0.12]",
+                "spec.clusterIPs[1]",
+                "one address per family",
+            ),
+            ("clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, nope]", "spec.clusterIPs[1]", "is not an IP address"),
+            (
+                "clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00::a\", \"fd00::b\"]",
+                "spec.clusterIPs[2]",
+                "at most two",
+            ),
+        ] {
+            write(dir.path(), "all.yaml", &format!("{NS_ON}---\n{web}---\n{}", service("dual", ips)));
+            let (model, errors) = source.reload();
+            assert_eq!(errors.len(), 1, "{ips}: {errors:?}");
+            assert_eq!(errors[0].object.as_deref(), Some("Service shop/dual"));
+            assert_eq!(errors[0].field.as_deref(), Some(field), "{ips}");
+            assert!(errors[0].message.contains(says), "{ips}: {errors:?}");
+            let kept = &model.services_wire()["shop/dual"];
+            assert_eq!(
+                (kept.vip.as_str(), kept.other_vips.as_slice()),
+                ("10.96.0.10", &["fd00:10:96::a".to_string()][..])
+            );
+        }
+    }
+
+    #[test]
     fn endpoint_slices_and_service_accounts_are_read_and_their_bad_fields_named() {
         let dir = tempfile::tempdir().unwrap();
         let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: shop\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n- name: http\n  port: 8080\nendpoints:\n- addresses: [10.244.1.7]\n  conditions:\n    ready: false\n";

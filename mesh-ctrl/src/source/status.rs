@@ -244,6 +244,7 @@ mod tests {
             namespace: "shop".into(),
             name: "web".into(),
             vip: Some([10, 96, 0, 10].into()),
+            other_vips: Vec::new(),
             ports: vec![port],
             selector: None,
             labels: Default::default(),

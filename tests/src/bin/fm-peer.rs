@@ -431,7 +431,8 @@ fn hits(to: SocketAddr, count: u32, interval: Duration, progress: bool) -> Resul
         match hit(to) {
             Ok(client) => {
                 ok += 1;
-                seen_as.insert(client.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or(client));
+                // The server names the client as `ip:port` or `[ip6]:port`; the IP is kept.
+                seen_as.insert(client.parse::<SocketAddr>().map(|a| a.ip().to_string()).unwrap_or(client));
                 if progress {
                     println!("ok");
                 }

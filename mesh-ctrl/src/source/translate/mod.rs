@@ -290,6 +290,34 @@ pub fn pod_from(pod: k8s::Pod, key: &ObjectKey) -> Result<Pod, FieldError> {
     })
 }
 
+/// A dual-stack Service's ClusterIPs after the first, `spec.clusterIPs[1..]`, as Kubernetes
+/// allows them: the list (when given) starts with `spec.clusterIP`, and holds at most one address
+/// of each family.
+fn other_cluster_ips(vip: IpAddr, ips: &[String], key: &ObjectKey) -> Result<Vec<IpAddr>, FieldError> {
+    let mut others = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let field = format!("spec.clusterIPs[{i}]");
+        let ip: IpAddr =
+            ip.parse().map_err(|e| key.field_error(&field, format!("{ip:?} is not an IP address: {e}")))?;
+        match i {
+            0 if ip != vip => {
+                return Err(
+                    key.field_error(&field, format!("{ip} is not spec.clusterIP ({vip}), which must come first"))
+                )
+            }
+            0 => {}
+            1 if ip.is_ipv4() == vip.is_ipv4() => {
+                return Err(
+                    key.field_error(&field, format!("{ip} is of the same family as {vip}: one address per family"))
+                )
+            }
+            1 => others.push(ip),
+            _ => return Err(key.field_error(&field, "a Service has at most two ClusterIPs, one per family".into())),
+        }
+    }
+    Ok(others)
+}
+
 pub fn service_from(svc: k8s::Service, key: &ObjectKey) -> Result<Service, FieldError> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let spec = svc.spec.unwrap_or_default();
@@ -305,6 +333,10 @@ pub fn service_from(svc: k8s::Service, key: &ObjectKey) -> Result<Service, Field
                 "missing; local mode has no allocator: give the VIP, or None for a headless service".into(),
             ))
         }
+    };
+    let other_vips = match vip {
+        Some(vip) => other_cluster_ips(vip, spec.cluster_ips.as_deref().unwrap_or_default(), key)?,
+        None => Vec::new(),
     };
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
@@ -330,6 +362,7 @@ pub fn service_from(svc: k8s::Service, key: &ObjectKey) -> Result<Service, Field
         namespace: key.namespace.clone(),
         name: key.name.clone(),
         vip,
+        other_vips,
         ports,
         selector: spec.selector,
         labels: svc.metadata.labels.unwrap_or_default(),

@@ -127,7 +127,8 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
                 .values()
                 .map(|s| {
                     json!({
-                        "namespace": s.namespace, "name": s.name, "vip": s.vip, "waypoint": s.waypoint,
+                        "namespace": s.namespace, "name": s.name, "vip": s.vip, "other_vips": s.other_vips,
+                        "waypoint": s.waypoint,
                         "destination_rule": rule_of(s),
                         "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
                         "endpoints": s.endpoints.iter().map(|e| json!({
@@ -152,7 +153,11 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
                         .collect();
                     [
                         format!("{}/{}", s.namespace, s.name),
-                        if s.vip.is_empty() { "None (headless)".into() } else { s.vip.clone() },
+                        if s.vip.is_empty() {
+                            "None (headless)".into()
+                        } else {
+                            std::iter::once(&s.vip).chain(&s.other_vips).cloned().collect::<Vec<_>>().join(", ")
+                        },
                         ports.join(","),
                         waypoint(s, &config.objects.waypoints),
                         endpoints.join(", "),
