@@ -44,6 +44,12 @@ struct Args {
     /// init container). Idempotent.
     #[arg(long)]
     install_cni: bool,
+    /// While running, keep the CNI plugin chained: every 2 s check that the first *.conflist
+    /// of --cni-conf-dir still chains it, and chain it again (copying `ferrymesh-cni`, found
+    /// next to this binary, into --cni-bin-dir) when the node's CNI has rewritten the file
+    /// without it, as istio-cni does. The DaemonSet sets it, with the init container's mounts.
+    #[arg(long)]
+    watch_cni: bool,
     /// The node's CNI binary directory.
     #[arg(long, default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
@@ -156,13 +162,7 @@ fn start() -> anyhow::Result<()> {
         return Ok(());
     }
     if args.install_cni {
-        let install = cni::install::Install {
-            binary: std::env::current_exe()?.with_file_name(cni::install::PLUGIN),
-            bin_dir: args.cni_bin_dir.clone(),
-            conf_dir: args.cni_conf_dir.clone(),
-            agent_socket: args.cni_socket.clone(),
-        };
-        let conflist = cni::install::install(&install).context("cannot install the CNI plugin")?;
+        let conflist = cni::install::install(&cni_install(&args)?).context("cannot install the CNI plugin")?;
         println!("chained {} into {}", cni::install::PLUGIN, conflist.display());
         return Ok(());
     }
@@ -173,6 +173,16 @@ fn start() -> anyhow::Result<()> {
         tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads).enable_all().build()?
     };
     runtime.block_on(run(args))
+}
+
+/// Where `--install-cni` and `--watch-cni` install the CNI plugin from and to.
+fn cni_install(args: &Args) -> anyhow::Result<cni::install::Install> {
+    Ok(cni::install::Install {
+        binary: std::env::current_exe()?.with_file_name(cni::install::PLUGIN),
+        bin_dir: args.cni_bin_dir.clone(),
+        conf_dir: args.cni_conf_dir.clone(),
+        agent_socket: args.cni_socket.clone(),
+    })
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -293,6 +303,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut admin =
         tokio::spawn(admin::serve(args.admin_socket.clone(), args.admin_group.clone(), admin, shutdown.clone()));
     let mut cni_server = tokio::spawn(cni::serve(args.cni_socket.clone(), cni_asks, shutdown.clone()));
+    if args.watch_cni {
+        tokio::spawn(cni::install::keep_chained(cni_install(&args)?, shutdown.clone()));
+    }
     let handover_server = handover::Server::bind(&args.handover_socket)
         .with_context(|| format!("cannot serve --handover-socket {}", args.handover_socket.display()))?;
     let mut handover_task = tokio::spawn(async move { handover_server.serve(offers).await });

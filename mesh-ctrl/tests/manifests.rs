@@ -316,10 +316,14 @@ fn assert_consistent(objects: &Objects) {
     let install_flags = flags(install);
     assert!(install_flags.contains_key("--install-cni"), "{install_flags:?}");
     assert_eq!(install_flags["--cni-socket"], agent_flags["--cni-socket"], "the plugin is told the agent's socket");
+    // The running agent keeps it chained, in the same host directories.
+    assert!(agent_flags.contains_key("--watch-cni"), "{agent_flags:?}");
     for (flag, host) in [("--cni-bin-dir", "/opt/cni/bin"), ("--cni-conf-dir", "/etc/cni/net.d")] {
-        let mount = install.volume_mounts.iter().flatten().find(|m| m.mount_path == install_flags[flag]).expect(flag);
-        let volume = agent_spec.volumes.iter().flatten().find(|v| v.name == mount.name).expect("its volume");
-        assert_eq!(volume.host_path.as_ref().map(|h| h.path.as_str()), Some(host), "{flag}");
+        for (c, c_flags) in [(install, &install_flags), (container, &agent_flags)] {
+            let mount = c.volume_mounts.iter().flatten().find(|m| m.mount_path == c_flags[flag]).expect(flag);
+            let volume = agent_spec.volumes.iter().flatten().find(|v| v.name == mount.name).expect("its volume");
+            assert_eq!(volume.host_path.as_ref().map(|h| h.path.as_str()), Some(host), "{}: {flag}", c.name);
+        }
     }
     let rolling = agent.spec.as_ref().unwrap().update_strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;

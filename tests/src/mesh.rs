@@ -349,8 +349,15 @@ impl Topology {
 
     /// [`Topology::start_agent`] with flags of [`Topology::agent_command`] replaced or added.
     pub fn start_agent_with(&self, node: u8, overrides: &[(&str, &str)]) {
+        self.start_agent_with_switches(node, overrides, &[]);
+    }
+
+    /// [`Topology::start_agent_with`], with `switches` (flags without a value) added.
+    pub fn start_agent_with_switches(&self, node: u8, overrides: &[(&str, &str)], switches: &[&str]) {
         let label = format!("agent-node{node}");
-        self.spawn(&label, self.agent_command(node, overrides));
+        let mut command = self.agent_command(node, overrides);
+        command.args(switches);
+        self.spawn(&label, command);
         wait_until(Duration::from_secs(20), &format!("{label} to connect to mesh-ctrl"), || {
             assert!(self.is_running(&label), "{label} exited: {}", self.log(&label));
             self.try_status(node).is_some_and(|s| s["ctrl_connected"] == true && s["config_version"].as_u64() > Some(0))

@@ -616,10 +616,19 @@ fn the_cni_plugin_keeps_mesh_pods_closed_until_enrolled_and_fails_them_without_a
     let out = topo.cni("ADD", &system);
     assert!(out.status.success(), "ADD in kube-system: {}", String::from_utf8_lossy(&out.stdout));
 
-    // The agent is back: ADD holds d (its namespace is in the mesh) and passes the previous
-    // plugin's result on unchanged.
-    topo.start_agent(2);
+    // The agent is back (keeping the plugin chained, as the DaemonSet runs it): ADD holds d (its
+    // namespace is in the mesh) and passes the previous plugin's result on unchanged.
+    let cni_dir_flags = [("--cni-bin-dir", cni_dirs[1]), ("--cni-conf-dir", cni_dirs[3])];
+    topo.start_agent_with_switches(2, &cni_dir_flags, &["--watch-cni"]);
     topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
+    // The node's CNI rewrites its conflist without the plugin (an upgrade, a restart): the
+    // running agent chains it again, so the pods created next are still held.
+    let chained = std::fs::read_to_string(conf_dir.join("10-ptp.conflist")).unwrap();
+    std::fs::write(conf_dir.join("10-ptp.conflist"), primary).unwrap();
+    wait_until(Duration::from_secs(10), "the plugin to be chained again", || {
+        std::fs::read_to_string(conf_dir.join("10-ptp.conflist")).unwrap() == chained
+    });
+    assert!(topo.log("agent-node2").contains("chained ferrymesh-cni again"), "{}", topo.log("agent-node2"));
     let out = topo.cni("ADD", d);
     assert!(
         out.status.success(),

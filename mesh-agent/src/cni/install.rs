@@ -92,6 +92,51 @@ pub fn install(install: &Install) -> io::Result<PathBuf> {
     Ok(path)
 }
 
+/// Whether the network configuration the runtime uses (the first `*.conflist`) chains the
+/// plugin, wherever in the list (a later plugin chained after it is left alone).
+pub fn is_chained(conf_dir: &Path) -> io::Result<bool> {
+    let list = read_conflist(&primary_conflist(conf_dir)?)?;
+    Ok(list["plugins"].as_array().expect("checked: a list").iter().any(is_ours))
+}
+
+/// Chains the plugin again ([`install`]) when the node's network configuration no longer has
+/// it: the node's own CNI rewrote its conflist (an upgrade, a restart), or a new conflist now
+/// sorts first. Returns the conflist it changed, or None when the plugin was chained.
+pub fn rechain(install_to: &Install) -> io::Result<Option<PathBuf>> {
+    if is_chained(&install_to.conf_dir)? {
+        return Ok(None);
+    }
+    install(install_to).map(Some)
+}
+
+/// How often a running agent checks that the plugin is still chained (`--watch-cni`).
+pub const RECHAIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps the plugin chained while the agent runs: every [`RECHAIN_INTERVAL`], [`rechain`].
+/// Without it a node whose CNI rewrote its conflist would start new pods without the plugin,
+/// so a mesh pod could run before the agent has enrolled it. A conflist that cannot be read is
+/// logged and checked again (the node's CNI may be writing it).
+pub async fn keep_chained(install_to: Install, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(RECHAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let checking = install_to.clone();
+        match tokio::task::spawn_blocking(move || rechain(&checking)).await {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(conflist))) => tracing::warn!(
+                conflist = %conflist.display(),
+                "chained {PLUGIN} again: the node's network configuration had been rewritten without it"
+            ),
+            Ok(Err(e)) => tracing::warn!("cannot check that {PLUGIN} is chained: {e}"),
+            Err(e) => tracing::warn!("the CNI chain check panicked: {e}"),
+        }
+    }
+}
+
 /// Takes the plugin out of every conflist of `conf_dir` and removes its binary from `bin_dir`;
 /// missing directories are fine. Returns how many files it changed or removed.
 pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> io::Result<usize> {
@@ -166,6 +211,43 @@ mod tests {
         assert_eq!(list, serde_json::from_str::<Value>(KINDNET).unwrap(), "back as it was");
         assert!(!dir.join("bin/ferrymesh-cni").exists());
         assert_eq!(uninstall(&dir.join("bin"), &dir.join("net.d")).unwrap(), 0, "twice changes nothing");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rechain_puts_the_plugin_back_only_when_a_rewrite_took_it_out() {
+        let dir = scratch("rechain");
+        std::fs::write(dir.join("plugin"), b"#!binary").unwrap();
+        std::fs::write(dir.join("net.d/10-kindnet.conflist"), KINDNET).unwrap();
+        let install_to = Install {
+            binary: dir.join("plugin"),
+            bin_dir: dir.join("bin"),
+            conf_dir: dir.join("net.d"),
+            agent_socket: "/run/x".into(),
+        };
+        let conflist = dir.join("net.d/10-kindnet.conflist");
+        assert!(!is_chained(&install_to.conf_dir).unwrap());
+        assert_eq!(rechain(&install_to).unwrap(), Some(conflist.clone()), "not chained: chained");
+        let chained = std::fs::read_to_string(&conflist).unwrap();
+        assert_eq!(rechain(&install_to).unwrap(), None, "chained: nothing to do");
+        // Another plugin chained after ours is left where it is, not fought over.
+        let mut list: Value = serde_json::from_str(&chained).unwrap();
+        list["plugins"].as_array_mut().unwrap().push(json!({"type": "bandwidth"}));
+        let after_ours = serde_json::to_string(&list).unwrap();
+        std::fs::write(&conflist, &after_ours).unwrap();
+        assert_eq!(rechain(&install_to).unwrap(), None);
+        assert_eq!(std::fs::read_to_string(&conflist).unwrap(), after_ours);
+        // The node's CNI rewrites its conflist: the plugin goes back, last.
+        std::fs::write(&conflist, KINDNET).unwrap();
+        assert_eq!(rechain(&install_to).unwrap(), Some(conflist.clone()));
+        assert_eq!(std::fs::read_to_string(&conflist).unwrap(), chained);
+        // A conflist that now sorts first is the one the runtime uses: it is chained too.
+        std::fs::write(dir.join("net.d/05-calico.conflist"), KINDNET).unwrap();
+        assert_eq!(rechain(&install_to).unwrap(), Some(dir.join("net.d/05-calico.conflist")));
+        // A broken one is an error, and is left as it is.
+        std::fs::write(dir.join("net.d/01-x.conflist"), "{half").unwrap();
+        assert!(rechain(&install_to).unwrap_err().to_string().contains("01-x.conflist is not JSON"));
+        assert_eq!(std::fs::read_to_string(dir.join("net.d/01-x.conflist")).unwrap(), "{half");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
