@@ -176,6 +176,16 @@ mod tests {
         dir
     }
 
+    /// Installing from `dir`'s `plugin` into its `bin` and `net.d`, for an agent at `socket`.
+    fn install_from(dir: &Path, socket: &str) -> Install {
+        Install {
+            binary: dir.join("plugin"),
+            bin_dir: dir.join("bin"),
+            conf_dir: dir.join("net.d"),
+            agent_socket: socket.into(),
+        }
+    }
+
     const KINDNET: &str = r#"{"cniVersion":"0.3.1","name":"kindnet","plugins":[{"type":"ptp","ipam":{"type":"host-local"}},{"type":"portmap","capabilities":{"portMappings":true}}]}"#;
 
     #[test]
@@ -184,12 +194,7 @@ mod tests {
         std::fs::write(dir.join("plugin"), b"#!binary").unwrap();
         std::fs::write(dir.join("net.d/10-kindnet.conflist"), KINDNET).unwrap();
         std::fs::write(dir.join("net.d/99-other.conflist"), KINDNET).unwrap();
-        let install_to = Install {
-            binary: dir.join("plugin"),
-            bin_dir: dir.join("bin"),
-            conf_dir: dir.join("net.d"),
-            agent_socket: "/var/run/ferrymesh/cni".into(),
-        };
+        let install_to = install_from(&dir, "/var/run/ferrymesh/cni");
         for _ in 0..2 {
             assert_eq!(install(&install_to).unwrap(), dir.join("net.d/10-kindnet.conflist"));
         }
@@ -219,12 +224,7 @@ mod tests {
         let dir = scratch("rechain");
         std::fs::write(dir.join("plugin"), b"#!binary").unwrap();
         std::fs::write(dir.join("net.d/10-kindnet.conflist"), KINDNET).unwrap();
-        let install_to = Install {
-            binary: dir.join("plugin"),
-            bin_dir: dir.join("bin"),
-            conf_dir: dir.join("net.d"),
-            agent_socket: "/run/x".into(),
-        };
+        let install_to = install_from(&dir, "/run/x");
         let conflist = dir.join("net.d/10-kindnet.conflist");
         assert!(!is_chained(&install_to.conf_dir).unwrap());
         assert_eq!(rechain(&install_to).unwrap(), Some(conflist.clone()), "not chained: chained");
@@ -255,12 +255,7 @@ mod tests {
     fn install_without_a_conflist_or_with_a_broken_one_says_so_and_changes_no_conflist() {
         let dir = scratch("broken");
         std::fs::write(dir.join("plugin"), b"#!binary").unwrap();
-        let install_to = Install {
-            binary: dir.join("plugin"),
-            bin_dir: dir.join("bin"),
-            conf_dir: dir.join("net.d"),
-            agent_socket: "/run/x".into(),
-        };
+        let install_to = install_from(&dir, "/run/x");
         let e = install(&install_to).unwrap_err();
         assert!(e.to_string().contains("no *.conflist in"), "{e}");
         std::fs::write(dir.join("net.d/10-x.conflist"), "{not json").unwrap();
