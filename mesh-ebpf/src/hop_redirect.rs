@@ -6,6 +6,8 @@
 #![no_std]
 #![no_main]
 
+mod object;
+
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_F_INGRESS},
     macros::{map, sk_msg},
@@ -37,13 +39,3 @@ pub fn fm_hop_redirect(ctx: SkMsgContext) -> u32 {
     }
     SK_PASS
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

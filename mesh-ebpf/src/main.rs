@@ -21,6 +21,8 @@
 #![no_std]
 #![no_main]
 
+mod object;
+
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
@@ -384,13 +386,3 @@ fn steer_inbound(ctx: &SkLookupContext) -> u32 {
     count(Counter::InboundRefused);
     SK_DROP
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
