@@ -140,15 +140,20 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    ferrymesh_api::exit::report(start())
+    // Returns only when it did not re-execute this binary (see its module).
+    let reexec = ferrymesh_dataplane::memcpy::reexec_with_vector_memcpy();
+    ferrymesh_api::exit::report(start(reexec))
 }
 
-fn start() -> anyhow::Result<()> {
+fn start(reexec: std::io::Result<()>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Err(e) = reexec {
+        tracing::warn!("cannot restart with glibc's vector memcpy ({e}): large copies may be slow on AMD CPUs");
+    }
     let args = Args::parse();
     if args.uninstall {
         let removed = ebpf::uninstall(&args.bpf_dir)

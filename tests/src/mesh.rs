@@ -92,6 +92,10 @@ pub fn policy_pods(topo: &Topology) -> (&Pod, &Pod, &Pod, &Pod, &Pod) {
     )
 }
 
+/// What the agent and the waypoint add to their environment as they start, executing themselves
+/// again so glibc copies with its vector loop (`ferrymesh_dataplane::memcpy`).
+pub const VECTOR_MEMCPY: &str = "GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=4294967295";
+
 /// How long a test waits for a flow: the documented bound (a flow is listed within 1 s of its
 /// connection's end) plus slack for scheduling on a loaded 2-core machine.
 pub const FLOW_WAIT: Duration = Duration::from_millis(2500);

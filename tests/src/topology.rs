@@ -418,6 +418,15 @@ impl Topology {
         self.children.lock().unwrap().iter().find(|(l, _)| l == label).map(|(_, c)| c.id())
     }
 
+    /// The environment the process started with `label` runs with now (`/proc/<pid>/environ`:
+    /// what its latest `exec` was given), one `NAME=value` each.
+    pub fn environment(&self, label: &str) -> Vec<String> {
+        let pid = self.pid(label).unwrap_or_else(|| panic!("no process {label}"));
+        let environ =
+            std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_else(|e| panic!("{label}'s environ: {e}"));
+        environ.split(|&b| b == 0).filter(|v| !v.is_empty()).map(|v| String::from_utf8_lossy(v).into_owned()).collect()
+    }
+
     /// Whether the process started with `label` is still running.
     pub fn is_running(&self, label: &str) -> bool {
         let mut children = self.children.lock().unwrap();

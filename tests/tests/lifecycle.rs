@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{bin, wait_until, CONFIG_WAIT, DATAPLANE_MODE, FLOW_WAIT, HTTP_PORT, SINK_PORT};
+use ferrymesh_testbed::mesh::{
+    bin, wait_until, CONFIG_WAIT, DATAPLANE_MODE, FLOW_WAIT, HTTP_PORT, SINK_PORT, VECTOR_MEMCPY,
+};
 use ferrymesh_testbed::{Topology, TopologySpec};
 use serde_json::Value;
 
@@ -759,6 +761,12 @@ fn an_agent_serves_with_only_the_daemonsets_capabilities_and_a_read_only_proc_sy
     // nsenter, unshare, sh and setpriv each exec the next: the spawned process is the agent.
     let pid = topo.pid("agent-node2").expect("the agent's pid");
     assert!(std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().starts_with("mesh-agent"));
+    // It executed itself again (same pid) with glibc's vector memcpy (ferrymesh_dataplane::memcpy),
+    // as the agent started without these restrictions did.
+    for agent in ["agent-node1", "agent-node2"] {
+        let environment = topo.environment(agent);
+        assert!(environment.contains(&VECTOR_MEMCPY.to_string()), "{agent}: {environment:?}");
+    }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     let proc_sys = mounts.lines().rfind(|l| l.split(' ').nth(4) == Some("/proc/sys")).expect("/proc/sys mount");

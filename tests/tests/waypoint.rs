@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferrymesh_testbed::mesh::{
-    bin, wait_until, CONFIG_WAIT, DATAPLANE_MODE, ECHO_GRPC_PORT, ECHO_HTTP_PORT, FLOW_WAIT,
+    bin, wait_until, CONFIG_WAIT, DATAPLANE_MODE, ECHO_GRPC_PORT, ECHO_HTTP_PORT, FLOW_WAIT, VECTOR_MEMCPY,
 };
 use ferrymesh_testbed::{Topology, TopologySpec};
 
@@ -83,6 +83,9 @@ fn a_bound_service_is_reached_through_the_waypoint_with_both_identities() {
     assert_eq!(first["status"], 200, "{first}");
     assert_eq!(first["backend"], "shop/web:80", "{first}");
     assert_eq!(first["protocol"], "HTTP/1.1", "{first}");
+    // It runs with glibc's vector memcpy (ferrymesh_dataplane::memcpy).
+    let environment = topo.environment("waypoint-waypoint");
+    assert!(environment.contains(&VECTOR_MEMCPY.to_string()), "{environment:?}");
 
     // Counted with Istio's labels.
     let text = topo.metrics_text(&waypoint.netns);
