@@ -155,6 +155,8 @@ fn a_dual_stack_service_takes_each_family_to_endpoints_of_that_family() {
         topo.write_pod(topo.pod("shop", name), &[("app", "web")]);
     }
     topo.write_service("shop", "web", &format!("{VIP},{VIP6}"), &[("app", "web")], &[("http", 80, "http")]);
+    // Its selector matches no pod.
+    topo.write_service("shop", "empty", "10.96.0.11,fd00:10:96::b", &[("app", "none")], &[("http", 80, "http")]);
     topo.start_mesh();
     topo.wait_enrolled(1, &["shop/client", "shop/web-1"], Duration::from_secs(10));
     topo.serve_all();
@@ -184,6 +186,15 @@ fn a_dual_stack_service_takes_each_family_to_endpoints_of_that_family() {
     let flows: Vec<_> = topo.flows(1).into_iter().filter(|f| f["service"] == "shop/web").skip(40).collect();
     assert_eq!(flows.len(), 20, "{flows:#?}");
     assert!(flows.iter().all(|f| web4.iter().any(|ip| f["dst"]["ip"] == ip.as_str())), "{flows:#?}");
+
+    // Without a ready endpoint the connection is refused, and the flow names the VIP's family.
+    let result = topo.hits(client, "[fd00:10:96::b]:80".parse().unwrap(), 1);
+    assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(0), Some(1)), "{result}");
+    wait_until(FLOW_WAIT, "the refused flow", || {
+        topo.flows(1).iter().any(|f| {
+            f["service"] == "shop/empty" && f["reason"] == "service shop/empty has no ready IPv6 endpoint for port 80"
+        })
+    });
 }
 
 #[test]

@@ -69,13 +69,16 @@ pub enum ProxyError {
         /// The port.
         port: u16,
     },
-    /// The service has no ready endpoint for the port.
-    #[error("service {service} has no ready endpoint for port {port}")]
+    /// The service has no ready endpoint for the port in the family of the VIP connected to (a
+    /// dual-stack Service's IPv6 VIP leads only to IPv6 endpoints).
+    #[error("service {service} has no ready {family} endpoint for port {port}")]
     NoReadyEndpoint {
         /// `namespace/name`.
         service: String,
         /// The port.
         port: u16,
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
     },
     /// The service or workload is bound to a waypoint that has no ready address (or does not
     /// exist): the connection is refused, never sent around the waypoint (fail closed).
@@ -203,9 +206,10 @@ impl ProxyError {
             ),
             ProxyError::Tunnel(e) => return tunnel_hint(e),
             ProxyError::NoServicePort { .. } => "connect to one of the ports the Service declares".into(),
-            ProxyError::NoReadyEndpoint { service, .. } => {
-                format!("`meshctl services` shows {service}'s endpoints: check its selector matches ready pods")
-            }
+            ProxyError::NoReadyEndpoint { service, family, .. } => format!(
+                "`meshctl services` shows {service}'s endpoints: check its selector matches ready pods with an \
+                 {family} address"
+            ),
             ProxyError::NoWaypoint { kind, name, waypoint } => format!(
                 "deploy waypoint {waypoint} (a Gateway of class ferrymesh-waypoint and its ready pods), or \
                  label {kind} {name} ferrymesh.io/use-waypoint=none to send it directly"
@@ -325,6 +329,12 @@ mod tests {
                 Verdict::Error,
                 "CONNECT_FAILED",
                 "service shop/web: no endpoint reachable after 2 attempts, last: destination refused the tunnel: HTTP 503",
+            ),
+            (
+                ProxyError::NoReadyEndpoint { service: "shop/web".into(), port: 80, family: "IPv6" },
+                Verdict::Error,
+                "CONNECT_FAILED",
+                "service shop/web has no ready IPv6 endpoint for port 80",
             ),
             (
                 ProxyError::NoWaypoint {

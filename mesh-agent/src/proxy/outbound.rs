@@ -346,7 +346,7 @@ async fn to_service(
     }
     let error = match last_error {
         Some(last) => ProxyError::NoEndpointReachable { service: name, tried: tried.len(), last: Box::new(last) },
-        None => ProxyError::NoReadyEndpoint { service: name, port },
+        None => ProxyError::NoReadyEndpoint { service: name, port, family: if family { "IPv4" } else { "IPv6" } },
     };
     refused(&client, error)
 }
