@@ -112,6 +112,8 @@ fn attempt_seen(topo: &Topology, from: &Pod, to: &Pod, port: u16) -> (Value, Res
         flow = found.cloned().unwrap_or(Value::Null);
         found.is_some()
     });
+    // Refused or not, over mTLS or node-local, the flow names the client's port.
+    assert_ne!(flow["src"]["port"], 0, "{} -> {}:{port}: {flow}", from.name, to.name);
     (flow, seen)
 }
 

@@ -27,12 +27,14 @@ pub(super) struct Handover<'a> {
 
 /// Admits `src` -> `dst`:`target` as `dst`'s HBONE server would an mTLS peer with `src`'s
 /// identity (see [`ProxyContext::admit`]), dialling the app as `src`'s IP. A refusal is
-/// recorded as `dst`'s inbound flow and returned for the source's flow.
+/// recorded as `dst`'s inbound flow, with the client's own port (`client_port`: no dial to the
+/// app made one), and returned for the source's flow.
 pub(super) async fn open<'a>(
     ctx: &'a ProxyContext,
     src: &PodContext,
     dst: &Arc<PodContext>,
     target: SocketAddr,
+    client_port: u16,
 ) -> Result<Handover<'a>, ProxyError> {
     let src_identity = src.identity.spiffe_id(&ctx.identities.trust_domain());
     let src_identity: Arc<str> = src_identity
@@ -42,7 +44,7 @@ pub(super) async fn open<'a>(
     // The source's address of the destination's family (a pod dials the other family's
     // address only when it has one).
     let src_ip = src.workload.ip_for(target.ip());
-    let mut client = Endpoint::lookup(&ctx.state, SocketAddr::new(src_ip, 0));
+    let mut client = Endpoint::lookup(&ctx.state, SocketAddr::new(src_ip, client_port));
     client.identity = Some(src_identity.clone());
     let mut inbound = Connection::new(Direction::Inbound, client, dst.endpoint(target, &ctx.identities));
     inbound.transport = Transport::NodeLocal;

@@ -106,7 +106,10 @@ async fn connect<'a>(
             .spiffe_id(&ctx.identities.trust_domain())
             .map_err(|error| ProxyError::NoIdentity { workload: dst_id.to_string(), error })?;
         let upstream = match &route {
-            Route::Local(_, dst) => Upstream::Local(Box::new(local::open(ctx, pod, dst, target).await?)),
+            Route::Local(_, dst) => {
+                let client_port = client.peer_addr().map_or(0, |a| a.port());
+                Upstream::Local(Box::new(local::open(ctx, pod, dst, target, client_port).await?))
+            }
             _ => {
                 let peer = Peer { ip: target.ip(), id: &dst_id };
                 Upstream::Hbone(hbone::open(client, pod, ctx, peer, target, traceparent).await?)
