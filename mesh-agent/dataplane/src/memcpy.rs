@@ -6,7 +6,8 @@
 //! two heap buffers of one power-of-two size sit, a 16-byte chunk header apart, and the data path
 //! copies TLS records and HTTP/2 frames between such buffers: under iperf3 `memcpy` was 18% of
 //! the agents' CPU, 96% of it in `rep movsb`, and with glibc's vector loop instead it is 8%
-//! (docs/PERFORMANCE.md). Intel CPUs copy as fast either way.
+//! (docs/PERFORMANCE.md). The vector loop is glibc's own choice below the threshold and on CPUs
+//! without fast string moves.
 //!
 //! glibc reads its tunables once, as a process starts, from `GLIBC_TUNABLES`. So
 //! [`reexec_with_vector_memcpy`] executes the process's own binary again, before any thread
