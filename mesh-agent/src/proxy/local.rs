@@ -26,30 +26,29 @@ pub(super) struct Handover<'a> {
 }
 
 /// Admits `src` -> `dst`:`target` as `dst`'s HBONE server would an mTLS peer with `src`'s
-/// identity (see [`ProxyContext::admit`]), dialling the app as `src`'s IP. A refusal is
-/// recorded as `dst`'s inbound flow, with the client's own port (`client_port`: no dial to the
-/// app made one), and returned for the source's flow.
+/// identity (see [`ProxyContext::admit`]), dialling the app as `src`'s IP. `client` is the
+/// connection's source as the outbound flow names it: `src`'s address of the destination's
+/// family and the client's port. A refusal is recorded as `dst`'s inbound flow from `client`
+/// (no dial to the app made a port of its own), and returned for the source's flow.
 pub(super) async fn open<'a>(
     ctx: &'a ProxyContext,
     src: &PodContext,
     dst: &Arc<PodContext>,
     target: SocketAddr,
-    client_port: u16,
+    client: SocketAddr,
 ) -> Result<Handover<'a>, ProxyError> {
     let src_identity = src.identity.spiffe_id(&ctx.identities.trust_domain());
     let src_identity: Arc<str> = src_identity
         .map_err(|error| ProxyError::NoIdentity { workload: src.identity.to_string(), error })?
         .as_str()
         .into();
-    // The source's address of the destination's family (a pod dials the other family's
-    // address only when it has one).
-    let src_ip = src.workload.ip_for(target.ip());
-    let mut client = Endpoint::lookup(&ctx.state, SocketAddr::new(src_ip, client_port));
+    let source_ip = client.ip();
+    let mut client = Endpoint::lookup(&ctx.state, client);
     client.identity = Some(src_identity.clone());
     let mut inbound = Connection::new(Direction::Inbound, client, dst.endpoint(target, &ctx.identities));
     inbound.transport = Transport::NodeLocal;
     let request = InboundRequest {
-        source_ip: src_ip,
+        source_ip,
         source_identity: Some(src_identity),
         destination: target,
         transport: Transport::NodeLocal,

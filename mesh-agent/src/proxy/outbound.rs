@@ -88,13 +88,14 @@ impl Route {
     }
 }
 
-/// Connects `client` to `target` as `pod`: a meshed destination (one its own agent captures) by
-/// a node-local handover when it is enrolled on this node, else over HBONE; anything else as
-/// plain TCP.
+/// Connects `client` (whose source the outbound flow names `src`) to `target` as `pod`: a
+/// meshed destination (one its own agent captures) by a node-local handover when it is enrolled
+/// on this node, else over HBONE; anything else as plain TCP.
 async fn connect<'a>(
     ctx: &'a ProxyContext,
     pod: &PodContext,
     client: &TcpStream,
+    src: SocketAddr,
     target: SocketAddr,
     traceparent: String,
 ) -> Result<Connected<'a>, ProxyError> {
@@ -106,10 +107,7 @@ async fn connect<'a>(
             .spiffe_id(&ctx.identities.trust_domain())
             .map_err(|error| ProxyError::NoIdentity { workload: dst_id.to_string(), error })?;
         let upstream = match &route {
-            Route::Local(_, dst) => {
-                let client_port = client.peer_addr().map_or(0, |a| a.port());
-                Upstream::Local(Box::new(local::open(ctx, pod, dst, target, client_port).await?))
-            }
+            Route::Local(_, dst) => Upstream::Local(Box::new(local::open(ctx, pod, dst, target, src).await?)),
             _ => {
                 let peer = Peer { ip: target.ip(), id: &dst_id };
                 Upstream::Hbone(hbone::open(client, pod, ctx, peer, target, traceparent).await?)
@@ -192,7 +190,7 @@ async fn direct(
 ) -> Outcome {
     // Connecting (TLS and HTTP/2 handshakes included) is boxed: its state would otherwise
     // stay in the task, idle, for the connection's whole life.
-    match Box::pin(connect(ctx, pod, &client, dst, conn.traceparent())).await {
+    match Box::pin(connect(ctx, pod, &client, conn.src.addr, dst, conn.traceparent())).await {
         Ok(connected) => {
             conn.transport = connected.transport;
             conn.dst.identity = connected.dst_identity;
@@ -324,7 +322,7 @@ async fn to_service(
             conn.dst = Endpoint::lookup(&ctx.state, target);
             return Box::pin(to_waypoint(client, pod, ctx, conn, bound, target)).await;
         }
-        match Box::pin(connect(ctx, pod, &client, target, conn.traceparent())).await {
+        match Box::pin(connect(ctx, pod, &client, conn.src.addr, target, conn.traceparent())).await {
             Ok(connected) => {
                 conn.dst = Endpoint::lookup(&ctx.state, target);
                 conn.transport = connected.transport;
