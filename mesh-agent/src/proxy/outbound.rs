@@ -302,14 +302,14 @@ async fn to_service(
     name: String,
     vip: SocketAddr,
 ) -> Outcome {
-    let (port, family) = (vip.port(), vip.is_ipv4());
+    let (port, ipv4) = (vip.port(), vip.is_ipv4());
     let mut tried = Vec::new();
     let mut last_error = None;
     for _ in 0..SERVICE_ATTEMPTS {
         let candidates: Vec<&ServiceEndpoint> = service
             .endpoints
             .iter()
-            .filter(|e| e.ready && e.ip.is_ipv4() == family && e.target_ports.contains_key(&port))
+            .filter(|e| e.ready && e.ip.is_ipv4() == ipv4 && e.target_ports.contains_key(&port))
             .filter(|e| !tried.contains(&e.ip))
             .collect();
         let Some(endpoint) = ctx.balancer.pick(&candidates) else { break };
@@ -347,7 +347,7 @@ async fn to_service(
     }
     let error = match last_error {
         Some(last) => ProxyError::NoEndpointReachable { service: name, tried: tried.len(), last: Box::new(last) },
-        None => ProxyError::NoReadyEndpoint { service: name, port, family: if family { "IPv4" } else { "IPv6" } },
+        None => ProxyError::NoReadyEndpoint { service: name, port, family: if ipv4 { "IPv4" } else { "IPv6" } },
     };
     refused(&client, error)
 }
