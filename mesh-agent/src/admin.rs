@@ -199,15 +199,35 @@ fn bind(path: &Path, group: Option<&str>) -> std::io::Result<UnixListener> {
     let mode = match group {
         None => 0o600,
         Some(name) => {
-            let group = nix::unistd::Group::from_name(name)
-                .map_err(std::io::Error::other)?
-                .ok_or_else(|| std::io::Error::other(format!("--admin-group {name}: no such group")))?;
-            std::os::unix::fs::chown(path, None, Some(group.gid.as_raw()))?;
+            let etc_group = std::fs::read_to_string(ETC_GROUP).unwrap_or_default();
+            let gid = group_id(name, &etc_group).ok_or_else(|| {
+                std::io::Error::other(format!("--admin-group {name}: no such group in {ETC_GROUP} (a GID works too)"))
+            })?;
+            std::os::unix::fs::chown(path, None, Some(gid))?;
             0o660
         }
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
+}
+
+const ETC_GROUP: &str = "/etc/group";
+
+/// The GID `--admin-group` names: a number, or a group of `etc_group` (the text of /etc/group).
+/// The file is read here, not through glibc's NSS: the agent is linked statically, and an NSS
+/// module other than `files` (systemd's, sssd's) is loaded with dlopen, which crashes a static
+/// process.
+fn group_id(spec: &str, etc_group: &str) -> Option<u32> {
+    if let Ok(gid) = spec.parse() {
+        return Some(gid);
+    }
+    etc_group.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        if fields.next()? != spec {
+            return None;
+        }
+        fields.nth(1)?.parse().ok()
+    })
 }
 
 #[cfg(test)]
@@ -222,13 +242,43 @@ mod tests {
         let path = dir.join("agent.sock");
         let _listener = bind(&path, None).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let gid = nix::unistd::getgid();
-        let group = nix::unistd::Group::from_gid(gid).unwrap().expect("the process's group has a name");
-        let _listener = bind(&path, Some(&group.name)).unwrap();
+        // A group of /etc/group other than the process's own, so the chown shows.
+        let own = nix::unistd::getgid().as_raw();
+        let etc_group = std::fs::read_to_string(ETC_GROUP).unwrap();
+        let (name, gid) = etc_group
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                Some((f.first()?.to_string(), f.get(2)?.parse::<u32>().ok()?))
+            })
+            .find(|(_, gid)| *gid != own)
+            .expect("/etc/group has a group other than the process's");
+        let _listener = bind(&path, Some(&name)).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
-        assert_eq!((meta.permissions().mode() & 0o777, meta.gid()), (0o660, gid.as_raw()));
+        assert_eq!((meta.permissions().mode() & 0o777, meta.gid()), (0o660, gid), "--admin-group {name}");
+        let _listener = bind(&path, Some(&own.to_string())).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().gid(), own, "--admin-group {own}");
         let e = bind(&path, Some("no-such-group-ferrymesh")).unwrap_err();
-        assert!(e.to_string().contains("--admin-group no-such-group-ferrymesh: no such group"), "{e}");
+        assert!(e.to_string().contains("--admin-group no-such-group-ferrymesh: no such group in /etc/group"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn admin_group_names_a_gid_or_a_group_of_etc_group() {
+        let etc_group = "root:x:0:\nadm:x:4:syslog,alice\n# a comment\n+nis\nmesh:*:1500:\nbroken:x:notanumber:\n";
+        for (spec, gid) in [
+            ("root", Some(0)),
+            ("adm", Some(4)),
+            ("mesh", Some(1500)),
+            ("1500", Some(1500)),
+            ("42", Some(42)),
+            ("broken", None),
+            ("x", None),
+            ("ad", None),
+            ("", None),
+            ("+nis", None),
+        ] {
+            assert_eq!(group_id(spec, etc_group), gid, "{spec:?}");
+        }
     }
 }

@@ -88,8 +88,8 @@ struct Args {
     /// Unix socket of the admin API (used by meshctl --agent).
     #[arg(long, default_value = "/var/run/ferrymesh/agent.sock")]
     admin_socket: PathBuf,
-    /// A group that may use the admin socket too (mode 0660); without it only the agent's
-    /// user may (0600).
+    /// A group that may use the admin socket too (mode 0660), by name (from /etc/group) or GID;
+    /// without it only the agent's user may (0600).
     #[arg(long)]
     admin_group: Option<String>,
     /// File holding the agent's token for mesh-ctrl, read again for every certificate request:
