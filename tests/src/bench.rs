@@ -201,11 +201,16 @@ fn rr(topo: &Topology, from: &Pod, to: &Pod, count: u32, size: usize) -> Value {
     serde_json::from_slice(&out.stdout).expect("rr JSON")
 }
 
-/// mesh-ebpf's `hop-redirect` object, beside the binaries' target directory (absent when the
-/// binaries come from elsewhere, `FERRYMESH_BIN_DIR`).
+/// mesh-ebpf's `hop-redirect` object, in the target directory of the binaries
+/// (target/<triple>/release/ as `cargo xtask build` makes them, or target/release/ from a
+/// plain `cargo build`); absent when the binaries come from elsewhere (`FERRYMESH_BIN_DIR`).
 fn hop_redirect_object() -> Option<PathBuf> {
-    let object = bin_dir().parent()?.join("bpfel-unknown-none/release/hop-redirect");
-    object.is_file().then_some(object)
+    bin_dir()
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|target| target.join("bpfel-unknown-none/release/hop-redirect"))
+        .find(|object| object.is_file())
 }
 
 /// `fm-peer hops` in `pod`'s netns: round trips between two threads over TCP on loopback, over

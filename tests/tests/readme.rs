@@ -1,7 +1,7 @@
 //! The README's by-hand walkthrough ("Running it by hand"), run as written: every line of its
 //! `sh` block but `cargo xtask build` (this test's own build did that), as one bash script with
 //! `set -e` (a failing line fails the test) from a directory laid out like the checkout
-//! (`target/`, `examples/`).
+//! (`target/`, `examples/`), with the links to the binaries that build made in target/release/.
 //!
 //! The lines change the machine (a bridge, network namespaces, /run, the bpf filesystem), so
 //! the script runs in mount, network and PID namespaces of its own: a private /run and bpf
@@ -46,7 +46,14 @@ fn the_readmes_by_hand_steps_run_as_written() {
     assert!(block.lines().next() == Some("cargo xtask build"), "the walkthrough starts with the build:\n{block}");
     let steps: Vec<&str> = block.lines().skip(1).collect();
     let scratch = ScratchDir::new("readme");
-    let target = bin_dir().parent().expect("target/").to_path_buf();
+    // The build's binaries are in target/<triple>/release/; `cargo xtask build` links them
+    // into target/release/, where the README's lines find them.
+    let target = bin_dir().parent().and_then(Path::parent).expect("target/").to_path_buf();
+    assert!(
+        target.join("release/mesh-ctrl").is_file(),
+        "no {}: `cargo xtask build` links the binaries there",
+        target.join("release/mesh-ctrl").display()
+    );
     std::os::unix::fs::symlink(&target, scratch.path().join("target")).unwrap();
     std::os::unix::fs::symlink(checkout().join("examples"), scratch.path().join("examples")).unwrap();
     let script = scratch.path().join("walkthrough.sh");

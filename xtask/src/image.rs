@@ -1,8 +1,9 @@
 //! `cargo xtask image`: the OCI images of mesh-ctrl, mesh-agent and mesh-waypoint, built offline
 //! without a container daemon.
 //!
-//! The binaries are linked statically (glibc with `+crt-static`), so an image is one layer of
-//! them and nothing else. Each image is one tar that is at the same time:
+//! The binaries are the build's own, which the tests ran: `cargo xtask build` links every binary
+//! statically (glibc with `+crt-static`), so an image is one layer of them, stripped of their
+//! symbols, and nothing else. Each image is one tar that is at the same time:
 //! - an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/…`), with the image's name in
 //!   `io.containerd.image.name` as `ctr images import` (and so `kind load image-archive`) reads it;
 //! - a docker-archive (`manifest.json` with fully qualified `RepoTags`) as `docker load` reads it,
@@ -317,40 +318,23 @@ impl ImageArgs {
     }
 }
 
-/// The packages whose binaries the images ship.
-const PACKAGES: &[&str] = &["mesh-ctrl", "mesh-agent", "mesh-waypoint"];
-
-fn host_triple() -> Result<String> {
-    let verbose = crate::output(std::process::Command::new("rustc").arg("-vV"))?;
-    verbose.lines().find_map(|l| l.strip_prefix("host: ")).map(String::from).context("rustc -vV names no host")
-}
-
-/// Builds the images' binaries linked statically, for the host's triple (its own target
-/// directory, beside the dynamically linked test build). Returns the triple and where the
-/// binaries are.
-fn build_static() -> Result<(String, PathBuf)> {
-    let triple = host_triple()?;
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
-    // Target-only flags (with --target, build scripts and proc macros do not get them). The
-    // remapped paths keep the checkout's and cargo's directories out of the binaries; symbols
-    // are stripped (errors never print a backtrace, so they would only weigh).
-    let flags = format!(
-        "-C target-feature=+crt-static -C strip=symbols \
-         --remap-path-prefix={}=/ferrymesh --remap-path-prefix={}=/cargo",
-        crate::root().display(),
-        cargo_home.display()
-    );
-    let mut build = crate::cmd("cargo");
-    build.args(["build", "--release", "--bins", "--target", &triple]);
-    for package in PACKAGES {
-        build.args(["-p", package]);
+/// The images' binaries, stripped of their symbols, in `dir`: the build's own (see
+/// [`crate::build`]: static, paths remapped), which the tests ran. Errors never print a
+/// backtrace, so the symbols would only weigh. Returns the host's triple.
+fn strip_binaries(dir: &Path) -> Result<String> {
+    let triple = crate::host_triple()?;
+    let built = crate::release_dir()?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let mut names: Vec<&str> = IMAGES.iter().flat_map(|i| i.binaries.iter().copied()).collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        crate::run(
+            std::process::Command::new("strip").arg("--strip-all").arg("-o").arg(dir.join(name)).arg(built.join(name)),
+        )?;
     }
-    build.env(format!("CARGO_TARGET_{}_RUSTFLAGS", triple.to_uppercase().replace('-', "_")), flags);
-    crate::run(build.env("FERRYMESH_EBPF_OBJ", crate::ebpf_object()))?;
-    let dir = crate::target_dir().join(&triple).join("release");
-    Ok((triple, dir))
+    Ok(triple)
 }
 
 /// Writes every image into `out_dir`.
@@ -359,11 +343,12 @@ fn write_all(args: &ImageArgs, triple: &str, binaries: &Path, out_dir: &Path) ->
     IMAGES.iter().map(|i| write_image(i, binaries, &args.registry, env!("CARGO_PKG_VERSION"), arch, out_dir)).collect()
 }
 
-/// `cargo xtask image`: builds the static binaries and the image tars in target/images/.
+/// `cargo xtask image`: the image tars of the build's binaries in target/images/.
 pub fn images(args: &ImageArgs) -> Result<()> {
-    crate::step("image: static binaries");
-    let (triple, binaries) = build_static()?;
+    crate::step("image: stripped binaries");
     let out_dir = crate::target_dir().join("images");
+    let binaries = out_dir.join("bin");
+    let triple = strip_binaries(&binaries)?;
     crate::step("image: archives");
     let built = write_all(args, &triple, &binaries, &out_dir)?;
     for b in &built {

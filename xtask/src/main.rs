@@ -2,7 +2,9 @@
 //!
 //! - `setup`: Debian packages, rust-src for the eBPF toolchain, bpf-linker linked against that
 //!   toolchain's own libLLVM. Idempotent and quick when already done.
-//! - `build`: the eBPF object (nightly, bpfel-unknown-none, BTF), then every binary and test (release).
+//! - `build`: the eBPF object (nightly, bpfel-unknown-none, BTF), then every binary and test
+//!   (release), linked statically for the host's triple (see [`build`]), with links to the
+//!   binaries in target/release/.
 //! - `test`: setup, build, fmt check, clippy -D warnings (userspace and eBPF), all tests.
 //! - `demo [--hold]`: setup, build, then a live mesh on a local topology with traffic and flows.
 //! - `bench [--quick]`: setup, build, then fm-bench (results and, for a full run, docs/BENCHMARKS.md).
@@ -45,6 +47,8 @@ const PACKAGES: &[&str] = &[
     // `kind load image-archive` does.
     "skopeo",
     "containerd",
+    // strip, for the images' binaries.
+    "binutils",
 ];
 const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "^0.13";
@@ -60,7 +64,7 @@ fn main() -> Result<()> {
         Some("bench") => bench(args.iter().any(|a| a == "--quick"))?,
         Some("image") => {
             let args = image::ImageArgs::parse(&args[1..])?;
-            build_ebpf(&setup()?)?;
+            build(&setup()?)?;
             image::images(&args)?
         }
         Some("clean-netns") => clean_stale()?,
@@ -278,15 +282,78 @@ fn build_ebpf(tc: &EbpfToolchain) -> Result<()> {
     run(&mut ebpf_cargo(tc, "build"))
 }
 
+/// The host's target triple (`rustc -vV`).
+fn host_triple() -> Result<String> {
+    let verbose = output(Command::new("rustc").arg("-vV"))?;
+    verbose.lines().find_map(|l| l.strip_prefix("host: ")).map(String::from).context("rustc -vV names no host")
+}
+
+/// Where the build puts the binaries: target/<host triple>/release.
+fn release_dir() -> Result<PathBuf> {
+    Ok(target_dir().join(host_triple()?).join("release"))
+}
+
+/// `cargo <subcommand> --release --target <host>` with the flags of the build: what `build`
+/// and `test` compile is what the images ship.
+///
+/// - `+crt-static`: glibc linked in, so a binary runs alone in an image's empty root. The flag
+///   is for the target only (with `--target`, build scripts and proc macros do not get it; a
+///   proc macro cannot be linked statically), which is why the host's triple is named.
+/// - The checkout's and cargo's directories are remapped out of the binaries, so their bytes
+///   do not depend on where the checkout is.
+/// - Symbols stay, for profiles; the images strip them (see [`image`]).
+fn host_cargo(subcommand: &str) -> Result<Command> {
+    let triple = host_triple()?;
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
+    let flags = format!(
+        "-C target-feature=+crt-static --remap-path-prefix={}=/ferrymesh --remap-path-prefix={}=/cargo",
+        root().display(),
+        cargo_home.display()
+    );
+    let mut c = cmd("cargo");
+    c.args([subcommand, "--release", "--target", &triple])
+        .env(format!("CARGO_TARGET_{}_RUSTFLAGS", triple.to_uppercase().replace('-', "_")), flags)
+        .env("FERRYMESH_EBPF_OBJ", ebpf_object());
+    Ok(c)
+}
+
+/// The binaries and the tests, once, for the host's triple (see [`host_cargo`]). One build
+/// serves the tests and the images: a second one with the images' flags would compile every
+/// dependency again.
 fn build(tc: &EbpfToolchain) -> Result<()> {
     build_ebpf(tc)?;
-    step("build: binaries and tests (release)");
+    step("build: binaries and tests (release, static)");
     // The test targets are built with the binaries so that both see one feature set:
     // dev-dependencies enable features of shared crates (tokio and what sits on it), and a
     // build of the binaries alone would be rebuilt from tokio up by the next `cargo test`.
-    run(cmd("cargo")
-        .args(["build", "--release", "--workspace", "--exclude", "mesh-ebpf", "--bins", "--tests"])
-        .env("FERRYMESH_EBPF_OBJ", ebpf_object()))
+    // The images take these same binaries.
+    run(host_cargo("build")?.args(["--workspace", "--exclude", "mesh-ebpf", "--bins", "--tests"]))?;
+    link_binaries()
+}
+
+/// Links target/release/<binary> to each binary of target/<triple>/release, where the README's
+/// commands find them. Symbolic links, so a later build is seen through them.
+fn link_binaries() -> Result<()> {
+    let dir = release_dir()?;
+    let links = target_dir().join("release");
+    std::fs::create_dir_all(&links)?;
+    use std::os::unix::fs::PermissionsExt;
+    let triple = dir.parent().and_then(Path::file_name).context("the triple directory")?;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name() else { continue };
+        let is_binary = std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if !is_binary {
+            continue;
+        }
+        let link = links.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(Path::new("..").join(triple).join("release").join(name), &link)
+            .with_context(|| format!("cannot link {}", link.display()))?;
+    }
+    Ok(())
 }
 
 fn test() -> Result<()> {
@@ -305,9 +372,7 @@ fn test() -> Result<()> {
     step("test: clippy (eBPF)");
     run(ebpf_cargo(&tc, "clippy").args(["--", "-D", "warnings"]))?;
     step("test: unit and end-to-end tests");
-    run(cmd("cargo")
-        .args(["test", "--release", "--workspace", "--exclude", "mesh-ebpf", "--no-fail-fast"])
-        .env("FERRYMESH_EBPF_OBJ", ebpf_object()))?;
+    run(host_cargo("test")?.args(["--workspace", "--exclude", "mesh-ebpf", "--no-fail-fast"]))?;
     step("test: images");
     image::images(&image::ImageArgs {
         registry: image::DEFAULT_REGISTRY.to_string(),
@@ -321,7 +386,7 @@ fn demo(hold: bool) -> Result<()> {
     build(&setup()?)?;
     clean_stale()?;
     step("demo");
-    let mut c = cmd(target_dir().join("release/fm-demo"));
+    let mut c = cmd(release_dir()?.join("fm-demo"));
     if hold {
         c.arg("--hold");
     }
@@ -335,7 +400,7 @@ fn bench(quick: bool) -> Result<()> {
     build(&setup()?)?;
     clean_stale()?;
     step(if quick { "bench (quick)" } else { "bench" });
-    let mut c = cmd(target_dir().join("release/fm-bench"));
+    let mut c = cmd(release_dir()?.join("fm-bench"));
     c.arg("--out").arg(target_dir().join("bench/results.json"));
     if quick {
         c.arg("--quick");
