@@ -336,10 +336,10 @@ fn build(tc: &EbpfToolchain) -> Result<()> {
 /// Links target/release/<binary> to each binary of target/<triple>/release, where the README's
 /// commands find them. Symbolic links, so a later build is seen through them.
 fn link_binaries() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = release_dir()?;
     let links = target_dir().join("release");
     std::fs::create_dir_all(&links)?;
-    use std::os::unix::fs::PermissionsExt;
     let triple = dir.parent().and_then(Path::file_name).context("the triple directory")?;
     for entry in std::fs::read_dir(&dir)? {
         let path = entry?.path();
