@@ -320,9 +320,8 @@ impl ImageArgs {
 
 /// The images' binaries, stripped of their symbols, in `dir`: the build's own (see
 /// [`crate::build`]: static, paths remapped), which the tests ran. Errors never print a
-/// backtrace, so the symbols would only weigh. Returns the host's triple.
-fn strip_binaries(dir: &Path) -> Result<String> {
-    let triple = crate::host_triple()?;
+/// backtrace, so the symbols would only weigh.
+fn strip_binaries(dir: &Path) -> Result<()> {
     let built = crate::release_dir()?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
@@ -334,7 +333,7 @@ fn strip_binaries(dir: &Path) -> Result<String> {
             std::process::Command::new("strip").arg("--strip-all").arg("-o").arg(dir.join(name)).arg(built.join(name)),
         )?;
     }
-    Ok(triple)
+    Ok(())
 }
 
 /// Writes every image into `out_dir`.
@@ -348,14 +347,15 @@ pub fn images(args: &ImageArgs) -> Result<()> {
     crate::step("image: stripped binaries");
     let out_dir = crate::target_dir().join("images");
     let binaries = out_dir.join("bin");
-    let triple = strip_binaries(&binaries)?;
+    strip_binaries(&binaries)?;
+    let triple = crate::host_triple()?;
     crate::step("image: archives");
-    let built = write_all(args, &triple, &binaries, &out_dir)?;
+    let built = write_all(args, triple, &binaries, &out_dir)?;
     for b in &built {
         eprintln!("xtask: {} {} ({})", b.path.display(), b.reference, b.digest);
     }
     if args.check {
-        check(args, &triple, &binaries, &built)?;
+        check(args, triple, &binaries, &built)?;
     }
     if args.pin_production {
         pin_production(&built, &args.registry)?;

@@ -227,10 +227,9 @@ fn setup_bpf_linker(toolchain: &str) -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
-    let home = std::env::var_os("FERRYMESH_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/ferrymesh")
-    });
-    let prefix = home.join(format!("bpf-linker-{toolchain}"));
+    let tools =
+        std::env::var_os("FERRYMESH_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| home().join(".cache/ferrymesh"));
+    let prefix = tools.join(format!("bpf-linker-{toolchain}"));
     let bin = prefix.join("bin/bpf-linker");
     let stamp = prefix.join("stamp");
     // The build links against lib/libLLVM.so; the binary then asks for the library by its
@@ -282,10 +281,20 @@ fn build_ebpf(tc: &EbpfToolchain) -> Result<()> {
     run(&mut ebpf_cargo(tc, "build"))
 }
 
-/// The host's target triple (`rustc -vV`).
-fn host_triple() -> Result<String> {
+/// `$HOME`, or /root (these commands run as root).
+fn home() -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+}
+
+/// The host's target triple (`rustc -vV`), asked once per run.
+fn host_triple() -> Result<&'static str> {
+    static TRIPLE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(triple) = TRIPLE.get() {
+        return Ok(triple);
+    }
     let verbose = output(Command::new("rustc").arg("-vV"))?;
-    verbose.lines().find_map(|l| l.strip_prefix("host: ")).map(String::from).context("rustc -vV names no host")
+    let triple = verbose.lines().find_map(|l| l.strip_prefix("host: ")).context("rustc -vV names no host")?;
+    Ok(TRIPLE.get_or_init(|| triple.to_string()))
 }
 
 /// Where the build puts the binaries: target/<host triple>/release.
@@ -304,16 +313,14 @@ fn release_dir() -> Result<PathBuf> {
 /// - Symbols stay, for profiles; the images strip them (see [`image`]).
 fn host_cargo(subcommand: &str) -> Result<Command> {
     let triple = host_triple()?;
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
+    let cargo_home = std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cargo"));
     let flags = format!(
         "-C target-feature=+crt-static --remap-path-prefix={}=/ferrymesh --remap-path-prefix={}=/cargo",
         root().display(),
         cargo_home.display()
     );
     let mut c = cmd("cargo");
-    c.args([subcommand, "--release", "--target", &triple])
+    c.args([subcommand, "--release", "--target", triple])
         .env(format!("CARGO_TARGET_{}_RUSTFLAGS", triple.to_uppercase().replace('-', "_")), flags)
         .env("FERRYMESH_EBPF_OBJ", ebpf_object());
     Ok(c)
@@ -340,7 +347,7 @@ fn link_binaries() -> Result<()> {
     let dir = release_dir()?;
     let links = target_dir().join("release");
     std::fs::create_dir_all(&links)?;
-    let triple = dir.parent().and_then(Path::file_name).context("the triple directory")?;
+    let triple = host_triple()?;
     for entry in std::fs::read_dir(&dir)? {
         let path = entry?.path();
         let Some(name) = path.file_name() else { continue };
