@@ -6,7 +6,9 @@
 pub mod bench;
 pub mod h2raw;
 pub mod kube_fake;
+pub mod kube_mesh;
 pub mod mesh;
+pub mod mesh_client;
 pub mod pcap;
 pub mod prom;
 pub mod topology;

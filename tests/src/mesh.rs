@@ -3,7 +3,7 @@
 //! pods. Every process is owned by the topology and dies with it.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -149,13 +149,19 @@ impl Topology {
 
     /// [`Topology::pod_yaml`] for a pod running as `service_account`.
     pub fn pod_yaml_as(&self, pod: &Pod, labels: &[(&str, &str)], service_account: &str) -> String {
+        self.pod_yaml_in(pod, labels, service_account, &pod.netns_path())
+    }
+
+    /// [`Topology::pod_yaml_as`] with `netns` as the pod's `ferrymesh.io/netns` annotation (an
+    /// attacker's pod names a netns not its own).
+    pub fn pod_yaml_in(&self, pod: &Pod, labels: &[(&str, &str)], service_account: &str, netns: &Path) -> String {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{netns}\n{labels}  annotations:\n    ferrymesh.io/netns: {path}\nspec:\n  nodeName: node{node}\n  serviceAccountName: {service_account}\n  containers:\n  - name: app\n    image: fm-peer\n    ports:\n    - name: http\n      containerPort: {HTTP_PORT}\n    - name: echo\n      containerPort: {ECHO_PORT}\nstatus:\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n  - ip: {ip6}\n",
             name = pod.name,
             ns = pod.namespace,
             netns = pod.netns,
             labels = yaml_labels(labels, "  "),
-            path = pod.netns_path().display(),
+            path = netns.display(),
             node = pod.node,
             ip = pod.ip,
             ip6 = pod.ip6,

@@ -578,3 +578,30 @@ pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of network namespace `netns` (a name under /var/run/netns): the key the mesh's
+/// eBPF programs and `meshctl status` know it by.
+pub fn netns_cookie(netns: &str) -> u64 {
+    in_netns(netns, || {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket to ask the netns cookie of");
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a live, aligned u64; the
+        // descriptor is borrowed from a socket that outlives the call.
+        #[expect(unsafe_code, reason = "getsockopt(SO_NETNS_COOKIE) has no safe wrapper in libc or nix")]
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt(SO_NETNS_COOKIE): {}", std::io::Error::last_os_error());
+        cookie
+    })
+}

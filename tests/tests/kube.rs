@@ -10,29 +10,11 @@
 
 use std::time::Duration;
 
-use ferrymesh_testbed::kube_fake::{kustomize, objects, KubeFake};
-use ferrymesh_testbed::mesh::{bin, wait_until};
-use ferrymesh_testbed::topology::{in_netns, FABRIC_IP};
-use ferrymesh_testbed::{Pod, Topology, TopologySpec};
+use ferrymesh_testbed::kube_fake::objects;
+use ferrymesh_testbed::kube_mesh::{pod_object, KubeMesh, SYSTEM};
+use ferrymesh_testbed::mesh::wait_until;
+use ferrymesh_testbed::{Topology, TopologySpec};
 use serde_json::{json, Value};
-
-const SYSTEM: &str = "ferrymesh-system";
-
-/// The mesh-ctrl Deployment's container arguments, from the rendered overlay.
-fn deployment_args(rendered: &str) -> Vec<String> {
-    use serde::Deserialize;
-    let deployment = serde_yaml::Deserializer::from_str(rendered)
-        .map(|d| Value::deserialize(d).unwrap())
-        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "ferrymesh-ctrl")
-        .expect("the mesh-ctrl Deployment");
-    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap();
-    args.iter().map(|a| a.as_str().unwrap().to_string()).collect()
-}
-
-fn pod_object(pod: &Pod, labels: Value) -> Value {
-    let uid = format!("uid-{}", pod.netns);
-    objects::pod(&pod.namespace, &pod.name, &uid, &format!("node{}", pod.node), Some(&pod.ip.to_string()), labels)
-}
 
 #[test]
 fn mesh_ctrl_serves_a_kubernetes_cluster_over_http_and_its_changes_reach_the_agents() {
@@ -40,63 +22,20 @@ fn mesh_ctrl_serves_a_kubernetes_cluster_over_http_and_its_changes_reach_the_age
     let topo = Topology::build(&spec);
     let (a, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
 
-    // The API server: on the loopback of the fabric namespace, where mesh-ctrl runs.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let fake = KubeFake::new();
-    let listener = in_netns(&topo.fabric, || std::net::TcpListener::bind("127.0.0.1:0")).expect("bind the fake");
-    let address = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    {
-        let _entered = runtime.enter();
-        fake.serve(tokio::net::TcpListener::from_std(listener).unwrap());
-    }
-    let rendered = kustomize("kind");
-    fake.apply_yaml(&rendered);
-    fake.apply(objects::namespace("shop", json!({"ferrymesh.io/dataplane-mode": "enabled"})));
-    fake.apply(objects::namespace("legacy", json!({})));
-    for pod in [a, c, x] {
-        fake.apply(objects::service_account(&pod.namespace, &pod.name));
-        fake.apply(pod_object(pod, json!({"app": pod.name})));
-    }
-    // Each agent's projected token, bound by TokenReview to its node (Kubernetes 1.30+).
-    for node in [1u8, 2] {
-        let token = format!("projected-token-node{node}-{}", std::process::id());
-        std::fs::write(topo.token_file(node), &token).unwrap();
-        let extra = json!({"authentication.kubernetes.io/node-name": [format!("node{node}")]});
-        fake.accept_token(&token, &format!("system:serviceaccount:{SYSTEM}:ferrymesh-agent"), extra);
-    }
-    let kubeconfig = topo.dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, KubeFake::kubeconfig(address, SYSTEM)).unwrap();
-
-    // mesh-ctrl as the Deployment runs it (it listens on 0.0.0.0:15012), named by the address
-    // agents dial here instead of the Service's.
-    let args = deployment_args(&rendered);
-    assert!(args.iter().any(|a| a == "--kubernetes"), "{args:?}");
-    let mut ctrl = topo.command_in(&topo.fabric, bin("mesh-ctrl"));
-    ctrl.args(&args).args(["--tls-san", &FABRIC_IP.to_string()]);
-    ctrl.env("KUBECONFIG", &kubeconfig).env("POD_NAMESPACE", SYSTEM);
-    topo.spawn("mesh-ctrl", ctrl);
-    wait_until(Duration::from_secs(20), "mesh-ctrl to serve", || {
-        assert!(topo.is_running("mesh-ctrl"), "mesh-ctrl exited: {}", topo.log("mesh-ctrl"));
-        topo.log("mesh-ctrl").contains("mesh-ctrl serving")
+    let mesh = KubeMesh::start(&topo, |fake| {
+        fake.apply(objects::namespace("shop", json!({"ferrymesh.io/dataplane-mode": "enabled"})));
+        fake.apply(objects::namespace("legacy", json!({})));
+        for pod in [a, c, x] {
+            fake.apply(objects::service_account(&pod.namespace, &pod.name));
+            fake.apply(pod_object(pod, json!({"app": pod.name})));
+        }
     });
+    let fake = &mesh.fake;
     // It created the CA Secret and publishes the root agents mount.
     let secret = fake.get("Secret", SYSTEM, "ferrymesh-ca");
     assert!(secret["data"]["ca-cert.pem"].is_string() && secret["data"]["ca-key.pem"].is_string(), "{secret}");
-    let mut root = String::new();
-    wait_until(Duration::from_secs(10), "the root ConfigMap", || {
-        let config_map = fake.get("ConfigMap", SYSTEM, "ferrymesh-ca-root-cert");
-        root = config_map["data"]["root-cert.pem"].as_str().unwrap_or_default().to_string();
-        root.contains("BEGIN CERTIFICATE")
-    });
-    std::fs::create_dir_all(topo.ca_dir()).unwrap();
-    std::fs::write(topo.ca_root(), &root).unwrap();
 
-    // The pods run in their kubelet cgroups (Kubernetes pods carry no netns annotation).
-    for pod in [a, c, x] {
-        let cgroup = topo.pod_cgroup(&format!("uid-{}", pod.netns));
-        topo.serve_in_cgroup(pod, &cgroup);
-    }
+    KubeMesh::serve_in_pod_cgroups(&topo, &[a, c, x]);
     topo.start_agent(1);
     topo.start_agent(2);
     topo.wait_enrolled(1, &["shop/a"], Duration::from_secs(10));
@@ -156,5 +95,4 @@ fn mesh_ctrl_serves_a_kubernetes_cluster_over_http_and_its_changes_reach_the_age
     );
     let reviews = requests.iter().filter(|r| r.path.ends_with("/tokenreviews")).count();
     assert!(reviews >= 2, "each agent's token reviewed: {reviews}");
-    drop(runtime);
 }
