@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::{mpsc, Arc};
@@ -31,6 +32,25 @@ impl Netns {
             .map_err(|e| io::Error::new(e.kind(), format!("cannot open network namespace {}: {e}", path.display())))?;
         Ok(Self { file: Arc::new(file) })
     }
+}
+
+impl Netns {
+    /// Device and inode of the namespace: two handles name one namespace when they are equal.
+    pub fn id(&self) -> io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.file.metadata()?;
+        Ok((meta.dev(), meta.ino()))
+    }
+}
+
+/// Whether an interface of the calling thread's network namespace holds `ip`: a pod's netns
+/// holds the pod's IP, the node's and another pod's do not.
+pub fn holds_address(ip: IpAddr) -> io::Result<bool> {
+    let addresses = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    Ok(addresses.filter_map(|a| a.address).any(|address| {
+        address.as_sockaddr_in().is_some_and(|a| IpAddr::V4(a.ip()) == ip)
+            || address.as_sockaddr_in6().is_some_and(|a| IpAddr::V6(a.ip()) == ip)
+    }))
 }
 
 impl AsFd for Netns {

@@ -135,6 +135,15 @@ async fn follows_the_cluster_through_list_watch_errors_and_relists() {
     // Watch: add, modify, delete.
     api.apply(pod("db", Some("10.244.1.3"), json!({})));
     wait_for(&mut rx, "an added pod", |s| s.config.workloads.contains_key("uid-db")).await;
+    // A pod naming a netns (the node's) by annotation: the annotation is the directory
+    // source's, ignored here, so its agent finds the pod's own netns by cgroup.
+    let mut annotated = pod("annotated", Some("10.244.1.5"), json!({}));
+    annotated["metadata"]["annotations"] = json!({"ferrymesh.io/netns": "/proc/1/ns/net"});
+    api.apply(annotated);
+    wait_for(&mut rx, "the annotated pod, without its annotation's netns", |s| {
+        s.config.workloads.get("uid-annotated").is_some_and(|w| w.netns.is_empty())
+    })
+    .await;
     api.apply(pod("web", Some("10.244.1.2"), json!({"app": "web", "ferrymesh.io/dataplane-mode": "none"})));
     wait_for(&mut rx, "a modified pod", |s| s.config.workloads.get("uid-web").is_some_and(|w| !w.captured)).await;
     api.delete("Pod", "shop", "db");

@@ -65,6 +65,30 @@ pub enum EnrollError {
     /// The pod's TLS configuration could not be built.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The netns named for the pod is not the pod's (the node's, or another pod's): capturing
+    /// it would close the node's inbound connections or take another pod's traffic.
+    #[error("refused to enroll {path} as the pod's network namespace: {why}")]
+    NotThePods {
+        /// The netns path named (by annotation, discovery or the CNI plugin).
+        path: std::path::PathBuf,
+        /// Why it is not the pod's.
+        why: String,
+    },
+}
+
+/// Namespaces no pod ever lives in: the agent's own and the host's.
+const NODE_NAMESPACES: [(&str, &str); 2] =
+    [("/proc/self/ns/net", "the agent's own network namespace"), ("/proc/1/ns/net", "the host's (that of /proc/1)")];
+
+/// Refuses `netns` (opened from `path`) when it is the agent's own or the host's.
+fn refuse_node_netns(netns: &Netns, path: &std::path::Path) -> Result<(), EnrollError> {
+    let id = netns.id()?;
+    for (node, what) in NODE_NAMESPACES {
+        if Netns::open(std::path::Path::new(node)).and_then(|n| n.id()).is_ok_and(|node| node == id) {
+            return Err(EnrollError::NotThePods { path: path.into(), why: format!("it is {what}") });
+        }
+    }
+    Ok(())
 }
 
 /// A pod the agent captures.
@@ -364,6 +388,7 @@ impl Enroller {
     /// closed both ways.
     async fn hold(&self, path: &std::path::Path) -> Result<SkLookupAttachment, EnrollError> {
         let netns = Netns::open(path)?;
+        refuse_node_netns(&netns, path)?;
         let cookie = self.ctx.runner.run(&netns, crate::netns::current_cookie).await?;
         Ok(self.ctx.datapath.lock().expect("datapath lock").capture_netns(&netns, cookie)?)
     }
@@ -426,6 +451,7 @@ impl Enroller {
             false => workload.netns.clone(),
         };
         let netns = Netns::open(&netns_path)?;
+        self.check_pods_netns(&workload, &netns, &netns_path).await?;
         let v6 = workload.ipv6().is_some();
         let listeners = match handed {
             Some(handed) => {
@@ -472,6 +498,34 @@ impl Enroller {
             }
         }
         Ok(EnrolledPod { pod, sk_lookup, tasks, listeners: kept })
+    }
+
+    /// Refuses a netns that is not `workload`'s before anything is set up in it: the agent's
+    /// own or the host's; one whose interfaces do not hold the pod's IP (the node's, another
+    /// pod's); one other than the netns the CNI plugin held closed for this pod.
+    async fn check_pods_netns(
+        &self,
+        workload: &Workload,
+        netns: &Netns,
+        path: &std::path::Path,
+    ) -> Result<(), EnrollError> {
+        refuse_node_netns(netns, path)?;
+        let ip = workload.ip;
+        let (holds, cookie) = self
+            .ctx
+            .runner
+            .run(netns, move || Ok((crate::netns::holds_address(ip)?, crate::netns::current_cookie()?)))
+            .await?;
+        let refused = |why: String| Err(EnrollError::NotThePods { path: path.into(), why });
+        if !holds {
+            return refused(format!("no interface there holds the pod's IP {ip}"));
+        }
+        match self.held.get(&workload.uid) {
+            Some(held) if held.link.netns_cookie != cookie => {
+                refused("it is not the netns the CNI plugin held closed for the pod".into())
+            }
+            _ => Ok(()),
+        }
     }
 
     fn unenroll(&mut self, uid: &str) {

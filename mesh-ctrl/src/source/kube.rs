@@ -31,7 +31,7 @@ use crate::crd::{
     AuthorizationPolicyResource, DestinationRuleResource, PeerAuthenticationResource, RequestAuthenticationResource,
     TrafficPolicyResource,
 };
-use crate::model::Model;
+use crate::model::{Model, NETNS_ANNOTATION};
 use crate::snapshot::Publisher;
 
 /// Where rejected Kubernetes objects are said to come from in errors.
@@ -54,6 +54,8 @@ pub struct KubeSource {
     http_routes: Store<HTTPRoute>,
     grpc_routes: Store<GRPCRoute>,
     good: BTreeMap<ObjectKey, Object>,
+    /// UIDs of the pods whose `ferrymesh.io/netns` annotation was ignored (warned once each).
+    netns_ignored: std::collections::BTreeSet<String>,
 }
 
 fn key(kind: &str, namespace: Option<String>, name: String) -> ObjectKey {
@@ -66,6 +68,30 @@ fn meshable(pod: &k8s::Pod) -> bool {
     spec.and_then(|s| s.node_name.as_ref()).is_some_and(|n| !n.is_empty())
         && pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some_and(|ip| !ip.is_empty())
         && !spec.and_then(|s| s.host_network).unwrap_or(false)
+}
+
+/// A Kubernetes pod never names its netns: the agent finds it through the pod's own cgroup.
+/// The `ferrymesh.io/netns` annotation is the directory source's (its files are the
+/// operator's); from the API any pod creator could write it, and make the agent capture the
+/// node's netns (or another pod's) as that pod. It is dropped, with a warning (once per pod)
+/// and a count in `ferrymesh_ctrl_netns_annotations_ignored_total`.
+fn ignore_netns_annotation(
+    mut pod: crate::model::Pod,
+    key: &ObjectKey,
+    warned: &mut std::collections::BTreeSet<String>,
+) -> crate::model::Pod {
+    if !pod.netns.is_empty() {
+        if warned.insert(pod.uid.clone()) {
+            tracing::warn!(
+                pod = %key,
+                annotation = %pod.netns,
+                "ignored the pod's {NETNS_ANNOTATION} annotation: in Kubernetes the agent finds a pod's netns by its cgroup"
+            );
+            metrics::counter!("ferrymesh_ctrl_netns_annotations_ignored_total").increment(1);
+        }
+        pod.netns.clear();
+    }
+    pod
 }
 
 impl KubeSource {
@@ -97,7 +123,9 @@ impl KubeSource {
         }
         for pod in self.pods.state().iter().filter(|p| meshable(p)) {
             let k = key("Pod", pod.namespace(), pod.name_any());
-            let result = pod_from((**pod).clone(), &k).map(Object::Pod).map_err(FieldError::field_and_message);
+            let result = pod_from((**pod).clone(), &k)
+                .map(|pod| Object::Pod(ignore_netns_annotation(pod, &k, &mut self.netns_ignored)))
+                .map_err(FieldError::field_and_message);
             add(k, result, &self.good);
         }
         for svc in self.services.state() {
@@ -385,6 +413,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         http_routes,
         grpc_routes,
         good: BTreeMap::new(),
+        netns_ignored: Default::default(),
     };
     let mut events = futures::stream::select_all([
         changes(Api::<k8s::Namespace>::all(client.clone()), ns_writer).boxed(),
