@@ -210,6 +210,10 @@ impl ResolvesServerCert for CurrentCert {
 /// Server config for a 15008 listener (a pod's, or a waypoint's): its certificate comes from
 /// `resolver` at each handshake (so renewals apply to new connections), clients must chain to
 /// the bundle `trust` holds at that handshake (so a root rotation applies to new connections).
+///
+/// No session is ever resumed: neither a session cache nor TLS 1.3 tickets. A resumed handshake
+/// restores the client's certificate from the saved session without verifying it again, so a
+/// client identity would outlive its certificate's expiry and its root's removal.
 pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     trust: TrustReceiver,
@@ -223,6 +227,8 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 

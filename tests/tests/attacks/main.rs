@@ -5,3 +5,4 @@
 //! Needs root.
 
 mod netns;
+mod tls;
