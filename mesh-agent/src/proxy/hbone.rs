@@ -287,6 +287,10 @@ impl Dialer for PodDialer<'_> {
     async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
         self.ctx.dial(&self.pod.netns, addr, MARK_AGENT, None).await
     }
+
+    fn source(&self, peer: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        Some(self.pod.workload.ip_for(peer))
+    }
 }
 
 /// An HBONE stream open for a captured connection.

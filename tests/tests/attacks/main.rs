@@ -5,4 +5,5 @@
 //! Needs root.
 
 mod netns;
+mod pool;
 mod tls;

@@ -28,6 +28,14 @@ pub trait Dialer: Send + Sync {
 
     /// Connects to `addr`.
     fn dial(&self, addr: SocketAddr) -> impl Future<Output = io::Result<Self::Io>> + Send;
+
+    /// The address its connections to `peer` leave from, when that names the client: the
+    /// destination takes the TCP peer as the client (its address for `ipBlocks`, the source
+    /// the app sees, the flow's source), so connections of two sources are never shared. None:
+    /// one source for every connection (a proxy dialling from its own address).
+    fn source(&self, _peer: IpAddr) -> Option<IpAddr> {
+        None
+    }
 }
 
 /// Why an HBONE stream could not be opened.
@@ -111,7 +119,13 @@ impl Client {
         dst_id: &SpiffeId,
         fresh: bool,
     ) -> Result<(h2::client::SendRequest<Bytes>, StreamSlot, Option<(PoolKey, u64)>), HboneError> {
-        let key = PoolKey { src: cert.spiffe_id.clone(), src_serial: cert.serial.clone(), dst: dst_id.clone(), dst_ip };
+        let key = PoolKey {
+            src: cert.spiffe_id.clone(),
+            src_serial: cert.serial.clone(),
+            src_ip: dialer.source(dst_ip),
+            dst: dst_id.clone(),
+            dst_ip,
+        };
         if !fresh {
             if let Some((sender, slot, generation)) = self.pool.ready(&key).await {
                 return Ok((sender, slot, Some((key, generation))));

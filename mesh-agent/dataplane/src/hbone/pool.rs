@@ -1,7 +1,8 @@
 //! Pooled HBONE client connections: one HTTP/2 connection per (source identity and
-//! certificate, destination identity, destination IP) carrying up to [`MAX_STREAMS`] streams,
-//! another one when all are full. A connection leaves the pool when it ends or misses its PING;
-//! a renewed source certificate starts new connections and lets the old ones drain.
+//! certificate, source address, destination identity, destination IP) carrying up to
+//! [`MAX_STREAMS`] streams, another one when all are full. A connection leaves the pool when it
+//! ends or misses its PING; a renewed source certificate starts new connections and lets the
+//! old ones drain.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,6 +22,10 @@ pub struct PoolKey {
     pub src: SpiffeId,
     /// Serial of the source certificate: a renewed one opens new connections.
     pub src_serial: String,
+    /// The address the connection leaves from (the source pod's), when the dialer names one:
+    /// pods of one identity on one node never share a connection, since the destination takes
+    /// the TCP peer's address as the client's (as ztunnel keys its pool on the source IP).
+    pub src_ip: Option<IpAddr>,
     /// Destination identity.
     pub dst: SpiffeId,
     /// Destination IP.
