@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use ferrymesh_api::config as proto;
 use ferrymesh_api::kinds::ConfigSet;
 use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication};
+use ferrymesh_route::Filter;
 
 /// Namespace label that opts a namespace into the mesh (value `enabled`) and pod label that
 /// opts a pod out (value `none`).
@@ -82,6 +83,70 @@ pub struct Waypoint {
     pub name: String,
     /// Which traffic it takes.
     pub traffic: WaypointFor,
+    /// The namespaces whose Services and pods may bind to it: its HBONE listener's
+    /// `allowedRoutes.namespaces` (Istio reads the same field for the same consent).
+    pub allowed: AllowedNamespaces,
+}
+
+/// A Gateway listener's `allowedRoutes.namespaces.from`: which namespaces may attach to it.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum AllowedNamespaces {
+    /// Its own namespace only (Gateway API's default).
+    #[default]
+    Same,
+    /// Every namespace.
+    All,
+    /// The namespaces whose labels match (`matchLabels`, and `matchExpressions` with `In`,
+    /// `NotIn`, `Exists`, `DoesNotExist`).
+    Selector(LabelSelector),
+}
+
+/// A Kubernetes label selector, translated.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct LabelSelector {
+    /// Labels that must be present with these values.
+    pub match_labels: BTreeMap<String, String>,
+    /// (key, operator, values) requirements.
+    pub match_expressions: Vec<(String, String, Vec<String>)>,
+}
+
+impl LabelSelector {
+    /// Whether `labels` satisfy it.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|(key, op, values)| match op.as_str() {
+                "In" => labels.get(key).is_some_and(|v| values.contains(v)),
+                "NotIn" => labels.get(key).is_none_or(|v| !values.contains(v)),
+                "Exists" => labels.contains_key(key),
+                "DoesNotExist" => !labels.contains_key(key),
+                _ => false,
+            })
+    }
+}
+
+/// A Gateway API ReferenceGrant: lets references of the kinds and namespaces it lists in
+/// `from` reach the objects of its own namespace it lists in `to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReferenceGrant {
+    /// Namespace (the one whose objects it opens).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// (group, kind, namespace) of the referring objects.
+    pub from: Vec<(String, String, String)>,
+    /// (group, kind, name: None for every one) of the objects referred to.
+    pub to: Vec<(String, String, Option<String>)>,
+}
+
+impl ReferenceGrant {
+    /// Whether it lets a `kind` (of group `group`) of namespace `from` refer to Service `name`
+    /// of its namespace.
+    fn opens_service(&self, group: &str, kind: &str, from: &str, name: &str) -> bool {
+        self.from.iter().any(|(g, k, ns)| g == group && k == kind && ns == from)
+            && self.to.iter().any(|(g, k, n)| {
+                (g.is_empty() || g == "core") && k == "Service" && n.as_deref().is_none_or(|n| n == name)
+            })
+    }
 }
 
 /// A namespace and the labels that matter to the mesh.
@@ -280,6 +345,8 @@ pub struct Model {
     pub destination_rules: BTreeMap<String, ferrymesh_route::destination::DestinationRule>,
     /// RequestAuthentications, by `namespace/name`.
     pub request_authentications: BTreeMap<String, ferrymesh_policy::authn::RequestAuthentication>,
+    /// ReferenceGrants, by `namespace/name` (read by mesh-ctrl, not sent).
+    pub reference_grants: BTreeMap<String, ReferenceGrant>,
 }
 
 impl Model {
@@ -305,8 +372,11 @@ impl Model {
 
     /// The waypoint (`namespace/name`) a Service is bound to: its own `ferrymesh.io/use-waypoint`
     /// label, else its namespace's (`none` on the Service opts out), when that waypoint takes
-    /// Service traffic. A label naming a waypoint that does not exist still binds: traffic for
-    /// the Service then fails closed rather than bypass the policy it was meant to pass.
+    /// Service traffic. A label naming a waypoint of the Service's namespace that does not exist
+    /// still binds: traffic for the Service then fails closed rather than bypass the policy it
+    /// was meant to pass. A waypoint of another namespace binds only with its consent
+    /// ([`Model::waypoint_allows`]); without it the Service is bound to no waypoint, and the
+    /// binding's refusal is said in its routes' status ([`Model::binding_refused`]).
     pub fn waypoint_of(&self, svc: &Service) -> Option<String> {
         let namespace_labels = self.namespaces.get(&svc.namespace).map(|ns| &ns.labels);
         let labels = match svc.labels.get(USE_WAYPOINT_LABEL) {
@@ -318,17 +388,90 @@ impl Model {
         let key = format!("{namespace}/{name}");
         match self.waypoints.get(&key) {
             Some(w) if !w.traffic.takes_services() => None,
+            Some(w) if !self.waypoint_allows(w, &svc.namespace) => None,
+            // A waypoint of another namespace that does not exist has not consented either.
+            None if *namespace != svc.namespace => None,
             _ => Some(key),
         }
+    }
+
+    /// Whether waypoint `w` lets Services and pods of `namespace` bind to it: always its own
+    /// namespace's; another's only when its listener's `allowedRoutes` names it. Without that
+    /// consent a tenant could push its traffic through another namespace's waypoint, and reach
+    /// that namespace's pods with the waypoint's identity.
+    pub fn waypoint_allows(&self, w: &Waypoint, namespace: &str) -> bool {
+        match &w.allowed {
+            _ if w.namespace == namespace => true,
+            AllowedNamespaces::Same => false,
+            AllowedNamespaces::All => true,
+            AllowedNamespaces::Selector(selector) => {
+                self.namespaces.get(namespace).is_some_and(|ns| selector.matches(&ns.labels))
+            }
+        }
+    }
+
+    /// Why a binding to a waypoint (its labels on `labels`, of an object of `namespace`) is
+    /// refused, if it is: the waypoint is of another namespace and has not consented.
+    pub fn binding_refused(&self, labels: &BTreeMap<String, String>, namespace: &str) -> Option<String> {
+        let name = labels.get(USE_WAYPOINT_LABEL).filter(|n| n.as_str() != "none")?;
+        let waypoint_namespace = labels.get(USE_WAYPOINT_NAMESPACE_LABEL).filter(|ns| *ns != namespace)?;
+        let key = format!("{waypoint_namespace}/{name}");
+        match self.waypoints.get(&key) {
+            None => Some(format!("waypoint {key} does not exist")),
+            Some(w) if !self.waypoint_allows(w, namespace) => Some(format!(
+                "waypoint {key} does not allow namespace {namespace}: its HBONE listener's allowedRoutes.namespaces must name it (from: All, or a Selector)"
+            )),
+            Some(_) => None,
+        }
+    }
+
+    /// Whether a route of kind `kind` (HTTPRoute, GRPCRoute) of namespace `from` may send
+    /// requests to Service `service` (`namespace/name`): one of its own namespace, or one a
+    /// ReferenceGrant of the Service's namespace opens to it.
+    pub fn reference_permitted(&self, kind: &str, from: &str, service: &str) -> bool {
+        let Some((namespace, name)) = service.split_once('/') else { return false };
+        namespace == from
+            || self
+                .reference_grants
+                .values()
+                .any(|g| g.namespace == namespace && g.opens_service("gateway.networking.k8s.io", kind, from, name))
+    }
+
+    /// The routes as waypoints receive them: a backend of another namespace that no
+    /// ReferenceGrant opens to the route is marked refused (its share of requests is answered
+    /// 500), and a mirror to one is left out (copies go nowhere they may not).
+    pub fn routes_resolved(&self) -> BTreeMap<String, proto::Route> {
+        self.routes
+            .iter()
+            .map(|(key, route)| {
+                let kind = route.kind.as_str();
+                let permitted = |service: &str| self.reference_permitted(kind, &route.namespace, service);
+                let mut resolved = (**route).clone();
+                for rule in &mut resolved.rules {
+                    rule.filters.retain(|f| !matches!(f, Filter::Mirror(m) if !permitted(&m.backend.service)));
+                    for backend in &mut rule.backends {
+                        backend.filters.retain(|f| !matches!(f, Filter::Mirror(m) if !permitted(&m.backend.service)));
+                        if !permitted(&backend.target.service) {
+                            backend.refused = Some(format!(
+                                "Service {} is in another namespace than the route and no ReferenceGrant there opens it to {kind}s of {}",
+                                backend.target.service, route.namespace
+                            ));
+                        }
+                    }
+                }
+                (key.clone(), proto::Route::from(&resolved))
+            })
+            .collect()
     }
 
     /// The waypoint (`namespace/name`) traffic addressed to `pod` (its IP) must pass: the pod's
     /// own `ferrymesh.io/use-waypoint` label, else its namespace's (`none` on the pod opts out),
     /// when that waypoint takes workload traffic (`ferrymesh.io/waypoint-for: workload` or
     /// `all`). Only pods the mesh captures are bound, and never a waypoint's own. A pod's own
-    /// label naming a waypoint that does not exist still binds (fail closed, as for Services);
-    /// a namespace's label binds its pods only to a waypoint that exists and takes workloads,
-    /// since a waypoint takes Service traffic alone unless it says otherwise.
+    /// label naming a waypoint of its namespace that does not exist still binds (fail closed,
+    /// as for Services); a namespace's label binds its pods only to a waypoint that exists and
+    /// takes workloads, since a waypoint takes Service traffic alone unless it says otherwise.
+    /// A waypoint of another namespace binds only with its consent, as for Services.
     pub fn waypoint_of_pod(&self, pod: &Pod) -> Option<String> {
         if !self.captured(pod) {
             return None;
@@ -342,8 +485,8 @@ impl Model {
         let namespace = labels.get(USE_WAYPOINT_NAMESPACE_LABEL).unwrap_or(&pod.namespace);
         let key = format!("{namespace}/{name}");
         match self.waypoints.get(&key) {
-            Some(w) if w.traffic.takes_workloads() => Some(key),
-            None if own => Some(key),
+            Some(w) if w.traffic.takes_workloads() && self.waypoint_allows(w, &pod.namespace) => Some(key),
+            None if own && *namespace == pod.namespace => Some(key),
             _ => None,
         }
     }
@@ -405,7 +548,7 @@ impl Model {
             peer_authentications: self.peer_authentications_wire(),
             services: self.services_wire(),
             waypoints: self.waypoints_wire(),
-            routes: self.routes.iter().map(|(k, r)| (k.clone(), proto::Route::from(&**r))).collect(),
+            routes: self.routes_resolved(),
             traffic_policies: self
                 .traffic_policies
                 .iter()

@@ -105,6 +105,7 @@ async fn a_rotation_in_the_ca_secret_is_put_in_force_and_published() {
         namespace: "shop".into(),
         name: "waypoint".into(),
         traffic: mesh_ctrl::model::WaypointFor::Service,
+        allowed: Default::default(),
     };
     model.waypoints.insert("shop/waypoint".into(), waypoint);
     publisher.publish(&model);

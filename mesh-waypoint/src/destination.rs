@@ -13,22 +13,24 @@ use std::time::Instant;
 use ferrymesh_route::destination::{DestinationRule, OutlierDetection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The state of every backend Service with a DestinationRule.
+/// The state of every DestinationRule in use, by `namespace/name`.
 #[derive(Debug, Default)]
 pub struct Destinations {
-    by_service: Mutex<HashMap<String, Arc<Destination>>>,
+    by_rule: Mutex<HashMap<String, Arc<Destination>>>,
 }
 
 impl Destinations {
-    /// The state for `rule`'s Service, kept while the rule is unchanged (a changed rule starts
-    /// afresh: its limits and thresholds are new).
+    /// The state for `rule`, kept while the rule is unchanged (a changed rule starts afresh:
+    /// its limits and thresholds are new). Each rule has its own: the rules of two client
+    /// namespaces for one Service never share limits.
     pub fn of(&self, rule: &Arc<DestinationRule>) -> Arc<Destination> {
-        let mut all = self.by_service.lock().expect("destinations lock");
-        match all.get(&rule.service) {
+        let mut all = self.by_rule.lock().expect("destinations lock");
+        let key = rule.key();
+        match all.get(&key) {
             Some(d) if d.rule == *rule => d.clone(),
             _ => {
                 let d = Arc::new(Destination::new(rule.clone()));
-                all.insert(rule.service.clone(), d.clone());
+                all.insert(key, d.clone());
                 d
             }
         }

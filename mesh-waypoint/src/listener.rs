@@ -126,6 +126,12 @@ impl Downstream {
         }
     }
 
+    /// The client's namespace, from its identity: it picks the consumer routes and the
+    /// DestinationRules that govern the client's requests.
+    pub fn client_namespace(&self) -> Option<&str> {
+        self.spiffe_id.as_ref().map(ferrymesh_spiffe::SpiffeId::namespace)
+    }
+
     /// The tunnel as policies see a connection: the client's address and identity, and the
     /// address and port it dialled.
     pub fn connection(&self) -> ferrymesh_policy::Request<'_> {

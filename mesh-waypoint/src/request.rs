@@ -69,11 +69,14 @@ pub struct RouteTables {
     built: std::sync::Mutex<(u64, TablesByPort)>,
 }
 
-type TablesByPort = HashMap<(String, u16), Arc<RouteTable>>;
+/// By Service, port and client namespace.
+type TablesByPort = HashMap<(String, u16, Option<String>), Arc<RouteTable>>;
 
 impl RouteTables {
-    /// The table of `service` (`namespace/name`) port `port` as the routes in `state` have it.
-    pub fn get(&self, state: &State, service: &str, port: u16) -> Arc<RouteTable> {
+    /// The table of `service` (`namespace/name`) port `port` as the routes in `state` have it,
+    /// for a client of namespace `client` (consumer routes apply to their namespace's clients
+    /// only; see [`RouteTable::new`]).
+    pub fn get(&self, state: &State, service: &str, port: u16, client: Option<&str>) -> Arc<RouteTable> {
         // The generation is read before the routes: a table built from newer routes is kept
         // under the older number, and rebuilt on the next request.
         let generation = state.routes_generation();
@@ -81,8 +84,8 @@ impl RouteTables {
         if built.0 != generation {
             *built = (generation, HashMap::new());
         }
-        let key = (service.to_string(), port);
-        built.1.entry(key).or_insert_with(|| Arc::new(RouteTable::new(&state.routes(), service, port))).clone()
+        let key = (service.to_string(), port, client.map(String::from));
+        built.1.entry(key).or_insert_with(|| Arc::new(RouteTable::new(&state.routes(), service, port, client))).clone()
     }
 }
 
@@ -255,7 +258,9 @@ async fn route(
     }
 
     let table = match &down.dest {
-        Destination::Service(..) => waypoint.route_tables.get(&waypoint.state, &service, down.port),
+        Destination::Service(..) => {
+            waypoint.route_tables.get(&waypoint.state, &service, down.port, down.client_namespace())
+        }
         Destination::Workload(_) => Arc::default(),
     };
     let selected: Option<Selected> = table
@@ -321,6 +326,10 @@ async fn route(
                 let reason = format!("every backend of {} has weight 0", selected.describe());
                 return local_reply(record, StatusCode::INTERNAL_SERVER_ERROR, "-", reason);
             };
+            if let Some(refused) = &picked.refused {
+                let reason = format!("backend {} of {}: {refused}", picked.target.service, selected.describe());
+                return local_reply(record, StatusCode::INTERNAL_SERVER_ERROR, "-", reason);
+            }
             for filter in &picked.filters {
                 apply(filter, selected, &mut parts.headers, &mut authority, &mut path, &mut later);
             }
@@ -412,7 +421,12 @@ async fn route(
     let affinity = match &to {
         To::Service(target, _) => {
             let rules = waypoint.state.destination_rules();
-            match rules.of(&format!("{}/{}", target.namespace, target.name)).map(|r| &r.policy.balancer) {
+            let rule = rules.of(
+                &format!("{}/{}", target.namespace, target.name),
+                down.client_namespace(),
+                ferrymesh_policy::ROOT_NAMESPACE,
+            );
+            match rule.map(|r| &r.policy.balancer) {
                 Some(LoadBalancer::Hash(on)) => affinity(on, &parts.headers, down.addr.ip(), &mut set_cookie),
                 _ => None,
             }
@@ -426,7 +440,7 @@ async fn route(
             Err(reason) => return local_reply(record, StatusCode::BAD_REQUEST, "-", reason),
         };
     }
-    let policy = TryPolicy { retry, per_try: timeouts.backend_request, affinity };
+    let policy = TryPolicy { retry, per_try: timeouts.backend_request, affinity, client: down.client_namespace() };
     // The request timeout runs from the request's arrival to its response's headers.
     let deadline = timeouts.request.map(|limit| (limit, limit.saturating_sub(record.elapsed())));
     let mut retries = 0;
@@ -586,7 +600,7 @@ async fn mirror(waypoint: &Arc<Waypoint>, mirrors: &[Mirror], forward: Forward) 
         let (waypoint, port) = (waypoint.clone(), m.backend.port);
         tokio::spawn(async move {
             // A copy is sent once: a mirror never adds retries to its backend's load.
-            let once = TryPolicy { retry: &NO_RETRY, per_try: None, affinity: None };
+            let once = TryPolicy { retry: &NO_RETRY, per_try: None, affinity: None, client: None };
             match waypoint.upstream.send(&To::Service(service, port), copy, once, &mut 0).await {
                 Ok((response, _)) => {
                     let _ = response.into_body().collect().await;

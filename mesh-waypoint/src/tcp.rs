@@ -32,7 +32,7 @@ pub async fn relay(waypoint: &Waypoint, down: &Downstream, mut stream: H2Stream)
         }
         Destination::Workload(workload) => To::Endpoint(SocketAddr::new(workload.ip, down.port)),
     };
-    match waypoint.upstream.connect(&to).await {
+    match waypoint.upstream.connect(&to, down.client_namespace()).await {
         Ok((mut upstream, endpoint, _active)) => {
             record.upstream = endpoint.to_string();
             match tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {

@@ -29,6 +29,7 @@ use ferrymesh_dataplane::hbone::stream::H2Stream;
 use ferrymesh_dataplane::identity::{Identity, IdentityManager};
 use ferrymesh_dataplane::lb::{Active, Balancer};
 use ferrymesh_dataplane::state::{Service, ServiceEndpoint, State};
+use ferrymesh_policy::ROOT_NAMESPACE;
 use ferrymesh_route::Retry;
 use http::header::{CONTENT_LENGTH, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -123,6 +124,9 @@ pub struct TryPolicy<'a> {
     /// The hash of the request's key, when its backend's DestinationRule balances by a
     /// consistent hash (the same key goes to the same endpoint while it is there).
     pub affinity: Option<u64>,
+    /// The client's namespace, which picks the backend's DestinationRule (see
+    /// [`ferrymesh_route::destination::DestinationRules::of`]).
+    pub client: Option<&'a str>,
 }
 
 /// The mesh's default retry, for rules without their own (built once, not per request).
@@ -374,7 +378,7 @@ impl Upstream {
         let Forward { parts, body, authority, path_and_query } = forward;
         // The backend's DestinationRule: its limits admit the request (the place is held until
         // the response ends), its outlier detection and balancer pick the endpoints.
-        let destination = self.destination(to);
+        let destination = self.destination(to, policy.client);
         let admission = match &destination {
             Some(d) => Some(d.admit(parts.version != Version::HTTP_2).await?),
             None => None,
@@ -483,11 +487,12 @@ impl Upstream {
         last.map(|(response, target)| (hold_until_the_end(response, admission), target))
     }
 
-    /// The DestinationRule state of the Service `to` addresses, when it has a rule.
-    fn destination(&self, to: &To) -> Option<Arc<Destination>> {
+    /// The DestinationRule state of the Service `to` addresses for a client of namespace
+    /// `client`, when a rule governs it.
+    fn destination(&self, to: &To, client: Option<&str>) -> Option<Arc<Destination>> {
         let To::Service(service, _) = to else { return None };
         let rules = self.tunnels.state.destination_rules();
-        let rule = rules.of(&format!("{}/{}", service.namespace, service.name))?;
+        let rule = rules.of(&format!("{}/{}", service.namespace, service.name), client, ROOT_NAMESPACE)?;
         Some(self.destinations.of(rule))
     }
 
@@ -549,7 +554,11 @@ impl Upstream {
     /// A byte stream to a ready endpoint of `to`, for a connection relayed at L4: another
     /// endpoint is tried when one cannot be reached (up to 3); the endpoint, and its place in
     /// the balancer (held while the connection lasts).
-    pub async fn connect(&self, to: &To) -> Result<(Io, SocketAddr, Option<Active>), UpstreamError> {
+    pub async fn connect(
+        &self,
+        to: &To,
+        client: Option<&str>,
+    ) -> Result<(Io, SocketAddr, Option<Active>), UpstreamError> {
         let (service, port) = match to {
             To::Endpoint(endpoint) => {
                 let io = self.tunnels.open(*endpoint).await;
@@ -560,7 +569,7 @@ impl Upstream {
         };
         let mut tried: Vec<IpAddr> = Vec::new();
         let mut last = None;
-        let destination = self.destination(to);
+        let destination = self.destination(to, client);
         for _ in 0..ATTEMPTS {
             let Some((target, active)) = self.next_endpoint(service, port, &tried, destination.as_deref(), None) else {
                 break;

@@ -49,6 +49,7 @@ const RESOURCES: &[Resource] = &[
     Resource { kind: "Gateway", collection: "/apis/gateway.networking.k8s.io/v1/gateways" },
     Resource { kind: "HTTPRoute", collection: "/apis/gateway.networking.k8s.io/v1/httproutes" },
     Resource { kind: "GRPCRoute", collection: "/apis/gateway.networking.k8s.io/v1/grpcroutes" },
+    Resource { kind: "ReferenceGrant", collection: "/apis/gateway.networking.k8s.io/v1beta1/referencegrants" },
     Resource { kind: "TokenReview", collection: "/apis/authentication.k8s.io/v1/tokenreviews" },
     // What `kubectl apply -k manifests/overlays/kind` creates besides.
     Resource {

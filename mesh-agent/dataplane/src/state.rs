@@ -865,7 +865,7 @@ mod tests {
                     service: "web".into(),
                     port: 80,
                     weight: 1,
-                    filters: vec![],
+                    ..Default::default()
                 }],
                 ..Default::default()
             }],

@@ -65,6 +65,13 @@ impl Route {
     pub fn key(&self) -> String {
         format!("{} {}/{}", self.kind.as_str(), self.namespace, self.name)
     }
+
+    /// Whether it is a producer route of `service` (`namespace/name`): one of the Service's own
+    /// namespace, which applies to every client. A route of another namespace is a consumer
+    /// route: it applies only to clients of its own namespace (GAMMA's namespace boundaries).
+    pub fn is_producer_of(&self, service: &str) -> bool {
+        service.split_once('/').is_some_and(|(namespace, _)| namespace == self.namespace)
+    }
 }
 
 /// A Service (and port) a route is attached to.
@@ -423,6 +430,9 @@ pub struct Backend {
     pub weight: u32,
     /// Filters for requests sent to this backend only.
     pub filters: Vec<Filter>,
+    /// Why the backend may not be used (a Service of another namespace that no ReferenceGrant
+    /// opens to the route): the requests it would take are answered 500, as Gateway API has it.
+    pub refused: Option<String>,
 }
 
 /// What a request looks like to matching.
@@ -534,14 +544,29 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// The table of `service` (`namespace/name`) port `port` from `routes`.
-    pub fn new(routes: &[Arc<Route>], service: &str, port: u16) -> Self {
-        let mut entries: Vec<Selected> = Vec::new();
-        for route in routes {
-            let attached = route.parents.iter().any(|p| p.service == service && p.port.is_none_or(|p| p == port));
-            if !attached {
-                continue;
+    /// The table of `service` (`namespace/name`) port `port` from `routes`, as a client of
+    /// namespace `client` sees it (GAMMA's namespace boundaries, as Istio implements them):
+    /// producer routes (of the Service's namespace) apply to every client; consumer routes (of
+    /// another namespace) only to clients of theirs, and where a client's namespace has consumer
+    /// routes on the Service port, they take its requests instead of the producer routes. So a
+    /// route never reaches the clients of a namespace that did not write it or own the Service.
+    /// None: a client of no known namespace, which sees the producer routes.
+    pub fn new(routes: &[Arc<Route>], service: &str, port: u16, client: Option<&str>) -> Self {
+        let attached = |route: &&Arc<Route>| {
+            route.parents.iter().any(|p| p.service == service && p.port.is_none_or(|p| p == port))
+        };
+        let consumer: Vec<&Arc<Route>> = match client {
+            Some(client) => {
+                routes.iter().filter(attached).filter(|r| !r.is_producer_of(service) && r.namespace == client).collect()
             }
+            None => Vec::new(),
+        };
+        let chosen = match consumer.is_empty() {
+            false => consumer,
+            true => routes.iter().filter(attached).filter(|r| r.is_producer_of(service)).collect(),
+        };
+        let mut entries: Vec<Selected> = Vec::new();
+        for route in chosen {
             for (rule, r) in route.rules.iter().enumerate() {
                 for matched in 0..r.matches.len() {
                     entries.push(Selected { route: route.clone(), rule, matched });

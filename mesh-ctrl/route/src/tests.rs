@@ -6,7 +6,12 @@ use http::{HeaderMap, Method};
 use super::*;
 
 fn backend(name: &str, weight: u32) -> Backend {
-    Backend { target: BackendRef { service: format!("shop/{name}"), port: 8080 }, weight, filters: vec![] }
+    Backend {
+        target: BackendRef { service: format!("shop/{name}"), port: 8080 },
+        weight,
+        filters: vec![],
+        refused: None,
+    }
 }
 
 fn rule(matches: Vec<Match>, to: &str) -> Rule {
@@ -91,7 +96,7 @@ fn matching_follows_the_gateway_api_precedence() {
         // Equally specific as route a's first rule, but newer: a wins.
         route("b", 200, vec![rule(vec![path(PathMatch::Prefix("/".into()))], "newer")]),
     ];
-    let table = RouteTable::new(&routes, "shop/web", 8080);
+    let table = RouteTable::new(&routes, "shop/web", 8080, None);
     let get = Method::GET;
     type Case<'a> = (&'a Method, &'a str, &'a [(&'a str, &'a str)], &'a str);
     let cases: [Case; 12] = [
@@ -111,8 +116,8 @@ fn matching_follows_the_gateway_api_precedence() {
     for (method, target, headers, want) in cases {
         assert_eq!(routed(&table, method, target, headers).as_deref(), Some(want), "{method} {target} {headers:?}");
     }
-    assert!(RouteTable::new(&routes, "shop/web", 9090).select(&view(&get, "/")).is_some(), "no port: every port");
-    assert!(RouteTable::new(&routes, "shop/api", 8080).is_empty(), "another service has no routes");
+    assert!(RouteTable::new(&routes, "shop/web", 9090, None).select(&view(&get, "/")).is_some(), "no port: every port");
+    assert!(RouteTable::new(&routes, "shop/api", 8080, None).is_empty(), "another service has no routes");
 }
 
 fn view<'a>(method: &'a Method, path: &'a str) -> RequestView<'a> {
@@ -125,8 +130,8 @@ fn a_route_on_one_port_leaves_the_others_alone() {
     let mut r = (*route("p", 1, vec![rule(vec![], "only-8080")])).clone();
     r.parents = vec![Parent { service: "shop/web".into(), port: Some(8080) }];
     let routes = [Arc::new(r)];
-    assert!(RouteTable::new(&routes, "shop/web", 8080).select(&view(&Method::GET, "/")).is_some());
-    assert!(RouteTable::new(&routes, "shop/web", 9090).is_empty());
+    assert!(RouteTable::new(&routes, "shop/web", 8080, None).select(&view(&Method::GET, "/")).is_some());
+    assert!(RouteTable::new(&routes, "shop/web", 9090, None).is_empty());
 }
 
 #[test]
@@ -136,10 +141,39 @@ fn ties_go_to_the_older_route_then_by_name_then_rule_order() {
         route("alpha", 5, vec![rule(vec![], "alpha-0"), rule(vec![], "alpha-1")]),
         route("newest", 9, vec![rule(vec![], "newest")]),
     ];
-    let table = RouteTable::new(&routes, "shop/web", 80);
+    let table = RouteTable::new(&routes, "shop/web", 80, None);
     assert_eq!(routed(&table, &Method::GET, "/", &[]).as_deref(), Some("shop/alpha-0"));
     let selected = table.select(&view(&Method::GET, "/")).unwrap();
     assert_eq!(selected.describe(), "HTTPRoute shop/alpha rule 0");
+}
+
+#[test]
+fn a_route_of_another_namespace_applies_only_to_that_namespaces_clients() {
+    let in_namespace = |namespace: &str, name: &str, prefix: &str| {
+        let mut r = (*route(name, 1, vec![rule(vec![path(PathMatch::Prefix(prefix.into()))], name)])).clone();
+        r.namespace = namespace.into();
+        Arc::new(r)
+    };
+    // shop's own route on shop/web, and one of evil's taking /login to its own backend.
+    let routes = [in_namespace("shop", "producer", "/"), in_namespace("evil", "consumer", "/login")];
+    // (client namespace, path, the rule that takes it; None: no rule matches)
+    let cases = [
+        (None, "/login", Some("shop/producer")),
+        (Some("shop"), "/login", Some("shop/producer")),
+        (Some("other"), "/login", Some("shop/producer")),
+        // evil's clients get evil's routes instead of shop's: /login to evil's, and nothing else.
+        (Some("evil"), "/login", Some("shop/consumer")),
+        (Some("evil"), "/", None),
+    ];
+    for (client, target, want) in cases {
+        let table = RouteTable::new(&routes, "shop/web", 80, client);
+        assert_eq!(routed(&table, &Method::GET, target, &[]).as_deref(), want, "{client:?} {target}");
+    }
+    // With only a consumer route, every other client sees a Service without routes.
+    let only_consumer = [in_namespace("evil", "consumer", "/login")];
+    assert!(RouteTable::new(&only_consumer, "shop/web", 80, Some("shop")).is_empty());
+    assert!(RouteTable::new(&only_consumer, "shop/web", 80, None).is_empty());
+    assert!(!RouteTable::new(&only_consumer, "shop/web", 80, Some("evil")).is_empty());
 }
 
 #[test]
@@ -216,6 +250,7 @@ fn full_route() -> Route {
                     hostname: Some("v2".into()),
                     path: Some(PathReplace::Full("/".into())),
                 })],
+                refused: None,
             }],
             timeouts: Timeouts {
                 request: Some(Duration::from_millis(1500)),

@@ -234,7 +234,8 @@ impl TryFrom<proto::Route> for Route {
                 let field = format!("{field}.backends[{j}]");
                 let target = ctx.backend_ref(&field, &b)?;
                 let filters = ctx.filters(&format!("{field}.filters"), b.filters)?;
-                backends.push(Backend { target, weight: b.weight, filters });
+                let refused = (!b.refused.is_empty()).then(|| b.refused.clone());
+                backends.push(Backend { target, weight: b.weight, filters, refused });
             }
             rules.push(Rule {
                 name: (!rule.name.is_empty()).then_some(rule.name),
@@ -317,6 +318,7 @@ fn backend(target: &BackendRef, weight: u32, filters: &[Filter]) -> proto::Route
         port: u32::from(target.port),
         weight,
         filters: filters.iter().map(filter).collect(),
+        refused: String::new(),
     }
 }
 
@@ -390,7 +392,14 @@ impl From<&Route> for proto::Route {
                         })
                         .collect(),
                     filters: rule.filters.iter().map(filter).collect(),
-                    backends: rule.backends.iter().map(|b| backend(&b.target, b.weight, &b.filters)).collect(),
+                    backends: rule
+                        .backends
+                        .iter()
+                        .map(|b| proto::RouteBackend {
+                            refused: b.refused.clone().unwrap_or_default(),
+                            ..backend(&b.target, b.weight, &b.filters)
+                        })
+                        .collect(),
                     request_timeout_ms: rule.timeouts.request.map_or(0, millis),
                     backend_request_timeout_ms: rule.timeouts.backend_request.map_or(0, millis),
                     retry: rule.retry.as_ref().map(|r| proto::RouteRetry {

@@ -1,6 +1,7 @@
 //! Kubernetes source: kube reflectors on Namespaces, Pods, Services, EndpointSlices,
 //! ServiceAccounts, the ferrymesh AuthorizationPolicy, PeerAuthentication, RequestAuthentication,
-//! TrafficPolicy and DestinationRule custom resources and Gateway API Gateways, HTTPRoutes and GRPCRoutes feed the same translation as the
+//! TrafficPolicy and DestinationRule custom resources and Gateway API Gateways, HTTPRoutes, GRPCRoutes and
+//! ReferenceGrants feed the same translation as the
 //! directory source ([`super::translate`]), so the same objects give the same
 //! model through either. An object that fails translation keeps its last good version; a pod
 //! that is not scheduled, has no IP yet or uses the host network is simply not part of the mesh.
@@ -22,10 +23,11 @@ use super::status::{route_status, waypoint_status};
 use gateway_api::experimental::httproutes::HTTPRoute;
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GRPCRoute;
+use gateway_api::referencegrants::ReferenceGrant;
 
 use super::translate::{
-    endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, service_account_from,
-    service_from, waypoint_from, EndpointSliceResource, FieldError, Object, ObjectKey,
+    endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, reference_grant_from,
+    service_account_from, service_from, waypoint_from, EndpointSliceResource, FieldError, Object, ObjectKey,
 };
 use crate::crd::{
     AuthorizationPolicyResource, DestinationRuleResource, PeerAuthenticationResource, RequestAuthenticationResource,
@@ -53,6 +55,7 @@ pub struct KubeSource {
     gateways: Store<Gateway>,
     http_routes: Store<HTTPRoute>,
     grpc_routes: Store<GRPCRoute>,
+    reference_grants: Store<ReferenceGrant>,
     good: BTreeMap<ObjectKey, Object>,
     /// UIDs of the pods whose `ferrymesh.io/netns` annotation was ignored (warned once each).
     netns_ignored: std::collections::BTreeSet<String>,
@@ -186,6 +189,11 @@ impl KubeSource {
             let result = grpc_route_from((*r).clone(), &k).map(|r| r.map_or(Object::Ignored, Object::Route));
             add(k, result.map_err(FieldError::field_and_message), &self.good);
         }
+        for g in self.reference_grants.state() {
+            let k = key("ReferenceGrant", g.namespace(), g.name_any());
+            let result = reference_grant_from((*g).clone(), &k).map(Object::ReferenceGrant);
+            add(k, result.map_err(FieldError::field_and_message), &self.good);
+        }
         self.good = next;
         (model_of(self.good.values()), errors)
     }
@@ -211,6 +219,7 @@ impl KubeSource {
             && ready(&self.gateways)
             && ready(&self.http_routes)
             && ready(&self.grpc_routes)
+            && ready(&self.reference_grants)
     }
 
     /// The status writes that bring the mesh's routes and waypoints in line with `model` (and
@@ -321,6 +330,7 @@ pub fn watched_resources() -> Vec<(String, String)> {
         of::<Gateway>(),
         of::<HTTPRoute>(),
         of::<GRPCRoute>(),
+        of::<ReferenceGrant>(),
     ]
 }
 
@@ -398,6 +408,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
     let (gateways, gateway_writer) = reflector::store();
     let (http_routes, http_route_writer) = reflector::store();
     let (grpc_routes, grpc_route_writer) = reflector::store();
+    let (reference_grants, grant_writer) = reflector::store();
     let mut source = KubeSource {
         namespaces,
         pods,
@@ -412,6 +423,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         gateways,
         http_routes,
         grpc_routes,
+        reference_grants,
         good: BTreeMap::new(),
         netns_ignored: Default::default(),
     };
@@ -429,6 +441,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         changes(Api::<Gateway>::all(client.clone()), gateway_writer).boxed(),
         changes(Api::<HTTPRoute>::all(client.clone()), http_route_writer).boxed(),
         changes(Api::<GRPCRoute>::all(client.clone()), grpc_route_writer).boxed(),
+        changes(Api::<ReferenceGrant>::all(client.clone()), grant_writer).boxed(),
     ]);
     let mut last_errors = Vec::new();
     // Status is written by a task of its own: a slow API server never holds up the config.

@@ -19,8 +19,8 @@ use ferrymesh_route::destination::spec::DestinationRuleSpec;
 use ferrymesh_route::traffic::spec::TrafficPolicySpec;
 
 use super::translate::{
-    endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, service_account_from,
-    service_from, waypoint_from, EndpointSliceResource, FieldError, Object, ObjectKey,
+    endpoint_slice_from, grpc_route_from, http_route_from, model_of, namespace_from, pod_from, reference_grant_from,
+    service_account_from, service_from, waypoint_from, EndpointSliceResource, FieldError, Object, ObjectKey,
 };
 use crate::model::{Model, ServiceAccount};
 use crate::schema::strict;
@@ -69,6 +69,7 @@ struct CustomResource<S> {
 const FERRYMESH_V1ALPHA1: &str = "ferrymesh.io/v1alpha1";
 /// Gateway API group/version.
 const GATEWAY_V1: &str = "gateway.networking.k8s.io/v1";
+const GATEWAY_V1BETA1: &str = "gateway.networking.k8s.io/v1beta1";
 
 #[derive(Clone, Debug)]
 struct Loaded {
@@ -327,11 +328,14 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
         (GATEWAY_V1, "GRPCRoute") => strict::<gateway_api::grpcroutes::GRPCRoute>(without_type_meta(doc)).and_then(|route| {
             grpc_route_from(route, &key).map(|r| r.map_or(Object::Ignored, Object::Route)).map_err(FieldError::field_and_message)
         }),
+        (GATEWAY_V1 | GATEWAY_V1BETA1, "ReferenceGrant") => strict::<gateway_api::referencegrants::ReferenceGrant>(without_type_meta(doc)).and_then(|grant| {
+            reference_grant_from(grant, &key).map(Object::ReferenceGrant).map_err(FieldError::field_and_message)
+        }),
         (_, "") => Err((Some("kind".into()), "missing".into())),
         _ => Err((
             Some("kind".into()),
             format!(
-                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficPolicy and DestinationRule, {GATEWAY_V1} Gateway, HTTPRoute and GRPCRoute)"
+                "{api_version}/{kind} is not supported (supported: v1 Namespace, Pod, Service and ServiceAccount, discovery.k8s.io/v1 EndpointSlice, {FERRYMESH_V1ALPHA1} AuthorizationPolicy, PeerAuthentication, RequestAuthentication, TrafficPolicy and DestinationRule, {GATEWAY_V1} Gateway, HTTPRoute and GRPCRoute, {GATEWAY_V1BETA1} ReferenceGrant)"
             ),
         )),
     };
@@ -576,6 +580,41 @@ spec:
 ";
 
     #[test]
+    fn a_backend_of_another_namespace_is_used_only_with_a_reference_grant_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let cross = HTTP_ROUTE.replace("    - name: web-v1\n", "    - name: web-v1\n      namespace: other\n");
+        write(dir.path(), "routes.yaml", &cross);
+        let mut source = DirSource::new(dir.path());
+        let refused = |source: &mut DirSource| {
+            let (model, errors) = source.reload();
+            assert!(errors.is_empty(), "{errors:?}");
+            let routes = model.config().routes;
+            routes["HTTPRoute shop/canary"].rules[1].backends[0].refused.clone()
+        };
+        let no_grant = refused(&mut source);
+        assert!(no_grant.contains("no ReferenceGrant there opens it to HTTPRoutes of shop"), "{no_grant:?}");
+        // A grant of another namespace, of another kind, or for another Service opens nothing.
+        let grant = |namespace: &str, from_kind: &str, to_name: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata:\n  name: g\n  namespace: {namespace}\nspec:\n  from:\n  - group: gateway.networking.k8s.io\n    kind: {from_kind}\n    namespace: shop\n  to:\n  - group: \"\"\n    kind: Service\n    name: {to_name}\n"
+            )
+        };
+        for (namespace, kind, name) in
+            [("shop", "HTTPRoute", "web-v1"), ("other", "GRPCRoute", "web-v1"), ("other", "HTTPRoute", "db")]
+        {
+            write(dir.path(), "grant.yaml", &grant(namespace, kind, name));
+            assert!(!refused(&mut source).is_empty(), "{namespace} {kind} {name}");
+        }
+        write(dir.path(), "grant.yaml", &grant("other", "HTTPRoute", "web-v1"));
+        assert_eq!(refused(&mut source), "", "the grant of other opens web-v1 to shop's HTTPRoutes");
+        // A grant without a source namespace is refused by field.
+        write(dir.path(), "grant.yaml", &grant("other", "HTTPRoute", "web-v1").replace("    namespace: shop\n", ""));
+        let (_, errors) = source.reload();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].object.as_deref(), Some("ReferenceGrant other/g"), "{errors:?}");
+    }
+
+    #[test]
     fn reads_mesh_routes_and_names_their_bad_fields() {
         use ferrymesh_route::{Filter, PathMatch};
         let dir = tempfile::tempdir().unwrap();
@@ -629,10 +668,6 @@ spec:
             (
                 HTTP_ROUTE.replace("statusCode: 308", "statusCode: 305"),
                 "spec.rules[2].filters[0].requestRedirect.statusCode",
-            ),
-            (
-                HTTP_ROUTE.replace("    - name: web-v1\n", "    - name: web-v1\n      namespace: other\n"),
-                "spec.rules[1].backendRefs[0].namespace",
             ),
             (HTTP_ROUTE.replace("name: x-route", "name: \"x route\""), "spec.rules[0].filters[0].set[0]"),
             (
@@ -703,7 +738,20 @@ spec:
             labelled("pod-opted-out", "10.244.1.6", "ferrymesh.io/use-waypoint: none"),
             service_yaml("web", ""),
             service_yaml("opted-out", "ferrymesh.io/use-waypoint: none"),
+            gateway(
+                "edge",
+                "ferrymesh-waypoint",
+                "",
+                &format!("{hbone}\n    allowedRoutes:\n      namespaces:\n        from: All"),
+            )
+            .replace("namespace: shop", "namespace: infra"),
+            gateway("closed", "ferrymesh-waypoint", "", hbone).replace("namespace: shop", "namespace: infra"),
             service_yaml("elsewhere", "ferrymesh.io/use-waypoint: edge, ferrymesh.io/use-waypoint-namespace: infra"),
+            service_yaml(
+                "not-allowed",
+                "ferrymesh.io/use-waypoint: closed, ferrymesh.io/use-waypoint-namespace: infra",
+            ),
+            service_yaml("to-nowhere", "ferrymesh.io/use-waypoint: gone, ferrymesh.io/use-waypoint-namespace: infra"),
             service_yaml("wl", "ferrymesh.io/use-waypoint: workloads-only"),
         ];
         write(dir.path(), "all.yaml", &objects.join("---\n"));
@@ -712,14 +760,23 @@ spec:
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(
             model.waypoints.keys().collect::<Vec<_>>(),
-            ["shop/workloads-only", "shop/wp"],
+            ["infra/closed", "infra/edge", "shop/workloads-only", "shop/wp"],
             "another class's Gateway is not ours"
         );
         let config = model.config();
         let bound = |svc: &str| config.services[&format!("shop/{svc}")].waypoint.clone();
         assert_eq!(bound("web"), "shop/wp", "the namespace's label binds its Services");
         assert_eq!(bound("opted-out"), "", "none on the Service opts out");
-        assert_eq!(bound("elsewhere"), "infra/edge", "a waypoint of another namespace, even one not (yet) there");
+        assert_eq!(bound("elsewhere"), "infra/edge", "a waypoint of another namespace that allows all namespaces");
+        assert_eq!(bound("not-allowed"), "", "a waypoint of another namespace that allows its own only");
+        assert_eq!(bound("to-nowhere"), "", "a waypoint of another namespace that is not there to consent");
+        let labels = |svc: &str| model.services[&format!("shop/{svc}")].labels.clone();
+        assert!(model
+            .binding_refused(&labels("not-allowed"), "shop")
+            .unwrap()
+            .contains("does not allow namespace shop"));
+        assert!(model.binding_refused(&labels("to-nowhere"), "shop").unwrap().contains("does not exist"));
+        assert_eq!(model.binding_refused(&labels("elsewhere"), "shop"), None);
         assert_eq!(bound("wl"), "", "a waypoint for workloads takes no Service traffic");
         assert_eq!(config.waypoints["shop/wp"].addresses, ["10.244.1.9"]);
         assert_eq!(config.waypoints["shop/workloads-only"].traffic_type, "workload");

@@ -3,8 +3,10 @@
 //!
 //! - each mesh route (`HTTPRoute`, `GRPCRoute`) gets one `status.parents` entry per Service it
 //!   names in `parentRefs`, under controller [`CONTROLLER_NAME`], with `Accepted` (the route
-//!   translated and its Service exists, with the port it names) and `ResolvedRefs` (every backend
-//!   is a Service of the route's namespace that exists, with its port);
+//!   translated, its Service exists with the port it names and, when the Service's waypoint is of
+//!   another namespace, that waypoint allows it; a route of another namespace than its Service's
+//!   is accepted as a consumer route and says so) and `ResolvedRefs` (every backend is a Service
+//!   that exists, with its port, of the route's namespace or opened to it by a ReferenceGrant);
 //! - each waypoint (`Gateway` of class `ferrymesh-waypoint`) gets `Accepted` (it translated),
 //!   `Programmed` (a ready pod runs it) and its ready pods' addresses.
 //!
@@ -148,18 +150,40 @@ fn accepted(parent: &Value, namespace: &str, error: Option<&ConfigError>, model:
             );
         }
     }
-    let message = match model.waypoint_of(svc) {
-        Some(w) if model.waypoints.contains_key(&w) => format!("served by waypoint {w}"),
-        Some(w) => format!("Service {service} is bound to waypoint {w}, which does not exist: its traffic fails closed"),
-        None => format!(
+    let labels = match svc.labels.contains_key(crate::model::USE_WAYPOINT_LABEL) {
+        true => Some(&svc.labels),
+        false => model.namespaces.get(&svc.namespace).map(|ns| &ns.labels),
+    };
+    let refused = labels.and_then(|labels| model.binding_refused(labels, &svc.namespace));
+    let mut message = match (model.waypoint_of(svc), refused) {
+        (_, Some(refused)) => {
+            return Condition::new(
+                "Accepted",
+                false,
+                "NotAllowedByListeners",
+                format!("Service {service} is not bound to its waypoint: {refused}"),
+            );
+        }
+        (Some(w), None) if model.waypoints.contains_key(&w) => format!("served by waypoint {w}"),
+        (Some(w), None) => {
+            format!("Service {service} is bound to waypoint {w}, which does not exist: its traffic fails closed")
+        }
+        (None, None) => format!(
             "Service {service} is bound to no waypoint: label it or its namespace ferrymesh.io/use-waypoint for the route to apply"
         ),
     };
+    let service_namespace = service.split_once('/').map_or("", |(ns, _)| ns);
+    if service_namespace != namespace {
+        message.push_str(&format!(
+            "; a consumer route (GAMMA): it applies only to clients in namespace {namespace}, and takes their requests instead of {service_namespace}'s own routes"
+        ));
+    }
     Condition::new("Accepted", true, "Accepted", message)
 }
 
 /// `ResolvedRefs` of a route: the first backend that does not resolve, named by its field.
 fn resolved_refs(route: &Value, namespace: &str, model: &Model) -> Condition {
+    let kind = route.get("kind").and_then(Value::as_str).unwrap_or("HTTPRoute");
     let rules = route.pointer("/spec/rules").and_then(Value::as_array).cloned().unwrap_or_default();
     for (i, rule) in rules.iter().enumerate() {
         let backends = rule.get("backendRefs").and_then(Value::as_array).cloned().unwrap_or_default();
@@ -174,15 +198,17 @@ fn resolved_refs(route: &Value, namespace: &str, model: &Model) -> Condition {
                 );
             }
             let backend_namespace = backend.get("namespace").and_then(Value::as_str).unwrap_or(namespace);
-            if backend_namespace != namespace {
+            let service = format!("{backend_namespace}/{}", str_at(backend, "/name"));
+            if !model.reference_permitted(kind, namespace, &service) {
                 return Condition::new(
                     "ResolvedRefs",
                     false,
                     "RefNotPermitted",
-                    format!("{field}: a backend in another namespace needs a ReferenceGrant, which ferrymesh does not read yet"),
+                    format!(
+                        "{field}: Service {service} is in another namespace, and no ReferenceGrant in {backend_namespace} opens it to {kind}s of {namespace}: its requests are answered 500"
+                    ),
                 );
             }
-            let service = format!("{backend_namespace}/{}", str_at(backend, "/name"));
             let Some(svc) = model.services.get(&service) else {
                 return Condition::new(
                     "ResolvedRefs",
@@ -249,7 +275,19 @@ mod tests {
             selector: None,
             labels: Default::default(),
         };
+        let mut api = web.clone();
+        api.namespace = "other".into();
+        api.name = "api".into();
         model.services.insert("shop/web".into(), web);
+        model.services.insert("other/api".into(), api);
+        // other lets shop's HTTPRoutes reach its api, and only that.
+        let grant = crate::model::ReferenceGrant {
+            namespace: "other".into(),
+            name: "shop-to-api".into(),
+            from: vec![("gateway.networking.k8s.io".into(), "HTTPRoute".into(), "shop".into())],
+            to: vec![(String::new(), "Service".into(), Some("api".into()))],
+        };
+        model.reference_grants.insert("other/shop-to-api".into(), grant);
         model
     }
 
@@ -302,6 +340,7 @@ mod tests {
             (json!({"name": "web"}), "False", "BackendNotFound"),
             (json!({"name": "db", "port": 80}), "False", "BackendNotFound"),
             (json!({"name": "web", "port": 80, "namespace": "other"}), "False", "RefNotPermitted"),
+            (json!({"name": "api", "port": 80, "namespace": "other"}), "True", "ResolvedRefs"),
             (json!({"group": "example.com", "kind": "Bucket", "name": "b"}), "False", "InvalidKind"),
         ];
         for (backend, status, reason) in cases {

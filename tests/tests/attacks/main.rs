@@ -6,4 +6,5 @@
 
 mod netns;
 mod pool;
+mod routes;
 mod tls;

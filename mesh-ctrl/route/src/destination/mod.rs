@@ -21,12 +21,23 @@ pub struct DestinationRule {
     pub service: String,
     /// Its `trafficPolicy`.
     pub policy: TrafficSettings,
+    /// Its `exportTo` (empty: every namespace).
+    pub export_to: Vec<String>,
 }
 
 impl DestinationRule {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether its `exportTo` lets it govern clients of `namespace`.
+    pub fn exported_to(&self, namespace: &str) -> bool {
+        self.export_to.is_empty()
+            || self
+                .export_to
+                .iter()
+                .any(|to| to == "*" || to == namespace || (to == "." && self.namespace == namespace))
     }
 
     /// What it sets, in a few words (for meshctl).
@@ -179,24 +190,36 @@ pub enum HashOn {
 /// Every DestinationRule the waypoint holds, by the Service each is for.
 #[derive(Clone, Debug, Default)]
 pub struct DestinationRules {
-    by_service: std::collections::HashMap<String, Arc<DestinationRule>>,
+    /// By Service, each Service's rules sorted by `namespace/name`.
+    by_service: std::collections::HashMap<String, Vec<Arc<DestinationRule>>>,
 }
 
 impl DestinationRules {
-    /// The set of `rules`: of several for one Service, the first by `namespace/name` (Istio
-    /// takes the oldest; the mesh holds no creation times for them).
+    /// The set of `rules`.
     pub fn new(mut rules: Vec<Arc<DestinationRule>>) -> Self {
         rules.sort_by_key(|r| r.key());
-        let mut by_service = std::collections::HashMap::new();
+        let mut by_service: std::collections::HashMap<String, Vec<_>> = std::collections::HashMap::new();
         for rule in rules {
-            by_service.entry(rule.service.clone()).or_insert(rule);
+            by_service.entry(rule.service.clone()).or_default().push(rule);
         }
         Self { by_service }
     }
 
-    /// The rule of Service `service` (`namespace/name`), if any.
-    pub fn of(&self, service: &str) -> Option<&Arc<DestinationRule>> {
-        self.by_service.get(service)
+    /// The rule governing requests of a client of namespace `client` (None: not known) to
+    /// Service `service` (`namespace/name`), found as Istio finds it: a rule of the client's
+    /// namespace, then one of the Service's namespace, then one of the root namespace
+    /// `root`, each only when its `exportTo` reaches the client's namespace. A rule of any other
+    /// namespace governs nothing: a tenant's rule never reaches another tenant's clients. Of
+    /// several in one namespace, the first by name (Istio takes the oldest; the mesh holds no
+    /// creation times for them).
+    pub fn of(&self, service: &str, client: Option<&str>, root: &str) -> Option<&Arc<DestinationRule>> {
+        let rules = self.by_service.get(service)?;
+        let service_namespace = service.split_once('/').map_or("", |(namespace, _)| namespace);
+        let reaches = |rule: &&Arc<DestinationRule>| client.is_none_or(|client| rule.exported_to(client));
+        [client, Some(service_namespace), Some(root)]
+            .into_iter()
+            .flatten()
+            .find_map(|namespace| rules.iter().filter(|r| r.namespace == namespace).find(reaches))
     }
 }
 

@@ -24,6 +24,9 @@ pub struct DestinationRuleSpec {
     pub traffic_policy: Option<TrafficSettingsSpec>,
     /// Istio's subsets (refused: routes pick Services with Gateway API backendRefs).
     pub subsets: Option<Vec<SubsetSpec>>,
+    /// The namespaces whose clients it governs, as Istio has it: `*` (every namespace, the
+    /// default), `.` (its own), or namespace names.
+    pub export_to: Option<Vec<String>>,
 }
 
 /// `spec.subsets[]` (refused when given).
@@ -271,6 +274,13 @@ impl DestinationRuleSpec {
             outliers: t.outlier_detection.as_ref().map(OutlierDetectionSpec::validate).transpose()?,
             balancer: t.load_balancer.as_ref().map(LoadBalancerSpec::validate).transpose()?.unwrap_or_default(),
         };
-        Ok(DestinationRule { namespace: namespace.into(), name: name.into(), service, policy })
+        let export_to = self.export_to.clone().unwrap_or_default();
+        for (i, to) in export_to.iter().enumerate() {
+            let name = to.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !to.is_empty();
+            if !(name || to == "*" || to == ".") {
+                return Err(err(format!("spec.exportTo[{i}]"), format!("{to:?} is not \"*\", \".\" or a namespace")));
+            }
+        }
+        Ok(DestinationRule { namespace: namespace.into(), name: name.into(), service, policy, export_to })
     }
 }

@@ -141,6 +141,44 @@ fn rules_survive_the_wire_and_the_first_by_name_wins_a_service() {
         Arc::new(spec.validate("shop", name).unwrap())
     };
     let rules = DestinationRules::new(vec![named("b"), named("a")]);
-    assert_eq!(rules.of("shop/web").unwrap().name, "a");
-    assert!(rules.of("shop/db").is_none());
+    assert_eq!(rules.of("shop/web", None, ROOT).unwrap().name, "a");
+    assert!(rules.of("shop/db", None, ROOT).is_none());
+}
+
+const ROOT: &str = "ferrymesh-system";
+
+#[test]
+fn a_rule_governs_clients_as_istio_finds_it_and_never_another_namespaces() {
+    let rule = |namespace: &str, name: &str, export_to: &str| {
+        let yaml = format!("host: web.shop.svc.cluster.local\nexportTo: {export_to}\n");
+        let spec: DestinationRuleSpec = serde_yaml::from_str(&yaml).unwrap();
+        Arc::new(spec.validate(namespace, name).unwrap())
+    };
+    let found = |rules: &DestinationRules, client: Option<&str>| rules.of("shop/web", client, ROOT).map(|r| r.key());
+    // A rule of a third namespace governs no one, not even with exportTo "*"; its own clients
+    // it does.
+    let evil = DestinationRules::new(vec![rule("evil", "steal", "[\"*\"]")]);
+    for client in [None, Some("shop"), Some("other")] {
+        assert_eq!(found(&evil, client), None, "{client:?}");
+    }
+    assert_eq!(found(&evil, Some("evil")).as_deref(), Some("evil/steal"));
+    // The client's own namespace first, then the Service's, then the root namespace.
+    let all = DestinationRules::new(vec![
+        rule(ROOT, "mesh", "[\"*\"]"),
+        rule("shop", "owner", "[\"*\"]"),
+        rule("team", "mine", "[\".\"]"),
+    ]);
+    assert_eq!(found(&all, Some("team")).as_deref(), Some("team/mine"));
+    assert_eq!(found(&all, Some("other")).as_deref(), Some("shop/owner"));
+    assert_eq!(found(&all, None).as_deref(), Some("shop/owner"));
+    // exportTo keeps a rule to the namespaces it names.
+    let private = DestinationRules::new(vec![rule(ROOT, "mesh", "[\"*\"]"), rule("shop", "owner", "[\".\"]")]);
+    assert_eq!(found(&private, Some("shop")).as_deref(), Some("shop/owner"));
+    assert_eq!(found(&private, Some("other")).as_deref(), Some("ferrymesh-system/mesh"));
+    let listed = DestinationRules::new(vec![rule("shop", "owner", "[team]")]);
+    assert_eq!(found(&listed, Some("team")).as_deref(), Some("shop/owner"));
+    assert_eq!(found(&listed, Some("other")), None);
+    // A bad exportTo is refused by field.
+    let spec: DestinationRuleSpec = serde_yaml::from_str("host: web\nexportTo: [\"Not A Namespace\"]\n").unwrap();
+    assert_eq!(spec.validate("shop", "x").unwrap_err().field, "spec.exportTo[0]");
 }

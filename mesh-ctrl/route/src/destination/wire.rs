@@ -92,6 +92,7 @@ impl TryFrom<proto::DestinationRule> for DestinationRule {
             name: r.name,
             service: format!("{}/{}", r.service_namespace, r.service),
             policy: TrafficSettings { pool, outliers, balancer },
+            export_to: r.export_to,
         })
     }
 }
@@ -133,6 +134,7 @@ impl From<&DestinationRule> for proto::DestinationRule {
                 max_ejection_percent: o.max_ejection_percent,
             }),
             load_balancer: Some(balancer),
+            export_to: r.export_to.clone(),
         }
     }
 }

@@ -23,14 +23,18 @@ pub fn waypoint_from(
     if gateway.spec.gateway_class_name != WAYPOINT_CLASS {
         return Ok(None);
     }
-    let hbone =
-        gateway.spec.listeners.iter().any(|l| l.port == i32::from(mesh_common::HBONE_PORT) && l.protocol == "HBONE");
-    if !hbone {
+    let hbone = gateway
+        .spec
+        .listeners
+        .iter()
+        .position(|l| l.port == i32::from(mesh_common::HBONE_PORT) && l.protocol == "HBONE");
+    let Some(hbone) = hbone else {
         return Err(key.field_error(
             "spec.listeners",
             format!("a waypoint listens on {} with protocol HBONE: add that listener", mesh_common::HBONE_PORT),
         ));
-    }
+    };
+    let allowed = allowed_namespaces(&gateway.spec.listeners[hbone], key, &format!("spec.listeners[{hbone}]"))?;
     let labels = gateway.metadata.labels.unwrap_or_default();
     let traffic = match labels.get(WAYPOINT_FOR_LABEL) {
         None => WaypointFor::Service,
@@ -41,7 +45,60 @@ pub fn waypoint_from(
             )
         })?,
     };
-    Ok(Some(crate::model::Waypoint { namespace: key.namespace.clone(), name: key.name.clone(), traffic }))
+    Ok(Some(crate::model::Waypoint { namespace: key.namespace.clone(), name: key.name.clone(), traffic, allowed }))
+}
+
+/// The namespaces a waypoint's HBONE listener lets bind to it (`allowedRoutes.namespaces`).
+fn allowed_namespaces(
+    listener: &gateway_api::gateways::GatewayListeners,
+    key: &ObjectKey,
+    field: &str,
+) -> Result<crate::model::AllowedNamespaces, FieldError> {
+    use crate::model::{AllowedNamespaces, LabelSelector};
+    use gateway_api::gateways::GatewayListenersAllowedRoutesNamespacesFrom as From;
+    let Some(namespaces) = listener.allowed_routes.as_ref().and_then(|a| a.namespaces.as_ref()) else {
+        return Ok(AllowedNamespaces::Same);
+    };
+    let field = format!("{field}.allowedRoutes.namespaces");
+    Ok(match namespaces.from {
+        None | Some(From::Same) => AllowedNamespaces::Same,
+        Some(From::All) => AllowedNamespaces::All,
+        Some(From::Selector) => {
+            let Some(selector) = &namespaces.selector else {
+                return Err(key.field_error(format!("{field}.selector"), "missing; from: Selector needs one".into()));
+            };
+            let mut match_expressions = Vec::new();
+            for (i, e) in selector.match_expressions.iter().flatten().enumerate() {
+                if !["In", "NotIn", "Exists", "DoesNotExist"].contains(&e.operator.as_str()) {
+                    return Err(key.field_error(
+                        format!("{field}.selector.matchExpressions[{i}].operator"),
+                        format!("{:?} is not In, NotIn, Exists or DoesNotExist", e.operator),
+                    ));
+                }
+                match_expressions.push((e.key.clone(), e.operator.clone(), e.values.clone().unwrap_or_default()));
+            }
+            let match_labels = selector.match_labels.clone().unwrap_or_default();
+            AllowedNamespaces::Selector(LabelSelector { match_labels, match_expressions })
+        }
+    })
+}
+
+/// A ReferenceGrant (gateway.networking.k8s.io v1beta1 or v1).
+pub fn reference_grant_from(
+    grant: gateway_api::referencegrants::ReferenceGrant,
+    key: &ObjectKey,
+) -> Result<crate::model::ReferenceGrant, FieldError> {
+    for (i, from) in grant.spec.from.iter().enumerate() {
+        if from.namespace.is_empty() {
+            return Err(key.field_error(format!("spec.from[{i}].namespace"), "missing".into()));
+        }
+    }
+    Ok(crate::model::ReferenceGrant {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        from: grant.spec.from.into_iter().map(|f| (f.group, f.kind, f.namespace)).collect(),
+        to: grant.spec.to.into_iter().map(|t| (t.group, t.kind, t.name.filter(|n| !n.is_empty()))).collect(),
+    })
 }
 
 use crate::model::{
@@ -109,6 +166,8 @@ pub enum Object {
     DestinationRule(ferrymesh_route::destination::DestinationRule),
     /// A ferrymesh.io RequestAuthentication.
     RequestAuthentication(ferrymesh_policy::authn::RequestAuthentication),
+    /// A Gateway API ReferenceGrant.
+    ReferenceGrant(crate::model::ReferenceGrant),
     /// An object the mesh reads and has no part of (a route attached only to Gateways).
     Ignored,
 }
@@ -167,6 +226,9 @@ pub fn model_of<'a>(objects: impl Iterator<Item = &'a Object>) -> Model {
             }
             Object::RequestAuthentication(p) => {
                 model.request_authentications.insert(p.key(), p.clone());
+            }
+            Object::ReferenceGrant(g) => {
+                model.reference_grants.insert(format!("{}/{}", g.namespace, g.name), g.clone());
             }
             Object::Ignored => {}
         }

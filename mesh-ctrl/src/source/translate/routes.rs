@@ -4,10 +4,13 @@
 //! route attached only to Gateways belongs to an ingress controller and translates to nothing.
 //! A GRPCRoute becomes path and header matches on gRPC paths (`/<service>/<method>`).
 //!
-//! Not supported yet, and refused by name: `ExtensionRef` filters, backends of another kind than
-//! Service, and cross-namespace backends (they need a ReferenceGrant, which the mesh does not
-//! read yet). Routes are read with the experimental channel's types (a superset of the standard
-//! channel's), for HTTPRoute's `retry` (GEP-1731).
+//! Not supported yet, and refused by name: `ExtensionRef` filters and backends of another kind
+//! than Service. A backend of another namespace translates, and is used only when a
+//! ReferenceGrant of its namespace opens it to the route (the model decides, as grants change
+//! apart from routes). A parent Service of another namespace makes the route a consumer route
+//! of that Service (GAMMA): it applies only to clients of the route's namespace. Routes are read
+//! with the experimental channel's types (a superset of the standard channel's), for
+//! HTTPRoute's `retry` (GEP-1731).
 
 use ferrymesh_route::wire::{check_timeouts, port, retry_attempts, retry_code, valid_header, REDIRECT_STATUSES};
 use ferrymesh_route::{
@@ -104,7 +107,7 @@ fn mesh_route(
             let target = backend_ref((&b.group, &b.kind, &b.name, &b.namespace, b.port), key, &field)?;
             let filters = as_http(b.filters, key, &format!("{field}.filters"))?;
             let filters = translate_filters(filters, key, &format!("{field}.filters"), prefix_matched)?;
-            backends.push(Backend { target, weight: weight(b.weight, key, &field)?, filters });
+            backends.push(Backend { target, weight: weight(b.weight, key, &field)?, filters, refused: None });
         }
         let timeouts = timeouts(rule.timeouts, key, &format!("{field}.timeouts"))?;
         let retry = rule.retry.map(|r| retry(r, key, &format!("{field}.retry"))).transpose()?;
@@ -224,13 +227,9 @@ fn backend_ref(r: Ref<'_>, key: &ObjectKey, field: &str) -> Result<BackendRef, F
     if !core || kind.as_deref().is_some_and(|k| k != "Service") {
         return Err(key.field_error(format!("{field}.kind"), "only Service backends are supported".into()));
     }
+    // A backend of another namespace needs a ReferenceGrant there: the model checks it, since
+    // grants come and go apart from the route (see `Model::routes_resolved`).
     let namespace = namespace.clone().unwrap_or_else(|| key.namespace.clone());
-    if namespace != key.namespace {
-        return Err(key.field_error(
-            format!("{field}.namespace"),
-            "a backend in another namespace needs a ReferenceGrant, which ferrymesh does not read yet".into(),
-        ));
-    }
     let Some(p) = p else {
         return Err(key.field_error(format!("{field}.port"), "missing; a Service backend needs its port".into()));
     };

@@ -118,8 +118,10 @@ pub async fn services(agent: &Path, output: Output) -> Result<(), String> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("the agent holds a rule that does not convert: {e}"))?;
     let rules = DestinationRules::new(rules);
-    let rule_of =
-        |s: &ferrymesh_api::config::Service| rules.of(&format!("{}/{}", s.namespace, s.name)).map(|r| r.summary());
+    // The rule the Service's own clients get (a client namespace's own rule may differ).
+    let rule_of = |s: &ferrymesh_api::config::Service| {
+        rules.of(&format!("{}/{}", s.namespace, s.name), None, ferrymesh_policy::ROOT_NAMESPACE).map(|r| r.summary())
+    };
     match output {
         Output::Json => {
             let all: Vec<_> = config

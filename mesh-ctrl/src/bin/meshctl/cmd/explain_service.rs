@@ -184,7 +184,7 @@ pub fn run(held: &Held, src: &Workload, key: &str, port: u16, args: &ExplainArgs
         .map(|r| Route::try_from(r).map(Arc::new))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("the agent holds a route that does not convert: {e}"))?;
-    let table = RouteTable::new(&routes, key, port);
+    let table = RouteTable::new(&routes, key, port, Some(src_id.namespace()));
     let backends: Vec<(BackendRef, u32)> = match table.select(&request.view()) {
         None if table.is_empty() => {
             out["route"] = json!({"rule": null, "does": "no route is attached: the Service itself"});

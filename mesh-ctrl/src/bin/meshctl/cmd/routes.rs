@@ -33,6 +33,10 @@ pub struct RoutesArgs {
     /// A request header, NAME:VALUE (with --to; repeatable).
     #[arg(long = "header", value_name = "NAME:VALUE")]
     pub headers: Vec<String>,
+    /// The client's namespace (with --to): routes of another namespace than the Service's apply
+    /// only to clients of theirs (GAMMA consumer routes). Default: the Service's own routes.
+    #[arg(long, value_name = "NAMESPACE")]
+    pub from_namespace: Option<String>,
 }
 
 /// A request as meshctl's options describe it (`--method`, `--path` with its query, `--header`).
@@ -120,7 +124,7 @@ fn select(routes: &[Route], traffic: &TrafficPolicies, to: &str, args: &RoutesAr
         .ok_or_else(|| format!("--to {to:?}: expected NAMESPACE/SERVICE:PORT"))?;
     let parsed = RequestArgs::parse(&args.method, &args.path, &args.headers)?;
     let shared: Vec<Arc<Route>> = routes.iter().cloned().map(Arc::new).collect();
-    let table = RouteTable::new(&shared, service, port);
+    let table = RouteTable::new(&shared, service, port, args.from_namespace.as_deref());
     let selected = table.select(&parsed.view());
     let traffic = traffic_summary(traffic, service, selected.map(|s| (&*s.route, s.rule)));
     let total = |rule: &ferrymesh_route::Rule| rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>();
