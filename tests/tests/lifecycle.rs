@@ -374,28 +374,42 @@ fn agents_are_replaced_under_load_without_a_failed_connect_or_a_reset() {
     topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
     topo.serve_all();
     let (a, c) = (topo.pod("shop", "a"), topo.pod("shop", "c"));
-    // 20 long-lived connections across the nodes, both ways, each streaming 2.5 MB at 250 kB/s
-    // (about 10 s) into a sink that checks its SHA-256.
+    // 20 long-lived connections across the nodes, both ways, each streaming 5 MB at 250 kB/s
+    // (about 20 s, longer than both replacements take) into a sink that checks its SHA-256.
     let mut streams = Vec::new();
     for i in 0..20 {
         let (from, to) = if i % 2 == 0 { (a, c) } else { (c, a) };
         let mut cmd = topo.command_in(&from.netns, bin("fm-peer"));
-        cmd.args(["send", "--to", &format!("{}:{SINK_PORT}", to.ip), "--bytes", "2500000", "--rate", "250000"]);
+        cmd.args(["send", "--to", &format!("{}:{SINK_PORT}", to.ip), "--bytes", "5000000", "--rate", "250000"]);
         let label = format!("stream-{i}");
         topo.spawn(&label, cmd);
         streams.push(label);
     }
-    // New connections across the nodes, both ways, back to back, one HTTP request each.
+    // New connections across the nodes, both ways, back to back, one HTTP request each, until
+    // the test stops them (each one's end is a line: `ok`, or `failed: <why>`).
     let mut hits = Vec::new();
     for (from, to) in [(a, c), (c, a)] {
         let mut cmd = topo.command_in(&from.netns, bin("fm-peer"));
-        cmd.args(["hits", "--to", &format!("{}:{HTTP_PORT}", to.ip), "--count", "5000"]);
+        cmd.args(["hits", "--to", &format!("{}:{HTTP_PORT}", to.ip), "--count", "100000000", "--progress"]);
         let label = format!("hits-{}", from.name);
         topo.spawn(&label, cmd);
         hits.push(label);
     }
+    let made = |label: &str| {
+        let log = topo.log(label);
+        let failed: Vec<String> = log.lines().filter(|l| !l.is_empty() && *l != "ok").map(String::from).collect();
+        assert!(failed.is_empty(), "{label}: a connection failed: {failed:?}");
+        log.lines().filter(|l| *l == "ok").count()
+    };
+    // Each steady client has made this many more connections: the load runs through the step.
+    let more = |after: &str| {
+        let from: Vec<usize> = hits.iter().map(|l| made(l)).collect();
+        wait_until(Duration::from_secs(30), &format!("200 more connections each {after}"), || {
+            hits.iter().zip(&from).all(|(label, before)| made(label) >= before + 200)
+        });
+    };
     let started = std::time::Instant::now();
-    std::thread::sleep(Duration::from_millis(1500));
+    more("before the replacements");
     // Each node's agent is replaced by a new process while the load runs: the new one takes
     // over the pods' listeners, the old one stops accepting and drains.
     for node in [1u8, 2] {
@@ -409,20 +423,17 @@ fn agents_are_replaced_under_load_without_a_failed_connect_or_a_reset() {
         assert_eq!(status["enrolled"].as_array().map(Vec::len), Some(1), "{status}");
         assert_eq!(status["adopted_links"], 5, "{status}");
         assert!(topo.log(&format!("agent-node{node}")).contains("a successor took over this node's pods"));
-        for label in hits.iter().chain(&streams) {
+        more(&format!("after node{node}'s agent was replaced"));
+        for label in &streams {
             assert!(topo.is_running(label), "{label} still runs after node{node}'s agent was replaced");
         }
-        std::thread::sleep(Duration::from_millis(1500));
-    }
-    for label in &hits {
-        let status = topo.wait_exit(label, Duration::from_secs(120));
-        let log = topo.log(label);
-        assert!(status.success(), "{label}: {log}");
-        let result: Value = serde_json::from_str(log.lines().last().unwrap_or_default()).expect("hits JSON");
-        assert_eq!(result["failed"], 0, "{label}: no connection failed: {result}");
-        assert_eq!(result["ok"], 5000, "{label}: {result}");
     }
     let hits_took = started.elapsed();
+    let total: usize = hits.iter().map(|l| made(l)).sum();
+    for label in &hits {
+        topo.signal_and_wait(label, libc::SIGTERM);
+        made(label);
+    }
     for label in &streams {
         let status = topo.wait_exit(label, Duration::from_secs(60));
         let log = topo.log(label);
@@ -430,7 +441,7 @@ fn agents_are_replaced_under_load_without_a_failed_connect_or_a_reset() {
         let result: Value = serde_json::from_str(log.lines().last().unwrap_or_default()).expect("send JSON");
         assert_eq!(result["match"], true, "{label}: bytes arrived intact: {result}");
     }
-    let rate = 10000.0 / hits_took.as_secs_f64();
+    let rate = total as f64 / hits_took.as_secs_f64();
     println!("new connections across the nodes during the upgrade: {rate:.0}/s over {hits_took:?}");
     assert!(rate >= 200.0, "the steady client opened {rate:.0} connections/s, the test asks for 200/s at least");
     // The old agents drained their connections and exited cleanly.
