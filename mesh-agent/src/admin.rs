@@ -57,6 +57,7 @@ impl agent_admin_server::AgentAdmin for AdminService {
             trust_domain: self.state.trust_domain().borrow().clone(),
             certificates: self.identities.enabled(),
             objects: Some(self.state.dump().to_snapshot()),
+            node: self.node.clone(),
         }))
     }
 

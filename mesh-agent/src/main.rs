@@ -92,11 +92,11 @@ struct Args {
     /// without it only the agent's user may (0600).
     #[arg(long)]
     admin_group: Option<String>,
-    /// File holding the agent's token for mesh-ctrl, read again for every certificate request:
-    /// this node's bootstrap token (its entry in mesh-ctrl --node-tokens) in local mode, the
-    /// projected ServiceAccount token (audience ferrymesh) in Kubernetes. Without it the agent
-    /// obtains no certificates and carries traffic as plain TCP.
-    #[arg(long)]
+    /// File holding the agent's token for mesh-ctrl, read again for every certificate request
+    /// and config stream: this node's bootstrap token (its entry in mesh-ctrl --node-tokens) in
+    /// local mode, the projected ServiceAccount token (audience ferrymesh) in Kubernetes.
+    /// mesh-ctrl serves neither certificates nor config without it.
+    #[arg(long, required_unless_present_any = ["uninstall", "install_cni"])]
     token_file: Option<PathBuf>,
     /// Number of recent flows kept for `meshctl flows`.
     #[arg(long, default_value_t = 4096)]
@@ -229,14 +229,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = telemetry::install_metrics()?;
     telemetry::record_adopted(&adopted);
     tokio::spawn(telemetry::refresh(map_stats.clone(), state.clone(), metrics.clone()));
-    let token = match &args.token_file {
-        Some(path) => Some(Arc::new(identity::TokenFile::open(path).map_err(anyhow::Error::msg)?)),
-        None => {
-            tracing::warn!("no --token-file: no certificates, traffic between meshed pods is plain TCP");
-            None
-        }
-    };
-    let identities = Arc::new(identity::IdentityManager::new(ctrl.clone(), token, state.trust_domain(), state.trust()));
+    let token_file = args.token_file.as_deref().context("--token-file is required to run the agent")?;
+    let token = Arc::new(identity::TokenFile::open(token_file).map_err(anyhow::Error::msg)?);
+    let identities = Arc::new(identity::IdentityManager::new(
+        ctrl.clone(),
+        Some(token.clone()),
+        state.trust_domain(),
+        state.trust(),
+    ));
     let drain = Arc::new(proxy::Drain::default());
     let ctx = Arc::new(proxy::ProxyContext {
         node: node_name.clone(),
@@ -278,7 +278,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         enroll::Enroller::new(ctx, handed, takeover.is_some().then_some(taken_tx), &args.proc_sys_net);
     let enroll::Channels { enrolled, offers, cni: cni_asks } = channels;
     let enroller = tokio::spawn(enroller.run(shutdown.clone()));
-    tokio::spawn(config_client::run(ctrl, node_name.clone(), state.clone()));
+    let watcher = config_client::Watcher { node: node_name.clone(), waypoint: None, token };
+    tokio::spawn(config_client::run(ctrl, watcher, state.clone()));
     if let Some(takeover) = takeover {
         let taken = taken_rx.await.context("the enroller stopped before the first config")?;
         let count = taken.len();

@@ -6,6 +6,7 @@ pub mod ca;
 pub mod crd;
 pub mod model;
 pub mod schema;
+pub mod scope;
 pub mod server;
 pub mod snapshot;
 pub mod source;

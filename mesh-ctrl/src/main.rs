@@ -9,12 +9,12 @@ use clap::Parser;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-use mesh_ctrl::ca::auth::{NodeAuth, NodeTokens};
+use mesh_ctrl::ca::auth::{Authenticator, NodeAuth, NodeTokens};
 use mesh_ctrl::ca::dir::Reloader;
 use mesh_ctrl::ca::service::CertificateService;
 use mesh_ctrl::ca::token_review::TokenReviewer;
 use mesh_ctrl::ca::Ca;
-use mesh_ctrl::server::{Agents, ConfigService};
+use mesh_ctrl::server::{Agents, ConfigService, StreamLimits};
 use mesh_ctrl::snapshot::{Publisher, Trust};
 use mesh_ctrl::source::{self, DirSource};
 use mesh_ctrl::tls::ServingIdentity;
@@ -77,9 +77,16 @@ struct Args {
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
     /// YAML map of node name to bootstrap token; an agent proves its node with its token.
-    /// Without it no certificate is issued.
+    /// Without it no certificate is issued and no config stream is served.
     #[arg(long)]
     node_tokens: Option<PathBuf>,
+    /// Config streams (Config/Watch) one source address may hold open at once; past it a new
+    /// stream is refused (RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 16)]
+    max_watches_per_source: usize,
+    /// Config streams all sources may hold open at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_watches: usize,
 }
 
 fn main() -> std::process::ExitCode {
@@ -110,7 +117,7 @@ async fn run() -> anyhow::Result<()> {
         .with_context(|| format!("cannot serve metrics on {}", args.metrics_addr))?;
     mesh_ctrl::telemetry::describe();
     let (publisher, snapshots) = Publisher::new();
-    let (watcher, origin, certificates, ca) = match &args.config_dir {
+    let (watcher, origin, auth, ca) = match &args.config_dir {
         Some(dir) => {
             anyhow::ensure!(dir.is_dir(), "--config-dir {}: not a directory", dir.display());
             let (ca_tx, ca) =
@@ -120,22 +127,18 @@ async fn run() -> anyhow::Result<()> {
             let tokens = match &args.node_tokens {
                 Some(path) => NodeTokens::load(path).map_err(anyhow::Error::msg)?,
                 None => {
-                    tracing::warn!("no --node-tokens: certificates are disabled, so is mTLS between agents");
+                    tracing::warn!(
+                        "no --node-tokens: no agent can authenticate, so no certificate or config is served"
+                    );
                     NodeTokens::default()
                 }
             };
-            let certificates = CertificateService::new(
-                ca.clone(),
-                NodeAuth::Tokens(tokens),
-                args.trust_domain.clone(),
-                snapshots.clone(),
-            );
             publisher.set_trust(Trust::of(&ca.borrow()));
             let watch = source::watch_dir(DirSource::new(dir), publisher.clone());
             (
                 tokio::spawn(async move { watch.await.context("cannot watch the config directory") }),
                 dir.display().to_string(),
-                certificates,
+                NodeAuth::Tokens(tokens),
                 ca,
             )
         }
@@ -167,21 +170,19 @@ async fn run() -> anyhow::Result<()> {
                 snapshots.clone(),
             ));
             let reviewer = TokenReviewer::new(client.clone(), &args.system_namespace, &args.agent_service_account);
-            let certificates = CertificateService::new(
-                ca.clone(),
-                NodeAuth::TokenReview(reviewer),
-                args.trust_domain.clone(),
-                snapshots.clone(),
-            );
             publisher.set_trust(Trust::of(&ca.borrow()));
             let watch = source::kube::watch_kube(client, publisher.clone());
             let watch = async move {
                 watch.await;
                 Ok::<(), anyhow::Error>(())
             };
-            (tokio::spawn(watch), "kubernetes".to_string(), certificates, ca)
+            (tokio::spawn(watch), "kubernetes".to_string(), NodeAuth::TokenReview(reviewer), ca)
         }
     };
+    // One authenticator for both services of 15012: a token proves the same caller to either,
+    // and failures count against one throttle.
+    let auth = Arc::new(Authenticator::new(auth));
+    let certificates = CertificateService::new(ca.clone(), auth.clone(), args.trust_domain.clone(), snapshots.clone());
     tokio::spawn(publisher.keep_trust_current(ca.clone()));
     let serving = ServingIdentity::new(ca, &args.tls_sans, args.serving_cert_ttl)?;
     tokio::spawn(serving.clone().renew_forever());
@@ -190,7 +191,9 @@ async fn run() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (is another mesh-ctrl running?)", args.listen))?;
     tracing::info!(listen = %args.listen, source = %origin, "mesh-ctrl serving (TLS 1.3)");
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let config = ConfigService::new(snapshots, args.trust_domain.clone(), Agents::default()).with_stop(stop);
+    let streams = StreamLimits { per_source: args.max_watches_per_source, total: args.max_watches };
+    let config =
+        ConfigService::new(snapshots, args.trust_domain.clone(), Agents::default(), auth, streams).with_stop(stop);
     let shutdown = async move {
         shutdown_signal().await;
         stop_tx.send_replace(true);

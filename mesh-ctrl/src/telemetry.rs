@@ -28,10 +28,21 @@ pub fn describe() {
         "ferrymesh_ctrl_tls_handshake_failures_total",
         "Connections to 15012 closed for a failed or missing TLS handshake."
     );
-    describe_counter!("ferrymesh_ctrl_auth_failures_total", "Certificate requests whose token was refused.");
+    describe_counter!(
+        "ferrymesh_ctrl_auth_failures_total",
+        "Certificate requests and config streams whose token was refused."
+    );
     describe_counter!(
         "ferrymesh_ctrl_auth_throttled_total",
-        "Certificate requests refused unread: their source failed authentication too often."
+        "Certificate requests and config streams refused unread: their source failed authentication too often."
+    );
+    describe_counter!(
+        "ferrymesh_ctrl_config_refusals_total",
+        "Config streams refused, by reason: unauthenticated, scope (another node's or waypoint's view), streams (too many open)."
+    );
+    describe_counter!(
+        "ferrymesh_ctrl_netns_annotations_ignored_total",
+        "Pods whose ferrymesh.io/netns annotation was ignored (Kubernetes mode: the agent finds a pod's netns by its cgroup)."
     );
     describe_counter!(
         "ferrymesh_ctrl_ca_reloads_total",
@@ -48,6 +59,9 @@ pub fn describe() {
     for result in ["ok", "conflict", "error"] {
         counter!("ferrymesh_ctrl_status_writes_total", "result" => result).absolute(0);
     }
+    for reason in ["unauthenticated", "scope", "streams"] {
+        counter!("ferrymesh_ctrl_config_refusals_total", "reason" => reason).absolute(0);
+    }
     for name in [
         "ferrymesh_ctrl_config_nacks_total",
         "ferrymesh_ctrl_certs_issued_total",
@@ -55,6 +69,7 @@ pub fn describe() {
         "ferrymesh_ctrl_tls_handshake_failures_total",
         "ferrymesh_ctrl_auth_failures_total",
         "ferrymesh_ctrl_auth_throttled_total",
+        "ferrymesh_ctrl_netns_annotations_ignored_total",
     ] {
         counter!(name).absolute(0);
     }

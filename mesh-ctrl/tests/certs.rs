@@ -27,8 +27,12 @@ async fn certificate_service(
     let tokens = NodeTokens::load(&tokens_file).unwrap();
     let (publisher, snapshots) = Publisher::new();
     publisher.publish(&shop_model(pods, accounts));
-    let service =
-        CertificateService::new(mesh_ctrl::ca::fixed(ca), NodeAuth::Tokens(tokens), "cluster.local".into(), snapshots);
+    let service = CertificateService::new(
+        mesh_ctrl::ca::fixed(ca),
+        std::sync::Arc::new(mesh_ctrl::ca::auth::Authenticator::new(NodeAuth::Tokens(tokens))),
+        "cluster.local".into(),
+        snapshots,
+    );
     let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
     (CertificatesClient::connect(format!("http://{addr}")).await.unwrap(), dir)
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 use ferrymesh_api::config::config_client::ConfigClient;
 use ferrymesh_api::config::{ConfigUpdate, WatchRequest};
 use ferrymesh_policy::spec::AuthorizationPolicySpec;
+use mesh_ctrl::ca::auth::{Authenticator, NodeAuth, NodeTokens};
 use mesh_ctrl::model::{Model, Service, ServicePort, TargetPort};
-use mesh_ctrl::server::{Agents, ConfigService};
+use mesh_ctrl::server::{Agents, ConfigService, StreamLimits};
 use mesh_ctrl::snapshot::{Publisher, Trust};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -48,12 +49,44 @@ struct Agent {
     updates: tonic::Streaming<ConfigUpdate>,
 }
 
+/// node1's and node2's tokens.
+const NODE1_TOKEN: &str = "node1-token-0123456789";
+const NODE2_TOKEN: &str = "node2-token-0123456789";
+
+/// A config service of `snapshots` authenticating node1 and node2 by their tokens.
+fn config_service(
+    snapshots: tokio::sync::watch::Receiver<std::sync::Arc<mesh_ctrl::snapshot::Snapshot>>,
+    agents: Agents,
+    limits: StreamLimits,
+) -> ConfigService {
+    let tokens = [("node1".to_string(), NODE1_TOKEN.to_string()), ("node2".to_string(), NODE2_TOKEN.to_string())];
+    let auth = Authenticator::new(NodeAuth::Tokens(NodeTokens::new(tokens).unwrap()));
+    ConfigService::new(snapshots, "cluster.local".into(), agents, std::sync::Arc::new(auth), limits)
+}
+
+/// Opens a Watch with `token` (None: none), naming `node` and `waypoint`: its updates, or the
+/// refusal.
+async fn watch(
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+    node: &str,
+    waypoint: &str,
+) -> Result<(mpsc::Sender<WatchRequest>, tonic::Streaming<ConfigUpdate>), tonic::Status> {
+    let mut client = ConfigClient::connect(format!("http://{addr}")).await.unwrap();
+    let (answers, rx) = mpsc::channel(4);
+    let hello = WatchRequest { node: node.into(), waypoint: waypoint.into(), ..Default::default() };
+    answers.send(hello).await.unwrap();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let updates = client.watch(request).await?.into_inner();
+    Ok((answers, updates))
+}
+
 impl Agent {
     async fn connect(addr: std::net::SocketAddr) -> Self {
-        let mut client = ConfigClient::connect(format!("http://{addr}")).await.unwrap();
-        let (answers, rx) = mpsc::channel(4);
-        answers.send(WatchRequest { node: "node1".into(), version: 0, error: String::new() }).await.unwrap();
-        let updates = client.watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
+        let (answers, updates) = watch(addr, Some(NODE1_TOKEN), "node1", "").await.expect("node1's stream");
         Self { answers, updates }
     }
 
@@ -66,7 +99,8 @@ impl Agent {
     }
 
     async fn answer(&self, version: u64, error: &str) {
-        self.answers.send(WatchRequest { node: "node1".into(), version, error: error.into() }).await.unwrap();
+        let answer = WatchRequest { node: "node1".into(), version, error: error.into(), ..Default::default() };
+        self.answers.send(answer).await.unwrap();
     }
 }
 
@@ -86,7 +120,7 @@ async fn snapshot_then_deltas_with_acks_and_a_nack_answered_by_a_snapshot() {
     let mut model = model();
     publisher.publish(&model);
     let agents = Agents::default();
-    let service = ConfigService::new(snapshots, "cluster.local".into(), agents.clone());
+    let service = config_service(snapshots, agents.clone(), StreamLimits::default());
     let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
     let mut agent = Agent::connect(addr).await;
 
@@ -150,4 +184,34 @@ async fn snapshot_then_deltas_with_acks_and_a_nack_answered_by_a_snapshot() {
     // The agent goes away: it is no longer listed.
     drop(agent);
     wait_for_agents(&agents, "the agent's disconnection", |a| a.links().is_empty()).await;
+}
+
+#[tokio::test]
+async fn a_stream_needs_the_token_of_its_node_and_streams_per_source_are_bounded() {
+    let (publisher, snapshots) = Publisher::new();
+    publisher.publish(&model());
+    let agents = Agents::default();
+    let service = config_service(snapshots, agents.clone(), StreamLimits { per_source: 2, total: 100 });
+    let addr = serve(tonic::transport::Server::builder().add_service(service.into_server())).await;
+    let code = |r: Result<_, tonic::Status>| r.err().map(|s| s.code());
+    // No token, a made-up one, another node's, a waypoint no pod of the node runs: refused.
+    assert_eq!(code(watch(addr, None, "node1", "").await), Some(tonic::Code::Unauthenticated));
+    assert_eq!(
+        code(watch(addr, Some("made-up-token-0123456789"), "node1", "").await),
+        Some(tonic::Code::Unauthenticated)
+    );
+    assert_eq!(code(watch(addr, Some(NODE2_TOKEN), "node1", "").await), Some(tonic::Code::PermissionDenied));
+    assert_eq!(
+        code(watch(addr, Some(NODE1_TOKEN), "node1", "shop/waypoint").await),
+        Some(tonic::Code::PermissionDenied)
+    );
+    // Two streams from this source; the third is refused, and a place frees when one ends.
+    let first = watch(addr, Some(NODE1_TOKEN), "node1", "").await.expect("first");
+    let _second = watch(addr, Some(NODE2_TOKEN), "node2", "").await.expect("second");
+    assert_eq!(code(watch(addr, Some(NODE1_TOKEN), "node1", "").await), Some(tonic::Code::ResourceExhausted));
+    drop(first);
+    wait_for_agents(&agents, "the first stream to end", |a| a.links().len() == 1).await;
+    let mut third = watch(addr, Some(NODE1_TOKEN), "node1", "").await.expect("a third, once the first ended");
+    let update = tokio::time::timeout(Duration::from_secs(5), third.1.message()).await.unwrap().unwrap().unwrap();
+    assert!(update.snapshot && update.upserted.len() == 2, "{update:?}");
 }

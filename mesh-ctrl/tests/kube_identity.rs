@@ -226,7 +226,7 @@ async fn agent_tokens_are_checked_with_token_review_and_bound_to_their_node() {
     let reviewer = TokenReviewer::new(kube, "ferrymesh-system", "ferrymesh-agent");
     let service = CertificateService::new(
         mesh_ctrl::ca::fixed(ca),
-        NodeAuth::TokenReview(reviewer),
+        std::sync::Arc::new(mesh_ctrl::ca::auth::Authenticator::new(NodeAuth::TokenReview(reviewer))),
         "cluster.local".into(),
         snapshots,
     );

@@ -134,8 +134,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ctrl = ctrl::Ctrl::new(&args.ctrl, args.ca_root.as_deref())?;
     record::serve_metrics(args.metrics_addr)?;
     let state = Arc::new(state::State::default());
-    tokio::spawn(config_client::run(ctrl.clone(), args.node_name.clone(), state.clone()));
     let token = Arc::new(TokenFile::open(&args.token_file).map_err(anyhow::Error::msg)?);
+    let watcher = config_client::Watcher {
+        node: args.node_name.clone(),
+        waypoint: Some(format!("{}/{}", args.namespace, args.name)),
+        token: token.clone(),
+    };
+    tokio::spawn(config_client::run(ctrl.clone(), watcher, state.clone()));
     let identities = Arc::new(IdentityManager::new(ctrl, Some(token), state.trust_domain(), state.trust()));
     let identity = Identity { namespace: args.namespace.clone(), service_account: args.name.clone() };
 

@@ -410,6 +410,20 @@ impl Topology {
             .expect("run meshctl")
     }
 
+    /// Runs meshctl with `args` against the agent of `node` first, then every agent of the
+    /// topology (`--agents-dir`): what `explain` needs, since only a pod's own node's agent
+    /// holds its labels and decides its policies.
+    pub fn meshctl_all(&self, node: u8, args: &[&str]) -> Output {
+        std::process::Command::new(bin("meshctl"))
+            .arg("--agent")
+            .arg(self.agent_socket(node))
+            .arg("--agents-dir")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("run meshctl")
+    }
+
     /// `meshctl status -o json` of the agent of `node`, if it answers.
     pub fn try_status(&self, node: u8) -> Option<Value> {
         let out = self.meshctl(node, &["status", "-o", "json"]);

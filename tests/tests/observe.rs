@@ -484,7 +484,8 @@ fn status_views_and_bad_input() {
     assert!(table.contains("ROTATES IN") && table.contains("spiffe://cluster.local/ns/other/sa/d"), "{table}");
 
     // explain, for people.
-    let explain = String::from_utf8_lossy(&topo.meshctl(1, &["explain", "other/d", "shop/c:8080"]).stdout).to_string();
+    let explain =
+        String::from_utf8_lossy(&topo.meshctl_all(1, &["explain", "other/d", "shop/c:8080"]).stdout).to_string();
     assert!(explain.contains("carried: node-local: both pods are in the mesh on node2"), "{explain}");
     assert!(explain.contains("  2. DENY shop/deny-other: rule 0 matches: denied"), "{explain}");
     assert!(explain.contains("verdict: DENIED (denied: shop/deny-other rule 0)"), "{explain}");
@@ -525,10 +526,10 @@ fn status_views_and_bad_input() {
 
     // Bad input: one line, non-zero, no panic.
     one_line_error(
-        &topo.meshctl(1, &["explain", "shop/nope", "shop/c:8080"]),
+        &topo.meshctl_all(1, &["explain", "shop/nope", "shop/c:8080"]),
         "unknown pod shop/nope: pods in shop are a, b, c",
     );
-    one_line_error(&topo.meshctl(1, &["explain", "shop/a", "shop/c"]), "expected NAMESPACE/POD:PORT");
+    one_line_error(&topo.meshctl_all(1, &["explain", "shop/a", "shop/c"]), "expected NAMESPACE/POD:PORT");
     one_line_error(
         &Command::new(bin("meshctl")).args(["--agent", "/nonexistent/agent.sock", "status"]).output().unwrap(),
         "cannot reach the agent at /nonexistent/agent.sock",
@@ -541,18 +542,15 @@ fn status_views_and_bad_input() {
     one_line_error(&topo.meshctl(1, &["flows", "--since", "soon"]), "--since");
     one_line_error(&topo.meshctl(1, &["flows", "--to-identity", "shop/c"]), "expected a SPIFFE ID");
 
-    // explain decides the transport as the agent does: mTLS between nodes, and plaintext once
-    // the source's agent holds no certificates.
-    let explain_a_c = |topo: &Topology| {
-        let out = topo.meshctl(1, &["explain", "shop/a", "shop/c:8080", "-o", "json"]);
-        serde_json::from_slice::<Value>(&out.stdout).expect("explain JSON")
-    };
-    assert_eq!(explain_a_c(&topo)["transport"], "mtls");
-    topo.signal_and_wait("agent-node1", libc::SIGTERM);
-    topo.start_agent_with(1, &[("--token-file", "")]);
-    let explained = explain_a_c(&topo);
-    assert_eq!(explained["transport"], "plaintext", "{explained}");
-    assert!(explained["carried"].as_str().unwrap().contains("the agents hold no certificates"), "{explained}");
+    // explain decides the transport as the agent does: mTLS between nodes. Asked of node1's
+    // agent alone it cannot decide for c, whose labels only node2's agent holds: it says so.
+    let out = topo.meshctl_all(1, &["explain", "shop/a", "shop/c:8080", "-o", "json"]);
+    let explained = serde_json::from_slice::<Value>(&out.stdout).expect("explain JSON");
+    assert_eq!(explained["transport"], "mtls", "{explained}");
+    one_line_error(
+        &topo.meshctl(1, &["explain", "shop/a", "shop/c:8080"]),
+        "shop/c runs on node2, whose agent decides its policies and alone holds its labels: ask it too (--agent with its socket, or --agents-dir)",
+    );
 
     // mesh-ctrl stopped: status says so clearly; readiness stays (the last good config serves).
     topo.signal_and_wait("mesh-ctrl", libc::SIGTERM);

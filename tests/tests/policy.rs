@@ -191,8 +191,9 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
                 "{what}: {} -> c:{port}: the client saw {seen:?}, expected {verdict}",
                 from.name
             );
-            // meshctl explain, asked of the other node's agent, agrees with what was enforced.
-            let explain = topo.meshctl(
+            // meshctl explain, asked of the other node's agent (with the destination's, which
+            // alone holds its labels), agrees with what was enforced.
+            let explain = topo.meshctl_all(
                 1,
                 &["explain", &format!("{}/{}", from.namespace, from.name), &format!("shop/c:{port}"), "-o", "json"],
             );

@@ -149,7 +149,7 @@ fn a_bound_service_is_reached_through_the_waypoint_with_both_identities() {
         .replace(&format!("podIP: {}", waypoint.ip), "podIP: 172.18.0.2");
     topo.write_config_file("pod-shop-waypoint-gone.yaml", &gone);
     wait_until(CONFIG_WAIT, "the second waypoint address", || {
-        let out = topo.meshctl(1, &["explain", "shop/a", "shop/web:80"]);
+        let out = topo.meshctl_all(1, &["explain", "shop/a", "shop/web:80"]);
         String::from_utf8_lossy(&out.stdout).contains("172.18.0.2")
     });
     let hits = topo.hits(a, format!("{WEB}:80").parse().unwrap(), 20);
@@ -554,7 +554,7 @@ fn websocket_http2_endpoint_loss_and_failing_closed() {
         refused.status == 0
     });
     let explained =
-        String::from_utf8_lossy(&topo.meshctl(1, &["explain", "shop/a", "shop/web:80"]).stdout).into_owned();
+        String::from_utf8_lossy(&topo.meshctl_all(1, &["explain", "shop/a", "shop/web:80"]).stdout).into_owned();
     assert!(explained.contains("waypoint: shop/waypoint has no ready address"), "{explained}");
     wait_until(FLOW_WAIT, "the refusal's flow", || {
         topo.flows(1).iter().any(|f| {
@@ -630,7 +630,7 @@ fn l7_authorization_policies_at_the_waypoint_name_the_deciding_rule() {
     let explain = |args: &[&str]| {
         let mut all = vec!["explain", "shop/a", "shop/web:80"];
         all.extend_from_slice(args);
-        let out = topo.meshctl(1, &all);
+        let out = topo.meshctl_all(1, &all);
         assert!(out.status.success(), "meshctl explain {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
@@ -1550,7 +1550,7 @@ fn end_user_jwts_are_verified_at_the_waypoint_and_keys_rotate_without_restart() 
     let explain = |args: &[&str]| {
         let mut all = vec!["explain", "shop/a", "shop/web:80"];
         all.extend_from_slice(args);
-        let out = topo.meshctl(1, &all);
+        let out = topo.meshctl_all(1, &all);
         assert!(out.status.success(), "meshctl explain {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::ctrl::{Ctrl, CtrlError};
+use crate::identity::TokenFile;
 use crate::state::State;
 use crate::trust::{certificates, TrustBundle};
 
@@ -30,12 +31,24 @@ pub enum ConfigClientError {
     Stream(#[from] tonic::Status),
 }
 
-/// Streams config from `ctrl` into `state` forever.
-pub async fn run(ctrl: Ctrl, node: String, state: Arc<State>) {
+/// Who a config stream is for: the node, the waypoint (None: the node's agent), and the token
+/// that proves it (the one the CA takes).
+#[derive(Debug, Clone)]
+pub struct Watcher {
+    /// The node it runs on.
+    pub node: String,
+    /// `namespace/name` of the waypoint it is; None: the node's agent.
+    pub waypoint: Option<String>,
+    /// Its token (`--token-file`).
+    pub token: Arc<TokenFile>,
+}
+
+/// Streams config from `ctrl` into `state` forever, as `watcher`.
+pub async fn run(ctrl: Ctrl, watcher: Watcher, state: Arc<State>) {
     let mut backoff = BACKOFF_MIN;
     let mut last_error = String::new();
     loop {
-        match stream_once(&ctrl, &node, &state).await {
+        match stream_once(&ctrl, &watcher, &state).await {
             Ok(()) => {
                 backoff = BACKOFF_MIN;
                 tracing::warn!(
@@ -60,12 +73,23 @@ pub async fn run(ctrl: Ctrl, node: String, state: Arc<State>) {
     }
 }
 
-async fn stream_once(ctrl: &Ctrl, node: &str, state: &State) -> Result<(), ConfigClientError> {
+async fn stream_once(ctrl: &Ctrl, watcher: &Watcher, state: &State) -> Result<(), ConfigClientError> {
+    let node = watcher.node.as_str();
     let channel = ctrl.connect(None).await?;
     let (answers, outbound) = mpsc::channel(16);
-    let hello = WatchRequest { node: node.to_string(), version: 0, error: String::new() };
+    let hello = WatchRequest {
+        node: node.to_string(),
+        waypoint: watcher.waypoint.clone().unwrap_or_default(),
+        ..Default::default()
+    };
     answers.send(hello).await.expect("the receiver is held by the request below");
-    let mut stream = ConfigClient::new(channel).watch(ReceiverStream::new(outbound)).await?.into_inner();
+    // The token goes only to a mesh-ctrl that proved itself against the pinned root.
+    let mut request = tonic::Request::new(ReceiverStream::new(outbound));
+    let bearer = format!("Bearer {}", watcher.token.current())
+        .parse()
+        .map_err(|_| tonic::Status::invalid_argument("the token is not valid header text"))?;
+    request.metadata_mut().insert("authorization", bearer);
+    let mut stream = ConfigClient::new(channel).watch(request).await?.into_inner();
     let mut broken = false;
     while let Some(update) = stream.message().await? {
         state.set_ctrl_connected(true);
@@ -99,7 +123,7 @@ async fn stream_once(ctrl: &Ctrl, node: &str, state: &State) -> Result<(), Confi
                 e
             }
         };
-        if answers.send(WatchRequest { node: node.to_string(), version, error }).await.is_err() {
+        if answers.send(WatchRequest { node: node.to_string(), version, error, ..Default::default() }).await.is_err() {
             break;
         }
     }
@@ -122,11 +146,21 @@ fn trusted_bundle(ctrl: &Ctrl, update: &ConfigUpdate) -> Result<Option<TrustBund
 mod tests {
     use super::*;
 
+    /// node n1's agent, with a token in a file of its own.
+    fn watcher() -> Watcher {
+        let path =
+            std::env::temp_dir().join(format!("ferrymesh-token-{}-{:x}", std::process::id(), rand::random::<u64>()));
+        std::fs::write(&path, "n1-token-0123456789").unwrap();
+        let token = Arc::new(TokenFile::open(&path).unwrap());
+        let _ = std::fs::remove_file(&path);
+        Watcher { node: "n1".into(), waypoint: None, token }
+    }
+
     #[tokio::test]
     async fn unreachable_ctrl_and_an_impostor_are_told_apart() {
         let state = State::default();
         let pki = crate::ctrl::testing::Pki::new();
-        let e = stream_once(&pki.ctrl("https://127.0.0.1:1"), "n1", &state).await.unwrap_err();
+        let e = stream_once(&pki.ctrl("https://127.0.0.1:1"), &watcher(), &state).await.unwrap_err();
         let text = e.to_string();
         assert!(text.starts_with("cannot reach mesh-ctrl at https://127.0.0.1:1: transport error: "), "{text}");
         assert!(text.contains("Connection refused") && text.contains("is it running"), "{text}");
@@ -135,7 +169,7 @@ mod tests {
         let router = tonic::transport::Server::builder()
             .add_service(ferrymesh_api::config::config_server::ConfigServer::new(Scripted::default()));
         let addr = impostor.serve(router).await;
-        let e = stream_once(&pki.ctrl(&format!("https://{addr}")), "n1", &state).await.unwrap_err();
+        let e = stream_once(&pki.ctrl(&format!("https://{addr}")), &watcher(), &state).await.unwrap_err();
         let text = e.to_string();
         assert!(text.contains("invalid peer certificate") && text.contains("does not chain to --ca-root"), "{text}");
         assert_eq!(text.matches("invalid peer certificate").count(), 1, "said once: {text}");
@@ -201,7 +235,8 @@ mod tests {
         let state = std::sync::Arc::new(State::default());
         let client_state = state.clone();
         let ctrl = pki.ctrl(&format!("https://{addr}"));
-        tokio::spawn(async move { stream_once(&ctrl, "n1", &client_state).await });
+        let watcher = watcher();
+        tokio::spawn(async move { stream_once(&ctrl, &watcher, &client_state).await });
         let mut got = Vec::new();
         for _ in 0..5 {
             let answer = tokio::time::timeout(Duration::from_secs(5), answered.recv()).await.unwrap().unwrap();
@@ -251,7 +286,8 @@ mod tests {
                 .add_service(ferrymesh_api::config::config_server::ConfigServer::new(server));
             let addr = pki.serve(router).await;
             let (client_state, ctrl) = (state.clone(), pki.ctrl(&format!("https://{addr}")));
-            let stream = tokio::spawn(async move { stream_once(&ctrl, "n1", &client_state).await });
+            let watcher = watcher();
+            let stream = tokio::spawn(async move { stream_once(&ctrl, &watcher, &client_state).await });
             for _ in 0..2 {
                 let answer = tokio::time::timeout(Duration::from_secs(5), answered.recv()).await.unwrap().unwrap();
                 let held = state.trust().borrow().as_ref().map(|t| (t.info.len(), t.issuer_sha256.clone()));

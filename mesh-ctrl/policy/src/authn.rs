@@ -181,6 +181,15 @@ impl JwtRuleSpec {
                     return Err(err(format!("{field}.jwks"), "the key set holds no key"));
                 }
                 for (i, key) in set.keys.iter().enumerate() {
+                    // A symmetric key verifies and mints alike: carried in config, its secret
+                    // reaches every waypoint it is sent to, and whoever holds it writes tokens of
+                    // any principal.
+                    if matches!(key.algorithm, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)) {
+                        return Err(err(
+                            format!("{field}.jwks"),
+                            format!("key {i} is a symmetric (kty oct) key: a shared secret cannot be distributed safely; give the issuer's public keys (RSA, EC or OKP)"),
+                        ));
+                    }
                     jsonwebtoken::DecodingKey::from_jwk(key)
                         .map_err(|e| err(format!("{field}.jwks"), format!("key {i} cannot verify tokens: {e}")))?;
                 }
@@ -552,6 +561,13 @@ mod tests {
         }
         let e = validate(&rule("issuer: i\n  jwksUri: ftp://keys.example/jwks")).unwrap_err();
         assert!(e.message.contains("the scheme \"ftp\" is not http or https"), "{e}");
+        // A symmetric key (a shared secret that mints tokens too) is refused, even beside a
+        // public one.
+        let hmac = r#"{"kty":"oct","alg":"HS256","kid":"s","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"}"#;
+        let jwks = JWKS.replacen("[", &format!("[{hmac},"), 1);
+        let e = validate(&rule(&format!("issuer: i\n  jwks: '{jwks}'"))).unwrap_err();
+        assert_eq!(e.field, "spec.jwtRules[0].jwks", "{e}");
+        assert!(e.message.contains("key 0 is a symmetric (kty oct) key"), "{e}");
     }
 
     /// A P-256 key pair: the signing key, and its public half as a JWKS of key id `kid`.

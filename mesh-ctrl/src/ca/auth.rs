@@ -26,16 +26,18 @@ impl NodeTokens {
         let text = std::fs::read_to_string(path).map_err(|e| format!("--node-tokens {}: {e}", path.display()))?;
         let map: HashMap<String, String> = serde_yaml::from_str(&text)
             .map_err(|e| format!("--node-tokens {}: expected a YAML map of node name to token: {e}", path.display()))?;
+        Self::new(map).map_err(|e| format!("--node-tokens {}: {e}", path.display()))
+    }
+
+    /// The tokens of `(node, token)` pairs: each at least 16 characters, no two alike.
+    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
         let mut node_by_token = HashMap::new();
-        for (node, token) in map {
+        for (node, token) in pairs {
             if token.len() < 16 {
-                return Err(format!(
-                    "--node-tokens {}: the token of node {node} is shorter than 16 characters",
-                    path.display()
-                ));
+                return Err(format!("the token of node {node} is shorter than 16 characters"));
             }
             if let Some(other) = node_by_token.insert(token, node.clone()) {
-                return Err(format!("--node-tokens {}: nodes {node} and {other} share a token", path.display()));
+                return Err(format!("nodes {node} and {other} share a token"));
             }
         }
         Ok(Self { node_by_token })
@@ -101,6 +103,48 @@ impl NodeAuth {
         match self {
             Self::Tokens(tokens) => tokens.node(token).map(|node| Caller::Agent { node }),
             Self::TokenReview(reviewer) => reviewer.caller(token).await,
+        }
+    }
+}
+
+/// Authenticates the callers of 15012's services (the CA and the config stream alike): the
+/// per-source throttle first, then the token; every refusal is logged with its source (up to the
+/// throttle) and counted in `ferrymesh_ctrl_auth_failures_total`, every throttled request in
+/// `ferrymesh_ctrl_auth_throttled_total`.
+#[derive(Debug)]
+pub struct Authenticator {
+    auth: NodeAuth,
+    failures: AuthFailures,
+}
+
+impl Authenticator {
+    /// Authenticates with `auth`.
+    pub fn new(auth: NodeAuth) -> Self {
+        Self { auth, failures: AuthFailures::default() }
+    }
+
+    /// Who `request`'s bearer token proves the caller is.
+    pub async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let source = request.remote_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        if let Err(retry) = self.failures.check(source) {
+            metrics::counter!("ferrymesh_ctrl_auth_throttled_total").increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "too many failed authentications from {source} ({MAX_AUTH_FAILURES} in {}s); try again in {}s",
+                AUTH_FAILURE_WINDOW.as_secs(),
+                retry.as_secs() + 1
+            )));
+        }
+        match self.auth.caller(request).await {
+            Ok(caller) => Ok(caller),
+            Err(refused) => {
+                let failures = self.failures.failed(source);
+                metrics::counter!("ferrymesh_ctrl_auth_failures_total").increment(1);
+                // Logged up to the limit; past it the throttle answers, and is counted.
+                if failures <= MAX_AUTH_FAILURES {
+                    tracing::warn!(%source, failures, "refused an authentication: {}", refused.message());
+                }
+                Err(refused)
+            }
         }
     }
 }

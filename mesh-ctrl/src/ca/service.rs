@@ -5,7 +5,6 @@
 //! material beyond the CSR it forwards. Failed authentications are logged with their source and
 //! limited per source address.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use ferrymesh_api::ca::{self as proto, certificates_server};
@@ -14,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use ferrymesh_spiffe::SpiffeId;
 
-use super::auth::{AuthFailures, Caller, NodeAuth, AUTH_FAILURE_WINDOW, MAX_AUTH_FAILURES};
+use super::auth::{Authenticator, Caller};
 use super::CurrentCa;
 use crate::snapshot::Snapshot;
 
@@ -22,17 +21,21 @@ use crate::snapshot::Snapshot;
 #[derive(Debug, Clone)]
 pub struct CertificateService {
     ca: CurrentCa,
-    auth: Arc<NodeAuth>,
-    failures: Arc<AuthFailures>,
+    auth: Arc<Authenticator>,
     trust_domain: String,
     snapshots: watch::Receiver<Arc<Snapshot>>,
 }
 
 impl CertificateService {
-    /// A service signing with the CA in force in `ca` for the agents `auth` recognizes,
+    /// A service signing with the CA in force in `ca` for the callers `auth` recognizes,
     /// authorizing against the model.
-    pub fn new(ca: CurrentCa, auth: NodeAuth, trust_domain: String, snapshots: watch::Receiver<Arc<Snapshot>>) -> Self {
-        Self { ca, auth: Arc::new(auth), failures: Arc::default(), trust_domain, snapshots }
+    pub fn new(
+        ca: CurrentCa,
+        auth: Arc<Authenticator>,
+        trust_domain: String,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) -> Self {
+        Self { ca, auth, trust_domain, snapshots }
     }
 
     /// The tonic server wrapper for this service.
@@ -47,27 +50,7 @@ impl certificates_server::Certificates for CertificateService {
         &self,
         request: Request<proto::CreateCertificateRequest>,
     ) -> Result<Response<proto::CreateCertificateResponse>, Status> {
-        let source = request.remote_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        if let Err(retry) = self.failures.check(source) {
-            metrics::counter!("ferrymesh_ctrl_auth_throttled_total").increment(1);
-            return Err(Status::resource_exhausted(format!(
-                "too many failed authentications from {source} ({MAX_AUTH_FAILURES} in {}s); try again in {}s",
-                AUTH_FAILURE_WINDOW.as_secs(),
-                retry.as_secs() + 1
-            )));
-        }
-        let caller = match self.auth.caller(&request).await {
-            Ok(caller) => caller,
-            Err(refused) => {
-                let failures = self.failures.failed(source);
-                metrics::counter!("ferrymesh_ctrl_auth_failures_total").increment(1);
-                // Logged up to the limit; past it the throttle answers, and is counted.
-                if failures <= MAX_AUTH_FAILURES {
-                    tracing::warn!(%source, failures, "refused an authentication: {}", refused.message());
-                }
-                return Err(refused);
-            }
-        };
+        let caller = self.auth.authenticate(&request).await?;
         let r = request.into_inner();
         if r.namespace.is_empty() || r.service_account.is_empty() {
             return Err(Status::invalid_argument("namespace and service_account are required"));

@@ -126,7 +126,7 @@ async fn run(args: Args) -> Result<(), String> {
     let agents = || agent::targets(&args.agent, args.agents_dir.as_deref()).map_err(|e| e.to_string());
     match args.cmd {
         Command::Flows(flows) => cmd::flows::run(&agents()?, flows).await,
-        Command::Explain(explain) => cmd::explain::run(&agents()?[0], explain).await,
+        Command::Explain(explain) => cmd::explain::run(&agents()?, explain).await,
         Command::Workloads { output } => cmd::config::workloads(&agents()?[0], output).await,
         Command::Services { output } => cmd::config::services(&agents()?[0], output).await,
         Command::Policies { output } => cmd::config::policies(&agents()?[0], output).await,

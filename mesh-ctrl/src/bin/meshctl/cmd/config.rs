@@ -1,5 +1,7 @@
-//! `meshctl workloads`, `services`, `policies`: the mesh config an agent holds (every agent
-//! holds the whole mesh, so one agent answers).
+//! `meshctl workloads`, `services`, `policies`: the mesh config an agent holds. Every agent holds
+//! every Service, policy and route, and every workload, but only its own node's in full: another
+//! node's pods it holds as peers, without labels or netns ([`dump_all`] joins what several
+//! agents hold).
 
 use std::path::Path;
 
@@ -20,6 +22,35 @@ pub struct Held {
     pub certificates: bool,
     /// Every object, by kind and key.
     pub objects: ConfigSet,
+    /// The nodes whose workloads it holds in full (the agents asked).
+    pub nodes: Vec<String>,
+}
+
+impl Held {
+    /// Whether it holds the workloads of `node` in full (labels included), not as peers.
+    pub fn holds_in_full(&self, node: &str) -> bool {
+        self.nodes.iter().any(|n| n == node)
+    }
+}
+
+/// What the agents at `agents` hold, joined: the first one's config, with each node's workloads
+/// as that node's agent holds them (in full) where it is among them.
+pub async fn dump_all(agents: &[std::path::PathBuf]) -> Result<Held, AgentError> {
+    let mut held: Option<Held> = None;
+    for agent in agents {
+        let next = dump(agent).await?;
+        match &mut held {
+            None => held = Some(next),
+            Some(held) => {
+                let node = next.nodes.first().cloned().unwrap_or_default();
+                for (uid, w) in next.objects.workloads.into_iter().filter(|(_, w)| w.node == node) {
+                    held.objects.workloads.insert(uid, w);
+                }
+                held.nodes.push(node);
+            }
+        }
+    }
+    held.ok_or_else(|| AgentError::Dir { path: "--agent".into(), reason: "no agent to ask".into() })
 }
 
 /// The config the agent at `agent` holds.
@@ -34,6 +65,7 @@ pub async fn dump(agent: &Path) -> Result<Held, AgentError> {
         trust_domain: dump.trust_domain,
         certificates: dump.certificates,
         objects: ConfigSet::from_update(dump.objects.unwrap_or_default()),
+        nodes: vec![dump.node],
     })
 }
 

@@ -7,7 +7,7 @@
 //! each backend endpoint's agent for the waypoint's connection.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 
 use clap::Args;
 use ferrymesh_api::config::Workload;
@@ -15,7 +15,7 @@ use ferrymesh_policy::{AuthorizationPolicy, PeerAuthentication, Placement, Polic
 use ferrymesh_spiffe::SpiffeId;
 use serde_json::json;
 
-use super::config::{dump, Held};
+use super::config::{dump_all, Held};
 use crate::Output;
 
 /// Options of `meshctl explain`.
@@ -86,8 +86,10 @@ pub(super) fn policy_set(config: &Held) -> Result<PolicySet, String> {
     Ok(PolicySet::new(authz, peer))
 }
 
-/// Explains `args` against the config of the agent at `agent`.
-pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
+/// Explains `args` against the config the agents at `agents` hold: the first one's (the
+/// source's, as a rule), and the destination's pod as its own node's agent holds it, which must
+/// be among them when it is another node's (no other agent holds its labels).
+pub async fn run(agents: &[PathBuf], args: ExplainArgs) -> Result<(), String> {
     let src_name = split_pod(&args.src, "SRC")?;
     let (dst_pod, port) =
         args.dst.rsplit_once(':').ok_or_else(|| format!("DST {:?}: expected NAMESPACE/POD:PORT", args.dst))?;
@@ -97,7 +99,7 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
         .filter(|p| *p > 0)
         .ok_or_else(|| format!("DST {:?}: {port:?} is not a port number (1-65535)", args.dst))?;
     let dst_name = split_pod(dst_pod, "DST")?;
-    let config = dump(agent).await?;
+    let config = dump_all(agents).await?;
     let src = find(&config.objects.workloads, &src_name)?;
     let service_key = format!("{}/{}", dst_name.0, dst_name.1);
     let is_pod = config.objects.workloads.values().any(|w| w.namespace == dst_name.0 && w.name == dst_name.1);
@@ -105,6 +107,12 @@ pub async fn run(agent: &Path, args: ExplainArgs) -> Result<(), String> {
         return super::explain_service::run(&config, src, &service_key, port, &args);
     }
     let dst = find(&config.objects.workloads, &dst_name)?;
+    if dst.captured && !config.holds_in_full(&dst.node) {
+        return Err(format!(
+            "{}/{} runs on {}, whose agent decides its policies and alone holds its labels: ask it too (--agent with its socket, or --agents-dir)",
+            dst.namespace, dst.name, dst.node
+        ));
+    }
     let policies = policy_set(&config)?;
     let td = &config.trust_domain;
     let src_identity = SpiffeId::new(td, &src.namespace, &src.service_account)

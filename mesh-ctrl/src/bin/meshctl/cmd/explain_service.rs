@@ -23,14 +23,25 @@ use super::routes::{rule_summary, RequestArgs};
 use crate::Output;
 
 /// The L4 decision of `endpoint`'s agent for a connection from `source` (an identity when the
-/// connection is mTLS), as JSON.
+/// connection is mTLS), as JSON; "unknown" when that agent was not asked (only it holds the
+/// pod's labels).
 fn endpoint_verdict(
+    held: &Held,
     policies: &PolicySet,
     endpoint: &Workload,
     port: u32,
     source_ip: std::net::IpAddr,
     source: Option<&SpiffeId>,
 ) -> Value {
+    if endpoint.captured && !held.holds_in_full(&endpoint.node) {
+        return json!({
+            "pod": format!("{}/{}", endpoint.namespace, endpoint.name),
+            "address": format!("{}:{port}", endpoint.ip),
+            "verdict": "unknown", "policy": "",
+            "reason": format!("decided by {}'s agent, which was not asked", endpoint.node),
+            "hint": "ask it too: --agent with its socket, or --agents-dir",
+        });
+    }
     let labels = endpoint.labels.clone().into_iter().collect();
     let workload = ferrymesh_policy::Workload { namespace: &endpoint.namespace, labels: &labels };
     let request = Request {
@@ -98,7 +109,7 @@ pub fn run(held: &Held, src: &Workload, key: &str, port: u16, args: &ExplainArgs
         out["waypoint"] = Value::Null;
         let endpoints: Vec<Value> = ready_endpoints(held, service, port)
             .into_iter()
-            .map(|(w, target)| endpoint_verdict(&policies, w, target, src_ip, authenticated.then_some(&src_id)))
+            .map(|(w, target)| endpoint_verdict(held, &policies, w, target, src_ip, authenticated.then_some(&src_id)))
             .collect();
         out["endpoints"] = json!(endpoints);
         return print(&out, args.output);
@@ -206,7 +217,7 @@ pub fn run(held: &Held, src: &Workload, key: &str, port: u16, args: &ExplainArgs
             let endpoints: Vec<Value> = match held.objects.services.get(&backend.service) {
                 Some(s) => ready_endpoints(held, s, backend.port)
                     .into_iter()
-                    .map(|(w, target)| endpoint_verdict(&policies, w, target, waypoint_ip, Some(&waypoint_id)))
+                    .map(|(w, target)| endpoint_verdict(held, &policies, w, target, waypoint_ip, Some(&waypoint_id)))
                     .collect(),
                 None => Vec::new(),
             };
@@ -230,6 +241,7 @@ fn print(out: &Value, output: Output) -> Result<(), String> {
         let verdict = match (e["verdict"].as_str(), text(&e["policy"]).is_empty()) {
             (Some("allowed"), true) => "ALLOWED".to_string(),
             (Some("allowed"), false) => format!("ALLOWED by {}", text(&e["policy"])),
+            (Some("unknown"), _) => format!("not known here: {}; {}", text(&e["reason"]), text(&e["hint"])),
             _ => format!("DENIED ({}); to fix: {}", text(&e["reason"]), text(&e["hint"])),
         };
         format!("{} at {}: {verdict}", text(&e["pod"]), text(&e["address"]))

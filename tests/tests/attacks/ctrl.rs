@@ -1,0 +1,130 @@
+//! H2: the config stream on 15012. Any pod reaches mesh-ctrl's Service; without a credential it
+//! read the whole mesh (every pod with its labels and netns, every policy's header values and
+//! inline keys), and a node's agent read every other node's pods in detail. The stream takes
+//! the CA's credential, is scoped to its caller, and is bounded per source.
+
+use std::time::Duration;
+
+use ferrymesh_api::config::config_client::ConfigClient;
+use ferrymesh_api::config::{ConfigUpdate, WatchRequest};
+use ferrymesh_testbed::mesh::{bin, wait_until, CONFIG_WAIT};
+use ferrymesh_testbed::topology::{in_netns, FABRIC_IP};
+use ferrymesh_testbed::{Pod, Topology, TopologySpec};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+/// A shared secret people put in policies: any client that reads the config can replay it.
+const SECRET: &str = "x-internal-token-s3cret-value";
+
+fn cluster() -> Topology {
+    let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "c", 2).pod("legacy", "x", 1);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.write_pod(topo.pod("shop", "c"), &[("app", "c"), ("team", "payments")]);
+    topo.write_config_file(
+        "policy-secret.yaml",
+        &format!("apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: internal\n  namespace: shop\nspec:\n  targetRefs:\n  - kind: Service\n    group: \"\"\n    name: web\n  action: ALLOW\n  rules:\n  - when:\n    - key: request.headers[x-internal-token]\n      values: [\"{SECRET}\"]\n"),
+    );
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a"], CONFIG_WAIT * 4);
+    topo.wait_enrolled(2, &["shop/c"], CONFIG_WAIT * 4);
+    topo
+}
+
+/// What a client in `from`'s netns gets from a Watch on mesh-ctrl (TLS verified against the
+/// mesh root, as any pod could), with `token` (None: none) naming `node`: the first update, or
+/// the refusal. `streams` more are opened first, and held, from the same address.
+fn watch(
+    topo: &Topology,
+    from: &Pod,
+    token: Option<&str>,
+    node: &str,
+    streams: usize,
+) -> Result<ConfigUpdate, tonic::Status> {
+    let root = std::fs::read_to_string(topo.ca_root()).expect("mesh root");
+    let token = token.map(String::from);
+    in_netns(&from.netns, move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(async move {
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root));
+            let endpoint =
+                Endpoint::from_shared(format!("https://{FABRIC_IP}:15012")).unwrap().tls_config(tls).unwrap();
+            let channel = endpoint.connect().await.expect("TLS to mesh-ctrl");
+            let open = |channel: tonic::transport::Channel| {
+                let token = token.clone();
+                async move {
+                    let (answers, rx) = mpsc::channel(4);
+                    let hello = WatchRequest { node: node.into(), ..Default::default() };
+                    answers.send(hello).await.unwrap();
+                    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+                    if let Some(token) = &token {
+                        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+                    }
+                    let mut updates = ConfigClient::new(channel).watch(request).await?.into_inner();
+                    let first = tokio::time::timeout(Duration::from_secs(5), updates.message()).await;
+                    let first = first.map_err(|_| tonic::Status::deadline_exceeded("no update within 5s"))??;
+                    let first = first.ok_or_else(|| tonic::Status::cancelled("the stream ended"))?;
+                    Ok::<_, tonic::Status>((first, answers, updates))
+                }
+            };
+            let mut held = Vec::new();
+            for i in 0..streams {
+                held.push(open(channel.clone()).await.unwrap_or_else(|e| panic!("stream {i}: {e}")));
+            }
+            open(channel).await.map(|(first, _, _)| first)
+        })
+    })
+}
+
+#[test]
+fn a_client_without_its_nodes_token_gets_nothing_and_a_node_sees_others_only_as_peers() {
+    let topo = cluster();
+    let x = topo.pod("legacy", "x");
+    let node1_token = std::fs::read_to_string(topo.token_file(1)).expect("node1's token");
+
+    // Any pod, with the root only: refused, and none of the config reaches it.
+    let refused = watch(&topo, x, None, "node1", 0).expect_err("a stream without a token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+    assert!(!refused.message().contains(SECRET));
+    let refused = watch(&topo, x, Some("a-guessed-token-0123456789"), "node1", 0).expect_err("a made-up token");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+    // node1's token cannot watch as node2.
+    let refused = watch(&topo, x, Some(&node1_token), "node2", 0).expect_err("another node's stream");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+
+    // node1's token: its own pod in full, node2's pod as a peer (no labels, no netns).
+    let update = watch(&topo, x, Some(&node1_token), "node1", 0).expect("node1's own stream");
+    let of =
+        |name: &str| update.upserted.iter().find(|w| w.name == name).unwrap_or_else(|| panic!("{name}: {update:?}"));
+    assert!(!of("a").netns.is_empty(), "its own pod, in full: {:?}", of("a"));
+    let c = of("c");
+    assert!(c.labels.is_empty() && c.netns.is_empty(), "another node's pod, as a peer: {c:?}");
+    assert_eq!(c.ip, topo.pod("shop", "c").ip.to_string(), "with what a connection to it needs");
+
+    // Streams from one source are bounded; the agents keep their streams meanwhile.
+    let refused = watch(&topo, x, Some(&node1_token), "node1", 16).expect_err("a 17th stream from one address");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+    let before = topo.status(1)["config_version"].as_u64().unwrap();
+    topo.write_pod(topo.pod("shop", "a"), &[("app", "a"), ("rev", "2")]);
+    wait_until(CONFIG_WAIT * 2, "node1's agent to take the next version", || {
+        topo.status(1)["config_version"].as_u64().unwrap() > before
+    });
+}
+
+#[test]
+fn an_inline_symmetric_key_is_refused_by_field() {
+    // A tenant's RequestAuthentication carrying an HMAC secret: refused, naming the field, so
+    // the secret is never put in any stream.
+    let dir = ferrymesh_testbed::topology::ScratchDir::new("oct-jwks");
+    let authn = "apiVersion: ferrymesh.io/v1alpha1\nkind: RequestAuthentication\nmetadata:\n  name: hmac\n  namespace: shop\nspec:\n  targetRefs:\n  - kind: Service\n    group: \"\"\n    name: web\n  jwtRules:\n  - issuer: https://issuer.example\n    jwks: '{\"keys\":[{\"kty\":\"oct\",\"alg\":\"HS256\",\"k\":\"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0\"}]}'\n";
+    std::fs::write(dir.path().join("authn.yaml"), authn).unwrap();
+    let out = std::process::Command::new(bin("mesh-ctrl"))
+        .args(["--check", "--config-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("mesh-ctrl --check");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("RequestAuthentication shop/hmac") && text.contains("spec.jwtRules[0].jwks"), "{text}");
+    assert!(text.contains("symmetric (kty oct) key"), "{text}");
+}
