@@ -13,7 +13,7 @@
 //!   Services and workloads needs: those Services and the Services their routes send to, the
 //!   routes attached to them, the DestinationRules of those Services, and the policies,
 //!   RequestAuthentications and TrafficPolicies of the namespaces involved (its own, its
-//!   Services' and backends', the root namespace); every workload as a peer (a request's client
+//!   Services', backends' and their endpoints', the root namespace); every workload as a peer (a request's client
 //!   may be any pod, named in its record), the endpoints of its Services with their labels.
 //!   Nothing of another tenant's L7 config, unless it is a consumer route or client-namespace
 //!   DestinationRule on one of its Services, which is that tenant's own say over its own clients.
@@ -103,6 +103,9 @@ fn waypoint_view(config: &ConfigSet, key: &str) -> ConfigSet {
     let mut namespaces: BTreeSet<&str> = BTreeSet::from([namespace_of(key), ROOT_NAMESPACE]);
     namespaces.extend(backends.iter().map(|s| namespace_of(s)));
     namespaces.extend(bound_workloads.iter().map(|w| w.namespace.as_str()));
+    // The endpoints' own namespaces too: their DENY policies apply at the waypoint (see
+    // mesh-waypoint's `denials`), and an endpoint may be another namespace's pod.
+    namespaces.extend(endpoints.iter().filter_map(|uid| config.workloads.get(*uid)).map(|w| w.namespace.as_str()));
     let in_namespaces = |namespace: &str| namespaces.contains(namespace);
 
     let mut view = ConfigSet::default();

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod authn;
+mod denials;
 mod destination;
 mod global_limits;
 mod limits;

@@ -9,7 +9,9 @@
 //! request's JWT is checked against the RequestAuthentications attached to the Service or the
 //! waypoint ([`crate::authn`]; a token no rule accepts is a 401), then the AuthorizationPolicies
 //! attached to them decide: a denial is a 403 naming the policy and rule. Once the rule and
-//! backend are known, the TrafficPolicies of the Service, route or rule apply: their rate limits
+//! backend are known, the backend's endpoints' own DENY policies are applied to the original
+//! client ([`crate::denials`]: a 403 when every endpoint refuses it), then the TrafficPolicies
+//! of the Service, route or rule apply: their rate limits
 //! (local ones, [`crate::limits`], then global ones, [`crate::global_limits`]; 429), then their
 //! fault (a delay, then an abort); and the backend's DestinationRule may hash the request's key
 //! to keep it on one endpoint. The request's span ([`crate::spans`]) starts on arrival and ends
@@ -349,6 +351,16 @@ async fn route(
         (None, Destination::Service(..)) => unreachable!("a Service's request always has a backend Service"),
     };
 
+    // The endpoints' own DENY policies, for the original client (the endpoints' agents see the
+    // waypoint): no request goes to one that denies it, none at all when every one does.
+    let denials = crate::denials::of(waypoint, down, &to);
+    if let Some(denied) = denials.all {
+        record.policy.clone_from(&denied.policy);
+        let mut response = local_reply(record, StatusCode::FORBIDDEN, "DENY", format!("denied: {}", denied.policy));
+        *response.body_mut() = full(format!("RBAC: access denied by {}\n", denied.policy));
+        return response;
+    }
+
     // The rate limits of a TrafficPolicy of the Service, route or rule: past one, a 429.
     let traffic = waypoint.state.traffic_policies();
     let taken = selected.as_ref().map(|s| (&*s.route, s.rule));
@@ -440,7 +452,13 @@ async fn route(
             Err(reason) => return local_reply(record, StatusCode::BAD_REQUEST, "-", reason),
         };
     }
-    let policy = TryPolicy { retry, per_try: timeouts.backend_request, affinity, client: down.client_namespace() };
+    let policy = TryPolicy {
+        retry,
+        per_try: timeouts.backend_request,
+        affinity,
+        client: down.client_namespace(),
+        denied: &denials.endpoints,
+    };
     // The request timeout runs from the request's arrival to its response's headers.
     let deadline = timeouts.request.map(|limit| (limit, limit.saturating_sub(record.elapsed())));
     let mut retries = 0;
@@ -600,7 +618,7 @@ async fn mirror(waypoint: &Arc<Waypoint>, mirrors: &[Mirror], forward: Forward) 
         let (waypoint, port) = (waypoint.clone(), m.backend.port);
         tokio::spawn(async move {
             // A copy is sent once: a mirror never adds retries to its backend's load.
-            let once = TryPolicy { retry: &NO_RETRY, per_try: None, affinity: None, client: None };
+            let once = TryPolicy { retry: &NO_RETRY, per_try: None, affinity: None, client: None, denied: &[] };
             match waypoint.upstream.send(&To::Service(service, port), copy, once, &mut 0).await {
                 Ok((response, _)) => {
                     let _ = response.into_body().collect().await;

@@ -127,6 +127,8 @@ pub struct TryPolicy<'a> {
     /// The client's namespace, which picks the backend's DestinationRule (see
     /// [`ferrymesh_route::destination::DestinationRules::of`]).
     pub client: Option<&'a str>,
+    /// Endpoints whose own DENY policies refuse the client ([`crate::denials`]): never tried.
+    pub denied: &'a [IpAddr],
 }
 
 /// The mesh's default retry, for rules without their own (built once, not per request).
@@ -433,7 +435,8 @@ impl Upstream {
                 tokio::time::sleep(policy.retry.backoff).await;
                 _retry_place = place.flatten();
             }
-            let Some((target, active)) = self.pick(to, &tried, destination.as_deref(), policy.affinity) else { break };
+            let picked = self.pick(to, &tried, policy.denied, destination.as_deref(), policy.affinity);
+            let Some((target, active)) = picked else { break };
             let body = match &replay {
                 Some(bytes) => crate::request::full(bytes.clone()),
                 None => once.take().unwrap_or_else(crate::request::empty),
@@ -497,20 +500,24 @@ impl Upstream {
     }
 
     /// Where an attempt goes: for a Service, a ready endpoint not in `tried` (any ready one
-    /// once every one was tried), with its place in the balancer; else the one endpoint.
+    /// once every one was tried) and never one in `denied`, with its place in the balancer; else
+    /// the one endpoint.
     fn pick(
         &self,
         to: &To,
         tried: &[IpAddr],
+        denied: &[IpAddr],
         destination: Option<&Destination>,
         affinity: Option<u64>,
     ) -> Option<(SocketAddr, Option<Active>)> {
         match to {
             To::Endpoint(endpoint) => Some((*endpoint, None)),
-            To::Service(service, port) => self
-                .next_endpoint(service, *port, tried, destination, affinity)
-                .or_else(|| self.next_endpoint(service, *port, &[], destination, affinity))
-                .map(|(target, active)| (target, Some(active))),
+            To::Service(service, port) => {
+                let fresh = [tried, denied].concat();
+                self.next_endpoint(service, *port, &fresh, destination, affinity)
+                    .or_else(|| self.next_endpoint(service, *port, denied, destination, affinity))
+                    .map(|(target, active)| (target, Some(active)))
+            }
         }
     }
 
@@ -558,6 +565,7 @@ impl Upstream {
         &self,
         to: &To,
         client: Option<&str>,
+        denied: &[IpAddr],
     ) -> Result<(Io, SocketAddr, Option<Active>), UpstreamError> {
         let (service, port) = match to {
             To::Endpoint(endpoint) => {
@@ -567,7 +575,7 @@ impl Upstream {
             }
             To::Service(service, port) => (service, *port),
         };
-        let mut tried: Vec<IpAddr> = Vec::new();
+        let mut tried: Vec<IpAddr> = denied.to_vec();
         let mut last = None;
         let destination = self.destination(to, client);
         for _ in 0..ATTEMPTS {

@@ -506,6 +506,22 @@ impl Condition {
 }
 
 impl Rule {
+    /// Whether the rule names its clients (principals, namespaces or ipBlocks of a source, or a
+    /// `when` on source.ip, source.principal or source.namespace): at a destination behind a
+    /// waypoint such a rule is about the original client, whom only the waypoint sees. A rule
+    /// that names no client (`notPrincipals: [<the waypoint>]` alone, or only ports) is about
+    /// the hop the destination sees, and stays the destination's.
+    fn names_clients(&self) -> bool {
+        self.from.iter().any(|s| !s.principals.is_empty() || !s.namespaces.is_empty() || !s.ip_blocks.is_empty())
+            || self.when.iter().any(|c| {
+                !c.values.is_empty()
+                    && matches!(
+                        c.key,
+                        ConditionKey::SourceIp | ConditionKey::SourcePrincipal | ConditionKey::SourceNamespace
+                    )
+            })
+    }
+
     /// Whether the L4 part of the rule matches.
     fn matches_l4(&self, r: &Request<'_>) -> bool {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(r)))
@@ -682,6 +698,25 @@ impl PolicySet {
 
     fn authorize_traced(&self, w: &Workload<'_>, r: &Request<'_>, trace: Option<&mut Vec<Step>>) -> Decision {
         decide_l4(&self.applicable(w), r, trace, "select this workload")
+    }
+
+    /// The DENY that `w`'s own policies hold for `r` when `r` is the original client of a
+    /// request a waypoint carries to `w`, if one matches: the DENY rules of the policies that
+    /// select `w` and name their clients ([`Rule::names_clients`]), evaluated at L4 with the
+    /// original client's identity and address. The destination's agent sees the waypoint as the
+    /// client and cannot apply them; the waypoint does, so a DENY never fails open through it.
+    pub fn denied_at_waypoint(&self, w: &Workload<'_>, r: &Request<'_>) -> Option<Decision> {
+        self.applicable(w).into_iter().filter(|p| p.action == Action::Deny).find_map(|p| {
+            let i = p.rules.iter().position(|rule| rule.names_clients() && rule.matches_l4(r))?;
+            Some(Decision {
+                allowed: false,
+                policy: format!("{}/{} rule {i}", p.namespace, p.name),
+                hint: format!(
+                    "DENY {} rule {i} matches the client (the destination's own policy, enforced by its waypoint): narrow or remove that rule to allow it",
+                    p.key()
+                ),
+            })
+        })
     }
 
     /// The effective mTLS mode of `w` and the PeerAuthentication (`namespace/name`) that set it:

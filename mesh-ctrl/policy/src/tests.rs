@@ -592,3 +592,36 @@ fn request_principals_and_jwt_claims_decide_at_the_waypoint_with_istio_semantics
     let e = spec.validate("shop", "p").unwrap_err();
     assert_eq!(e.field, "spec.rules[0].when[0].key", "{e}");
 }
+
+#[test]
+fn a_waypoint_applies_the_destinations_deny_rules_that_name_clients_to_the_original_client() {
+    let app_web = labels(&[("app", "web")]);
+    let web = Workload { namespace: "shop", labels: &app_web };
+    const WAYPOINT: &str = "cluster.local/ns/shop/sa/waypoint";
+    let set = PolicySet::new(
+        vec![
+            authz(ROOT_NAMESPACE, "no-other", "action: DENY\nrules: [{from: [{source: {namespaces: [other]}}]}]"),
+            authz("shop", "no-b", "selector: {matchLabels: {app: web}}\naction: DENY\nrules: [{from: [{source: {principals: [\"cluster.local/ns/shop/sa/b\"]}}]}]"),
+            authz("shop", "no-lab", "action: DENY\nrules: [{when: [{key: source.ip, values: [192.0.2.0/24]}]}]"),
+            // About the hop the destination sees (the waypoint), not the client: its own.
+            authz("shop", "only-waypoint", &format!("action: DENY\nrules: [{{from: [{{source: {{notPrincipals: [\"{WAYPOINT}\"]}}}}]}}]")),
+            authz("shop", "no-9000", "action: DENY\nrules: [{to: [{operation: {ports: [\"9000\"]}}]}]"),
+            // Another workload's, and an ALLOW: not the waypoint's to apply.
+            authz("shop", "db-no-a", "selector: {matchLabels: {app: db}}\naction: DENY\nrules: [{from: [{source: {principals: [\"cluster.local/ns/shop/sa/a\"]}}]}]"),
+            authz("shop", "allow-waypoint", &format!("rules: [{{from: [{{source: {{principals: [\"{WAYPOINT}\"]}}}}]}}]")),
+        ],
+        vec![],
+    );
+    let cases = [
+        (request("10.244.1.2", Some(A), 8080), None),
+        (request("10.244.1.2", Some(D), 8080), Some("ferrymesh-system/no-other rule 0")),
+        (request("10.244.1.3", Some(B), 8080), Some("shop/no-b rule 0")),
+        (request("192.0.2.7", Some(A), 8080), Some("shop/no-lab rule 0")),
+        (request("10.244.1.2", Some(A), 9000), None),
+    ];
+    for (r, want) in cases {
+        let got = set.denied_at_waypoint(&web, &r);
+        assert_eq!(got.as_ref().map(|d| d.policy.as_str()), want, "{r:?}");
+        assert!(got.is_none_or(|d| !d.allowed && d.hint.contains("enforced by its waypoint")));
+    }
+}

@@ -5,53 +5,20 @@
 //! The victim's clients must see none of it; the attacker's own clients do get the route and
 //! the rule, as GAMMA and Istio scope them to the namespace that wrote them.
 
-use ferrymesh_testbed::mesh::{wait_until, CONFIG_WAIT, DATAPLANE_MODE, ECHO_HTTP_PORT};
-use ferrymesh_testbed::{Topology, TopologySpec};
+use ferrymesh_testbed::mesh::{wait_until, CONFIG_WAIT, ECHO_HTTP_PORT};
+use ferrymesh_testbed::Topology;
 
-/// VIP of Service shop/web (pod web-1).
-const WEB: &str = "10.96.0.50";
-/// VIP of Service shop/api (pod api-1).
-const API: &str = "10.96.0.52";
-/// VIP of Service evil/sink (pod sink).
-const SINK: &str = "10.96.0.60";
-/// VIP of Service evil/proxy: no selector, its endpoint the attacker's choice (web-1).
-const PROXY: &str = "10.96.0.61";
+use crate::{tenants, API, PROXY, WEB};
 
-/// `shop` bound to its waypoint (on node 2), with a (client), web-1 and api-1; `evil` with e
-/// (client) and sink, not bound to any waypoint. web-1 admits only the waypoint, as an operator
-/// keeps clients from going around it.
+/// [`tenants`], web-1 admitting only the waypoint, as an operator keeps clients from going
+/// around it.
 fn cluster() -> Topology {
-    let spec = TopologySpec::nodes(2)
-        .pod("shop", "a", 1)
-        .pod("shop", "web-1", 1)
-        .pod("shop", "api-1", 2)
-        .pod("shop", "waypoint", 2)
-        .pod("evil", "e", 1)
-        .pod("evil", "sink", 2);
-    let topo = Topology::build(&spec);
-    topo.write_cluster(&["shop", "evil"]);
-    topo.write_namespace("shop", &[(DATAPLANE_MODE, "enabled"), ("ferrymesh.io/use-waypoint", "waypoint")]);
-    topo.write_pod(topo.pod("shop", "web-1"), &[("app", "web")]);
-    topo.write_pod(topo.pod("shop", "api-1"), &[("app", "api")]);
-    topo.write_pod(topo.pod("evil", "sink"), &[("app", "sink")]);
-    topo.write_waypoint_pod(topo.pod("shop", "waypoint"));
-    topo.write_waypoint("shop", "waypoint");
-    let echo = ECHO_HTTP_PORT.to_string();
-    topo.write_service("shop", "web", WEB, &[("app", "web")], &[("http", 80, &echo)]);
-    topo.write_service("shop", "api", API, &[("app", "api")], &[("http", 80, &echo)]);
-    topo.write_service("evil", "sink", SINK, &[("app", "sink")], &[("http", 80, &echo)]);
-    topo.write_config_file(
-        "policy-web-only-waypoint.yaml",
-        "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: only-waypoint\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: web\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/shop/sa/waypoint\"]\n",
-    );
-    topo.start_mesh();
-    topo.wait_enrolled(1, &["evil/e", "shop/a", "shop/web-1"], CONFIG_WAIT * 4);
-    topo.wait_enrolled(2, &["evil/sink", "shop/api-1"], CONFIG_WAIT * 4);
-    topo.start_waypoint(topo.pod("shop", "waypoint"));
-    for pod in [topo.pod("shop", "web-1"), topo.pod("shop", "api-1"), topo.pod("evil", "sink")] {
-        topo.serve_echo(pod);
-    }
-    topo
+    tenants(|topo| {
+        topo.write_config_file(
+            "policy-web-only-waypoint.yaml",
+            "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: only-waypoint\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: web\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/shop/sa/waypoint\"]\n",
+        );
+    })
 }
 
 /// A route of namespace `evil` on shop/web: /login goes to the attacker's sink.
