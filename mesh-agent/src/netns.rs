@@ -134,6 +134,22 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// The cookie of `socket`: the key eBPF programs see it by (`bpf_get_socket_cookie`).
+pub fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a valid, aligned u64 that
+    // outlives the call; the fd is borrowed from a live socket.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("getsockopt(SO_COOKIE): {e}")));
+    }
+    Ok(cookie)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,8 @@
 //! reachable around the mesh.
 //!
 //! Every program acts only on network namespaces in `ENROLLED` (or on sockets it captured) and
-//! leaves the agent's own sockets (`SO_MARK`) alone. The maps are pinned by name (the agent
+//! leaves the agent's own sockets alone: marked (`SO_MARK`) and registered by cookie in
+//! `AGENT_DIALS`, since a pod can set a mark. The maps are pinned by name (the agent
 //! gives the directory), so they and the links outlive an agent: with no agent running the
 //! programs keep enrolled pods closed. A connect() to capture whose original destination cannot
 //! be remembered is refused (EPERM), never let through unencrypted.
@@ -66,6 +67,9 @@ static INBOUND_LISTENERS: SockHash<[u32; 4]> = SockHash::pinned(map_sizes::INBOU
 
 #[map]
 static APP_DIALS: LruHashMap<AppDialKey, u8> = LruHashMap::pinned(map_sizes::APP_DIALS, 0);
+
+#[map]
+static AGENT_DIALS: LruHashMap<u64, u8> = LruHashMap::pinned(map_sizes::AGENT_DIALS, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::SLOTS, 0);
@@ -152,16 +156,30 @@ fn is_loopback6(ip6: &[u32; 4]) -> bool {
 }
 
 /// Whether a connect() to `dst` (map-key words, see [`v4_mapped_words`]) port `port` (host
-/// order) is to be captured: TCP, not the agent's own sockets, not loopback (it stays inside
-/// the pod), never the agent's own ports.
+/// order) is to be captured: TCP, not loopback (it stays inside the pod), never the agent's own
+/// ports. The agent's own sockets are told apart before ([`agents_own`]).
 #[inline(always)]
 fn wants_capture(addr: &SockAddr, dst: &[u32; 4], port: u16) -> bool {
-    addr.sock_type == SOCK_STREAM
-        && addr.mark != MARK_AGENT
-        && addr.mark != MARK_APP_DIAL
-        && !is_loopback6(dst)
-        && port != OUTBOUND_PORT
-        && port != INBOUND_PLAINTEXT_PORT
+    addr.sock_type == SOCK_STREAM && !is_loopback6(dst) && port != OUTBOUND_PORT && port != INBOUND_PLAINTEXT_PORT
+}
+
+/// Whether the connecting socket is the agent's own: it carries the agent's mark (which routes
+/// its packets) and the agent registered its cookie in `AGENT_DIALS` before connecting (which
+/// nothing else can: a pod may set the mark, with CAP_NET_RAW, but not write the map). The
+/// entry is forgotten here, its one use done; a marked socket that is not in the map is
+/// captured like any other.
+#[inline(always)]
+fn agents_own(ctx: &SockAddrContext, addr: &SockAddr) -> bool {
+    if addr.mark != MARK_AGENT && addr.mark != MARK_APP_DIAL {
+        return false;
+    }
+    let cookie = socket_cookie(ctx);
+    // SAFETY: the value is only tested for presence.
+    if unsafe { AGENT_DIALS.get(&cookie) }.is_none() {
+        return false;
+    }
+    let _ = AGENT_DIALS.remove(&cookie);
+    true
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -191,7 +209,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         (v4_mapped_words(addr.user_ip4), false)
     };
     let port = u16::from_be(addr.user_port as u16);
-    if !wants_capture(&addr, &dst, port) {
+    if agents_own(ctx, &addr) || !wants_capture(&addr, &dst, port) {
         count(Counter::Bypassed);
         return ALLOW;
     }

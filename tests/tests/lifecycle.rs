@@ -174,6 +174,7 @@ fn a_killed_agent_leaves_its_pods_closed_and_the_next_agent_adopts_them() {
     let pins = pinned(&topo.bpf_dir(2));
     let want: BTreeSet<String> = [
         "maps/APP_DIALS",
+        "maps/AGENT_DIALS",
         "maps/COUNTERS",
         "maps/ENROLLED",
         "maps/INBOUND_LISTENERS",
@@ -224,7 +225,7 @@ fn a_killed_agent_leaves_its_pods_closed_and_the_next_agent_adopts_them() {
     topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
     let status = topo.status(2);
     assert_eq!(status["adopted_links"], 5, "{status}");
-    assert_eq!(status["adopted_maps"].as_array().map(Vec::len), Some(6), "{status}");
+    assert_eq!(status["adopted_maps"].as_array().map(Vec::len), Some(7), "{status}");
     assert_eq!(status["enrolled"][0]["adopted"], true, "c's sk_lookup link was adopted: {status}");
     assert_eq!(status["enrolled"][0]["netns_cookie"], c_cookie);
     assert_eq!(pinned(&topo.bpf_dir(2)), want, "the same pins, no second copy");
@@ -296,7 +297,7 @@ fn uninstall_removes_every_pinned_object_and_attachment() {
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "uninstall: {}", String::from_utf8_lossy(&out.stderr));
-        let objects = if node == 1 { 6 + 5 + 2 } else { 6 + 5 + 1 };
+        let objects = if node == 1 { 7 + 5 + 2 } else { 7 + 5 + 1 };
         assert_eq!(stdout.trim(), format!("removed {objects} pinned eBPF objects under {}", dir.display()));
         assert!(!dir.exists(), "{} is gone", dir.display());
         let again = topo.output_in(

@@ -212,6 +212,7 @@ pub struct Datapath {
     orig_by_port: HashMap<MapData, PortKey, OrigDst>,
     inbound_listeners: SockHash<MapData, [u32; 4]>,
     app_dials: HashMap<MapData, AppDialKey, u8>,
+    agent_dials: HashMap<MapData, u64, u8>,
     stats: Arc<MapStats>,
     attached: Vec<Attached>,
     sk_lookup_prog_id: u32,
@@ -468,6 +469,7 @@ impl Datapath {
             orig_by_port: take_map(&mut ebpf, map_names::ORIG_BY_PORT)?,
             inbound_listeners: take_map(&mut ebpf, map_names::INBOUND_LISTENERS)?,
             app_dials: take_map(&mut ebpf, map_names::APP_DIALS)?,
+            agent_dials: take_map(&mut ebpf, map_names::AGENT_DIALS)?,
             ebpf,
             attached,
             sk_lookup_prog_id,
@@ -612,6 +614,19 @@ impl Datapath {
         let _ = self.app_dials.remove(key);
     }
 
+    /// Tells connect4/6 that the marked socket of cookie `cookie`, about to connect from a pod's
+    /// netns, is the agent's own (they forget it as it connects).
+    pub fn register_agent_dial(&mut self, cookie: u64) -> Result<()> {
+        self.agent_dials
+            .insert(cookie, 1, 0)
+            .map_err(|source| DatapathError::Map { name: map_names::AGENT_DIALS, source })
+    }
+
+    /// Forgets a dial whose connect() never ran (it failed before).
+    pub fn unregister_agent_dial(&mut self, cookie: u64) {
+        let _ = self.agent_dials.remove(&cookie);
+    }
+
     /// Read-only handles on the maps, for status and metrics.
     pub fn stats(&self) -> Arc<MapStats> {
         self.stats.clone()
@@ -652,6 +667,7 @@ pub struct MapStats {
     orig_by_cookie: HashMap<MapData, u64, OrigDst>,
     orig_by_port: HashMap<MapData, PortKey, OrigDst>,
     app_dials: HashMap<MapData, AppDialKey, u8>,
+    agent_dials: HashMap<MapData, u64, u8>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -668,6 +684,7 @@ impl MapStats {
             orig_by_cookie: stats_map(ebpf, map_names::ORIG_BY_COOKIE)?,
             orig_by_port: stats_map(ebpf, map_names::ORIG_BY_PORT)?,
             app_dials: stats_map(ebpf, map_names::APP_DIALS)?,
+            agent_dials: stats_map(ebpf, map_names::AGENT_DIALS)?,
             counters: stats_map(ebpf, map_names::COUNTERS)?,
         })
     }
@@ -679,6 +696,7 @@ impl MapStats {
             (map_names::ORIG_BY_COOKIE, self.orig_by_cookie.keys().count() as u64, u64::from(map_sizes::ORIG)),
             (map_names::ORIG_BY_PORT, self.orig_by_port.keys().count() as u64, u64::from(map_sizes::ORIG)),
             (map_names::APP_DIALS, self.app_dials.keys().count() as u64, u64::from(map_sizes::APP_DIALS)),
+            (map_names::AGENT_DIALS, self.agent_dials.keys().count() as u64, u64::from(map_sizes::AGENT_DIALS)),
         ]
     }
 

@@ -306,11 +306,12 @@ impl ProxyContext {
     /// Dials `dst` from inside `netns` with `mark`; with `source`, binds to that (non-local)
     /// address using IP_TRANSPARENT and registers the dial so sk_lookup does not steer it.
     async fn dial(&self, netns: &Netns, dst: SocketAddr, mark: u32, source: Option<IpAddr>) -> io::Result<TcpStream> {
-        let (socket, bound) = self
+        let (socket, bound, cookie) = self
             .runner
             .run(netns, move || {
                 let socket = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
                 socket.set_mark(mark)?;
+                let cookie = crate::netns::socket_cookie(&socket)?;
                 let mut bound = None;
                 if let Some(ip) = source {
                     match ip {
@@ -320,9 +321,12 @@ impl ProxyContext {
                     socket.bind(&SocketAddr::new(ip, 0).into())?;
                     bound = socket.local_addr()?.as_socket();
                 }
-                Ok((socket, bound))
+                Ok((socket, bound, cookie))
             })
             .await?;
+        // The mark routes the socket's packets; the map is what tells the capture hooks it is
+        // the agent's (a pod can set a mark too).
+        self.datapath.lock().expect("datapath lock").register_agent_dial(cookie).map_err(io::Error::other)?;
         let app_dial = bound.map(|from| AppDialKey {
             client_ip: ip_words(from.ip()),
             pod_ip: ip_words(dst.ip()),
@@ -330,7 +334,11 @@ impl ProxyContext {
             app_port: u32::from(dst.port()),
         });
         if let Some(key) = app_dial {
-            self.datapath.lock().expect("datapath lock").register_app_dial(key).map_err(io::Error::other)?;
+            let registered = self.datapath.lock().expect("datapath lock").register_app_dial(key);
+            if let Err(e) = registered {
+                self.datapath.lock().expect("datapath lock").unregister_agent_dial(cookie);
+                return Err(io::Error::other(e));
+            }
         }
         let socket = TcpSocket::from_std_stream(socket.into());
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await;

@@ -52,6 +52,10 @@ pub mod map_names {
     /// `LruHashMap<AppDialKey, u8>`: the agent's own dials to apps, which sk_lookup must not
     /// steer back to the agent.
     pub const APP_DIALS: &str = "APP_DIALS";
+    /// `LruHashMap<u64 socket cookie, u8>`: the agent's own sockets about to connect from a pod's
+    /// netns, which connect4/6 let through (and forget). A pod can set the agent's socket mark
+    /// (CAP_NET_RAW suffices); it cannot put its socket in this map.
+    pub const AGENT_DIALS: &str = "AGENT_DIALS";
     /// `PerCpuArray<u64>` indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
 }
@@ -66,6 +70,8 @@ pub mod map_sizes {
     pub const INBOUND_LISTENERS: u32 = 4096;
     /// App dials in progress (entries live from bind to connect).
     pub const APP_DIALS: u32 = 16384;
+    /// The agent's dials in progress (entries live from socket creation to connect).
+    pub const AGENT_DIALS: u32 = 16384;
 }
 
 /// Original destination of a captured connection.

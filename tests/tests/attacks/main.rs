@@ -4,6 +4,7 @@
 //! in docs/SECURITY.md names, for each attack, where it is refused and which test proves it.
 //! Needs root.
 
+mod capture;
 mod ctrl;
 mod netns;
 mod policy;
