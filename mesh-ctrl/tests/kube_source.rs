@@ -328,6 +328,34 @@ async fn follows_gateway_api_routes() {
     wait_for(&mut rx, "a deleted route", |s| s.config.routes.len() == 1).await;
 }
 
+#[tokio::test]
+async fn a_reference_grant_from_the_api_opens_another_namespaces_backend() {
+    let api = KubeFake::new();
+    let mut route = http_route("split", (90, 10));
+    route["spec"]["rules"][0]["backendRefs"][1]["namespace"] = json!("other");
+    api.apply(route);
+    let mut rx = start(api.clone());
+    let refused = |s: &Snapshot| {
+        s.config.routes.get("HTTPRoute shop/split").map(|r| r.rules[0].backends[1].refused.clone()).unwrap_or_default()
+    };
+    wait_for(&mut rx, "other/web-v2 refused without a grant", |s| refused(s).contains("no ReferenceGrant")).await;
+    api.apply(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "shop-routes", "namespace": "other"},
+        "spec": {
+            "from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}],
+            "to": [{"group": "", "kind": "Service", "name": "web-v2"}],
+        },
+    }));
+    let s = wait_for(&mut rx, "the grant to open other/web-v2", |s| {
+        s.config.routes.contains_key("HTTPRoute shop/split") && refused(s).is_empty()
+    })
+    .await;
+    assert_eq!(s.config.routes["HTTPRoute shop/split"].rules[0].backends[1].namespace, "other");
+    api.delete("ReferenceGrant", "other", "shop-routes");
+    wait_for(&mut rx, "the grant's removal to close it again", |s| !refused(s).is_empty()).await;
+}
+
 fn service_named(name: &str, vip: &str, port: u16) -> Value {
     objects::service("shop", name, Some(vip), name, json!([{"name": "http", "port": port}]))
 }

@@ -116,7 +116,11 @@ fn node_local_traffic_never_reaches_a_network_device() {
         topo.send(a, c.ip, 1024 * 1024);
     });
     assert!(remote > 100, "the capture sees a -> c: {remote} packets");
-    let flows = flows_to(&topo, 1, "outbound", &b.ip.to_string(), SINK_PORT);
+    let mut flows = Vec::new();
+    wait_until(FLOW_WAIT, "the flow of a -> b", || {
+        flows = flows_to(&topo, 1, "outbound", &b.ip.to_string(), SINK_PORT);
+        !flows.is_empty()
+    });
     assert_eq!(flows[0]["transport"], "node-local", "{flows:?}");
 }
 
@@ -128,10 +132,20 @@ fn pods_that_are_not_enrolled_are_not_captured() {
     let body = topo.curl(x, y.ip);
     assert!(body.starts_with(&format!("client {}:", x.ip)), "{body}");
     topo.send(x, y.ip, 1024 * 1024);
-    for node in [1, 2] {
-        assert!(topo.flows(node).is_empty(), "node{node} recorded a flow of an unenrolled pod: {:?}", topo.flows(node));
-    }
+    // The capture hooks count synchronously, in the connect() itself.
     assert_eq!((counter(&topo, 1, "captured"), counter(&topo, 2, "captured")), captured_before);
+    // An enrolled pod's connection after them, on each node: once its flow is listed, any flow
+    // of x's and y's would be too (flows are listed as connections end).
+    let (a, c) = (topo.pod("shop", "a"), topo.pod("shop", "c"));
+    topo.curl(a, c.ip);
+    for node in [1, 2] {
+        wait_until(FLOW_WAIT, &format!("node{node}'s flow of a -> c"), || !topo.flows(node).is_empty());
+        let flows = topo.flows(node);
+        assert!(
+            flows.iter().all(|f| f["src"]["ip"] == a.ip.to_string()),
+            "node{node} recorded a flow of an unenrolled pod: {flows:?}"
+        );
+    }
 }
 
 #[test]

@@ -256,9 +256,12 @@ fn a_root_rotation_fails_no_connection() {
     );
     let fresh: serde_json::Value = serde_json::from_slice(&fresh.stdout).expect("hits JSON");
     assert_eq!((fresh["ok"].as_u64(), fresh["failed"].as_u64()), (Some(3), Some(0)), "{fresh}");
+    let from_b = |f: &&serde_json::Value| f["src"]["workload"] == "b" && f["direction"] == "inbound";
+    wait_until(ferrymesh_testbed::mesh::FLOW_WAIT, "the inbound flow from b on node2", || {
+        topo.flows(2).iter().any(|f| from_b(&f))
+    });
     let flows = topo.flows(2);
-    let b_flow = flows.iter().rev().find(|f| f["src"]["workload"] == "b" && f["direction"] == "inbound");
-    let b_flow = b_flow.unwrap_or_else(|| panic!("no inbound flow from b on node2: {flows:?}"));
+    let b_flow = flows.iter().rev().find(from_b).expect("b's flow");
     assert_eq!((b_flow["verdict"].as_str(), b_flow["transport"].as_str()), (Some("allowed"), Some("mtls")));
 
     // mesh-ctrl itself now serves a certificate from the new root.

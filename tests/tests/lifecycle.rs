@@ -554,15 +554,20 @@ fn pod_netns_is_found_by_the_pod_uid_cgroup_also_for_late_pods_and_after_a_resta
     topo.serve_in_cgroup(late, &cgroup_late);
     topo.wait_enrolled(1, &["shop/a", "shop/late"], Duration::from_secs(5));
     // The discovered netns is the right one: plaintext to a is captured there, with the real IP.
+    let inbound_to = |ip: std::net::Ipv4Addr| {
+        let ip = ip.to_string();
+        move |flows: Vec<Value>| flows.iter().any(|f| f["direction"] == "inbound" && f["dst"]["ip"] == ip)
+    };
     let body = topo.curl(x, a.ip);
     assert!(body.starts_with(&format!("client {}:", x.ip)), "{body}");
-    assert!(topo.flows(1).iter().any(|f| f["direction"] == "inbound" && f["dst"]["ip"] == a.ip.to_string()));
+    wait_until(FLOW_WAIT, "the inbound flow to a", || inbound_to(a.ip)(topo.flows(1)));
     // After an agent restart the pods are found again.
     topo.signal_and_wait("agent-node1", libc::SIGTERM);
     topo.start_agent(1);
     topo.wait_enrolled(1, &["shop/a", "shop/late"], Duration::from_secs(5));
-    topo.curl(x, late.ip);
-    assert!(topo.flows(1).iter().any(|f| f["direction"] == "inbound" && f["dst"]["ip"] == late.ip.to_string()));
+    let body = topo.curl(x, late.ip);
+    assert!(body.starts_with(&format!("client {}:", x.ip)), "{body}");
+    wait_until(FLOW_WAIT, "the inbound flow to late", || inbound_to(late.ip)(topo.flows(1)));
 }
 
 /// The CNI plugin's answer on stdout, as JSON.

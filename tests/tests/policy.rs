@@ -237,13 +237,11 @@ fn policy_table_is_enforced_at_the_destination_and_named_in_flows() {
     assert_eq!(attempt(&topo, a, c, HTTP_PORT)["verdict"], "allowed");
     // The source agent sees the refusal of the tunnel as a denied flow too.
     set_policies(&topo, &[("deny-all", authz("shop", "deny-all", "  action: DENY\n  rules:\n  - {}\n"))]);
+    let before = topo.flows(1).len();
     attempt(&topo, a, c, HTTP_PORT);
-    let outbound = topo
-        .flows(1)
-        .into_iter()
-        .rev()
-        .find(|f| f["direction"] == "outbound" && f["dst"]["ip"] == c.ip.to_string())
-        .unwrap();
+    let to_c = |f: &Value| f["direction"] == "outbound" && f["dst"]["ip"] == c.ip.to_string();
+    wait_until(FLOW_WAIT, "the source's flow of the refused tunnel", || topo.flows(1).iter().skip(before).any(to_c));
+    let outbound = topo.flows(1).into_iter().skip(before).rev().find(|f| to_c(f)).expect("the outbound flow");
     assert_eq!(outbound["verdict"], "denied", "{outbound}");
     assert_eq!(outbound["reason"], "destination refused the tunnel: HTTP 401");
     // It names the transport it tried (and the identity it presented), not plaintext.

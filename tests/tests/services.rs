@@ -15,10 +15,23 @@ const VIP: &str = "10.96.0.10";
 /// The IPv6 ClusterIP of the dual-stack Service.
 const VIP6: &str = "fd00:10:96::a";
 
-/// Endpoint workload name -> number of successful outbound flows to the service since `skip`.
-fn spread(topo: &Topology, skip: usize) -> BTreeMap<String, u64> {
+/// The flows of node 1's agent since `skip`, once `n` successful outbound flows to the service
+/// are among them (flows are listed as connections end, within a second).
+fn web_flows(topo: &Topology, skip: usize, n: usize) -> Vec<serde_json::Value> {
+    let allowed = |f: &serde_json::Value| f["service"] == "shop/web" && f["verdict"] == "allowed";
+    let mut flows = Vec::new();
+    wait_until(FLOW_WAIT * 2, &format!("{n} flows to shop/web"), || {
+        flows = topo.flows(1).into_iter().skip(skip).collect();
+        flows.iter().filter(|f| allowed(f)).count() >= n
+    });
+    flows
+}
+
+/// Endpoint workload name -> number of successful outbound flows to the service since `skip`,
+/// once there are `n`.
+fn spread(topo: &Topology, skip: usize, n: usize) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for f in topo.flows(1).into_iter().skip(skip) {
+    for f in web_flows(topo, skip, n) {
         if f["service"] == "shop/web" && f["verdict"] == "allowed" {
             *out.entry(f["dst"]["workload"].as_str().unwrap().to_string()).or_default() += 1;
         }
@@ -50,7 +63,7 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     let result = topo.hits(client, vip, 300);
     assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(300), Some(0)), "{result}");
     assert_eq!(result["client_ips"], serde_json::json!([client.ip.to_string()]));
-    let hits = spread(&topo, 0);
+    let hits = spread(&topo, 0, 300);
     assert_eq!(hits.len(), 3, "{hits:?}");
     assert!(hits.values().all(|n| *n >= 50), "P2C spreads 300 sequential connections: {hits:?}");
     for flow in topo.flows(1).into_iter().filter(|f| f["service"] == "shop/web") {
@@ -73,7 +86,7 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     let skip = topo.flows(1).len();
     let result = topo.hits(client, vip, 60);
     assert_eq!(result["failed"], 0, "{result}");
-    let hits = spread(&topo, skip);
+    let hits = spread(&topo, skip, 60);
     assert!(!hits.contains_key("web-2") && hits.len() == 2, "unready web-2 is skipped: {hits:?}");
 
     // web-3's app dies but the config still lists it: every client connection still succeeds,
@@ -81,10 +94,10 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     topo.signal_and_wait("peer-shop-web-3", libc::SIGKILL);
     let skip = topo.flows(1).len();
     let result = topo.hits(client, vip, 60);
-    let flows: Vec<_> = topo.flows(1).into_iter().skip(skip).collect();
+    let flows = web_flows(&topo, skip, 60);
     let failed: Vec<_> = flows.iter().filter(|f| f["verdict"] != "allowed").collect();
     assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(60), Some(0)), "{result} {failed:?}");
-    assert_eq!(spread(&topo, skip).keys().collect::<Vec<_>>(), ["web-1"], "only web-1 answers");
+    assert_eq!(spread(&topo, skip, 60).keys().collect::<Vec<_>>(), ["web-1"], "only web-1 answers");
     // The retries are seen: P2C tries web-3 about half the time; each try has its own flow,
     // and the same client connection (same source port) then succeeded on web-1.
     assert!(!failed.is_empty(), "no failed attempt was recorded in {} flows", flows.len());
@@ -132,7 +145,7 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     let skip = topo.flows(1).len();
     let result = topo.hits(client, vip, 30);
     assert_eq!(result["failed"], 0, "{result}");
-    assert_eq!(spread(&topo, skip), BTreeMap::from([("web-2".to_string(), 30)]), "the loaded web-1 is avoided");
+    assert_eq!(spread(&topo, skip, 30), BTreeMap::from([("web-2".to_string(), 30)]), "the loaded web-1 is avoided");
     // Once the held connections close, web-1 is chosen again.
     topo.signal_and_wait("hold", libc::SIGKILL);
     wait_until(FLOW_WAIT, "the held connections' flows", || {
@@ -141,8 +154,9 @@ fn a_vip_spreads_connections_over_ready_endpoints_and_survives_endpoint_loss() {
     let held: Vec<_> = topo.flows(1).into_iter().filter(held_flow).collect();
     assert!(held.iter().all(|f| f["dst"]["workload"] == "web-1"), "all 10 were held on web-1: {held:?}");
     let skip = topo.flows(1).len();
-    topo.hits(client, vip, 40);
-    let hits = spread(&topo, skip);
+    let result = topo.hits(client, vip, 40);
+    assert_eq!(result["failed"], 0, "{result}");
+    let hits = spread(&topo, skip, 40);
     assert!(hits.get("web-1") > Some(&0) && hits.get("web-2") > Some(&0), "both endpoints serve again: {hits:?}");
 }
 
@@ -170,7 +184,7 @@ fn a_dual_stack_service_takes_each_family_to_endpoints_of_that_family() {
     let result = topo.hits(client, vip6, 40);
     assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(40), Some(0)), "{result}");
     assert_eq!(result["client_ips"], serde_json::json!([client.ip6.to_string()]));
-    let flows: Vec<_> = topo.flows(1).into_iter().filter(|f| f["service"] == "shop/web").collect();
+    let flows: Vec<_> = web_flows(&topo, 0, 40).into_iter().filter(|f| f["service"] == "shop/web").collect();
     assert_eq!(flows.len(), 40, "{flows:#?}");
     for flow in &flows {
         assert!(web6.iter().any(|ip| flow["dst"]["ip"] == ip.as_str()), "{flow}");
@@ -183,7 +197,7 @@ fn a_dual_stack_service_takes_each_family_to_endpoints_of_that_family() {
     let result = topo.hits(client, format!("{VIP}:80").parse().unwrap(), 20);
     assert_eq!((result["ok"].as_u64(), result["failed"].as_u64()), (Some(20), Some(0)), "{result}");
     assert_eq!(result["client_ips"], serde_json::json!([client.ip.to_string()]));
-    let flows: Vec<_> = topo.flows(1).into_iter().filter(|f| f["service"] == "shop/web").skip(40).collect();
+    let flows: Vec<_> = web_flows(&topo, 0, 60).into_iter().filter(|f| f["service"] == "shop/web").skip(40).collect();
     assert_eq!(flows.len(), 20, "{flows:#?}");
     assert!(flows.iter().all(|f| web4.iter().any(|ip| f["dst"]["ip"] == ip.as_str())), "{flows:#?}");
 

@@ -533,11 +533,22 @@ fn websocket_http2_endpoint_loss_and_failing_closed() {
     load.args(["-sS", "--max-time", "60", "--rate", "100/s", "-w", "\\n"]);
     load.args(std::iter::repeat_n(format!("http://{WEB}/"), 400));
     topo.spawn("load", load);
-    std::thread::sleep(Duration::from_secs(1));
+    let answered = || topo.log("load").lines().filter(|l| l.starts_with('{')).count();
+    wait_until(Duration::from_secs(10), "the load to be under way", || answered() >= 20);
     let web_2 = topo.pod("shop", "web-2");
     let unready = topo.pod_yaml(web_2, &[("app", "web")]) + "  conditions:\n  - type: Ready\n    status: \"False\"\n";
+    let before = topo.status(1)["config_version"].as_u64().unwrap();
     topo.write_config_file(&format!("pod-shop-{}.yaml", web_2.name), &unready);
-    std::thread::sleep(CONFIG_WAIT);
+    // The waypoint holds the change once it has applied a newer version than the agents held.
+    wait_until(CONFIG_WAIT, "the waypoint to hold web-2 unready", || {
+        topo.log_lines("waypoint-waypoint").iter().any(|l| {
+            l.contains("config applied")
+                && l.split("version=").nth(1).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                    > Some(before)
+        })
+    });
+    let at_unready = answered();
+    wait_until(Duration::from_secs(10), "the load to go on", || answered() >= at_unready + 20);
     topo.signal_and_wait("echo-shop-web-2", libc::SIGKILL);
     wait_until(Duration::from_secs(30), "the load to finish", || !topo.is_running("load"));
     let answers: Vec<String> = topo.log("load").lines().filter(|l| l.starts_with('{')).map(String::from).collect();
@@ -772,11 +783,10 @@ fn pods_bound_to_a_waypoint_of_workloads_are_reached_through_it() {
     let via_service = find("/via-service").expect("the /via-service record");
     assert_eq!(via_service["workload"], "shop/canary", "{via_service}");
     assert!(find("/opted-out").is_none(), "the opted-out pod's request passed no waypoint");
+    let is_to_web_1 = |f: &serde_json::Value| f["direction"] == "outbound" && f["dst"]["ip"] == web_1.ip.to_string();
+    wait_until(FLOW_WAIT, "the client's flow to web-1", || topo.flows(1).iter().any(is_to_web_1));
     let flows = topo.flows(1);
-    let to_web_1 = flows
-        .iter()
-        .find(|f| f["direction"] == "outbound" && f["dst"]["ip"] == web_1.ip.to_string())
-        .expect("the client's flow to web-1");
+    let to_web_1 = flows.iter().find(|f| is_to_web_1(f)).expect("the client's flow to web-1");
     assert_eq!(to_web_1["dst"]["identity"], "spiffe://cluster.local/ns/shop/sa/web-1", "{to_web_1}");
 }
 
