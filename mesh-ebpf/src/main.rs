@@ -175,10 +175,10 @@ fn agents_own(ctx: &SockAddrContext, addr: &SockAddr) -> bool {
     }
     let cookie = socket_cookie(ctx);
     // SAFETY: the value is only tested for presence.
-    if unsafe { AGENT_DIALS.get(&cookie) }.is_none() {
+    if unsafe { AGENT_DIALS.get(cookie) }.is_none() {
         return false;
     }
-    let _ = AGENT_DIALS.remove(&cookie);
+    let _ = AGENT_DIALS.remove(cookie);
     true
 }
 
