@@ -60,6 +60,8 @@ pub struct Waypoint {
     pub keys: crate::authn::KeyStore,
     /// Where request spans go.
     pub tracer: ferrymesh_dataplane::spans::Tracer,
+    /// How request paths are normalized.
+    pub paths: ferrymesh_policy::path::PathRules,
 }
 
 /// What a CONNECT addressed.

@@ -36,6 +36,7 @@ use anyhow::Context;
 use clap::Parser;
 use ferrymesh_dataplane::identity::{Identity, IdentityManager, TokenFile};
 use ferrymesh_dataplane::{config_client, ctrl, flows, state, tls};
+use ferrymesh_policy::path::{EscapedSlashes, PathNormalization, PathRules};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// ferrymesh waypoint proxy.
@@ -102,6 +103,28 @@ struct Args {
     /// Threads that carry requests (1: a single-threaded runtime, no cross-thread wake-ups).
     #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
+    /// How a request's path is normalized before it is authorized, routed and forwarded
+    /// (Istio's `pathNormalization`): NONE, BASE (RFC 3986: unreserved escapes decoded, dot
+    /// segments removed, bad escapes refused), MERGE_SLASHES, DECODE_AND_MERGE_SLASHES.
+    #[arg(long, env = "FERRYMESH_PATH_NORMALIZATION", default_value = "BASE", value_parser = path_normalization)]
+    path_normalization: PathNormalization,
+    /// What an escaped slash or backslash (%2F, %5C) in a path makes of a request (Envoy's
+    /// `path_with_escaped_slashes_action`): KEEP_UNCHANGED, REJECT_REQUEST, UNESCAPE_AND_FORWARD,
+    /// UNESCAPE_AND_REDIRECT. Default: UNESCAPE_AND_FORWARD with DECODE_AND_MERGE_SLASHES,
+    /// KEEP_UNCHANGED with NONE, else REJECT_REQUEST.
+    #[arg(long, env = "FERRYMESH_PATH_ESCAPED_SLASHES", value_parser = escaped_slashes)]
+    path_escaped_slashes: Option<EscapedSlashes>,
+}
+
+fn path_normalization(text: &str) -> Result<PathNormalization, String> {
+    PathNormalization::parse(text)
+        .ok_or_else(|| format!("{text:?} is not NONE, BASE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES"))
+}
+
+fn escaped_slashes(text: &str) -> Result<EscapedSlashes, String> {
+    EscapedSlashes::parse(text).ok_or_else(|| {
+        format!("{text:?} is not KEEP_UNCHANGED, REJECT_REQUEST, UNESCAPE_AND_FORWARD or UNESCAPE_AND_REDIRECT")
+    })
 }
 
 fn main() -> std::process::ExitCode {
@@ -188,11 +211,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         route_tables: Default::default(),
         keys: authn::KeyStore::new(args.jwks_refresh, args.jwks_timeout),
         tracer,
+        paths: PathRules {
+            normalization: args.path_normalization,
+            escaped_slashes: args.path_escaped_slashes.unwrap_or(args.path_normalization.default_escaped_slashes()),
+        },
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(waypoint = %waypoint.key, listen = %args.listen, "mesh-waypoint serving");
+    tracing::info!(waypoint = %waypoint.key, listen = %args.listen, paths = %waypoint.paths, "mesh-waypoint serving");
     let serving = tokio::spawn(listener::serve(listener, tls, waypoint.clone()));
     let flushing = waypoint.clone();
     tokio::spawn(async move { flushing.log.flush_periodically().await });

@@ -1,4 +1,5 @@
-//! One request at the waypoint: the rule it selects among the routes attached to its Service
+//! One request at the waypoint, its path normalized first ([`ferrymesh_policy::path`]: the
+//! path authorized is the path routed and forwarded): the rule it selects among the routes attached to its Service
 //! port (Gateway API precedence, [`RouteTable`]), the rule's filters (redirect, header changes,
 //! rewrite), a backend by weight and that backend's filters, then the request forwarded by
 //! [`crate::upstream`] (a copy to each RequestMirror's backend, see [`mirror`]) and the
@@ -26,6 +27,7 @@ use bytes::Bytes;
 use ferrymesh_dataplane::state::State;
 use ferrymesh_policy::authn::RequestAuth;
 use ferrymesh_policy::l7::HttpRequest;
+use ferrymesh_policy::path::{normalize, Normalized, PathRules};
 use ferrymesh_policy::Decision;
 use ferrymesh_route::destination::{HashOn, LoadBalancer};
 use ferrymesh_route::traffic::AbortStatus;
@@ -180,6 +182,50 @@ fn fault_abort(record: &mut Record, status: AbortStatus, policy: &str) -> Respon
     }
 }
 
+/// Normalizes the request's path in place ([`ferrymesh_policy::path`]); the answer instead when
+/// the path is refused (400) or the client is redirected to its unescaped form (307).
+fn normalize_path(
+    rules: &PathRules,
+    parts: &mut http::request::Parts,
+    record: &mut Record,
+) -> Result<(), Box<Response<Body>>> {
+    let raw = parts.uri.path();
+    let path = match normalize(raw, rules) {
+        Ok(Normalized::Path(path)) => path,
+        Ok(Normalized::Redirect(path)) => {
+            let mut response =
+                local_reply(record, StatusCode::TEMPORARY_REDIRECT, "-", "escaped slashes unescaped".into());
+            let location = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            if let Ok(value) = HeaderValue::try_from(location) {
+                response.headers_mut().insert(LOCATION, value);
+            }
+            return Err(Box::new(response));
+        }
+        Err(e) => {
+            let reason = format!("bad path: {e} ({rules})");
+            return Err(Box::new(local_reply(record, StatusCode::BAD_REQUEST, "-", reason)));
+        }
+    };
+    if path == raw {
+        return Ok(());
+    }
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut uri = http::uri::Parts::from(parts.uri.clone());
+    uri.path_and_query = Some(PathAndQuery::try_from(path_and_query.as_str()).map_err(|e| {
+        Box::new(local_reply(record, StatusCode::BAD_REQUEST, "-", format!("bad path after normalization: {e}")))
+    })?);
+    parts.uri = http::Uri::from_parts(uri).map_err(|e| {
+        Box::new(local_reply(record, StatusCode::BAD_REQUEST, "-", format!("bad path after normalization: {e}")))
+    })?;
+    Ok(())
+}
+
 /// Headers that belong to one connection and are not forwarded (RFC 9110 7.6.1), except
 /// `connection: upgrade` and `upgrade` on an upgrade, which the upstream must see.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
@@ -219,6 +265,10 @@ async fn route(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     record.span = crate::spans::RequestSpan::start(&waypoint.tracer, &parts.headers, down.traceparent);
+    // One path from here on: the one authorized is the one routed and the one forwarded.
+    if let Err(response) = normalize_path(&waypoint.paths, &mut parts, record) {
+        return *response;
+    }
 
     // The authority as requested (the record took it on arrival; empty: none was sent).
     let requested = record.authority.clone();

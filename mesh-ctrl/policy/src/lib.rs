@@ -18,6 +18,7 @@
 
 pub mod authn;
 pub mod l7;
+pub mod path;
 pub mod spec;
 pub mod wire;
 

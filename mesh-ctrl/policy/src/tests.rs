@@ -625,3 +625,50 @@ fn a_waypoint_applies_the_destinations_deny_rules_that_name_clients_to_the_origi
         assert!(got.is_none_or(|d| !d.allowed && d.hint.contains("enforced by its waypoint")));
     }
 }
+
+/// What the waypoint decides of a request whose raw path is `raw` under `set` (path normalized
+/// first, as it is before authorization): allowed or not, or None when the path is refused (400).
+fn decide_raw_path(set: &PolicySet, raw: &str) -> Option<bool> {
+    let web = l7::Target { namespace: "shop", service: Some("web"), gateway: ("shop", "waypoint") };
+    let none = http::HeaderMap::new();
+    match path::normalize(raw, &path::PathRules::default()) {
+        Ok(path::Normalized::Path(p) | path::Normalized::Redirect(p)) => {
+            Some(set.authorize_request(&web, &http_request(Some(A), "GET", &p, "web", &none)).allowed)
+        }
+        Err(_) => None,
+    }
+}
+
+proptest! {
+    /// A DENY on /admin* and an ALLOW on /public* only: a path decides as its normalized form
+    /// does, and nothing that normalizes into /admin or out of /public is allowed.
+    #[test]
+    fn a_path_is_authorized_as_its_normalized_form(
+        pieces in proptest::collection::vec(
+            prop_oneof![
+                Just("/"), Just("//"), Just("."), Just(".."), Just("%2e"), Just("%2E"), Just("%61"),
+                Just("%2f"), Just("%5c"), Just("\\"), Just(";x"), Just("admin"), Just("public"), Just("%"),
+            ],
+            0..10,
+        )
+    ) {
+        let on_web = |name: &str, yaml: &str| {
+            authz("shop", name, &format!("targetRefs: [{{group: \"\", kind: Service, name: web}}]\n{yaml}"))
+        };
+        let set = PolicySet::new(
+            vec![
+                on_web("deny-admin", "action: DENY\nrules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]"),
+                on_web("allow-public", "rules: [{to: [{operation: {paths: [\"/public*\"]}}]}]"),
+            ],
+            vec![],
+        );
+        let raw = format!("/{}", pieces.concat());
+        let decided = decide_raw_path(&set, &raw);
+        if let Ok(path::Normalized::Path(normalized)) = path::normalize(&raw, &path::PathRules::default()) {
+            prop_assert_eq!(decided, decide_raw_path(&set, &normalized), "{}", raw);
+            if decided == Some(true) {
+                prop_assert!(normalized.starts_with("/public") && !normalized.starts_with("/admin"), "{} -> {}", raw, normalized);
+            }
+        }
+    }
+}

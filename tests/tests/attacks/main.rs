@@ -7,6 +7,7 @@
 mod capture;
 mod ctrl;
 mod netns;
+mod paths;
 mod policy;
 mod pool;
 mod routes;
