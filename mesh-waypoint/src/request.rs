@@ -272,8 +272,12 @@ async fn route(
 
     // The authority as requested (the record took it on arrival; empty: none was sent).
     let requested = record.authority.clone();
-    // End-user authentication, then authorization (Envoy's order: jwt_authn, then RBAC).
+    // End-user authentication, then authorization (Envoy's order: jwt_authn, then RBAC). Only a
+    // verified token's payload may be in a payload header: the client's own copies go first.
     let authentications = waypoint.state.request_authentications();
+    for name in authentications.payload_headers() {
+        parts.headers.remove(name);
+    }
     let target = down.policy_target(waypoint);
     let verified = match waypoint.keys.authenticate(&authentications, &target, &parts.headers, parts.uri.query()).await
     {

@@ -277,6 +277,13 @@ impl RequestAuthentications {
     pub fn attached(&self, target: &Target<'_>) -> Vec<&RequestAuthentication> {
         self.all.iter().filter(|p| attached(&p.namespace, &p.target_refs, target)).collect()
     }
+
+    /// Every header any rule of any of them sends a verified payload in
+    /// (`outputPayloadToHeader`): a request's own copy of one is never forwarded, with or
+    /// without a token, or a client could write its own claims (as Envoy strips them).
+    pub fn payload_headers(&self) -> impl Iterator<Item = &str> {
+        self.all.iter().flat_map(|p| p.rules.iter()).filter_map(|r| r.output_payload_to_header.as_deref())
+    }
 }
 
 /// What a verified token says about a request: Istio's `request.auth.*` attributes.

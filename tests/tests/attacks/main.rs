@@ -10,6 +10,7 @@ mod netns;
 mod paths;
 mod policy;
 mod pool;
+mod request;
 mod routes;
 mod tls;
 
