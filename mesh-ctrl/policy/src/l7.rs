@@ -109,14 +109,25 @@ fn claim_values(claims: &serde_json::Map<String, serde_json::Value>, path: &[Str
     }
 }
 
+/// The values a `request.headers[name]` condition sees: every value of the header (bytes past
+/// ASCII read as UTF-8, never as an absent header) and, when it is repeated, the values joined
+/// with `,` as Envoy matches them. So a second value can neither dodge a DENY nor a `notValues`,
+/// whichever value the backend reads; an ALLOW may match either (the client sets both anyway).
+fn header_values(headers: &HeaderMap, name: &str) -> Vec<String> {
+    let mut values: Vec<String> =
+        headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+    if values.len() > 1 {
+        values.push(values.join(","));
+    }
+    values
+}
+
 impl Condition {
     fn matches_l7(&self, r: &HttpRequest<'_>) -> bool {
         // The attribute's values: a condition holds when one matches `values` and none matches
         // `notValues` (an absent attribute matches no value).
         let values: Vec<String> = match &self.key {
-            ConditionKey::RequestHeader(name) => {
-                r.headers.get(name.as_str()).and_then(|v| v.to_str().ok()).map(str::to_string).into_iter().collect()
-            }
+            ConditionKey::RequestHeader(name) => header_values(r.headers, name),
             ConditionKey::RequestPrincipal => r.auth.map(|a| a.principal.clone()).into_iter().collect(),
             ConditionKey::RequestAudiences => r.auth.map(|a| a.audiences.clone()).unwrap_or_default(),
             ConditionKey::RequestPresenter => r.auth.and_then(|a| a.presenter.clone()).into_iter().collect(),

@@ -422,6 +422,60 @@ fn http_request<'a>(
 }
 
 #[test]
+fn a_repeated_header_is_seen_whole_by_conditions() {
+    let web = l7::Target { namespace: "shop", service: Some("web"), gateway: ("shop", "waypoint") };
+    let on_web = |name: &str, yaml: &str| {
+        authz("shop", name, &format!("targetRefs: [{{group: \"\", kind: Service, name: web}}]\n{yaml}"))
+    };
+    let set = PolicySet::new(
+        vec![
+            on_web(
+                "deny-debug",
+                "action: DENY\nrules: [{when: [{key: \"request.headers[x-debug]\", values: [\"true\"]}]}]",
+            ),
+            on_web(
+                "deny-pair",
+                "action: DENY\nrules: [{when: [{key: \"request.headers[x-pair]\", values: [\"a,b\"]}]}]",
+            ),
+            on_web(
+                "deny-internal",
+                "action: DENY\nrules: [{when: [{key: \"request.headers[x-internal]\", values: [\"*\"]}]}]",
+            ),
+            on_web("allow-not-evil", "rules: [{when: [{key: \"request.headers[x-tenant]\", notValues: [evil]}]}]"),
+        ],
+        vec![],
+    );
+    let headers = |pairs: &[(&str, &[u8])]| {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                http::HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        map
+    };
+    let cases: [(&[(&str, &[u8])], bool); 9] = [
+        (&[("x-tenant", b"shop")], true),
+        (&[("x-tenant", b"shop"), ("x-debug", b"no")], true),
+        (&[("x-tenant", b"shop"), ("x-debug", b"true")], false),
+        (&[("x-tenant", b"shop"), ("x-debug", b"no"), ("x-debug", b"true")], false),
+        (&[("x-tenant", b"shop"), ("x-debug", b"true"), ("x-debug", b"no")], false),
+        // Envoy's joined form: `a` and `b` are `a,b`.
+        (&[("x-tenant", b"shop"), ("x-pair", b"a"), ("x-pair", b"b")], false),
+        // A value past ASCII is still a value.
+        (&[("x-tenant", b"shop"), ("x-internal", b"caf\xe9")], false),
+        (&[("x-tenant", b"shop"), ("x-tenant", b"evil")], false),
+        (&[("x-tenant", b"evil"), ("x-tenant", b"shop")], false),
+    ];
+    for (pairs, allowed) in cases {
+        let map = headers(pairs);
+        let d = set.authorize_request(&web, &http_request(Some(A), "GET", "/", "web.shop", &map));
+        assert_eq!(d.allowed, allowed, "{map:?}: {d:?}");
+    }
+}
+
+#[test]
 fn l7_decision_table() {
     let web = l7::Target { namespace: "shop", service: Some("web"), gateway: ("shop", "waypoint") };
     let on_web = |name: &str, yaml: &str| {

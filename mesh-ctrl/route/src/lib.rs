@@ -485,14 +485,19 @@ fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
     })
 }
 
+/// Header `name` of `headers` as a match reads it: a repeated header's values joined with `,`
+/// (RFC 9110 §5.3, as Envoy matches them), bytes past ASCII read as UTF-8; None when absent.
+fn joined_header(headers: &HeaderMap, name: &str) -> Option<String> {
+    let values: Vec<_> = headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes())).collect();
+    (!values.is_empty()).then(|| values.join(","))
+}
+
 impl Match {
     /// Whether `request` satisfies every part of the match.
     pub fn matches(&self, request: &RequestView<'_>) -> bool {
         self.path.as_ref().is_none_or(|p| p.matches(request.path))
             && self.method.as_ref().is_none_or(|m| m == request.method)
-            && self.headers.iter().all(|h| {
-                request.headers.get(h.name.as_str()).and_then(|v| v.to_str().ok()).is_some_and(|v| h.value.matches(v))
-            })
+            && self.headers.iter().all(|h| joined_header(request.headers, &h.name).is_some_and(|v| h.value.matches(&v)))
             && self.query_params.iter().all(|q| {
                 request.query.and_then(|query| query_param(query, &q.name)).is_some_and(|v| q.value.matches(v))
             })

@@ -99,8 +99,11 @@ fn matching_follows_the_gateway_api_precedence() {
     let table = RouteTable::new(&routes, "shop/web", 8080, None);
     let get = Method::GET;
     type Case<'a> = (&'a Method, &'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 12] = [
+    let cases: [Case; 14] = [
         (&get, "/", &[], "shop/v-root"),
+        // A repeated header is matched as its values joined with `,`.
+        (&get, "/x", &[("version", "one"), ("version", "two")], "shop/v-root"),
+        (&get, "/x", &[("color", "blue"), ("color", "red"), ("version", "one")], "shop/h1"),
         (&get, "/v2", &[], "shop/v2-prefix"),
         (&get, "/v2/", &[], "shop/v2-prefix"),
         (&get, "/v2/example", &[], "shop/v2-prefix"),
