@@ -219,7 +219,7 @@ impl ServicePort {
     /// else the port's name (`<protocol>[-<suffix>]`); `http`, `http2`, `grpc`, `grpc-web`, `h2c`
     /// (and Kubernetes' `kubernetes.io/h2c`, `kubernetes.io/ws`) are HTTP, any other declared
     /// protocol (`tcp`, `tls`, `https`, `mysql`, ...) is opaque TCP, and a port that declares none
-    /// is detected from the client's first bytes (empty).
+    /// is empty (a waypoint serves it as HTTP: the port decides, never the client).
     pub fn protocol(&self) -> &'static str {
         let declared = match &self.app_protocol {
             Some(app) => Some(app.as_str()),

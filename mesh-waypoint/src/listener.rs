@@ -2,9 +2,10 @@
 //! mesh's settings, and each CONNECT checked: its authority must be `VIP:port` of a Service
 //! bound to this waypoint, or `pod IP:port` of a workload bound to it (as the source agent
 //! sends them). An accepted stream is served as HTTP by hyper (HTTP/1.1, or HTTP/2 with prior
-//! knowledge), each request handed to [`crate::request`], when the Service port declares HTTP,
-//! or declares nothing and the stream's first bytes are HTTP ([`detect`]); otherwise it is
-//! relayed at L4 ([`crate::tcp`]).
+//! knowledge), each request handed to [`crate::request`], unless the port declares an opaque
+//! protocol (`tcp`, `tls`, ...: relayed at L4 by [`crate::tcp`]). The port decides, never the
+//! client: a port that declares nothing is HTTP, so no pause, leading CRLF or garbage gets a
+//! client L4 treatment past the routes, limits and filters of an HTTP port.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -248,16 +249,12 @@ async fn serve_tunnel(
     };
     let Some(send) = respond_status(&mut respond, StatusCode::OK) else { return };
     let spiffe_id = identity.as_deref().and_then(|id| id.parse().ok());
-    let mut stream = H2Stream::new(send, body);
+    let stream = H2Stream::new(send, body);
     let declared = match &dest {
         Destination::Service(service, _) => service.protocol(port),
-        Destination::Workload(_) => "",
+        Destination::Workload(workload) => waypoint.state.workload_protocol(&workload.uid, port),
     };
-    let http = match declared {
-        "http" => true,
-        "tcp" => false,
-        _ => detect(&mut stream).await == Detected::Http,
-    };
+    let http = declared != "tcp";
     let downstream = Arc::new(Downstream { dest, port, identity, spiffe_id, addr: peer, traceparent });
     if !http {
         return crate::tcp::relay(&waypoint, &downstream, stream).await;
@@ -271,110 +268,5 @@ async fn serve_tunnel(
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
         tracing::debug!(%peer, "HTTP on the tunnel ended: {e}");
-    }
-}
-
-/// How long the waypoint waits for a client's first bytes on a port that declares no protocol:
-/// a client that says nothing by then (a server-first protocol) is relayed as TCP. Istio's
-/// sidecars waited as long (`protocolDetectionTimeout`, 100 ms, before it was turned off);
-/// declaring the port's protocol spares the wait.
-pub const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
-
-/// What a stream's first bytes say it carries.
-#[derive(Debug, PartialEq, Eq)]
-enum Detected {
-    /// An HTTP/1.x request line, or HTTP/2's connection preface.
-    Http,
-    /// Anything else (or nothing in time): relayed at L4.
-    Tcp,
-}
-
-/// Tells `stream`'s protocol from its first bytes, leaving them unread.
-async fn detect(stream: &mut H2Stream) -> Detected {
-    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
-    loop {
-        if let Some(detected) = classify(stream.unread()) {
-            return detected;
-        }
-        match tokio::time::timeout_at(deadline, stream.fill()).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return Detected::Tcp,
-        }
-    }
-}
-
-/// HTTP/2's connection preface.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// The longest method token taken for HTTP/1.x.
-const LONGEST_METHOD: usize = 16;
-/// The longest request target waited for: a longer first line is taken for TCP.
-const LONGEST_TARGET: usize = 8192;
-
-/// What `first` (a stream's first bytes) says, or None until more arrive: HTTP/2's preface, or
-/// an HTTP/1.x request line (`METHOD SP target SP HTTP/1.`, the method in capitals, the target
-/// visible ASCII), is HTTP; anything that cannot begin one is TCP.
-fn classify(first: &[u8]) -> Option<Detected> {
-    let visible = |b: &u8| (0x21..=0x7e).contains(b);
-    if first.is_empty() {
-        return None;
-    }
-    if first.starts_with(H2_PREFACE) {
-        return Some(Detected::Http);
-    }
-    if H2_PREFACE.starts_with(first) {
-        return None;
-    }
-    let Some(method_end) = first.iter().position(|b| *b == b' ') else {
-        let may_be_method = first.len() <= LONGEST_METHOD && first.iter().all(u8::is_ascii_uppercase);
-        return (!may_be_method).then_some(Detected::Tcp);
-    };
-    if method_end == 0 || method_end > LONGEST_METHOD || !first[..method_end].iter().all(u8::is_ascii_uppercase) {
-        return Some(Detected::Tcp);
-    }
-    let rest = &first[method_end + 1..];
-    let Some(target_end) = rest.iter().position(|b| *b == b' ') else {
-        let may_be_target = rest.len() <= LONGEST_TARGET && rest.iter().all(visible);
-        return (!may_be_target).then_some(Detected::Tcp);
-    };
-    if target_end == 0 || !rest[..target_end].iter().all(visible) {
-        return Some(Detected::Tcp);
-    }
-    const VERSION: &[u8] = b"HTTP/1.";
-    let version = &rest[target_end + 1..];
-    if version.len() >= VERSION.len() {
-        Some(if version.starts_with(VERSION) { Detected::Http } else { Detected::Tcp })
-    } else if VERSION.starts_with(version) {
-        None
-    } else {
-        Some(Detected::Tcp)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn first_bytes_tell_http_from_tcp() {
-        let cases: [(&[u8], Option<Detected>); 15] = [
-            (b"GET / HTTP/1.1\r\n", Some(Detected::Http)),
-            (b"OPTIONS * HTTP/1.1", Some(Detected::Http)),
-            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Some(Detected::Http)),
-            (b"PRI * HTTP/2", None),
-            (b"GE", None),
-            (b"GET /index", None),
-            (b"GET /index HTTP/", None),
-            (b"", None),
-            (b"hello\n", Some(Detected::Tcp)),
-            (b"\x16\x03\x01\x02\x00", Some(Detected::Tcp)),
-            (b" GET /", Some(Detected::Tcp)),
-            (b"AVERYLONGMETHODNAME /", Some(Detected::Tcp)),
-            (b"A \x01\x02", Some(Detected::Tcp)),
-            (b"GET / FTP/1.0", Some(Detected::Tcp)),
-            (b"GET  HTTP/1.1", Some(Detected::Tcp)),
-        ];
-        for (first, want) in cases {
-            assert_eq!(classify(first), want, "{:?}", String::from_utf8_lossy(first));
-        }
     }
 }

@@ -226,6 +226,42 @@ fn normalize_path(
     Ok(())
 }
 
+/// Whether `request` upgrades its connection to a WebSocket (RFC 9110 §7.8: HTTP/1.1, `Connection`
+/// listing `upgrade`, `Upgrade: websocket`), the only upgrade taken, as Envoy's default
+/// `upgrade_configs`; the refusal's reason for any other upgrade (`h2c` included) and for
+/// `CONNECT`: once switched, the connection would be an opaque tunnel whose later requests no
+/// policy sees. An `Upgrade` header without `Connection: upgrade` asks for nothing and is
+/// dropped with the other hop-by-hop headers.
+fn upgrade_of<B>(request: &Request<B>) -> Result<bool, String> {
+    if request.method() == http::Method::CONNECT {
+        return Err("CONNECT is not proxied by the waypoint".into());
+    }
+    let headers = request.headers();
+    let asked = request.version() == Version::HTTP_11
+        && headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    if !asked {
+        return Ok(false);
+    }
+    let protocols: Vec<&[u8]> = headers
+        .get_all(UPGRADE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .collect();
+    match protocols.as_slice() {
+        [one] if one.eq_ignore_ascii_case(b"websocket") => Ok(true),
+        _ => {
+            let named: Vec<_> = protocols.iter().map(|p| String::from_utf8_lossy(p)).collect();
+            Err(format!("upgrade to {:?} refused: only websocket is upgraded", named.join(", ")))
+        }
+    }
+}
+
 /// Headers that belong to one connection and are not forwarded (RFC 9110 7.6.1), except
 /// `connection: upgrade` and `upgrade` on an upgrade, which the upstream must see.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
@@ -261,7 +297,10 @@ async fn route(
 ) -> Response<Body> {
     // `namespace/name` of the Service addressed; empty for a workload (no route attaches to it).
     let service = down.dest.service_name().map(|name| format!("{}/{name}", down.dest.namespace())).unwrap_or_default();
-    let upgrade = request.version() == Version::HTTP_11 && request.headers().contains_key(UPGRADE);
+    let upgrade = match upgrade_of(&request) {
+        Ok(upgrade) => upgrade,
+        Err(refused) => return local_reply(record, StatusCode::FORBIDDEN, "-", refused),
+    };
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     record.span = crate::spans::RequestSpan::start(&waypoint.tracer, &parts.headers, down.traceparent);
@@ -768,5 +807,37 @@ mod tests {
         upgrade.insert(UPGRADE, HeaderValue::from_static("websocket"));
         strip_hop_by_hop(&mut upgrade, true);
         assert_eq!(upgrade.len(), 2, "an upgrade keeps connection and upgrade: {upgrade:?}");
+    }
+
+    #[test]
+    fn only_a_websocket_upgrade_is_taken() {
+        let request = |method: &str, version: Version, headers: &[(&str, &str)]| {
+            let mut builder = Request::builder().method(method).uri("/").version(version);
+            for (name, value) in headers {
+                builder = builder.header(*name, *value);
+            }
+            builder.body(()).unwrap()
+        };
+        let h11 = Version::HTTP_11;
+        let ws = [("connection", "keep-alive, Upgrade"), ("upgrade", "WebSocket")];
+        assert_eq!(upgrade_of(&request("GET", h11, &ws)), Ok(true));
+        assert_eq!(upgrade_of(&request("GET", h11, &[])), Ok(false));
+        // Not asked (no `Connection: upgrade`, or HTTP/1.0): a plain request, the header dropped.
+        assert_eq!(upgrade_of(&request("GET", h11, &[("upgrade", "h2c")])), Ok(false));
+        assert_eq!(upgrade_of(&request("GET", Version::HTTP_10, &ws)), Ok(false));
+        for refused in [
+            vec![
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", "h2c"),
+                ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+            ],
+            vec![("connection", "upgrade"), ("upgrade", "tunnel")],
+            vec![("connection", "upgrade"), ("upgrade", "websocket, h2c")],
+            vec![("connection", "upgrade"), ("upgrade", "websocket"), ("upgrade", "h2c")],
+        ] {
+            let answer = upgrade_of(&request("GET", h11, &refused));
+            assert!(answer.as_ref().is_err_and(|e| e.contains("only websocket")), "{refused:?}: {answer:?}");
+        }
+        assert!(upgrade_of(&request("CONNECT", h11, &[])).is_err());
     }
 }

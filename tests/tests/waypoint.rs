@@ -796,13 +796,13 @@ fn tcp_to_a_bound_service_is_relayed_at_l4_with_l4_policy() {
     let (a, waypoint, web_2) = (topo.pod("shop", "a"), topo.pod("shop", "waypoint"), topo.pod("shop", "web-2"));
     topo.serve(web_2);
     // Service db (bound, as its namespace is): port 9000 declared TCP by its name, port 9100
-    // declaring nothing (the waypoint tells from the first bytes), both to web-2's sink.
+    // by its appProtocol, both to web-2's sink (a port declaring nothing would be HTTP).
     let sink = ferrymesh_testbed::mesh::SINK_PORT;
     topo.write_pod(web_2, &[("app", "web"), ("app-db", "yes")]);
     topo.write_config_file(
         "svc-shop-db.yaml",
         &format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: db\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.52\n  selector:\n    app-db: \"yes\"\n  ports:\n  - name: tcp-sink\n    port: 9000\n    targetPort: {sink}\n  - name: data\n    port: 9100\n    targetPort: {sink}\n"
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: db\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.52\n  selector:\n    app-db: \"yes\"\n  ports:\n  - name: tcp-sink\n    port: 9000\n    targetPort: {sink}\n  - name: data\n    port: 9100\n    appProtocol: tcp\n    targetPort: {sink}\n"
         ),
     );
     let send = |port: u16| {

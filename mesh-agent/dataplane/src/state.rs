@@ -78,7 +78,8 @@ pub struct Service {
     pub ports: Vec<u16>,
     /// The ports whose traffic a waypoint relays as opaque TCP (declared so).
     pub tcp_ports: Vec<u16>,
-    /// The ports whose traffic a waypoint serves as HTTP (declared so); the rest are detected.
+    /// The ports whose traffic a waypoint serves as HTTP (declared so); a waypoint serves the
+    /// ports that declare nothing as HTTP too.
     pub http_ports: Vec<u16>,
     /// Endpoints.
     pub endpoints: Vec<ServiceEndpoint>,
@@ -92,7 +93,7 @@ impl Service {
         self.vip.iter().chain(&self.other_vips).copied()
     }
 
-    /// What a waypoint makes of `port`'s traffic: `http`, `tcp`, or empty (detected).
+    /// What `port` declares its traffic is: `http`, `tcp`, or empty (nothing declared).
     pub fn protocol(&self, port: u16) -> &'static str {
         if self.tcp_ports.contains(&port) {
             "tcp"
@@ -638,6 +639,25 @@ impl State {
     /// The service whose ClusterIP is `ip`, if any.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<Arc<Service>> {
         self.inner.read().expect("state lock").services_by_vip.get(&ip).cloned()
+    }
+
+    /// What traffic to `port` of workload `uid` declares itself to be, from the Services that
+    /// send a port of theirs there (`http` when one declares HTTP, else `tcp` when one declares
+    /// an opaque protocol; empty when none declares anything).
+    pub fn workload_protocol(&self, uid: &str, port: u16) -> &'static str {
+        let inner = self.inner.read().expect("state lock");
+        let mut declared = "";
+        for service in inner.services.values() {
+            let targeting = service.endpoints.iter().filter(|e| e.workload_uid == uid).flat_map(|e| &e.target_ports);
+            for (service_port, _) in targeting.filter(|(_, target)| **target == port) {
+                match service.protocol(*service_port) {
+                    "http" => return "http",
+                    "tcp" => declared = "tcp",
+                    _ => {}
+                }
+            }
+        }
+        declared
     }
 
     /// The service `namespace/name`, if held.

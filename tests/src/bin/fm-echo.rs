@@ -3,7 +3,8 @@
 //!
 //! `serve` answers every HTTP/1.1 or HTTP/2 (prior knowledge) request with a JSON body naming
 //! the pod that answered and the request as it arrived (method, path with query, host, headers,
-//! protocol, body length), and echoes WebSocket messages on any path that asks to upgrade.
+//! protocol, body length), echoes WebSocket messages on any path that asks to upgrade, and
+//! switches to HTTP/2 on an `h2c` upgrade without insisting on `HTTP2-Settings` (a lax server).
 //! `ws` is a WebSocket client: it sends numbered text messages and checks each echo, printing
 //! JSON. `grpc-serve` is a gRPC server (tonic) of one unary method, `ferrymesh.test.Echo/Echo`,
 //! answering with the pod's name and the request's metadata; `grpc` calls it `count` times on
@@ -159,12 +160,54 @@ async fn serve(port: u16, pod: String, namespace: String, log_requests: bool) ->
     }
 }
 
+/// A request that came over an h2c upgrade: echoed (pod, method, path, protocol) and logged as
+/// [`answer`] does.
+async fn h2c_answer(
+    request: Request<Incoming>,
+    who: std::sync::Arc<(String, String, bool)>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let body = json!({
+        "pod": who.0,
+        "namespace": who.1,
+        "method": request.method().as_str(),
+        "path": request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        "protocol": format!("{:?}", request.version()),
+        "headers": {},
+        "upgraded": "h2c",
+    });
+    if who.2 {
+        println!("{body}");
+    }
+    Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
+}
+
 async fn answer(
     mut request: Request<Incoming>,
     who: std::sync::Arc<(String, String, bool)>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let websocket =
-        request.headers().get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let upgrade_to = |request: &Request<Incoming>, protocol: &[u8]| {
+        request.headers().get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(protocol))
+    };
+    if upgrade_to(&request, b"h2c") {
+        // A lax h2c server (it does not insist on HTTP2-Settings): switches, then serves HTTP/2
+        // on the connection, so whatever upgrades it carries requests a proxy never parsed.
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let service = hyper::service::service_fn(move |request| h2c_answer(request, who.clone()));
+                let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(upgraded, service).await;
+            }
+        });
+        let response = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "h2c")
+            .body(Full::default())
+            .expect("101 response");
+        return Ok(response);
+    }
+    let websocket = upgrade_to(&request, b"websocket");
     if let (true, Some(key)) = (websocket, request.headers().get("sec-websocket-key").cloned()) {
         let upgrade = hyper::upgrade::on(&mut request);
         tokio::spawn(async move {

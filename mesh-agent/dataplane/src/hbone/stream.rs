@@ -74,38 +74,10 @@ impl H2Stream {
         Self { send, recv, pending: Bytes::new() }
     }
 
-    /// Waits for the next DATA frame and keeps it unread, after what is unread already (see
-    /// [`H2Stream::unread`]); its length, 0 at the stream's end.
-    pub async fn fill(&mut self) -> io::Result<usize> {
-        match self.recv.data().await {
-            Some(Ok(chunk)) => {
-                let _ = self.recv.flow_control().release_capacity(chunk.len());
-                let n = chunk.len();
-                self.pending = if self.pending.is_empty() {
-                    chunk
-                } else {
-                    let mut joined = bytes::BytesMut::with_capacity(self.pending.len() + n);
-                    joined.extend_from_slice(&self.pending);
-                    joined.extend_from_slice(&chunk);
-                    joined.freeze()
-                };
-                Ok(n)
-            }
-            Some(Err(e)) => Err(h2_io(e)),
-            None => Ok(0),
-        }
-    }
-
     /// Ends the stream both ways at once with RST_STREAM `reason` (the peer's agent resets its
     /// client's TCP connection), rather than an orderly end.
     pub fn reset(mut self, reason: h2::Reason) {
         self.send.send_reset(reason);
-    }
-
-    /// The bytes received and not yet read: a reader can look at a stream's first bytes (to
-    /// tell its protocol) and leave them to the next.
-    pub fn unread(&self) -> &[u8] {
-        &self.pending
     }
 }
 
