@@ -182,7 +182,7 @@ impl ConfigService {
 
     /// The tonic server wrapper for this service.
     pub fn into_server(self) -> config_server::ConfigServer<Self> {
-        config_server::ConfigServer::new(self)
+        config_server::ConfigServer::new(self).max_encoding_message_size(ferrymesh_api::MAX_CONFIG_MESSAGE)
     }
 }
 

@@ -89,7 +89,11 @@ async fn stream_once(ctrl: &Ctrl, watcher: &Watcher, state: &State) -> Result<()
         .parse()
         .map_err(|_| tonic::Status::invalid_argument("the token is not valid header text"))?;
     request.metadata_mut().insert("authorization", bearer);
-    let mut stream = ConfigClient::new(channel).watch(request).await?.into_inner();
+    let mut stream = ConfigClient::new(channel)
+        .max_decoding_message_size(ferrymesh_api::MAX_CONFIG_MESSAGE)
+        .watch(request)
+        .await?
+        .into_inner();
     let mut broken = false;
     while let Some(update) = stream.message().await? {
         state.set_ctrl_connected(true);
@@ -253,6 +257,48 @@ mod tests {
         assert!(state.workload("c").is_none(), "the delta after the rejected one was not applied");
         assert!(state.workload("d").is_some() && state.workload("a").is_none());
         assert_eq!(state.ctrl_status().1, 4);
+    }
+
+    /// A snapshot of 100,000 workloads (some 10 MiB, past gRPC's default 4 MiB) is received,
+    /// applied and acked.
+    #[tokio::test]
+    async fn a_snapshot_of_100k_workloads_is_applied() {
+        use ferrymesh_api::config::{ConfigUpdate, Workload};
+        let workloads: Vec<Workload> = (0..100_000u32)
+            .map(|i| Workload {
+                uid: format!("uid-{i:06}"),
+                name: format!("pod-{i:06}"),
+                namespace: format!("ns-{:03}", i % 1000),
+                node: format!("node-{:04}", i % 1000),
+                service_account: "default".into(),
+                ip: std::net::Ipv4Addr::from(0x0af4_0000 + i).to_string(),
+                labels: [("app".to_string(), format!("app-{}", i % 5000))].into(),
+                ..Default::default()
+            })
+            .collect();
+        let update = ConfigUpdate { version: 1, snapshot: true, upserted: workloads, ..Default::default() };
+        assert!(prost::Message::encoded_len(&update) > 8 << 20, "{}", prost::Message::encoded_len(&update));
+        let (answers, mut answered) = mpsc::channel(8);
+        let server = Scripted { updates: std::sync::Mutex::new(Some(vec![update])), answers: Some(answers) };
+        let pki = crate::ctrl::testing::Pki::new();
+        let router = tonic::transport::Server::builder().add_service(
+            ferrymesh_api::config::config_server::ConfigServer::new(server)
+                .max_encoding_message_size(ferrymesh_api::MAX_CONFIG_MESSAGE),
+        );
+        let addr = pki.serve(router).await;
+        let state = std::sync::Arc::new(State::default());
+        let (client_state, ctrl, watcher) = (state.clone(), pki.ctrl(&format!("https://{addr}")), watcher());
+        let stream = tokio::spawn(async move { stream_once(&ctrl, &watcher, &client_state).await });
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let answer = tokio::time::timeout(Duration::from_secs(60), answered.recv()).await.unwrap().unwrap();
+            got.push((answer.version, answer.error));
+        }
+        stream.abort();
+        assert_eq!(got, [(0, String::new()), (1, String::new())], "the hello, then the ack");
+        assert!(
+            state.workload("uid-099999").is_some() && state.workload_by_ip("10.245.134.159".parse().unwrap()).is_some()
+        );
     }
 
     /// The bundle of every update replaces the one held, when it holds a pinned root; one

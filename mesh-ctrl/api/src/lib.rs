@@ -6,6 +6,16 @@ pub mod exit;
 pub mod flow_json;
 pub mod kinds;
 
+/// The largest config message (a snapshot or a delta) mesh-ctrl sends and agents, waypoints
+/// and meshctl accept: 256 MiB, far above a 100k-workload model (gRPC's default of 4 MiB broke
+/// every stream past some 10k pods, or with a few large objects).
+pub const MAX_CONFIG_MESSAGE: usize = 256 << 20;
+
+/// The largest single object mesh-ctrl takes from its sources, as JSON: 512 KiB, a third of
+/// the API server's own limit. A larger one is refused by name, its last good version kept, so
+/// no tenant's object can make every node hold (and receive) megabytes.
+pub const MAX_OBJECT_BYTES: usize = 512 << 10;
+
 /// The generated code, nested as the proto packages are (so cross-package references resolve).
 #[allow(missing_docs, clippy::all)]
 pub mod ferrymesh {

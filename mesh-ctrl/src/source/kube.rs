@@ -57,12 +57,32 @@ pub struct KubeSource {
     grpc_routes: Store<GRPCRoute>,
     reference_grants: Store<ReferenceGrant>,
     good: BTreeMap<ObjectKey, Object>,
+    /// Each object's size verdict (why it is too large, if it is), at the resourceVersion it was
+    /// taken at: an object is measured once per version, not on every rebuild.
+    sizes: BTreeMap<ObjectKey, (String, Option<String>)>,
     /// UIDs of the pods whose `ferrymesh.io/netns` annotation was ignored (warned once each).
     netns_ignored: std::collections::BTreeSet<String>,
 }
 
 fn key(kind: &str, namespace: Option<String>, name: String) -> ObjectKey {
     ObjectKey { kind: kind.into(), namespace: namespace.unwrap_or_default(), name }
+}
+
+/// A watched object as the size check sees it.
+trait ErasedObject {
+    /// Its resourceVersion (empty: none).
+    fn version(&self) -> String;
+    /// Why it is too large, if it is.
+    fn oversize(&self) -> Option<String>;
+}
+
+impl<K: kube::Resource + serde::Serialize> ErasedObject for K {
+    fn version(&self) -> String {
+        self.meta().resource_version.clone().unwrap_or_default()
+    }
+    fn oversize(&self) -> Option<String> {
+        super::oversize(self)
+    }
 }
 
 /// Whether a pod belongs in the mesh model yet: scheduled, with an IP, not on the host network.
@@ -102,6 +122,18 @@ impl KubeSource {
     pub fn rebuild(&mut self) -> (Model, Vec<ConfigError>) {
         let mut next = BTreeMap::new();
         let mut errors = Vec::new();
+        let previous_sizes = std::mem::take(&mut self.sizes);
+        let mut sizes = BTreeMap::new();
+        // Why an object is refused for its size (see super::oversize), measured once a version.
+        let mut oversize = |key: &ObjectKey, object: &dyn ErasedObject| {
+            let version = object.version();
+            let verdict = match previous_sizes.get(key) {
+                Some((seen, verdict)) if *seen == version && !version.is_empty() => verdict.clone(),
+                _ => object.oversize(),
+            };
+            sizes.insert(key.clone(), (version, verdict.clone()));
+            verdict
+        };
         let mut add =
             |key: ObjectKey, result: Result<Object, (Option<String>, String)>, good: &BTreeMap<_, _>| match result {
                 Ok(object) => {
@@ -122,18 +154,30 @@ impl KubeSource {
         for ns in self.namespaces.state() {
             let k = key("Namespace", None, ns.name_any());
             let object = Object::Namespace(namespace_from((*ns).clone(), &k));
-            add(k, Ok(object), &self.good);
+            let result = match oversize(&k, &*ns) {
+                Some(message) => Err((None, message)),
+                None => Ok(object),
+            };
+            add(k, result, &self.good);
         }
         for pod in self.pods.state().iter().filter(|p| meshable(p)) {
             let k = key("Pod", pod.namespace(), pod.name_any());
             let result = pod_from((**pod).clone(), &k)
                 .map(|pod| Object::Pod(ignore_netns_annotation(pod, &k, &mut self.netns_ignored)))
                 .map_err(FieldError::field_and_message);
+            let result = match oversize(&k, &**pod) {
+                Some(message) => Err((None, message)),
+                None => result,
+            };
             add(k, result, &self.good);
         }
         for svc in self.services.state() {
             let k = key("Service", svc.namespace(), svc.name_any());
             let result = service_from((*svc).clone(), &k).map(Object::Service).map_err(FieldError::field_and_message);
+            let result = match oversize(&k, &*svc) {
+                Some(message) => Err((None, message)),
+                None => result,
+            };
             add(k, result, &self.good);
         }
         for slice in self.endpoint_slices.state() {
@@ -141,60 +185,105 @@ impl KubeSource {
             let result = endpoint_slice_from((*slice).clone(), &k)
                 .map(Object::EndpointSlice)
                 .map_err(FieldError::field_and_message);
+            let result = match oversize(&k, &*slice) {
+                Some(message) => Err((None, message)),
+                None => result,
+            };
             add(k, result, &self.good);
         }
         for sa in self.service_accounts.state() {
             let k = key("ServiceAccount", sa.namespace(), sa.name_any());
             let object = Object::ServiceAccount(service_account_from(&k));
-            add(k, Ok(object), &self.good);
+            let result = match oversize(&k, &*sa) {
+                Some(message) => Err((None, message)),
+                None => Ok(object),
+            };
+            add(k, result, &self.good);
         }
         for p in self.authorization_policies.state() {
             let k = key("AuthorizationPolicy", p.namespace(), p.name_any());
             let result = p.spec.policy.validate(&k.namespace, &k.name).map(Object::AuthorizationPolicy);
-            add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
+            let result = match oversize(&k, &*p) {
+                Some(message) => Err((None, message)),
+                None => result.map_err(|e| (Some(e.field), e.message)),
+            };
+            add(k, result, &self.good);
         }
         for p in self.peer_authentications.state() {
             let k = key("PeerAuthentication", p.namespace(), p.name_any());
             let result = p.spec.peer_authentication.validate(&k.namespace, &k.name).map(Object::PeerAuthentication);
-            add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
+            let result = match oversize(&k, &*p) {
+                Some(message) => Err((None, message)),
+                None => result.map_err(|e| (Some(e.field), e.message)),
+            };
+            add(k, result, &self.good);
         }
         for p in self.request_authentications.state() {
             let k = key("RequestAuthentication", p.namespace(), p.name_any());
             let result =
                 p.spec.request_authentication.validate(&k.namespace, &k.name).map(Object::RequestAuthentication);
-            add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
+            let result = match oversize(&k, &*p) {
+                Some(message) => Err((None, message)),
+                None => result.map_err(|e| (Some(e.field), e.message)),
+            };
+            add(k, result, &self.good);
         }
         for p in self.traffic_policies.state() {
             let k = key("TrafficPolicy", p.namespace(), p.name_any());
             let result = p.spec.policy.validate(&k.namespace, &k.name).map(Object::TrafficPolicy);
-            add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
+            let result = match oversize(&k, &*p) {
+                Some(message) => Err((None, message)),
+                None => result.map_err(|e| (Some(e.field), e.message)),
+            };
+            add(k, result, &self.good);
         }
         for r in self.destination_rules.state() {
             let k = key("DestinationRule", r.namespace(), r.name_any());
             let result = r.spec.rule.validate(&k.namespace, &k.name).map(Object::DestinationRule);
-            add(k, result.map_err(|e| (Some(e.field), e.message)), &self.good);
+            let result = match oversize(&k, &*r) {
+                Some(message) => Err((None, message)),
+                None => result.map_err(|e| (Some(e.field), e.message)),
+            };
+            add(k, result, &self.good);
         }
         for gw in self.gateways.state() {
             let k = key("Gateway", gw.namespace(), gw.name_any());
             let result = waypoint_from((*gw).clone(), &k).map(|w| w.map_or(Object::Ignored, Object::Waypoint));
-            add(k, result.map_err(FieldError::field_and_message), &self.good);
+            let result = match oversize(&k, &*gw) {
+                Some(message) => Err((None, message)),
+                None => result.map_err(FieldError::field_and_message),
+            };
+            add(k, result, &self.good);
         }
         for r in self.http_routes.state() {
             let k = key("HTTPRoute", r.namespace(), r.name_any());
             let result = http_route_from((*r).clone(), &k).map(|r| r.map_or(Object::Ignored, Object::Route));
-            add(k, result.map_err(FieldError::field_and_message), &self.good);
+            let result = match oversize(&k, &*r) {
+                Some(message) => Err((None, message)),
+                None => result.map_err(FieldError::field_and_message),
+            };
+            add(k, result, &self.good);
         }
         for r in self.grpc_routes.state() {
             let k = key("GRPCRoute", r.namespace(), r.name_any());
             let result = grpc_route_from((*r).clone(), &k).map(|r| r.map_or(Object::Ignored, Object::Route));
-            add(k, result.map_err(FieldError::field_and_message), &self.good);
+            let result = match oversize(&k, &*r) {
+                Some(message) => Err((None, message)),
+                None => result.map_err(FieldError::field_and_message),
+            };
+            add(k, result, &self.good);
         }
         for g in self.reference_grants.state() {
             let k = key("ReferenceGrant", g.namespace(), g.name_any());
             let result = reference_grant_from((*g).clone(), &k).map(Object::ReferenceGrant);
-            add(k, result.map_err(FieldError::field_and_message), &self.good);
+            let result = match oversize(&k, &*g) {
+                Some(message) => Err((None, message)),
+                None => result.map_err(FieldError::field_and_message),
+            };
+            add(k, result, &self.good);
         }
         self.good = next;
+        self.sizes = sizes;
         (model_of(self.good.values()), errors)
     }
 
@@ -425,6 +514,7 @@ pub async fn watch_kube(client: Client, publisher: Publisher) {
         grpc_routes,
         reference_grants,
         good: BTreeMap::new(),
+        sizes: BTreeMap::new(),
         netns_ignored: Default::default(),
     };
     let mut events = futures::stream::select_all([

@@ -290,6 +290,9 @@ fn parse_object(file: &Path, doc: Value) -> Result<(ObjectKey, Object), Box<Reje
     let Some(key) = key.clone() else {
         return Err(error(Some("metadata.name".into()), "missing; every object needs a name".into()));
     };
+    if let Some(message) = super::oversize(&doc) {
+        return Err(error(None, message));
+    }
     let parsed = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Namespace") => strict::<k8s::Namespace>(doc).map(|ns| Object::Namespace(namespace_from(ns, &key))),
         ("v1", "Pod") => strict::<k8s::Pod>(doc).and_then(|pod| pod_from(pod, &key).map(Object::Pod).map_err(FieldError::field_and_message)),
@@ -495,6 +498,27 @@ mod tests {
             assert_eq!(errors[0].field.as_deref(), Some(field));
             assert_eq!(after, model, "{field}: the last good policy stays");
         }
+    }
+
+    #[test]
+    fn an_object_over_the_size_limit_is_refused_by_name_and_its_last_good_version_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = |blocks: usize| {
+            let list: Vec<String> =
+                (0..blocks).map(|i| format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255)).collect();
+            format!("apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: big\n  namespace: shop\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [{}]\n", list.join(", "))
+        };
+        write(dir.path(), "p.yaml", &policy(1000));
+        let mut source = DirSource::new(dir.path());
+        let (good, errors) = source.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        // 40,000 blocks: some 600 KiB as JSON.
+        write(dir.path(), "p.yaml", &policy(40_000));
+        let (after, errors) = source.reload();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].object.as_deref(), Some("AuthorizationPolicy shop/big"));
+        assert!(errors[0].message.contains("over 512 KiB as JSON"), "{}", errors[0]);
+        assert_eq!(after, good, "the last good policy stays");
     }
 
     /// An HTTPRoute in the shape of the Gateway API mesh conformance suite's.

@@ -22,6 +22,32 @@ const DEBOUNCE: Duration = Duration::from_millis(20);
 /// one on a network filesystem, still lands).
 const RESYNC: Duration = Duration::from_secs(5);
 
+/// Why `object` is refused for its size: its JSON form is over [`ferrymesh_api::MAX_OBJECT_BYTES`]
+/// (counted, never built, and no further than the limit).
+pub fn oversize(object: &impl serde::Serialize) -> Option<String> {
+    /// Counts bytes written, failing past the limit so a huge object costs no more than it.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            if self.0 > ferrymesh_api::MAX_OBJECT_BYTES {
+                return Err(std::io::Error::other("over the limit"));
+            }
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, object).is_err().then(|| {
+        format!(
+            "the object is over {} KiB as JSON, the most mesh-ctrl takes of one object; split it (a policy's rules, a route's rules) or trim it",
+            ferrymesh_api::MAX_OBJECT_BYTES >> 10
+        )
+    })
+}
+
 /// Loads the directory, publishes it, and keeps doing so on every change until the process
 /// ends. Errors are logged once each time the set of errors changes.
 pub async fn watch_dir(mut source: DirSource, publisher: Publisher) -> notify::Result<()> {

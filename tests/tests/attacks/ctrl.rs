@@ -2,6 +2,9 @@
 //! read the whole mesh (every pod with its labels and netns, every policy's header values and
 //! inline keys), and a node's agent read every other node's pods in detail. The stream takes
 //! the CA's credential, is scoped to its caller, and is bounded per source.
+//!
+//! H6: a config over gRPC's default 4 MiB (a few large objects, or some 10k pods) broke every
+//! agent's stream: each failed to decode it and kept its last config forever.
 
 use std::time::Duration;
 
@@ -127,4 +130,59 @@ fn an_inline_symmetric_key_is_refused_by_field() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("RequestAuthentication shop/hmac") && text.contains("spec.jwtRules[0].jwks"), "{text}");
     assert!(text.contains("symmetric (kty oct) key"), "{text}");
+}
+
+/// `namespace/name` of every AuthorizationPolicy and PeerAuthentication the agent of `node`
+/// holds, sorted.
+fn held_policies(topo: &Topology, node: u8) -> Vec<String> {
+    let out = topo.meshctl(node, &["policies", "-o", "json"]);
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut names: Vec<String> = all
+        .iter()
+        .map(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or_default(), p["name"].as_str().unwrap_or_default()))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_config_over_4_mib_reaches_every_agent_and_an_oversize_object_is_refused_by_name() {
+    let topo = cluster();
+    // A DENY on no pod, from `blocks` addresses: about 14 bytes each on the wire, 17 as JSON.
+    let policy = |name: &str, blocks: usize| {
+        let list: Vec<String> =
+            (0..blocks).map(|i| format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255)).collect();
+        format!(
+            "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: nobody\n  action: DENY\n  rules:\n  - from:\n    - source:\n        ipBlocks: [{}]\n",
+            list.join(", ")
+        )
+    };
+    // 18 policies of 25,000 blocks, each under the object limit: some 6 MiB in all.
+    let mut want: Vec<String> = (0..18).map(|i| format!("shop/big-{i:02}")).collect();
+    for name in &want {
+        let name = name.trim_start_matches("shop/");
+        topo.write_config_file(&format!("policy-{name}.yaml"), &policy(name, 25_000));
+    }
+    // And one tenant's object over it.
+    topo.write_config_file("policy-huge.yaml", &policy("huge", 40_000));
+    want.push("shop/internal".into());
+    want.sort();
+    for node in [1, 2] {
+        wait_until(CONFIG_WAIT * 6, &format!("node {node}'s agent to hold the config of over 4 MiB"), || {
+            held_policies(&topo, node) == want
+        });
+    }
+    wait_until(CONFIG_WAIT, "mesh-ctrl to refuse the oversize object by name", || {
+        let log = topo.log("mesh-ctrl");
+        log.contains("AuthorizationPolicy shop/huge") && log.contains("over 512 KiB as JSON")
+    });
+    // The stream goes on: a change after the refusal reaches both agents.
+    topo.write_config_file("policy-after.yaml", &policy("after", 10));
+    want.push("shop/after".into());
+    want.sort();
+    for node in [1, 2] {
+        wait_until(CONFIG_WAIT * 2, &format!("node {node}'s agent to hold the change after it"), || {
+            held_policies(&topo, node) == want
+        });
+    }
 }

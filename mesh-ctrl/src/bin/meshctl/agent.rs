@@ -87,5 +87,6 @@ pub async fn connect(path: &Path) -> Result<AgentAdminClient<Channel>, AgentErro
         }))
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    Ok(AgentAdminClient::new(channel))
+    // The config dump is as large as the config the agent holds.
+    Ok(AgentAdminClient::new(channel).max_decoding_message_size(ferrymesh_api::MAX_CONFIG_MESSAGE))
 }
