@@ -2,22 +2,25 @@
 //! `governor` crate) per Service it applies to and per key value (a header's, or the client's
 //! identity), kept by this replica alone. A request must pass every limit that applies; one
 //! that does not is answered 429 with `retry-after` (the seconds until a token is back, at least
-//! 1). Buckets are rebuilt when their limit changes, and those of idle keys are dropped once
-//! there are many, so that clients sending ever new key values cannot grow the waypoint.
+//! 1). Buckets are rebuilt when their limit changes. A limit holds at most [`MAX_KEYS`] keys'
+//! buckets: past that, the least recently used one is dropped (as Envoy's dynamic descriptors
+//! are), counted in `ferrymesh_waypoint_rate_limit_evictions_total`, so that clients sending ever
+//! new key values cannot grow the waypoint. A dropped key comes back with a full bucket, which
+//! gives a client nothing a new key value would not.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrymesh_route::traffic::{Applied, LocalLimit, RateLimit};
 use governor::clock::Clock;
-use governor::{DefaultKeyedRateLimiter, Quota};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::HeaderMap;
+use lru::LruCache;
 
-/// Keys a limit may hold before the idle ones are dropped.
-const KEYS_BEFORE_CLEANUP: usize = 10_000;
+/// The most keys' buckets one limit holds (about 150 bytes each with its key).
+pub const MAX_KEYS: usize = 10_000;
 
 /// The buckets of every local limit, by policy and limit.
 #[derive(Default)]
@@ -31,11 +34,11 @@ impl std::fmt::Debug for RateLimiters {
     }
 }
 
-/// One limit's buckets.
+/// One limit's buckets, by key, least recently used first out.
 struct Limiter {
     limit: LocalLimit,
-    buckets: DefaultKeyedRateLimiter<String>,
-    checks: AtomicU64,
+    quota: Quota,
+    buckets: Mutex<LruCache<String, DefaultDirectRateLimiter>>,
 }
 
 /// Why a request was refused.
@@ -53,16 +56,24 @@ impl Limiter {
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
             .allow_burst(NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN));
-        Self { limit: limit.clone(), buckets: DefaultKeyedRateLimiter::keyed(quota), checks: AtomicU64::new(0) }
+        let keys = std::num::NonZeroUsize::new(MAX_KEYS).expect("MAX_KEYS is not 0");
+        Self { limit: limit.clone(), quota, buckets: Mutex::new(LruCache::new(keys)) }
     }
 
     /// Takes a token from `key`'s bucket; how long until one is back when there is none.
     fn check(&self, key: String) -> Result<(), Duration> {
-        if self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(1024) && self.buckets.len() > KEYS_BEFORE_CLEANUP
-        {
-            self.buckets.retain_recent();
+        let mut buckets = self.buckets.lock().expect("rate limit buckets lock");
+        if !buckets.contains(&key) && buckets.push(key.clone(), RateLimiter::direct(self.quota)).is_some() {
+            metrics::counter!("ferrymesh_waypoint_rate_limit_evictions_total").increment(1);
         }
-        self.buckets.check_key(&key).map_err(|not_until| not_until.wait_time_from(self.buckets.clock().now()))
+        let bucket = buckets.get(&key).expect("the key's bucket was just put");
+        bucket.check().map_err(|not_until| not_until.wait_time_from(bucket.clock().now()))
+    }
+
+    /// How many keys' buckets it holds.
+    #[cfg(test)]
+    fn keys(&self) -> usize {
+        self.buckets.lock().expect("rate limit buckets lock").len()
     }
 }
 
@@ -152,5 +163,30 @@ mod tests {
             (0..10).filter(|_| limiters.check(applied(&changed), "shop/web", &headers, None).is_ok()).count(),
             4
         );
+    }
+
+    #[test]
+    fn a_limit_holds_at_most_its_cap_of_keys_and_drops_the_least_recently_used() {
+        let per_hour = LocalLimit {
+            requests: 1,
+            per: Duration::from_secs(3600),
+            burst: 1,
+            key: LimitKey::Header("x-user".into()),
+        };
+        let limiter = Limiter::new(&per_hour);
+        let key = |i: usize| format!("shop/web\nuser-{i}");
+        // A user spent its token; then ten times the cap of new users each spend theirs.
+        assert!(limiter.check(key(0)).is_ok() && limiter.check(key(0)).is_err());
+        for i in 1..=MAX_KEYS * 10 {
+            assert!(limiter.check(key(i)).is_ok(), "user {i}");
+            // The recent ones are held: a second request from the last user is refused.
+            if i % 10_007 == 0 {
+                assert!(limiter.check(key(i)).is_err(), "user {i} again");
+            }
+        }
+        assert_eq!(limiter.keys(), MAX_KEYS);
+        // The first user was dropped long ago: it comes back with a full bucket.
+        assert!(limiter.check(key(0)).is_ok());
+        assert_eq!(limiter.keys(), MAX_KEYS);
     }
 }

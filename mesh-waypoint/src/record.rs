@@ -271,6 +271,11 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         "ferrymesh_jwks_fetches_total",
         "Fetches of RequestAuthentication jwksUri key sets, by result (ok, error)."
     );
+    metrics::describe_counter!(
+        "ferrymesh_waypoint_rate_limit_evictions_total",
+        "Buckets of local rate-limit keys dropped, least recently used first, past a limit's cap of keys."
+    );
+    metrics::counter!("ferrymesh_waypoint_rate_limit_evictions_total").absolute(0);
     ferrymesh_dataplane::spans::describe_metrics();
     metrics::describe_histogram!(
         "ferrymesh_request_duration_milliseconds",
