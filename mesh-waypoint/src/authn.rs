@@ -6,13 +6,16 @@
 //! unless the rule forwards it (a token in a query parameter stays, as in Envoy), and its
 //! payload goes upstream in the rule's `outputPayloadToHeader`.
 //!
-//! Keys: an inline `jwks` is parsed once; a `jwksUri` (http or https, the system's roots) is
-//! fetched by the first request that needs it, again once `--jwks-refresh` has passed, and at
+//! Keys: an inline `jwks` is parsed once; a `jwksUri` (https with the system's roots; http only
+//! with `--jwks-allow-http`, for an issuer inside the cluster) is fetched, never from the
+//! waypoint's own loopback or a link-local (metadata) address, whether the URI names one or its
+//! name resolves to one, at most `MAX_JWKS_BYTES` within `--jwks-timeout`. It is fetched by the first request that needs it, again once `--jwks-refresh` has passed, and at
 //! once for a token whose `kid` the keys do not hold (a rotated key), at most once a second
 //! per URI. One fetch at a time per URI, which only requests with no keys at all wait for (the
 //! others use the keys held meanwhile); a failed fetch keeps the keys held.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,8 +25,40 @@ use ferrymesh_policy::l7::Target;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+
+/// Resolves an issuer's name as the system does, keeping only addresses the waypoint may fetch
+/// keys from ([`authn::forbidden_jwks_ip`]): a name that resolves to the waypoint's loopback
+/// or to a metadata address is not an issuer.
+#[derive(Clone, Debug)]
+pub struct IssuerResolver(GaiResolver);
+
+impl tower::Service<Name> for IssuerResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let lookup = self.0.call(name.clone());
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = lookup.await?.collect();
+            let allowed: Vec<SocketAddr> =
+                all.iter().copied().filter(|a| authn::forbidden_jwks_ip(a.ip()).is_none()).collect();
+            if allowed.is_empty() && !all.is_empty() {
+                return Err(std::io::Error::other(format!(
+                    "{name} resolves only to addresses keys are never fetched from ({all:?})"
+                )));
+            }
+            Ok(allowed.into_iter())
+        })
+    }
+}
 
 /// The least time between two fetches of one JWKS URI.
 const REFETCH_GAP: Duration = Duration::from_secs(1);
@@ -63,9 +98,13 @@ impl Refused {
 /// The issuers' keys the waypoint holds.
 #[derive(Debug)]
 pub struct KeyStore {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector<IssuerResolver>>, Empty<Bytes>>,
     refresh: Duration,
     timeout: Duration,
+    allow_http: bool,
+    /// Unit tests serve their issuers on loopback.
+    #[cfg(test)]
+    loopback_issuers: bool,
     remote: Mutex<HashMap<String, Arc<Remote>>>,
     inline: Mutex<HashMap<String, Arc<JwkSet>>>,
 }
@@ -85,8 +124,9 @@ impl Remote {
 }
 
 impl KeyStore {
-    /// A store that fetches JWKS with `timeout` and again every `refresh`.
-    pub fn new(refresh: Duration, timeout: Duration) -> Self {
+    /// A store that fetches JWKS with `timeout` and again every `refresh`; over http too when
+    /// `allow_http`.
+    pub fn new(refresh: Duration, timeout: Duration, allow_http: bool) -> Self {
         let tls = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
             Ok(builder) => builder,
             Err(e) => {
@@ -99,9 +139,22 @@ impl KeyStore {
         }
         .https_or_http()
         .enable_http1()
-        .build();
+        .wrap_connector({
+            let mut http = HttpConnector::new_with_resolver(IssuerResolver(GaiResolver::new()));
+            http.enforce_http(false);
+            http
+        });
         let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(tls);
-        Self { client, refresh, timeout, remote: Mutex::default(), inline: Mutex::default() }
+        Self {
+            client,
+            refresh,
+            timeout,
+            allow_http,
+            #[cfg(test)]
+            loopback_issuers: false,
+            remote: Mutex::default(),
+            inline: Mutex::default(),
+        }
     }
 
     /// The keys of `rule`'s issuer, for a token signed by key `kid`: None when they cannot be
@@ -162,6 +215,17 @@ impl KeyStore {
 
     async fn fetch(&self, uri: &str) -> anyhow::Result<JwkSet> {
         let uri: http::Uri = uri.parse()?;
+        #[cfg(test)]
+        let forbidden = uri.host().and_then(authn::forbidden_jwks_host).filter(|_| !self.loopback_issuers);
+        #[cfg(not(test))]
+        let forbidden = uri.host().and_then(authn::forbidden_jwks_host);
+        if let Some(reason) = forbidden {
+            anyhow::bail!("refused: {reason}");
+        }
+        anyhow::ensure!(
+            uri.scheme_str() != Some("http") || self.allow_http,
+            "refused: keys over plaintext http could be swapped on the way; serve them over https, or start the waypoint with --jwks-allow-http for an issuer inside the cluster"
+        );
         let response = tokio::time::timeout(self.timeout, self.client.get(uri))
             .await
             .map_err(|_| anyhow::anyhow!("no answer within {:?}", self.timeout))??;
@@ -250,6 +314,35 @@ mod tests {
         format!("http://{addr}/jwks.json")
     }
 
+    impl KeyStore {
+        /// A store that fetches over http from issuers on loopback, as these tests serve them.
+        fn on_loopback(refresh: Duration) -> Self {
+            Self { loopback_issuers: true, ..Self::new(refresh, Duration::from_secs(2), true) }
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_are_never_fetched_from_the_waypoint_itself_a_metadata_address_or_plain_http_unless_allowed() {
+        let (serving, fetches) = (Arc::new(AtomicU16::new(1)), Arc::new(AtomicUsize::new(0)));
+        let on_loopback = issuer(serving, fetches.clone()).await;
+        let guarded = KeyStore::new(Duration::from_secs(600), Duration::from_secs(2), true);
+        let e = guarded.fetch(&on_loopback).await.unwrap_err().to_string();
+        assert!(e.contains("loopback"), "{e}");
+        for uri in ["http://169.254.169.254/latest/meta-data/", "https://[fd00:ec2::254]/", "http://localhost:1/"] {
+            let e = guarded.fetch(uri).await.unwrap_err().to_string();
+            assert!(e.starts_with("refused: "), "{uri}: {e}");
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 0, "the issuer on loopback was never asked");
+        // A name that resolves to loopback is no issuer either.
+        let mut resolver = IssuerResolver(GaiResolver::new());
+        let e = tower::Service::call(&mut resolver, "localhost".parse().unwrap()).await.unwrap_err();
+        assert!(e.to_string().contains("resolves only to addresses keys are never fetched from"), "{e}");
+        // Plain http only with the opt-in.
+        let https_only = KeyStore::new(Duration::from_secs(600), Duration::from_secs(2), false);
+        let e = https_only.fetch("http://jwks.auth.svc.cluster.local/keys").await.unwrap_err().to_string();
+        assert!(e.contains("--jwks-allow-http"), "{e}");
+    }
+
     fn rule(uri: &str) -> JwtRule {
         JwtRule {
             issuer: "https://issuer.test".into(),
@@ -266,7 +359,7 @@ mod tests {
     async fn keys_are_fetched_once_refetched_for_an_unknown_kid_and_kept_when_the_issuer_fails() {
         let (serving, fetches) = (Arc::new(AtomicU16::new(1)), Arc::new(AtomicUsize::new(0)));
         let rule = rule(&issuer(serving.clone(), fetches.clone()).await);
-        let store = KeyStore::new(Duration::from_secs(600), Duration::from_secs(2));
+        let store = KeyStore::on_loopback(Duration::from_secs(600));
         let kids = |set: Option<Arc<JwkSet>>| -> Vec<String> {
             set.map(|s| s.keys.iter().filter_map(|k| k.common.key_id.clone()).collect()).unwrap_or_default()
         };
@@ -288,11 +381,11 @@ mod tests {
         assert_eq!(kids(store.keys(&rule, Some("k3")).await), ["k2"]);
         assert_eq!(fetches.load(Ordering::SeqCst), 3, "it was asked");
         // Never fetched, and the issuer down: no keys (the request is refused).
-        let other = KeyStore::new(Duration::from_secs(600), Duration::from_secs(2));
+        let other = KeyStore::on_loopback(Duration::from_secs(600));
         assert!(other.keys(&rule, None).await.is_none());
         // Past the refresh interval, keys are fetched again even for a known kid.
         serving.store(2, Ordering::SeqCst);
-        let quick = KeyStore::new(Duration::from_millis(10), Duration::from_secs(2));
+        let quick = KeyStore::on_loopback(Duration::from_millis(10));
         let before = fetches.load(Ordering::SeqCst);
         quick.keys(&rule, Some("k2")).await.unwrap();
         tokio::time::sleep(REFETCH_GAP).await;

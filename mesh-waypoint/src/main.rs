@@ -93,6 +93,10 @@ struct Args {
     /// How long a JWKS fetch may take.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     jwks_timeout: Duration,
+    /// Fetch a RequestAuthentication's `jwksUri` over plaintext http too (an issuer inside the
+    /// cluster, on a path nobody can tamper with); without it only https is fetched.
+    #[arg(long)]
+    jwks_allow_http: bool,
     /// The OpenTelemetry collector request spans are exported to (`http://host:port`,
     /// OTLP/gRPC, usually port 4317); without one nothing is traced.
     #[arg(long, env = "FERRYMESH_TRACING_COLLECTOR")]
@@ -209,7 +213,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rate_limiters: Default::default(),
         rate_limit_service,
         route_tables: Default::default(),
-        keys: authn::KeyStore::new(args.jwks_refresh, args.jwks_timeout),
+        keys: authn::KeyStore::new(args.jwks_refresh, args.jwks_timeout, args.jwks_allow_http),
         tracer,
         paths: PathRules {
             normalization: args.path_normalization,

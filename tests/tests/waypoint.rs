@@ -1466,7 +1466,7 @@ fn end_user_jwts_are_verified_at_the_waypoint_and_keys_rotate_without_restart() 
     topo.write_config_file("jwt.yaml", &jwt_policies(&jwks_uri));
     topo.start_mesh();
     topo.wait_enrolled(1, &["shop/a", "shop/web-1"], Duration::from_secs(10));
-    topo.start_waypoint_replica(waypoint, "waypoint", &["--jwks-refresh", "3s"]);
+    topo.start_waypoint_replica(waypoint, "waypoint", &["--jwks-refresh", "3s", "--jwks-allow-http"]);
     topo.serve_echo(topo.pod("shop", "web-1"));
     let a = topo.pod("shop", "a");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();

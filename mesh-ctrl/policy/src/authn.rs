@@ -148,6 +148,52 @@ fn header_name(name: &str, field: String) -> Result<String, SpecError> {
         .map_err(|_| err(field, format!("{name:?} is not a header name")))
 }
 
+/// Names of the clouds' instance metadata services.
+const METADATA_NAMES: [&str; 5] =
+    ["metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal", "metadata.azure.com"];
+
+/// Why the waypoint must never fetch keys from `ip`: its own loopback, an unspecified address,
+/// a link-local one (the clouds' metadata services live at 169.254.169.254 and fd00:ec2::254),
+/// or an IPv4 one of those written as IPv6.
+pub fn forbidden_jwks_ip(ip: std::net::IpAddr) -> Option<&'static str> {
+    use std::net::IpAddr;
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            (v6.segments()[0] & 0xffc0) == 0xfe80 || v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+        }
+    };
+    if ip.is_loopback() || ip.is_unspecified() {
+        Some("a loopback or unspecified address is the waypoint itself, not an issuer")
+    } else if link_local {
+        Some("a link-local address (the clouds' instance metadata) is never fetched")
+    } else {
+        None
+    }
+}
+
+/// Why the waypoint must never fetch keys from `host` (a URI's host: a name, an IPv4 address or
+/// a bracketed IPv6 one): see [`forbidden_jwks_ip`], and `localhost` or a metadata service's
+/// name. The waypoint checks the addresses a name resolves to as well.
+pub fn forbidden_jwks_host(host: &str) -> Option<&'static str> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse() {
+        return forbidden_jwks_ip(ip);
+    }
+    let name = bare.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        Some("a loopback name is the waypoint itself, not an issuer")
+    } else if METADATA_NAMES.contains(&name.as_str()) {
+        Some("an instance metadata service is never fetched")
+    } else {
+        None
+    }
+}
+
 impl JwtRuleSpec {
     fn validate(&self, field: &str) -> Result<JwtRule, SpecError> {
         if self.issuer.is_empty() {
@@ -161,6 +207,9 @@ impl JwtRuleSpec {
             (Some(uri), None) => {
                 let parsed: http::Uri =
                     uri.parse().map_err(|e| err(format!("{field}.jwksUri"), format!("{uri:?} is not a URL: {e}")))?;
+                if let Some(reason) = parsed.host().and_then(forbidden_jwks_host) {
+                    return Err(err(format!("{field}.jwksUri"), format!("{uri:?}: {reason}")));
+                }
                 match parsed.scheme_str() {
                     Some("http" | "https") if parsed.host().is_some() => Jwks::Uri(uri.clone()),
                     Some("http" | "https") => {
@@ -540,6 +589,12 @@ mod tests {
         let table = [
             (rule("jwksUri: http://k/jwks"), "spec.jwtRules[0].issuer"),
             (rule("issuer: i\n  jwksUri: ftp://keys.example/jwks"), "spec.jwtRules[0].jwksUri"),
+            (rule("issuer: i\n  jwksUri: http://127.0.0.1:9901/admin"), "spec.jwtRules[0].jwksUri"),
+            (rule("issuer: i\n  jwksUri: http://169.254.169.254/latest/meta-data/"), "spec.jwtRules[0].jwksUri"),
+            (rule("issuer: i\n  jwksUri: https://[::ffff:169.254.169.254]/x"), "spec.jwtRules[0].jwksUri"),
+            (rule("issuer: i\n  jwksUri: https://[fd00:ec2::254]/x"), "spec.jwtRules[0].jwksUri"),
+            (rule("issuer: i\n  jwksUri: http://metadata.google.internal/x"), "spec.jwtRules[0].jwksUri"),
+            (rule("issuer: i\n  jwksUri: https://LocalHost./x"), "spec.jwtRules[0].jwksUri"),
             (rule("issuer: i\n  jwksUri: file:///etc/jwks.json"), "spec.jwtRules[0].jwksUri"),
             (rule("issuer: i\n  jwksUri: /jwks.json"), "spec.jwtRules[0].jwksUri"),
             (rule("issuer: i"), "spec.jwtRules[0]"),

@@ -726,3 +726,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn jwks_hosts_of_the_waypoint_itself_and_of_metadata_services_are_forbidden() {
+    use crate::authn::forbidden_jwks_host;
+    for allowed in ["keys.example", "10.0.0.5", "jwks.auth.svc.cluster.local", "[2001:db8::1]", "169.255.0.1"] {
+        assert_eq!(forbidden_jwks_host(allowed), None, "{allowed}");
+    }
+    for forbidden in [
+        "127.0.0.1",
+        "127.1.2.3",
+        "0.0.0.0",
+        "[::1]",
+        "[::]",
+        "169.254.169.254",
+        "[fe80::1]",
+        "[fd00:ec2::254]",
+        "[::ffff:127.0.0.1]",
+        "localhost",
+        "api.localhost",
+        "Metadata.Google.Internal.",
+        "instance-data",
+    ] {
+        assert!(forbidden_jwks_host(forbidden).is_some(), "{forbidden}");
+    }
+}

@@ -16,6 +16,9 @@
 //! M2: L7 or L4 was the client's choice on a port that declares no protocol: a leading CRLF or a
 //! pause of 100 ms made the waypoint relay the connection as TCP, past the Service's rate limit.
 //! The port decides now: one that declares nothing is HTTP.
+//!
+//! M11: a tenant's RequestAuthentication made the waypoint GET any `jwksUri`: its own loopback
+//! (an admin endpoint), the cloud's metadata address.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -243,5 +246,48 @@ fn a_client_cannot_get_l4_treatment_on_an_http_port() {
         }
         let after = topo.echo_requests(web_1);
         assert_eq!(after.len(), before, "{vip}: the backend saw a request past the limit: {:?}", &after[before..]);
+    }
+}
+
+#[test]
+fn a_jwks_uri_cannot_make_the_waypoint_fetch_from_its_loopback_or_the_metadata_address() {
+    let topo = tenants(|topo| {
+        let rule = |issuer: &str, uri: &str| format!("  - issuer: {issuer}\n    jwksUri: {uri}\n");
+        topo.write_config_file(
+            "authn-web-ssrf.yaml",
+            &format!(
+                "apiVersion: ferrymesh.io/v1alpha1\nkind: RequestAuthentication\nmetadata:\n  name: ssrf\n  namespace: shop\nspec:\n  targetRefs:\n  - group: \"\"\n    kind: Service\n    name: web\n  jwtRules:\n{}{}",
+                rule("https://loopback.example", "http://127.0.0.1:9901/admin/secrets"),
+                rule("https://metadata.example", "http://169.254.169.254/latest/meta-data/"),
+            ),
+        );
+        // A sentinel on the same Service: its refusals show the waypoint holds the config.
+        topo.write_config_file(
+            "authn-web-inline.yaml",
+            &format!("apiVersion: ferrymesh.io/v1alpha1\nkind: RequestAuthentication\nmetadata:\n  name: inline\n  namespace: shop\nspec:\n  targetRefs:\n  - group: \"\"\n    kind: Service\n    name: web\n  jwtRules:\n  - issuer: https://issuer.example\n    jwks: '{JWKS}'\n"),
+        );
+    });
+    let (a, waypoint) = (topo.pod("shop", "a"), topo.pod("shop", "waypoint"));
+    // The victims, in the waypoint's own netns: an admin endpoint on its loopback, and the
+    // metadata address (as a cloud's node would route it).
+    let added = topo.output_in(&waypoint.netns, "ip", &["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    for (label, listen) in [("internal", "127.0.0.1:9901"), ("metadata", "169.254.169.254:80")] {
+        let mut cmd = topo.command_in(&waypoint.netns, bin("fm-echo"));
+        cmd.args(["file-serve", "--listen", listen, "--file", "/nonexistent/secret.json"]);
+        topo.spawn(label, cmd);
+        wait_until(CONFIG_WAIT, &format!("the {label} server to listen"), || topo.log(label).contains("ready"));
+    }
+    wait_until(CONFIG_WAIT * 2, "the RequestAuthentications at the waypoint", || {
+        topo.http(a, &format!("http://{WEB}/probe"), &["-H", "authorization: Bearer not.a.jwt"]).status == 401
+    });
+    // A token of each issuer: a waypoint that fetches keys does so before it answers.
+    for token in ["eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImsxIn0.eyJpc3MiOiJodHRwczovL2xvb3BiYWNrLmV4YW1wbGUiLCJzdWIiOiJ4In0.c2ln", "eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCIsImtpZCI6ImsxIn0.eyJpc3MiOiJodHRwczovL21ldGFkYXRhLmV4YW1wbGUiLCJzdWIiOiJ4In0.c2ln"] {
+        let answer = topo.http(a, &format!("http://{WEB}/x"), &["-H", &format!("authorization: Bearer {token}")]);
+        assert_ne!(answer.status, 0, "{answer:?}");
+    }
+    for label in ["internal", "metadata"] {
+        let fetched: Vec<String> = topo.log_lines(label).into_iter().filter(|l| l.starts_with('{')).collect();
+        assert!(fetched.is_empty(), "the waypoint fetched from the {label} server: {fetched:?}");
     }
 }
