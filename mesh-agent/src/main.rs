@@ -126,6 +126,10 @@ struct Args {
     /// Concurrent HBONE streams one pod may be held open.
     #[arg(long, default_value_t = limits::Limits::default().streams_per_pod)]
     max_streams_per_pod: u32,
+    /// Bytes of HBONE receive window the node's inbound connections may hold beyond 64 KiB
+    /// each: a connection gets the full 16 MiB window while this has room, else keeps 64 KiB.
+    #[arg(long, default_value_t = ferrymesh_dataplane::hbone::budget::DEFAULT_WINDOW_BUDGET)]
+    hbone_window_budget: usize,
     /// Threads that carry connections.
     #[arg(long, env = "FERRYMESH_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
@@ -257,6 +261,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             streams_per_pod: args.max_streams_per_pod,
         },
         load: Arc::default(),
+        windows: ferrymesh_dataplane::hbone::budget::WindowBudget::new(args.hbone_window_budget),
         tracer: ferrymesh_dataplane::spans::Tracer::new(
             args.tracing_collector.as_deref(),
             args.tracing_sampling,

@@ -58,6 +58,7 @@ fn describe() {
     }
     counter!("ferrymesh_certs_issued_total").absolute(0);
     counter!("ferrymesh_cert_rotation_failures_total").absolute(0);
+    ferrymesh_dataplane::hbone::budget::describe_metrics();
 }
 
 /// Records what the agent adopted from an earlier one (zero when it created everything).

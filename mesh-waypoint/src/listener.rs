@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferrymesh_dataplane::flows::AccessLog;
+use ferrymesh_dataplane::hbone::budget::WindowBudget;
 use ferrymesh_dataplane::hbone::server::{respond_status, serve_h2};
 use ferrymesh_dataplane::hbone::stream::H2Stream;
 use ferrymesh_dataplane::hbone::{TLS_READ_BUFFER, TLS_WRITE_BUFFER};
@@ -63,6 +64,8 @@ pub struct Waypoint {
     pub tracer: ferrymesh_dataplane::spans::Tracer,
     /// How request paths are normalized.
     pub paths: ferrymesh_policy::path::PathRules,
+    /// The receive windows its HBONE connections may hold beyond their base windows.
+    pub windows: Arc<WindowBudget>,
 }
 
 /// What a CONNECT addressed.
@@ -178,7 +181,7 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, tls: Arc<ServerConfi
     }
     let cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
     let identity: Option<Arc<str>> = tls::spiffe_id_of(&cert).ok().map(|id| Arc::from(id.as_str()));
-    let ended = serve_h2(stream, |request, respond| {
+    let ended = serve_h2(stream, &waypoint.windows, |request, respond| {
         tokio::spawn(serve_tunnel(request, respond, peer, identity.clone(), waypoint.clone()));
     })
     .await;

@@ -90,6 +90,10 @@ struct Args {
     /// hold has it fetched again at once.
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     jwks_refresh: Duration,
+    /// Bytes of HBONE receive window the waypoint's connections may hold beyond 64 KiB each: a
+    /// connection gets the full 16 MiB window while this has room, else keeps 64 KiB.
+    #[arg(long, default_value_t = ferrymesh_dataplane::hbone::budget::DEFAULT_WINDOW_BUDGET)]
+    hbone_window_budget: usize,
     /// How long a JWKS fetch may take.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     jwks_timeout: Duration,
@@ -219,6 +223,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             normalization: args.path_normalization,
             escaped_slashes: args.path_escaped_slashes.unwrap_or(args.path_normalization.default_escaped_slashes()),
         },
+        windows: ferrymesh_dataplane::hbone::budget::WindowBudget::new(args.hbone_window_budget),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

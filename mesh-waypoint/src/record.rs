@@ -277,6 +277,7 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     );
     metrics::counter!("ferrymesh_waypoint_rate_limit_evictions_total").absolute(0);
     ferrymesh_dataplane::spans::describe_metrics();
+    ferrymesh_dataplane::hbone::budget::describe_metrics();
     metrics::describe_histogram!(
         "ferrymesh_request_duration_milliseconds",
         metrics::Unit::Milliseconds,

@@ -146,6 +146,7 @@ async fn serve_connection(
     let drain = ctx.drain.clone();
     let ended = serve_h2_until(
         stream,
+        &ctx.windows,
         |http, mut respond| {
             let held = match ctx.load.stream(&ctx.limits, peer.ip(), pod.workload.ip) {
                 Ok(held) => held,

@@ -61,6 +61,8 @@ pub struct ProxyContext {
     pub limits: crate::limits::Limits,
     /// What inbound peers hold open now.
     pub load: Arc<crate::limits::Load>,
+    /// The receive windows the pods' HBONE connections may hold beyond their base windows.
+    pub windows: Arc<ferrymesh_dataplane::hbone::budget::WindowBudget>,
     /// Where connection spans go.
     pub tracer: ferrymesh_dataplane::spans::Tracer,
     /// The connections this agent carries, and whether it is draining them.

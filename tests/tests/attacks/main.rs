@@ -13,6 +13,7 @@ mod pool;
 mod request;
 mod routes;
 mod tls;
+mod windows;
 
 use ferrymesh_testbed::mesh::{CONFIG_WAIT, DATAPLANE_MODE, ECHO_HTTP_PORT};
 use ferrymesh_testbed::{Topology, TopologySpec};

@@ -11,6 +11,7 @@
 //!
 //! [`server_settings`] and [`client_settings`] are the one place the HTTP/2 settings live.
 
+pub mod budget;
 pub mod client;
 pub mod pool;
 pub mod server;
@@ -23,7 +24,8 @@ use std::time::Duration;
 pub const PORT: u16 = mesh_common::HBONE_PORT;
 /// HTTP/2 stream window.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-/// HTTP/2 connection window.
+/// HTTP/2 connection window: a client's, and a server connection's once the budget grants it
+/// ([`budget`]).
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// HTTP/2 max frame size.
 pub const MAX_FRAME: u32 = 1024 * 1024;
@@ -45,12 +47,13 @@ pub const TLS_READ_BUFFER: usize = 32 * 1024;
 /// connection holds nothing.
 pub const TLS_WRITE_BUFFER: usize = 256 * 1024;
 
-/// The HTTP/2 server settings of every HBONE listener.
+/// The HTTP/2 server settings of every HBONE listener (the connection window starts at the
+/// base one; [`server::serve_h2`] grows it with a grant).
 pub fn server_settings() -> h2::server::Builder {
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(budget::BASE_CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST)

@@ -3,11 +3,14 @@
 //! is then used for (policy, dialling the app, serving HTTP on it) is the caller's.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use mesh_common::RESERVED_PORTS;
+
+use super::budget::WindowBudget;
 
 /// An HTTP/2 connection that ended on an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,12 +27,13 @@ pub struct Http2Closed {
 /// for a flow record; a client that simply goes away is no error.
 pub async fn serve_h2<IO>(
     io: IO,
+    windows: &Arc<WindowBudget>,
     on_stream: impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>),
 ) -> Result<(), Http2Closed>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    serve_h2_until(io, on_stream, std::future::pending()).await
+    serve_h2_until(io, windows, on_stream, std::future::pending()).await
 }
 
 /// [`serve_h2`] that drains once `drain` completes: a graceful GOAWAY tells the client to open
@@ -37,6 +41,7 @@ where
 /// their end, and the connection then closes.
 pub async fn serve_h2_until<IO>(
     io: IO,
+    windows: &Arc<WindowBudget>,
     mut on_stream: impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>),
     drain: impl std::future::Future<Output = ()>,
 ) -> Result<(), Http2Closed>
@@ -47,6 +52,9 @@ where
         Ok(connection) => connection,
         Err(e) => return Err(Http2Closed { by_server: true, reason: format!("HTTP/2 handshake failed: {e}") }),
     };
+    // The full window while the budget has room; held until the connection ends.
+    let extra = (super::CONNECTION_WINDOW - super::budget::BASE_CONNECTION_WINDOW) as usize;
+    let _grant = windows.take(extra).inspect(|_| connection.set_target_window_size(super::CONNECTION_WINDOW));
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
     loop {
@@ -204,7 +212,8 @@ mod tests {
         let (ended, output) = runtime
             .block_on(async {
                 let (mut client, server) = tokio::io::duplex(1 << 20);
-                let serve = serve_h2(server, answer_as_the_agent(&answers));
+                let windows = WindowBudget::new(64 << 20);
+                let serve = serve_h2(server, &windows, answer_as_the_agent(&answers));
                 let talk = async move {
                     let _ = client.write_all(&input).await;
                     // A client waits for its answers before closing (a closed connection's

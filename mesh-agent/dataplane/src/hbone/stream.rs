@@ -58,7 +58,7 @@ pub async fn h2_to_tcp(from: &mut RecvStream, to: &mut OwnedWriteHalf, count: &m
 }
 
 /// A CONNECT stream (either side) as a byte stream: reads take the stream's DATA frames and
-/// give their flow-control capacity back; writes wait for capacity and send DATA; shutdown ends
+/// give back the flow-control capacity of what they took; writes wait for capacity and send DATA; shutdown ends
 /// the stream (END_STREAM), the peer's end is EOF.
 #[derive(Debug)]
 pub struct H2Stream {
@@ -85,10 +85,7 @@ impl AsyncRead for H2Stream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         while self.pending.is_empty() {
             match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(chunk)) => {
-                    let _ = self.recv.flow_control().release_capacity(chunk.len());
-                    self.pending = chunk;
-                }
+                Some(Ok(chunk)) => self.pending = chunk,
                 Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
                 None => return Poll::Ready(Ok(())),
             }
@@ -96,6 +93,9 @@ impl AsyncRead for H2Stream {
         let n = self.pending.len().min(buf.remaining());
         buf.put_slice(&self.pending[..n]);
         self.pending.advance(n);
+        // Window given back only for what the reader took: bytes it leaves unread stay in the
+        // peer's window, so a reader that stops stops the peer.
+        let _ = self.recv.flow_control().release_capacity(n);
         Poll::Ready(Ok(()))
     }
 }
