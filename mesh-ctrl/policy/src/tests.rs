@@ -455,7 +455,9 @@ fn a_repeated_header_is_seen_whole_by_conditions() {
         }
         map
     };
-    let cases: [(&[(&str, &[u8])], bool); 9] = [
+    // (the request's headers, allowed)
+    type Case<'a> = (&'a [(&'a str, &'a [u8])], bool);
+    let cases: [Case; 9] = [
         (&[("x-tenant", b"shop")], true),
         (&[("x-tenant", b"shop"), ("x-debug", b"no")], true),
         (&[("x-tenant", b"shop"), ("x-debug", b"true")], false),
