@@ -7,7 +7,7 @@
 //! payload goes upstream in the rule's `outputPayloadToHeader`.
 //!
 //! Keys: an inline `jwks` is parsed once; a `jwksUri` (https with the system's roots; http only
-//! with `--jwks-allow-http`, for an issuer inside the cluster) is fetched, never from the
+//! with `--jwks-allow-http` and from inside the cluster: a Service's name or a private address) is fetched, never from the
 //! waypoint's own loopback or a link-local (metadata) address, whether the URI names one or its
 //! name resolves to one, at most `MAX_JWKS_BYTES` within `--jwks-timeout`. It is fetched by the first request that needs it, again once `--jwks-refresh` has passed, and at
 //! once for a token whose `kid` the keys do not hold (a rotated key), at most once a second
@@ -216,16 +216,22 @@ impl KeyStore {
     async fn fetch(&self, uri: &str) -> anyhow::Result<JwkSet> {
         let uri: http::Uri = uri.parse()?;
         #[cfg(test)]
-        let forbidden = uri.host().and_then(authn::forbidden_jwks_host).filter(|_| !self.loopback_issuers);
+        let test_issuer = self.loopback_issuers;
         #[cfg(not(test))]
-        let forbidden = uri.host().and_then(authn::forbidden_jwks_host);
-        if let Some(reason) = forbidden {
+        let test_issuer = false;
+        if let Some(reason) = uri.host().and_then(authn::forbidden_jwks_host).filter(|_| !test_issuer) {
             anyhow::bail!("refused: {reason}");
         }
-        anyhow::ensure!(
-            uri.scheme_str() != Some("http") || self.allow_http,
-            "refused: keys over plaintext http could be swapped on the way; serve them over https, or start the waypoint with --jwks-allow-http for an issuer inside the cluster"
-        );
+        if uri.scheme_str() == Some("http") {
+            anyhow::ensure!(
+                self.allow_http,
+                "refused: keys over plaintext http could be swapped on the way; serve them over https, or start the waypoint with --jwks-allow-http for an issuer inside the cluster"
+            );
+            anyhow::ensure!(
+                test_issuer || uri.host().is_some_and(authn::cluster_internal_host),
+                "refused: plaintext http is fetched only from inside the cluster (a Service's name, a private address); serve these keys over https"
+            );
+        }
         let response = tokio::time::timeout(self.timeout, self.client.get(uri))
             .await
             .map_err(|_| anyhow::anyhow!("no answer within {:?}", self.timeout))??;
@@ -341,6 +347,9 @@ mod tests {
         let https_only = KeyStore::new(Duration::from_secs(600), Duration::from_secs(2), false);
         let e = https_only.fetch("http://jwks.auth.svc.cluster.local/keys").await.unwrap_err().to_string();
         assert!(e.contains("--jwks-allow-http"), "{e}");
+        // And with it, only from inside the cluster.
+        let e = guarded.fetch("http://keys.example/jwks").await.unwrap_err().to_string();
+        assert!(e.contains("only from inside the cluster"), "{e}");
     }
 
     fn rule(uri: &str) -> JwtRule {

@@ -97,8 +97,8 @@ struct Args {
     /// How long a JWKS fetch may take.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     jwks_timeout: Duration,
-    /// Fetch a RequestAuthentication's `jwksUri` over plaintext http too (an issuer inside the
-    /// cluster, on a path nobody can tamper with); without it only https is fetched.
+    /// Fetch a RequestAuthentication's `jwksUri` over plaintext http too, from inside the
+    /// cluster only (a Service's name or a private address); without it only https is fetched.
     #[arg(long)]
     jwks_allow_http: bool,
     /// The OpenTelemetry collector request spans are exported to (`http://host:port`,

@@ -194,6 +194,22 @@ pub fn forbidden_jwks_host(host: &str) -> Option<&'static str> {
     }
 }
 
+/// Whether `host` (a URI's host) is inside the cluster, where the waypoint may fetch keys over
+/// plaintext http when allowed to: a Service's name (`NAME.NAMESPACE.svc`, with or without the
+/// cluster domain, or any name under `cluster.local`) or a private address (RFC 1918, IPv6
+/// unique-local), as pod and Service ranges are.
+pub fn cluster_internal_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return match ip {
+            std::net::IpAddr::V4(v4) => v4.is_private(),
+            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+        };
+    }
+    let name = bare.trim_end_matches('.').to_ascii_lowercase();
+    name.ends_with(".svc") || name.contains(".svc.") || name.ends_with(".cluster.local")
+}
+
 impl JwtRuleSpec {
     fn validate(&self, field: &str) -> Result<JwtRule, SpecError> {
         if self.issuer.is_empty() {

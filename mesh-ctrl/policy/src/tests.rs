@@ -753,3 +753,22 @@ fn jwks_hosts_of_the_waypoint_itself_and_of_metadata_services_are_forbidden() {
         assert!(forbidden_jwks_host(forbidden).is_some(), "{forbidden}");
     }
 }
+
+#[test]
+fn plaintext_jwks_hosts_are_only_those_inside_the_cluster() {
+    use crate::authn::cluster_internal_host;
+    for inside in [
+        "jwks.auth.svc",
+        "jwks.auth.svc.cluster.local",
+        "keys.cluster.local",
+        "10.96.0.10",
+        "172.18.0.254",
+        "192.168.1.2",
+        "[fd00::1]",
+    ] {
+        assert!(cluster_internal_host(inside), "{inside}");
+    }
+    for outside in ["keys.example", "accounts.google.com", "8.8.8.8", "[2001:db8::1]", "svc.example"] {
+        assert!(!cluster_internal_host(outside), "{outside}");
+    }
+}
