@@ -17,6 +17,7 @@ use ferrymesh_dataplane::hbone::budget::WindowBudget;
 use ferrymesh_dataplane::hbone::server::{respond_status, serve_h2};
 use ferrymesh_dataplane::hbone::stream::H2Stream;
 use ferrymesh_dataplane::hbone::{TLS_READ_BUFFER, TLS_WRITE_BUFFER};
+use ferrymesh_dataplane::limits::{Limit, Limits, Load};
 use ferrymesh_dataplane::state::{Service, State, Workload};
 use ferrymesh_dataplane::tls;
 use h2::RecvStream;
@@ -28,9 +29,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::upstream::Upstream;
-
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The waypoint: what every connection and request needs.
 #[derive(Debug)]
@@ -66,6 +64,10 @@ pub struct Waypoint {
     pub paths: ferrymesh_policy::path::PathRules,
     /// The receive windows its HBONE connections may hold beyond their base windows.
     pub windows: Arc<WindowBudget>,
+    /// Caps on what clients may hold open (the waypoint is the "pod" of the per-pod caps).
+    pub limits: Limits,
+    /// What clients hold open now.
+    pub load: Arc<Load>,
 }
 
 /// What a CONNECT addressed.
@@ -166,14 +168,33 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, waypoint: Arc<
 }
 
 async fn serve_connection(tcp: TcpStream, peer: SocketAddr, tls: Arc<ServerConfig>, waypoint: Arc<Waypoint>) {
+    // Held for the connection's whole life: its place under the per-source and overall caps.
+    let me = tcp.local_addr().map_or(peer.ip(), |local| local.ip());
+    let _held = match waypoint.load.connection(&waypoint.limits, peer.ip(), me) {
+        Ok(held) => held,
+        Err(refusal) => {
+            refusal.limit().count();
+            return tracing::info!(%peer, "{refusal}");
+        }
+    };
     let _ = tcp.set_nodelay(true);
-    let accept = TlsAcceptor::from(tls).accept_with(BufReader::with_capacity(TLS_READ_BUFFER, tcp), |tls| {
-        tls.set_buffer_limit(Some(TLS_WRITE_BUFFER))
-    });
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+    let timeout = waypoint.limits.handshake_timeout;
+    // Nothing is allocated for TLS until the client has sent something.
+    let accept = async {
+        tcp.readable().await?;
+        TlsAcceptor::from(tls)
+            .accept_with(BufReader::with_capacity(TLS_READ_BUFFER, tcp), |tls| {
+                tls.set_buffer_limit(Some(TLS_WRITE_BUFFER))
+            })
+            .await
+    };
+    let stream = match tokio::time::timeout(timeout, accept).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return tracing::info!(%peer, "mTLS handshake failed: {}", tls::describe(&e)),
-        Err(_) => return tracing::info!(%peer, "no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+        Err(_) => {
+            Limit::HandshakeTimeout.count();
+            return tracing::info!(%peer, "no TLS handshake within {timeout:?} (--hbone-handshake-timeout)");
+        }
     };
     let session = &stream.get_ref().1;
     if session.alpn_protocol() != Some(tls::ALPN_H2) {
@@ -181,11 +202,26 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, tls: Arc<ServerConfi
     }
     let cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
     let identity: Option<Arc<str>> = tls::spiffe_id_of(&cert).ok().map(|id| Arc::from(id.as_str()));
-    let ended = serve_h2(stream, &waypoint.windows, |request, respond| {
-        tokio::spawn(serve_tunnel(request, respond, peer, identity.clone(), waypoint.clone()));
+    let ended = serve_h2(stream, &waypoint.windows, |request, mut respond| {
+        let held = match waypoint.load.stream(&waypoint.limits, peer.ip(), me) {
+            Ok(held) => held,
+            Err(refusal) => {
+                refusal.limit().count();
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                return tracing::info!(%peer, "{refusal}");
+            }
+        };
+        let tunnel = serve_tunnel(request, respond, peer, identity.clone(), waypoint.clone());
+        tokio::spawn(async move {
+            tunnel.await;
+            drop(held);
+        });
     })
     .await;
     if let Err(closed) = ended {
+        if closed.by_server {
+            Limit::Http2Protocol.count();
+        }
         tracing::info!(%peer, "{}", closed.reason);
     }
 }

@@ -278,6 +278,13 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     metrics::counter!("ferrymesh_waypoint_rate_limit_evictions_total").absolute(0);
     ferrymesh_dataplane::spans::describe_metrics();
     ferrymesh_dataplane::hbone::budget::describe_metrics();
+    metrics::describe_counter!(
+        "ferrymesh_inbound_refused_total",
+        "HBONE connections and streams refused by a limit of the waypoint's 15008 (label limit)."
+    );
+    for limit in ferrymesh_dataplane::limits::Limit::ALL {
+        metrics::counter!("ferrymesh_inbound_refused_total", "limit" => limit.name()).absolute(0);
+    }
     metrics::describe_histogram!(
         "ferrymesh_request_duration_milliseconds",
         metrics::Unit::Milliseconds,

@@ -6,6 +6,7 @@
 
 mod capture;
 mod ctrl;
+mod listeners;
 mod netns;
 mod paths;
 mod policy;
@@ -31,7 +32,7 @@ pub const SINK: &str = "10.96.0.60";
 pub const PROXY: &str = "10.96.0.61";
 
 /// Two tenants: `shop` bound to its waypoint (on node 2), with a (client), web-1 and api-1;
-/// `evil` with e (client) and sink, bound to no waypoint. `before_start` writes more config;
+/// `evil` with e (client) and sink, bound to no waypoint; and `legacy`'s x, outside the mesh. `before_start` writes more config;
 /// then the mesh starts and the backends serve fm-echo.
 pub fn tenants(before_start: impl FnOnce(&Topology)) -> Topology {
     let spec = TopologySpec::nodes(2)
@@ -40,7 +41,8 @@ pub fn tenants(before_start: impl FnOnce(&Topology)) -> Topology {
         .pod("shop", "api-1", 2)
         .pod("shop", "waypoint", 2)
         .pod("evil", "e", 1)
-        .pod("evil", "sink", 2);
+        .pod("evil", "sink", 2)
+        .pod("legacy", "x", 1);
     let topo = Topology::build(&spec);
     topo.write_cluster(&["shop", "evil"]);
     topo.write_namespace("shop", &[(DATAPLANE_MODE, "enabled"), ("ferrymesh.io/use-waypoint", "waypoint")]);
