@@ -87,6 +87,16 @@ struct Args {
     /// Config streams all sources may hold open at once.
     #[arg(long, default_value_t = 10_000)]
     max_watches: usize,
+    /// Connections to 15012 one source address may hold open (an agent holds one or two; a
+    /// node's waypoints share its address only in host networking).
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_source: usize,
+    /// Connections to 15012 all sources may hold open.
+    #[arg(long, default_value_t = 20_000)]
+    max_connections: usize,
+    /// TLS handshakes on 15012 in progress at once.
+    #[arg(long, default_value_t = 1024)]
+    max_handshakes: usize,
 }
 
 fn main() -> std::process::ExitCode {
@@ -203,7 +213,16 @@ async fn run() -> anyhow::Result<()> {
         .add_service(config.into_server())
         .add_service(certificates.into_server())
         .serve_with_incoming_shutdown(
-            mesh_ctrl::tls::incoming(listener, serving.server_config(), args.handshake_timeout),
+            mesh_ctrl::tls::incoming(
+                listener,
+                serving.server_config(),
+                mesh_ctrl::tls::ConnectionLimits {
+                    handshake_timeout: args.handshake_timeout,
+                    per_source: args.max_connections_per_source,
+                    total: args.max_connections,
+                    handshakes: args.max_handshakes,
+                },
+            ),
             shutdown,
         );
     tokio::select! {

@@ -62,6 +62,13 @@ pub fn describe() {
     for reason in ["unauthenticated", "scope", "streams"] {
         counter!("ferrymesh_ctrl_config_refusals_total", "reason" => reason).absolute(0);
     }
+    describe_counter!(
+        "ferrymesh_ctrl_connections_refused_total",
+        "Connections to 15012 closed at once, by the cap they met: connections_per_source, connections, handshakes."
+    );
+    for limit in ["connections_per_source", "connections", "handshakes"] {
+        counter!("ferrymesh_ctrl_connections_refused_total", "limit" => limit).absolute(0);
+    }
     for name in [
         "ferrymesh_ctrl_config_nacks_total",
         "ferrymesh_ctrl_certs_issued_total",

@@ -5,7 +5,11 @@
 //! certificate and the TLS handshake of every accepted connection; it never decides who may
 //! ask for what (that is [`crate::ca::service`]).
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
@@ -126,16 +130,138 @@ impl ResolvesServerCert for ServingIdentity {
     }
 }
 
+/// What clients may hold open on 15012: connections from one source address and in all, and
+/// TLS handshakes in progress. Past a cap a new connection is closed at once (logged, counted in
+/// `ferrymesh_ctrl_connections_refused_total{limit}`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// How long a client may take to finish its TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Connections one source address may hold open.
+    pub per_source: usize,
+    /// Connections all sources may hold open.
+    pub total: usize,
+    /// TLS handshakes in progress at once (nothing is allocated for one before the client's
+    /// first byte).
+    pub handshakes: usize,
+}
+
+/// The connections open now, by source.
+#[derive(Debug, Default)]
+struct Open {
+    by_source: Mutex<(HashMap<IpAddr, usize>, usize)>,
+}
+
+/// One open connection's place under the caps, given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    open: Arc<Open>,
+    source: IpAddr,
+}
+
+impl Open {
+    fn take(self: &Arc<Self>, source: IpAddr, limits: &ConnectionLimits) -> Result<Slot, &'static str> {
+        let mut guard = self.by_source.lock().expect("open connections lock");
+        let (by_source, total) = &mut *guard;
+        if *total >= limits.total {
+            return Err("connections");
+        }
+        let from_source = by_source.entry(source).or_default();
+        if *from_source >= limits.per_source {
+            return Err("connections_per_source");
+        }
+        *from_source += 1;
+        *total += 1;
+        Ok(Slot { open: self.clone(), source })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut guard = self.open.by_source.lock().expect("open connections lock");
+        let (by_source, total) = &mut *guard;
+        *total -= 1;
+        if let Some(n) = by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// A TLS connection to 15012, holding its place under the caps while it lives.
+#[derive(Debug)]
+pub struct Counted {
+    inner: TlsStream<TcpStream>,
+    _slot: Slot,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Counted {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// Logs and counts a connection closed at once for its cap `limit` (the flag is `--max-` and
+/// the limit's name).
+fn refuse(peer: std::net::SocketAddr, limit: &'static str) {
+    metrics::counter!("ferrymesh_ctrl_connections_refused_total", "limit" => limit).increment(1);
+    tracing::info!(%peer, "refused a connection to 15012: too many {limit} (--max-{})", limit.replace('_', "-"));
+}
+
 /// Accepts TCP connections on `listener` and completes their TLS handshakes (each within
-/// `handshake_timeout`, on a task of its own so a slow client holds up nobody), yielding the
-/// connections that made it. A failed handshake is logged and counted, never served.
+/// `limits.handshake_timeout`, on a task of its own so a slow client holds up nobody), yielding
+/// the connections that made it. A failed handshake is logged and counted, never served; a
+/// connection past a cap of `limits` is closed at once.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    handshake_timeout: Duration,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    limits: ConnectionLimits,
+) -> ReceiverStream<std::io::Result<Counted>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let open = Arc::new(Open::default());
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.handshakes));
+    let handshake_timeout = limits.handshake_timeout;
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -146,11 +272,28 @@ pub fn incoming(
                     continue;
                 }
             };
+            let slot = match open.take(peer.ip(), &limits) {
+                Ok(slot) => slot,
+                Err(limit) => {
+                    refuse(peer, limit);
+                    continue;
+                }
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                refuse(peer, "handshakes");
+                continue;
+            };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                let reason = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                // Nothing is allocated for TLS until the client has sent something.
+                let handshake = async {
+                    tcp.readable().await?;
+                    acceptor.accept(tcp).await
+                };
+                let reason = match tokio::time::timeout(handshake_timeout, handshake).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        drop(permit);
+                        let _ = tx.send(Ok(Counted { inner: stream, _slot: slot })).await;
                         return;
                     }
                     Ok(Err(e)) => format!("TLS handshake failed: {e}"),
