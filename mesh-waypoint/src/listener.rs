@@ -5,7 +5,10 @@
 //! knowledge), each request handed to [`crate::request`], unless the port declares an opaque
 //! protocol (`tcp`, `tls`, ...: relayed at L4 by [`crate::tcp`]). The port decides, never the
 //! client: a port that declares nothing is HTTP, so no pause, leading CRLF or garbage gets a
-//! client L4 treatment past the routes, limits and filters of an HTTP port.
+//! client L4 treatment past the routes, limits and filters of an HTTP port. Clients meet the
+//! agent's caps (`ferrymesh_dataplane::limits`: connections and streams per source and in all,
+//! the handshake timeout, no TLS state before their first byte) and the window budget
+//! (`ferrymesh_dataplane::hbone::budget`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

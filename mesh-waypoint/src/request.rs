@@ -16,7 +16,8 @@
 //! (local ones, [`crate::limits`], then global ones, [`crate::global_limits`]; 429), then their
 //! fault (a delay, then an abort); and the backend's DestinationRule may hash the request's key
 //! to keep it on one endpoint. The request's span ([`crate::spans`]) starts on arrival and ends
-//! with its record.
+//! with its record. Only a WebSocket upgrade is forwarded (spliced once the backend answers
+//! 101); any other `Upgrade` and `CONNECT` get a 403 (see [`upgrade_of`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;

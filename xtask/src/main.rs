@@ -56,28 +56,56 @@ const BPF_LINKER_VERSION: &str = "^0.13";
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let started = Instant::now();
+    // A flag a step does not take (`--help` included) prints the usage and runs nothing.
+    let only = |allowed: &[&str]| {
+        if args[1..].iter().any(|a| !allowed.contains(&a.as_str())) {
+            usage(if args.iter().any(|a| a == "--help" || a == "-h") { 0 } else { 2 });
+        }
+    };
     match args.first().map(String::as_str) {
-        Some("setup") => setup().map(drop)?,
-        Some("build") => build(&setup()?)?,
-        Some("test") => test()?,
-        Some("demo") => demo(args.iter().any(|a| a == "--hold"))?,
-        Some("bench") => bench(args.iter().any(|a| a == "--quick"))?,
+        Some("setup") => {
+            only(&[]);
+            setup().map(drop)?
+        }
+        Some("build") => {
+            only(&[]);
+            build(&setup()?)?
+        }
+        Some("test") => {
+            only(&[]);
+            test()?
+        }
+        Some("demo") => {
+            only(&["--hold"]);
+            demo(args.iter().any(|a| a == "--hold"))?
+        }
+        Some("bench") => {
+            only(&["--quick"]);
+            bench(args.iter().any(|a| a == "--quick"))?
+        }
         Some("image") => {
             let args = image::ImageArgs::parse(&args[1..])?;
             build(&setup()?)?;
             image::images(&args)?
         }
-        Some("clean-netns") => clean_stale()?,
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <setup|build|test|demo [--hold]|bench [--quick]|\
-                 image [--registry R] [--check] [--pin-production]|clean-netns>"
-            );
-            std::process::exit(2);
+        Some("clean-netns") => {
+            only(&[]);
+            clean_stale()?
         }
+        Some("--help" | "-h") => usage(0),
+        _ => usage(2),
     }
     eprintln!("xtask: done in {:.0?}", started.elapsed());
     Ok(())
+}
+
+/// Prints how to call xtask and exits with `code`.
+fn usage(code: i32) -> ! {
+    eprintln!(
+        "usage: cargo xtask <setup|build|test|demo [--hold]|bench [--quick]|\
+         image [--registry R] [--check] [--pin-production]|clean-netns>"
+    );
+    std::process::exit(code);
 }
 
 fn root() -> PathBuf {
