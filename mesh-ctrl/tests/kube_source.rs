@@ -476,3 +476,25 @@ async fn writes_the_status_of_routes_and_waypoints_back() {
     );
     assert_eq!(route("split")["status"]["parents"][0]["conditions"][0]["lastTransitionTime"], accepted_at);
 }
+
+#[tokio::test]
+async fn an_object_over_the_size_limit_from_the_api_keeps_its_last_good_version() {
+    let api = KubeFake::new();
+    let with_principals = |count: usize| {
+        let principals: Vec<String> = (0..count).map(|i| format!("cluster.local/ns/shop/sa/client-{i}")).collect();
+        objects::authorization_policy(
+            "shop",
+            "big",
+            json!({"action": "ALLOW", "rules": [{"from": [{"source": {"principals": principals}}]}]}),
+        )
+    };
+    api.apply(with_principals(2));
+    let mut rx = start(api.clone());
+    wait_for(&mut rx, "the policy", |s| s.config.authorization_policies.contains_key("shop/big")).await;
+    // 20,000 principals: some 800 KiB as JSON, over the 512 KiB an object may be.
+    api.apply(with_principals(20_000));
+    api.apply(authorization_policy("after", "DENY"));
+    let s = wait_for(&mut rx, "the next policy", |s| s.config.authorization_policies.contains_key("shop/after")).await;
+    let kept = &s.config.authorization_policies["shop/big"].rules[0].from[0].principals;
+    assert_eq!(kept.len(), 2, "the oversize update never replaced the last good version");
+}
