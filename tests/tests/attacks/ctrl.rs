@@ -21,6 +21,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
+use crate::half_open_flood;
+
 /// A shared secret people put in policies: any client that reads the config can replay it.
 const SECRET: &str = "x-internal-token-s3cret-value";
 
@@ -198,56 +200,18 @@ fn a_half_open_flood_on_15012_is_capped_per_source_while_agents_get_their_config
     let topo = cluster();
     let x = topo.pod("legacy", "x");
     let target = std::net::SocketAddr::from((FABRIC_IP, 15012));
-    let (done_tx, done) = std::sync::mpsc::channel::<()>();
-    let (closed_tx, closed) = std::sync::mpsc::channel::<usize>();
-    let flood = std::thread::spawn({
-        let netns = x.netns.clone();
-        move || {
-            in_netns(&netns, move || {
-                let mut held = Vec::new();
-                for _ in 0..FLOOD {
-                    // One mesh-ctrl closes at once may be reset before connect returns.
-                    if let Ok(stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
-                        stream.set_nonblocking(true).unwrap();
-                        held.push(stream);
-                    }
-                }
-                let refused = FLOOD - held.len();
-                // Closed by mesh-ctrl: a read ends (EOF) or fails with anything but "would block".
-                let closed_now = |held: &[std::net::TcpStream]| {
-                    let mut byte = [0u8; 1];
-                    held.iter()
-                        .filter(|s| match s.peek(&mut byte) {
-                            Ok(_) => true,
-                            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-                        })
-                        .count()
-                };
-                // Well inside the 10 s handshake timeout, so only the caps close them.
-                let deadline = std::time::Instant::now() + Duration::from_secs(5);
-                let mut seen = closed_now(&held);
-                while refused + seen < FLOOD - PER_SOURCE && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(50));
-                    seen = closed_now(&held);
-                }
-                closed_tx.send(refused + seen).unwrap();
-                let _ = done.recv_timeout(Duration::from_secs(60));
-            })
-        }
-    });
-    let closed = closed.recv_timeout(Duration::from_secs(90)).expect("the flood reports");
     // Agents keep getting config meanwhile (their streams are open; a restarted one would
     // connect anew).
-    topo.write_config_file(
-        "policy-during.yaml",
-        "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: during\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: nobody\n  action: DENY\n  rules:\n  - {}\n",
-    );
-    for node in [1, 2] {
-        wait_until(CONFIG_WAIT * 2, &format!("node {node}'s agent to get the change"), || {
-            held_policies(&topo, node).contains(&"shop/during".to_string())
-        });
-    }
-    let _ = done_tx.send(());
-    flood.join().unwrap();
+    let closed = half_open_flood(&x.netns, target, FLOOD, PER_SOURCE, || {
+        topo.write_config_file(
+            "policy-during.yaml",
+            "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: during\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: nobody\n  action: DENY\n  rules:\n  - {}\n",
+        );
+        for node in [1, 2] {
+            wait_until(CONFIG_WAIT * 2, &format!("node {node}'s agent to get the change"), || {
+                held_policies(&topo, node).contains(&"shop/during".to_string())
+            });
+        }
+    });
     assert!(closed >= FLOOD - PER_SOURCE, "{closed} of {FLOOD} half-open connections closed by mesh-ctrl within 5 s");
 }

@@ -16,7 +16,11 @@ mod routes;
 mod tls;
 mod windows;
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use ferrymesh_testbed::mesh::{CONFIG_WAIT, DATAPLANE_MODE, ECHO_HTTP_PORT};
+use ferrymesh_testbed::topology::in_netns;
 use ferrymesh_testbed::{Topology, TopologySpec};
 
 /// VIP of Service shop/web (pod web-1), bound to shop's waypoint.
@@ -64,4 +68,51 @@ pub fn tenants(before_start: impl FnOnce(&Topology)) -> Topology {
         topo.serve_echo(pod);
     }
     topo
+}
+
+/// A half-open flood: `count` TCP connections from `netns` to `target` that never send a byte.
+/// Waits (5 s at most, well inside a 10 s handshake timeout, so only a cap can close them) until
+/// all but `cap` are closed by the server, runs `during` while every one still open is held, and
+/// returns how many the server closed (refused at connect, or read as ended).
+pub fn half_open_flood(netns: &str, target: SocketAddr, count: usize, cap: usize, during: impl FnOnce()) -> usize {
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    let (closed_tx, closed) = std::sync::mpsc::channel::<usize>();
+    std::thread::scope(|scope| {
+        let flood = scope.spawn(move || {
+            in_netns(netns, move || {
+                let mut held = Vec::new();
+                for _ in 0..count {
+                    // A connection the server closes at once may be reset before connect returns.
+                    if let Ok(stream) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+                        stream.set_nonblocking(true).unwrap();
+                        held.push(stream);
+                    }
+                }
+                let refused = count - held.len();
+                // Closed by the server: a read ends (EOF) or fails with anything but "would block".
+                let closed_now = |held: &[std::net::TcpStream]| {
+                    let mut byte = [0u8; 1];
+                    held.iter()
+                        .filter(|s| match s.peek(&mut byte) {
+                            Ok(_) => true,
+                            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                        })
+                        .count()
+                };
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                let mut seen = closed_now(&held);
+                while refused + seen < count - cap && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                    seen = closed_now(&held);
+                }
+                closed_tx.send(refused + seen).unwrap();
+                let _ = done.recv_timeout(Duration::from_secs(60));
+            })
+        });
+        let closed = closed.recv_timeout(Duration::from_secs(90)).expect("the flood reports");
+        during();
+        let _ = done_tx.send(());
+        flood.join().unwrap();
+        closed
+    })
 }
