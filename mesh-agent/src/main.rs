@@ -111,21 +111,9 @@ struct Args {
     /// Address of the readiness endpoint (/healthz/ready).
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: std::net::SocketAddr,
-    /// How long a client of a pod's 15008 may take to finish its TLS handshake.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    hbone_handshake_timeout: std::time::Duration,
-    /// Concurrent inbound connections (HBONE and plaintext) one source address may hold open.
-    #[arg(long, default_value_t = limits::Limits::default().connections_per_source)]
-    max_connections_per_source: u32,
-    /// Concurrent inbound connections (HBONE and plaintext) one pod may be held open.
-    #[arg(long, default_value_t = limits::Limits::default().connections_per_pod)]
-    max_connections_per_pod: u32,
-    /// Concurrent HBONE streams one source address may hold open, over all its connections.
-    #[arg(long, default_value_t = limits::Limits::default().streams_per_source)]
-    max_streams_per_source: u32,
-    /// Concurrent HBONE streams one pod may be held open.
-    #[arg(long, default_value_t = limits::Limits::default().streams_per_pod)]
-    max_streams_per_pod: u32,
+    /// Caps on what inbound peers may hold open.
+    #[command(flatten)]
+    limits: ferrymesh_dataplane::limits::LimitFlags,
     /// Bytes of HBONE receive window the node's inbound connections may hold beyond 64 KiB
     /// each: a connection gets the full 16 MiB window while this has room, else keeps 64 KiB.
     #[arg(long, default_value_t = ferrymesh_dataplane::hbone::budget::DEFAULT_WINDOW_BUDGET)]
@@ -253,13 +241,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         live: proxy::authz::LiveConnections::default(),
         balancer: Arc::default(),
         local_pods: proxy::LocalPods::default(),
-        limits: limits::Limits {
-            handshake_timeout: args.hbone_handshake_timeout,
-            connections_per_source: args.max_connections_per_source,
-            connections_per_pod: args.max_connections_per_pod,
-            streams_per_source: args.max_streams_per_source,
-            streams_per_pod: args.max_streams_per_pod,
-        },
+        limits: (&args.limits).into(),
         load: Arc::default(),
         windows: ferrymesh_dataplane::hbone::budget::WindowBudget::new(args.hbone_window_budget),
         tracer: ferrymesh_dataplane::spans::Tracer::new(

@@ -90,21 +90,9 @@ struct Args {
     /// hold has it fetched again at once.
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     jwks_refresh: Duration,
-    /// How long a client of 15008 may take to finish its TLS handshake.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    hbone_handshake_timeout: Duration,
-    /// Concurrent connections one source address may hold open to the waypoint.
-    #[arg(long, default_value_t = ferrymesh_dataplane::limits::Limits::default().connections_per_source)]
-    max_connections_per_source: u32,
-    /// Concurrent connections the waypoint holds open in all.
-    #[arg(long, default_value_t = ferrymesh_dataplane::limits::Limits::default().connections_per_pod)]
-    max_connections_per_pod: u32,
-    /// Concurrent HBONE streams one source address may hold open, over all its connections.
-    #[arg(long, default_value_t = ferrymesh_dataplane::limits::Limits::default().streams_per_source)]
-    max_streams_per_source: u32,
-    /// Concurrent HBONE streams the waypoint holds open in all.
-    #[arg(long, default_value_t = ferrymesh_dataplane::limits::Limits::default().streams_per_pod)]
-    max_streams_per_pod: u32,
+    /// Caps on what inbound peers may hold open.
+    #[command(flatten)]
+    limits: ferrymesh_dataplane::limits::LimitFlags,
     /// Bytes of HBONE receive window the waypoint's connections may hold beyond 64 KiB each: a
     /// connection gets the full 16 MiB window while this has room, else keeps 64 KiB.
     #[arg(long, default_value_t = ferrymesh_dataplane::hbone::budget::DEFAULT_WINDOW_BUDGET)]
@@ -239,13 +227,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             escaped_slashes: args.path_escaped_slashes.unwrap_or(args.path_normalization.default_escaped_slashes()),
         },
         windows: ferrymesh_dataplane::hbone::budget::WindowBudget::new(args.hbone_window_budget),
-        limits: ferrymesh_dataplane::limits::Limits {
-            handshake_timeout: args.hbone_handshake_timeout,
-            connections_per_source: args.max_connections_per_source,
-            connections_per_pod: args.max_connections_per_pod,
-            streams_per_source: args.max_streams_per_source,
-            streams_per_pod: args.max_streams_per_pod,
-        },
+        limits: (&args.limits).into(),
         load: Arc::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)

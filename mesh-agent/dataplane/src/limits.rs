@@ -37,6 +37,39 @@ impl Default for Limits {
     }
 }
 
+/// The limits as flags, the same for the agent's pod listeners and the waypoint's 15008 (whose
+/// "pod" is the waypoint itself); `#[command(flatten)]` them into a program's arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitFlags {
+    /// How long a client of 15008 may take to finish its TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub hbone_handshake_timeout: Duration,
+    /// Concurrent inbound connections (HBONE and plaintext) one source address may hold open.
+    #[arg(long, default_value_t = Limits::default().connections_per_source)]
+    pub max_connections_per_source: u32,
+    /// Concurrent inbound connections (HBONE and plaintext) one pod may be held open.
+    #[arg(long, default_value_t = Limits::default().connections_per_pod)]
+    pub max_connections_per_pod: u32,
+    /// Concurrent HBONE streams one source address may hold open, over all its connections.
+    #[arg(long, default_value_t = Limits::default().streams_per_source)]
+    pub max_streams_per_source: u32,
+    /// Concurrent HBONE streams one pod may be held open.
+    #[arg(long, default_value_t = Limits::default().streams_per_pod)]
+    pub max_streams_per_pod: u32,
+}
+
+impl From<&LimitFlags> for Limits {
+    fn from(flags: &LimitFlags) -> Self {
+        Self {
+            handshake_timeout: flags.hbone_handshake_timeout,
+            connections_per_source: flags.max_connections_per_source,
+            connections_per_pod: flags.max_connections_per_pod,
+            streams_per_source: flags.max_streams_per_source,
+            streams_per_pod: flags.max_streams_per_pod,
+        }
+    }
+}
+
 /// A limit that refused something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
