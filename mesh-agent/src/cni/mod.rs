@@ -9,66 +9,21 @@
 //! ```
 //!
 //! The enroller decides (it owns the pods' eBPF state): see [`crate::enroll::Enroller`].
-//! [`install`] puts the plugin on the node.
+//! [`install`] puts the plugin on the node. The messages, and the plugin's side, are
+//! [`ferrymesh_api::cni`]'s.
 
 pub mod install;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use ferrymesh_api::cni::{Answer, Request};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How long a plugin may take to send its request.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// What the plugin asks.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Request {
-    /// `add` (the sandbox is being set up) or `del` (it is being torn down).
-    pub op: String,
-    /// The pod's namespace.
-    pub namespace: String,
-    /// The pod's name.
-    pub name: String,
-    /// The pod's UID (K8S_POD_UID), when the runtime passes it.
-    #[serde(default)]
-    pub uid: String,
-    /// Path of the pod's network namespace.
-    #[serde(default)]
-    pub netns: PathBuf,
-}
-
-impl Request {
-    /// The key the pod is held under: its UID, else `namespace/name` (local mode's UID when a
-    /// pod has none).
-    pub fn key(&self) -> String {
-        match self.uid.is_empty() {
-            true => format!("{}/{}", self.namespace, self.name),
-            false => self.uid.clone(),
-        }
-    }
-}
-
-/// The answer.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(untagged)]
-pub enum Answer {
-    /// Done: whether the pod is held (it is in the mesh) or left alone.
-    Done {
-        /// The pod is closed until enrolled.
-        held: bool,
-    },
-    /// Not done; `retry`: the runtime should try again later (no config yet).
-    Failed {
-        /// Why.
-        error: String,
-        /// Whether trying again later may succeed.
-        retry: bool,
-    },
-}
 
 /// A request with where its answer goes (to the enroller).
 pub type Asked = (Request, oneshot::Sender<Answer>);

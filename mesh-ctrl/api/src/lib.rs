@@ -1,7 +1,8 @@
-//! Generated gRPC types of ferrymesh, the flow JSON every tool prints, and how every binary
-//! reports an error ([`exit`]). Protobuf types stay at the edge: mesh-ctrl and the agent convert
+//! Generated gRPC types of ferrymesh, the flow JSON every tool prints, how every binary
+//! reports an error ([`exit`]), and the CNI plugin's protocol with the agent ([`cni`]). Protobuf types stay at the edge: mesh-ctrl and the agent convert
 //! them once into their own domain types.
 
+pub mod cni;
 pub mod exit;
 pub mod flow_json;
 pub mod kinds;
