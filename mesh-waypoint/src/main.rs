@@ -1,31 +1,8 @@
-//! mesh-waypoint: ferrymesh's L7 proxy, one per namespace (or Service) that asks for one with a
-//! Gateway of class `ferrymesh-waypoint`.
-//!
-//! - [`listener`]: HBONE on 15008 with the waypoint's identity; each CONNECT names a Service
-//!   VIP and port bound to this waypoint, and HTTP is served on the stream;
-//! - [`request`]: one request: the route it selects, the rule's filters, the backend by weight;
-//! - [`upstream`]: the endpoint by power of two choices, reached over HBONE with the
-//!   waypoint's identity (HTTP/1.1 connections reused, HTTP/2 multiplexed);
-//! - [`authn`]: the request's JWT checked against the RequestAuthentications, keys fetched;
-//! - [`record`]: the access log line of each request;
-//! - [`spans`]: W3C trace context, a span per request, exported over OTLP.
-//!
-//! Its identity is `spiffe://<trust domain>/ns/<namespace>/sa/<gateway name>`, obtained like a
-//! pod's: a CSR to mesh-ctrl with its node's token, which mesh-ctrl grants because the
-//! waypoint's pod (service account = the Gateway's name) runs on that node.
+//! mesh-waypoint's program: its flags, its identity and config from mesh-ctrl, then the HBONE
+//! listener of the library (see `lib.rs` for the parts).
 #![forbid(unsafe_code)]
 
-mod authn;
-mod denials;
-mod destination;
-mod global_limits;
-mod limits;
-mod listener;
-mod record;
-mod request;
-mod spans;
-mod tcp;
-mod upstream;
+use mesh_waypoint::{authn, global_limits, listener, record, upstream};
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
