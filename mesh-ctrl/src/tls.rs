@@ -279,23 +279,24 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                refuse(peer, "handshakes");
-                continue;
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, handshakes) = (acceptor.clone(), tx.clone(), handshakes.clone());
             tokio::spawn(async move {
-                // Nothing is allocated for TLS until the client has sent something.
+                // Nothing is allocated for TLS until the client has sent something, and a
+                // handshake counts under --max-handshakes from then on. (Waiting with
+                // `readable()` would not do: tokio reports a new socket readable at once, a
+                // false positive, and TLS state was made for a silent client.)
                 let handshake = async {
-                    tcp.readable().await?;
-                    acceptor.accept(tcp).await
+                    tcp.peek(&mut [0; 1]).await?;
+                    let Ok(permit) = handshakes.try_acquire_owned() else { return Ok(None) };
+                    acceptor.accept(tcp).await.map(|stream| Some((stream, permit)))
                 };
                 let reason = match tokio::time::timeout(handshake_timeout, handshake).await {
-                    Ok(Ok(stream)) => {
+                    Ok(Ok(Some((stream, permit)))) => {
                         drop(permit);
                         let _ = tx.send(Ok(Counted { inner: stream, _slot: slot })).await;
                         return;
                     }
+                    Ok(Ok(None)) => return refuse(peer, "handshakes"),
                     Ok(Err(e)) => format!("TLS handshake failed: {e}"),
                     Err(_) => format!("no TLS handshake within {handshake_timeout:?}"),
                 };
@@ -332,6 +333,42 @@ mod tests {
         );
         let left = identity.not_after().duration_since(SystemTime::now()).unwrap();
         assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50), "{left:?}");
+    }
+
+    /// With one handshake allowed in progress, a client that connects and says nothing holds no
+    /// handshake: the next client's TLS handshake still completes. (It used to count from the
+    /// connect: a half-open flood from a few addresses took every handshake slot.)
+    #[tokio::test]
+    async fn a_silent_client_holds_no_handshake() {
+        use tokio_stream::StreamExt;
+        let (cert, key) = Ca::generate_root("cluster.local").unwrap();
+        let identity =
+            ServingIdentity::new(crate::ca::fixed(ca_of(&cert, &key)), &[], Duration::from_secs(60)).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let limits =
+            ConnectionLimits { handshake_timeout: Duration::from_secs(30), per_source: 10, total: 10, handshakes: 1 };
+        let mut accepted = incoming(listener, identity.server_config(), limits);
+        let _silent = TcpStream::connect(to).await.unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(SERVICE_NAMES[0]).unwrap();
+        let tcp = TcpStream::connect(to).await.unwrap();
+        let speaking = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp),
+        );
+        let served = tokio::time::timeout(Duration::from_secs(10), accepted.next());
+        let (speaking, served) = tokio::join!(speaking, served);
+        assert!(matches!(speaking, Ok(Ok(_))), "the speaking client's handshake: {speaking:?}");
+        assert!(matches!(served, Ok(Some(Ok(_)))), "the server yields its connection");
     }
 
     fn ca_of(cert: &str, key: &str) -> Ca {

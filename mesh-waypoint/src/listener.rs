@@ -17,9 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferrymesh_dataplane::flows::AccessLog;
 use ferrymesh_dataplane::hbone::budget::WindowBudget;
-use ferrymesh_dataplane::hbone::server::{respond_status, serve_h2};
+use ferrymesh_dataplane::hbone::server::{accept_tls, respond_status, serve_h2, NotAccepted};
 use ferrymesh_dataplane::hbone::stream::H2Stream;
-use ferrymesh_dataplane::hbone::{TLS_READ_BUFFER, TLS_WRITE_BUFFER};
 use ferrymesh_dataplane::limits::{Limit, Limits, Load};
 use ferrymesh_dataplane::state::{Service, State, Workload};
 use ferrymesh_dataplane::tls;
@@ -27,9 +26,7 @@ use h2::RecvStream;
 use http::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ServerConfig;
-use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 
 use crate::upstream::Upstream;
 
@@ -181,23 +178,10 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, tls: Arc<ServerConfi
         }
     };
     let _ = tcp.set_nodelay(true);
-    let timeout = waypoint.limits.handshake_timeout;
-    // Nothing is allocated for TLS until the client has sent something.
-    let accept = async {
-        tcp.readable().await?;
-        TlsAcceptor::from(tls)
-            .accept_with(BufReader::with_capacity(TLS_READ_BUFFER, tcp), |tls| {
-                tls.set_buffer_limit(Some(TLS_WRITE_BUFFER))
-            })
-            .await
-    };
-    let stream = match tokio::time::timeout(timeout, accept).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return tracing::info!(%peer, "mTLS handshake failed: {}", tls::describe(&e)),
-        Err(_) => {
-            Limit::HandshakeTimeout.count();
-            return tracing::info!(%peer, "no TLS handshake within {timeout:?} (--hbone-handshake-timeout)");
-        }
+    let stream = match accept_tls(tcp, tls, (&waypoint.limits, &waypoint.load), peer.ip(), me).await {
+        Ok(stream) => stream,
+        Err(NotAccepted::Failed(e)) => return tracing::info!(%peer, "mTLS handshake failed: {}", tls::describe(&e)),
+        Err(refused) => return tracing::info!(%peer, "{refused}"),
     };
     let session = &stream.get_ref().1;
     if session.alpn_protocol() != Some(tls::ALPN_H2) {
@@ -301,14 +285,25 @@ async fn serve_tunnel(
     if !http {
         return crate::tcp::relay(&waypoint, &downstream, stream).await;
     }
-    let io = TokioIo::new(stream);
-    let handler = waypoint.clone();
+    if let Err(e) = serve_http(stream, waypoint, downstream).await {
+        tracing::debug!(%peer, "HTTP on the tunnel ended: {e}");
+    }
+}
+
+/// Serves HTTP (HTTP/1.1, or HTTP/2 with prior knowledge) on an accepted tunnel of
+/// `downstream`, each request handed to [`crate::request::handle`], until the client closes it.
+pub async fn serve_http<IO>(
+    io: IO,
+    waypoint: Arc<Waypoint>,
+    downstream: Arc<Downstream>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |request| {
-        let (waypoint, downstream) = (handler.clone(), downstream.clone());
+        let (waypoint, downstream) = (waypoint.clone(), downstream.clone());
         async move { Ok::<_, std::convert::Infallible>(crate::request::handle(&waypoint, &downstream, request).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
-        tracing::debug!(%peer, "HTTP on the tunnel ended: {e}");
-    }
+    builder.serve_connection_with_upgrades(TokioIo::new(io), service).await
 }

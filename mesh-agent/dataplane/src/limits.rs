@@ -1,38 +1,50 @@
-//! Limits on what peers may hold open at the pods' inbound listeners (15008 HBONE, 15006
-//! plaintext): concurrent connections per source address and per pod, concurrent HBONE streams
-//! per source address and per pod, and the time a client may take to finish its TLS handshake. They bound
-//! what a hostile or broken peer can make the agent hold (memory, tasks, dials to the app) while
-//! everyone else keeps being served. Each refusal names its limit and the flag that sets it, in
-//! the flow reason and in `ferrymesh_inbound_refused_total{limit}`.
+//! Limits on what peers may hold open at the inbound listeners (the agent's 15008 HBONE and
+//! 15006 plaintext, the waypoint's 15008): concurrent connections and HBONE streams per source
+//! address, per pod and in all, TLS handshakes in progress, and the time a client may take to
+//! finish its handshake. They bound what a hostile or broken peer can make the agent hold
+//! (memory, tasks, dials to the app) while everyone else keeps being served: with the window
+//! budget (`crate::hbone::budget`), the node-wide caps are what docs/SECURITY.md's memory bound
+//! is computed from. Each refusal names its limit and the flag that sets it, in the flow reason
+//! and in `ferrymesh_inbound_refused_total{limit}`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The limits (mesh-agent flags).
+/// The limits (mesh-agent and mesh-waypoint flags).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// How long a client of 15008 may take to finish its TLS handshake.
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once on 15008, from all sources (counted from a client's
+    /// first byte: nothing is allocated for TLS before it).
+    pub handshakes: u32,
     /// Concurrent inbound connections (HBONE and plaintext) from one source address.
     pub connections_per_source: u32,
     /// Concurrent inbound connections (HBONE and plaintext) to one pod.
     pub connections_per_pod: u32,
+    /// Concurrent inbound connections (HBONE and plaintext) from all sources to all pods.
+    pub connections: u32,
     /// Concurrent HBONE streams from one source address, over all its connections.
     pub streams_per_source: u32,
     /// Concurrent HBONE streams to one pod.
     pub streams_per_pod: u32,
+    /// Concurrent HBONE streams from all sources to all pods.
+    pub streams: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(10),
+            handshakes: 256,
             connections_per_source: 512,
-            connections_per_pod: 4096,
+            connections_per_pod: 1024,
+            connections: 1024,
             streams_per_source: 2048,
             streams_per_pod: 16384,
+            streams: 32768,
         }
     }
 }
@@ -44,28 +56,41 @@ pub struct LimitFlags {
     /// How long a client of 15008 may take to finish its TLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub hbone_handshake_timeout: Duration,
+    /// TLS handshakes in progress at once on 15008 (from a client's first byte to its end).
+    #[arg(long, default_value_t = Limits::default().handshakes)]
+    pub max_handshakes: u32,
     /// Concurrent inbound connections (HBONE and plaintext) one source address may hold open.
     #[arg(long, default_value_t = Limits::default().connections_per_source)]
     pub max_connections_per_source: u32,
     /// Concurrent inbound connections (HBONE and plaintext) one pod may be held open.
     #[arg(long, default_value_t = Limits::default().connections_per_pod)]
     pub max_connections_per_pod: u32,
+    /// Concurrent inbound connections (HBONE and plaintext) all sources may hold open, to all
+    /// pods: with --hbone-window-budget, what bounds the memory peers can make this hold.
+    #[arg(long, default_value_t = Limits::default().connections)]
+    pub max_connections: u32,
     /// Concurrent HBONE streams one source address may hold open, over all its connections.
     #[arg(long, default_value_t = Limits::default().streams_per_source)]
     pub max_streams_per_source: u32,
     /// Concurrent HBONE streams one pod may be held open.
     #[arg(long, default_value_t = Limits::default().streams_per_pod)]
     pub max_streams_per_pod: u32,
+    /// Concurrent HBONE streams all sources may hold open, to all pods.
+    #[arg(long, default_value_t = Limits::default().streams)]
+    pub max_streams: u32,
 }
 
 impl From<&LimitFlags> for Limits {
     fn from(flags: &LimitFlags) -> Self {
         Self {
             handshake_timeout: flags.hbone_handshake_timeout,
+            handshakes: flags.max_handshakes,
             connections_per_source: flags.max_connections_per_source,
             connections_per_pod: flags.max_connections_per_pod,
+            connections: flags.max_connections,
             streams_per_source: flags.max_streams_per_source,
             streams_per_pod: flags.max_streams_per_pod,
+            streams: flags.max_streams,
         }
     }
 }
@@ -75,14 +100,20 @@ impl From<&LimitFlags> for Limits {
 pub enum Limit {
     /// `--hbone-handshake-timeout`
     HandshakeTimeout,
+    /// `--max-handshakes`
+    Handshakes,
     /// `--max-connections-per-source`
     ConnectionsPerSource,
     /// `--max-connections-per-pod`
     ConnectionsPerPod,
+    /// `--max-connections`
+    Connections,
     /// `--max-streams-per-source`
     StreamsPerSource,
     /// `--max-streams-per-pod`
     StreamsPerPod,
+    /// `--max-streams`
+    Streams,
     /// The HTTP/2 server's own protections (rapid reset, oversized header blocks, malformed
     /// frames): the connection was closed with a GOAWAY.
     Http2Protocol,
@@ -93,21 +124,27 @@ impl Limit {
     pub const fn name(self) -> &'static str {
         match self {
             Limit::HandshakeTimeout => "handshake_timeout",
+            Limit::Handshakes => "handshakes",
             Limit::ConnectionsPerSource => "connections_per_source",
             Limit::ConnectionsPerPod => "connections_per_pod",
+            Limit::Connections => "connections",
             Limit::StreamsPerSource => "streams_per_source",
             Limit::StreamsPerPod => "streams_per_pod",
+            Limit::Streams => "streams",
             Limit::Http2Protocol => "http2_protocol",
         }
     }
 
     /// Every limit, for registering the metric at zero.
-    pub const ALL: [Limit; 6] = [
+    pub const ALL: [Limit; 9] = [
         Limit::HandshakeTimeout,
+        Limit::Handshakes,
         Limit::ConnectionsPerSource,
         Limit::ConnectionsPerPod,
+        Limit::Connections,
         Limit::StreamsPerSource,
         Limit::StreamsPerPod,
+        Limit::Streams,
         Limit::Http2Protocol,
     ];
 
@@ -132,6 +169,15 @@ pub enum Refusal {
     /// Too many streams to one pod.
     #[error("refused: {0} HBONE streams already open to this pod (--max-streams-per-pod)")]
     PodStreams(u32),
+    /// Too many connections in all.
+    #[error("refused: {0} connections already open in all (--max-connections)")]
+    Connections(u32),
+    /// Too many streams in all.
+    #[error("refused: {0} HBONE streams already open in all (--max-streams)")]
+    Streams(u32),
+    /// Too many TLS handshakes in progress.
+    #[error("refused: {0} TLS handshakes already in progress (--max-handshakes)")]
+    Handshakes(u32),
 }
 
 impl Refusal {
@@ -142,6 +188,9 @@ impl Refusal {
             Refusal::PodConnections(_) => Limit::ConnectionsPerPod,
             Refusal::SourceStreams(..) => Limit::StreamsPerSource,
             Refusal::PodStreams(_) => Limit::StreamsPerPod,
+            Refusal::Connections(_) => Limit::Connections,
+            Refusal::Streams(_) => Limit::Streams,
+            Refusal::Handshakes(_) => Limit::Handshakes,
         }
     }
 }
@@ -151,16 +200,24 @@ impl Refusal {
 enum Kind {
     Connection,
     Stream,
+    Handshake,
 }
 
-/// Connections and streams open now, by source address and by pod address.
+/// The counts of [`Load`], under one lock.
+#[derive(Debug, Default)]
+struct Counts {
+    by_source: HashMap<(Kind, IpAddr), u32>,
+    by_pod: HashMap<(Kind, IpAddr), u32>,
+    all: HashMap<Kind, u32>,
+}
+
+/// Connections, streams and handshakes open now: by source address, by pod address and in all.
 #[derive(Debug, Default)]
 pub struct Load {
-    by_source: Mutex<HashMap<(Kind, IpAddr), u32>>,
-    by_pod: Mutex<HashMap<(Kind, IpAddr), u32>>,
+    counts: Mutex<Counts>,
 }
 
-/// A connection or stream counted as open until dropped.
+/// A connection, stream or handshake counted as open until dropped.
 #[derive(Debug)]
 pub struct Held {
     load: Arc<Load>,
@@ -169,8 +226,7 @@ pub struct Held {
     pod: IpAddr,
 }
 
-fn release<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, u32>>, key: K) {
-    let mut map = map.lock().expect("load lock");
+fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: K) {
     if let Some(n) = map.get_mut(&key) {
         *n -= 1;
         if *n == 0 {
@@ -181,20 +237,31 @@ fn release<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, u32>>, key: K) {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        release(&self.load.by_source, (self.kind, self.source));
-        release(&self.load.by_pod, (self.kind, self.pod));
+        let mut counts = self.load.counts.lock().expect("load lock");
+        release(&mut counts.by_source, (self.kind, self.source));
+        release(&mut counts.by_pod, (self.kind, self.pod));
+        release(&mut counts.all, self.kind);
     }
 }
 
 impl Load {
-    /// Counts a new connection from `source` to pod `pod`, unless either is at its limit.
+    /// Counts a new connection from `source` to pod `pod`, unless one of the three is at its
+    /// limit.
     pub fn connection(self: &Arc<Self>, limits: &Limits, source: IpAddr, pod: IpAddr) -> Result<Held, Refusal> {
-        self.take(Kind::Connection, source, pod, (limits.connections_per_source, limits.connections_per_pod))
+        let caps = (limits.connections_per_source, limits.connections_per_pod, limits.connections);
+        self.take(Kind::Connection, source, pod, caps)
     }
 
-    /// Counts a new HBONE stream from `source` to pod `pod`, unless either is at its limit.
+    /// Counts a new HBONE stream from `source` to pod `pod`, unless one of the three is at its
+    /// limit.
     pub fn stream(self: &Arc<Self>, limits: &Limits, source: IpAddr, pod: IpAddr) -> Result<Held, Refusal> {
-        self.take(Kind::Stream, source, pod, (limits.streams_per_source, limits.streams_per_pod))
+        self.take(Kind::Stream, source, pod, (limits.streams_per_source, limits.streams_per_pod, limits.streams))
+    }
+
+    /// Counts a TLS handshake starting from `source` to pod `pod`, unless `limits.handshakes`
+    /// are in progress (a source's handshakes are bounded by its connections).
+    pub fn handshake(self: &Arc<Self>, limits: &Limits, source: IpAddr, pod: IpAddr) -> Result<Held, Refusal> {
+        self.take(Kind::Handshake, source, pod, (u32::MAX, u32::MAX, limits.handshakes))
     }
 
     fn take(
@@ -202,28 +269,32 @@ impl Load {
         kind: Kind,
         source: IpAddr,
         pod: IpAddr,
-        (per_source, per_pod): (u32, u32),
+        (per_source, per_pod, in_all): (u32, u32, u32),
     ) -> Result<Held, Refusal> {
-        // Both counts change under both locks (always taken in this order), so a refusal by the
-        // pod's limit never leaves the source's count raised.
-        let mut by_source = self.by_source.lock().expect("load lock");
-        let mut by_pod = self.by_pod.lock().expect("load lock");
-        let from_source = by_source.get(&(kind, source)).copied().unwrap_or(0);
-        if from_source >= per_source {
-            return Err(match kind {
-                Kind::Connection => Refusal::SourceConnections(from_source, source),
-                Kind::Stream => Refusal::SourceStreams(from_source, source),
-            });
+        let mut counts = self.counts.lock().expect("load lock");
+        let from_source = counts.by_source.get(&(kind, source)).copied().unwrap_or(0);
+        let to_pod = counts.by_pod.get(&(kind, pod)).copied().unwrap_or(0);
+        let all = counts.all.get(&kind).copied().unwrap_or(0);
+        let refused = match kind {
+            _ if from_source >= per_source => match kind {
+                Kind::Stream => Some(Refusal::SourceStreams(from_source, source)),
+                _ => Some(Refusal::SourceConnections(from_source, source)),
+            },
+            _ if to_pod >= per_pod => match kind {
+                Kind::Stream => Some(Refusal::PodStreams(to_pod)),
+                _ => Some(Refusal::PodConnections(to_pod)),
+            },
+            Kind::Connection if all >= in_all => Some(Refusal::Connections(all)),
+            Kind::Stream if all >= in_all => Some(Refusal::Streams(all)),
+            Kind::Handshake if all >= in_all => Some(Refusal::Handshakes(all)),
+            _ => None,
+        };
+        if let Some(refused) = refused {
+            return Err(refused);
         }
-        let to_pod = by_pod.get(&(kind, pod)).copied().unwrap_or(0);
-        if to_pod >= per_pod {
-            return Err(match kind {
-                Kind::Connection => Refusal::PodConnections(to_pod),
-                Kind::Stream => Refusal::PodStreams(to_pod),
-            });
-        }
-        *by_source.entry((kind, source)).or_default() += 1;
-        *by_pod.entry((kind, pod)).or_default() += 1;
+        *counts.by_source.entry((kind, source)).or_default() += 1;
+        *counts.by_pod.entry((kind, pod)).or_default() += 1;
+        *counts.all.entry(kind).or_default() += 1;
         Ok(Held { load: self.clone(), kind, source, pod })
     }
 }
@@ -255,8 +326,8 @@ mod tests {
         let full = load.connection(&limits, b, pod).unwrap_err();
         assert_eq!(full.limit(), Limit::ConnectionsPerPod, "{full}");
         // The refusal by the pod's limit did not count against b.
-        assert_eq!(load.by_source.lock().unwrap()[&(Kind::Connection, b)], 1);
-        assert_eq!(load.by_pod.lock().unwrap()[&(Kind::Connection, pod)], 3);
+        assert_eq!(load.counts.lock().unwrap().by_source[&(Kind::Connection, b)], 1);
+        assert_eq!(load.counts.lock().unwrap().by_pod[&(Kind::Connection, pod)], 3);
         drop(a1);
         assert!(load.connection(&limits, b, pod).is_ok(), "a closed connection frees its place");
         let s = load.stream(&limits, a, pod).unwrap();
@@ -281,6 +352,29 @@ mod tests {
             })
             .collect();
         drop(held);
-        assert!(load.by_source.lock().unwrap().is_empty() && load.by_pod.lock().unwrap().is_empty());
+        let counts = load.counts.lock().unwrap();
+        assert!(counts.by_source.is_empty() && counts.by_pod.is_empty() && counts.all.is_empty());
+    }
+
+    #[test]
+    fn the_caps_in_all_hold_across_sources_and_pods() {
+        let limits = Limits { connections: 3, streams: 2, handshakes: 1, ..Limits::default() };
+        let load = Arc::new(Load::default());
+        let pod = |i: u8| IpAddr::from([10, 0, 1, i]);
+        let source = |i: u8| IpAddr::from([10, 0, 0, i]);
+        let connections: Vec<Held> = (0..3).map(|i| load.connection(&limits, source(i), pod(i)).unwrap()).collect();
+        let refused = load.connection(&limits, source(9), pod(9)).unwrap_err();
+        assert_eq!(refused.to_string(), "refused: 3 connections already open in all (--max-connections)");
+        assert_eq!(refused.limit(), Limit::Connections);
+        let _streams =
+            [load.stream(&limits, source(1), pod(1)).unwrap(), load.stream(&limits, source(2), pod(2)).unwrap()];
+        assert_eq!(load.stream(&limits, source(3), pod(3)).unwrap_err().limit(), Limit::Streams);
+        let handshake = load.handshake(&limits, source(1), pod(1)).unwrap();
+        let refused = load.handshake(&limits, source(2), pod(2)).unwrap_err();
+        assert_eq!(refused.to_string(), "refused: 1 TLS handshakes already in progress (--max-handshakes)");
+        drop(handshake);
+        assert!(load.handshake(&limits, source(2), pod(2)).is_ok(), "a finished handshake frees its place");
+        drop(connections);
+        assert!(load.connection(&limits, source(9), pod(9)).is_ok(), "closed connections free their places");
     }
 }

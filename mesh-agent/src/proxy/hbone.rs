@@ -13,9 +13,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferrymesh_dataplane::hbone::client::{Connect, ConnectHeaders, Dialer, Peer};
 use ferrymesh_dataplane::hbone::pool::StreamSlot;
-use ferrymesh_dataplane::hbone::server::{connect_target, respond_status, serve_h2_until};
+use ferrymesh_dataplane::hbone::server::{accept_tls, connect_target, respond_status, serve_h2_until, NotAccepted};
 use ferrymesh_dataplane::hbone::stream::{h2_to_tcp, tcp_to_h2};
-use ferrymesh_dataplane::hbone::{TLS_READ_BUFFER, TLS_WRITE_BUFFER};
 use ferrymesh_dataplane::spans::TraceParent;
 use ferrymesh_policy::Transport;
 use h2::{RecvStream, SendStream};
@@ -23,10 +22,9 @@ use http::{Request, StatusCode};
 use mesh_common::{HBONE_PORT, MARK_AGENT};
 use nix::sys::socket::MsgFlags;
 use rustls::ServerConfig;
-use tokio::io::{AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use tokio_rustls::TlsAcceptor;
 
 use super::authz::InboundRequest;
 use super::{
@@ -116,24 +114,11 @@ async fn serve_connection(
         }
     };
     let _ = tcp.set_nodelay(true);
-    let timeout = ctx.limits.handshake_timeout;
-    // Nothing is allocated for TLS until the client has sent something: a connection that
-    // never does (a half-open flood) holds a socket and this task only, until the timeout.
-    let handshake = async {
-        tcp.readable().await?;
-        TlsAcceptor::from(tls)
-            .accept_with(BufReader::with_capacity(TLS_READ_BUFFER, tcp), |tls| {
-                tls.set_buffer_limit(Some(TLS_WRITE_BUFFER))
-            })
-            .await
-    };
-    let stream = match tokio::time::timeout(timeout, handshake).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return failed(ProxyError::Handshake(tls::describe(&e))),
-        Err(_) => {
-            Limit::HandshakeTimeout.count();
-            return failed(ProxyError::HandshakeTimeout(timeout));
-        }
+    let stream = match accept_tls(tcp, tls, (&ctx.limits, &ctx.load), peer.ip(), pod.workload.ip).await {
+        Ok(stream) => stream,
+        Err(NotAccepted::Refused(refusal)) => return failed(ProxyError::Limited(refusal)),
+        Err(NotAccepted::Timeout(timeout)) => return failed(ProxyError::HandshakeTimeout(timeout)),
+        Err(NotAccepted::Failed(e)) => return failed(ProxyError::Handshake(tls::describe(&e))),
     };
     let (_, session) = stream.get_ref();
     if session.alpn_protocol() != Some(tls::ALPN_H2) {

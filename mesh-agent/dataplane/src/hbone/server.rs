@@ -10,7 +10,67 @@ use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use mesh_common::RESERVED_PORTS;
 
+use rustls::ServerConfig;
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
 use super::budget::WindowBudget;
+use super::{TLS_READ_BUFFER, TLS_WRITE_BUFFER};
+use crate::limits::{Limit, Limits, Load, Refusal};
+
+/// An accepted HBONE connection's TLS, over a read buffer.
+pub type HboneTls = TlsStream<BufReader<TcpStream>>;
+
+/// Why an accepted connection did not become a TLS session.
+#[derive(Debug, thiserror::Error)]
+pub enum NotAccepted {
+    /// Too many handshakes in progress (`--max-handshakes`).
+    #[error("{0}")]
+    Refused(Refusal),
+    /// The client did not finish within `--hbone-handshake-timeout`.
+    #[error("no TLS handshake within {0:?} (--hbone-handshake-timeout)")]
+    Timeout(std::time::Duration),
+    /// The handshake failed.
+    #[error("{0}")]
+    Failed(std::io::Error),
+}
+
+/// The TLS handshake of an HBONE connection from `source` to `pod` (its place under the
+/// connection caps already held), as every 15008 does it: nothing is allocated for TLS until
+/// the client has sent something (a half-open connection holds a socket and a task only), the
+/// handshake then counts under `--max-handshakes` until it ends, and it must end within
+/// `--hbone-handshake-timeout`. Refusals and timeouts are counted by their limit.
+pub async fn accept_tls(
+    tcp: TcpStream,
+    tls: Arc<ServerConfig>,
+    (limits, load): (&Limits, &Arc<Load>),
+    source: IpAddr,
+    pod: IpAddr,
+) -> Result<HboneTls, NotAccepted> {
+    let handshake = async {
+        // Until the first byte: `readable()` would not do, as tokio reports a new socket
+        // readable at once (a false positive), and a silent client would count as a handshake.
+        tcp.peek(&mut [0; 1]).await.map_err(NotAccepted::Failed)?;
+        let _in_progress = load.handshake(limits, source, pod).map_err(NotAccepted::Refused)?;
+        TlsAcceptor::from(tls)
+            .accept_with(BufReader::with_capacity(TLS_READ_BUFFER, tcp), |tls| {
+                tls.set_buffer_limit(Some(TLS_WRITE_BUFFER))
+            })
+            .await
+            .map_err(NotAccepted::Failed)
+    };
+    let accepted = tokio::time::timeout(limits.handshake_timeout, handshake)
+        .await
+        .unwrap_or(Err(NotAccepted::Timeout(limits.handshake_timeout)));
+    match &accepted {
+        Err(NotAccepted::Refused(refusal)) => refusal.limit().count(),
+        Err(NotAccepted::Timeout(_)) => Limit::HandshakeTimeout.count(),
+        _ => {}
+    }
+    accepted
+}
 
 /// An HTTP/2 connection that ended on an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +217,54 @@ mod tests {
     use super::*;
 
     const LOCAL: [u8; 4] = [10, 244, 2, 2];
+
+    /// A self-signed TLS server config (what is served does not matter to the accept path).
+    fn any_server_config() -> Arc<ServerConfig> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["pod".into()]).unwrap().self_signed(&key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        Arc::new(config)
+    }
+
+    /// With no handshake allowed in progress, a client that connects and says nothing meets the
+    /// handshake timeout (nothing was started for it), and one that speaks is refused by the
+    /// cap: a handshake counts from the client's first byte, not from its connect.
+    #[tokio::test]
+    async fn a_handshake_counts_from_the_clients_first_byte() {
+        use tokio::io::AsyncWriteExt;
+        let limits = Limits { handshakes: 0, handshake_timeout: Duration::from_millis(300), ..Limits::default() };
+        let load = Arc::new(Load::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let pod = IpAddr::from([127, 0, 0, 1]);
+        let accept = |speak: bool| {
+            let (listener, load, tls) = (&listener, load.clone(), any_server_config());
+            async move {
+                let mut client = TcpStream::connect(to).await.unwrap();
+                let (tcp, peer) = listener.accept().await.unwrap();
+                if speak {
+                    client.write_all(b"\x16\x03\x01").await.unwrap();
+                }
+                accept_tls(tcp, tls, (&limits, &load), peer.ip(), pod).await.map(drop)
+            }
+        };
+        let silent = accept(false).await;
+        assert!(matches!(silent, Err(NotAccepted::Timeout(_))), "a silent client: {silent:?}");
+        let speaking = accept(true).await;
+        assert!(
+            matches!(speaking, Err(NotAccepted::Refused(Refusal::Handshakes(0)))),
+            "a client that spoke: {speaking:?}"
+        );
+    }
 
     #[test]
     fn connect_requests_table() {
