@@ -7,6 +7,11 @@
 //! first byte and held for the 10 s handshake timeout: a flood starved agents of config and
 //! certificates. Connections are now capped per source and in all, and handshakes in progress.
 //!
+//! The same against a flood of clients that finish TLS: each opens config streams (without a
+//! node's token) and sends the start of a large message, then never reads; mesh-ctrl holds
+//! little for each (the stream is refused before its body is read, HTTP/2's windows cap what
+//! waits) and at most 64 from one address.
+//!
 //! H6: a config over gRPC's default 4 MiB (a few large objects, or some 10k pods) broke every
 //! agent's stream: each failed to decode it and kept its last config forever.
 
@@ -21,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::half_open_flood;
+use crate::{h2_flood, half_open_flood, rss_kib};
 
 /// A shared secret people put in policies: any client that reads the config can replay it.
 const SECRET: &str = "x-internal-token-s3cret-value";
@@ -214,4 +219,63 @@ fn a_half_open_flood_on_15012_is_capped_per_source_while_agents_get_their_config
         }
     });
     assert!(closed >= FLOOD - PER_SOURCE, "{closed} of {FLOOD} half-open connections closed by mesh-ctrl within 5 s");
+}
+
+#[test]
+fn a_flood_of_tls_clients_on_15012_holds_mesh_ctrl_to_its_budget_while_agents_get_their_config() {
+    /// TLS clients the flood opens from one address (64 are held), streams on each, and the
+    /// start of a 4 MiB Watch message each sends.
+    const CLIENTS: usize = 200;
+    const STREAMS: usize = 8;
+    const RSS_GROWTH_BOUND_KIB: u64 = 64 * 1024;
+    let topo = cluster();
+    let x = topo.pod("legacy", "x");
+    let victim = topo.pid("mesh-ctrl").expect("mesh-ctrl");
+    let ca_dir = topo.ca_dir();
+    let read = |name: &str| std::fs::read_to_string(ca_dir.join(name)).expect("the mesh CA");
+    // Any client certificate, or none: 15012 authenticates tokens, not certificates.
+    let cert = ferrymesh_testbed::mesh_client::MeshCert::issue(
+        &read("root-cert.pem"),
+        &read("root-key.pem"),
+        "spiffe://cluster.local/ns/legacy/sa/x",
+    );
+    let to = std::net::SocketAddr::from((FABRIC_IP, 15012));
+    let request = || {
+        http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("https://{FABRIC_IP}:15012/ferrymesh.config.v1.Config/Watch"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+    };
+    // A gRPC frame announcing 4 MiB, and its first 256 KiB.
+    let body = bytes::Bytes::from([vec![0, 0, 0x40, 0, 0], vec![0x5a; 256 << 10]].concat());
+    let rss_before = rss_kib(victim);
+    let (streams, peak) = h2_flood(
+        &x.netns,
+        (cert.client_config(false), to),
+        (CLIENTS, STREAMS),
+        request,
+        body,
+        victim,
+        || {
+            topo.write_config_file(
+                "policy-during.yaml",
+                "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: during\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: nobody\n  action: DENY\n  rules:\n  - {}\n",
+            );
+            for node in [1, 2] {
+                wait_until(CONFIG_WAIT * 2, &format!("node {node}'s agent to get the change"), || {
+                    held_policies(&topo, node).contains(&"shop/during".to_string())
+                });
+            }
+        },
+    );
+    println!("mesh-ctrl RSS {rss_before} KiB before, peak {peak} KiB under {streams} hostile streams");
+    assert!(streams >= 64 * STREAMS, "{streams} streams opened");
+    assert!(
+        peak < rss_before + RSS_GROWTH_BOUND_KIB,
+        "mesh-ctrl grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
+    );
+    assert!(topo.is_running("mesh-ctrl"), "{}", topo.log("mesh-ctrl"));
 }

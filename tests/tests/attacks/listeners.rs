@@ -2,12 +2,19 @@
 //! connections open, each with TLS state allocated before its first byte, for the 10 s
 //! handshake timeout. It now counts connections and streams per source and in all, as the
 //! agent's pods do, and allocates nothing for TLS before a client speaks.
+//!
+//! H5 at the waypoint: a meshed peer that sends requests on many tunnels and never reads the
+//! answers makes the waypoint hold what it sent, as far as its windows let it: those come out
+//! of the same budget as the agent's.
 
 use std::net::SocketAddr;
 
+use bytes::Bytes;
 use ferrymesh_testbed::mesh::{wait_until, CONFIG_WAIT};
+use ferrymesh_testbed::mesh_client::MeshCert;
+use http::{Method, Request};
 
-use crate::{half_open_flood, tenants, WEB};
+use crate::{h2_flood, half_open_flood, rss_kib, tenants, WEB};
 
 /// Half-open connections the flood opens from one address, and the cap it meets.
 const FLOOD: usize = 2000;
@@ -31,4 +38,53 @@ fn a_half_open_flood_on_the_waypoint_is_capped_per_source_while_its_clients_are_
         closed >= FLOOD - PER_SOURCE,
         "{closed} of {FLOOD} half-open connections closed by the waypoint within 5 s"
     );
+}
+
+/// The hostile tunnels, the streams on each and what each sends: HTTP/1.1 POSTs of 64 KiB,
+/// pipelined, 4 MiB a stream (the waypoint forwards them, the backend echoes each back, and the
+/// answers back up toward a client that never reads).
+const CONNECTIONS: usize = 48;
+const STREAMS: usize = 4;
+const PER_STREAM: usize = 4 << 20;
+/// The waypoint's bound on what its clients can make it hold (docs/SECURITY.md): the window
+/// budget (64 MiB), 64 KiB a connection past it, the upstream connection's 16 MiB window, with
+/// room for the rest of a busy waypoint.
+const RSS_GROWTH_BOUND_KIB: u64 = 160 * 1024;
+
+#[test]
+fn a_peer_that_sends_on_many_tunnels_and_never_reads_cannot_grow_the_waypoint_past_its_budget() {
+    let topo = tenants(|_| {});
+    let (a, x, waypoint) = (topo.pod("shop", "a"), topo.pod("legacy", "x"), topo.pod("shop", "waypoint"));
+    wait_until(CONFIG_WAIT * 2, "requests through the waypoint", || {
+        topo.http(a, &format!("http://{WEB}/before"), &[]).status == 200
+    });
+    let victim = topo.pid(&format!("waypoint-{}", waypoint.name)).expect("the waypoint");
+    let ca_dir = topo.ca_dir();
+    let read = |name: &str| std::fs::read_to_string(ca_dir.join(name)).expect("the mesh CA");
+    // x holds a mesh identity of its own, as any pod can get one, and tunnels to web:80 as a
+    // source agent would.
+    let cert = MeshCert::issue(&read("root-cert.pem"), &read("root-key.pem"), "spiffe://cluster.local/ns/legacy/sa/x");
+    let to = SocketAddr::from((waypoint.ip, 15008));
+    let request = || Request::builder().method(Method::CONNECT).uri(format!("{WEB}:80")).body(()).unwrap();
+    let post = [
+        format!("POST /public/flood HTTP/1.1\r\nhost: web\r\ncontent-length: {}\r\n\r\n", 64 << 10).into_bytes(),
+        vec![0x5a; 64 << 10],
+    ]
+    .concat();
+    let body = Bytes::from(post.repeat(PER_STREAM / post.len()));
+    let rss_before = rss_kib(victim);
+    let (streams, peak) =
+        h2_flood(&x.netns, (cert.client_config(false), to), (CONNECTIONS, STREAMS), request, body, victim, || {
+            for i in 0..20 {
+                let answer = topo.http(a, &format!("http://{WEB}/during/{i}"), &[]);
+                assert_eq!(answer.status, 200, "a request during the flood: {answer:?}");
+            }
+        });
+    println!("waypoint RSS {rss_before} KiB before, peak {peak} KiB under {streams} hostile streams");
+    assert!(streams >= CONNECTIONS * STREAMS, "{streams} streams opened");
+    assert!(
+        peak < rss_before + RSS_GROWTH_BOUND_KIB,
+        "the waypoint grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
+    );
+    assert!(topo.is_running(&format!("waypoint-{}", waypoint.name)));
 }

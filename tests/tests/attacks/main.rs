@@ -17,9 +17,12 @@ mod tls;
 mod windows;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use ferrymesh_testbed::mesh::{CONFIG_WAIT, DATAPLANE_MODE, ECHO_HTTP_PORT};
+use bytes::Bytes;
+use ferrymesh_testbed::mesh::{wait_until, CONFIG_WAIT, DATAPLANE_MODE, ECHO_HTTP_PORT};
+use ferrymesh_testbed::mesh_client;
 use ferrymesh_testbed::topology::in_netns;
 use ferrymesh_testbed::{Topology, TopologySpec};
 
@@ -114,5 +117,80 @@ pub fn half_open_flood(netns: &str, target: SocketAddr, count: usize, cap: usize
         let _ = done_tx.send(());
         flood.join().unwrap();
         closed
+    })
+}
+
+/// Resident memory of `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A hostile HTTP/2 client's flood, as a peer holding a mesh certificate (`config`) can send
+/// it: from `netns`, `connections` TLS connections to `to`, each with `streams` requests
+/// (`request()`) that each send `body` and never read a byte of what comes back. Once all are
+/// open, waits until `pid`'s memory settles (it changes by less than 1 MiB in half a second),
+/// runs `during` while everything is held, and returns how many streams were opened and the
+/// peak RSS of `pid` (KiB) seen meanwhile.
+pub fn h2_flood(
+    netns: &str,
+    (config, to): (Arc<rustls::ClientConfig>, SocketAddr),
+    (connections, streams): (usize, usize),
+    request: impl Fn() -> http::Request<()> + Send + 'static,
+    body: Bytes,
+    pid: u32,
+    during: impl FnOnce(),
+) -> (usize, u64) {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (opened_tx, opened) = std::sync::mpsc::channel::<usize>();
+    std::thread::scope(|scope| {
+        let flood = scope.spawn(move || {
+            in_netns(netns, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async move {
+                    let (mut held, mut senders) = (Vec::new(), Vec::new());
+                    for _ in 0..connections {
+                        let Ok(tls) = mesh_client::connect(config.clone(), to).await else { continue };
+                        let Ok((mut sender, connection)) = h2::client::handshake(tls).await else { continue };
+                        tokio::spawn(connection);
+                        for _ in 0..streams {
+                            let Ok((response, mut send)) = sender.send_request(request(), false) else { break };
+                            // Queued whole: h2 sends it as the server's windows allow.
+                            let _ = send.send_data(body.clone(), false);
+                            held.push((response, send));
+                        }
+                        senders.push(sender);
+                    }
+                    opened_tx.send(held.len()).unwrap();
+                    // Holds everything open, reading nothing, until the test is done.
+                    let _ = tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(120))).await;
+                    drop((held, senders));
+                });
+            })
+        });
+        let opened = opened.recv_timeout(Duration::from_secs(90)).expect("the flood opened its streams");
+        // The flood lands as fast as the server takes it: wait until its memory settles.
+        let mut last = rss_kib(pid);
+        let mut peak = last;
+        wait_until(Duration::from_secs(60), "the victim's memory to settle", || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = rss_kib(pid);
+            peak = peak.max(now);
+            let settled = now.abs_diff(last) < 1024;
+            last = now;
+            settled
+        });
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
+        peak = peak.max(rss_kib(pid));
+        let _ = stop.send(());
+        flood.join().unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+        (opened, peak)
     })
 }

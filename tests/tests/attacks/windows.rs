@@ -10,13 +10,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferrymesh_testbed::mesh::{bin, wait_until, CONFIG_WAIT, ECHO_PORT};
-use ferrymesh_testbed::mesh_client::{self, MeshCert};
+use ferrymesh_testbed::mesh::{bin, CONFIG_WAIT, ECHO_PORT};
+use ferrymesh_testbed::mesh_client::MeshCert;
 use ferrymesh_testbed::topology::in_netns;
 use ferrymesh_testbed::{Topology, TopologySpec};
 use http::{Method, Request};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use crate::{h2_flood, rss_kib};
 
 /// The victim app's port: it accepts and never reads.
 const STALLED_PORT: u16 = 9100;
@@ -53,16 +55,6 @@ const PER_STREAM: usize = 4 << 20;
 /// of a busy agent.
 const RSS_GROWTH_BOUND_KIB: u64 = 128 * 1024;
 
-/// Resident memory of `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_peer_that_fills_its_windows_and_never_reads_cannot_grow_the_agent_past_its_budget() {
     let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "c", 2).pod("legacy", "x", 1);
@@ -84,58 +76,19 @@ fn a_peer_that_fills_its_windows_and_never_reads_cannot_grow_the_agent_past_its_
     let app_stop = Arc::new(AtomicBool::new(false));
     let app = stalled_app(c.netns.clone(), app_stop.clone());
     let rss_before = rss_kib(victim);
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let (opened_tx, opened) = std::sync::mpsc::channel::<usize>();
-    let flood = std::thread::spawn({
-        let netns = x.netns.clone();
-        move || {
-            in_netns(&netns, move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                runtime.block_on(async move {
-                    let (mut held, mut senders) = (Vec::new(), Vec::new());
-                    for _ in 0..CONNECTIONS {
-                        let Ok(tls) = mesh_client::connect(config.clone(), to).await else { continue };
-                        let Ok((mut sender, connection)) = h2::client::handshake(tls).await else { continue };
-                        tokio::spawn(connection);
-                        for _ in 0..STREAMS {
-                            let request =
-                                Request::builder().method(Method::CONNECT).uri(authority.as_str()).body(()).unwrap();
-                            let Ok((response, mut send)) = sender.send_request(request, false) else { break };
-                            // Queued whole: h2 sends it as the agent's windows allow.
-                            let _ = send.send_data(Bytes::from(vec![0x5a; PER_STREAM]), false);
-                            held.push((response, send));
-                        }
-                        senders.push(sender);
-                    }
-                    opened_tx.send(held.len()).unwrap();
-                    // Holds everything open, reading nothing, until the test is done.
-                    let _ = tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(120))).await;
-                    drop((held, senders));
-                });
-            })
-        }
+    let request = move || Request::builder().method(Method::CONNECT).uri(authority.as_str()).body(()).unwrap();
+    let body = Bytes::from(vec![0x5a; PER_STREAM]);
+    let (streams, peak) = h2_flood(&x.netns, (config, to), (CONNECTIONS, STREAMS), request, body, victim, || {
+        // A neighbour's round trips keep succeeding meanwhile.
+        let rr = topo.output_in(
+            &a.netns,
+            bin("fm-peer"),
+            &["rr", "--to", &format!("{}:{ECHO_PORT}", c.ip), "--count", "200"],
+        );
+        assert!(rr.status.success(), "the neighbour's round trips: {}", String::from_utf8_lossy(&rr.stderr));
     });
-    let streams = opened.recv_timeout(Duration::from_secs(60)).expect("the flood opened its streams");
     assert!(streams >= CONNECTIONS * STREAMS, "{streams} streams opened");
-    // The flood lands as fast as the agent takes it: wait until the agent's memory settles.
-    let mut last = rss_kib(victim);
-    let mut peak = last;
-    wait_until(Duration::from_secs(60), "the victim agent's memory to settle", || {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = rss_kib(victim);
-        peak = peak.max(now);
-        let settled = now.abs_diff(last) < 1024;
-        last = now;
-        settled
-    });
-    // A neighbour's round trips keep succeeding meanwhile.
-    let rr =
-        topo.output_in(&a.netns, bin("fm-peer"), &["rr", "--to", &format!("{}:{ECHO_PORT}", c.ip), "--count", "200"]);
-    assert!(rr.status.success(), "the neighbour's round trips: {}", String::from_utf8_lossy(&rr.stderr));
-    peak = peak.max(rss_kib(victim));
     println!("victim agent RSS {rss_before} KiB before, peak {peak} KiB under {streams} hostile streams");
-    let _ = stop.send(());
-    flood.join().unwrap();
     app_stop.store(true, Ordering::SeqCst);
     app.join().unwrap();
     assert!(
