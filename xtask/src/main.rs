@@ -8,6 +8,8 @@
 //! - `test`: setup, build, fmt check, clippy -D warnings (userspace and eBPF), all tests.
 //! - `demo [--hold]`: setup, build, then a live mesh on a local topology with traffic and flows.
 //! - `bench [--quick]`: setup, build, then fm-bench (results and, for a full run, docs/BENCHMARKS.md).
+//! - `fuzz [--time S]`: setup, then every cargo fuzz target for S seconds (default 60) from its
+//!   committed corpus (see [`fuzz`]); `test` runs each for 20.
 //! - `image [--registry R] [--check] [--pin-production]`: OCI images of the daemons (see
 //!   [`image`]) in target/images/; `--check` (run by `test`) builds them twice and checks they
 //!   are the same bytes, read back as both formats, import into containerd, and run in an
@@ -23,6 +25,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 
+mod fuzz;
 mod image;
 
 /// Debian packages the tests and the demo use.
@@ -83,6 +86,12 @@ fn main() -> Result<()> {
             only(&["--quick"]);
             bench(args.iter().any(|a| a == "--quick"))?
         }
+        Some("fuzz") => {
+            let help = args[1..].iter().any(|a| a == "--help" || a == "-h");
+            let seconds =
+                fuzz::seconds(&args[1..]).filter(|_| !help).unwrap_or_else(|| usage(if help { 0 } else { 2 }));
+            fuzz::run(&setup()?, seconds)?
+        }
         Some("image") => {
             let args = image::ImageArgs::parse(&args[1..])?;
             build(&setup()?)?;
@@ -102,7 +111,7 @@ fn main() -> Result<()> {
 /// Prints how to call xtask and exits with `code`.
 fn usage(code: i32) -> ! {
     eprintln!(
-        "usage: cargo xtask <setup|build|test|demo [--hold]|bench [--quick]|\
+        "usage: cargo xtask <setup|build|test|demo [--hold]|bench [--quick]|fuzz [--time S]|\
          image [--registry R] [--check] [--pin-production]|clean-netns>"
     );
     std::process::exit(code);
@@ -159,16 +168,17 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).map(|s| s.trim() == "0").unwrap_or(false)
 }
 
-/// The toolchain that builds the eBPF crate.
+/// The toolchain of the nightly features: it builds the eBPF crate (and bpf-linker links it) and
+/// the fuzz targets (sanitizers).
 #[derive(Debug)]
-struct EbpfToolchain {
+pub struct Nightly {
     /// `+nightly`, or `+stable` with RUSTC_BOOTSTRAP=1 where no nightly is installed.
-    name: String,
-    bootstrap: bool,
+    pub name: String,
+    pub bootstrap: bool,
     bpf_linker: PathBuf,
 }
 
-fn setup() -> Result<EbpfToolchain> {
+fn setup() -> Result<Nightly> {
     step("setup: Debian packages");
     setup_packages()?;
     step("setup: eBPF toolchain");
@@ -184,7 +194,7 @@ fn setup() -> Result<EbpfToolchain> {
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &name]))?;
     }
     let bpf_linker = setup_bpf_linker(&name)?;
-    Ok(EbpfToolchain { name, bootstrap, bpf_linker })
+    Ok(Nightly { name, bootstrap, bpf_linker })
 }
 
 /// The manifest checks render the Kustomize overlays with kubectl's built-in kustomize, which
@@ -287,7 +297,7 @@ fn setup_bpf_linker(toolchain: &str) -> Result<PathBuf> {
 }
 
 /// `cargo +toolchain` set up for the eBPF target.
-fn ebpf_cargo(tc: &EbpfToolchain, subcommand: &str) -> Command {
+fn ebpf_cargo(tc: &Nightly, subcommand: &str) -> Command {
     let mut c = cmd("cargo");
     c.arg(format!("+{}", tc.name))
         .arg(subcommand)
@@ -304,7 +314,7 @@ fn ebpf_object() -> PathBuf {
     target_dir().join(BPF_TARGET).join("release/mesh-ebpf")
 }
 
-fn build_ebpf(tc: &EbpfToolchain) -> Result<()> {
+fn build_ebpf(tc: &Nightly) -> Result<()> {
     step("build: eBPF programs");
     run(&mut ebpf_cargo(tc, "build"))
 }
@@ -357,7 +367,7 @@ fn host_cargo(subcommand: &str) -> Result<Command> {
 /// The binaries and the tests, once, for the host's triple (see [`host_cargo`]). One build
 /// serves the tests and the images: a second one with the images' flags would compile every
 /// dependency again.
-fn build(tc: &EbpfToolchain) -> Result<()> {
+fn build(tc: &Nightly) -> Result<()> {
     build_ebpf(tc)?;
     step("build: binaries and tests (release, static)");
     // The test targets are built with the binaries so that both see one feature set:
@@ -400,6 +410,7 @@ fn test() -> Result<()> {
     clean_stale()?;
     step("test: rustfmt");
     run(cmd("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    run(cmd("cargo").args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]))?;
     step("test: clippy (userspace)");
     run(cmd("cargo")
         .args(["clippy", "--release", "--workspace", "--exclude", "mesh-ebpf", "--all-targets", "--", "-D", "warnings"])
@@ -408,6 +419,8 @@ fn test() -> Result<()> {
     run(ebpf_cargo(&tc, "clippy").args(["--", "-D", "warnings"]))?;
     step("test: unit and end-to-end tests");
     run(host_cargo("test")?.args(["--workspace", "--exclude", "mesh-ebpf", "--no-fail-fast"]))?;
+    step("test: fuzz targets");
+    fuzz::run(&tc, fuzz::SECONDS_IN_TEST)?;
     step("test: images");
     image::images(&image::ImageArgs {
         registry: image::DEFAULT_REGISTRY.to_string(),
