@@ -198,6 +198,19 @@ fn a_config_over_4_mib_reaches_every_agent_and_an_oversize_object_is_refused_by_
     }
 }
 
+/// Writes a policy and waits until both agents hold it: the config stream still works.
+fn a_change_reaches_every_agent(topo: &Topology) {
+    topo.write_config_file(
+        "policy-during.yaml",
+        "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: during\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: nobody\n  action: DENY\n  rules:\n  - {}\n",
+    );
+    for node in [1, 2] {
+        wait_until(CONFIG_WAIT * 2, &format!("node {node}'s agent to get the change"), || {
+            held_policies(topo, node).contains(&"shop/during".to_string())
+        });
+    }
+}
+
 #[test]
 fn a_half_open_flood_on_15012_is_capped_per_source_while_agents_get_their_config() {
     const FLOOD: usize = 2000;
@@ -207,17 +220,7 @@ fn a_half_open_flood_on_15012_is_capped_per_source_while_agents_get_their_config
     let target = std::net::SocketAddr::from((FABRIC_IP, 15012));
     // Agents keep getting config meanwhile (their streams are open; a restarted one would
     // connect anew).
-    let closed = half_open_flood(&x.netns, target, FLOOD, PER_SOURCE, || {
-        topo.write_config_file(
-            "policy-during.yaml",
-            "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: during\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: nobody\n  action: DENY\n  rules:\n  - {}\n",
-        );
-        for node in [1, 2] {
-            wait_until(CONFIG_WAIT * 2, &format!("node {node}'s agent to get the change"), || {
-                held_policies(&topo, node).contains(&"shop/during".to_string())
-            });
-        }
-    });
+    let closed = half_open_flood(&x.netns, target, FLOOD, PER_SOURCE, || a_change_reaches_every_agent(&topo));
     assert!(closed >= FLOOD - PER_SOURCE, "{closed} of {FLOOD} half-open connections closed by mesh-ctrl within 5 s");
 }
 
@@ -252,25 +255,10 @@ fn a_flood_of_tls_clients_on_15012_holds_mesh_ctrl_to_its_budget_while_agents_ge
     // A gRPC frame announcing 4 MiB, and its first 256 KiB.
     let body = bytes::Bytes::from([vec![0, 0, 0x40, 0, 0], vec![0x5a; 256 << 10]].concat());
     let rss_before = rss_kib(victim);
-    let (streams, peak) = h2_flood(
-        &x.netns,
-        (cert.client_config(false), to),
-        (CLIENTS, STREAMS),
-        request,
-        body,
-        victim,
-        || {
-            topo.write_config_file(
-                "policy-during.yaml",
-                "apiVersion: ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata:\n  name: during\n  namespace: shop\nspec:\n  selector:\n    matchLabels:\n      app: nobody\n  action: DENY\n  rules:\n  - {}\n",
-            );
-            for node in [1, 2] {
-                wait_until(CONFIG_WAIT * 2, &format!("node {node}'s agent to get the change"), || {
-                    held_policies(&topo, node).contains(&"shop/during".to_string())
-                });
-            }
-        },
-    );
+    let (streams, peak) =
+        h2_flood(&x.netns, (cert.client_config(false), to), (CLIENTS, STREAMS), request, body, victim, || {
+            a_change_reaches_every_agent(&topo)
+        });
     println!("mesh-ctrl RSS {rss_before} KiB before, peak {peak} KiB under {streams} hostile streams");
     assert!(streams >= 64 * STREAMS, "{streams} streams opened");
     assert!(
