@@ -1,6 +1,7 @@
-//! The HBONE server: HTTP/2 on an accepted (TLS) connection with the mesh's settings, each
-//! request handed to the caller's handler, and the check of a CONNECT's target. What a stream
-//! is then used for (policy, dialling the app, serving HTTP on it) is the caller's.
+//! The HBONE server: the TLS handshake of an accepted connection under the listener caps
+//! ([`accept_tls`]), HTTP/2 on it with the mesh's settings, each request handed to the caller's
+//! handler, and the check of a CONNECT's target. What a stream is then used for (policy,
+//! dialling the app, serving HTTP on it) is the caller's.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
