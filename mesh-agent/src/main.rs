@@ -114,6 +114,12 @@ struct Args {
     /// Caps on what inbound peers may hold open.
     #[command(flatten)]
     limits: ferrymesh_dataplane::limits::LimitFlags,
+    /// Concurrent outbound connections (captured, carried from 15001) one pod may hold open.
+    #[arg(long, default_value_t = limits::Limits::default().outbound_per_pod)]
+    max_outbound_connections_per_pod: u32,
+    /// Concurrent outbound connections all of the node's pods may hold open.
+    #[arg(long, default_value_t = limits::Limits::default().outbound)]
+    max_outbound_connections: u32,
     /// Bytes of HBONE receive window the node's inbound connections may hold beyond 64 KiB
     /// each: a connection gets the full 16 MiB window while this has room, else keeps 64 KiB.
     #[arg(long, default_value_t = ferrymesh_dataplane::hbone::budget::DEFAULT_WINDOW_BUDGET)]
@@ -241,7 +247,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         live: proxy::authz::LiveConnections::default(),
         balancer: Arc::default(),
         local_pods: proxy::LocalPods::default(),
-        limits: (&args.limits).into(),
+        limits: limits::Limits {
+            outbound_per_pod: args.max_outbound_connections_per_pod,
+            outbound: args.max_outbound_connections,
+            ..(&args.limits).into()
+        },
         load: Arc::default(),
         windows: ferrymesh_dataplane::hbone::budget::WindowBudget::new(args.hbone_window_budget),
         tracer: ferrymesh_dataplane::spans::Tracer::new(

@@ -53,8 +53,12 @@ fn describe() {
         "ferrymesh_inbound_refused_total",
         "Inbound connections and HBONE streams refused by a limit (label limit)."
     );
-    for limit in crate::limits::Limit::ALL {
-        counter!("ferrymesh_inbound_refused_total", "limit" => limit.name()).absolute(0);
+    describe_counter!(
+        "ferrymesh_outbound_refused_total",
+        "Outbound connections (a pod's, captured on 15001) refused by a limit (label limit)."
+    );
+    for limit in crate::limits::Limit::INBOUND.into_iter().chain(crate::limits::Limit::OUTBOUND) {
+        counter!(limit.metric(), "limit" => limit.name()).absolute(0);
     }
     counter!("ferrymesh_certs_issued_total").absolute(0);
     counter!("ferrymesh_cert_rotation_failures_total").absolute(0);

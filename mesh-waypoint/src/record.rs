@@ -282,7 +282,7 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         "ferrymesh_inbound_refused_total",
         "HBONE connections and streams refused by a limit of the waypoint's 15008 (label limit)."
     );
-    for limit in ferrymesh_dataplane::limits::Limit::ALL {
+    for limit in ferrymesh_dataplane::limits::Limit::INBOUND {
         metrics::counter!("ferrymesh_inbound_refused_total", "limit" => limit.name()).absolute(0);
     }
     metrics::describe_histogram!(

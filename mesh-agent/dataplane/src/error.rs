@@ -221,6 +221,12 @@ impl ProxyError {
             ProxyError::ReservedPort(_) => {
                 "ports 15001, 15006, 15008, 15020 and 15021 belong to the mesh: serve the app on another port".into()
             }
+            ProxyError::Limited(Refusal::OutboundPerPod(_) | Refusal::Outbound(_)) => {
+                "the pod (or all pods of its node) holds as many outbound connections as the limit allows: a \
+                 connection leak or flood in the app, or real load; for real load, raise the flag named on this \
+                 node's agent"
+                    .into()
+            }
             ProxyError::Limited(_) => {
                 "one peer (or all peers of this pod) holds as much as the limit allows: a flood, or real load; \
                  for real load, raise the flag named on the destination's agent"

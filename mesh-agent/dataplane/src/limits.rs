@@ -32,6 +32,10 @@ pub struct Limits {
     pub streams_per_pod: u32,
     /// Concurrent HBONE streams from all sources to all pods.
     pub streams: u32,
+    /// Concurrent outbound connections (captured, on 15001) of one pod.
+    pub outbound_per_pod: u32,
+    /// Concurrent outbound connections of all the node's pods.
+    pub outbound: u32,
 }
 
 impl Default for Limits {
@@ -45,6 +49,8 @@ impl Default for Limits {
             streams_per_source: 2048,
             streams_per_pod: 16384,
             streams: 32768,
+            outbound_per_pod: 4096,
+            outbound: 32768,
         }
     }
 }
@@ -91,6 +97,7 @@ impl From<&LimitFlags> for Limits {
             streams_per_source: flags.max_streams_per_source,
             streams_per_pod: flags.max_streams_per_pod,
             streams: flags.max_streams,
+            ..Limits::default()
         }
     }
 }
@@ -114,6 +121,10 @@ pub enum Limit {
     StreamsPerPod,
     /// `--max-streams`
     Streams,
+    /// `--max-outbound-connections-per-pod`
+    OutboundConnectionsPerPod,
+    /// `--max-outbound-connections`
+    OutboundConnections,
     /// The HTTP/2 server's own protections (rapid reset, oversized header blocks, malformed
     /// frames): the connection was closed with a GOAWAY.
     Http2Protocol,
@@ -131,12 +142,26 @@ impl Limit {
             Limit::StreamsPerSource => "streams_per_source",
             Limit::StreamsPerPod => "streams_per_pod",
             Limit::Streams => "streams",
+            Limit::OutboundConnectionsPerPod => "outbound_connections_per_pod",
+            Limit::OutboundConnections => "outbound_connections",
             Limit::Http2Protocol => "http2_protocol",
         }
     }
 
-    /// Every limit, for registering the metric at zero.
-    pub const ALL: [Limit; 9] = [
+    /// The metric its refusals count in: `ferrymesh_outbound_refused_total` for the outbound
+    /// limits, `ferrymesh_inbound_refused_total` for the others.
+    pub const fn metric(self) -> &'static str {
+        match self {
+            Limit::OutboundConnectionsPerPod | Limit::OutboundConnections => "ferrymesh_outbound_refused_total",
+            _ => "ferrymesh_inbound_refused_total",
+        }
+    }
+
+    /// The limits of 15001 (the agent only), for registering their metric at zero.
+    pub const OUTBOUND: [Limit; 2] = [Limit::OutboundConnectionsPerPod, Limit::OutboundConnections];
+
+    /// The limits of the inbound listeners, for registering their metric at zero.
+    pub const INBOUND: [Limit; 9] = [
         Limit::HandshakeTimeout,
         Limit::Handshakes,
         Limit::ConnectionsPerSource,
@@ -150,7 +175,7 @@ impl Limit {
 
     /// Counts one refusal.
     pub fn count(self) {
-        metrics::counter!("ferrymesh_inbound_refused_total", "limit" => self.name()).increment(1);
+        metrics::counter!(self.metric(), "limit" => self.name()).increment(1);
     }
 }
 
@@ -178,6 +203,12 @@ pub enum Refusal {
     /// Too many TLS handshakes in progress.
     #[error("refused: {0} TLS handshakes already in progress (--max-handshakes)")]
     Handshakes(u32),
+    /// Too many outbound connections of one pod.
+    #[error("refused: {0} outbound connections already open from this pod (--max-outbound-connections-per-pod)")]
+    OutboundPerPod(u32),
+    /// Too many outbound connections of the node's pods.
+    #[error("refused: {0} outbound connections already open from this node's pods (--max-outbound-connections)")]
+    Outbound(u32),
 }
 
 impl Refusal {
@@ -191,6 +222,8 @@ impl Refusal {
             Refusal::Connections(_) => Limit::Connections,
             Refusal::Streams(_) => Limit::Streams,
             Refusal::Handshakes(_) => Limit::Handshakes,
+            Refusal::OutboundPerPod(_) => Limit::OutboundConnectionsPerPod,
+            Refusal::Outbound(_) => Limit::OutboundConnections,
         }
     }
 }
@@ -201,6 +234,7 @@ enum Kind {
     Connection,
     Stream,
     Handshake,
+    Outbound,
 }
 
 /// The counts of [`Load`], under one lock.
@@ -258,6 +292,12 @@ impl Load {
         self.take(Kind::Stream, source, pod, (limits.streams_per_source, limits.streams_per_pod, limits.streams))
     }
 
+    /// Counts a new outbound connection of pod `pod` (accepted on its 15001), unless the pod or
+    /// the node is at its limit.
+    pub fn outbound(self: &Arc<Self>, limits: &Limits, pod: IpAddr) -> Result<Held, Refusal> {
+        self.take(Kind::Outbound, pod, pod, (u32::MAX, limits.outbound_per_pod, limits.outbound))
+    }
+
     /// Counts a TLS handshake starting from `source` to pod `pod`, unless `limits.handshakes`
     /// are in progress (a source's handshakes are bounded by its connections).
     pub fn handshake(self: &Arc<Self>, limits: &Limits, source: IpAddr, pod: IpAddr) -> Result<Held, Refusal> {
@@ -275,19 +315,26 @@ impl Load {
         let from_source = counts.by_source.get(&(kind, source)).copied().unwrap_or(0);
         let to_pod = counts.by_pod.get(&(kind, pod)).copied().unwrap_or(0);
         let all = counts.all.get(&kind).copied().unwrap_or(0);
-        let refused = match kind {
-            _ if from_source >= per_source => match kind {
-                Kind::Stream => Some(Refusal::SourceStreams(from_source, source)),
-                _ => Some(Refusal::SourceConnections(from_source, source)),
-            },
-            _ if to_pod >= per_pod => match kind {
-                Kind::Stream => Some(Refusal::PodStreams(to_pod)),
-                _ => Some(Refusal::PodConnections(to_pod)),
-            },
-            Kind::Connection if all >= in_all => Some(Refusal::Connections(all)),
-            Kind::Stream if all >= in_all => Some(Refusal::Streams(all)),
-            Kind::Handshake if all >= in_all => Some(Refusal::Handshakes(all)),
-            _ => None,
+        let refused = if from_source >= per_source {
+            Some(match kind {
+                Kind::Stream => Refusal::SourceStreams(from_source, source),
+                _ => Refusal::SourceConnections(from_source, source),
+            })
+        } else if to_pod >= per_pod {
+            Some(match kind {
+                Kind::Stream => Refusal::PodStreams(to_pod),
+                Kind::Outbound => Refusal::OutboundPerPod(to_pod),
+                _ => Refusal::PodConnections(to_pod),
+            })
+        } else if all >= in_all {
+            Some(match kind {
+                Kind::Connection => Refusal::Connections(all),
+                Kind::Stream => Refusal::Streams(all),
+                Kind::Handshake => Refusal::Handshakes(all),
+                Kind::Outbound => Refusal::Outbound(all),
+            })
+        } else {
+            None
         };
         if let Some(refused) = refused {
             return Err(refused);
@@ -376,5 +423,26 @@ mod tests {
         assert!(load.handshake(&limits, source(2), pod(2)).is_ok(), "a finished handshake frees its place");
         drop(connections);
         assert!(load.connection(&limits, source(9), pod(9)).is_ok(), "closed connections free their places");
+    }
+
+    #[test]
+    fn outbound_connections_count_per_pod_and_in_all_apart_from_inbound_ones() {
+        let limits = Limits { outbound_per_pod: 2, outbound: 3, ..Limits::default() };
+        let load = Arc::new(Load::default());
+        let (a, b) = (IpAddr::from([10, 0, 1, 1]), IpAddr::from([10, 0, 1, 2]));
+        let a1 = load.outbound(&limits, a).unwrap();
+        let _a2 = load.outbound(&limits, a).unwrap();
+        let refused = load.outbound(&limits, a).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "refused: 2 outbound connections already open from this pod (--max-outbound-connections-per-pod)"
+        );
+        assert_eq!(refused.limit().metric(), "ferrymesh_outbound_refused_total");
+        // a's inbound connections are another count.
+        let _inbound = load.connection(&limits, b, a).unwrap();
+        let _b1 = load.outbound(&limits, b).unwrap();
+        assert_eq!(load.outbound(&limits, b).unwrap_err().limit(), Limit::OutboundConnections);
+        drop(a1);
+        assert!(load.outbound(&limits, b).is_ok(), "a closed connection frees its place");
     }
 }

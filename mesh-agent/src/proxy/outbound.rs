@@ -151,6 +151,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: 
         return ctx.record(conn, Outcome::failed(ProxyError::NotCaptured));
     };
     conn.dst = Endpoint::lookup(&ctx.state, dst);
+    // Held for the connection's whole life: its place under the pod's and the node's caps.
+    let _held = match ctx.load.outbound(&ctx.limits, pod.workload.ip) {
+        Ok(held) => held,
+        Err(refusal) => {
+            refusal.limit().count();
+            reset(&client);
+            return ctx.record(conn, Outcome::failed(ProxyError::Limited(refusal)));
+        }
+    };
     let _ = client.set_nodelay(true);
     let outcome = match ctx.state.service_by_vip(dst.ip()) {
         Some(service) => {

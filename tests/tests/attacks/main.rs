@@ -8,6 +8,7 @@ mod capture;
 mod ctrl;
 mod listeners;
 mod netns;
+mod outbound;
 mod paths;
 mod policy;
 mod pool;
