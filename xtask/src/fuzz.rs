@@ -2,8 +2,8 @@
 //! run for S seconds with libFuzzer and AddressSanitizer on the nightly toolchain.
 //!
 //! Each target starts from its committed corpus (`fuzz/corpus/<target>`, read only) and keeps
-//! what it finds in `target/fuzz/corpus/<target>` (copy the interesting finds back, after
-//! `cargo fuzz cmin`, to commit them). A crash fails the run; its input is in
+//! what it finds in `target/fuzz/corpus/<target>`; docs/SECURITY.md ("Fuzzing") says how finds
+//! that add coverage are merged into the committed corpus. A crash fails the run; its input is in
 //! `fuzz/artifacts/<target>/`, and becomes a regression test in the crate it crashed (and an
 //! input of the committed corpus) before it is fixed.
 
@@ -43,8 +43,8 @@ pub fn run(nightly: &Nightly, seconds: u64) -> Result<()> {
         let mut c = cargo_fuzz(nightly, "run");
         c.arg(target).arg(&found).arg(root().join("fuzz/corpus").join(target)).arg("--").args([
             format!("-max_total_time={seconds}"),
-            // An input that takes a second is a hang on these (busy, 2-core) machines only
-            // well past that: libFuzzer reports it as a crash at 30.
+            // One input running 30 s is a hang, reported as a crash (generous: these machines
+            // have 2 cores, often busy).
             "-timeout=30".to_string(),
             "-rss_limit_mb=4096".to_string(),
             "-print_final_stats=1".to_string(),
