@@ -20,8 +20,8 @@ pub const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","x":"MKBCTNIcKUSDii
 /// endpoint (so a request is routed and refused, never sent anywhere); an HTTPRoute on web with
 /// path, header, query and method matches, redirects, rewrites and header filters; a DENY on
 /// /admin* and an ALLOW of /public*, of GETs and POSTs with a `x-debug: no` header and of tokens
-/// with claim `groups: admin`; a
-/// RequestAuthentication with an inline key; a local rate limit per `x-user`.
+/// with claim `groups: admin`; a RequestAuthentication with an inline key; a local rate limit
+/// per `x-user`.
 pub fn mesh() -> proto::ConfigUpdate {
     let workload = |name: &str, ip: &str, node: &str| proto::Workload {
         uid: format!("uid-{name}"),
