@@ -7,12 +7,14 @@
 //! payload goes upstream in the rule's `outputPayloadToHeader`.
 //!
 //! Keys: an inline `jwks` is parsed once; a `jwksUri` (https with the system's roots; http only
-//! with `--jwks-allow-http` and from inside the cluster: a Service's name or a private address) is fetched, never from the
-//! waypoint's own loopback or a link-local (metadata) address, whether the URI names one or its
-//! name resolves to one, at most `MAX_JWKS_BYTES` within `--jwks-timeout`. It is fetched by the first request that needs it, again once `--jwks-refresh` has passed, and at
-//! once for a token whose `kid` the keys do not hold (a rotated key), at most once a second
-//! per URI. One fetch at a time per URI, which only requests with no keys at all wait for (the
-//! others use the keys held meanwhile); a failed fetch keeps the keys held.
+//! with `--jwks-allow-http` and from inside the cluster: a Service's name or a private address)
+//! is fetched, never from the waypoint's own loopback or a link-local (metadata) address,
+//! whether the URI names one or its name resolves to one, at most `MAX_JWKS_BYTES` within
+//! `--jwks-timeout`. It is fetched by the first request that needs it, again once
+//! `--jwks-refresh` has passed, and at once for a token whose `kid` the keys do not hold (a
+//! rotated key), at most once a second per URI. One fetch at a time per URI, which only requests
+//! with no keys at all wait for (the others use the keys held meanwhile); a failed fetch keeps
+//! the keys held.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -160,12 +160,7 @@ struct Scenario<'a> {
 }
 
 fn rss_kb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0.0)
+    crate::topology::rss_kib(pid).unwrap_or(0) as f64
 }
 
 fn median(values: &[f64]) -> (f64, f64, f64) {

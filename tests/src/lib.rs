@@ -1,6 +1,6 @@
-//! The ferrymesh testbed: the network-namespace topology of DESIGN.md and the helpers that run
-//! the mesh on it. One harness serves the end-to-end tests, `cargo xtask demo` and the
-//! benchmarks. Needs root (network namespaces, eBPF).
+//! The ferrymesh testbed: the network-namespace topology (docs/ARCHITECTURE.md, "Test harness")
+//! and the helpers that run the mesh on it. One harness serves the end-to-end tests, `cargo
+//! xtask demo` and the benchmarks. Needs root (network namespaces, eBPF).
 #![deny(unsafe_code)]
 
 pub mod bench;

@@ -1,4 +1,4 @@
-//! The netns topology of DESIGN.md: a *fabric* netns holding a bridge, one netns per *node*
+//! The netns topology (docs/ARCHITECTURE.md, "Test harness"): a *fabric* netns holding a bridge, one netns per *node*
 //! joined to the bridge by a veth pair, one netns per *pod* joined to its node by a veth pair.
 //!
 //! Address plan: pods 10.244.<node>.<n>/32, nodes 172.18.0.<node>/24, the fabric's bridge
@@ -604,4 +604,12 @@ pub fn netns_cookie(netns: &str) -> u64 {
         assert_eq!(rc, 0, "getsockopt(SO_NETNS_COOKIE): {}", std::io::Error::last_os_error());
         cookie
     })
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`), or None when
+/// there is no such process.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -262,9 +262,7 @@ fn bad_hbone_requests_get_their_answer_and_a_flow_and_the_agent_keeps_serving() 
 
 /// Resident memory of `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    ferrymesh_testbed::topology::rss_kib(pid).expect("the process is running")
 }
 
 /// The agent of node 2's metrics, read by the strict parser.

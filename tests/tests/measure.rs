@@ -10,16 +10,7 @@ use ferrymesh_testbed::mesh::{scale_namespace_yaml, wait_until};
 use ferrymesh_testbed::{Topology, TopologySpec};
 
 fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .unwrap()
+    ferrymesh_testbed::topology::rss_kib(pid).expect("the process is running")
 }
 
 /// 10k pods and 2k services (100 namespaces; 5 pods per service) on a node that is not in the

@@ -5,7 +5,7 @@
 //! `meshctl status` with and without mesh-ctrl; bad input as one-line errors. Needs root.
 //!
 //! Every scrape is read by a strict parser of the text exposition format
-//! (`ferrymesh_testbed::prom`), and every metric docs/OBSERVABILITY.md and DESIGN.md name must be
+//! (`ferrymesh_testbed::prom`), and every metric docs/OBSERVABILITY.md names (Istio's TCP metrics and labels among them) must be
 //! in it with its type and labels: a missing metric fails, it never passes as zero.
 
 use std::collections::HashMap;
@@ -156,15 +156,15 @@ fn documented_metrics() -> Vec<Documented> {
     out
 }
 
-/// The TCP metrics and labels DESIGN.md fixes (its Conventions: Metrics).
-const DESIGN_TCP_METRICS: [&str; 5] = [
+/// The TCP metrics docs/OBSERVABILITY.md promises, with Istio's labels.
+const TCP_METRICS: [&str; 5] = [
     "ferrymesh_tcp_connections_opened_total",
     "ferrymesh_tcp_connections_closed_total",
     "ferrymesh_tcp_sent_bytes_total",
     "ferrymesh_tcp_received_bytes_total",
     "ferrymesh_tcp_connections_failed_total",
 ];
-const DESIGN_TCP_LABELS: [&str; 9] = [
+const TCP_LABELS: [&str; 9] = [
     "source_workload",
     "source_workload_namespace",
     "source_principal",
@@ -182,10 +182,10 @@ fn assert_documented_metrics(scrape: &Exposition, ctrl: bool, documented: &[Docu
     let mine: Vec<&Documented> = documented.iter().filter(|d| d.ctrl == ctrl).collect();
     assert!(mine.len() >= 7, "{what}: docs/OBSERVABILITY.md lists its metrics: {mine:?}");
     if !ctrl {
-        for name in DESIGN_TCP_METRICS {
+        for name in TCP_METRICS {
             let doc = mine.iter().find(|d| d.name == name).unwrap_or_else(|| panic!("{name} is documented"));
-            for label in DESIGN_TCP_LABELS {
-                assert!(doc.labels.iter().any(|(l, _)| l == label), "{name}: DESIGN.md's label {label} is documented");
+            for label in TCP_LABELS {
+                assert!(doc.labels.iter().any(|(l, _)| l == label), "{name}: Istio's label {label} is documented");
             }
         }
     }

@@ -121,14 +121,9 @@ pub fn half_open_flood(netns: &str, target: SocketAddr, count: usize, cap: usize
     })
 }
 
-/// Resident memory of `pid`, in KiB.
+/// Resident memory of `pid`, in KiB (0 once it is gone: the tests then find it not running).
 pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    ferrymesh_testbed::topology::rss_kib(pid).unwrap_or(0)
 }
 
 /// A hostile HTTP/2 client's flood, as a peer holding a mesh certificate (`config`) can send
