@@ -114,7 +114,8 @@ struct Args {
     /// Caps on what inbound peers may hold open.
     #[command(flatten)]
     limits: ferrymesh_dataplane::limits::LimitFlags,
-    /// Concurrent outbound connections (captured, carried from 15001) one pod may hold open.
+    /// Concurrent outbound connections (captured, carried from 15001) one pod may hold open; also
+    /// its share of the node's eBPF capture maps (a connect() past it fails with EPERM).
     #[arg(long, default_value_t = limits::Limits::default().outbound_per_pod)]
     max_outbound_connections_per_pod: u32,
     /// Concurrent outbound connections all of the node's pods may hold open.
@@ -193,7 +194,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Before anything is attached: an agent that cannot trust mesh-ctrl does not start.
     let ctrl = ctrl::Ctrl::new(&args.ctrl, args.ca_root.as_deref())?;
     let features = ebpf::probe::probe()?;
-    let datapath = ebpf::Datapath::load_and_attach(&features.cgroup2_root, &args.bpf_dir)?;
+    let datapath =
+        ebpf::Datapath::load_and_attach(&features.cgroup2_root, &args.bpf_dir, args.max_outbound_connections_per_pod)?;
     for a in datapath.attached() {
         let how = if a.adopted { "adopted the pinned link of" } else { "attached" };
         tracing::info!(program = a.name, prog_id = a.prog_id, link_id = a.link_id, "{how} {}", a.attach);

@@ -19,8 +19,17 @@
 //! gives the directory), so they and the links outlive an agent: with no agent running the
 //! programs keep enrolled pods closed. A connect() to capture whose original destination cannot
 //! be remembered is refused (EPERM), never let through unencrypted.
+//!
+//! A captured socket's entries live from its connect() until it is gone, and one pod cannot
+//! fill the node-global ORIG maps: `CAPTURES` counts each pod's captured sockets against its
+//! share (the value of its `ENROLLED` entry), and a connect() past it is refused (EPERM). An
+//! entry is forgotten, and uncounted, by `sockops` when its socket reaches TCP_CLOSE, or by
+//! `sock_release` when the socket is closed in a state no TCP_CLOSE callback follows (its
+//! connect() failed before a SYN, or it never connected).
 #![no_std]
 #![no_main]
+// For the atomic counters (`fetch_add`): the BPF target has no atomics in `core`.
+#![feature(asm_experimental_arch)]
 
 mod object;
 
@@ -30,11 +39,12 @@ use aya_ebpf::{
     bindings::{
         bpf_sock_addr,
         sk_action::{SK_DROP, SK_PASS},
+        BPF_NOEXIST,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use mesh_common::{
@@ -52,12 +62,16 @@ const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
 const BPF_TCP_CLOSE: u32 = 7;
+const BPF_TCP_LISTEN: u32 = 10;
 
 #[map]
 static ENROLLED: HashMap<u64, u32> = HashMap::pinned(map_sizes::ENROLLED, 0);
 
 #[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(map_sizes::ORIG, 0);
+static CAPTURES: HashMap<u64, u64> = HashMap::pinned(map_sizes::CAPTURES, 0);
+
+#[map]
+static ORIG_BY_COOKIE: HashMap<u64, OrigDst> = HashMap::pinned(map_sizes::ORIG, 0);
 
 #[map]
 static ORIG_BY_PORT: LruHashMap<PortKey, OrigDst> = LruHashMap::pinned(map_sizes::ORIG, 0);
@@ -121,11 +135,68 @@ fn read_sock_addr(ctx: &SockAddrContext, v6: bool) -> SockAddr {
 }
 
 #[inline(always)]
-fn is_enrolled<C: EbpfContext>(ctx: &C) -> bool {
+fn netns_cookie<C: EbpfContext>(ctx: &C) -> u64 {
     // SAFETY: the helper only reads the context it is given.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is only tested for presence.
-    unsafe { ENROLLED.get(netns) }.is_some()
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// The capture share of network namespace `netns` if it is enrolled.
+#[inline(always)]
+fn enrolled_share(netns: u64) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    unsafe { ENROLLED.get(netns) }.copied()
+}
+
+/// `*counter += delta` as one atomic instruction (BPF_ATOMIC | BPF_FETCH): programs on every CPU
+/// count. Returns the value before.
+#[inline(always)]
+fn fetch_add(counter: *mut u64, delta: u64) -> u64 {
+    let mut value = delta;
+    // SAFETY: `counter` is a valid, aligned u64 map value, only ever updated by this instruction.
+    unsafe {
+        core::arch::asm!("{v} = atomic_fetch_add((u64 *)({p} + 0), {v})", p = in(reg) counter, v = inout(reg) value);
+    }
+    value
+}
+
+/// Counts one more capture of `netns` against its `share`; false (nothing counted) when it has
+/// its share already, or its count cannot be kept.
+#[inline(always)]
+fn take_share(netns: u64, share: u32) -> bool {
+    if CAPTURES.get_ptr_mut(netns).is_none() {
+        // Its first capture: a count at zero (another CPU may create it first; one exists after).
+        let _ = CAPTURES.insert(netns, 0, u64::from(BPF_NOEXIST));
+    }
+    let Some(count) = CAPTURES.get_ptr_mut(netns) else {
+        return false;
+    };
+    if fetch_add(count, 1) < u64::from(share) {
+        return true;
+    }
+    fetch_add(count, u64::MAX);
+    false
+}
+
+/// Forgets the capture of socket `cookie` in `netns`, if it has one, and gives its share back.
+#[inline(always)]
+fn forget_capture(cookie: u64, netns: u64) {
+    if ORIG_BY_COOKIE.remove(cookie).is_ok() {
+        give_back(netns);
+    }
+}
+
+/// Uncounts one capture of `netns`.
+#[inline(always)]
+fn give_back(netns: u64) {
+    // A released netns has no count left to give back to.
+    let Some(count) = CAPTURES.get_ptr_mut(netns) else {
+        return;
+    };
+    // Never below zero: a netns released and enrolled again counts from zero while sockets it
+    // had before close.
+    if fetch_add(count, u64::MAX) == 0 {
+        fetch_add(count, 1);
+    }
 }
 
 #[inline(always)]
@@ -195,9 +266,10 @@ pub fn fm_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let addr = read_sock_addr(ctx, v6);
-    if !is_enrolled(ctx) {
+    let netns = netns_cookie(ctx);
+    let Some(share) = enrolled_share(netns) else {
         return ALLOW;
-    }
+    };
     // An IPv4-mapped destination of an IPv6 socket goes out as IPv4: it is captured as such,
     // to 127.0.0.1 (mapped); a native IPv6 one to [::1].
     let (dst, native6) = if v6 {
@@ -217,8 +289,19 @@ fn try_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         true => OrigDst { family: AF_INET6, port, ip4: 0, ip6: dst },
         false => OrigDst { family: AF_INET, port, ip4: dst[3], ip6: [0; 4] },
     };
-    if ORIG_BY_COOKIE.insert(socket_cookie(ctx), orig, 0).is_err() {
+    let cookie = socket_cookie(ctx);
+    // A socket whose earlier connect() failed keeps its one entry, counted once.
+    // SAFETY: the value is only tested for presence.
+    let counted = unsafe { ORIG_BY_COOKIE.get(cookie) }.is_some();
+    if !counted && !take_share(netns, share) {
+        count(Counter::ShareRefused);
+        return REFUSE;
+    }
+    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         // Let through, the connection would bypass the mesh: refused instead.
+        if !counted {
+            give_back(netns);
+        }
         count(Counter::MapErrors);
         count(Counter::OutboundRefused);
         return REFUSE;
@@ -260,18 +343,17 @@ fn try_file_orig_dst(ctx: &SockOpsContext) {
         return;
     }
     let cookie = socket_cookie(ctx);
-    // SAFETY: the helper only reads the context it is given.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns = netns_cookie(ctx);
     // SAFETY: the value is copied out before any other map operation. Only captured sockets
     // have one (and only they asked for state callbacks).
     let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
-    let key = PortKey { netns_cookie, port: local_port, family: u32::from(orig.family) };
+    let key = PortKey { netns_cookie: netns, port: local_port, family: u32::from(orig.family) };
     if op == BPF_SOCK_OPS_STATE_CB {
         if new_state == BPF_TCP_CLOSE {
-            let _ = ORIG_BY_COOKIE.remove(cookie);
             let _ = ORIG_BY_PORT.remove(key);
+            forget_capture(cookie, netns);
         }
         return;
     }
@@ -283,6 +365,27 @@ fn try_file_orig_dst(ctx: &SockOpsContext) {
     if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG).is_err() {
         count(Counter::MapErrors);
     }
+}
+
+#[cgroup_sock(sock_release)]
+pub fn fm_release(ctx: SockContext) -> i32 {
+    try_forget_unconnected(&ctx);
+    ALLOW
+}
+
+/// On close of a TCP socket that will see no TCP_CLOSE callback (it is closed already: its
+/// captured connect() failed before a SYN, or it never connected; or it listens): forgets its
+/// capture. A socket closed in any other state goes on to TCP_CLOSE, where sockops forgets it.
+/// Only a captured socket has an entry to forget.
+#[inline(always)]
+fn try_forget_unconnected(ctx: &SockContext) {
+    let sk = ctx.sock;
+    // SAFETY: `sk` is the kernel-provided socket of a cgroup sock program; aligned u32 fields.
+    let (protocol, state) = unsafe { (read_volatile(&(*sk).protocol), read_volatile(&(*sk).state)) };
+    if protocol != IPPROTO_TCP || (state != BPF_TCP_CLOSE && state != BPF_TCP_LISTEN) {
+        return;
+    }
+    forget_capture(socket_cookie(ctx), netns_cookie(ctx));
 }
 
 #[cgroup_sock_addr(getpeername4)]

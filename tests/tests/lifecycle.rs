@@ -175,6 +175,7 @@ fn a_killed_agent_leaves_its_pods_closed_and_the_next_agent_adopts_them() {
     let want: BTreeSet<String> = [
         "maps/APP_DIALS",
         "maps/AGENT_DIALS",
+        "maps/CAPTURES",
         "maps/COUNTERS",
         "maps/ENROLLED",
         "maps/INBOUND_LISTENERS",
@@ -185,6 +186,7 @@ fn a_killed_agent_leaves_its_pods_closed_and_the_next_agent_adopts_them() {
         "links/fm_peer4",
         "links/fm_peer6",
         "links/fm_orig_dst",
+        "links/fm_release",
     ]
     .into_iter()
     .map(String::from)
@@ -224,8 +226,8 @@ fn a_killed_agent_leaves_its_pods_closed_and_the_next_agent_adopts_them() {
     topo.start_agent(2);
     topo.wait_enrolled(2, &["shop/c"], Duration::from_secs(10));
     let status = topo.status(2);
-    assert_eq!(status["adopted_links"], 5, "{status}");
-    assert_eq!(status["adopted_maps"].as_array().map(Vec::len), Some(7), "{status}");
+    assert_eq!(status["adopted_links"], 6, "{status}");
+    assert_eq!(status["adopted_maps"].as_array().map(Vec::len), Some(8), "{status}");
     assert_eq!(status["enrolled"][0]["adopted"], true, "c's sk_lookup link was adopted: {status}");
     assert_eq!(status["enrolled"][0]["netns_cookie"], c_cookie);
     assert_eq!(pinned(&topo.bpf_dir(2)), want, "the same pins, no second copy");
@@ -233,7 +235,7 @@ fn a_killed_agent_leaves_its_pods_closed_and_the_next_agent_adopts_them() {
     assert_eq!(new_links, links, "the same kernel links, now running the new agent's programs");
     assert!(status["counters"]["inbound_refused"].as_u64() >= Some(1), "{status}");
     let metrics = ferrymesh_testbed::prom::parse(&topo.metrics_text(&topo.nodes[1].netns)).expect("Prometheus text");
-    assert_eq!(metrics.sum("ferrymesh_ebpf_adopted_objects", &[("kind", "link")]), 5.0);
+    assert_eq!(metrics.sum("ferrymesh_ebpf_adopted_objects", &[("kind", "link")]), 6.0);
     assert!(topo.log("agent-node2").contains("adopted the eBPF state an earlier agent pinned"));
     for (from, to) in [(a, c), (c, a)] {
         let body = topo.curl(from, to.ip);
@@ -262,8 +264,8 @@ fn uninstall_removes_every_pinned_object_and_attachment() {
     start(&topo);
     let running = kernel_bpf();
     let ours = |set: &BTreeSet<String>| set.iter().filter(|l| l.contains("\"fm_")).count();
-    assert_eq!(ours(&running.programs) - ours(&before.programs), 12, "6 fm_ programs per agent: {running:?}");
-    assert_eq!(ours(&running.cgroup_tree) - ours(&before.cgroup_tree), 10, "5 per agent at the root: {running:?}");
+    assert_eq!(ours(&running.programs) - ours(&before.programs), 14, "7 fm_ programs per agent: {running:?}");
+    assert_eq!(ours(&running.cgroup_tree) - ours(&before.cgroup_tree), 12, "6 per agent at the root: {running:?}");
     for pod in [topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c")] {
         let netns = format!("netns {}", netns_inode(pod));
         assert!(
@@ -297,7 +299,7 @@ fn uninstall_removes_every_pinned_object_and_attachment() {
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "uninstall: {}", String::from_utf8_lossy(&out.stderr));
-        let objects = if node == 1 { 7 + 5 + 2 } else { 7 + 5 + 1 };
+        let objects = if node == 1 { 8 + 6 + 2 } else { 8 + 6 + 1 };
         assert_eq!(stdout.trim(), format!("removed {objects} pinned eBPF objects under {}", dir.display()));
         assert!(!dir.exists(), "{} is gone", dir.display());
         let again = topo.output_in(
@@ -422,7 +424,7 @@ fn agents_are_replaced_under_load_without_a_failed_connect_or_a_reset() {
         });
         let status = topo.status(node);
         assert_eq!(status["enrolled"].as_array().map(Vec::len), Some(1), "{status}");
-        assert_eq!(status["adopted_links"], 5, "{status}");
+        assert_eq!(status["adopted_links"], 6, "{status}");
         assert!(topo.log(&format!("agent-node{node}")).contains("a successor took over this node's pods"));
         more(&format!("after node{node}'s agent was replaced"));
         for label in &streams {

@@ -187,7 +187,7 @@ fn a_killed_test_process_leaves_nothing_behind() {
     let dir = std::path::PathBuf::from(held["dir"].as_str().unwrap());
     // The child's state is really there before the kill: the check below can fail.
     assert!(namespaces.iter().all(|n| netns_exists(n)) && pids.iter().all(|&p| alive(p)), "{held}");
-    assert_eq!((links.len(), programs.len()), (6, 6), "5 cgroup links and one sk_lookup link: {held}");
+    assert_eq!((links.len(), programs.len()), (7, 7), "6 cgroup links and one sk_lookup link: {held}");
     assert!(cgroup.exists() && dir.exists());
 
     child.0.kill().unwrap(); // SIGKILL: no destructor, no panic hook, no signal handler runs.

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -203,12 +203,15 @@ const SOCK_ADDR_PROGRAMS: [(&str, &str); 4] = [
     ("fm_peer6", "getpeername6"),
 ];
 const SOCK_OPS_PROGRAM: &str = "fm_orig_dst";
+const SOCK_RELEASE_PROGRAM: &str = "fm_release";
 const SK_LOOKUP_PROGRAM: &str = "fm_steer_in";
 
 /// The loaded object, its maps and its node-wide attachments.
 pub struct Datapath {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, u32>,
+    captures: HashMap<MapData, u64, u64>,
+    capture_share: u32,
     orig_by_port: HashMap<MapData, PortKey, OrigDst>,
     inbound_listeners: SockHash<MapData, [u32; 4]>,
     app_dials: HashMap<MapData, AppDialKey, u8>,
@@ -267,6 +270,12 @@ impl LoadProgram for CgroupSockAddr {
     }
 }
 
+impl LoadProgram for CgroupSock {
+    fn load_program(&mut self) -> std::result::Result<(), ProgramError> {
+        self.load()
+    }
+}
+
 impl LoadProgram for SockOps {
     fn load_program(&mut self) -> std::result::Result<(), ProgramError> {
         self.load()
@@ -309,7 +318,7 @@ macro_rules! cgroup_program {
     )*};
 }
 
-cgroup_program!(CgroupSockAddr, SockOps);
+cgroup_program!(CgroupSockAddr, CgroupSock, SockOps);
 
 /// Loads program `name` and attaches it at `cgroup`, pinning the link at `path`, or adopts the
 /// link pinned there: (program id, link, adopted).
@@ -434,8 +443,9 @@ pub fn uninstall(bpf_dir: &Path) -> std::io::Result<usize> {
 impl Datapath {
     /// Loads every program (reporting the verifier log of any that fails) with the maps pinned
     /// under `bpf_dir` (created there when absent), and attaches the node-wide ones at
-    /// `cgroup_root`, adopting the links an earlier agent pinned.
-    pub fn load_and_attach(cgroup_root: &Path, bpf_dir: &Path) -> Result<Self> {
+    /// `cgroup_root`, adopting the links an earlier agent pinned. Each pod this agent captures
+    /// may have `capture_share` captured sockets at once.
+    pub fn load_and_attach(cgroup_root: &Path, bpf_dir: &Path, capture_share: u32) -> Result<Self> {
         let pins = Pins::create(bpf_dir)?;
         let adopted_maps = check_layout(&pins.maps)?;
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pins.maps).load(OBJECT)?;
@@ -443,12 +453,15 @@ impl Datapath {
             .map_err(|source| DatapathError::Cgroup { path: cgroup_root.to_path_buf(), source })?;
         let at = |hook: &str| format!("cgroup {} ({hook})", cgroup_root.display());
         let mut attached = Vec::new();
-        for (name, hook) in SOCK_ADDR_PROGRAMS.into_iter().chain([(SOCK_OPS_PROGRAM, "sock_ops")]) {
+        let node_wide = SOCK_ADDR_PROGRAMS
+            .into_iter()
+            .chain([(SOCK_OPS_PROGRAM, "sock_ops"), (SOCK_RELEASE_PROGRAM, "sock_release")]);
+        for (name, hook) in node_wide {
             let path = pins.links.join(name);
-            let (prog_id, link, adopted) = if name == SOCK_OPS_PROGRAM {
-                attach_pinned::<SockOps>(&mut ebpf, name, &path, &cgroup)?
-            } else {
-                attach_pinned::<CgroupSockAddr>(&mut ebpf, name, &path, &cgroup)?
+            let (prog_id, link, adopted) = match name {
+                SOCK_OPS_PROGRAM => attach_pinned::<SockOps>(&mut ebpf, name, &path, &cgroup)?,
+                SOCK_RELEASE_PROGRAM => attach_pinned::<CgroupSock>(&mut ebpf, name, &path, &cgroup)?,
+                _ => attach_pinned::<CgroupSockAddr>(&mut ebpf, name, &path, &cgroup)?,
             };
             attached.push(Attached {
                 name,
@@ -466,6 +479,8 @@ impl Datapath {
         Ok(Self {
             stats,
             enrolled: take_map(&mut ebpf, map_names::ENROLLED)?,
+            captures: take_map(&mut ebpf, map_names::CAPTURES)?,
+            capture_share,
             orig_by_port: take_map(&mut ebpf, map_names::ORIG_BY_PORT)?,
             inbound_listeners: take_map(&mut ebpf, map_names::INBOUND_LISTENERS)?,
             app_dials: take_map(&mut ebpf, map_names::APP_DIALS)?,
@@ -500,11 +515,12 @@ impl Datapath {
 
     /// Captures the network namespace `netns` (cookie `netns_cookie`): sk_lookup attached to
     /// it and pinned (or the link an earlier agent pinned for it adopted), then its cookie in
-    /// ENROLLED. On failure a link this call attached is detached again; an adopted one stays,
+    /// ENROLLED with its capture share (its count, kept by the programs, is left as it is). On
+    /// failure a link this call attached is detached again; an adopted one stays,
     /// so a netns an earlier agent captured stays captured, and closed.
     pub fn capture_netns(&mut self, netns: impl AsFd, netns_cookie: u64) -> Result<SkLookupAttachment> {
         let link = self.attach_sk_lookup(netns, netns_cookie)?;
-        let enrolled = self.enrolled.insert(netns_cookie, 1, 0);
+        let enrolled = self.enrolled.insert(netns_cookie, self.capture_share, 0);
         if let Err(source) = enrolled {
             if !link.adopted {
                 self.release_netns(link);
@@ -515,9 +531,10 @@ impl Datapath {
     }
 
     /// Releases a captured network namespace: its cookie out of ENROLLED (connect() calls go
-    /// through again), its sk_lookup link unpinned (the link goes with its last descriptor).
+    /// through again) and CAPTURES, its sk_lookup link unpinned (the link goes with its last
+    /// descriptor).
     pub fn release_netns(&mut self, attachment: SkLookupAttachment) {
-        let _ = self.enrolled.remove(&attachment.netns_cookie);
+        self.forget_netns(attachment.netns_cookie);
         if let Err(e) = std::fs::remove_file(&attachment.pin) {
             tracing::warn!(pin = %attachment.pin.display(), "cannot unpin the sk_lookup link: {e}");
         }
@@ -579,14 +596,23 @@ impl Datapath {
         }
         let enrolled: Vec<u64> = self.enrolled.keys().filter_map(|k| k.ok()).collect();
         for cookie in enrolled {
+            if !keep.contains(&cookie) && !released.contains(&cookie) {
+                released.push(cookie);
+            }
+        }
+        let counted: Vec<u64> = self.captures.keys().filter_map(|k| k.ok()).collect();
+        for cookie in counted.into_iter().chain(released.clone()) {
             if !keep.contains(&cookie) {
-                let _ = self.enrolled.remove(&cookie);
-                if !released.contains(&cookie) {
-                    released.push(cookie);
-                }
+                self.forget_netns(cookie);
             }
         }
         released
+    }
+
+    /// A netns's entries in ENROLLED and CAPTURES removed; missing ones are fine.
+    fn forget_netns(&mut self, netns_cookie: u64) {
+        let _ = self.enrolled.remove(&netns_cookie);
+        let _ = self.captures.remove(&netns_cookie);
     }
 
     /// Takes the original destination of a captured connection, accepted from `peer`
@@ -664,6 +690,7 @@ where
 /// syscall per entry, so callers do it off the async runtime and not often.
 pub struct MapStats {
     enrolled: HashMap<MapData, u64, u32>,
+    captures: HashMap<MapData, u64, u64>,
     orig_by_cookie: HashMap<MapData, u64, OrigDst>,
     orig_by_port: HashMap<MapData, PortKey, OrigDst>,
     app_dials: HashMap<MapData, AppDialKey, u8>,
@@ -681,6 +708,7 @@ impl MapStats {
     fn open(ebpf: &Ebpf) -> Result<Self> {
         Ok(Self {
             enrolled: stats_map(ebpf, map_names::ENROLLED)?,
+            captures: stats_map(ebpf, map_names::CAPTURES)?,
             orig_by_cookie: stats_map(ebpf, map_names::ORIG_BY_COOKIE)?,
             orig_by_port: stats_map(ebpf, map_names::ORIG_BY_PORT)?,
             app_dials: stats_map(ebpf, map_names::APP_DIALS)?,
@@ -693,6 +721,7 @@ impl MapStats {
     pub fn map_fill(&self) -> Vec<(&'static str, u64, u64)> {
         vec![
             (map_names::ENROLLED, self.enrolled.keys().count() as u64, u64::from(map_sizes::ENROLLED)),
+            (map_names::CAPTURES, self.captures.keys().count() as u64, u64::from(map_sizes::CAPTURES)),
             (map_names::ORIG_BY_COOKIE, self.orig_by_cookie.keys().count() as u64, u64::from(map_sizes::ORIG)),
             (map_names::ORIG_BY_PORT, self.orig_by_port.keys().count() as u64, u64::from(map_sizes::ORIG)),
             (map_names::APP_DIALS, self.app_dials.keys().count() as u64, u64::from(map_sizes::APP_DIALS)),

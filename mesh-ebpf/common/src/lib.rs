@@ -40,9 +40,17 @@ pub const AF_INET6: u16 = 10;
 
 /// Names of the maps in the eBPF object, used by the agent to find them.
 pub mod map_names {
-    /// `HashMap<u64 netns cookie, u32 flags>`: the network namespaces whose sockets are captured.
+    /// `HashMap<u64 netns cookie, u32 capture share>`: the network namespaces whose sockets are
+    /// captured, each with the most captured sockets it may have at once (its share of the
+    /// ORIG maps).
     pub const ENROLLED: &str = "ENROLLED";
-    /// `LruHashMap<u64 socket cookie, OrigDst>`: original destination of a captured socket.
+    /// `HashMap<u64 netns cookie, u64 captures>`: how many captured sockets each enrolled netns
+    /// has now (entries of ORIG_BY_COOKIE), kept by the programs; the agent removes a netns's
+    /// entry when it releases the netns.
+    pub const CAPTURES: &str = "CAPTURES";
+    /// `HashMap<u64 socket cookie, OrigDst>`: original destination of a captured socket, from its
+    /// connect() until it is closed (or released without ever connecting). Not an LRU: an entry
+    /// is never pushed out by others, and each is counted in CAPTURES.
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     /// `LruHashMap<PortKey, OrigDst>`: original destination keyed the way the agent sees it.
     pub const ORIG_BY_PORT: &str = "ORIG_BY_PORT";
@@ -64,8 +72,10 @@ pub mod map_names {
 pub mod map_sizes {
     /// Enrolled network namespaces per node.
     pub const ENROLLED: u32 = 4096;
-    /// Captured sockets whose original destination is remembered.
+    /// Captured sockets whose original destination is remembered, on the whole node.
     pub const ORIG: u32 = 65536;
+    /// Enrolled network namespaces whose captures are counted (as many as can be enrolled).
+    pub const CAPTURES: u32 = ENROLLED;
     /// Inbound listeners (one per enrolled pod).
     pub const INBOUND_LISTENERS: u32 = 4096;
     /// App dials in progress (entries live from bind to connect).
@@ -169,11 +179,14 @@ pub enum Counter {
     /// Inbound SYN to an enrolled pod refused by sk_lookup: no agent listener to steer it to
     /// (the agent is down) or an address family not carried yet.
     InboundRefused = 7,
+    /// connect() of an enrolled pod refused (EPERM) because the pod already has its share of
+    /// captured sockets open (the agent's `--max-outbound-connections-per-pod`).
+    ShareRefused = 8,
 }
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Captured,
         Counter::Bypassed,
         Counter::OrigFiled,
@@ -182,6 +195,7 @@ impl Counter {
         Counter::MapErrors,
         Counter::OutboundRefused,
         Counter::InboundRefused,
+        Counter::ShareRefused,
     ];
     /// Number of slots in the `COUNTERS` map.
     pub const SLOTS: u32 = Self::ALL.len() as u32;
@@ -197,6 +211,7 @@ impl Counter {
             Counter::MapErrors => "map_errors",
             Counter::OutboundRefused => "outbound_refused",
             Counter::InboundRefused => "inbound_refused",
+            Counter::ShareRefused => "share_refused",
         }
     }
 }
