@@ -31,6 +31,7 @@ fn waypoint() -> Arc<Waypoint> {
             let identity = Identity { namespace: "shop".into(), service_account: "waypoint".into() };
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
             let _entered = runtime.enter();
+            let windows = ferrymesh_dataplane::hbone::budget::WindowBudget::new(64 << 20);
             Arc::new(Waypoint {
                 key: "shop/waypoint".into(),
                 gateway: ("shop".into(), "waypoint".into()),
@@ -41,6 +42,7 @@ fn waypoint() -> Arc<Waypoint> {
                     identities,
                     identity,
                     "10.244.1.9".parse().unwrap(),
+                    windows.clone(),
                 ),
                 log: ferrymesh_dataplane::flows::AccessLog::open("off").expect("no log"),
                 rolls: Default::default(),
@@ -60,7 +62,7 @@ fn waypoint() -> Arc<Waypoint> {
                 ),
                 tracer: ferrymesh_dataplane::spans::Tracer::new(None, 1.0, vec![]).expect("no tracer"),
                 paths: Default::default(),
-                windows: ferrymesh_dataplane::hbone::budget::WindowBudget::new(64 << 20),
+                windows,
                 limits: Default::default(),
                 load: Arc::default(),
             })

@@ -238,6 +238,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         state.trust(),
     ));
     let drain = Arc::new(proxy::Drain::default());
+    // One budget for every receive window the agent grants its peers, inbound and outbound.
+    let windows = ferrymesh_dataplane::hbone::budget::WindowBudget::new(args.hbone_window_budget);
     let ctx = Arc::new(proxy::ProxyContext {
         node: node_name.clone(),
         state: state.clone(),
@@ -245,7 +247,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         runner: netns::NetnsRunner::start().context("cannot start the netns thread")?,
         flows: flows.clone(),
         identities: identities.clone(),
-        hbone: Default::default(),
+        hbone: ferrymesh_dataplane::hbone::client::Client::new(windows.clone()),
         live: proxy::authz::LiveConnections::default(),
         balancer: Arc::default(),
         local_pods: proxy::LocalPods::default(),
@@ -255,7 +257,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ..(&args.limits).into()
         },
         load: Arc::default(),
-        windows: ferrymesh_dataplane::hbone::budget::WindowBudget::new(args.hbone_window_budget),
+        windows,
         tracer: ferrymesh_dataplane::spans::Tracer::new(
             args.tracing_collector.as_deref(),
             args.tracing_sampling,

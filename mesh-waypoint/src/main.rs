@@ -184,7 +184,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ("k8s.namespace.name", args.namespace.clone()),
         ],
     )?;
-    let upstream = upstream::Upstream::new(state.clone(), identities.clone(), identity, args.pod_ip);
+    // One budget for every receive window the waypoint grants its peers, downstream and upstream.
+    let windows = ferrymesh_dataplane::hbone::budget::WindowBudget::new(args.hbone_window_budget);
+    let upstream = upstream::Upstream::new(state.clone(), identities.clone(), identity, args.pod_ip, windows.clone());
     let waypoint = Arc::new(listener::Waypoint {
         key: format!("{}/{}", args.namespace, args.name),
         gateway: (args.namespace.clone(), args.name.clone()),
@@ -203,7 +205,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             normalization: args.path_normalization,
             escaped_slashes: args.path_escaped_slashes.unwrap_or(args.path_normalization.default_escaped_slashes()),
         },
-        windows: ferrymesh_dataplane::hbone::budget::WindowBudget::new(args.hbone_window_budget),
+        windows,
         limits: (&args.limits).into(),
         load: Arc::default(),
     });

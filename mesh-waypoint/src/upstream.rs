@@ -23,6 +23,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use bytes::Bytes;
+use ferrymesh_dataplane::hbone::budget::WindowBudget;
 use ferrymesh_dataplane::hbone::client::{Client, ConnectHeaders, Dialer};
 use ferrymesh_dataplane::hbone::pool::StreamSlot;
 use ferrymesh_dataplane::hbone::stream::H2Stream;
@@ -344,9 +345,17 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Forwards as `identity` (the waypoint's), from `pod_ip`.
-    pub fn new(state: Arc<State>, identities: Arc<IdentityManager>, identity: Identity, pod_ip: IpAddr) -> Self {
-        let tunnels = Arc::new(Tunnels { state, identities, identity, hbone: Client::default(), pod_ip });
+    /// Forwards as `identity` (the waypoint's), from `pod_ip`; its HBONE connections' receive
+    /// windows come out of `windows`.
+    pub fn new(
+        state: Arc<State>,
+        identities: Arc<IdentityManager>,
+        identity: Identity,
+        pod_ip: IpAddr,
+        windows: Arc<WindowBudget>,
+    ) -> Self {
+        let hbone = Client::new(windows);
+        let tunnels = Arc::new(Tunnels { state, identities, identity, hbone, pod_ip });
         let h1 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
             .set_host(false)

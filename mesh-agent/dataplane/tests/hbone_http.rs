@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use ferrymesh_dataplane::hbone::budget::{WindowBudget, DEFAULT_WINDOW_BUDGET};
 use ferrymesh_dataplane::hbone::client::{Client, Connect, ConnectHeaders, Dialer, HboneError, Peer};
 use ferrymesh_dataplane::hbone::server::{connect_target, respond_status, serve_h2};
 use ferrymesh_dataplane::hbone::stream::H2Stream;
@@ -189,7 +190,7 @@ impl Setup {
             server_id,
             client_cert,
             dialer: MemoryDialer { to_server, dials: AtomicUsize::new(0) },
-            client: Client::default(),
+            client: Client::new(WindowBudget::new(DEFAULT_WINDOW_BUDGET)),
             roots: pki.trust().roots.clone(),
             headers,
             _trust,
@@ -228,7 +229,7 @@ async fn hyper_serves_http1_and_http2_on_hbone_streams() {
 
     // The client refuses a server proving another identity; the server refuses a bad target.
     let other: SpiffeId = "spiffe://cluster.local/ns/shop/sa/other".parse().unwrap();
-    let fresh = Client::default();
+    let fresh = Client::new(WindowBudget::new(DEFAULT_WINDOW_BUDGET));
     let dst = SocketAddr::from((SERVER_IP, 8080));
     let e = fresh.open(&dialer, &client_cert, roots.clone(), dst, &other, &headers).await.unwrap_err();
     assert!(e.to_string().contains("server identity spiffe://cluster.local/ns/shop/sa/server"), "{e}");

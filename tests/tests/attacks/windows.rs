@@ -97,3 +97,256 @@ fn a_peer_that_fills_its_windows_and_never_reads_cannot_grow_the_agent_past_its_
     );
     assert!(topo.is_running("agent-node2"), "{}", topo.log("agent-node2"));
 }
+
+/// The writing app's port: it accepts and writes to every connection as fast as it drains.
+const WRITING_PORT: u16 = 9101;
+
+/// Accepts on `WRITING_PORT` in `netns` and writes to every connection whenever it has room,
+/// until `stop`.
+fn writing_app(netns: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    use std::io::Write;
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let app = std::thread::spawn(move || {
+        in_netns(&netns, || {
+            let listener = std::net::TcpListener::bind(("0.0.0.0", WRITING_PORT)).expect("bind the writing app");
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            let chunk = vec![0x5a; 64 * 1024];
+            let mut held = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                while let Ok((stream, _)) = listener.accept() {
+                    stream.set_nonblocking(true).unwrap();
+                    held.push(stream);
+                }
+                for mut stream in &held {
+                    while stream.write(&chunk).is_ok_and(|n| n > 0) {}
+                }
+                // An idle server's poll, not a test's wait.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    });
+    ready.recv_timeout(Duration::from_secs(10)).expect("the writing app listens");
+    app
+}
+
+/// A transport whose reads stop for good once `paused` is set: the peer stops taking what it
+/// asked for, while its HTTP/2 windows say it has room.
+struct Paused<T> {
+    io: T,
+    paused: Arc<AtomicBool>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Paused<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.paused.load(Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Paused<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Streams the hostile reader opens: 20 connections of 100 streams, about its source's cap of
+/// 2048.
+const READER_CONNECTIONS: usize = 20;
+const READER_STREAMS: usize = 100;
+
+/// H5's other direction: what the agent sends. The peer advertises large windows, opens streams
+/// to an app that writes, and stops reading its socket: h2 queues up to its send buffer (400
+/// KiB) a stream, and none of it is in the budget. Seen failing (15 MB -> 909 MB with 2000
+/// streams from one peer; 784 MB since the relay reads no further than h2's capacity); left
+/// ignored until the send direction has its own budget (docs/SECURITY.md, H5).
+#[test]
+#[ignore = "H5 send direction open: an unread stream holds ~380 KiB of the agent (docs/SECURITY.md)"]
+fn a_peer_that_asks_for_data_and_never_reads_it_cannot_grow_the_agent_past_its_budget() {
+    let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "c", 2).pod("legacy", "x", 1);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a"], CONFIG_WAIT * 4);
+    topo.wait_enrolled(2, &["shop/c"], CONFIG_WAIT * 4);
+    topo.serve_all();
+    let (a, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    let victim = topo.pid("agent-node2").expect("node 2's agent");
+    let ca_dir = topo.ca_dir();
+    let read = |name: &str| std::fs::read_to_string(ca_dir.join(name)).expect("the mesh CA");
+    let cert = MeshCert::issue(&read("root-cert.pem"), &read("root-key.pem"), "spiffe://cluster.local/ns/legacy/sa/x");
+    let config = cert.client_config(false);
+    let to = SocketAddr::from((c.ip, 15008));
+    let authority = format!("{}:{WRITING_PORT}", c.ip);
+    let app_stop = Arc::new(AtomicBool::new(false));
+    let app = writing_app(c.netns.clone(), app_stop.clone());
+    let rss_before = rss_kib(victim);
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (opened_tx, opened) = std::sync::mpsc::channel::<usize>();
+    let peak = std::thread::scope(|scope| {
+        let x_netns = x.netns.clone();
+        let reader = scope.spawn(move || {
+            in_netns(&x_netns, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async move {
+                    let (mut held, mut senders) = (Vec::new(), Vec::new());
+                    let paused = Arc::new(AtomicBool::new(false));
+                    for _ in 0..READER_CONNECTIONS {
+                        let Ok(tls) = ferrymesh_testbed::mesh_client::connect(config.clone(), to).await else {
+                            continue;
+                        };
+                        let io = Paused { io: tls, paused: paused.clone() };
+                        let handshake = h2::client::Builder::new()
+                            .initial_window_size(1 << 30)
+                            .initial_connection_window_size(1 << 30)
+                            .handshake::<_, Bytes>(io)
+                            .await;
+                        let Ok((mut sender, connection)) = handshake else { continue };
+                        tokio::spawn(connection);
+                        for _ in 0..READER_STREAMS {
+                            let request =
+                                Request::builder().method(Method::CONNECT).uri(authority.as_str()).body(()).unwrap();
+                            let Ok((response, send)) = sender.send_request(request, false) else { break };
+                            held.push((response, send));
+                        }
+                        senders.push(sender);
+                    }
+                    let mut answered = Vec::new();
+                    for (response, send) in held {
+                        if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(10), response).await {
+                            answered.push((response, send));
+                        }
+                    }
+                    // From here on it takes nothing: what the agent sends stays with the agent.
+                    paused.store(true, Ordering::SeqCst);
+                    opened_tx.send(answered.len()).unwrap();
+                    let _ = tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(120))).await;
+                    drop((answered, senders));
+                });
+            })
+        });
+        let opened = opened.recv_timeout(Duration::from_secs(90)).expect("the reader opened its streams");
+        let mut last = rss_kib(victim);
+        let mut peak = last;
+        ferrymesh_testbed::mesh::wait_until(Duration::from_secs(60), "the victim's memory to settle", || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = rss_kib(victim);
+            peak = peak.max(now);
+            let settled = now.abs_diff(last) < 1024;
+            last = now;
+            settled
+        });
+        let rr = topo.output_in(
+            &a.netns,
+            bin("fm-peer"),
+            &["rr", "--to", &format!("{}:{ECHO_PORT}", c.ip), "--count", "200"],
+        );
+        assert!(rr.status.success(), "the neighbour's round trips: {}", String::from_utf8_lossy(&rr.stderr));
+        let _ = stop.send(());
+        reader.join().unwrap();
+        println!("victim agent RSS {rss_before} KiB before, peak {peak} KiB under {opened} streams read by nobody");
+        peak
+    });
+    app_stop.store(true, Ordering::SeqCst);
+    app.join().unwrap();
+    assert!(
+        peak < rss_before + RSS_GROWTH_BOUND_KIB,
+        "the agent grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
+    );
+}
+
+/// Connections the downloading pod opens to the writing app and never reads: 20 HBONE client
+/// connections of its agent (100 streams each).
+const DOWNLOADS: usize = 2000;
+/// What the downloads may make their agent hold: the window budget (64 MiB), each download's own
+/// state (about 12 KiB measured with an app that sends nothing; 32 KiB allowed) and 32 MiB for
+/// the allocator. The windows alone were 320 MiB before they came out of the budget.
+const DOWNLOADS_RSS_BOUND_KIB: u64 = 64 * 1024 + DOWNLOADS as u64 * 32 + 32 * 1024;
+
+/// The receive windows of the agent's own HBONE client connections: a pod that asks a server for
+/// data and never reads it makes its agent hold what the connection's window lets the server
+/// send, 16 MiB a pooled connection. Those windows now come out of the node's budget too. (The
+/// server's agent is shown, not judged: what it sends is the open half of H5, above.)
+#[test]
+fn a_pod_that_never_reads_its_downloads_cannot_grow_its_agent_past_the_budget() {
+    let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "b", 1).pod("shop", "c", 2);
+    let topo = Topology::build(&spec);
+    topo.write_cluster(&["shop"]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/b"], CONFIG_WAIT * 4);
+    topo.wait_enrolled(2, &["shop/c"], CONFIG_WAIT * 4);
+    topo.serve_all();
+    let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
+    let agents = [topo.pid("agent-node1").expect("node 1's agent"), topo.pid("agent-node2").expect("node 2's agent")];
+    let app_stop = Arc::new(AtomicBool::new(false));
+    let app = writing_app(c.netns.clone(), app_stop.clone());
+    let rss_before = agents.map(rss_kib);
+    let to = SocketAddr::from((c.ip, WRITING_PORT));
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (opened_tx, opened) = std::sync::mpsc::channel::<usize>();
+    let peak = std::thread::scope(|scope| {
+        let a_netns = a.netns.clone();
+        let downloader = scope.spawn(move || {
+            in_netns(&a_netns, move || {
+                let held: Vec<_> = (0..DOWNLOADS)
+                    .filter_map(|_| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok())
+                    .collect();
+                opened_tx.send(held.len()).unwrap();
+                let _ = stopped.recv_timeout(Duration::from_secs(120));
+                drop(held);
+            })
+        });
+        let opened = opened.recv_timeout(Duration::from_secs(90)).expect("the downloads were opened");
+        let mut last = agents.map(rss_kib);
+        let mut peak = last;
+        ferrymesh_testbed::mesh::wait_until(Duration::from_secs(60), "the agents' memory to settle", || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = agents.map(rss_kib);
+            let settled = (0..2).all(|i| now[i].abs_diff(last[i]) < 1024);
+            peak = [peak[0].max(now[0]), peak[1].max(now[1])];
+            last = now;
+            settled
+        });
+        // b, on the same node, keeps its round trips meanwhile.
+        let rr = topo.output_in(
+            &b.netns,
+            bin("fm-peer"),
+            &["rr", "--to", &format!("{}:{ECHO_PORT}", c.ip), "--count", "200"],
+        );
+        assert!(rr.status.success(), "the neighbour's round trips: {}", String::from_utf8_lossy(&rr.stderr));
+        let _ = stop.send(());
+        downloader.join().unwrap();
+        println!("agents' RSS {rss_before:?} KiB before, peak {peak:?} KiB with {opened} downloads unread");
+        assert_eq!(opened, DOWNLOADS, "the downloads opened");
+        peak
+    });
+    app_stop.store(true, Ordering::SeqCst);
+    app.join().unwrap();
+    let (before, peak) = (rss_before[0], peak[0]);
+    assert!(
+        peak < before + DOWNLOADS_RSS_BOUND_KIB,
+        "the downloading pod's agent grew from {before} to {peak} KiB (bound: {DOWNLOADS_RSS_BOUND_KIB} KiB more)"
+    );
+}

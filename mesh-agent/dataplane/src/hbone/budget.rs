@@ -1,7 +1,7 @@
-//! The receive-window budget of a process's HBONE server connections. A peer may send a
-//! connection as many bytes as its receive window allows before anything reads them, and a
-//! hostile one (or one whose app stops reading) leaves them there: the windows are memory the
-//! process holds for its peers. Each connection starts with HTTP/2's smallest window
+//! The receive-window budget of a process's HBONE connections, server and client. A peer may
+//! send a connection as many bytes as its receive window allows before anything reads them, and
+//! a hostile one (or one whose app stops reading, or a client pod that never reads the answers
+//! it asked for) leaves them there: the windows are memory the process holds for its peers. Each connection starts with HTTP/2's smallest window
 //! ([`BASE_CONNECTION_WINDOW`], 64 KiB) and grows to [`super::CONNECTION_WINDOW`] only with a
 //! grant from the budget, returned when the connection closes; past the budget, new connections
 //! keep the small window (slower, never refused). What the connections hold together is at most
@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// The window every HBONE server connection starts with: HTTP/2's initial 65,535 bytes.
+/// The window every HBONE connection starts with: HTTP/2's initial 65,535 bytes.
 pub const BASE_CONNECTION_WINDOW: u32 = 65_535;
 
 /// The default budget: 64 MiB, four connections at the full window.
@@ -20,7 +20,7 @@ pub const DEFAULT_WINDOW_BUDGET: usize = 64 << 20;
 pub fn describe_metrics() {
     metrics::describe_gauge!(
         "ferrymesh_hbone_window_granted_bytes",
-        "HBONE receive window granted to inbound connections beyond their 64 KiB base (--hbone-window-budget)."
+        "HBONE receive window granted to connections (inbound, and the process's own client connections) beyond their 64 KiB base (--hbone-window-budget)."
     );
     metrics::gauge!("ferrymesh_hbone_window_granted_bytes").set(0.0);
 }

@@ -16,6 +16,7 @@ use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio_rustls::TlsConnector;
 
+use super::budget::WindowBudget;
 use super::pool::{Pool, PoolKey, StreamSlot};
 use super::{client_settings, HANDSHAKE_TIMEOUT, PORT, TLS_READ_BUFFER, TLS_WRITE_BUFFER};
 use crate::identity::WorkloadCert;
@@ -100,13 +101,21 @@ pub struct Peer<'a> {
     pub id: &'a SpiffeId,
 }
 
-/// An HBONE client: the pool of its connections.
-#[derive(Debug, Default, Clone)]
+/// An HBONE client: the pool of its connections, and the window budget they take their
+/// receive windows from.
+#[derive(Debug, Clone)]
 pub struct Client {
     pool: Pool,
+    windows: Arc<WindowBudget>,
 }
 
 impl Client {
+    /// A client whose connections' receive windows come out of `windows` (the process's budget,
+    /// shared with its HBONE server connections).
+    pub fn new(windows: Arc<WindowBudget>) -> Self {
+        Self { pool: Pool::default(), windows }
+    }
+
     /// A ready sender to `dst_ip` for `cert`'s identity, verifying the peer as `dst_id` against
     /// `roots`: on a pooled connection with a free stream (its pool key and generation given
     /// back), unless `fresh`, else on a new one `dialer` makes.
@@ -148,9 +157,13 @@ impl Client {
         if stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(HboneError::Tls(dst_ip, "the server did not negotiate ALPN h2".into()));
         }
-        let (sender, connection) =
+        let (sender, mut connection) =
             client_settings().handshake::<_, Bytes>(stream).await.map_err(|e| HboneError::Http2(dst_ip, e))?;
-        let slot = self.pool.insert(key, sender.clone(), connection);
+        // The full window while the budget has room, held as long as the connection: what a
+        // server may send before the pod reads it is memory this process holds.
+        let extra = (super::CONNECTION_WINDOW - super::budget::BASE_CONNECTION_WINDOW) as usize;
+        let grant = self.windows.take(extra).inspect(|_| connection.set_target_window_size(super::CONNECTION_WINDOW));
+        let slot = self.pool.insert(key, sender.clone(), connection, grant);
         Ok((sender, slot, None))
     }
 

@@ -24,8 +24,8 @@ use std::time::Duration;
 pub const PORT: u16 = mesh_common::HBONE_PORT;
 /// HTTP/2 stream window.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-/// HTTP/2 connection window: a client's, and a server connection's once the budget grants it
-/// ([`budget`]).
+/// HTTP/2 connection window of a connection (client or server) the budget granted it
+/// ([`budget`]); the others keep the base window.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// HTTP/2 max frame size.
 pub const MAX_FRAME: u32 = 1024 * 1024;
@@ -61,12 +61,13 @@ pub fn server_settings() -> h2::server::Builder {
     builder
 }
 
-/// The HTTP/2 client settings of every HBONE connection.
+/// The HTTP/2 client settings of every HBONE connection (the connection window starts at the
+/// base one, as a server's; [`client::Client`] grows it with a grant).
 pub fn client_settings() -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
     builder
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(budget::BASE_CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS);
     builder

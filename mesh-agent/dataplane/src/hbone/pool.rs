@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferrymesh_spiffe::SpiffeId;
 
+use super::budget::WindowGrant;
 use super::MAX_STREAMS;
 
 /// Key of a pooled HBONE connection.
@@ -96,13 +97,15 @@ impl Pool {
     }
 
     /// Pools a new connection of `key` (its driver `connection` is spawned here, with its
-    /// keepalive) and takes its first stream's slot. Connections of an older certificate of
-    /// the same source and destination drain and are dropped from the pool.
+    /// keepalive, and holds its window `grant` until it ends) and takes its first stream's slot.
+    /// Connections of an older certificate of the same source and destination drain and are
+    /// dropped from the pool.
     pub fn insert<T>(
         &self,
         key: PoolKey,
         sender: h2::client::SendRequest<Bytes>,
         mut connection: h2::client::Connection<T, Bytes>,
+        grant: Option<WindowGrant>,
     ) -> StreamSlot
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -112,6 +115,7 @@ impl Pool {
         tokio::spawn(keepalive(ping_pong, self.clone(), key.clone(), generation));
         let (pool, pooled, dst_ip) = (self.clone(), key.clone(), key.dst_ip);
         tokio::spawn(async move {
+            let _grant = grant;
             if let Err(e) = connection.await {
                 tracing::debug!("HBONE connection to {dst_ip} ended: {e}");
             }

@@ -7,7 +7,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -21,26 +21,38 @@ pub const RELAY_BUFFER: usize = 256 * 1024;
 
 /// Copies TCP bytes into an HTTP/2 stream, honouring flow control; EOF ends the stream.
 /// An idle connection holds no buffer: one is taken when bytes are there, and handed to h2.
+/// Only what h2 may send now is read: bytes the peer's window holds back stay in the socket
+/// (the app's send buffer, which stops the app), not with the agent.
 pub async fn tcp_to_h2(from: &mut OwnedReadHalf, to: &mut SendStream<Bytes>, count: &mut u64) -> io::Result<()> {
     loop {
-        from.readable().await?;
-        let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
-        match from.try_read_buf(&mut buf) {
+        // Bytes (or the end) are there before any capacity is asked for: `readable()` may
+        // report a socket readable that is not (a new one starts out so), and a stream the
+        // peer has already ended would fail here for a client that has nothing more to say.
+        if from.peek(&mut [0; 1]).await? == 0 {
+            return to.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        to.reserve_capacity(RELAY_BUFFER);
+        let granted = match poll_fn(|cx| to.poll_capacity(cx)).await {
+            Some(granted) => granted.map_err(h2_io)?,
+            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer")),
+        };
+        if granted == 0 {
+            // Capacity was assigned and taken back; ask again.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let mut buf = BytesMut::with_capacity(granted);
+        let read = from.try_read_buf(&mut (&mut buf).limit(granted));
+        // Capacity this read did not use goes back to the connection's other streams.
+        to.reserve_capacity(0);
+        match read {
             Ok(0) => return to.send_data(Bytes::new(), true).map_err(h2_io),
-            Ok(_) => {}
+            Ok(n) => {
+                *count += n as u64;
+                to.send_data(buf.freeze(), false).map_err(h2_io)?;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
-        }
-        let mut data = buf.freeze();
-        while !data.is_empty() {
-            to.reserve_capacity(data.len());
-            let granted = match poll_fn(|cx| to.poll_capacity(cx)).await {
-                Some(granted) => granted.map_err(h2_io)?,
-                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer")),
-            };
-            let chunk = data.split_to(granted.min(data.len()));
-            *count += chunk.len() as u64;
-            to.send_data(chunk, false).map_err(h2_io)?;
         }
     }
 }
