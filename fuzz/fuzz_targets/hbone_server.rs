@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let serve = |io| {
         let windows = windows.clone();
         async move {
-            let _ = serve_h2(io, &windows, |request, mut respond: h2::server::SendResponse<Bytes>| {
+            let _ = serve_h2(io, &windows, |request, mut respond: h2::server::SendResponse<Bytes>, _queue| {
                 let (parts, body) = request.into_parts();
                 let authority = parts.uri.authority().map(|a| a.as_str());
                 let status = match connect_target(&parts.method, authority, IpAddr::from(LOCAL)) {

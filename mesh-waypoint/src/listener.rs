@@ -189,7 +189,9 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, tls: Arc<ServerConfi
     }
     let cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
     let identity: Option<Arc<str>> = tls::spiffe_id_of(&cert).ok().map(|id| Arc::from(id.as_str()));
-    let ended = serve_h2(stream, &waypoint.windows, |request, mut respond| {
+    // The waypoint's tunnels are served by hyper through `H2Stream`, which does not take room
+    // in the connection's send queue yet (docs/SECURITY.md, H5).
+    let ended = serve_h2(stream, &waypoint.windows, |request, mut respond, _queue| {
         let held = match waypoint.load.stream(&waypoint.limits, peer.ip(), me) {
             Ok(held) => held,
             Err(refusal) => {

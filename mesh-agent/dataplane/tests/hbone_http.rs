@@ -116,7 +116,7 @@ async fn serve(mut accepted: mpsc::UnboundedReceiver<DuplexStream>, config: Arc<
             let peer_cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
             let peer: Arc<str> = tls::spiffe_id_of(&peer_cert).unwrap().as_str().into();
             let windows = ferrymesh_dataplane::hbone::budget::WindowBudget::new(64 << 20);
-            let ended = serve_h2(tls, &windows, move |request, mut respond| {
+            let ended = serve_h2(tls, &windows, move |request, mut respond, _queue| {
                 let (parts, body) = request.into_parts();
                 let target = connect_target(&parts.method, parts.uri.authority().map(|a| a.as_str()), SERVER_IP.into());
                 let Ok(target) = target else {

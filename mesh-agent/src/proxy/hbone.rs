@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferrymesh_dataplane::hbone::client::{Connect, ConnectHeaders, Dialer, Peer};
 use ferrymesh_dataplane::hbone::pool::StreamSlot;
+use ferrymesh_dataplane::hbone::queue::SendQueue;
 use ferrymesh_dataplane::hbone::server::{accept_tls, connect_target, respond_status, serve_h2_until, NotAccepted};
 use ferrymesh_dataplane::hbone::stream::{h2_to_tcp, tcp_to_h2};
 use ferrymesh_dataplane::spans::TraceParent;
@@ -42,7 +43,8 @@ const FIRST_BYTES: usize = 16 * 1024;
 
 /// Relays between a TCP connection and an HTTP/2 stream until both directions end, one fails,
 /// or `close` fires; failure and revocation reset both sides. The first `sent_ahead` bytes of
-/// the TCP connection already went out on the stream (with its CONNECT) and are skipped.
+/// the TCP connection already went out on the stream (with its CONNECT) and are skipped. On a
+/// server connection, what goes to the stream takes room in the connection's `queue` first.
 /// Returns (bytes TCP -> stream, bytes stream -> TCP, how it ended).
 async fn relay(
     tcp: TcpStream,
@@ -50,9 +52,12 @@ async fn relay(
     mut send: SendStream<Bytes>,
     close: Option<oneshot::Receiver<Denied>>,
     sent_ahead: usize,
+    queue: Option<&SendQueue>,
 ) -> (u64, u64, RelayEnd) {
     let (mut up, mut down) = (sent_ahead as u64, 0);
     let (mut read, mut write) = tcp.into_split();
+    let id = send.stream_id().as_u32();
+    queue.inspect(|queue| queue.open(id));
     let end = until_done_or_revoked(
         || async {
             if sent_ahead > 0 {
@@ -60,7 +65,7 @@ async fn relay(
                 read.read_exact(&mut vec![0; sent_ahead]).await?;
             }
             futures::future::try_join(
-                tcp_to_h2(&mut read, &mut send, &mut up),
+                tcp_to_h2(&mut read, &mut send, &mut up, queue),
                 h2_to_tcp(&mut recv, &mut write, &mut down),
             )
             .await
@@ -73,6 +78,10 @@ async fn relay(
         if let Ok(tcp) = read.reunite(write) {
             reset(&tcp);
         }
+        // h2 drops what it had queued for a reset stream.
+        queue.inspect(|queue| queue.reset(id));
+    } else {
+        queue.inspect(|queue| queue.close(id));
     }
     (up, down, end)
 }
@@ -132,7 +141,7 @@ async fn serve_connection(
     let ended = serve_h2_until(
         stream,
         &ctx.windows,
-        |http, mut respond| {
+        |http, mut respond, queue| {
             let held = match ctx.load.stream(&ctx.limits, peer.ip(), pod.workload.ip) {
                 Ok(held) => held,
                 Err(refusal) => {
@@ -148,7 +157,7 @@ async fn serve_connection(
             };
             let peer = PeerInfo { addr: peer, local, identity: peer_id.clone(), serial: peer_serial.clone() };
             // Boxed so the stream's task does not keep room for them once they are used.
-            let stream = Box::new(NewStream { http, respond, peer, _held: held });
+            let stream = Box::new(NewStream { http, respond, peer, queue: queue.clone(), _held: held });
             tokio::spawn(serve_stream(stream, pod.clone(), ctx.clone()));
         },
         drain.started(),
@@ -169,6 +178,8 @@ struct NewStream {
     http: Request<RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
     peer: PeerInfo,
+    /// Its connection's send queue.
+    queue: Arc<SendQueue>,
     /// Its place under the per-source and per-pod stream limits, for the stream's whole life.
     _held: Held,
 }
@@ -187,6 +198,7 @@ struct Accepted<'a> {
     admitted: Admitted<'a>,
     body: RecvStream,
     send: SendStream<Bytes>,
+    queue: Arc<SendQueue>,
     /// Its place under the per-source and per-pod stream limits.
     _held: Held,
 }
@@ -197,8 +209,8 @@ async fn serve_stream(stream: Box<NewStream>, pod: Arc<PodContext>, ctx: Arc<Pro
     let (conn, accepted) = Box::pin(accept_stream(*stream, &pod, &ctx)).await;
     let outcome = match accepted {
         Err(outcome) => outcome,
-        Ok(Accepted { admitted: Admitted { app, policy, close, _live }, body, send, _held }) => {
-            let (to_client, to_app, end) = relay(app, body, send, Some(close), 0).await;
+        Ok(Accepted { admitted: Admitted { app, policy, close, _live }, body, send, queue, _held }) => {
+            let (to_client, to_app, end) = relay(app, body, send, Some(close), 0, Some(&queue)).await;
             Outcome::relayed(to_app, to_client, end, policy)
         }
     };
@@ -212,7 +224,7 @@ async fn accept_stream<'a>(
     pod: &PodContext,
     ctx: &'a ProxyContext,
 ) -> (Connection, Result<Accepted<'a>, Outcome>) {
-    let NewStream { http, mut respond, peer, _held } = stream;
+    let NewStream { http, mut respond, peer, queue, _held } = stream;
     let (parts, body) = http.into_parts();
     let target = connect_target(&parts.method, parts.uri.authority().map(|a| a.as_str()), peer.local.ip());
     // The connection's span is the child of the sender's, named by the CONNECT's traceparent.
@@ -251,7 +263,7 @@ async fn accept_stream<'a>(
         }
     };
     let accepted = match respond_status(&mut respond, StatusCode::OK) {
-        Some(send) => Ok(Accepted { admitted, body, send, _held }),
+        Some(send) => Ok(Accepted { admitted, body, send, queue, _held }),
         None => Err(Outcome::failed(ProxyError::ClientGone)),
     };
     (conn, accepted)
@@ -340,5 +352,5 @@ fn peek(client: &TcpStream) -> Bytes {
 /// Relays a captured client connection over its open HBONE stream.
 pub(super) async fn relay_client(client: TcpStream, tunnel: Tunnel) -> (u64, u64, RelayEnd) {
     let Tunnel { send, recv, _slot, sent_ahead } = tunnel;
-    relay(client, recv, send, None, sent_ahead).await
+    relay(client, recv, send, None, sent_ahead, None).await
 }

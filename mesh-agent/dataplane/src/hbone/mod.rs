@@ -6,6 +6,8 @@
 //! - [`client`]: opening CONNECT streams to a peer over pooled connections, the TCP connection
 //!   made by the caller's [`client::Dialer`] (the node agent's enters the pod's netns);
 //! - [`pool`]: the pooled client connections;
+//! - [`budget`] and [`queue`]: what peers can make a process hold, received (the windows) and
+//!   to send (a server connection's queue);
 //! - [`stream`]: copying between TCP and a CONNECT stream, and [`stream::H2Stream`], a CONNECT
 //!   stream as `AsyncRead`/`AsyncWrite` (hyper can serve HTTP on it).
 //!
@@ -14,6 +16,7 @@
 pub mod budget;
 pub mod client;
 pub mod pool;
+pub mod queue;
 pub mod server;
 pub mod stream;
 

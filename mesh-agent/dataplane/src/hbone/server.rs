@@ -18,6 +18,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::budget::WindowBudget;
+use super::queue::{Metered, SendQueue};
 use super::{TLS_READ_BUFFER, TLS_WRITE_BUFFER};
 use crate::limits::{Limit, Limits, Load, Refusal};
 
@@ -85,11 +86,13 @@ pub struct Http2Closed {
 /// Serves HTTP/2 on an established (TLS) connection, handing each request to `on_stream`, until
 /// the client closes it. A connection that ends on a protocol error (a malformed frame, too
 /// many rapid resets, an oversized header block: h2 answers with GOAWAY) returns what happened,
-/// for a flow record; a client that simply goes away is no error.
+/// for a flow record; a client that simply goes away is no error. The connection's
+/// [`SendQueue`] is handed along: a handler that relays on a stream opens it there, and what it
+/// sends takes room there first ([`super::stream::tcp_to_h2`] does).
 pub async fn serve_h2<IO>(
     io: IO,
     windows: &Arc<WindowBudget>,
-    on_stream: impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>),
+    on_stream: impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>, &Arc<SendQueue>),
 ) -> Result<(), Http2Closed>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -103,12 +106,14 @@ where
 pub async fn serve_h2_until<IO>(
     io: IO,
     windows: &Arc<WindowBudget>,
-    mut on_stream: impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>),
+    mut on_stream: impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>, &Arc<SendQueue>),
     drain: impl std::future::Future<Output = ()>,
 ) -> Result<(), Http2Closed>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let queue = SendQueue::new(super::queue::CONNECTION_QUEUE);
+    let io = Metered::server(io, queue.clone());
     let mut connection = match super::server_settings().handshake::<_, Bytes>(io).await {
         Ok(connection) => connection,
         Err(e) => return Err(Http2Closed { by_server: true, reason: format!("HTTP/2 handshake failed: {e}") }),
@@ -132,7 +137,7 @@ where
             }
         };
         match accepted {
-            Some(Ok((request, respond))) => on_stream(request, respond),
+            Some(Ok((request, respond))) => on_stream(request, respond, &queue),
             Some(Err(e)) => return connection_error(e),
             None => return Ok(()),
         }
@@ -290,8 +295,8 @@ mod tests {
     /// recorded as (stream id, status).
     fn answer_as_the_agent(
         answers: &std::cell::RefCell<Vec<(u32, u16)>>,
-    ) -> impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>) + '_ {
-        move |request, mut respond| {
+    ) -> impl FnMut(Request<RecvStream>, h2::server::SendResponse<Bytes>, &Arc<SendQueue>) + '_ {
+        move |request, mut respond, _| {
             let (parts, _) = request.into_parts();
             let status = match connect_target(&parts.method, parts.uri.authority().map(|a| a.as_str()), LOCAL.into()) {
                 Ok(_) => StatusCode::OK,

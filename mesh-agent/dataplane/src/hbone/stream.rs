@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::h2_io;
+use super::queue::SendQueue;
 
 /// Most bytes read from a TCP socket at once into HBONE (taken only when bytes are there):
 /// larger reads mean fewer syscalls, HTTP/2 frames and TLS writes per megabyte (256 KiB moved
@@ -22,8 +23,16 @@ pub const RELAY_BUFFER: usize = 256 * 1024;
 /// Copies TCP bytes into an HTTP/2 stream, honouring flow control; EOF ends the stream.
 /// An idle connection holds no buffer: one is taken when bytes are there, and handed to h2.
 /// Only what h2 may send now is read: bytes the peer's window holds back stay in the socket
-/// (the app's send buffer, which stops the app), not with the agent.
-pub async fn tcp_to_h2(from: &mut OwnedReadHalf, to: &mut SendStream<Bytes>, count: &mut u64) -> io::Result<()> {
+/// (the app's send buffer, which stops the app), not with the agent. On a server connection
+/// the bytes also take room in its `queue` first: what h2 holds for a peer that stops reading
+/// its socket is bounded for the whole connection, whatever the windows it advertises.
+pub async fn tcp_to_h2(
+    from: &mut OwnedReadHalf,
+    to: &mut SendStream<Bytes>,
+    count: &mut u64,
+    queue: Option<&SendQueue>,
+) -> io::Result<()> {
+    let id = to.stream_id().as_u32();
     loop {
         // Bytes (or the end) are there before any capacity is asked for: `readable()` may
         // report a socket readable that is not (a new one starts out so), and a stream the
@@ -41,10 +50,20 @@ pub async fn tcp_to_h2(from: &mut OwnedReadHalf, to: &mut SendStream<Bytes>, cou
             tokio::task::yield_now().await;
             continue;
         }
-        let mut buf = BytesMut::with_capacity(granted);
-        let read = from.try_read_buf(&mut (&mut buf).limit(granted));
-        // Capacity this read did not use goes back to the connection's other streams.
+        let room = match queue {
+            Some(queue) => queue
+                .take(id, granted)
+                .await
+                .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream reset"))?,
+            None => granted,
+        };
+        let mut buf = BytesMut::with_capacity(room);
+        let read = from.try_read_buf(&mut (&mut buf).limit(room));
+        // Capacity and room this read did not use go back to the connection's other streams.
         to.reserve_capacity(0);
+        if let Some(queue) = queue {
+            queue.give_back(id, room - read.as_ref().map_or(0, |n| *n));
+        }
         match read {
             Ok(0) => return to.send_data(Bytes::new(), true).map_err(h2_io),
             Ok(n) => {
