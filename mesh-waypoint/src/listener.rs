@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferrymesh_dataplane::flows::AccessLog;
 use ferrymesh_dataplane::hbone::budget::WindowBudget;
+use ferrymesh_dataplane::hbone::queue::SendQueue;
 use ferrymesh_dataplane::hbone::server::{accept_tls, respond_status, serve_h2, NotAccepted};
 use ferrymesh_dataplane::hbone::stream::H2Stream;
 use ferrymesh_dataplane::limits::{Limit, Limits, Load};
@@ -189,9 +190,7 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, tls: Arc<ServerConfi
     }
     let cert = session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
     let identity: Option<Arc<str>> = tls::spiffe_id_of(&cert).ok().map(|id| Arc::from(id.as_str()));
-    // The waypoint's tunnels are served by hyper through `H2Stream`, which does not take room
-    // in the connection's send queue yet (docs/SECURITY.md, H5).
-    let ended = serve_h2(stream, &waypoint.windows, |request, mut respond, _queue| {
+    let ended = serve_h2(stream, &waypoint.windows, |request, mut respond, queue| {
         let held = match waypoint.load.stream(&waypoint.limits, peer.ip(), me) {
             Ok(held) => held,
             Err(refusal) => {
@@ -200,7 +199,7 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, tls: Arc<ServerConfi
                 return tracing::info!(%peer, "{refusal}");
             }
         };
-        let tunnel = serve_tunnel(request, respond, peer, identity.clone(), waypoint.clone());
+        let tunnel = serve_tunnel(request, respond, peer, identity.clone(), waypoint.clone(), queue.clone());
         tokio::spawn(async move {
             tunnel.await;
             drop(held);
@@ -264,6 +263,7 @@ async fn serve_tunnel(
     peer: SocketAddr,
     identity: Option<Arc<str>>,
     waypoint: Arc<Waypoint>,
+    queue: Arc<SendQueue>,
 ) {
     let (parts, body) = request.into_parts();
     let traceparent = ferrymesh_dataplane::spans::TraceParent::of(&parts.headers);
@@ -277,7 +277,8 @@ async fn serve_tunnel(
     };
     let Some(send) = respond_status(&mut respond, StatusCode::OK) else { return };
     let spiffe_id = identity.as_deref().and_then(|id| id.parse().ok());
-    let stream = H2Stream::new(send, body);
+    // What the tunnel answers takes room in its connection's send queue first.
+    let stream = H2Stream::queued(send, body, queue);
     let declared = match &dest {
         Destination::Service(service, _) => service.protocol(port),
         Destination::Workload(workload) => waypoint.state.workload_protocol(&workload.uid, port),

@@ -11,13 +11,13 @@
 //! RST_STREAM) and coming in (RST_STREAM): h2 does not say when it has written a stream's bytes.
 
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 
 /// Bytes one HBONE server connection may have queued for its peer, over all its streams.
 pub const CONNECTION_QUEUE: usize = 256 * 1024;
@@ -35,13 +35,14 @@ const FRAME_HEADER: usize = 9;
 pub struct SendQueue {
     limit: usize,
     queued: Mutex<Queued>,
-    drained: Notify,
 }
 
 #[derive(Debug, Default)]
 struct Queued {
     total: usize,
     streams: HashMap<u32, StreamQueue>,
+    /// Streams waiting for room (at most one waker each).
+    waiting: Vec<Waker>,
 }
 
 #[derive(Debug, Default)]
@@ -54,7 +55,7 @@ struct StreamQueue {
 impl SendQueue {
     /// A queue of at most `limit` bytes.
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { limit, queued: Mutex::default(), drained: Notify::new() })
+        Arc::new(Self { limit, queued: Mutex::default() })
     }
 
     /// Starts counting stream `id`, as its relay starts. The relay ends it with [`Self::close`]
@@ -67,25 +68,26 @@ impl SendQueue {
     /// has its limit queued: the bytes taken, or None once the stream is reset (or was never
     /// opened).
     pub async fn take(&self, id: u32, most: usize) -> Option<usize> {
-        loop {
-            let drained = self.drained.notified();
-            tokio::pin!(drained);
-            // Registered before the check, so a drain between the check and the wait wakes it.
-            drained.as_mut().enable();
-            {
-                let mut guard = self.lock();
-                let queued = &mut *guard;
-                let room = self.limit.saturating_sub(queued.total);
-                let stream = queued.streams.get_mut(&id)?;
-                if room > 0 {
-                    let taken = room.min(most.max(1));
-                    stream.bytes += taken;
-                    queued.total += taken;
-                    return Some(taken);
-                }
-            }
-            drained.await;
+        poll_fn(|cx| self.poll_take(cx, id, most)).await
+    }
+
+    /// [`Self::take`] as a poll: Pending (woken when room comes back) while the connection has
+    /// its limit queued.
+    pub fn poll_take(&self, cx: &Context<'_>, id: u32, most: usize) -> Poll<Option<usize>> {
+        let mut guard = self.lock();
+        let queued = &mut *guard;
+        let room = self.limit.saturating_sub(queued.total);
+        let Some(stream) = queued.streams.get_mut(&id) else { return Poll::Ready(None) };
+        if room > 0 {
+            let taken = room.min(most.max(1));
+            stream.bytes += taken;
+            queued.total += taken;
+            return Poll::Ready(Some(taken));
         }
+        if !queued.waiting.iter().any(|w| w.will_wake(cx.waker())) {
+            queued.waiting.push(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// Gives back `bytes` of room stream `id` took and did not hand h2.
@@ -110,8 +112,9 @@ impl SendQueue {
         let mut queued = self.lock();
         if let Some(stream) = queued.streams.remove(&id) {
             queued.total -= stream.bytes;
+            let waiting = std::mem::take(&mut queued.waiting);
             drop(queued);
-            self.drained.notify_waiters();
+            waiting.into_iter().for_each(Waker::wake);
         }
     }
 
@@ -132,10 +135,9 @@ impl SendQueue {
         if forget {
             queued.streams.remove(&id);
         }
+        let waiting = if written > 0 { std::mem::take(&mut queued.waiting) } else { Vec::new() };
         drop(guard);
-        if written > 0 {
-            self.drained.notify_waiters();
-        }
+        waiting.into_iter().for_each(Waker::wake);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {

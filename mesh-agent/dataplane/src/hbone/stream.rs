@@ -5,6 +5,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -59,17 +60,19 @@ pub async fn tcp_to_h2(
         };
         let mut buf = BytesMut::with_capacity(room);
         let read = from.try_read_buf(&mut (&mut buf).limit(room));
-        // Capacity and room this read did not use go back to the connection's other streams.
+        let sent = match read {
+            Ok(n) if n > 0 => to.send_data(buf.freeze(), false).map_err(h2_io).map(|()| n),
+            _ => Ok(0),
+        };
+        // Capacity and room the bytes sent did not use go back to the connection's other
+        // streams.
         to.reserve_capacity(0);
         if let Some(queue) = queue {
-            queue.give_back(id, room - read.as_ref().map_or(0, |n| *n));
+            queue.give_back(id, room - sent.as_ref().map_or(0, |n| *n));
         }
         match read {
             Ok(0) => return to.send_data(Bytes::new(), true).map_err(h2_io),
-            Ok(n) => {
-                *count += n as u64;
-                to.send_data(buf.freeze(), false).map_err(h2_io)?;
-            }
+            Ok(_) => *count += sent? as u64,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
@@ -97,18 +100,39 @@ pub struct H2Stream {
     recv: RecvStream,
     /// What a read did not take of the last DATA frame.
     pending: Bytes,
+    /// A server connection's send queue, and the room this stream has taken there and not yet
+    /// used.
+    queue: Option<(Arc<SendQueue>, usize)>,
 }
 
 impl H2Stream {
     /// The stream whose halves are `send` and `recv`.
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self { send, recv, pending: Bytes::new() }
+        Self { send, recv, pending: Bytes::new(), queue: None }
+    }
+
+    /// A stream of a server connection: what it writes takes room in the connection's `queue`
+    /// first (see [`tcp_to_h2`]).
+    pub fn queued(send: SendStream<Bytes>, recv: RecvStream, queue: Arc<SendQueue>) -> Self {
+        queue.open(send.stream_id().as_u32());
+        Self { send, recv, pending: Bytes::new(), queue: Some((queue, 0)) }
     }
 
     /// Ends the stream both ways at once with RST_STREAM `reason` (the peer's agent resets its
     /// client's TCP connection), rather than an orderly end.
     pub fn reset(mut self, reason: h2::Reason) {
         self.send.send_reset(reason);
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if let Some((queue, room)) = &self.queue {
+            let id = self.send.stream_id().as_u32();
+            queue.give_back(id, *room);
+            // What it queued is written, or dropped with a reset the queue sees go out.
+            queue.close(id);
+        }
     }
 }
 
@@ -136,7 +160,17 @@ impl AsyncWrite for H2Stream {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        self.send.reserve_capacity(data.len());
+        // Room first, kept across polls: h2's capacity is only reported as it grows.
+        let id = self.send.stream_id().as_u32();
+        let mut most = data.len();
+        if let Some((queue, room)) = &mut self.queue {
+            if *room == 0 {
+                *room = ready!(queue.poll_take(cx, id, data.len()))
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream reset"))?;
+            }
+            most = most.min(*room);
+        }
+        self.send.reserve_capacity(most);
         let granted = match ready!(self.send.poll_capacity(cx)) {
             Some(granted) => granted.map_err(h2_io)?,
             None => return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed"))),
@@ -146,8 +180,11 @@ impl AsyncWrite for H2Stream {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        let n = granted.min(data.len());
+        let n = granted.min(most);
         self.send.send_data(Bytes::copy_from_slice(&data[..n]), false).map_err(h2_io)?;
+        if let Some((_, room)) = &mut self.queue {
+            *room -= n;
+        }
         Poll::Ready(Ok(n))
     }
 
