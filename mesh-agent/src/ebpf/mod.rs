@@ -516,8 +516,8 @@ impl Datapath {
     /// Captures the network namespace `netns` (cookie `netns_cookie`): sk_lookup attached to
     /// it and pinned (or the link an earlier agent pinned for it adopted), then its cookie in
     /// ENROLLED with its capture share (its count, kept by the programs, is left as it is). On
-    /// failure a link this call attached is detached again; an adopted one stays,
-    /// so a netns an earlier agent captured stays captured, and closed.
+    /// failure a link this call attached is detached again; an adopted one stays, so a netns an
+    /// earlier agent captured stays captured, and closed.
     pub fn capture_netns(&mut self, netns: impl AsFd, netns_cookie: u64) -> Result<SkLookupAttachment> {
         let link = self.attach_sk_lookup(netns, netns_cookie)?;
         let enrolled = self.enrolled.insert(netns_cookie, self.capture_share, 0);

@@ -121,6 +121,24 @@ pub fn half_open_flood(netns: &str, target: SocketAddr, count: usize, cap: usize
     })
 }
 
+/// Waits (60 s at most) until the RSS of every process `pids` names stops growing (less than
+/// 1 MiB in half a second), and returns the peak RSS (KiB) each reached meanwhile.
+pub fn settled_peaks<const N: usize>(pids: [u32; N]) -> [u64; N] {
+    let mut last = pids.map(rss_kib);
+    let mut peaks = last;
+    wait_until(Duration::from_secs(60), "the victims' memory to settle", || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = pids.map(rss_kib);
+        let settled = now.iter().zip(&last).all(|(now, last)| now.abs_diff(*last) < 1024);
+        for (peak, now) in peaks.iter_mut().zip(now) {
+            *peak = (*peak).max(now);
+        }
+        last = now;
+        settled
+    });
+    peaks
+}
+
 /// Resident memory of `pid`, in KiB (0 once it is gone: the tests then find it not running).
 pub fn rss_kib(pid: u32) -> u64 {
     ferrymesh_testbed::topology::rss_kib(pid).unwrap_or(0)
@@ -170,16 +188,7 @@ pub fn h2_flood(
         });
         let opened = opened.recv_timeout(Duration::from_secs(90)).expect("the flood opened its streams");
         // The flood lands as fast as the server takes it: wait until its memory settles.
-        let mut last = rss_kib(pid);
-        let mut peak = last;
-        wait_until(Duration::from_secs(60), "the victim's memory to settle", || {
-            std::thread::sleep(Duration::from_millis(500));
-            let now = rss_kib(pid);
-            peak = peak.max(now);
-            let settled = now.abs_diff(last) < 1024;
-            last = now;
-            settled
-        });
+        let [mut peak] = settled_peaks([pid]);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
         peak = peak.max(rss_kib(pid));
         let _ = stop.send(());

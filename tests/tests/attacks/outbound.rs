@@ -57,8 +57,9 @@ fn held_and_answered(netns: &str, to: SocketAddr, count: usize, during: impl FnO
     })
 }
 
-#[test]
-fn one_pod_cannot_hold_more_outbound_connections_than_its_share() {
+/// shop's a and b on node 1 and c on node 2, serving, their agents run with a share of
+/// `PER_POD` outbound connections a pod.
+fn neighbours_with_a_share() -> Topology {
     let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "b", 1).pod("shop", "c", 2);
     let topo = Topology::build(&spec);
     topo.write_cluster(&["shop"]);
@@ -70,6 +71,12 @@ fn one_pod_cannot_hold_more_outbound_connections_than_its_share() {
     topo.wait_enrolled(1, &["shop/a", "shop/b"], CONFIG_WAIT * 4);
     topo.wait_enrolled(2, &["shop/c"], CONFIG_WAIT * 4);
     topo.serve_all();
+    topo
+}
+
+#[test]
+fn one_pod_cannot_hold_more_outbound_connections_than_its_share() {
+    let topo = neighbours_with_a_share();
     let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
     let to = SocketAddr::from((c.ip, ECHO_PORT));
     let answered = held_and_answered(&a.netns, to, OPENED, || {
@@ -102,17 +109,7 @@ fn tally(results: impl Iterator<Item = std::io::Result<()>>) -> (usize, usize) {
 
 #[test]
 fn one_pod_cannot_fill_the_nodes_capture_maps() {
-    let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "b", 1).pod("shop", "c", 2);
-    let topo = Topology::build(&spec);
-    topo.write_cluster(&["shop"]);
-    topo.start_ctrl(&[]);
-    let cap = PER_POD.to_string();
-    for node in [1, 2] {
-        topo.start_agent_with(node, &[("--max-outbound-connections-per-pod", &cap)]);
-    }
-    topo.wait_enrolled(1, &["shop/a", "shop/b"], CONFIG_WAIT * 4);
-    topo.wait_enrolled(2, &["shop/c"], CONFIG_WAIT * 4);
-    topo.serve_all();
+    let topo = neighbours_with_a_share();
     let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
     let to = SocketAddr::from((c.ip, ECHO_PORT));
     let answers = |mut stream: &TcpStream| {

@@ -18,7 +18,7 @@ use http::{Method, Request};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::{h2_flood, rss_kib};
+use crate::{h2_flood, rss_kib, settled_peaks};
 
 /// The victim app's port: it accepts and never reads.
 const STALLED_PORT: u16 = 9100;
@@ -55,8 +55,10 @@ const PER_STREAM: usize = 4 << 20;
 /// of a busy agent.
 const RSS_GROWTH_BOUND_KIB: u64 = 128 * 1024;
 
-#[test]
-fn a_peer_that_fills_its_windows_and_never_reads_cannot_grow_the_agent_past_its_budget() {
+/// shop's a on node 1 and c on node 2, in the mesh and serving, and legacy's x on node 1,
+/// outside it, holding a mesh identity of its own (as any pod can get one): the topology and
+/// x's TLS client config.
+fn hostile_peer_scene() -> (Topology, Arc<rustls::ClientConfig>) {
     let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "c", 2).pod("legacy", "x", 1);
     let topo = Topology::build(&spec);
     topo.write_cluster(&["shop"]);
@@ -64,13 +66,18 @@ fn a_peer_that_fills_its_windows_and_never_reads_cannot_grow_the_agent_past_its_
     topo.wait_enrolled(1, &["shop/a"], CONFIG_WAIT * 4);
     topo.wait_enrolled(2, &["shop/c"], CONFIG_WAIT * 4);
     topo.serve_all();
-    let (a, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
-    let victim = topo.pid("agent-node2").expect("node 2's agent");
     let ca_dir = topo.ca_dir();
     let read = |name: &str| std::fs::read_to_string(ca_dir.join(name)).expect("the mesh CA");
-    // x holds a mesh identity of its own, as any pod can get one.
     let cert = MeshCert::issue(&read("root-cert.pem"), &read("root-key.pem"), "spiffe://cluster.local/ns/legacy/sa/x");
     let config = cert.client_config(false);
+    (topo, config)
+}
+
+#[test]
+fn a_peer_that_fills_its_windows_and_never_reads_cannot_grow_the_agent_past_its_budget() {
+    let (topo, config) = hostile_peer_scene();
+    let (a, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    let victim = topo.pid("agent-node2").expect("node 2's agent");
     let to = SocketAddr::from((c.ip, 15008));
     let authority = format!("{}:{STALLED_PORT}", c.ip);
     let app_stop = Arc::new(AtomicBool::new(false));
@@ -183,19 +190,9 @@ const READER_STREAMS: usize = 100;
 /// streams now take room in its send queue (256 KiB) before they hand h2 bytes.
 #[test]
 fn a_peer_that_asks_for_data_and_never_reads_it_cannot_grow_the_agent_past_its_budget() {
-    let spec = TopologySpec::nodes(2).pod("shop", "a", 1).pod("shop", "c", 2).pod("legacy", "x", 1);
-    let topo = Topology::build(&spec);
-    topo.write_cluster(&["shop"]);
-    topo.start_mesh();
-    topo.wait_enrolled(1, &["shop/a"], CONFIG_WAIT * 4);
-    topo.wait_enrolled(2, &["shop/c"], CONFIG_WAIT * 4);
-    topo.serve_all();
+    let (topo, config) = hostile_peer_scene();
     let (a, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
     let victim = topo.pid("agent-node2").expect("node 2's agent");
-    let ca_dir = topo.ca_dir();
-    let read = |name: &str| std::fs::read_to_string(ca_dir.join(name)).expect("the mesh CA");
-    let cert = MeshCert::issue(&read("root-cert.pem"), &read("root-key.pem"), "spiffe://cluster.local/ns/legacy/sa/x");
-    let config = cert.client_config(false);
     let to = SocketAddr::from((c.ip, 15008));
     let authority = format!("{}:{WRITING_PORT}", c.ip);
     let app_stop = Arc::new(AtomicBool::new(false));
@@ -246,16 +243,7 @@ fn a_peer_that_asks_for_data_and_never_reads_it_cannot_grow_the_agent_past_its_b
             })
         });
         let opened = opened.recv_timeout(Duration::from_secs(90)).expect("the reader opened its streams");
-        let mut last = rss_kib(victim);
-        let mut peak = last;
-        ferrymesh_testbed::mesh::wait_until(Duration::from_secs(60), "the victim's memory to settle", || {
-            std::thread::sleep(Duration::from_millis(500));
-            let now = rss_kib(victim);
-            peak = peak.max(now);
-            let settled = now.abs_diff(last) < 1024;
-            last = now;
-            settled
-        });
+        let [peak] = settled_peaks([victim]);
         let rr = topo.output_in(
             &a.netns,
             bin("fm-peer"),
@@ -265,6 +253,8 @@ fn a_peer_that_asks_for_data_and_never_reads_it_cannot_grow_the_agent_past_its_b
         let _ = stop.send(());
         reader.join().unwrap();
         println!("victim agent RSS {rss_before} KiB before, peak {peak} KiB under {opened} streams read by nobody");
+        // Some may miss the answer's deadline on a busy machine; the flood is there.
+        assert!(opened >= READER_CONNECTIONS * READER_STREAMS * 9 / 10, "{opened} streams answered");
         peak
     });
     app_stop.store(true, Ordering::SeqCst);
@@ -317,16 +307,7 @@ fn a_pod_that_never_reads_its_downloads_cannot_grow_its_agent_past_the_budget() 
             })
         });
         let opened = opened.recv_timeout(Duration::from_secs(90)).expect("the downloads were opened");
-        let mut last = agents.map(rss_kib);
-        let mut peak = last;
-        ferrymesh_testbed::mesh::wait_until(Duration::from_secs(60), "the agents' memory to settle", || {
-            std::thread::sleep(Duration::from_millis(500));
-            let now = agents.map(rss_kib);
-            let settled = (0..2).all(|i| now[i].abs_diff(last[i]) < 1024);
-            peak = [peak[0].max(now[0]), peak[1].max(now[1])];
-            last = now;
-            settled
-        });
+        let peak = settled_peaks(agents);
         // b, on the same node, keeps its round trips meanwhile.
         let rr = topo.output_in(
             &b.netns,
