@@ -153,6 +153,11 @@ impl Downstream {
     }
 }
 
+/// hyper's HTTP/1 buffer for one tunnel, each way (its default is about 400 KiB): a request head
+/// up to the mesh's 64 KiB header limit fits, and pipelined requests past it wait in the tunnel's
+/// window rather than in the waypoint.
+const HTTP1_BUFFER: usize = 72 * 1024;
+
 /// Accepts HBONE connections until the task is aborted.
 pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, waypoint: Arc<Waypoint>) {
     loop {
@@ -307,6 +312,7 @@ where
         let (waypoint, downstream) = (waypoint.clone(), downstream.clone());
         async move { Ok::<_, std::convert::Infallible>(crate::request::handle(&waypoint, &downstream, request).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(HTTP1_BUFFER);
     builder.serve_connection_with_upgrades(TokioIo::new(io), service).await
 }
