@@ -20,28 +20,38 @@ use std::sync::Arc;
 
 use crate::{h2_flood, rss_kib, settled_peaks};
 
-/// The victim app's port: it accepts and never reads.
+/// The victim apps' ports: the stalled one accepts and never reads; the writing one also
+/// writes to every connection as fast as it drains.
 const STALLED_PORT: u16 = 9100;
+const WRITING_PORT: u16 = 9101;
 
-/// Accepts on `STALLED_PORT` in `netns` and holds every connection unread until `stop`.
-fn stalled_app(netns: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+/// Accepts in `netns` (on `WRITING_PORT` if it `writes`, else `STALLED_PORT`) and holds every
+/// connection unread until `stop`; a writing app also writes to each whenever it has room.
+fn victim_app(netns: String, writes: bool, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    use std::io::Write;
+    let port = if writes { WRITING_PORT } else { STALLED_PORT };
     let (ready_tx, ready) = std::sync::mpsc::channel();
     let app = std::thread::spawn(move || {
         in_netns(&netns, || {
-            let listener = std::net::TcpListener::bind(("0.0.0.0", STALLED_PORT)).expect("bind the stalled app");
+            let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind the victim app");
             listener.set_nonblocking(true).unwrap();
             ready_tx.send(()).unwrap();
+            let chunk = vec![0x5a; 64 * 1024];
             let mut held = Vec::new();
             while !stop.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((stream, _)) => held.push(stream),
-                    // An idle server's poll, not a test's wait.
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                while let Ok((stream, _)) = listener.accept() {
+                    stream.set_nonblocking(true).unwrap();
+                    held.push(stream);
                 }
+                for mut stream in held.iter().filter(|_| writes) {
+                    while stream.write(&chunk).is_ok_and(|n| n > 0) {}
+                }
+                // An idle server's poll, not a test's wait.
+                std::thread::sleep(Duration::from_millis(20));
             }
         })
     });
-    ready.recv_timeout(Duration::from_secs(10)).expect("the stalled app listens");
+    ready.recv_timeout(Duration::from_secs(10)).expect("the victim app listens");
     app
 }
 
@@ -81,7 +91,7 @@ fn a_peer_that_fills_its_windows_and_never_reads_cannot_grow_the_agent_past_its_
     let to = SocketAddr::from((c.ip, 15008));
     let authority = format!("{}:{STALLED_PORT}", c.ip);
     let app_stop = Arc::new(AtomicBool::new(false));
-    let app = stalled_app(c.netns.clone(), app_stop.clone());
+    let app = victim_app(c.netns.clone(), false, app_stop.clone());
     let rss_before = rss_kib(victim);
     let request = move || Request::builder().method(Method::CONNECT).uri(authority.as_str()).body(()).unwrap();
     let body = Bytes::from(vec![0x5a; PER_STREAM]);
@@ -103,38 +113,6 @@ fn a_peer_that_fills_its_windows_and_never_reads_cannot_grow_the_agent_past_its_
         "the agent grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
     );
     assert!(topo.is_running("agent-node2"), "{}", topo.log("agent-node2"));
-}
-
-/// The writing app's port: it accepts and writes to every connection as fast as it drains.
-const WRITING_PORT: u16 = 9101;
-
-/// Accepts on `WRITING_PORT` in `netns` and writes to every connection whenever it has room,
-/// until `stop`.
-fn writing_app(netns: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    use std::io::Write;
-    let (ready_tx, ready) = std::sync::mpsc::channel();
-    let app = std::thread::spawn(move || {
-        in_netns(&netns, || {
-            let listener = std::net::TcpListener::bind(("0.0.0.0", WRITING_PORT)).expect("bind the writing app");
-            listener.set_nonblocking(true).unwrap();
-            ready_tx.send(()).unwrap();
-            let chunk = vec![0x5a; 64 * 1024];
-            let mut held = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                while let Ok((stream, _)) = listener.accept() {
-                    stream.set_nonblocking(true).unwrap();
-                    held.push(stream);
-                }
-                for mut stream in &held {
-                    while stream.write(&chunk).is_ok_and(|n| n > 0) {}
-                }
-                // An idle server's poll, not a test's wait.
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    });
-    ready.recv_timeout(Duration::from_secs(10)).expect("the writing app listens");
-    app
 }
 
 /// A transport whose reads stop for good once `paused` is set: the peer stops taking what it
@@ -196,7 +174,7 @@ fn a_peer_that_asks_for_data_and_never_reads_it_cannot_grow_the_agent_past_its_b
     let to = SocketAddr::from((c.ip, 15008));
     let authority = format!("{}:{WRITING_PORT}", c.ip);
     let app_stop = Arc::new(AtomicBool::new(false));
-    let app = writing_app(c.netns.clone(), app_stop.clone());
+    let app = victim_app(c.netns.clone(), true, app_stop.clone());
     let rss_before = rss_kib(victim);
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let (opened_tx, opened) = std::sync::mpsc::channel::<usize>();
@@ -289,7 +267,7 @@ fn a_pod_that_never_reads_its_downloads_cannot_grow_its_agent_past_the_budget() 
     let (a, b, c) = (topo.pod("shop", "a"), topo.pod("shop", "b"), topo.pod("shop", "c"));
     let agents = [topo.pid("agent-node1").expect("node 1's agent"), topo.pid("agent-node2").expect("node 2's agent")];
     let app_stop = Arc::new(AtomicBool::new(false));
-    let app = writing_app(c.netns.clone(), app_stop.clone());
+    let app = victim_app(c.netns.clone(), true, app_stop.clone());
     let rss_before = agents.map(rss_kib);
     let to = SocketAddr::from((c.ip, WRITING_PORT));
     let (stop, stopped) = std::sync::mpsc::channel::<()>();

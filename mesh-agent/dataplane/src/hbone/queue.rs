@@ -284,19 +284,16 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Metered<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferrymesh_testbed::h2raw::{self, kind::SETTINGS, PREFACE};
 
     fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = (payload.len() as u32).to_be_bytes();
-        let mut bytes = vec![len[1], len[2], len[3], kind, 0];
-        bytes.extend_from_slice(&stream.to_be_bytes());
-        bytes.extend_from_slice(payload);
-        bytes
+        h2raw::frame(kind, 0, stream, payload)
     }
 
     #[test]
     fn frames_are_read_in_any_pieces_after_the_preface() {
-        let mut stream = vec![b'P'; CLIENT_PREFACE];
-        stream.extend(frame(0x4, 0, &[0; 6]));
+        let mut stream = PREFACE.to_vec();
+        stream.extend(frame(SETTINGS, 0, &[0; 6]));
         stream.extend(frame(DATA, 3, &[7; 10]));
         stream.extend(frame(RST_STREAM, 5, &[0, 0, 0, 8]));
         stream.extend(frame(DATA, 7, &[]));
@@ -310,7 +307,7 @@ mod tests {
                     Seen::Payload { .. } => {}
                 });
             }
-            assert_eq!(headers, [(0x4, 0), (DATA, 3), (RST_STREAM, 5), (DATA, 7)], "pieces of {piece}");
+            assert_eq!(headers, [(SETTINGS, 0), (DATA, 3), (RST_STREAM, 5), (DATA, 7)], "pieces of {piece}");
             assert_eq!(data, HashMap::from([(3, 10)]), "pieces of {piece}");
         }
     }
@@ -337,7 +334,7 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), Some(40), "the room stream 1's 40 bytes gave back");
         assert_eq!(queue.queued(), 100);
         // The peer resets stream 1: h2 drops its other 40 bytes, and they are free again.
-        let mut incoming = vec![b'P'; CLIENT_PREFACE];
+        let mut incoming = PREFACE.to_vec();
         incoming.extend(frame(RST_STREAM, 1, &[0, 0, 0, 8]));
         tokio::io::AsyncWriteExt::write_all(&mut server, &incoming).await.unwrap();
         let mut read = [0; 64];
