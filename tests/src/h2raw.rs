@@ -133,6 +133,17 @@ pub fn parse_frames(mut bytes: &[u8]) -> Vec<Frame> {
     out
 }
 
+/// The value of setting `id` in the first SETTINGS frame (not an ACK) among `frames`, if it
+/// has it.
+pub fn setting(frames: &[Frame], id: u16) -> Option<u32> {
+    let settings = frames.iter().find(|f| f.kind == kind::SETTINGS && f.flags & flag::END_STREAM == 0)?;
+    settings
+        .payload
+        .chunks_exact(6)
+        .find(|p| u16::from_be_bytes([p[0], p[1]]) == id)
+        .map(|p| u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+}
+
 /// The error code of the first GOAWAY among `frames`, if any.
 pub fn goaway_code(frames: &[Frame]) -> Option<u32> {
     frames
@@ -158,6 +169,9 @@ mod tests {
         hpack_int(&mut out, 0, 5, 1337);
         assert_eq!(out, [31, 154, 10]);
         assert!(parse_frames(&bytes[..bytes.len() - 1]).len() == 2, "an incomplete frame is left out");
+        let advertised = frame(kind::SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100, 0, 5, 0, 1, 0, 0]);
+        let frames = parse_frames(&[settings(true), advertised].concat());
+        assert_eq!((setting(&frames, 5), setting(&frames, 3), setting(&frames, 4)), (Some(65_536), Some(100), None));
         let goaway = frame(kind::GOAWAY, 0, 0, &[0, 0, 0, 0, 0, 0, 0, 0xb]);
         assert_eq!(goaway_code(&parse_frames(&goaway)), Some(code::ENHANCE_YOUR_CALM));
     }

@@ -2,7 +2,7 @@
 //! reach and fill each connection's receive window without ever reading the answers: the
 //! agent holds what it took until the app reads it, and an echo app stops reading once its
 //! answers back up. With 16 MiB a connection and 512 connections a source, one peer could make
-//! a node's agent hold gigabytes (its memory limit is 512 MiB: every pod of the node closed
+//! a node's agent hold gigabytes (its memory limit was 512 MiB: every pod of the node closed
 //! while it restarts). The agent's windows now come out of a node-wide budget. The victim app
 //! here accepts and never reads, so what the peer sends stays with the agent.
 
@@ -306,4 +306,82 @@ fn a_pod_that_never_reads_its_downloads_cannot_grow_its_agent_past_the_budget() 
         peak < before + DOWNLOADS_RSS_BOUND_KIB,
         "the downloading pod's agent grew from {before} to {peak} KiB (bound: {DOWNLOADS_RSS_BOUND_KIB} KiB more)"
     );
+}
+
+/// Connections the frame-holding peer opens (its source's cap is 512).
+const FRAME_CONNECTIONS: usize = 400;
+
+/// H5 below the windows: HTTP/2 reads a whole frame before it looks at it, and the window only
+/// counts the DATA a frame carries. A peer that sends all of a frame as large as the agent says
+/// it takes (SETTINGS_MAX_FRAME_SIZE) but its last byte has the agent hold that much per
+/// connection: 1 MiB a frame made 400 connections of one peer cost 440 MB.
+#[test]
+fn a_peer_that_sends_all_but_the_last_byte_of_large_frames_cannot_grow_the_agent_past_its_budget() {
+    use ferrymesh_testbed::h2raw::{flag, frame, kind, parse_frames, setting, settings, PREFACE};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (topo, config) = hostile_peer_scene();
+    let (a, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    let victim = topo.pid("agent-node2").expect("node 2's agent");
+    let to = SocketAddr::from((c.ip, 15008));
+    let rss_before = rss_kib(victim);
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (sent_tx, sent) = std::sync::mpsc::channel::<(usize, usize)>();
+    let peak = std::thread::scope(|scope| {
+        let x_netns = x.netns.clone();
+        let peer = scope.spawn(move || {
+            in_netns(&x_netns, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async move {
+                    let (mut held, mut largest) = (Vec::new(), 0);
+                    for _ in 0..FRAME_CONNECTIONS {
+                        let Ok(mut tls) = ferrymesh_testbed::mesh_client::connect(config.clone(), to).await else {
+                            continue;
+                        };
+                        let _ = tls.write_all(&[PREFACE, &settings(false)].concat()).await;
+                        // The agent's SETTINGS say how large a frame it takes (16 KiB if unsaid).
+                        let mut answer = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        let said = tokio::time::timeout(Duration::from_secs(5), async {
+                            while let Ok(n @ 1..) = tls.read(&mut buf).await {
+                                answer.extend_from_slice(&buf[..n]);
+                                let frames = parse_frames(&answer);
+                                if frames.iter().any(|f| f.kind == kind::SETTINGS) {
+                                    return setting(&frames, 5).unwrap_or(16_384) as usize;
+                                }
+                            }
+                            0
+                        });
+                        let Ok(size @ 1..) = said.await else { continue };
+                        largest = largest.max(size);
+                        let mut almost = frame(kind::HEADERS, flag::END_HEADERS, 1, &vec![0; size]);
+                        almost.pop();
+                        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), tls.write_all(&almost)).await {
+                            held.push(tls);
+                        }
+                    }
+                    sent_tx.send((held.len(), largest)).unwrap();
+                    let _ = tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(120))).await;
+                    drop(held);
+                });
+            })
+        });
+        let (sent, largest) = sent.recv_timeout(Duration::from_secs(90)).expect("the peer sent its frames");
+        let [peak] = settled_peaks([victim]);
+        let rr = topo.output_in(
+            &a.netns,
+            bin("fm-peer"),
+            &["rr", "--to", &format!("{}:{ECHO_PORT}", c.ip), "--count", "200"],
+        );
+        assert!(rr.status.success(), "the neighbour's round trips: {}", String::from_utf8_lossy(&rr.stderr));
+        let _ = stop.send(());
+        peer.join().unwrap();
+        println!("victim agent RSS {rss_before} KiB before, peak {peak} KiB with {sent} frames of {largest} bytes all but sent");
+        assert_eq!(sent, FRAME_CONNECTIONS, "connections that sent all but the last byte of a frame");
+        peak
+    });
+    assert!(
+        peak < rss_before + RSS_GROWTH_BOUND_KIB,
+        "the agent grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
+    );
+    assert!(topo.is_running("agent-node2"), "{}", topo.log("agent-node2"));
 }

@@ -30,8 +30,11 @@ pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// HTTP/2 connection window of a connection (client or server) the budget granted it
 /// ([`budget`]); the others keep the base window.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-/// HTTP/2 max frame size.
-pub const MAX_FRAME: u32 = 1024 * 1024;
+/// HTTP/2 max frame size, what this side takes. HTTP/2 reads a whole frame before it looks at it
+/// (flow control counts only the DATA in it), so each connection may hold one this large of a
+/// peer that never sends the frame's last byte: part of what a connection costs (docs/SECURITY.md).
+/// It was 1 MiB: 400 connections of one peer made an agent hold 440 MB.
+pub const MAX_FRAME: u32 = 64 * 1024;
 /// Streams per HTTP/2 connection.
 pub const MAX_STREAMS: u32 = 100;
 /// Largest header block a client may send: a CONNECT carries a handful of short headers.
