@@ -138,9 +138,11 @@ impl WaypointDeploy {
                 ],
                 // 15008 is bound once the waypoint has its config and certificate.
                 "readinessProbe": {"tcpSocket": {"port": mesh_common::HBONE_PORT}, "periodSeconds": 2},
+                // What its clients can make it hold at its default caps fits in the limit
+                // (docs/SECURITY.md, "The waypoint's budget").
                 "resources": {
                     "requests": {"cpu": "100m", "memory": "32Mi"},
-                    "limits": {"memory": "256Mi"},
+                    "limits": {"memory": "1Gi"},
                 },
                 "securityContext": {
                     "allowPrivilegeEscalation": false,

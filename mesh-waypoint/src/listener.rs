@@ -155,8 +155,51 @@ impl Downstream {
 
 /// hyper's HTTP/1 buffer for one tunnel, each way (its default is about 400 KiB): a request head
 /// up to the mesh's 64 KiB header limit fits, and pipelined requests past it wait in the tunnel's
-/// window rather than in the waypoint.
-const HTTP1_BUFFER: usize = 72 * 1024;
+/// window rather than in the waypoint. The upstream HTTP/1.1 connections have the same.
+pub const HTTP1_BUFFER: usize = 72 * 1024;
+
+/// HTTP/2 spoken inside a tunnel (hyper's defaults in brackets): what a client may send before
+/// the waypoint has forwarded it, per stream and per tunnel (1 MiB, 1 MiB), and what the waypoint
+/// queues of each answer for a client that does not read it (400 KiB a stream). Streams per
+/// tunnel are 100, as on HBONE (200); the requests in flight are capped anyway
+/// (`--max-requests-per-source`, `--max-requests`).
+pub mod inner_http2 {
+    /// Receive window of one stream.
+    pub const STREAM_WINDOW: u32 = 64 * 1024;
+    /// Receive window of one tunnel's HTTP/2 connection.
+    pub const CONNECTION_WINDOW: u32 = 128 * 1024;
+    /// Bytes of one answer queued for the client at most.
+    pub const SEND_BUFFER: usize = 64 * 1024;
+    /// Concurrent streams of one tunnel.
+    pub const STREAMS: u32 = 100;
+}
+
+/// What clients can make the waypoint hold at most, in bytes, at `limits` and a window budget
+/// of `windows` (docs/SECURITY.md, "The waypoint's budget"):
+/// - each HBONE connection: its base receive window, a frame being read, the buffers under TLS
+///   and its send queue;
+/// - each tunnel: hyper's HTTP/1 buffers each way, or its HTTP/2 connection window and a frame
+///   each way;
+/// - each request in flight: its answer queued for the client, its body kept for a retry, and
+///   its upstream HTTP/1.1 connection's buffers (or its HTTP/2 stream's send buffer and window).
+pub fn memory_bound(limits: &Limits, windows: usize) -> usize {
+    use ferrymesh_dataplane::hbone::{budget, queue, MAX_FRAME, TLS_READ_BUFFER, TLS_WRITE_BUFFER};
+    /// hyper's HTTP/2 frame size inside a tunnel (HTTP/2's default, 16 KiB) and its header.
+    const INNER_FRAME: usize = 16 * 1024 + 9;
+    let connection = budget::BASE_CONNECTION_WINDOW as usize
+        + MAX_FRAME as usize
+        + TLS_READ_BUFFER
+        + TLS_WRITE_BUFFER
+        + queue::CONNECTION_QUEUE;
+    let tunnel = (2 * HTTP1_BUFFER).max(inner_http2::CONNECTION_WINDOW as usize + 2 * INNER_FRAME);
+    let (stream_window, _, send_buffer) = crate::upstream::UPSTREAM_HTTP2;
+    let upstream = (2 * HTTP1_BUFFER).max(stream_window as usize + send_buffer);
+    let request = inner_http2::SEND_BUFFER + crate::upstream::REPLAY_LIMIT + upstream;
+    windows
+        + limits.connections as usize * connection
+        + limits.streams as usize * tunnel
+        + limits.requests as usize * request
+}
 
 /// Accepts HBONE connections until the task is aborted.
 pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, waypoint: Arc<Waypoint>) {
@@ -314,5 +357,11 @@ where
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().max_buf_size(HTTP1_BUFFER);
+    builder
+        .http2()
+        .initial_stream_window_size(inner_http2::STREAM_WINDOW)
+        .initial_connection_window_size(inner_http2::CONNECTION_WINDOW)
+        .max_send_buf_size(inner_http2::SEND_BUFFER)
+        .max_concurrent_streams(inner_http2::STREAMS);
     builder.serve_connection_with_upgrades(TokioIo::new(io), service).await
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use ferrymesh_dataplane::identity::{Identity, IdentityManager, TokenFile};
+use ferrymesh_dataplane::limits::Limits;
 use ferrymesh_dataplane::{config_client, ctrl, flows, state, tls};
 use ferrymesh_policy::path::{EscapedSlashes, PathNormalization, PathRules};
 use tokio::signal::unix::{signal, SignalKind};
@@ -67,9 +68,19 @@ struct Args {
     /// hold has it fetched again at once.
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     jwks_refresh: Duration,
-    /// Caps on what inbound peers may hold open.
+    /// Caps on what inbound peers may hold open (the waypoint's defaults are lower than the
+    /// agent's: see `WAYPOINT_DEFAULTS`).
     #[command(flatten)]
     limits: ferrymesh_dataplane::limits::LimitFlags,
+    /// HTTP requests one source address may have in flight, each from its head to the end of
+    /// its answer (HTTP/2 streams inside a tunnel, or one HTTP/1.1 request after another): past
+    /// it a request gets 503.
+    #[arg(long, default_value_t = Limits::default().requests_per_source)]
+    max_requests_per_source: u32,
+    /// HTTP requests all sources may have in flight: with the connection and stream caps, what
+    /// bounds the memory clients can make the waypoint hold.
+    #[arg(long, default_value_t = Limits::default().requests)]
+    max_requests: u32,
     /// Bytes of HBONE receive window the waypoint's connections may hold beyond 64 KiB each: a
     /// connection gets the full 16 MiB window while this has room, else keeps 64 KiB.
     #[arg(long, default_value_t = ferrymesh_dataplane::hbone::budget::DEFAULT_WINDOW_BUDGET)]
@@ -104,6 +115,40 @@ struct Args {
     path_escaped_slashes: Option<EscapedSlashes>,
 }
 
+/// The waypoint's defaults for the agent's listener caps: a waypoint holds more per tunnel than
+/// an agent per stream (its HTTP buffers, its requests' upstream connections), so it takes fewer
+/// tunnels and connections, and they add up inside its 1 GiB memory limit (docs/SECURITY.md).
+const WAYPOINT_DEFAULTS: [(&str, &str); 5] = [
+    ("max_connections_per_source", "256"),
+    ("max_connections", "512"),
+    ("max_connections_per_pod", "512"),
+    ("max_streams", "1024"),
+    ("max_streams_per_source", "512"),
+];
+
+/// `args` parsed, with the waypoint's defaults for the shared caps.
+fn parse_args<I: IntoIterator<Item = T>, T: Into<std::ffi::OsString> + Clone>(args: I) -> Result<Args, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let command = WAYPOINT_DEFAULTS
+        .iter()
+        .fold(Args::command(), |command, (id, default)| command.mut_arg(*id, |arg| arg.default_value(*default)));
+    Args::from_arg_matches(&command.try_get_matches_from(args)?)
+}
+
+/// The memory limit of the waypoint's container (mesh-ctrl's Deployment of it).
+const MEMORY_LIMIT: usize = 1 << 30;
+
+impl Args {
+    /// The caps on clients.
+    fn limits(&self) -> Limits {
+        Limits {
+            requests_per_source: self.max_requests_per_source,
+            requests: self.max_requests,
+            ..(&self.limits).into()
+        }
+    }
+}
+
 fn path_normalization(text: &str) -> Result<PathNormalization, String> {
     PathNormalization::parse(text)
         .ok_or_else(|| format!("{text:?} is not NONE, BASE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES"))
@@ -130,7 +175,7 @@ fn start(reexec: std::io::Result<()>) -> anyhow::Result<()> {
     if let Err(e) = reexec {
         tracing::warn!("cannot restart with glibc's vector memcpy ({e}): large copies may be slow on AMD CPUs");
     }
-    let args = Args::parse();
+    let args = parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit());
     anyhow::ensure!(args.worker_threads > 0, "--worker-threads must be at least 1");
     let runtime = match args.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
@@ -206,13 +251,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             escaped_slashes: args.path_escaped_slashes.unwrap_or(args.path_normalization.default_escaped_slashes()),
         },
         windows,
-        limits: (&args.limits).into(),
+        limits: args.limits(),
         load: Arc::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let bound = listener::memory_bound(&waypoint.limits, args.hbone_window_budget) >> 20;
     tracing::info!(waypoint = %waypoint.key, listen = %args.listen, paths = %waypoint.paths, "mesh-waypoint serving");
+    tracing::info!("at its caps, clients can make this waypoint hold up to {bound} MiB (docs/SECURITY.md)");
+    if bound << 20 > MEMORY_LIMIT {
+        tracing::warn!("that is over the 1 GiB its Deployment allows: raise the memory limit with the caps");
+    }
     let serving = tokio::spawn(listener::serve(listener, tls, waypoint.clone()));
     let flushing = waypoint.clone();
     tokio::spawn(async move { flushing.log.flush_periodically().await });
@@ -226,4 +276,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     waypoint.log.flush();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQUIRED: [&str; 11] = [
+        "mesh-waypoint",
+        "--namespace",
+        "shop",
+        "--name",
+        "waypoint",
+        "--node-name",
+        "node-1",
+        "--pod-ip",
+        "10.0.2.9",
+        "--token-file",
+        "/token",
+    ];
+
+    #[test]
+    fn the_waypoint_has_its_own_defaults_for_the_shared_caps_and_flags_override_them() {
+        let limits = parse_args(REQUIRED).unwrap().limits();
+        assert_eq!((limits.connections, limits.connections_per_source), (512, 256));
+        assert_eq!((limits.streams, limits.streams_per_source), (1024, 512));
+        assert_eq!((limits.requests, limits.requests_per_source), (1024, 256));
+        let flags = [&REQUIRED[..], &["--max-streams", "64", "--max-requests", "8"]].concat();
+        let limits = parse_args(flags).unwrap().limits();
+        assert_eq!((limits.streams, limits.requests), (64, 8));
+    }
+
+    #[test]
+    fn what_clients_can_make_it_hold_at_its_defaults_fits_in_its_memory_limit() {
+        let args = parse_args(REQUIRED).unwrap();
+        let bound = listener::memory_bound(&args.limits(), args.hbone_window_budget);
+        // Room for the rest of the waypoint: some 15 MiB idle, its config and upstream pools.
+        assert!(bound + (64 << 20) <= MEMORY_LIMIT, "{} MiB at the default caps", bound >> 20);
+    }
 }

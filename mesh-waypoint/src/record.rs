@@ -280,9 +280,11 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
     ferrymesh_dataplane::hbone::budget::describe_metrics();
     metrics::describe_counter!(
         "ferrymesh_inbound_refused_total",
-        "HBONE connections and streams refused by a limit of the waypoint's 15008 (label limit)."
+        "HBONE connections and streams, and HTTP requests, refused by a limit of the waypoint (label limit)."
     );
-    for limit in ferrymesh_dataplane::limits::Limit::INBOUND {
+    for limit in
+        ferrymesh_dataplane::limits::Limit::INBOUND.into_iter().chain(ferrymesh_dataplane::limits::Limit::REQUESTS)
+    {
         metrics::counter!("ferrymesh_inbound_refused_total", "limit" => limit.name()).absolute(0);
     }
     metrics::describe_histogram!(
@@ -295,24 +297,28 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
 
 /// A response body that finishes its request's record when it ends, or is dropped (the client
 /// left): the log line and the metrics then cover the whole response, and a gRPC status sent in
-/// the trailers is recorded.
+/// the trailers is recorded. The request's place among those in flight (`--max-requests`) is
+/// freed then too.
 pub struct Recorded {
     body: crate::request::Body,
     record: Option<Box<Record>>,
     waypoint: std::sync::Arc<crate::listener::Waypoint>,
+    place: Option<ferrymesh_dataplane::limits::Held>,
 }
 
 impl Recorded {
-    /// `body`, finishing `record` at its end.
+    /// `body`, finishing `record` and freeing `place` at its end.
     pub fn new(
         body: crate::request::Body,
         record: Record,
         waypoint: std::sync::Arc<crate::listener::Waypoint>,
+        place: Option<ferrymesh_dataplane::limits::Held>,
     ) -> Self {
-        Self { body, record: Some(Box::new(record)), waypoint }
+        Self { body, record: Some(Box::new(record)), waypoint, place }
     }
 
     fn finish(&mut self) {
+        self.place = None;
         if let Some(record) = self.record.take() {
             self.waypoint.log.write_with(|| record.to_line());
             record.count(&self.waypoint.state, &self.waypoint.trust_domain);

@@ -94,12 +94,22 @@ impl RouteTables {
     }
 }
 
-/// Serves one request from `down`, recorded when its response ends.
+/// Serves one request from `down`, recorded when its response ends. It holds a place among the
+/// requests in flight from its source and in all until then: past either cap it gets 503 (flag
+/// OM, as Envoy's overload manager answers), so the buffers of what a client asks for and does
+/// not read add up to a bound (docs/SECURITY.md).
 pub async fn handle(waypoint: &Arc<Waypoint>, down: &Downstream, request: Request<Incoming>) -> Response<Body> {
     let mut record = Record::start(&waypoint.key, down, &request);
-    let response = route(waypoint, down, request, &mut record).await;
+    let (response, place) = match waypoint.load.request(&waypoint.limits, down.addr.ip()) {
+        Ok(place) => (route(waypoint, down, request, &mut record).await, Some(place)),
+        Err(refusal) => {
+            refusal.limit().count();
+            tracing::info!(client = %down.addr, "{refusal}");
+            (local_reply(&mut record, StatusCode::SERVICE_UNAVAILABLE, "OM", refusal.to_string()), None)
+        }
+    };
     record.answered(&response);
-    response.map(|body| Recorded::new(body, record, waypoint.clone()).boxed_unsync())
+    response.map(|body| Recorded::new(body, record, waypoint.clone(), place).boxed_unsync())
 }
 
 /// An answer of the waypoint's own, with its flag and reason on the record.

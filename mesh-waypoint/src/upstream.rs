@@ -54,6 +54,10 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an idle HTTP/1.1 connection is kept for reuse.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// An endpoint's multiplexed HTTP/2 connection (hyper's defaults in brackets): its receive
+/// windows per stream and in all (2 MiB, 5 MiB), what an answer its client has not read yet
+/// waits in, and the bytes of a request body queued for the endpoint at most (1 MiB a stream).
+pub const UPSTREAM_HTTP2: (u32, u32, usize) = (64 * 1024, 1024 * 1024, 64 * 1024);
 
 /// A request ready to forward: its head (hop-by-hop headers gone), body, and the authority and
 /// path it goes with after the filters.
@@ -358,6 +362,7 @@ impl Upstream {
         let tunnels = Arc::new(Tunnels { state, identities, identity, hbone, pod_ip });
         let h1 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
+            .http1_max_buf_size(crate::listener::HTTP1_BUFFER)
             .set_host(false)
             .build(Connector(tunnels.clone()));
         Self {
@@ -656,6 +661,9 @@ impl Upstream {
                 let connect = |error: String| UpstreamError::Connect { endpoint, error };
                 let io = self.tunnels.open(endpoint).await.map_err(|e| connect(e.to_string()))?;
                 let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .initial_stream_window_size(UPSTREAM_HTTP2.0)
+                    .initial_connection_window_size(UPSTREAM_HTTP2.1)
+                    .max_send_buf_size(UPSTREAM_HTTP2.2)
                     .handshake(TokioIo::new(io))
                     .await
                     .map_err(|e| connect(e.to_string()))?;

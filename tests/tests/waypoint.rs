@@ -1230,6 +1230,50 @@ fn local_rate_limits_answer_429_with_retry_after_per_rule_and_per_key() {
     assert_eq!(user("carol"), [200, 200, 200, 200, 200, 429, 429, 429]);
 }
 
+/// The waypoint's cap on one source's requests in flight (`--max-requests-per-source`, what keeps
+/// a client from making it hold the buffers of every request it can open): past it a request is
+/// answered 503 at once, naming the flag; another client is served meanwhile, and the source again
+/// once its requests have ended.
+#[test]
+fn requests_past_a_sources_cap_in_flight_get_503_while_other_clients_are_served() {
+    let spec = TopologySpec::nodes(2)
+        .pod("shop", "a", 1)
+        .pod("shop", "b", 1)
+        .pod("shop", "web-1", 1)
+        .pod("shop", "waypoint", 2);
+    let topo = bound_shop(&spec, &[("web-1", "web")]);
+    topo.write_service("shop", "web", WEB, &[("app", "web")], &[("http", 80, &ECHO_HTTP_PORT.to_string())]);
+    topo.start_mesh();
+    topo.wait_enrolled(1, &["shop/a", "shop/b", "shop/web-1"], Duration::from_secs(10));
+    topo.start_waypoint_replica(topo.pod("shop", "waypoint"), "waypoint", &["--max-requests-per-source", "2"]);
+    topo.serve_echo(topo.pod("shop", "web-1"));
+    let (a, b) = (topo.pod("shop", "a"), topo.pod("shop", "b"));
+    let url = format!("http://{WEB}/");
+    wait_until(CONFIG_WAIT, "requests through the waypoint", || topo.http(a, &url, &[]).status == 200);
+    std::thread::scope(|scope| {
+        // Two requests of a that the backend answers 8 s late: a's cap, in flight.
+        let held: Vec<_> =
+            (0..2).map(|_| scope.spawn(|| topo.http(a, &url, &["-H", "x-echo-delay-ms: 8000"]))).collect();
+        let mut refused = None;
+        wait_until(Duration::from_secs(6), "a's third request to be refused", || {
+            let answer = topo.http(a, &url, &[]);
+            let past = answer.status == 503;
+            refused = Some(answer).filter(|_| past);
+            past
+        });
+        let refused = refused.unwrap();
+        assert!(refused.body.contains("(--max-requests-per-source)"), "{refused:?}");
+        let other = topo.http(b, &url, &[]);
+        assert_eq!(other.status, 200, "b, another source, meanwhile: {other:?}");
+        for request in held {
+            let answer = request.join().unwrap();
+            assert_eq!(answer.status, 200, "a request in flight: {answer:?}");
+        }
+    });
+    let again = topo.http(a, &url, &[]);
+    assert_eq!(again.status, 200, "a once its requests ended: {again:?}");
+}
+
 /// A global limit of a TrafficPolicy on Service web: `requests` an hour per x-user, counted by
 /// the rate-limit service.
 fn global_limit_policy(requests: &str, extra: &str) -> String {

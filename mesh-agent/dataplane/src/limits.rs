@@ -36,6 +36,11 @@ pub struct Limits {
     pub outbound_per_pod: u32,
     /// Concurrent outbound connections of all the node's pods.
     pub outbound: u32,
+    /// HTTP requests in flight at the waypoint from one source address, each from its head to
+    /// the end of its answer (the waypoint only).
+    pub requests_per_source: u32,
+    /// HTTP requests in flight at the waypoint from all sources (the waypoint only).
+    pub requests: u32,
 }
 
 impl Default for Limits {
@@ -51,6 +56,8 @@ impl Default for Limits {
             streams: 32768,
             outbound_per_pod: 4096,
             outbound: 32768,
+            requests_per_source: 256,
+            requests: 1024,
         }
     }
 }
@@ -125,6 +132,10 @@ pub enum Limit {
     OutboundConnectionsPerPod,
     /// `--max-outbound-connections`
     OutboundConnections,
+    /// `--max-requests-per-source` (the waypoint)
+    RequestsPerSource,
+    /// `--max-requests` (the waypoint)
+    Requests,
     /// The HTTP/2 server's own protections (rapid reset, oversized header blocks, malformed
     /// frames): the connection was closed with a GOAWAY.
     Http2Protocol,
@@ -144,6 +155,8 @@ impl Limit {
             Limit::Streams => "streams",
             Limit::OutboundConnectionsPerPod => "outbound_connections_per_pod",
             Limit::OutboundConnections => "outbound_connections",
+            Limit::RequestsPerSource => "requests_per_source",
+            Limit::Requests => "requests",
             Limit::Http2Protocol => "http2_protocol",
         }
     }
@@ -159,6 +172,9 @@ impl Limit {
 
     /// The limits of 15001 (the agent only), for registering their metric at zero.
     pub const OUTBOUND: [Limit; 2] = [Limit::OutboundConnectionsPerPod, Limit::OutboundConnections];
+
+    /// The waypoint's limits on requests in flight, for registering their metric at zero.
+    pub const REQUESTS: [Limit; 2] = [Limit::RequestsPerSource, Limit::Requests];
 
     /// The limits of the inbound listeners, for registering their metric at zero.
     pub const INBOUND: [Limit; 9] = [
@@ -203,6 +219,12 @@ pub enum Refusal {
     /// Too many TLS handshakes in progress.
     #[error("refused: {0} TLS handshakes already in progress (--max-handshakes)")]
     Handshakes(u32),
+    /// Too many requests in flight from one source.
+    #[error("refused: {0} requests already in flight from {1} (--max-requests-per-source)")]
+    SourceRequests(u32, IpAddr),
+    /// Too many requests in flight in all.
+    #[error("refused: {0} requests already in flight in all (--max-requests)")]
+    Requests(u32),
     /// Too many outbound connections of one pod.
     #[error("refused: {0} outbound connections already open from this pod (--max-outbound-connections-per-pod)")]
     OutboundPerPod(u32),
@@ -224,6 +246,8 @@ impl Refusal {
             Refusal::Handshakes(_) => Limit::Handshakes,
             Refusal::OutboundPerPod(_) => Limit::OutboundConnectionsPerPod,
             Refusal::Outbound(_) => Limit::OutboundConnections,
+            Refusal::SourceRequests(..) => Limit::RequestsPerSource,
+            Refusal::Requests(_) => Limit::Requests,
         }
     }
 }
@@ -235,6 +259,7 @@ enum Kind {
     Stream,
     Handshake,
     Outbound,
+    Request,
 }
 
 /// The counts of [`Load`], under one lock.
@@ -298,6 +323,12 @@ impl Load {
         self.take(Kind::Outbound, pod, pod, (u32::MAX, limits.outbound_per_pod, limits.outbound))
     }
 
+    /// Counts a new HTTP request from `source` at the waypoint, unless the source or all are at
+    /// their limit (held until the end of its answer).
+    pub fn request(self: &Arc<Self>, limits: &Limits, source: IpAddr) -> Result<Held, Refusal> {
+        self.take(Kind::Request, source, source, (limits.requests_per_source, u32::MAX, limits.requests))
+    }
+
     /// Counts a TLS handshake starting from `source` to pod `pod`, unless `limits.handshakes`
     /// are in progress (a source's handshakes are bounded by its connections).
     pub fn handshake(self: &Arc<Self>, limits: &Limits, source: IpAddr, pod: IpAddr) -> Result<Held, Refusal> {
@@ -318,6 +349,7 @@ impl Load {
         let refused = if from_source >= per_source {
             Some(match kind {
                 Kind::Stream => Refusal::SourceStreams(from_source, source),
+                Kind::Request => Refusal::SourceRequests(from_source, source),
                 _ => Refusal::SourceConnections(from_source, source),
             })
         } else if to_pod >= per_pod {
@@ -332,6 +364,7 @@ impl Load {
                 Kind::Stream => Refusal::Streams(all),
                 Kind::Handshake => Refusal::Handshakes(all),
                 Kind::Outbound => Refusal::Outbound(all),
+                Kind::Request => Refusal::Requests(all),
             })
         } else {
             None
@@ -444,5 +477,26 @@ mod tests {
         assert_eq!(load.outbound(&limits, b).unwrap_err().limit(), Limit::OutboundConnections);
         drop(a1);
         assert!(load.outbound(&limits, b).is_ok(), "a closed connection frees its place");
+    }
+
+    #[test]
+    fn requests_count_per_source_and_in_all_apart_from_streams() {
+        let limits = Limits { requests_per_source: 2, requests: 3, ..Limits::default() };
+        let load = Arc::new(Load::default());
+        let (a, b, me) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 1, 1]));
+        let _streams: Vec<Held> = (0..4).map(|_| load.stream(&limits, a, me).unwrap()).collect();
+        let a1 = load.request(&limits, a).unwrap();
+        let _a2 = load.request(&limits, a).unwrap();
+        let refused = load.request(&limits, a).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "refused: 2 requests already in flight from 10.0.0.1 (--max-requests-per-source)"
+        );
+        assert_eq!(refused.limit().name(), "requests_per_source");
+        let _b1 = load.request(&limits, b).unwrap();
+        let refused = load.request(&limits, b).unwrap_err();
+        assert_eq!(refused.to_string(), "refused: 3 requests already in flight in all (--max-requests)");
+        drop(a1);
+        assert!(load.request(&limits, b).is_ok(), "an ended request frees its place");
     }
 }

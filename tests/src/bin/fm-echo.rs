@@ -42,7 +42,8 @@ enum Command {
     /// Serve HTTP echo on `port` as pod `pod` of `namespace`; prints "ready" once listening.
     /// Request headers steer the answer: `x-echo-delay-ms: N` answers N ms late,
     /// `x-echo-status: S` with status S, `x-echo-fail-every: N` with a 503 for every Nth such
-    /// request this server sees, `x-echo-fail-pod: P` with a 500 when this server is pod P.
+    /// request this server sees, `x-echo-fail-pod: P` with a 500 when this server is pod P,
+    /// `x-echo-bytes: N` with N zero bytes (at most 1 MiB) in place of the echo.
     Serve {
         #[arg(long, default_value_t = 8081)]
         port: u16,
@@ -231,8 +232,8 @@ async fn answer(
     }
     let (parts, body) = request.into_parts();
     let body_bytes = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-    // Test knobs, by request header: answer late, answer a status, or fail every Nth request
-    // carrying the header with a 503 (counted by this server).
+    // Test knobs, by request header: answer late, answer a status, fail every Nth request
+    // carrying the header with a 503 (counted by this server), answer bytes.
     let knob = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if let Some(ms) = knob("x-echo-delay-ms") {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
@@ -246,6 +247,17 @@ async fn answer(
     }
     if parts.headers.get("x-echo-fail-pod").is_some_and(|p| p.as_bytes() == who.0.as_bytes()) {
         status = Some(StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    // `x-echo-bytes: N` answers N zero bytes (up to 1 MiB) instead of the echo: an answer large
+    // enough to back up toward a client that does not read it.
+    if let Some(n) = knob("x-echo-bytes") {
+        static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+        let n = usize::try_from(n).unwrap_or(ZEROS.len()).min(ZEROS.len());
+        let response = Response::builder()
+            .status(status.unwrap_or(StatusCode::OK))
+            .body(Full::new(Bytes::from_static(&ZEROS[..n])))
+            .expect("bytes response");
+        return Ok(response);
     }
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in &parts.headers {

@@ -6,6 +6,11 @@
 //! H5 at the waypoint: a meshed peer that sends requests on many tunnels and never reads the
 //! answers makes the waypoint hold what it sent, as far as its windows let it: those come out
 //! of the same budget as the agent's.
+//!
+//! And with HTTP/2 spoken inside the tunnels, many requests on each: hyper queued up to 400 KiB
+//! of every answer its client did not read, and the requests in flight had no cap. They are now
+//! capped per source and in all, and every buffer they hold is sized, so the waypoint's memory
+//! at its caps is a sum (docs/SECURITY.md, "The waypoint's budget").
 
 use std::net::SocketAddr;
 
@@ -82,6 +87,74 @@ fn a_peer_that_sends_on_many_tunnels_and_never_reads_cannot_grow_the_waypoint_pa
         });
     println!("waypoint RSS {rss_before} KiB before, peak {peak} KiB under {streams} hostile streams");
     assert!(streams >= CONNECTIONS * STREAMS, "{streams} streams opened");
+    assert!(
+        peak < rss_before + RSS_GROWTH_BOUND_KIB,
+        "the waypoint grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
+    );
+    assert!(topo.is_running(&format!("waypoint-{}", waypoint.name)));
+}
+
+/// HTTP/2 inside the tunnels: connections, tunnels on each, requests on each tunnel (GETs of a
+/// 1 MiB answer, with the client's HTTP/2 windows as large as the protocol allows, so that only
+/// the waypoint's own limits hold the answers back). The growth allowed is the same 160 MiB: the
+/// window budget (64 MiB) and x's 256 requests in flight at 272 KiB each (68 MiB) are most of it.
+const H2_CONNECTIONS: usize = 4;
+const H2_TUNNELS: usize = 4;
+const H2_REQUESTS: u32 = 100;
+
+/// The client preface and requests of an HTTP/2 client that lets the server send as much as
+/// HTTP/2 allows (windows of 2^31 - 1) and asks `requests` times for a 1 MiB answer from web.
+fn greedy_http2_requests(requests: u32) -> Vec<u8> {
+    use ferrymesh_testbed::h2raw::{frame, headers, kind, PREFACE};
+    const MAX_WINDOW: u32 = (1 << 31) - 1;
+    let mut bytes = PREFACE.to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4); the connection window grows by WINDOW_UPDATE.
+    bytes.extend(frame(kind::SETTINGS, 0, 0, &[&0x4u16.to_be_bytes()[..], &MAX_WINDOW.to_be_bytes()].concat()));
+    bytes.extend(frame(kind::WINDOW_UPDATE, 0, 0, &(MAX_WINDOW - 65_535).to_be_bytes()));
+    for i in 0..requests {
+        let request = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "web"),
+            (":path", "/public/big"),
+            ("x-echo-bytes", "1048576"),
+        ];
+        bytes.extend(headers(1 + 2 * i, &request, true));
+    }
+    bytes
+}
+
+#[test]
+fn a_peer_that_asks_for_answers_over_http2_in_its_tunnels_and_never_reads_cannot_grow_the_waypoint_past_its_budget() {
+    let topo = tenants(|_| {});
+    let (a, x, waypoint) = (topo.pod("shop", "a"), topo.pod("legacy", "x"), topo.pod("shop", "waypoint"));
+    wait_until(CONFIG_WAIT * 2, "requests through the waypoint", || {
+        topo.http(a, &format!("http://{WEB}/before"), &[]).status == 200
+    });
+    let victim = topo.pid(&format!("waypoint-{}", waypoint.name)).expect("the waypoint");
+    let ca_dir = topo.ca_dir();
+    let read = |name: &str| std::fs::read_to_string(ca_dir.join(name)).expect("the mesh CA");
+    let cert = MeshCert::issue(&read("root-cert.pem"), &read("root-key.pem"), "spiffe://cluster.local/ns/legacy/sa/x");
+    let to = SocketAddr::from((waypoint.ip, 15008));
+    let request = || Request::builder().method(Method::CONNECT).uri(format!("{WEB}:80")).body(()).unwrap();
+    let body = Bytes::from(greedy_http2_requests(H2_REQUESTS));
+    let rss_before = rss_kib(victim);
+    let (tunnels, peak) = h2_flood(
+        &x.netns,
+        (cert.client_config(false), to),
+        (H2_CONNECTIONS, H2_TUNNELS),
+        request,
+        body,
+        victim,
+        || {
+            for i in 0..20 {
+                let answer = topo.http(a, &format!("http://{WEB}/during/{i}"), &[]);
+                assert_eq!(answer.status, 200, "a request during the flood: {answer:?}");
+            }
+        },
+    );
+    println!("waypoint RSS {rss_before} KiB before, peak {peak} KiB under {tunnels} tunnels of HTTP/2 requests");
+    assert!(tunnels >= H2_CONNECTIONS * H2_TUNNELS, "{tunnels} tunnels opened");
     assert!(
         peak < rss_before + RSS_GROWTH_BOUND_KIB,
         "the waypoint grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
