@@ -56,8 +56,12 @@ const PER_STREAM: usize = 4 << 20;
 /// room for the rest of a busy waypoint.
 const RSS_GROWTH_BOUND_KIB: u64 = 160 * 1024;
 
-#[test]
-fn a_peer_that_sends_on_many_tunnels_and_never_reads_cannot_grow_the_waypoint_past_its_budget() {
+/// x, with a mesh identity of its own (as any pod can get one), opens `connections` mTLS
+/// connections to shop's waypoint with `tunnels` CONNECTs to web:80 on each, as a source agent
+/// would, sends `body` on each tunnel and reads nothing, while a's requests through the waypoint
+/// must keep succeeding. Asserts the waypoint's RSS grew less than `RSS_GROWTH_BOUND_KIB`, and
+/// returns the tunnels opened.
+fn flood_the_waypoint(body: Bytes, (connections, tunnels): (usize, usize), what: &str) -> usize {
     let topo = tenants(|_| {});
     let (a, x, waypoint) = (topo.pod("shop", "a"), topo.pod("legacy", "x"), topo.pod("shop", "waypoint"));
     wait_until(CONFIG_WAIT * 2, "requests through the waypoint", || {
@@ -66,32 +70,36 @@ fn a_peer_that_sends_on_many_tunnels_and_never_reads_cannot_grow_the_waypoint_pa
     let victim = topo.pid(&format!("waypoint-{}", waypoint.name)).expect("the waypoint");
     let ca_dir = topo.ca_dir();
     let read = |name: &str| std::fs::read_to_string(ca_dir.join(name)).expect("the mesh CA");
-    // x holds a mesh identity of its own, as any pod can get one, and tunnels to web:80 as a
-    // source agent would.
     let cert = MeshCert::issue(&read("root-cert.pem"), &read("root-key.pem"), "spiffe://cluster.local/ns/legacy/sa/x");
     let to = SocketAddr::from((waypoint.ip, 15008));
     let request = || Request::builder().method(Method::CONNECT).uri(format!("{WEB}:80")).body(()).unwrap();
+    let rss_before = rss_kib(victim);
+    let (opened, peak) =
+        h2_flood(&x.netns, (cert.client_config(false), to), (connections, tunnels), request, body, victim, || {
+            for i in 0..20 {
+                let answer = topo.http(a, &format!("http://{WEB}/during/{i}"), &[]);
+                assert_eq!(answer.status, 200, "a request during the flood: {answer:?}");
+            }
+        });
+    println!("waypoint RSS {rss_before} KiB before, peak {peak} KiB under {opened} tunnels of {what}");
+    assert!(
+        peak < rss_before + RSS_GROWTH_BOUND_KIB,
+        "the waypoint grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
+    );
+    assert!(topo.is_running(&format!("waypoint-{}", waypoint.name)));
+    opened
+}
+
+#[test]
+fn a_peer_that_sends_on_many_tunnels_and_never_reads_cannot_grow_the_waypoint_past_its_budget() {
     let post = [
         format!("POST /public/flood HTTP/1.1\r\nhost: web\r\ncontent-length: {}\r\n\r\n", 64 << 10).into_bytes(),
         vec![0x5a; 64 << 10],
     ]
     .concat();
     let body = Bytes::from(post.repeat(PER_STREAM / post.len()));
-    let rss_before = rss_kib(victim);
-    let (streams, peak) =
-        h2_flood(&x.netns, (cert.client_config(false), to), (CONNECTIONS, STREAMS), request, body, victim, || {
-            for i in 0..20 {
-                let answer = topo.http(a, &format!("http://{WEB}/during/{i}"), &[]);
-                assert_eq!(answer.status, 200, "a request during the flood: {answer:?}");
-            }
-        });
-    println!("waypoint RSS {rss_before} KiB before, peak {peak} KiB under {streams} hostile streams");
-    assert!(streams >= CONNECTIONS * STREAMS, "{streams} streams opened");
-    assert!(
-        peak < rss_before + RSS_GROWTH_BOUND_KIB,
-        "the waypoint grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
-    );
-    assert!(topo.is_running(&format!("waypoint-{}", waypoint.name)));
+    let opened = flood_the_waypoint(body, (CONNECTIONS, STREAMS), "pipelined POSTs");
+    assert!(opened >= CONNECTIONS * STREAMS, "{opened} tunnels opened");
 }
 
 /// HTTP/2 inside the tunnels: connections, tunnels on each, requests on each tunnel (GETs of a
@@ -126,38 +134,7 @@ fn greedy_http2_requests(requests: u32) -> Vec<u8> {
 
 #[test]
 fn a_peer_that_asks_for_answers_over_http2_in_its_tunnels_and_never_reads_cannot_grow_the_waypoint_past_its_budget() {
-    let topo = tenants(|_| {});
-    let (a, x, waypoint) = (topo.pod("shop", "a"), topo.pod("legacy", "x"), topo.pod("shop", "waypoint"));
-    wait_until(CONFIG_WAIT * 2, "requests through the waypoint", || {
-        topo.http(a, &format!("http://{WEB}/before"), &[]).status == 200
-    });
-    let victim = topo.pid(&format!("waypoint-{}", waypoint.name)).expect("the waypoint");
-    let ca_dir = topo.ca_dir();
-    let read = |name: &str| std::fs::read_to_string(ca_dir.join(name)).expect("the mesh CA");
-    let cert = MeshCert::issue(&read("root-cert.pem"), &read("root-key.pem"), "spiffe://cluster.local/ns/legacy/sa/x");
-    let to = SocketAddr::from((waypoint.ip, 15008));
-    let request = || Request::builder().method(Method::CONNECT).uri(format!("{WEB}:80")).body(()).unwrap();
     let body = Bytes::from(greedy_http2_requests(H2_REQUESTS));
-    let rss_before = rss_kib(victim);
-    let (tunnels, peak) = h2_flood(
-        &x.netns,
-        (cert.client_config(false), to),
-        (H2_CONNECTIONS, H2_TUNNELS),
-        request,
-        body,
-        victim,
-        || {
-            for i in 0..20 {
-                let answer = topo.http(a, &format!("http://{WEB}/during/{i}"), &[]);
-                assert_eq!(answer.status, 200, "a request during the flood: {answer:?}");
-            }
-        },
-    );
-    println!("waypoint RSS {rss_before} KiB before, peak {peak} KiB under {tunnels} tunnels of HTTP/2 requests");
-    assert!(tunnels >= H2_CONNECTIONS * H2_TUNNELS, "{tunnels} tunnels opened");
-    assert!(
-        peak < rss_before + RSS_GROWTH_BOUND_KIB,
-        "the waypoint grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
-    );
-    assert!(topo.is_running(&format!("waypoint-{}", waypoint.name)));
+    let opened = flood_the_waypoint(body, (H2_CONNECTIONS, H2_TUNNELS), "HTTP/2 requests");
+    assert!(opened >= H2_CONNECTIONS * H2_TUNNELS, "{opened} tunnels opened");
 }

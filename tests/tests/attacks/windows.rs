@@ -157,6 +157,44 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Paused<T> {
     }
 }
 
+/// Runs `hold` in x's netns, on a runtime of its own: it opens what the attack holds and returns
+/// a figure to report with it. Everything stays open, unread, until node 2's agent's memory has
+/// settled and a's round trips to c's echo have succeeded meanwhile. The figure, and the agent's
+/// peak RSS.
+fn held_by_x<T: Send, H, Fut: std::future::Future<Output = (T, H)>>(
+    topo: &Topology,
+    hold: impl FnOnce() -> Fut + Send,
+) -> (T, u64) {
+    let (a, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    let victim = topo.pid("agent-node2").expect("node 2's agent");
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = std::sync::mpsc::channel::<T>();
+    std::thread::scope(|scope| {
+        let peer = scope.spawn(move || {
+            in_netns(&x.netns, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                runtime.block_on(async move {
+                    let (figure, held) = hold().await;
+                    held_tx.send(figure).unwrap();
+                    let _ = tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(120))).await;
+                    drop(held);
+                });
+            })
+        });
+        let figure = held.recv_timeout(Duration::from_secs(90)).expect("the attack opened what it holds");
+        let [peak] = settled_peaks([victim]);
+        let rr = topo.output_in(
+            &a.netns,
+            bin("fm-peer"),
+            &["rr", "--to", &format!("{}:{ECHO_PORT}", c.ip), "--count", "200"],
+        );
+        let _ = stop.send(());
+        peer.join().unwrap();
+        assert!(rr.status.success(), "the neighbour's round trips: {}", String::from_utf8_lossy(&rr.stderr));
+        (figure, peak)
+    })
+}
+
 /// Streams the hostile reader opens: 20 connections of 100 streams, about its source's cap of
 /// 2048.
 const READER_CONNECTIONS: usize = 20;
@@ -169,74 +207,50 @@ const READER_STREAMS: usize = 100;
 #[test]
 fn a_peer_that_asks_for_data_and_never_reads_it_cannot_grow_the_agent_past_its_budget() {
     let (topo, config) = hostile_peer_scene();
-    let (a, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    let c = topo.pod("shop", "c");
     let victim = topo.pid("agent-node2").expect("node 2's agent");
     let to = SocketAddr::from((c.ip, 15008));
     let authority = format!("{}:{WRITING_PORT}", c.ip);
     let app_stop = Arc::new(AtomicBool::new(false));
     let app = victim_app(c.netns.clone(), true, app_stop.clone());
     let rss_before = rss_kib(victim);
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let (opened_tx, opened) = std::sync::mpsc::channel::<usize>();
-    let peak = std::thread::scope(|scope| {
-        let x_netns = x.netns.clone();
-        let reader = scope.spawn(move || {
-            in_netns(&x_netns, move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                runtime.block_on(async move {
-                    let (mut held, mut senders) = (Vec::new(), Vec::new());
-                    let paused = Arc::new(AtomicBool::new(false));
-                    for _ in 0..READER_CONNECTIONS {
-                        let Ok(tls) = ferrymesh_testbed::mesh_client::connect(config.clone(), to).await else {
-                            continue;
-                        };
-                        let io = Paused { io: tls, paused: paused.clone() };
-                        let handshake = h2::client::Builder::new()
-                            .initial_window_size(1 << 30)
-                            .initial_connection_window_size(1 << 30)
-                            .handshake::<_, Bytes>(io)
-                            .await;
-                        let Ok((mut sender, connection)) = handshake else { continue };
-                        tokio::spawn(connection);
-                        for _ in 0..READER_STREAMS {
-                            let request =
-                                Request::builder().method(Method::CONNECT).uri(authority.as_str()).body(()).unwrap();
-                            let Ok((response, send)) = sender.send_request(request, false) else { break };
-                            held.push((response, send));
-                        }
-                        senders.push(sender);
-                    }
-                    let mut answered = Vec::new();
-                    for (response, send) in held {
-                        if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(10), response).await {
-                            answered.push((response, send));
-                        }
-                    }
-                    // From here on it takes nothing: what the agent sends stays with the agent.
-                    paused.store(true, Ordering::SeqCst);
-                    opened_tx.send(answered.len()).unwrap();
-                    let _ = tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(120))).await;
-                    drop((answered, senders));
-                });
-            })
-        });
-        let opened = opened.recv_timeout(Duration::from_secs(90)).expect("the reader opened its streams");
-        let [peak] = settled_peaks([victim]);
-        let rr = topo.output_in(
-            &a.netns,
-            bin("fm-peer"),
-            &["rr", "--to", &format!("{}:{ECHO_PORT}", c.ip), "--count", "200"],
-        );
-        assert!(rr.status.success(), "the neighbour's round trips: {}", String::from_utf8_lossy(&rr.stderr));
-        let _ = stop.send(());
-        reader.join().unwrap();
-        println!("victim agent RSS {rss_before} KiB before, peak {peak} KiB under {opened} streams read by nobody");
-        // Some may miss the answer's deadline on a busy machine; the flood is there.
-        assert!(opened >= READER_CONNECTIONS * READER_STREAMS * 9 / 10, "{opened} streams answered");
-        peak
+    let (opened, peak) = held_by_x(&topo, || async move {
+        let (mut held, mut senders) = (Vec::new(), Vec::new());
+        let paused = Arc::new(AtomicBool::new(false));
+        for _ in 0..READER_CONNECTIONS {
+            let Ok(tls) = ferrymesh_testbed::mesh_client::connect(config.clone(), to).await else {
+                continue;
+            };
+            let io = Paused { io: tls, paused: paused.clone() };
+            let handshake = h2::client::Builder::new()
+                .initial_window_size(1 << 30)
+                .initial_connection_window_size(1 << 30)
+                .handshake::<_, Bytes>(io)
+                .await;
+            let Ok((mut sender, connection)) = handshake else { continue };
+            tokio::spawn(connection);
+            for _ in 0..READER_STREAMS {
+                let request = Request::builder().method(Method::CONNECT).uri(authority.as_str()).body(()).unwrap();
+                let Ok((response, send)) = sender.send_request(request, false) else { break };
+                held.push((response, send));
+            }
+            senders.push(sender);
+        }
+        let mut answered = Vec::new();
+        for (response, send) in held {
+            if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(10), response).await {
+                answered.push((response, send));
+            }
+        }
+        // From here on it takes nothing: what the agent sends stays with the agent.
+        paused.store(true, Ordering::SeqCst);
+        (answered.len(), (answered, senders))
     });
+    println!("victim agent RSS {rss_before} KiB before, peak {peak} KiB under {opened} streams read by nobody");
     app_stop.store(true, Ordering::SeqCst);
     app.join().unwrap();
+    // Some may miss the answer's deadline on a busy machine; the flood is there.
+    assert!(opened >= READER_CONNECTIONS * READER_STREAMS * 9 / 10, "{opened} streams answered");
     assert!(
         peak < rss_before + RSS_GROWTH_BOUND_KIB,
         "the agent grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
@@ -320,65 +334,44 @@ fn a_peer_that_sends_all_but_the_last_byte_of_large_frames_cannot_grow_the_agent
     use ferrymesh_testbed::h2raw::{flag, frame, kind, parse_frames, setting, settings, PREFACE};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (topo, config) = hostile_peer_scene();
-    let (a, c, x) = (topo.pod("shop", "a"), topo.pod("shop", "c"), topo.pod("legacy", "x"));
+    let c = topo.pod("shop", "c");
     let victim = topo.pid("agent-node2").expect("node 2's agent");
     let to = SocketAddr::from((c.ip, 15008));
     let rss_before = rss_kib(victim);
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let (sent_tx, sent) = std::sync::mpsc::channel::<(usize, usize)>();
-    let peak = std::thread::scope(|scope| {
-        let x_netns = x.netns.clone();
-        let peer = scope.spawn(move || {
-            in_netns(&x_netns, move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                runtime.block_on(async move {
-                    let (mut held, mut largest) = (Vec::new(), 0);
-                    for _ in 0..FRAME_CONNECTIONS {
-                        let Ok(mut tls) = ferrymesh_testbed::mesh_client::connect(config.clone(), to).await else {
-                            continue;
-                        };
-                        let _ = tls.write_all(&[PREFACE, &settings(false)].concat()).await;
-                        // The agent's SETTINGS say how large a frame it takes (16 KiB if unsaid).
-                        let mut answer = Vec::new();
-                        let mut buf = [0u8; 4096];
-                        let said = tokio::time::timeout(Duration::from_secs(5), async {
-                            while let Ok(n @ 1..) = tls.read(&mut buf).await {
-                                answer.extend_from_slice(&buf[..n]);
-                                let frames = parse_frames(&answer);
-                                if frames.iter().any(|f| f.kind == kind::SETTINGS) {
-                                    return setting(&frames, 5).unwrap_or(16_384) as usize;
-                                }
-                            }
-                            0
-                        });
-                        let Ok(size @ 1..) = said.await else { continue };
-                        largest = largest.max(size);
-                        let mut almost = frame(kind::HEADERS, flag::END_HEADERS, 1, &vec![0; size]);
-                        almost.pop();
-                        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), tls.write_all(&almost)).await {
-                            held.push(tls);
-                        }
+    let ((sent, largest), peak) = held_by_x(&topo, || async move {
+        let (mut held, mut largest) = (Vec::new(), 0);
+        for _ in 0..FRAME_CONNECTIONS {
+            let Ok(mut tls) = ferrymesh_testbed::mesh_client::connect(config.clone(), to).await else {
+                continue;
+            };
+            let _ = tls.write_all(&[PREFACE, &settings(false)].concat()).await;
+            // The agent's SETTINGS say how large a frame it takes (16 KiB if unsaid).
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            let said = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Ok(n @ 1..) = tls.read(&mut buf).await {
+                    answer.extend_from_slice(&buf[..n]);
+                    let frames = parse_frames(&answer);
+                    if frames.iter().any(|f| f.kind == kind::SETTINGS) {
+                        return setting(&frames, 5).unwrap_or(16_384) as usize;
                     }
-                    sent_tx.send((held.len(), largest)).unwrap();
-                    let _ = tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(120))).await;
-                    drop(held);
-                });
-            })
-        });
-        let (sent, largest) = sent.recv_timeout(Duration::from_secs(90)).expect("the peer sent its frames");
-        let [peak] = settled_peaks([victim]);
-        let rr = topo.output_in(
-            &a.netns,
-            bin("fm-peer"),
-            &["rr", "--to", &format!("{}:{ECHO_PORT}", c.ip), "--count", "200"],
-        );
-        assert!(rr.status.success(), "the neighbour's round trips: {}", String::from_utf8_lossy(&rr.stderr));
-        let _ = stop.send(());
-        peer.join().unwrap();
-        println!("victim agent RSS {rss_before} KiB before, peak {peak} KiB with {sent} frames of {largest} bytes all but sent");
-        assert_eq!(sent, FRAME_CONNECTIONS, "connections that sent all but the last byte of a frame");
-        peak
+                }
+                0
+            });
+            let Ok(size @ 1..) = said.await else { continue };
+            largest = largest.max(size);
+            let mut almost = frame(kind::HEADERS, flag::END_HEADERS, 1, &vec![0; size]);
+            almost.pop();
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(5), tls.write_all(&almost)).await {
+                held.push(tls);
+            }
+        }
+        ((held.len(), largest), held)
     });
+    println!(
+        "victim agent RSS {rss_before} KiB before, peak {peak} KiB with {sent} frames of {largest} bytes all but sent"
+    );
+    assert_eq!(sent, FRAME_CONNECTIONS, "connections that sent all but the last byte of a frame");
     assert!(
         peak < rss_before + RSS_GROWTH_BOUND_KIB,
         "the agent grew from {rss_before} to {peak} KiB (bound: {RSS_GROWTH_BOUND_KIB} KiB more)"
