@@ -1,7 +1,8 @@
 //! Limits on what peers may hold open at the inbound listeners (the agent's 15008 HBONE and
 //! 15006 plaintext, the waypoint's 15008): concurrent connections and HBONE streams per source
-//! address, per pod and in all, TLS handshakes in progress, and the time a client may take to
-//! finish its handshake. They bound what a hostile or broken peer can make the agent hold
+//! address, per pod and in all, TLS handshakes in progress, the time a client may take to
+//! finish its handshake, and (the waypoint's) HTTP requests in flight per source and in all.
+//! Pods' own outbound connections (15001) are counted here too. They bound what a hostile or broken peer can make the agent hold
 //! (memory, tasks, dials to the app) while everyone else keeps being served: with the window
 //! budget (`crate::hbone::budget`), the node-wide caps are what docs/SECURITY.md's memory bound
 //! is computed from. Each refusal names its limit and the flag that sets it, in the flow reason
