@@ -139,11 +139,31 @@ fn one_pod_cannot_fill_the_nodes_capture_maps() {
     let (captured, refused) = held;
     // Its share is PER_POD captures at once, one of them the anchor: no more, and none lost to
     // the flood's sockets, which are gone.
-    assert_eq!(
-        (captured, refused),
-        (PER_POD - 1, OPENED + 1 - PER_POD),
-        "a's held sockets: (captured by the kernel, refused) of {OPENED}, its share {PER_POD} with the anchor"
-    );
+    let expected = (PER_POD - 1, OPENED + 1 - PER_POD);
+    if (captured, refused) != expected {
+        // Which kernel answer refused the odd one (`share_refused`, or `map_errors`: both are
+        // EPERM to the pod), for whoever reads the failure.
+        // The agent reads the counters every second: wait (5 s at most) until they hold every
+        // refusal a saw.
+        let node = topo.nodes.iter().find(|n| n.index == a.node).expect("a's node");
+        let counted = |text: &str, event: &str| {
+            let line = format!("ferrymesh_ebpf_events_total{{event=\"{event}\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(line.as_str())?.parse::<usize>().ok()).unwrap_or(0)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut text = topo.metrics_text(&node.netns);
+        while counted(&text, "share_refused") + counted(&text, "map_errors") < refused
+            && std::time::Instant::now() < deadline
+        {
+            text = topo.metrics_text(&node.netns);
+        }
+        let events: Vec<&str> = text.lines().filter(|l| l.starts_with("ferrymesh_ebpf_events_total")).collect();
+        panic!(
+            "a's held sockets: (captured by the kernel, refused) {:?} of {OPENED}, expected {expected:?} (its share \
+             {PER_POD} with the anchor); its node's eBPF events: {events:#?}",
+            (captured, refused)
+        );
+    }
     // The attacker's sockets are gone, and so are their captures: a connects again.
     let again = in_netns(&a.netns, || TcpStream::connect_timeout(&to, Duration::from_secs(5)));
     assert!(again.is_ok_and(|stream| answers(&stream)), "a's connection once its sockets are closed");
