@@ -75,8 +75,9 @@ fn client_sees(topo: &Topology, from: &Pod, to: &Pod, port: u16) -> Result<(), S
                 );
                 Ok(())
             }
-            // 7: connection refused, 52: closed without a reply, 56: reset.
-            Some(7 | 52 | 56) => {
+            // 7: connection refused, 52: closed without a reply, 56: reset; 55 with a reset: reset
+            // before curl had sent its request (a busy machine slows curl, not the deny).
+            Some(code @ (7 | 52 | 55 | 56)) if code != 55 || err.contains("reset by peer") => {
                 assert!(body.is_empty(), "a refused client gets no body: {body:?}");
                 Err(err)
             }
