@@ -1251,17 +1251,21 @@ fn requests_past_a_sources_cap_in_flight_get_503_while_other_clients_are_served(
     let url = format!("http://{WEB}/");
     wait_until(CONFIG_WAIT, "requests through the waypoint", || topo.http(a, &url, &[]).status == 200);
     std::thread::scope(|scope| {
-        // Two requests of a that the backend answers 8 s late: a's cap, in flight.
-        let held: Vec<_> =
-            (0..2).map(|_| scope.spawn(|| topo.http(a, &url, &["-H", "x-echo-delay-ms: 8000"]))).collect();
-        let mut refused = None;
-        wait_until(Duration::from_secs(6), "a's third request to be refused", || {
+        // Two requests of a that the backend answers 15 s late: a's cap, in flight (the
+        // deadline below is well inside that, the machine may be busy).
+        const SLOW: [&str; 4] = ["-H", "x-echo-delay-ms: 15000", "--max-time", "30"];
+        let held: Vec<_> = (0..2).map(|_| scope.spawn(|| topo.http(a, &url, &SLOW))).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(12);
+        let refused = loop {
             let answer = topo.http(a, &url, &[]);
-            let past = answer.status == 503;
-            refused = Some(answer).filter(|_| past);
-            past
-        });
-        let refused = refused.unwrap();
+            if answer.status == 503 {
+                break answer;
+            }
+            if std::time::Instant::now() > deadline {
+                let held: Vec<_> = held.into_iter().map(|h| h.join().unwrap()).collect();
+                panic!("a's third request was never refused (the last: {answer:?}); the two in flight: {held:?}");
+            }
+        };
         assert!(refused.body.contains("(--max-requests-per-source)"), "{refused:?}");
         let other = topo.http(b, &url, &[]);
         assert_eq!(other.status, 200, "b, another source, meanwhile: {other:?}");
