@@ -1233,7 +1233,8 @@ fn local_rate_limits_answer_429_with_retry_after_per_rule_and_per_key() {
 /// The waypoint's cap on one source's requests in flight (`--max-requests-per-source`, what keeps
 /// a client from making it hold the buffers of every request it can open): past it a request is
 /// answered 503 at once, naming the flag; another client is served meanwhile, and the source again
-/// once its requests have ended.
+/// once its requests have ended. (Every request of a is a slow one: a quick one in flight at the
+/// wrong moment would take a place of the cap.)
 #[test]
 fn requests_past_a_sources_cap_in_flight_get_503_while_other_clients_are_served() {
     let spec = TopologySpec::nodes(2)
@@ -1250,28 +1251,23 @@ fn requests_past_a_sources_cap_in_flight_get_503_while_other_clients_are_served(
     let (a, b) = (topo.pod("shop", "a"), topo.pod("shop", "b"));
     let url = format!("http://{WEB}/");
     wait_until(CONFIG_WAIT, "requests through the waypoint", || topo.http(a, &url, &[]).status == 200);
+    // Three requests of a at once, each answered 15 s late by the backend: two are let in, the
+    // third (whichever comes last) is refused at once.
+    const SLOW: [&str; 4] = ["-H", "x-echo-delay-ms: 15000", "--max-time", "30"];
+    let (answers_tx, answers) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
-        // Two requests of a that the backend answers 15 s late: a's cap, in flight (the
-        // deadline below is well inside that, the machine may be busy).
-        const SLOW: [&str; 4] = ["-H", "x-echo-delay-ms: 15000", "--max-time", "30"];
-        let held: Vec<_> = (0..2).map(|_| scope.spawn(|| topo.http(a, &url, &SLOW))).collect();
-        let deadline = std::time::Instant::now() + Duration::from_secs(12);
-        let refused = loop {
-            let answer = topo.http(a, &url, &[]);
-            if answer.status == 503 {
-                break answer;
-            }
-            if std::time::Instant::now() > deadline {
-                let held: Vec<_> = held.into_iter().map(|h| h.join().unwrap()).collect();
-                panic!("a's third request was never refused (the last: {answer:?}); the two in flight: {held:?}");
-            }
-        };
+        for _ in 0..3 {
+            let (answers_tx, topo, url) = (answers_tx.clone(), &topo, &url);
+            scope.spawn(move || answers_tx.send(topo.http(a, url, &SLOW)).unwrap());
+        }
+        let refused = answers.recv_timeout(Duration::from_secs(12)).expect("an answer well before the backend's");
+        assert_eq!(refused.status, 503, "the first answer, while two are in flight: {refused:?}");
         assert!(refused.body.contains("(--max-requests-per-source)"), "{refused:?}");
         let other = topo.http(b, &url, &[]);
         assert_eq!(other.status, 200, "b, another source, meanwhile: {other:?}");
-        for request in held {
-            let answer = request.join().unwrap();
-            assert_eq!(answer.status, 200, "a request in flight: {answer:?}");
+        for _ in 0..2 {
+            let answer = answers.recv_timeout(Duration::from_secs(30)).expect("the answers of the two let in");
+            assert_eq!(answer.status, 200, "a request let in: {answer:?}");
         }
     });
     let again = topo.http(a, &url, &[]);
