@@ -21,9 +21,10 @@ use http::{Method, Request};
 
 use crate::{h2_flood, half_open_flood, rss_kib, tenants, WEB};
 
-/// Half-open connections the flood opens from one address, and the cap it meets.
+/// Half-open connections the flood opens from one address, and the cap it meets (the waypoint's
+/// `--max-connections-per-source`, 256: lower than the agent's 512).
 const FLOOD: usize = 2000;
-const PER_SOURCE: usize = 512;
+const PER_SOURCE: usize = 256;
 
 #[test]
 fn a_half_open_flood_on_the_waypoint_is_capped_per_source_while_its_clients_are_served() {
