@@ -257,10 +257,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let bound = listener::memory_bound(&waypoint.limits, args.hbone_window_budget) >> 20;
+    let bound = listener::memory_bound(&waypoint.limits, args.hbone_window_budget);
     tracing::info!(waypoint = %waypoint.key, listen = %args.listen, paths = %waypoint.paths, "mesh-waypoint serving");
-    tracing::info!("at its caps, clients can make this waypoint hold up to {bound} MiB (docs/SECURITY.md)");
-    if bound << 20 > MEMORY_LIMIT {
+    tracing::info!("at its caps, clients can make this waypoint hold up to {} MiB (docs/SECURITY.md)", bound >> 20);
+    if bound > MEMORY_LIMIT {
         tracing::warn!("that is over the 1 GiB its Deployment allows: raise the memory limit with the caps");
     }
     let serving = tokio::spawn(listener::serve(listener, tls, waypoint.clone()));
